@@ -1,0 +1,148 @@
+"""The main flow as plain functions: train (data -> model -> fit -> save -> evaluate) and evaluate."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from . import runs
+from .adapters.lora import apply_adapter, count_parameters, model_bytes, save_trained
+from .config import Config, dump, load_config
+from .errors import UserError
+from .data.prepare import Split, prepare
+from .eval.generate import generate_answers
+from .eval.metrics import exact_match, json_field_scores, normalise, parse_json_object
+from .models import compute_dtype, load_model, load_tokenizer
+from .training.loop import eval_loss, fit
+from .training.progress import MetricLog
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def train(config: Config | str | Path | dict, overrides: list[str] | None = None) -> dict:
+    """Fine-tune as configured; returns the run's results (also written to results.json)."""
+    cfg = _as_config(config, overrides)
+    check_data_paths(cfg)
+    run_dir = Path(cfg.output.dir)
+    runs.prepare_run_dir(run_dir, cfg.output.overwrite)
+    (run_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+    log = MetricLog(run_dir / "metrics.jsonl")
+
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    data = prepare(cfg.data, tokenizer, run_dir)
+    summary = data.summary()
+    say(f"data: {summary['examples']} examples, {summary['tokens']['train']} train tokens "
+        f"({summary['label_tokens']['train']} with a loss); dropped: {summary['dropped'] or 'none'}")
+    for problem in data.problems[:5]:
+        say(f"  skipped {problem}")
+
+    dtype = compute_dtype(cfg.model.dtype)
+    model = load_model(cfg.model.name, dtype, cfg.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id
+    test = data.splits.get("test")
+    validation = data.splits.get("validation")
+    results: dict = {"config": cfg.model_dump(mode="json"), "data": summary, "dtype": str(dtype).replace("torch.", "")}
+
+    base: dict = {}
+    if validation:
+        base["eval_loss"] = eval_loss(model, validation, cfg.eval.batch_size, pad_id)
+    if test and cfg.eval.generate and cfg.eval.compare_base:
+        base.update(score_generation(model, tokenizer, test, cfg, run_dir / "predictions_base.jsonl", "base"))
+
+    torch.manual_seed(cfg.train.seed)
+    model = apply_adapter(model, cfg.adapter)
+    trainable, total = count_parameters(model)
+    say(f"model: {cfg.model.name} ({dtype}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
+        f"({100 * trainable / total:.2f}%), {model_bytes(model) / 2**20:.0f} MiB as loaded; method {cfg.adapter.method}")
+    result = fit(model, data.splits["train"], validation, cfg, pad_id, log)
+    save_trained(model, tokenizer, run_dir / (runs.ADAPTER_DIR if cfg.adapter.method != "full" else runs.MODEL_DIR))
+
+    tuned: dict = {}
+    if validation:
+        tuned["eval_loss"] = eval_loss(model, validation, cfg.eval.batch_size, pad_id)
+        log.write(event="eval", step=result.steps, eval_loss=tuned["eval_loss"],
+                  perplexity=math.exp(min(tuned["eval_loss"], 50)))
+    if test and cfg.eval.generate:
+        tuned.update(score_generation(model, tokenizer, test, cfg, run_dir / "predictions.jsonl", "fine-tuned"))
+    log.close()
+    results.update({
+        "trainable_parameters": trainable, "total_parameters": total,
+        "steps": result.steps, "train_tokens": result.train_tokens, "train_seconds": round(result.seconds, 1),
+        "tokens_per_second": round(result.tokens_per_second, 1), "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else None, "skipped_steps": result.skipped_steps,
+        "base": base, "fine_tuned": tuned, "run_dir": str(run_dir),
+    })
+    runs.write_json(run_dir / "results.json", results)
+    say(comparison_table(base, tuned))
+    return results
+
+
+def check_data_paths(cfg: Config) -> None:
+    """Fail before anything slow is loaded when a data file is missing."""
+    for name in ("train", "validation", "test"):
+        path = getattr(cfg.data, name)
+        if path and not (name == "train" and path == "demo") and not Path(path).exists():
+            raise UserError(f"{path}: data file not found (data.{name})")
+
+
+def score_generation(model, tokenizer, split: Split, cfg: Config, out: Path | None = None, label: str = "model") -> dict:
+    """Generate answers for the split's prompts and score them against its reference answers."""
+    conversations = split.conversations[: cfg.eval.test_limit] if cfg.eval.test_limit else split.conversations
+    references = [c[-1]["content"] for c in conversations]
+    answers, speed = generate_answers(model, tokenizer, conversations, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                      label=f"generate ({label})")
+    scores = score(answers, references)
+    scores["test_examples"] = len(references)
+    scores["generated_tokens_per_second"] = round(speed["tokens_per_second"], 1)
+    if out is not None:
+        with open(out, "w", encoding="utf-8") as handle:
+            for conversation, answer in zip(conversations, answers):
+                handle.write(json.dumps({"prompt": conversation[-2]["content"], "reference": conversation[-1]["content"],
+                                         "answer": answer}) + "\n")
+    return scores
+
+
+def score(answers: list[str], references: list[str]) -> dict:
+    """JSON references get field-level scores; free text gets exact and normalised exact match."""
+    if references and all(parse_json_object(r) is not None for r in references):
+        return json_field_scores(answers, references)
+    return {"exact_match": exact_match(answers, references),
+            "normalised_exact_match": exact_match([normalise(a) for a in answers], [normalise(r) for r in references])}
+
+
+def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None) -> dict:
+    """Eval loss and generation scores of a model or run on a data file."""
+    from .config import DataConfig, EvalConfig
+    from .runs import load_trained
+
+    model, tokenizer, _ = load_trained(model_or_run)
+    prepared = prepare(DataConfig(train=data, validation=data), tokenizer)
+    split = prepared.splits["validation"]
+    cfg = Config(eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, test_limit=limit))
+    results = {"eval_loss": eval_loss(model, split, batch_size, tokenizer.pad_token_id)}
+    results.update(score_generation(model, tokenizer, split, cfg, label="eval"))
+    return results
+
+
+def comparison_table(base: dict, tuned: dict) -> str:
+    keys = [k for k in tuned if isinstance(tuned[k], float) and k in base] or list(tuned)
+    lines = [f"{'metric':<28}{'base':>12}{'fine-tuned':>12}"]
+    for key in keys:
+        b, t = base.get(key), tuned.get(key)
+        fmt = (lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append(f"{key:<28}{fmt(b):>12}{fmt(t):>12}")
+    return "\n".join(lines)
+
+
+def _as_config(config, overrides) -> Config:
+    from .config import merge, parse_overrides, validate
+
+    if isinstance(config, (Config, dict)):
+        raw = config.model_dump() if isinstance(config, Config) else config
+        return validate(merge(raw, parse_overrides(overrides or [])))
+    return load_config(config, overrides)

@@ -1,0 +1,207 @@
+"""Typed run configuration: a YAML file plus `section.key=value` overrides.
+
+Every field carries its documentation; `tunesmith config --help-fields` prints them.
+Unknown keys are errors that name the closest valid key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError, closest
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("default", description="'default' (built-in SmolLM2-135M-Instruct), a hub id, a local HF folder or a .gguf file.")
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto", description="Compute dtype of the frozen weights; 'auto' is bfloat16 where the hardware runs it fast, else float32.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust the source.")
+
+
+class DataConfig(_Section):
+    train: str = Field("demo", description="Training data: a .jsonl file, or 'demo' for the built-in support-ticket triage task.")
+    validation: str | None = Field(None, description="Validation data; when absent, a seeded share of `train` is held out.")
+    test: str | None = Field(None, description="Test data for generation-based evaluation (base vs fine-tuned).")
+    validation_share: float = Field(0.1, gt=0, lt=1, description="Share of `train` held out for validation when no file is given.")
+    max_seq_len: int = Field(512, ge=16, description="Longest tokenised example; longer ones are dropped and counted.")
+    system_prompt: str | None = Field(None, description="System message put in front of every example that has none.")
+    demo_size: int = Field(1200, ge=10, description="Number of training tickets generated for the demo task.")
+    seed: int = Field(0, description="Seed for splits and the demo data generator.")
+
+
+class AdapterConfig(_Section):
+    method: Literal["lora", "full"] = Field("lora", description="'lora' trains low-rank adapters (PEFT); 'full' trains every weight.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt; 'all-linear' = every linear layer of the transformer blocks.")
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed); ignored when max_steps is set.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides `epochs`.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps with linear warm-up before the cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a share of the peak.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null turns clipping off.")
+    seed: int = Field(0, description="Seed for weights of new layers, dropout and the data order.")
+    log_every: int = Field(5, ge=1, description="Optimizer steps between progress lines and metric records.")
+
+
+class EvalConfig(_Section):
+    every_steps: int = Field(0, ge=0, description="Optimizer steps between validation-loss evaluations; 0 = at the end only.")
+    batch_size: int = Field(16, ge=1, description="Examples per batch for eval loss and generation.")
+    generate: bool = Field(True, description="After training, generate answers for the test split and score them.")
+    compare_base: bool = Field(True, description="Also score the base model on the test split, shown side by side.")
+    max_new_tokens: int = Field(96, ge=1, description="Longest generated answer.")
+    test_limit: int | None = Field(None, ge=1, description="Score only the first N test examples.")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs/run", description="Run folder: metrics, adapter, tokenizer, results.")
+    overwrite: bool = Field(False, description="Allow writing into a run folder that already holds a finished run.")
+
+
+class Config(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value):
+        # `model: default` or `model: HuggingFaceTB/SmolLM2-360M` is short for `model: {name: ...}`.
+        return {"name": value} if isinstance(value, str) else value
+
+
+def field_docs() -> dict[str, str]:
+    """'section.key' -> documentation, for help output and error hints."""
+    docs = {}
+    for section, info in Config.model_fields.items():
+        for key, field in info.annotation.model_fields.items():
+            docs[f"{section}.{key}"] = field.description or ""
+    return docs
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['train.lr=1e-3', 'model=default'] -> nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{pair}': expected section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{pair}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a YAML config (or none), apply overrides and validate; user mistakes raise UserError."""
+    raw: dict = {}
+    text = ""
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: config file not found") from None
+        except (UnicodeDecodeError, IsADirectoryError, PermissionError) as err:
+            raise UserError(f"{path}: cannot read config ({type(err).__name__})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: a config is a mapping of sections (model, data, ...), got {type(raw).__name__}")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    raw = merge(raw, overrides or {})
+    return validate(raw, source, text)
+
+
+def validate(raw: dict, source: str = "config", text: str = "") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = [str(p) for p in first["loc"]]
+        key = ".".join(loc)
+        line = _line_of(text, loc)
+        where = f"{source}:{line}" if line else source
+        if first["type"] == "extra_forbidden":
+            valid = _valid_keys(loc[:-1])
+            hint = closest(loc[-1], valid)
+            parent = ".".join(loc[:-1])
+            prefix = f"{parent}." if parent else ""
+            suggestion = f"; did you mean '{prefix}{hint}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
+            raise UserError(f"{where}: unknown key '{key}'{suggestion}") from None
+        raise UserError(f"{where}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def _valid_keys(section_path: list[str]) -> list[str]:
+    if not section_path:
+        return list(Config.model_fields)
+    field = Config.model_fields.get(section_path[0])
+    return list(field.annotation.model_fields) if field else []
+
+
+def _line_of(text: str, loc: list[str]) -> int | None:
+    """1-based line of a key path in the YAML text, so errors point at the right place."""
+    if not text:
+        return None
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == part:
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            break
+    return line
+
+
+def dump(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

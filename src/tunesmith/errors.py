@@ -1,0 +1,18 @@
+"""Errors a user can fix. The CLI prints them as one line and exits with status 2."""
+
+
+class UserError(Exception):
+    """A mistake in the user's config, paths or data: shown without a traceback."""
+
+
+def closest(name: str, choices) -> str | None:
+    """The valid name most like `name`, for 'did you mean' hints."""
+    import difflib
+
+    choices = list(choices)
+    # A key the name starts with ('lr' for 'lr_rate') beats one that merely shares letters.
+    prefixed = [c for c in choices if name.startswith(c) or c.startswith(name)]
+    if prefixed:
+        return max(prefixed, key=lambda c: difflib.SequenceMatcher(None, name, c).ratio())
+    found = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return found[0] if found else None

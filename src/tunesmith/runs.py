@@ -1,0 +1,67 @@
+"""Run folders: what a training run writes, and loading a trained model back from one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+ADAPTER_DIR = "adapter"  # PEFT adapter + tokenizer (LoRA runs)
+MODEL_DIR = "model"  # full transformers folder + tokenizer (full fine-tunes)
+
+
+def prepare_run_dir(folder: Path, overwrite: bool) -> None:
+    if (folder / "results.json").exists() and not overwrite:
+        raise UserError(f"{folder}: holds a finished run; choose another output.dir or set output.overwrite=true")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def write_json(path: Path, value) -> None:
+    """Written to a temporary name, then renamed: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def trained_folder(run: Path) -> Path:
+    for name in (ADAPTER_DIR, MODEL_DIR):
+        if (run / name).is_dir():
+            return run / name
+    raise UserError(f"{run}: no trained model in this run folder (expected '{ADAPTER_DIR}/' or '{MODEL_DIR}/')")
+
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / "config.yaml").exists()
+
+
+def load_trained(spec: str, dtype=None):
+    """(model, tokenizer, base model name) for a run folder, an adapter folder or a plain model."""
+    import torch
+
+    from .models import compute_dtype, load_model, load_tokenizer
+
+    path = Path(spec)
+    base_name, trained = spec, None
+    if is_run(path):
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        base_name = config["model"]["name"]
+        trained = trained_folder(path)
+        dtype = dtype or compute_dtype(config["model"].get("dtype", "auto"))
+    elif (path / "adapter_config.json").exists():
+        trained = path
+        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    dtype = dtype or compute_dtype("auto")
+    if trained is None:
+        return load_model(spec, dtype), load_tokenizer(spec), spec
+    tokenizer = load_tokenizer(str(trained))
+    if (trained / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(base_name, dtype), trained)
+    else:
+        model = load_model(str(trained), dtype)
+    model.eval()
+    torch.set_grad_enabled(True)
+    return model, tokenizer, base_name

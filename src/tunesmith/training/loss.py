@@ -1,0 +1,40 @@
+"""Summed next-token loss over label tokens, without full-vocabulary logits for every position.
+
+Only positions that carry a label go through the LM head, in chunks, with the cross-entropy in
+fp32. For a 49k vocabulary and answers that are a fraction of each sequence, this skips most of
+the head's work and memory. The sum (not the mean) is returned with the label count, so the
+caller can normalise once over a whole optimizer step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data.tokenize import IGNORE
+
+CHUNK = 2048
+
+
+def _core(model):
+    """(decoder, lm_head) of a causal LM, through a PEFT wrapper if there is one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings(), base.config
+
+
+def label_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    decoder, head, config = _core(model)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    count = int(keep.sum())
+    if getattr(config, "final_logit_softcapping", None):
+        # Architectures that transform logits after the head: use their own forward.
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), count
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    picked = hidden[:, :-1][keep]
+    wanted = targets[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, picked.shape[0], CHUNK):
+        logits = head(picked[start:start + CHUNK]).float()
+        total = total + F.cross_entropy(logits, wanted[start:start + CHUNK], reduction="sum")
+    return total, count

@@ -1,0 +1,65 @@
+import pytest
+
+from tunesmith.config import Config, field_docs, load_config, parse_overrides
+from tunesmith.errors import UserError
+
+
+def test_defaults_use_the_builtin_model_and_lora():
+    cfg = load_config()
+    assert cfg.model.name == "default"
+    assert cfg.adapter.method == "lora" and cfg.adapter.target_modules == "all-linear"
+
+
+def test_unknown_key_names_the_closest_valid_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_size: 4\n  lr_rate: 0.1\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "unknown key 'train.lr_rate'" in message
+    assert "did you mean 'train.lr'" in message
+    assert f"{path}:3" in message  # the line of the bad key
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(UserError, match="unknown key 'trian'; did you mean 'train'"):
+        load_config(None, ["trian.lr=1"])
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_size: many\n")
+    with pytest.raises(UserError, match=r"c.yaml:2: train.batch_size: .*'many'"):
+        load_config(path)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: default\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(path, ["train.lr=1e-4", "adapter.r=4", "eval.generate=false", "model=some/hub-id"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.adapter.r == 4 and cfg.eval.generate is False
+    assert cfg.model.name == "some/hub-id"
+    assert parse_overrides(["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: [1\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_every_field_is_documented():
+    docs = field_docs()
+    assert len(docs) > 30
+    assert all(text.strip() for text in docs.values()), [k for k, v in docs.items() if not v.strip()]
+
+
+def test_shipped_configs_validate():
+    from importlib import resources
+
+    for entry in (resources.files("tunesmith") / "configs").iterdir():
+        if entry.name.endswith(".yaml"):
+            with resources.as_file(entry) as path:
+                assert isinstance(load_config(path), Config)

@@ -1,0 +1,109 @@
+"""The real training path on a tiny model: the loss falls, the adapter reloads with the same logits."""
+import json
+
+import pytest
+import torch
+
+import tunesmith
+from tunesmith.data.collate import collate
+from tunesmith.data.tokenize import encode
+from tunesmith.models import load_model
+from tunesmith.training.loss import label_loss_sum
+
+
+def test_label_loss_matches_transformers_loss(tiny_model_dir, tiny_tokenizer):
+    from tunesmith.data.demo import make_splits
+
+    rows = make_splits(6, seed=3, validation_size=0, test_size=0)["train"]
+    batch = collate([encode(tiny_tokenizer, r["messages"]) for r in rows], tiny_tokenizer.pad_token_id)
+    model = load_model(str(tiny_model_dir))
+    total, count = label_loss_sum(model, batch)
+    reference = model(**batch).loss  # mean over label tokens, shifted inside transformers
+    assert count == int((batch["labels"][:, 1:] != -100).sum())
+    assert torch.allclose(total / count, reference, atol=1e-5)
+
+
+def test_train_end_to_end_on_tiny_model(tiny_config):
+    results = tunesmith.train(tiny_config)
+    run = results["run_dir"]
+    assert results["final_loss"] < results["first_loss"] * 0.8
+    assert results["fine_tuned"]["eval_loss"] < results["base"]["eval_loss"]
+    assert results["trainable_parameters"] < results["total_parameters"]
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "data/train.jsonl"):
+        assert (tunesmith_path := __import__("pathlib").Path(run) / name).exists(), tunesmith_path
+    records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    train_records = [r for r in records if r.get("event") == "train"]
+    assert [r["step"] for r in train_records] == [4, 8, 12]
+    assert all(r["tokens_per_second"] > 0 for r in train_records)
+    assert {"json_valid", "all_fields", "field/product"} <= set(results["fine_tuned"])
+
+
+def test_saved_adapter_reloads_with_same_logits(tiny_config, tiny_model_dir):
+    from peft import PeftModel
+
+    from tunesmith.runs import load_trained
+
+    tiny_config["eval"]["generate"] = False
+    results = tunesmith.train(tiny_config)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    ours, _, _ = load_trained(results["run_dir"], dtype=torch.float32)
+    plain = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), f"{results['run_dir']}/adapter")
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, plain(input_ids=ids).logits
+        base = load_model(str(tiny_model_dir))(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(a, base, atol=1e-3), "the adapter changed nothing"
+
+
+def test_token_normalised_accumulation_gives_same_gradients(tiny_model_dir, tiny_tokenizer):
+    """Batch 8 x accumulation 1 equals batch 1 x accumulation 8 on examples of mixed lengths."""
+    from tunesmith.adapters import apply_adapter
+    from tunesmith.config import AdapterConfig
+    from tunesmith.data.demo import make_splits
+
+    rows = make_splits(8, seed=5, validation_size=0, test_size=0)["train"]
+    examples = [encode(tiny_tokenizer, r["messages"]) for r in rows]
+    assert len({len(e.input_ids) for e in examples}) > 1
+    pad = tiny_tokenizer.pad_token_id
+
+    def grads(groups):
+        torch.manual_seed(0)
+        model = apply_adapter(load_model(str(tiny_model_dir)), AdapterConfig(r=4))
+        batches = [collate(g, pad) for g in groups]
+        labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        for batch in batches:
+            (label_loss_sum(model, batch)[0] / labels).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    whole = grads([examples])
+    pieces = grads([[e] for e in examples])
+    assert (whole - pieces).norm() / whole.norm() < 1e-5
+
+
+def test_full_fine_tune_saves_a_model_folder(tiny_config):
+    tiny_config["adapter"] = {"method": "full"}
+    tiny_config["train"]["lr"] = 1e-3
+    tiny_config["eval"]["generate"] = False
+    results = tunesmith.train(tiny_config)
+    assert results["trainable_parameters"] == results["total_parameters"]
+    assert (__import__("pathlib").Path(results["run_dir"]) / "model" / "model.safetensors").exists()
+    assert results["final_loss"] < results["first_loss"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("train:\n  lr_rate: 1\n", "did you mean 'train.lr'"),
+    ("data:\n  train: /nonexistent/data.jsonl\n", "data file not found"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, bad, message):
+    import subprocess
+    import sys
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(bad + "model: /nonexistent-model-folder-for-test\n" if "lr_rate" in bad else bad)
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(path), f"output.dir={tmp_path}/run"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
