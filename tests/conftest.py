@@ -78,8 +78,8 @@ def tiny_config(tiny_model_dir, tmp_path):
     """A config dict for a fast run of the demo task on the tiny model."""
     return {
         "model": {"name": str(tiny_model_dir), "dtype": "float32"},
-        "data": {"train": "demo", "demo_size": 64, "max_seq_len": 256},
-        "train": {"max_steps": 12, "batch_size": 8, "lr": 3e-3, "log_every": 4, "warmup_ratio": 0.0},
+        "data": {"train": "demo", "demo_size": 48, "max_seq_len": 256},
+        "train": {"max_steps": 12, "batch_size": 4, "lr": 2e-2, "log_every": 4, "warmup_ratio": 0.0},
         "eval": {"test_limit": 8, "max_new_tokens": 24, "batch_size": 8},
         "output": {"dir": str(tmp_path / "run")},
     }
