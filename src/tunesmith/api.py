@@ -24,12 +24,14 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def train(config: Config | str | Path | dict, overrides: list[str] | None = None) -> dict:
-    """Fine-tune as configured; returns the run's results (also written to results.json)."""
+def train(config: Config | str | Path | dict, overrides: list[str] | None = None, must_resume: bool = False) -> dict:
+    """Fine-tune as configured; returns the run's results (also written to results.json).
+
+    A run folder holding checkpoints of an unfinished run is resumed (train.resume, default on)."""
     cfg = _as_config(config, overrides)
     check_data_paths(cfg)
     run_dir = Path(cfg.output.dir)
-    runs.prepare_run_dir(run_dir, cfg.output.overwrite)
+    runs.prepare_run_dir(run_dir, cfg.output.overwrite, must_resume)
     (run_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
     log = MetricLog(run_dir / "metrics.jsonl")
 
@@ -59,7 +61,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
     trainable, total = count_parameters(model)
     say(f"model: {cfg.model.name} ({dtype}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
         f"({100 * trainable / total:.2f}%), {model_bytes(model) / 2**20:.0f} MiB as loaded; method {cfg.adapter.method}")
-    result = fit(model, data.splits["train"], validation, cfg, pad_id, log)
+    result = fit(model, data.splits["train"], validation, cfg, pad_id, log, run_dir)
     save_trained(model, tokenizer, run_dir / (runs.ADAPTER_DIR if cfg.adapter.method != "full" else runs.MODEL_DIR))
 
     tuned: dict = {}
@@ -72,7 +74,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
     log.close()
     results.update({
         "trainable_parameters": trainable, "total_parameters": total,
-        "steps": result.steps, "train_tokens": result.train_tokens, "train_seconds": round(result.seconds, 1),
+        "steps": result.steps, "resumed_from": result.resumed_from, "train_tokens": result.train_tokens, "train_seconds": round(result.seconds, 1),
         "tokens_per_second": round(result.tokens_per_second, 1), "first_loss": result.losses[0] if result.losses else None,
         "final_loss": result.losses[-1] if result.losses else None, "skipped_steps": result.skipped_steps,
         "base": base, "fine_tuned": tuned, "run_dir": str(run_dir),

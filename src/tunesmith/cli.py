@@ -6,13 +6,13 @@ import json
 import sys
 from importlib import resources
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 def cmd_train(args) -> int:
     from .api import train
 
-    train(args.config, args.overrides)
+    train(args.config, args.overrides, must_resume=args.resume)
     return 0
 
 
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune as a YAML config says, with section.key=value overrides")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="e.g. train.lr=1e-4 adapter.r=8")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint (an unfinished run is resumed anyway; "
+                        "with this flag, having none is an error)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="fine-tune the default model on the built-in ticket-triage task")
@@ -120,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"stopped by signal {err.signum}; checkpoint saved: {err.saved}; resume with the same command",
+              file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

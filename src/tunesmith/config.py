@@ -58,6 +58,12 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null turns clipping off.")
     seed: int = Field(0, description="Seed for weights of new layers, dropout and the data order.")
     log_every: int = Field(5, ge=1, description="Optimizer steps between progress lines and metric records.")
+    checkpoint_every: int = Field(0, ge=0, description="Optimizer steps between resumable checkpoints; 0 = only at the end and on SIGTERM/SIGINT.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the newest checkpoints to keep.")
+    resume: bool = Field(True, description="Continue from the newest complete checkpoint in the run folder when there is one.")
+    max_bad_steps: int = Field(5, ge=1, description="Stop after this many optimizer steps in a row with a non-finite loss or gradient.")
+    auto_micro_batch: bool = Field(False, description="On out-of-memory, halve the micro-batch and double grad_accum (same samples per step).")
+    log_sample_ids: bool = Field(False, description="Record the example indices of every step in metrics.jsonl (to audit the data order).")
 
 
 class EvalConfig(_Section):
@@ -201,6 +207,23 @@ def _line_of(text: str, loc: list[str]) -> int | None:
         else:
             break
     return line
+
+
+# Keys that do not change the trained weights: a resumed run may differ in these.
+RESULT_NEUTRAL = {"output", "eval", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "train.resume", "train.log_sample_ids", "train.auto_micro_batch"}
+
+
+def result_keys(config: Config) -> dict[str, Any]:
+    """Flat 'section.key' -> value of every setting that changes what training produces."""
+    flat = {}
+    for section, values in config.model_dump(mode="json").items():
+        if section in RESULT_NEUTRAL:
+            continue
+        for key, value in values.items():
+            if f"{section}.{key}" not in RESULT_NEUTRAL:
+                flat[f"{section}.{key}"] = value
+    return flat
 
 
 def dump(config: Config) -> str:

@@ -5,6 +5,18 @@ class UserError(Exception):
     """A mistake in the user's config, paths or data: shown without a traceback."""
 
 
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived during training: the step was finished and a checkpoint written."""
+
+    def __init__(self, signum: int, saved=None):
+        super().__init__(f"stopped by signal {signum}; checkpoint {saved}")
+        self.signum, self.saved = signum, saved
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 def closest(name: str, choices) -> str | None:
     """The valid name most like `name`, for 'did you mean' hints."""
     import difflib

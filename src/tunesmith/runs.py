@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -12,8 +13,19 @@ ADAPTER_DIR = "adapter"  # PEFT adapter + tokenizer (LoRA runs)
 MODEL_DIR = "model"  # full transformers folder + tokenizer (full fine-tunes)
 
 
-def prepare_run_dir(folder: Path, overwrite: bool) -> None:
-    if (folder / "results.json").exists() and not overwrite:
+def prepare_run_dir(folder: Path, overwrite: bool, must_resume: bool = False) -> None:
+    """A fresh or resumable run folder. Overwrite starts over; an unfinished run is resumed by the loop."""
+    has_checkpoint = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+    if must_resume and not has_checkpoint:
+        raise UserError(f"{folder}: --resume given, but there is no checkpoint to resume from")
+    if overwrite and not must_resume:
+        for name in ("checkpoints", "metrics.jsonl", "results.json"):
+            target = folder / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    elif (folder / "results.json").exists():
         raise UserError(f"{folder}: holds a finished run; choose another output.dir or set output.overwrite=true")
     folder.mkdir(parents=True, exist_ok=True)
 

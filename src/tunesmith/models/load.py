@@ -47,7 +47,11 @@ def compute_dtype(name: str) -> torch.dtype:
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    where, gguf = resolve_model_path(spec)
+    folder = Path(spec).expanduser()
+    if (folder / "tokenizer_config.json").exists():  # e.g. an adapter folder: tokenizer without model
+        where, gguf = str(folder), None
+    else:
+        where, gguf = resolve_model_path(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code)
     except OSError as err:

@@ -1,15 +1,22 @@
-"""The training loop: token-normalised accumulation, warm-up + cosine AdamW, clipping, progress."""
+"""The training loop: token-normalised accumulation, warm-up + cosine AdamW, clipping, progress,
+resumable checkpoints, and stops that lose nothing (signals, non-finite steps, out-of-memory)."""
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, result_keys
 from ..data.collate import collate, length_grouped_batches
 from ..data.prepare import Split
+from ..errors import Interrupted, UserError
+from . import checkpoint as ckpt
 from .loss import label_loss_sum
 from .progress import MetricLog, Progress
 from .schedule import warmup_cosine
@@ -23,14 +30,19 @@ class FitResult:
     losses: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    resumed_from: int | None = None
 
     @property
     def tokens_per_second(self) -> float:
         return self.train_tokens / self.seconds if self.seconds else 0.0
 
 
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def micro_batches(split: Split, batch_size: int, seed: int):
-    """Endless stream of micro-batches (lists of example indices), epoch after epoch."""
+    """Endless, deterministic stream of micro-batches (lists of example indices), epoch after epoch."""
     lengths = [len(e.input_ids) for e in split.encoded]
     epoch = 0
     while True:
@@ -60,59 +72,157 @@ def eval_loss(model, split: Split, batch_size: int, pad_id: int) -> float:
     return total / max(1, count)
 
 
-def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int, log: MetricLog) -> FitResult:
+@contextlib.contextmanager
+def deferred_signals():
+    """SIGTERM/SIGINT only set a flag: the loop finishes its step and checkpoints before stopping."""
+    caught: list[int] = []
+    handled = (signal.SIGTERM, signal.SIGINT)
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in handled}
+    except ValueError:  # not the main thread: leave signals alone
+        yield caught
+        return
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int, log: MetricLog,
+        run_dir: Path | None = None, on_eval=None) -> FitResult:
+    """Train; `on_eval(step, eval_loss) -> bool` may ask to stop early (True)."""
     torch.manual_seed(cfg.train.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps = total_steps(cfg, len(train))
     scheduler = warmup_cosine(optimizer, steps, int(steps * cfg.train.warmup_ratio), cfg.train.min_lr_ratio)
-    stream = micro_batches(train, cfg.train.batch_size, cfg.train.seed)
-    progress = Progress(steps)
+    ckpt_dir = run_dir / "checkpoints" if run_dir else None
+    settings = result_keys(cfg)
+    state = ckpt.TrainState(config_hash=ckpt.config_hash(settings))
     result = FitResult()
+    if ckpt_dir and cfg.train.resume:
+        found = ckpt.newest_usable(ckpt_dir, say)
+        if found:
+            ckpt.check_same_settings(found, settings)
+            state = ckpt.load_checkpoint(found, model, optimizer, scheduler)
+            result.resumed_from = state.step
+            say(f"resuming from {found} (step {state.step} of {steps})")
+            log.truncate_after(state.step)
+    stream = micro_batches(train, cfg.train.batch_size, cfg.train.seed)
+    for _ in range(state.micro_batches):  # the same order as an uninterrupted run: skip what was consumed
+        next(stream)
+    split = 1  # micro-batches are cut into this many parts after an out-of-memory error
+    progress = Progress(steps)
     model.train()
     window_tokens, window_start = 0, time.perf_counter()
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        batches = [collate([train.encoded[i] for i in next(stream)], pad_id) for _ in range(cfg.train.grad_accum)]
-        # Normalise by the label tokens of the whole optimizer step, not per micro-batch:
-        # a mean per micro-batch over-weights the tokens of short examples.
-        step_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        step_loss = 0.0
-        for batch in batches:
-            loss_sum, _ = label_loss_sum(model, batch)
-            (loss_sum / step_labels).backward()
-            step_loss += loss_sum.item()
-        step_loss /= step_labels
-        grad_norm = _clip(params, cfg.train.max_grad_norm)
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-            # A non-finite loss or gradient never reaches the weights.
-            optimizer.zero_grad(set_to_none=True)
-            result.skipped_steps.append(step)
-            log.write(event="skipped_step", step=step, loss=step_loss, grad_norm=grad_norm)
+    bad_in_row = 0
+    with deferred_signals() as caught:
+        for step in range(state.step + 1, steps + 1):
+            indices = [next(stream) for _ in range(cfg.train.grad_accum)]
+            state.micro_batches += len(indices)
+            while True:
+                try:
+                    step_loss, tokens = _accumulate(model, train, indices, split, pad_id)
+                    break
+                except RuntimeError as err:
+                    if not is_out_of_memory(err):
+                        raise
+                    optimizer.zero_grad(set_to_none=True)
+                    biggest = max(len(i) for i in indices)
+                    if not cfg.train.auto_micro_batch or math.ceil(biggest / split) <= 1:
+                        raise UserError(
+                            f"out of memory at step {step} with micro-batch {math.ceil(biggest / split)}: lower "
+                            "train.batch_size (raise train.grad_accum to keep the step size), data.max_seq_len, "
+                            "or set train.auto_micro_batch=true") from None
+                    split *= 2
+                    say(f"out of memory: micro-batch now {math.ceil(biggest / split)}, same samples per step")
+            grad_norm = _clip(params, cfg.train.max_grad_norm)
+            if cfg.train.log_sample_ids:
+                log.write(event="samples", step=step, ids=[i for batch in indices for i in batch])
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                # A non-finite loss or gradient never reaches the weights.
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state.step = step
+                state.skipped_steps.append(step)
+                bad_in_row += 1
+                log.write(event="skipped_step", step=step, loss=step_loss, grad_norm=grad_norm)
+                say(f"step {step}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); step skipped")
+                if bad_in_row >= cfg.train.max_bad_steps:
+                    raise UserError(
+                        f"training stopped at step {step}: {bad_in_row} steps in a row had a non-finite loss or "
+                        f"gradient. Likely cause: learning rate too high (train.lr={cfg.train.lr}), fp16 overflow "
+                        "(use bfloat16 or float32), or broken data; the last good checkpoint is kept")
+                continue
+            bad_in_row = 0
+            optimizer.step()
             scheduler.step()
-            continue
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        result.train_tokens += tokens
-        window_tokens += tokens
-        result.losses.append(step_loss)
-        if step % cfg.train.log_every == 0 or step == steps:
-            now = time.perf_counter()
-            speed = window_tokens / (now - window_start)
-            lr = scheduler.get_last_lr()[0]
-            log.write(event="train", step=step, loss=step_loss, lr=lr, grad_norm=grad_norm, tokens_per_second=speed,
-                      tokens=result.train_tokens)
-            progress.update(step, loss=step_loss, lr=lr, **{"tok/s": int(speed)})
-            window_tokens, window_start = 0, now
-        if validation and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != steps:
-            value = eval_loss(model, validation, cfg.eval.batch_size, pad_id)
-            result.eval_losses.append((step, value))
-            log.write(event="eval", step=step, eval_loss=value, perplexity=math.exp(min(value, 50)))
-    result.steps = steps
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step
+            state.train_tokens += tokens
+            state.losses.append(step_loss)
+            window_tokens += tokens
+            if step % cfg.train.log_every == 0 or step == steps:
+                now = time.perf_counter()
+                speed = window_tokens / (now - window_start)
+                lr = scheduler.get_last_lr()[0]
+                log.write(event="train", step=step, loss=step_loss, lr=lr, grad_norm=grad_norm,
+                          tokens_per_second=speed, tokens=state.train_tokens)
+                progress.update(step, loss=step_loss, lr=lr, **{"tok/s": int(speed)})
+                window_tokens, window_start = 0, now
+            stop = False
+            if validation and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != steps:
+                value = eval_loss(model, validation, cfg.eval.batch_size, pad_id)
+                result.eval_losses.append((step, value))
+                log.write(event="eval", step=step, eval_loss=value, perplexity=math.exp(min(value, 50)))
+                if state.best_eval is None or value < state.best_eval:
+                    state.best_eval, state.best_step = value, step
+                stop = bool(on_eval and on_eval(step, value))
+            if ckpt_dir and (caught or stop or step == steps
+                             or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
+                saved = ckpt.save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, cfg.train.keep_checkpoints,
+                                             settings)
+                if caught:
+                    raise Interrupted(caught[0], saved)
+            elif caught:
+                raise Interrupted(caught[0], None)
+            if stop:
+                break
+    result.steps = state.step
+    result.train_tokens = state.train_tokens
+    result.losses = state.losses
+    result.skipped_steps = state.skipped_steps
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _accumulate(model, train: Split, indices: list[list[int]], split: int, pad_id: int) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches; returns (mean loss, tokens).
+
+    The loss is normalised by the label tokens of the whole step, not per micro-batch: a mean per
+    micro-batch over-weights the tokens of short examples (the gradient-accumulation bug).
+    """
+    parts = [piece for batch in indices for piece in _cut(batch, split)]
+    batches = [collate([train.encoded[i] for i in part], pad_id) for part in parts]
+    step_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    total = 0.0
+    for batch in batches:
+        loss_sum, _ = label_loss_sum(model, batch)
+        (loss_sum / step_labels).backward()
+        total += loss_sum.item()
+    return total / step_labels, sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def _cut(batch: list[int], parts: int) -> list[list[int]]:
+    size = max(1, math.ceil(len(batch) / parts))
+    return [batch[i:i + size] for i in range(0, len(batch), size)]
 
 
 def _clip(params, max_norm: float | None) -> float:
@@ -120,3 +230,4 @@ def _clip(params, max_norm: float | None) -> float:
         norms = [p.grad.detach().norm() for p in params if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+

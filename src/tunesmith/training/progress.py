@@ -42,12 +42,29 @@ class MetricLog:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self.handle = open(path, "a", encoding="utf-8")
 
     def write(self, **record) -> None:
         record.setdefault("time", round(time.time(), 3))
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps after the checkpoint; they are about to be redone."""
+        self.handle.close()
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by the crash
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self.handle = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
         self.handle.close()

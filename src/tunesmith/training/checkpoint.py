@@ -1,0 +1,165 @@
+"""Resumable training state, saved as one unit and atomically.
+
+A checkpoint folder holds the trainable weights (safetensors), the optimizer and scheduler
+state (torch.save, read back with weights_only=True), and state.json: step, data position,
+RNG states, best eval, config hash. It is written under a temporary name, fsynced, and renamed
+when whole, so a crash mid-write leaves the previous checkpoint as the newest complete one.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import UserError
+
+PREFIX = "step-"
+PARTIAL = ".partial"
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that a resumed run needs to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    micro_batches: int = 0  # position in the (seeded, deterministic) stream of micro-batches
+    train_tokens: int = 0
+    best_eval: float | None = None
+    best_step: int | None = None
+    config_hash: str = ""
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [name for name in tensors if name not in params]
+    if missing:
+        raise UserError(f"checkpoint does not match the model: unknown weights {missing[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def set_rng_state(state: dict, torch_state: torch.Tensor) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch_state)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def config_hash(settings: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_settings(path: Path, settings: dict) -> None:
+    """Refuse to resume when a setting that changes the result differs from the checkpoint's."""
+    saved = json.loads((path / "state.json").read_text()).get("settings", {})
+    differing = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if differing:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {settings.get(k)!r})" for k in differing)
+        raise UserError(f"{path}: the config changed since this checkpoint, in {shown}; restore those settings, "
+                        "or use a new output.dir (or output.overwrite=true) to start over")
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, keep: int,
+                    settings: dict | None = None) -> Path:
+    """Write checkpoints/step-N atomically and keep only the newest `keep`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{state.step:08d}"
+    tmp = folder / (final.name + PARTIAL)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({**asdict(state), "rng": rng_state(), "settings": settings or {}}))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(folder)
+        kept = f"; the previous checkpoint {previous[-1].name} is intact" if previous else ""
+        reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        raise UserError(f"{folder}: could not save checkpoint {final.name}: {reason}{kept}") from None
+    for old in complete_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(PARTIAL)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def partial_checkpoints(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(PARTIAL))
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG; returns the saved TrainState."""
+    meta = json.loads((path / "state.json").read_text())
+    load_trainable_state(model, load_file(path / "trainable.safetensors"))
+    saved = torch.load(path / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(meta.pop("rng"), saved["torch_rng"])
+    meta.pop("settings", None)
+    return TrainState(**meta)
+
+
+def newest_usable(folder: Path, say) -> Path | None:
+    """The newest complete checkpoint that reads back; partial or damaged ones are named and skipped."""
+    for partial in partial_checkpoints(folder):
+        say(f"ignoring partial checkpoint {partial} (the run stopped while writing it)")
+    for candidate in reversed(complete_checkpoints(folder)):
+        try:
+            json.loads((candidate / "state.json").read_text())
+            load_file(candidate / "trainable.safetensors")
+            torch.load(candidate / "optim.pt", weights_only=True)
+            return candidate
+        except Exception as err:  # a damaged checkpoint of any kind is skipped, not fatal
+            say(f"skipping damaged checkpoint {candidate.name}: {type(err).__name__}: {str(err)[:120]}")
+    return None
