@@ -1,0 +1,235 @@
+"""Runs survive kills, signals and bad numbers, and lose nothing."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+
+STEPS = 10
+
+
+def qa_rows(n=48):
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa"]
+    rows = []
+    for i in range(n):
+        q = " ".join(rng.choice(words) for _ in range(rng.randint(2, 9)))
+        rows.append({"prompt": f"Repeat: {q} {i}", "completion": f"{q} {i}"})
+    return rows
+
+
+def write_config(tmp_path: Path, model_dir: Path, run: str, **train) -> Path:
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows())
+    config = {
+        "model": {"name": str(model_dir), "dtype": "float32"},
+        "data": {"train": str(data), "max_seq_len": 128},
+        "adapter": {"r": 4, "dropout": 0.1},  # dropout on: the RNG state must be restored too
+        "train": {"max_steps": STEPS, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "log_every": 1,
+                  "checkpoint_every": 1, "keep_checkpoints": 2, "log_sample_ids": True, **train},
+        "eval": {"generate": False},
+        "output": {"dir": str(tmp_path / run)},
+    }
+    path = tmp_path / f"{run}.json"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def run_cli(config: Path, *extra, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(config), *extra],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def records(run: Path, event: str) -> list[dict]:
+    return [r for r in map(json.loads, open(run / "metrics.jsonl")) if r.get("event") == event]
+
+
+def start_and_kill_at(config: Path, run: Path, step: int, sig=signal.SIGKILL):
+    """Start a training process and send `sig` once the metrics show `step`."""
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and any(r["step"] >= step for r in records(run, "train")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    done = run_cli(write_config(tmp, tiny_model_dir, "run"))
+    assert done.returncode == 0, done.stderr
+    run = tmp / "run"
+    return {"weights": load_file(run / "adapter" / "adapter_model.safetensors"),
+            "losses": {r["step"]: r["loss"] for r in records(run, "train")},
+            "samples": {r["step"]: r["ids"] for r in records(run, "samples")}}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_then_resume_equals_uninterrupted_run(seed, reference, tiny_model_dir, tmp_path):
+    kill_step = random.Random(seed).randint(2, STEPS - 2)
+    config = write_config(tmp_path, tiny_model_dir, "run")
+    run = tmp_path / "run"
+    if seed == 3:
+        # Die during a checkpoint write: a partial folder is left behind and must be ignored.
+        from tunesmith.training.checkpoint import complete_checkpoints, partial_checkpoints
+
+        start_and_kill_at(config, run, kill_step)
+        if not partial_checkpoints(run / "checkpoints"):  # the kill may land mid-write by itself
+            newest = complete_checkpoints(run / "checkpoints")[-1]
+            partial = newest.with_name(f"step-{int(newest.name[5:]) + 1:08d}.partial")
+            partial.mkdir()
+            (partial / "trainable.safetensors").write_bytes(b"half a file")
+    else:
+        assert start_and_kill_at(config, run, kill_step) == -signal.SIGKILL
+    done = run_cli(config)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr
+    if seed == 3:
+        assert "ignoring partial checkpoint" in done.stderr
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert weights.keys() == reference["weights"].keys()
+    for name, value in weights.items():
+        assert (value - reference["weights"][name]).abs().max() < 1e-6, name
+    losses = {r["step"]: r["loss"] for r in records(run, "train")}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses == pytest.approx(reference["losses"], abs=1e-6)
+    samples = {r["step"]: r["ids"] for r in records(run, "samples")}
+    assert samples == reference["samples"]  # no gap, no repeat, same order
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, "run", checkpoint_every=0)
+    run = tmp_path / "run"
+    assert start_and_kill_at(config, run, 3, signal.SIGTERM) == 143
+    found = sorted((run / "checkpoints").glob("step-*"))
+    assert found and not found[-1].name.endswith(".partial")
+    state = json.loads((found[-1] / "state.json").read_text())
+    assert state["step"] >= 3
+    assert (found[-1] / "trainable.safetensors").exists() and (found[-1] / "optim.pt").exists()
+
+
+def test_changed_config_is_refused_on_resume(tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=3)
+    run = tmp_path / "run"
+    start_and_kill_at(config, run, 2)
+    done = run_cli(config, "train.lr=0.5", "adapter.r=8", "--resume")
+    assert done.returncode == 2
+    assert "adapter.r (4 -> 8)" in done.stderr and "train.lr" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_truncated_checkpoint_is_skipped_with_a_message(tiny_model_dir, tmp_path):
+    from tunesmith.training.checkpoint import newest_usable
+
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=3)
+    done = run_cli(config)
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "run" / "checkpoints"
+    newest = sorted(folder.glob("step-*"))[-1]
+    blob = newest / "trainable.safetensors"
+    blob.write_bytes(blob.read_bytes()[:100])
+    messages = []
+    chosen = newest_usable(folder, messages.append)
+    assert chosen is not None and chosen != newest
+    assert any(newest.name in m and "damaged" in m for m in messages)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import errno
+
+    from tunesmith.adapters import apply_adapter
+    from tunesmith.config import AdapterConfig
+    from tunesmith.errors import UserError
+    from tunesmith.models import load_model
+    from tunesmith.training import checkpoint as ckpt
+
+    model = apply_adapter(load_model(str(tiny_model_dir)), AdapterConfig(r=4))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    folder = tmp_path / "checkpoints"
+    first = ckpt.save_checkpoint(folder, model, optimizer, scheduler, ckpt.TrainState(step=1), keep=2)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(UserError, match="disk is full.*step-00000001 is intact"):
+        ckpt.save_checkpoint(folder, model, optimizer, scheduler, ckpt.TrainState(step=2), keep=2)
+    assert ckpt.complete_checkpoints(folder) == [first]
+    assert not ckpt.partial_checkpoints(folder)
+    assert ckpt.newest_usable(folder, print) == first
+
+
+def test_injected_nan_changes_no_weight(tiny_model_dir, tmp_path, monkeypatch):
+    import tunesmith
+    from tunesmith.training import loop
+
+    real = loop.label_loss_sum
+    calls = {"n": 0}
+    snapshots = {}
+
+    def poisoned(model, batch):
+        loss, count = real(model, batch)
+        if not model.training:  # evaluation passes are not training steps
+            return loss, count
+        calls["n"] += 1
+        if calls["n"] in (5, 6):  # both micro-batches of optimizer step 3
+            snapshots.setdefault("before", {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            return loss * float("nan"), count
+        if calls["n"] == 7:
+            snapshots["after"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss, count
+
+    monkeypatch.setattr(loop, "label_loss_sum", poisoned)
+    config = json.loads(write_config(tmp_path, tiny_model_dir, "run", max_steps=4, checkpoint_every=0).read_text())
+    results = tunesmith.train(config)
+    assert results["skipped_steps"] == [3]
+    for name, value in snapshots["before"].items():
+        assert torch.equal(value, snapshots["after"][name]), name
+
+
+def test_repeated_nan_stops_with_the_step_named(tiny_model_dir, tmp_path, monkeypatch):
+    import tunesmith
+    from tunesmith.errors import UserError
+    from tunesmith.training import loop
+
+    real = loop.label_loss_sum
+    monkeypatch.setattr(loop, "label_loss_sum", lambda m, b: (real(m, b)[0] * float("inf"), real(m, b)[1]))
+    config = json.loads(write_config(tmp_path, tiny_model_dir, "run", max_bad_steps=3, checkpoint_every=0).read_text())
+    with pytest.raises(UserError, match="training stopped at step 3: 3 steps in a row.*learning rate"):
+        tunesmith.train(config)
+
+
+def test_out_of_memory_halves_the_micro_batch(tiny_model_dir, tmp_path, monkeypatch):
+    import tunesmith
+    from tunesmith.training import loop
+
+    real = loop.label_loss_sum
+    sizes = []
+
+    def small_memory(model, batch):
+        if not model.training:  # evaluation is not what this test squeezes
+            return real(model, batch)
+        sizes.append(batch["input_ids"].shape[0])
+        if batch["input_ids"].shape[0] > 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "label_loss_sum", small_memory)
+    config = json.loads(write_config(tmp_path, tiny_model_dir, "run", max_steps=2, checkpoint_every=0,
+                                     auto_micro_batch=True).read_text())
+    results = tunesmith.train(config)
+    assert results["steps"] == 2 and max(sizes) == 4 and sizes[-1] == 1
