@@ -1,0 +1,211 @@
+"""What the dashboard shows, read only from the run folders the CLI writes, so both always agree."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+
+PID_FILE = "train.pid"  # written by the dashboard when it starts a run
+LOG_FILE = "train.log"
+# Files other features may add to a run folder; shown when present, never required.
+REPORT_FILES = ("report.html", "report.json")
+DATA_CHECK_FILES = ("data_check.json", "data-check.json", "data/check.json")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def inside(root: Path, relative: str) -> Path:
+    """`root/relative`, resolved (symlinks followed); refused when it leaves `root`."""
+    base = root.resolve()
+    if not relative or "\x00" in relative or os.path.isabs(relative):
+        raise UserError(f"{relative!r}: not a path inside {base}")
+    target = (base / relative).resolve()
+    if target != base and base not in target.parents:
+        raise UserError(f"{relative!r}: outside {base}")
+    return target
+
+
+def run_folder(runs_dir: Path, name: str) -> Path:
+    """The folder of run `name`: a direct child of the runs folder holding a config.yaml."""
+    folder = inside(runs_dir, name)
+    if folder.parent != runs_dir.resolve() or not (folder / "config.yaml").is_file():
+        raise LookupError(f"no run named {name!r}")
+    return folder
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_config(folder: Path) -> dict:
+    try:
+        return yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    """Records of metrics.jsonl; a line still being written (or cut by a crash) is left out."""
+    records = []
+    try:
+        text = (folder / "metrics.jsonl").read_text(encoding="utf-8")
+    except OSError:
+        return records
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def training_pid(folder: Path) -> int | None:
+    """The pid of the training process of this run, when it is alive."""
+    try:
+        pid = int((folder / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        # A zombie (exited, not yet reaped) still answers kill(pid, 0): read its state instead.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return None if state in ("Z", "X") else pid
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return pid
+        except OSError:
+            return None
+
+
+def checkpoints(folder: Path) -> list[str]:
+    found = folder / "checkpoints"
+    if not found.is_dir():
+        return []
+    return sorted((p.name for p in found.iterdir() if p.is_dir() and p.name.startswith("step-")),
+                  key=lambda name: int(name.split("-")[1]) if name.split("-")[1].isdigit() else -1)
+
+
+def status(folder: Path) -> str:
+    """finished / running / stopped (resumable) / failed / pending: only what the folder holds says which."""
+    if (folder / "results.json").is_file():
+        return "finished"
+    if training_pid(folder):
+        return "running"
+    if checkpoints(folder):
+        return "stopped"
+    if (folder / LOG_FILE).is_file() or (folder / "metrics.jsonl").is_file():
+        return "failed"
+    return "pending"
+
+
+def best_eval(records: list[dict], results: dict | None) -> float | None:
+    values = [r["eval_loss"] for r in records if r.get("event") == "eval" and isinstance(r.get("eval_loss"), (int, float))]
+    tuned = (results or {}).get("fine_tuned", {}).get("eval_loss")
+    if isinstance(tuned, (int, float)):
+        values.append(tuned)
+    return min(values) if values else None
+
+
+def summary(folder: Path) -> dict:
+    """One row of the run list."""
+    config = read_config(folder)
+    records = read_metrics(folder)
+    results = read_json(folder / "results.json")
+    train_records = [r for r in records if r.get("event") == "train"]
+    times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
+    started = (folder / "config.yaml").stat().st_mtime
+    model = str(config.get("model", {}).get("name", "?"))
+    data = str(config.get("data", {}).get("train", "?"))
+    return {
+        "name": folder.name,
+        "status": status(folder),
+        "model": Path(model).name if os.sep in model else model,
+        "method": config.get("adapter", {}).get("method", "?"),
+        "data": Path(data).name if os.sep in data else data,
+        "best_eval": best_eval(records, results),
+        "step": train_records[-1]["step"] if train_records else 0,
+        "max_steps": config.get("train", {}).get("max_steps"),
+        "last_loss": train_records[-1].get("loss") if train_records else None,
+        "started": started,
+        "updated": max(times) if times else started,
+        "seconds": (results or {}).get("train_seconds") or ((max(times) - min(times)) if len(times) > 1 else None),
+    }
+
+
+def list_runs(runs_dir: Path) -> list[dict]:
+    """Every run folder directly under the runs folder, newest first."""
+    if not runs_dir.is_dir():
+        return []
+    root = runs_dir.resolve()
+    # A symlink leading out of the runs folder is not a run here (run_folder refuses it too).
+    runs = [summary(child) for child in runs_dir.iterdir()
+            if child.is_dir() and child.resolve().parent == root and (child / "config.yaml").is_file()]
+    return sorted(runs, key=lambda run: run["started"], reverse=True)
+
+
+def predictions(folder: Path, limit: int = 20) -> list[dict]:
+    """Test examples with the fine-tuned and (when scored) the base model's answers side by side."""
+    tuned = _jsonl(folder / "predictions.jsonl", limit)
+    base = _jsonl(folder / "predictions_base.jsonl", limit)
+    rows = []
+    for index, row in enumerate(tuned or base):
+        rows.append({"prompt": row.get("prompt"), "reference": row.get("reference"),
+                     "fine_tuned": tuned[index].get("answer") if index < len(tuned) else None,
+                     "base": base[index].get("answer") if index < len(base) else None})
+    return rows
+
+
+def _jsonl(path: Path, limit: int) -> list[dict]:
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                if len(rows) >= limit:
+                    break
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return rows
+
+
+def log_tail(folder: Path, lines: int = 30) -> str:
+    try:
+        with open(folder / LOG_FILE, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 16384))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    # Progress bars redraw with carriage returns: keep what the terminal would show last.
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+
+
+def detail(folder: Path) -> dict:
+    """Everything the run page shows."""
+    results = read_json(folder / "results.json")
+    data_check = next((read_json(folder / name) for name in DATA_CHECK_FILES if (folder / name).is_file()), None)
+    return {
+        **summary(folder),
+        "config": read_config(folder),
+        "config_text": (folder / "config.yaml").read_text(encoding="utf-8", errors="replace"),
+        "results": results,
+        "data_check": data_check or (results or {}).get("data"),
+        "predictions": predictions(folder),
+        "checkpoints": checkpoints(folder),
+        "reports": [name for name in REPORT_FILES if (folder / name).is_file()],
+        "log": log_tail(folder),
+        "now": time.time(),
+    }

@@ -1,0 +1,147 @@
+"""Starting, stopping and resuming runs from the dashboard: `tunesmith train` in a child process,
+so a run started from the page is the same as one started in a terminal."""
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ..config import Config, dump, load_config
+from ..errors import UserError
+from .folders import LOG_FILE, PID_FILE, RUN_NAME, inside, status, training_pid
+
+# Form field -> config key. Everything else goes through the free "key=value" lines.
+FORM_KEYS = {
+    "model": "model.name", "train": "data.train", "validation": "data.validation", "test": "data.test",
+    "max_seq_len": "data.max_seq_len", "method": "adapter.method", "r": "adapter.r", "alpha": "adapter.alpha",
+    "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size",
+    "grad_accum": "train.grad_accum", "lr": "train.lr", "log_every": "train.log_every",
+    "checkpoint_every": "train.checkpoint_every", "eval_every": "eval.every_steps",
+}
+DATA_KEYS = ("train", "validation", "test")
+
+
+def form_config(form: dict, runs_dir: Path) -> tuple[str, Config]:
+    """(run name, validated config) from the form; mistakes raise UserError with the field's name."""
+    name = str(form.get("name") or "").strip()
+    if not RUN_NAME.match(name):
+        raise UserError(f"run name {name!r}: use letters, digits, '.', '_' or '-' (at most 100), starting with a letter or digit")
+    overrides = []
+    for field, key in FORM_KEYS.items():
+        value = form.get(field)
+        if value is None or str(value).strip() == "":
+            continue
+        value = str(value).strip()
+        if field in DATA_KEYS and value != "demo":
+            value = str(Path(value).expanduser().absolute())  # the child process may run elsewhere
+        overrides.append(f"{key}={value}")
+    for number, line in enumerate(str(form.get("extra") or "").splitlines(), 1):
+        if line.strip() and not line.strip().startswith("#"):
+            if "=" not in line:
+                raise UserError(f"extra settings, line {number}: expected section.key=value, got {line.strip()!r}")
+            overrides.append(line.strip())
+    overrides.append(f"output.dir={inside(runs_dir, name)}")
+    return name, load_config(None, overrides)
+
+
+def preview(form: dict, runs_dir: Path) -> dict:
+    """The data check and the plan, shown before a run starts."""
+    from ..api import check_data_paths
+    from ..data.prepare import prepare
+    from ..models import load_tokenizer
+    from ..training.loop import total_steps
+
+    name, cfg = form_config(form, runs_dir)
+    check_data_paths(cfg)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    data = prepare(cfg.data, tokenizer)
+    summary = data.summary()
+    n_train = summary["examples"]["train"]
+    steps = total_steps(cfg, n_train)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    mean_tokens = summary["tokens"]["train"] / max(1, n_train)
+    plan = {"optimizer_steps": steps, "examples_per_step": per_step,
+            "epochs": round(steps * per_step / max(1, n_train), 2),
+            "tokens_to_train": int(steps * per_step * mean_tokens), "mean_tokens_per_example": round(mean_tokens, 1)}
+    return {
+        "name": name,
+        "config": cfg.model_dump(mode="json"),
+        "exists": (runs_dir / name).exists(),
+        "data_check": {**summary, **_richer("tunesmith.data.check", ("check_data", "check_file", "check"), cfg, tokenizer)},
+        "plan": {**plan, **_richer("tunesmith.plan", ("plan", "estimate", "make_plan"), cfg, tokenizer)},
+    }
+
+
+def _richer(module_name: str, function_names: tuple[str, ...], cfg: Config, tokenizer) -> dict:
+    """The fuller data check / plan where that module exists; the basic figures stand without it."""
+    import dataclasses
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return {}
+    function = next((getattr(module, n) for n in function_names if callable(getattr(module, n, None))), None)
+    if function is None:
+        return {}
+    offered = {"config": cfg, "cfg": cfg, "data": cfg.data, "path": cfg.data.train, "file": cfg.data.train,
+               "model": cfg.model.name, "tokenizer": tokenizer, "max_seq_len": cfg.data.max_seq_len}
+    try:
+        params = inspect.signature(function).parameters.values()
+        kwargs = {p.name: offered[p.name] for p in params if p.name in offered}
+        if any(p.default is p.empty and p.name not in kwargs and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params):
+            return {}
+        found = function(**kwargs)
+        if dataclasses.is_dataclass(found):
+            found = dataclasses.asdict(found)
+        elif hasattr(found, "to_dict"):
+            found = found.to_dict()
+        return {"details": found} if isinstance(found, dict) else {"details": str(found)}
+    except Exception as err:  # a neighbour's module mid-change must not break the form
+        return {"details_error": f"{module_name}.{function.__name__}: {type(err).__name__}: {err}"}
+
+
+def start(form: dict, runs_dir: Path) -> tuple[str, subprocess.Popen]:
+    """Write the run's config.yaml into a new run folder and train it in a child process."""
+    from ..api import check_data_paths
+
+    name, cfg = form_config(form, runs_dir)
+    folder = runs_dir / name
+    if folder.exists():
+        raise UserError(f"{folder}: a run of that name exists; choose another name")
+    check_data_paths(cfg)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+    return name, launch(folder)
+
+
+def resume(folder: Path) -> subprocess.Popen:
+    """Continue a stopped run from its newest checkpoint (or retry a failed one)."""
+    state = status(folder)
+    if state not in ("stopped", "failed", "pending"):
+        raise UserError(f"{folder.name}: is {state}; only a stopped or failed run can be resumed")
+    return launch(folder)
+
+
+def launch(folder: Path) -> subprocess.Popen:
+    with open(folder / LOG_FILE, "ab") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tunesmith.cli", "train", str(folder / "config.yaml")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C in the dashboard's terminal does not stop the runs it started.
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    (folder / PID_FILE).write_text(str(child.pid), encoding="utf-8")
+    return child
+
+
+def stop(folder: Path) -> int:
+    """SIGTERM: the training loop finishes its step, writes a checkpoint and exits (status 143)."""
+    pid = training_pid(folder)
+    if pid is None:
+        raise UserError(f"{folder.name}: not running")
+    os.kill(pid, signal.SIGTERM)
+    return pid

@@ -1,0 +1,232 @@
+"""The dashboard's JSON API over run folders: what it reads, the token, paths outside the runs folder,
+and starting / stopping / resuming a real run in a child process."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_jsonl
+from tunesmith.errors import UserError
+from tunesmith.ui import make_server
+from tunesmith.ui.folders import inside, status
+
+SECRET = "content-outside-the-runs-folder"
+
+
+def fake_run(runs: Path, name: str, *, finished=False, checkpoint=False, nan=False) -> Path:
+    """A run folder as the CLI writes it (config, metrics, results), written by hand to test the reader."""
+    folder = runs / name
+    folder.mkdir(parents=True)
+    config = {"model": {"name": "/models/tiny-llama"}, "data": {"train": "/data/train.jsonl"},
+              "adapter": {"method": "lora"}, "train": {"max_steps": 4, "lr": 0.01}, "output": {"dir": str(folder)}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    records = [{"event": "train", "step": s, "loss": 3.0 - 0.5 * s, "lr": 0.01, "grad_norm": 1.0,
+                "tokens_per_second": 100.0, "time": 1000.0 + s} for s in (1, 2, 3)]
+    records.insert(2, {"event": "eval", "step": 2, "eval_loss": 2.5, "perplexity": 12.2, "time": 1002.5})
+    if nan:
+        records.append({"event": "skipped_step", "step": 4, "loss": float("nan"), "grad_norm": float("inf")})
+    write_jsonl(folder / "metrics.jsonl", records)
+    with open(folder / "metrics.jsonl", "a") as handle:
+        handle.write('{"event": "train", "step": 4, "lo')  # a record still being written
+    if checkpoint:
+        (folder / "checkpoints" / "step-3").mkdir(parents=True)
+    if finished:
+        results = {"base": {"eval_loss": 3.1, "json_valid": 0.0}, "fine_tuned": {"eval_loss": 2.2, "json_valid": 0.5},
+                   "data": {"examples": {"train": 40}}, "train_seconds": 9.5}
+        (folder / "results.json").write_text(json.dumps(results))
+        write_jsonl(folder / "predictions.jsonl", [{"prompt": "p1", "reference": "r1", "answer": "tuned answer"}])
+        write_jsonl(folder / "predictions_base.jsonl", [{"prompt": "p1", "reference": "r1", "answer": "base answer"}])
+    return folder
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Start a dashboard on a free port; yields a function that makes one request to it."""
+    servers = []
+
+    def start(host="127.0.0.1", token=None):
+        server = make_server(tmp_path / "runs", host, 0, token)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+        for child in server.children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def call(server, path, body=None, headers=None, host=None):
+    """(status, parsed JSON or text) of one request; `host` connects to that address instead."""
+    port = server.server_address[1]
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(f"http://{host or '127.0.0.1'}:{port}{path}", data=data, headers=headers or {})
+    if isinstance(body, dict):
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            code, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        code, text = err.code, err.read().decode()
+    try:
+        return code, json.loads(text)
+    except ValueError:
+        return code, text
+
+
+def test_lists_and_details_runs_from_their_folders(served, tmp_path):
+    server = served()
+    runs = tmp_path / "runs"
+    fake_run(runs, "done", finished=True, nan=True)
+    fake_run(runs, "halted", checkpoint=True)
+    fake_run(runs, "broken")
+    (runs / "not-a-run").mkdir()  # no config.yaml: not listed
+
+    code, listing = call(server, "/api/runs")
+    assert code == 200
+    rows = {r["name"]: r for r in listing["runs"]}
+    assert set(rows) == {"done", "halted", "broken"}
+    assert [rows[n]["status"] for n in ("done", "halted", "broken")] == ["finished", "stopped", "failed"]
+    assert rows["done"]["model"] == "tiny-llama" and rows["done"]["data"] == "train.jsonl"
+    assert rows["done"]["best_eval"] == 2.2  # results beat the in-training eval of 2.5
+    assert rows["halted"]["best_eval"] == 2.5 and rows["halted"]["step"] == 3
+
+    code, detail = call(server, "/api/runs/done")
+    assert code == 200
+    assert detail["results"]["fine_tuned"]["eval_loss"] == 2.2
+    assert detail["predictions"] == [{"prompt": "p1", "reference": "r1", "fine_tuned": "tuned answer", "base": "base answer"}]
+    assert detail["data_check"] == {"examples": {"train": 40}}
+    assert "tiny-llama" in detail["config_text"]
+
+    code, metrics = call(server, "/api/runs/done/metrics")
+    steps = [(r["event"], r["step"]) for r in metrics["records"]]
+    assert steps == [("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("skipped_step", 4)]  # half line left out
+    assert metrics["records"][-1]["loss"] is None  # NaN -> null: browsers cannot parse NaN
+
+
+def test_report_files_are_served_when_present(served, tmp_path):
+    server = served()
+    folder = fake_run(tmp_path / "runs", "done", finished=True)
+    assert call(server, "/api/runs/done")[1]["reports"] == []
+    (folder / "report.html").write_text("<html><body>the report</body></html>")
+    assert call(server, "/api/runs/done")[1]["reports"] == ["report.html"]
+    assert call(server, "/api/runs/done/files/report.html") == (200, "<html><body>the report</body></html>")
+    assert call(server, "/api/runs/done/files/nothing.html")[0] == 404
+
+
+def test_refuses_paths_outside_the_runs_folder(served, tmp_path):
+    server = served()
+    runs = tmp_path / "runs"
+    fake_run(runs, "done", finished=True)
+    outside = tmp_path / "outside"
+    fake_run(outside.parent / "outside-runs", "elsewhere", finished=True)
+    outside.mkdir()
+    (outside / "secret.txt").write_text(SECRET)
+    os.symlink(outside / "secret.txt", runs / "done" / "link.txt")
+    os.symlink(tmp_path / "outside-runs" / "elsewhere", runs / "linked-run")
+    attempts = ["/api/runs/done/files/../../outside/secret.txt", "/api/runs/done/files/%2e%2e/%2e%2e/outside/secret.txt",
+                "/api/runs/done/files/..%2f..%2foutside%2fsecret.txt", f"/api/runs/done/files/{outside}/secret.txt",
+                f"/api/runs/done/files/%2F{str(outside / 'secret.txt').lstrip('/').replace('/', '%2F')}",
+                "/api/runs/done/files/link.txt", "/api/runs/..%2Foutside-runs%2Felsewhere", "/api/runs/%2E%2E",
+                "/api/runs/linked-run", "/api/runs/linked-run/files/results.json", "/api/runs/done%2F..%2F..%2Foutside"]
+    for path in attempts:
+        code, body = call(server, path)
+        assert code in (400, 404), (path, code)
+        assert SECRET not in json.dumps(body) and "fine_tuned" not in json.dumps(body), path
+    assert [r["name"] for r in call(server, "/api/runs")[1]["runs"]] == ["done"]  # the symlinked run is not listed
+    with pytest.raises(UserError, match="outside"):
+        inside(runs, "../outside/secret.txt")
+    with pytest.raises(UserError, match="not a path inside"):
+        inside(runs, str(outside / "secret.txt"))
+    with pytest.raises(UserError, match="outside"):
+        inside(runs / "done", "link.txt")
+    assert inside(runs, "done/results.json") == (runs / "done" / "results.json").resolve()
+
+
+def test_token_required_when_bound_beyond_localhost(served):
+    server = served(host="0.0.0.0")
+    token = server.token
+    assert token and len(token) >= 24 and token in server.url
+    for path in ("/api/runs", "/api/runs/x/metrics", f"/api/runs?token={token[:-1]}"):
+        assert call(server, path)[0] == 401, path
+    assert call(server, "/api/runs", headers={"X-Tunesmith-Token": "wrong"})[0] == 401
+    assert call(server, "/api/runs", {"name": "x"})[0] == 401  # starting a run too
+    assert call(server, "/api/runs", headers={"X-Tunesmith-Token": token})[0] == 200
+    assert call(server, f"/api/runs?token={token}")[0] == 200
+    assert call(server, "/")[0] == 200  # the page itself holds no data; it reads the token from its address
+
+    local = served()
+    assert local.token is None and call(local, "/api/runs")[0] == 200
+    # Bound to localhost without a token: only local Host names (no DNS rebinding), only JSON POSTs (no CSRF forms).
+    assert call(local, "/api/runs", headers={"Host": "attacker.example:80"})[0] == 403
+    assert call(local, "/api/preview", b"name=x", {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
+
+
+def test_bad_form_input_is_a_clear_error(served, tmp_path):
+    server = served()
+    form = {"name": "../escape", "model": "default", "train": "demo"}
+    code, body = call(server, "/api/runs", form)
+    assert code == 400 and "run name '../escape'" in body["error"]
+    code, body = call(server, "/api/preview", {**form, "name": "ok", "lr": "-1"})
+    assert code == 400 and "train.lr" in body["error"]
+    code, body = call(server, "/api/runs", {**form, "name": "ok", "train": str(tmp_path / "missing.jsonl")})
+    assert code == 400 and "missing.jsonl: data file not found" in body["error"]
+    code, body = call(server, "/api/runs", {**form, "name": "ok", "extra": "train.lr 3"})
+    assert code == 400 and "line 1" in body["error"]
+    assert not (tmp_path / "runs" / "ok").exists()
+    fake_run(tmp_path / "runs", "taken", finished=True)
+    code, body = call(server, "/api/runs", {**form, "name": "taken"})
+    assert code == 400 and "exists" in body["error"]
+
+
+def wait_for(predicate, timeout=180.0, every=0.2):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def test_start_and_stop_a_real_run(served, tmp_path, tiny_model_dir):
+    """A run started through the API trains in a child process; stopping it writes a checkpoint first."""
+    from tunesmith.data.demo import make_splits
+
+    server = served()
+    data = write_jsonl(tmp_path / "train.jsonl", make_splits(24, seed=2, validation_size=0, test_size=0)["train"])
+    form = {"name": "real", "model": str(tiny_model_dir), "train": str(data), "max_steps": "400", "batch_size": "2",
+            "lr": "1e-2", "log_every": "1", "max_seq_len": "256", "extra": "model.dtype=float32\neval.generate=false"}
+    code, preview = call(server, "/api/preview", form)
+    assert code == 200, preview
+    assert preview["plan"]["optimizer_steps"] == 400
+    assert sum(preview["data_check"]["examples"].values()) == 24
+
+    code, started = call(server, "/api/runs", form)
+    assert code == 201, started
+    folder = tmp_path / "runs" / "real"
+    assert (folder / "config.yaml").exists()
+    metrics = lambda: call(server, "/api/runs/real/metrics")[1]  # noqa: E731
+    wait_for(lambda: len([r for r in metrics()["records"] if r["event"] == "train"]) >= 3)
+    assert metrics()["status"] == "running"
+    code, body = call(server, "/api/runs/real/stop", {})
+    assert code == 200 and body["stopped"] == started["pid"]
+    wait_for(lambda: metrics()["status"] != "running")
+    assert status(folder) == "stopped"
+    checkpoint_steps = [int(p.name.split("-")[1]) for p in (folder / "checkpoints").iterdir()]
+    last_logged = max(r["step"] for r in metrics()["records"] if r["event"] == "train")
+    assert max(checkpoint_steps) >= last_logged
+    assert "stopped by signal 15; checkpoint saved" in (folder / "train.log").read_text()
+    assert call(server, "/api/runs/real/stop", {})[0] == 400  # not running any more
