@@ -72,6 +72,13 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from .ui import serve
+
+    serve(args.runs, args.host, args.port, args.token)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pre-trained language models on your data.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -110,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", default=None)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("ui", help="local dashboard: start, watch and compare runs in a browser")
+    p.add_argument("--runs", default="runs", help="folder holding the run folders")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1, every request needs the token printed at start")
+    p.add_argument("--token", default=None, help="token to require (default: a random one when --host is not local)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 
