@@ -1,0 +1,136 @@
+"""A corpus of bad configs and data files: each ends with one clear line and exit status 2, never a
+traceback, and the finished run already in the output folder is left exactly as it was."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tunesmith.cli import main
+
+from conftest import write_jsonl
+
+GOOD_ROW = {"prompt": "Say hi", "completion": "hi"}
+
+
+def good_data(folder: Path) -> str:
+    return str(write_jsonl(folder / "good.jsonl", [{"prompt": f"Say hi {i}", "completion": f"hi {i}"} for i in range(8)]))
+
+
+def empty_folder(folder: Path) -> str:
+    (folder / "nothing").mkdir()
+    return str(folder / "nothing")
+
+
+def write(folder: Path, name: str, content) -> str:
+    path = folder / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+# Each case: (id, builder(tmp, model_dir, data) -> (config text or None, extra CLI args), expected message regex).
+# `data` is a good data file; a builder swaps in the broken part.
+def config_text(model_dir, train_file, extra="", **sections) -> str:
+    base = {"model": {"name": str(model_dir), "dtype": "float32"}, "data": {"train": train_file},
+            "train": {"max_steps": 1}, "eval": {"generate": False}}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:
+            base[key] = value
+    return json.dumps(base) + extra
+
+
+CASES = [
+    ("unknown-key", lambda t, m, d: (config_text(m, d, train={"lr_rate": 1}), []), r"unknown key 'train.lr_rate'; did you mean 'train.lr'"),
+    ("unknown-section", lambda t, m, d: (config_text(m, d, trian={"lr": 1}), []), r"unknown key 'trian'; did you mean 'train'"),
+    ("wrong-type", lambda t, m, d: (config_text(m, d, train={"batch_size": "many"}), []), r"train.batch_size: .*'many'"),
+    ("negative-lr", lambda t, m, d: (config_text(m, d, train={"lr": -1}), []), r"train.lr: .*greater than 0"),
+    ("share-out-of-range", lambda t, m, d: (config_text(m, d, data={"train": d, "validation_share": 1.5}), []), r"data.validation_share"),
+    ("unknown-method", lambda t, m, d: (config_text(m, d, adapter={"method": "lorra"}), []), r"adapter.method"),
+    ("section-is-scalar", lambda t, m, d: (config_text(m, d, train=5), []), r"train: .*(dictionary|mapping|object)"),
+    ("yaml-syntax", lambda t, m, d: ("train:\n  lr: [1\n", []), r"not valid YAML"),
+    ("yaml-list", lambda t, m, d: ("- model\n- data\n", []), r"a config is a mapping"),
+    ("yaml-tabs", lambda t, m, d: ("train:\n\tlr: 1\n", []), r"not valid YAML"),
+    ("config-binary", lambda t, m, d: (bytes(range(256)) * 4, []), r"cannot read config|not valid YAML"),
+    ("config-utf16", lambda t, m, d: ("train:\n  lr: 0.1\n".encode("utf-16"), []), r"cannot read config|not valid YAML"),
+    ("config-missing", lambda t, m, d: (None, ["/no/such/config.yaml"]), r"config file not found"),
+    ("override-no-equals", lambda t, m, d: (config_text(m, d), ["train.lr"]), r"expected section.key=value"),
+    ("override-unknown", lambda t, m, d: (config_text(m, d), ["train.learning_rate=1"]), r"unknown key 'train.learning_rate'"),
+    ("model-missing", lambda t, m, d: (config_text("/no/such/model-folder", d), []), r"model folder not found"),
+    ("model-no-config", lambda t, m, d: (config_text(t, d), []), r"no config.json"),
+    ("gguf-missing", lambda t, m, d: (config_text(f"{t}/nothing.gguf", d), []), r"GGUF file not found"),
+    ("data-missing", lambda t, m, d: (config_text(m, "/no/such/data.jsonl"), []), r"data file not found"),
+    ("validation-missing", lambda t, m, d: (config_text(m, d, data={"train": d, "validation": "/no/val.jsonl"}), []), r"/no/val.jsonl: data file not found"),
+    ("test-missing", lambda t, m, d: (config_text(m, d, data={"train": d, "test": "/no/test.jsonl"}), []), r"/no/test.jsonl: data file not found"),
+    ("data-empty", lambda t, m, d: (config_text(m, write(t, "empty.jsonl", "")), []), r"empty.jsonl: .*(no usable|empty)"),
+    ("data-binary", lambda t, m, d: (config_text(m, write(t, "junk.jsonl", bytes(range(256)) * 64)), []), r"junk.jsonl.*(UTF-8|binary)"),
+    ("data-utf16", lambda t, m, d: (config_text(m, write(t, "u16.jsonl", (json.dumps(GOOD_ROW) + "\n").encode("utf-16"))), []), r"u16.jsonl.*(UTF-8|binary)"),
+    ("data-latin1", lambda t, m, d: (config_text(m, write(t, "l1.jsonl", json.dumps({"prompt": "café", "completion": "olé"}, ensure_ascii=False).encode("latin-1"))), []), r"l1.jsonl.*UTF-8"),
+    ("data-all-broken", lambda t, m, d: (config_text(m, write(t, "broken.jsonl", '{"prompt": "a"\n[1, 2\n')), []), r"broken.jsonl: no usable training examples"),
+    ("data-huge-line", lambda t, m, d: (config_text(m, write(t, "huge.jsonl", json.dumps({"prompt": "word " * 200_000, "completion": "x"}) + "\n")), []), r"huge.jsonl.*(dropped|longer than|max_seq_len)"),
+    ("data-empty-folder", lambda t, m, d: (config_text(m, empty_folder(t)), []), r"nothing: .*(folder|no data)"),
+    ("data-unknown-type", lambda t, m, d: (config_text(m, write(t, "notes.docx", "hello")), []), r"notes.docx.*(unsupported|unknown)"),
+    ("json-not-list", lambda t, m, d: (config_text(m, write(t, "d.json", '{"prompt": 1}')), []), r"d.json.*(list|no usable)"),
+    ("json-broken", lambda t, m, d: (config_text(m, write(t, "b.json", '[{"prompt": "a", ')), []), r"b.json:1.*broken JSON"),
+    ("csv-wrong-columns", lambda t, m, d: (config_text(m, write(t, "d.csv", "colour,size\nred,3\n")), []), r"d.csv.*no usable training examples"),
+    ("output-is-a-file", lambda t, m, d: (config_text(m, d, output={"dir": write(t, "taken", "x")}), []), r"taken: .*not a folder"),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A run folder standing in for an earlier, finished run that no mistake may touch."""
+    run = tmp_path_factory.mktemp("earlier") / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000003").mkdir(parents=True)
+    (run / "results.json").write_text('{"fine_tuned": {"eval_loss": 1.0}}')
+    (run / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 2.0}\n')
+    (run / "config.yaml").write_text("model: default\n")
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (run / "checkpoints" / "step-00000003" / "state.json").write_text('{"step": 3}')
+    return run
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name, build, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_line(name, build, expected, tmp_path, tiny_model_dir, finished_run, capsys):
+    import re
+
+    before = fingerprint(finished_run)
+    text, args = build(tmp_path, tiny_model_dir, good_data(tmp_path))
+    command = ["train"]
+    if text is not None:
+        command.append(write(tmp_path, "config.yaml", text))
+    command += args
+    if name != "output-is-a-file":
+        command += [f"output.dir={finished_run}", "output.overwrite=true"]  # the dangerous case: overwrite on
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert re.search(expected, lines[0]), lines[0]
+    assert fingerprint(finished_run) == before, "an earlier run's output was changed"
+
+
+def test_finished_run_is_not_overwritten_without_asking(tmp_path, tiny_model_dir, finished_run, capsys):
+    before = fingerprint(finished_run)
+    config = write(tmp_path, "c.yaml", config_text(tiny_model_dir, good_data(tmp_path), output={"dir": str(finished_run)}))
+    assert main(["train", config]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert fingerprint(finished_run) == before
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    from tunesmith.errors import UserError
+
+    with pytest.raises(UserError, match="config file not found"):
+        main(["--debug", "train", str(tmp_path / "missing.yaml")])
