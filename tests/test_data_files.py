@@ -1,39 +1,118 @@
-"""User data files: every format becomes chat messages; bad lines are reported with file, line, reason."""
+"""User data files: every source type and format becomes chat messages; bad lines are reported with file, line, reason."""
+import csv
+import json
+
 import pytest
 
 from tunesmith.config import DataConfig
 from tunesmith.data.prepare import prepare
+from tunesmith.data.tokenize import IGNORE
 from tunesmith.errors import UserError
 
 from conftest import write_jsonl
 
-GOOD = [
-    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
-    {"conversations": [{"from": "human", "value": "Capital of France?"}, {"from": "gpt", "value": "Paris"}]},
-    {"instruction": "Translate to French", "input": "cat", "output": "chat"},
-    {"prompt": "Say hi", "completion": "hi"},
-    {"question": "Color of the sky?", "answer": "blue"},
-]
+EXPECTED = [("2+2?", "4"), ("Capital of France?", "Paris"), ("Translate to French\n\ncat", "chat"), ("Say hi", "hi"),
+            ("Color of the sky?", "blue")]
+
+
+def good(n: int = 0) -> list[dict]:
+    """One record of each format; `n` makes the texts distinct (duplicates would be removed)."""
+    s = f" #{n}" if n else ""
+    return [
+        {"messages": [{"role": "user", "content": "2+2?" + s}, {"role": "assistant", "content": "4" + s}]},
+        {"conversations": [{"from": "human", "value": "Capital of France?" + s}, {"from": "gpt", "value": "Paris" + s}]},
+        {"instruction": "Translate to French", "input": "cat" + s, "output": "chat" + s},
+        {"prompt": "Say hi" + s, "completion": "hi" + s},
+        {"question": "Color of the sky?" + s, "answer": "blue" + s},
+    ]
+
+
+def all_examples(prepared):
+    return [c for name in ("train", "validation") for c in prepared.splits[name].conversations]
 
 
 def test_each_format_is_read(tmp_path, tiny_tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", GOOD * 4)
-    prepared = prepare(DataConfig(train=str(path)), tiny_tokenizer)
-    total = len(prepared.splits["train"]) + len(prepared.splits["validation"])
-    assert total == 20 and not prepared.problems
+    path = write_jsonl(tmp_path / "d.jsonl", [r for n in range(4) for r in good(n)])
+    prepared = prepare(DataConfig(train=str(path), cache=False), tiny_tokenizer)
+    assert len(all_examples(prepared)) == 20 and not prepared.problems
+    assert dict(prepared.formats) == {"messages": 4, "sharegpt": 4, "instruction": 4, "prompt_completion": 4,
+                                      "question_answer": 4}
+    pairs = {(c[0]["content"], c[1]["content"]) for c in all_examples(prepared)}
+    assert set(EXPECTED) <= pairs
     assert all(e.label_count > 0 for e in prepared.splits["train"].encoded)
 
 
+def test_json_csv_parquet_and_saved_dataset_give_the_same_examples(tmp_path, tiny_tokenizer):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(12)]
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=1))
+    with open(tmp_path / "d.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, ["question", "answer"])
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    seen = []
+    for source in ("d.json", "d.csv", "d.parquet", "saved"):
+        prepared = prepare(DataConfig(train=str(tmp_path / source), cache=False), tiny_tokenizer)
+        seen.append(sorted(c[1]["content"] for c in all_examples(prepared)))
+    assert all(s == [r["answer"] for r in sorted(rows, key=lambda r: r["answer"])] for s in seen)
+
+
+def test_folder_of_files_and_column_mapping(tmp_path, tiny_tokenizer):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"Q": f"q{i}", "A": f"a{i}"} for i in range(5)])
+    write_jsonl(folder / "b.jsonl", [{"Q": f"r{i}", "A": f"b{i}"} for i in range(5)])
+    (folder / "README.md").write_text("not data")
+    cfg = DataConfig(train=str(folder), columns={"question": "Q", "answer": "A"}, cache=False)
+    prepared = prepare(cfg, tiny_tokenizer)
+    assert len(all_examples(prepared)) == 10 and prepared.formats == {"question_answer": 10}
+    assert {o[0] for o in prepared.splits["train"].origins} == {str(folder / "a.jsonl"), str(folder / "b.jsonl")}
+
+
+def test_mix_weights_repeat_and_subsample(tmp_path, tiny_tokenizer):
+    main = write_jsonl(tmp_path / "main.jsonl", [{"prompt": f"m{i}", "completion": f"x{i}"} for i in range(40)])
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": f"e{i}", "completion": f"y{i}"} for i in range(40)])
+    held = write_jsonl(tmp_path / "val.jsonl", [{"prompt": "v", "completion": "w"}])
+    cfg = DataConfig(train=str(main), validation=str(held), mix={str(extra): 2.0}, cache=False)
+    train = prepare(cfg, tiny_tokenizer).splits["train"]
+    from_extra = [o for o in train.origins if o[0] == str(extra)]
+    assert len(from_extra) == 80 and len(set(from_extra)) == 40
+    half = prepare(cfg.model_copy(update={"mix": {str(extra): 0.5}}), tiny_tokenizer).splits["train"]
+    kept = sum(o[0] == str(extra) for o in half.origins)
+    assert 10 <= kept <= 30 and len(half) - kept == 40
+
+
+def test_format_override_and_raw_text_chunks(tmp_path, tiny_tokenizer):
+    docs = [{"text": "Billing question number %d about the PixelPad screen." % i, "prompt": "p", "completion": "c"}
+            for i in range(30)]
+    path = write_jsonl(tmp_path / "t.jsonl", docs)
+    cfg = DataConfig(train=str(path), format="text", max_seq_len=32, validation_share=0.2, cache=False)
+    prepared = prepare(cfg, tiny_tokenizer)
+    rows = prepared.splits["train"].encoded
+    assert prepared.formats == {"text": 30}
+    assert all(len(r.input_ids) <= 32 and r.labels == r.input_ids for r in rows)
+    assert sum(len(r.input_ids) for r in rows[:-1]) == 32 * (len(rows) - 1)  # full rows but the last
+    stream = [t for r in rows for t in r.input_ids]
+    assert stream.count(tiny_tokenizer.eos_token_id) == 24  # one EOS after each training document
+
+
 def test_bad_lines_are_reported_and_skipped(tmp_path, tiny_tokenizer):
-    rows = GOOD + ['{"messages": [', '[1, 2]', {"prompt": "", "completion": "x"},
-                   {"messages": [{"role": "robot", "content": "x"}]}, {"text_only": "x"}]
+    rows = good() + ['{"messages": [', '[1, 2]', {"prompt": "", "completion": "x"},
+                     {"messages": [{"role": "robot", "content": "x"}]}, {"text_only": "x"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    prepared = prepare(DataConfig(train=str(path)), tiny_tokenizer)
+    prepared = prepare(DataConfig(train=str(path), cache=False), tiny_tokenizer)
     found = {p.line: p.reason for p in prepared.problems}
     assert set(found) == {6, 7, 8, 9, 10}
-    assert "broken JSON" in found[6] and "expected a JSON object" in found[7]
-    assert "'prompt' is empty" in found[8] and "unknown role 'robot'" in found[9]
+    assert "broken JSON" in found[6] and "not a JSON object" in found[7]
+    assert "'prompt' is empty" in found[8] and "unknown role" in found[9] and "'robot'" in found[9]
     assert all(str(p).startswith(f"{path}:") for p in prepared.problems)
+    assert prepared.dropped == {"broken JSON": 1, "not a JSON object": 1, "empty text": 1, "unknown role": 1,
+                                "unknown format": 1}
 
 
 def test_no_valid_example_is_a_clear_error(tmp_path, tiny_tokenizer):
@@ -42,6 +121,54 @@ def test_no_valid_example_is_a_clear_error(tmp_path, tiny_tokenizer):
         prepare(DataConfig(train=str(path)), tiny_tokenizer)
 
 
+def test_too_few_valid_records_stop_the_run(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", good() + ['{"broken'] * 5)
+    assert prepare(DataConfig(train=str(path), min_valid_share=0.4, cache=False), tiny_tokenizer)
+    with pytest.raises(UserError, match="only 5 of 10 training records are usable"):
+        prepare(DataConfig(train=str(path), min_valid_share=0.6, cache=False), tiny_tokenizer)
+
+
+def test_duplicates_removed_and_overlap_reported(tmp_path, tiny_tokenizer):
+    rows = good() + [good()[0], {"question": "COLOR of the sky", "answer": "Blue!"}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", [{"prompt": "say HI", "completion": "hi"}, {"prompt": "new", "completion": "n"}])
+    prepared = prepare(DataConfig(train=str(train), validation=str(val), cache=False), tiny_tokenizer)
+    assert prepared.dropped == {"duplicate (exact)": 1, "duplicate (normalised text)": 1}
+    assert [p.line for p in prepared.problems] == [6, 7]
+    assert "of " + str(train) + ":1" in prepared.problems[0].reason
+    assert prepared.overlap["validation"] == [f"{val}:1"]
+    assert len(prepared.splits["train"]) == 5
+
+
+def test_seeded_validation_split_is_reproducible_and_disjoint(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(50)])
+    first = prepare(DataConfig(train=str(path), seed=3, cache=False), tiny_tokenizer)
+    again = prepare(DataConfig(train=str(path), seed=3, cache=False), tiny_tokenizer)
+    other = prepare(DataConfig(train=str(path), seed=4, cache=False), tiny_tokenizer)
+    val = first.splits["validation"].origins
+    assert len(val) == 5 and val == again.splits["validation"].origins != other.splits["validation"].origins
+    assert not set(val) & set(first.splits["train"].origins)
+
+
 def test_missing_file_is_a_user_error(tiny_tokenizer):
     with pytest.raises(UserError, match="data file not found"):
         prepare(DataConfig(train="/no/such/file.jsonl"), tiny_tokenizer)
+
+
+def test_second_prepare_comes_from_the_cache(tmp_path, tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    path = write_jsonl(tmp_path / "d.jsonl", [r for n in range(3) for r in good(n)] + ['{"broken'])
+    first = prepare(DataConfig(train=str(path)), tiny_tokenizer)
+    second = prepare(DataConfig(train=str(path)), str(tiny_tokenizer.name_or_path))  # not even loaded
+    assert not first.cached and second.cached
+    for name in ("train", "validation"):
+        a, b = first.splits[name], second.splits[name]
+        assert [(e.input_ids, e.labels) for e in a.encoded] == [(e.input_ids, e.labels) for e in b.encoded]
+        assert a.conversations == b.conversations and a.origins == b.origins
+    assert [str(p) for p in first.problems] == [str(p) for p in second.problems]
+    # Another setting, or changed data, is another cache entry.
+    assert not prepare(DataConfig(train=str(path), train_on_inputs=True), tiny_tokenizer).cached
+    with open(path, "a") as out:
+        out.write(json.dumps({"prompt": "new", "completion": "one"}) + "\n")
+    changed = prepare(DataConfig(train=str(path)), tiny_tokenizer)
+    assert not changed.cached and all(l == IGNORE or l >= 0 for e in changed.splits["train"].encoded for l in e.labels)

@@ -26,24 +26,43 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str = Field("demo", description="Training data: a .jsonl file, or 'demo' for the built-in support-ticket triage task.")
+    train: str = Field("demo", description="Training data: a .jsonl/.json/.csv/.parquet file, a folder of them, a saved HF dataset folder, a hub data set id, or 'demo' for the built-in support-ticket triage task.")
     validation: str | None = Field(None, description="Validation data; when absent, a seeded share of `train` is held out.")
     test: str | None = Field(None, description="Test data for generation-based evaluation (base vs fine-tuned).")
     validation_share: float = Field(0.1, gt=0, lt=1, description="Share of `train` held out for validation when no file is given.")
-    max_seq_len: int = Field(512, ge=16, description="Longest tokenised example; longer ones are dropped and counted.")
+    max_seq_len: int = Field(512, ge=16, description="Longest tokenised example (and packed row); what happens to longer ones is set by `overlong`.")
     system_prompt: str | None = Field(None, description="System message put in front of every example that has none.")
     demo_size: int = Field(1200, ge=10, description="Number of training tickets generated for the demo task.")
     seed: int = Field(0, description="Seed for splits and the demo data generator.")
+    mix: dict[str, float] = Field(default_factory=dict, description="More training sources mixed into `train`, {source: weight}: weight 2 repeats a source's examples twice, 0.5 keeps a seeded half (`train` has weight 1).")
+    hub_split: str = Field("train", description="Split read from a hub data set id or a saved HF dataset folder.")
+    format: Literal["auto", "messages", "sharegpt", "instruction", "prompt_completion", "question_answer", "text"] = Field(
+        "auto", description="Record format; 'auto' detects it per record from its fields. 'text' = raw text for continued pre-training (chunked to max_seq_len, EOS between documents).")
+    columns: dict[str, str] = Field(default_factory=dict, description="Your column names for the format's fields, {field: column}, e.g. {question: Q, answer: A}.")
+    chat_template: str | None = Field(None, description="Chat template: null = the tokenizer's (a documented fallback when it has none), 'fallback', 'chatml', a Jinja string or a .jinja file. Saved with the trained model.")
+    train_on_inputs: bool = Field(False, description="Put the loss on every token (prompts too), not only on the assistant answers.")
+    overlong: Literal["drop", "truncate", "error"] = Field("drop", description="Examples longer than max_seq_len: 'drop' (counted), 'truncate' (cut at the end; dropped when no answer token is left) or 'error'.")
+    packing: bool = Field(False, description="Pack several training examples into one row of up to max_seq_len tokens; a block-diagonal mask keeps them from attending to each other.")
+    dedup: bool = Field(True, description="Remove exact and normalised-text (case, punctuation, white space) duplicates, counted.")
+    min_valid_share: float = Field(0.0, ge=0, le=1, description="Stop with an error when fewer than this share of the training records are usable.")
+    cache: bool = Field(True, description="Cache the tokenised data under $TUNESMITH_CACHE/data, keyed by file contents, tokenizer and these settings.")
 
 
 class AdapterConfig(_Section):
-    method: Literal["lora", "full"] = Field("lora", description="'lora' trains low-rank adapters (PEFT); 'full' trains every weight.")
+    method: Literal["lora", "dora", "qlora", "full"] = Field(
+        "lora", description="'lora' trains low-rank adapters (PEFT); 'dora' weight-decomposed LoRA; 'qlora' LoRA on a "
+                            "4-bit NF4 base (bitsandbytes, double quantisation); 'full' trains every weight.")
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt; 'all-linear' = every linear layer of the transformer blocks.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter (e.g. lm_head); vLLM rejects such adapters.")
+    freeze_embeddings: bool = Field(False, description="Full fine-tuning: keep the token embeddings (and a tied LM head) frozen.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute.")
 
 
 class TrainConfig(_Section):
@@ -73,6 +92,16 @@ class EvalConfig(_Section):
     compare_base: bool = Field(True, description="Also score the base model on the test split, shown side by side.")
     max_new_tokens: int = Field(96, ge=1, description="Longest generated answer.")
     test_limit: int | None = Field(None, ge=1, description="Score only the first N test examples.")
+    patience: int = Field(0, ge=0, description="Early stopping: stop after this many evaluations in a row without improvement; 0 = off (needs every_steps).")
+    min_delta: float = Field(0.0, ge=0, description="Early stopping: an eval loss must fall by more than this to count as an improvement.")
+    restore_best: bool = Field(True, description="At the end, return the weights of the lowest eval loss when the last step's are worse.")
+    temperature: float = Field(0.0, ge=0, description="Generation temperature; 0 = greedy decoding, above 0 samples with `seed`.")
+    seed: int = Field(0, description="Seed for sampled generation and for the bootstrap intervals.")
+    scorer: str | None = Field(None, description="Your own metric as 'module:function', called as function(prediction, reference) -> float or dict of floats.")
+    kshot: int = Field(0, ge=0, description="Also score the base model prompted with this many training examples (k-shot baseline); 0 = off.")
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Extra metric loggers besides metrics.jsonl (each must be installed): tensorboard, wandb, mlflow.")
+    report: bool = Field(True, description="Write report.html (self-contained, opens offline) and report.json into the run folder.")
 
 
 class OutputConfig(_Section):

@@ -1,31 +1,63 @@
-"""Turn records of the common data formats into chat messages."""
+"""Turn records of the common data formats into chat messages (or raw text documents).
+
+Formats: chat `messages` (role / content), ShareGPT `conversations` (from / value), instruction
+(instruction / input / output), prompt / completion, question / answer, and raw `text` for
+continued pre-training. Each record's format is detected from its keys unless the config names one.
+"""
 from __future__ import annotations
 
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+FORMATS = ("messages", "sharegpt", "instruction", "prompt_completion", "question_answer", "text")
+# The keys each format needs: detection tries them in this order.
+REQUIRED = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "instruction": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "question_answer": ("question", "answer"),
+    "text": ("text",),
+}
 
 
 class FormatError(ValueError):
-    """A record that does not fit its format; the message is the reason shown to the user."""
+    """A record that does not fit its format; `kind` groups the reasons for the counts."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+def rename_columns(record: dict, columns: dict[str, str]) -> dict:
+    """The record with the user's column names mapped to the format's field names ({field: column})."""
+    if not columns:
+        return record
+    record = dict(record)
+    for field, column in columns.items():
+        if column in record:
+            record[field] = record.pop(column)
+    return record
 
 
 def detect_format(record: dict) -> str:
-    if "messages" in record:
-        return "messages"
-    if "conversations" in record:
-        return "sharegpt"
-    if "instruction" in record and "output" in record:
-        return "instruction"
-    if "prompt" in record and "completion" in record:
-        return "prompt_completion"
-    if "question" in record and "answer" in record:
-        return "question_answer"
-    raise FormatError(f"unknown record format (keys: {', '.join(sorted(record)) or 'none'})")
+    for kind, keys in REQUIRED.items():
+        if all(k in record for k in keys):
+            return kind
+    raise FormatError("unknown format", f"no known fields (keys: {', '.join(sorted(record)) or 'none'}); "
+                      "map your columns with data.columns or set data.format")
 
 
-def to_messages(record: dict, system_prompt: str | None = None) -> list[dict]:
-    """Chat messages of one record, validated: known roles, non-empty text, an assistant turn."""
-    kind = detect_format(record)
+def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None) -> tuple[str, list[dict]]:
+    """(format, chat messages) of one record, validated: known roles, non-empty text, an assistant turn.
+
+    A raw-text record becomes one pseudo-message with role 'text'.
+    """
+    kind = detect_format(record) if fmt == "auto" else fmt
+    missing = [k for k in REQUIRED[kind] if k not in record]
+    if missing:
+        raise FormatError("missing field", f"'{missing[0]}' (format {kind})")
+    if kind == "text":
+        return kind, [{"role": "text", "content": _text(record, "text")}]
     if kind == "messages":
         messages = _checked_turns(record["messages"], "messages", "role", "content", {r: r for r in ROLES})
     elif kind == "sharegpt":
@@ -34,43 +66,50 @@ def to_messages(record: dict, system_prompt: str | None = None) -> list[dict]:
         prompt = _text(record, "instruction")
         extra = record.get("input") or ""
         if not isinstance(extra, str):
-            raise FormatError("field 'input' must be text")
+            raise FormatError("wrong type", f"field 'input' must be text, got {type(extra).__name__}")
         messages = [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt},
                     {"role": "assistant", "content": _text(record, "output")}]
-    elif kind == "prompt_completion":
-        messages = [{"role": "user", "content": _text(record, "prompt")},
-                    {"role": "assistant", "content": _text(record, "completion")}]
     else:
-        messages = [{"role": "user", "content": _text(record, "question")},
-                    {"role": "assistant", "content": _text(record, "answer")}]
+        question, answer = REQUIRED[kind]
+        messages = [{"role": "user", "content": _text(record, question)},
+                    {"role": "assistant", "content": _text(record, answer)}]
     if not any(m["role"] == "assistant" for m in messages):
-        raise FormatError("no assistant turn to learn from")
+        raise FormatError("no assistant turn", "nothing to learn from")
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
+    return kind, messages
+
+
+def to_messages(record: dict, system_prompt: str | None = None) -> list[dict]:
+    return to_example(record, "auto", system_prompt)[1]
 
 
 def _text(record: dict, key: str) -> str:
-    value = record.get(key)
+    return _checked_text(record.get(key), f"field '{key}'")
+
+
+def _checked_text(value, where: str) -> str:
+    if value is None:
+        raise FormatError("missing field", f"{where} is missing")
     if not isinstance(value, str):
-        raise FormatError(f"field '{key}' must be text, got {type(value).__name__}")
+        raise FormatError("wrong type", f"{where} must be text, got {type(value).__name__}")
     if not value.strip():
-        raise FormatError(f"field '{key}' is empty")
+        raise FormatError("empty text", f"{where} is empty")
     return value
 
 
 def _checked_turns(turns, field: str, role_key: str, text_key: str, role_map: dict) -> list[dict]:
-    if not isinstance(turns, list) or not turns:
-        raise FormatError(f"'{field}' must be a non-empty list")
+    if not isinstance(turns, list):
+        raise FormatError("wrong type", f"'{field}' must be a list, got {type(turns).__name__}")
+    if not turns:
+        raise FormatError("empty text", f"'{field}' is an empty list")
     out = []
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise FormatError(f"{field}[{index}] is not an object")
+            raise FormatError("wrong type", f"{field}[{index}] is not an object")
         role = turn.get(role_key)
         if role not in role_map:
-            raise FormatError(f"{field}[{index}]: unknown role {role!r}")
-        content = turn.get(text_key)
-        if not isinstance(content, str) or not content.strip():
-            raise FormatError(f"{field}[{index}]: empty or missing '{text_key}'")
+            raise FormatError("unknown role", f"{field}[{index}]: {role!r}")
+        content = _checked_text(turn.get(text_key), f"{field}[{index}].{text_key}")
         out.append({"role": role_map[role], "content": content})
     return out

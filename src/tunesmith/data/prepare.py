@@ -1,4 +1,9 @@
-"""From the data config to tokenised train / validation / test splits, with a summary of what was done."""
+"""From the data config to tokenised train / validation / test splits, with a summary of what was done.
+
+read (file, line) -> validate (format, roles, text) -> deduplicate -> split (seeded) -> mix by
+weight -> tokenise (one batch) -> length policy. Every record left out is a Problem with file,
+line and reason; the whole result is cached (see cache.py).
+"""
 from __future__ import annotations
 
 import json
@@ -9,9 +14,13 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import UserError
-from .formats import FormatError, to_messages
-from .sources import Problem, read_records
-from .tokenize import Encoded, encode
+from . import cache
+from .formats import FormatError, rename_columns, to_example
+from .sources import Problem, check_source, is_hub_id, read_records, source_files
+from .tokenize import IGNORE, Encoded, TemplateError, encode_many, encode_text, use_template
+from .validate import deduplicate, drop_report, overlap
+
+SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -19,6 +28,7 @@ class Split:
     name: str
     conversations: list[list[dict]] = field(default_factory=list)
     encoded: list[Encoded] = field(default_factory=list)
+    origins: list[tuple[str, int]] = field(default_factory=list)  # (file, line) of each example
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -33,6 +43,12 @@ class Prepared:
     splits: dict[str, Split]
     problems: list[Problem]
     dropped: Counter
+    formats: Counter = field(default_factory=Counter)
+    records: int = 0  # training records read
+    template: str = ""
+    overlap: dict[str, list[str]] = field(default_factory=dict)  # split -> 'file:line' also in train
+    truncated: int = 0
+    cached: bool = False
 
     def summary(self) -> dict:
         return {
@@ -41,68 +57,244 @@ class Prepared:
             "label_tokens": {name: sum(e.label_count for e in s.encoded) for name, s in self.splits.items()},
             "dropped": dict(self.dropped),
             "first_problems": [str(p) for p in self.problems[:5]],
+            "formats": dict(self.formats),
+            "template": self.template,
+            "truncated": self.truncated,
+            "overlap_with_train": {name: len(lines) for name, lines in self.overlap.items()},
         }
 
+    def drop_report(self) -> dict[str, dict]:
+        return drop_report(self.problems)
 
-def load_conversations(path: str, system_prompt: str | None) -> tuple[list[list[dict]], list[Problem]]:
-    records = read_records(path)
-    conversations, problems = [], list(records.problems)
-    for line, record in records.rows:
-        try:
-            conversations.append(to_messages(record, system_prompt))
-        except FormatError as err:
-            problems.append(Problem(str(path), line, str(err)))
+
+def load_conversations(path: str, system_prompt: str | None, fmt: str = "auto", columns: dict | None = None,
+                       hub_split: str = "train") -> tuple[list[list[dict]], list[Problem]]:
+    """Chat messages of every valid record of a source, and a Problem for each invalid one."""
+    conversations, _, _, problems = _read_source(path, system_prompt, fmt, columns or {}, hub_split)
     return conversations, problems
 
 
+def _read_source(path, system_prompt, fmt, columns, hub_split):
+    records = read_records(path, hub_split)
+    conversations, origins, formats, problems = [], [], Counter(), list(records.problems)
+    for file, line, record in records.rows:
+        try:
+            kind, messages = to_example(rename_columns(record, columns), fmt, system_prompt)
+        except FormatError as err:
+            problems.append(Problem(file, line, str(err), err.kind))
+            continue
+        conversations.append(messages)
+        origins.append((file, line))
+        formats[kind] += 1
+    return conversations, origins, formats, problems
+
+
 def prepare(cfg: DataConfig, tokenizer, out_dir: Path | None = None) -> Prepared:
-    """Read, validate, split and tokenise the data; the demo task is generated here."""
+    """Read, validate, split and tokenise the data; the demo task is generated here.
+
+    `tokenizer` is a loaded tokenizer, or a model spec that is loaded only when the cache misses.
+    """
+    sources = {name: getattr(cfg, name) for name in SPLITS if getattr(cfg, name)}
+    sources.update({f"mix:{spec}": spec for spec in cfg.mix})
+    key = _cache_key(cfg, sources, tokenizer)
+    if key:
+        hit = cache.load(key)
+        if hit:
+            if not isinstance(tokenizer, str):
+                use_template(tokenizer, cfg.chat_template)
+            return _from_cache(*hit)
+    if isinstance(tokenizer, str):
+        from ..models import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    template = use_template(tokenizer, cfg.chat_template)
+    prepared = _prepare(cfg, tokenizer, out_dir)
+    prepared.template = template
+    if key:
+        cache.store(key, *_to_cache(prepared, tokenizer))
+    return prepared
+
+
+def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
     problems: list[Problem] = []
+    formats: Counter = Counter()
+    raw: dict[str, tuple[list, list]] = {}  # split -> (conversations, origins)
+    weights: list[float] = []  # per training example
+    held_out = False
     if cfg.train == "demo":
         from .demo import make_splits
 
-        raw = {name: [r["messages"] for r in rows] for name, rows in make_splits(cfg.demo_size, cfg.seed).items()}
+        for name, rows in make_splits(cfg.demo_size, cfg.seed).items():
+            raw[name] = ([r["messages"] for r in rows], [(f"demo:{name}", i) for i in range(1, len(rows) + 1)])
+        formats["messages"] = len(raw["train"][0])
         if out_dir is not None:
-            write_demo_files(raw, out_dir)
+            write_demo_files({name: conversations for name, (conversations, _) in raw.items()}, out_dir)
+        weights = [1.0] * len(raw["train"][0])
     else:
-        raw = {}
-        for name in ("train", "validation", "test"):
-            path = getattr(cfg, name)
-            if path:
-                raw[name], found = load_conversations(path, cfg.system_prompt)
-                problems += found
-        if not raw["train"]:
+        seen: dict = {}
+        for name, spec in [("train", cfg.train), *[(f"mix:{s}", s) for s in cfg.mix],
+                           *[(n, getattr(cfg, n)) for n in ("validation", "test") if getattr(cfg, n)]]:
+            conversations, origins, found_formats, found = _read_source(spec, cfg.system_prompt, cfg.format,
+                                                                        cfg.columns, cfg.hub_split)
+            problems += found
+            formats += found_formats
+            if cfg.dedup:
+                # Duplicates are found within the training sources, and within each eval source.
+                keep, duplicates, _ = deduplicate(conversations, origins, seen if name == "train" or name.startswith("mix:") else {})
+                problems += duplicates
+                conversations, origins = [conversations[i] for i in keep], [origins[i] for i in keep]
+            target = "train" if name.startswith("mix:") else name
+            before = raw.get(target, ([], []))
+            raw[target] = (before[0] + conversations, before[1] + origins)
+            if target == "train":
+                weights += [cfg.mix.get(spec, 1.0) if name != "train" else 1.0] * len(conversations)
+        read = len(raw["train"][0]) + sum(1 for p in problems if not p.kind.startswith("duplicate"))
+        if not raw["train"][0]:
             first = f" First problem: {problems[0]}" if problems else ""
             raise UserError(f"{cfg.train}: no usable training examples ({len(problems)} problems).{first}")
         if "validation" not in raw:
-            rng = random.Random(cfg.seed)
-            order = list(range(len(raw["train"])))
-            rng.shuffle(order)
-            cut = max(1, int(len(order) * cfg.validation_share)) if len(order) > 1 else 0
-            raw["validation"] = [raw["train"][i] for i in order[:cut]]
-            raw["train"] = [raw["train"][i] for i in order[cut:]]
-    dropped: Counter = Counter(p.reason.split(" (")[0] for p in problems)
-    splits = {}
-    for name, conversations in raw.items():
-        split = Split(name)
-        for messages in conversations:
-            try:
-                encoded = encode(tokenizer, messages)
-            except ValueError as err:
-                dropped[f"template: {err}"] += 1
-                continue
-            if len(encoded.input_ids) > cfg.max_seq_len:
-                dropped["longer than max_seq_len"] += 1
-                continue
-            if encoded.label_count == 0:
-                dropped["no answer tokens"] += 1
-                continue
-            split.conversations.append(messages)
-            split.encoded.append(encoded)
-        splits[name] = split
-    if not splits["train"]:
-        raise UserError(f"{cfg.train}: every training example was dropped ({dict(dropped)})")
-    return Prepared(splits, problems, dropped)
+            raw["train"], raw["validation"], weights = _hold_out(raw["train"], weights, cfg)
+            held_out = True
+    raw["train"] = _mix(raw["train"], weights, cfg.seed)
+    prepared = Prepared({}, problems, Counter(), formats)
+    prepared.records = len(raw["train"][0]) if cfg.train == "demo" else read
+    for name, (conversations, origins) in raw.items():
+        prepared.splits[name] = _encode_split(name, conversations, origins, tokenizer, cfg, prepared)
+    train = prepared.splits["train"]
+    for name in ("validation", "test"):
+        if name in prepared.splits and cfg.train != "demo":
+            prepared.overlap[name] = overlap(train.conversations, prepared.splits[name].conversations,
+                                             prepared.splits[name].origins)
+    prepared.dropped = Counter(p.kind for p in prepared.problems)
+    if not train:
+        raise UserError(f"{cfg.train}: every training example was dropped ({dict(prepared.dropped)})")
+    # Records that survived every check, counting those held out for validation.
+    usable = len(set(train.origins)) + (len(set(prepared.splits["validation"].origins)) if held_out else 0)
+    if cfg.min_valid_share and usable < cfg.min_valid_share * max(1, prepared.records):
+        raise UserError(f"{cfg.train}: only {usable} of {prepared.records} training records are usable, fewer than "
+                        f"data.min_valid_share={cfg.min_valid_share}; first problem: {prepared.problems[0]}")
+    return prepared
+
+
+def _hold_out(train, weights, cfg):
+    """A seeded validation share of the (deduplicated) training examples."""
+    conversations, origins = train
+    order = list(range(len(conversations)))
+    random.Random(cfg.seed).shuffle(order)
+    cut = max(1, int(len(order) * cfg.validation_share)) if len(order) > 1 else 0
+    held, kept = sorted(order[:cut]), sorted(order[cut:])
+    pick = lambda idx: ([conversations[i] for i in idx], [origins[i] for i in idx])  # noqa: E731
+    return pick(kept), pick(held), [weights[i] for i in kept]
+
+
+def _mix(train, weights, seed):
+    """Weight w: each example is kept int(w) times, plus once more with probability w - int(w) (seeded)."""
+    if all(w == 1.0 for w in weights):
+        return train
+    rng = random.Random(seed + 1)
+    conversations, origins = [], []
+    for messages, origin, weight in zip(*train, weights):
+        copies = int(weight) + (rng.random() < weight - int(weight))
+        conversations += [messages] * copies
+        origins += [origin] * copies
+    return conversations, origins
+
+
+def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prepared: Prepared) -> Split:
+    split = Split(name)
+    chats = [i for i, m in enumerate(conversations) if m[0]["role"] != "text"]
+    texts = [i for i, m in enumerate(conversations) if m[0]["role"] == "text"]
+    for index, result in zip(chats, encode_many(tokenizer, [conversations[i] for i in chats], cfg.train_on_inputs)):
+        file, line = origins[index]
+        if isinstance(result, TemplateError):
+            prepared.problems.append(Problem(file, line, f"template: {result}", "template refused"))
+            continue
+        result = _length_policy(result, cfg, file, line, prepared)
+        if result is not None:
+            split.conversations.append(conversations[index])
+            split.encoded.append(result)
+            split.origins.append((file, line))
+    if texts:
+        for row in encode_text(tokenizer, [conversations[i][0]["content"] for i in texts], cfg.max_seq_len):
+            split.conversations.append([{"role": "text", "content": tokenizer.decode(row.input_ids)}])
+            split.encoded.append(row)
+            split.origins.append(origins[texts[0]])
+    return split
+
+
+def _length_policy(encoded: Encoded, cfg: DataConfig, file: str, line: int, prepared: Prepared) -> Encoded | None:
+    """Drop, truncate or refuse an over-long example; drop one with no answer token left."""
+    length = len(encoded.input_ids)
+    if length > cfg.max_seq_len:
+        if cfg.overlong == "error":
+            raise UserError(f"{file}:{line}: example has {length} tokens, more than data.max_seq_len={cfg.max_seq_len} "
+                            "(set data.overlong to 'drop' or 'truncate')")
+        if cfg.overlong == "drop":
+            prepared.problems.append(Problem(file, line, f"longer than max_seq_len ({length} > {cfg.max_seq_len} tokens)"))
+            return None
+        encoded = Encoded(encoded.input_ids[: cfg.max_seq_len], encoded.labels[: cfg.max_seq_len])
+        if encoded.label_count == 0:
+            prepared.problems.append(Problem(file, line, f"answer cut away by truncation ({length} tokens)"))
+            return None
+        prepared.truncated += 1
+    if encoded.label_count == 0:
+        prepared.problems.append(Problem(file, line, "no answer tokens"))
+        return None
+    return encoded
+
+
+def _cache_key(cfg: DataConfig, sources: dict, tokenizer) -> str | None:
+    if not cfg.cache or cfg.train == "demo" or any(is_hub_id(s) for s in sources.values()):
+        return None
+    for name, spec in sources.items():
+        check_source(spec, f"data.{name}")
+    files = [f for spec in sources.values() for f in source_files(spec)]
+    spec = tokenizer if isinstance(tokenizer, str) else _tokenizer_spec(tokenizer)
+    settings = cfg.model_dump(mode="json", exclude={"cache"})
+    return cache.data_key(settings, files, spec)
+
+
+def _tokenizer_spec(tokenizer) -> str:
+    """A loaded tokenizer: its folder (checked by file stamps), or a hash of its whole vocabulary."""
+    folder = getattr(tokenizer, "name_or_path", "")
+    if folder and Path(folder).is_dir():
+        return str(Path(folder).resolve())
+    import hashlib
+
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def _to_cache(prepared: Prepared, tokenizer) -> tuple[dict, dict]:
+    import numpy as np
+
+    meta = {
+        "tokenizer_stamps": cache.tokenizer_stamps(getattr(tokenizer, "name_or_path", None)),
+        "problems": [[p.file, p.line, p.reason, p.kind] for p in prepared.problems],
+        "formats": dict(prepared.formats), "records": prepared.records, "template": prepared.template,
+        "overlap": prepared.overlap, "truncated": prepared.truncated,
+        "splits": {name: {"conversations": s.conversations, "origins": s.origins} for name, s in prepared.splits.items()},
+    }
+    arrays = {}
+    for name, split in prepared.splits.items():
+        arrays[f"{name}.ids"] = np.array([t for e in split.encoded for t in e.input_ids], dtype=np.int32)
+        arrays[f"{name}.labels"] = np.array([t for e in split.encoded for t in e.labels], dtype=np.int32)
+        arrays[f"{name}.lengths"] = np.array([len(e.input_ids) for e in split.encoded], dtype=np.int64)
+    return meta, arrays
+
+
+def _from_cache(meta: dict, arrays: dict) -> Prepared:
+    import numpy as np
+
+    problems = [Problem(*p) for p in meta["problems"]]
+    prepared = Prepared({}, problems, Counter(p.kind for p in problems), Counter(meta["formats"]), meta["records"],
+                        meta["template"], meta["overlap"], meta["truncated"], cached=True)
+    for name, stored in meta["splits"].items():
+        ids, labels = arrays[f"{name}.ids"].tolist(), arrays[f"{name}.labels"].tolist()
+        ends = np.cumsum(arrays[f"{name}.lengths"]).tolist()
+        starts = [0] + ends[:-1]
+        encoded = [Encoded(ids[a:b], labels[a:b]) for a, b in zip(starts, ends)]
+        prepared.splits[name] = Split(name, stored["conversations"], encoded, [tuple(o) for o in stored["origins"]])
+    return prepared
 
 
 def write_demo_files(raw: dict[str, list[list[dict]]], out_dir: Path) -> None:
@@ -113,3 +305,6 @@ def write_demo_files(raw: dict[str, list[list[dict]]], out_dir: Path) -> None:
         with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as out:
             for messages in conversations:
                 out.write(json.dumps({"messages": messages}) + "\n")
+
+
+__all__ = ["IGNORE", "Prepared", "Split", "load_conversations", "prepare", "write_demo_files"]

@@ -1,20 +1,32 @@
-"""Read training records from files, keeping the line number of each for error messages."""
+"""Read training records from files, keeping the file and line of each for error messages.
+
+Sources: .jsonl, .json, .csv, .parquet, a folder of such files, a Hugging Face dataset folder
+saved with `save_to_disk`, or a hub data set id (`datasets.load_dataset`).
+"""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+HUB_ID = re.compile(r"^(hf:)?[\w.-]+/[\w.-]+$")
+
 
 @dataclass
 class Problem:
-    """One record that could not be used, and why."""
+    """One record that could not be used, and why; `kind` groups reasons for the counts."""
 
     file: str
     line: int
     reason: str
+    kind: str = ""
+
+    def __post_init__(self):
+        self.kind = self.kind or self.reason.split(" (")[0].split(":")[0]
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.reason}"
@@ -22,28 +34,57 @@ class Problem:
 
 @dataclass
 class Records:
-    rows: list[tuple[int, dict]] = field(default_factory=list)  # (line, record)
+    rows: list[tuple[str, int, dict]] = field(default_factory=list)  # (file, line, record)
     problems: list[Problem] = field(default_factory=list)
 
 
-def read_records(path: str | Path) -> Records:
-    """Records of a .jsonl, .json or .csv file; unreadable lines become Problems, not crashes."""
-    path = Path(path)
+def is_hub_id(spec: str) -> bool:
+    return not Path(spec).expanduser().exists() and bool(HUB_ID.match(spec)) and Path(spec).suffix not in SUFFIXES
+
+
+def source_files(spec: str) -> list[Path]:
+    """The local files behind a source (for fingerprints); empty for a hub id."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [path] if path.exists() else []
+
+
+def check_source(spec: str, what: str = "data") -> None:
+    """Fail early, before anything slow is loaded, when a source does not exist."""
+    if not is_hub_id(spec) and not Path(spec).expanduser().exists():
+        raise UserError(f"{spec}: data file not found ({what})")
+
+
+def read_records(spec: str | Path, hub_split: str = "train") -> Records:
+    """Records of a data source; unreadable lines become Problems, not crashes."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if is_hub_id(spec):
+        return _read_hub(spec.removeprefix("hf:"), hub_split)
     if not path.exists():
         raise UserError(f"{path}: data file not found")
     if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a data file (.jsonl, .json, .csv)")
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return _read_saved_dataset(path, hub_split)
+        files = [p for p in sorted(path.iterdir()) if p.suffix.lower() in SUFFIXES]
+        if not files:
+            raise UserError(f"{path}: folder holds no data files ({', '.join(SUFFIXES)}) and no saved dataset")
+        out = Records()
+        for file in files:
+            part = read_records(file)
+            out.rows += part.rows
+            out.problems += part.problems
+        return out
     suffix = path.suffix.lower()
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise UserError(f"{path}: unsupported data file type '{suffix}' (use {', '.join(SUFFIXES)}, "
+                        "a folder of them, a saved dataset folder or a hub data set id)")
     try:
-        if suffix == ".jsonl":
-            return _read_jsonl(path)
-        if suffix == ".json":
-            return _read_json(path)
-        if suffix == ".csv":
-            return _read_csv(path)
+        return readers[suffix](path)
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    raise UserError(f"{path}: unsupported data file type '{suffix}' (use .jsonl, .json or .csv)")
 
 
 def _read_jsonl(path: Path) -> Records:
@@ -58,28 +99,46 @@ def _read_jsonl(path: Path) -> Records:
                 out.problems.append(Problem(str(path), number, f"broken JSON ({err.msg} at column {err.colno})"))
                 continue
             if not isinstance(record, dict):
-                out.problems.append(Problem(str(path), number, f"expected a JSON object, got {type(record).__name__}"))
+                out.problems.append(Problem(str(path), number, f"not a JSON object (got {type(record).__name__})"))
                 continue
-            out.rows.append((number, record))
+            out.rows.append((str(path), number, record))
     return out
 
 
 def _read_json(path: Path) -> Records:
+    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: broken JSON ({err.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON list of records")
+        raise UserError(f"{path}:1: expected a JSON list of records (or {{\"data\": [...]}})")
     out = Records()
-    for index, record in enumerate(data, 1):
+    lines = _record_lines(text, len(data))
+    for index, record in enumerate(data):
+        line = lines[index] if index < len(lines) else index + 1
         if isinstance(record, dict):
-            out.rows.append((index, record))
+            out.rows.append((str(path), line, record))
         else:
-            out.problems.append(Problem(str(path), index, f"record {index} is not a JSON object"))
+            out.problems.append(Problem(str(path), line, f"not a JSON object (record {index + 1} is {type(record).__name__})"))
     return out
+
+
+def _record_lines(text: str, count: int) -> list[int]:
+    """Best-effort line number of each top-level record of a JSON list, for messages."""
+    decoder = json.JSONDecoder()
+    start = text.find("[", text.find('"data"') if text.lstrip().startswith("{") else 0)
+    lines, position = [], start + 1
+    while len(lines) < count:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        if position >= len(text) or text[position] == "]":
+            break
+        lines.append(text.count("\n", 0, position) + 1)
+        position = decoder.raw_decode(text, position)[1]
+    return lines
 
 
 def _read_csv(path: Path) -> Records:
@@ -89,5 +148,48 @@ def _read_csv(path: Path) -> Records:
     with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         for row in reader:
-            out.rows.append((reader.line_num, dict(row)))
+            if None in row:  # more cells than header columns
+                out.problems.append(Problem(str(path), reader.line_num, "malformed CSV row (more cells than columns)"))
+                continue
+            out.rows.append((str(path), reader.line_num, dict(row)))
     return out
+
+
+def _read_parquet(path: Path) -> Records:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading parquet needs pyarrow (pip install 'tunesmith[data]')") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
+    return Records(rows=[(str(path), index, row) for index, row in enumerate(rows, 1)])
+
+
+def _dataset_rows(dataset, name: str) -> Records:
+    return Records(rows=[(name, index, dict(row)) for index, row in enumerate(dataset, 1)])
+
+
+def _read_saved_dataset(path: Path, split: str) -> Records:
+    from datasets import DatasetDict, load_from_disk
+
+    dataset = load_from_disk(str(path))
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise UserError(f"{path}: saved dataset has no split '{split}' (has {', '.join(dataset)}); set data.hub_split")
+        dataset = dataset[split]
+    return _dataset_rows(dataset, str(path))
+
+
+def _read_hub(name: str, split: str) -> Records:
+    """A data set from the Hugging Face hub (or its local cache)."""
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise UserError(f"{name}: hub data sets need the 'datasets' package (pip install 'tunesmith[data]')") from None
+    try:
+        dataset = load_dataset(name, split=split)
+    except Exception as err:  # network, missing data set or split: all end as one user-facing line
+        raise UserError(f"{name}: cannot load hub data set ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    return _dataset_rows(dataset, name)

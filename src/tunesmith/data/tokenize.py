@@ -1,64 +1,170 @@
 """Chat messages -> token ids and labels, with the loss on assistant turns only.
 
-The whole conversation is rendered once with the tokenizer's chat template and tokenised once;
-character offsets then say which tokens belong to an assistant answer. Each answer's labels
-run up to and including its end-of-turn token, so the model learns to stop, also where the pad
-token equals the EOS token (labels, not the attention mask, decide what is learned).
+A conversation is rendered with the chat template and cut, by characters, into alternating
+prompt and answer pieces: the prompt before each answer is exactly what the template renders
+with `add_generation_prompt=True` (so inference sees the same tokens as training), and each
+answer runs up to and including its end-of-turn token, so the model learns to stop, also where
+the pad token equals the EOS token (labels, not the attention mask, decide what is learned).
+All pieces of a data set are tokenised in one batch call of the fast tokenizer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
 
 IGNORE = -100
+
+# For base models that ship no chat template. Plain-text headers (no special tokens the
+# vocabulary may lack); each answer ends with the EOS token, so the model learns to stop.
+FALLBACK_TEMPLATE = (
+    "{%- if bos_token %}{{ bos_token }}{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{%- elif message['role'] == 'user' %}{{ '### User:\n' + message['content'] + '\n\n' }}"
+    "{%- else %}{{ '### Assistant:\n' + message['content'] + eos_token + '\n\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '### Assistant:\n' }}{%- endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"fallback": FALLBACK_TEMPLATE, "chatml": CHATML_TEMPLATE}
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    parts: list[int] | None = None  # lengths of the examples packed into this row; None = one example
 
     @property
     def label_count(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
 
 
+class TemplateError(ValueError):
+    """The chat template cannot render a conversation (e.g. roles that must alternate)."""
+
+
+def use_template(tokenizer, setting: str | None) -> str:
+    """Set the tokenizer's chat template from the config and say where it came from.
+
+    It is set on the tokenizer object so that the tokenizer saved with the trained model
+    carries exactly the template the training data was rendered with.
+    """
+    if setting is None:
+        if getattr(tokenizer, "chat_template", None):
+            return "tokenizer"
+        tokenizer.chat_template = FALLBACK_TEMPLATE
+        return "fallback (the tokenizer has none)"
+    if setting in NAMED_TEMPLATES:
+        tokenizer.chat_template = NAMED_TEMPLATES[setting]
+        return setting
+    if "{{" in setting or "{%" in setting:
+        tokenizer.chat_template = setting
+        return "config (inline)"
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        raise UserError(f"data.chat_template: '{setting}' is neither a template name "
+                        f"({', '.join(NAMED_TEMPLATES)}), a Jinja template, nor a file")
+    tokenizer.chat_template = path.read_text(encoding="utf-8")
+    return str(path)
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError as JinjaError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        # A tokenizer without a template (a base model used as is) renders with the documented fallback.
+        template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
+        rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
+                                            add_generation_prompt=add_generation_prompt,
+                                            **tokenizer.special_tokens_map)
+    except JinjaError as err:
+        raise TemplateError(f"chat template refused the conversation ({err})") from None
+    return rendered[0]
 
 
-def answer_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """Full rendered text and the character span of every assistant answer (with its end-of-turn)."""
+def cut_points(tokenizer, messages: list[dict], train_on_inputs: bool = False) -> tuple[str, list[int]]:
+    """Rendered text and the character cuts [0, answer1 start, answer1 end, answer2 start, ..., len].
+
+    Pieces between cuts alternate: prompt (no loss), answer (loss), prompt, ...
+    """
     text = render(tokenizer, messages)
+    if train_on_inputs:
+        return text, [0, 0, len(text)]
     eot = tokenizer.eos_token or ""
-    spans = []
+    cuts = [0]
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:index], add_generation_prompt=True)
-        if not text.startswith(prompt):
-            raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
-        start, turn_end = len(prompt), len(render(tokenizer, messages[: index + 1]))
+        prompt = render(tokenizer, messages[:index], add_generation_prompt=True) if index else ""
+        turn = text if index == len(messages) - 1 else render(tokenizer, messages[: index + 1])
+        if not (text.startswith(prompt) and text.startswith(turn) and len(prompt) >= cuts[-1]):
+            raise TemplateError("the chat template does not render a conversation as a prefix of its continuation")
+        start, turn_end = len(prompt), len(turn)
         stop = text.rfind(eot, start, turn_end) if eot else -1
-        end = stop + len(eot) if stop >= 0 else turn_end
-        spans.append((start, end))
-    return text, spans
+        cuts += [start, stop + len(eot) if stop >= 0 else turn_end]
+    return text, cuts + [len(text)]
+
+
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts, without added special tokens, in one batch of the fast tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def encode_many(tokenizer, conversations: list[list[dict]], train_on_inputs: bool = False) -> list[Encoded | TemplateError]:
+    """Encoded examples (or the TemplateError of each conversation the template refuses)."""
+    pieces: list[str] = []
+    plans: list[list[int] | TemplateError] = []  # per conversation: the piece indices, or its error
+    for messages in conversations:
+        try:
+            text, cuts = cut_points(tokenizer, messages, train_on_inputs)
+        except TemplateError as err:
+            plans.append(err)
+            continue
+        plans.append(list(range(len(pieces), len(pieces) + len(cuts) - 1)))
+        pieces += [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    ids = token_ids(tokenizer, pieces)
+    out: list[Encoded | TemplateError] = []
+    for plan in plans:
+        if isinstance(plan, TemplateError):
+            out.append(plan)
+            continue
+        input_ids, labels = [], []
+        for order, piece in enumerate(plan):
+            input_ids += ids[piece]
+            labels += ids[piece] if order % 2 else [IGNORE] * len(ids[piece])
+        out.append(Encoded(input_ids, labels))
+    return out
 
 
 def encode(tokenizer, messages: list[dict], train_on_inputs: bool = False) -> Encoded:
-    text, spans = answer_spans(tokenizer, messages)
-    tokens = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = tokens["input_ids"]
-    if train_on_inputs:
-        return Encoded(ids, list(ids))
-    labels = [IGNORE] * len(ids)
-    for i, (begin, end) in enumerate(tokens["offset_mapping"]):
-        if any(start <= begin < stop for start, stop in spans) and end > begin:
-            labels[i] = ids[i]
-    return Encoded(ids, labels)
+    result = encode_many(tokenizer, [messages], train_on_inputs)[0]
+    if isinstance(result, TemplateError):
+        raise result
+    return result
+
+
+def encode_text(tokenizer, documents: list[str], max_seq_len: int) -> list[Encoded]:
+    """Raw text for continued pre-training: documents joined with EOS, cut into max_seq_len rows."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for ids in token_ids(tokenizer, documents):
+        stream += ids + eos
+    rows = [stream[i:i + max_seq_len] for i in range(0, len(stream), max_seq_len)]
+    return [Encoded(row, list(row)) for row in rows if len(row) > 1]
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a prompt for generation: the messages before the last answer, plus the generation prompt."""
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    return tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    return token_ids(tokenizer, [render(tokenizer, messages, add_generation_prompt=True)])[0]

@@ -1,0 +1,114 @@
+"""A cache of prepared (tokenised) data, so a second run or data check starts at once.
+
+The key is a hash of the data files' contents, the data settings and the tokenizer spec; an
+entry also records the size and modification time of the tokenizer's files and is used only
+while they are unchanged. Checking an entry needs neither torch nor transformers. Entries are
+plain JSON and NumPy arrays (no pickle), written to a temporary folder and renamed when whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def cache_root() -> Path:
+    # Same variable as the model cache (tunesmith.models.default); read here without importing torch.
+    return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith")).expanduser() / "data"
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_key(settings: dict, files: list[Path], tokenizer_spec: str) -> str:
+    parts = {"version": FORMAT_VERSION, "settings": settings, "tokenizer": tokenizer_spec,
+             "files": [[str(f.resolve()), file_digest(f)] for f in files]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def tokenizer_stamps(folder: str | None) -> dict[str, list[int]]:
+    """Size and mtime of the tokenizer's files: a changed tokenizer invalidates the entries made with it."""
+    if not folder or not Path(folder).is_dir():
+        return {}
+    stamps = {}
+    for name in TOKENIZER_FILES:
+        path = Path(folder) / name
+        if path.exists():
+            stat = path.stat()
+            stamps[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def _still_valid(stamps: dict[str, list[int]]) -> bool:
+    for path, (size, mtime) in stamps.items():
+        try:
+            stat = Path(path).stat()
+        except OSError:
+            return False
+        if [stat.st_size, stat.st_mtime_ns] != [size, mtime]:
+            return False
+    return True
+
+
+def load(key: str) -> tuple[dict, dict] | None:
+    """(meta, arrays) of a usable entry, else None."""
+    import numpy as np
+
+    folder = cache_root() / key
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if not _still_valid(meta.get("tokenizer_stamps", {})):
+            return None
+        with np.load(folder / "tokens.npz") as arrays:
+            return meta, {name: arrays[name] for name in arrays.files}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def store(key: str, meta: dict, arrays: dict, extra_files: dict[str, Path] | None = None) -> Path | None:
+    """Write an entry; a cache that cannot be written (read-only, full disk) only costs speed."""
+    import numpy as np
+
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        np.savez(tmp / "tokens.npz", **arrays)
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, tmp / name)
+        final = root / key
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+    except OSError:
+        shutil.rmtree(locals().get("tmp", root / ".none"), ignore_errors=True)
+        return None
+
+
+def entry_file(key: str, name: str) -> Path | None:
+    path = cache_root() / key / name
+    return path if path.exists() else None
+
+
+def add_file(key: str, name: str, source: Path) -> None:
+    """Put a derived file (e.g. the length histogram) beside an entry."""
+    folder = cache_root() / key
+    if folder.is_dir():
+        try:
+            shutil.copyfile(source, folder / name)
+        except OSError:
+            pass

@@ -1,0 +1,54 @@
+"""Checks across examples: duplicates (exact and normalised text), train/eval overlap, drop reports."""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+
+from .sources import Problem
+
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def exact_key(messages: list[dict]) -> str:
+    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+
+
+def normalised_key(messages: list[dict]) -> str:
+    """Case, punctuation and white space do not make two examples different."""
+    return "\x1f".join(_NON_WORD.sub(" ", m["content"].lower()).strip() for m in messages)
+
+
+def deduplicate(conversations: list[list[dict]], origins: list[tuple[str, int]], seen: dict | None = None
+                ) -> tuple[list[int], list[Problem], Counter]:
+    """Indices to keep (first occurrence wins), a Problem per removed duplicate, and counts by kind."""
+    seen_exact, seen_norm = (seen or {}).setdefault("exact", {}), (seen or {}).setdefault("normalised", {})
+    keep, problems, counts = [], [], Counter()
+    for index, messages in enumerate(conversations):
+        exact, norm = exact_key(messages), normalised_key(messages)
+        first = seen_exact.get(exact)
+        kind = "duplicate (exact)" if first else "duplicate (normalised text)" if norm in seen_norm else None
+        if kind:
+            first = first or seen_norm[norm]
+            file, line = origins[index]
+            problems.append(Problem(file, line, f"{kind} of {first[0]}:{first[1]}", kind))
+            counts[kind] += 1
+            continue
+        seen_exact[exact] = seen_norm[norm] = origins[index]
+        keep.append(index)
+    return keep, problems, counts
+
+
+def overlap(train: list[list[dict]], other: list[list[dict]], origins: list[tuple[str, int]]) -> list[str]:
+    """'file:line' of each example of `other` whose normalised text is also in train."""
+    known = {normalised_key(m) for m in train}
+    return [f"{f}:{l}" for m, (f, l) in zip(other, origins) if normalised_key(m) in known]
+
+
+def drop_report(problems: list[Problem], first: int = 3) -> dict[str, dict]:
+    """{kind: {count, first: ['file:line', ...]}}, most frequent first."""
+    grouped: dict[str, list[Problem]] = defaultdict(list)
+    for problem in problems:
+        grouped[problem.kind].append(problem)
+    ordered = sorted(grouped.items(), key=lambda item: -len(item[1]))
+    return {kind: {"count": len(items), "first": [f"{p.file}:{p.line}" for p in items[:first]]} for kind, items in ordered}
