@@ -1,4 +1,8 @@
-"""Batches: similar lengths together (little padding), padded on the right."""
+"""Batches: similar lengths together (little padding), padded on the right.
+
+A batch of packed rows (see packing.py) also gets restarted position ids and a 4D
+block-diagonal causal mask (True = may attend), so packed examples stay isolated.
+"""
 from __future__ import annotations
 
 import random
@@ -36,4 +40,28 @@ def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if any(e.parts for e in examples):
+        batch["position_ids"], batch["attention_mask"] = packed_positions_and_mask(examples, width)
+    return batch
+
+
+def packed_positions_and_mask(examples: list[Encoded], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids that restart at each example, and a (batch, 1, width, width) block-diagonal causal mask.
+
+    The padding at the end of a row is one more block, so every query attends to at least itself
+    (an all-masked row would make SDPA return NaN, which would then leak into the gradients).
+    """
+    segment = torch.empty((len(examples), width), dtype=torch.long)
+    positions = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        parts = list(example.parts or [len(example.input_ids)])
+        parts.append(width - sum(parts))
+        start = 0
+        for number, size in enumerate(parts):
+            segment[row, start:start + size] = number
+            positions[row, start:start + size] = torch.arange(size)
+            start += size
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]
+    return positions, (same & causal)[:, None]

@@ -15,8 +15,11 @@ import torch
 from ..config import Config, result_keys
 from ..data.collate import collate, length_grouped_batches
 from ..data.prepare import Split
+from ..data.tokenize import IGNORE
 from ..errors import Interrupted, UserError
 from . import checkpoint as ckpt
+from . import distributed
+from .early_stop import BestWeights, overfitting
 from .loss import label_loss_sum
 from .progress import MetricLog, Progress
 from .schedule import warmup_cosine
@@ -31,6 +34,10 @@ class FitResult:
     skipped_steps: list[int] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: int | None = None
+    best_step: int | None = None  # step of the lowest eval loss
+    restored_best: bool = False  # the weights returned are those of best_step, not of the last step
+    final_eval: float | None = None  # eval loss of the weights returned, where fit measured it
+    full_state: dict | None = None  # FSDP2: the gathered, unsharded weights (the model itself stays sharded)
 
     @property
     def tokens_per_second(self) -> float:
@@ -58,17 +65,28 @@ def total_steps(cfg: Config, n_examples: int) -> int:
 
 
 @torch.no_grad()
-def eval_loss(model, split: Split, batch_size: int, pad_id: int) -> float:
-    """Mean loss per label token over the split."""
+def eval_loss(model, split: Split, batch_size: int, pad_id: int, ranks: distributed.Ranks = distributed.SINGLE,
+              loss_module=None) -> float:
+    """Mean loss per label token over the split; ranks share the batches and sum their results.
+
+    `loss_module` (batch -> (sum, count)) is the distributed wrapper during training: sharded
+    weights are gathered around its forward."""
+    compute = loss_module or (lambda batch: label_loss_sum(model, batch))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(split)), key=lambda i: len(split.encoded[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        batch = collate([split.encoded[i] for i in order[start:start + batch_size]], pad_id)
-        loss, n = label_loss_sum(model, batch)
-        total, count = total + float(loss), count + n
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    # Every rank runs the same number of forwards (collectives must pair up); a rank with no batch
+    # left repeats the first one and counts nothing.
+    for turn in range(math.ceil(len(batches) / ranks.world)):
+        index = turn * ranks.world + ranks.rank
+        batch = collate([split.encoded[i] for i in batches[index if index < len(batches) else 0]], pad_id)
+        loss, n = compute(batch)
+        if index < len(batches):
+            total, count = total + float(loss), count + n
     model.train(was_training)
+    total, count = ranks.sum(total, count)
     return total / max(1, count)
 
 
@@ -95,9 +113,20 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int, log: MetricLog,
-        run_dir: Path | None = None, on_eval=None) -> FitResult:
-    """Train; `on_eval(step, eval_loss) -> bool` may ask to stop early (True)."""
+        run_dir: Path | None = None, on_eval=None, ranks: distributed.Ranks = distributed.SINGLE) -> FitResult:
+    """Train; `on_eval(step, eval_loss) -> bool` may ask to stop early (True).
+
+    Under torchrun every rank calls fit alike; `log` writes only on rank 0 (api.train hands the
+    others a silent one)."""
     torch.manual_seed(cfg.train.seed)
+    if cfg.data.packing:  # micro-batches of packed rows; steps and resume positions count rows
+        from ..data.packing import pack_split
+
+        train = pack_split(train, cfg.data.max_seq_len)
+    # Looked up at call time, so a test can wrap label_loss_sum; wrapped before the optimizer is
+    # built, as FSDP2 replaces the parameters with sharded ones.
+    loss_module, grad_scale = distributed.wrap(model, lambda m, b: label_loss_sum(m, b), ranks, cfg.train.fsdp)
+    state_owner = loss_module if ranks.fsdp else model  # what checkpoints save and restore
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps = total_steps(cfg, len(train))
@@ -110,15 +139,17 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
         found = ckpt.newest_usable(ckpt_dir, say)
         if found:
             ckpt.check_same_settings(found, settings)
-            state = ckpt.load_checkpoint(found, model, optimizer, scheduler)
+            state = ckpt.load_checkpoint(found, state_owner, optimizer, scheduler)
             result.resumed_from = state.step
             say(f"resuming from {found} (step {state.step} of {steps})")
             log.truncate_after(state.step)
+    best = BestWeights.reopen(run_dir / "best.safetensors", state.best_step, state.best_eval) if run_dir else BestWeights()
+    warned_overfitting = False
     stream = micro_batches(train, cfg.train.batch_size, cfg.train.seed)
     for _ in range(state.micro_batches):  # the same order as an uninterrupted run: skip what was consumed
         next(stream)
     split = 1  # micro-batches are cut into this many parts after an out-of-memory error
-    progress = Progress(steps)
+    progress = Progress(steps, quiet=not ranks.main)
     model.train()
     window_tokens, window_start = 0, time.perf_counter()
     start = time.perf_counter()
@@ -129,7 +160,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             state.micro_batches += len(indices)
             while True:
                 try:
-                    step_loss, tokens = _accumulate(model, train, indices, split, pad_id)
+                    step_loss, tokens = _accumulate(loss_module, train, indices, split, pad_id, ranks, grad_scale)
                     break
                 except RuntimeError as err:
                     if not is_out_of_memory(err):
@@ -179,22 +210,33 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 window_tokens, window_start = 0, now
             stop = False
             if validation and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != steps:
-                value = eval_loss(model, validation, cfg.eval.batch_size, pad_id)
+                value = eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks, loss_module)
                 result.eval_losses.append((step, value))
                 log.write(event="eval", step=step, eval_loss=value, perplexity=math.exp(min(value, 50)))
                 if state.best_eval is None or value < state.best_eval:
                     state.best_eval, state.best_step = value, step
+                if cfg.eval.restore_best:
+                    best.offer(model, step, value)
+                if not warned_overfitting and overfitting(state.losses, result.eval_losses):
+                    warned_overfitting = True
+                    log.write(event="overfitting", step=step)
+                    say(f"step {step}: the eval loss rose three times in a row while the training loss fell: "
+                        "the model is overfitting; consider fewer steps, a lower lr or eval.patience")
                 stop = bool(on_eval and on_eval(step, value))
-            if ckpt_dir and (caught or stop or step == steps
+            signalled = ranks.any(bool(caught))  # ranks stop at the same step, whichever got the signal
+            if ckpt_dir and (signalled or stop or step == steps
                              or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
-                saved = ckpt.save_checkpoint(ckpt_dir, model, optimizer, scheduler, state, cfg.train.keep_checkpoints,
-                                             settings)
-                if caught:
-                    raise Interrupted(caught[0], saved)
-            elif caught:
-                raise Interrupted(caught[0], None)
+                saved = ckpt.save_checkpoint(ckpt_dir, state_owner, optimizer, scheduler, state,
+                                             cfg.train.keep_checkpoints, settings, ranks)
+                if signalled:
+                    raise Interrupted(caught[0] if caught else signal.SIGTERM, saved)
+            elif signalled:
+                raise Interrupted(caught[0] if caught else signal.SIGTERM, None)
             if stop:
                 break
+    _return_best(model, best, validation, cfg, pad_id, log, state.step, result)
+    if ranks.fsdp:
+        result.full_state = distributed.full_state_dict(loss_module)
     result.steps = state.step
     result.train_tokens = state.train_tokens
     result.losses = state.losses
@@ -203,21 +245,51 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     return result
 
 
-def _accumulate(model, train: Split, indices: list[list[int]], split: int, pad_id: int) -> tuple[float, int]:
+def _return_best(model, best: BestWeights, validation, cfg: Config, pad_id: int, log, step: int,
+                 result: FitResult) -> None:
+    """Put back the weights of the lowest eval loss when the last step's are worse."""
+    result.best_step = best.step
+    if not (validation and cfg.eval.restore_best and best.step is not None and best.step != step):
+        return
+    last = result.eval_losses[-1] if result.eval_losses else None
+    final = last[1] if last and last[0] == step else eval_loss(model, validation, cfg.eval.batch_size, pad_id)
+    result.final_eval = final
+    if best.value < final:
+        best.restore(model)
+        result.restored_best, result.final_eval = True, best.value
+        log.write(event="restore_best", step=step, best_step=best.step, eval_loss=best.value, last_eval_loss=final)
+        say(f"restored the weights of step {best.step} (eval loss {best.value:.4f}; last step {final:.4f})")
+
+
+def _accumulate(loss_module, train: Split, indices: list[list[int]], split: int, pad_id: int,
+                ranks: distributed.Ranks = distributed.SINGLE, grad_scale: float = 1.0) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches; returns (mean loss, tokens).
 
-    The loss is normalised by the label tokens of the whole step, not per micro-batch: a mean per
-    micro-batch over-weights the tokens of short examples (the gradient-accumulation bug).
+    The loss is normalised by the label tokens of the whole step (over all ranks), not per
+    micro-batch: a mean per micro-batch over-weights the tokens of short examples (the
+    gradient-accumulation bug). Each rank takes its share of every micro-batch; a rank whose share
+    is empty runs the first example with weight 0, so the gradient collectives pair up.
     """
     parts = [piece for batch in indices for piece in _cut(batch, split)]
-    batches = [collate([train.encoded[i] for i in part], pad_id) for part in parts]
-    step_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    total = 0.0
-    for batch in batches:
-        loss_sum, _ = label_loss_sum(model, batch)
-        (loss_sum / step_labels).backward()
-        total += loss_sum.item()
-    return total / step_labels, sum(int(b["attention_mask"].sum()) for b in batches)
+    step_labels = sum(_shifted_labels(train.encoded[i]) for part in parts for i in part)
+    total, tokens = 0.0, 0
+    for number, part in enumerate(parts):
+        mine = ranks.take(part)
+        batch = collate([train.encoded[i] for i in (mine or part[:1])], pad_id)
+        weight = grad_scale / step_labels if mine else 0.0
+        with distributed.no_sync(loss_module, last=number == len(parts) - 1):
+            loss_sum, _ = loss_module(batch)
+            (loss_sum * weight).backward()
+        if mine:
+            total += loss_sum.item()
+            tokens += sum(len(train.encoded[i].input_ids) for i in mine)
+    total, tokens = ranks.sum(total, tokens)
+    return total / step_labels, int(tokens)
+
+
+def _shifted_labels(example) -> int:
+    """Label tokens that are predicted (a label on the first position has nothing before it)."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE)
 
 
 def _cut(batch: list[int], parts: int) -> list[list[int]]:

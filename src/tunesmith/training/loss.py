@@ -21,16 +21,32 @@ def _core(model):
     return base.get_decoder(), base.get_output_embeddings(), base.config
 
 
+def model_inputs(config, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """input_ids, attention mask and (for packed rows) position ids, as the attention implementation wants them.
+
+    A packed batch carries a 4D boolean block-diagonal mask; SDPA takes it as is, eager attention
+    adds it to the scores, so it becomes 0 / -inf there.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    mask = inputs["attention_mask"]
+    if mask.ndim == 4 and getattr(config, "_attn_implementation", "sdpa") == "eager":
+        inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return inputs
+
+
 def label_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     decoder, head, config = _core(model)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     count = int(keep.sum())
+    inputs = model_inputs(config, batch, head.weight.dtype)
     if getattr(config, "final_logit_softcapping", None):
         # Architectures that transform logits after the head: use their own forward.
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(**inputs).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), count
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = decoder(**inputs).last_hidden_state
     picked = hidden[:, :-1][keep]
     wanted = targets[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
