@@ -10,6 +10,12 @@ from .errors import Interrupted, UserError
 
 
 def cmd_train(args) -> int:
+    if args.nproc > 1:  # the same command under torchrun, once the config is known to be valid
+        from .config import load_config
+        from .training.distributed import launch
+
+        load_config(args.config, args.overrides)
+        return launch(args.nproc, ["train", args.config, *args.overrides] + (["--resume"] if args.resume else []))
     from .api import train
 
     train(args.config, args.overrides, must_resume=args.resume)
@@ -35,27 +41,42 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from .api import evaluate
 
-    results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit)
+    results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit, args.scorer,
+                       args.temperature, args.seed)
     print(json.dumps(results, indent=2))
     return 0
 
 
-def cmd_generate(args) -> int:
-    import torch
-    from transformers import TextStreamer
+def cmd_compare(args) -> int:
+    from .api import compare
 
-    from .data.tokenize import prompt_ids
-    from .eval.generate import merged_adapter
+    compare(args.a, args.b, args.data, args.kshot, args.kshot_data, args.max_new_tokens, args.batch_size, args.limit,
+            args.scorer, args.temperature, args.seed, args.out)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .eval.chat import chat
+
+    chat(args.model, args.system, args.max_new_tokens, args.temperature)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .eval.report import write_report
+
+    html_path, json_path = write_report(args.run)
+    print(f"{html_path}\n{json_path}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .eval.chat import stream_reply
     from .runs import load_trained
 
     model, tokenizer, _ = load_trained(args.model)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-    ids = torch.tensor([prompt_ids(tokenizer, messages)])
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.no_grad(), merged_adapter(model):
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                       do_sample=args.temperature > 0, temperature=args.temperature or None,
-                       pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+    stream_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature)
     return 0
 
 
@@ -69,6 +90,13 @@ def cmd_config(args) -> int:
     print(dump(Config()))
     for key, doc in field_docs().items():
         print(f"# {key}: {doc}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from .data.check import check_data, format_report
+
+    print(format_report(check_data(args.file, args.model, args.out, args.overrides)))
     return 0
 
 
@@ -90,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint (an unfinished run is resumed anyway; "
                         "with this flag, having none is an error)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (one per GPU, or CPU processes with gloo), launched with torchrun")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="fine-tune the default model on the built-in ticket-triage task")
@@ -103,7 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None)
+    _add_scoring_options(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="A vs B (e.g. base vs fine-tuned) with bootstrap 95%% intervals and answers side by side")
+    p.add_argument("a", help="baseline: model, run folder or 'default'")
+    p.add_argument("b", help="candidate: run folder, adapter folder or model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--kshot", type=int, default=0, help="also score A with K training examples in its prompt")
+    p.add_argument("--kshot-data", default=None, help="where the k-shot examples come from (default: the run's training data)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", default=None, help="folder for comparison.json/.jsonl (default: B when it is a run folder)")
+    _add_scoring_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("chat", help="talk to a model or fine-tuned run in the terminal, answers streamed")
+    p.add_argument("model")
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("report", help="write report.html (self-contained) and report.json of a run folder")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("generate", help="answer one prompt, streamed")
     p.add_argument("model")
@@ -118,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_config)
 
+    p = sub.add_parser("data", help="look at a data set before training")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="formats, counts, token lengths, drops by reason, duplicates, loss share")
+    p.add_argument("file", help="data file, folder of data files, saved HF dataset folder or hub data set id")
+    p.add_argument("--model", default="default", help="whose tokenizer and chat template to use")
+    p.add_argument("--out", default="runs/data-check", help="folder for report.json and lengths.png")
+    p.add_argument("overrides", nargs="*", help="data settings, e.g. max_seq_len=1024 overlong=truncate")
+    p.set_defaults(func=cmd_data_check)
+
     p = sub.add_parser("ui", help="local dashboard: start, watch and compare runs in a browser")
     p.add_argument("--runs", default="runs", help="folder holding the run folders")
     p.add_argument("--port", type=int, default=8765)
@@ -125,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="token to require (default: a random one when --host is not local)")
     p.set_defaults(func=cmd_ui)
     return parser
+
+
+def _add_scoring_options(p) -> None:
+    p.add_argument("--scorer", default=None, help="your own metric as module:function (prediction, reference) -> float")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0 samples, seeded by --seed")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:

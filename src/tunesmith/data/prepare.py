@@ -49,6 +49,7 @@ class Prepared:
     overlap: dict[str, list[str]] = field(default_factory=dict)  # split -> 'file:line' also in train
     truncated: int = 0
     cached: bool = False
+    cache_key: str | None = None
 
     def summary(self) -> dict:
         return {
@@ -102,14 +103,16 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: Path | None = None) -> Prepared
         if hit:
             if not isinstance(tokenizer, str):
                 use_template(tokenizer, cfg.chat_template)
-            return _from_cache(*hit)
+            prepared = _from_cache(*hit)
+            prepared.cache_key = key
+            return prepared
     if isinstance(tokenizer, str):
         from ..models import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
     template = use_template(tokenizer, cfg.chat_template)
     prepared = _prepare(cfg, tokenizer, out_dir)
-    prepared.template = template
+    prepared.template, prepared.cache_key = template, key
     if key:
         cache.store(key, *_to_cache(prepared, tokenizer))
     return prepared
@@ -148,7 +151,7 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
             raw[target] = (before[0] + conversations, before[1] + origins)
             if target == "train":
                 weights += [cfg.mix.get(spec, 1.0) if name != "train" else 1.0] * len(conversations)
-        read = len(raw["train"][0]) + sum(1 for p in problems if not p.kind.startswith("duplicate"))
+        read = len(raw["train"][0]) + len(problems)  # every training record read, usable or not
         if not raw["train"][0]:
             first = f" First problem: {problems[0]}" if problems else ""
             raise UserError(f"{cfg.train}: no usable training examples ({len(problems)} problems).{first}")

@@ -1,0 +1,112 @@
+"""`tunesmith data check`: what tunesmith would do with a data set, before any training.
+
+Format found, counts, token-length percentiles and a histogram picture, examples dropped by
+reason with their first line numbers, duplicates, train/eval overlap, total tokens and the
+share of tokens that carry a loss. The tokenised data is cached, so a second check (or the
+training run after it) starts at once; on a cache hit neither torch nor the tokenizer is loaded.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import DataConfig, parse_overrides, validate
+from . import cache
+from .prepare import Prepared, prepare
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/data-check",
+               settings: dict | list[str] | None = None) -> dict:
+    """Prepare the data as training would and report on it; writes report.json and lengths.png to out_dir.
+
+    `settings` are data settings, as a dict or as 'key=value' strings (with or without 'data.').
+    """
+    if isinstance(settings, list):
+        settings = parse_overrides([s.removeprefix("data.") for s in settings])
+    cfg = validate({"data": {**(settings or {}), "train": str(path)}}, "data check").data
+    prepared = prepare(cfg, model)
+    report = build_report(prepared, cfg, str(path), model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report["histogram"] = str(write_histogram(prepared, cfg, out / "lengths.png", report["cache_key"]))
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
+
+
+def build_report(prepared: Prepared, cfg: DataConfig, path: str, model: str) -> dict:
+    lengths = sorted(len(e.input_ids) for s in prepared.splits.values() for e in s.encoded)
+    tokens = sum(lengths)
+    labelled = sum(e.label_count for s in prepared.splits.values() for e in s.encoded)
+    drops = prepared.drop_report()
+    return {
+        "data": path, "model": model, "template": prepared.template, "formats": dict(prepared.formats),
+        "records": prepared.records, "examples": {name: len(s) for name, s in prepared.splits.items()},
+        "dropped": {k: v for k, v in drops.items() if not k.startswith("duplicate")},
+        "duplicates": {k: v for k, v in drops.items() if k.startswith("duplicate")},
+        "truncated": prepared.truncated,
+        "overlap_with_train": {name: {"count": len(v), "first": v[:3]} for name, v in prepared.overlap.items()},
+        "token_lengths": {**{f"p{p}": _percentile(lengths, p) for p in PERCENTILES},
+                          "min": lengths[0] if lengths else 0, "max": lengths[-1] if lengths else 0,
+                          "max_seq_len": cfg.max_seq_len},
+        "tokens": tokens, "label_tokens": labelled, "label_share": labelled / tokens if tokens else 0.0,
+        "cached": prepared.cached, "cache_key": prepared.cache_key,
+    }
+
+
+def _percentile(sorted_values: list[int], p: float) -> int:
+    if not sorted_values:
+        return 0
+    return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))]
+
+
+def write_histogram(prepared: Prepared, cfg: DataConfig, target: Path, key: str | None) -> Path:
+    """The token-length histogram as a PNG (matplotlib, Agg); reused from the cache when the data is."""
+    import shutil
+
+    stored = cache.entry_file(key, "lengths.png") if key else None
+    if stored:
+        shutil.copyfile(stored, target)
+        return target
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, split in prepared.splits.items():
+        axes.hist([len(e.input_ids) for e in split.encoded], bins=60, alpha=0.6, label=f"{name} ({len(split)})")
+    axes.axvline(cfg.max_seq_len, color="red", linestyle="--", label=f"max_seq_len {cfg.max_seq_len}")
+    axes.set_xlabel("tokens per example")
+    axes.set_ylabel("examples")
+    axes.set_title("Token lengths")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(target)
+    if key:
+        cache.add_file(key, "lengths.png", target)
+    return target
+
+
+def format_report(report: dict) -> str:
+    """The report as the lines `tunesmith data check` prints."""
+    lines = [f"data: {report['data']}   tokenizer: {report['model']}   chat template: {report['template']}",
+             "format: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items()),
+             f"records: {report['records']}   examples: " + ", ".join(f"{k} {v}" for k, v in report["examples"].items())]
+    lengths = report["token_lengths"]
+    lines.append("token lengths: " + ", ".join(f"{k} {lengths[k]}" for k in ("min", "p50", "p90", "p95", "p99", "max"))
+                 + f" (max_seq_len {lengths['max_seq_len']})")
+    lines.append(f"tokens: {report['tokens']}, with a loss: {report['label_tokens']} ({report['label_share']:.1%})")
+    for title, key in (("dropped", "dropped"), ("duplicates removed", "duplicates")):
+        groups = report[key]
+        lines.append(f"{title}: " + ("none" if not groups else ""))
+        for kind, info in groups.items():
+            lines.append(f"  {kind}: {info['count']} (first: {', '.join(info['first'])})")
+    if report["truncated"]:
+        lines.append(f"truncated: {report['truncated']}")
+    for name, info in report["overlap_with_train"].items():
+        lines.append(f"{name} examples also in train: {info['count']}"
+                     + (f" (first: {', '.join(info['first'])})" if info["first"] else ""))
+    lines.append(f"histogram: {report['histogram']}" + ("   (from cache)" if report["cached"] else ""))
+    return "\n".join(lines)
