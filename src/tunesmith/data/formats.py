@@ -43,6 +43,10 @@ def detect_format(record: dict) -> str:
     for kind, keys in REQUIRED.items():
         if all(k in record for k in keys):
             return kind
+    for kind, keys in REQUIRED.items():  # half a format: name the field that is missing
+        if any(k in record for k in keys):
+            missing = next(k for k in keys if k not in record)
+            raise FormatError("missing field", f"'{missing}' (the record looks like format {kind})")
     raise FormatError("unknown format", f"no known fields (keys: {', '.join(sorted(record)) or 'none'}); "
                       "map your columns with data.columns or set data.format")
 
@@ -109,7 +113,7 @@ def _checked_turns(turns, field: str, role_key: str, text_key: str, role_map: di
             raise FormatError("wrong type", f"{field}[{index}] is not an object")
         role = turn.get(role_key)
         if role not in role_map:
-            raise FormatError("unknown role", f"{field}[{index}]: {role!r}")
+            raise FormatError("unknown role", f"{role!r} in {field}[{index}] (known: {', '.join(sorted(role_map))})")
         content = _checked_text(turn.get(text_key), f"{field}[{index}].{text_key}")
         out.append({"role": role_map[role], "content": content})
     return out
