@@ -49,3 +49,116 @@ def test_prompt_part_equals_generation_prompt_tokens(tiny_tokenizer):
 def test_train_on_inputs_labels_everything(tiny_tokenizer):
     encoded = encode(tiny_tokenizer, CONVERSATION, train_on_inputs=True)
     assert encoded.labels == encoded.input_ids
+
+
+# --- templates, truncation, validation by the template -------------------------------------------
+
+import copy  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tunesmith.config import DataConfig  # noqa: E402
+from tunesmith.data.prepare import prepare  # noqa: E402
+from tunesmith.data.tokenize import FALLBACK_TEMPLATE, TemplateError, use_template  # noqa: E402
+from tunesmith.errors import UserError  # noqa: E402
+
+from conftest import write_jsonl  # noqa: E402
+
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+               "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("turns", [3, 5])
+def test_every_prompt_part_equals_the_generation_prompt(tiny_tokenizer, turns):
+    """Token parity for each assistant turn of a multi-turn conversation."""
+    messages = CONVERSATION[:turns]
+    encoded = encode(tiny_tokenizer, messages)
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        expected = tiny_tokenizer.apply_chat_template(messages[:index], tokenize=True, add_generation_prompt=True,
+                                                      return_dict=False)
+        assert encoded.input_ids[:len(expected)] == list(expected)
+        assert encoded.labels[len(expected) - 1] == IGNORE and encoded.labels[len(expected)] != IGNORE
+
+
+def test_base_model_without_template_gets_the_fallback_and_learns_eos(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None
+    assert use_template(tokenizer, None).startswith("fallback")
+    assert tokenizer.chat_template == FALLBACK_TEMPLATE
+    encoded = encode(tokenizer, CONVERSATION)
+    assert labelled_text(tokenizer, encoded) == ["Hello!<|im_end|>", "You are welcome.<|im_end|>"]
+    assert tokenizer.decode(prompt_ids(tokenizer, CONVERSATION[:2])).endswith("### User:\nHi there\n\n### Assistant:\n")
+
+
+def test_configured_template_is_saved_with_the_tokenizer(tiny_tokenizer, tmp_path):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    template_file = tmp_path / "t.jinja"
+    template_file.write_text(ALTERNATING)
+    assert use_template(tokenizer, str(template_file)) == str(template_file)
+    tokenizer.save_pretrained(tmp_path / "saved")
+    from tunesmith.models import load_tokenizer
+
+    assert load_tokenizer(str(tmp_path / "saved")).chat_template == ALTERNATING
+    with pytest.raises(UserError, match="neither a template name"):
+        use_template(tokenizer, "no-such-template")
+
+
+def test_template_that_forbids_two_user_turns_reports_the_line(tiny_tokenizer, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                          {"role": "assistant", "content": "c"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}]}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    prepared = prepare(DataConfig(train=str(path), chat_template=ALTERNATING, cache=False), tokenizer)
+    assert [(p.line, p.kind) for p in prepared.problems] == [(1, "template refused")]
+    assert "roles must alternate" in prepared.problems[0].reason
+    with pytest.raises(TemplateError):
+        encode(tokenizer, rows[0]["messages"])
+
+
+def long_rows():
+    answer = " ".join(f"word{i}" for i in range(60))
+    return [{"prompt": "short question", "completion": "short answer"},
+            {"prompt": "long answer please", "completion": answer},
+            {"prompt": " ".join(f"context{i}" for i in range(80)), "completion": "cut away"}]
+
+
+@pytest.mark.parametrize("policy", ["drop", "truncate", "error"])
+def test_overlong_examples_follow_the_policy(tiny_tokenizer, tmp_path, policy):
+    path = write_jsonl(tmp_path / "d.jsonl", long_rows())
+    val = write_jsonl(tmp_path / "v.jsonl", [{"prompt": "v", "completion": "w"}])
+    cfg = DataConfig(train=str(path), validation=str(val), max_seq_len=40, overlong=policy, cache=False)
+    if policy == "error":
+        with pytest.raises(UserError, match=r"d.jsonl:2: example has \d+ tokens, more than data.max_seq_len=40"):
+            prepare(cfg, tiny_tokenizer)
+        return
+    prepared = prepare(cfg, tiny_tokenizer)
+    train = prepared.splits["train"]
+    assert all(len(e.input_ids) <= 40 for e in train.encoded)
+    if policy == "drop":
+        assert prepared.dropped == {"longer than max_seq_len": 2} and [o[1] for o in train.origins] == [1]
+    else:
+        assert prepared.dropped == {"answer cut away by truncation": 1} and prepared.truncated == 1
+        assert [o[1] for o in train.origins] == [1, 2]
+        cut = train.encoded[1]
+        assert len(cut.input_ids) == 40 and cut.label_count > 0 and cut.labels[-1] == cut.input_ids[-1]
+
+
+MEDQUAD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "medquad"
+
+
+@pytest.mark.skipif(not MEDQUAD.is_dir(), reason="MedQuAD data set not present")
+def test_real_medical_answers_are_labelled_whole(tiny_tokenizer, tmp_path):
+    lines = (MEDQUAD / "9_CDC_QA.jsonl").read_text(encoding="utf-8").splitlines()[:60]
+    path = tmp_path / "cdc.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    prepared = prepare(DataConfig(train=str(path), max_seq_len=100_000, cache=False), tiny_tokenizer)
+    split = prepared.splits["train"]
+    assert set(prepared.formats) == {"question_answer"} and len(split) > 40
+    for messages, encoded in zip(split.conversations[:10], split.encoded[:10]):
+        assert tiny_tokenizer.decode([t for t in encoded.labels if t != IGNORE]) == messages[-1]["content"] + "<|im_end|>"
