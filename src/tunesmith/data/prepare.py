@@ -165,7 +165,11 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
         prepared.splits[name] = _encode_split(name, conversations, origins, tokenizer, cfg, prepared)
     train = prepared.splits["train"]
     for name in ("validation", "test"):
-        if name in prepared.splits and cfg.train != "demo":
+        if name not in prepared.splits or cfg.train == "demo":
+            continue
+        if held_out and cfg.dedup and name == "validation":
+            prepared.overlap[name] = []  # held out of deduplicated train: no overlap by construction
+        else:
             prepared.overlap[name] = overlap(train.conversations, prepared.splits[name].conversations,
                                              prepared.splits[name].origins)
     prepared.dropped = Counter(p.kind for p in prepared.problems)

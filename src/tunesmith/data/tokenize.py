@@ -75,41 +75,74 @@ def use_template(tokenizer, setting: str | None) -> str:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return _render_batch(tokenizer, [messages], add_generation_prompt)[0]
+
+
+def _render_batch(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
     from jinja2 import TemplateError as JinjaError
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    # A tokenizer without a template (a base model used as is) renders with the documented fallback.
+    template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
     try:
-        # A tokenizer without a template (a base model used as is) renders with the documented fallback.
-        template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
-        rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
+        rendered, _ = render_jinja_template(conversations=conversations, chat_template=template,
                                             add_generation_prompt=add_generation_prompt,
                                             **tokenizer.special_tokens_map)
     except JinjaError as err:
         raise TemplateError(f"chat template refused the conversation ({err})") from None
-    return rendered[0]
+    return rendered
 
 
-def cut_points(tokenizer, messages: list[dict], train_on_inputs: bool = False) -> tuple[str, list[int]]:
-    """Rendered text and the character cuts [0, answer1 start, answer1 end, answer2 start, ..., len].
+def render_many(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list:
+    """Rendered texts in one batch; where the template refuses one, each is rendered alone to find which."""
+    try:
+        return _render_batch(tokenizer, conversations, add_generation_prompt)
+    except TemplateError:
+        out: list = []
+        for messages in conversations:
+            try:
+                out.append(render(tokenizer, messages, add_generation_prompt))
+            except TemplateError as err:
+                out.append(err)
+        return out
 
-    Pieces between cuts alternate: prompt (no loss), answer (loss), prompt, ...
+
+def cut_points(text: str, prompts: list[str], turns: list[str], eot: str) -> list[int]:
+    """Character cuts [0, answer1 start, answer1 end, answer2 start, ..., len(text)] of a rendered conversation.
+
+    `prompts[k]` renders the messages before the k-th answer with the generation prompt, `turns[k]`
+    the messages up to and including it. Pieces between cuts alternate: prompt (no loss), answer
+    (loss, up to and including its end-of-turn token), prompt, ...
     """
-    text = render(tokenizer, messages)
-    if train_on_inputs:
-        return text, [0, 0, len(text)]
-    eot = tokenizer.eos_token or ""
     cuts = [0]
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(tokenizer, messages[:index], add_generation_prompt=True) if index else ""
-        turn = text if index == len(messages) - 1 else render(tokenizer, messages[: index + 1])
+    for prompt, turn in zip(prompts, turns):
         if not (text.startswith(prompt) and text.startswith(turn) and len(prompt) >= cuts[-1]):
             raise TemplateError("the chat template does not render a conversation as a prefix of its continuation")
-        start, turn_end = len(prompt), len(turn)
-        stop = text.rfind(eot, start, turn_end) if eot else -1
-        cuts += [start, stop + len(eot) if stop >= 0 else turn_end]
-    return text, cuts + [len(text)]
+        stop = text.rfind(eot, len(prompt), len(turn)) if eot else -1
+        cuts += [len(prompt), stop + len(eot) if stop >= 0 else len(turn)]
+    return cuts + [len(text)]
+
+
+def _answer_cuts(tokenizer, conversations: list[list[dict]], train_on_inputs: bool) -> list:
+    """(text, cuts) or a TemplateError for each conversation; all renders batched."""
+    texts = render_many(tokenizer, conversations)
+    if train_on_inputs:
+        return [t if isinstance(t, TemplateError) else (t, [0, 0, len(t)]) for t in texts]
+    answers = [[i for i, m in enumerate(c) if m["role"] == "assistant"] for c in conversations]
+    prompt_requests = [c[:i] for c, idx in zip(conversations, answers) for i in idx if i]
+    turn_requests = [c[:i + 1] for c, idx in zip(conversations, answers) for i in idx if i < len(c) - 1]
+    prompts, turns = iter(render_many(tokenizer, prompt_requests, True)), iter(render_many(tokenizer, turn_requests))
+    eot = tokenizer.eos_token or ""
+    out: list = []
+    for messages, text, indices in zip(conversations, texts, answers):
+        mine_prompts = [next(prompts) if i else "" for i in indices]
+        mine_turns = [next(turns) if i < len(messages) - 1 else text for i in indices]
+        failed = [r for r in [text, *mine_prompts, *mine_turns] if isinstance(r, TemplateError)]
+        try:
+            out.append(failed[0] if failed else (text, cut_points(text, mine_prompts, mine_turns, eot)))
+        except TemplateError as err:
+            out.append(err)
+    return out
 
 
 def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -124,12 +157,11 @@ def encode_many(tokenizer, conversations: list[list[dict]], train_on_inputs: boo
     """Encoded examples (or the TemplateError of each conversation the template refuses)."""
     pieces: list[str] = []
     plans: list[list[int] | TemplateError] = []  # per conversation: the piece indices, or its error
-    for messages in conversations:
-        try:
-            text, cuts = cut_points(tokenizer, messages, train_on_inputs)
-        except TemplateError as err:
-            plans.append(err)
+    for result in _answer_cuts(tokenizer, conversations, train_on_inputs):
+        if isinstance(result, TemplateError):
+            plans.append(result)
             continue
+        text, cuts = result
         plans.append(list(range(len(pieces), len(pieces) + len(cuts) - 1)))
         pieces += [text[a:b] for a, b in zip(cuts, cuts[1:])]
     ids = token_ids(tokenizer, pieces)

@@ -1,7 +1,6 @@
 """Checks across examples: duplicates (exact and normalised text), train/eval overlap, drop reports."""
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter, defaultdict
 
@@ -10,8 +9,8 @@ from .sources import Problem
 _NON_WORD = re.compile(r"[\W_]+")
 
 
-def exact_key(messages: list[dict]) -> str:
-    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+def exact_key(messages: list[dict]) -> tuple:
+    return tuple((m["role"], m["content"]) for m in messages)
 
 
 def normalised_key(messages: list[dict]) -> str:
