@@ -52,13 +52,15 @@ def load_trained(spec: str, dtype=None):
     """(model, tokenizer, base model name) for a run folder, an adapter folder or a plain model."""
     import torch
 
-    from .models import compute_dtype, load_model, load_tokenizer
+    from .models import compute_dtype, load_base, load_model, load_tokenizer
 
     path = Path(spec)
-    base_name, trained = spec, None
+    base_name, trained, quantized = spec, None, False
     if is_run(path):
         config = yaml.safe_load((path / "config.yaml").read_text())
         base_name = config["model"]["name"]
+        # A QLoRA adapter was trained on the 4-bit base: reload it on that same base.
+        quantized = config.get("adapter", {}).get("method") == "qlora"
         trained = trained_folder(path)
         dtype = dtype or compute_dtype(config["model"].get("dtype", "auto"))
     elif (path / "adapter_config.json").exists():
@@ -71,7 +73,7 @@ def load_trained(spec: str, dtype=None):
     if (trained / "adapter_config.json").exists():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_model(base_name, dtype), trained)
+        model = PeftModel.from_pretrained(load_base(base_name, dtype, quantized), trained)
     else:
         model = load_model(str(trained), dtype)
     model.eval()

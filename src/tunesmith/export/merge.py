@@ -1,0 +1,111 @@
+"""Merge an adapter into a full-precision copy of its base, and prove the merge changed nothing.
+
+The merged model's logits are compared with the adapter model's on samples of the run's own
+data; beyond the tolerance the export is refused, with the measured difference. A QLoRA adapter
+is merged into the dequantised NF4 weights it was trained on (in fp32), never into 4-bit: the
+rounding to 4 bits would swallow most of the update.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import runs
+from ..config import load_config
+from ..data.collate import collate
+from ..data.prepare import load_conversations
+from ..data.tokenize import encode
+from ..errors import UserError
+from ..models import load_base, load_model, load_tokenizer
+from ..models.quant import dequantize
+
+TOLERANCE = 1e-4  # fp32 max abs logit difference
+
+
+@dataclass
+class MergeCheck:
+    folder: Path
+    max_abs_diff: float
+    tolerance: float
+    positions: int
+
+    def as_dict(self) -> dict:
+        return {"folder": str(self.folder), "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
+                "positions": self.positions}
+
+
+def sample_batch(run: Path, tokenizer, count: int = 8) -> dict[str, torch.Tensor]:
+    """A padded batch of the run's validation (else training) examples: the inputs the model was made for."""
+    cfg = load_config(run / "config.yaml")
+    candidates = [run / "data" / "validation.jsonl", cfg.data.validation, run / "data" / "train.jsonl", cfg.data.train]
+    for path in candidates:
+        if path and Path(path).is_file():
+            conversations, _ = load_conversations(str(path), cfg.data.system_prompt)
+            encoded = [encode(tokenizer, c) for c in conversations[:count]]
+            encoded = [e for e in encoded if len(e.input_ids) <= cfg.data.max_seq_len]
+            if encoded:
+                return collate(encoded, tokenizer.pad_token_id)
+    # The data moved away: fixed pseudo-random tokens still compare the two models.
+    ids = torch.randint(0, len(tokenizer), (2, 64), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.no_grad()
+def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """fp32 logits at the real (non-padding) positions."""
+    model.eval()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return out[batch["attention_mask"].bool()].float()
+
+
+def adapter_model(base_name: str, adapter: Path, quantized: bool):
+    """The model as trained: the (4-bit for QLoRA) base with the adapter on top, fp32 compute."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base(base_name, torch.float32, quantized), adapter)
+
+
+def merged_model(base_name: str, adapter: Path, quantized: bool):
+    from peft import PeftModel
+
+    base = load_base(base_name, torch.float32, quantized)
+    if quantized:
+        dequantize(base)
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+
+
+def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float = TOLERANCE) -> MergeCheck:
+    """Write the run's merged model (safetensors, fp32, with tokenizer and chat template) to `out`,
+    checked against the adapter model after a reload from disk."""
+    run = Path(run)
+    if not runs.is_run(run):
+        raise UserError(f"{run}: not a run folder (no config.yaml)")
+    trained = runs.trained_folder(run)
+    out = Path(out) if out else run / "export" / "merged"
+    if not (trained / "adapter_config.json").exists():
+        raise UserError(f"{run}: a full fine-tune; {trained} is already a complete model, there is nothing to merge")
+    cfg = load_config(run / "config.yaml")
+    quantized = cfg.adapter.method == "qlora"
+    tokenizer = load_tokenizer(str(trained))
+    batch = sample_batch(run, tokenizer)
+    reference = logits_of(adapter_model(cfg.model.name, trained, quantized), batch)
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merged = merged_model(cfg.model.name, trained, quantized)
+    merged.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    del merged
+    # Compare what was written, not what is in memory: a save that drops or unties a weight shows here.
+    diff = float((logits_of(load_model(str(partial), torch.float32), batch) - reference).abs().max())
+    check = MergeCheck(out, diff, tolerance, int(batch["attention_mask"].sum()))
+    if not diff <= tolerance:
+        raise UserError(f"{run}: merged model's logits differ from the adapter model's by {diff:.3g} "
+                        f"(tolerance {tolerance:g}); merge not exported (left in {partial})")
+    shutil.rmtree(out, ignore_errors=True)
+    partial.replace(out)
+    runs.write_json(out / "merge_check.json", check.as_dict())
+    return check

@@ -1,0 +1,88 @@
+"""4-bit base weights for QLoRA: bitsandbytes NF4 with double quantisation.
+
+The frozen base is stored as NF4 (about half a byte per weight, plus a quantised scale per block
+of 64); matrix products run in the compute dtype (bf16 where the hardware runs it fast). The
+CPU backend of bitsandbytes does this without a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from .load import resolve_model_path
+
+
+def nf4_config(compute: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def load_quantized(spec: str, compute: torch.dtype = torch.bfloat16, trust_remote_code: bool = False):
+    """The base model with every linear layer of the transformer blocks in NF4 (the LM head stays as is)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("adapter.method=qlora needs bitsandbytes: pip install 'tunesmith[qlora]'") from None
+    from transformers import AutoModelForCausalLM
+
+    where, gguf = resolve_model_path(spec)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, gguf_file=gguf, quantization_config=nf4_config(compute), device_map=device,
+            dtype=torch.float32 if compute == torch.float32 else compute, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise UserError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None
+    if compute == torch.float32:
+        keep_fp32_compute(model)
+    model.eval()
+    return model
+
+
+def quantized_layers(model):
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def keep_fp32_compute(model) -> None:
+    """Turn off bitsandbytes' packed CPU inference kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on the first no-grad forward in
+    eval mode and multiplies in bf16, even when fp32 compute was asked for. With fp32 compute the
+    result must equal the dequantised weights times the input, so evaluation, reloads and merge
+    checks agree with training to fp32 precision.
+    """
+    for layer in quantized_layers(model):
+        layer.support_avx512bf16_for_cpu = False
+
+
+def is_quantized(model) -> bool:
+    return getattr(model, "is_loaded_in_4bit", False) or bool(getattr(model.config, "quantization_config", None))
+
+
+def dequantize(model) -> None:
+    """Replace every 4-bit layer by a full-precision nn.Linear holding the dequantised weights, in place.
+
+    The weights are exactly what the 4-bit layers compute with, so an adapter trained on the 4-bit
+    base can be merged into them (merging into 4-bit would round the update away)."""
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+    for layer in quantized_layers(model):
+        weight = layer.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # The CPU inference layout is not what dequantisation reads: convert it back first.
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    model.dequantize()
+    model.float()
+
+
+def load_base(spec: str, dtype: torch.dtype, quantize: bool = False, trust_remote_code: bool = False):
+    """The frozen base for a method: NF4 with `dtype` as compute dtype for QLoRA, else as stored in `dtype`."""
+    if quantize:
+        return load_quantized(spec, dtype, trust_remote_code)
+    from .load import load_model
+
+    return load_model(spec, dtype, trust_remote_code)

@@ -1,0 +1,232 @@
+"""Every method on two tiny architectures, through one shared tester.
+
+For each (method, architecture): the loss falls, the trainable count is what the method implies
+(computed from the model's shapes), the saved output reloads with the same logits and eval loss,
+an adapter loads in plain peft with identical logits, and the merged model matches the adapter
+model (fp32, max abs logit difference below 1e-4).
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import tunesmith
+from conftest import build_model, build_tokenizer, write_jsonl
+from tunesmith.adapters import apply_adapter
+from tunesmith.config import AdapterConfig, DataConfig
+from tunesmith.data.collate import collate
+from tunesmith.data.prepare import prepare
+from tunesmith.data.tokenize import encode
+from tunesmith.errors import UserError
+from tunesmith.export import export as export_run
+from tunesmith.models import load_model
+from tunesmith.runs import load_trained
+from tunesmith.training.loop import eval_loss
+from tunesmith.training.loss import label_loss_sum
+
+R, ALPHA = 4, 8
+METHODS = {  # name -> adapter settings
+    "full": {"method": "full"},
+    "lora": {"method": "lora"},
+    "rslora": {"method": "lora", "use_rslora": True},
+    "dora": {"method": "dora"},
+    "qlora": {"method": "qlora"},
+}
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory) -> dict[str, Path]:
+    """Small train / validation files of the demo task: few examples keep the matrix fast."""
+    from tunesmith.data.demo import make_splits
+
+    folder = tmp_path_factory.mktemp("method-data")
+    splits = make_splits(24, seed=4, validation_size=8, test_size=0)
+    return {name: write_jsonl(folder / f"{name}.jsonl", splits[name]) for name in ("train", "validation")}
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory) -> dict[str, Path]:
+    folders = {}
+    for arch in ("llama", "qwen2"):
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        tokenizer = build_tokenizer(folder)
+        build_model(folder, arch, vocab=len(tokenizer), seed=1)
+        folders[arch] = folder
+    return folders
+
+
+def expected_trainable(name: str, config, total: int) -> int:
+    """What the method trains, from the shapes: 7 linear layers per block (q, k, v, o, gate, up, down)."""
+    if name == "full":
+        return total
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # (in, out)
+    per_block = sum(R * (n_in + n_out) for n_in, n_out in shapes)
+    if name == "dora":
+        per_block += sum(n_out for _, n_out in shapes)  # one magnitude per output feature
+    return config.num_hidden_layers * per_block
+
+
+def run_config(model_dir: Path, out: Path, adapter: dict, data: dict[str, Path]) -> dict:
+    return {
+        "model": {"name": str(model_dir), "dtype": "float32"},
+        "data": {"train": str(data["train"]), "validation": str(data["validation"]), "max_seq_len": 256},
+        "adapter": {"r": R, "alpha": ALPHA, **adapter},
+        "train": {"max_steps": 5, "batch_size": 4, "lr": 2e-3 if adapter["method"] == "full" else 2e-2,
+                  "log_every": 5, "warmup_ratio": 0.0},
+        "eval": {"generate": False, "batch_size": 16, "report": False},
+        "output": {"dir": str(out)},
+    }
+
+
+def sample_ids(tokenizer, path: Path, count: int = 4) -> dict[str, torch.Tensor]:
+    rows = [json.loads(line) for line in open(path)][:count]
+    return collate([encode(tokenizer, r["messages"]) for r in rows], tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def logits(model, batch, train_mode: bool = False) -> torch.Tensor:
+    # Train mode (no dropout is configured) keeps bitsandbytes off its bf16 CPU inference kernel,
+    # so a plainly loaded 4-bit model computes in the fp32 it was asked for.
+    model.train(train_mode)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return out[batch["attention_mask"].bool()]
+
+
+def plain_peft_model(model_dir: Path, adapter_dir: Path, quantized: bool):
+    """The adapter as any peft user would load it: transformers + peft, nothing of tunesmith."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    extra = {}
+    if quantized:
+        extra = {"device_map": "cpu", "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)}
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **extra)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_method(name, arch, arch_dirs, data_files, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = arch_dirs[arch]
+    adapter = METHODS[name]
+    results = tunesmith.train(run_config(model_dir, tmp_path / "run", adapter, data_files))
+    run = Path(results["run_dir"])
+
+    # The loss falls.
+    assert results["final_loss"] < results["first_loss"]
+    assert results["fine_tuned"]["eval_loss"] < results["base"]["eval_loss"]
+
+    # The trainable count is what the method implies.
+    config = AutoConfig.from_pretrained(model_dir)
+    base_total = sum(p.numel() for p in load_model(str(model_dir)).parameters())
+    assert results["total_parameters"] == base_total + (results["trainable_parameters"] if name != "full" else 0)
+    assert results["trainable_parameters"] == expected_trainable(adapter["method"], config, base_total)
+
+    # The saved output reloads: same eval loss as the model that was trained.
+    ours, tokenizer, _ = load_trained(str(run), dtype=torch.float32)
+    validation = prepare(DataConfig(train=str(data_files["train"]), validation=str(data_files["validation"])),
+                         tokenizer).splits["validation"]
+    reloaded = eval_loss(ours, validation, 16, tokenizer.pad_token_id)
+    assert reloaded == pytest.approx(results["fine_tuned"]["eval_loss"], rel=1e-5)
+    batch = sample_ids(tokenizer, data_files["validation"])
+    trained_logits = logits(ours, batch)
+
+    if name == "full":
+        assert (run / "model" / "model.safetensors").exists()
+        plain = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
+        assert torch.allclose(logits(plain, batch), trained_logits, atol=1e-5)
+        with pytest.raises(UserError, match="nothing to merge"):
+            export_run(run, merge=True)
+        return
+
+    # An adapter is a standard PEFT folder that plain peft loads with identical logits.
+    adapter_dir = run / "adapter"
+    for file in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (adapter_dir / file).exists(), file
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["use_dora"] == (name == "dora") and saved["use_rslora"] == (name == "rslora")
+    plain = plain_peft_model(model_dir, adapter_dir, quantized=name == "qlora")
+    assert (logits(plain, batch, train_mode=True) - trained_logits).abs().max() < 1e-5
+    base_logits = logits(load_model(str(model_dir)), batch)
+    assert (trained_logits - base_logits).abs().max() > 1e-3, "the adapter changed nothing"
+    if name == "rslora":
+        layer = plain.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.scaling["default"] == pytest.approx(ALPHA / math.sqrt(R))
+
+    # The merge is verified: merged logits equal the adapter model's in fp32.
+    check = export_run(run, merge=True)["merged"]
+    assert check["max_abs_diff"] < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(check["folder"], dtype=torch.float32)
+    assert not list(Path(check["folder"]).glob("adapter_*")), "the merged folder is a plain model"
+    assert (logits(merged, batch) - trained_logits).abs().max() < 1e-4
+
+
+def test_qlora_base_is_4bit_nf4_with_double_quantisation(arch_dirs):
+    import bitsandbytes as bnb
+
+    from tunesmith.adapters.lora import model_bytes
+    from tunesmith.models import load_quantized
+
+    model = load_quantized(str(arch_dirs["llama"]), torch.bfloat16)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 7 * model.config.num_hidden_layers  # every linear layer of the blocks, not the head
+    state = layers[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested and layers[0].compute_dtype == torch.bfloat16
+    full = load_model(str(arch_dirs["llama"]), torch.bfloat16)
+    assert model_bytes(model) < model_bytes(full)
+
+
+def test_merge_refuses_beyond_tolerance_and_says_by_how_much(arch_dirs, data_files, tmp_path):
+    """A merge whose output differs from the adapter model is not exported."""
+    results = tunesmith.train(run_config(arch_dirs["llama"], tmp_path / "run", {"method": "lora"}, data_files))
+    with pytest.raises(UserError, match=r"differ from the adapter model's by [0-9.e-]+ \(tolerance 1e-09\)"):
+        export_run(results["run_dir"], merge=True, tolerance=1e-9)
+    assert not (Path(results["run_dir"]) / "export" / "merged").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_tokenizer):
+    from tunesmith.data.demo import make_splits
+
+    rows = make_splits(4, seed=2, validation_size=0, test_size=0)["train"]
+    batch = collate([encode(tiny_tokenizer, r["messages"]) for r in rows], tiny_tokenizer.pad_token_id)
+
+    def grads(checkpointing: bool) -> torch.Tensor:
+        model = apply_adapter(load_model(str(tiny_model_dir)), AdapterConfig(method="full", gradient_checkpointing=checkpointing))
+        model.train()
+        total, count = label_loss_sum(model, batch)
+        (total / count).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    plain, recomputed = grads(False), grads(True)
+    assert (plain - recomputed).norm() / plain.norm() < 1e-5
+
+
+def test_freeze_embeddings_and_modules_to_save(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    total = sum(p.numel() for p in model.parameters())
+    embeddings = model.get_input_embeddings().weight.numel()
+    frozen = apply_adapter(model, AdapterConfig(method="full", freeze_embeddings=True))
+    assert sum(p.numel() for p in frozen.parameters() if p.requires_grad) == total - embeddings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = apply_adapter(load_model(str(tiny_model_dir)), AdapterConfig(r=R, modules_to_save=["norm"]))
+    assert any("vLLM" in str(w.message) for w in caught)
+    # peft matches by name suffix: every *norm module gets a trained copy.
+    from peft.utils import ModulesToSaveWrapper
+
+    copies = [m.modules_to_save["default"] for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    assert len(copies) == 2 * peft_model.config.num_hidden_layers + 1
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == expected_trainable("lora", peft_model.config, 0) + sum(c.weight.numel() for c in copies)
