@@ -77,7 +77,7 @@ def load(key: str) -> tuple[dict, dict] | None:
         return None
 
 
-def store(key: str, meta: dict, arrays: dict, extra_files: dict[str, Path] | None = None) -> Path | None:
+def store(key: str, meta: dict, arrays: dict) -> Path | None:
     """Write an entry; a cache that cannot be written (read-only, full disk) only costs speed."""
     import numpy as np
 
@@ -87,8 +87,6 @@ def store(key: str, meta: dict, arrays: dict, extra_files: dict[str, Path] | Non
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         np.savez(tmp / "tokens.npz", **arrays)
-        for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, tmp / name)
         final = root / key
         if final.exists():
             shutil.rmtree(final, ignore_errors=True)
