@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -187,12 +188,19 @@ def test_qlora_base_is_4bit_nf4_with_double_quantisation(arch_dirs):
     assert model_bytes(model) < model_bytes(full)
 
 
-def test_merge_refuses_beyond_tolerance_and_says_by_how_much(arch_dirs, data_files, tmp_path):
-    """A merge whose output differs from the adapter model is not exported."""
+def test_merge_refuses_beyond_tolerance_and_says_by_how_much(arch_dirs, data_files, tmp_path, capsys):
+    """A merge whose output differs from the adapter model is not exported; the CLI says so in one line."""
+    from tunesmith.cli import main
+
     results = tunesmith.train(run_config(arch_dirs["llama"], tmp_path / "run", {"method": "lora"}, data_files))
-    with pytest.raises(UserError, match=r"differ from the adapter model's by [0-9.e-]+ \(tolerance 1e-09\)"):
-        export_run(results["run_dir"], merge=True, tolerance=1e-9)
+    capsys.readouterr()
+    assert main(["export", results["run_dir"], "--merge", "--tolerance", "1e-12"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"differ from the adapter model's by [0-9.e-]+ \(tolerance 1e-12\)", error), error
+    assert "Traceback" not in error
     assert not (Path(results["run_dir"]) / "export" / "merged").exists()
+    assert main(["export", str(tmp_path / "missing"), "--merge"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_tokenizer):

@@ -107,6 +107,13 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    print(json.dumps(export(args.run, args.out, args.merge, args.tolerance), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pre-trained language models on your data.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -188,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1, every request needs the token printed at start")
     p.add_argument("--token", default=None, help="token to require (default: a random one when --host is not local)")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("export", help="export a run: --merge folds the adapter into the base, verified by logits")
+    p.add_argument("run")
+    p.add_argument("--merge", action="store_true", help="merged full-precision model (QLoRA: into the dequantised base)")
+    p.add_argument("--out", default=None, help="export folder (default: RUN/export)")
+    p.add_argument("--tolerance", type=float, default=None, help="largest fp32 logit difference accepted (default 1e-4)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
