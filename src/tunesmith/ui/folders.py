@@ -97,10 +97,10 @@ def checkpoints(folder: Path) -> list[str]:
 
 def status(folder: Path) -> str:
     """finished / running / stopped (resumable) / failed / pending: only what the folder holds says which."""
+    if training_pid(folder):  # also while it writes its report after results.json
+        return "running"
     if (folder / "results.json").is_file():
         return "finished"
-    if training_pid(folder):
-        return "running"
     if checkpoints(folder):
         return "stopped"
     if (folder / LOG_FILE).is_file() or (folder / "metrics.jsonl").is_file():

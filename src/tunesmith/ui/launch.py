@@ -2,7 +2,6 @@
 so a run started from the page is the same as one started in a terminal."""
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import subprocess
@@ -50,59 +49,35 @@ def form_config(form: dict, runs_dir: Path) -> tuple[str, Config]:
 def preview(form: dict, runs_dir: Path) -> dict:
     """The data check and the plan, shown before a run starts."""
     from ..api import check_data_paths
+    from ..data.check import build_report
     from ..data.prepare import prepare
-    from ..models import load_tokenizer
     from ..training.loop import total_steps
 
     name, cfg = form_config(form, runs_dir)
     check_data_paths(cfg)
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    data = prepare(cfg.data, tokenizer)
-    summary = data.summary()
-    n_train = summary["examples"]["train"]
-    steps = total_steps(cfg, n_train)
+    data = prepare(cfg.data, cfg.model.name)  # the model spec lets a cached tokenisation skip the tokenizer
+    check = build_report(data, cfg.data, cfg.data.train, cfg.model.name)
+    train = data.splits["train"]
+    steps = total_steps(cfg, len(train))
     per_step = cfg.train.batch_size * cfg.train.grad_accum
-    mean_tokens = summary["tokens"]["train"] / max(1, n_train)
-    plan = {"optimizer_steps": steps, "examples_per_step": per_step,
-            "epochs": round(steps * per_step / max(1, n_train), 2),
-            "tokens_to_train": int(steps * per_step * mean_tokens), "mean_tokens_per_example": round(mean_tokens, 1)}
-    return {
-        "name": name,
-        "config": cfg.model_dump(mode="json"),
-        "exists": (runs_dir / name).exists(),
-        "data_check": {**summary, **_richer("tunesmith.data.check", ("check_data", "check_file", "check"), cfg, tokenizer)},
-        "plan": {**plan, **_richer("tunesmith.plan", ("plan", "estimate", "make_plan"), cfg, tokenizer)},
-    }
+    mean_tokens = train.tokens / max(1, len(train))
+    basic = {"optimizer_steps": steps, "examples_per_step": per_step, "epochs": round(steps * per_step / max(1, len(train)), 2),
+             "tokens_to_train": int(steps * per_step * mean_tokens), "mean_tokens_per_example": round(mean_tokens, 1)}
+    return {"name": name, "config": cfg.model_dump(mode="json"), "exists": (runs_dir / name).exists(),
+            "data_check": check, "plan": basic, "plan_text": memory_and_time(cfg, check, train.tokens, mean_tokens)}
 
 
-def _richer(module_name: str, function_names: tuple[str, ...], cfg: Config, tokenizer) -> dict:
-    """The fuller data check / plan where that module exists; the basic figures stand without it."""
-    import dataclasses
-    import importlib
-
+def memory_and_time(cfg: Config, check: dict, tokens: int, mean_tokens: float) -> str | None:
+    """`tunesmith plan`'s memory and time estimate where that module is installed; the basic plan stands without."""
     try:
-        module = importlib.import_module(module_name)
+        from ..plan import format_plan, plan, setup_from_config
     except ImportError:
-        return {}
-    function = next((getattr(module, n) for n in function_names if callable(getattr(module, n, None))), None)
-    if function is None:
-        return {}
-    offered = {"config": cfg, "cfg": cfg, "data": cfg.data, "path": cfg.data.train, "file": cfg.data.train,
-               "model": cfg.model.name, "tokenizer": tokenizer, "max_seq_len": cfg.data.max_seq_len}
+        return None
     try:
-        params = inspect.signature(function).parameters.values()
-        kwargs = {p.name: offered[p.name] for p in params if p.name in offered}
-        if any(p.default is p.empty and p.name not in kwargs and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for p in params):
-            return {}
-        found = function(**kwargs)
-        if dataclasses.is_dataclass(found):
-            found = dataclasses.asdict(found)
-        elif hasattr(found, "to_dict"):
-            found = found.to_dict()
-        return {"details": found} if isinstance(found, dict) else {"details": str(found)}
-    except Exception as err:  # a neighbour's module mid-change must not break the form
-        return {"details_error": f"{module_name}.{function.__name__}: {type(err).__name__}: {err}"}
+        setup = setup_from_config(cfg, check.get("label_share") or 1.0)
+        return format_plan(plan(cfg.model.name, setup, tokens=tokens, mean_seq=mean_tokens))
+    except Exception as err:  # an estimate that fails must not block starting the run
+        return f"no estimate: {type(err).__name__}: {err}"
 
 
 def start(form: dict, runs_dir: Path) -> tuple[str, subprocess.Popen]:

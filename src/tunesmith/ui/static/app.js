@@ -84,7 +84,7 @@ function chart(id, title, series, { width = 440, height = 220 } = {}) {
   }
   let [x0, x1] = [Math.min(...points.map((p) => p[0])), Math.max(...points.map((p) => p[0]))];
   let [y0, y1] = [Math.min(...points.map((p) => p[1])), Math.max(...points.map((p) => p[1]))];
-  if (x1 === x0) x1 = x0 + 1;
+  if (x1 === x0) [x0, x1] = [x0 - 1, x1 + 1];
   const pad = (y1 - y0) * 0.06 || Math.abs(y0) * 0.1 || 1;
   [y0, y1] = [y0 - pad, y1 + pad];
   const sx = (x) => m.l + ((x - x0) / (x1 - x0)) * (width - m.l - m.r);
@@ -94,7 +94,7 @@ function chart(id, title, series, { width = 440, height = 220 } = {}) {
     root.append(svg("line", { class: "grid", x1: m.l, x2: width - m.r, y1: sy(y), y2: sy(y) }));
     root.append(svg("text", { x: 4, y: sy(y) + 4, text: fmt(y, 3) }));
     const x = x0 + ((x1 - x0) * i) / 4;
-    root.append(svg("text", { x: sx(x) - 8, y: height - 8, text: fmt(Math.round(x)) }));
+    root.append(svg("text", { x: sx(x) - 8, y: height - 8, text: fmt(x1 - x0 >= 8 ? Math.round(x) : x, 3) }));
   }
   series.forEach((s, index) => {
     const color = s.color || COLORS[index % COLORS.length];
@@ -312,7 +312,8 @@ function newRunPage() {
       const dataCheck = found.data_check;
       out.replaceChildren(el("div", { class: "side" },
         el("div", {}, el("h2", { text: "Data check" }), kvTable(dataCheck, "data-check-table")),
-        el("div", {}, el("h2", { text: "Plan" }), kvTable(found.plan, "plan-table"))),
+        el("div", {}, el("h2", { text: "Plan" }), kvTable(found.plan, "plan-table"),
+          found.plan_text ? el("pre", { id: "plan-text", text: found.plan_text }) : "")),
         found.exists ? el("p", { class: "error", text: `A run named ${found.name} exists: choose another name.` }) : "");
       start.disabled = found.exists;
     } catch (err) {

@@ -1,0 +1,200 @@
+"""The dashboard in a real headless browser (Debian's chromium via selenium): start a tiny run from the
+form, watch its curve grow, stop it (checkpoint first), resume it, open its report, compare two runs.
+Screenshots go to tests/ui_artifacts/. Skipped where chromium, chromedriver or selenium is missing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
+ARTIFACTS = Path(__file__).parent / "ui_artifacts"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--window-size=1400,1100"]
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium / chromedriver not installed")
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    from tunesmith.ui import make_server
+
+    runs = tmp_path_factory.mktemp("ui-runs")
+    server = make_server(runs, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    for child in server.children:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS + [f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    ARTIFACTS.mkdir(exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+def wait_for(predicate, timeout=150.0, every=0.25, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            value = predicate()
+        except Exception:  # the page re-renders under us: try again
+            value = None
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def text_of(driver, css: str) -> str:
+    return driver.find_element(By.CSS_SELECTOR, css).text
+
+
+def logged_steps(folder: Path) -> list[int]:
+    """Steps of the complete train records in metrics.jsonl."""
+    steps = []
+    for line in (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == "train":
+            steps.append(record["step"])
+    return steps
+
+
+def curve_points(driver, series: str = "train loss") -> int:
+    return int(driver.find_element(By.CSS_SELECTOR, f'#chart-loss path[data-series="{series}"]').get_attribute("data-points"))
+
+
+def test_start_watch_stop_resume_and_report(dashboard, browser, tmp_path, tiny_model_dir, tiny_tokenizer):
+    from tunesmith.config import DataConfig
+    from tunesmith.data.demo import make_splits
+    from tunesmith.data.prepare import prepare
+
+    splits = make_splits(40, seed=4, validation_size=6, test_size=4)
+    files = {name: write_jsonl(tmp_path / f"{name}.jsonl", rows) for name, rows in splits.items()}
+    base = f"http://127.0.0.1:{dashboard.server_address[1]}/"
+    browser.get(base + "#/new")
+    form = {"name": "from-form", "model": str(tiny_model_dir), "train": str(files["train"]),
+            "validation": str(files["validation"]), "test": str(files["test"]), "max_steps": "30", "batch_size": "2",
+            "lr": "1e-2", "log_every": "1", "eval_every": "10", "max_seq_len": "256"}
+    for key, value in form.items():
+        field = browser.find_element(By.ID, f"f-{key}")
+        field.clear()
+        field.send_keys(value)
+    browser.find_element(By.ID, "f-extra").send_keys("model.dtype=float32\neval.max_new_tokens=8")
+    assert not browser.find_element(By.ID, "start").is_enabled()  # the data check and plan come first
+    browser.find_element(By.ID, "preview").click()
+    wait_for(lambda: browser.find_element(By.ID, "plan-table"), 120, what="the plan")
+    assert "optimizer_steps 30" in text_of(browser, "#plan-table")
+    prepared = prepare(DataConfig(train=str(files["train"]), validation=str(files["validation"]), test=str(files["test"]),
+                                  max_seq_len=256), tiny_tokenizer)
+    expected = {name: len(split) for name, split in prepared.splits.items()}
+    assert json.dumps(expected, separators=(",", ":")) in text_of(browser, "#data-check-table")
+    browser.save_screenshot(str(ARTIFACTS / "1-form-checked.png"))
+
+    browser.find_element(By.ID, "start").click()
+    wait_for(lambda: "#/run/from-form" in browser.current_url, 30, what="the run page")
+    folder = Path(dashboard.runs_dir) / "from-form"
+    pid = int(wait_for(lambda: (folder / "train.pid").read_text(), 30, what="the pid file"))
+    # The trainer is frozen (SIGSTOP) between looks, so the page is checked against known points on any machine speed.
+    wait_for(lambda: logged_steps(folder), 120, 0.02, "the first logged step")
+    os.kill(pid, signal.SIGSTOP)
+    assert wait_for(lambda: text_of(browser, "#run-status") == "running", 30, what="running")
+    seen = []
+    for _ in range(3):
+        steps = logged_steps(folder)
+        assert len(steps) < 30, "the run ended before the curve could be watched"
+        wait_for(lambda: curve_points(browser) == len(steps), 20, what=f"{len(steps)} points on the curve")
+        seen.append(len(steps))
+        os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: len(logged_steps(folder)) > len(steps), 60, 0.02, "another logged step")
+        os.kill(pid, signal.SIGSTOP)
+    assert seen == sorted(set(seen)) and len(seen) == 3
+    browser.save_screenshot(str(ARTIFACTS / "2-run-training.png"))
+
+    browser.find_element(By.ID, "stop").click()
+    time.sleep(0.5)  # the SIGTERM is pending in the frozen trainer; it acts on it when thawed
+    os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: text_of(browser, "#run-status") == "stopped", 60, what="stopped")
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in (folder / "checkpoints").iterdir())
+    assert checkpoints and checkpoints[-1] < 30 and checkpoints[-1] >= logged_steps(folder)[-1]
+    assert "stopped by signal 15; checkpoint saved" in (folder / "train.log").read_text()
+    wait_for(lambda: f"step-{checkpoints[-1]:08d}" in text_of(browser, "#checkpoints"), 10, what="the checkpoint listed")
+    browser.save_screenshot(str(ARTIFACTS / "3-run-stopped.png"))
+
+    browser.find_element(By.ID, "resume").click()
+    wait_for(lambda: text_of(browser, "#run-status") == "finished", 180, what="finished")
+    results = json.loads((folder / "results.json").read_text())
+    assert results["resumed_from"] == checkpoints[-1] and results["steps"] == 30
+    assert logged_steps(folder) == list(range(1, 31))
+    assert wait_for(lambda: curve_points(browser) == 30, 10, what="the whole curve")
+    # The report: the page's comparison with the base model holds exactly what results.json holds.
+    row = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, '#comparison tr[data-metric="eval_loss"]'), 10)
+    cells = [float(c.text) for c in row.find_elements(By.CSS_SELECTOR, "td.base, td.tuned")]
+    assert cells == pytest.approx([results["base"]["eval_loss"], results["fine_tuned"]["eval_loss"]], rel=1e-3)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#examples-table tbody tr")) == expected["test"]
+    browser.save_screenshot(str(ARTIFACTS / "4-run-finished.png"))
+    if importlib.util.find_spec("tunesmith.eval.report"):  # training writes report.html where that feature is present
+        wait_for(lambda: browser.find_element(By.ID, "report-report-html"), 10, what="the report link").click()
+        browser.switch_to.window(browser.window_handles[-1])
+        wait_for(lambda: browser.execute_script("return document.readyState") == "complete", 20)
+        assert "report.html" in browser.current_url and browser.find_element(By.TAG_NAME, "body").text.strip()
+        browser.save_screenshot(str(ARTIFACTS / "5-report.png"))
+        browser.close()
+        browser.switch_to.window(browser.window_handles[0])
+
+
+def test_compare_two_runs(dashboard, browser, tiny_config):
+    import tunesmith
+
+    runs = Path(dashboard.runs_dir)
+    for name, lr in (("lr-high", 2e-2), ("lr-low", 2e-3)):
+        config = {**tiny_config, "output": {"dir": str(runs / name)},
+                  "train": {**tiny_config["train"], "lr": lr, "max_steps": 8, "log_every": 2},
+                  "eval": {**tiny_config["eval"], "generate": False}}
+        tunesmith.train(config)
+    base = f"http://127.0.0.1:{dashboard.server_address[1]}/"
+    browser.get(base + "#/")
+    for name in ("lr-high", "lr-low"):
+        box = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, f'#row-{name} input.pick'), 20, what=name)
+        assert browser.find_element(By.CSS_SELECTOR, f"#row-{name}").get_attribute("data-status") == "finished"
+        box.click()
+    browser.save_screenshot(str(ARTIFACTS / "6-run-list.png"))
+    browser.find_element(By.ID, "compare").click()
+    wait_for(lambda: browser.find_element(By.ID, "compare-table"), 20, what="the comparison")
+    for name in ("lr-high", "lr-low"):
+        logged = [json.loads(line) for line in open(runs / name / "metrics.jsonl")]
+        points = int(browser.find_element(By.CSS_SELECTOR, f'#chart-loss path[data-series="{name}"]').get_attribute("data-points"))
+        assert points == len([r for r in logged if r["event"] == "train"]) == 4
+    row = browser.find_element(By.CSS_SELECTOR, '#config-diff tr[data-key="train.lr"]')
+    assert [c.text for c in row.find_elements(By.TAG_NAME, "td")] == ["0.02", "0.002"]
+    tuned = browser.find_element(By.CSS_SELECTOR, '#compare-table tr[data-key="fine_tuned.eval_loss"]')
+    expected = [json.loads((runs / n / "results.json").read_text())["fine_tuned"]["eval_loss"] for n in ("lr-high", "lr-low")]
+    assert [float(c.text) for c in tuned.find_elements(By.TAG_NAME, "td")] == pytest.approx(expected, rel=1e-3)
+    browser.save_screenshot(str(ARTIFACTS / "7-compare.png"))
