@@ -1,0 +1,164 @@
+"""Will it fit, and how long will it take: `tunesmith plan`, from the model's config alone.
+
+plan() -> a Plan: the memory breakdown of one setup, whether it fits each device, what to change
+where it does not, and the time per epoch where the data set's token count is known.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .devices import GPUS, Device, GiB, cpu_overhead, find_device, this_machine
+from .memory import METHODS, Estimate, Setup, estimate
+from .shapes import LINEARS, ModelShape, model_shape
+from .speed import CPU_UTILISATION, GPU_UTILISATION, epoch_seconds, flops_per_token
+
+__all__ = ["plan", "setup_from_config", "Plan", "Setup", "Estimate", "estimate", "estimate_on",
+           "estimate_for_machine", "model_shape", "METHODS", "format_plan"]
+
+
+@dataclass
+class Fit:
+    device: Device
+    estimate: Estimate
+    epoch_seconds: float | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.total <= self.device.memory
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    setup: Setup
+    estimate: Estimate  # tensors only (no device overhead)
+    fits: list[Fit]
+    target: Fit | None = None  # the named device or memory size
+    changes: list[tuple[str, Estimate]] = field(default_factory=list)  # what would make it fit the target
+    tokens: int | None = None
+    flops_per_token: float = 0.0
+
+
+def estimate_on(shape: ModelShape, setup: Setup, device: Device) -> Estimate:
+    """The estimate including what the device needs beyond the tensors."""
+    return estimate(shape, setup, overhead=device.overhead(estimate(shape, setup).total))
+
+
+def estimate_for_machine(shape: ModelShape, setup: Setup) -> Estimate:
+    """For a CPU run on this machine (no matmul benchmark needed)."""
+    return estimate(shape, setup, overhead=cpu_overhead(estimate(shape, setup).total))
+
+
+def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memory_gib: float | None = None,
+         tokens: int | None = None, mean_seq: float | None = None, utilisation: float | None = None,
+         include_this_machine: bool = True) -> Plan:
+    shape = model if isinstance(model, ModelShape) else model_shape(model)
+    devices = list(GPUS.values()) + ([this_machine()] if include_this_machine or device else [])
+    target_device = None
+    if memory_gib is not None:
+        target_device = Device(f"{memory_gib:g} GiB", memory_gib * GiB, None, 1.0)
+    elif device is not None:
+        target_device = find_device(device)
+        devices = [d for d in devices if d.name != target_device.name] + [target_device]
+
+    def fit_on(dev: Device, candidate: Setup = setup) -> Fit:
+        seconds = None
+        if tokens and dev.fp32_tflops > 1.0:
+            util = utilisation or (CPU_UTILISATION if dev.is_cpu else GPU_UTILISATION)
+            seconds = epoch_seconds(tokens, shape, candidate, dev.peak_flops(candidate.dtype), util, mean_seq)
+        return Fit(dev, estimate_on(shape, candidate, dev), seconds)
+
+    fits = [fit_on(d) for d in devices]
+    target = fit_on(target_device) if target_device else None
+    changes = []
+    if target and not target.fits:
+        for label, candidate in candidate_changes(setup):
+            fitted = fit_on(target_device, candidate)
+            if fitted.fits:
+                changes.append((label, fitted.estimate))
+    return Plan(shape, setup, estimate(shape, setup), fits, target, changes[:4], tokens,
+                flops_per_token(shape, setup, mean_seq))
+
+
+def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
+    """Changes to try, least disruptive first."""
+    found = []
+
+    def add(label, **changes):
+        candidate = replace(setup, **changes)
+        if candidate != setup and label not in [f for f, _ in found]:
+            found.append((label, candidate))
+
+    ckpt = {"gradient_checkpointing": True}
+    add("gradient checkpointing on (adapter.gradient_checkpointing=true)", **ckpt)
+    for batch in (setup.batch // 2, setup.batch // 4, 1):
+        if batch >= 1:
+            add(f"micro-batch {batch} (train.batch_size={batch}, raise train.grad_accum to keep the step size)"
+                + (" with gradient checkpointing" if True else ""), batch=batch, **ckpt)
+    if setup.dtype == "float32":
+        add("bfloat16 (model.dtype=bfloat16) with gradient checkpointing", dtype="bfloat16", **ckpt)
+    if setup.method == "full":
+        add("LoRA instead of full fine-tuning (adapter.method=lora) with gradient checkpointing", method="lora", **ckpt)
+    if setup.method != "qlora":
+        add("QLoRA: 4-bit base (adapter.method=qlora) with gradient checkpointing", method="qlora", **ckpt)
+        add("QLoRA with gradient checkpointing and micro-batch 1", method="qlora", batch=1, **ckpt)
+    for seq in (setup.seq // 2, setup.seq // 4):
+        if seq >= 64:
+            add(f"sequences of at most {seq} tokens (data.max_seq_len={seq}), micro-batch 1, checkpointing",
+                seq=seq, batch=1, **ckpt)
+    return found
+
+
+def setup_from_config(cfg, label_share: float = 1.0) -> Setup:
+    """The Setup a tunesmith run config trains with (longest sequences: the worst case)."""
+    from ..models import compute_dtype
+
+    dtype = str(compute_dtype(cfg.model.dtype)).replace("torch.", "")
+    targets = LINEARS if cfg.adapter.target_modules == "all-linear" else tuple(cfg.adapter.target_modules)
+    return Setup(method=cfg.adapter.method, dtype=dtype, batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
+                 gradient_checkpointing=bool(getattr(cfg.adapter, "gradient_checkpointing", False)),
+                 r=cfg.adapter.r, targets=targets, label_share=label_share)
+
+
+def gib(value: float) -> str:
+    return f"{value / GiB:.2f} GiB"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_plan(p: Plan) -> str:
+    s, shape, est = p.setup, p.shape, p.estimate
+    targets = "all linear" if set(s.targets) == set(LINEARS) else ",".join(s.targets)
+    method = s.method if s.method == "full" else f"{s.method} r={s.r} on {targets}"
+    lines = [
+        f"model: {shape.name}: {shape.total_params / 1e9:.3f}B parameters, {shape.layers} layers, hidden "
+        f"{shape.hidden}, vocab {shape.vocab}",
+        f"setup: {method}, {s.dtype}, micro-batch {s.batch} x {s.seq} tokens, gradient checkpointing "
+        f"{'on' if s.gradient_checkpointing else 'off'}, {s.label_share:.0%} of positions with a label",
+        f"trainable: {est.trainable / 1e6:.2f}M parameters; peak during the {est.peak_phase}",
+        "memory at the peak (tensors):",
+    ]
+    lines += [f"  {name:<26}{gib(value):>12}" for name, value in est.parts.items() if name != "framework overhead"]
+    lines.append(f"  {'total':<26}{gib(est.total):>12}")
+    lines.append(f"activations without / with gradient checkpointing: {gib(est.activations_no_ckpt)} / "
+                 f"{gib(est.activations_ckpt)}")
+    if p.tokens:
+        lines.append(f"time: {p.flops_per_token / 1e9:.2f} GFLOP per token x {p.tokens:,} tokens per epoch "
+                     f"(utilisation {GPU_UTILISATION:.0%} of the dense peak on GPUs, {CPU_UTILISATION:.0%} of the "
+                     "measured matmul peak here)")
+    lines.append(f"{'device':<20}{'memory':>10}{'needs':>12}  fits{'  epoch' if p.tokens else ''}")
+    for fit in p.fits + ([p.target] if p.target and p.target.device.name not in [f.device.name for f in p.fits] else []):
+        epoch = f"  {duration(fit.epoch_seconds)}" if fit.epoch_seconds else ""
+        lines.append(f"{fit.device.name:<20}{fit.device.memory / GiB:>7.0f} GiB{gib(fit.estimate.total):>12}  "
+                     f"{'yes ' if fit.fits else 'no  '}{epoch}")
+    if p.target and not p.target.fits:
+        lines.append(f"does not fit {p.target.device.name}; " + ("changes that fit:" if p.changes else
+                                                                  "no single change makes it fit"))
+        lines += [f"  - {label}: {gib(changed.total)}" for label, changed in p.changes]
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Devices a plan can be checked against: common GPUs and this machine.
+
+Memory is the card's nominal size; peaks are dense (no sparsity) tensor-core figures from the
+vendors' data sheets, in TFLOP/s. What a GPU run needs beyond its tensors (the CUDA context and
+the caching allocator's slack) is the device's overhead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 2**30
+CUDA_CONTEXT = 0.5 * GiB
+ALLOCATOR_SLACK = 0.05  # share of the tensors the CUDA caching allocator holds on top
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory: float  # bytes
+    bf16_tflops: float | None  # None: no fast bf16 (the plan then uses fp16 or fp32 figures)
+    fp32_tflops: float
+    is_cpu: bool = False
+
+    def overhead(self, tensors: float) -> float:
+        if self.is_cpu:
+            return cpu_overhead(tensors)
+        return CUDA_CONTEXT + ALLOCATOR_SLACK * tensors
+
+    def peak_flops(self, dtype: str) -> float:
+        if dtype == "float32" or self.bf16_tflops is None:
+            return self.fp32_tflops * 1e12
+        return self.bf16_tflops * 1e12
+
+
+GPUS = {
+    "t4": Device("T4 16 GB", 16 * GiB, None, 8.1),
+    "l4": Device("L4 24 GB", 24 * GiB, 121, 30.3),
+    "a10": Device("A10 24 GB", 24 * GiB, 125, 31.2),
+    "rtx4090": Device("RTX 4090 24 GB", 24 * GiB, 165, 82.6),
+    "a100-40gb": Device("A100 40 GB", 40 * GiB, 312, 19.5),
+    "a100-80gb": Device("A100 80 GB", 80 * GiB, 312, 19.5),
+    "h100": Device("H100 80 GB", 80 * GiB, 989, 67),
+    "h200": Device("H200 141 GB", 141 * GiB, 989, 67),
+}
+
+
+def cpu_overhead(tensors: float) -> float:
+    """Resident memory on top of the tensors in a CPU run (see bench/plan_accuracy.py)."""
+    return 0.0
+
+
+def this_machine() -> Device:
+    import psutil
+
+    from .speed import matmul_peak
+
+    return Device("this machine", float(psutil.virtual_memory().total), matmul_peak("bfloat16") / 1e12,
+                  matmul_peak("float32") / 1e12, is_cpu=True)
+
+
+def find_device(name: str) -> Device:
+    from ..errors import UserError
+
+    key = name.lower().replace(" ", "").replace("_", "-")
+    if key in ("this", "this-machine", "cpu", "local"):
+        return this_machine()
+    if key in GPUS:
+        return GPUS[key]
+    for device in GPUS.values():
+        if device.name.lower().replace(" ", "").startswith(key):
+            return device
+    raise UserError(f"unknown device '{name}'; known: {', '.join(GPUS)}, this-machine")

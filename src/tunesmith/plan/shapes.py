@@ -1,0 +1,112 @@
+"""The shape of a decoder-only transformer, read from its config alone (never its weights).
+
+A few well-known shapes ship here so that plans for large models work where the hub cannot be
+reached; anything else is read with transformers.AutoConfig from a hub id or a local folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+# Config fields as published in the models' config.json files (hub: meta-llama/..., huggyllama/...).
+KNOWN = {
+    "meta-llama/Llama-3.1-8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                    tie_word_embeddings=False),
+    "meta-llama/Llama-3.1-70B": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                     num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                                     tie_word_embeddings=False),
+    "meta-llama/Llama-2-7b-hf": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                                     tie_word_embeddings=False),
+    "meta-llama/Llama-2-70b-hf": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                                      num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                                      tie_word_embeddings=False),
+    "huggyllama/llama-65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016,
+                                 num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64,
+                                 tie_word_embeddings=False),
+}
+ALIASES = {"llama-3.1-8b": "meta-llama/Llama-3.1-8B", "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
+           "llama-2-7b": "meta-llama/Llama-2-7b-hf", "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+           "llama-65b": "huggyllama/llama-65b"}
+
+# Linear layers of a Llama-style block: name -> (input width, output width) as functions of the shape.
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    name: str = "model"
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of every linear layer in one block."""
+        h, q, kv, i = self.hidden, self.q_width, self.kv_width, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def block_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linears().values())
+
+    @property
+    def block_params(self) -> int:
+        return self.block_linear_params + 2 * self.hidden  # two RMSNorm weights
+
+    @property
+    def embedding_params(self) -> int:
+        """Token embeddings plus an untied LM head (a tied head is the same tensor)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def total_params(self) -> int:
+        return self.layers * self.block_params + self.embedding_params + self.hidden
+
+
+def shape_from_dict(config: dict, name: str = "model") -> ModelShape:
+    heads = config["num_attention_heads"]
+    hidden = config["hidden_size"]
+    return ModelShape(
+        vocab=config["vocab_size"], hidden=hidden, intermediate=config["intermediate_size"],
+        layers=config["num_hidden_layers"], heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or hidden // heads,
+        tied=bool(config.get("tie_word_embeddings", False)), name=name)
+
+
+def model_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
+    """The shape of 'default', a shipped name, a local folder or a hub id, from its config only."""
+    key = ALIASES.get(spec.lower(), spec)
+    if key in KNOWN:
+        return shape_from_dict(KNOWN[key], key)
+    from transformers import AutoConfig
+
+    from ..models import resolve_model_path
+
+    where, gguf = resolve_model_path(spec)
+    try:
+        config = AutoConfig.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{spec}: cannot read the model config ({str(err).splitlines()[0]}); "
+                        f"shipped shapes: {', '.join(sorted(ALIASES))}") from None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        return shape_from_dict(config.to_dict(), spec)
+    except KeyError as err:
+        raise UserError(f"{spec}: config has no {err}; only decoder-only transformers can be planned") from None

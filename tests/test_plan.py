@@ -1,0 +1,180 @@
+"""tunesmith plan: the memory breakdown against real tensors, and against published GPU measurements."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunesmith.plan import GiB, Setup, estimate, estimate_on, format_plan, model_shape, plan
+from tunesmith.plan.devices import GPUS
+from tunesmith.plan.memory import adapter_params, weight_bytes
+from tunesmith.plan.shapes import LINEARS, shape_from_dict
+from tunesmith.plan.speed import flops_per_token
+
+GB = 1e9
+
+
+def saved_tensor_bytes(model, batch) -> int:
+    """Bytes autograd keeps for the backward pass of tunesmith's loss (each storage once, weights excluded)."""
+    from tunesmith.training.loss import label_loss_sum
+
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        label_loss_sum(model, batch)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(size for ptr, size in seen.items() if ptr not in weights)
+
+
+@pytest.mark.parametrize("method,dtype,targets", [
+    ("full", "float32", LINEARS), ("full", "bfloat16", LINEARS), ("lora", "float32", LINEARS),
+    ("lora", "bfloat16", LINEARS), ("lora", "bfloat16", ("q_proj", "v_proj")), ("lora", "float32", ("down_proj",)),
+])
+def test_activation_terms_match_the_tensors_autograd_keeps(tiny_model_dir, method, dtype, targets):
+    from tunesmith.adapters.lora import apply_adapter
+    from tunesmith.config import AdapterConfig
+    from tunesmith.models import load_model
+
+    model = load_model(str(tiny_model_dir), getattr(torch, dtype))
+    model = apply_adapter(model, AdapterConfig(method=method, target_modules=list(targets)))
+    model.train()
+    batch_size, seq = 3, 96
+    ids = torch.randint(0, model.config.vocab_size, (batch_size, seq), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :40] = -100  # 56 of the 95 next-token targets carry a label
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    kept = saved_tensor_bytes(model, batch)
+
+    setup = Setup(method=method, dtype=dtype, batch=batch_size, seq=seq, targets=targets, label_share=56 / seq)
+    est = estimate(model_shape(str(tiny_model_dir)), setup)
+    predicted = est.activations_no_ckpt + est.kept_logits
+    assert predicted == pytest.approx(kept, rel=0.02)
+
+
+def test_parameter_counts_match_the_real_model_and_peft(tiny_model_dir):
+    from tunesmith.adapters.lora import apply_adapter
+    from tunesmith.config import AdapterConfig
+    from tunesmith.models import load_model
+
+    shape = model_shape(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), torch.float32)
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    assert weight_bytes(shape, Setup(method="full", dtype="float32")) == 4 * shape.total_params
+    lora = apply_adapter(model, AdapterConfig(method="lora", r=4, target_modules=["q_proj", "down_proj"]))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert adapter_params(shape, Setup(r=4, targets=("q_proj", "down_proj"))) == trainable
+
+
+def test_breakdown_sums_to_the_total_and_the_printed_plan_agrees(tiny_model_dir):
+    shape = model_shape(str(tiny_model_dir))
+    for method in ("full", "lora", "dora", "qlora"):
+        for ckpt in (False, True):
+            est = estimate_on(shape, Setup(method=method, gradient_checkpointing=ckpt, batch=4, seq=256), GPUS["l4"])
+            assert est.total == pytest.approx(sum(est.parts.values()))
+            assert all(value >= 0 for value in est.parts.values())
+            assert est.parts["framework overhead"] > 0
+    text = format_plan(plan(shape, Setup(method="lora", batch=4, seq=256), include_this_machine=False))
+    printed = {line.split()[0]: float(line.split()[-2]) for line in text.splitlines()
+               if line.startswith("  ") and line.rstrip().endswith("GiB")}
+    total = printed.pop("total")
+    assert sum(printed.values()) == pytest.approx(total, abs=0.01 * len(printed))
+
+
+def test_checkpointing_quantisation_and_batch_move_memory_the_right_way():
+    shape = model_shape("llama-3.1-8b")
+    base = Setup(method="lora", dtype="bfloat16", batch=4, seq=2048)
+    lora = estimate(shape, base)
+    ckpt = estimate(shape, Setup(**{**base.__dict__, "gradient_checkpointing": True}))
+    qlora = estimate(shape, Setup(**{**base.__dict__, "method": "qlora", "upcast_extras": False}))
+    assert ckpt.parts["activations"] < lora.parts["activations"] / 5
+    assert qlora.parts["weights"] < lora.parts["weights"] / 2.5  # embeddings and head stay 16-bit
+    full = estimate(shape, Setup(method="full", dtype="bfloat16", batch=1, seq=512))
+    # Full fine-tuning in bf16 with AdamW: weights, gradients and two states, 2 bytes each.
+    assert full.parts["weights"] + full.parts["optimizer states"] == pytest.approx(6 * shape.total_params)
+
+
+# Published peak memory, each with the configuration it was measured in.
+# torchtune README (Llama 3.1 8B on one RTX 4090): batch 2, packed sequences of 2048 tokens (every position has
+# a label), activation checkpointing, torch.compile, bf16 everywhere (LoRA weights and AdamW states included),
+# LoRA rank 8 on q_proj, v_proj, output_proj and the MLP (recipes llama3_1/8B_lora_single_device.yaml and
+# 8B_qlora_single_device.yaml); embeddings and LM head stay bf16 (no fp32 upcast). Its loss
+# (CEWithChunkedOutputLoss, compiled) runs the head in 8 chunks (512 positions here) and keeps the bf16 logits.
+# torchtune reports torch.cuda memory statistics, which leave out the CUDA context: compared without overhead.
+TORCHTUNE = Setup(method="lora", dtype="bfloat16", batch=2, seq=2048, gradient_checkpointing=True, r=8,
+                  targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), label_share=1.0,
+                  adapter_dtype="bfloat16", upcast_extras=False, head_chunk=512, logit_bytes=2)
+
+
+@pytest.mark.parametrize("method,published_gib", [("qlora", 7.4), ("lora", 16.2)])
+def test_llama_3_1_8b_matches_torchtune_on_an_rtx_4090(method, published_gib):
+    setup = Setup(**{**TORCHTUNE.__dict__, "method": method})
+    est = estimate(model_shape("meta-llama/Llama-3.1-8B"), setup)
+    assert est.total <= GPUS["rtx4090"].memory
+    assert est.total / GiB == pytest.approx(published_gib, rel=0.25)
+
+
+def test_llama_65b_qlora_fits_one_48_gb_gpu_as_in_the_qlora_paper():
+    # QLoRA paper (Dettmers et al. 2023): LLaMA-65B fine-tuned on one 48 GB GPU with NF4 + double quantisation,
+    # LoRA r=64 on every linear layer, bf16 adapters and embeddings, paged 32-bit AdamW (8 bytes per weight),
+    # gradient checkpointing, micro-batch 1, sequences up to 512 tokens.
+    setup = Setup(method="qlora", dtype="bfloat16", batch=1, seq=512, gradient_checkpointing=True, r=64,
+                  adapter_dtype="bfloat16", optimizer_bytes=8, upcast_extras=False)
+    card = GPUS["a100-40gb"].__class__("48 GB", 48 * GB, 150, 38)
+    est = estimate_on(model_shape("llama-65b"), setup, card)
+    assert 0.75 * 48 * GB <= est.total <= 48 * GB
+    # ... and the same model in 16-bit LoRA does not fit.
+    assert estimate_on(model_shape("llama-65b"), Setup(**{**setup.__dict__, "method": "lora"}), card).total > 48 * GB
+
+
+def test_a_plan_that_does_not_fit_names_changes_that_do():
+    p = plan("llama-3.1-8b", Setup(method="lora", dtype="bfloat16", batch=8, seq=2048), device="t4",
+             include_this_machine=False)
+    assert not p.target.fits
+    assert p.changes and all(changed.total <= 16 * GiB for _, changed in p.changes)
+    assert "does not fit T4" in format_plan(p)
+
+
+def test_flops_per_token_follow_6n_and_4n():
+    shape = shape_from_dict(dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                 num_hidden_layers=32, num_attention_heads=32))
+    n = shape.layers * shape.block_linear_params
+    setup = Setup(method="full", seq=1, label_share=0.0)
+    assert flops_per_token(shape, setup) == pytest.approx(6 * n, rel=0.01)
+    lora = flops_per_token(shape, Setup(method="lora", seq=1, label_share=0.0, r=8))
+    assert lora == pytest.approx(4 * n, rel=0.02)
+    assert flops_per_token(shape, Setup(method="full", seq=4096)) > flops_per_token(shape, Setup(method="full", seq=256))
+
+
+def test_time_per_epoch_scales_with_tokens():
+    p1 = plan("llama-3.1-8b", Setup(method="qlora"), tokens=1_000_000, include_this_machine=False)
+    p2 = plan("llama-3.1-8b", Setup(method="qlora"), tokens=2_000_000, include_this_machine=False)
+    h100 = [f for f in p1.fits if f.device.name.startswith("H100")][0]
+    assert h100.epoch_seconds > 0
+    assert [f.epoch_seconds for f in p2.fits] == pytest.approx([2 * f.epoch_seconds for f in p1.fits])
+
+
+def test_cli_plan_reads_only_the_config(tiny_model_dir, capsys):
+    from tunesmith.cli import main
+
+    (tiny_model_dir / "model.safetensors").rename(tiny_model_dir / "weights.hidden")
+    try:
+        code = main(["plan", "--model", str(tiny_model_dir), "--method", "qlora", "--seq", "128", "--batch", "2",
+                     "--memory", "1", "--no-this-machine"])
+    finally:
+        (tiny_model_dir / "weights.hidden").rename(tiny_model_dir / "model.safetensors")
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "optimizer states" in out and "RTX 4090" in out
+
+
+def test_cli_plan_bad_input_is_one_line(tmp_path, capsys):
+    from tunesmith.cli import main
+
+    assert main(["plan", "--model", str(tmp_path / "nowhere"), "--no-this-machine"]) == 2
+    assert main(["plan", "--model", "llama-3.1-8b", "--device", "abacus", "--no-this-machine"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "unknown device 'abacus'" in err[1]
