@@ -1,4 +1,4 @@
-"""Batched greedy generation through the chat template, with a KV cache."""
+"""Batched generation through the chat template, with a KV cache: greedy by default, seeded sampling otherwise."""
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +26,15 @@ def merged_adapter(model):
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
-                     batch_size: int = 16, label: str = "generate") -> tuple[list[str], dict]:
-    """Answers for the prompt part of each conversation, and speed figures."""
+                     batch_size: int = 16, label: str = "generate", temperature: float = 0.0,
+                     seed: int = 0) -> tuple[list[str], dict]:
+    """Answers for the prompt part of each conversation, and speed figures.
+
+    temperature 0 decodes greedily; above 0 it samples, seeded, so a run can be repeated."""
     model.eval()
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    if temperature > 0:
+        torch.manual_seed(seed)
     pad = tokenizer.pad_token_id
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -44,7 +50,7 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
             for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
                 ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]):] = 1
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
             for row, i in enumerate(chunk):
                 new = out[row, width:]

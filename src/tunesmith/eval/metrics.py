@@ -1,8 +1,20 @@
-"""Scoring generated answers against references."""
+"""Scoring generated answers against references, one score row per example.
+
+Per-example rows (not only means) let `compare` resample examples for bootstrap intervals and
+count wins, ties and losses.
+"""
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import re
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import UserError
 
 
 def parse_json_object(text: str) -> dict | None:
@@ -22,33 +34,124 @@ def parse_json_object(text: str) -> dict | None:
     return None
 
 
+def json_example_scores(prediction: str, reference: str, fields: list[str] | None = None) -> dict[str, float]:
+    """JSON validity, each field right or not, and all fields right, for one answer."""
+    expected = json.loads(reference)
+    keys = fields or list(expected)
+    got = parse_json_object(prediction)
+    right = {k: float(got is not None and k in got and got[k] == expected.get(k)) for k in keys}
+    return {"json_valid": float(got is not None), "all_fields": float(all(right.values())),
+            **{f"field/{k}": v for k, v in right.items()}}
+
+
 def json_field_scores(predictions: list[str], references: list[str], fields: list[str] | None = None) -> dict:
     """JSON validity, accuracy of each field, and the share with every field right."""
-    n = len(references)
-    valid, all_right = 0, 0
-    per_field: dict[str, int] = {}
-    for prediction, reference in zip(predictions, references):
-        expected = json.loads(reference)
-        keys = fields or list(expected)
-        got = parse_json_object(prediction)
-        if got is None:
-            continue
-        valid += 1
-        right = [k for k in keys if k in got and got[k] == expected.get(k)]
-        for key in right:
-            per_field[key] = per_field.get(key, 0) + 1
-        all_right += len(right) == len(keys)
-    keys = fields or (list(json.loads(references[0])) if references else [])
-    return {
-        "json_valid": valid / n if n else 0.0,
-        "all_fields": all_right / n if n else 0.0,
-        **{f"field/{k}": per_field.get(k, 0) / n if n else 0.0 for k in keys},
-    }
+    return mean_scores([json_example_scores(p, r, fields) for p, r in zip(predictions, references)])
 
 
 def normalise(text: str) -> str:
+    """Lower case, punctuation to spaces, runs of white space to one space."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(1, len(references))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the overlap of normalised words, counted with multiplicity (the SQuAD measure)."""
+    got, want = normalise(prediction).split(), normalise(reference).split()
+    if not got or not want:
+        return float(got == want)
+    common = sum((Counter(got) & Counter(want)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(got), common / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: the longest common subsequence of normalised words, as precision and recall."""
+    got, want = normalise(prediction).split(), normalise(reference).split()
+    if not got or not want:
+        return float(got == want)
+    previous = [0] * (len(want) + 1)
+    for word in got:
+        row = [0]
+        for j, other in enumerate(want):
+            row.append(previous[j] + 1 if word == other else max(previous[j + 1], row[j]))
+        previous = row
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(got), lcs / len(want)
+    return 2 * precision * recall / (precision + recall)
+
+
+def text_example_scores(prediction: str, reference: str) -> dict[str, float]:
+    return {"exact_match": float(prediction.strip() == reference.strip()),
+            "normalised_exact_match": float(normalise(prediction) == normalise(reference)),
+            "token_f1": token_f1(prediction, reference),
+            "rouge_l": rouge_l(prediction, reference)}
+
+
+Scorer = Callable[[str, str], "float | dict[str, float]"]
+
+
+def example_scores(predictions: list[str], references: list[str], scorer: Scorer | None = None,
+                   scorer_name: str = "custom") -> list[dict[str, float]]:
+    """One row of scores per example. JSON references get field-level scores, free text gets exact
+    match, normalised exact match, token F1 and ROUGE-L; a user scorer adds its own."""
+    as_json = bool(references) and all(parse_json_object(r) is not None for r in references)
+    rows = []
+    for prediction, reference in zip(predictions, references):
+        row = json_example_scores(prediction, reference) if as_json else text_example_scores(prediction, reference)
+        if scorer is not None:
+            row.update(_scorer_row(scorer, scorer_name, prediction, reference))
+        rows.append(row)
+    return rows
+
+
+def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each score over the rows that have it."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: sum(row[k] for row in rows if k in row) / max(1, sum(k in row for row in rows)) for k in keys}
+
+
+def _scorer_row(scorer: Scorer, name: str, prediction: str, reference: str) -> dict[str, float]:
+    value = scorer(prediction, reference)
+    if isinstance(value, dict):
+        items = value.items()
+    else:
+        items = [(name, value)]
+    row = {}
+    for key, number in items:
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise UserError(f"scorer {name}: returned {number!r} for '{key}'; expected a finite number")
+        row[str(key)] = float(number)
+    return row
+
+
+def load_scorer(spec: str) -> Scorer:
+    """A user's metric given as 'module:function' (a module on the path or a .py file)."""
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise UserError(f"scorer '{spec}': expected 'module:function' (e.g. my_metrics:score)")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.exists():
+                raise UserError(f"scorer '{spec}': file {path} not found")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")  # modules next to the user's data, as `python -m` would find them
+            module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"scorer '{spec}': cannot import module '{module_name}' ({err})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserError(f"scorer '{spec}': module '{module_name}' has no function '{function_name}'")
+    return function

@@ -1,10 +1,18 @@
-"""Progress lines for long work (step, loss, tokens/s, ETA) and the metrics JSONL file."""
+"""Progress lines for long work (step, loss, tokens/s, ETA) and metric logging.
+
+Metric loggers share one small protocol (`write(**record)`, `close()`): the JSONL file is always
+written; TensorBoard, Weights & Biases and MLflow are added when asked for and installed.
+"""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Protocol
+
+from ..errors import UserError
 
 
 def _clock(seconds: float) -> str:
@@ -16,12 +24,14 @@ def _clock(seconds: float) -> str:
 class Progress:
     """A bar redrawn in place on a terminal, plain lines elsewhere (CI logs)."""
 
-    def __init__(self, total: int, label: str = "train", stream=sys.stderr):
-        self.total, self.label, self.stream = total, label, stream
+    def __init__(self, total: int, label: str = "train", stream=sys.stderr, quiet: bool = False):
+        self.total, self.label, self.stream, self.quiet = total, label, stream, quiet  # quiet: ranks other than 0
         self.start = time.perf_counter()
         self.tty = stream.isatty()
 
     def update(self, done: int, **fields) -> None:
+        if self.quiet:
+            return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / done * (self.total - done) if done else 0.0
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
@@ -68,3 +78,114 @@ class MetricLog:
 
     def close(self) -> None:
         self.handle.close()
+
+
+class MetricLogger(Protocol):
+    """What the training loop needs of a logger: one record per call (with `event` and `step`)."""
+
+    def write(self, **record) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def numbers(record: dict) -> dict[str, float]:
+    """The record's numeric fields named 'event/key' (e.g. 'train/loss'), for dashboards."""
+    event = record.get("event", "metric")
+    return {f"{event}/{k}": float(v) for k, v in record.items()
+            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class TensorBoardLog:
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def write(self, **record) -> None:
+        for key, value in numbers(record).items():
+            self.writer.add_scalar(key, value, global_step=record.get("step", 0))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbLog:
+    def __init__(self, folder: Path, config: dict):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project="tunesmith", name=folder.name, dir=str(folder), config=config)
+
+    def write(self, **record) -> None:
+        values = numbers(record)
+        if values:
+            self.run.log(values, step=record.get("step", 0))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MLflowLog:
+    def __init__(self, folder: Path, config: dict):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.start_run(run_name=folder.name)
+        mlflow.log_params({f"{section}.{key}": value for section, values in config.items() if isinstance(values, dict)
+                           for key, value in values.items()})
+
+    def write(self, **record) -> None:
+        values = numbers(record)
+        if values:
+            self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=record.get("step", 0))
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+# logger name -> (module that must be importable, constructor)
+EXTRA_LOGGERS = {
+    "tensorboard": ("tensorboard", lambda folder, config: TensorBoardLog(folder / "tensorboard")),
+    "wandb": ("wandb", WandbLog),
+    "mlflow": ("mlflow", MLflowLog),
+}
+
+
+class Loggers:
+    """The JSONL log plus the extra loggers asked for; the loop talks to this one object."""
+
+    def __init__(self, jsonl: MetricLog, extra: list[MetricLogger]):
+        self.jsonl, self.extra = jsonl, extra
+        self.path = jsonl.path
+
+    def write(self, **record) -> None:
+        self.jsonl.write(**record)
+        for logger in self.extra:
+            logger.write(**record)
+
+    def truncate_after(self, step: int) -> None:
+        self.jsonl.truncate_after(step)  # dashboards keep their history; the file is the record of truth
+
+    def close(self) -> None:
+        for logger in [self.jsonl, *self.extra]:
+            logger.close()
+
+
+def _installed(module: str) -> bool:
+    if module in sys.modules:  # already imported (or blocked, as None)
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
+def open_loggers(run_dir: Path, names: list[str] | None = None, config: dict | None = None) -> Loggers:
+    """metrics.jsonl always, plus each named logger; a named one that is not installed is an error."""
+    extra = []
+    for name in dict.fromkeys(names or []):
+        if name not in EXTRA_LOGGERS:
+            raise UserError(f"eval.loggers: unknown logger '{name}'; choose from {', '.join(EXTRA_LOGGERS)}")
+        module, build = EXTRA_LOGGERS[name]
+        if not _installed(module):
+            raise UserError(f"eval.loggers: '{name}' asked for but not installed (pip install {module})")
+        extra.append(build(run_dir, config or {}))
+    return Loggers(MetricLog(run_dir / "metrics.jsonl"), extra)

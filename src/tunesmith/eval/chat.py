@@ -1,0 +1,58 @@
+"""Talk to a model or fine-tuned run in the terminal, answers streamed as they are generated."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..data.tokenize import prompt_ids
+from .generate import merged_adapter
+
+HELP = "type a message; /reset starts over, /exit (or Ctrl-D) ends"
+
+
+def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
+                 out=None) -> str:
+    """Generate the next assistant turn for the messages, printing it as it comes; returns its text."""
+    from transformers import TextStreamer
+
+    ids = torch.tensor([prompt_ids(tokenizer, messages)])
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    if out is not None:  # TextStreamer prints to stdout; send its text where asked
+        streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n",
+                                                                           file=out, flush=True)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad(), merged_adapter(model):
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
+         read=input, out=sys.stdout) -> list[dict]:
+    """A conversation loop; each answer joins the history. Returns the conversation."""
+    from ..runs import load_trained
+
+    model, tokenizer, _ = load_trained(model_or_run)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    print(HELP, file=out)
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = list(start)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        print("model> ", end="", file=out, flush=True)
+        messages.append({"role": "assistant",
+                         "content": stream_reply(model, tokenizer, messages, max_new_tokens, temperature, out)})
+    return messages

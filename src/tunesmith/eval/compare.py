@@ -1,0 +1,212 @@
+"""Model A against model B on the same examples: answer loss and generation metrics, each with the
+difference B - A and its paired bootstrap 95% interval, wins / ties / losses per example, and the
+answers side by side. A k-shot prompting baseline (A with k training examples in its prompt) shows
+whether fine-tuning beat simply prompting well.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ..data.collate import collate
+from ..data.prepare import load_conversations
+from ..data.tokenize import IGNORE, encode, prompt_ids
+from ..errors import UserError
+from ..training.loss import label_loss_sum
+from .generate import generate_answers
+from .metrics import Scorer, example_scores, mean_scores
+
+LOSS = "answer_loss"
+LOWER_IS_BETTER = {LOSS}
+
+
+@dataclass
+class Scored:
+    """One model's answers and per-example scores on the comparison set."""
+
+    name: str
+    answers: list[str]
+    rows: list[dict[str, float]]  # per example: generation metrics and answer_loss
+    tokens: list[int] = field(default_factory=list)  # answer tokens per example (weights of answer_loss)
+
+    def means(self) -> dict[str, float]:
+        scores = mean_scores([{k: v for k, v in r.items() if k != LOSS} for r in self.rows])
+        if self.tokens:  # loss per answer token over the whole set, as eval loss is
+            scores = {LOSS: weighted_mean(self.values(LOSS), np.array(self.tokens, dtype=float)), **scores}
+        return scores
+
+    def values(self, metric: str) -> np.ndarray:
+        return np.array([r[metric] for r in self.rows], dtype=float)
+
+
+def weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> float:
+    return float(values.mean() if weights is None else (values * weights).sum() / weights.sum())
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, weights_a: np.ndarray | None = None,
+                     weights_b: np.ndarray | None = None, samples: int = 2000, seed: int = 0,
+                     confidence: float = 0.95) -> dict[str, float]:
+    """Difference of (weighted) means B - A with a percentile bootstrap interval.
+
+    Examples are resampled in pairs: both models are scored on the same resampled set, so the
+    interval reflects the per-example difference, not the spread of the examples' difficulty."""
+    n = len(a)
+    if n == 0 or len(b) != n:
+        raise ValueError("paired bootstrap needs two score lists of the same, non-zero length")
+    wa = np.ones(n) if weights_a is None else np.asarray(weights_a, dtype=float)
+    wb = np.ones(n) if weights_b is None else np.asarray(weights_b, dtype=float)
+    picks = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    mean_a = (a[picks] * wa[picks]).sum(1) / wa[picks].sum(1)
+    mean_b = (b[picks] * wb[picks]).sum(1) / wb[picks].sum(1)
+    low, high = np.quantile(mean_b - mean_a, [(1 - confidence) / 2, (1 + confidence) / 2])
+    diff = weighted_mean(b, wb) - weighted_mean(a, wa)
+    return {"difference": diff, "low": float(low), "high": float(high)}
+
+
+def win_tie_loss(a: np.ndarray, b: np.ndarray, lower_is_better: bool, tolerance: float = 1e-9) -> dict[str, int]:
+    """Per example: does B beat A, tie with it, or lose to it."""
+    gain = (a - b) if lower_is_better else (b - a)
+    return {"win": int((gain > tolerance).sum()), "tie": int((abs(gain) <= tolerance).sum()),
+            "loss": int((gain < -tolerance).sum())}
+
+
+def compare_scored(baseline: Scored, candidate: Scored, samples: int = 2000, seed: int = 0) -> list[dict]:
+    """One row per metric both have: means, difference with interval, wins / ties / losses."""
+    rows = []
+    for metric in candidate.means():
+        if metric not in baseline.means():
+            continue
+        a, b = baseline.values(metric), candidate.values(metric)
+        weights = (np.array(baseline.tokens, float), np.array(candidate.tokens, float)) if metric == LOSS else (None, None)
+        interval = paired_bootstrap(a, b, *weights, samples=samples, seed=seed)
+        rows.append({"metric": metric, "baseline": baseline.name, "candidate": candidate.name,
+                     "baseline_value": weighted_mean(a, weights[0]), "candidate_value": weighted_mean(b, weights[1]),
+                     **interval, **win_tie_loss(a, b, metric in LOWER_IS_BETTER)})
+    return rows
+
+
+def with_shots(conversation: list[dict], shots: list[list[dict]]) -> list[dict]:
+    """The conversation with k solved examples as earlier turns, after its system message."""
+    head = conversation[:1] if conversation and conversation[0]["role"] == "system" else []
+    turns = [m for shot in shots for m in shot if m["role"] != "system"]
+    return head + turns + conversation[len(head):]
+
+
+@torch.no_grad()
+def answer_losses(model, tokenizer, conversations: list[list[dict]]) -> tuple[list[float], list[int]]:
+    """Per example: mean loss per token of the last answer (earlier turns, such as k-shot examples,
+    carry no label), and its token count."""
+    model.eval()
+    losses, counts = [], []
+    for messages in conversations:
+        encoded = encode(tokenizer, messages)
+        prompt_length = len(prompt_ids(tokenizer, messages))
+        encoded.labels[:prompt_length] = [IGNORE] * min(prompt_length, len(encoded.labels))
+        total, count = label_loss_sum(model, collate([encoded], tokenizer.pad_token_id))
+        losses.append(float(total) / max(1, count))
+        counts.append(count)
+    return losses, counts
+
+
+def score_model(name: str, spec: str, conversations: list[list[dict]], shots: list[list[dict]] | None,
+                max_new_tokens: int, batch_size: int, temperature: float, seed: int,
+                scorer: Scorer | None, scorer_name: str) -> Scored:
+    """Load a model or run, and score its answers and answer loss; the model is freed afterwards."""
+    from ..runs import load_trained
+
+    model, tokenizer, _ = load_trained(spec)
+    prompts = [with_shots(c, shots) for c in conversations] if shots else conversations
+    references = [c[-1]["content"] for c in conversations]
+    losses, counts = answer_losses(model, tokenizer, prompts)
+    answers, _ = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, label=f"generate ({name})",
+                                  temperature=temperature, seed=seed)
+    rows = example_scores(answers, references, scorer, scorer_name)
+    for row, loss in zip(rows, losses):
+        row[LOSS] = loss
+    del model
+    gc.collect()
+    return Scored(name, answers, rows, counts)
+
+
+def training_data_of(spec: str) -> str | None:
+    """The training file of a run folder (the demo task's generated file for demo runs)."""
+    config = Path(spec) / "config.yaml"
+    if not config.exists():
+        return None
+    train = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("train")
+    if train == "demo":
+        return str(Path(spec) / "data" / "train.jsonl")
+    return train
+
+
+def pick_shots(path: str, k: int, seed: int, exclude: list[list[dict]]) -> list[list[dict]]:
+    """k seeded examples from the training data, none of whose prompts is in the evaluation set."""
+    conversations, _ = load_conversations(path, None)
+    asked = {c[-2]["content"] for c in exclude if len(c) > 1}
+    pool = [c for c in conversations if len(c) > 1 and c[-2]["content"] not in asked]
+    if len(pool) < k:
+        raise UserError(f"{path}: {len(pool)} usable training examples, fewer than --kshot {k}")
+    return random.Random(seed).sample(pool, k)
+
+
+def format_table(result: dict) -> str:
+    """The metrics table: each model's value, then each difference with its 95% interval and wins."""
+    names = list(result["models"])
+    metrics = list(dict.fromkeys(m for scores in result["models"].values() for m in scores))
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = [f"{'metric':<24}" + "".join(f"{n:>{width}}" for n in names)]
+    for metric in metrics:
+        cells = [result["models"][n].get(metric) for n in names]
+        lines.append(f"{metric:<24}" + "".join(f"{'-' if v is None else f'{v:.4f}':>{width}}" for v in cells))
+    for row in result["differences"]:
+        lines.append(f"{row['candidate']} - {row['baseline']}  {row['metric']:<22} {row['difference']:+.4f} "
+                     f"[{row['low']:+.4f}, {row['high']:+.4f}]  win/tie/loss {row['win']}/{row['tie']}/{row['loss']}")
+    return "\n".join(lines)
+
+
+def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None,
+                   max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
+                   temperature: float = 0.0, seed: int = 0, scorer: Scorer | None = None,
+                   scorer_name: str = "custom", samples: int = 2000, names: tuple[str, str] | None = None) -> dict:
+    """Score A, B (and A k-shot) on the data file; returns the table data and the per-example outputs."""
+    conversations, problems = load_conversations(data, None)
+    if not conversations:
+        first = f" First problem: {problems[0]}" if problems else ""
+        raise UserError(f"{data}: no usable examples to compare on.{first}")
+    conversations = conversations[:limit] if limit else conversations
+    name_a, name_b = names or ("A", "B")
+    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed,
+                    scorer=scorer, scorer_name=scorer_name)
+    scored = [score_model(name_a, a, conversations, None, **settings)]
+    if kshot:
+        source = kshot_data or training_data_of(b) or training_data_of(a)
+        if not source:
+            raise UserError("--kshot needs training examples: give --kshot-data FILE, or a run folder as A or B")
+        shots = pick_shots(source, kshot, seed, conversations)
+        scored.append(score_model(f"{name_a} {kshot}-shot", a, conversations, shots, **settings))
+    scored.append(score_model(name_b, b, conversations, None, **settings))
+    candidate = scored[-1]
+    differences = [row for baseline in scored[:-1] for row in compare_scored(baseline, candidate, samples, seed)]
+    examples = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"],
+                 **{s.name: {"answer": s.answers[i], "scores": s.rows[i]} for s in scored}}
+                for i, c in enumerate(conversations)]
+    return {"a": a, "b": b, "data": data, "examples_scored": len(conversations), "kshot": kshot,
+            "models": {s.name: s.means() for s in scored}, "differences": differences, "examples": examples,
+            "settings": {k: v for k, v in settings.items() if k != "scorer"} | {"bootstrap_samples": samples}}
+
+
+def write_comparison(result: dict, folder: Path) -> Path:
+    """comparison.json (table and intervals) and comparison.jsonl (answers side by side)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in result.items() if k != "examples"}
+    (folder / "comparison.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    with open(folder / "comparison.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(e) + "\n" for e in result["examples"])
+    return folder / "comparison.json"

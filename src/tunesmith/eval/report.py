@@ -1,0 +1,180 @@
+"""A run's report: report.json (the figures as data) and report.html, one self-contained file
+(pictures embedded as base64 PNG, no scripts or links to fetch) that opens offline."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+
+EXAMPLES_SHOWN = 8
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return rows
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def collect(run_dir: Path) -> dict:
+    """Everything the report shows, from the files of the run folder."""
+    if not (run_dir / "config.yaml").exists():
+        raise UserError(f"{run_dir}: not a run folder (no config.yaml)")
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    results = read_json(run_dir / "results.json")
+    comparison = read_json(run_dir / "comparison.json")
+    examples = read_jsonl(run_dir / "comparison.jsonl")[:EXAMPLES_SHOWN]
+    if not examples:
+        base = {r["prompt"]: r for r in read_jsonl(run_dir / "predictions_base.jsonl")}
+        examples = [{"prompt": r["prompt"], "reference": r["reference"],
+                     **({"base": {"answer": base[r["prompt"]]["answer"]}} if r["prompt"] in base else {}),
+                     "fine-tuned": {"answer": r["answer"]}}
+                    for r in read_jsonl(run_dir / "predictions.jsonl")[:EXAMPLES_SHOWN]]
+    keep = ("step", "loss", "lr", "tokens_per_second", "grad_norm")
+    return {
+        "run": str(run_dir),
+        "config": yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")),
+        "data": results.get("data", {}),
+        "curves": {
+            "train": [{k: r[k] for k in keep if k in r} for r in records if r.get("event") == "train"],
+            "eval": [{k: r[k] for k in ("step", "eval_loss", "perplexity") if k in r}
+                     for r in records if r.get("event") == "eval"],
+        },
+        "events": [r for r in records if r.get("event") in ("restore_best", "overfitting", "early_stop")],
+        "results": {k: v for k, v in results.items() if k not in ("config", "data")},
+        "comparison": comparison,
+        "examples": examples,
+    }
+
+
+def figures(report: dict) -> dict[str, str]:
+    """Name -> base64 PNG of each plot that has data."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    train, evals = report["curves"]["train"], report["curves"]["eval"]
+    plots = {}
+    panels = [
+        ("loss", "loss", [("train loss", train, "loss"), ("eval loss", evals, "eval_loss")]),
+        ("learning_rate", "learning rate", [("lr", train, "lr")]),
+        ("tokens_per_second", "tokens / s", [("tokens/s", train, "tokens_per_second")]),
+    ]
+    for name, ylabel, series in panels:
+        drawn = [(label, rows, key) for label, rows, key in series if any(key in r for r in rows)]
+        if not drawn:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+        for label, rows, key in drawn:
+            points = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(drawn) > 1:
+            ax.legend()
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        plt.close(fig)
+        plots[name] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return plots
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def comparison_html(report: dict) -> str:
+    comparison, results = report["comparison"], report["results"]
+    parts = []
+    if comparison.get("models"):
+        names = list(comparison["models"])
+        metrics = list(dict.fromkeys(m for s in comparison["models"].values() for m in s))
+        parts.append(_table(["metric", *names], [[m, *(comparison["models"][n].get(m, "-") for n in names)]
+                                                 for m in metrics]))
+        parts.append(_table(["comparison", "metric", "difference", "95% interval", "win / tie / loss"],
+                            [[f"{d['candidate']} - {d['baseline']}", d["metric"], d["difference"],
+                              f"[{d['low']:+.4f}, {d['high']:+.4f}]", f"{d['win']} / {d['tie']} / {d['loss']}"]
+                             for d in comparison.get("differences", [])]))
+        parts.append(f"<p>{comparison.get('examples_scored', 0)} examples from {html.escape(str(comparison.get('data')))}; "
+                     "intervals from a paired bootstrap over examples.</p>")
+    elif results.get("fine_tuned"):
+        base, tuned = results.get("base", {}), results["fine_tuned"]
+        parts.append(_table(["metric", "base", "fine-tuned"], [[k, base.get(k, "-"), v] for k, v in tuned.items()]))
+    return "".join(parts) or "<p>No comparison in this run folder (run <code>tunesmith compare</code>).</p>"
+
+
+def examples_html(report: dict) -> str:
+    blocks = []
+    for example in report["examples"]:
+        answers = "".join(f"<div class='answer'><b>{html.escape(name)}</b><pre>{html.escape(value['answer'])}</pre></div>"
+                          for name, value in example.items() if isinstance(value, dict) and "answer" in value)
+        blocks.append(f"<div class='example'><p><b>prompt</b></p><pre>{html.escape(example['prompt'])}</pre>"
+                      f"<p><b>reference</b></p><pre>{html.escape(example['reference'])}</pre>"
+                      f"<div class='answers'>{answers}</div></div>")
+    return "".join(blocks) or "<p>No generated answers in this run folder.</p>"
+
+
+STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+pre{white-space:pre-wrap;background:#f6f6f6;padding:6px;margin:2px 0}img{max-width:100%}
+.answers{display:flex;gap:8px}.answer{flex:1}.example{border-top:2px solid #ddd;margin-top:1em}"""
+
+
+def render_html(report: dict, plots: dict[str, str]) -> str:
+    results = report["results"]
+    images = "".join(f"<figure><img alt='{name}' src='data:image/png;base64,{data}'><figcaption>{name.replace('_', ' ')}"
+                     "</figcaption></figure>" for name, data in plots.items())
+    facts = [[k, results[k]] for k in ("steps", "train_tokens", "train_seconds", "tokens_per_second", "first_loss",
+                                       "final_loss", "trainable_parameters", "total_parameters", "dtype") if k in results]
+    events = _table(["event", "step", "details"], [[e.get("event"), e.get("step"), json.dumps(
+        {k: v for k, v in e.items() if k not in ("event", "step", "time")})] for e in report["events"]]) if report["events"] else ""
+    data = report["data"]
+    data_rows = [[name, count, data.get("tokens", {}).get(name, "-"), data.get("label_tokens", {}).get(name, "-")]
+                 for name, count in data.get("examples", {}).items()]
+    return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>tunesmith report: {html.escape(report['run'])}</title>
+<style>{STYLE}</style></head><body>
+<h1>tunesmith run report</h1><p>{html.escape(report['run'])}</p>
+<h2>Training</h2>{images or '<p>No metrics recorded.</p>'}{_table(['figure', 'value'], facts)}{events}
+<h2>Comparison</h2>{comparison_html(report)}
+<h2>Data</h2>{_table(['split', 'examples', 'tokens', 'label tokens'], data_rows)}
+<p>dropped: {html.escape(json.dumps(data.get('dropped', {})))}</p>
+<h2>Examples</h2>{examples_html(report)}
+<h2>Config</h2><pre>{html.escape(yaml.safe_dump(report['config'], sort_keys=False))}</pre>
+</body></html>"""
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write report.json and report.html into the run folder; returns their paths."""
+    run_dir = Path(run_dir)
+    report = collect(run_dir)
+    plots = figures(report)
+    json_path, html_path = run_dir / "report.json", run_dir / "report.html"
+    json_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    html_path.write_text(render_html(report, plots), encoding="utf-8")
+    return html_path, json_path

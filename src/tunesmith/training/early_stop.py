@@ -1,0 +1,92 @@
+"""When to stop: early stopping on the eval loss, the best weights kept, and an overfitting alarm."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import load_trainable_state, trainable_state
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after `patience` evaluations in a row without an improvement of at least `min_delta`.
+
+    Called as fit's `on_eval(step, eval_loss)` hook; returns True to stop.
+    """
+
+    patience: int
+    min_delta: float = 0.0
+    best: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_at: int | None = None
+
+    def __call__(self, step: int, value: float) -> bool:
+        if self.best is None or value < self.best - self.min_delta:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            return False
+        self.bad_evals += 1
+        if self.patience and self.bad_evals >= self.patience:
+            self.stopped_at = step
+            return True
+        return False
+
+
+@dataclass
+class BestWeights:
+    """The trainable weights at the lowest eval loss so far: on disk when a run folder is given
+    (so a resumed run still knows them), else in memory."""
+
+    path: Path | None = None
+    step: int | None = None
+    value: float | None = None
+    _memory: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def offer(self, model, step: int, value: float) -> bool:
+        """Keep the model's weights if `value` is the best eval loss seen; True when kept."""
+        if self.value is not None and value >= self.value:
+            return False
+        self.step, self.value = step, value
+        weights = trainable_state(model)
+        if self.path is None:
+            self._memory = weights
+        else:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            save_file(weights, tmp, metadata={"step": str(step), "eval_loss": repr(value)})
+            tmp.replace(self.path)
+        return True
+
+    def restore(self, model) -> None:
+        load_trainable_state(model, self._memory if self.path is None else load_file(self.path))
+
+    @classmethod
+    def reopen(cls, path: Path, step: int | None, value: float | None) -> "BestWeights":
+        """After a resume: the best weights saved before the interruption, when the file on disk
+        is the one the checkpoint knows (a newer one belongs to steps about to be redone)."""
+        if step is not None and path.exists():
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as handle:
+                if (handle.metadata() or {}).get("step") == str(step):
+                    return cls(path, step, value)
+        return cls(path)
+
+
+def overfitting(train_losses: list[float], evals: list[tuple[int, float]], window: int = 3) -> bool:
+    """True when the last `window` eval losses rose one after another while the mean training loss
+    between those evaluations kept falling: the model is learning the training set by heart."""
+    if len(evals) < window:
+        return False
+    recent = evals[-window:]
+    if not all(later[1] > earlier[1] for earlier, later in zip(recent, recent[1:])):
+        return False
+    means = []
+    for (start, _), (end, _) in zip(recent, recent[1:]):
+        part = train_losses[start:end]  # losses[i] belongs to step i + 1: steps start+1 .. end
+        if not part:
+            return False
+        means.append(sum(part) / len(part))
+    return all(later < earlier for earlier, later in zip(means, means[1:]))

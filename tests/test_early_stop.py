@@ -1,0 +1,110 @@
+"""Early stopping, the best weights restored, and the overfitting alarm."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tunesmith
+import tunesmith.api  # noqa: F401  (bound to the real eval_loss before the loop's is scripted)
+from tunesmith.training import loop
+from tunesmith.training.checkpoint import trainable_state
+from tunesmith.training.early_stop import BestWeights, EarlyStopping, overfitting
+
+
+def test_early_stopping_counts_evaluations_without_enough_improvement():
+    stop = EarlyStopping(patience=2, min_delta=0.05)
+    decisions = [stop(step, value) for step, value in [(1, 3.0), (2, 2.5), (3, 2.48), (4, 2.47)]]
+    # 2.48 and 2.47 improve on 2.5 by less than min_delta: two bad evaluations, stop at step 4.
+    assert decisions == [False, False, False, True]
+    assert (stop.best, stop.best_step, stop.stopped_at) == (2.5, 2, 4)
+    again = EarlyStopping(patience=2)
+    assert [again(s, v) for s, v in [(1, 2.0), (2, 2.1), (3, 1.9), (4, 2.0), (5, 1.95)]] == [False, False, False, False, True]
+
+
+def test_overfitting_needs_rising_eval_and_falling_train_loss():
+    falling = [3.0 - 0.1 * i for i in range(30)]
+    rising_eval = [(10, 1.0), (20, 1.1), (30, 1.2)]
+    assert overfitting(falling, rising_eval)
+    assert not overfitting(falling, [(10, 1.0), (20, 1.1), (30, 1.05)])  # eval not rising every time
+    assert not overfitting(list(reversed(falling)), rising_eval)  # training loss rising too: not overfitting
+    assert not overfitting(falling, rising_eval[:2])
+
+
+def test_best_weights_round_trip_on_disk_and_in_memory(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    for keeper in (BestWeights(tmp_path / "best.safetensors"), BestWeights()):
+        assert keeper.offer(model, 1, 2.0)
+        kept = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        assert not keeper.offer(model, 2, 2.5)  # worse: the kept weights stay
+        keeper.restore(model)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in kept.items())
+    reopened = BestWeights.reopen(tmp_path / "best.safetensors", 1, 2.0)
+    assert reopened.step == 1
+    assert BestWeights.reopen(tmp_path / "best.safetensors", 7, 1.0).step is None  # a file from another step
+
+
+def scripted_eval(monkeypatch, values):
+    """Replace the loop's evaluations during training by a scripted sequence (the base model's
+    evaluation before training stays real); remember the weights at each call."""
+    seen = []
+
+    def fake(model, split, batch_size, pad_id):
+        seen.append({k: v for k, v in trainable_state(model).items()})
+        return values[len(seen) - 1]
+
+    monkeypatch.setattr(loop, "eval_loss", fake)
+    return seen
+
+
+def lora_weights(run_dir):
+    from tunesmith.runs import load_trained
+
+    model, _, _ = load_trained(run_dir, dtype=torch.float32)
+    return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def same_weights(loaded, snapshot):
+    assert set(loaded) == set(snapshot)
+    return all(torch.equal(loaded[n], snapshot[n]) for n in loaded)
+
+
+def test_early_stop_at_the_right_step_and_best_weights_restored(tiny_config, monkeypatch):
+    seen = scripted_eval(monkeypatch, [3.0, 2.5, 2.0, 2.1, 2.05, 1.0, 1.0])
+    tiny_config["train"]["max_steps"] = 10
+    tiny_config["eval"].update(every_steps=1, patience=2, generate=False)
+    results = tunesmith.train(tiny_config)
+    run = Path(results["run_dir"])
+    # Best at step 3; steps 4 and 5 bring no improvement: patience 2 stops at step 5.
+    assert results["steps"] == 5 and results["early_stopped_at"] == 5
+    assert results["best_step"] == 3 and results["restored_best"]
+    assert len(seen) == 5
+    assert results["fine_tuned"]["eval_loss"] == 2.0
+    assert same_weights(lora_weights(run), seen[2])
+    assert not same_weights(lora_weights(run), seen[4])
+    events = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert {"event": "early_stop", "step": 5, "best_step": 3} .items() <= next(e for e in events if e["event"] == "early_stop").items()
+    assert any(e["event"] == "restore_best" and e["best_step"] == 3 for e in events)
+
+
+def test_best_weights_restored_at_the_end_without_early_stopping(tiny_config, monkeypatch):
+    # Evaluations at steps 2 and 4, then fit measures the last step (6): worse, so step 4 comes back.
+    seen = scripted_eval(monkeypatch, [2.0, 1.5, 1.8])
+    tiny_config["train"]["max_steps"] = 6
+    tiny_config["eval"].update(every_steps=2, generate=False)
+    results = tunesmith.train(tiny_config)
+    assert results["steps"] == 6 and results["early_stopped_at"] is None
+    assert results["best_step"] == 4 and results["restored_best"]
+    assert same_weights(lora_weights(results["run_dir"]), seen[1])
+
+
+@pytest.mark.parametrize("values, restored", [([2.0, 1.5, 1.4], False)])
+def test_last_weights_kept_when_they_are_best(tiny_config, monkeypatch, values, restored):
+    seen = scripted_eval(monkeypatch, values)
+    tiny_config["train"]["max_steps"] = 6
+    tiny_config["eval"].update(every_steps=2, generate=False)
+    results = tunesmith.train(tiny_config)
+    assert results["restored_best"] is restored and results["fine_tuned"]["eval_loss"] == 1.4
+    assert same_weights(lora_weights(results["run_dir"]), seen[2])

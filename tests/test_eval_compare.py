@@ -1,0 +1,114 @@
+"""Compare: paired bootstrap intervals, wins/ties/losses, k-shot prompts, per-example answer loss."""
+import json
+
+import numpy as np
+import pytest
+
+from tunesmith.data.collate import collate
+from tunesmith.data.tokenize import encode
+from tunesmith.eval.compare import (Scored, answer_losses, compare_models, compare_scored, format_table,
+                                    paired_bootstrap, pick_shots, win_tie_loss, with_shots, write_comparison)
+from tunesmith.models import load_model, load_tokenizer
+from tunesmith.training.loss import label_loss_sum
+
+from conftest import write_jsonl
+
+
+def test_bootstrap_interval_covers_the_true_difference():
+    """On synthetic paired scores with a known mean difference, the 95% interval covers it in
+    about 95% of repeated experiments, and excludes zero when the effect is clear."""
+    true_difference, covered = 0.1, 0
+    trials = 200
+    for trial in range(trials):
+        rng = np.random.default_rng(1000 + trial)
+        difficulty = rng.uniform(0, 1, 150)  # shared per example: what pairing removes
+        a = difficulty + rng.normal(0, 0.3, 150)
+        b = difficulty + true_difference + rng.normal(0, 0.3, 150)
+        interval = paired_bootstrap(a, b, samples=1000, seed=trial)
+        assert interval["low"] <= interval["difference"] <= interval["high"]
+        covered += interval["low"] <= true_difference <= interval["high"]
+    assert 0.90 <= covered / trials <= 0.99
+    assert interval["low"] > 0  # 150 pairs are enough to see an effect of 0.1 at this noise
+
+
+def test_bootstrap_weighted_mean_and_tiny_samples():
+    a, b = np.array([1.0, 3.0]), np.array([1.0, 1.0])
+    result = paired_bootstrap(a, b, weights_a=np.array([1.0, 3.0]), weights_b=np.array([1.0, 3.0]), samples=500)
+    assert result["difference"] == pytest.approx(1.0 - 10 / 4)
+    same = paired_bootstrap(a, a.copy(), samples=200)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    with pytest.raises(ValueError):
+        paired_bootstrap(np.array([]), np.array([]))
+
+
+def test_win_tie_loss_direction():
+    a, b = np.array([0.5, 0.5, 0.5, 0.2]), np.array([0.7, 0.5, 0.1, 0.2])
+    assert win_tie_loss(a, b, lower_is_better=False) == {"win": 1, "tie": 2, "loss": 1}
+    assert win_tie_loss(a, b, lower_is_better=True) == {"win": 1, "tie": 2, "loss": 1}
+    assert win_tie_loss(np.array([1.0]), np.array([0.5]), lower_is_better=True)["win"] == 1
+
+
+def test_compare_scored_rows_and_table():
+    base = Scored("base", ["x"] * 3, [{"rouge_l": 0.1, "answer_loss": 2.0}, {"rouge_l": 0.2, "answer_loss": 3.0},
+                                      {"rouge_l": 0.3, "answer_loss": 2.5}], [10, 20, 10])
+    tuned = Scored("tuned", ["y"] * 3, [{"rouge_l": 0.4, "answer_loss": 1.0}, {"rouge_l": 0.2, "answer_loss": 2.0},
+                                        {"rouge_l": 0.5, "answer_loss": 3.0}], [10, 20, 10])
+    rows = {r["metric"]: r for r in compare_scored(base, tuned, samples=300)}
+    assert rows["rouge_l"]["difference"] == pytest.approx(0.5 / 3)
+    assert (rows["rouge_l"]["win"], rows["rouge_l"]["tie"], rows["rouge_l"]["loss"]) == (2, 1, 0)
+    # answer loss is per token: (10*2 + 20*3 + 10*2.5) / 40 = 2.625 -> (10 + 40 + 30) / 40 = 2.0
+    assert rows["answer_loss"]["baseline_value"] == pytest.approx(2.625)
+    assert rows["answer_loss"]["difference"] == pytest.approx(-0.625)
+    assert (rows["answer_loss"]["win"], rows["answer_loss"]["loss"]) == (2, 1)
+    table = format_table({"models": {"base": base.means(), "tuned": tuned.means()}, "differences": list(rows.values())})
+    assert "tuned - base  rouge_l" in table and "win/tie/loss 2/1/0" in table
+
+
+def test_with_shots_keeps_system_first():
+    shot = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
+    conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert [m["content"] for m in with_shots(conversation, [shot, shot])] == ["S", "q1", "a1", "q1", "a1", "q", "a"]
+    assert [m["content"] for m in with_shots(conversation[1:], [shot])] == ["q1", "a1", "q", "a"]
+
+
+def test_answer_loss_counts_only_the_last_answer(tiny_model_dir, tiny_tokenizer):
+    model = load_model(str(tiny_model_dir))
+    question = [{"role": "user", "content": "My PixelPad froze"}, {"role": "assistant", "content": '{"a": 1}'}]
+    shot = [{"role": "user", "content": "Invoice wrong"}, {"role": "assistant", "content": '{"b": 2}'}]
+    (alone,), (count_alone,) = answer_losses(model, tiny_tokenizer, [question])
+    total, count = label_loss_sum(model, collate([encode(tiny_tokenizer, question)], tiny_tokenizer.pad_token_id))
+    assert count_alone == count and alone == pytest.approx(total.item() / count, rel=1e-5)
+    (_,), (count_shot,) = answer_losses(model, tiny_tokenizer, [with_shots(question, [shot])])
+    assert count_shot == count_alone  # the k-shot example's answer carries no label
+
+
+def test_pick_shots_is_seeded_and_leaves_out_test_prompts(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    exclude = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "x"}] for i in range(10)]
+    shots = pick_shots(str(path), 3, seed=4, exclude=exclude)
+    assert shots == pick_shots(str(path), 3, seed=4, exclude=exclude)
+    assert all(int(s[0]["content"][1:]) >= 10 for s in shots)
+
+
+def test_compare_end_to_end_on_tiny_models(tiny_model_dir, tmp_path):
+    from conftest import build_model
+
+    other = tmp_path / "other"
+    build_model(other, vocab=len(load_tokenizer(str(tiny_model_dir))), seed=5)  # same shape, other weights
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((tiny_model_dir / name).read_bytes())
+    rows = [{"question": f"Ticket {i}: screen is broken", "answer": f"technical {i}"} for i in range(6)]
+    data = write_jsonl(tmp_path / "test.jsonl", rows)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "a"}, {"question": "r", "answer": "b"}])
+    result = compare_models(str(tiny_model_dir), str(other), str(data), kshot=1, kshot_data=str(train),
+                            max_new_tokens=6, batch_size=4, samples=200, names=("base", "other"))
+    assert list(result["models"]) == ["base", "base 1-shot", "other"]
+    assert {"answer_loss", "rouge_l", "token_f1", "exact_match"} <= set(result["models"]["other"])
+    pairs = {(d["baseline"], d["metric"]) for d in result["differences"]}
+    assert ("base", "answer_loss") in pairs and ("base 1-shot", "rouge_l") in pairs
+    assert all(d["win"] + d["tie"] + d["loss"] == 6 for d in result["differences"])
+    write_comparison(result, tmp_path / "out")
+    lines = [json.loads(line) for line in open(tmp_path / "out" / "comparison.jsonl")]
+    assert len(lines) == 6 and {"base", "base 1-shot", "other"} <= set(lines[0])
+    assert "examples" not in json.loads((tmp_path / "out" / "comparison.json").read_text())

@@ -1,0 +1,77 @@
+"""Metric loggers behind one protocol, and the terminal chat."""
+import io
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from tunesmith.errors import UserError
+from tunesmith.training.progress import Loggers, open_loggers
+
+
+def fake_module(name, monkeypatch, **attributes):
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_jsonl_always_and_extra_loggers_get_numeric_records(tmp_path, monkeypatch):
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("wandb", step, values))
+
+        def finish(self):
+            calls.append(("wandb-finish",))
+
+    fake_module("wandb", monkeypatch, init=lambda **kw: calls.append(("wandb-init", kw["config"]["train"])) or Run())
+    fake_module("mlflow", monkeypatch, start_run=lambda run_name: calls.append(("mlflow-start", run_name)),
+                log_params=lambda params: calls.append(("mlflow-params", params)),
+                log_metrics=lambda values, step: calls.append(("mlflow", step, values)),
+                end_run=lambda: calls.append(("mlflow-end",)))
+    log = open_loggers(tmp_path / "run", ["wandb", "mlflow", "wandb"], {"train": {"lr": 0.1}})
+    assert isinstance(log, Loggers) and len(log.extra) == 2  # a repeated name opens one logger
+    log.write(event="train", step=5, loss=1.5, lr=0.1, note="text is left to the file")
+    log.close()
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["loss"] == 1.5 and record["note"] == "text is left to the file"
+    assert ("wandb", 5, {"train/loss": 1.5, "train/lr": 0.1}) in calls
+    assert ("mlflow", 5, {"train_loss": 1.5, "train_lr": 0.1}) in calls
+    assert ("mlflow-params", {"train.lr": 0.1}) in calls and ("wandb-finish",) in calls and ("mlflow-end",) in calls
+
+
+def test_a_logger_asked_for_but_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    with pytest.raises(UserError, match="'tensorboard' asked for but not installed"):
+        open_loggers(tmp_path, ["tensorboard"])
+    with pytest.raises(UserError, match="unknown logger"):
+        open_loggers(tmp_path, ["neptune"])
+
+
+def test_config_accepts_only_known_loggers():
+    from tunesmith.config import load_config
+
+    assert load_config(None, ["eval.loggers=[wandb]"]).eval.loggers == ["wandb"]
+    with pytest.raises(UserError, match="eval.loggers"):
+        load_config(None, ["eval.loggers=[neptune]"])
+
+
+def test_chat_streams_answers_and_keeps_the_history(tiny_model_dir):
+    from tunesmith.eval.chat import chat
+
+    said = iter(["My PixelPad froze", "", "/reset", "And the invoice?", "/exit", "never read"])
+    out = io.StringIO()
+    torch.manual_seed(0)  # sampled: a random tiny model's greedy answer is often blank
+    messages = chat(str(tiny_model_dir), system="Answer briefly.", max_new_tokens=8, temperature=1.0,
+                    read=lambda prompt: next(said), out=out)
+    # /reset dropped the first exchange; the empty line was ignored; /exit ended before the last line.
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[1]["content"] == "And the invoice?"
+    text = out.getvalue()
+    assert text.count("model> ") == 2
+    answer = " ".join(messages[2]["content"].split())
+    assert answer and answer in " ".join(text.split())  # what was streamed is what joined the history

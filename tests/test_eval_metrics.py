@@ -1,0 +1,60 @@
+"""Each generation metric on hand-made cases, and the user's own scorer."""
+import json
+
+import pytest
+
+from tunesmith.errors import UserError
+from tunesmith.eval.metrics import (example_scores, json_example_scores, load_scorer, mean_scores, normalise,
+                                    rouge_l, token_f1)
+
+
+def test_exact_and_normalised_exact_match():
+    rows = example_scores(["Paris.", "paris", "Lyon"], ["Paris.", "Paris", "Paris"])
+    assert [r["exact_match"] for r in rows] == [1.0, 0.0, 0.0]
+    assert [r["normalised_exact_match"] for r in rows] == [1.0, 1.0, 0.0]
+    assert normalise("  Hello,   World!! ") == "hello world"
+
+
+def test_token_f1_by_hand():
+    # prediction words: the cat sat (3); reference: the cat sat down (4); overlap 3.
+    assert token_f1("The cat sat", "the cat sat down") == pytest.approx(2 * 1.0 * 0.75 / 1.75)
+    assert token_f1("a a b", "a b b") == pytest.approx(2 / 3)  # overlap counted with multiplicity: a, b
+    assert token_f1("dog", "cat") == 0.0
+    assert token_f1("", "") == 1.0 and token_f1("", "x") == 0.0
+
+
+def test_rouge_l_by_hand():
+    # LCS of "a b c d e" and "a c e f": a c e = 3; precision 3/5, recall 3/4.
+    assert rouge_l("a b c d e", "a c e f") == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+    assert rouge_l("the cat", "the cat") == 1.0
+    assert rouge_l("cat the", "the cat") == pytest.approx(0.5)  # order matters, unlike token F1
+    assert token_f1("cat the", "the cat") == 1.0
+    assert rouge_l("x y", "a b") == 0.0
+
+
+def test_json_validity_and_per_field_accuracy():
+    reference = json.dumps({"category": "billing", "priority": "low"})
+    assert json_example_scores('{"category": "billing", "priority": "high"}', reference) == {
+        "json_valid": 1.0, "all_fields": 0.0, "field/category": 1.0, "field/priority": 0.0}
+    assert json_example_scores("no json", reference)["json_valid"] == 0.0
+    rows = example_scores([reference, "nope"], [reference, reference])
+    assert mean_scores(rows) == {"json_valid": 0.5, "all_fields": 0.5, "field/category": 0.5, "field/priority": 0.5}
+    assert "rouge_l" not in rows[0]
+
+
+def test_user_scorer_from_module_and_file(tmp_path, monkeypatch):
+    (tmp_path / "my_metrics.py").write_text(
+        "def length_ratio(prediction, reference):\n    return len(prediction) / len(reference)\n"
+        "def two(prediction, reference):\n    return {'starts_same': float(prediction[:1] == reference[:1]), 'one': 1}\n"
+        "def broken(prediction, reference):\n    return 'high'\n")
+    monkeypatch.chdir(tmp_path)
+    rows = example_scores(["ab", "abcd"], ["abcd", "abcd"], load_scorer("my_metrics:length_ratio"), "length_ratio")
+    assert [r["length_ratio"] for r in rows] == [0.5, 1.0]
+    rows = example_scores(["x", "ab"], ["ab", "ab"], load_scorer(f"{tmp_path / 'my_metrics.py'}:two"))
+    assert [r["starts_same"] for r in rows] == [0.0, 1.0] and rows[0]["one"] == 1.0
+    with pytest.raises(UserError, match="expected a finite number"):
+        example_scores(["a"], ["a"], load_scorer("my_metrics:broken"), "broken")
+    for spec, message in [("my_metrics", "expected 'module:function'"), ("no_such_module_xyz:f", "cannot import"),
+                          ("my_metrics:missing", "has no function 'missing'")]:
+        with pytest.raises(UserError, match=message):
+            load_scorer(spec)

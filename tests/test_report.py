@@ -1,0 +1,84 @@
+"""The run report: report.json holds the figures, report.html is self-contained and renders its
+pictures in a real browser (headless Chromium, network off)."""
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tunesmith.eval.report import write_report
+
+from conftest import write_jsonl
+
+
+def fake_run(folder):
+    """A run folder as training and `compare` leave it."""
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "default"}, "train": {"lr": 0.001}}))
+    records = [{"event": "train", "step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3 * (1 - s / 20),
+                "tokens_per_second": 400 + s, "grad_norm": 1.0} for s in range(1, 21)]
+    records += [{"event": "eval", "step": s, "eval_loss": 2.5 - 0.05 * s, "perplexity": 10.0} for s in (5, 10, 15, 20)]
+    records.append({"event": "restore_best", "step": 20, "best_step": 15, "eval_loss": 1.75})
+    write_jsonl(folder / "metrics.jsonl", records + ['{"event": "train", "step": 21, "lo'])  # a line cut by a crash
+    (folder / "results.json").write_text(json.dumps({
+        "data": {"examples": {"train": 90, "validation": 10}, "tokens": {"train": 9000}, "dropped": {"empty": 2}},
+        "steps": 20, "final_loss": 1.0, "base": {"eval_loss": 2.5}, "fine_tuned": {"eval_loss": 1.75}}))
+    (folder / "comparison.json").write_text(json.dumps({
+        "data": "test.jsonl", "examples_scored": 2,
+        "models": {"default": {"answer_loss": 2.4, "rouge_l": 0.12}, "run": {"answer_loss": 1.8, "rouge_l": 0.2}},
+        "differences": [{"metric": "rouge_l", "baseline": "default", "candidate": "run", "difference": 0.08,
+                         "low": 0.02, "high": 0.14, "win": 2, "tie": 0, "loss": 0}]}))
+    write_jsonl(folder / "comparison.jsonl", [{"prompt": "What is <b>A1C</b>?", "reference": "A blood test.",
+                                               "default": {"answer": "No idea"}, "run": {"answer": "A blood test."}}])
+    return folder
+
+
+def test_report_json_holds_the_figures(tmp_path):
+    html_path, json_path = write_report(fake_run(tmp_path / "run"))
+    report = json.loads(json_path.read_text())
+    assert [r["step"] for r in report["curves"]["train"]] == list(range(1, 21))
+    assert [r["eval_loss"] for r in report["curves"]["eval"]] == [2.25, 2.0, 1.75, 1.5]
+    assert report["comparison"]["differences"][0]["high"] == 0.14
+    assert report["data"]["examples"]["train"] == 90 and report["events"][0]["best_step"] == 15
+    page = html_path.read_text()
+    assert page.count("data:image/png;base64,") == 3  # loss, learning rate, tokens/s
+    assert "[+0.0200, +0.1400]" in page and "2 / 0 / 0" in page
+    assert "What is &lt;b&gt;A1C&lt;/b&gt;?" in page  # model text is escaped, never markup
+    assert not re.search(r"(src|href)=['\"]?(https?:|//)", page), "the report must not fetch anything"
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path):
+    from tunesmith.errors import UserError
+
+    with pytest.raises(UserError, match="not a run folder"):
+        write_report(tmp_path)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHECK_IMAGES = """<script>
+window.addEventListener('load', () => {
+  const sizes = Array.from(document.images).map(i => i.complete + ':' + i.naturalWidth + 'x' + i.naturalHeight);
+  const out = document.createElement('pre'); out.id = 'image-check'; out.textContent = sizes.join(' ');
+  document.body.appendChild(out);
+});
+</script></body>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+def test_report_renders_with_its_pictures_in_headless_chromium(tmp_path):
+    html_path, _ = write_report(fake_run(tmp_path / "run"))
+    probe = tmp_path / "probe.html"  # the report plus a script that writes each image's decoded size into the page
+    probe.write_text(html_path.read_text().replace("</body>", CHECK_IMAGES))
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",  # offline
+         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="image-check">([^<]*)</pre>', done.stdout)
+    assert found, f"page did not render: {done.stderr[-500:]}"
+    sizes = found.group(1).split()
+    assert len(sizes) == 3
+    assert all(s == "true:600x320" for s in sizes), sizes  # 6 x 3.2 inches at 100 dpi, decoded
