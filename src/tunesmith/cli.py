@@ -107,6 +107,18 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import format_plan, plan_for
+
+    targets = tuple(args.targets.split(",")) if args.targets else None
+    found = plan_for(args.config, args.overrides, args.model, args.device, args.memory, args.tokens, args.utilisation,
+                     not args.no_this_machine, method=args.method, dtype=args.dtype, seq=args.seq, batch=args.batch,
+                     gradient_checkpointing=args.gradient_checkpointing, r=args.r, targets=targets,
+                     label_share=args.label_share)
+    print(format_plan(found))
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export
 
@@ -195,6 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1, every request needs the token printed at start")
     p.add_argument("--token", default=None, help="token to require (default: a random one when --host is not local)")
     p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("plan", help="will it fit, how long will it take: memory and time from the model's config alone")
+    p.add_argument("config", nargs="?", default=None, help="a run config (its data gives the token count)")
+    p.add_argument("overrides", nargs="*", help="e.g. adapter.method=qlora train.batch_size=4")
+    p.add_argument("--model", default=None, help="hub id, local folder, 'default', or a shipped shape (llama-3.1-8b, "
+                                                 "llama-3.1-70b, llama-2-7b, llama-2-70b, llama-65b)")
+    p.add_argument("--method", choices=["full", "lora", "dora", "qlora"], default=None)
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
+    p.add_argument("--seq", type=int, default=None, help="longest sequence (tokens)")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch size")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--r", type=int, default=None, help="LoRA rank")
+    p.add_argument("--targets", default=None, help="comma-separated LoRA targets (default: every linear layer)")
+    p.add_argument("--label-share", type=float, default=None, help="share of positions with a label (default 1)")
+    p.add_argument("--device", default=None, help="check against one device: t4, l4, a10, rtx4090, a100-40gb, "
+                                                  "a100-80gb, h100, h200, this-machine")
+    p.add_argument("--memory", type=float, default=None, help="check against this much memory (GiB)")
+    p.add_argument("--tokens", type=int, default=None, help="training tokens per epoch (default: counted from the data)")
+    p.add_argument("--utilisation", type=float, default=None, help="share of the device's peak reached")
+    p.add_argument("--no-this-machine", action="store_true", help="skip this machine (no matmul benchmark)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="export a run: --merge folds the adapter into the base, verified by logits")
     p.add_argument("run")

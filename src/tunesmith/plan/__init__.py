@@ -56,14 +56,14 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
     devices = list(GPUS.values()) + ([this_machine()] if include_this_machine or device else [])
     target_device = None
     if memory_gib is not None:
-        target_device = Device(f"{memory_gib:g} GiB", memory_gib * GiB, None, 1.0)
+        target_device = Device(f"{memory_gib:g} GiB", memory_gib * GiB, None, 0.0)  # memory only: no time
     elif device is not None:
         target_device = find_device(device)
         devices = [d for d in devices if d.name != target_device.name] + [target_device]
 
     def fit_on(dev: Device, candidate: Setup = setup) -> Fit:
         seconds = None
-        if tokens and dev.fp32_tflops > 1.0:
+        if tokens and dev.fp32_tflops > 0:
             util = utilisation or (CPU_UTILISATION if dev.is_cpu else GPU_UTILISATION)
             seconds = epoch_seconds(tokens, shape, candidate, dev.peak_flops(candidate.dtype), util, mean_seq)
         return Fit(dev, estimate_on(shape, candidate, dev), seconds)
@@ -162,3 +162,29 @@ def format_plan(p: Plan) -> str:
                                                                   "no single change makes it fit"))
         lines += [f"  - {label}: {gib(changed.total)}" for label, changed in p.changes]
     return "\n".join(lines)
+
+
+def plan_for(config: str | None = None, overrides: list[str] | None = None, model: str | None = None,
+             device: str | None = None, memory_gib: float | None = None, tokens: int | None = None,
+             utilisation: float | None = None, include_this_machine: bool = True, **changes) -> Plan:
+    """`tunesmith plan`: a run config (or the defaults) with flags on top; the data set's token count,
+    label share and mean length come from the config's training data where it has one."""
+    from ..config import load_config
+
+    cfg = load_config(config, overrides)
+    name = model or cfg.model.name
+    label_share, mean_seq = None, None
+    if tokens is None and config is not None:
+        tokens, label_share, mean_seq = data_figures(cfg)
+    setup = setup_from_config(cfg, label_share or 1.0)
+    setup = replace(setup, **{k: v for k, v in changes.items() if v is not None})
+    return plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine)
+
+
+def data_figures(cfg) -> tuple[int, float, float]:
+    """(train tokens, share of them with a label, mean example length), as `tunesmith data check` counts them."""
+    from ..data.prepare import prepare
+
+    train = prepare(cfg.data, cfg.model.name).splits["train"]
+    labels = sum(e.label_count for e in train.encoded)
+    return train.tokens, labels / max(1, train.tokens), train.tokens / max(1, len(train))
