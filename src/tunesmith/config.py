@@ -82,6 +82,7 @@ class TrainConfig(_Section):
     resume: bool = Field(True, description="Continue from the newest complete checkpoint in the run folder when there is one.")
     max_bad_steps: int = Field(5, ge=1, description="Stop after this many optimizer steps in a row with a non-finite loss or gradient.")
     auto_micro_batch: bool = Field(False, description="On out-of-memory, halve the micro-batch and double grad_accum (same samples per step).")
+    fsdp: bool = Field(False, description="Under torchrun (or --nproc N): shard weights, gradients and optimizer state with FSDP2 (full fine-tuning of models too large for one device); off = DDP replicas.")
     log_sample_ids: bool = Field(False, description="Record the example indices of every step in metrics.jsonl (to audit the data order).")
 
 

@@ -13,11 +13,20 @@ ADAPTER_DIR = "adapter"  # PEFT adapter + tokenizer (LoRA runs)
 MODEL_DIR = "model"  # full transformers folder + tokenizer (full fine-tunes)
 
 
-def prepare_run_dir(folder: Path, overwrite: bool, must_resume: bool = False) -> None:
-    """A fresh or resumable run folder. Overwrite starts over; an unfinished run is resumed by the loop."""
+def check_run_dir(folder: Path, overwrite: bool, must_resume: bool = False) -> None:
+    """Refuse an unusable run folder before anything is loaded or written."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: output.dir exists and is not a folder")
     has_checkpoint = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
     if must_resume and not has_checkpoint:
         raise UserError(f"{folder}: --resume given, but there is no checkpoint to resume from")
+    if not overwrite and not must_resume and (folder / "results.json").exists():
+        raise UserError(f"{folder}: holds a finished run; choose another output.dir or set output.overwrite=true")
+
+
+def prepare_run_dir(folder: Path, overwrite: bool, must_resume: bool = False) -> None:
+    """A fresh or resumable run folder. Overwrite starts over; an unfinished run is resumed by the loop."""
+    check_run_dir(folder, overwrite, must_resume)
     if overwrite and not must_resume:
         for name in ("checkpoints", "metrics.jsonl", "results.json"):
             target = folder / name
@@ -25,8 +34,6 @@ def prepare_run_dir(folder: Path, overwrite: bool, must_resume: bool = False) ->
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    elif (folder / "results.json").exists():
-        raise UserError(f"{folder}: holds a finished run; choose another output.dir or set output.overwrite=true")
     folder.mkdir(parents=True, exist_ok=True)
 
 

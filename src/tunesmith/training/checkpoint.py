@@ -23,6 +23,7 @@ from ..errors import UserError
 
 PREFIX = "step-"
 PARTIAL = ".partial"
+SHARDED = "sharded"  # torch.distributed.checkpoint folder of an FSDP2 run
 
 
 @dataclass
@@ -72,6 +73,9 @@ def set_rng_state(state: dict, torch_state: torch.Tensor) -> None:
 
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
+        if path.is_dir():
+            _fsync_tree(path)
+            continue
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
     fd = os.open(folder, os.O_RDONLY)
@@ -98,31 +102,66 @@ def check_same_settings(path: Path, settings: dict) -> None:
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, keep: int,
-                    settings: dict | None = None) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep`."""
-    folder.mkdir(parents=True, exist_ok=True)
+                    settings: dict | None = None, ranks=None) -> Path:
+    """Write checkpoints/step-N atomically and keep only the newest `keep`.
+
+    Replicated ranks (DDP) hold the same weights, so rank 0 writes alone; sharded ranks (FSDP2)
+    each write their shard through torch.distributed.checkpoint, and rank 0 renames when all are done."""
+    main = ranks is None or ranks.main
+    sharded = ranks is not None and ranks.fsdp
     final = folder / f"{PREFIX}{state.step:08d}"
     tmp = folder / (final.name + PARTIAL)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({**asdict(state), "rng": rng_state(), "settings": settings or {}}))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+    if ranks is not None:
+        ranks.barrier()
+    try:
+        if sharded:
+            _save_sharded(tmp / SHARDED, model, optimizer)
+        if main:
+            if not sharded:
+                save_file(trainable_state(model), tmp / "trainable.safetensors")
+            extra = {} if sharded else {"optimizer": optimizer.state_dict()}
+            torch.save({**extra, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
+                       tmp / "optim.pt")
+            (tmp / "state.json").write_text(json.dumps({**asdict(state), "rng": rng_state(), "settings": settings or {},
+                                                        "sharded": sharded}))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = complete_checkpoints(folder)
         kept = f"; the previous checkpoint {previous[-1].name} is intact" if previous else ""
         reason = "the disk is full" if err.errno == errno.ENOSPC else str(err)
         raise UserError(f"{folder}: could not save checkpoint {final.name}: {reason}{kept}") from None
-    for old in complete_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if main:
+        for old in complete_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if ranks is not None:
+        ranks.barrier()
     return final
+
+
+def _save_sharded(path: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
+
+
+def _load_sharded(path: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    wanted = {"model": model_state, "optimizer": optim_state}
+    dcp.load(wanted, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=wanted["model"], optim_state_dict=wanted["optimizer"])
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -141,9 +180,12 @@ def partial_checkpoints(folder: Path) -> list[Path]:
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG; returns the saved TrainState."""
     meta = json.loads((path / "state.json").read_text())
-    load_trainable_state(model, load_file(path / "trainable.safetensors"))
     saved = torch.load(path / "optim.pt", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    if meta.pop("sharded", False):
+        _load_sharded(path / SHARDED, model, optimizer)
+    else:
+        load_trainable_state(model, load_file(path / "trainable.safetensors"))
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(meta.pop("rng"), saved["torch_rng"])
     meta.pop("settings", None)
@@ -156,8 +198,12 @@ def newest_usable(folder: Path, say) -> Path | None:
         say(f"ignoring partial checkpoint {partial} (the run stopped while writing it)")
     for candidate in reversed(complete_checkpoints(folder)):
         try:
-            json.loads((candidate / "state.json").read_text())
-            load_file(candidate / "trainable.safetensors")
+            meta = json.loads((candidate / "state.json").read_text())
+            if meta.get("sharded"):
+                if not (candidate / SHARDED / ".metadata").exists():
+                    raise FileNotFoundError(f"{SHARDED}/.metadata missing")
+            else:
+                load_file(candidate / "trainable.safetensors")
             torch.load(candidate / "optim.pt", weights_only=True)
             return candidate
         except Exception as err:  # a damaged checkpoint of any kind is skipped, not fatal
