@@ -143,7 +143,9 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             result.resumed_from = state.step
             say(f"resuming from {found} (step {state.step} of {steps})")
             log.truncate_after(state.step)
-    best = BestWeights.reopen(run_dir / "best.safetensors", state.best_step, state.best_eval) if run_dir else BestWeights()
+    # Rank 0 keeps the best weights on disk; other ranks hold their (identical) replica's in memory.
+    best = (BestWeights.reopen(run_dir / "best.safetensors", state.best_step, state.best_eval)
+            if run_dir and ranks.main else BestWeights())
     warned_overfitting = False
     stream = micro_batches(train, cfg.train.batch_size, cfg.train.seed)
     for _ in range(state.micro_batches):  # the same order as an uninterrupted run: skip what was consumed
