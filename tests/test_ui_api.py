@@ -2,6 +2,7 @@
 and starting / stopping / resuming a real run in a child process."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -47,25 +48,27 @@ def fake_run(runs: Path, name: str, *, finished=False, checkpoint=False, nan=Fal
     return folder
 
 
-@pytest.fixture
-def served(tmp_path):
-    """Start a dashboard on a free port; yields a function that makes one request to it."""
-    servers = []
-
-    def start(host="127.0.0.1", token=None):
-        server = make_server(tmp_path / "runs", host, 0, token)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
+@contextlib.contextmanager
+def running_dashboard(runs: Path, host: str = "127.0.0.1", token: str | None = None):
+    """A dashboard serving from a thread on a free port; its training children are killed afterwards."""
+    server = make_server(runs, host, 0, token)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
         server.shutdown()
         server.server_close()
         for child in server.children:
             if child.poll() is None:
                 child.kill()
                 child.wait()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """Yields a function that starts a dashboard over tmp_path/runs."""
+    with contextlib.ExitStack() as stack:
+        yield lambda host="127.0.0.1", token=None: stack.enter_context(running_dashboard(tmp_path / "runs", host, token))
 
 
 def call(server, path, body=None, headers=None, host=None):

@@ -8,13 +8,13 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import write_jsonl
+from test_ui_api import running_dashboard
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
@@ -29,18 +29,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory):
-    from tunesmith.ui import make_server
-
-    runs = tmp_path_factory.mktemp("ui-runs")
-    server = make_server(runs, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    for child in server.children:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    with running_dashboard(tmp_path_factory.mktemp("ui-runs")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +81,8 @@ def curve_points(driver, series: str = "train loss") -> int:
     return int(driver.find_element(By.CSS_SELECTOR, f'#chart-loss path[data-series="{series}"]').get_attribute("data-points"))
 
 
-def test_start_watch_stop_resume_and_report(dashboard, browser, tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_dashboard_end_to_end(dashboard, browser, tmp_path, tiny_model_dir, tiny_tokenizer, tiny_config):
+    """One flow, as a user would: each step builds on the run the previous one made."""
     from tunesmith.config import DataConfig
     from tunesmith.data.demo import make_splits
     from tunesmith.data.prepare import prepare
@@ -168,33 +159,32 @@ def test_start_watch_stop_resume_and_report(dashboard, browser, tmp_path, tiny_m
         browser.save_screenshot(str(ARTIFACTS / "5-report.png"))
         browser.close()
         browser.switch_to.window(browser.window_handles[0])
+    compare_with_a_second_run(dashboard, browser, tiny_config, "from-form")
 
 
-def test_compare_two_runs(dashboard, browser, tiny_config):
+def compare_with_a_second_run(dashboard, browser, tiny_config, first: str):
+    """A second run, trained through the Python API, side by side with the first on the compare page."""
     import tunesmith
 
     runs = Path(dashboard.runs_dir)
-    for name, lr in (("lr-high", 2e-2), ("lr-low", 2e-3)):
-        config = {**tiny_config, "output": {"dir": str(runs / name)},
-                  "train": {**tiny_config["train"], "lr": lr, "max_steps": 8, "log_every": 2},
-                  "eval": {**tiny_config["eval"], "generate": False}}
-        tunesmith.train(config)
-    base = f"http://127.0.0.1:{dashboard.server_address[1]}/"
-    browser.get(base + "#/")
-    for name in ("lr-high", "lr-low"):
+    tunesmith.train({**tiny_config, "output": {"dir": str(runs / "lr-low")},
+                     "train": {**tiny_config["train"], "lr": 2e-3, "max_steps": 8, "log_every": 2},
+                     "eval": {**tiny_config["eval"], "generate": False}})
+    pair = (first, "lr-low")
+    browser.get(f"http://127.0.0.1:{dashboard.server_address[1]}/#/")
+    for name in pair:
         box = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, f'#row-{name} input.pick'), 20, what=name)
         assert browser.find_element(By.CSS_SELECTOR, f"#row-{name}").get_attribute("data-status") == "finished"
         box.click()
     browser.save_screenshot(str(ARTIFACTS / "6-run-list.png"))
     browser.find_element(By.ID, "compare").click()
     wait_for(lambda: browser.find_element(By.ID, "compare-table"), 20, what="the comparison")
-    for name in ("lr-high", "lr-low"):
-        logged = [json.loads(line) for line in open(runs / name / "metrics.jsonl")]
+    for name, steps in zip(pair, (30, 4)):
         points = int(browser.find_element(By.CSS_SELECTOR, f'#chart-loss path[data-series="{name}"]').get_attribute("data-points"))
-        assert points == len([r for r in logged if r["event"] == "train"]) == 4
+        assert points == len(logged_steps(runs / name)) == steps
     row = browser.find_element(By.CSS_SELECTOR, '#config-diff tr[data-key="train.lr"]')
-    assert [c.text for c in row.find_elements(By.TAG_NAME, "td")] == ["0.02", "0.002"]
+    assert [c.text for c in row.find_elements(By.TAG_NAME, "td")] == ["0.01", "0.002"]
     tuned = browser.find_element(By.CSS_SELECTOR, '#compare-table tr[data-key="fine_tuned.eval_loss"]')
-    expected = [json.loads((runs / n / "results.json").read_text())["fine_tuned"]["eval_loss"] for n in ("lr-high", "lr-low")]
+    expected = [json.loads((runs / n / "results.json").read_text())["fine_tuned"]["eval_loss"] for n in pair]
     assert [float(c.text) for c in tuned.find_elements(By.TAG_NAME, "td")] == pytest.approx(expected, rel=1e-3)
     browser.save_screenshot(str(ARTIFACTS / "7-compare.png"))

@@ -39,7 +39,7 @@ function fmt(value, digits = 4) {
   if (typeof value !== "number") return String(value);
   if (Number.isInteger(value)) return String(value);
   const abs = Math.abs(value);
-  return abs !== 0 && (abs < 1e-3 || abs >= 1e5) ? value.toExponential(2) : value.toPrecision(digits).replace(/\.?0+$/, "");
+  return abs !== 0 && (abs < 1e-3 || abs >= 1e5) ? value.toExponential(2) : value.toPrecision(digits).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
 }
 const when = (seconds) => (seconds ? new Date(seconds * 1000).toLocaleString() : "–");
 function duration(seconds) {
