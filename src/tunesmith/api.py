@@ -18,6 +18,7 @@ from .eval.metrics import example_scores, load_scorer, mean_scores
 from .models import compute_dtype, load_base, load_model, load_tokenizer
 from .plan import measured_peak
 from .training.loop import eval_loss, fit
+from .training import distributed
 from .training.early_stop import EarlyStopping
 from .training.progress import open_loggers
 
@@ -29,19 +30,30 @@ def say(text: str) -> None:
 def train(config: Config | str | Path | dict, overrides: list[str] | None = None, must_resume: bool = False) -> dict:
     """Fine-tune as configured; returns the run's results (also written to results.json).
 
-    A run folder holding checkpoints of an unfinished run is resumed (train.resume, default on)."""
+    A run folder holding checkpoints of an unfinished run is resumed (train.resume, default on).
+    Under torchrun every rank calls this; rank 0 alone writes the run folder and scores generations."""
     cfg = _as_config(config, overrides)
+    ranks = distributed.setup()
+    try:
+        return _train(cfg, must_resume, ranks)
+    finally:
+        distributed.teardown(ranks)
+
+
+def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     check_data_paths(cfg)
     run_dir = Path(cfg.output.dir)
     runs.check_run_dir(run_dir, cfg.output.overwrite, must_resume)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     data = prepare(cfg.data, tokenizer)
     # Only now, with config and data known good, is the run folder touched: a mistake loses nothing.
-    runs.prepare_run_dir(run_dir, cfg.output.overwrite, must_resume)
-    (run_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
-    if cfg.data.train == "demo":
-        write_demo_files({name: split.conversations for name, split in data.splits.items()}, run_dir)
-    log = open_loggers(run_dir, cfg.eval.loggers, cfg.model_dump(mode="json"))
+    if ranks.main:
+        runs.prepare_run_dir(run_dir, cfg.output.overwrite, must_resume)
+        (run_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
+        if cfg.data.train == "demo":
+            write_demo_files({name: split.conversations for name, split in data.splits.items()}, run_dir)
+    ranks.barrier()
+    log = open_loggers(run_dir, cfg.eval.loggers, cfg.model_dump(mode="json")) if ranks.main else distributed.SilentLog()
     summary = data.summary()
     say(f"data: {summary['examples']} examples, {summary['tokens']['train']} train tokens "
         f"({summary['label_tokens']['train']} with a loss); dropped: {summary['dropped'] or 'none'}")
@@ -58,8 +70,8 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
 
     base: dict = {}
     if validation:
-        base["eval_loss"] = eval_loss(model, validation, cfg.eval.batch_size, pad_id)
-    if test and cfg.eval.generate and cfg.eval.compare_base:
+        base["eval_loss"] = eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks)
+    if test and cfg.eval.generate and cfg.eval.compare_base and ranks.main:
         base.update(score_generation(model, tokenizer, test, cfg, run_dir / "predictions_base.jsonl", "base"))
 
     torch.manual_seed(cfg.train.seed)
@@ -70,7 +82,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
         f"({100 * trainable / total:.2f}%), {results['model_bytes'] / 2**20:.0f} MiB as loaded; method {cfg.adapter.method}")
     stopper = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta)
     result = fit(model, data.splits["train"], validation, cfg, pad_id, log, run_dir,
-                 on_eval=stopper if cfg.eval.patience and validation else None)
+                 on_eval=stopper if cfg.eval.patience and validation else None, ranks=ranks)
     results["peak_memory"] = {"predicted": predicted_peak, "measured": measured_peak()}
     say(f"peak memory: measured {results['peak_memory']['measured'] / 2**30:.2f} GiB"
         + (f", planned {predicted_peak / 2**30:.2f} GiB" if predicted_peak else ""))
@@ -78,14 +90,21 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
         log.write(event="early_stop", step=stopper.stopped_at, best_step=stopper.best_step, best_eval_loss=stopper.best)
         say(f"early stop at step {stopper.stopped_at}: no eval-loss improvement over {cfg.eval.min_delta} in "
             f"{cfg.eval.patience} evaluations (best {stopper.best:.4f} at step {stopper.best_step})")
-    save_trained(model, tokenizer, run_dir / (runs.ADAPTER_DIR if cfg.adapter.method != "full" else runs.MODEL_DIR))
+    if result.full_state is not None:  # FSDP2: the gathered weights, in an unsharded copy, for saving and scoring
+        model = load_base(cfg.model.name, dtype, False, cfg.model.trust_remote_code)
+        model.load_state_dict(result.full_state)
+    if ranks.main:
+        save_trained(model, tokenizer, run_dir / (runs.ADAPTER_DIR if cfg.adapter.method != "full" else runs.MODEL_DIR))
 
     tuned: dict = {}
     if validation:
         tuned["eval_loss"] = (result.final_eval if result.final_eval is not None
-                              else eval_loss(model, validation, cfg.eval.batch_size, pad_id))
+                              else eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks))
         log.write(event="eval", step=result.steps, eval_loss=tuned["eval_loss"],
                   perplexity=math.exp(min(tuned["eval_loss"], 50)))
+    if not ranks.main:
+        ranks.barrier()  # rank 0 scores, writes results and the report
+        return {"base": base, "fine_tuned": tuned, "run_dir": str(run_dir), "rank": ranks.rank}
     if test and cfg.eval.generate:
         tuned.update(score_generation(model, tokenizer, test, cfg, run_dir / "predictions.jsonl", "fine-tuned"))
     log.close()
@@ -102,6 +121,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
         from .eval.report import write_report
 
         say(f"report: {write_report(run_dir)[0]}")
+    ranks.barrier()
     say(comparison_table(base, tuned))
     return results
 
