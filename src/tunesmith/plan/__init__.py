@@ -188,3 +188,32 @@ def data_figures(cfg) -> tuple[int, float, float]:
     train = prepare(cfg.data, cfg.model.name).splits["train"]
     labels = sum(e.label_count for e in train.encoded)
     return train.tokens, labels / max(1, train.tokens), train.tokens / max(1, len(train))
+
+
+def training_estimate(cfg, summary: dict) -> tuple[float, str]:
+    """(predicted peak bytes, one line) for the run about to start, on the device it runs on."""
+    import torch
+
+    tokens = summary["tokens"]["train"] or 1
+    setup = setup_from_config(cfg, summary["label_tokens"]["train"] / tokens)
+    shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = Device(props.name, float(props.total_memory), None, 1.0)
+        est = estimate_on(shape, setup, device)
+    else:
+        device, est = None, estimate_for_machine(shape, setup)
+    biggest = sorted(((v, k) for k, v in est.parts.items() if v > 0), reverse=True)[:3]
+    return est.total, (f"plan: peak about {gib(est.total)} (" + ", ".join(f"{k} {gib(v)}" for v, k in biggest)
+                       + f"){'' if device is None else f' of {gib(device.memory)} on {device.name}'}")
+
+
+def measured_peak() -> float:
+    """Peak bytes of this process so far: CUDA tensors where training ran on a GPU, else resident memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.max_memory_allocated())
+    from .devices import peak_resident
+
+    return peak_resident()

@@ -70,3 +70,25 @@ def find_device(name: str) -> Device:
         if device.name.lower().replace(" ", "").startswith(key):
             return device
     raise UserError(f"unknown device '{name}'; known: {', '.join(GPUS)}, this-machine")
+
+
+def peak_resident() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # kB on Linux
+
+
+def return_freed_memory() -> None:
+    """Make glibc hand blocks of 128 KiB and more back to the system when freed.
+
+    By default glibc raises that threshold up to 32 MiB as large blocks are freed and then keeps
+    freed activations in its heaps, so resident memory creeps up step after step."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
