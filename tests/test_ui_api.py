@@ -233,3 +233,28 @@ def test_start_and_stop_a_real_run(served, tmp_path, tiny_model_dir):
     assert max(checkpoint_steps) >= last_logged
     assert "stopped by signal 15; checkpoint saved" in (folder / "train.log").read_text()
     assert call(server, "/api/runs/real/stop", {})[0] == 400  # not running any more
+
+
+def test_cli_prints_the_token_and_the_server_requires_it(tmp_path):
+    """`tunesmith ui --host 0.0.0.0`: the printed address carries a token, and the API refuses requests without it."""
+    import re
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "ui", "--runs", str(tmp_path / "runs"),
+                              "--host", "0.0.0.0", "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        first = child.stdout.readline()
+        found = re.search(r"http://0\.0\.0\.0:(\d+)/\?token=(\S+)", first)
+        assert found, first
+        port, token = found.groups()
+        assert f"token: {token}" in child.stdout.readline()
+        url = f"http://127.0.0.1:{port}/api/runs"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=30)
+        assert refused.value.code == 401
+        with urllib.request.urlopen(f"{url}?token={token}", timeout=30) as response:
+            assert json.loads(response.read()) == {"runs": []}
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
