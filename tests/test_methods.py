@@ -238,3 +238,22 @@ def test_freeze_embeddings_and_modules_to_save(tiny_model_dir):
     assert len(copies) == 2 * peft_model.config.num_hidden_layers + 1
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert trainable == expected_trainable("lora", peft_model.config, 0) + sum(c.weight.numel() for c in copies)
+
+
+def test_full_fine_tune_of_a_bf16_model_is_mixed_precision(tiny_model_dir, tiny_tokenizer):
+    """fp32 master weights (small updates are not rounded away), bf16 matmuls."""
+    from tunesmith.data.demo import make_splits
+
+    rows = make_splits(2, seed=6, validation_size=0, test_size=0)["train"]
+    batch = collate([encode(tiny_tokenizer, r["messages"]) for r in rows], tiny_tokenizer.pad_token_id)
+    model = apply_adapter(load_model(str(tiny_model_dir), torch.bfloat16), AdapterConfig(method="full"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    seen = []
+    model.get_decoder().layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    total, count = label_loss_sum(model, batch)
+    (total / count).backward()
+    assert seen == [torch.bfloat16]
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.optim.AdamW(model.parameters(), lr=1e-5).step()
+    changed = sum(int((p != b).sum()) for p, b in zip(model.parameters(), before))
+    assert changed > 0.9 * sum(b.numel() for b in before)  # in bf16 most of these updates would round away

@@ -53,6 +53,14 @@ def apply_adapter(model, cfg: AdapterConfig):
 
 
 def make_fully_trainable(model, cfg: AdapterConfig):
+    low = next(model.parameters()).dtype
+    if low in (torch.bfloat16, torch.float16):
+        # Mixed precision: AdamW updates of a few 1e-5 vanish when added to bf16 weights (8-bit
+        # mantissa), so the weights become fp32 and the matmuls stay in the low dtype (autocast).
+        model.float()
+        device = next(model.parameters()).device.type
+        for module in (model.get_decoder(), model.get_output_embeddings()):
+            module.forward = torch.autocast(device, dtype=low)(module.forward)
     for param in model.parameters():
         param.requires_grad_(True)
     if cfg.freeze_embeddings:
