@@ -25,7 +25,7 @@ def rows(name: str) -> list[dict]:
             if 80 <= len(r["answer"]) <= MAX_ANSWER_CHARS]
 
 
-def main(out: str, n_train: int = 160, n_validation: int = 16, n_test: int = 40, seed: int = 0) -> None:
+def main(out: str, n_train: int = 160, n_validation: int = 8, n_test: int = 24, seed: int = 0) -> None:
     rng = random.Random(seed)
     pool = [r for name in TRAIN_COLLECTIONS for r in rows(name)]
     rng.shuffle(pool)

@@ -112,3 +112,22 @@ def test_compare_end_to_end_on_tiny_models(tiny_model_dir, tmp_path):
     lines = [json.loads(line) for line in open(tmp_path / "out" / "comparison.jsonl")]
     assert len(lines) == 6 and {"base", "base 1-shot", "other"} <= set(lines[0])
     assert "examples" not in json.loads((tmp_path / "out" / "comparison.json").read_text())
+
+
+def test_compare_command_writes_into_the_run_and_refreshes_its_report(tiny_model_dir, tmp_path, capsys):
+    from tunesmith.cli import main
+    from test_report import fake_run
+
+    run = fake_run(tmp_path / "run")  # a run folder whose "trained model" is the tiny model itself
+    (run / "model").symlink_to(tiny_model_dir, target_is_directory=True)
+    data = write_jsonl(tmp_path / "test.jsonl", [{"question": "Screen broken?", "answer": "technical"}] * 3)
+    assert main(["compare", str(tiny_model_dir), str(run), "--data", str(data), "--max-new-tokens", "4"]) == 0
+    table = capsys.readouterr().err
+    assert f"run - {tiny_model_dir.name}  rouge_l" in table and "win/tie/loss 0/3/0" in table
+    summary = json.loads((run / "comparison.json").read_text())
+    same = {d["metric"]: d for d in summary["differences"]}
+    # The same weights on both sides: no difference, every example a tie.
+    assert same["answer_loss"]["difference"] == pytest.approx(0.0, abs=1e-6) and same["rouge_l"]["tie"] == 3
+    assert "rouge_l" in (run / "report.html").read_text()
+    assert main(["compare", "a", "b", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: data file not found" in capsys.readouterr().err
