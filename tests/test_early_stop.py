@@ -2,7 +2,6 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 import tunesmith
@@ -51,7 +50,7 @@ def scripted_eval(monkeypatch, values):
     evaluation before training stays real); remember the weights at each call."""
     seen = []
 
-    def fake(model, split, batch_size, pad_id):
+    def fake(model, split, batch_size, pad_id, *distributed_args):
         seen.append({k: v for k, v in trainable_state(model).items()})
         return values[len(seen) - 1]
 
@@ -87,24 +86,24 @@ def test_early_stop_at_the_right_step_and_best_weights_restored(tiny_config, mon
     events = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert {"event": "early_stop", "step": 5, "best_step": 3} .items() <= next(e for e in events if e["event"] == "early_stop").items()
     assert any(e["event"] == "restore_best" and e["best_step"] == 3 for e in events)
+    assert (run / "report.html").exists() and (run / "report.json").exists()
 
 
 def test_best_weights_restored_at_the_end_without_early_stopping(tiny_config, monkeypatch):
-    # Evaluations at steps 2 and 4, then fit measures the last step (6): worse, so step 4 comes back.
+    # Evaluations at steps 1 and 2, then fit measures the last step (3): worse, so step 2 comes back.
     seen = scripted_eval(monkeypatch, [2.0, 1.5, 1.8])
-    tiny_config["train"]["max_steps"] = 6
-    tiny_config["eval"].update(every_steps=2, generate=False)
+    tiny_config["train"]["max_steps"] = 3
+    tiny_config["eval"].update(every_steps=1, generate=False)
     results = tunesmith.train(tiny_config)
-    assert results["steps"] == 6 and results["early_stopped_at"] is None
-    assert results["best_step"] == 4 and results["restored_best"]
+    assert results["steps"] == 3 and results["early_stopped_at"] is None
+    assert results["best_step"] == 2 and results["restored_best"]
     assert same_weights(lora_weights(results["run_dir"]), seen[1])
 
 
-@pytest.mark.parametrize("values, restored", [([2.0, 1.5, 1.4], False)])
-def test_last_weights_kept_when_they_are_best(tiny_config, monkeypatch, values, restored):
-    seen = scripted_eval(monkeypatch, values)
-    tiny_config["train"]["max_steps"] = 6
-    tiny_config["eval"].update(every_steps=2, generate=False)
+def test_last_weights_kept_when_they_are_best(tiny_config, monkeypatch):
+    seen = scripted_eval(monkeypatch, [2.0, 1.5, 1.4])
+    tiny_config["train"]["max_steps"] = 3
+    tiny_config["eval"].update(every_steps=1, generate=False, report=False)
     results = tunesmith.train(tiny_config)
-    assert results["restored_best"] is restored and results["fine_tuned"]["eval_loss"] == 1.4
+    assert results["restored_best"] is False and results["fine_tuned"]["eval_loss"] == 1.4
     assert same_weights(lora_weights(results["run_dir"]), seen[2])
