@@ -236,7 +236,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 raise Interrupted(caught[0] if caught else signal.SIGTERM, None)
             if stop:
                 break
-    _return_best(model, best, validation, cfg, pad_id, log, state.step, result)
+    _return_best(model, best, validation, cfg, pad_id, log, state.step, result, ranks, loss_module)
     if ranks.fsdp:
         result.full_state = distributed.full_state_dict(loss_module)
     result.steps = state.step
@@ -248,13 +248,14 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
 
 
 def _return_best(model, best: BestWeights, validation, cfg: Config, pad_id: int, log, step: int,
-                 result: FitResult) -> None:
+                 result: FitResult, ranks: distributed.Ranks = distributed.SINGLE, loss_module=None) -> None:
     """Put back the weights of the lowest eval loss when the last step's are worse."""
     result.best_step = best.step
     if not (validation and cfg.eval.restore_best and best.step is not None and best.step != step):
         return
     last = result.eval_losses[-1] if result.eval_losses else None
-    final = last[1] if last and last[0] == step else eval_loss(model, validation, cfg.eval.batch_size, pad_id)
+    final = (last[1] if last and last[0] == step  # ranks evaluate together, through the training wrapper
+             else eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks, loss_module))
     result.final_eval = final
     if best.value < final:
         best.restore(model)
