@@ -32,14 +32,11 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        mask[row, :n] = 1
+    # Padded as Python lists, then one tensor each: no small tensor per row.
+    ids = torch.tensor([list(e.input_ids) + [pad_id] * (width - len(e.input_ids)) for e in examples], dtype=torch.long)
+    labels = torch.tensor([list(e.labels) + [IGNORE] * (width - len(e.labels)) for e in examples], dtype=torch.long)
+    mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in examples],
+                        dtype=torch.long)
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if any(e.parts for e in examples):
         batch["position_ids"], batch["attention_mask"] = packed_positions_and_mask(examples, width)

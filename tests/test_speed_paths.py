@@ -1,0 +1,139 @@
+"""The fast paths give the results of the plain ones: chunked LM head, bf16 adapters under
+autocast, one-tensor collation, fused AdamW. No timings here (bench/train_speed.py has them)."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.adapters.lora import apply_adapter
+from tunesmith.config import AdapterConfig
+from tunesmith.data.collate import collate
+from tunesmith.data.packing import pack_examples
+from tunesmith.data.tokenize import IGNORE, Encoded, encode
+from tunesmith.models import load_model
+from tunesmith.training import loss as loss_module
+from tunesmith.training.loss import label_loss_sum
+
+
+def _examples(tokenizer, n=6, seed=3):
+    from tunesmith.data.demo import make_splits
+
+    rows = make_splits(n, seed=seed, validation_size=0, test_size=0)["train"]
+    return [encode(tokenizer, r["messages"]) for r in rows]
+
+
+def _full_logits_loss(model, batch) -> torch.Tensor:
+    """The plain definition: full-vocabulary logits at every position, summed over label tokens."""
+    logits = model(**loss_module.model_inputs(model.config, batch, torch.float32)).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def _lora(model, seed=0):
+    """LoRA on every linear layer (seeded) with B made non-zero, so the adapters change the output."""
+    torch.manual_seed(seed)
+    model = apply_adapter(model, AdapterConfig(r=4, alpha=8))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("chunk", [7, 2048])
+def test_chunked_head_equals_full_logits(tiny_model_dir, tiny_tokenizer, monkeypatch, chunk):
+    """Label positions only, in chunks (a chunk boundary inside a row with chunk 7): same sum as full logits."""
+    monkeypatch.setattr(loss_module, "CHUNK", chunk)
+    model = load_model(str(tiny_model_dir))
+    batch = collate(_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    total, count = label_loss_sum(model, batch)
+    assert count > 2 * 7
+    assert torch.allclose(total, _full_logits_loss(model, batch), rtol=1e-5)
+
+
+def test_chunked_head_gradients_equal_full_logits(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK", 5)
+    batch = collate(_examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
+    grads = []
+    for compute in (lambda m: label_loss_sum(m, batch)[0], lambda m: _full_logits_loss(m, batch)):
+        model = _lora(load_model(str(tiny_model_dir)))
+        compute(model).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_packed_rows_chunked_equals_full_logits(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK", 11)
+    rows, _ = pack_examples(_examples(tiny_tokenizer, 8), 256)
+    batch = collate(rows, tiny_tokenizer.pad_token_id)
+    model = load_model(str(tiny_model_dir))
+    total, _ = label_loss_sum(model, batch)
+    assert torch.allclose(total, _full_logits_loss(model, batch), rtol=1e-5)
+
+
+def test_bf16_adapters_under_autocast_match_fp32(tiny_model_dir, tiny_tokenizer):
+    """A bf16 base with fp32 LoRA weights: the fast path (adapter matmuls in bf16, no activation
+    casts) gives the loss and LoRA gradients of an all-fp32 model within bf16 rounding, and the
+    gradients land on the fp32 master weights."""
+    batch = collate(_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _lora(load_model(str(tiny_model_dir), dtype))
+        total, count = label_loss_sum(model, batch)
+        (total / count).backward()
+        lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora.values())
+        results[dtype] = (float(total.detach() / count), {n: p.grad for n, p in lora.items()})
+    (exact, exact_grads), (fast, fast_grads) = results[torch.float32], results[torch.bfloat16]
+    assert abs(fast - exact) / exact < 0.01
+    for name, grad in exact_grads.items():
+        cosine = F.cosine_similarity(grad.flatten(), fast_grads[name].flatten(), dim=0)
+        assert cosine > 0.98, (name, float(cosine))
+
+
+def test_bf16_fast_path_equals_peft_plain_path(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """The fast path and PEFT's own (fp32 adapter matmuls with casts) agree on a bf16 base."""
+    batch = collate(_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    model = _lora(load_model(str(tiny_model_dir), torch.bfloat16))
+    with torch.no_grad():
+        fast, _ = label_loss_sum(model, batch)
+        monkeypatch.setattr(loss_module, "half_precision_adapters", lambda m, d: contextlib.nullcontext())
+        plain, _ = label_loss_sum(model, batch)
+    assert abs(float(fast) - float(plain)) / float(plain) < 0.01
+
+
+def test_fp32_model_takes_no_autocast(tiny_model_dir, tiny_tokenizer):
+    """An fp32 model (the deterministic path the reliability tests rely on) is computed exactly as before."""
+    model = _lora(load_model(str(tiny_model_dir)))
+    assert isinstance(loss_module.half_precision_adapters(model, torch.float32), contextlib.nullcontext)
+
+
+def test_collate_pads_like_row_by_row(tiny_tokenizer):
+    examples = [Encoded([5, 6, 7], [IGNORE, 6, 7]), Encoded([8], [8]), Encoded([1, 2, 3, 4, 5], [IGNORE] * 4 + [5])]
+    batch = collate(examples, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 0, 0, 0, 0], [1, 2, 3, 4, 5]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE], [8] + [IGNORE] * 4, [IGNORE] * 4 + [5]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_fused_adamw_step_equals_plain(tiny_model_dir, tiny_tokenizer):
+    """The loop's fused AdamW applies the same update as the per-tensor one."""
+    batch = collate(_examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
+    weights = []
+    for fused in (False, True):
+        model = _lora(load_model(str(tiny_model_dir)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, fused=fused)
+        for _ in range(3):
+            total, count = label_loss_sum(model, batch)
+            (total / count).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        weights.append([p.detach().clone() for p in params])
+    for plain, fused in zip(*weights):
+        assert torch.allclose(plain, fused, atol=1e-6)
