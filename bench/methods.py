@@ -7,7 +7,7 @@ included), training tokens/s (non-padding tokens, the first logging window left 
 warm-up), and the eval loss on held-out MedQuAD answers before and after.
 
     .venv/bin/python bench/methods.py                 # about 5 minutes on an idle 2-core CPU
-    .venv/bin/python bench/methods.py --steps 4       # quicker, noisier
+    .venv/bin/python bench/methods.py --steps 3       # quicker, noisier
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def child(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU/GPU runs it fast, else fp32) or float32")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
