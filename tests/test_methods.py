@@ -188,6 +188,27 @@ def test_qlora_base_is_4bit_nf4_with_double_quantisation(arch_dirs):
     assert model_bytes(model) < model_bytes(full)
 
 
+def test_generation_leaves_a_qlora_model_as_trained(arch_dirs, tiny_tokenizer):
+    """Decoding never merges into a 4-bit base: logits after generation equal those before."""
+    from tunesmith.eval.generate import generate_answers
+    from tunesmith.models import load_base
+
+    torch.manual_seed(0)
+    model = apply_adapter(load_base(str(arch_dirs["llama"]), torch.float32, True), AdapterConfig(method="qlora", r=4))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # a trained-looking adapter, so a lossy merge would show
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    conversation = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]
+    generate_answers(model, tiny_tokenizer, [conversation], max_new_tokens=4, batch_size=1)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
 def test_merge_refuses_beyond_tolerance_and_says_by_how_much(arch_dirs, data_files, tmp_path, capsys):
     """A merge whose output differs from the adapter model is not exported; the CLI says so in one line."""
     from tunesmith.cli import main

@@ -12,9 +12,13 @@ from ..training.progress import Progress
 
 @contextlib.contextmanager
 def merged_adapter(model):
-    """Fold LoRA weights into the base for the duration (same outputs, faster decoding)."""
+    """Fold LoRA weights into the base for the duration (same outputs, faster decoding).
+
+    Not into a quantised (QLoRA) base: merging rounds the update into 4 bits and unmerging cannot
+    give the trained weights back, so such a model decodes with the adapter beside the base."""
     merge = getattr(model, "merge_adapter", None)
-    if merge is None:
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if merge is None or quantized:
         yield model
         return
     merge()
