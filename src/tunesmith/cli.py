@@ -122,7 +122,7 @@ def cmd_plan(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    print(json.dumps(export(args.run, args.out, args.merge, args.tolerance), indent=2))
+    print(json.dumps(export(args.run, args.out, args.merge, args.tolerance, args.format, args.quant), indent=2))
     return 0
 
 
@@ -229,9 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-this-machine", action="store_true", help="skip this machine (no matmul benchmark)")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("export", help="export a run: --merge folds the adapter into the base, verified by logits")
+    p = sub.add_parser("export", help="export a run (hf, peft, gguf, ollama), each verified before it is called done")
     p.add_argument("run")
-    p.add_argument("--merge", action="store_true", help="merged full-precision model (QLoRA: into the dequantised base)")
+    p.add_argument("--format", default=None, help="comma-separated: hf (merged model), peft (adapter for vLLM/TGI), "
+                                                  "gguf (llama.cpp), ollama (Modelfile next to the GGUF); default hf")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (default f16)")
+    p.add_argument("--merge", action="store_true", help="same as --format hf: merged full-precision model "
+                                                        "(QLoRA: into the dequantised base)")
     p.add_argument("--out", default=None, help="export folder (default: RUN/export)")
     p.add_argument("--tolerance", type=float, default=None, help="largest fp32 logit difference accepted (default 1e-4)")
     p.set_defaults(func=cmd_export)

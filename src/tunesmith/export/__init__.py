@@ -1,21 +1,116 @@
-"""Exports of a trained run, each checked before it is called done."""
+"""Exports of a trained run, each checked before it is called done.
+
+Formats: `hf` (merged transformers folder), `peft` (the adapter for vLLM / TGI), `gguf` (llama.cpp),
+`ollama` (a Modelfile next to the GGUF). Each lands in its own folder under `out` (default
+RUN/export) with a README of how to load it.
+"""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from ..errors import UserError
 
+FORMATS = ("hf", "peft", "gguf", "ollama")
 
-def export(run: str | Path, out: str | Path | None = None, merge: bool = True, tolerance: float | None = None) -> dict:
-    """Export a run; with `merge`, the adapter folded into a full-precision base, verified by logits."""
+
+def parse_formats(formats: str | list[str] | None, merge: bool) -> list[str]:
+    if isinstance(formats, str):
+        formats = [f.strip() for f in formats.split(",") if f.strip()]
+    wanted = list(formats or []) + (["hf"] if merge else [])
+    unknown = sorted(set(wanted) - set(FORMATS))
+    if unknown:
+        raise UserError(f"export: unknown format {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    return [f for f in FORMATS if f in wanted] or ["hf"]
+
+
+def export(run: str | Path, out: str | Path | None = None, merge: bool = False, tolerance: float | None = None,
+           formats: str | list[str] | None = None, quant: str = "f16") -> dict:
+    """Export a run in the given formats (default: hf); returns what each check measured."""
+    from .. import runs
+    from ..config import load_config
     from .merge import TOLERANCE, merge_run
+    from .peft_folder import export_peft
+    from .readme import write_readme
 
-    if not merge:
-        raise UserError(f"{run}: nothing to export; ask for --merge")
+    wanted = parse_formats(formats, merge)
+    run = Path(run)
+    if not runs.is_run(run):
+        raise UserError(f"{run}: not a run folder (no config.yaml)")
+    out = Path(out) if out else run / "export"
+    trained = runs.trained_folder(run)
+    quantized = load_config(run / "config.yaml").adapter.method == "qlora"
     results: dict = {}
-    if merge:
-        results["merged"] = merge_run(run, Path(out) / "merged" if out else None, tolerance or TOLERANCE).as_dict()
+    if "gguf" in wanted or "ollama" in wanted:
+        check_gguf_architecture(run)  # before any merging: an unsupported model fails at once
+    if "hf" in wanted:
+        results["merged"] = merge_run(run, out / "merged", tolerance or TOLERANCE).as_dict()
+        write_readme(out / "merged", "hf", run=run.name, **results["merged"])
+    if "peft" in wanted:
+        if not (trained / "adapter_config.json").exists():
+            raise UserError(f"{run}: a full fine-tune has no adapter; export it with --format hf or gguf")
+        results["peft"] = export_peft(trained, out / "peft", quantized)
+        write_readme(out / "peft", "peft", run=run.name, **{**results["peft"], "warnings": "; ".join(
+            results["peft"]["warnings"]) or "none"})
+    if "gguf" in wanted or "ollama" in wanted:
+        merged = out / "merged" if "merged" in results else None
+        results["gguf"] = export_gguf(run, out / "gguf", quant, merged, "ollama" in wanted)
     return results
 
 
-__all__ = ["export"]
+def check_gguf_architecture(run: Path) -> None:
+    from transformers import AutoConfig
+
+    from ..config import load_config
+    from ..models.load import resolve_model_path
+    from .gguf import gguf_architecture
+
+    where, gguf_file = resolve_model_path(load_config(run / "config.yaml").model.name)
+    gguf_architecture(AutoConfig.from_pretrained(where, gguf_file=gguf_file))
+
+
+def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelfile: bool) -> dict:
+    """Write model-{quant}.gguf from the merged model, verify it, and (for ollama) add a Modelfile."""
+    import torch
+
+    from .. import runs
+    from ..config import load_config
+    from ..models import load_model, load_tokenizer
+    from .gguf import verify_gguf, write_gguf
+    from .merge import TOLERANCE, logits_of, merge_run, sample_batch, sample_conversations
+    from .ollama import write_modelfile
+    from .readme import write_readme
+
+    trained = runs.trained_folder(run)
+    scratch = folder / ".partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    source = merged or trained
+    if merged is None and (trained / "adapter_config.json").exists():
+        source = merge_run(run, scratch / "merged", TOLERANCE).folder  # verified merge, deleted below
+    tokenizer = load_tokenizer(str(trained))  # carries the chat template training used
+    model = load_model(str(source), torch.float32)
+    batch = sample_batch(run, tokenizer)
+    reference = logits_of(model, batch)
+    name = f"model-{quant}.gguf"
+    written = write_gguf(model, tokenizer, scratch / name, quant, name=run.resolve().name)
+    del model
+    check = verify_gguf(written, quant, reference, batch, tokenizer, sample_conversations(run)).as_dict()
+    os.replace(written, folder / name)
+    shutil.rmtree(scratch, ignore_errors=True)
+    check["file"] = str(folder / name)
+    if modelfile:
+        system = load_config(run / "config.yaml").data.system_prompt or fixed_system_prompt(sample_conversations(run))
+        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system))
+    write_readme(folder, "gguf", run=run.name, **{**check, "file": name})
+    runs.write_json(folder / f"check-{quant}.json", check)
+    return check
+
+
+def fixed_system_prompt(conversations: list[list[dict]]) -> str | None:
+    """The system message every sampled conversation starts with, if they share one."""
+    systems = {c[0]["content"] if c and c[0]["role"] == "system" else None for c in conversations}
+    return systems.pop() if len(systems) == 1 else None
+
+
+__all__ = ["FORMATS", "export"]

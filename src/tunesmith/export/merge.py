@@ -23,6 +23,7 @@ from ..models import load_base, load_model, load_tokenizer
 from ..models.quant import dequantize
 
 TOLERANCE = 1e-4  # fp32 max abs logit difference
+MAX_SHARD_SIZE = "2GB"  # safetensors files past this size are split (as hub models are)
 
 
 @dataclass
@@ -37,18 +38,26 @@ class MergeCheck:
                 "positions": self.positions}
 
 
-def sample_batch(run: Path, tokenizer, count: int = 8) -> dict[str, torch.Tensor]:
-    """A padded batch of the run's validation (else training) examples: the inputs the model was made for."""
+def sample_conversations(run: Path, count: int = 8) -> list[list[dict]]:
+    """The run's first validation (else training) conversations: the inputs the model was made for."""
     cfg = load_config(run / "config.yaml")
     candidates = [run / "data" / "validation.jsonl", cfg.data.validation, run / "data" / "train.jsonl", cfg.data.train]
     for path in candidates:
         if path and Path(path).is_file():
             conversations, _ = load_conversations(str(path), cfg.data.system_prompt)
-            encoded = [encode(tokenizer, c) for c in conversations[:count]]
-            encoded = [e for e in encoded if len(e.input_ids) <= cfg.data.max_seq_len]
-            if encoded:
-                return collate(encoded, tokenizer.pad_token_id)
-    # The data moved away: fixed pseudo-random tokens still compare the two models.
+            if conversations:
+                return conversations[:count]
+    return []
+
+
+def sample_batch(run: Path, tokenizer, count: int = 8) -> dict[str, torch.Tensor]:
+    """A padded batch of `sample_conversations`, or fixed pseudo-random tokens when the data moved away."""
+    max_len = load_config(run / "config.yaml").data.max_seq_len
+    encoded = [encode(tokenizer, c) for c in sample_conversations(run, count)]
+    encoded = [e for e in encoded if len(e.input_ids) <= max_len]
+    if encoded:
+        return collate(encoded, tokenizer.pad_token_id)
+    # Pseudo-random tokens still compare the two models.
     ids = torch.randint(0, len(tokenizer), (2, 64), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -77,9 +86,11 @@ def merged_model(base_name: str, adapter: Path, quantized: bool):
     return PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
 
-def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float = TOLERANCE) -> MergeCheck:
-    """Write the run's merged model (safetensors, fp32, with tokenizer and chat template) to `out`,
-    checked against the adapter model after a reload from disk."""
+def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float = TOLERANCE,
+              max_shard_size: str = MAX_SHARD_SIZE) -> MergeCheck:
+    """Write the run's merged model (safetensors, fp32, with tokenizer, chat template and generation
+    config; files of at most `max_shard_size`) to `out`, checked against the adapter model after a
+    reload from disk."""
     run = Path(run)
     if not runs.is_run(run):
         raise UserError(f"{run}: not a run folder (no config.yaml)")
@@ -96,7 +107,7 @@ def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float =
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     merged = merged_model(cfg.model.name, trained, quantized)
-    merged.save_pretrained(partial, safe_serialization=True)
+    merged.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(partial)
     del merged
     # Compare what was written, not what is in memory: a save that drops or unties a weight shows here.

@@ -1,0 +1,227 @@
+"""Write a merged model as a GGUF file (llama.cpp, Ollama) with the `gguf` package, and verify it.
+
+Tensor names come from gguf's own HF -> GGUF name map, metadata keys from its writer, so the file
+reads as llama.cpp's converter would write it: Mistral as the `llama` architecture, the q/k
+projections of the `llama` architecture permuted from HF's rotary layout (two halves) into GGML's
+(interleaved pairs), the tokenizer as a byte-level BPE ("gpt2") vocabulary with merges, and the
+chat template that training used.
+
+Verification reads the file back with transformers (an independent reader, which undoes the
+permutation) and compares logits with the merged model on the run's own examples, and the
+prompt tokens the read-back tokenizer builds with those of the training tokenizer.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+# HF model_type -> GGUF architecture (llama.cpp's converter writes Mistral as llama).
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+QUANTS = ("f16", "q8_0")
+F16_TOLERANCE = 1e-2  # max abs logit difference, relative to the largest reference logit
+Q8_TOP1 = 0.99  # share of positions whose top-1 token must agree
+
+
+@dataclass
+class GGUFCheck:
+    file: str
+    quant: str
+    positions: int
+    max_abs_diff: float
+    relative_diff: float
+    top1_agreement: float
+    prompts_checked: int
+    prompts_equal: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def gguf_architecture(config) -> str:
+    """The GGUF architecture for a transformers config, or a UserError naming the supported ones."""
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise UserError(f"GGUF export supports the {', '.join(sorted(ARCHITECTURES))} architectures; "
+                        f"this model is '{config.model_type}'")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise UserError(f"GGUF export: a {config.model_type} model with attention/MLP biases is not supported")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UserError(f"GGUF export: rope scaling '{rope.get('rope_type')}' is not supported (only plain RoPE)")
+    return arch
+
+
+def rope_to_ggml(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF stores each head's rotary dims as two halves; GGML's llama kernel wants them interleaved."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_tensors(model, arch: str):
+    """(GGUF name, fp32 array) for every weight, in llama.cpp's naming and layout."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
+                                     config.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp reuses token_embd when output is absent
+        stem, suffix = hf_name.rsplit(".", 1)
+        name = names.get_name(stem)
+        if name is None:
+            raise UserError(f"GGUF export: no GGUF name for weight '{hf_name}'")
+        tensor = tensor.detach().float()
+        if arch == "llama" and name.endswith("attn_q"):
+            tensor = rope_to_ggml(tensor, config.num_attention_heads)
+        elif arch == "llama" and name.endswith("attn_k"):
+            tensor = rope_to_ggml(tensor, config.num_key_value_heads)
+        yield f"{name}.{suffix}", tensor.numpy()
+
+
+def add_tensor(writer, name: str, data: np.ndarray, quant: str) -> None:
+    """Norms and biases stay f32 (as llama.cpp keeps them); matrices become f16 or q8_0."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    if data.ndim == 1:
+        writer.add_tensor(name, data.astype(np.float32))
+    elif quant == "q8_0" and data.shape[-1] % 32 == 0:
+        writer.add_tensor(name, quantize(data, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+    else:
+        writer.add_tensor(name, data.astype(np.float16))
+
+
+def pre_tokenizer_name(tokenizer) -> str:
+    """llama.cpp's name for how the tokenizer splits text before BPE, from its tokenizer.json."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    for step in pre.get("pretokenizers", []):
+        regex = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
+        for name, split in GGUF_PRE_TOKENIZER_SPLITS.items():
+            if regex == split:
+                return name
+    raise UserError(f"GGUF export: the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}) has no llama.cpp equivalent "
+                    "known to tunesmith")
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """The byte-level BPE vocabulary, merges, special ids and chat template as llama.cpp reads them."""
+    from gguf import TokenType
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if model.get("type") != "BPE":
+        raise UserError(f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')}")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = {i: a for i, a in tokenizer.added_tokens_decoder.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in added:
+            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+            tokens.append(added[i].content)
+        elif i in by_id:
+            types.append(TokenType.NORMAL)
+            tokens.append(by_id[i])
+        else:  # embedding rows past the tokenizer (padding to a round size)
+            types.append(TokenType.UNUSED)
+            tokens.append(f"[PAD{i}]")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    for token, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                       ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
+        token_id = getattr(tokenizer, f"{token}_token_id")
+        if token_id is not None:
+            add(token_id)
+    first = tokenizer("a").input_ids
+    writer.add_add_bos_token(bool(first) and first[0] == tokenizer.bos_token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "model") -> Path:
+    """Write `model` (a transformers causal LM, fp32) and its tokenizer as one GGUF file."""
+    import gguf
+
+    if quant not in QUANTS:
+        raise UserError(f"GGUF export: unknown --quant '{quant}'; choose one of {', '.join(QUANTS)}")
+    config = model.config
+    arch = gguf_architecture(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(writer, tokenizer, config.vocab_size)
+    for tensor_name, data in gguf_tensors(model, arch):
+        add_tensor(writer, tensor_name, data, quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def template_parity(trained_tokenizer, gguf_tokenizer, conversations: list[list[dict]]) -> tuple[int, int]:
+    """(checked, equal): generation prompts built by both tokenizers' chat templates, token for token."""
+    equal = 0
+    for messages in conversations:
+        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+        ours = trained_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        theirs = gguf_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        same_answer = trained_tokenizer(messages[-1]["content"]).input_ids == gguf_tokenizer(messages[-1]["content"]).input_ids
+        equal += int(_ids(ours) == _ids(theirs) and same_answer)
+    return len(conversations), equal
+
+
+def _ids(encoded) -> list[int]:
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def verify_gguf(path: Path, quant: str, reference_logits: torch.Tensor, batch: dict, trained_tokenizer,
+                conversations: list[list[dict]]) -> GGUFCheck:
+    """Read the file back with transformers and compare; refuse (UserError) when a check fails."""
+    from ..models import load_model, load_tokenizer
+    from .merge import logits_of
+
+    logits = logits_of(load_model(str(path), torch.float32), batch)
+    diff = float((logits - reference_logits).abs().max())
+    scale = float(reference_logits.abs().max()) or 1.0
+    top1 = float((logits.argmax(-1) == reference_logits.argmax(-1)).float().mean())
+    checked, equal = template_parity(trained_tokenizer, load_tokenizer(str(path)), conversations)
+    check = GGUFCheck(str(path), quant, int(reference_logits.shape[0]), diff, diff / scale, top1, checked, equal)
+    if quant == "f16" and not check.relative_diff <= F16_TOLERANCE:
+        raise UserError(f"{path}: f16 GGUF logits differ from the merged model's by {diff:.3g} "
+                        f"({check.relative_diff:.2%} of the logit scale {scale:.3g}; tolerance {F16_TOLERANCE:.0%})")
+    if quant == "q8_0" and not top1 >= Q8_TOP1:
+        raise UserError(f"{path}: q8_0 GGUF agrees with the merged model on the top-1 token at {top1:.2%} of "
+                        f"{check.positions} positions (at least {Q8_TOP1:.0%} needed)")
+    if equal != checked:
+        raise UserError(f"{path}: the GGUF's tokenizer and chat template build different tokens than training's "
+                        f"for {checked - equal} of {checked} sample conversations")
+    return check

@@ -1,0 +1,201 @@
+"""Exports (hf, peft, gguf, ollama) of tiny LoRA runs on Llama-, Qwen2- and Mistral-like models.
+
+GGUF files are read back by transformers (an independent reader) and compared with the merged
+model: f16 logits within 1% of the logit scale, q8_0 top-1 tokens equal at >= 99% of positions,
+generation prompts token-equal to training's. Biases and norms are randomised and q/k scaled up (sharp attention) so that a dropped
+or misnamed bias or norm, or a wrong q/k layout, would show.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tunesmith
+from conftest import build_model, build_tokenizer, write_jsonl
+from test_methods import run_config
+from tunesmith.cli import main
+from tunesmith.errors import UserError
+from tunesmith.export import export
+from tunesmith.export import gguf as gguf_export
+from tunesmith.export.ollama import write_modelfile
+from tunesmith.export.peft_folder import serving_warnings
+
+
+def build_mistral(folder: Path, vocab: int) -> None:
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(2)
+    config = MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                           tie_word_embeddings=False, eos_token_id=2, pad_token_id=2, bos_token_id=None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # A random untied head gives near-tied logits no quantised model could rank alike; a trained head
+    # is aligned with the embeddings. Same values, still a separate `output` tensor in the GGUF.
+    model.lm_head.weight.data.copy_(model.model.embed_tokens.weight.data)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def randomise_biases_and_norms(folder: Path) -> None:
+    """Initialised biases are 0 and norms 1: a writer that dropped them would still pass. Not here."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # Large q/k biases would flatten attention into near-tied logits; 0.05 still moves every logit.
+            scale = 0.05 if name.endswith("bias") else 0.3 if "norm" in name else 0.0
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(8)  # sharp attention: a wrong q/k layout in the GGUF must show in the logits
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One short LoRA run per architecture, with a fixed system prompt in every example."""
+    from tunesmith.data.demo import make_splits
+
+    root = tmp_path_factory.mktemp("export")
+    splits = make_splits(16, seed=5, validation_size=8, test_size=0)
+    data = {name: write_jsonl(root / f"{name}.jsonl", splits[name]) for name in ("train", "validation")}
+    found = {}
+    for arch in ("llama", "qwen2", "mistral"):
+        folder = root / f"model-{arch}"
+        tokenizer = build_tokenizer(folder)
+        if arch == "mistral":
+            build_mistral(folder, len(tokenizer))
+        else:
+            build_model(folder, arch, vocab=len(tokenizer), seed=1)
+        randomise_biases_and_norms(folder)
+        config = run_config(folder, root / f"run-{arch}", {"method": "lora"}, data)
+        config["train"]["max_steps"] = 3
+        found[arch] = Path(tunesmith.train(config)["run_dir"])
+    return found
+
+
+def gguf_fields(path: Path) -> tuple[dict, dict]:
+    """(metadata, tensor name -> type name) as llama.cpp's own reader (gguf-py) sees the file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    meta = {}
+    for key in ("general.architecture", "tokenizer.ggml.model", "tokenizer.chat_template", "tokenizer.ggml.eos_token_id"):
+        field = reader.fields[key]
+        value = field.parts[field.data[0]]
+        meta[key] = bytes(value).decode() if field.types[0].name == "STRING" else int(value[0])
+    meta["tokens"] = len(reader.fields["tokenizer.ggml.tokens"].data)
+    return meta, {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_gguf_reads_back_with_the_merged_models_logits_and_training_prompts(arch, quant, runs, tmp_path):
+    from tunesmith.models import load_tokenizer
+
+    run = runs[arch]
+    check = export(run, tmp_path, formats="gguf", quant=quant)["gguf"]
+    path = Path(check["file"])
+    assert path == tmp_path / "gguf" / f"model-{quant}.gguf" and path.is_file()
+    assert not (tmp_path / "gguf" / ".partial").exists() and not (tmp_path / "merged").exists()
+    assert check["positions"] > 500
+    if quant == "f16":
+        assert check["relative_diff"] < 1e-2
+    assert check["top1_agreement"] >= 0.99
+    assert check["prompts_equal"] == check["prompts_checked"] == 8
+
+    meta, tensors = gguf_fields(path)
+    assert meta["general.architecture"] == ("qwen2" if arch == "qwen2" else "llama")  # Mistral is llama in GGUF
+    assert meta["tokenizer.ggml.model"] == "gpt2"
+    trained = load_tokenizer(str(run / "adapter"))
+    assert meta["tokenizer.chat_template"] == trained.chat_template
+    assert meta["tokenizer.ggml.eos_token_id"] == trained.eos_token_id
+    assert meta["tokens"] == len(trained)
+    assert ("output.weight" in tensors) == (arch == "mistral")  # tied embeddings write no output tensor
+    assert ("blk.0.attn_q.bias" in tensors) == (arch == "qwen2")
+    assert tensors["blk.1.ffn_norm.weight"] == "F32"
+    assert tensors["blk.1.ffn_down.weight"] == ("Q8_0" if quant == "q8_0" else "F16")
+    assert json.loads((tmp_path / "gguf" / f"check-{quant}.json").read_text())["file"] == str(path)
+    assert "llama-cli -m model-" in (tmp_path / "gguf" / "README.md").read_text()
+
+
+def test_gguf_check_refuses_a_wrong_layout_and_says_by_how_much(runs, tmp_path, monkeypatch):
+    """Without the q/k permutation llama.cpp needs, the read-back logits differ: the export is refused."""
+    monkeypatch.setattr(gguf_export, "rope_to_ggml", lambda weight, heads: weight)
+    with pytest.raises(UserError, match=r"f16 GGUF logits differ from the merged model's by [0-9.e-]+ \("):
+        export(runs["llama"], tmp_path, formats="gguf")
+    assert not (tmp_path / "gguf" / "model-f16.gguf").exists()
+
+
+def test_all_formats_from_the_cli(runs, tmp_path, capsys):
+    from peft import PeftModel
+
+    from tunesmith.data.demo import SYSTEM_PROMPT
+    from tunesmith.export.merge import logits_of, sample_batch
+    from tunesmith.models import load_model, load_tokenizer
+    from tunesmith.runs import load_trained
+
+    run = runs["llama"]
+    assert main(["export", str(run), "--format", "hf,peft,gguf,ollama", "--quant", "q8_0", "--out", str(tmp_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"merged", "peft", "gguf"} and printed["merged"]["max_abs_diff"] < 1e-4
+
+    merged = tmp_path / "merged"
+    assert {"config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json"} <= {p.name for p in merged.iterdir()}
+    assert list(merged.glob("*.safetensors"))
+
+    # The peft folder loads in plain peft on the base and computes what the run's model computes.
+    peft_dir = tmp_path / "peft"
+    assert {"adapter_config.json", "adapter_model.safetensors", "chat_template.jinja"} <= {p.name for p in peft_dir.iterdir()}
+    tokenizer = load_tokenizer(str(peft_dir))
+    batch = sample_batch(run, tokenizer)
+    base = json.loads((peft_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    plain = PeftModel.from_pretrained(load_model(base), peft_dir)
+    ours, _, _ = load_trained(str(run), dtype=torch.float32)
+    assert (logits_of(plain, batch) - logits_of(ours, batch)).abs().max() < 1e-5
+
+    modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-q8_0.gguf\n")
+    assert '{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"""' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert f'SYSTEM """{SYSTEM_PROMPT}"""' in modelfile  # every demo example has this system prompt
+    for folder, text in (("merged", "from_pretrained"), ("peft", "--enable-lora"), ("gguf", "ollama create")):
+        assert text in (tmp_path / folder / "README.md").read_text()
+
+
+def test_unsupported_architecture_and_format_get_a_clear_message(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    folder = tmp_path / "gpt2"
+    tokenizer = build_tokenizer(folder)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    with pytest.raises(UserError, match="supports the llama, mistral, qwen2 architectures; this model is 'gpt2'"):
+        gguf_export.write_gguf(model, tokenizer, tmp_path / "x.gguf")
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text(json.dumps({"model": {"name": str(folder)}, "data": {"train": "demo"}}))
+    assert main(["export", str(run), "--format", "gguf"]) == 2
+    assert "this model is 'gpt2'" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "onnx"]) == 2
+    assert "unknown format onnx; choose from hf, peft, gguf, ollama" in capsys.readouterr().err
+
+
+def test_ollama_refuses_a_template_it_cannot_write(tmp_path):
+    tokenizer = build_tokenizer(tmp_path)
+    tokenizer.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(UserError, match="not ChatML"):
+        write_modelfile(tmp_path, "model.gguf", tokenizer, None)
+
+
+def test_serving_warnings_name_what_vllm_and_tgi_reject():
+    assert serving_warnings({"r": 8, "target_modules": ["q_proj", "v_proj"], "bias": "none"}, False) == []
+    found = " | ".join(serving_warnings({"r": 128, "use_dora": True, "modules_to_save": ["lm_head"],
+                                         "target_modules": ["q_proj", "embed_tokens"]}, True))
+    for text in ("vLLM rejects", "DoRA", "--max-lora-rank 128", "['embed_tokens']", "QLoRA"):
+        assert text in found
