@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunesmith-installed
 
-.PHONY: demo test test-slow venv clean
+.PHONY: demo test test-slow bench venv clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# tunesmith against TRL SFTTrainer + peft on MedQuAD (README "Speed"); time it on a quiet machine.
+# The torch already installed is kept (pip would otherwise be free to pull another build).
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]" "$(TORCH)"
+	OMP_NUM_THREADS=2 $(BIN)/python bench/train_speed.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -254,8 +254,8 @@ def flops_per_token(lengths: list[int], label_counts: list[int], head_on_every_t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=",".join(RUNS))
-    parser.add_argument("--train-examples", type=int, default=128)
-    parser.add_argument("--eval-examples", type=int, default=64)
+    parser.add_argument("--train-examples", type=int, default=96)
+    parser.add_argument("--eval-examples", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--accum", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-4)
