@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="same as --format hf: merged full-precision model "
                                                         "(QLoRA: into the dequantised base)")
     p.add_argument("--out", default=None, help="export folder (default: RUN/export)")
-    p.add_argument("--tolerance", type=float, default=None, help="largest fp32 logit difference accepted (default 1e-4)")
+    p.add_argument("--tolerance", type=float, default=None, help="largest fp32 logit difference accepted, per unit of logit scale (default 1e-4)")
     p.set_defaults(func=cmd_export)
     return parser
 
