@@ -38,7 +38,8 @@ def main() -> int:
     check = export(run, formats="gguf,ollama", quant="q8_0")["gguf"]
     print(f"export: {check['file']} in {time.perf_counter() - started:.0f} s; logits max abs diff "
           f"{check['max_abs_diff']:.3g} ({check['relative_diff']:.2%} of scale), top-1 agreement "
-          f"{check['top1_agreement']:.2%} of {check['positions']} positions, prompts equal "
+          f"{check['top1_agreement']:.2%} of {check['positions']} answer positions "
+          f"({check['top1_all_positions']:.2%} of all), prompts equal "
           f"{check['prompts_equal']}/{check['prompts_checked']}", flush=True)
 
     rows = {}

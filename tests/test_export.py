@@ -101,7 +101,7 @@ def test_gguf_reads_back_with_the_merged_models_logits_and_training_prompts(arch
     path = Path(check["file"])
     assert path == tmp_path / "gguf" / f"model-{quant}.gguf" and path.is_file()
     assert not (tmp_path / "gguf" / ".partial").exists() and not (tmp_path / "merged").exists()
-    assert check["positions"] > 500
+    assert check["positions"] > 100  # answer positions of the 8 validation examples
     if quant == "f16":
         assert check["relative_diff"] < 1e-2
     assert check["top1_agreement"] >= 0.99
