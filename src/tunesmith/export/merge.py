@@ -114,11 +114,13 @@ def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float =
     diff = float((logits_of(load_model(str(partial), torch.float32), batch) - reference).abs().max())
     # fp32 rounding grows with the logits: a real model's (|logit| ~ 20-30) differ by ~2e-4 after a
     # correct merge, so the tolerance is per unit of logit scale (at least 1).
-    allowed = tolerance * max(1.0, float(reference.abs().max()))
+    scale = max(1.0, float(reference.abs().max()))
+    allowed = tolerance * scale
     check = MergeCheck(out, diff, allowed, int(batch["attention_mask"].sum()))
     if not diff <= allowed:
         raise UserError(f"{run}: merged model's logits differ from the adapter model's by {diff:.3g} "
-                        f"(tolerance {allowed:.3g} = {tolerance:g} x logit scale); merge not exported (left in {partial})")
+                        f"(tolerance {tolerance:g}) x logit scale {scale:.3g} = {allowed:.3g}; merge not exported "
+                        f"(left in {partial})")
     shutil.rmtree(out, ignore_errors=True)
     partial.replace(out)
     runs.write_json(out / "merge_check.json", check.as_dict())
