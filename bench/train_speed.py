@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 MEDQUAD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "medquad"
-RUNS = ("tunesmith", "trl-defaults", "trl-fp32", "trl-best")
+RUNS = ("tunesmith", "trl-best", "trl-defaults", "trl-fp32")
 LORA = {"r": 16, "alpha": 32}
 MAX_LEN = 512
 # TRL renders the chat template itself; a margin keeps every example under MAX_LEN in both stacks.
@@ -222,7 +222,7 @@ def spawn(args, run: str, tmp: Path, **extra) -> dict:
     if done.returncode != 0:
         sys.exit(f"{run} failed:\n{done.stderr[-4000:]}")
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    print(f"{run}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    print(f"{run}: {time.perf_counter() - started:.0f} s {line[len('RESULT '):]}", file=sys.stderr, flush=True)
     return json.loads(line[len("RESULT "):])
 
 

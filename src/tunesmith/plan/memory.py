@@ -5,8 +5,9 @@ block as tunesmith runs it (transformers' SDPA attention, PEFT LoRA, the label-o
 head of training/loss.py); each term was checked against the saved tensors of a real forward.
 Facts of the stack that matter:
 - RMSNorm upcasts its input to fp32 and keeps that copy, whatever the compute dtype.
-- A frozen linear layer keeps no input; a LoRA layer keeps its input in the adapter dtype, so a
-  bf16 base with fp32 adapters keeps one fp32 copy of the input per adapted layer.
+- A frozen linear layer keeps no input; a LoRA layer keeps its input in the adapter dtype. On a
+  bf16/fp16 base (not QLoRA) training/loss.py runs the adapters under autocast, so inputs stay in
+  the base dtype, shared by the adapters of a stage (fp32 adapter weights are cast once per step).
 - For QLoRA, peft's prepare_model_for_kbit_training turns norms and embeddings to fp32, which
   makes the residual stream and thereby every activation fp32 (`upcast_extras`).
 - Only label positions reach the LM head, but every label position's fp32 log-softmax is kept.
@@ -84,7 +85,8 @@ def activation_bytes(shape: ModelShape, setup: Setup, first_block: bool = False)
     In the first block of an adapter run nothing before the first adapted layer needs a gradient,
     so autograd keeps only what follows it (`first_block`)."""
     e = 4 if setup.method == "qlora" and setup.upcast_extras else BYTES[setup.dtype]
-    a = BYTES[setup.adapter_dtype]
+    autocast = setup.method in ("lora", "dora") and BYTES[setup.dtype] == 2  # see training/loss.py
+    a = e if autocast else BYTES[setup.adapter_dtype]
     full = setup.method == "full"
     h, i = shape.hidden, shape.intermediate
     norm = 4 * h + 4 + (e * h if full else 0)  # fp32 upcast + rsqrt (+ normalised input for the weight grad)
@@ -138,6 +140,8 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     rope = 2 * shape.head_dim * act_e * setup.seq
     head_input = e * shape.hidden * labels if full else 0.0
     kept_other = final_norm + rope + head_input + 9 * labels  # + targets and mask
+    if setup.method in ("lora", "dora") and e == 2 and BYTES[setup.adapter_dtype] == 4:
+        kept_other += n_adapter * e  # autocast's half copies of the fp32 adapter weights (training/loss.py)
     logits = kept_logits = setup.logit_bytes * shape.vocab * labels  # every label position's log-softmax
     chunk = min(setup.head_chunk, labels)
     # Backward runs the loss and LM head first (their logits are freed after), then one block at a
