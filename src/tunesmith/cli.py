@@ -126,6 +126,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_streaming_options(p, max_new_tokens: int) -> None:
+    """The options of the commands that stream a model's answers (chat, generate)."""
+    p.add_argument("--system", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pre-trained language models on your data.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -170,9 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="talk to a model or fine-tuned run in the terminal, answers streamed")
     p.add_argument("model")
-    p.add_argument("--system", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
+    _add_streaming_options(p, max_new_tokens=256)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("report", help="write report.html (self-contained) and report.json of a run folder")
@@ -182,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer one prompt, streamed")
     p.add_argument("model")
     p.add_argument("prompt")
-    p.add_argument("--system", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
+    _add_streaming_options(p, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("config", help="print the default config with every field documented, or --check a file")
