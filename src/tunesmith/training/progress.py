@@ -24,10 +24,12 @@ def _clock(seconds: float) -> str:
 class Progress:
     """A bar redrawn in place on a terminal, plain lines elsewhere (CI logs)."""
 
-    def __init__(self, total: int, label: str = "train", stream=sys.stderr, quiet: bool = False):
-        self.total, self.label, self.stream, self.quiet = total, label, stream, quiet  # quiet: ranks other than 0
+    def __init__(self, total: int, label: str = "train", stream=None, quiet: bool = False):
+        # sys.stderr is looked up now, not at import: it may have been replaced (and closed) since.
+        self.total, self.label, self.quiet = total, label, quiet  # quiet: ranks other than 0
+        self.stream = stream or sys.stderr
         self.start = time.perf_counter()
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
     def update(self, done: int, **fields) -> None:
         if self.quiet:
