@@ -43,10 +43,14 @@ def _lora(model, seed=0):
     return model
 
 
+def _chunks_of(monkeypatch, rows: int) -> None:
+    monkeypatch.setattr(loss_module, "head_chunk", lambda vocab: rows)
+
+
 @pytest.mark.parametrize("chunk", [7, 2048])
 def test_chunked_head_equals_full_logits(tiny_model_dir, tiny_tokenizer, monkeypatch, chunk):
     """Label positions only, in chunks (a chunk boundary inside a row with chunk 7): same sum as full logits."""
-    monkeypatch.setattr(loss_module, "CHUNK", chunk)
+    _chunks_of(monkeypatch, chunk)
     model = load_model(str(tiny_model_dir))
     batch = collate(_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
     total, count = label_loss_sum(model, batch)
@@ -54,20 +58,26 @@ def test_chunked_head_equals_full_logits(tiny_model_dir, tiny_tokenizer, monkeyp
     assert torch.allclose(total, _full_logits_loss(model, batch), rtol=1e-5)
 
 
-def test_chunked_head_gradients_equal_full_logits(tiny_model_dir, tiny_tokenizer, monkeypatch):
-    monkeypatch.setattr(loss_module, "CHUNK", 5)
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_chunked_head_gradients_equal_full_logits(tiny_model_dir, tiny_tokenizer, monkeypatch, method):
+    """The head's gradients, computed chunk by chunk in the forward pass, equal autograd's through
+    full logits: for the adapters, and for every weight of a full fine-tune (the tied
+    embedding/head weight gets its share from both uses)."""
+    _chunks_of(monkeypatch, 5)
     batch = collate(_examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
     grads = []
     for compute in (lambda m: label_loss_sum(m, batch)[0], lambda m: _full_logits_loss(m, batch)):
-        model = _lora(load_model(str(tiny_model_dir)))
-        compute(model).backward()
+        model = load_model(str(tiny_model_dir))
+        model = _lora(model) if method == "lora" else apply_adapter(model, AdapterConfig(method="full"))
+        (compute(model) * 0.5).backward()  # a scale on the output reaches the gradients
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert model.get_output_embeddings().weight.requires_grad == (method == "full")
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], atol=1e-6, rtol=1e-4), name
 
 
 def test_packed_rows_chunked_equals_full_logits(tiny_model_dir, tiny_tokenizer, monkeypatch):
-    monkeypatch.setattr(loss_module, "CHUNK", 11)
+    _chunks_of(monkeypatch, 11)
     rows, _ = pack_examples(_examples(tiny_tokenizer, 8), 256)
     batch = collate(rows, tiny_tokenizer.pad_token_id)
     model = load_model(str(tiny_model_dir))
@@ -137,3 +147,55 @@ def test_fused_adamw_step_equals_plain(tiny_model_dir, tiny_tokenizer):
         weights.append([p.detach().clone() for p in params])
     for plain, fused in zip(*weights):
         assert torch.allclose(plain, fused, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_and_mlp_equal_transformers(tiny_model_dir, tiny_tokenizer, dtype):
+    """training/fused.py: the loss equals the one through transformers' RMSNorm and MLP (in bf16
+    within rounding: the compiled kernels round once where eager rounds after every op), the
+    gradients of every weight (full fine-tune) match autograd's through the originals, and the
+    model really runs the patched functions."""
+    from tunesmith.training import fused
+
+    batch = collate(_examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
+    results = []
+    for patch in (False, True):
+        torch.manual_seed(0)
+        model = load_model(str(tiny_model_dir), dtype)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if patch:
+            assert fused.install(model) == 2 * model.config.num_hidden_layers + 1 + model.config.num_hidden_layers
+        total, _ = label_loss_sum(model, batch)
+        total.backward()
+        results.append((total.detach(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    (plain, plain_grads), (lean, lean_grads) = results
+    assert torch.allclose(plain, lean, rtol=1e-6 if dtype == torch.float32 else 2e-3)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().clamp_min(1e-6)
+        assert (lean_grads[name] - grad).abs().max() / scale < tolerance, name
+
+
+def test_fused_functions_keep_fewer_bytes(tiny_model_dir, tiny_tokenizer):
+    """The point of the patch: a bf16 LoRA forward keeps less for the backward pass."""
+    from tunesmith.training import fused
+
+    batch = collate(_examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
+    kept = []
+    for patch in (False, True):
+        model = _lora(load_model(str(tiny_model_dir), torch.bfloat16))
+        if not patch:  # apply_adapter installed them: put the originals back
+            for module in model.modules():
+                if type(module).__name__ in fused.RMS_NORMS | fused.MLPS:
+                    del module.forward
+        sizes = {}
+
+        def pack(tensor):
+            sizes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            label_loss_sum(model, batch)
+        kept.append(sum(sizes.values()))
+    assert kept[1] < 0.85 * kept[0]

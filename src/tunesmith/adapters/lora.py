@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import AdapterConfig
+from ..training import fused
 
 MODULES_TO_SAVE_WARNING = ("adapter.modules_to_save is set: vLLM rejects LoRA adapters that carry fully trained "
                            "modules; serve a merged model there (tunesmith export RUN --merge)")
@@ -29,7 +30,16 @@ def transformer_linear_names(model) -> list[str]:
 
 
 def apply_adapter(model, cfg: AdapterConfig):
-    """The model with the configured trainable parts; frozen weights stay in their loaded dtype."""
+    """The model with the configured trainable parts; frozen weights stay in their loaded dtype.
+
+    Norms and MLPs get the leaner training functions of training/fused.py (after PEFT has
+    wrapped the model, so copies it makes are patched as themselves)."""
+    model = _make_trainable(model, cfg)
+    fused.install(model)
+    return model
+
+
+def _make_trainable(model, cfg: AdapterConfig):
     if cfg.method == "full":
         return make_fully_trainable(model, cfg)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

@@ -107,6 +107,31 @@ def deferred_signals():
             signal.signal(s, handler)
 
 
+def _libc_trim():
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def release_freed_memory(model) -> None:
+    """Hand memory freed by the last step back to the system (CPU only).
+
+    glibc keeps freed activations in its heaps, and as micro-batch lengths vary the next step's
+    tensors do not fit the holes: resident memory crept up step by step to 1.5 GiB above what
+    was live (default model, 4 x 489 tokens). Trimming once per step kept speed and lowered the
+    peak by 0.5 GiB; a low mmap threshold does the same per tensor but halved the speed.
+    """
+    if _TRIM is not None and next(model.parameters()).device.type == "cpu":
+        _TRIM(0)
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     text = str(err).lower()
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
@@ -201,6 +226,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            release_freed_memory(model)
             state.step = step
             state.train_tokens += tokens
             state.losses.append(step_loss)

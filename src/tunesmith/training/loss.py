@@ -1,9 +1,12 @@
 """Summed next-token loss over label tokens, without full-vocabulary logits for every position.
 
-Only positions that carry a label go through the LM head, in chunks, with the cross-entropy in
-fp32. For a 49k vocabulary and answers that are a fraction of each sequence, this skips most of
-the head's work and memory. The sum (not the mean) is returned with the label count, so the
-caller can normalise once over a whole optimizer step.
+Only positions that carry a label go through the LM head, a few hundred at a time, with the
+cross-entropy in fp32. Each chunk's gradient is computed right after its loss, in the forward
+pass, so no chunk's logits outlive it: the backward pass keeps only the gradient of the hidden
+states (and of the head weight where it trains). For a 49k vocabulary that is tens of MiB
+instead of a fp32 log-softmax per label position (4 x 512 positions: 400 MiB). The sum (not the
+mean) is returned with the label count, so the caller can normalise once over a whole
+optimizer step.
 """
 from __future__ import annotations
 
@@ -14,7 +17,12 @@ import torch.nn.functional as F
 
 from ..data.tokenize import IGNORE
 
-CHUNK = 2048
+CHUNK_ELEMENTS = 2**24  # logits per chunk: 341 label positions of a 49k vocabulary, 64 MiB in fp32
+
+
+def head_chunk(vocab: int) -> int:
+    """Label positions per LM-head chunk."""
+    return max(16, CHUNK_ELEMENTS // vocab)
 
 
 def _core(model):
@@ -69,15 +77,63 @@ def label_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 def _loss_sum(model, decoder, head, config, inputs, targets, keep) -> torch.Tensor:
-    if getattr(config, "final_logit_softcapping", None):
+    if getattr(config, "final_logit_softcapping", None) or getattr(head, "bias", None) is not None:
         # Architectures that transform logits after the head: use their own forward.
         logits = model(**inputs).logits[:, :-1]
         return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
     hidden = decoder(**inputs).last_hidden_state
     picked = hidden[:, :-1][keep]
-    wanted = targets[keep]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, picked.shape[0], CHUNK):
-        logits = head(picked[start:start + CHUNK]).float()
-        total = total + F.cross_entropy(logits, wanted[start:start + CHUNK], reduction="sum")
+    device = picked.device.type
+    # The dtype of the head's matmul: autocast's where it is on (fp32 master weights of a full fine-tune).
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else picked.dtype
+    if torch.is_grad_enabled() and (picked.requires_grad or head.weight.requires_grad):
+        return HeadCrossEntropy.apply(picked, head.weight, targets[keep], dtype)
+    return _chunk_losses(picked, head.weight, targets[keep], dtype, None)  # evaluation: no gradients
+
+
+def _chunk_losses(hidden, weight, targets, dtype, grads: tuple | None) -> torch.Tensor:
+    """Summed cross-entropy of hidden @ weight.T against targets, chunk by chunk; with `grads`
+    (hidden's, weight's or None) also the gradient of that sum, written into them."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _chunks(hidden, weight.to(dtype), targets, dtype, grads)
+
+
+def _chunks(hidden, w, targets, dtype, grads) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    step = head_chunk(w.shape[0])
+    for start in range(0, hidden.shape[0], step):
+        h = hidden[start:start + step].to(dtype)
+        wanted = targets[start:start + step]
+        logits = (h @ w.t()).float()
+        norm = torch.logsumexp(logits, dim=-1)
+        total += (norm - logits.gather(1, wanted[:, None]).squeeze(1)).sum()
+        if grads is None:
+            continue
+        # d(sum of cross-entropies)/d(logits) = softmax - one-hot of the target
+        probs = logits.sub_(norm[:, None]).exp_()
+        probs[torch.arange(len(wanted), device=probs.device), wanted] -= 1
+        g = probs.to(dtype)
+        grads[0][start:start + step] = g @ w
+        if grads[1] is not None:
+            grads[1].add_((g.t() @ h).float())
     return total
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) whose gradients are computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype):
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if ctx.needs_input_grad[1] else None)
+        total = _chunk_losses(hidden, weight, targets, dtype, (grad_hidden, grad_weight))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_weight = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, None, None
