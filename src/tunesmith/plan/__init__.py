@@ -117,7 +117,8 @@ def setup_from_config(cfg, label_share: float = 1.0) -> Setup:
     targets = LINEARS if cfg.adapter.target_modules == "all-linear" else tuple(cfg.adapter.target_modules)
     return Setup(method=cfg.adapter.method, dtype=dtype, batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
                  gradient_checkpointing=bool(getattr(cfg.adapter, "gradient_checkpointing", False)),
-                 r=cfg.adapter.r, targets=targets, label_share=label_share)
+                 r=cfg.adapter.r, targets=targets, label_share=label_share,
+                 freeze_embeddings=cfg.adapter.freeze_embeddings)
 
 
 def gib(value: float) -> str:

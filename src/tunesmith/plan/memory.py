@@ -1,16 +1,33 @@
 """Peak training memory of one configuration, as a breakdown that sums to the total.
 
 The activation terms count the tensors autograd keeps for the backward pass of a Llama-style
-block as tunesmith runs it (transformers' SDPA attention, PEFT LoRA, the label-only chunked LM
-head of training/loss.py); each term was checked against the saved tensors of a real forward.
-Facts of the stack that matter:
-- RMSNorm upcasts its input to fp32 and keeps that copy, whatever the compute dtype.
-- A frozen linear layer keeps no input; a LoRA layer keeps its input in the adapter dtype. On a
-  bf16/fp16 base (not QLoRA) training/loss.py runs the adapters under autocast, so inputs stay in
-  the base dtype, shared by the adapters of a stage (fp32 adapter weights are cast once per step).
-- For QLoRA, peft's prepare_model_for_kbit_training turns norms and embeddings to fp32, which
-  makes the residual stream and thereby every activation fp32 (`upcast_extras`).
-- Only label positions reach the LM head, but every label position's fp32 log-softmax is kept.
+block as tunesmith runs it (transformers' SDPA attention, PEFT LoRA, the RMSNorm and SwiGLU of
+training/fused.py, the label-only LM head of training/loss.py); each term was checked against
+the saved tensors of a real forward (tests/test_plan.py). Facts of the stack that matter:
+- Three dtypes (`Dtypes`): the residual stream (norm inputs and outputs, rotary tables, the final
+  hidden states), the linear layers' outputs (attention and MLP tensors), and the matmul inputs
+  that trainable weights or adapters keep. They differ in two cases. A full fine-tune of a
+  bf16/fp16 model trains fp32 master weights under bf16 autocast (adapters/lora.py): residual
+  fp32, linear outputs bf16, and each linear layer fed by a norm keeps its own bf16 cast of its
+  fp32 input (q, k and v: three copies). For QLoRA, peft's prepare_model_for_kbit_training turns
+  norms, embeddings and the head to fp32 and bitsandbytes returns its output in its input's
+  dtype, so everything is fp32 (`upcast_extras`).
+- RMSNorm keeps its input in its own dtype plus one fp32 rstd per row; SwiGLU keeps gate and up
+  (SiLU is recomputed); silu(gate) * up is down_proj's input, kept by down_proj's weight gradient
+  or LoRA. A frozen linear layer keeps nothing (NF4 ones included).
+- A LoRA layer keeps its input in the adapter's matmul dtype and its rank-r intermediate. On a
+  bf16/fp16 base (not QLoRA) training/loss.py runs the adapters under autocast, so the inputs stay
+  in the base dtype, shared by the adapters of a stage; autocast keeps one half copy of each fp32
+  adapter weight. Under a full fine-tune's autocast, it keeps a bf16 copy of every block weight.
+- The LM head (training/loss.py): only label positions go through it, in chunks of
+  2**24 / vocab rows, and each chunk's gradient is computed in the forward pass. Kept for the
+  backward: the gradient of the label hidden states (residual dtype) and, when the head trains,
+  an fp32 gradient of its weight. No logits outlive their chunk; the chunk's working memory
+  (logits, their fp32 copy, the log-sum-exp temporary or the softmax's low-precision copy) is
+  live at the end of the forward, when every block's activations are.
+- The embedding keeps its int64 token ids when it trains; the loss keeps a one-byte label mask.
+- Gradient checkpointing (non-reentrant) keeps each block's input; one block is recomputed at a
+  time in the backward.
 """
 from __future__ import annotations
 
@@ -21,7 +38,7 @@ from .shapes import LINEARS, ModelShape
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit scale per 64 + fp32 scale per 256 scales
 NF4_PLAIN_BYTES = 0.5 + 4 / 64  # without double quantisation: one fp32 scale per block of 64
-HEAD_CHUNK = 2048  # label positions per LM-head chunk (training/loss.py CHUNK)
+CHUNK_ELEMENTS = 2**24  # logits per LM-head chunk (training/loss.py CHUNK_ELEMENTS)
 METHODS = ("full", "lora", "dora", "qlora")
 
 
@@ -37,10 +54,35 @@ class Setup:
     label_share: float = 1.0  # share of positions with a label; packed data or a worst case: 1
     adapter_dtype: str = "float32"  # PEFT keeps adapters in fp32 by default
     optimizer_bytes: float | None = None  # per trainable weight; None = AdamW's two states in the weight dtype
-    upcast_extras: bool = True  # QLoRA: norms and embeddings in fp32 (peft's kbit preparation)
+    upcast_extras: bool = True  # QLoRA: norms, embeddings and head in fp32 (peft's kbit preparation)
     double_quant: bool = True
-    head_chunk: int = HEAD_CHUNK  # label positions per LM-head chunk
-    logit_bytes: int = 4  # kept per vocabulary entry and label: fp32 log-softmax; 2 where a fused loss keeps 16-bit logits
+    freeze_embeddings: bool = False  # full fine-tuning: token embeddings (and a tied head) frozen
+    head_chunk: int | None = None  # label positions per LM-head chunk; None: training/loss.py's head_chunk
+    # Per vocabulary entry and label, what the loss keeps for the backward pass: 0 for tunesmith's
+    # loss (gradients computed in the forward); 2 for a loss that keeps bf16 logits (torchtune's).
+    kept_logit_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """Bytes per value of the three kinds of activation (see the module docstring)."""
+    residual: int  # residual stream, norms, rotary tables, final hidden states
+    inner: int  # linear layers' outputs: q, k, v, attention output, gate, up, silu(gate) * up
+    matmul: int  # inputs kept by trainable matmuls (weights or adapters)
+    head: int  # the LM head's matmul
+    master: int  # trainable weights, their gradients and AdamW states (full fine-tuning)
+
+
+def dtypes(setup: Setup) -> Dtypes:
+    e = BYTES[setup.dtype]
+    if setup.method == "full":
+        # bf16/fp16 models train fp32 master weights under autocast in the low dtype.
+        return Dtypes(residual=4, inner=e, matmul=e, head=e, master=4)
+    if setup.method == "qlora" and setup.upcast_extras:
+        return Dtypes(residual=4, inner=4, matmul=BYTES[setup.adapter_dtype], head=4, master=4)
+    # Adapters on a half-precision base run under autocast (training/loss.py half_precision_adapters).
+    adapters = e if e == 2 else BYTES[setup.adapter_dtype]
+    return Dtypes(residual=e, inner=e, matmul=adapters, head=e, master=BYTES[setup.adapter_dtype])
 
 
 @dataclass
@@ -48,9 +90,10 @@ class Estimate:
     setup: Setup
     shape: ModelShape
     parts: dict[str, float] = field(default_factory=dict)  # name -> bytes live at the peak; sums to total
-    activations_no_ckpt: float = 0.0
+    activations_no_ckpt: float = 0.0  # everything autograd keeps outside the LM head, without / with checkpointing
     activations_ckpt: float = 0.0
-    kept_logits: float = 0.0  # what the loss keeps for the backward pass
+    kept_by_head: float = 0.0  # what the LM head and loss keep for the backward pass
+    weight_copies: float = 0.0  # low-precision weight copies autocast keeps for the backward pass
     trainable: int = 0
     peak_phase: str = ""
 
@@ -68,6 +111,8 @@ def adapter_params(shape: ModelShape, setup: Setup) -> int:
 
 
 def weight_bytes(shape: ModelShape, setup: Setup) -> float:
+    if setup.method == "full":
+        return shape.total_params * dtypes(setup).master
     e = BYTES[setup.dtype]
     if setup.method != "qlora":
         return shape.total_params * e
@@ -84,104 +129,139 @@ def activation_bytes(shape: ModelShape, setup: Setup, first_block: bool = False)
 
     In the first block of an adapter run nothing before the first adapted layer needs a gradient,
     so autograd keeps only what follows it (`first_block`)."""
-    e = 4 if setup.method == "qlora" and setup.upcast_extras else BYTES[setup.dtype]
-    autocast = setup.method in ("lora", "dora") and BYTES[setup.dtype] == 2  # see training/loss.py
-    a = e if autocast else BYTES[setup.adapter_dtype]
+    d = dtypes(setup)
     full = setup.method == "full"
     h, i = shape.hidden, shape.intermediate
-    norm = 4 * h + 4 + (e * h if full else 0)  # fp32 upcast + rsqrt (+ normalised input for the weight grad)
-    # Per stage: (kept by the stage itself, input kept for the stage's adapters or weights).
-    attention = e * (2 * shape.q_width + 2 * shape.kv_width) + 4 * shape.heads  # q, k, v, output, logsumexp
-    stages = [(norm + attention, h), (0.0, shape.q_width), (norm + 3 * e * i, h), (0.0, i)]  # gate, SiLU, up
+    norm = d.residual * h + 4  # input + fp32 rstd per row (fused.RMSNorm)
+    attention = d.inner * (2 * shape.q_width + 2 * shape.kv_width) + 4 * shape.heads  # SDPA: q, k, v, output, logsumexp
+    # Per stage: (kept by the stage itself, its input's width and dtype).
+    stages = [(norm + attention, h, d.residual), (0.0, shape.q_width, d.inner),
+              (norm + 2 * d.inner * i, h, d.residual), (0.0, i, d.inner)]  # fused.SwiGLU: gate, up
     skip = 0
     if first_block and not full:
         skip = next((n for n, names in enumerate(STAGES) if set(names) & set(setup.targets)), len(STAGES))
     total = 0.0
-    for n, ((kept, width), names) in enumerate(zip(stages, STAGES)):
-        hit = [name for name in names if full or name in setup.targets]
+    for n, ((kept, width, dtype), names) in enumerate(zip(stages, STAGES)):
         if n < skip:
             continue
-        if n > skip or not first_block or full:
-            total += kept
-        elif n == 0 or n == 2:  # the first adapted stage: its norm's input needs no gradient
-            total += kept - norm
+        first_trained = first_block and not full and n == skip
+        # The first trained stage of an adapter run's first block: its input needs no gradient, so its norm keeps nothing.
+        total += kept - (norm if first_trained and n in (0, 2) else 0.0)
+        hit = [name for name in names if full or name in setup.targets]
         if not hit:
             continue
-        if full or a == e:
-            # o_proj's input is a view of the attention output, kept already unless the attention is not.
-            total += e * width if (n != 1 or (first_block and n == skip)) else 0.0
-        else:  # each adapter casts its input to the adapter dtype and keeps the copy
-            total += a * len(hit) * width
-        total += sum(a * setup.r + (2 * a * shape.linears()[name][1] if setup.method == "dora" else 0)
+        if dtype != d.matmul:  # each layer casts its input to the matmul dtype and keeps its copy
+            total += d.matmul * len(hit) * width
+        elif n != 1 or first_trained:  # o_proj's input is a view of the attention output, kept unless the attention is not
+            total += dtype * width
+        total += sum(d.matmul * setup.r + (2 * d.matmul * shape.linears()[name][1] if setup.method == "dora" else 0)
                      for name in hit if not full)
     return total
 
 
+def head_chunk_rows(shape: ModelShape, setup: Setup) -> int:
+    return setup.head_chunk or max(16, CHUNK_ELEMENTS // shape.vocab)  # training/loss.py head_chunk
+
+
+def head_working(shape: ModelShape, setup: Setup, labels: float) -> float:
+    """Peak transient bytes of one LM-head chunk in the forward pass (training/loss.py _chunks)."""
+    d = dtypes(setup)
+    n = min(head_chunk_rows(shape, setup), labels)
+    v, h = shape.vocab, shape.hidden
+    if setup.kept_logit_bytes:  # a loss that keeps its logits: their fp32 copy and log-softmax
+        return (d.head + 4) * v * n
+    half = d.head == 2
+    logits = (6 if half else 8) * v * n  # matmul output + fp32 copy, or fp32 logits + log-sum-exp's exp temporary
+    trains = setup.method == "full" and not (setup.freeze_embeddings and shape.tied)
+    # softmax in fp32 + its low-precision copy; the weight gradient's matmul output (+ its fp32 copy)
+    grads = (4 + 2 * half) * v * n + (v * h * (d.head + 4 * half) if trains else 0)
+    return max(logits, grads)
+
+
 def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate:
     """Peak bytes of a training step (from the second step on, when optimizer states exist)."""
-    e = BYTES[setup.dtype]
-    act_e = 4 if setup.method == "qlora" and setup.upcast_extras else e
+    d = dtypes(setup)
     tokens = setup.batch * setup.seq
     labels = tokens * setup.label_share
     full = setup.method == "full"
+    ckpt = setup.gradient_checkpointing
+    embeddings_train = full and not setup.freeze_embeddings
+    head_trains = full and not (setup.freeze_embeddings and shape.tied)
 
     n_adapter = adapter_params(shape, setup)
-    trainable = shape.total_params if full else n_adapter
-    grad_e = e if full else BYTES[setup.adapter_dtype]
+    trainable = (shape.total_params - (shape.vocab * shape.hidden if setup.freeze_embeddings else 0)
+                 if full else n_adapter)
+    grad_e = d.master
+    embedding_grads = (shape.vocab * shape.hidden * ((not shape.tied and head_trains) + embeddings_train)
+                       if full else 0)
     grads_layers = (shape.layers * shape.block_params if full else n_adapter) * grad_e
-    grads_other = (shape.embedding_params + shape.hidden) * e if full else 0.0  # head/embeddings: first in backward
+    grads_head = shape.vocab * shape.hidden * grad_e if head_trains else 0.0  # the first gradient of the backward
+    grads_all = grads_layers + (embedding_grads + shape.hidden) * grad_e
     states = trainable * (setup.optimizer_bytes if setup.optimizer_bytes is not None else 2 * grad_e)
 
     block = activation_bytes(shape, setup) * tokens
-    first = activation_bytes(shape, setup, first_block=not setup.gradient_checkpointing) * tokens
-    kept_layers = (shape.layers * act_e * shape.hidden * tokens if setup.gradient_checkpointing
-                   else (shape.layers - 1) * block + first)
-    final_norm = (4 * shape.hidden + 4 + (e * shape.hidden if full else 0)) * tokens
-    rope = 2 * shape.head_dim * act_e * setup.seq
-    head_input = e * shape.hidden * labels if full else 0.0
-    kept_other = final_norm + rope + head_input + 9 * labels  # + targets and mask
-    if setup.method in ("lora", "dora") and e == 2 and BYTES[setup.adapter_dtype] == 4:
-        kept_other += n_adapter * e  # autocast's half copies of the fp32 adapter weights (training/loss.py)
-    logits = kept_logits = setup.logit_bytes * shape.vocab * labels  # every label position's log-softmax
-    chunk = min(setup.head_chunk, labels)
-    # Backward runs the loss and LM head first (their logits are freed after), then one block at a
-    # time: that block's activation gradients (and its recomputed activations under checkpointing).
-    head_work = (act_e + 4) * shape.vocab * chunk
-    block_work = block * (2 if setup.gradient_checkpointing else 1)
+    first = activation_bytes(shape, setup, first_block=not ckpt) * tokens
+    kept_layers = shape.layers * d.residual * shape.hidden * tokens if ckpt else (shape.layers - 1) * block + first
+    final_norm = (d.residual * shape.hidden + 4) * tokens
+    rope = 2 * shape.head_dim * d.residual * setup.seq
+    kept_other = final_norm + rope + tokens + (8 * tokens if embeddings_train else 0)  # + label mask, token ids
+    # autocast's low-precision copies: of every block weight (full), of fp32 adapters on a half base
+    if full and BYTES[setup.dtype] == 2:
+        copies = shape.layers * shape.block_linear_params * 2
+    elif not full and d.matmul == 2 and BYTES[setup.adapter_dtype] == 4:
+        copies = n_adapter * 2
+    else:
+        copies = 0
+    kept_by_head = (labels * shape.hidden * d.residual + (shape.vocab * shape.hidden * 4 if head_trains else 0)
+                    + setup.kept_logit_bytes * shape.vocab * labels)
+    # Checkpointed blocks keep nothing, and their weight copies go when the decoder's autocast ends.
+    copies_kept = 0.0 if ckpt else copies
+
+    # End of the forward pass, during the last LM-head chunk: every activation, the decoder's output
+    # and its label rows, the head's cast weight (fp32 master under autocast) and the chunk's temporaries.
+    head_transient = ((tokens + labels) * shape.hidden * d.residual + head_working(shape, setup, labels)
+                      + (shape.vocab * shape.hidden * d.head if full and d.head != d.master else 0))
+    forward_phase = kept_layers + kept_other + copies_kept + kept_by_head + head_transient
+    # Backward: the head's gradient first, then one block at a time (under checkpointing recomputed
+    # with its weight copies), each freeing its activations as it fills its gradients.
+    block_work = block * (2 if ckpt else 1) + (copies / shape.layers if ckpt else 0)
     if setup.method == "dora":  # the weight norm materialises one full weight (and its update) in fp32
         block_work += 3 * 4 * max(i * o for i, o in shape.linears().values())
-    head_phase = grads_other + kept_layers + kept_other + logits + head_work
-    # Blocks free their activations as they fill their gradients: the peak is at one end.
-    blocks_phase = grads_other + max(kept_layers, grads_layers) + kept_other + block_work
-    if head_phase >= blocks_phase:
-        live_grads, live_acts, working, phase = grads_other, kept_layers + kept_other, head_work, "loss backward"
-    else:
-        logits = 0.0
-        early = kept_layers >= grads_layers
-        live_grads = grads_other + (0 if early else grads_layers)
-        live_acts = kept_other + (kept_layers if early else 0)
-        working, phase = block_work, "backward of the last block" if early else "backward of the first block"
-    # Optimizer step: all gradients plus one temporary the size of the largest weight (AdamW's denominator).
+    kept_fwd = kept_layers + copies_kept
+    blocks_phase = grads_head + max(kept_fwd, grads_layers) + kept_other + block_work
+    # Optimizer step: all gradients plus AdamW's two temporaries the size of the largest weight.
     largest = max(shape.vocab * shape.hidden, max(i * o for i, o in shape.linears().values())) if full else 0
-    step = grads_other + grads_layers + largest * grad_e
-    if step > max(head_phase, blocks_phase):
-        # (the forward's logits and activations are gone by then)
-        live_grads, live_acts, logits, working = grads_other + grads_layers, 0.0, 0.0, largest * grad_e
-        phase = "optimizer step"
+    step_phase = grads_all + 2 * largest * grad_e
+
+    phase = max(("forward", forward_phase), ("blocks", blocks_phase), ("step", step_phase), key=lambda p: p[1])[0]
+    live = dict(gradients=0.0, activations=kept_layers + kept_other, copies=copies_kept, head=0.0, working=0.0)
+    if phase == "forward":
+        live.update(head=kept_by_head + head_transient, working=0.0)
+        label = "end of the forward pass (last LM-head chunk)"
+    elif phase == "blocks":
+        early = kept_fwd >= grads_layers
+        live.update(gradients=grads_head + (0 if early else grads_layers), working=block_work,
+                    activations=kept_other + (kept_layers if early else 0), copies=copies_kept if early else 0)
+        label = "backward of the last block" if early else "backward of the first block"
+    else:  # (the forward's activations are gone by then)
+        live.update(gradients=grads_all, activations=0.0, copies=0.0, working=2 * largest * grad_e)
+        label = "optimizer step"
 
     parts = {
         "weights": weight_bytes(shape, setup),
         "adapter weights": n_adapter * BYTES[setup.adapter_dtype],
-        "gradients": live_grads,
+        "gradients": live["gradients"],
         "optimizer states": states,
-        "activations": live_acts,
-        "logits and loss": logits,
-        "working memory": working,
+        "activations": live["activations"],
+        "autocast weight copies": live["copies"],
+        "logits and loss": live["head"],
+        "working memory": live["working"],
         "framework overhead": overhead,
     }
-    return Estimate(setup=setup, shape=shape, parts=parts, trainable=trainable, peak_phase=phase,
-                    activations_no_ckpt=(shape.layers - 1) * block + first + kept_other, kept_logits=kept_logits,
-                    activations_ckpt=shape.layers * act_e * shape.hidden * tokens + block + kept_other)
+    return Estimate(setup=setup, shape=shape, parts=parts, trainable=trainable, peak_phase=label,
+                    activations_no_ckpt=(shape.layers - 1) * block + first + kept_other, kept_by_head=kept_by_head,
+                    activations_ckpt=shape.layers * d.residual * shape.hidden * tokens + block + kept_other,
+                    weight_copies=copies)
 
 
 def with_changes(setup: Setup, **changes) -> Setup:
