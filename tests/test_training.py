@@ -107,3 +107,34 @@ def test_user_errors_exit_2_with_one_line(tmp_path, bad, message):
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_steps_are_random_draws_cut_into_little_padding():
+    """Which examples share a step depends only on the seed and batch_size * grad_accum (so the
+    gradient does not depend on the micro-batch split); every epoch covers every example once;
+    micro-batches hold at most batch_size examples and pad less than the shuffled order would."""
+    import itertools
+    import random
+
+    from tunesmith.data.collate import step_batches
+
+    lengths = [random.Random(i).randint(10, 500) for i in range(96)]
+    streams = {(b, a): step_batches(lengths, b, a, seed=5) for b, a in ((4, 2), (8, 1), (1, 8), (3, 4))}
+    for _ in range(24):  # two epochs of 12 steps
+        steps = {key: next(stream) for key, stream in streams.items() if key != (3, 4)}
+        members = {key: sorted(itertools.chain(*step)) for key, step in steps.items()}
+        assert members[(4, 2)] == members[(8, 1)] == members[(1, 8)]
+        assert all(len(batch) <= 4 for batch in steps[(4, 2)])
+        assert all(len(batch) == 1 for batch in steps[(1, 8)])
+    epoch = [i for _ in range(8) for batch in next(streams[(3, 4)]) for i in batch]  # 96 examples, 12 per step
+    assert sorted(epoch) == list(range(96))
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    stream = step_batches(lengths, 4, 2, seed=1)
+    cut = [batch for _ in range(12) for batch in next(stream)]
+    order = list(range(96))
+    random.Random(1 * 100_003).shuffle(order)
+    plain = [order[i:i + 4] for i in range(0, 96, 4)]
+    assert padded(cut) < 0.9 * padded(plain)

@@ -1,4 +1,4 @@
-"""Batches: similar lengths together (little padding), padded on the right.
+"""Batches: random steps cut into micro-batches of similar lengths (little padding), padded on the right.
 
 A batch of packed rows (see packing.py) also gets restarted position ids and a 4D
 block-diagonal causal mask (True = may attend), so packed examples stay isolated.
@@ -12,22 +12,53 @@ import torch
 from .tokenize import IGNORE, Encoded
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int = 0) -> list[list[int]]:
-    """Shuffled batches of indices whose members have similar lengths.
+# What one extra forward + backward costs, in padded tokens: measured on the default model on a
+# 2-core CPU (1 x 100 tokens: 251 ms, 1 x 200: 365 ms; about 120 tokens' worth of fixed cost).
+FORWARD_COST = 128
 
-    Indices are shuffled, cut into windows of 50 batches, sorted by length inside each window,
-    cut into batches, and the batches shuffled again: random order, little padding.
+
+def step_batches(lengths: list[int], batch_size: int, grad_accum: int, seed: int):
+    """Endless, seeded stream of optimizer steps, each a list of micro-batches (lists of indices).
+
+    Each step takes the next batch_size * grad_accum examples of a shuffled order (reshuffled
+    every epoch), so which examples share a step is as random as in plain shuffled batching.
+    Inside the step they are sorted by length and cut into micro-batches of at most batch_size
+    examples that waste the least on padding. The loss is normalised over the whole step, so
+    the cut does not change the gradient. (Grouping similar lengths across steps instead, as
+    length-grouped samplers do, gives steps of short examples their own full-size update: it
+    raised eval loss by 0.4% on MedQuAD in bench/train_speed.py.)
     """
-    rng = random.Random(seed * 100_003 + epoch)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * 50
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
+    per_step = batch_size * grad_accum
+    pending: list[int] = []
+    epoch = 0
+    while True:
+        order = list(range(len(lengths)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        epoch += 1
+        for index in order:
+            pending.append(index)
+            if len(pending) == per_step:
+                yield least_padding_cut(pending, lengths, batch_size)
+                pending = []
+
+
+def least_padding_cut(indices: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
+    """indices sorted by length, cut into runs of at most batch_size minimising padded tokens
+    plus FORWARD_COST per micro-batch (dynamic programming over the cut points)."""
+    ordered = sorted(indices, key=lambda i: lengths[i])
+    n = len(ordered)
+    best = [0.0] + [float("inf")] * n  # best[e]: cost of cutting ordered[:e]
+    start_of = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - batch_size), end):
+            cost = best[start] + lengths[ordered[end - 1]] * (end - start) + FORWARD_COST
+            if cost < best[end]:
+                best[end], start_of[end] = cost, start
+    cuts, end = [], n
+    while end:
+        cuts.append(ordered[start_of[end]:end])
+        end = start_of[end]
+    return cuts[::-1]
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, result_keys
-from ..data.collate import collate, length_grouped_batches
+from ..data.collate import collate, step_batches
 from ..data.prepare import Split
 from ..data.tokenize import IGNORE
 from ..errors import Interrupted, UserError
@@ -48,13 +48,10 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def micro_batches(split: Split, batch_size: int, seed: int):
-    """Endless, deterministic stream of micro-batches (lists of example indices), epoch after epoch."""
+def optimizer_steps(split: Split, cfg: Config):
+    """Endless, deterministic stream of optimizer steps, each a list of micro-batches of example indices."""
     lengths = [len(e.input_ids) for e in split.encoded]
-    epoch = 0
-    while True:
-        yield from length_grouped_batches(lengths, batch_size, seed, epoch)
-        epoch += 1
+    return step_batches(lengths, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
 
 
 def total_steps(cfg: Config, n_examples: int) -> int:
@@ -175,9 +172,10 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     best = (BestWeights.reopen(run_dir / "best.safetensors", state.best_step, state.best_eval)
             if run_dir and ranks.main else BestWeights())
     warned_overfitting = False
-    stream = micro_batches(train, cfg.train.batch_size, cfg.train.seed)
-    for _ in range(state.micro_batches):  # the same order as an uninterrupted run: skip what was consumed
-        next(stream)
+    stream = optimizer_steps(train, cfg)
+    consumed = 0
+    while consumed < state.micro_batches:  # the same order as an uninterrupted run: skip what was consumed
+        consumed += len(next(stream))
     split = 1  # micro-batches are cut into this many parts after an out-of-memory error
     progress = Progress(steps, quiet=not ranks.main)
     model.train()
@@ -186,7 +184,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     bad_in_row = 0
     with deferred_signals() as caught:
         for step in range(state.step + 1, steps + 1):
-            indices = [next(stream) for _ in range(cfg.train.grad_accum)]
+            indices = next(stream)
             state.micro_batches += len(indices)
             while True:
                 try:
