@@ -22,9 +22,11 @@ the saved tensors of a real forward (tests/test_plan.py). Facts of the stack tha
 - The LM head (training/loss.py): only label positions go through it, in chunks of
   2**24 / vocab rows, and each chunk's gradient is computed in the forward pass. Kept for the
   backward: the gradient of the label hidden states (residual dtype) and, when the head trains,
-  an fp32 gradient of its weight. No logits outlive their chunk; the chunk's working memory
-  (logits, their fp32 copy, the log-sum-exp temporary or the softmax's low-precision copy) is
-  live at the end of the forward, when every block's activations are.
+  an fp32 gradient of its weight. No logits are kept; a chunk's working memory (fp32 logits and
+  the log-sum-exp's temporary; the softmax, its low-precision copy and the weight gradient's
+  product) is live at the end of the forward, with every block's activations, plus the previous
+  chunk's softmax (still named by the loop). The head multiplies in the hidden states' dtype:
+  fp32 in a full fine-tune, whose autocast covers the decoder only.
 - The embedding keeps its int64 token ids when it trains; the loss keeps a one-byte label mask.
 - Gradient checkpointing (non-reentrant) keeps each block's input; one block is recomputed at a
   time in the backward.
@@ -77,7 +79,7 @@ def dtypes(setup: Setup) -> Dtypes:
     e = BYTES[setup.dtype]
     if setup.method == "full":
         # bf16/fp16 models train fp32 master weights under autocast in the low dtype.
-        return Dtypes(residual=4, inner=e, matmul=e, head=e, master=4)
+        return Dtypes(residual=4, inner=e, matmul=e, head=4, master=4)
     if setup.method == "qlora" and setup.upcast_extras:
         return Dtypes(residual=4, inner=4, matmul=BYTES[setup.adapter_dtype], head=4, master=4)
     # Adapters on a half-precision base run under autocast (training/loss.py half_precision_adapters).
@@ -164,17 +166,23 @@ def head_chunk_rows(shape: ModelShape, setup: Setup) -> int:
 
 
 def head_working(shape: ModelShape, setup: Setup, labels: float) -> float:
-    """Peak transient bytes of one LM-head chunk in the forward pass (training/loss.py _chunks)."""
+    """Peak transient bytes of the LM head's chunks in the forward pass (training/loss.py _chunks)."""
     d = dtypes(setup)
-    n = min(head_chunk_rows(shape, setup), labels)
+    chunk = head_chunk_rows(shape, setup)
+    n = min(chunk, labels)
     v, h = shape.vocab, shape.hidden
     if setup.kept_logit_bytes:  # a loss that keeps its logits: their fp32 copy and log-softmax
         return (d.head + 4) * v * n
     half = d.head == 2
-    logits = (6 if half else 8) * v * n  # matmul output + fp32 copy, or fp32 logits + log-sum-exp's exp temporary
+    softmax = (4 + 2 * half) * v  # per row: fp32 softmax (the logits, in place) + its low-precision copy
+    # fp32 logits + log-sum-exp's exp temporary: 8 bytes per logit, more than the matmul's output
+    # and its fp32 copy. From the second chunk on, the previous chunk's softmax and its copy are
+    # still referenced (by the loop's variables) until their names are reassigned.
+    following = min(chunk, labels - chunk)
+    logits = max(8 * v * n, softmax * n + 8 * v * following if following > 0 else 0)
     trains = setup.method == "full" and not (setup.freeze_embeddings and shape.tied)
-    # softmax in fp32 + its low-precision copy; the weight gradient's matmul output (+ its fp32 copy)
-    grads = (4 + 2 * half) * v * n + (v * h * (d.head + 4 * half) if trains else 0)
+    # the softmax and its copy with the weight gradient's matmul output (+ its fp32 copy)
+    grads = softmax * n + (v * h * (d.head + 4 * half) if trains else 0)
     return max(logits, grads)
 
 
@@ -214,8 +222,9 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
         copies = 0
     kept_by_head = (labels * shape.hidden * d.residual + (shape.vocab * shape.hidden * 4 if head_trains else 0)
                     + setup.kept_logit_bytes * shape.vocab * labels)
-    # Checkpointed blocks keep nothing, and their weight copies go when the decoder's autocast ends.
-    copies_kept = 0.0 if ckpt else copies
+    # Checkpointed blocks keep no weight copies; a full fine-tune's go when the decoder's autocast
+    # ends, before the head, the adapters' when the loss's does, after it.
+    copies_kept = 0.0 if ckpt and full else copies
 
     # End of the forward pass, during the last LM-head chunk: every activation, the decoder's output
     # and its label rows, the head's cast weight (fp32 master under autocast) and the chunk's temporaries.
@@ -223,8 +232,13 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
                       + (shape.vocab * shape.hidden * d.head if full and d.head != d.master else 0))
     forward_phase = kept_layers + kept_other + copies_kept + kept_by_head + head_transient
     # Backward: the head's gradient first, then one block at a time (under checkpointing recomputed
-    # with its weight copies), each freeing its activations as it fills its gradients.
-    block_work = block * (2 if ckpt else 1) + (copies / shape.layers if ckpt else 0)
+    # with its weight copies), each freeing its activations as it fills its gradients. A block's
+    # temporaries peak in the MLP (the gradients of down_proj's input, gate and up) or the attention
+    # (of its output, q, k and v), with one or two gradients of the residual stream.
+    block_work = tokens * (d.inner * max(3 * shape.intermediate, 2 * shape.q_width + 2 * shape.kv_width)
+                           + 2 * d.residual * shape.hidden)
+    if ckpt:
+        block_work += block + copies / shape.layers
     if setup.method == "dora":  # the weight norm materialises one full weight (and its update) in fp32
         block_work += 3 * 4 * max(i * o for i, o in shape.linears().values())
     kept_fwd = kept_layers + copies_kept
