@@ -199,3 +199,82 @@ def test_fused_functions_keep_fewer_bytes(tiny_model_dir, tiny_tokenizer):
             label_loss_sum(model, batch)
         kept.append(sum(sizes.values()))
     assert kept[1] < 0.85 * kept[0]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.06)])
+@pytest.mark.parametrize("mask_kind", ["causal", "padding", "packed"])
+def test_matmul_attention_equals_sdpa(dtype, tolerance, mask_kind):
+    """training/attention.py against torch's SDPA: outputs and q/k/v gradients, grouped-query
+    heads, with no mask (causal), right padding, and a packed block-diagonal mask."""
+    from tunesmith.training.attention import causal_attention
+
+    generator = torch.Generator().manual_seed(1)
+    b, h, kv, s, d = 2, 6, 2, 37, 16
+
+    def make(heads):
+        return torch.randn(b, heads, s, d, generator=generator).to(dtype).requires_grad_(True)
+
+    q, k, v = make(h), make(kv), make(kv)
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    valid = torch.ones(b, s, dtype=torch.bool)
+    mask = None
+    if mask_kind == "padding":
+        valid[1, 20:] = False
+        mask = causal[None, None] & valid[:, None, None, :]
+    elif mask_kind == "packed":  # row 0: examples of 15 and 22 tokens
+        segment = (torch.arange(s) >= 15).long()
+        mask = (causal & (segment[:, None] == segment[None, :]))[None, None].expand(b, 1, s, s)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=True).transpose(1, 2)
+    out = causal_attention(q, k, v, mask, d ** -0.5)
+    grad = torch.randn(out.shape, generator=generator).to(dtype) * valid[:, :, None, None]
+    expected = torch.autograd.grad(reference, (q, k, v), grad)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    keep = valid[:, :, None, None]  # outputs at padded positions are never used
+    assert ((out - reference).float() * keep).abs().max() < tolerance
+    for name, a, e in zip("qkv", got, expected):
+        assert (a - e).float().abs().max() < tolerance * max(1.0, float(e.float().abs().max())), name
+
+
+def test_training_model_runs_the_matmul_attention(tiny_model_dir, tiny_tokenizer):
+    """apply_adapter switches a CPU SDPA model to it; the loss is SDPA's; saved configs do not name it."""
+    from tunesmith.training import attention
+
+    batch = collate(_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    model = _lora(load_model(str(tiny_model_dir)))
+    assert model.config._attn_implementation == attention.NAME
+    calls = []
+    original = attention.CausalAttention.apply
+    attention.CausalAttention.apply = lambda *args: calls.append(1) or original(*args)
+    try:
+        with torch.no_grad():
+            ours, _ = label_loss_sum(model, batch)
+    finally:
+        attention.CausalAttention.apply = original
+    assert len(calls) == model.config.num_hidden_layers
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        theirs, _ = label_loss_sum(model, batch)
+    assert torch.allclose(ours, theirs, rtol=1e-5)
+
+
+def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
+    """Without a working C++ toolchain torch.compile fails at the first call: the function then
+    runs eagerly, with one warning, and keeps giving the same results."""
+    from tunesmith.training import fused
+
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    square_sum = fused.compiled(lambda x: (x * x).sum())
+    x = torch.arange(4.0)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert float(square_sum(x)) == 14.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise here
+        assert float(square_sum(x)) == 14.0

@@ -1,0 +1,144 @@
+"""Causal attention for training on CPU from batched matmuls, faster than torch's CPU flash kernel.
+
+Profiled on the default model (bf16, LoRA, 4 x 400 tokens), scaled_dot_product_attention's CPU
+flash kernel took 35% of a training step, about 30 ms per layer at roughly 40 GFLOP/s, while a
+bf16 batched matmul of the same shapes runs at 600+ GFLOP/s. Here QK^T, PV and their gradients
+are batched matmuls and the softmax and its gradient are one compiled element-wise pass each
+(training/fused.py `compiled`). Like a flash kernel it keeps only q, k, v, the output and one
+log-sum-exp per row for the backward pass, and recomputes the probabilities there; the full
+score matrix of one layer lives only while that layer runs.
+
+Grouped-query attention needs no copies of k and v: the query heads that share a key/value head
+are stacked along the rows. Used for training shapes only (as many queries as keys, no dropout);
+everything else goes to transformers' SDPA path.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .fused import compiled
+
+NAME = "tunesmith_causal"
+
+
+@compiled
+def _softmax_forward(scores, allowed, scale: float):
+    logits = scores.float() * scale
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    top = logits.amax(-1, keepdim=True).clamp_min(-1e30)  # a row with no allowed key stays finite
+    exp = (logits - top).exp()
+    total = exp.sum(-1, keepdim=True)
+    return (exp / total.clamp_min(1e-30)).to(scores.dtype), (top + total.clamp_min(1e-30).log())
+
+
+@compiled
+def _softmax_recompute(scores, allowed, scale: float, lse):
+    logits = (scores.float() * scale).masked_fill(~allowed, float("-inf"))
+    return (logits - lse).exp().to(scores.dtype)
+
+
+@compiled
+def _softmax_backward(probs, grad_probs, delta, scale: float):
+    return (probs.float() * (grad_probs.float() - delta) * scale).to(probs.dtype)
+
+
+@compiled
+def _row_delta(grad_out, out):
+    return (grad_out.float() * out.float()).sum(-1, keepdim=True)
+
+
+def _stack_groups(q, groups: int):
+    """[B, H, S, D] -> [B, Hkv, G*S, D]: the query heads of one key/value head one above the other."""
+    b, h, s, d = q.shape
+    return q.reshape(b, h // groups, groups * s, d)
+
+
+class CausalAttention(torch.autograd.Function):
+    """q [B, Hkv, G*S, D]; k, v [B, Hkv, S, D]; allowed broadcastable to [B, Hkv, G, S, S] ->
+    output [B, S, H, D], the layout the output projection reads (so it keeps a view, not a copy)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, allowed, scale, groups):
+        b, kv, _, d = q.shape
+        probs, lse = _softmax_forward(_scores(q, k, groups), allowed, scale)
+        out = (probs.flatten(2, 3) @ v).view(b, kv * groups, -1, d).transpose(1, 2).contiguous()
+        ctx.save_for_backward(q, k, v, out, lse, allowed)
+        ctx.scale, ctx.groups = scale, groups
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, allowed = ctx.saved_tensors
+        b, kv, _, d = q.shape
+        groups = ctx.groups
+        # rowsum(dO * O) = rowsum(dP * P), per query row, as [B, Hkv, G, S, 1]
+        delta = _row_delta(grad_out, out).transpose(1, 2).reshape(b, kv, groups, -1, 1)
+        grad_out = grad_out.transpose(1, 2).reshape(b, kv, -1, d)
+        probs = _softmax_recompute(_scores(q, k, groups), allowed, ctx.scale, lse).flatten(2, 3)
+        grad_v = probs.transpose(-1, -2) @ grad_out
+        grad_probs = (grad_out @ v.transpose(-1, -2)).unflatten(2, (groups, -1))
+        grad_scores = _softmax_backward(probs.unflatten(2, (groups, -1)), grad_probs, delta, ctx.scale)
+        del probs, grad_probs
+        grad_scores = grad_scores.flatten(2, 3)
+        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None, None, None
+
+
+def _scores(q, k, groups: int):
+    """q @ k^T as [B, Hkv, G, S, S], so one [S, S] or [B, 1, 1, S, S] mask serves every group."""
+    return (q @ k.transpose(-1, -2)).unflatten(2, (groups, -1))
+
+
+@functools.lru_cache(maxsize=4)
+def _causal_mask(size: int, device: torch.device) -> torch.Tensor:
+    """One [S, S] lower-triangular mask, shared by every layer (each keeps it for its backward)."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
+def causal_attention(query, key, value, attention_mask, scaling: float):
+    """query [B, H, S, D], key/value [B, Hkv, S, D], attention_mask None (causal) or a boolean
+    [B, 1, S, S] (True = may attend) -> output [B, S, H, D]."""
+    b, h, s, d = query.shape
+    groups = h // key.shape[1]
+    # Under autocast (full fine-tuning of a bf16 model) rotary embeddings leave q and k in fp32 and v
+    # in bf16; SDPA would cast them all to the autocast dtype, so do the same (the backward runs
+    # outside autocast and needs one dtype).
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if attention_mask is None:
+        allowed = _causal_mask(s, query.device)
+    else:
+        allowed = attention_mask[:, :, None]  # [B, 1, 1, S, S], a view: every layer shares it
+    return CausalAttention.apply(_stack_groups(query, groups), key, value, allowed, scaling, groups)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      is_causal=None, **kwargs):
+    """transformers' attention-function interface."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    plain = (query.shape[2] == key.shape[2] and dropout == 0.0 and kwargs.get("softcap") is None
+             and kwargs.get("position_bias") is None and kwargs.get("cache") is None
+             and (attention_mask is None or attention_mask.dtype == torch.bool)
+             and query.shape[1] % key.shape[1] == 0 and getattr(module, "is_causal", True))
+    if not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return causal_attention(query, key, value, attention_mask, scale), None
+
+
+def install(model) -> bool:
+    """Use this attention for `model` where it runs SDPA on the CPU; True if it was switched."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa" or next(model.parameters()).device.type != "cpu":
+        return False
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)
+    return True
