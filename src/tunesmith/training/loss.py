@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.tokenize import IGNORE
+from .fused import compiled
 
 CHUNK_ELEMENTS = 2**24  # logits per chunk: 341 label positions of a 49k vocabulary, 64 MiB in fp32
 
@@ -104,19 +105,33 @@ def _chunks(hidden, w, targets, dtype, grads) -> torch.Tensor:
     for start in range(0, hidden.shape[0], step):
         h = hidden[start:start + step].to(dtype)
         wanted = targets[start:start + step]
-        logits = (h @ w.t()).float()
-        norm = torch.logsumexp(logits, dim=-1)
-        total += (norm - logits.gather(1, wanted[:, None]).squeeze(1)).sum()
+        logits = h @ w.t()
         if grads is None:
+            total += _cross_entropy_sum(logits, wanted)
             continue
-        # d(sum of cross-entropies)/d(logits) = softmax - one-hot of the target
-        probs = logits.sub_(norm[:, None]).exp_()
-        probs[torch.arange(len(wanted), device=probs.device), wanted] -= 1
-        g = probs.to(dtype)
+        loss, g = _cross_entropy_and_grad(logits, wanted)
+        total += loss
         grads[0][start:start + step] = g @ w
         if grads[1] is not None:
             grads[1].add_((g.t() @ h).float())
     return total
+
+
+@compiled
+def _cross_entropy_sum(logits, wanted):
+    logits = logits.float()
+    return (torch.logsumexp(logits, dim=-1) - logits.gather(1, wanted[:, None]).squeeze(1)).sum()
+
+
+@compiled
+def _cross_entropy_and_grad(logits, wanted):
+    """The summed cross-entropy in fp32 and its gradient d/d(logits) = softmax - one-hot, in the
+    logits' dtype: one pass over the chunk when compiled (eager: five, over fp32 copies)."""
+    full = logits.float()
+    norm = torch.logsumexp(full, dim=-1, keepdim=True)
+    loss = (norm.squeeze(1) - full.gather(1, wanted[:, None]).squeeze(1)).sum()
+    grad = (full - norm).exp() - F.one_hot(wanted, full.shape[-1]).to(full.dtype)
+    return loss, grad.to(logits.dtype)
 
 
 class HeadCrossEntropy(torch.autograd.Function):
