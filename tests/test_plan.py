@@ -51,7 +51,11 @@ def test_activation_terms_match_the_tensors_autograd_keeps(tiny_model_dir, metho
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
     kept = saved_tensor_bytes(model, batch)
 
-    setup = Setup(method=method, dtype=dtype, batch=batch_size, seq=seq, targets=targets, label_share=56 / seq)
+    from tunesmith.training.attention import NAME
+
+    cpu_attention = model.config._attn_implementation == NAME  # training/attention.py: also keeps its causal mask
+    setup = Setup(method=method, dtype=dtype, batch=batch_size, seq=seq, targets=targets, label_share=56 / seq,
+                  cpu_attention=cpu_attention)
     est = estimate(model_shape(str(tiny_model_dir)), setup)
     predicted = est.activations_no_ckpt + est.kept_by_head + est.weight_copies
     assert predicted == pytest.approx(kept, rel=0.02)

@@ -41,12 +41,16 @@ class Plan:
 
 def estimate_on(shape: ModelShape, setup: Setup, device: Device) -> Estimate:
     """The estimate including what the device needs beyond the tensors."""
+    if device.is_cpu:
+        return estimate_for_machine(shape, setup)
     return estimate(shape, setup, overhead=device.overhead(estimate(shape, setup).total))
 
 
 def estimate_for_machine(shape: ModelShape, setup: Setup) -> Estimate:
-    """For a CPU run on this machine (no matmul benchmark needed)."""
-    return estimate(shape, setup, overhead=cpu_overhead(estimate(shape, setup).total))
+    """For a CPU run on this machine (no matmul benchmark needed): tunesmith's CPU attention
+    (training/attention.py) and the allocator's overhead (devices.cpu_overhead)."""
+    setup = replace(setup, cpu_attention=True)
+    return estimate(shape, setup, overhead=cpu_overhead(estimate(shape, setup)))
 
 
 def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memory_gib: float | None = None,

@@ -23,8 +23,7 @@ class Device:
     is_cpu: bool = False
 
     def overhead(self, tensors: float) -> float:
-        if self.is_cpu:
-            return cpu_overhead(tensors)
+        """What a GPU needs beyond `tensors` bytes (CPUs: cpu_overhead, from the whole estimate)."""
         return CUDA_CONTEXT + ALLOCATOR_SLACK * tensors
 
     def peak_flops(self, dtype: str) -> float:
@@ -45,9 +44,10 @@ GPUS = {
 }
 
 
-def cpu_overhead(tensors: float) -> float:
-    """Resident memory on top of the tensors in a CPU run: thread pools, oneDNN scratch buffers and
-    allocator pages, a constant of about 50 MiB measured here (bench/plan_accuracy.py)."""
+def cpu_overhead(est) -> float:
+    """Resident memory on top of the tensors of `est` (a memory.Estimate) in a CPU run: thread
+    pools, oneDNN scratch buffers, compiled kernels, a constant of about 50 MiB measured here
+    (bench/plan_accuracy.py)."""
     return CPU_RUNTIME
 
 
@@ -78,19 +78,3 @@ def peak_resident() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # kB on Linux
-
-
-def return_freed_memory() -> None:
-    """Make glibc hand blocks of 128 KiB and more back to the system when freed.
-
-    By default glibc raises that threshold up to 32 MiB as large blocks are freed and then keeps
-    freed activations in its heaps, so resident memory creeps up step after step."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass

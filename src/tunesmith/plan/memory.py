@@ -30,6 +30,15 @@ the saved tensors of a real forward (tests/test_plan.py). Facts of the stack tha
 - The embedding keeps its int64 token ids when it trains; the loss keeps a one-byte label mask.
 - Gradient checkpointing (non-reentrant) keeps each block's input; one block is recomputed at a
   time in the backward.
+- transformers fills a KV cache in a training forward as well (use_cache defaults to true, except
+  under gradient checkpointing), freed when the decoder returns.
+- On a CPU, training/attention.py computes attention from batched matmuls (`cpu_attention`): it
+  keeps what a flash kernel keeps plus one shared seq x seq boolean mask, and while one layer runs
+  it holds that layer's score matrices: 8 bytes per score in the forward (scores and
+  probabilities, or in bf16 scores, an fp32 buffer and probabilities), 3 in the attention's dtype
+  in the backward (recomputed probabilities, their gradient, the scores' gradient).
+Checked against torch.profiler's live-tensor peaks of real steps (tiny and default models, every
+method, fp32 and bf16, with and without checkpointing): within 1-4%.
 """
 from __future__ import annotations
 
@@ -63,6 +72,9 @@ class Setup:
     # Per vocabulary entry and label, what the loss keeps for the backward pass: 0 for tunesmith's
     # loss (gradients computed in the forward); 2 for a loss that keeps bf16 logits (torchtune's).
     kept_logit_bytes: int = 0
+    # training/attention.py (tunesmith on a CPU): attention from batched matmuls, which holds one
+    # layer's full score matrices while it runs; GPUs run SDPA's flash kernels, which do not.
+    cpu_attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,8 +138,8 @@ def weight_bytes(shape: ModelShape, setup: Setup) -> float:
 STAGES = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
-def activation_bytes(shape: ModelShape, setup: Setup, first_block: bool = False) -> float:
-    """Bytes per token that one block keeps for the backward pass.
+def stage_bytes(shape: ModelShape, setup: Setup, first_block: bool = False) -> list[float]:
+    """Bytes per token that each stage of one block (STAGES) keeps for the backward pass.
 
     In the first block of an adapter run nothing before the first adapted layer needs a gradient,
     so autograd keeps only what follows it (`first_block`)."""
@@ -135,30 +147,36 @@ def activation_bytes(shape: ModelShape, setup: Setup, first_block: bool = False)
     full = setup.method == "full"
     h, i = shape.hidden, shape.intermediate
     norm = d.residual * h + 4  # input + fp32 rstd per row (fused.RMSNorm)
-    attention = d.inner * (2 * shape.q_width + 2 * shape.kv_width) + 4 * shape.heads  # SDPA: q, k, v, output, logsumexp
+    # q, k, v, output, log-sum-exp: what SDPA's flash kernel and training/attention.py keep
+    attention = d.inner * (2 * shape.q_width + 2 * shape.kv_width) + 4 * shape.heads
     # Per stage: (kept by the stage itself, its input's width and dtype).
     stages = [(norm + attention, h, d.residual), (0.0, shape.q_width, d.inner),
               (norm + 2 * d.inner * i, h, d.residual), (0.0, i, d.inner)]  # fused.SwiGLU: gate, up
     skip = 0
     if first_block and not full:
         skip = next((n for n, names in enumerate(STAGES) if set(names) & set(setup.targets)), len(STAGES))
-    total = 0.0
+    kept_by_stage = [0.0] * len(STAGES)
     for n, ((kept, width, dtype), names) in enumerate(zip(stages, STAGES)):
         if n < skip:
             continue
         first_trained = first_block and not full and n == skip
         # The first trained stage of an adapter run's first block: its input needs no gradient, so its norm keeps nothing.
-        total += kept - (norm if first_trained and n in (0, 2) else 0.0)
+        total = kept - (norm if first_trained and n in (0, 2) else 0.0)
         hit = [name for name in names if full or name in setup.targets]
-        if not hit:
-            continue
-        if dtype != d.matmul:  # each layer casts its input to the matmul dtype and keeps its copy
-            total += d.matmul * len(hit) * width
-        elif n != 1 or first_trained:  # o_proj's input is a view of the attention output, kept unless the attention is not
-            total += dtype * width
-        total += sum(d.matmul * setup.r + (2 * d.matmul * shape.linears()[name][1] if setup.method == "dora" else 0)
-                     for name in hit if not full)
-    return total
+        if hit:
+            if dtype != d.matmul:  # each layer casts its input to the matmul dtype and keeps its copy
+                total += d.matmul * len(hit) * width
+            elif n != 1 or first_trained:  # o_proj's input is a view of the attention output, kept unless the attention is not
+                total += dtype * width
+            total += sum(d.matmul * setup.r + (2 * d.matmul * shape.linears()[name][1] if setup.method == "dora" else 0)
+                         for name in hit if not full)
+        kept_by_stage[n] = total
+    return kept_by_stage
+
+
+def activation_bytes(shape: ModelShape, setup: Setup, first_block: bool = False) -> float:
+    """Bytes per token that one block keeps for the backward pass."""
+    return sum(stage_bytes(shape, setup, first_block))
 
 
 def head_chunk_rows(shape: ModelShape, setup: Setup) -> int:
@@ -173,17 +191,21 @@ def head_working(shape: ModelShape, setup: Setup, labels: float) -> float:
     v, h = shape.vocab, shape.hidden
     if setup.kept_logit_bytes:  # a loss that keeps its logits: their fp32 copy and log-softmax
         return (d.head + 4) * v * n
-    half = d.head == 2
-    softmax = (4 + 2 * half) * v  # per row: fp32 softmax (the logits, in place) + its low-precision copy
-    # fp32 logits + log-sum-exp's exp temporary: 8 bytes per logit, more than the matmul's output
-    # and its fp32 copy. From the second chunk on, the previous chunk's softmax and its copy are
-    # still referenced (by the loop's variables) until their names are reassigned.
-    following = min(chunk, labels - chunk)
-    logits = max(8 * v * n, softmax * n + 8 * v * following if following > 0 else 0)
+    # A chunk's logits and their gradient (one compiled pass computes the loss and the gradient),
+    # both in the head's dtype. The previous chunk's pair is still named by the loop's variables
+    # while the next chunk's logits are computed.
+    row = d.head * v
+    following = max(0.0, min(chunk, labels - chunk))
     trains = setup.method == "full" and not (setup.freeze_embeddings and shape.tied)
-    # the softmax and its copy with the weight gradient's matmul output (+ its fp32 copy)
-    grads = softmax * n + (v * h * (d.head + 4 * half) if trains else 0)
-    return max(logits, grads)
+    # the weight gradient's product (+ its fp32 copy)
+    weight_grad = v * h * (d.head + (4 if d.head == 2 else 0)) if trains else 0.0
+    return 2 * row * n + max(row * following, weight_grad)
+
+
+def attention_scores(shape: ModelShape, setup: Setup) -> float:
+    """Elements of one layer's attention score matrices (batch x heads x seq x seq), 0 where the
+    attention never materialises them (SDPA's flash kernels on GPUs)."""
+    return setup.batch * shape.heads * setup.seq ** 2 if setup.cpu_attention else 0.0
 
 
 def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate:
@@ -195,24 +217,29 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     ckpt = setup.gradient_checkpointing
     embeddings_train = full and not setup.freeze_embeddings
     head_trains = full and not (setup.freeze_embeddings and shape.tied)
+    h, q, kv, i = shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
 
     n_adapter = adapter_params(shape, setup)
-    trainable = (shape.total_params - (shape.vocab * shape.hidden if setup.freeze_embeddings else 0)
+    trainable = (shape.total_params - (shape.vocab * h if setup.freeze_embeddings else 0)
                  if full else n_adapter)
     grad_e = d.master
-    embedding_grads = (shape.vocab * shape.hidden * ((not shape.tied and head_trains) + embeddings_train)
-                       if full else 0)
+    embedding_grads = shape.vocab * h * ((not shape.tied and head_trains) + embeddings_train) if full else 0
     grads_layers = (shape.layers * shape.block_params if full else n_adapter) * grad_e
-    grads_head = shape.vocab * shape.hidden * grad_e if head_trains else 0.0  # the first gradient of the backward
-    grads_all = grads_layers + (embedding_grads + shape.hidden) * grad_e
+    grads_head = shape.vocab * h * grad_e if head_trains else 0.0  # the first gradient of the backward
+    grads_all = grads_layers + (embedding_grads + h) * grad_e
     states = trainable * (setup.optimizer_bytes if setup.optimizer_bytes is not None else 2 * grad_e)
 
-    block = activation_bytes(shape, setup) * tokens
+    stages = stage_bytes(shape, setup)
+    block = sum(stages) * tokens
     first = activation_bytes(shape, setup, first_block=not ckpt) * tokens
-    kept_layers = shape.layers * d.residual * shape.hidden * tokens if ckpt else (shape.layers - 1) * block + first
-    final_norm = (d.residual * shape.hidden + 4) * tokens
+    kept_layers = shape.layers * d.residual * h * tokens if ckpt else (shape.layers - 1) * block + first
+    # a block's tensors before its attention output (norm, q/k/v inputs and adapters, q, k, v), and after it
+    pre_attention = (stages[0] - d.inner * q - 4 * shape.heads) * tokens
+    post_attention = sum(stages[1:]) * tokens
+    final_norm = (d.residual * h + 4) * tokens
     rope = 2 * shape.head_dim * d.residual * setup.seq
-    kept_other = final_norm + rope + tokens + (8 * tokens if embeddings_train else 0)  # + label mask, token ids
+    mask = setup.seq ** 2 if setup.cpu_attention else 0  # training/attention.py's causal mask, shared by every layer
+    kept_other = final_norm + rope + mask + tokens + (8 * tokens if embeddings_train else 0)  # + label mask, token ids
     # autocast's low-precision copies: of every block weight (full), of fp32 adapters on a half base
     if full and BYTES[setup.dtype] == 2:
         copies = shape.layers * shape.block_linear_params * 2
@@ -220,61 +247,76 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
         copies = n_adapter * 2
     else:
         copies = 0
-    kept_by_head = (labels * shape.hidden * d.residual + (shape.vocab * shape.hidden * 4 if head_trains else 0)
+    kept_by_head = (labels * h * d.residual + (shape.vocab * h * 4 if head_trains else 0)
                     + setup.kept_logit_bytes * shape.vocab * labels)
     # Checkpointed blocks keep no weight copies; a full fine-tune's go when the decoder's autocast
     # ends, before the head, the adapters' when the loss's does, after it.
     copies_kept = 0.0 if ckpt and full else copies
+    kept_fwd = kept_layers + copies_kept
+    scores = attention_scores(shape, setup)
+    # transformers fills a KV cache during a training forward too (use_cache defaults to true; not
+    # with gradient checkpointing): a copy of every layer's k (after the rotary embedding) and v,
+    # freed when the decoder returns.
+    rotary = max(d.inner, d.residual)
+    kv_cache = 0.0 if ckpt else shape.layers * tokens * kv * (rotary + d.inner)
 
+    # The moments that can hold the peak: (label, gradients, activations, weight copies, head, working memory).
+    moments = []
+    if scores:
+        # The last block's attention in the forward: fp32 scores and probabilities (in bf16: scores,
+        # an fp32 buffer of the compiled softmax, probabilities), 8 bytes per score.
+        before = kept_layers + pre_attention - (0 if ckpt else block)
+        moments.append(("attention of the last block (forward)", 0.0, before + kept_other - final_norm, copies,
+                        0.0, 8 * scores + kv_cache))
+        if ckpt:  # ... again when the backward recomputes it, with the residual stream's gradient
+            moments.append(("attention of the last block (recomputed)", grads_head, before + kept_other - final_norm,
+                            copies / shape.layers, 0.0, 8 * scores + 2 * d.residual * h * tokens))
+    moments.append(("end of the decoder's forward", 0.0, kept_layers + kept_other, copies,
+                    0.0, kv_cache + d.residual * h * tokens))
     # End of the forward pass, during the last LM-head chunk: every activation, the decoder's output
     # and its label rows, the head's cast weight (fp32 master under autocast) and the chunk's temporaries.
-    head_transient = ((tokens + labels) * shape.hidden * d.residual + head_working(shape, setup, labels)
-                      + (shape.vocab * shape.hidden * d.head if full and d.head != d.master else 0))
-    forward_phase = kept_layers + kept_other + copies_kept + kept_by_head + head_transient
+    head_transient = ((tokens + labels) * h * d.residual + head_working(shape, setup, labels)
+                      + (shape.vocab * h * d.head if full and d.head != d.master else 0))
+    moments.append(("end of the forward pass (last LM-head chunk)", 0.0, kept_layers + kept_other, copies_kept,
+                    kept_by_head + head_transient, 0.0))
     # Backward: the head's gradient first, then one block at a time (under checkpointing recomputed
-    # with its weight copies), each freeing its activations as it fills its gradients. A block's
-    # temporaries peak in the MLP (the gradients of down_proj's input, gate and up) or the attention
-    # (of its output, q, k and v), with one or two gradients of the residual stream.
-    block_work = tokens * (d.inner * max(3 * shape.intermediate, 2 * shape.q_width + 2 * shape.kv_width)
-                           + 2 * d.residual * shape.hidden)
-    if ckpt:
-        block_work += block + copies / shape.layers
+    # with its weight copies), each freeing its activations as it fills its gradients, so the peak
+    # is at one end. A block's temporaries peak in the MLP (the gradients of down_proj's input, gate
+    # and up) or the attention (of its output, q, k and v), with gradients of the residual stream.
+    recompute = block + copies / shape.layers if ckpt else 0.0
+    block_work = tokens * (d.inner * max(3 * i, 2 * q + 2 * kv) + 2 * d.residual * h) + recompute
     if setup.method == "dora":  # the weight norm materialises one full weight (and its update) in fp32
-        block_work += 3 * 4 * max(i * o for i, o in shape.linears().values())
-    kept_fwd = kept_layers + copies_kept
-    blocks_phase = grads_head + max(kept_fwd, grads_layers) + kept_other + block_work
+        block_work += 3 * 4 * max(a * b for a, b in shape.linears().values())
+    early = kept_fwd >= grads_layers
+    moments.append(("backward of the last block" if early else "backward of the first block",
+                    grads_head + (0 if early else grads_layers), kept_other + (kept_layers if early else 0),
+                    copies_kept if early else 0.0, 0.0, block_work))
+    if scores:
+        # The last block's attention backward: recomputed probabilities, their gradient and the
+        # scores' gradient (3 per score, in the attention's dtype), after its MLP's tensors are gone.
+        work = 3 * d.inner * scores + tokens * (d.inner * q + 2 * d.residual * h) + (recompute - post_attention
+                                                                                      if ckpt else 0.0)
+        acts = kept_layers - (0 if ckpt else post_attention)
+        moments.append(("attention backward of the last block", grads_head, acts + kept_other, copies_kept, 0.0, work))
     # Optimizer step: all gradients plus AdamW's two temporaries the size of the largest weight.
-    largest = max(shape.vocab * shape.hidden, max(i * o for i, o in shape.linears().values())) if full else 0
-    step_phase = grads_all + 2 * largest * grad_e
+    largest = max(shape.vocab * h, max(a * b for a, b in shape.linears().values())) if full else 0
+    moments.append(("optimizer step", grads_all, 0.0, 0.0, 0.0, 2 * largest * grad_e))
 
-    phase = max(("forward", forward_phase), ("blocks", blocks_phase), ("step", step_phase), key=lambda p: p[1])[0]
-    live = dict(gradients=0.0, activations=kept_layers + kept_other, copies=copies_kept, head=0.0, working=0.0)
-    if phase == "forward":
-        live.update(head=kept_by_head + head_transient, working=0.0)
-        label = "end of the forward pass (last LM-head chunk)"
-    elif phase == "blocks":
-        early = kept_fwd >= grads_layers
-        live.update(gradients=grads_head + (0 if early else grads_layers), working=block_work,
-                    activations=kept_other + (kept_layers if early else 0), copies=copies_kept if early else 0)
-        label = "backward of the last block" if early else "backward of the first block"
-    else:  # (the forward's activations are gone by then)
-        live.update(gradients=grads_all, activations=0.0, copies=0.0, working=2 * largest * grad_e)
-        label = "optimizer step"
-
+    label, gradients, activations, weight_copies, head, working = max(moments, key=lambda m: sum(m[1:]))
     parts = {
         "weights": weight_bytes(shape, setup),
         "adapter weights": n_adapter * BYTES[setup.adapter_dtype],
-        "gradients": live["gradients"],
+        "gradients": gradients,
         "optimizer states": states,
-        "activations": live["activations"],
-        "autocast weight copies": live["copies"],
-        "logits and loss": live["head"],
-        "working memory": live["working"],
+        "activations": activations,
+        "autocast weight copies": weight_copies,
+        "logits and loss": head,
+        "working memory": working,
         "framework overhead": overhead,
     }
     return Estimate(setup=setup, shape=shape, parts=parts, trainable=trainable, peak_phase=label,
                     activations_no_ckpt=(shape.layers - 1) * block + first + kept_other, kept_by_head=kept_by_head,
-                    activations_ckpt=shape.layers * d.residual * shape.hidden * tokens + block + kept_other,
+                    activations_ckpt=shape.layers * d.residual * h * tokens + block + kept_other,
                     weight_copies=copies)
 
 
