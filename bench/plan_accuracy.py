@@ -1,33 +1,29 @@
 """Predicted (tunesmith.plan) against measured peak training memory on this machine.
 
 Each configuration runs in a fresh process: imports, load the model through tunesmith's loader
-(NF4 for QLoRA), apply the adapter, then three optimizer steps on random tokens the way
-training/loop.py runs them (label_loss_sum, loss / label count, backward, clipping, AdamW).
-Measured = the process's peak resident memory (VmHWM) during those steps minus its resident
-memory after the imports, before the model existed; the peak counter is reset after loading
-(/proc/self/clear_refs), so one-off loading buffers do not count. Half of every sequence carries
-a label, like a chat prompt followed by its answer.
+(NF4 for QLoRA), apply the adapter, then STEPS optimizer steps on random tokens the way
+training/loop.py runs them (label_loss_sum, loss / label count, backward, clipping, AdamW, glibc's
+malloc_trim after each step; glibc's allocator settings as they are). Measured = the process's
+peak resident memory (VmHWM) during those steps minus its resident memory after the imports,
+before the model existed; the peak counter is reset after loading (/proc/self/clear_refs), so
+one-off loading buffers do not count. Half of every sequence carries a label, like a chat prompt
+followed by its answer. Predicted = tunesmith.plan's estimate for this machine (tensors plus
+plan/devices.py cpu_overhead).
 
-    .venv/bin/python bench/plan_accuracy.py            # the full table (about 8 minutes)
-    .venv/bin/python bench/plan_accuracy.py --quick    # a few rows
+    OMP_NUM_THREADS=1 .venv/bin/python bench/plan_accuracy.py            # the full table (about 12 minutes)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/plan_accuracy.py --quick    # a few rows
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-STEPS = 2
-# glibc raises its mmap threshold as large blocks are freed, up to 32 MiB, and then keeps freed
-# activations in its heaps: resident memory creeps up step after step (+40-70% after three steps
-# of the tiny model here). A fixed threshold returns blocks of 128 KiB and more to the system, so
-# resident memory follows what is allocated; tunesmith train sets the same on CPU.
-ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+STEPS = 4  # from the second on, AdamW's states exist; resident memory varies a little from step to step
 TINY = dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, tie_word_embeddings=True, max_position_embeddings=4096)
 
@@ -50,6 +46,7 @@ def measure(case: dict) -> dict:
     from tunesmith.adapters.lora import apply_adapter
     from tunesmith.config import AdapterConfig
     from tunesmith.models import load_base
+    from tunesmith.training.loop import release_freed_memory
     from tunesmith.training.loss import label_loss_sum
 
     torch.manual_seed(0)
@@ -59,7 +56,7 @@ def measure(case: dict) -> dict:
     model = apply_adapter(model, AdapterConfig(method=case["method"], gradient_checkpointing=case["ckpt"]))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)  # as training/loop.py builds it
     vocab = model.get_input_embeddings().weight.shape[0]
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset the peak to the current resident size
@@ -74,6 +71,7 @@ def measure(case: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        release_freed_memory(model)
     return {"measured": rss_bytes("VmHWM") - baseline, "seconds": time.perf_counter() - start}
 
 
@@ -119,8 +117,7 @@ def main() -> None:
               f"{'predicted MiB':>15}{'measured MiB':>14}{'error':>8}{'step s':>8}", flush=True)
         worst = 0.0
         for case in cases(folder, args.quick):
-            done = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True,
-                                  env={**os.environ, **ALLOCATOR})
+            done = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{case['name']} {case['method']} {case['dtype']}: failed\n{done.stderr[-2000:]}", flush=True)
                 continue

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 GiB = 2**30
 CUDA_CONTEXT = 0.5 * GiB
 ALLOCATOR_SLACK = 0.05  # share of the tensors the CUDA caching allocator holds on top
-CPU_RUNTIME = 50 * 2**20  # thread pools, oneDNN scratch, allocator pages (measured)
+CPU_RUNTIME = 100 * 2**20  # thread pools, oneDNN scratch, compiled kernels, autograd's graph (measured)
+# glibc heap blocks freed but still resident at a step's peak, per byte of the step's activations
+# (cpu_overhead): where they are fp32, where bf16/fp16. Measured with bench/plan_accuracy.py.
+ALLOCATOR_RESIDENT = {4: 1.15, 2: 0.45}
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,33 @@ GPUS = {
 
 
 def cpu_overhead(est) -> float:
-    """Resident memory on top of the tensors of `est` (a memory.Estimate) in a CPU run: thread
-    pools, oneDNN scratch buffers, compiled kernels, a constant of about 50 MiB measured here
-    (bench/plan_accuracy.py)."""
-    return CPU_RUNTIME
+    """Resident memory on top of the tensors of `est` (a memory.Estimate) in a CPU training run.
+
+    - The runtime: thread pools, oneDNN scratch, torch.compile's compiler and kernels, autograd's
+      graph (CPU_RUNTIME, measured).
+    - glibc's allocator: tensors below its mmap threshold (up to 32 MiB) live in its heap, where
+      a freed block stays resident until training/loop.py's malloc_trim after the optimizer step,
+      and later tensors of other sizes rarely reuse it: resident memory runs ahead of the live
+      tensors during a step. Measured with bench/plan_accuracy.py (glibc 2.36, this machine), the
+      excess follows the activations a step allocates, with or without checkpointing (a
+      checkpointed block allocates the same tensors and frees them sooner, which glibc does not
+      exploit): 1.15x the no-checkpointing activations where they are fp32, 0.45x where they are
+      bf16/fp16. An empirical term: it leaves +-15% on the bench's rows, and a configuration's peak
+      moves by 5-10% from step to step and run to run.
+    - QLoRA on a checkpoint stored in the compute dtype: transformers keeps the unquantised
+      tensors as views of the memory-mapped checkpoint, so the mapping stays, and the pages the
+      quantisation read (the original block weights) stay resident.
+    """
+    from .memory import BYTES, dtypes
+
+    setup, shape = est.setup, est.shape
+    allocated = est.activations_no_ckpt + est.weight_copies
+    share = ALLOCATOR_RESIDENT[dtypes(setup).inner]
+    mapped = 0.0
+    if (setup.method == "qlora" and shape.stored_dtype == setup.dtype
+            and (setup.dtype == "float32" or not setup.upcast_extras)):
+        mapped = shape.layers * shape.block_linear_params * BYTES[setup.dtype]
+    return CPU_RUNTIME + share * allocated + mapped
 
 
 def this_machine() -> Device:

@@ -298,9 +298,10 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
                                                                                       if ckpt else 0.0)
         acts = kept_layers - (0 if ckpt else post_attention)
         moments.append(("attention backward of the last block", grads_head, acts + kept_other, copies_kept, 0.0, work))
-    # Optimizer step: all gradients plus AdamW's two temporaries the size of the largest weight.
-    largest = max(shape.vocab * h, max(a * b for a, b in shape.linears().values())) if full else 0
-    moments.append(("optimizer step", grads_all, 0.0, 0.0, 0.0, 2 * largest * grad_e))
+    # End of the backward: every gradient, and the embedding's dense gradient while it is added to
+    # a tied head's. The optimizer step adds nothing: training/loop.py's AdamW is fused.
+    accumulate = shape.vocab * h * grad_e if embeddings_train and shape.tied else 0.0
+    moments.append(("end of the backward pass", grads_all, 0.0, 0.0, 0.0, accumulate))
 
     label, gradients, activations, weight_copies, head, working = max(moments, key=lambda m: sum(m[1:]))
     parts = {
