@@ -278,3 +278,54 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second warning would raise here
         assert float(square_sum(x)) == 14.0
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_lora_layers_equal_peft(tiny_model_dir, tiny_tokenizer, dtype, tolerance):
+    """training/lora_linear.py: the same loss, adapter gradients and input gradients as PEFT's
+    own forward, on every LoRA layer of the model."""
+    from tunesmith.training import lora_linear
+
+    batch = collate(_examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
+    results = []
+    for fused_layers in (False, True):
+        model = _lora(load_model(str(tiny_model_dir), dtype))
+        patched = [m for m in model.modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
+        assert len(patched) == 7 * model.config.num_hidden_layers
+        if not fused_layers:
+            for module in patched:
+                del module.forward
+        embeddings = model.get_input_embeddings()
+        embeddings.weight.requires_grad_(True)  # so the input gradient of the first layer is checked too
+        total, _ = label_loss_sum(model, batch)
+        total.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((total.detach().float(), grads))
+    (plain, plain_grads), (fast, fast_grads) = results
+    assert torch.allclose(plain, fast, rtol=tolerance)
+    for name, grad in plain_grads.items():
+        scale = grad.abs().max().clamp_min(1e-6)
+        assert (fast_grads[name] - grad).abs().max() / scale < tolerance, name
+    assert lora_linear.install(torch.nn.Linear(3, 3)) == 0
+
+
+def test_fused_lora_layers_step_aside_where_peft_differs(tiny_model_dir, tiny_tokenizer):
+    """Dropout, DoRA and disabled adapters are PEFT's own; a plain layer with adapters disabled
+    gives the base model's output."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.training import lora_linear
+
+    model = load_model(str(tiny_model_dir))
+    for config in (LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]),
+                   LoraConfig(r=4, use_dora=True, target_modules=["q_proj"])):
+        assert lora_linear.install(get_peft_model(load_model(str(tiny_model_dir)), config)) == 0
+    batch = collate(_examples(tiny_tokenizer, 2), tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        base, _ = label_loss_sum(model, batch)
+        tuned = _lora(load_model(str(tiny_model_dir)))
+        adapted, _ = label_loss_sum(tuned, batch)
+        with tuned.disable_adapter():
+            disabled, _ = label_loss_sum(tuned, batch)
+    assert not torch.allclose(adapted, base)
+    assert torch.allclose(disabled, base, rtol=1e-6)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import AdapterConfig
-from ..training import attention, fused
+from ..training import attention, fused, lora_linear
 
 MODULES_TO_SAVE_WARNING = ("adapter.modules_to_save is set: vLLM rejects LoRA adapters that carry fully trained "
                            "modules; serve a merged model there (tunesmith export RUN --merge)")
@@ -33,10 +33,11 @@ def apply_adapter(model, cfg: AdapterConfig):
     """The model with the configured trainable parts; frozen weights stay in their loaded dtype.
 
     Norms and MLPs get the leaner training functions of training/fused.py (after PEFT has
-    wrapped the model, so copies it makes are patched as themselves), and on the CPU attention
-    that of training/attention.py."""
+    wrapped the model, so copies it makes are patched as themselves), plain LoRA layers the one
+    of training/lora_linear.py, and on the CPU attention that of training/attention.py."""
     model = _make_trainable(model, cfg)
     fused.install(model)
+    lora_linear.install(model)
     attention.install(model)
     return model
 

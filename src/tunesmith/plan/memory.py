@@ -17,8 +17,9 @@ the saved tensors of a real forward (tests/test_plan.py). Facts of the stack tha
   or LoRA. A frozen linear layer keeps nothing (NF4 ones included).
 - A LoRA layer keeps its input in the adapter's matmul dtype and its rank-r intermediate. On a
   bf16/fp16 base (not QLoRA) training/loss.py runs the adapters under autocast, so the inputs stay
-  in the base dtype, shared by the adapters of a stage; autocast keeps one half copy of each fp32
-  adapter weight. Under a full fine-tune's autocast, it keeps a bf16 copy of every block weight.
+  in the base dtype, shared by the adapters of a stage. Plain LoRA layers (training/lora_linear.py)
+  keep no cast of their fp32 adapter weights; DoRA's, under autocast, one half copy of each. Under
+  a full fine-tune's autocast, autocast keeps a bf16 copy of every block weight.
 - The LM head (training/loss.py): only label positions go through it, in chunks of
   2**24 / vocab rows, and each chunk's gradient is computed in the forward pass. Kept for the
   backward: the gradient of the label hidden states (residual dtype) and, when the head trains,
@@ -33,7 +34,7 @@ the saved tensors of a real forward (tests/test_plan.py). Facts of the stack tha
 - transformers fills a KV cache in a training forward as well (use_cache defaults to true, except
   under gradient checkpointing), freed when the decoder returns.
 - On a CPU, training/attention.py computes attention from batched matmuls (`cpu_attention`): it
-  keeps what a flash kernel keeps plus one shared seq x seq boolean mask, and while one layer runs
+  keeps what a flash kernel keeps plus one shared seq x seq fp32 mask bias, and while one layer runs
   it holds that layer's score matrices: 8 bytes per score in the forward (scores and
   probabilities, or in bf16 scores, an fp32 buffer and probabilities), 3 in the attention's dtype
   in the backward (recomputed probabilities, their gradient, the scores' gradient).
@@ -238,12 +239,13 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     post_attention = sum(stages[1:]) * tokens
     final_norm = (d.residual * h + 4) * tokens
     rope = 2 * shape.head_dim * d.residual * setup.seq
-    mask = setup.seq ** 2 if setup.cpu_attention else 0  # training/attention.py's causal mask, shared by every layer
+    mask = 4 * setup.seq ** 2 if setup.cpu_attention else 0  # training/attention.py's fp32 causal bias, shared by every layer
     kept_other = final_norm + rope + mask + tokens + (8 * tokens if embeddings_train else 0)  # + label mask, token ids
-    # autocast's low-precision copies: of every block weight (full), of fp32 adapters on a half base
+    # autocast's low-precision copies: of every block weight (full), of fp32 DoRA adapters on a half
+    # base (plain LoRA layers, training/lora_linear.py, cast their adapters again in the backward)
     if full and BYTES[setup.dtype] == 2:
         copies = shape.layers * shape.block_linear_params * 2
-    elif not full and d.matmul == 2 and BYTES[setup.adapter_dtype] == 4:
+    elif setup.method == "dora" and d.matmul == 2 and BYTES[setup.adapter_dtype] == 4:
         copies = n_adapter * 2
     else:
         copies = 0
