@@ -37,6 +37,11 @@ def test_train_end_to_end_on_tiny_model(tiny_config):
     assert [r["step"] for r in train_records] == [4, 8, 12]
     assert all(r["tokens_per_second"] > 0 for r in train_records)
     assert {"json_valid", "all_fields", "field/product"} <= set(results["fine_tuned"])
+    # Training memory against the plan: the interpreter and libraries (most of this process) left out.
+    from tunesmith.plan.devices import resident
+
+    assert results["peak_memory"]["predicted"] > 0
+    assert 0 < results["peak_memory"]["measured"] < resident("VmRSS") / 2
 
 
 def test_saved_adapter_reloads_with_same_logits(tiny_config, tiny_model_dir):

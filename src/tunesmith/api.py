@@ -16,7 +16,7 @@ from .data.prepare import Split, prepare, write_demo_files
 from .eval.generate import generate_answers
 from .eval.metrics import example_scores, load_scorer, mean_scores
 from .models import compute_dtype, load_base, load_model, load_tokenizer
-from .plan import measured_peak
+from .plan import TrainingMemory
 from .training.loop import eval_loss, fit
 from .training import distributed
 from .training.early_stop import EarlyStopping
@@ -62,6 +62,7 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
 
     dtype = compute_dtype(cfg.model.dtype)
     predicted_peak = plan_at_start(cfg, summary)
+    memory = TrainingMemory()
     model = load_base(cfg.model.name, dtype, cfg.adapter.method == "qlora", cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
     test = data.splits.get("test")
@@ -81,10 +82,11 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     say(f"model: {cfg.model.name} ({dtype}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
         f"({100 * trainable / total:.2f}%), {results['model_bytes'] / 2**20:.0f} MiB as loaded; method {cfg.adapter.method}")
     stopper = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta)
+    memory.start()
     result = fit(model, data.splits["train"], validation, cfg, pad_id, log, run_dir,
                  on_eval=stopper if cfg.eval.patience and validation else None, ranks=ranks)
-    results["peak_memory"] = {"predicted": predicted_peak, "measured": measured_peak()}
-    say(f"peak memory: measured {results['peak_memory']['measured'] / 2**30:.2f} GiB"
+    results["peak_memory"] = {"predicted": predicted_peak, "measured": memory.peak()}
+    say(f"peak training memory: measured {results['peak_memory']['measured'] / 2**30:.2f} GiB"
         + (f", planned {predicted_peak / 2**30:.2f} GiB" if predicted_peak else ""))
     if stopper.stopped_at:
         log.write(event="early_stop", step=stopper.stopped_at, best_step=stopper.best_step, best_eval_loss=stopper.best)

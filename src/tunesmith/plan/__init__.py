@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .devices import GPUS, Device, GiB, cpu_overhead, find_device, this_machine
+from .devices import GPUS, Device, GiB, cpu_overhead, find_device, resident, this_machine
 from .memory import METHODS, Estimate, Setup, estimate
 from .shapes import LINEARS, ModelShape, model_shape
 from .speed import CPU_UTILISATION, GPU_UTILISATION, epoch_seconds, flops_per_token
@@ -213,12 +213,34 @@ def training_estimate(cfg, summary: dict) -> tuple[float, str]:
                        + f"){'' if device is None else f' of {gib(device.memory)} on {device.name}'}")
 
 
-def measured_peak() -> float:
-    """Peak bytes of this process so far: CUDA tensors where training ran on a GPU, else resident memory."""
-    import torch
+class TrainingMemory:
+    """What a training run itself takes, to set against the plan: on a GPU the peak of allocated
+    CUDA memory; on the CPU the peak resident memory during training minus the resident memory
+    before the model was loaded (the interpreter and libraries are not training memory; the plan
+    and bench/plan_accuracy.py count the same way)."""
 
-    if torch.cuda.is_available():
-        return float(torch.cuda.max_memory_allocated())
-    from .devices import peak_resident
+    def __init__(self):
+        import torch
 
-    return peak_resident()
+        self.cuda = torch.cuda.is_available()
+        self.baseline = 0.0 if self.cuda else resident("VmRSS")
+
+    def start(self) -> None:
+        """Forget the peak so far (loading buffers, the base model's evaluation)."""
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # the peak resident size becomes the current one
+        except OSError:
+            pass  # not Linux: the peak keeps what came before
+
+    def peak(self) -> float:
+        import torch
+
+        if self.cuda:
+            return float(torch.cuda.max_memory_allocated())
+        return resident("VmHWM") - self.baseline

@@ -6,6 +6,8 @@ the caching allocator's slack) is the device's overhead.
 """
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 
 GiB = 2**30
@@ -104,7 +106,16 @@ def find_device(name: str) -> Device:
     raise UserError(f"unknown device '{name}'; known: {', '.join(GPUS)}, this-machine")
 
 
-def peak_resident() -> float:
+def resident(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in bytes; elsewhere than Linux, the peak from getrusage."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # kB on Linux
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * float(scale)
