@@ -15,10 +15,10 @@ CUDA_CONTEXT = 0.5 * GiB
 ALLOCATOR_SLACK = 0.05  # share of the tensors the CUDA caching allocator holds on top
 CPU_RUNTIME = 110 * 2**20  # thread pools, oneDNN scratch, compiled kernels, autograd's graph (measured)
 # glibc heap blocks freed but still resident at a step's peak, per byte of the step's activations
-# (cpu_overhead), measured with bench/plan_accuracy.py: full fine-tuning; adapters by activation
-# dtype (fp32, bf16/fp16).
-FULL_RESIDENT = 0.35
-ADAPTER_RESIDENT = {4: 1.25, 2: 0.5}
+# (cpu_overhead), fitted to bench/plan_accuracy.py's rows, by activation dtype (fp32, bf16/fp16):
+# full fine-tuning; plain LoRA (training/lora_linear.py); adapters through PEFT's own layers
+# (QLoRA, DoRA), which free three activation-sized temporaries per layer.
+RESIDENT = {"full": {4: 0.9, 2: 0.6}, "lora": {4: 0.6, 2: 0.5}, "peft": {4: 1.25, 2: 0.5}}
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,12 @@ def cpu_overhead(est) -> float:
       tensors during a step. Measured with bench/plan_accuracy.py (glibc 2.36, this machine), the
       excess follows the activations a step allocates, with or without checkpointing (a
       checkpointed block allocates the same tensors and frees them sooner, which glibc does not
-      exploit), in proportion to the no-checkpointing activations: 0.35x in full fine-tuning;
-      with adapters, whose layers also free three activation-sized temporaries each (the frozen
-      layer's output, the adapter's output and its scaled copy), 1.25x where the activations are
-      fp32 and 0.5x where they are bf16/fp16. An empirical term: it leaves +-14% on the bench's
-      rows, and one configuration's peak moves by 5-10% from step to step and run to run.
+      exploit), in proportion to the no-checkpointing activations (RESIDENT): 0.9x (fp32) and
+      0.6x (bf16) in full fine-tuning, 0.6x and 0.5x with plain LoRA, and 1.25x and 0.5x with
+      PEFT's own adapter layers (QLoRA, DoRA), which also free three activation-sized
+      temporaries each (the frozen layer's output, the adapter's output and its scaled copy). An
+      empirical term: it leaves -16%..+10% on the bench's rows, and one configuration's peak
+      moves by 5-10% from step to step and run to run (a cold torch.compile cache adds some).
     - QLoRA on a checkpoint stored in the compute dtype: transformers keeps the unquantised
       tensors as views of the memory-mapped checkpoint, so the mapping stays, and the pages the
       quantisation read (the original block weights) stay resident.
@@ -75,7 +76,7 @@ def cpu_overhead(est) -> float:
 
     setup, shape = est.setup, est.shape
     allocated = est.activations_no_ckpt + est.weight_copies
-    share = FULL_RESIDENT if setup.method == "full" else ADAPTER_RESIDENT[dtypes(setup).inner]
+    share = RESIDENT[setup.method if setup.method in ("full", "lora") else "peft"][dtypes(setup).inner]
     mapped = 0.0
     if (setup.method == "qlora" and shape.stored_dtype == setup.dtype
             and (setup.dtype == "float32" or not setup.upcast_extras)):
