@@ -14,6 +14,8 @@ GiB = 2**30
 CUDA_CONTEXT = 0.5 * GiB
 ALLOCATOR_SLACK = 0.05  # share of the tensors the CUDA caching allocator holds on top
 CPU_RUNTIME = 110 * 2**20  # thread pools, oneDNN scratch, compiled kernels, autograd's graph (measured)
+# bitsandbytes' CPU backend, set up by the first 4-bit quantisation and matmul (measured: 20 + 17 MiB)
+QLORA_RUNTIME = 40 * 2**20
 # glibc heap blocks freed but still resident at a step's peak, per byte of the step's activations
 # (cpu_overhead), fitted to bench/plan_accuracy.py's rows, by activation dtype (fp32, bf16/fp16):
 # full fine-tuning; plain LoRA (training/lora_linear.py); adapters through PEFT's own layers
@@ -55,7 +57,7 @@ def cpu_overhead(est) -> float:
     """Resident memory on top of the tensors of `est` (a memory.Estimate) in a CPU training run.
 
     - The runtime: thread pools, oneDNN scratch, torch.compile's compiler and kernels, autograd's
-      graph (CPU_RUNTIME, measured).
+      graph (CPU_RUNTIME, measured); for QLoRA also bitsandbytes' CPU backend (QLORA_RUNTIME).
     - glibc's allocator: tensors below its mmap threshold (up to 32 MiB) live in its heap, where
       a freed block stays resident until training/loop.py's malloc_trim after the optimizer step,
       and later tensors of other sizes rarely reuse it: resident memory runs ahead of the live
@@ -81,7 +83,8 @@ def cpu_overhead(est) -> float:
     if (setup.method == "qlora" and shape.stored_dtype == setup.dtype
             and (setup.dtype == "float32" or not setup.upcast_extras)):
         mapped = shape.layers * shape.block_linear_params * BYTES[setup.dtype]
-    return CPU_RUNTIME + share * allocated + mapped
+    runtime = CPU_RUNTIME + (QLORA_RUNTIME if setup.method == "qlora" else 0)
+    return runtime + share * allocated + mapped
 
 
 def this_machine() -> Device:
