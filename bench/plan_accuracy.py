@@ -10,7 +10,7 @@ one-off loading buffers do not count. Half of every sequence carries a label, li
 followed by its answer. Predicted = tunesmith.plan's estimate for this machine (tensors plus
 plan/devices.py cpu_overhead).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/plan_accuracy.py            # the full table (about 12 minutes)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/plan_accuracy.py            # the full table (about 25 minutes)
     OMP_NUM_THREADS=1 .venv/bin/python bench/plan_accuracy.py --quick    # a few rows
 """
 from __future__ import annotations
