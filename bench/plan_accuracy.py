@@ -28,14 +28,6 @@ TINY = dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_
             num_key_value_heads=4, tie_word_embeddings=True, max_position_embeddings=4096)
 
 
-def rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def measure(case: dict) -> dict:
     """Runs inside the child process."""
     import bitsandbytes  # noqa: F401  (imported before the baseline: code, not training memory)
@@ -46,11 +38,12 @@ def measure(case: dict) -> dict:
     from tunesmith.adapters.lora import apply_adapter
     from tunesmith.config import AdapterConfig
     from tunesmith.models import load_base
+    from tunesmith.plan import TrainingMemory
     from tunesmith.training.loop import release_freed_memory
     from tunesmith.training.loss import label_loss_sum
 
     torch.manual_seed(0)
-    baseline = rss_bytes("VmRSS")
+    memory = TrainingMemory()  # what `tunesmith train` reports against the plan, measured the same way
     dtype = getattr(torch, case["dtype"])
     model = load_base(case["model"], dtype, quantize=case["method"] == "qlora")
     model = apply_adapter(model, AdapterConfig(method=case["method"], gradient_checkpointing=case["ckpt"]))
@@ -58,8 +51,7 @@ def measure(case: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)  # as training/loop.py builds it
     vocab = model.get_input_embeddings().weight.shape[0]
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # reset the peak to the current resident size
+    memory.start()
     start = time.perf_counter()
     for _ in range(STEPS):
         ids = torch.randint(0, vocab, (case["batch"], case["seq"]))
@@ -72,7 +64,7 @@ def measure(case: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         release_freed_memory(model)
-    return {"measured": rss_bytes("VmHWM") - baseline, "seconds": time.perf_counter() - start}
+    return {"measured": memory.peak(), "seconds": time.perf_counter() - start}
 
 
 def predict(case: dict) -> float:

@@ -43,6 +43,13 @@ def _lora(model, seed=0):
     return model
 
 
+def _assert_same_gradients(expected: dict, actual: dict, tolerance: float) -> None:
+    """Every gradient of `expected` within `tolerance` of its largest value in `actual`."""
+    for name, grad in expected.items():
+        scale = grad.abs().max().clamp_min(1e-6)
+        assert (actual[name] - grad).abs().max() / scale < tolerance, name
+
+
 def _chunks_of(monkeypatch, rows: int) -> None:
     monkeypatch.setattr(loss_module, "head_chunk", lambda vocab: rows)
 
@@ -171,10 +178,7 @@ def test_fused_norm_and_mlp_equal_transformers(tiny_model_dir, tiny_tokenizer, d
         results.append((total.detach(), {n: p.grad.float() for n, p in model.named_parameters()}))
     (plain, plain_grads), (lean, lean_grads) = results
     assert torch.allclose(plain, lean, rtol=1e-6 if dtype == torch.float32 else 2e-3)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    for name, grad in plain_grads.items():
-        scale = grad.abs().max().clamp_min(1e-6)
-        assert (lean_grads[name] - grad).abs().max() / scale < tolerance, name
+    _assert_same_gradients(plain_grads, lean_grads, 1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_fused_functions_keep_fewer_bytes(tiny_model_dir, tiny_tokenizer):
@@ -303,9 +307,7 @@ def test_fused_lora_layers_equal_peft(tiny_model_dir, tiny_tokenizer, dtype, tol
         results.append((total.detach().float(), grads))
     (plain, plain_grads), (fast, fast_grads) = results
     assert torch.allclose(plain, fast, rtol=tolerance)
-    for name, grad in plain_grads.items():
-        scale = grad.abs().max().clamp_min(1e-6)
-        assert (fast_grads[name] - grad).abs().max() / scale < tolerance, name
+    _assert_same_gradients(plain_grads, fast_grads, tolerance)
     assert lora_linear.install(torch.nn.Linear(3, 3)) == 0
 
 
