@@ -331,3 +331,57 @@ def test_fused_lora_layers_step_aside_where_peft_differs(tiny_model_dir, tiny_to
             disabled, _ = label_loss_sum(tuned, batch)
     assert not torch.allclose(adapted, base)
     assert torch.allclose(disabled, base, rtol=1e-6)
+
+
+def test_flat_batch_puts_examples_end_to_end():
+    from tunesmith.data.collate import flat_batch
+
+    batch = flat_batch([Encoded([5, 6, 7], [IGNORE, 6, 7]), Encoded([8, 9], [8, 9]), Encoded([1], [1])])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1]]
+    # each example's first label is dropped: in the row it would be predicted from the previous example
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9, IGNORE]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5, 6] and "attention_mask" not in batch
+
+
+def test_budget_cut_fills_few_micro_batches():
+    from tunesmith.data.collate import budget_cut
+
+    lengths = [300, 120, 500, 90, 410, 260, 700, 30]
+    batches = budget_cut(list(range(8)), lengths, 1024)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in batches)
+    assert len(batches) == 3  # 2410 tokens need at least 3 micro-batches of 1024
+    assert budget_cut([0, 1], [2000, 10], 1024) == [[0], [1]]  # a longer example goes alone
+
+
+@pytest.mark.parametrize("method,dtype,tolerance", [("lora", torch.float32, 1e-5), ("lora", torch.bfloat16, 2e-2),
+                                                    ("full", torch.float32, 1e-5)])
+def test_padding_free_row_equals_padded_batch(tiny_model_dir, tiny_tokenizer, method, dtype, tolerance):
+    """The same examples as one unpadded row (SegmentedAttention keeps them apart) and as a padded
+    batch: the same loss, label count and gradients."""
+    from tunesmith.training import attention
+
+    examples = _examples(tiny_tokenizer, 5)
+    model = load_model(str(tiny_model_dir), dtype)
+    model = _lora(model) if method == "lora" else apply_adapter(model, AdapterConfig(method="full"))
+    results, calls = [], []
+    original = attention.SegmentedAttention.apply
+    attention.SegmentedAttention.apply = lambda *args: calls.append(args[3]) or original(*args)
+    try:
+        for flat in (False, True):
+            model.zero_grad(set_to_none=True)
+            total, count = label_loss_sum(model, collate(examples, tiny_tokenizer.pad_token_id, flat))
+            (total / count).backward()
+            grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((float(total), count, grads))
+    finally:
+        attention.SegmentedAttention.apply = original
+    ends = [0]
+    for example in examples:
+        ends.append(ends[-1] + len(example.input_ids))
+    assert calls == [tuple(zip(ends[:-1], ends[1:]))] * model.config.num_hidden_layers
+    (padded, padded_count, padded_grads), (flat, flat_count, flat_grads) = results
+    assert flat_count == padded_count and abs(flat - padded) / padded < tolerance
+    assert padded_grads.keys() == flat_grads.keys()
+    _assert_same_gradients(padded_grads, flat_grads, tolerance)

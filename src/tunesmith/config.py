@@ -68,7 +68,7 @@ class AdapterConfig(_Section):
 class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed); ignored when max_steps is set.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides `epochs`.")
-    batch_size: int = Field(8, ge=1, description="Examples per micro-batch.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch. On the CPU micro-batches carry no padding: up to batch_size x max_seq_len tokens each, so a step of short examples takes fewer, taller forwards.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -8,6 +8,12 @@ are batched matmuls and the softmax and its gradient are one compiled element-wi
 log-sum-exp per row for the backward pass, and recomputes the probabilities there; the full
 score matrix of one layer lives only while that layer runs.
 
+Padding-free batches (data/collate.py `collate(..., flat=True)`: the examples of a micro-batch
+end to end in one row, position ids restarting at each, and their bounds as transformers'
+cu_seq_lens_q) go through SegmentedAttention: each example attends to itself alone, so the linear
+layers see one tall matrix with no padding rows while attention costs only the sum of the
+squared lengths.
+
 Grouped-query attention needs no copies of k and v: the query heads that share a key/value head
 are stacked along the rows. Used for training shapes only (as many queries as keys, no dropout);
 everything else goes to transformers' SDPA path.
@@ -60,9 +66,8 @@ class CausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale, groups):
-        b, kv, _, d = q.shape
-        probs, lse = _softmax_forward(_scores(q, k, groups), bias, scale)
-        out = (probs.flatten(2, 3) @ v).view(b, kv * groups, -1, d).transpose(1, 2).contiguous()
+        out, lse = _attend(q, k, v, bias, scale, groups)
+        out = out.contiguous()
         ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.scale, ctx.groups = scale, groups
         return out
@@ -70,18 +75,64 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, bias = ctx.saved_tensors
-        b, kv, _, d = q.shape
-        groups = ctx.groups
-        # rowsum(dO * O) = rowsum(dP * P), per query row, as [B, Hkv, G, S, 1]
-        delta = _row_delta(grad_out, out).transpose(1, 2).reshape(b, kv, groups, -1, 1)
-        grad_out = grad_out.transpose(1, 2).reshape(b, kv, -1, d)
-        probs = _softmax_recompute(_scores(q, k, groups), bias, ctx.scale, lse).flatten(2, 3)
-        grad_v = probs.transpose(-1, -2) @ grad_out
-        grad_probs = (grad_out @ v.transpose(-1, -2)).unflatten(2, (groups, -1))
-        grad_scores = _softmax_backward(probs.unflatten(2, (groups, -1)), grad_probs, delta, ctx.scale)
-        del probs, grad_probs
-        grad_scores = grad_scores.flatten(2, 3)
-        return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v, None, None, None
+        return *_attend_backward(q, k, v, out, lse, bias, grad_out, ctx.scale, ctx.groups), None, None, None
+
+
+class SegmentedAttention(torch.autograd.Function):
+    """Several sequences laid end to end in one row (padding-free batches): q [1, H, T, D], k, v
+    [1, Hkv, T, D], `bounds` ((start, end), ...) covering 0..T -> output [1, T, H, D]. Each sequence
+    attends causally to itself only, so the work is the sum of its lengths squared, not T squared."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, bounds, scale, groups):
+        out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+        bias = _causal_bias(max(end - start for start, end in bounds), query.device)
+        lses = []
+        for start, end in bounds:
+            q, k, v = _segment(query, key, value, start, end, groups)
+            out[:, start:end], lse = _attend(q, k, v, bias[:end - start, :end - start], scale, groups)
+            lses.append(lse)
+        ctx.save_for_backward(query, key, value, out, bias, *lses)
+        ctx.bounds, ctx.scale, ctx.groups = bounds, scale, groups
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, bias, *lses = ctx.saved_tensors
+        grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        for (start, end), lse in zip(ctx.bounds, lses):
+            q, k, v = _segment(query, key, value, start, end, ctx.groups)
+            dq, dk, dv = _attend_backward(q, k, v, out[:, start:end], lse, bias[:end - start, :end - start],
+                                          grad_out[:, start:end], ctx.scale, ctx.groups)
+            grad_q[:, :, start:end] = dq.view(grad_q.shape[0], grad_q.shape[1], end - start, -1)
+            grad_k[:, :, start:end], grad_v[:, :, start:end] = dk, dv
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def _segment(query, key, value, start: int, end: int, groups: int):
+    return _stack_groups(query[:, :, start:end], groups), key[:, :, start:end], value[:, :, start:end]
+
+
+def _attend(q, k, v, bias, scale: float, groups: int):
+    """-> (output as a [B, S, H, D] view, log-sum-exp per query row)."""
+    b, kv, _, d = q.shape
+    probs, lse = _softmax_forward(_scores(q, k, groups), bias, scale)
+    return (probs.flatten(2, 3) @ v).view(b, kv * groups, -1, d).transpose(1, 2), lse
+
+
+def _attend_backward(q, k, v, out, lse, bias, grad_out, scale: float, groups: int):
+    """-> gradients of q (stacked groups), k and v; the probabilities are recomputed from lse."""
+    b, kv, _, d = q.shape
+    # rowsum(dO * O) = rowsum(dP * P), per query row, as [B, Hkv, G, S, 1]
+    delta = _row_delta(grad_out, out).transpose(1, 2).reshape(b, kv, groups, -1, 1)
+    grad_out = grad_out.transpose(1, 2).reshape(b, kv, -1, d)
+    probs = _softmax_recompute(_scores(q, k, groups), bias, scale, lse).flatten(2, 3)
+    grad_v = probs.transpose(-1, -2) @ grad_out
+    grad_probs = (grad_out @ v.transpose(-1, -2)).unflatten(2, (groups, -1))
+    grad_scores = _softmax_backward(probs.unflatten(2, (groups, -1)), grad_probs, delta, scale)
+    del probs, grad_probs
+    grad_scores = grad_scores.flatten(2, 3)
+    return grad_scores @ k, grad_scores.transpose(-1, -2) @ q, grad_v
 
 
 def _scores(q, k, groups: int):
@@ -111,9 +162,10 @@ def _padding_bias(mask: torch.Tensor) -> torch.Tensor:
     return _last_mask[1]
 
 
-def causal_attention(query, key, value, attention_mask, scaling: float):
+def causal_attention(query, key, value, attention_mask, scaling: float, bounds: tuple | None = None):
     """query [B, H, S, D], key/value [B, Hkv, S, D], attention_mask None (causal) or a boolean
-    [B, 1, S, S] (True = may attend) -> output [B, S, H, D]."""
+    [B, 1, S, S] (True = may attend) -> output [B, S, H, D]. With `bounds` (B = 1: sequences end to
+    end, ((start, end), ...)) each sequence attends to itself only and the mask is not read."""
     b, h, s, d = query.shape
     groups = h // key.shape[1]
     # Under autocast (full fine-tuning of a bf16 model) rotary embeddings leave q and k in fp32 and v
@@ -122,6 +174,8 @@ def causal_attention(query, key, value, attention_mask, scaling: float):
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if bounds is not None:
+        return SegmentedAttention.apply(query, key, value, bounds, scaling, groups)
     bias = _causal_bias(s, query.device) if attention_mask is None else _padding_bias(attention_mask)
     return CausalAttention.apply(_stack_groups(query, groups), key, value, bias, scaling, groups)
 
@@ -139,7 +193,24 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return causal_attention(query, key, value, attention_mask, scale), None
+    return causal_attention(query, key, value, attention_mask, scale, _bounds(kwargs, query.shape)), None
+
+
+_last_bounds: list = [None, None]  # (cu_seq_lens tensor of the current forward, its bounds)
+
+
+def _bounds(kwargs: dict, shape) -> tuple | None:
+    """((start, end), ...) of a padding-free row from transformers' cu_seq_lens_q (cumulative
+    lengths, as for flash attention), read once per forward; None for ordinary batches."""
+    cumulative = kwargs.get("cu_seq_lens_q")
+    if cumulative is None or shape[0] != 1 or kwargs.get("cu_seq_lens_k") is not cumulative:
+        return None
+    if _last_bounds[0] is not cumulative:
+        ends = cumulative.tolist()
+        if ends[0] != 0 or ends[-1] != shape[2]:
+            raise ValueError(f"cu_seq_lens_q {ends} does not cover the {shape[2]} positions of the row")
+        _last_bounds[:] = [cumulative, tuple(zip(ends[:-1], ends[1:]))]
+    return _last_bounds[1]
 
 
 def install(model) -> bool:

@@ -48,10 +48,22 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def optimizer_steps(split: Split, cfg: Config):
-    """Endless, deterministic stream of optimizer steps, each a list of micro-batches of example indices."""
+def optimizer_steps(split: Split, cfg: Config, flat: bool = False):
+    """Endless, deterministic stream of optimizer steps, each a list of micro-batches of example indices.
+
+    Padding-free (`flat`), a micro-batch holds up to batch_size x max_seq_len tokens: the most a
+    padded one can hold, so the memory plan (plan/memory.py, batch x seq) bounds it as well."""
     lengths = [len(e.input_ids) for e in split.encoded]
-    return step_batches(lengths, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
+    budget = cfg.train.batch_size * cfg.data.max_seq_len if flat else None
+    return step_batches(lengths, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, budget)
+
+
+def padding_free(model, cfg: Config) -> bool:
+    """Whether micro-batches go as one unpadded row: where the attention keeps the sequences of
+    a row apart (training/attention.py, installed on the CPU) and the rows are not packed already."""
+    from . import attention
+
+    return getattr(model.config, "_attn_implementation", None) == attention.NAME and not cfg.data.packing
 
 
 def total_steps(cfg: Config, n_examples: int) -> int:
@@ -172,7 +184,8 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     best = (BestWeights.reopen(run_dir / "best.safetensors", state.best_step, state.best_eval)
             if run_dir and ranks.main else BestWeights())
     warned_overfitting = False
-    stream = optimizer_steps(train, cfg)
+    flat = padding_free(model, cfg)
+    stream = optimizer_steps(train, cfg, flat)
     consumed = 0
     while consumed < state.micro_batches:  # the same order as an uninterrupted run: skip what was consumed
         consumed += len(next(stream))
@@ -188,7 +201,8 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             state.micro_batches += len(indices)
             while True:
                 try:
-                    step_loss, tokens = _accumulate(loss_module, train, indices, split, pad_id, ranks, grad_scale)
+                    step_loss, tokens = _accumulate(loss_module, train, indices, split, pad_id, ranks, grad_scale,
+                                                    flat)
                     break
                 except RuntimeError as err:
                     if not is_out_of_memory(err):
@@ -292,7 +306,8 @@ def _return_best(model, best: BestWeights, validation, cfg: Config, pad_id: int,
 
 
 def _accumulate(loss_module, train: Split, indices: list[list[int]], split: int, pad_id: int,
-                ranks: distributed.Ranks = distributed.SINGLE, grad_scale: float = 1.0) -> tuple[float, int]:
+                ranks: distributed.Ranks = distributed.SINGLE, grad_scale: float = 1.0,
+                flat: bool = False) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches; returns (mean loss, tokens).
 
     The loss is normalised by the label tokens of the whole step (over all ranks), not per
@@ -305,7 +320,7 @@ def _accumulate(loss_module, train: Split, indices: list[list[int]], split: int,
     total, tokens = 0.0, 0
     for number, part in enumerate(parts):
         mine = ranks.take(part)
-        batch = collate([train.encoded[i] for i in (mine or part[:1])], pad_id)
+        batch = collate([train.encoded[i] for i in (mine or part[:1])], pad_id, flat)
         weight = grad_scale / step_labels if mine else 0.0
         with distributed.no_sync(loss_module, last=number == len(parts) - 1):
             loss_sum, _ = loss_module(batch)

@@ -36,12 +36,18 @@ def model_inputs(config, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> 
     """input_ids, attention mask and (for packed rows) position ids, as the attention implementation wants them.
 
     A packed batch carries a 4D boolean block-diagonal mask; SDPA takes it as is, eager attention
-    adds it to the scores, so it becomes 0 / -inf there.
+    adds it to the scores, so it becomes 0 / -inf there. A padding-free row (collate flat=True)
+    has no mask: its sequence bounds go to the attention function as cu_seq_lens_q / _k.
     """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
-    mask = inputs["attention_mask"]
+    if "cu_seq_lens" in batch:
+        bounds = batch["cu_seq_lens"]
+        longest = int((bounds[1:] - bounds[:-1]).max())
+        inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
+        return inputs
+    mask = inputs["attention_mask"] = batch["attention_mask"]
     if mask.ndim == 4 and getattr(config, "_attn_implementation", "sdpa") == "eager":
         inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
     return inputs
