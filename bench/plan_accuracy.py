@@ -2,16 +2,20 @@
 
 Each configuration runs in a fresh process: imports, load the model through tunesmith's loader
 (NF4 for QLoRA), apply the adapter, then STEPS optimizer steps on random tokens the way
-training/loop.py runs them (label_loss_sum, loss / label count, backward, clipping, AdamW, glibc's
-malloc_trim after each step; glibc's allocator settings as they are). Measured = the process's
+training/loop.py runs them (a micro-batch of `batch` sequences, padding-free as one row where
+tunesmith's CPU attention is installed; label_loss_sum, loss / label count, backward, clipping,
+AdamW, glibc's malloc_trim after each step; glibc's allocator settings as they are). Measured = the process's
 peak resident memory (VmHWM) during those steps minus its resident memory after the imports,
 before the model existed; the peak counter is reset after loading (/proc/self/clear_refs), so
 one-off loading buffers do not count. Half of every sequence carries a label, like a chat prompt
 followed by its answer. Predicted = tunesmith.plan's estimate for this machine (tensors plus
 plan/devices.py cpu_overhead).
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/plan_accuracy.py            # the full table (about 25 minutes)
-    OMP_NUM_THREADS=1 .venv/bin/python bench/plan_accuracy.py --quick    # a few rows
+    .venv/bin/python bench/plan_accuracy.py            # the full table (about 20 minutes on 2 cores)
+    .venv/bin/python bench/plan_accuracy.py --quick    # a few rows
+
+Run it with the threads `tunesmith train` would use (all cores: no OMP_NUM_THREADS): resident
+memory depends a little on the thread count.
 """
 from __future__ import annotations
 
@@ -37,8 +41,11 @@ def measure(case: dict) -> dict:
 
     from tunesmith.adapters.lora import apply_adapter
     from tunesmith.config import AdapterConfig
+    from tunesmith.data.collate import collate
+    from tunesmith.data.tokenize import IGNORE, Encoded
     from tunesmith.models import load_base
     from tunesmith.plan import TrainingMemory
+    from tunesmith.training import attention
     from tunesmith.training.loop import release_freed_memory
     from tunesmith.training.loss import label_loss_sum
 
@@ -53,12 +60,12 @@ def measure(case: dict) -> dict:
     vocab = model.get_input_embeddings().weight.shape[0]
     memory.start()
     start = time.perf_counter()
+    flat = model.config._attn_implementation == attention.NAME  # padding-free rows, as training/loop.py runs them
     for _ in range(STEPS):
-        ids = torch.randint(0, vocab, (case["batch"], case["seq"]))
-        labels = ids.clone()
-        labels[:, : case["seq"] // 2] = -100
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-        loss, count = label_loss_sum(model, batch)
+        ids = torch.randint(0, vocab, (case["batch"], case["seq"])).tolist()
+        half = case["seq"] // 2
+        examples = [Encoded(row, [IGNORE] * half + row[half:]) for row in ids]
+        loss, count = label_loss_sum(model, collate(examples, 0, flat))
         (loss / count).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
