@@ -122,7 +122,7 @@ def setup_from_config(cfg, label_share: float = 1.0) -> Setup:
     return Setup(method=cfg.adapter.method, dtype=dtype, batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
                  gradient_checkpointing=bool(getattr(cfg.adapter, "gradient_checkpointing", False)),
                  r=cfg.adapter.r, targets=targets, label_share=label_share,
-                 freeze_embeddings=cfg.adapter.freeze_embeddings)
+                 freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing)
 
 
 def gib(value: float) -> str:

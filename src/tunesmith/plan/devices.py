@@ -21,6 +21,7 @@ QLORA_RUNTIME = 40 * 2**20
 # full fine-tuning; plain LoRA (training/lora_linear.py); adapters through PEFT's own layers
 # (QLoRA, DoRA), which free three activation-sized temporaries per layer.
 RESIDENT = {"full": {4: 0.9, 2: 0.6}, "lora": {4: 0.6, 2: 0.5}, "peft": {4: 1.25, 2: 0.5}}
+MMAP_CEILING = 32 * 2**20  # glibc's dynamic mmap threshold stops here: larger blocks are unmapped when freed
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ def cpu_overhead(est) -> float:
       temporaries each (the frozen layer's output, the adapter's output and its scaled copy). An
       empirical term: it leaves -16%..+10% on the bench's rows, and one configuration's peak
       moves by 5-10% from step to step and run to run (a cold torch.compile cache adds some).
+    - Freed attention-score buffers of a padding-free row kept in glibc's heap (resident_scores).
     - QLoRA on a checkpoint stored in the compute dtype: transformers keeps the unquantised
       tensors as views of the memory-mapped checkpoint, so the mapping stays, and the pages the
       quantisation read (the original block weights) stay resident.
@@ -84,7 +86,24 @@ def cpu_overhead(est) -> float:
             and (setup.dtype == "float32" or not setup.upcast_extras)):
         mapped = shape.layers * shape.block_linear_params * BYTES[setup.dtype]
     runtime = CPU_RUNTIME + (QLORA_RUNTIME if setup.method == "qlora" else 0)
-    return runtime + share * allocated + mapped
+    return runtime + share * allocated + mapped + resident_scores(est)
+
+
+def resident_scores(est) -> float:
+    """Freed attention-score buffers that glibc keeps in its heap during a padding-free step.
+
+    A padding-free row attends one sequence at a time (memory.attention_scores counts one); where
+    one sequence's score matrix is below glibc's mmap ceiling its freed buffers stay in the heap,
+    and the bench's rows (tiny model, bf16, 4 x 1024 tokens) kept about half the row's sequences'
+    worth resident: 8 bytes per score (the forward's working set) for batch / 2 - 1 more
+    sequences. Fitted, like RESIDENT; fp32 scores of the same rows (32 MiB) are unmapped when freed."""
+    from .memory import attention_scores, dtypes
+
+    setup = est.setup
+    scores = attention_scores(est.shape, setup)
+    if not scores or setup.packed_rows or scores * dtypes(setup).inner >= MMAP_CEILING:
+        return 0.0
+    return max(0.0, setup.batch / 2 - 1) * 8 * scores
 
 
 def this_machine() -> Device:

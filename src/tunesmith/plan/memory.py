@@ -35,7 +35,8 @@ the saved tensors of a real forward (tests/test_plan.py). Facts of the stack tha
   under gradient checkpointing), freed when the decoder returns.
 - On a CPU, training/attention.py computes attention from batched matmuls (`cpu_attention`): it
   keeps what a flash kernel keeps plus one shared seq x seq fp32 mask bias, and while one layer runs
-  it holds that layer's score matrices: 8 bytes per score in the forward (scores and
+  it holds that layer's score matrices (one sequence's at a time in a padding-free row, the whole
+  batch's for packed rows): 8 bytes per score in the forward (scores and
   probabilities, or in bf16 scores, an fp32 buffer and probabilities), 3 in the attention's dtype
   in the backward (recomputed probabilities, their gradient, the scores' gradient).
 Checked against torch.profiler's live-tensor peaks of real steps (tiny and default models, every
@@ -76,6 +77,9 @@ class Setup:
     # training/attention.py (tunesmith on a CPU): attention from batched matmuls, which holds one
     # layer's full score matrices while it runs; GPUs run SDPA's flash kernels, which do not.
     cpu_attention: bool = False
+    # data.packing: micro-batches of packed rows (a padded batch); otherwise, with cpu_attention,
+    # padding-free rows whose sequences attend one at a time
+    packed_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,9 +208,12 @@ def head_working(shape: ModelShape, setup: Setup, labels: float) -> float:
 
 
 def attention_scores(shape: ModelShape, setup: Setup) -> float:
-    """Elements of one layer's attention score matrices (batch x heads x seq x seq), 0 where the
+    """Elements of one layer's attention score matrices (heads x seq x seq for one sequence of a
+    padding-free row, SegmentedAttention; x batch for padded or packed rows), 0 where the
     attention never materialises them (SDPA's flash kernels on GPUs)."""
-    return setup.batch * shape.heads * setup.seq ** 2 if setup.cpu_attention else 0.0
+    if not setup.cpu_attention:
+        return 0.0
+    return (setup.batch if setup.packed_rows else 1) * shape.heads * setup.seq ** 2
 
 
 def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate:
