@@ -374,7 +374,7 @@ def test_padding_free_row_equals_padded_batch(tiny_model_dir, tiny_tokenizer, me
             total, count = label_loss_sum(model, collate(examples, tiny_tokenizer.pad_token_id, flat))
             (total / count).backward()
             grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
-            results.append((float(total), count, grads))
+            results.append((float(total.detach()), count, grads))
     finally:
         attention.SegmentedAttention.apply = original
     ends = [0]
