@@ -22,6 +22,7 @@ QLORA_RUNTIME = 40 * 2**20
 # (QLoRA, DoRA), which free three activation-sized temporaries per layer.
 RESIDENT = {"full": {4: 0.9, 2: 0.6}, "lora": {4: 0.6, 2: 0.5}, "peft": {4: 1.25, 2: 0.5}}
 MMAP_CEILING = 32 * 2**20  # glibc's dynamic mmap threshold stops here: larger blocks are unmapped when freed
+SCORES_KEPT_FROM = 8 * 2**20  # one sequence's score matrix from which freed ones stay resident (resident_scores)
 
 
 @dataclass(frozen=True)
@@ -92,18 +93,22 @@ def cpu_overhead(est) -> float:
 def resident_scores(est) -> float:
     """Freed attention-score buffers that glibc keeps in its heap during a padding-free step.
 
-    A padding-free row attends one sequence at a time (memory.attention_scores counts one); where
-    one sequence's score matrix is below glibc's mmap ceiling its freed buffers stay in the heap,
-    and the bench's rows (tiny model, bf16, 4 x 1024 tokens) kept about half the row's sequences'
-    worth resident: 8 bytes per score (the forward's working set) for batch / 2 - 1 more
-    sequences. Fitted, like RESIDENT; fp32 scores of the same rows (32 MiB) are unmapped when freed."""
+    A padding-free row attends one sequence at a time (memory.attention_scores counts one). Where
+    one sequence's score matrix is large but below glibc's mmap ceiling, its freed buffers stay in
+    the heap: on the bench's rows (tiny model, 4 sequences a row) 16 MiB matrices (bf16, 1024
+    tokens) kept about half the row's sequences' worth resident, the attention's working set per
+    score (8 bytes in the forward, 3 x its dtype in the backward) for batch / 2 - 1 more sequences; 4 MiB ones (512 tokens) nothing measurable,
+    and 32 MiB ones (fp32, 1024 tokens) are unmapped when freed. Fitted, like RESIDENT, between
+    SCORES_KEPT_FROM and the ceiling."""
     from .memory import attention_scores, dtypes
 
     setup = est.setup
     scores = attention_scores(est.shape, setup)
-    if not scores or setup.packed_rows or scores * dtypes(setup).inner >= MMAP_CEILING:
+    matrix = scores * dtypes(setup).inner
+    if not scores or setup.packed_rows or not SCORES_KEPT_FROM <= matrix < MMAP_CEILING:
         return 0.0
-    return max(0.0, setup.batch / 2 - 1) * 8 * scores
+    working_set = max(8, 3 * dtypes(setup).inner)  # bytes per score, forward or backward (memory.py)
+    return max(0.0, setup.batch / 2 - 1) * working_set * scores
 
 
 def this_machine() -> Device:
