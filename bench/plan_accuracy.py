@@ -45,8 +45,7 @@ def measure(case: dict) -> dict:
     from tunesmith.data.tokenize import IGNORE, Encoded
     from tunesmith.models import load_base
     from tunesmith.plan import TrainingMemory
-    from tunesmith.training import attention
-    from tunesmith.training.loop import release_freed_memory
+    from tunesmith.training.loop import padding_free, release_freed_memory
     from tunesmith.training.loss import label_loss_sum
 
     torch.manual_seed(0)
@@ -60,7 +59,7 @@ def measure(case: dict) -> dict:
     vocab = model.get_input_embeddings().weight.shape[0]
     memory.start()
     start = time.perf_counter()
-    flat = model.config._attn_implementation == attention.NAME  # padding-free rows, as training/loop.py runs them
+    flat = padding_free(model, packing=False)  # as training/loop.py decides it
     for _ in range(STEPS):
         ids = torch.randint(0, vocab, (case["batch"], case["seq"])).tolist()
         half = case["seq"] // 2

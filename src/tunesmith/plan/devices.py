@@ -97,17 +97,17 @@ def resident_scores(est) -> float:
     one sequence's score matrix is large but below glibc's mmap ceiling, its freed buffers stay in
     the heap: on the bench's rows (tiny model, 4 sequences a row) 16 MiB matrices (bf16, 1024
     tokens) kept about half the row's sequences' worth resident, the attention's working set per
-    score (8 bytes in the forward, 3 x its dtype in the backward) for batch / 2 - 1 more sequences; 4 MiB ones (512 tokens) nothing measurable,
-    and 32 MiB ones (fp32, 1024 tokens) are unmapped when freed. Fitted, like RESIDENT, between
-    SCORES_KEPT_FROM and the ceiling."""
+    score (8 bytes in the forward, 3 x its dtype in the backward) for batch / 2 - 1 more
+    sequences; 4 MiB ones (512 tokens) nothing measurable, and 32 MiB ones (fp32, 1024 tokens)
+    are unmapped when freed. Fitted, like RESIDENT, between SCORES_KEPT_FROM and the ceiling."""
     from .memory import attention_scores, dtypes
 
     setup = est.setup
     scores = attention_scores(est.shape, setup)
-    matrix = scores * dtypes(setup).inner
-    if not scores or setup.packed_rows or not SCORES_KEPT_FROM <= matrix < MMAP_CEILING:
+    inner = dtypes(setup).inner
+    if not scores or setup.packed_rows or not SCORES_KEPT_FROM <= scores * inner < MMAP_CEILING:
         return 0.0
-    working_set = max(8, 3 * dtypes(setup).inner)  # bytes per score, forward or backward (memory.py)
+    working_set = max(8, 3 * inner)  # bytes per score, forward or backward (memory.py)
     return max(0.0, setup.batch / 2 - 1) * working_set * scores
 
 

@@ -153,13 +153,19 @@ def _as_bias(allowed: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-_last_mask: list = [None, None]  # (the boolean mask of the current forward, its bias): one per forward, not per layer
+def _once_per_forward(cache: list, key, build):
+    """build(key), remembered while the same object comes back: every layer of one forward gets
+    the same mask (or cu_seq_lens) tensor, so its bias (or bounds) is made once, not per layer."""
+    if cache[0] is not key:
+        cache[:] = [key, build(key)]
+    return cache[1]
+
+
+_last_mask: list = [None, None]  # (the boolean mask of the current forward, its bias)
 
 
 def _padding_bias(mask: torch.Tensor) -> torch.Tensor:
-    if _last_mask[0] is not mask:
-        _last_mask[:] = [mask, _as_bias(mask[:, :, None])]
-    return _last_mask[1]
+    return _once_per_forward(_last_mask, mask, lambda m: _as_bias(m[:, :, None]))
 
 
 def causal_attention(query, key, value, attention_mask, scaling: float, bounds: tuple | None = None):
@@ -205,12 +211,14 @@ def _bounds(kwargs: dict, shape) -> tuple | None:
     cumulative = kwargs.get("cu_seq_lens_q")
     if cumulative is None or shape[0] != 1 or kwargs.get("cu_seq_lens_k") is not cumulative:
         return None
-    if _last_bounds[0] is not cumulative:
+
+    def bounds(cumulative) -> tuple:
         ends = cumulative.tolist()
         if ends[0] != 0 or ends[-1] != shape[2]:
             raise ValueError(f"cu_seq_lens_q {ends} does not cover the {shape[2]} positions of the row")
-        _last_bounds[:] = [cumulative, tuple(zip(ends[:-1], ends[1:]))]
-    return _last_bounds[1]
+        return tuple(zip(ends[:-1], ends[1:]))
+
+    return _once_per_forward(_last_bounds, cumulative, bounds)
 
 
 def install(model) -> bool:

@@ -58,12 +58,12 @@ def optimizer_steps(split: Split, cfg: Config, flat: bool = False):
     return step_batches(lengths, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, budget)
 
 
-def padding_free(model, cfg: Config) -> bool:
+def padding_free(model, packing: bool) -> bool:
     """Whether micro-batches go as one unpadded row: where the attention keeps the sequences of
     a row apart (training/attention.py, installed on the CPU) and the rows are not packed already."""
     from . import attention
 
-    return getattr(model.config, "_attn_implementation", None) == attention.NAME and not cfg.data.packing
+    return getattr(model.config, "_attn_implementation", None) == attention.NAME and not packing
 
 
 def total_steps(cfg: Config, n_examples: int) -> int:
@@ -184,7 +184,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     best = (BestWeights.reopen(run_dir / "best.safetensors", state.best_step, state.best_eval)
             if run_dir and ranks.main else BestWeights())
     warned_overfitting = False
-    flat = padding_free(model, cfg)
+    flat = padding_free(model, cfg.data.packing)
     stream = optimizer_steps(train, cfg, flat)
     consumed = 0
     while consumed < state.micro_batches:  # the same order as an uninterrupted run: skip what was consumed
