@@ -98,6 +98,23 @@ def write_data(folder: Path, n_train: int, n_eval: int, seed: int) -> dict:
     return paths
 
 
+def cpu_identity() -> str:
+    """The processor this run had: the machines this bench runs on are virtual and not all alike
+    (the bf16 matmul peak of two cores has read 420, 800 and 2000 GFLOP/s on different sessions'
+    hosts), so every table says which one it came from."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "unknown processor"
+    flags = set(info.get("flags", "").split())
+    bf16 = [name for name in ("amx_bf16", "avx512_bf16") if name in flags]
+    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}), "
+            f"bf16 matmul instructions: {', '.join(bf16) or 'none'}")
+
+
 def matmul_peak(size: int = 2048, seconds: float = 2.0) -> dict:
     """Best GFLOP/s of a size x size matmul in fp32 and bf16, with the threads this process has.
 
@@ -314,6 +331,7 @@ def print_table(args, data, peak, rows) -> None:
           f"held-out examples (<= {SELECT_LEN} tokens, {sum(data['lengths'])} train tokens), batch {args.batch} x "
           f"accumulation {args.accum}, lr {args.lr}, 1 epoch, max length {MAX_LEN}; seeds {args.seeds}; "
           f"OMP_NUM_THREADS={threads}, load average {os.getloadavg()[0]:.1f}")
+    print(f"processor: {cpu_identity()}")
     print(f"matmul peak 2048x2048 (higher of before and after the runs): fp32 {peak['float32']:.0f} GFLOP/s, "
           f"bf16 {peak['bfloat16']:.0f} GFLOP/s\n")
     base = rows.get("tunesmith")
