@@ -45,13 +45,14 @@ def build_tokenizer(folder: Path):
 
 
 def build_model(folder: Path, arch: str = "llama", vocab: int = 600, seed: int = 0):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=True, eos_token_id=2, pad_token_id=2, bos_token_id=None)
-    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}
+    config = configs[arch](**common)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder, safe_serialization=True)
     return model

@@ -90,6 +90,22 @@ def test_breakdown_sums_to_the_total_and_the_printed_plan_agrees(tiny_model_dir)
     assert sum(printed.values()) == pytest.approx(total, abs=0.01 * len(printed))
 
 
+@pytest.mark.parametrize("seq", [1, 100, 300, 512, 1024, 4096])
+def test_attention_scores_are_the_largest_block_training_attention_makes(seq):
+    """plan/memory.py counts, for a padding-free row, the largest score matrix of the query blocks
+    training/attention.py cuts a sequence into; packed rows hold the whole batch's."""
+    from tunesmith.plan.memory import BLOCK_ROWS, attention_scores
+    from tunesmith.training import attention
+
+    assert BLOCK_ROWS == attention.BLOCK_ROWS
+    shape = model_shape("llama-3.1-8b")
+    largest = max((end - first) * (end - start) for first, end, start in attention._pieces(((0, seq),), BLOCK_ROWS))
+    setup = Setup(method="lora", dtype="bfloat16", batch=4, seq=seq, cpu_attention=True)
+    assert attention_scores(shape, setup) == shape.heads * largest
+    packed = Setup(**{**setup.__dict__, "packed_rows": True})
+    assert attention_scores(shape, packed) == 4 * shape.heads * seq ** 2
+
+
 def test_checkpointing_quantisation_and_batch_move_memory_the_right_way():
     shape = model_shape("llama-3.1-8b")
     base = Setup(method="lora", dtype="bfloat16", batch=4, seq=2048)

@@ -171,14 +171,52 @@ def test_fused_norm_and_mlp_equal_transformers(tiny_model_dir, tiny_tokenizer, d
         model = load_model(str(tiny_model_dir), dtype)
         for p in model.parameters():
             p.requires_grad_(True)
-        if patch:
-            assert fused.install(model) == 2 * model.config.num_hidden_layers + 1 + model.config.num_hidden_layers
+        if patch:  # two norms, the MLP and the attention of every layer, and the final norm
+            assert fused.install(model) == 4 * model.config.num_hidden_layers + 1
         total, _ = label_loss_sum(model, batch)
         total.backward()
         results.append((total.detach(), {n: p.grad.float() for n, p in model.named_parameters()}))
     (plain, plain_grads), (lean, lean_grads) = results
     assert torch.allclose(plain, lean, rtol=1e-6 if dtype == torch.float32 else 2e-3)
     _assert_same_gradients(plain_grads, lean_grads, 1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_rotary_attention_equals_transformers(tmp_path, tiny_tokenizer, arch, dtype, tolerance):
+    """The attention modules' forward with the compiled rotary embedding: transformers' loss and
+    the gradients of every weight (full fine-tune, so the rotary backward reaches q_proj, k_proj
+    and Qwen3's q/k norms), for each architecture it is installed on; inference (no gradient)
+    runs transformers' own forward."""
+    from conftest import build_model
+
+    from tunesmith.training import fused
+
+    build_model(tmp_path, arch, vocab=len(tiny_tokenizer), seed=2)
+    batch = collate(_examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
+    results, calls = [], []
+    original = fused.Rotary.apply
+    fused.Rotary.apply = lambda *args: calls.append(1) or original(*args)
+    try:
+        for patch in (False, True):
+            model = load_model(str(tmp_path), dtype)
+            model.requires_grad_(True)
+            if patch:
+                for module in model.modules():
+                    if type(module).__name__ in fused.ATTENTIONS:
+                        module.forward = fused._patched_attention(module, module.forward)
+                with torch.no_grad():
+                    label_loss_sum(model, batch)
+                assert not calls  # no gradient: transformers' forward
+            total, _ = label_loss_sum(model, batch)
+            total.backward()
+            results.append((total.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    finally:
+        fused.Rotary.apply = original
+    assert len(calls) == model.config.num_hidden_layers
+    (plain, plain_grads), (fast, fast_grads) = results
+    assert torch.allclose(plain, fast, rtol=tolerance / 10)
+    _assert_same_gradients(plain_grads, fast_grads, tolerance)
 
 
 def test_fused_functions_keep_fewer_bytes(tiny_model_dir, tiny_tokenizer):
@@ -191,7 +229,7 @@ def test_fused_functions_keep_fewer_bytes(tiny_model_dir, tiny_tokenizer):
         model = _lora(load_model(str(tiny_model_dir), torch.bfloat16))
         if not patch:  # apply_adapter installed them: put the originals back
             for module in model.modules():
-                if type(module).__name__ in fused.RMS_NORMS | fused.MLPS:
+                if type(module).__name__ in fused.RMS_NORMS | fused.MLPS | fused.ATTENTIONS:
                     del module.forward
         sizes = {}
 
@@ -236,6 +274,38 @@ def test_matmul_attention_equals_sdpa(dtype, tolerance, mask_kind):
     got = torch.autograd.grad(out, (q, k, v), grad)
     keep = valid[:, :, None, None]  # outputs at padded positions are never used
     assert ((out - reference).float() * keep).abs().max() < tolerance
+    for name, a, e in zip("qkv", got, expected):
+        assert (a - e).float().abs().max() < tolerance * max(1.0, float(e.float().abs().max())), name
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.06)])
+@pytest.mark.parametrize("block_rows", [7, 10_000])
+def test_segmented_attention_equals_sdpa_per_sequence(monkeypatch, dtype, tolerance, block_rows):
+    """Sequences end to end in one row, each cut into query blocks (7 rows: 1 to 6 blocks per
+    sequence, a sequence of one token) or whole: outputs and q/k/v gradients equal SDPA run on
+    each sequence alone, grouped-query heads."""
+    from tunesmith.training import attention
+
+    monkeypatch.setattr(attention, "BLOCK_ROWS", block_rows)
+    generator = torch.Generator().manual_seed(2)
+    lengths, h, kv, d = [23, 5, 40, 1, 9], 6, 2, 16
+    ends = [0]
+    for n in lengths:
+        ends.append(ends[-1] + n)
+    bounds = tuple(zip(ends[:-1], ends[1:]))
+    assert len(attention._pieces(bounds, block_rows)) == (12 if block_rows == 7 else 5)
+
+    def make(heads):
+        return torch.randn(1, heads, ends[-1], d, generator=generator).to(dtype).requires_grad_(True)
+
+    q, k, v = make(h), make(kv), make(kv)
+    out = attention.causal_attention(q, k, v, None, d ** -0.5, bounds)
+    reference = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                          enable_gqa=True) for a, b in bounds], 2).transpose(1, 2)
+    grad = torch.randn(out.shape, generator=generator).to(dtype)
+    expected = torch.autograd.grad(reference, (q, k, v), grad)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    assert (out - reference).float().abs().max() < tolerance
     for name, a, e in zip("qkv", got, expected):
         assert (a - e).float().abs().max() < tolerance * max(1.0, float(e.float().abs().max())), name
 

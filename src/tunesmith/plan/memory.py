@@ -35,8 +35,8 @@ the saved tensors of a real forward (tests/test_plan.py). Facts of the stack tha
   under gradient checkpointing), freed when the decoder returns.
 - On a CPU, training/attention.py computes attention from batched matmuls (`cpu_attention`): it
   keeps what a flash kernel keeps plus one shared seq x seq fp32 mask bias, and while one layer runs
-  it holds that layer's score matrices (one sequence's at a time in a padding-free row, the whole
-  batch's for packed rows): 8 bytes per score in the forward (scores and
+  it holds that layer's score matrices (in a padding-free row one block of about 224 queries of
+  one sequence against that sequence's keys at a time, the whole batch's for packed rows): 8 bytes per score in the forward (scores and
   probabilities, or in bf16 scores, an fp32 buffer and probabilities), 3 in the attention's dtype
   in the backward (recomputed probabilities, their gradient, the scores' gradient).
 Checked against torch.profiler's live-tensor peaks of real steps (tiny and default models, every
@@ -52,6 +52,7 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit scale per 64 + fp32 scale per 256 scales
 NF4_PLAIN_BYTES = 0.5 + 4 / 64  # without double quantisation: one fp32 scale per block of 64
 CHUNK_ELEMENTS = 2**24  # logits per LM-head chunk (training/loss.py CHUNK_ELEMENTS)
+BLOCK_ROWS = 224  # query rows per block of a padding-free row's attention (training/attention.py BLOCK_ROWS)
 METHODS = ("full", "lora", "dora", "qlora")
 
 
@@ -208,12 +209,16 @@ def head_working(shape: ModelShape, setup: Setup, labels: float) -> float:
 
 
 def attention_scores(shape: ModelShape, setup: Setup) -> float:
-    """Elements of one layer's attention score matrices (heads x seq x seq for one sequence of a
-    padding-free row, SegmentedAttention; x batch for padded or packed rows), 0 where the
-    attention never materialises them (SDPA's flash kernels on GPUs)."""
+    """Elements of one layer's largest attention score matrices: heads x seq x seq for the whole
+    batch of padded or packed rows; in a padding-free row (SegmentedAttention) one block of a
+    sequence's queries at a time, its last against all the sequence's keys; 0 where the attention
+    never materialises them (SDPA's flash kernels on GPUs)."""
     if not setup.cpu_attention:
         return 0.0
-    return (setup.batch if setup.packed_rows else 1) * shape.heads * setup.seq ** 2
+    if setup.packed_rows:
+        return setup.batch * shape.heads * setup.seq ** 2
+    blocks = max(1, round(setup.seq / BLOCK_ROWS))  # training/attention.py _pieces
+    return shape.heads * -(-setup.seq // blocks) * setup.seq
 
 
 def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate:

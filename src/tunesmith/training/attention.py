@@ -75,42 +75,70 @@ class CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, bias = ctx.saved_tensors
-        return *_attend_backward(q, k, v, out, lse, bias, grad_out, ctx.scale, ctx.groups), None, None, None
+        return *_attend_backward(q, k, v, _row_delta(grad_out, out), lse, bias, grad_out, ctx.scale, ctx.groups), \
+            None, None, None
 
 
 class SegmentedAttention(torch.autograd.Function):
     """Several sequences laid end to end in one row (padding-free batches): q [1, H, T, D], k, v
     [1, Hkv, T, D], `bounds` ((start, end), ...) covering 0..T -> output [1, T, H, D]. Each sequence
-    attends causally to itself only, so the work is the sum of its lengths squared, not T squared."""
+    attends causally to itself only, so the work is the sum of its lengths squared, not T squared;
+    and a sequence's queries go in blocks of about BLOCK_ROWS (`_pieces`), each against the keys up
+    to its own end, so most of the masked upper triangle is never multiplied."""
 
     @staticmethod
     def forward(ctx, query, key, value, bounds, scale, groups):
         out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
         bias = _causal_bias(max(end - start for start, end in bounds), query.device)
+        pieces = _pieces(bounds, BLOCK_ROWS)
         lses = []
-        for start, end in bounds:
-            q, k, v = _segment(query, key, value, start, end, groups)
-            out[:, start:end], lse = _attend(q, k, v, bias[:end - start, :end - start], scale, groups)
+        for first, end, start in pieces:
+            q, k, v = _piece(query, key, value, first, end, start, groups)
+            out[:, first:end], lse = _attend(q, k, v, bias[first - start:end - start, :end - start], scale, groups)
             lses.append(lse)
         ctx.save_for_backward(query, key, value, out, bias, *lses)
-        ctx.bounds, ctx.scale, ctx.groups = bounds, scale, groups
+        ctx.bounds, ctx.pieces, ctx.scale, ctx.groups = bounds, pieces, scale, groups
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, bias, *lses = ctx.saved_tensors
         grad_q, grad_k, grad_v = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-        for (start, end), lse in zip(ctx.bounds, lses):
-            q, k, v = _segment(query, key, value, start, end, ctx.groups)
-            dq, dk, dv = _attend_backward(q, k, v, out[:, start:end], lse, bias[:end - start, :end - start],
-                                          grad_out[:, start:end], ctx.scale, ctx.groups)
-            grad_q[:, :, start:end] = dq.view(grad_q.shape[0], grad_q.shape[1], end - start, -1)
-            grad_k[:, :, start:end], grad_v[:, :, start:end] = dk, dv
+        delta = _row_delta(grad_out, out)
+        ends = {stop for _, stop in ctx.bounds}
+        # Last pieces first: a sequence's last piece sees all its keys and writes their gradients,
+        # the earlier ones (fewer keys) add to them.
+        for (first, end, start), lse in reversed(tuple(zip(ctx.pieces, lses))):
+            q, k, v = _piece(query, key, value, first, end, start, ctx.groups)
+            dq, dk, dv = _attend_backward(q, k, v, delta[:, first:end], lse, bias[first - start:end - start, :end - start],
+                                          grad_out[:, first:end], ctx.scale, ctx.groups)
+            grad_q[:, :, first:end] = dq.view(grad_q.shape[0], grad_q.shape[1], end - first, -1)
+            if end in ends:  # the last piece of its sequence
+                grad_k[:, :, start:end], grad_v[:, :, start:end] = dk, dv
+            else:
+                grad_k[:, :, start:end] += dk
+                grad_v[:, :, start:end] += dv
         return grad_q, grad_k, grad_v, None, None, None
 
 
-def _segment(query, key, value, start: int, end: int, groups: int):
-    return _stack_groups(query[:, :, start:end], groups), key[:, :, start:end], value[:, :, start:end]
+# Query rows per block of a sequence (_pieces). A block of n rows against the keys up to its end
+# multiplies (n + 1) / 2n of the full square for n blocks, at the price of more, smaller matmuls.
+BLOCK_ROWS = 224
+
+
+def _pieces(bounds: tuple, rows: int) -> tuple:
+    """(first query, end, sequence start) per piece: each sequence's queries cut into about
+    equal blocks of about `rows`, each attending the keys from the sequence start to its own end."""
+    pieces = []
+    for start, end in bounds:
+        blocks = max(1, round((end - start) / rows))
+        cuts = [start + (end - start) * n // blocks for n in range(blocks + 1)]
+        pieces += [(first, last, start) for first, last in zip(cuts[:-1], cuts[1:])]
+    return tuple(pieces)
+
+
+def _piece(query, key, value, first: int, end: int, start: int, groups: int):
+    return _stack_groups(query[:, :, first:end], groups), key[:, :, start:end], value[:, :, start:end]
 
 
 def _attend(q, k, v, bias, scale: float, groups: int):
@@ -120,11 +148,11 @@ def _attend(q, k, v, bias, scale: float, groups: int):
     return (probs.flatten(2, 3) @ v).view(b, kv * groups, -1, d).transpose(1, 2), lse
 
 
-def _attend_backward(q, k, v, out, lse, bias, grad_out, scale: float, groups: int):
-    """-> gradients of q (stacked groups), k and v; the probabilities are recomputed from lse."""
+def _attend_backward(q, k, v, delta, lse, bias, grad_out, scale: float, groups: int):
+    """-> gradients of q (stacked groups), k and v; the probabilities are recomputed from lse.
+    delta: rowsum(dO * O) = rowsum(dP * P) per query row ([B, S, H, 1], _row_delta)."""
     b, kv, _, d = q.shape
-    # rowsum(dO * O) = rowsum(dP * P), per query row, as [B, Hkv, G, S, 1]
-    delta = _row_delta(grad_out, out).transpose(1, 2).reshape(b, kv, groups, -1, 1)
+    delta = delta.transpose(1, 2).reshape(b, kv, groups, -1, 1)
     grad_out = grad_out.transpose(1, 2).reshape(b, kv, -1, d)
     probs = _softmax_recompute(_scores(q, k, groups), bias, scale, lse).flatten(2, 3)
     grad_v = probs.transpose(-1, -2) @ grad_out
@@ -194,7 +222,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     plain = (query.shape[2] == key.shape[2] and dropout == 0.0 and kwargs.get("softcap") is None
              and kwargs.get("position_bias") is None and kwargs.get("cache") is None
              and (attention_mask is None or attention_mask.dtype == torch.bool)
-             and query.shape[1] % key.shape[1] == 0 and getattr(module, "is_causal", True))
+             and query.shape[1] % key.shape[1] == 0 and getattr(module, "is_causal", True)
+             and (kwargs.get("sliding_window") or key.shape[2]) >= key.shape[2])
     if not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
