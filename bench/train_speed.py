@@ -116,24 +116,28 @@ def cpu_identity() -> str:
 
 
 def matmul_peak(size: int = 2048, seconds: float = 2.0) -> dict:
-    """Best GFLOP/s of a size x size matmul in fp32 and bf16, with the threads this process has.
+    """Best GFLOP/s of a size x size matmul in fp32 and bf16, with the threads this process has,
+    and of the default model's widest matmul in bf16 at a full micro-batch ([2048, 576] x
+    [576, 1536], "model_shape": what its linear layers can reach here; on AMX hosts well below
+    the square's).
 
-    Each dtype first runs for `seconds` untimed: on this machine the first bf16 (AMX) matmuls of a
-    process run at a third of the speed reached after a second or so, and a best-of-10 taken
-    cold under-states the peak (and over-states every MFU) by that much. Then the best of
-    `seconds` of timed runs."""
+    Each first runs for `seconds` untimed: on AMX hosts the first bf16 matmuls of a process run at
+    a third of the speed reached after a second or so, and a best-of-10 taken cold under-states
+    the peak (and over-states every MFU) by that much. Then the best of `seconds` of timed runs."""
     import torch
 
+    shapes = {"float32": (torch.float32, (size, size, size)), "bfloat16": (torch.bfloat16, (size, size, size)),
+              "model_shape": (torch.bfloat16, (2048, 576, 1536))}
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for name, (dtype, (m, k, n)) in shapes.items():
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for timed in (False, True):
             best, until = float("inf"), time.perf_counter() + seconds
             while time.perf_counter() < until:
                 start = time.perf_counter()
                 torch.mm(a, b)
                 best = min(best, time.perf_counter() - start)
-        out[str(dtype).replace("torch.", "")] = 2 * size ** 3 / best / 1e9
+        out[name] = 2 * m * k * n / best / 1e9
     return out
 
 
@@ -311,7 +315,7 @@ def main() -> None:
                          for seed in (seeds[:1] if run == "trl-fp32" else seeds)] for run in runs}
         after = spawn(args, "peak", tmp, "peak-after")
         # The higher of the two: the machine's speed drifts (shared cores), and a higher peak gives the lower MFU.
-        peak = {dtype: max(before[dtype], after[dtype]) for dtype in ("float32", "bfloat16")}
+        peak = {name: max(before[name], after[name]) for name in ("float32", "bfloat16", "model_shape")}
         folders = {f"{run}-{n}": r["adapter"] for run, results in trained.items() for n, r in enumerate(results)}
         losses = spawn(args, "eval", tmp, "eval", adapters=json.dumps(folders))
     rows = {run: summarise(results, [losses[f"{run}-{n}"] for n in range(len(results))])
@@ -333,7 +337,8 @@ def print_table(args, data, peak, rows) -> None:
           f"OMP_NUM_THREADS={threads}, load average {os.getloadavg()[0]:.1f}")
     print(f"processor: {cpu_identity()}")
     print(f"matmul peak 2048x2048 (higher of before and after the runs): fp32 {peak['float32']:.0f} GFLOP/s, "
-          f"bf16 {peak['bfloat16']:.0f} GFLOP/s\n")
+          f"bf16 {peak['bfloat16']:.0f} GFLOP/s; the model's [2048, 576] x [576, 1536] bf16: "
+          f"{peak['model_shape']:.0f} GFLOP/s\n")
     base = rows.get("tunesmith")
     print("| run | dtype | seeds | steps | tokens/s | peak RSS | eval loss (mean) | MFU (bf16 peak) | tunesmith tokens/s "
           "ratio | tunesmith RSS ratio | tunesmith eval loss vs this |")
