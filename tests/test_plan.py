@@ -104,6 +104,11 @@ def test_attention_scores_are_the_largest_block_training_attention_makes(seq):
     assert attention_scores(shape, setup) == shape.heads * largest
     packed = Setup(**{**setup.__dict__, "packed_rows": True})
     assert attention_scores(shape, packed) == 4 * shape.heads * seq ** 2
+    # training/native.py's kernel keeps no score matrix and no mask; packed rows still take the matmuls
+    kernel = Setup(**{**setup.__dict__, "native_attention": True})
+    assert attention_scores(shape, kernel) == 0
+    assert estimate(shape, setup).total - estimate(shape, kernel).total >= 4 * seq ** 2
+    assert attention_scores(shape, Setup(**{**packed.__dict__, "native_attention": True})) == 4 * shape.heads * seq ** 2
 
 
 def test_checkpointing_quantisation_and_batch_move_memory_the_right_way():

@@ -48,8 +48,16 @@ def estimate_on(shape: ModelShape, setup: Setup, device: Device) -> Estimate:
 
 def estimate_for_machine(shape: ModelShape, setup: Setup) -> Estimate:
     """For a CPU run on this machine (no matmul benchmark needed): tunesmith's CPU attention
-    (training/attention.py) and the allocator's overhead (devices.cpu_overhead)."""
-    setup = replace(setup, cpu_attention=True)
+    (training/attention.py; for bf16 where this processor and compiler can run it, the native
+    kernel of training/native.py) and the allocator's overhead (devices.cpu_overhead)."""
+    import torch
+
+    from ..training import native
+    from .memory import dtypes
+
+    bf16 = setup.dtype == "bfloat16" and dtypes(setup).inner == 2  # q, k and v in bf16 (not QLoRA's fp32)
+    setup = replace(setup, cpu_attention=True,
+                    native_attention=bf16 and native.supported(torch.bfloat16, shape.head_dim))
     return estimate(shape, setup, overhead=cpu_overhead(estimate(shape, setup)))
 
 

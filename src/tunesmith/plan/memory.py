@@ -81,6 +81,9 @@ class Setup:
     # data.packing: micro-batches of packed rows (a padded batch); otherwise, with cpu_attention,
     # padding-free rows whose sequences attend one at a time
     packed_rows: bool = False
+    # training/native.py: a padding-free row's bf16 attention by the C kernel, which keeps no
+    # score matrix and no mask (its work space, a few MiB per thread, is in the runtime term)
+    native_attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ def attention_scores(shape: ModelShape, setup: Setup) -> float:
     batch of padded or packed rows; in a padding-free row (SegmentedAttention) one block of a
     sequence's queries at a time, its last against all the sequence's keys; 0 where the attention
     never materialises them (SDPA's flash kernels on GPUs)."""
-    if not setup.cpu_attention:
+    if not setup.cpu_attention or (setup.native_attention and not setup.packed_rows):
         return 0.0
     if setup.packed_rows:
         return setup.batch * shape.heads * setup.seq ** 2
@@ -251,7 +254,8 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     post_attention = sum(stages[1:]) * tokens
     final_norm = (d.residual * h + 4) * tokens
     rope = 2 * shape.head_dim * d.residual * setup.seq
-    mask = 4 * setup.seq ** 2 if setup.cpu_attention else 0  # training/attention.py's fp32 causal bias, shared by every layer
+    # training/attention.py's fp32 causal bias, shared by every layer (the native kernel needs none)
+    mask = 4 * setup.seq ** 2 if setup.cpu_attention and not (setup.native_attention and not setup.packed_rows) else 0
     kept_other = final_norm + rope + mask + tokens + (8 * tokens if embeddings_train else 0)  # + label mask, token ids
     # autocast's low-precision copies: of every block weight (full), of fp32 DoRA adapters on a half
     # base (plain LoRA layers, training/lora_linear.py, cast their adapters again in the backward)

@@ -24,6 +24,7 @@ import functools
 
 import torch
 
+from . import native
 from .fused import compiled
 
 NAME = "tunesmith_causal"
@@ -209,6 +210,8 @@ def causal_attention(query, key, value, attention_mask, scaling: float, bounds: 
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if bounds is not None:
+        if dtype == torch.bfloat16 and device == "cpu" and native.chosen(h, key.shape[1], d):
+            return native.NativeSegmentedAttention.apply(query, key, value, bounds, scaling, groups)
         return SegmentedAttention.apply(query, key, value, bounds, scaling, groups)
     bias = _causal_bias(s, query.device) if attention_mask is None else _padding_bias(attention_mask)
     return CausalAttention.apply(_stack_groups(query, groups), key, value, bias, scaling, groups)

@@ -1,0 +1,108 @@
+"""training/native.py: the C attention kernel for padding-free rows against SDPA, in the model,
+and the fallback to training/attention.py's matmuls where it cannot be built. Skipped where the
+processor has no AVX512-BF16 or there is no C compiler (the matmul path is tested everywhere)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.training import attention, native
+
+
+def _needs_kernel(head_dim: int) -> None:
+    if not native.supported(torch.bfloat16, head_dim) or native.kernel(head_dim) is None:
+        pytest.skip("no AVX512-BF16 processor or no C compiler here")
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """An empty kernel cache and forgotten choices, before and after the test."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    native.kernel.cache_clear()
+    native.chosen.cache_clear()
+    yield
+    native.kernel.cache_clear()
+    native.chosen.cache_clear()
+
+
+@pytest.mark.parametrize("head_dim", [64, 96, 128])
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
+def test_kernel_equals_sdpa_per_sequence(head_dim, heads, kv_heads):
+    """Outputs and q/k/v gradients of sequences end to end in one row (a 1-token sequence, lengths
+    that fill no tile, one of several tiles) equal fp32 SDPA on each sequence alone, within bf16
+    rounding; grouped and plain heads."""
+    _needs_kernel(head_dim)
+    generator = torch.Generator().manual_seed(3)
+    bounds = native._bounds_of([1, 7, 33, 100, 64, 290])
+    tokens = bounds[-1][1]
+
+    def make(n):
+        return torch.randn(1, tokens, n, head_dim, generator=generator).to(torch.bfloat16).transpose(1, 2)
+
+    q, k, v = (make(n).requires_grad_(True) for n in (heads, kv_heads, kv_heads))
+    grad = torch.randn(1, tokens, heads, head_dim, generator=generator).to(torch.bfloat16)
+    scale = head_dim ** -0.5
+    out = native.NativeSegmentedAttention.apply(q, k, v, bounds, scale, heads // kv_heads)
+    got = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    exact = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
+    reference = torch.cat([F.scaled_dot_product_attention(*(x[:, :, a:b] for x in exact), is_causal=True,
+                                                          enable_gqa=True) for a, b in bounds], 2).transpose(1, 2)
+    expected = (reference, *torch.autograd.grad(reference, exact, grad.float()))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert a.dtype == torch.bfloat16 and a.shape == e.shape, name
+        assert (a.float() - e).abs().max() < 0.03 * max(1.0, float(e.abs().max())), name
+
+
+def test_model_runs_the_kernel_and_agrees_with_the_matmuls(tmp_path, tiny_tokenizer, monkeypatch):
+    """A bf16 LoRA model with 64-wide heads on a padding-free row: every layer runs the kernel,
+    and loss and adapter gradients match training/attention.py's matmul path."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from test_speed_paths import _assert_same_gradients, _examples, _lora
+    from tunesmith.data.collate import collate
+    from tunesmith.models import load_model
+    from tunesmith.training.loss import label_loss_sum
+
+    _needs_kernel(64)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=2,
+                         pad_token_id=2, bos_token_id=None)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    batch = collate(_examples(tiny_tokenizer, 5), tiny_tokenizer.pad_token_id, flat=True)
+    calls, results = [], []
+    original = native.NativeSegmentedAttention.apply
+    monkeypatch.setattr(native.NativeSegmentedAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    for use_kernel in (True, False):
+        monkeypatch.setattr(native, "chosen", (lambda *a: True) if use_kernel else (lambda *a: False))
+        model = _lora(load_model(str(tmp_path), torch.bfloat16))
+        total, count = label_loss_sum(model, batch)
+        (total / count).backward()
+        results.append((float(total.detach()), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}))
+    assert len(calls) == config.num_hidden_layers
+    (fast, fast_grads), (plain, plain_grads) = results
+    assert abs(fast - plain) / plain < 0.01
+    _assert_same_gradients(plain_grads, fast_grads, 0.05)
+
+
+def test_without_a_working_compiler_the_matmuls_run(fresh_native, monkeypatch):
+    """A compiler that fails: one warning, no kernel, and causal_attention takes the matmul path."""
+    if not {"avx512f", "avx512bw", "avx512_bf16"} <= native._cpu_flags():
+        pytest.skip("the kernel is not attempted on this processor")
+    monkeypatch.setenv("CC", "false")
+    assert native.supported(torch.bfloat16, 64)  # a compiler is there; it just fails
+    with pytest.warns(RuntimeWarning, match="native CPU attention unavailable"):
+        assert not native.chosen(6, 2, 64)
+    ran = []
+    original = attention.SegmentedAttention.apply
+    monkeypatch.setattr(attention.SegmentedAttention, "apply", lambda *a: ran.append(1) or original(*a))
+    q = torch.randn(1, 6, 20, 64).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, 20, 64).to(torch.bfloat16) for _ in range(2))
+    attention.causal_attention(q, k, v, None, 0.125, ((0, 12), (12, 20)))
+    assert ran == [1]
+
+
+def test_kernel_is_off_where_asked_or_unsupported(monkeypatch):
+    assert not native.supported(torch.float32, 64)
+    assert not native.supported(torch.bfloat16, 80)
+    monkeypatch.setenv("TUNESMITH_NATIVE", "0")
+    assert not native.supported(torch.bfloat16, 64)
