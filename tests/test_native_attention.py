@@ -18,10 +18,12 @@ def fresh_native(monkeypatch, tmp_path):
     """An empty kernel cache and forgotten choices, before and after the test."""
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
     native.kernel.cache_clear()
-    native.chosen.cache_clear()
+    saved = dict(native._decided)
+    native._decided.clear()
     yield
     native.kernel.cache_clear()
-    native.chosen.cache_clear()
+    native._decided.clear()
+    native._decided.update(saved)
 
 
 @pytest.mark.parametrize("head_dim", [64, 96, 128])
@@ -82,6 +84,37 @@ def test_model_runs_the_kernel_and_agrees_with_the_matmuls(tmp_path, tiny_tokeni
     (fast, fast_grads), (plain, plain_grads) = results
     assert abs(fast - plain) / plain < 0.01
     _assert_same_gradients(plain_grads, fast_grads, 0.05)
+
+
+@pytest.mark.parametrize("setting", ["1", "auto"])
+def test_first_choice_inside_a_checkpointed_forward(fresh_native, tmp_path, tiny_tokenizer, monkeypatch, setting):
+    """The kernel is built, checked and timed at the first padding-free forward, here inside
+    gradient checkpointing's first pass: that work stays out of the checkpointed graph (its
+    recomputation would otherwise find a different number of saved tensors)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from test_speed_paths import _examples
+    from tunesmith.adapters.lora import apply_adapter
+    from tunesmith.config import AdapterConfig
+    from tunesmith.data.collate import collate
+    from tunesmith.models import load_model
+    from tunesmith.training.loss import label_loss_sum
+
+    _needs_kernel(64)
+    native.kernel.cache_clear()  # built again below, into this test's cache folder
+    monkeypatch.setenv("TUNESMITH_NATIVE", setting)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=2,
+                         pad_token_id=2, bos_token_id=None)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    model = apply_adapter(load_model(str(tmp_path / "model"), torch.bfloat16),
+                          AdapterConfig(method="full", gradient_checkpointing=True))
+    model.train()
+    total, count = label_loss_sum(model, collate(_examples(tiny_tokenizer, 3), tiny_tokenizer.pad_token_id, flat=True))
+    (total / count).backward()
+    assert native._decided == {(2, 1, 64): native._decided[(2, 1, 64)]}
+    assert native._decided[(2, 1, 64)] or setting == "auto"
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_without_a_working_compiler_the_matmuls_run(fresh_native, monkeypatch):

@@ -249,11 +249,24 @@ class NativeSegmentedAttention(torch.autograd.Function):
             None, None, None
 
 
-@functools.lru_cache(maxsize=None)
+_decided: dict = {}  # (heads, kv_heads, head_dim) -> whether the kernel runs
+
+
 def chosen(heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether a bf16 padding-free attention of this shape runs the kernel: it is built and
-    checked, and (TUNESMITH_NATIVE unset) faster here than the batched matmuls, forward and
-    backward of four sequences of 384 tokens, best of three each."""
+    """Whether a bf16 padding-free attention of this shape runs the kernel, decided once per
+    process by _decide on a thread of its own: the decision builds and times attention with
+    autograd, which must stay out of the caller's graph (gradient checkpointing's saved-tensor
+    hooks, autocast and grad mode are per thread)."""
+    key = (heads, kv_heads, head_dim)
+    if key not in _decided:
+        with ThreadPoolExecutor(1, "tunesmith-attention-choice") as pool:
+            _decided[key] = pool.submit(_decide, *key).result()
+    return _decided[key]
+
+
+def _decide(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """The kernel is built and checked, and (TUNESMITH_NATIVE unset) faster here than the batched
+    matmuls: forward and backward of four sequences of 384 tokens, best of three each."""
     if not supported(torch.bfloat16, head_dim) or kernel(head_dim) is None:
         return False
     if _setting() == "1":
