@@ -13,6 +13,18 @@ def _needs_kernel(head_dim: int) -> None:
         pytest.skip("no AVX512-BF16 processor or no C compiler here")
 
 
+def _save_kernel_model(folder, tokenizer):
+    """A tiny Llama whose heads are 64 wide (the kernel's smallest size), saved to `folder`."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=2,
+                         pad_token_id=2, bos_token_id=None)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return config
+
+
 @pytest.fixture
 def fresh_native(monkeypatch, tmp_path):
     """An empty kernel cache and forgotten choices, before and after the test."""
@@ -57,19 +69,13 @@ def test_kernel_equals_sdpa_per_sequence(head_dim, heads, kv_heads):
 def test_model_runs_the_kernel_and_agrees_with_the_matmuls(tmp_path, tiny_tokenizer, monkeypatch):
     """A bf16 LoRA model with 64-wide heads on a padding-free row: every layer runs the kernel,
     and loss and adapter gradients match training/attention.py's matmul path."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from test_speed_paths import _assert_same_gradients, _examples, _lora
     from tunesmith.data.collate import collate
     from tunesmith.models import load_model
     from tunesmith.training.loss import label_loss_sum
 
     _needs_kernel(64)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=2,
-                         pad_token_id=2, bos_token_id=None)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    config = _save_kernel_model(tmp_path, tiny_tokenizer)
     batch = collate(_examples(tiny_tokenizer, 5), tiny_tokenizer.pad_token_id, flat=True)
     calls, results = [], []
     original = native.NativeSegmentedAttention.apply
@@ -91,8 +97,6 @@ def test_first_choice_inside_a_checkpointed_forward(fresh_native, tmp_path, tiny
     """The kernel is built, checked and timed at the first padding-free forward, here inside
     gradient checkpointing's first pass: that work stays out of the checkpointed graph (its
     recomputation would otherwise find a different number of saved tensors)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from test_speed_paths import _examples
     from tunesmith.adapters.lora import apply_adapter
     from tunesmith.config import AdapterConfig
@@ -103,10 +107,7 @@ def test_first_choice_inside_a_checkpointed_forward(fresh_native, tmp_path, tiny
     _needs_kernel(64)
     native.kernel.cache_clear()  # built again below, into this test's cache folder
     monkeypatch.setenv("TUNESMITH_NATIVE", setting)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True, eos_token_id=2,
-                         pad_token_id=2, bos_token_id=None)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    _save_kernel_model(tmp_path / "model", tiny_tokenizer)
     model = apply_adapter(load_model(str(tmp_path / "model"), torch.bfloat16),
                           AdapterConfig(method="full", gradient_checkpointing=True))
     model.train()

@@ -284,19 +284,16 @@ def test_segmented_attention_equals_sdpa_per_sequence(monkeypatch, dtype, tolera
     """Sequences end to end in one row, each cut into query blocks (7 rows: 1 to 6 blocks per
     sequence, a sequence of one token) or whole: outputs and q/k/v gradients equal SDPA run on
     each sequence alone, grouped-query heads."""
-    from tunesmith.training import attention
+    from tunesmith.training import attention, native
 
     monkeypatch.setattr(attention, "BLOCK_ROWS", block_rows)
     generator = torch.Generator().manual_seed(2)
-    lengths, h, kv, d = [23, 5, 40, 1, 9], 6, 2, 16
-    ends = [0]
-    for n in lengths:
-        ends.append(ends[-1] + n)
-    bounds = tuple(zip(ends[:-1], ends[1:]))
+    h, kv, d = 6, 2, 16
+    bounds = native._bounds_of([23, 5, 40, 1, 9])
     assert len(attention._pieces(bounds, block_rows)) == (12 if block_rows == 7 else 5)
 
     def make(heads):
-        return torch.randn(1, heads, ends[-1], d, generator=generator).to(dtype).requires_grad_(True)
+        return torch.randn(1, heads, bounds[-1][1], d, generator=generator).to(dtype).requires_grad_(True)
 
     q, k, v = make(h), make(kv), make(kv)
     out = attention.causal_attention(q, k, v, None, d ** -0.5, bounds)

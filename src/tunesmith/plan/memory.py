@@ -211,12 +211,18 @@ def head_working(shape: ModelShape, setup: Setup, labels: float) -> float:
     return 2 * row * n + max(row * following, weight_grad)
 
 
+def _matmul_attention(setup: Setup) -> bool:
+    """Whether attention runs training/attention.py's batched matmuls, which form score matrices
+    and read the shared causal bias: on a CPU, except a padding-free row under the native kernel."""
+    return setup.cpu_attention and not (setup.native_attention and not setup.packed_rows)
+
+
 def attention_scores(shape: ModelShape, setup: Setup) -> float:
     """Elements of one layer's largest attention score matrices: heads x seq x seq for the whole
     batch of padded or packed rows; in a padding-free row (SegmentedAttention) one block of a
     sequence's queries at a time, its last against all the sequence's keys; 0 where the attention
     never materialises them (SDPA's flash kernels on GPUs)."""
-    if not setup.cpu_attention or (setup.native_attention and not setup.packed_rows):
+    if not _matmul_attention(setup):
         return 0.0
     if setup.packed_rows:
         return setup.batch * shape.heads * setup.seq ** 2
@@ -254,8 +260,7 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     post_attention = sum(stages[1:]) * tokens
     final_norm = (d.residual * h + 4) * tokens
     rope = 2 * shape.head_dim * d.residual * setup.seq
-    # training/attention.py's fp32 causal bias, shared by every layer (the native kernel needs none)
-    mask = 4 * setup.seq ** 2 if setup.cpu_attention and not (setup.native_attention and not setup.packed_rows) else 0
+    mask = 4 * setup.seq ** 2 if _matmul_attention(setup) else 0  # training/attention.py's fp32 causal bias, shared by every layer
     kept_other = final_norm + rope + mask + tokens + (8 * tokens if embeddings_train else 0)  # + label mask, token ids
     # autocast's low-precision copies: of every block weight (full), of fp32 DoRA adapters on a half
     # base (plain LoRA layers, training/lora_linear.py, cast their adapters again in the backward)

@@ -134,6 +134,13 @@ static inline void tile_accumulate_transposed(float acc[C][D], const bf16 (*w)[C
 
 static inline __m512i lanes(void) { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
 
+/* The lanes of a tile row's two score vectors (keys 0-15, 16-31 of the tile) a query may see:
+ * keys j <= last, the query's position relative to the tile's first key. */
+static inline void causal_masks(int last, __mmask16 *m0, __mmask16 *m1) {
+    *m0 = _mm512_cmple_epi32_mask(lanes(), _mm512_set1_epi32(last));
+    *m1 = _mm512_cmple_epi32_mask(lanes(), _mm512_set1_epi32(last - 16));
+}
+
 static inline void store_bf16_row(bf16 *dst, const float *src, float scale) {
     for (int c = 0; c < D; c += 32) {
         __m512 x0 = _mm512_mul_ps(_mm512_load_ps(src + c), _mm512_set1_ps(scale));
@@ -174,9 +181,8 @@ static void attention_forward(const bf16 *q, long qh, long qt, const bf16 *k, lo
                 __m512 s[R][2];
                 tile_dot(qrows, keys + (long)t * PAIRS * C, s);
                 for (int r = 0; r < R; r++) {
-                    int last = i0 + r - t * C; /* keys j <= last of this tile are allowed: at least j = 0 */
-                    __mmask16 m0 = _mm512_cmple_epi32_mask(lanes(), _mm512_set1_epi32(last));
-                    __mmask16 m1 = _mm512_cmple_epi32_mask(lanes(), _mm512_set1_epi32(last - 16));
+                    __mmask16 m0, m1;
+                    causal_masks(i0 + r - t * C, &m0, &m1);
                     __m512 s0 = _mm512_mask_mul_ps(minus_inf, m0, s[r][0], sc);
                     __m512 s1 = _mm512_mask_mul_ps(minus_inf, m1, s[r][1], sc);
                     float high = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
@@ -268,10 +274,8 @@ static void attention_backward(const bf16 *q, long qh, long qt, const bf16 *k, l
                     tile_dot(qrows, keys + t * PAIRS * C, s);
                     tile_dot(orows, values + t * PAIRS * C, dp);
                     for (int r = 0; r < R; r++) {
-                        int last = i0 + r - (int)t * C;
-                        __mmask16 m0 = _mm512_cmple_epi32_mask(lanes(), _mm512_set1_epi32(last));
-                        __mmask16 m1 = _mm512_cmple_epi32_mask(lanes(), _mm512_set1_epi32(last - 16));
-                        if (r >= rows) m0 = m1 = 0;
+                        __mmask16 m0 = 0, m1 = 0;
+                        if (r < rows) causal_masks(i0 + r - (int)t * C, &m0, &m1);
                         int row = r < rows ? i0 + r : i0;
                         __m512 l = _mm512_set1_ps(lse_g[row]), dl = _mm512_set1_ps(delta_g[row]);
                         __m512 p0 = _mm512_maskz_mov_ps(m0, exp512(_mm512_fmsub_ps(s[r][0], sc, l)));
