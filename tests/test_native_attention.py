@@ -66,6 +66,15 @@ def test_kernel_equals_sdpa_per_sequence(head_dim, heads, kv_heads):
         assert (a.float() - e).abs().max() < 0.03 * max(1.0, float(e.abs().max())), name
 
 
+def test_kernel_first_loaded_without_gradients(fresh_native):
+    """Building and self-checking the kernel where autograd is off (as inside an autograd
+    function's forward, or under torch.no_grad) still passes the check and gives the kernel."""
+    if not native.supported(torch.bfloat16, 64):
+        pytest.skip("no AVX512-BF16 processor or no C compiler here")
+    with torch.no_grad():
+        assert native.kernel(64) is not None
+
+
 def test_model_runs_the_kernel_and_agrees_with_the_matmuls(tmp_path, tiny_tokenizer, monkeypatch):
     """A bf16 LoRA model with 64-wide heads on a padding-free row: every layer runs the kernel,
     and loss and adapter gradients match training/attention.py's matmul path."""

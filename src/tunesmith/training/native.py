@@ -123,6 +123,7 @@ def kernel(head_dim: int) -> _Kernel | None:
         return None
 
 
+@torch.enable_grad()  # the reference needs autograd, whatever the caller's mode (an autograd forward runs without)
 def _check(loaded: _Kernel, head_dim: int) -> None:
     """Forward and backward of a small case against plain autograd in fp32 (bf16 rounding allowed)."""
     generator = torch.Generator().manual_seed(0)
