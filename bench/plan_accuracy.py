@@ -39,27 +39,29 @@ def measure(case: dict) -> dict:
     import torch
     from transformers import LlamaForCausalLM  # noqa: F401
 
-    from tunesmith.adapters.lora import apply_adapter
+    from tunesmith import accel, methods
     from tunesmith.config import AdapterConfig
     from tunesmith.data.collate import collate
     from tunesmith.data.tokenize import IGNORE, Encoded
-    from tunesmith.models import load_base
     from tunesmith.plan import TrainingMemory
-    from tunesmith.training.loop import padding_free, release_freed_memory
+    from tunesmith.training.loop import release_freed_memory
     from tunesmith.training.loss import label_loss_sum
 
     torch.manual_seed(0)
     memory = TrainingMemory()  # what `tunesmith train` reports against the plan, measured the same way
     dtype = getattr(torch, case["dtype"])
-    model = load_base(case["model"], dtype, quantize=case["method"] == "qlora")
-    model = apply_adapter(model, AdapterConfig(method=case["method"], gradient_checkpointing=case["ckpt"]))
+    device = torch.device("cpu")
+    method = methods.get(case["method"])
+    model = method.load_base(case["model"], dtype, device)
+    model = method.make_trainable(model, AdapterConfig(method=case["method"], gradient_checkpointing=case["ckpt"]))
+    accel.apply(model, device)  # as api.train does
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=True)  # as training/loop.py builds it
     vocab = model.get_input_embeddings().weight.shape[0]
     memory.start()
     start = time.perf_counter()
-    flat = padding_free(model, packing=False)  # as training/loop.py decides it
+    flat = accel.padding_free(model)  # as api.train decides it
     for _ in range(STEPS):
         ids = torch.randint(0, vocab, (case["batch"], case["seq"])).tolist()
         half = case["seq"] // 2
@@ -69,7 +71,7 @@ def measure(case: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        release_freed_memory(model)
+        release_freed_memory(device)
     return {"measured": memory.peak(), "seconds": time.perf_counter() - start}
 
 

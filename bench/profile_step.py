@@ -37,11 +37,14 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tunesmith.adapters.lora import apply_adapter
+    from tunesmith import accel, methods
     from tunesmith.config import Config
+    from tunesmith.data.collate import PADDED, PADDING_FREE
     from tunesmith.data.prepare import prepare
-    from tunesmith.models import compute_dtype, load_base, load_tokenizer
-    from tunesmith.training.loop import _accumulate, optimizer_steps, padding_free, release_freed_memory
+    from tunesmith.device import compute_dtype
+    from tunesmith.models import load_tokenizer
+    from tunesmith.training.distributed import StepLoss
+    from tunesmith.training.loop import optimizer_steps, release_freed_memory, train_step
     from tunesmith.training.loss import label_loss_sum
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,20 +55,23 @@ def main() -> None:
             "train": {"batch_size": args.batch, "grad_accum": args.accum}})
         tokenizer = load_tokenizer("default")
         train = prepare(cfg.data, tokenizer).splits["train"]
-    model = apply_adapter(load_base("default", compute_dtype("auto"), False), cfg.adapter)
+    device = torch.device("cpu")
+    method = methods.get("lora")
+    model = method.make_trainable(method.load_base("default", compute_dtype("auto", device), device), cfg.adapter)
+    accel.apply(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
-    flat = padding_free(model, False)
-    stream = optimizer_steps(train, cfg, flat)
+    layout = PADDING_FREE if accel.padding_free(model) else PADDED
+    stream = optimizer_steps(train, cfg, layout)
+    loss_module = StepLoss(model, label_loss_sum)
     model.train()
 
     def step() -> int:  # what training/loop.py fit does per optimizer step
-        _, tokens = _accumulate(lambda batch: label_loss_sum(model, batch), train, next(stream), 1,
-                                tokenizer.pad_token_id, flat=flat)
+        _, tokens = train_step(loss_module, train, next(stream), tokenizer.pad_token_id, layout=layout)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        release_freed_memory(model)
+        release_freed_memory(device)
         return tokens
 
     for _ in range(args.warmup):

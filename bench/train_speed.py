@@ -215,7 +215,7 @@ def evaluate(args) -> dict:
     from tunesmith.config import DataConfig
     from tunesmith.data.prepare import prepare
     from tunesmith.runs import load_trained
-    from tunesmith.training.loop import eval_loss
+    from tunesmith.eval.loss import eval_loss
 
     losses = {}
     for name, folder in args.adapters.items():

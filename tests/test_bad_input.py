@@ -8,7 +8,7 @@ import pytest
 
 from tunesmith.cli import main
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 GOOD_ROW = {"prompt": "Say hi", "completion": "hi"}
 

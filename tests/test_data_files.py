@@ -9,7 +9,7 @@ from tunesmith.data.prepare import prepare
 from tunesmith.data.tokenize import IGNORE
 from tunesmith.errors import UserError
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 EXPECTED = [("2+2?", "4"), ("Capital of France?", "Paris"), ("Translate to French\n\ncat", "chat"), ("Say hi", "hi"),
             ("Color of the sky?", "blue")]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 HERE = Path(__file__).parent
 STEPS = 4
@@ -41,7 +41,8 @@ def write_config(tmp_path: Path, model_dir: Path, run: str, method="lora", **tra
 
 def env():
     # One thread per rank: two ranks on two cores, no oversubscription.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def train(config: Path, nproc: int = 1, timeout=300, **popen):

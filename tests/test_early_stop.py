@@ -5,8 +5,7 @@ from pathlib import Path
 import torch
 
 import tunesmith
-import tunesmith.api  # noqa: F401  (bound to the real eval_loss before the loop's is scripted)
-from tunesmith.training import loop
+from tunesmith import api
 from tunesmith.training.checkpoint import trainable_state
 from tunesmith.training.early_stop import BestWeights, EarlyStopping, overfitting
 
@@ -46,15 +45,18 @@ def test_best_weights_round_trip_on_disk_and_in_memory(tmp_path):
 
 
 def scripted_eval(monkeypatch, values):
-    """Replace the loop's evaluations during training by a scripted sequence (the base model's
+    """Replace the evaluations of the run's weights by a scripted sequence (the base model's
     evaluation before training stays real); remember the weights at each call."""
     seen = []
+    real = api.eval_loss
 
-    def fake(model, split, batch_size, pad_id, *distributed_args):
+    def fake(model, split, batch_size, pad_id, ranks, loss_module, layout, label):
+        if label.endswith("(base)"):
+            return real(model, split, batch_size, pad_id, ranks, loss_module, layout, label)
         seen.append({k: v for k, v in trainable_state(model).items()})
         return values[len(seen) - 1]
 
-    monkeypatch.setattr(loop, "eval_loss", fake)
+    monkeypatch.setattr(api, "eval_loss", fake)
     return seen
 
 

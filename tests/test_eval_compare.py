@@ -11,7 +11,7 @@ from tunesmith.eval.compare import (Scored, answer_losses, compare_models, compa
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.training.loss import label_loss_sum
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 
 def test_bootstrap_interval_covers_the_true_difference():
@@ -92,7 +92,7 @@ def test_pick_shots_is_seeded_and_leaves_out_test_prompts(tmp_path):
 
 
 def test_compare_end_to_end_on_tiny_models(tiny_model_dir, tmp_path):
-    from conftest import build_model
+    from helpers import build_model
 
     other = tmp_path / "other"
     build_model(other, vocab=len(load_tokenizer(str(tiny_model_dir))), seed=5)  # same shape, other weights

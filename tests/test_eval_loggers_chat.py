@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tunesmith.errors import UserError
-from tunesmith.training.progress import Loggers, open_loggers
+from tunesmith.training.loggers import Loggers, open_loggers
 
 
 def fake_module(name, monkeypatch, **attributes):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tunesmith
-from conftest import build_model, build_tokenizer, write_jsonl
+from helpers import build_model, build_tokenizer, write_jsonl
 from test_methods import run_config
 from tunesmith.cli import main
 from tunesmith.errors import UserError

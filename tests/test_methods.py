@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import tunesmith
-from conftest import build_model, build_tokenizer, write_jsonl
-from tunesmith.adapters import apply_adapter
+from helpers import build_model, build_tokenizer, write_jsonl
+from helpers import trainable
 from tunesmith.config import AdapterConfig, DataConfig
 from tunesmith.data.collate import collate
 from tunesmith.data.prepare import prepare
@@ -27,7 +27,7 @@ from tunesmith.errors import UserError
 from tunesmith.export import export as export_run
 from tunesmith.models import load_model
 from tunesmith.runs import load_trained
-from tunesmith.training.loop import eval_loss
+from tunesmith.eval.loss import eval_loss
 from tunesmith.training.loss import label_loss_sum
 
 R, ALPHA = 4, 8
@@ -176,7 +176,7 @@ def test_method(name, arch, arch_dirs, data_files, tmp_path):
 def test_qlora_base_is_4bit_nf4_with_double_quantisation(arch_dirs):
     import bitsandbytes as bnb
 
-    from tunesmith.adapters.lora import model_bytes
+    from tunesmith.methods.common import model_bytes
     from tunesmith.models import load_quantized
 
     model = load_quantized(str(arch_dirs["llama"]), torch.bfloat16)
@@ -194,7 +194,7 @@ def test_generation_leaves_a_qlora_model_as_trained(arch_dirs, tiny_tokenizer):
     from tunesmith.models import load_base
 
     torch.manual_seed(0)
-    model = apply_adapter(load_base(str(arch_dirs["llama"]), torch.float32, True), AdapterConfig(method="qlora", r=4))
+    model = trainable(load_base(str(arch_dirs["llama"]), torch.float32, True), AdapterConfig(method="qlora", r=4))
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)  # a trained-looking adapter, so a lossy merge would show
@@ -231,7 +231,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_to
     batch = collate([encode(tiny_tokenizer, r["messages"]) for r in rows], tiny_tokenizer.pad_token_id)
 
     def grads(checkpointing: bool) -> torch.Tensor:
-        model = apply_adapter(load_model(str(tiny_model_dir)), AdapterConfig(method="full", gradient_checkpointing=checkpointing))
+        model = trainable(load_model(str(tiny_model_dir)), AdapterConfig(method="full", gradient_checkpointing=checkpointing))
         model.train()
         total, count = label_loss_sum(model, batch)
         (total / count).backward()
@@ -245,20 +245,20 @@ def test_freeze_embeddings_and_modules_to_save(tiny_model_dir):
     model = load_model(str(tiny_model_dir))
     total = sum(p.numel() for p in model.parameters())
     embeddings = model.get_input_embeddings().weight.numel()
-    frozen = apply_adapter(model, AdapterConfig(method="full", freeze_embeddings=True))
+    frozen = trainable(model, AdapterConfig(method="full", freeze_embeddings=True))
     assert sum(p.numel() for p in frozen.parameters() if p.requires_grad) == total - embeddings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        peft_model = apply_adapter(load_model(str(tiny_model_dir)), AdapterConfig(r=R, modules_to_save=["norm"]))
+        peft_model = trainable(load_model(str(tiny_model_dir)), AdapterConfig(r=R, modules_to_save=["norm"]))
     assert any("vLLM" in str(w.message) for w in caught)
     # peft matches by name suffix: every *norm module gets a trained copy.
     from peft.utils import ModulesToSaveWrapper
 
     copies = [m.modules_to_save["default"] for m in peft_model.modules() if isinstance(m, ModulesToSaveWrapper)]
     assert len(copies) == 2 * peft_model.config.num_hidden_layers + 1
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert trainable == expected_trainable("lora", peft_model.config, 0) + sum(c.weight.numel() for c in copies)
+    trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trained == expected_trainable("lora", peft_model.config, 0) + sum(c.weight.numel() for c in copies)
 
 
 def test_full_fine_tune_of_a_bf16_model_is_mixed_precision(tiny_model_dir, tiny_tokenizer):
@@ -267,7 +267,7 @@ def test_full_fine_tune_of_a_bf16_model_is_mixed_precision(tiny_model_dir, tiny_
 
     rows = make_splits(2, seed=6, validation_size=0, test_size=0)["train"]
     batch = collate([encode(tiny_tokenizer, r["messages"]) for r in rows], tiny_tokenizer.pad_token_id)
-    model = apply_adapter(load_model(str(tiny_model_dir), torch.bfloat16), AdapterConfig(method="full"))
+    model = trainable(load_model(str(tiny_model_dir), torch.bfloat16), AdapterConfig(method="full"))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     seen = []
     model.get_decoder().layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))

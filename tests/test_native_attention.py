@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith.training import attention, native
+from tunesmith.accel.cpu import attention, native
 
 
 def _needs_kernel(head_dim: int) -> None:
@@ -107,7 +107,7 @@ def test_first_choice_inside_a_checkpointed_forward(fresh_native, tmp_path, tiny
     gradient checkpointing's first pass: that work stays out of the checkpointed graph (its
     recomputation would otherwise find a different number of saved tensors)."""
     from test_speed_paths import _examples
-    from tunesmith.adapters.lora import apply_adapter
+    from helpers import trainable
     from tunesmith.config import AdapterConfig
     from tunesmith.data.collate import collate
     from tunesmith.models import load_model
@@ -117,7 +117,7 @@ def test_first_choice_inside_a_checkpointed_forward(fresh_native, tmp_path, tiny
     native.kernel.cache_clear()  # built again below, into this test's cache folder
     monkeypatch.setenv("TUNESMITH_NATIVE", setting)
     _save_kernel_model(tmp_path / "model", tiny_tokenizer)
-    model = apply_adapter(load_model(str(tmp_path / "model"), torch.bfloat16),
+    model = trainable(load_model(str(tmp_path / "model"), torch.bfloat16),
                           AdapterConfig(method="full", gradient_checkpointing=True))
     model.train()
     total, count = label_loss_sum(model, collate(_examples(tiny_tokenizer, 3), tiny_tokenizer.pad_token_id, flat=True))

@@ -37,12 +37,12 @@ def saved_tensor_bytes(model, batch) -> int:
     ("lora", "bfloat16", LINEARS), ("lora", "bfloat16", ("q_proj", "v_proj")), ("lora", "float32", ("down_proj",)),
 ])
 def test_activation_terms_match_the_tensors_autograd_keeps(tiny_model_dir, method, dtype, targets):
-    from tunesmith.adapters.lora import apply_adapter
+    from helpers import trainable
     from tunesmith.config import AdapterConfig
     from tunesmith.models import load_model
 
     model = load_model(str(tiny_model_dir), getattr(torch, dtype))
-    model = apply_adapter(model, AdapterConfig(method=method, target_modules=list(targets)))
+    model = trainable(model, AdapterConfig(method=method, target_modules=list(targets)))
     model.train()
     batch_size, seq = 3, 96
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq), generator=torch.Generator().manual_seed(0))
@@ -51,7 +51,7 @@ def test_activation_terms_match_the_tensors_autograd_keeps(tiny_model_dir, metho
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
     kept = saved_tensor_bytes(model, batch)
 
-    from tunesmith.training.attention import NAME
+    from tunesmith.accel.cpu.attention import NAME
 
     cpu_attention = model.config._attn_implementation == NAME  # training/attention.py: also keeps its causal mask
     setup = Setup(method=method, dtype=dtype, batch=batch_size, seq=seq, targets=targets, label_share=56 / seq,
@@ -62,7 +62,7 @@ def test_activation_terms_match_the_tensors_autograd_keeps(tiny_model_dir, metho
 
 
 def test_parameter_counts_match_the_real_model_and_peft(tiny_model_dir):
-    from tunesmith.adapters.lora import apply_adapter
+    from helpers import trainable
     from tunesmith.config import AdapterConfig
     from tunesmith.models import load_model
 
@@ -70,9 +70,9 @@ def test_parameter_counts_match_the_real_model_and_peft(tiny_model_dir):
     model = load_model(str(tiny_model_dir), torch.float32)
     assert shape.total_params == sum(p.numel() for p in model.parameters())
     assert weight_bytes(shape, Setup(method="full", dtype="float32")) == 4 * shape.total_params
-    lora = apply_adapter(model, AdapterConfig(method="lora", r=4, target_modules=["q_proj", "down_proj"]))
-    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    assert adapter_params(shape, Setup(r=4, targets=("q_proj", "down_proj"))) == trainable
+    lora = trainable(model, AdapterConfig(method="lora", r=4, target_modules=["q_proj", "down_proj"]))
+    trained = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert adapter_params(shape, Setup(r=4, targets=("q_proj", "down_proj"))) == trained
 
 
 def test_breakdown_sums_to_the_total_and_the_printed_plan_agrees(tiny_model_dir):
@@ -95,7 +95,7 @@ def test_attention_scores_are_the_largest_block_training_attention_makes(seq):
     """plan/memory.py counts, for a padding-free row, the largest score matrix of the query blocks
     training/attention.py cuts a sequence into; packed rows hold the whole batch's."""
     from tunesmith.plan.memory import BLOCK_ROWS, attention_scores
-    from tunesmith.training import attention
+    from tunesmith.accel.cpu import attention
 
     assert BLOCK_ROWS == attention.BLOCK_ROWS
     shape = model_shape("llama-3.1-8b")

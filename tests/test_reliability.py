@@ -13,59 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
-
-STEPS = 10
-
-
-def qa_rows(n=48):
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa"]
-    rows = []
-    for i in range(n):
-        q = " ".join(rng.choice(words) for _ in range(rng.randint(2, 9)))
-        rows.append({"prompt": f"Repeat: {q} {i}", "completion": f"{q} {i}"})
-    return rows
-
-
-def write_config(tmp_path: Path, model_dir: Path, run: str, **train) -> Path:
-    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows())
-    config = {
-        "model": {"name": str(model_dir), "dtype": "float32"},
-        "data": {"train": str(data), "max_seq_len": 128},
-        "adapter": {"r": 4, "dropout": 0.1},  # dropout on: the RNG state must be restored too
-        "train": {"max_steps": STEPS, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "log_every": 1,
-                  "checkpoint_every": 1, "keep_checkpoints": 2, "log_sample_ids": True, **train},
-        "eval": {"generate": False},
-        "output": {"dir": str(tmp_path / run)},
-    }
-    path = tmp_path / f"{run}.json"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return path
-
-
-def run_cli(config: Path, *extra, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(config), *extra],
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def records(run: Path, event: str) -> list[dict]:
-    return [r for r in map(json.loads, open(run / "metrics.jsonl")) if r.get("event") == event]
-
-
-def start_and_kill_at(config: Path, run: Path, step: int, sig=signal.SIGKILL):
-    """Start a training process and send `sig` once the metrics show `step`."""
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and any(r["step"] >= step for r in records(run, "train")):
-            break
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    proc.communicate(timeout=120)
-    return proc.returncode
-
+from helpers import STEPS, records, run_cli, start_and_kill_at, write_config
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory):
@@ -151,13 +99,13 @@ def test_truncated_checkpoint_is_skipped_with_a_message(tiny_model_dir, tmp_path
 def test_full_disk_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     import errno
 
-    from tunesmith.adapters import apply_adapter
+    from helpers import trainable
     from tunesmith.config import AdapterConfig
     from tunesmith.errors import UserError
     from tunesmith.models import load_model
     from tunesmith.training import checkpoint as ckpt
 
-    model = apply_adapter(load_model(str(tiny_model_dir)), AdapterConfig(r=4))
+    model = trainable(load_model(str(tiny_model_dir)), AdapterConfig(r=4))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     folder = tmp_path / "checkpoints"

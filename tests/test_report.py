@@ -10,7 +10,7 @@ import yaml
 
 from tunesmith.eval.report import write_report
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 
 def fake_run(folder):

@@ -63,7 +63,7 @@ from tunesmith.data.prepare import prepare  # noqa: E402
 from tunesmith.data.tokenize import FALLBACK_TEMPLATE, TemplateError, use_template  # noqa: E402
 from tunesmith.errors import UserError  # noqa: E402
 
-from conftest import write_jsonl  # noqa: E402
+from helpers import write_jsonl  # noqa: E402
 
 ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
                "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"

@@ -63,7 +63,7 @@ def test_saved_adapter_reloads_with_same_logits(tiny_config, tiny_model_dir):
 
 def test_token_normalised_accumulation_gives_same_gradients(tiny_model_dir, tiny_tokenizer):
     """Batch 8 x accumulation 1 equals batch 1 x accumulation 8 on examples of mixed lengths."""
-    from tunesmith.adapters import apply_adapter
+    from helpers import trainable
     from tunesmith.config import AdapterConfig
     from tunesmith.data.demo import make_splits
 
@@ -74,7 +74,7 @@ def test_token_normalised_accumulation_gives_same_gradients(tiny_model_dir, tiny
 
     def grads(groups):
         torch.manual_seed(0)
-        model = apply_adapter(load_model(str(tiny_model_dir)), AdapterConfig(r=4))
+        model = trainable(load_model(str(tiny_model_dir)), AdapterConfig(r=4))
         batches = [collate(g, pad) for g in groups]
         labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         for batch in batches:

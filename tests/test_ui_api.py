@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from tunesmith.errors import UserError
 from tunesmith.ui import make_server
 from tunesmith.ui.folders import inside, status

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from test_ui_api import running_dashboard
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

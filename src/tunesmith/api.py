@@ -1,26 +1,28 @@
 """The main flow as plain functions: train (data -> model -> fit -> save -> evaluate) and evaluate."""
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-from . import runs
-from .adapters.lora import apply_adapter, count_parameters, model_bytes, save_trained
+from . import accel, methods, runlock
 from .config import Config, dump, load_config
+from .data.collate import PADDED, PADDING_FREE, layout
+from .data.prepare import prepare, write_demo_files
+from .device import compute_dtype, describe, resolve
 from .errors import UserError
-from .data.prepare import Split, prepare, write_demo_files
-from .eval.generate import generate_answers
-from .eval.metrics import example_scores, load_scorer, mean_scores
-from .models import compute_dtype, load_base, load_model, load_tokenizer
+from .eval.loss import eval_loss
+from .eval.scoring import score_generation
+from .methods.common import count_parameters, model_bytes, save_trained
+from .models import load_tokenizer
 from .plan import TrainingMemory
-from .training.loop import eval_loss, fit
+from .runs import RunFolder, write_json
 from .training import distributed
-from .training.early_stop import EarlyStopping
-from .training.progress import open_loggers
+from .training.loggers import open_loggers
+from .training.loop import fit
 
 
 def say(text: str) -> None:
@@ -33,7 +35,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
     A run folder holding checkpoints of an unfinished run is resumed (train.resume, default on).
     Under torchrun every rank calls this; rank 0 alone writes the run folder and scores generations."""
     cfg = _as_config(config, overrides)
-    ranks = distributed.setup()
+    ranks = distributed.setup(cfg.train.device)
     try:
         return _train(cfg, must_resume, ranks)
     finally:
@@ -42,100 +44,145 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
 
 def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     check_data_paths(cfg)
-    run_dir = Path(cfg.output.dir)
-    runs.check_run_dir(run_dir, cfg.output.overwrite, must_resume)
+    run = RunFolder(cfg.output.dir)
+    run.check_usable(cfg.output.overwrite, must_resume)
+    device = resolve(cfg.train.device, ranks.local_rank)
+    method = methods.get(cfg.adapter.method)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     data = prepare(cfg.data, tokenizer)
     # Only now, with config and data known good, is the run folder touched: a mistake loses nothing.
-    if ranks.main:
-        runs.prepare_run_dir(run_dir, cfg.output.overwrite, must_resume)
-        (run_dir / "config.yaml").write_text(dump(cfg), encoding="utf-8")
-        if cfg.data.train == "demo":
-            write_demo_files({name: split.conversations for name, split in data.splits.items()}, run_dir)
-    ranks.barrier()
-    log = open_loggers(run_dir, cfg.eval.loggers, cfg.model_dump(mode="json")) if ranks.main else distributed.SilentLog()
+    with runlock.hold(run.path) if ranks.main else contextlib.nullcontext():
+        if ranks.main:
+            run.prepare(cfg.output.overwrite, must_resume)
+            run.config.write_text(dump(cfg), encoding="utf-8")
+            if cfg.data.train == "demo":
+                write_demo_files({name: split.conversations for name, split in data.splits.items()}, run.path)
+        ranks.barrier()
+        log = open_loggers(run.path, cfg.eval.loggers, cfg.model_dump(mode="json")) if ranks.main else distributed.SilentLog()
+        try:
+            return _train_model(cfg, run, data, tokenizer, method, device, ranks, log)
+        finally:
+            log.close()
+
+
+def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, ranks, log) -> dict:
     summary = data.summary()
     say(f"data: {summary['examples']} examples, {summary['tokens']['train']} train tokens "
         f"({summary['label_tokens']['train']} with a loss); dropped: {summary['dropped'] or 'none'}")
     for problem in data.problems[:5]:
         say(f"  skipped {problem}")
+    dtype = compute_dtype(cfg.model.dtype, device)
+    say(describe(device, dtype))
+    memory = TrainingMemory(device)
+    model = method.load_base(cfg.model.name, dtype, device, cfg.model.trust_remote_code)
+    torch.manual_seed(cfg.train.seed)
+    # The method's trainable parts start as the identity (LoRA's B = 0), so the model scores as
+    # the base until it trains: the base is evaluated through the same fast paths as training.
+    model = method.make_trainable(model, cfg.adapter)
+    applied = accel.apply(model, device, cfg.train.fast_paths)
+    say(accel.describe(applied, cfg.train.fast_paths, device))
+    eval_layout = PADDING_FREE if accel.padding_free(model) else PADDED
+    train_layout = layout(cfg.data.packing, eval_layout == PADDING_FREE)
+    train_split = data.splits["train"]
+    if cfg.data.packing:
+        from .data.packing import pack_split
 
-    dtype = compute_dtype(cfg.model.dtype)
-    predicted_peak = plan_at_start(cfg, summary)
-    memory = TrainingMemory()
-    model = load_base(cfg.model.name, dtype, cfg.adapter.method == "qlora", cfg.model.trust_remote_code)
+        train_split = pack_split(train_split, cfg.data.max_seq_len)
+    predicted_peak = plan_at_start(cfg, train_split, train_layout, device)
+    trainable, total = count_parameters(model)
+    results: dict = {"config": cfg.model_dump(mode="json"), "data": summary, "dtype": str(dtype).replace("torch.", ""),
+                     "device": str(device), "fast_paths": applied, "batch_layout": train_layout,
+                     "model_bytes": model_bytes(model)}
+    say(f"model: {cfg.model.name} ({dtype}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
+        f"({100 * trainable / total:.2f}%), {results['model_bytes'] / 2**20:.0f} MiB as loaded; method {method.name}")
     pad_id = tokenizer.pad_token_id
-    test = data.splits.get("test")
-    validation = data.splits.get("validation")
-    results: dict = {"config": cfg.model_dump(mode="json"), "data": summary, "dtype": str(dtype).replace("torch.", "")}
+    test, validation = data.splits.get("test"), data.splits.get("validation")
+
+    def evaluate(loss_module=None, label: str = "eval loss") -> float:
+        return eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks, loss_module, eval_layout, label)
 
     base: dict = {}
     if validation:
-        base["eval_loss"] = eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks)
+        base["eval_loss"] = evaluate(label="eval loss (base)")
     if test and cfg.eval.generate and cfg.eval.compare_base and ranks.main:
-        base.update(score_generation(model, tokenizer, test, cfg, run_dir / "predictions_base.jsonl", "base"))
+        base.update(score_generation(model, tokenizer, test.conversations, cfg.eval, run.predictions("base"), "base"))
 
-    torch.manual_seed(cfg.train.seed)
-    model = apply_adapter(model, cfg.adapter)
-    trainable, total = count_parameters(model)
-    results["model_bytes"] = model_bytes(model)
-    say(f"model: {cfg.model.name} ({dtype}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
-        f"({100 * trainable / total:.2f}%), {results['model_bytes'] / 2**20:.0f} MiB as loaded; method {cfg.adapter.method}")
-    stopper = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta)
+    utilisation = _utilisation(cfg, train_split, device)
+    log.write(event="run", step=0, device=str(device), dtype=results["dtype"], fast_paths=applied,
+              batch_layout=train_layout, planned_peak=predicted_peak)
     memory.start()
-    result = fit(model, data.splits["train"], validation, cfg, pad_id, log, run_dir,
-                 on_eval=stopper if cfg.eval.patience and validation else None, ranks=ranks)
-    results["peak_memory"] = {"predicted": predicted_peak, "measured": memory.peak()}
+    result = fit(model, train_split, validation, cfg, pad_id, log, run.path, ranks, train_layout,
+                 evaluate if validation else None, utilisation)
+    results["peak_memory"] = {"predicted": predicted_peak, "measured": memory.peak(), **memory.details()}
     say(f"peak training memory: measured {results['peak_memory']['measured'] / 2**30:.2f} GiB"
         + (f", planned {predicted_peak / 2**30:.2f} GiB" if predicted_peak else ""))
-    if stopper.stopped_at:
-        log.write(event="early_stop", step=stopper.stopped_at, best_step=stopper.best_step, best_eval_loss=stopper.best)
-        say(f"early stop at step {stopper.stopped_at}: no eval-loss improvement over {cfg.eval.min_delta} in "
-            f"{cfg.eval.patience} evaluations (best {stopper.best:.4f} at step {stopper.best_step})")
-    if result.full_state is not None:  # FSDP2: the gathered weights, in an unsharded copy, for saving and scoring
-        model = load_base(cfg.model.name, dtype, False, cfg.model.trust_remote_code)
-        model.load_state_dict(result.full_state)
-    if ranks.main:
-        save_trained(model, tokenizer, run_dir / (runs.ADAPTER_DIR if cfg.adapter.method != "full" else runs.MODEL_DIR))
-
     tuned: dict = {}
-    if validation:
+    if validation:  # ranks evaluate together (fit has scored sharded FSDP2 weights already)
         tuned["eval_loss"] = (result.final_eval if result.final_eval is not None
-                              else eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks))
-        log.write(event="eval", step=result.steps, eval_loss=tuned["eval_loss"],
-                  perplexity=math.exp(min(tuned["eval_loss"], 50)))
+                              else evaluate(label="eval loss (fine-tuned)"))
+    if ranks.fsdp:
+        model = _unsharded(result.gathered_state, cfg, method, device) if ranks.main else None
+    if ranks.main:
+        save_trained(model, tokenizer, run.path / method.saves)
     if not ranks.main:
         ranks.barrier()  # rank 0 scores, writes results and the report
-        return {"base": base, "fine_tuned": tuned, "run_dir": str(run_dir), "rank": ranks.rank}
+        return {"base": base, "fine_tuned": tuned, "run_dir": str(run.path), "rank": ranks.rank}
+    if "eval_loss" in tuned:
+        log.write(event="eval", step=result.steps, eval_loss=tuned["eval_loss"],
+                  perplexity=math.exp(min(tuned["eval_loss"], 50)))
     if test and cfg.eval.generate:
-        tuned.update(score_generation(model, tokenizer, test, cfg, run_dir / "predictions.jsonl", "fine-tuned"))
-    log.close()
+        tuned.update(score_generation(model, tokenizer, test.conversations, cfg.eval, run.predictions(), "fine-tuned"))
+    stopper = result.early_stopping
     results.update({
         "trainable_parameters": trainable, "total_parameters": total,
-        "steps": result.steps, "resumed_from": result.resumed_from, "train_tokens": result.train_tokens, "train_seconds": round(result.seconds, 1),
-        "tokens_per_second": round(result.tokens_per_second, 1), "first_loss": result.losses[0] if result.losses else None,
+        "steps": result.steps, "resumed_from": result.resumed_from, "train_tokens": result.train_tokens,
+        "train_seconds": round(result.seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
+        "mfu": round(utilisation(result.tokens_per_second), 4) if utilisation else None,
+        "first_loss": result.losses[0] if result.losses else None,
         "final_loss": result.losses[-1] if result.losses else None, "skipped_steps": result.skipped_steps,
-        "base": base, "fine_tuned": tuned, "run_dir": str(run_dir),
-        "early_stopped_at": stopper.stopped_at, "best_step": result.best_step, "restored_best": result.restored_best,
+        "base": base, "fine_tuned": tuned, "run_dir": str(run.path),
+        "early_stopped_at": stopper.stopped_at if stopper else None, "best_step": result.best_step,
+        "restored_best": result.restored_best,
     })
-    runs.write_json(run_dir / "results.json", results)
+    write_json(run.results, results)
     if cfg.eval.report:
         from .eval.report import write_report
 
-        say(f"report: {write_report(run_dir)[0]}")
+        say(f"report: {write_report(run.path)[0]}")
     ranks.barrier()
     say(comparison_table(base, tuned))
     return results
 
 
-def plan_at_start(cfg: Config, summary: dict) -> float | None:
-    """Say what `tunesmith plan` expects this run to need; an estimate that fails never stops a run."""
-    from .plan import training_estimate
+def _unsharded(state: dict, cfg: Config, method, device):
+    """Rank 0's model for saving and scoring after FSDP2: the base again, made trainable as in
+    training, with the gathered trained weights."""
+    from .training.checkpoint import load_trainable_state
 
-    # No glibc mmap-threshold change here: handing every freed activation back to the system made
-    # each step page-fault its buffers in again and halved training speed (360 -> 196 tokens/s).
+    model = method.load_base(cfg.model.name, compute_dtype(cfg.model.dtype, device), device,
+                             cfg.model.trust_remote_code)
+    model = method.make_trainable(model, cfg.adapter)
+    load_trainable_state(model, state)
+    return model
+
+
+def _utilisation(cfg: Config, train_split, device):
+    """tokens/s -> MFU for this run, or None where it cannot be worked out (an unknown shape or device)."""
+    from .plan import utilisation_of
+
     try:
-        predicted, line = training_estimate(cfg, summary)
+        return utilisation_of(cfg, train_split, device)
+    except Exception:  # noqa: BLE001 (a figure for the records; never a reason to stop a run)
+        return None
+
+
+def plan_at_start(cfg: Config, train_split, train_layout: str, device) -> float | None:
+    """Say what `tunesmith plan` expects this run to need, for its real micro-batches; an estimate
+    that fails never stops a run."""
+    from .plan import run_estimate
+
+    try:
+        predicted, line = run_estimate(cfg, train_split, train_layout, device)
     except Exception as err:  # noqa: BLE001
         say(f"plan: no estimate ({type(err).__name__}: {err})")
         return None
@@ -155,47 +202,19 @@ def check_data_paths(cfg: Config) -> None:
         check_source(path, "data.mix")
 
 
-def score_generation(model, tokenizer, split: Split, cfg: Config, out: Path | None = None, label: str = "model") -> dict:
-    """Generate answers for the split's prompts and score them against its reference answers."""
-    conversations = split.conversations[: cfg.eval.test_limit] if cfg.eval.test_limit else split.conversations
-    references = [c[-1]["content"] for c in conversations]
-    answers, speed = generate_answers(model, tokenizer, conversations, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                      label=f"generate ({label})", temperature=cfg.eval.temperature, seed=cfg.eval.seed)
-    scores = score(answers, references, cfg.eval.scorer)
-    scores["test_examples"] = len(references)
-    scores["generated_tokens_per_second"] = round(speed["tokens_per_second"], 1)
-    if out is not None:
-        with open(out, "w", encoding="utf-8") as handle:
-            for conversation, answer in zip(conversations, answers):
-                handle.write(json.dumps({"prompt": conversation[-2]["content"], "reference": conversation[-1]["content"],
-                                         "answer": answer}) + "\n")
-    return scores
-
-
-def score(answers: list[str], references: list[str], scorer: str | None = None) -> dict:
-    """JSON references get field-level scores; free text gets exact match, normalised exact match,
-    token F1 and ROUGE-L; `scorer` ('module:function') adds the user's own metric."""
-    rows = example_scores(answers, references, load_scorer(scorer) if scorer else None, _scorer_name(scorer))
-    return mean_scores(rows)
-
-
-def _scorer_name(spec: str | None) -> str:
-    return spec.rpartition(":")[2] if spec else "custom"
-
-
 def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
-             scorer: str | None = None, temperature: float = 0.0, seed: int = 0) -> dict:
+             scorer: str | None = None, temperature: float = 0.0, seed: int = 0, device: str = "auto") -> dict:
     """Eval loss and generation scores of a model or run on a data file."""
     from .config import DataConfig, EvalConfig
     from .runs import load_trained
 
-    model, tokenizer, _ = load_trained(model_or_run)
+    model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
     prepared = prepare(DataConfig(train=data, validation=data), tokenizer)
     split = prepared.splits["validation"]
-    cfg = Config(eval=EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, test_limit=limit, scorer=scorer,
-                                 temperature=temperature, seed=seed))
+    eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, test_limit=limit, scorer=scorer,
+                          temperature=temperature, seed=seed)
     results = {"eval_loss": eval_loss(model, split, batch_size, tokenizer.pad_token_id)}
-    results.update(score_generation(model, tokenizer, split, cfg, label="eval"))
+    results.update(score_generation(model, tokenizer, split.conversations, eval_cfg, label="eval"))
     return results
 
 
@@ -206,16 +225,18 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
 
     Written to `out` (default: B's run folder, whose report then shows the comparison)."""
     from .eval.compare import compare_models, format_table, write_comparison
+    from .eval.metrics import load_scorer
+    from .eval.scoring import scorer_name
 
     if not Path(data).exists():
         raise UserError(f"{data}: data file not found")
     result = compare_models(a, b, data, kshot, kshot_data, max_new_tokens, batch_size, limit, temperature, seed,
-                            load_scorer(scorer) if scorer else None, _scorer_name(scorer),
+                            load_scorer(scorer) if scorer else None, scorer_name(scorer),
                             names=_names(a, b))
-    folder = Path(out) if out else (Path(b) if runs.is_run(b) else None)
+    folder = Path(out) if out else (Path(b) if RunFolder(b).is_run() else None)
     if folder is not None:
         say(f"comparison: {write_comparison(result, folder)}")
-        if runs.is_run(folder):
+        if RunFolder(folder).is_run():
             from .eval.report import write_report
 
             say(f"report: {write_report(folder)[0]}")

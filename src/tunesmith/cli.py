@@ -7,6 +7,7 @@ import sys
 from importlib import resources
 
 from .errors import Interrupted, UserError
+from .methods import NAMES as METHOD_NAMES
 
 
 def cmd_train(args) -> int:
@@ -42,7 +43,7 @@ def cmd_eval(args) -> int:
     from .api import evaluate
 
     results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit, args.scorer,
-                       args.temperature, args.seed)
+                       args.temperature, args.seed, args.device)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda or cuda:N")
     _add_scoring_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="e.g. adapter.method=qlora train.batch_size=4")
     p.add_argument("--model", default=None, help="hub id, local folder, 'default', or a shipped shape (llama-3.1-8b, "
                                                  "llama-3.1-70b, llama-2-7b, llama-2-70b, llama-65b)")
-    p.add_argument("--method", choices=["full", "lora", "dora", "qlora"], default=None)
+    p.add_argument("--method", choices=list(METHOD_NAMES), default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
     p.add_argument("--seq", type=int, default=None, help="longest sequence (tokens)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size")

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError, closest
+from .methods import METHODS, NAMES as METHOD_NAMES
 
 
 class _Section(BaseModel):
@@ -49,9 +50,8 @@ class DataConfig(_Section):
 
 
 class AdapterConfig(_Section):
-    method: Literal["lora", "dora", "qlora", "full"] = Field(
-        "lora", description="'lora' trains low-rank adapters (PEFT); 'dora' weight-decomposed LoRA; 'qlora' LoRA on a "
-                            "4-bit NF4 base (bitsandbytes, double quantisation); 'full' trains every weight.")
+    method: Literal[METHOD_NAMES] = Field(  # type: ignore[valid-type]
+        "lora", description="; ".join(f"'{m.name}': {m.description}" for m in METHODS.values()) + ".")
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -68,7 +68,7 @@ class AdapterConfig(_Section):
 class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed); ignored when max_steps is set.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides `epochs`.")
-    batch_size: int = Field(8, ge=1, description="Examples per micro-batch. On the CPU micro-batches carry no padding: up to batch_size x max_seq_len tokens each, so a step of short examples takes fewer, taller forwards.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch, global: under torchrun each of N processes takes every N-th of them, so a step trains on batch_size x grad_accum examples whatever N is. With the fast paths micro-batches carry no padding: up to batch_size x max_seq_len tokens each, so a step of short examples takes fewer, taller forwards.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -82,8 +82,11 @@ class TrainConfig(_Section):
     resume: bool = Field(True, description="Continue from the newest complete checkpoint in the run folder when there is one.")
     max_bad_steps: int = Field(5, ge=1, description="Stop after this many optimizer steps in a row with a non-finite loss or gradient.")
     auto_micro_batch: bool = Field(False, description="On out-of-memory, halve the micro-batch and double grad_accum (same samples per step).")
-    fsdp: bool = Field(False, description="Under torchrun (or --nproc N): shard weights, gradients and optimizer state with FSDP2 (full fine-tuning of models too large for one device); off = DDP replicas.")
+    fsdp: bool = Field(False, description="Under torchrun (or --nproc N): shard the weights with FSDP2 (a full fine-tune's weights, gradients and optimizer state, or an adapter run's frozen base: models too large for one device); off = DDP replicas.")
+    fsdp_offload: bool = Field(False, description="With fsdp: keep the sharded weights (and optimizer state) in CPU memory between uses (FSDP2 CPUOffloadPolicy): less GPU memory, slower steps.")
     log_sample_ids: bool = Field(False, description="Record the example indices of every step in metrics.jsonl (to audit the data order).")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where the run computes: 'auto' (cuda:LOCAL_RANK where CUDA is available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    fast_paths: Literal["auto", "off"] = Field("auto", description="'auto': the device's fast paths (tunesmith/accel: padding-free attention, compiled norms/MLP/rotary, fused LoRA layers) where they know the architecture; 'off': plain transformers + peft.")
 
 
 class EvalConfig(_Section):
@@ -239,20 +242,23 @@ def _line_of(text: str, loc: list[str]) -> int | None:
     return line
 
 
-# Keys that do not change the trained weights: a resumed run may differ in these.
-RESULT_NEUTRAL = {"output", "eval", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.resume", "train.log_sample_ids", "train.auto_micro_batch"}
+# Keys that do not change the trained weights: a resumed run may differ in these. Of the `eval`
+# section only the keys that decide when training stops and which weights it returns count.
+RESULT_NEUTRAL = {"output", "train.log_every", "train.device", "train.fast_paths", "train.fsdp_offload",
+                  "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.log_sample_ids",
+                  "train.auto_micro_batch"}
+EVAL_RESULT_KEYS = {"eval.every_steps", "eval.patience", "eval.min_delta", "eval.restore_best"}
 
 
 def result_keys(config: Config) -> dict[str, Any]:
     """Flat 'section.key' -> value of every setting that changes what training produces."""
     flat = {}
     for section, values in config.model_dump(mode="json").items():
-        if section in RESULT_NEUTRAL:
-            continue
         for key, value in values.items():
-            if f"{section}.{key}" not in RESULT_NEUTRAL:
-                flat[f"{section}.{key}"] = value
+            name = f"{section}.{key}"
+            neutral = section in RESULT_NEUTRAL or name in RESULT_NEUTRAL
+            if not neutral and (section != "eval" or name in EVAL_RESULT_KEYS):
+                flat[name] = value
     return flat
 
 

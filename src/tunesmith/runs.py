@@ -1,88 +1,231 @@
-"""Run folders: what a training run writes, and loading a trained model back from one."""
+"""RunFolder: the one owner of a run folder's layout, its status, and loading a trained model back.
+
+A run folder holds what `tunesmith train` writes:
+
+    config.yaml            the validated config the run trained with
+    metrics.jsonl          one JSON record per line (train, eval, events)
+    checkpoints/step-N/    resumable states (step-N.partial while being written)
+    best.safetensors       trainable weights of the lowest eval loss so far
+    adapter/ or model/     the trained weights with tokenizer (Method.saves)
+    data/                  the demo task's data files
+    predictions*.jsonl     generated answers on the test split (fine-tuned, base, baselines)
+    results.json           the run's results, written last (a finished run)
+    comparison.json(l)     `tunesmith compare` output
+    report.html/.json      the report
+    train.log, .lock       the dashboard's log of a run it started; the trainer's lock
+"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-import yaml
-
 from .errors import UserError
+from .methods import ADAPTER_DIR, MODEL_DIR
 
-ADAPTER_DIR = "adapter"  # PEFT adapter + tokenizer (LoRA runs)
-MODEL_DIR = "model"  # full transformers folder + tokenizer (full fine-tunes)
-
-
-def check_run_dir(folder: Path, overwrite: bool, must_resume: bool = False) -> None:
-    """Refuse an unusable run folder before anything is loaded or written."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder}: output.dir exists and is not a folder")
-    has_checkpoint = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
-    if must_resume and not has_checkpoint:
-        raise UserError(f"{folder}: --resume given, but there is no checkpoint to resume from")
-    if not overwrite and not must_resume and (folder / "results.json").exists():
-        raise UserError(f"{folder}: holds a finished run; choose another output.dir or set output.overwrite=true")
+CHECKPOINT_PREFIX = "step-"
+PARTIAL = ".partial"
 
 
-def prepare_run_dir(folder: Path, overwrite: bool, must_resume: bool = False) -> None:
-    """A fresh or resumable run folder. Overwrite starts over; an unfinished run is resumed by the loop."""
-    check_run_dir(folder, overwrite, must_resume)
-    if overwrite and not must_resume:
-        for name in ("checkpoints", "metrics.jsonl", "results.json"):
-            target = folder / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # Layout
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    best_weights = property(lambda self: self.path / "best.safetensors")
+    data = property(lambda self: self.path / "data")
+    results = property(lambda self: self.path / "results.json")
+    comparison = property(lambda self: self.path / "comparison.json")
+    comparison_rows = property(lambda self: self.path / "comparison.jsonl")
+    log = property(lambda self: self.path / "train.log")
+
+    def predictions(self, which: str = "fine_tuned") -> Path:
+        """predictions.jsonl (the fine-tuned model's), predictions_base.jsonl, predictions_<baseline>.jsonl."""
+        return self.path / ("predictions.jsonl" if which == "fine_tuned" else f"predictions_{which}.jsonl")
+
+    def trained(self) -> Path:
+        """The folder of the trained weights (adapter/ or model/)."""
+        for name in (ADAPTER_DIR, MODEL_DIR):
+            if (self.path / name).is_dir():
+                return self.path / name
+        raise UserError(f"{self.path}: no trained model in this run folder (expected '{ADAPTER_DIR}/' or '{MODEL_DIR}/')")
+
+    # Reading
+    def is_run(self) -> bool:
+        return self.config.is_file()
+
+    def require(self) -> "RunFolder":
+        if not self.is_run():
+            raise UserError(f"{self.path}: not a run folder (no config.yaml)")
+        return self
+
+    def read_config(self):
+        """The run's Config (validated as when it trained)."""
+        from .config import load_config
+
+        return load_config(self.config)
+
+    def read_results(self) -> dict | None:
+        return read_json(self.results)
+
+    def records(self, event: str | None = None) -> list[dict]:
+        """metrics.jsonl's records (of one event kind)."""
+        return [r for r in read_jsonl(self.metrics) if event is None or r.get("event") == event]
+
+    def checkpoint_folders(self, complete: bool = True) -> list[Path]:
+        return checkpoint_folders(self.checkpoints, complete)
+
+    def status(self) -> str:
+        """finished / running / stopped (resumable) / failed / pending, from the folder alone."""
+        from . import runlock
+
+        if runlock.holder(self.path):  # also while it writes its report after results.json
+            return "running"
+        if self.results.is_file():
+            return "finished"
+        if self.checkpoint_folders():
+            return "stopped"
+        if self.log.is_file() or self.metrics.is_file():
+            return "failed"
+        return "pending"
+
+    # Writing
+    def check_usable(self, overwrite: bool, must_resume: bool = False) -> None:
+        """Refuse an unusable run folder before anything is loaded or written."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path}: output.dir exists and is not a folder")
+        if must_resume and not self.checkpoint_folders():
+            raise UserError(f"{self.path}: --resume given, but there is no checkpoint to resume from")
+        if not overwrite and not must_resume and self.results.exists():
+            raise UserError(f"{self.path}: holds a finished run; choose another output.dir or set output.overwrite=true")
+
+    def prepare(self, overwrite: bool, must_resume: bool = False) -> None:
+        """A fresh or resumable run folder. Overwrite starts over; an unfinished run is resumed by the loop."""
+        self.check_usable(overwrite, must_resume)
+        if overwrite and not must_resume:
+            for target in (self.checkpoints, self.metrics, self.results, self.best_weights):
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+
+def checkpoint_folders(folder: Path, complete: bool = True) -> list[Path]:
+    """Complete checkpoints (or the partial ones left by a crash) in `folder`, oldest first by step."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name.endswith(PARTIAL) != complete]
+    return sorted(found, key=lambda p: checkpoint_step(p.name))
+
+
+def checkpoint_step(name: str) -> int:
+    """The step of a checkpoint folder name ('step-00000012' or 'step-00000012.partial')."""
+    digits = name.removeprefix(CHECKPOINT_PREFIX).removesuffix(PARTIAL)
+    return int(digits) if digits.isdigit() else -1
+
+
+def read_json(path: Path):
+    """A JSON file's value, or None when it is missing or not (yet) valid JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    """The JSON objects of a JSONL file; a line still being written (or cut by a crash) is left out."""
+    rows: list[dict] = []
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for line in lines:
+                if limit is not None and len(rows) >= limit:
+                    break
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    rows.append(record)
+    except OSError:
+        pass
+    return rows
 
 
 def write_json(path: Path, value) -> None:
-    """Written to a temporary name, then renamed: a reader never sees half a file."""
+    """Written to a temporary name, flushed to disk, then renamed: a reader never sees half a file,
+    and a crash right after leaves the old or the new file, never an empty one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str), encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(value, indent=2, default=str))
+        handle.flush()
+        os.fsync(handle.fileno())
     tmp.replace(path)
+    fsync_folder(path.parent)
 
 
-def trained_folder(run: Path) -> Path:
-    for name in (ADAPTER_DIR, MODEL_DIR):
-        if (run / name).is_dir():
-            return run / name
-    raise UserError(f"{run}: no trained model in this run folder (expected '{ADAPTER_DIR}/' or '{MODEL_DIR}/')")
+def fsync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable (POSIX: the directory entry is data of the folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def is_run(path: str | Path) -> bool:
-    return (Path(path) / "config.yaml").exists()
+    return RunFolder(path).is_run()
 
 
-def load_trained(spec: str, dtype=None):
-    """(model, tokenizer, base model name) for a run folder, an adapter folder or a plain model."""
+def trained_folder(run: str | Path) -> Path:
+    return RunFolder(run).trained()
+
+
+def load_trained(spec: str, dtype=None, device=None):
+    """(model, tokenizer, base model name) for a run folder, an adapter folder or a plain model,
+    on `device` (default: train.device's auto)."""
     import torch
 
-    from .models import compute_dtype, load_base, load_model, load_tokenizer
+    from . import methods
+    from .device import compute_dtype, resolve
+    from .models import load_model, load_tokenizer
 
+    device = resolve("auto") if device is None else torch.device(device)
     path = Path(spec)
-    base_name, trained, quantized = spec, None, False
+    method, trained, base_name = None, None, spec
     if is_run(path):
-        config = yaml.safe_load((path / "config.yaml").read_text())
-        base_name = config["model"]["name"]
-        # A QLoRA adapter was trained on the 4-bit base: reload it on that same base.
-        quantized = config.get("adapter", {}).get("method") == "qlora"
-        trained = trained_folder(path)
-        dtype = dtype or compute_dtype(config["model"].get("dtype", "auto"))
+        run = RunFolder(path)
+        config = run.read_config()
+        base_name, method, trained = config.model.name, methods.get(config.adapter.method), run.trained()
+        dtype = dtype or compute_dtype(config.model.dtype, device)
     elif (path / "adapter_config.json").exists():
         trained = path
         base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    dtype = dtype or compute_dtype("auto")
+        method = methods.get("lora")
+    dtype = dtype or compute_dtype("auto", device)
     if trained is None:
-        return load_model(spec, dtype), load_tokenizer(spec), spec
+        return load_model(spec, dtype, device=device), load_tokenizer(spec), spec
     tokenizer = load_tokenizer(str(trained))
     if (trained / "adapter_config.json").exists():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(load_base(base_name, dtype, quantized), trained)
+        # A QLoRA adapter was trained on the 4-bit base: it is reloaded on that same base.
+        model = PeftModel.from_pretrained(method.load_base(base_name, dtype, device), trained)
     else:
-        model = load_model(str(trained), dtype)
+        model = load_model(str(trained), dtype, device=device)
     model.eval()
     torch.set_grad_enabled(True)
     return model, tokenizer, base_name

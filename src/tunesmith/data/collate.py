@@ -1,9 +1,13 @@
-"""Batches: random steps cut into micro-batches of similar lengths (little padding), padded on the right;
-or, where the attention keeps sequences apart (training/attention.py on the CPU), padding-free:
-the examples of a micro-batch end to end in one row (flat_batch).
+"""Batches in one of three layouts, decided once per run (`layout`):
 
-A batch of packed rows (see packing.py) also gets restarted position ids and a 4D
-block-diagonal causal mask (True = may attend), so packed examples stay isolated.
+- padded: micro-batches of similar lengths (little padding), padded on the right;
+- padding-free: the examples of a micro-batch end to end in one row (flat_batch), where the
+  attention keeps sequences apart (a fast path of accel/ is installed);
+- packed: rows of several examples (packing.py) with restarted position ids and a 4D
+  block-diagonal causal mask (True = may attend), so packed examples stay isolated.
+
+Every batch also carries, computed on the host, where its labels are (`label_positions`,
+`label_targets`, `label_count`): the loss then needs no host synchronisation to find them.
 """
 from __future__ import annotations
 
@@ -12,6 +16,16 @@ import random
 import torch
 
 from .tokenize import IGNORE, Encoded
+
+PADDED, PADDING_FREE, PACKED = "padded", "padding-free", "packed"
+
+
+def layout(packing: bool, padding_free_attention: bool) -> str:
+    """The batch layout of a run: packed rows when asked for, else padding-free where the model's
+    attention keeps the sequences of a row apart, else padded."""
+    if packing:
+        return PACKED
+    return PADDING_FREE if padding_free_attention else PADDED
 
 
 # What one extra forward + backward costs, in padded tokens: measured on the default model on a
@@ -86,8 +100,25 @@ def budget_cut(indices: list[int], lengths: list[int], budget: int) -> list[list
 
 
 def collate(examples: list[Encoded], pad_id: int, flat: bool = False) -> dict[str, torch.Tensor]:
-    if flat:
-        return flat_batch(examples)
+    batch = flat_batch(examples) if flat else padded_batch(examples, pad_id)
+    batch.update(label_index(batch["labels"]))
+    return batch
+
+
+def micro_batch(examples: list[Encoded], layout_name: str, pad_id: int) -> dict:
+    """A batch of `examples` in the run's layout (packed rows are collated padded, with their masks)."""
+    return collate(examples, pad_id, flat=layout_name == PADDING_FREE)
+
+
+def label_index(labels: torch.Tensor) -> dict:
+    """Positions (in the [batch, length - 1] grid of next-token predictions, flattened) that carry
+    a label, their targets and their count: host values, so the loss never asks the device."""
+    targets = labels[:, 1:].reshape(-1)
+    positions = (targets != IGNORE).nonzero().squeeze(1)
+    return {"label_positions": positions, "label_targets": targets[positions], "label_count": int(positions.numel())}
+
+
+def padded_batch(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(e.input_ids) for e in examples)
     # Padded as Python lists, then one tensor each: no small tensor per row.
     ids = torch.tensor([list(e.input_ids) + [pad_id] * (width - len(e.input_ids)) for e in examples], dtype=torch.long)
@@ -103,7 +134,7 @@ def collate(examples: list[Encoded], pad_id: int, flat: bool = False) -> dict[st
 def flat_batch(examples: list[Encoded]) -> dict[str, torch.Tensor]:
     """The examples end to end in one row, no padding: position ids restart at each example and
     cu_seq_lens (cumulative lengths, transformers' padding-free convention) tells attention where
-    each ends (training/attention.py SegmentedAttention keeps them apart). The first label of
+    each ends (the fast paths' attention keeps them apart). The first label of
     each example is dropped: in a row it would be predicted from the previous example's last
     token, and in a padded batch it is never predicted at all."""
     ids, labels, positions, ends = [], [], [], [0]
@@ -116,7 +147,8 @@ def flat_batch(examples: list[Encoded]) -> dict[str, torch.Tensor]:
         ends.append(ends[-1] + len(example.input_ids))
     return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
-            "cu_seq_lens": torch.tensor(ends, dtype=torch.int32)}
+            "cu_seq_lens": torch.tensor(ends, dtype=torch.int32),
+            "max_length": max(b - a for a, b in zip(ends[:-1], ends[1:]))}
 
 
 def packed_positions_and_mask(examples: list[Encoded], width: int) -> tuple[torch.Tensor, torch.Tensor]:

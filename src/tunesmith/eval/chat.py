@@ -16,7 +16,7 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 2
     """Generate the next assistant turn for the messages, printing it as it comes; returns its text."""
     from transformers import TextStreamer
 
-    ids = torch.tensor([prompt_ids(tokenizer, messages)])
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=next(model.parameters()).device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if out is not None:  # TextStreamer prints to stdout; send its text where asked
         streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n",

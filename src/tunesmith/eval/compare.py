@@ -19,6 +19,7 @@ from ..data.collate import collate
 from ..data.prepare import load_conversations
 from ..data.tokenize import IGNORE, encode, prompt_ids
 from ..errors import UserError
+from ..device import to_device
 from ..training.loss import label_loss_sum
 from .generate import generate_answers
 from .metrics import Scorer, example_scores, mean_scores
@@ -109,7 +110,8 @@ def answer_losses(model, tokenizer, conversations: list[list[dict]]) -> tuple[li
         encoded = encode(tokenizer, messages)
         prompt_length = len(prompt_ids(tokenizer, messages))
         encoded.labels[:prompt_length] = [IGNORE] * min(prompt_length, len(encoded.labels))
-        total, count = label_loss_sum(model, collate([encoded], tokenizer.pad_token_id))
+        batch = to_device(collate([encoded], tokenizer.pad_token_id), next(model.parameters()).device)
+        total, count = label_loss_sum(model, batch)
         losses.append(float(total) / max(1, count))
         counts.append(count)
     return losses, counts

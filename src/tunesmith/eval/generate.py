@@ -7,7 +7,7 @@ import time
 import torch
 
 from ..data.tokenize import prompt_ids
-from ..training.progress import Progress
+from ..progress import Progress
 
 
 @contextlib.contextmanager
@@ -40,20 +40,22 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
     if temperature > 0:
         torch.manual_seed(seed)
     pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     generated, start = 0, time.perf_counter()
-    progress = Progress(len(prompts), label)
+    progress = Progress(len(prompts), label, unit="answer")
     with merged_adapter(model):
         for first in range(0, len(order), batch_size):
             chunk = order[first:first + batch_size]
             width = max(len(prompts[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # built on the host, then moved
             mask = torch.zeros_like(ids)
             for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
                 ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]):] = 1
+            ids, mask = ids.to(device), mask.to(device)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling,
                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
             for row, i in enumerate(chunk):

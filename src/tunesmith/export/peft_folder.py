@@ -6,7 +6,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from ..adapters.lora import MODULES_TO_SAVE_WARNING
+from ..methods.common import MODULES_TO_SAVE_WARNING
 
 VLLM_DEFAULT_MAX_RANK = 16  # vLLM's --max-lora-rank default
 SERVED_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

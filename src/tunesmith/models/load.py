@@ -28,22 +28,6 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
     return name, None  # a hub id
 
 
-def bf16_is_fast() -> bool:
-    """bf16 matmuls pay on CUDA with bf16 support and on CPUs with AVX512-BF16 or AMX."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def compute_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if bf16_is_fast() else torch.float32
-    return getattr(torch, name)
-
-
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -61,14 +45,17 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """A causal LM in eval mode; GGUF weights are dequantised by transformers."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               device: torch.device | str | None = None):
+    """A causal LM in eval mode on `device` (default: the CPU); GGUF weights are dequantised by transformers."""
     from transformers import AutoModelForCausalLM
 
     where, gguf = resolve_model_path(spec)
+    # Weights go straight to the device (no full CPU copy first) through a single-device map.
+    placement = {"device_map": {"": str(device)}} if device is not None and torch.device(device).type != "cpu" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            where, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code)
+            where, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code, **placement)
     except OSError as err:
         raise UserError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None
     model.eval()

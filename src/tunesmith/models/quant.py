@@ -19,8 +19,10 @@ def nf4_config(compute: torch.dtype):
                               bnb_4bit_compute_dtype=compute)
 
 
-def load_quantized(spec: str, compute: torch.dtype = torch.bfloat16, trust_remote_code: bool = False):
-    """The base model with every linear layer of the transformer blocks in NF4 (the LM head stays as is)."""
+def load_quantized(spec: str, compute: torch.dtype = torch.bfloat16, trust_remote_code: bool = False,
+                   device: torch.device | str | None = None):
+    """The base model on `device` (default: the first CUDA device where there is one, else the
+    CPU) with every linear layer of the transformer blocks in NF4 (the LM head stays as is)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -28,10 +30,11 @@ def load_quantized(spec: str, compute: torch.dtype = torch.bfloat16, trust_remot
     from transformers import AutoModelForCausalLM
 
     where, gguf = resolve_model_path(spec)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            where, gguf_file=gguf, quantization_config=nf4_config(compute), device_map=device,
+        model = AutoModelForCausalLM.from_pretrained(  # a single-device map: every layer on the run's device
+            where, gguf_file=gguf, quantization_config=nf4_config(compute), device_map={"": str(device)},
             dtype=torch.float32 if compute == torch.float32 else compute, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise UserError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None
@@ -59,10 +62,6 @@ def keep_fp32_compute(model) -> None:
         layer.support_avx512bf16_for_cpu = False
 
 
-def is_quantized(model) -> bool:
-    return getattr(model, "is_loaded_in_4bit", False) or bool(getattr(model.config, "quantization_config", None))
-
-
 def dequantize(model) -> None:
     """Replace every 4-bit layer by a full-precision nn.Linear holding the dequantised weights, in place.
 
@@ -79,10 +78,11 @@ def dequantize(model) -> None:
     model.float()
 
 
-def load_base(spec: str, dtype: torch.dtype, quantize: bool = False, trust_remote_code: bool = False):
-    """The frozen base for a method: NF4 with `dtype` as compute dtype for QLoRA, else as stored in `dtype`."""
+def load_base(spec: str, dtype: torch.dtype, quantize: bool = False, trust_remote_code: bool = False,
+              device: torch.device | str | None = None):
+    """The frozen base on `device`: NF4 with `dtype` as compute dtype (QLoRA), else as stored in `dtype`."""
     if quantize:
-        return load_quantized(spec, dtype, trust_remote_code)
+        return load_quantized(spec, dtype, trust_remote_code, device)
     from .load import load_model
 
-    return load_model(spec, dtype, trust_remote_code)
+    return load_model(spec, dtype, trust_remote_code, device)

@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .devices import GPUS, Device, GiB, cpu_overhead, find_device, resident, this_machine
-from .memory import METHODS, Estimate, Setup, estimate
+from .memory import Estimate, Setup, estimate
 from .shapes import LINEARS, ModelShape, model_shape
 from .speed import CPU_UTILISATION, GPU_UTILISATION, epoch_seconds, flops_per_token
 
 __all__ = ["plan", "setup_from_config", "Plan", "Setup", "Estimate", "estimate", "estimate_on",
-           "estimate_for_machine", "model_shape", "METHODS", "format_plan"]
+           "estimate_for_machine", "model_shape", "format_plan", "run_estimate", "TrainingMemory"]
 
 
 @dataclass
@@ -48,11 +48,11 @@ def estimate_on(shape: ModelShape, setup: Setup, device: Device) -> Estimate:
 
 def estimate_for_machine(shape: ModelShape, setup: Setup) -> Estimate:
     """For a CPU run on this machine (no matmul benchmark needed): tunesmith's CPU attention
-    (training/attention.py; for bf16 where this processor and compiler can run it, the native
-    kernel of training/native.py) and the allocator's overhead (devices.cpu_overhead)."""
+    (accel/cpu/attention.py; for bf16 where this processor and compiler can run it, the native
+    kernel of accel/cpu/native.py) and the allocator's overhead (devices.cpu_overhead)."""
     import torch
 
-    from ..training import native
+    from ..accel.cpu import native
     from .memory import dtypes
 
     bf16 = setup.dtype == "bfloat16" and dtypes(setup).inner == 2  # q, k and v in bf16 (not QLoRA's fp32)
@@ -105,8 +105,8 @@ def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
     add("gradient checkpointing on (adapter.gradient_checkpointing=true)", **ckpt)
     for batch in (setup.batch // 2, setup.batch // 4, 1):
         if batch >= 1:
-            add(f"micro-batch {batch} (train.batch_size={batch}, raise train.grad_accum to keep the step size)"
-                + (" with gradient checkpointing" if True else ""), batch=batch, **ckpt)
+            add(f"micro-batch {batch} (train.batch_size={batch}, raise train.grad_accum to keep the step size) "
+                "with gradient checkpointing", batch=batch, **ckpt)
     if setup.dtype == "float32":
         add("bfloat16 (model.dtype=bfloat16) with gradient checkpointing", dtype="bfloat16", **ckpt)
     if setup.method == "full":
@@ -121,11 +121,11 @@ def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
     return found
 
 
-def setup_from_config(cfg, label_share: float = 1.0) -> Setup:
+def setup_from_config(cfg, label_share: float = 1.0, device=None) -> Setup:
     """The Setup a tunesmith run config trains with (longest sequences: the worst case)."""
-    from ..models import compute_dtype
+    from ..device import compute_dtype
 
-    dtype = str(compute_dtype(cfg.model.dtype)).replace("torch.", "")
+    dtype = str(compute_dtype(cfg.model.dtype, device)).replace("torch.", "")
     targets = LINEARS if cfg.adapter.target_modules == "all-linear" else tuple(cfg.adapter.target_modules)
     return Setup(method=cfg.adapter.method, dtype=dtype, batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
                  gradient_checkpointing=bool(getattr(cfg.adapter, "gradient_checkpointing", False)),
@@ -203,42 +203,117 @@ def data_figures(cfg) -> tuple[int, float, float]:
     return train.tokens, labels / max(1, train.tokens), train.tokens / max(1, len(train))
 
 
-def training_estimate(cfg, summary: dict) -> tuple[float, str]:
-    """(predicted peak bytes, one line) for the run about to start, on the device it runs on."""
+def largest_micro_batch(lengths: list[int], cfg, layout: str, steps: int) -> tuple[int, int, int]:
+    """(examples, longest sequence, tokens computed) of the largest micro-batch the run's first
+    `steps` optimizer steps (at most an epoch's) will see: the same stream training draws from."""
+    from ..data.collate import PADDING_FREE, step_batches
+
+    budget = cfg.train.batch_size * cfg.data.max_seq_len if layout == PADDING_FREE else None
+    stream = step_batches(lengths, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, budget)
+    per_epoch = max(1, -(-len(lengths) // (cfg.train.batch_size * cfg.train.grad_accum)))
+    best = (1, 1, 0)
+    for _ in range(min(steps, per_epoch)):
+        for batch in next(stream):
+            sizes = [lengths[i] for i in batch]
+            tokens = sum(sizes) if layout == PADDING_FREE else len(sizes) * max(sizes)  # padded rows compute their padding
+            if tokens > best[2]:
+                best = (len(sizes), max(sizes), tokens)
+    return best
+
+
+def run_estimate(cfg, train_split, layout: str, device) -> tuple[float, str]:
+    """(predicted peak bytes, one line) for the run about to start: its real micro-batches and
+    label share, on the device it runs on."""
+    from dataclasses import replace as changed
+
+    from ..data.collate import PACKED, PADDING_FREE
+    from ..training.loop import total_steps
+
+    lengths = [len(e.input_ids) for e in train_split.encoded]
+    labels = sum(e.label_count for e in train_split.encoded)
+    examples, longest, tokens = largest_micro_batch(lengths, cfg, layout, total_steps(cfg, len(lengths)))
+    setup = setup_from_config(cfg, labels / max(1, sum(lengths)), device)
+    setup = changed(setup, batch=examples, seq=longest, tokens=tokens if layout == PADDING_FREE else None,
+                    packed_rows=layout == PACKED)
+    shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
+    target = gpu_of(device) if device.type == "cuda" else None
+    est = estimate_on(shape, changed(setup, head_chunk=cuda_head_chunk(shape)), target) if target \
+        else estimate_for_machine(shape, setup)
+    biggest = sorted(((v, k) for k, v in est.parts.items() if v > 0), reverse=True)[:3]
+    where = f" of {gib(target.memory)} on {target.name}" if target else ""
+    return est.total, (f"plan: peak about {gib(est.total)} for micro-batches of up to {tokens} tokens ("
+                       + ", ".join(f"{k} {gib(v)}" for v, k in biggest) + f"){where}")
+
+
+def utilisation_of(cfg, train_split, device):
+    """tokens/s -> model FLOPs utilisation of the run: FLOPs per token of its method and data
+    (plan/speed.py) over the device's dense peak in the run's dtype (the data sheet's for known
+    GPUs, the measured matmul peak on the CPU); None where no peak is known."""
+    from ..device import compute_dtype
+    from .speed import matmul_peak
+
+    lengths = [len(e.input_ids) for e in train_split.encoded]
+    labels = sum(e.label_count for e in train_split.encoded)
+    setup = setup_from_config(cfg, labels / max(1, sum(lengths)), device)
+    shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
+    dtype = str(compute_dtype(cfg.model.dtype, device)).replace("torch.", "")
+    if device.type == "cuda":
+        peak = gpu_of(device).peak_flops(dtype) if gpu_of(device).fp32_tflops else 0.0
+    else:
+        peak = matmul_peak(dtype)
+    if not peak:
+        return None
+    per_token = flops_per_token(shape, setup, sum(lengths) / max(1, len(lengths)))
+    return lambda tokens_per_second: tokens_per_second * per_token / peak
+
+
+def cuda_head_chunk(shape: ModelShape) -> int:
+    from ..training.loss import head_chunk
+
+    return head_chunk(shape.vocab, "cuda")
+
+
+def gpu_of(device) -> Device:
+    """The plan's Device for a CUDA device: its real memory, and the data-sheet peak where known."""
     import torch
 
-    tokens = summary["tokens"]["train"] or 1
-    setup = setup_from_config(cfg, summary["label_tokens"]["train"] / tokens)
-    shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        device = Device(props.name, float(props.total_memory), None, 1.0)
-        est = estimate_on(shape, setup, device)
-    else:
-        device, est = None, estimate_for_machine(shape, setup)
-    biggest = sorted(((v, k) for k, v in est.parts.items() if v > 0), reverse=True)[:3]
-    return est.total, (f"plan: peak about {gib(est.total)} (" + ", ".join(f"{k} {gib(v)}" for v, k in biggest)
-                       + f"){'' if device is None else f' of {gib(device.memory)} on {device.name}'}")
+    props = torch.cuda.get_device_properties(device)
+    known = next((d for d in GPUS.values() if d.name.split()[0].lower() in props.name.lower()), None)
+    return Device(props.name, float(props.total_memory), known.bf16_tflops if known else None,
+                  known.fp32_tflops if known else 0.0)
+
+
+def _settled_resident() -> float:
+    """Resident memory once garbage is collected and glibc has handed its free blocks back: what
+    the process holds before a run, not what earlier work (a test, a previous run) left free."""
+    import gc
+
+    from ..training.loop import release_freed_memory
+
+    gc.collect()
+    release_freed_memory(__import__("torch").device("cpu"))
+    return resident("VmRSS")
 
 
 class TrainingMemory:
     """What a training run itself takes, to set against the plan: on a GPU the peak of allocated
-    CUDA memory; on the CPU the peak resident memory during training minus the resident memory
-    before the model was loaded (the interpreter and libraries are not training memory; the plan
-    and bench/plan_accuracy.py count the same way)."""
+    CUDA memory on the run's device; on the CPU the peak resident memory during training minus the
+    resident memory before the model was loaded (the interpreter and libraries are not training
+    memory; the plan and bench/plan_accuracy.py count the same way)."""
 
-    def __init__(self):
+    def __init__(self, device=None):
         import torch
 
-        self.cuda = torch.cuda.is_available()
-        self.baseline = 0.0 if self.cuda else resident("VmRSS")
+        self.device = torch.device(device or "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.baseline = 0.0 if self.cuda else _settled_resident()
 
     def start(self) -> None:
         """Forget the peak so far (loading buffers, the base model's evaluation)."""
         import torch
 
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
             return
         try:
             with open("/proc/self/clear_refs", "w") as handle:
@@ -250,5 +325,13 @@ class TrainingMemory:
         import torch
 
         if self.cuda:
-            return float(torch.cuda.max_memory_allocated())
+            return float(torch.cuda.max_memory_allocated(self.device))
         return resident("VmHWM") - self.baseline
+
+    def details(self) -> dict:
+        """The device's own figures beside the peak (GPU: allocated and reserved)."""
+        import torch
+
+        if not self.cuda:
+            return {"kind": "resident memory (CPU)"}
+        return {"kind": "allocated (CUDA)", "reserved": float(torch.cuda.max_memory_reserved(self.device))}

@@ -77,16 +77,19 @@ def cpu_overhead(est) -> float:
       tensors as views of the memory-mapped checkpoint, so the mapping stays, and the pages the
       quantisation read (the original block weights) stay resident.
     """
-    from .memory import BYTES, dtypes
+    from .memory import BYTES, _method, dtypes
 
     setup, shape = est.setup, est.shape
     allocated = est.activations_no_ckpt + est.weight_copies
-    share = RESIDENT[setup.method if setup.method in ("full", "lora") else "peft"][dtypes(setup).inner]
+    method = _method(setup)
+    # plain LoRA runs accel/lora_linear.py's layers; QLoRA and DoRA PEFT's own
+    kind = "full" if method.trains_all_weights else "lora" if not (method.quantized_base or method.weight_norms) else "peft"
+    share = RESIDENT[kind][dtypes(setup).inner]
     mapped = 0.0
-    if (setup.method == "qlora" and shape.stored_dtype == setup.dtype
+    if (method.quantized_base and shape.stored_dtype == setup.dtype
             and (setup.dtype == "float32" or not setup.upcast_extras)):
         mapped = shape.layers * shape.block_linear_params * BYTES[setup.dtype]
-    runtime = CPU_RUNTIME + (QLORA_RUNTIME if setup.method == "qlora" else 0)
+    runtime = CPU_RUNTIME + (QLORA_RUNTIME if method.quantized_base else 0)
     return runtime + share * allocated + mapped + resident_scores(est)
 
 

@@ -2,22 +2,23 @@
 
 The activation terms count the tensors autograd keeps for the backward pass of a Llama-style
 block as tunesmith runs it (transformers' SDPA attention, PEFT LoRA, the RMSNorm and SwiGLU of
-training/fused.py, the label-only LM head of training/loss.py); each term was checked against
+accel/rmsnorm.py and accel/swiglu.py, the label-only LM head of training/loss.py); each term was checked against
 the saved tensors of a real forward (tests/test_plan.py). Facts of the stack that matter:
 - Three dtypes (`Dtypes`): the residual stream (norm inputs and outputs, rotary tables, the final
   hidden states), the linear layers' outputs (attention and MLP tensors), and the matmul inputs
   that trainable weights or adapters keep. They differ in two cases. A full fine-tune of a
-  bf16/fp16 model trains fp32 master weights under bf16 autocast (adapters/lora.py): residual
+  bf16/fp16 model trains fp32 master weights under bf16 autocast (methods/common.py): residual
   fp32, linear outputs bf16, and each linear layer fed by a norm keeps its own bf16 cast of its
-  fp32 input (q, k and v: three copies). For QLoRA, peft's prepare_model_for_kbit_training turns
-  norms, embeddings and the head to fp32 and bitsandbytes returns its output in its input's
-  dtype, so everything is fp32 (`upcast_extras`).
+  fp32 input (q, k and v: three copies). QLoRA keeps norms, embeddings and the head in the
+  compute dtype (methods/qlora.py); with peft's prepare_model_for_kbit_training they would be
+  fp32, and since bitsandbytes returns its output in its input's dtype, so would everything
+  (`upcast_extras`, kept for that comparison).
 - RMSNorm keeps its input in its own dtype plus one fp32 rstd per row; SwiGLU keeps gate and up
   (SiLU is recomputed); silu(gate) * up is down_proj's input, kept by down_proj's weight gradient
   or LoRA. A frozen linear layer keeps nothing (NF4 ones included).
 - A LoRA layer keeps its input in the adapter's matmul dtype and its rank-r intermediate. On a
   bf16/fp16 base (not QLoRA) training/loss.py runs the adapters under autocast, so the inputs stay
-  in the base dtype, shared by the adapters of a stage. Plain LoRA layers (training/lora_linear.py)
+  in the base dtype, shared by the adapters of a stage. Plain LoRA layers (accel/lora_linear.py)
   keep no cast of their fp32 adapter weights; DoRA's, under autocast, one half copy of each. Under
   a full fine-tune's autocast, autocast keeps a bf16 copy of every block weight.
 - The LM head (training/loss.py): only label positions go through it, in chunks of
@@ -31,9 +32,8 @@ the saved tensors of a real forward (tests/test_plan.py). Facts of the stack tha
 - The embedding keeps its int64 token ids when it trains; the loss keeps a one-byte label mask.
 - Gradient checkpointing (non-reentrant) keeps each block's input; one block is recomputed at a
   time in the backward.
-- transformers fills a KV cache in a training forward as well (use_cache defaults to true, except
-  under gradient checkpointing), freed when the decoder returns.
-- On a CPU, training/attention.py computes attention from batched matmuls (`cpu_attention`): it
+- Training and scoring forwards pass use_cache=False (training/loss.py): no KV cache.
+- On a CPU, accel/cpu/attention.py computes attention from batched matmuls (`cpu_attention`): it
   keeps what a flash kernel keeps plus one shared seq x seq fp32 mask bias, and while one layer runs
   it holds that layer's score matrices (in a padding-free row one block of about 224 queries of
   one sequence against that sequence's keys at a time, the whole batch's for packed rows): 8 bytes per score in the forward (scores and
@@ -44,7 +44,7 @@ method, fp32 and bf16, with and without checkpointing): within 1-4%.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from .shapes import LINEARS, ModelShape
 
@@ -52,8 +52,7 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit scale per 64 + fp32 scale per 256 scales
 NF4_PLAIN_BYTES = 0.5 + 4 / 64  # without double quantisation: one fp32 scale per block of 64
 CHUNK_ELEMENTS = 2**24  # logits per LM-head chunk (training/loss.py CHUNK_ELEMENTS)
-BLOCK_ROWS = 224  # query rows per block of a padding-free row's attention (training/attention.py BLOCK_ROWS)
-METHODS = ("full", "lora", "dora", "qlora")
+BLOCK_ROWS = 224  # query rows per block of a padding-free row's attention (accel/cpu/attention.py BLOCK_ROWS)
 
 
 @dataclass(frozen=True)
@@ -68,22 +67,32 @@ class Setup:
     label_share: float = 1.0  # share of positions with a label; packed data or a worst case: 1
     adapter_dtype: str = "float32"  # PEFT keeps adapters in fp32 by default
     optimizer_bytes: float | None = None  # per trainable weight; None = AdamW's two states in the weight dtype
-    upcast_extras: bool = True  # QLoRA: norms, embeddings and head in fp32 (peft's kbit preparation)
+    upcast_extras: bool = False  # QLoRA: norms, embeddings and head in fp32 (peft's kbit preparation; not tunesmith's)
     double_quant: bool = True
     freeze_embeddings: bool = False  # full fine-tuning: token embeddings (and a tied head) frozen
     head_chunk: int | None = None  # label positions per LM-head chunk; None: training/loss.py's head_chunk
     # Per vocabulary entry and label, what the loss keeps for the backward pass: 0 for tunesmith's
     # loss (gradients computed in the forward); 2 for a loss that keeps bf16 logits (torchtune's).
     kept_logit_bytes: int = 0
-    # training/attention.py (tunesmith on a CPU): attention from batched matmuls, which holds one
+    # accel/cpu/attention.py (tunesmith on a CPU): attention from batched matmuls, which holds one
     # layer's full score matrices while it runs; GPUs run SDPA's flash kernels, which do not.
     cpu_attention: bool = False
     # data.packing: micro-batches of packed rows (a padded batch); otherwise, with cpu_attention,
     # padding-free rows whose sequences attend one at a time
     packed_rows: bool = False
-    # training/native.py: a padding-free row's bf16 attention by the C kernel, which keeps no
+    # accel/cpu/native.py: a padding-free row's bf16 attention by the C kernel, which keeps no
     # score matrix and no mask (its work space, a few MiB per thread, is in the runtime term)
     native_attention: bool = False
+    # Tokens of the largest micro-batch where it is known (a run's real data, padding-free rows);
+    # None: batch x seq, the worst case. `seq` is then the longest sequence in it.
+    tokens: int | None = None
+
+
+def _method(setup: Setup):
+    """The methods registry's record of the setup's method (what the plan needs to know of it)."""
+    from ..methods import get
+
+    return get(setup.method)
 
 
 @dataclass(frozen=True)
@@ -98,10 +107,10 @@ class Dtypes:
 
 def dtypes(setup: Setup) -> Dtypes:
     e = BYTES[setup.dtype]
-    if setup.method == "full":
+    if _method(setup).trains_all_weights:
         # bf16/fp16 models train fp32 master weights under autocast in the low dtype.
         return Dtypes(residual=4, inner=e, matmul=e, head=4, master=4)
-    if setup.method == "qlora" and setup.upcast_extras:
+    if _method(setup).quantized_base and setup.upcast_extras:
         return Dtypes(residual=4, inner=4, matmul=BYTES[setup.adapter_dtype], head=4, master=4)
     # Adapters on a half-precision base run under autocast (training/loss.py half_precision_adapters).
     adapters = e if e == 2 else BYTES[setup.adapter_dtype]
@@ -126,18 +135,18 @@ class Estimate:
 
 
 def adapter_params(shape: ModelShape, setup: Setup) -> int:
-    if setup.method == "full":
+    if _method(setup).trains_all_weights:
         return 0
-    per_block = sum(setup.r * (i + o) + (o if setup.method == "dora" else 0)
+    per_block = sum(setup.r * (i + o) + (o if _method(setup).weight_norms else 0)
                     for name, (i, o) in shape.linears().items() if name in setup.targets)
     return per_block * shape.layers
 
 
 def weight_bytes(shape: ModelShape, setup: Setup) -> float:
-    if setup.method == "full":
+    if _method(setup).trains_all_weights:
         return shape.total_params * dtypes(setup).master
     e = BYTES[setup.dtype]
-    if setup.method != "qlora":
+    if not _method(setup).quantized_base:
         return shape.total_params * e
     quantised = shape.layers * shape.block_linear_params
     extras = shape.total_params - quantised
@@ -153,10 +162,10 @@ def stage_bytes(shape: ModelShape, setup: Setup, first_block: bool = False) -> l
     In the first block of an adapter run nothing before the first adapted layer needs a gradient,
     so autograd keeps only what follows it (`first_block`)."""
     d = dtypes(setup)
-    full = setup.method == "full"
+    full = _method(setup).trains_all_weights
     h, i = shape.hidden, shape.intermediate
     norm = d.residual * h + 4  # input + fp32 rstd per row (fused.RMSNorm)
-    # q, k, v, output, log-sum-exp: what SDPA's flash kernel and training/attention.py keep
+    # q, k, v, output, log-sum-exp: what SDPA's flash kernel and accel/cpu/attention.py keep
     attention = d.inner * (2 * shape.q_width + 2 * shape.kv_width) + 4 * shape.heads
     # Per stage: (kept by the stage itself, its input's width and dtype).
     stages = [(norm + attention, h, d.residual), (0.0, shape.q_width, d.inner),
@@ -177,7 +186,7 @@ def stage_bytes(shape: ModelShape, setup: Setup, first_block: bool = False) -> l
                 total += d.matmul * len(hit) * width
             elif n != 1 or first_trained:  # o_proj's input is a view of the attention output, kept unless the attention is not
                 total += dtype * width
-            total += sum(d.matmul * setup.r + (2 * d.matmul * shape.linears()[name][1] if setup.method == "dora" else 0)
+            total += sum(d.matmul * setup.r + (2 * d.matmul * shape.linears()[name][1] if _method(setup).weight_norms else 0)
                          for name in hit if not full)
         kept_by_stage[n] = total
     return kept_by_stage
@@ -205,14 +214,14 @@ def head_working(shape: ModelShape, setup: Setup, labels: float) -> float:
     # while the next chunk's logits are computed.
     row = d.head * v
     following = max(0.0, min(chunk, labels - chunk))
-    trains = setup.method == "full" and not (setup.freeze_embeddings and shape.tied)
+    trains = _method(setup).trains_all_weights and not (setup.freeze_embeddings and shape.tied)
     # the weight gradient's product (+ its fp32 copy)
     weight_grad = v * h * (d.head + (4 if d.head == 2 else 0)) if trains else 0.0
     return 2 * row * n + max(row * following, weight_grad)
 
 
 def _matmul_attention(setup: Setup) -> bool:
-    """Whether attention runs training/attention.py's batched matmuls, which form score matrices
+    """Whether attention runs accel/cpu/attention.py's batched matmuls, which form score matrices
     and read the shared causal bias: on a CPU, except a padding-free row under the native kernel."""
     return setup.cpu_attention and not (setup.native_attention and not setup.packed_rows)
 
@@ -226,16 +235,16 @@ def attention_scores(shape: ModelShape, setup: Setup) -> float:
         return 0.0
     if setup.packed_rows:
         return setup.batch * shape.heads * setup.seq ** 2
-    blocks = max(1, round(setup.seq / BLOCK_ROWS))  # training/attention.py _pieces
+    blocks = max(1, round(setup.seq / BLOCK_ROWS))  # accel/cpu/attention.py _pieces
     return shape.heads * -(-setup.seq // blocks) * setup.seq
 
 
 def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate:
     """Peak bytes of a training step (from the second step on, when optimizer states exist)."""
     d = dtypes(setup)
-    tokens = setup.batch * setup.seq
+    tokens = setup.tokens or setup.batch * setup.seq
     labels = tokens * setup.label_share
-    full = setup.method == "full"
+    full = _method(setup).trains_all_weights
     ckpt = setup.gradient_checkpointing
     embeddings_train = full and not setup.freeze_embeddings
     head_trains = full and not (setup.freeze_embeddings and shape.tied)
@@ -259,14 +268,14 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     pre_attention = (stages[0] - d.inner * q - 4 * shape.heads) * tokens
     post_attention = sum(stages[1:]) * tokens
     final_norm = (d.residual * h + 4) * tokens
-    rope = 2 * shape.head_dim * d.residual * setup.seq
-    mask = 4 * setup.seq ** 2 if _matmul_attention(setup) else 0  # training/attention.py's fp32 causal bias, shared by every layer
+    rope = 2 * shape.head_dim * d.residual * (tokens if setup.tokens else setup.seq)  # a padding-free row's tables cover it
+    mask = 4 * setup.seq ** 2 if _matmul_attention(setup) else 0  # accel/cpu/attention.py's fp32 causal bias, shared by every layer
     kept_other = final_norm + rope + mask + tokens + (8 * tokens if embeddings_train else 0)  # + label mask, token ids
     # autocast's low-precision copies: of every block weight (full), of fp32 DoRA adapters on a half
-    # base (plain LoRA layers, training/lora_linear.py, cast their adapters again in the backward)
+    # base (plain LoRA layers, accel/lora_linear.py, cast their adapters again in the backward)
     if full and BYTES[setup.dtype] == 2:
         copies = shape.layers * shape.block_linear_params * 2
-    elif setup.method == "dora" and d.matmul == 2 and BYTES[setup.adapter_dtype] == 4:
+    elif _method(setup).weight_norms and d.matmul == 2 and BYTES[setup.adapter_dtype] == 4:
         copies = n_adapter * 2
     else:
         copies = 0
@@ -277,11 +286,6 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     copies_kept = 0.0 if ckpt and full else copies
     kept_fwd = kept_layers + copies_kept
     scores = attention_scores(shape, setup)
-    # transformers fills a KV cache during a training forward too (use_cache defaults to true; not
-    # with gradient checkpointing): a copy of every layer's k (after the rotary embedding) and v,
-    # freed when the decoder returns.
-    rotary = max(d.inner, d.residual)
-    kv_cache = 0.0 if ckpt else shape.layers * tokens * kv * (rotary + d.inner)
 
     # The moments that can hold the peak: (label, gradients, activations, weight copies, head, working memory).
     moments = []
@@ -290,12 +294,12 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
         # an fp32 buffer of the compiled softmax, probabilities), 8 bytes per score.
         before = kept_layers + pre_attention - (0 if ckpt else block)
         moments.append(("attention of the last block (forward)", 0.0, before + kept_other - final_norm, copies,
-                        0.0, 8 * scores + kv_cache))
+                        0.0, 8 * scores))
         if ckpt:  # ... again when the backward recomputes it, with the residual stream's gradient
             moments.append(("attention of the last block (recomputed)", grads_head, before + kept_other - final_norm,
                             copies / shape.layers, 0.0, 8 * scores + 2 * d.residual * h * tokens))
     moments.append(("end of the decoder's forward", 0.0, kept_layers + kept_other, copies,
-                    0.0, kv_cache + d.residual * h * tokens))
+                    0.0, d.residual * h * tokens))
     # End of the forward pass, during the last LM-head chunk: every activation, the decoder's output
     # and its label rows, the head's cast weight (fp32 master under autocast) and the chunk's temporaries.
     head_transient = ((tokens + labels) * h * d.residual + head_working(shape, setup, labels)
@@ -308,7 +312,7 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     # and up) or the attention (of its output, q, k and v), with gradients of the residual stream.
     recompute = block + copies / shape.layers if ckpt else 0.0
     block_work = tokens * (d.inner * max(3 * i, 2 * q + 2 * kv) + 2 * d.residual * h) + recompute
-    if setup.method == "dora":  # the weight norm materialises one full weight (and its update) in fp32
+    if _method(setup).weight_norms:  # the weight norm materialises one full weight (and its update) in fp32
         block_work += 3 * 4 * max(a * b for a, b in shape.linears().values())
     early = kept_fwd >= grads_layers
     moments.append(("backward of the last block" if early else "backward of the first block",
@@ -343,6 +347,3 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
                     activations_ckpt=shape.layers * d.residual * h * tokens + block + kept_other,
                     weight_copies=copies)
 
-
-def with_changes(setup: Setup, **changes) -> Setup:
-    return replace(setup, **changes)

@@ -26,7 +26,9 @@ def flops_per_token(shape: ModelShape, setup: Setup, mean_seq: float | None = No
     blocks = 2 * shape.layers * shape.block_linear_params
     attention = 2 * shape.layers * shape.q_width * seq  # QK^T and AV, 2 FLOPs each, causal half
     head = 2 * shape.vocab * shape.hidden * setup.label_share
-    full = setup.method == "full"
+    from .memory import _method
+
+    full = _method(setup).trains_all_weights
     backward_weights = 3 if full else 2  # input grads (+ weight grads for full fine-tuning)
     adapters = 0.0
     if not full:

@@ -1,9 +1,11 @@
 """Resumable training state, saved as one unit and atomically.
 
 A checkpoint folder holds the trainable weights (safetensors), the optimizer and scheduler
-state (torch.save, read back with weights_only=True), and state.json: step, data position,
-RNG states, best eval, config hash. It is written under a temporary name, fsynced, and renamed
-when whole, so a crash mid-write leaves the previous checkpoint as the newest complete one.
+state (torch.save, read back with weights_only=True onto the run's device), and state.json:
+step, data position, RNG states (the CPU's and, on CUDA, the device's), best eval, early
+stopping, config hash. It is written under a temporary name, fsynced, renamed when whole and the
+rename made durable, so a crash at any moment leaves a complete newest checkpoint; older ones
+are removed only once the new one is in place.
 """
 from __future__ import annotations
 
@@ -19,10 +21,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import device as devices
 from ..errors import UserError
+from ..runs import CHECKPOINT_PREFIX as PREFIX
+from ..runs import PARTIAL, checkpoint_folders, fsync_folder
 
-PREFIX = "step-"
-PARTIAL = ".partial"
 SHARDED = "sharded"  # torch.distributed.checkpoint folder of an FSDP2 run
 
 
@@ -38,6 +41,7 @@ class TrainState:
     config_hash: str = ""
     losses: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
+    early_stopping: dict = field(default_factory=dict)  # EarlyStopping's state (training/early_stop.py)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -45,7 +49,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters())  # copy_ moves each tensor to its parameter's device
     missing = [name for name in tensors if name not in params]
     if missing:
         raise UserError(f"checkpoint does not match the model: unknown weights {missing[:3]}")
@@ -63,12 +67,12 @@ def rng_state() -> dict:
     }
 
 
-def set_rng_state(state: dict, torch_state: torch.Tensor) -> None:
+def set_rng_state(state: dict, torch_states: dict, device: torch.device) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(torch_state)
+    devices.set_rng_states(torch_states, device)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -111,6 +115,10 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
     sharded = ranks is not None and ranks.fsdp
     final = folder / f"{PREFIX}{state.step:08d}"
     tmp = folder / (final.name + PARTIAL)
+    if final.is_dir() and (final / "state.json").is_file():
+        # This step's state is saved already (a resumed run stopping where it resumed): training
+        # is deterministic, so it is the same state; never delete it to write it again.
+        return final
     if main:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,14 +132,13 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
             if not sharded:
                 save_file(trainable_state(model), tmp / "trainable.safetensors")
             extra = {} if sharded else {"optimizer": optimizer.state_dict()}
-            torch.save({**extra, "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()},
-                       tmp / "optim.pt")
+            device = next(model.parameters()).device
+            torch.save({**extra, "scheduler": scheduler.state_dict(), **devices.rng_states(device)}, tmp / "optim.pt")
             (tmp / "state.json").write_text(json.dumps({**asdict(state), "rng": rng_state(), "settings": settings or {},
                                                         "sharded": sharded}))
             _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
             tmp.rename(final)
+            fsync_folder(folder)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = complete_checkpoints(folder)
@@ -165,29 +172,25 @@ def _load_sharded(path: Path, model, optimizer) -> None:
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and not p.name.endswith(PARTIAL)]
-    return sorted(found, key=lambda p: p.name)
+    return checkpoint_folders(folder, complete=True)
 
 
 def partial_checkpoints(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.name.endswith(PARTIAL))
+    return checkpoint_folders(folder, complete=False)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNG; returns the saved TrainState."""
+    """Restore weights, optimizer, scheduler and RNG onto the model's device; returns the saved TrainState."""
+    device = next(model.parameters()).device
     meta = json.loads((path / "state.json").read_text())
-    saved = torch.load(path / "optim.pt", weights_only=True)
+    saved = torch.load(path / "optim.pt", weights_only=True, map_location=device)
     if meta.pop("sharded", False):
         _load_sharded(path / SHARDED, model, optimizer)
     else:
-        load_trainable_state(model, load_file(path / "trainable.safetensors"))
+        load_trainable_state(model, load_file(path / "trainable.safetensors", device=str(device)))
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(meta.pop("rng"), saved["torch_rng"])
+    set_rng_state(meta.pop("rng"), saved, device)
     meta.pop("settings", None)
     return TrainState(**meta)
 
@@ -204,7 +207,7 @@ def newest_usable(folder: Path, say) -> Path | None:
                     raise FileNotFoundError(f"{SHARDED}/.metadata missing")
             else:
                 load_file(candidate / "trainable.safetensors")
-            torch.load(candidate / "optim.pt", weights_only=True)
+            torch.load(candidate / "optim.pt", weights_only=True, map_location="cpu")
             return candidate
         except Exception as err:  # a damaged checkpoint of any kind is skipped, not fatal
             say(f"skipping damaged checkpoint {candidate.name}: {type(err).__name__}: {str(err)[:120]}")

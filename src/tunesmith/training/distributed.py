@@ -6,8 +6,11 @@ label-token count of the whole step over all ranks (known on every rank from the
 communication needed), and the gradients are summed across ranks: the update equals one
 process's with the same global batch, whatever the number of ranks.
 
-Adapters and small models are replicated with DistributedDataParallel; `train.fsdp` shards a
-full fine-tune's weights, gradients and optimizer state with FSDP2 (`fully_shard`).
+Adapters and small models are replicated with DistributedDataParallel; `train.fsdp` shards the
+weights with FSDP2 (`fully_shard`): a full fine-tune's weights, gradients and optimizer state, or
+an adapter run's frozen base (so a base too large for one device trains LoRA on several), in
+bf16 on CUDA with gradients reduced in fp32, optionally offloaded to the CPU (`train.fsdp_offload`).
+Collectives run on the run's device (NCCL needs CUDA tensors; gloo takes CPU ones).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class Ranks:
     world: int = 1
     local_rank: int = 0
     fsdp: bool = False
+    device: torch.device = torch.device("cpu")  # where collectives put their tensors
 
     @property
     def main(self) -> bool:
@@ -43,9 +47,17 @@ class Ranks:
         """Sums over all ranks (the values themselves in one process)."""
         if not self.active:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def broadcast(self, value):
+        """Rank 0's value (any picklable object) on every rank."""
+        if not self.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one (signals arrive per process)."""
@@ -59,18 +71,21 @@ class Ranks:
 SINGLE = Ranks()
 
 
-def setup() -> Ranks:
-    """The process group of a torchrun launch (gloo on CPU, nccl on CUDA); a single process otherwise."""
+def setup(device_spec: str = "auto") -> Ranks:
+    """The process group of a torchrun launch (nccl where the run computes on CUDA, else gloo);
+    a single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() and device_spec != "cpu"
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank)
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, device=device)
 
 
 def teardown(ranks: Ranks) -> None:
@@ -90,32 +105,40 @@ class StepLoss(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def wrap(model, loss_fn, ranks: Ranks, fsdp: bool):
+def wrap(model, loss_fn, ranks: Ranks, fsdp: bool, offload: bool = False):
     """(module computing the loss, gradient scale): DDP averages gradients over ranks, so each rank's
     loss is scaled by the world size to make the average a sum; FSDP2 reduce-scatters likewise."""
     module = StepLoss(model, loss_fn)
     if not ranks.active:
         return module, 1.0
+    device = next(model.parameters()).device
     if fsdp:
-        if hasattr(model, "get_base_model"):
-            from ..errors import UserError
-
-            raise UserError("train.fsdp shards full fine-tuning (adapter.method=full); adapters train with DDP replicas")
         ranks.fsdp = True
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        mesh = init_device_mesh(device, (ranks.world,))
-        for layer in model.get_decoder().layers:
-            fully_shard(layer, mesh=mesh)
-        # The wrapper is the root: embeddings, final norm and LM head are gathered around its forward.
-        fully_shard(module, mesh=mesh)
+        shard(model, module, ranks, device, offload)
         return module, float(ranks.world)
     from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [ranks.local_rank] if torch.cuda.is_available() else None
+    device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids), float(ranks.world)
+
+
+def shard(model, module, ranks: Ranks, device: torch.device, offload: bool) -> None:
+    """FSDP2 over the decoder layers, the wrapper as the root (embeddings, final norm and LM head
+    are gathered around its forward). On CUDA parameters are gathered in bf16 and gradients
+    reduced in fp32; frozen base weights (adapter methods) are sharded like the rest."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (ranks.world,))
+    options = {"mesh": mesh}
+    if device.type == "cuda":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in base.get_decoder().layers:
+        fully_shard(layer, **options)
+    fully_shard(module, **options)
 
 
 @contextlib.contextmanager
@@ -160,10 +183,11 @@ class SilentLog:
         pass
 
 
-def full_state_dict(module) -> dict:
-    """The whole (unsharded) weights of an FSDP2 model on every rank, on the CPU, for saving."""
+def gathered_state(module, trainable_only: bool) -> dict:
+    """The unsharded weights of an FSDP2 model (only the trained ones for adapter methods), on the
+    CPU of rank 0 alone; other ranks get an empty dict. Every rank must call it (it gathers)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    # cpu_offload would hand the weights to rank 0 only; every rank needs them for the sharded final eval.
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-    return {name.removeprefix("model."): value.cpu() for name, value in state.items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(module, options=options)
+    return {name.removeprefix("model."): value for name, value in state.items()}

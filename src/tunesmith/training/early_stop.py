@@ -1,12 +1,14 @@
 """When to stop: early stopping on the eval loss, the best weights kept, and an overfitting alarm."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..runs import fsync_folder
 from .checkpoint import load_trainable_state, trainable_state
 
 
@@ -23,6 +25,16 @@ class EarlyStopping:
     best_step: int | None = None
     bad_evals: int = 0
     stopped_at: int | None = None
+
+    def state(self) -> dict:
+        """What a checkpoint keeps, so a resumed run stops where the uninterrupted one would."""
+        return {"best": self.best, "best_step": self.best_step, "bad_evals": self.bad_evals,
+                "stopped_at": self.stopped_at}
+
+    def restore(self, state: dict) -> None:
+        for key in ("best", "best_step", "bad_evals", "stopped_at"):
+            if key in state:
+                setattr(self, key, state[key])
 
     def __call__(self, step: int, value: float) -> bool:
         if self.best is None or value < self.best - self.min_delta:
@@ -56,7 +68,10 @@ class BestWeights:
         else:
             tmp = self.path.with_name(self.path.name + ".tmp")
             save_file(weights, tmp, metadata={"step": str(step), "eval_loss": repr(value)})
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
             tmp.replace(self.path)
+            fsync_folder(self.path.parent)
         return True
 
     def restore(self, model) -> None:

@@ -15,15 +15,16 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..data.tokenize import IGNORE
-from .fused import compiled
+from ..accel.compile import compiled
 
-CHUNK_ELEMENTS = 2**24  # logits per chunk: 341 label positions of a 49k vocabulary, 64 MiB in fp32
+CHUNK_ELEMENTS = 2**24  # logits per chunk on the CPU: 341 label positions of a 49k vocabulary, 64 MiB in fp32
+# On a GPU a chunk is one kernel launch per matmul: larger chunks (256 MiB of fp32 logits) keep it busy.
+CUDA_CHUNK_ELEMENTS = 2**26
 
 
-def head_chunk(vocab: int) -> int:
+def head_chunk(vocab: int, device: str = "cpu") -> int:
     """Label positions per LM-head chunk."""
-    return max(16, CHUNK_ELEMENTS // vocab)
+    return max(16, (CUDA_CHUNK_ELEMENTS if device == "cuda" else CHUNK_ELEMENTS) // vocab)
 
 
 def _core(model):
@@ -39,17 +40,19 @@ def model_inputs(config, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> 
     adds it to the scores, so it becomes 0 / -inf there. A padding-free row (collate flat=True)
     has no mask: its sequence bounds go to the attention function as cu_seq_lens_q / _k.
     """
-    inputs = {"input_ids": batch["input_ids"]}
+    # No KV cache: a training or scoring forward never decodes further.
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
     if "cu_seq_lens" in batch:
         bounds = batch["cu_seq_lens"]
-        longest = int((bounds[1:] - bounds[:-1]).max())
+        longest = batch.get("max_length") or int((bounds[1:] - bounds[:-1]).max())
         inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
         return inputs
     mask = inputs["attention_mask"] = batch["attention_mask"]
     if mask.ndim == 4 and getattr(config, "_attn_implementation", "sdpa") == "eager":
-        inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min)
     return inputs
 
 
@@ -74,28 +77,34 @@ def half_precision_adapters(model, dtype: torch.dtype):
 
 
 def label_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed loss over the batch's label tokens, their count) of a batch collated by data/collate.py
+    (on the model's device; the label positions and count were found on the host)."""
     decoder, head, config = _core(model)
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    count = int(keep.sum())
+    if "label_positions" not in batch:  # a batch built elsewhere: find its labels here
+        from ..data.collate import label_index
+
+        batch = {**batch, **{k: v.to(head.weight.device) if isinstance(v, torch.Tensor) else v
+                             for k, v in label_index(batch["labels"].cpu()).items()}}
     inputs = model_inputs(config, batch, head.weight.dtype)
     with half_precision_adapters(model, head.weight.dtype):
-        return _loss_sum(model, decoder, head, config, inputs, targets, keep), count
+        return _loss_sum(model, decoder, head, config, inputs, batch["label_positions"], batch["label_targets"]), \
+            batch["label_count"]
 
 
-def _loss_sum(model, decoder, head, config, inputs, targets, keep) -> torch.Tensor:
+def _loss_sum(model, decoder, head, config, inputs, positions, targets) -> torch.Tensor:
     if getattr(config, "final_logit_softcapping", None) or getattr(head, "bias", None) is not None:
         # Architectures that transform logits after the head: use their own forward.
         logits = model(**inputs).logits[:, :-1]
-        return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float(), targets,
+                               reduction="sum")
     hidden = decoder(**inputs).last_hidden_state
-    picked = hidden[:, :-1][keep]
+    picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
     device = picked.device.type
     # The dtype of the head's matmul: autocast's where it is on (fp32 master weights of a full fine-tune).
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else picked.dtype
     if torch.is_grad_enabled() and (picked.requires_grad or head.weight.requires_grad):
-        return HeadCrossEntropy.apply(picked, head.weight, targets[keep], dtype)
-    return _chunk_losses(picked, head.weight, targets[keep], dtype, None)  # evaluation: no gradients
+        return HeadCrossEntropy.apply(picked, head.weight, targets, dtype)
+    return _chunk_losses(picked, head.weight, targets, dtype, None)  # evaluation: no gradients
 
 
 def _chunk_losses(hidden, weight, targets, dtype, grads: tuple | None) -> torch.Tensor:
@@ -107,7 +116,7 @@ def _chunk_losses(hidden, weight, targets, dtype, grads: tuple | None) -> torch.
 
 def _chunks(hidden, w, targets, dtype, grads) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    step = head_chunk(w.shape[0])
+    step = head_chunk(w.shape[0], hidden.device.type)
     for start in range(0, hidden.shape[0], step):
         h = hidden[start:start + step].to(dtype)
         wanted = targets[start:start + step]

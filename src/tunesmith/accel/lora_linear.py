@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+NAME = "lora_linear"
+LIBRARIES = ("peft",)
+
 
 class LoRALinear(torch.autograd.Function):
     """x @ W^T (+ bias) + scaling * (x @ A^T) @ B^T, with W frozen; matmuls in x's dtype."""

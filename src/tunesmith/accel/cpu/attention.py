@@ -4,7 +4,7 @@ Profiled on the default model (bf16, LoRA, 4 x 400 tokens), scaled_dot_product_a
 flash kernel took 35% of a training step, about 30 ms per layer at roughly 40 GFLOP/s, while a
 bf16 batched matmul of the same shapes runs at 600+ GFLOP/s. Here QK^T, PV and their gradients
 are batched matmuls and the softmax and its gradient are one compiled element-wise pass each
-(training/fused.py `compiled`). Like a flash kernel it keeps only q, k, v, the output and one
+(accel/compile.py). Like a flash kernel it keeps only q, k, v, the output and one
 log-sum-exp per row for the backward pass, and recomputes the probabilities there; the full
 score matrix of one layer lives only while that layer runs.
 
@@ -25,9 +25,10 @@ import functools
 import torch
 
 from . import native
-from .fused import compiled
+from ..compile import compiled
 
 NAME = "tunesmith_causal"
+LIBRARIES = ("transformers",)
 
 
 @compiled
@@ -210,7 +211,7 @@ def causal_attention(query, key, value, attention_mask, scaling: float, bounds: 
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if bounds is not None:
-        if dtype == torch.bfloat16 and device == "cpu" and native.chosen(h, key.shape[1], d):
+        if dtype == torch.bfloat16 and device == "cpu" and native.chosen(h, key.shape[1], d, SegmentedAttention):
             return native.NativeSegmentedAttention.apply(query, key, value, bounds, scaling, groups)
         return SegmentedAttention.apply(query, key, value, bounds, scaling, groups)
     bias = _causal_bias(s, query.device) if attention_mask is None else _padding_bias(attention_mask)
@@ -253,15 +254,15 @@ def _bounds(kwargs: dict, shape) -> tuple | None:
     return _once_per_forward(_last_bounds, cumulative, bounds)
 
 
-def install(model) -> bool:
-    """Use this attention for `model` where it runs SDPA on the CPU; True if it was switched."""
+def install(model) -> int:
+    """Use this attention for `model` where it runs SDPA on the CPU; 1 if it was switched, else 0."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
     config = model.config
     if getattr(config, "_attn_implementation", None) != "sdpa" or next(model.parameters()).device.type != "cpu":
-        return False
+        return 0
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     model.set_attn_implementation(NAME)
-    return True
+    return 1

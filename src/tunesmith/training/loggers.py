@@ -1,7 +1,7 @@
-"""Progress lines for long work (step, loss, tokens/s, ETA) and metric logging.
+"""Metric logging: one small protocol (`write(**record)`, `close()`), like torchtune's MetricLogger.
 
-Metric loggers share one small protocol (`write(**record)`, `close()`): the JSONL file is always
-written; TensorBoard, Weights & Biases and MLflow are added when asked for and installed.
+The JSONL file (the run's record of truth) is always written; TensorBoard, Weights & Biases and
+MLflow are added when asked for and installed.
 """
 from __future__ import annotations
 
@@ -13,40 +13,6 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import UserError
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
-class Progress:
-    """A bar redrawn in place on a terminal, plain lines elsewhere (CI logs)."""
-
-    def __init__(self, total: int, label: str = "train", stream=None, quiet: bool = False):
-        # sys.stderr is looked up now, not at import: it may have been replaced (and closed) since.
-        self.total, self.label, self.quiet = total, label, quiet  # quiet: ranks other than 0
-        self.stream = stream or sys.stderr
-        self.start = time.perf_counter()
-        self.tty = self.stream.isatty()
-
-    def update(self, done: int, **fields) -> None:
-        if self.quiet:
-            return
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / done * (self.total - done) if done else 0.0
-        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
-        text = " | ".join([f"{self.label} {done}/{self.total}", *parts, f"{_clock(elapsed)} elapsed", f"ETA {_clock(eta)}"])
-        if self.tty:
-            width = 20
-            filled = int(width * done / max(1, self.total))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\033[K")
-            if done >= self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
 
 
 class MetricLog:

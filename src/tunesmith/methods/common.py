@@ -1,26 +1,50 @@
-"""A thin layer over PEFT: make the configured parts trainable, count and save what was trained.
-
-Methods: `lora` (rsLoRA with use_rslora), `dora` (weight-decomposed LoRA), `qlora` (LoRA on a
-4-bit NF4 base loaded by models/quant.py) and `full` (every weight).
-"""
+"""What the methods share: the Method record, and the PEFT and full-weight ways of making a
+model trainable, counting and saving what was trained. torch and peft are imported where used,
+so the registry stays importable by the config alone."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    from ..config import AdapterConfig
 
-from ..config import AdapterConfig
-from ..training import attention, fused, lora_linear
+ADAPTER_DIR = "adapter"  # what an adapter method saves: a PEFT adapter folder + tokenizer
+MODEL_DIR = "model"  # what full fine-tuning saves: a transformers model folder + tokenizer
 
 MODULES_TO_SAVE_WARNING = ("adapter.modules_to_save is set: vLLM rejects LoRA adapters that carry fully trained "
                            "modules; serve a merged model there (tunesmith export RUN --merge)")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    make_trainable: Callable  # (model, AdapterConfig) -> the model with the configured parts trainable
+    quantized_base: bool = False  # the frozen base is loaded as 4-bit NF4 (bitsandbytes)
+    trains_all_weights: bool = False  # every weight trains: saved as a model folder, fp32 master weights
+    weight_norms: bool = False  # DoRA: a magnitude vector per adapted layer (plan: its memory)
+
+    @property
+    def saves(self) -> str:
+        """The run folder's sub-folder of the trained weights."""
+        return MODEL_DIR if self.trains_all_weights else ADAPTER_DIR
+
+    def load_base(self, spec: str, dtype, device=None, trust_remote_code: bool = False):
+        """The frozen base on `device`: NF4 with `dtype` as compute dtype, or as stored in `dtype`."""
+        from ..models import load_base
+
+        return load_base(spec, dtype, self.quantized_base, trust_remote_code, device)
 
 
 def transformer_linear_names(model) -> list[str]:
     """Names of the linear layers inside the transformer blocks (not the LM head or embeddings).
 
     bitsandbytes' Linear4bit is an nn.Linear, so a 4-bit base gives the same names."""
+    import torch
+
     output = model.get_output_embeddings()
     names = set()
     for name, module in model.named_modules():
@@ -29,47 +53,33 @@ def transformer_linear_names(model) -> list[str]:
     return sorted(names)
 
 
-def apply_adapter(model, cfg: AdapterConfig):
-    """The model with the configured trainable parts; frozen weights stay in their loaded dtype.
+def add_lora(model, cfg: "AdapterConfig", dora: bool = False):
+    """PEFT LoRA (or DoRA) adapters on the configured layers; the base stays frozen in its dtype."""
+    from peft import LoraConfig, get_peft_model
 
-    Norms and MLPs get the leaner training functions of training/fused.py (after PEFT has
-    wrapped the model, so copies it makes are patched as themselves), plain LoRA layers the one
-    of training/lora_linear.py, and on the CPU attention that of training/attention.py."""
-    model = _make_trainable(model, cfg)
-    fused.install(model)
-    lora_linear.install(model)
-    attention.install(model)
-    return model
-
-
-def _make_trainable(model, cfg: AdapterConfig):
-    if cfg.method == "full":
-        return make_fully_trainable(model, cfg)
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.method == "qlora":
-        # peft's advice for k-bit bases: freeze everything, norms and embeddings to fp32.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # the checkpointed blocks' inputs need a grad path to the adapters
     if cfg.modules_to_save:
         warnings.warn(MODULES_TO_SAVE_WARNING, UserWarning, stacklevel=2)
     targets = transformer_linear_names(model) if cfg.target_modules == "all-linear" else cfg.target_modules
     lora = LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-        use_rslora=cfg.use_rslora, use_dora=cfg.method == "dora", modules_to_save=cfg.modules_to_save or None,
+        use_rslora=cfg.use_rslora, use_dora=dora, modules_to_save=cfg.modules_to_save or None,
         bias="none", task_type="CAUSAL_LM",
     )
     # PEFT keeps the adapter weights in fp32 (autocast_adapter_dtype) even when the base is bf16.
     return get_peft_model(model, lora)
 
 
-def make_fully_trainable(model, cfg: AdapterConfig):
+def make_fully_trainable(model, cfg: "AdapterConfig"):
+    import torch
+
     low = next(model.parameters()).dtype
     if low in (torch.bfloat16, torch.float16):
         # Mixed precision: AdamW updates of a few 1e-5 vanish when added to bf16 weights (8-bit
         # mantissa), so the weights become fp32 and the matmuls stay in the low dtype (autocast).
+        # The model is on the run's device already (loaded there before the method applies).
         model.float()
         device = next(model.parameters()).device.type
         for module in (model.get_decoder(), model.get_output_embeddings()):
@@ -98,6 +108,8 @@ def count_parameters(model) -> tuple[int, int]:
 
 def model_bytes(model) -> int:
     """Memory of the model's weights and buffers as loaded (4-bit weights with their block scales)."""
+    import torch
+
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     size += sum(b.numel() * b.element_size() for b in model.buffers())
     for param in model.parameters():
@@ -114,7 +126,3 @@ def save_trained(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-
-
-def is_adapter_folder(folder: Path) -> bool:
-    return (Path(folder) / "adapter_config.json").exists()

@@ -1,6 +1,6 @@
 """Native CPU attention for padding-free rows (kernels/attention.c), built on first use.
 
-training/attention.py computes a padding-free row's attention from batched matmuls: torch's
+accel/cpu/attention.py computes a padding-free row's attention from batched matmuls: torch's
 matmuls are fast, but with a head size of 64 each is small, and around them the scores make
 several passes through memory (softmax, its recomputation and gradient) and the masked upper
 triangle is multiplied by the block. On the default model that was about a fifth of a training
@@ -17,7 +17,7 @@ against a plain computation once per process before it is used. It runs where th
 AVX512-BF16, the attention is bf16 and the head size is 64, 96 or 128, and where, timed once per
 attention shape on this machine, it is faster than the batched matmuls (on processors with AMX,
 torch's matmuls are much faster than these AVX-512 dot products). TUNESMITH_NATIVE=0 turns it
-off, =1 skips the timing. Anything else runs training/attention.py's matmuls unchanged.
+off, =1 skips the timing. Anything else runs accel/cpu/attention.py's matmuls unchanged.
 """
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def _backward(loaded: _Kernel, query, key, value, out, lse, grad_out, parts, sca
 
 
 class NativeSegmentedAttention(torch.autograd.Function):
-    """training/attention.py SegmentedAttention's computation (q [1, H, T, D], k, v [1, Hkv, T, D],
+    """accel/cpu/attention.py SegmentedAttention's computation (q [1, H, T, D], k, v [1, Hkv, T, D],
     each sequence of `bounds` attending causally to itself -> [1, T, H, D]) by the C kernel."""
 
     @staticmethod
@@ -254,7 +254,7 @@ class NativeSegmentedAttention(torch.autograd.Function):
 _decided: dict = {}  # (heads, kv_heads, head_dim) -> whether the kernel runs
 
 
-def chosen(heads: int, kv_heads: int, head_dim: int) -> bool:
+def chosen(heads: int, kv_heads: int, head_dim: int, baseline) -> bool:
     """Whether a bf16 padding-free attention of this shape runs the kernel, decided once per
     process by _decide on a thread of its own: the decision builds and times attention with
     autograd, which must stay out of the caller's graph (gradient checkpointing's saved-tensor
@@ -262,19 +262,18 @@ def chosen(heads: int, kv_heads: int, head_dim: int) -> bool:
     key = (heads, kv_heads, head_dim)
     if key not in _decided:
         with ThreadPoolExecutor(1, "tunesmith-attention-choice") as pool:
-            _decided[key] = pool.submit(_decide, *key).result()
+            _decided[key] = pool.submit(_decide, *key, baseline).result()
     return _decided[key]
 
 
-def _decide(heads: int, kv_heads: int, head_dim: int) -> bool:
-    """The kernel is built and checked, and (TUNESMITH_NATIVE unset) faster here than the batched
-    matmuls: forward and backward of four sequences of 384 tokens, best of three each."""
+def _decide(heads: int, kv_heads: int, head_dim: int, baseline) -> bool:
+    """The kernel is built and checked, and (TUNESMITH_NATIVE unset) faster here than `baseline`
+    (the batched matmuls' autograd function): forward and backward of four sequences of 384
+    tokens, best of three each."""
     if not supported(torch.bfloat16, head_dim) or kernel(head_dim) is None:
         return False
     if _setting() == "1":
         return True
-    from .attention import SegmentedAttention
-
     generator = torch.Generator().manual_seed(0)
     bounds = _bounds_of((384,) * 4)
     q, k, v = (torch.randn(1, n, 4 * 384, head_dim, generator=generator).to(torch.bfloat16).requires_grad_(True)
@@ -289,5 +288,5 @@ def _decide(heads: int, kv_heads: int, head_dim: int) -> bool:
             best = min(best, time.perf_counter() - start)
         return best
 
-    seconds(SegmentedAttention)  # compiles its softmax passes before they are timed
-    return seconds(NativeSegmentedAttention) < seconds(SegmentedAttention)
+    seconds(baseline)  # compiles its softmax passes before they are timed
+    return seconds(NativeSegmentedAttention) < seconds(baseline)

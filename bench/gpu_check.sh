@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU check, in one go (issue 19): on a machine with CUDA, within 8 minutes on one H200.
+#
+#   bash bench/gpu_check.sh prepare     # here, with network: the wheels the GPU machine lacks -> .whl/
+#   bash bench/gpu_check.sh             # there (or anywhere): install them, run everything, one table
+#   QUICK=1 bash bench/gpu_check.sh     # the same flow with tiny shapes (runs on a CPU in minutes)
+#
+# Runs: the test suite with CUDA visible (tests that need CUDA run; those that need chromium
+# skip); tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA r=32 and LoRA
+# bf16, batch 2 x accumulation 4, 2048 tokens: bench/gpu_compare.py); `plan` against measured
+# memory on four shapes (bench/plan_gpu.py); the fast paths against fast_paths=off on tiny models
+# (tests/test_accel.py). Writes $OUT/summary.txt (OUT defaults to ./gpu-check).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+
+if [ "${1:-}" = "prepare" ]; then
+    # The image there has torch, transformers (older than the range tunesmith checks), peft and
+    # accelerate; these travel as wheels (Python 3.12, manylinux, no dependencies resolved there).
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    mkdir -p .whl
+    for pkg in transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 \
+               pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2 \
+               gguf==0.19.0 multiprocess==0.70.18 dill==0.4.0 selenium==4.38.0; do
+        $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            --platform any -d .whl "$pkg" || echo "could not fetch $pkg" >&2
+    done
+    du -sh .whl
+    exit 0
+fi
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 TUNESMITH_CACHE=${TUNESMITH_CACHE:-/tmp/tunesmith-cache}
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/device.txt"
+
+if [ -n "${QUICK:-}" ]; then
+    SHAPE=tiny STEPS=3 WARMUP=1 LENGTH=256 TESTS="tests/test_accel.py"
+else
+    SHAPE=llama-3.1-8b STEPS=${STEPS:-6} WARMUP=${WARMUP:-2} LENGTH=2048 TESTS="tests"
+fi
+
+start=$(date +%s)
+timeout 240 $PY -m pytest -q -x -p no:cacheprovider $TESTS > "$OUT/tests.txt" 2>&1
+echo "tests: $(tail -1 "$OUT/tests.txt") ($(( $(date +%s) - start )) s)" > "$OUT/summary.txt"
+
+timeout 300 $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" --warmup "$WARMUP" --length "$LENGTH" \
+    --out "$OUT/compare.json" > "$OUT/compare.txt" 2>&1
+cat "$OUT/compare.txt" >> "$OUT/summary.txt"
+
+timeout 120 $PY bench/plan_gpu.py ${QUICK:+--quick} > "$OUT/plan.txt" 2>&1
+cat "$OUT/plan.txt" >> "$OUT/summary.txt"
+echo "total $(( $(date +%s) - start )) s" >> "$OUT/summary.txt"
+cat "$OUT/summary.txt"

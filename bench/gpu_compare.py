@@ -1,0 +1,215 @@
+"""tunesmith against TRL's SFTTrainer + peft on the same GPU: tokens/s, peak memory, MFU, and the
+plan's prediction against what was allocated.
+
+The setup Unsloth publishes its "2x faster, 70% less memory" claim on: the Llama-3.1-8B shape,
+QLoRA r=32 on every linear layer, micro-batch 2 x accumulation 4, rows of 2048 tokens; and the
+same with LoRA on a bf16 base. Weights are random, built from the shape's config (no hub is
+reachable where this runs; speed and memory do not depend on weight values), the tokenizer is the
+small BPE tokenizer the tests build (trained here in seconds; its ids fit any vocabulary), the data rows are 2048 tokens of MedQuAD
+text (or repeated generated text where MedQuAD is absent). Each run trains in a fresh process.
+
+    python bench/gpu_compare.py --shape llama-3.1-8b --methods qlora,lora --steps 6 --warmup 2
+    python bench/gpu_compare.py --shape tiny --steps 3 --warmup 1   # the flow, on the CPU, in a minute
+
+Prints one table and writes --out (JSON). Run only on a machine doing nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MEDQUAD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "medquad"
+TINY = dict(vocab_size=600, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def build_model(shape: str, folder: Path) -> None:
+    """A random model of the shape (bf16) with the tests' tokenizer, saved to `folder`."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tunesmith.plan.shapes import ALIASES, KNOWN
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import build_tokenizer
+
+    fields = TINY if shape == "tiny" else KNOWN[ALIASES.get(shape, shape)]
+    config = LlamaConfig(**fields, max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=1, eos_token_id=2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    build_tokenizer(folder)
+
+
+def write_rows(folder: Path, tokenizer_dir: Path, rows: int, length: int) -> dict:
+    """`rows` documents of at least `length` tokens: tunesmith's text format and TRL's input_ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = []
+    for path in sorted(MEDQUAD.glob("*.jsonl")):
+        texts += [json.loads(line).get("answer", "") for line in open(path)]
+        if len(texts) > 20000:
+            break
+    if not texts:
+        texts = [f"Sentence {i} of a long generated document about fine-tuning." for i in range(20000)]
+    ids, documents = [], []
+    text = ""
+    for chunk in texts:
+        text += chunk + "\n"
+        if len(text) > 6 * length:
+            encoded = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(encoded) >= length:
+                ids.append(encoded[:length])
+                documents.append(tokenizer.decode(encoded[:length - 1]))
+                text = ""
+        if len(ids) == rows:
+            break
+    with open(folder / "text.jsonl", "w") as out:
+        for document in documents:
+            out.write(json.dumps({"text": document}) + "\n")
+    with open(folder / "ids.jsonl", "w") as out:
+        for row in ids:
+            out.write(json.dumps({"input_ids": row}) + "\n")
+    return {"text": str(folder / "text.jsonl"), "ids": str(folder / "ids.jsonl")}
+
+
+def train_tunesmith(args) -> dict:
+    import tunesmith
+
+    config = {
+        "model": {"name": args.model, "dtype": "bfloat16"},
+        "data": {"train": args.data["text"], "validation": args.data["text"], "format": "text",
+                 "max_seq_len": args.length, "cache": False},
+        "adapter": {"method": args.method, "r": 32, "alpha": 64, "target_modules": "all-linear"},
+        "train": {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": args.accum, "lr": 2e-4,
+                  "log_every": 1, "warmup_ratio": 0.0},
+        "eval": {"generate": False, "report": False, "compare_base": False, "batch_size": 1},
+        "output": {"dir": str(args.out), "overwrite": True},
+    }
+    results = tunesmith.train(config)
+    records = [json.loads(line) for line in open(Path(args.out) / "metrics.jsonl")]
+    steps = [r for r in records if r.get("event") == "train"][args.warmup:]
+    seconds = sum((r["tokens"] - p["tokens"]) / r["tokens_per_second"] for p, r in zip(steps, steps[1:]))
+    tokens = steps[-1]["tokens"] - steps[0]["tokens"]
+    return {"tokens_per_second": tokens / seconds, "peak_allocated": results["peak_memory"]["measured"],
+            "planned": results["peak_memory"]["predicted"], "mfu": results.get("mfu")}
+
+
+def train_trl(args) -> dict:
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.points: list[tuple[float, int]] = []
+
+        def on_step_end(self, train_args, state, control, **kwargs):
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            self.points.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    init = {"dtype": torch.bfloat16}
+    if args.method == "qlora":  # TRL's and peft's documented QLoRA set-up
+        init["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_use_double_quant=True,
+                                                         bnb_4bit_compute_dtype=torch.bfloat16)
+    config = SFTConfig(output_dir=str(args.out), per_device_train_batch_size=args.batch,
+                       gradient_accumulation_steps=args.accum, learning_rate=2e-4, max_steps=args.steps,
+                       max_length=args.length, bf16=True, logging_steps=1, save_strategy="no", report_to="none",
+                       gradient_checkpointing=True, model_init_kwargs=init, include_num_input_tokens_seen="all",
+                       use_cpu=not torch.cuda.is_available(), dataset_kwargs={"skip_prepare_dataset": False})
+    clock = Clock()
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    trainer = SFTTrainer(model=args.model, args=config, callbacks=[clock],
+                         train_dataset=load_dataset("json", data_files=args.data["ids"], split="train"),
+                         peft_config=LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer.train()
+    (t0, n0), (t1, n1) = clock.points[args.warmup], clock.points[-1]
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    return {"tokens_per_second": (n1 - n0) / (t1 - t0), "peak_allocated": peak}
+
+
+def child(args) -> None:
+    args.data = json.loads(args.data)
+    result = train_tunesmith(args) if args.stack == "tunesmith" else train_trl(args)
+    Path(args.result).write_text(json.dumps(result))
+
+
+def spawn(args, stack: str, method: str, model: str, data: dict, tmp: Path) -> dict:
+    result = tmp / f"{stack}-{method}.json"
+    command = [sys.executable, __file__, "--child", "--stack", stack, "--method", method, "--model", model,
+               "--data", json.dumps(data), "--result", str(result), "--out", str(tmp / f"run-{stack}-{method}"),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+               "--accum", str(args.accum), "--length", str(args.length)]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed",
+                "log": done.stderr[-4000:]}
+    return {**json.loads(result.read_text()), "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    parser.add_argument("--methods", default="qlora,lora")
+    parser.add_argument("--stacks", default="tunesmith,trl")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--accum", type=int, default=4)
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--stack"), parser.add_argument("--method"), parser.add_argument("--model")
+    parser.add_argument("--data"), parser.add_argument("--result")
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    rows = args.batch * args.accum * (args.steps + 1)
+    table = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        tmp = Path(tmp)
+        model = tmp / "model"
+        build_model(args.shape, model)
+        data = write_rows(tmp, model, rows, args.length)
+        for method in args.methods.split(","):
+            row = {"method": method}
+            for stack in args.stacks.split(","):
+                row[stack] = spawn(args, stack, method, str(model), data, tmp)
+            table.append(row)
+    print(f"{args.shape}, r=32 all linear, micro-batch {args.batch} x accumulation {args.accum}, "
+          f"{args.length} tokens, {args.steps} steps ({args.warmup} warm-up)")
+    print(f"{'method':<8}{'stack':<11}{'tokens/s':>10}{'peak GiB':>10}{'plan GiB':>10}{'MFU':>7}")
+    for row in table:
+        for stack in args.stacks.split(","):
+            r = row[stack]
+            if "error" in r:
+                print(f"{row['method']:<8}{stack:<11} failed: {r['error']}")
+                continue
+            gib = (lambda v: f"{v / 2**30:.2f}" if v else "-")
+            mfu = f"{r['mfu']:.0%}" if r.get("mfu") else "-"
+            print(f"{row['method']:<8}{stack:<11}{r['tokens_per_second']:>10.0f}{gib(r.get('peak_allocated')):>10}"
+                  f"{gib(r.get('planned')):>10}{mfu:>7}")
+        if all("error" not in row.get(s, {"error": 1}) for s in ("tunesmith", "trl")):
+            speed = row["tunesmith"]["tokens_per_second"] / row["trl"]["tokens_per_second"]
+            memory = ((row["tunesmith"]["peak_allocated"] or 0) / row["trl"]["peak_allocated"]
+                      if row["trl"].get("peak_allocated") else None)
+            print(f"  {row['method']}: tunesmith {speed:.2f}x TRL's tokens/s"
+                  + (f", {memory:.2f}x its peak memory" if memory else ""))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"shape": args.shape, "rows": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

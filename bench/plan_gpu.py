@@ -1,0 +1,124 @@
+"""`tunesmith plan` against the CUDA memory a real training step allocates, on four shapes.
+
+Each case runs in a fresh process: a random model of the shape (weights do not change memory),
+the method made trainable and the fast paths applied as `tunesmith train` does, then three
+optimizer steps of random tokens through training/loop.py's train_step; measured is
+torch.cuda.max_memory_allocated after the first step (so the optimizer states exist), predicted
+the plan's tensors (its CUDA-context and allocator-slack overhead left out: allocated memory
+does not contain them).
+
+    python bench/plan_gpu.py            # on a GPU
+    python bench/plan_gpu.py --quick    # tiny shapes; runs on a CPU (resident memory, as train measures)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CASES = [
+    {"shape": "llama-3.1-8b", "method": "qlora", "batch": 2, "seq": 2048, "ckpt": True},
+    {"shape": "llama-3.1-8b", "method": "lora", "batch": 2, "seq": 2048, "ckpt": True},
+    {"shape": "llama-2-7b", "method": "lora", "batch": 4, "seq": 1024, "ckpt": False},
+    {"shape": "llama-3.1-8b", "method": "lora", "batch": 1, "seq": 4096, "ckpt": False},
+]
+QUICK = [{**case, "shape": "tiny", "seq": case["seq"] // 8} for case in CASES]
+
+
+def measure(case: dict, folder: Path) -> dict:
+    import torch
+
+    from tunesmith import accel, methods
+    from tunesmith.config import AdapterConfig
+    from tunesmith.data.collate import PADDED, PADDING_FREE
+    from tunesmith.data.prepare import Split
+    from tunesmith.data.tokenize import IGNORE, Encoded
+    from tunesmith.plan import TrainingMemory
+    from tunesmith.training.distributed import StepLoss
+    from tunesmith.training.loop import train_step
+    from tunesmith.training.loss import label_loss_sum
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method = methods.get(case["method"])
+    memory = TrainingMemory(device)
+    model = method.load_base(str(folder), torch.bfloat16, device)
+    model = method.make_trainable(model, AdapterConfig(method=case["method"], r=32, alpha=64,
+                                                       gradient_checkpointing=case["ckpt"]))
+    accel.apply(model, device)
+    layout = PADDING_FREE if accel.padding_free(model) else PADDED
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(3, vocab, (case["batch"], case["seq"]), generator=generator).tolist()
+    half = case["seq"] // 2
+    split = Split("train", [], [Encoded(row, [IGNORE] * half + row[half:]) for row in rows])
+    loss_module = StepLoss(model, label_loss_sum)
+    model.train()
+    for step in range(3):
+        train_step(loss_module, split, [list(range(case["batch"]))], 0, layout=layout)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            memory.start()
+    return {"measured": memory.peak(), "layout": layout}
+
+
+def predict(case: dict, folder: Path) -> float:
+    import torch
+
+    from tunesmith.plan import GPUS, estimate, estimate_for_machine
+    from tunesmith.plan.memory import Setup
+    from tunesmith.plan.shapes import model_shape
+    from tunesmith.training.loss import head_chunk
+
+    shape = model_shape(str(folder))
+    setup = Setup(method=case["method"], dtype="bfloat16", batch=case["batch"], seq=case["seq"],
+                  gradient_checkpointing=case["ckpt"], r=32, label_share=0.5,
+                  tokens=case["batch"] * case["seq"], head_chunk=head_chunk(shape.vocab, "cuda"))
+    if torch.cuda.is_available():
+        return estimate(shape, setup).total  # tensors only: allocated memory has no context or slack
+    return estimate_for_machine(shape, setup).total
+
+
+def build(shape: str, folder: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_compare import build_model
+
+    build_model(shape, folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child")
+    parser.add_argument("--folder")
+    args = parser.parse_args()
+    if args.child:
+        case = json.loads(args.child)
+        print(json.dumps({**measure(case, Path(args.folder)), "predicted": predict(case, Path(args.folder))}))
+        return
+    cases = QUICK if args.quick else CASES
+    print(f"{'shape':<14}{'method':<7}{'batch x seq':>12}{'ckpt':>6}{'measured':>11}{'plan':>10}{'error':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folders: dict[str, Path] = {}
+        for case in cases:
+            if case["shape"] not in folders:
+                folders[case["shape"]] = Path(tmp) / case["shape"]
+                build(case["shape"], folders[case["shape"]])
+            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(case),
+                                   "--folder", str(folders[case["shape"]])], capture_output=True, text=True)
+            label = f"{case['shape']:<14}{case['method']:<7}{case['batch']:>5} x {case['seq']:<5}{str(case['ckpt']):>6}"
+            if done.returncode != 0:
+                print(f"{label} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}")
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            error = row["predicted"] / row["measured"] - 1
+            print(f"{label}{row['measured'] / 2**30:>9.2f} G{row['predicted'] / 2**30:>8.2f} G{error:>+8.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Padding-free attention on CUDA: the sequences of a row attend to themselves only, by
+variable-length flash attention (flash-attn's `flash_attn_varlen_func` where installed, else
+torch's own `torch.nn.attention.varlen.varlen_attn`), and by SDPA per sequence where neither runs
+(fp32, an older torch, another device).
+
+A padding-free row (data/collate.py `flat_batch`) is [1, T] tokens of several examples end to
+end, their bounds as transformers' cu_seq_lens_q/_k with max_length_q/_k known on the host, so
+the kernels need no host synchronisation. Anything else (padded eval batches, generation with a
+cache) goes to transformers' SDPA.
+
+Written against the kernels' documented interfaces; not yet run on a GPU (bench/gpu_check.sh
+checks it against fast_paths=off on one).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+NAME = "tunesmith_varlen"
+LIBRARIES = ("transformers",)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def kernel_name(device: torch.device, dtype: torch.dtype) -> str:
+    """Which variable-length kernel runs for this device and dtype: 'flash-attn', 'torch-varlen' or 'sdpa'."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa"
+    if _flash_attn() is not None:
+        return "flash-attn"
+    return "torch-varlen" if _torch_varlen() is not None else "sdpa"
+
+
+def varlen(q, k, v, cumulative, longest: int, scale: float, window: int | None):
+    """q [T, H, D], k, v [T, Hkv, D], causal within each sequence of `cumulative` -> [T, H, D]."""
+    name = kernel_name(q.device, q.dtype)
+    left = window - 1 if window and window < longest else -1
+    if name == "flash-attn":
+        return _flash_attn()(q, k, v, cumulative, cumulative, longest, longest, 0.0, softmax_scale=scale,
+                             causal=True, window_size=(left, -1) if left >= 0 else (-1, -1))
+    if name == "torch-varlen":
+        function = _torch_varlen()
+        options = inspect.signature(function).parameters
+        groups = q.shape[1] // k.shape[1]
+        extra = {}
+        if groups > 1 and "enable_gqa" in options:
+            extra["enable_gqa"] = True
+        elif groups > 1:
+            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        if "window_size" in options:
+            extra["window_size"] = (left, 0)
+        else:
+            extra["is_causal"] = True
+        return function(q, k, v, cumulative, cumulative, longest, longest, scale=scale, **extra)
+    return per_sequence_sdpa(q, k, v, cumulative.tolist(), scale, window)
+
+
+def per_sequence_sdpa(q, k, v, ends: list[int], scale: float, window: int | None):
+    """The reference computation (and the fallback): SDPA, causal, on each sequence alone."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    for start, end in zip(ends[:-1], ends[1:]):
+        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, S, D]
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        mask = None
+        if window and window < end - start:
+            rows = torch.arange(end - start, device=q.device)
+            mask = (rows[:, None] >= rows[None, :]) & (rows[:, None] - rows[None, :] < window)
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale).transpose(0, 1)
+    return out
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      is_causal=None, **kwargs):
+    """transformers' attention-function interface: query [B, H, S, D], key/value [B, Hkv, S, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cumulative = kwargs.get("cu_seq_lens_q")
+    padding_free = (cumulative is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
+                    and dropout == 0.0 and kwargs.get("softcap") is None and getattr(module, "is_causal", True)
+                    and query.shape[1] % key.shape[1] == 0)
+    if not padding_free:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
+    longest = kwargs.get("max_length_q") or int((cumulative[1:] - cumulative[:-1]).max())
+    out = varlen(q, k, v, cumulative, int(longest), scale, kwargs.get("sliding_window"))
+    return out.unsqueeze(0), None  # [1, T, H, D]: the layout the output projection reads
+
+
+def install(model) -> int:
+    """Use this attention for a CUDA model that runs SDPA; 1 if it was switched, else 0."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return 0
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)
+    return 1

@@ -1,3 +1,0 @@
-from .lora import apply_adapter, count_parameters, save_trained
-
-__all__ = ["apply_adapter", "count_parameters", "save_trained"]

@@ -1,0 +1,39 @@
+"""Generate answers for a split's prompts and score them against its references."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .generate import generate_answers
+from .metrics import example_scores, load_scorer, mean_scores
+
+
+def score_generation(model, tokenizer, conversations: list[list[dict]], eval_cfg, out: Path | None = None,
+                     label: str = "model") -> dict:
+    """Mean scores (and speed) of the model's answers to the conversations' last prompts; with `out`,
+    the answers beside their references as JSONL."""
+    conversations = conversations[: eval_cfg.test_limit] if eval_cfg.test_limit else conversations
+    references = [c[-1]["content"] for c in conversations]
+    answers, speed = generate_answers(model, tokenizer, conversations, eval_cfg.max_new_tokens, eval_cfg.batch_size,
+                                      label=f"generate ({label})", temperature=eval_cfg.temperature,
+                                      seed=eval_cfg.seed)
+    scores = score(answers, references, eval_cfg.scorer)
+    scores["test_examples"] = len(references)
+    scores["generated_tokens_per_second"] = round(speed["tokens_per_second"], 1)
+    if out is not None:
+        with open(out, "w", encoding="utf-8") as handle:
+            for conversation, answer in zip(conversations, answers):
+                handle.write(json.dumps({"prompt": conversation[-2]["content"], "reference": conversation[-1]["content"],
+                                         "answer": answer}) + "\n")
+    return scores
+
+
+def score(answers: list[str], references: list[str], scorer: str | None = None) -> dict:
+    """JSON references get field-level scores; free text gets exact match, normalised exact match,
+    token F1 and ROUGE-L; `scorer` ('module:function') adds the user's own metric."""
+    rows = example_scores(answers, references, load_scorer(scorer) if scorer else None, scorer_name(scorer))
+    return mean_scores(rows)
+
+
+def scorer_name(spec: str | None) -> str:
+    return spec.rpartition(":")[2] if spec else "custom"

@@ -1,0 +1,70 @@
+"""Progress of long work (training steps, evaluation, generation): done/total, rates, ETA.
+
+On a terminal a tqdm bar redrawn in place; elsewhere (CI logs, the dashboard's train.log) one
+plain line per update, which reads well in a file. Time inside `paused()` (an evaluation in the
+middle of training) counts neither in the elapsed time nor in the ETA.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+
+def clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Progress:
+    def __init__(self, total: int, label: str = "train", stream=None, quiet: bool = False, unit: str = "it"):
+        # sys.stderr is looked up now, not at import: it may have been replaced (and closed) since.
+        self.total, self.label, self.quiet = total, label, quiet  # quiet: ranks other than 0
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self.excluded = 0.0  # seconds spent in paused()
+        self.done = 0
+        self.bar = None
+        if not quiet and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, unit=unit, file=self.stream, dynamic_ncols=True, leave=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    def update(self, done: int, **fields) -> None:
+        if self.quiet:
+            return
+        shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()}
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+            self.bar.set_postfix(shown, refresh=True)
+            self.done = done
+            if done >= self.total:
+                self.close()
+            return
+        self.done = done
+        elapsed = self.elapsed()
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        parts = [f"{k} {v}" for k, v in shown.items()]
+        text = " | ".join([f"{self.label} {done}/{self.total}", *parts, f"{clock(elapsed)} elapsed", f"ETA {clock(eta)}"])
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Work that is not this progress's (its own progress may show meanwhile)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - began
+            if self.bar is not None:
+                self.bar.start_t += time.perf_counter() - began  # tqdm's rate and ETA leave it out too
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

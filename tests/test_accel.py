@@ -1,0 +1,251 @@
+"""The fast-path layer (accel/) as a whole, and the run's device.
+
+- fast paths against `fast_paths=off` (plain transformers + peft) on tiny Llama, Qwen2 and
+  Mistral models: the same loss and LoRA gradients;
+- the rewrites are keyed by class and pinned to checked library versions, falling back with one
+  warning;
+- the CUDA backend's attention logic (run here through its SDPA fallback) against the plain path;
+- device resolution, checkpoints loaded onto the model's device, RNG states restored; tests that
+  need CUDA skip without it (bench/gpu_check.sh runs them on a GPU).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from helpers import assert_same_gradients, build_model, demo_examples, gradients, trainable
+from tunesmith import accel
+from tunesmith.accel import compat
+from tunesmith.config import AdapterConfig
+from tunesmith.data.collate import collate
+from tunesmith.device import resolve, to_device
+from tunesmith.errors import UserError
+from tunesmith.models import load_model
+from tunesmith.training.loss import label_loss_sum
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (bench/gpu_check.sh runs it on one)")
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def _seeded_lora(folder, dtype, fast: bool):
+    torch.manual_seed(0)
+    model = trainable(load_model(str(folder), dtype, device=DEVICE), AdapterConfig(r=4, alpha=8), fast_paths=fast)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+def _loss_and_grads(model, batch):
+    total, count = label_loss_sum(model, batch)
+    (total / count).backward()
+    return float(total.detach()) / count, gradients(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("dtype,loss_tolerance,grad_tolerance",
+                         [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-3, 2e-2)])
+def test_fast_paths_equal_plain_transformers_and_peft(tmp_path, tiny_tokenizer, arch, dtype, loss_tolerance,
+                                                      grad_tolerance):
+    """The same examples as a padding-free row through the fast paths and as a padded batch
+    through plain transformers + peft: the same loss and LoRA gradients (bf16 gradients within
+    bf16 rounding of the largest: the compiled kernels and the attention round in other places)."""
+    build_model(tmp_path, arch, vocab=len(tiny_tokenizer), seed=3)
+    examples = demo_examples(tiny_tokenizer, 5)
+    fast = _seeded_lora(tmp_path, dtype, fast=True)
+    plain = _seeded_lora(tmp_path, dtype, fast=False)
+    assert accel.padding_free(fast) and not accel.padding_free(plain)
+    fast_loss, fast_grads = _loss_and_grads(fast, to_device(collate(examples, tiny_tokenizer.pad_token_id, flat=True),
+                                                            DEVICE))
+    plain_loss, plain_grads = _loss_and_grads(plain, to_device(collate(examples, tiny_tokenizer.pad_token_id), DEVICE))
+    assert abs(fast_loss - plain_loss) / plain_loss < loss_tolerance
+    assert fast_grads.keys() == plain_grads.keys() and all("lora_" in name for name in fast_grads)
+    assert_same_gradients(plain_grads, fast_grads, grad_tolerance)
+
+
+def test_apply_rewrites_known_classes_and_off_rewrites_nothing(tiny_model_dir):
+    model = trainable(load_model(str(tiny_model_dir)), fast_paths=False)
+    layers = model.config.num_hidden_layers
+    assert accel.apply(model, torch.device("cpu"), "off") == {}
+    assert model.config._attn_implementation == "sdpa"
+    applied = accel.apply(model, torch.device("cpu"), "auto")
+    assert applied == {"rmsnorm": 2 * layers + 1, "swiglu": layers, "rotary": layers, "lora_linear": 7 * layers,
+                       "tunesmith_causal": 1}
+    assert "rmsnorm x5" in accel.describe(applied, "auto", torch.device("cpu"))
+
+
+def test_an_unknown_architecture_trains_on_the_plain_path(tmp_path, tiny_tokenizer):
+    """A family the rewrites do not know (a subclass of a known class counts as unknown: its
+    forward may differ) gets no rewrite, and says so."""
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    class OtherNorm(modeling_llama.LlamaRMSNorm):
+        pass
+
+    build_model(tmp_path, "llama", vocab=len(tiny_tokenizer))
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    for layer in model.model.layers:
+        layer.input_layernorm.__class__ = OtherNorm
+    applied = accel.apply(trainable(model, fast_paths=False), torch.device("cpu"))
+    assert applied["rmsnorm"] == model.config.num_hidden_layers + 1  # the post-attention norms and the final one
+
+
+def test_a_library_outside_its_checked_range_falls_back_with_one_warning(tiny_model_dir, monkeypatch):
+    real = compat.version_of
+    monkeypatch.setattr(compat, "version_of", lambda lib: "99.0.0" if lib == "peft" else real(lib))
+    compat.usable.cache_clear()
+    try:
+        model = trainable(load_model(str(tiny_model_dir)), fast_paths=False)
+        with pytest.warns(RuntimeWarning, match="fast path 'lora_linear' not applied: peft 99.0.0") as caught:
+            applied = accel.apply(model, torch.device("cpu"))
+            accel.apply(trainable(load_model(str(tiny_model_dir)), fast_paths=False), torch.device("cpu"))
+        assert "lora_linear" not in applied and "rmsnorm" in applied  # the transformers rewrites still apply
+        assert sum("lora_linear" in str(w.message) for w in caught) == 1
+    finally:
+        compat.usable.cache_clear()
+
+
+def test_installed_versions_are_the_checked_ones_or_the_fast_paths_step_aside(tiny_model_dir):
+    """Upgrading transformers, peft or bitsandbytes past the range the fast paths were checked on
+    must turn them off (until they are checked again and CHECKED is widened), never run them
+    silently on internals that may have changed."""
+    model = trainable(load_model(str(tiny_model_dir)), fast_paths=False)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        applied = accel.apply(model, torch.device("cpu"))
+    for name, libraries in {"rmsnorm": ("transformers",), "lora_linear": ("peft",)}.items():
+        inside = all(compat.within_checked(lib) for lib in libraries)
+        assert (name in applied) == inside, (name, [compat.version_of(lib) for lib in libraries])
+    assert {p.library for p in compat.PRIVATE_NAMES} <= set(compat.CHECKED) | {"torch"}
+
+
+def test_pins_in_pyproject_match_the_checked_ranges():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    pins = project["dependencies"] + [d for group in project["optional-dependencies"].values() for d in group]
+    for library, (oldest, newest) in compat.CHECKED.items():
+        assert f"{library}>={oldest},<={newest}" in pins, library
+
+
+def test_cuda_backend_attention_equals_the_plain_path(tiny_model_dir, tiny_tokenizer):
+    """accel/cuda/attention.py's logic on a padding-free row (its SDPA-per-sequence path, which
+    runs where no varlen kernel does) gives the plain path's loss and gradients."""
+    from tunesmith.accel.cuda import attention as cuda_attention
+
+    examples = demo_examples(tiny_tokenizer, 4)
+    results = []
+    for install in (False, True):
+        torch.manual_seed(0)
+        model = trainable(load_model(str(tiny_model_dir)), fast_paths=False)
+        if install:
+            assert cuda_attention.install(model) == 1
+        batch = collate(examples, tiny_tokenizer.pad_token_id, flat=install)
+        results.append(_loss_and_grads(model, batch))
+    (plain, plain_grads), (varlen, varlen_grads) = results
+    assert abs(plain - varlen) / plain < 1e-5
+    assert_same_gradients(plain_grads, varlen_grads, 1e-5)
+    assert cuda_attention.kernel_name(torch.device("cpu"), torch.bfloat16) == "sdpa"
+
+
+def test_per_sequence_sdpa_keeps_sequences_apart_with_a_sliding_window():
+    from tunesmith.accel.cuda.attention import per_sequence_sdpa
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(12, n, 8, generator=generator) for n in (4, 2, 2))
+    ends = [0, 5, 12]
+    out = per_sequence_sdpa(q, k, v, ends, 8 ** -0.5, window=3)
+    # the second sequence alone gives the same rows: nothing leaks across the boundary
+    alone = per_sequence_sdpa(q[5:], k[5:], v[5:], [0, 7], 8 ** -0.5, window=3)
+    assert torch.allclose(out[5:], alone, atol=1e-6)
+    # a window of 3: row 6 of the second sequence sees rows 4-6 only
+    changed = v.clone()
+    changed[5 + 2] += 10.0
+    assert torch.allclose(per_sequence_sdpa(q, k, changed, ends, 8 ** -0.5, window=3)[5 + 6], out[5 + 6], atol=1e-6)
+
+
+def test_device_resolution():
+    assert resolve("cpu") == torch.device("cpu")
+    assert resolve("auto", local_rank=0) == (torch.device("cuda", 0) if CUDA else torch.device("cpu"))
+    for bad in ("gpu", "cuda:x", "tpu"):
+        with pytest.raises(UserError, match="train.device"):
+            resolve(bad)
+    if not CUDA:
+        with pytest.raises(UserError, match="no CUDA device"):
+            resolve("cuda")
+
+
+@needs_cuda
+def test_cuda_resolution_takes_the_local_rank():
+    assert resolve("cuda", local_rank=0) == torch.device("cuda", 0)
+    with pytest.raises(UserError, match="only"):
+        resolve(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_checkpoint_loads_onto_the_models_device_and_restores_rng(tiny_model_dir, tmp_path):
+    from tunesmith.training import checkpoint as ckpt
+    from tunesmith.training.schedule import warmup_cosine
+
+    def parts():
+        model = trainable(load_model(str(tiny_model_dir), device=DEVICE), AdapterConfig(r=4))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        return model, optimizer, warmup_cosine(optimizer, 10, 1, 0.1)
+
+    model, optimizer, scheduler = parts()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.ones_like(p)
+    optimizer.step()
+    torch.manual_seed(123)
+    if CUDA:
+        torch.cuda.manual_seed(456)
+    saved = ckpt.save_checkpoint(tmp_path, model, optimizer, scheduler, ckpt.TrainState(step=3), keep=2)
+    expected = (torch.rand(3), torch.rand(3, device=DEVICE))
+    torch.manual_seed(0)
+    if CUDA:
+        torch.cuda.manual_seed(0)
+    fresh, fresh_optimizer, fresh_scheduler = parts()
+    state = ckpt.load_checkpoint(saved, fresh, fresh_optimizer, fresh_scheduler)
+    assert state.step == 3
+    assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, device=DEVICE), expected[1])
+    moments = [s["exp_avg"] for s in fresh_optimizer.state.values()]
+    assert moments and all(m.device == DEVICE for m in moments)
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_train_eval_and_generation_keep_every_tensor_on_the_models_device(tiny_config, monkeypatch):
+    """Base evaluation, training, eval loss and generation: no module ever receives a tensor
+    (positional or keyword) on another device than its own weights. On CUDA this catches batches,
+    masks or position ids left on the host; on the CPU it runs the same checks."""
+    import tunesmith
+
+    seen: list[str] = []
+    real_apply = accel.apply
+
+    def check(module, args, kwargs):
+        weights = next(module.parameters(recurse=False), None)
+        if weights is not None:
+            for value in list(args) + list(kwargs.values()):
+                if isinstance(value, torch.Tensor):
+                    assert value.device == weights.device, (type(module).__name__, value.device, weights.device)
+            seen.append(type(module).__name__)
+
+    def apply_and_guard(model, device, setting="auto"):
+        for module in model.modules():
+            module.register_forward_pre_hook(check, with_kwargs=True)
+        return real_apply(model, device, setting)
+
+    monkeypatch.setattr(accel, "apply", apply_and_guard)
+    tiny_config["train"].update(max_steps=3, device=str(DEVICE))
+    tiny_config["eval"].update(every_steps=2, test_limit=2, max_new_tokens=4)
+    results = tunesmith.train(tiny_config)
+    assert results["device"] == str(DEVICE)
+    assert {"Embedding", "Linear", "LlamaDecoderLayer"} <= set(seen)

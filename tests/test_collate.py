@@ -1,0 +1,39 @@
+"""data/collate.py: padded, padding-free and budget-cut micro-batches, and host-side label positions."""
+import torch
+
+from tunesmith.data.collate import collate
+from tunesmith.data.tokenize import IGNORE, Encoded
+
+
+def test_collate_pads_like_row_by_row(tiny_tokenizer):
+    examples = [Encoded([5, 6, 7], [IGNORE, 6, 7]), Encoded([8], [8]), Encoded([1, 2, 3, 4, 5], [IGNORE] * 4 + [5])]
+    batch = collate(examples, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 0, 0, 0, 0], [1, 2, 3, 4, 5]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE], [8] + [IGNORE] * 4, [IGNORE] * 4 + [5]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert all(batch[k].dtype == torch.long for k in ("input_ids", "labels", "attention_mask"))
+    # where the loss reads its targets, found on the host: next-token positions of the [3, 4] grid
+    assert batch["label_positions"].tolist() == [0, 1, 11] and batch["label_targets"].tolist() == [6, 7, 5]
+    assert batch["label_count"] == 3
+
+
+def test_flat_batch_puts_examples_end_to_end():
+    from tunesmith.data.collate import flat_batch
+
+    batch = flat_batch([Encoded([5, 6, 7], [IGNORE, 6, 7]), Encoded([8, 9], [8, 9]), Encoded([1], [1])])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1]]
+    # each example's first label is dropped: in the row it would be predicted from the previous example
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9, IGNORE]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5, 6] and "attention_mask" not in batch
+
+
+def test_budget_cut_fills_few_micro_batches():
+    from tunesmith.data.collate import budget_cut
+
+    lengths = [300, 120, 500, 90, 410, 260, 700, 30]
+    batches = budget_cut(list(range(8)), lengths, 1024)
+    assert sorted(i for b in batches for i in b) == list(range(8))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in batches)
+    assert len(batches) == 3  # 2410 tokens need at least 3 micro-batches of 1024
+    assert budget_cut([0, 1], [2000, 10], 1024) == [[0], [1]]  # a longer example goes alone

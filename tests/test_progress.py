@@ -1,0 +1,78 @@
+"""Long work says what it does: progress lines with counts and an ETA, evaluation time left out
+of training's rate and ETA, and eval loss in the training layout with its own progress."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from tunesmith import progress as progress_module
+from tunesmith.progress import Progress
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_paused_time_is_left_out_of_elapsed_and_eta(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(progress_module.time, "perf_counter", clock)
+    out = io.StringIO()
+    bar = Progress(10, "train", stream=out)
+    clock.now += 10  # 2 steps in 10 s
+    bar.update(2)
+    with bar.paused():
+        clock.now += 600  # a long evaluation
+    clock.now += 10  # 2 more steps
+    bar.update(4, loss=1.5)
+    last = out.getvalue().splitlines()[-1]
+    assert last.startswith("train 4/10 | loss 1.5") and "0:20 elapsed" in last and "ETA 0:30" in last
+
+
+def test_eval_loss_shows_progress_in_the_training_layout(tiny_model_dir, tiny_tokenizer, capsys):
+    """Eval loss over many batches reports how far it is; padding-free it gives the padded result."""
+    from helpers import demo_examples, trainable
+    from tunesmith.data.collate import PADDED, PADDING_FREE
+    from tunesmith.data.prepare import Split
+    from tunesmith.eval.loss import eval_loss
+    from tunesmith.models import load_model
+
+    examples = demo_examples(tiny_tokenizer, 24)
+    split = Split("validation", [[]] * len(examples), examples)
+    model = trainable(load_model(str(tiny_model_dir)))
+    model.train()
+    flat = eval_loss(model, split, 4, tiny_tokenizer.pad_token_id, layout=PADDING_FREE, label="eval loss (base)")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval loss (base)")]
+    assert lines[-1].startswith("eval loss (base) 6/6") and "ETA" in lines[-1]
+    padded = eval_loss(model, split, 4, tiny_tokenizer.pad_token_id, layout=PADDED)
+    assert flat == pytest.approx(padded, rel=1e-5)
+    assert model.training and torch.is_grad_enabled()  # left as it was found
+
+
+def test_train_seconds_leave_evaluations_out(tiny_config, monkeypatch):
+    """A run whose evaluations take seconds: its training time and tokens/s do not count them."""
+    import time
+
+    import tunesmith
+    from tunesmith import api
+
+    real = api.eval_loss
+
+    def slow(*args):
+        if not args[-1].endswith("(base)"):
+            time.sleep(1.0)
+        return real(*args)
+
+    monkeypatch.setattr(api, "eval_loss", slow)
+    tiny_config["train"]["max_steps"] = 4
+    tiny_config["eval"].update(every_steps=1, generate=False, report=False)
+    start = time.perf_counter()
+    results = tunesmith.train(tiny_config)
+    wall = time.perf_counter() - start
+    # 3 evaluations during training and 1 at the end, a second each
+    assert results["train_seconds"] < wall - 4.0

@@ -1,0 +1,177 @@
+"""Resuming loses nothing and repeats nothing: early stopping across a kill, metrics of a run that
+died before its first checkpoint, non-finite steps at checkpoint and signal time, and checkpoint
+and result files that survive a crash at any moment."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import records, run_cli, start_and_kill_at, trainable, write_config
+from tunesmith.config import AdapterConfig
+from tunesmith.models import load_model
+
+
+def early_stop_config(tmp_path, model_dir, run):
+    # min_delta 100: no evaluation after the first improves enough, so patience 2 stops at step 6
+    # (evaluations at 2, 4, 6), long before max_steps.
+    path = write_config(tmp_path, model_dir, run, max_steps=20)
+    config = json.loads(path.read_text())
+    config["eval"].update(every_steps=2, patience=2, min_delta=100.0, restore_best=True)
+    config["data"]["validation_share"] = 0.2
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def early_stopped(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("early")
+    done = run_cli(early_stop_config(tmp, tiny_model_dir, "run"))
+    assert done.returncode == 0, done.stderr
+    run = tmp / "run"
+    return {"run": run, "results": json.loads((run / "results.json").read_text()),
+            "weights": load_file(run / "adapter" / "adapter_model.safetensors")}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_survives_a_kill(early_stopped, tiny_model_dir, tmp_path):
+    """Killed after two evaluations (one bad), the resumed run stops where the uninterrupted one
+    did, with the same restored weights (a fresh stopper would need two more bad evaluations)."""
+    assert early_stopped["results"]["early_stopped_at"] == 6 and early_stopped["results"]["steps"] == 6
+    config = early_stop_config(tmp_path, tiny_model_dir, "run")
+    run = tmp_path / "run"
+    assert start_and_kill_at(config, run, 5) == -signal.SIGKILL
+    done = run_cli(config)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert (results["early_stopped_at"], results["steps"]) == (6, 6)
+    assert results["best_step"] == early_stopped["results"]["best_step"]
+    assert same_weights(load_file(run / "adapter" / "adapter_model.safetensors"), early_stopped["weights"])
+
+
+def test_a_run_killed_after_its_patience_ran_out_does_not_train_on(early_stopped, tmp_path):
+    """The state of the early-stop step is in its checkpoint: resumed there (results and weights
+    lost to a kill), the run trains no further step and returns the same weights."""
+    run = tmp_path / "run"
+    shutil.copytree(early_stopped["run"], run)
+    for lost in ("results.json", "adapter", "report.html", "report.json"):
+        target = run / lost
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    config = json.loads((early_stopped["run"].parent / "run.json").read_text())
+    config["output"]["dir"] = str(run)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config))
+    done = run_cli(path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert (results["steps"], results["early_stopped_at"]) == (6, 6)
+    assert max(r["step"] for r in records(run, "train")) == 6
+    assert same_weights(load_file(run / "adapter" / "adapter_model.safetensors"), early_stopped["weights"])
+
+
+def test_changed_patience_is_refused_on_resume(tiny_model_dir, tmp_path):
+    config = early_stop_config(tmp_path, tiny_model_dir, "run")
+    run = tmp_path / "run"
+    start_and_kill_at(config, run, 3)
+    done = run_cli(config, "eval.patience=5", "eval.restore_best=false", "--resume")
+    assert done.returncode == 2
+    assert "eval.patience (2 -> 5)" in done.stderr and "eval.restore_best" in done.stderr
+
+
+def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_repeated(tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, "run", checkpoint_every=0, max_steps=6)
+    run = tmp_path / "run"
+    assert start_and_kill_at(config, run, 3) == -signal.SIGKILL
+    assert not (run / "checkpoints").is_dir() or not any((run / "checkpoints").iterdir())
+    done = run_cli(config)
+    assert done.returncode == 0, done.stderr
+    steps = [r["step"] for r in records(run, "train")]
+    assert steps == list(range(1, 7))  # once each: the dead run's records were dropped
+    assert [r["step"] for r in records(run, "samples")] == list(range(1, 7))
+
+
+def test_a_non_finite_step_still_checkpoints_and_stops_on_a_signal(tiny_model_dir, tmp_path, monkeypatch):
+    """A step skipped as non-finite is still a step: its checkpoint is written (here the last
+    step's), and a signal that arrived during it stops the run there with a checkpoint."""
+    import tunesmith
+    from tunesmith.errors import Interrupted
+    from tunesmith.training import loop
+
+    config = json.loads(write_config(tmp_path, tiny_model_dir, "run", max_steps=4, checkpoint_every=0).read_text())
+    real = loop.train_step
+
+    def non_finite_at(step: int, signalled: bool = False):
+        done = {"steps": 0}
+
+        def train_step(*args, **kwargs):
+            loss, tokens = real(*args, **kwargs)
+            done["steps"] += 1
+            if done["steps"] != step:
+                return loss, tokens
+            if signalled:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return float("nan"), tokens
+
+        return train_step
+
+    monkeypatch.setattr(loop, "train_step", non_finite_at(4))
+    results = tunesmith.train(config)
+    assert results["skipped_steps"] == [4]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000004").is_dir()
+
+    config["output"]["dir"] = str(tmp_path / "run2")
+    monkeypatch.setattr(loop, "train_step", non_finite_at(2, signalled=True))
+    with pytest.raises(Interrupted) as stopped:
+        tunesmith.train(config)
+    assert stopped.value.saved.name == "step-00000002"
+
+
+def _fsynced_paths(monkeypatch) -> list[str]:
+    """Record the path of every file or folder handed to os.fsync."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_checkpoint_rename_is_made_durable_and_an_existing_step_never_deleted(tiny_model_dir, tmp_path, monkeypatch):
+    from tunesmith.training import checkpoint as ckpt
+    from tunesmith.training.schedule import warmup_cosine
+
+    model = trainable(load_model(str(tiny_model_dir)), AdapterConfig(r=4))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = warmup_cosine(optimizer, 10, 1, 0.1)
+    folder = tmp_path / "checkpoints"
+    synced = _fsynced_paths(monkeypatch)
+    first = ckpt.save_checkpoint(folder, model, optimizer, scheduler, ckpt.TrainState(step=2), keep=2)
+    assert str(folder) in synced[synced.index(str(first) + ".partial"):]  # the parent, after the new folder
+    removed = []
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: removed.append(str(path)))
+    again = ckpt.save_checkpoint(folder, model, optimizer, scheduler, ckpt.TrainState(step=2), keep=2)
+    assert again == first and first.is_dir() and str(first) not in removed
+
+
+def test_results_and_best_weights_are_written_durably(tmp_path, monkeypatch):
+    from tunesmith.runs import write_json
+    from tunesmith.training.early_stop import BestWeights
+
+    synced = _fsynced_paths(monkeypatch)
+    write_json(tmp_path / "results.json", {"steps": 3})
+    assert synced[-2:] == [str(tmp_path / "results.json.tmp"), str(tmp_path)]
+    assert json.loads((tmp_path / "results.json").read_text()) == {"steps": 3}
+    BestWeights(tmp_path / "best.safetensors").offer(torch.nn.Linear(2, 2), 1, 0.5)
+    assert synced[-2:] == [str(tmp_path / "best.safetensors.tmp"), str(tmp_path)]
