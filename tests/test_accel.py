@@ -47,25 +47,38 @@ def _loss_and_grads(model, batch):
     return float(total.detach()) / count, gradients(model)
 
 
+def _relative(a: dict, b: dict) -> float:
+    """|a - b| / |b| over all the tensors together."""
+    return (sum(float(((a[k] - b[k]) ** 2).sum()) for k in b) / sum(float((b[k] ** 2).sum()) for k in b)) ** 0.5
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("dtype,loss_tolerance,grad_tolerance",
-                         [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-3, 2e-2)])
-def test_fast_paths_equal_plain_transformers_and_peft(tmp_path, tiny_tokenizer, arch, dtype, loss_tolerance,
-                                                      grad_tolerance):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_paths_equal_plain_transformers_and_peft(tmp_path, tiny_tokenizer, arch, dtype):
     """The same examples as a padding-free row through the fast paths and as a padded batch
-    through plain transformers + peft: the same loss and LoRA gradients (bf16 gradients within
-    bf16 rounding of the largest: the compiled kernels and the attention round in other places)."""
+    through plain transformers + peft: the same loss and LoRA gradients. In fp32 within 1e-5. In
+    bf16 the loss within 1e-3; the gradients differ by bf16 rounding (about 0.3-0.5% of their
+    norm: the compiled kernels and the attention round at other places than eager code does), so
+    they are held to 1% and to this: the fast path is no farther from the fp32 gradients than the
+    plain path is."""
     build_model(tmp_path, arch, vocab=len(tiny_tokenizer), seed=3)
     examples = demo_examples(tiny_tokenizer, 5)
+    flat = to_device(collate(examples, tiny_tokenizer.pad_token_id, flat=True), DEVICE)
+    padded = to_device(collate(examples, tiny_tokenizer.pad_token_id), DEVICE)
     fast = _seeded_lora(tmp_path, dtype, fast=True)
     plain = _seeded_lora(tmp_path, dtype, fast=False)
     assert accel.padding_free(fast) and not accel.padding_free(plain)
-    fast_loss, fast_grads = _loss_and_grads(fast, to_device(collate(examples, tiny_tokenizer.pad_token_id, flat=True),
-                                                            DEVICE))
-    plain_loss, plain_grads = _loss_and_grads(plain, to_device(collate(examples, tiny_tokenizer.pad_token_id), DEVICE))
-    assert abs(fast_loss - plain_loss) / plain_loss < loss_tolerance
+    fast_loss, fast_grads = _loss_and_grads(fast, flat)
+    plain_loss, plain_grads = _loss_and_grads(plain, padded)
     assert fast_grads.keys() == plain_grads.keys() and all("lora_" in name for name in fast_grads)
-    assert_same_gradients(plain_grads, fast_grads, grad_tolerance)
+    if dtype == torch.float32:
+        assert abs(fast_loss - plain_loss) / plain_loss < 1e-5
+        assert_same_gradients(plain_grads, fast_grads, 1e-5)
+        return
+    assert abs(fast_loss - plain_loss) / plain_loss < 1e-3
+    assert _relative(fast_grads, plain_grads) < 1e-2
+    _, exact = _loss_and_grads(_seeded_lora(tmp_path, torch.float32, fast=False), padded)
+    assert _relative(fast_grads, exact) <= 1.25 * _relative(plain_grads, exact)
 
 
 def test_apply_rewrites_known_classes_and_off_rewrites_nothing(tiny_model_dir):
@@ -231,7 +244,7 @@ def test_train_eval_and_generation_keep_every_tensor_on_the_models_device(tiny_c
     real_apply = accel.apply
 
     def check(module, args, kwargs):
-        weights = next(module.parameters(recurse=False), None)
+        weights = next(module.parameters(), None)  # a block's own or its first layer's: one device per model
         if weights is not None:
             for value in list(args) + list(kwargs.values()):
                 if isinstance(value, torch.Tensor):
@@ -248,4 +261,4 @@ def test_train_eval_and_generation_keep_every_tensor_on_the_models_device(tiny_c
     tiny_config["eval"].update(every_steps=2, test_limit=2, max_new_tokens=4)
     results = tunesmith.train(tiny_config)
     assert results["device"] == str(DEVICE)
-    assert {"Embedding", "Linear", "LlamaDecoderLayer"} <= set(seen)
+    assert {"Embedding", "Linear", "LlamaRMSNorm", "LlamaDecoderLayer", "LlamaAttention"} <= set(seen)

@@ -65,7 +65,8 @@ def max_diff(a: dict, b: dict) -> float:
     ("lora", {}),
     pytest.param("full", {}, marks=pytest.mark.slow),  # the same mechanism as lora-ddp, all weights
     pytest.param("full", {"fsdp": True}, marks=pytest.mark.slow),
-], ids=["lora-ddp", "full-ddp", "full-fsdp2"])
+    pytest.param("lora", {"fsdp": True}, marks=pytest.mark.slow),  # the frozen base sharded, adapters trained
+], ids=["lora-ddp", "full-ddp", "full-fsdp2", "lora-fsdp2"])
 def test_two_ranks_equal_one_process(method, train_opts, tiny_model_dir, tmp_path):
     one = train(write_config(tmp_path, tiny_model_dir, "one", method))
     assert one.returncode == 0, one.stderr
