@@ -15,6 +15,7 @@ import pytest
 
 from conftest import write_jsonl
 from test_ui_api import running_dashboard
+from tunesmith import runlock
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
@@ -112,7 +113,7 @@ def test_dashboard_end_to_end(dashboard, browser, tmp_path, tiny_model_dir, tiny
     browser.find_element(By.ID, "start").click()
     wait_for(lambda: "#/run/from-form" in browser.current_url, 30, what="the run page")
     folder = Path(dashboard.runs_dir) / "from-form"
-    pid = int(wait_for(lambda: (folder / "train.pid").read_text(), 30, what="the pid file"))
+    pid = wait_for(lambda: runlock.holder(folder), 30, what="the trainer holding the run folder's lock")
     # The trainer is frozen (SIGSTOP) between looks, so the page is checked against known points on any machine speed.
     wait_for(lambda: logged_steps(folder), 120, 0.02, "the first logged step")
     os.kill(pid, signal.SIGSTOP)

@@ -1,6 +1,7 @@
 """The main flow as plain functions: train (data -> model -> fit -> save -> evaluate) and evaluate."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import runs
+from . import runlock, runs
 from .adapters.lora import apply_adapter, count_parameters, model_bytes, save_trained
 from .config import Config, dump, load_config
 from .errors import UserError
@@ -44,6 +45,14 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     check_data_paths(cfg)
     run_dir = Path(cfg.output.dir)
     runs.check_run_dir(run_dir, cfg.output.overwrite, must_resume)
+    with contextlib.ExitStack() as held:  # released however the run ends: the run folder's lock
+        if ranks.main:
+            held.enter_context(runlock.hold(run_dir))  # one writer per run folder, for the process's whole run
+        return _train_holding(cfg, must_resume, ranks, run_dir, held)
+
+
+def _train_holding(cfg: Config, must_resume: bool, ranks: distributed.Ranks, run_dir: Path,
+                   held: contextlib.ExitStack) -> dict:
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     data = prepare(cfg.data, tokenizer)
     # Only now, with config and data known good, is the run folder touched: a mistake loses nothing.

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .. import runlock
 from ..config import Config, dump, load_config
 from ..errors import UserError
-from .folders import LOG_FILE, PID_FILE, RUN_NAME, inside, status, training_pid
+from .folders import LOG_FILE, RUN_NAME, inside, status, training_pid
 
 # Form field -> config key. Everything else goes through the free "key=value" lines.
 FORM_KEYS = {
@@ -99,24 +100,30 @@ def resume(folder: Path) -> subprocess.Popen:
     state = status(folder)
     if state not in ("stopped", "failed", "pending"):
         raise UserError(f"{folder.name}: is {state}; only a stopped or failed run can be resumed")
-    return launch(folder)
+    return launch(folder)  # a second Resume racing this one finds the lock taken there
 
 
 def launch(folder: Path) -> subprocess.Popen:
-    with open(folder / LOG_FILE, "ab") as log:
+    """`tunesmith train` on the folder's config in a child process that holds the run folder's lock
+    from its first instant (taken here, handed over): the run shows as running at once, and a second
+    trainer for the folder, from here or a terminal, is refused."""
+    with runlock.handover(folder) as lock, open(folder / LOG_FILE, "ab") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "tunesmith.cli", "train", str(folder / "config.yaml")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(lock,),
             # Its own session: a Ctrl-C in the dashboard's terminal does not stop the runs it started.
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    (folder / PID_FILE).write_text(str(child.pid), encoding="utf-8")
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", runlock.INHERITED: str(lock)})
+        runlock.record(lock, child.pid)
     return child
 
 
 def stop(folder: Path) -> int:
-    """SIGTERM: the training loop finishes its step, writes a checkpoint and exits (status 143)."""
+    """SIGTERM to the process holding the run folder's lock, and to no other: the training loop
+    finishes its step, writes a checkpoint and exits (status 143)."""
     pid = training_pid(folder)
     if pid is None:
         raise UserError(f"{folder.name}: not running")
+    if pid <= 0:
+        raise UserError(f"{folder.name}: its training process is starting; try again in a moment")
     os.kill(pid, signal.SIGTERM)
     return pid
