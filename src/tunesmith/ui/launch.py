@@ -22,10 +22,18 @@ FORM_KEYS = {
     "checkpoint_every": "train.checkpoint_every", "eval_every": "eval.every_steps",
 }
 DATA_KEYS = ("train", "validation", "test")
+# Settings that make training run code other than tunesmith's: the model repository's own Python
+# (model.trust_remote_code) and a scorer module imported by name (eval.scorer). From the dashboard
+# only when it was started with `tunesmith ui --allow-code`.
+CODE_SETTINGS = {"model.trust_remote_code": lambda cfg: cfg.model.trust_remote_code,
+                 "eval.scorer": lambda cfg: cfg.eval.scorer is not None}
 
 
-def form_config(form: dict, runs_dir: Path) -> tuple[str, Config]:
-    """(run name, validated config) from the form; mistakes raise UserError with the field's name."""
+def form_config(form: dict, runs_dir: Path, allow_code: bool = False) -> tuple[str, Config]:
+    """(run name, validated config) from the form; mistakes raise UserError with the field's name.
+
+    Settings that run code are refused unless `allow_code`: they are judged on the validated
+    config, so no spelling of them in the free lines gets through."""
     name = str(form.get("name") or "").strip()
     if not RUN_NAME.match(name):
         raise UserError(f"run name {name!r}: use letters, digits, '.', '_' or '-' (at most 100), starting with a letter or digit")
@@ -44,17 +52,22 @@ def form_config(form: dict, runs_dir: Path) -> tuple[str, Config]:
                 raise UserError(f"extra settings, line {number}: expected section.key=value, got {line.strip()!r}")
             overrides.append(line.strip())
     overrides.append(f"output.dir={inside(runs_dir, name)}")
-    return name, load_config(None, overrides)
+    cfg = load_config(None, overrides)
+    asked = [key for key, is_set in CODE_SETTINGS.items() if is_set(cfg)]
+    if asked and not allow_code:
+        raise UserError(f"{' and '.join(asked)}: would run code other than tunesmith's; refused from the dashboard "
+                        "unless it was started with `tunesmith ui --allow-code` (or train from the terminal)")
+    return name, cfg
 
 
-def preview(form: dict, runs_dir: Path) -> dict:
+def preview(form: dict, runs_dir: Path, allow_code: bool = False) -> dict:
     """The data check and the plan, shown before a run starts."""
     from ..api import check_data_paths
     from ..data.check import build_report
     from ..data.prepare import prepare
     from ..training.loop import total_steps
 
-    name, cfg = form_config(form, runs_dir)
+    name, cfg = form_config(form, runs_dir, allow_code)
     check_data_paths(cfg)
     data = prepare(cfg.data, cfg.model.name)  # the model spec lets a cached tokenisation skip the tokenizer
     check = build_report(data, cfg.data, cfg.data.train, cfg.model.name)
@@ -81,11 +94,11 @@ def memory_and_time(cfg: Config, check: dict, tokens: int, mean_tokens: float) -
         return f"no estimate: {type(err).__name__}: {err}"
 
 
-def start(form: dict, runs_dir: Path) -> tuple[str, subprocess.Popen]:
+def start(form: dict, runs_dir: Path, allow_code: bool = False) -> tuple[str, subprocess.Popen]:
     """Write the run's config.yaml into a new run folder and train it in a child process."""
     from ..api import check_data_paths
 
-    name, cfg = form_config(form, runs_dir)
+    name, cfg = form_config(form, runs_dir, allow_code)
     folder = runs_dir / name
     if folder.exists():
         raise UserError(f"{folder}: a run of that name exists; choose another name")
