@@ -45,7 +45,7 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     check_data_paths(cfg)
     run_dir = Path(cfg.output.dir)
     runs.check_run_dir(run_dir, cfg.output.overwrite, must_resume)
-    with contextlib.ExitStack() as held:  # released however the run ends: the run folder's lock
+    with contextlib.ExitStack() as held:  # released however the run ends: the run folder's lock, the loggers
         if ranks.main:
             held.enter_context(runlock.hold(run_dir))  # one writer per run folder, for the process's whole run
         return _train_holding(cfg, must_resume, ranks, run_dir, held)
@@ -62,7 +62,8 @@ def _train_holding(cfg: Config, must_resume: bool, ranks: distributed.Ranks, run
         if cfg.data.train == "demo":
             write_demo_files({name: split.conversations for name, split in data.splits.items()}, run_dir)
     ranks.barrier()
-    log = open_loggers(run_dir, cfg.eval.loggers, cfg.model_dump(mode="json")) if ranks.main else distributed.SilentLog()
+    log = held.enter_context(contextlib.closing(
+        open_loggers(run_dir, cfg.eval.loggers, cfg.model_dump(mode="json")) if ranks.main else distributed.SilentLog()))
     summary = data.summary()
     say(f"data: {summary['examples']} examples, {summary['tokens']['train']} train tokens "
         f"({summary['label_tokens']['train']} with a loss); dropped: {summary['dropped'] or 'none'}")
@@ -118,7 +119,6 @@ def _train_holding(cfg: Config, must_resume: bool, ranks: distributed.Ranks, run
         return {"base": base, "fine_tuned": tuned, "run_dir": str(run_dir), "rank": ranks.rank}
     if test and cfg.eval.generate:
         tuned.update(score_generation(model, tokenizer, test, cfg, run_dir / "predictions.jsonl", "fine-tuned"))
-    log.close()
     results.update({
         "trainable_parameters": trainable, "total_parameters": total,
         "steps": result.steps, "resumed_from": result.resumed_from, "train_tokens": result.train_tokens, "train_seconds": round(result.seconds, 1),
