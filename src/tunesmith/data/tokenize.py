@@ -44,6 +44,12 @@ class Encoded:
     def label_count(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
 
+    def labels_in_a_row(self) -> list[int]:
+        """The labels with the first one dropped, for an example placed after others in one row
+        (packing, padding-free batches): there its first token would be predicted from the previous
+        example's last one; alone in a padded row it is never predicted at all."""
+        return [IGNORE] + list(self.labels[1:]) if self.labels else []
+
 
 class TemplateError(ValueError):
     """The chat template cannot render a conversation (e.g. roles that must alternate)."""
