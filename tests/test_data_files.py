@@ -9,7 +9,7 @@ from tunesmith.data.prepare import prepare
 from tunesmith.data.tokenize import IGNORE
 from tunesmith.errors import UserError
 
-from helpers import write_jsonl
+from helpers import CHATML, write_jsonl
 
 EXPECTED = [("2+2?", "4"), ("Capital of France?", "Paris"), ("Translate to French\n\ncat", "chat"), ("Say hi", "hi"),
             ("Color of the sky?", "blue")]
@@ -172,3 +172,45 @@ def test_second_prepare_comes_from_the_cache(tmp_path, tiny_tokenizer, monkeypat
         out.write(json.dumps({"prompt": "new", "completion": "one"}) + "\n")
     changed = prepare(DataConfig(train=str(path)), tiny_tokenizer)
     assert not changed.cached and all(l == IGNORE or l >= 0 for e in changed.splits["train"].encoded for l in e.labels)
+
+
+def ids_of(prepared) -> list[list[int]]:
+    return [e.input_ids for e in prepared.splits["train"].encoded]
+
+
+def test_an_edited_chat_template_is_a_new_cache_entry(tmp_path, tiny_model_dir, monkeypatch):
+    """The key holds the template's text and the tokenizer files' contents, not the template's path:
+    editing the .jinja file named by data.chat_template, or the tokenizer's own chat_template.jinja
+    (same size and mtime, as a checkout can leave it), gives the new template's tokens, not stale ones."""
+    import os
+    import shutil
+
+    from tunesmith.models import load_tokenizer
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    path = write_jsonl(tmp_path / "d.jsonl", [r for n in range(3) for r in good(n)])
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHATML)
+    cfg = DataConfig(train=str(path), chat_template=str(template))
+    first = prepare(cfg, load_tokenizer(str(tiny_model_dir)))
+    assert not first.cached and prepare(cfg, load_tokenizer(str(tiny_model_dir))).cached
+    template.write_text(CHATML.replace("<|im_start|>", "<|im_start|>\n"))  # the user edits the file
+    edited = prepare(cfg, load_tokenizer(str(tiny_model_dir)))
+    fresh = prepare(DataConfig(train=str(path), chat_template=str(template), cache=False), load_tokenizer(str(tiny_model_dir)))
+    assert not edited.cached and ids_of(edited) == ids_of(fresh) != ids_of(first)
+    by_spec = prepare(cfg, str(tiny_model_dir))  # `data check --model FOLDER`: the same entry, no tokenizer loaded
+    assert by_spec.cached and ids_of(by_spec) == ids_of(fresh)
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(tiny_model_dir, folder)
+    own = DataConfig(train=str(path))
+    before = prepare(own, str(folder))
+    assert not before.cached and prepare(own, load_tokenizer(str(folder))).cached
+    jinja = folder / "chat_template.jinja"
+    stat = jinja.stat()
+    jinja.write_text(jinja.read_text().replace("<|im_start|>", "<|im_begin|>"))  # same length
+    os.utime(jinja, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert jinja.stat().st_size == stat.st_size
+    after = prepare(own, load_tokenizer(str(folder)))
+    assert not after.cached and ids_of(after) != ids_of(before)
+    assert ids_of(after) == ids_of(prepare(DataConfig(train=str(path), cache=False), load_tokenizer(str(folder))))

@@ -75,3 +75,59 @@ def test_chat_streams_answers_and_keeps_the_history(tiny_model_dir):
     assert text.count("model> ") == 2
     answer = " ".join(messages[2]["content"].split())
     assert answer and answer in " ".join(text.split())  # what was streamed is what joined the history
+
+
+class Tracked:
+    """An extra metric logger that records whether it was closed."""
+
+    def __init__(self, closed: list, fail_on_close: bool = False):
+        self.closed, self.fail_on_close = closed, fail_on_close
+
+    def write(self, **record) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed.append(self)
+        if self.fail_on_close:
+            raise OSError("the logger's server went away")
+
+
+def test_loggers_are_closed_when_training_fails(tiny_config, monkeypatch):
+    """A run that fails after its loggers opened closes them all (W&B/MLflow runs would stay open)."""
+    import tunesmith
+    from tunesmith import api
+    from tunesmith.training import progress
+
+    closed, opened = [], []
+    monkeypatch.setitem(progress.EXTRA_LOGGERS, "wandb",  # W&B's place, taken by a logger that counts closes
+                        ("json", lambda folder, config: opened.append(Tracked(closed)) or opened[-1]))
+    tiny_config["eval"]["loggers"] = ["wandb"]
+    real_open = api.open_loggers
+    files = []
+    monkeypatch.setattr(api, "open_loggers", lambda *a, **k: files.append(real_open(*a, **k)) or files[-1])
+    monkeypatch.setattr(api, "fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("failed in the middle")))
+    with pytest.raises(RuntimeError, match="failed in the middle"):
+        tunesmith.train(tiny_config)
+    assert len(opened) == 1 and closed == opened
+    assert files[0].jsonl.handle.closed
+
+
+def test_every_logger_is_closed_when_one_fails_to_close_or_open(tmp_path, monkeypatch):
+    from tunesmith.training import progress
+
+    closed = []
+    monkeypatch.setitem(progress.EXTRA_LOGGERS, "first", ("json", lambda folder, config: Tracked(closed, True)))
+    monkeypatch.setitem(progress.EXTRA_LOGGERS, "second", ("json", lambda folder, config: Tracked(closed)))
+    log = open_loggers(tmp_path / "run", ["first", "second"])
+    with pytest.raises(OSError, match="went away"):
+        log.close()
+    assert len(closed) == 2 and log.jsonl.handle.closed
+
+    def broken(folder, config):
+        raise RuntimeError("cannot reach the tracking server")
+
+    closed.clear()
+    monkeypatch.setitem(progress.EXTRA_LOGGERS, "broken", ("json", broken))
+    with pytest.raises(RuntimeError, match="tracking server"):
+        open_loggers(tmp_path / "run", ["second", "broken"])
+    assert len(closed) == 1  # the one opened before the failure

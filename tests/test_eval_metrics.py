@@ -58,3 +58,15 @@ def test_user_scorer_from_module_and_file(tmp_path, monkeypatch):
                           ("my_metrics:missing", "has no function 'missing'")]:
         with pytest.raises(UserError, match=message):
             load_scorer(spec)
+
+
+def test_json_references_wrapped_in_prose_are_scored_not_a_crash():
+    """Detected with parse_json_object, once parsed with json.loads: 'Answer: {...}' crashed scoring."""
+    references = ['Answer: {"category": "billing", "priority": "low"}',
+                  'The label is ```json\n{"category": "outage", "priority": "high"}\n```']
+    answers = ['{"category": "billing", "priority": "high"}', 'Sure: {"category": "outage", "priority": "high"}']
+    rows = example_scores(answers, references)
+    assert rows == [{"json_valid": 1.0, "all_fields": 0.0, "field/category": 1.0, "field/priority": 0.0},
+                    {"json_valid": 1.0, "all_fields": 1.0, "field/category": 1.0, "field/priority": 1.0}]
+    assert json_example_scores("no json", references[0]) == {
+        "json_valid": 0.0, "all_fields": 0.0, "field/category": 0.0, "field/priority": 0.0}

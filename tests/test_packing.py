@@ -24,11 +24,41 @@ def alone_logits(model, example):
         return model(input_ids=torch.tensor([example.input_ids])).logits[0]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_logits_and_loss_equal_each_example_alone(tiny_model_dir, tiny_tokenizer, examples, attention):
+def packing_model(model_dir, attention: str):
+    """The tiny model with transformers' SDPA or eager attention, or as training runs it on the CPU
+    ("training"): LoRA applied by apply_adapter, which installs the fused layers and the attention
+    of training/attention.py in place of SDPA."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attention).eval()
+    from tunesmith.adapters.lora import apply_adapter
+    from tunesmith.config import AdapterConfig
+    from tunesmith.training import attention as training_attention
+
+    implementation = "sdpa" if attention == "training" else attention
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=implementation)
+    if attention == "training":
+        torch.manual_seed(0)
+        model = apply_adapter(model, AdapterConfig(r=4, alpha=8))
+        with torch.no_grad():  # B non-zero: the adapters take part in the output
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        assert model.config._attn_implementation == training_attention.NAME
+    return model.eval()
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "training"])
+def test_packed_logits_and_loss_equal_each_example_alone(tiny_model_dir, tiny_tokenizer, attention, train_on_inputs):
+    """Packed rows give every example the logits and the loss it has alone, through transformers'
+    attention and through the training path (the CPU attention training installs, label_loss_sum);
+    with train_on_inputs too, where every token of an example has a label, its first one included."""
+    from tunesmith.data.demo import make_splits
+
+    rows = make_splits(7, seed=11, validation_size=0, test_size=0)["train"]
+    examples = [encode(tiny_tokenizer, r["messages"], train_on_inputs) for r in rows]
+    assert all((e.labels[0] != IGNORE) == train_on_inputs for e in examples)
+    model = packing_model(tiny_model_dir, attention)
     capacity = max(len(e.input_ids) for e in examples) * 2 + 5
     rows, groups = pack_examples(examples, capacity)
     assert any(len(g) > 1 for g in groups) and len(rows) < len(examples)
@@ -103,14 +133,17 @@ def test_packed_collation_keeps_labels_aligned_and_examples_apart(lengths, extra
     rows, groups = pack_examples(examples, max(lengths) + extra)
     batch = collate(rows, pad_id=2)
     ids, labels, mask, positions = batch["input_ids"], batch["labels"], batch["attention_mask"][:, 0], batch["position_ids"]
-    assert int((labels != IGNORE).sum()) == sum(e.label_count for e in examples)
+    # An example's first token is never predicted from within it: its label would be learned from
+    # the previous example's last token, so it is dropped (as a padded batch never predicts it).
+    kept = [[IGNORE] + e.labels[1:] for e in examples]
+    assert int((labels != IGNORE).sum()) == sum(sum(t != IGNORE for t in k) for k in kept)
     for row, group in enumerate(groups):
         owner = torch.full((ids.shape[1],), -1)
         start = 0
         for index in group:
             e, n = examples[index], len(examples[index].input_ids)
             assert ids[row, start:start + n].tolist() == e.input_ids
-            assert labels[row, start:start + n].tolist() == e.labels
+            assert labels[row, start:start + n].tolist() == kept[index]
             assert positions[row, start:start + n].tolist() == list(range(n))
             owner[start:start + n] = index
             start += n

@@ -49,9 +49,9 @@ def fake_run(runs: Path, name: str, *, finished=False, checkpoint=False, nan=Fal
 
 
 @contextlib.contextmanager
-def running_dashboard(runs: Path, host: str = "127.0.0.1", token: str | None = None):
+def running_dashboard(runs: Path, host: str = "127.0.0.1", token: str | None = None, allow_code: bool = False):
     """A dashboard serving from a thread on a free port; its training children are killed afterwards."""
-    server = make_server(runs, host, 0, token)
+    server = make_server(runs, host, 0, token, allow_code)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield server
@@ -68,14 +68,17 @@ def running_dashboard(runs: Path, host: str = "127.0.0.1", token: str | None = N
 def served(tmp_path):
     """Yields a function that starts a dashboard over tmp_path/runs."""
     with contextlib.ExitStack() as stack:
-        yield lambda host="127.0.0.1", token=None: stack.enter_context(running_dashboard(tmp_path / "runs", host, token))
+        yield lambda host="127.0.0.1", token=None, allow_code=False: stack.enter_context(
+            running_dashboard(tmp_path / "runs", host, token, allow_code))
 
 
-def call(server, path, body=None, headers=None, host=None):
-    """(status, parsed JSON or text) of one request; `host` connects to that address instead."""
+def call(server, path, body=None, headers=None, host=None, token=True):
+    """(status, parsed JSON or text) of one request, with the server's token (token=False: without);
+    `host` connects to that address instead."""
     port = server.server_address[1]
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    request = urllib.request.Request(f"http://{host or '127.0.0.1'}:{port}{path}", data=data, headers=headers or {})
+    headers = {"X-Tunesmith-Token": server.token, **(headers or {})} if token else dict(headers or {})
+    request = urllib.request.Request(f"http://{host or '127.0.0.1'}:{port}{path}", data=data, headers=headers)
     if isinstance(body, dict):
         request.add_header("Content-Type", "application/json")
     try:
@@ -158,21 +161,23 @@ def test_refuses_paths_outside_the_runs_folder(served, tmp_path):
     assert inside(runs, "done/results.json") == (runs / "done" / "results.json").resolve()
 
 
-def test_token_required_when_bound_beyond_localhost(served):
-    server = served(host="0.0.0.0")
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_token_required_on_every_api_request(served, host):
+    """On localhost too: any web page the user visits can reach 127.0.0.1. Only as a header: a token
+    in an address would stay in the browser's history and in logs."""
+    server = served(host=host)
     token = server.token
     assert token and len(token) >= 24 and token in server.url
-    for path in ("/api/runs", "/api/runs/x/metrics", f"/api/runs?token={token[:-1]}"):
-        assert call(server, path)[0] == 401, path
-    assert call(server, "/api/runs", headers={"X-Tunesmith-Token": "wrong"})[0] == 401
-    assert call(server, "/api/runs", {"name": "x"})[0] == 401  # starting a run too
-    assert call(server, "/api/runs", headers={"X-Tunesmith-Token": token})[0] == 200
-    assert call(server, f"/api/runs?token={token}")[0] == 200
-    assert call(server, "/")[0] == 200  # the page itself holds no data; it reads the token from its address
+    for path in ("/api/runs", "/api/runs/x/metrics", f"/api/runs?token={token[:-1]}", f"/api/runs?token={token}"):
+        assert call(server, path, token=False)[0] == 401, path
+    assert call(server, "/api/runs", headers={"X-Tunesmith-Token": "wrong"}, token=False)[0] == 401
+    assert call(server, "/api/runs", {"name": "x"}, token=False)[0] == 401  # starting a run too
+    assert call(server, "/api/runs", headers={"X-Tunesmith-Token": token}, token=False)[0] == 200
+    assert call(server, "/", token=False)[0] == 200  # the page itself holds no data; it reads the token from its address
+    assert make_server(server.runs_dir, host, 0).token != token  # a new one for every start
 
     local = served()
-    assert local.token is None and call(local, "/api/runs")[0] == 200
-    # Bound to localhost without a token: only local Host names (no DNS rebinding), only JSON POSTs (no CSRF forms).
+    # Bound to localhost: only local Host names (no DNS rebinding), only JSON POSTs (no CSRF forms).
     assert call(local, "/api/runs", headers={"Host": "attacker.example:80"})[0] == 403
     assert call(local, "/api/preview", b"name=x", {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
 
@@ -235,25 +240,28 @@ def test_start_and_stop_a_real_run(served, tmp_path, tiny_model_dir):
     assert call(server, "/api/runs/real/stop", {})[0] == 400  # not running any more
 
 
-def test_cli_prints_the_token_and_the_server_requires_it(tmp_path):
-    """`tunesmith ui --host 0.0.0.0`: the printed address carries a token, and the API refuses requests without it."""
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_cli_prints_the_token_and_the_server_requires_it(tmp_path, host):
+    """`tunesmith ui`: the printed address carries a token, on localhost too, and the API refuses requests without it."""
     import re
     import subprocess
     import sys
 
     child = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "ui", "--runs", str(tmp_path / "runs"),
-                              "--host", "0.0.0.0", "--port", "0"], stdout=subprocess.PIPE, text=True)
+                              "--host", host, "--port", "0"], stdout=subprocess.PIPE, text=True)
     try:
         first = child.stdout.readline()
-        found = re.search(r"http://0\.0\.0\.0:(\d+)/\?token=(\S+)", first)
+        found = re.search(rf"http://{re.escape(host)}:(\d+)/\?token=(\S+)", first)
         assert found, first
         port, token = found.groups()
         assert f"token: {token}" in child.stdout.readline()
         url = f"http://127.0.0.1:{port}/api/runs"
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(url, timeout=30)
-        assert refused.value.code == 401
-        with urllib.request.urlopen(f"{url}?token={token}", timeout=30) as response:
+        for address in (url, f"{url}?token={token}"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(address, timeout=30)
+            assert refused.value.code == 401
+        request = urllib.request.Request(url, headers={"X-Tunesmith-Token": token})
+        with urllib.request.urlopen(request, timeout=30) as response:
             assert json.loads(response.read()) == {"runs": []}
     finally:
         child.terminate()

@@ -1,13 +1,17 @@
 """The dashboard in a real headless browser (Debian's chromium via selenium): start a tiny run from the
-form, watch its curve grow, stop it (checkpoint first), resume it, open its report, compare two runs.
+form, watch its curve grow, stop it (checkpoint first), resume it, open its report, compare two runs;
+and a page of another origin that posts to the dashboard as a web page would, starting nothing.
 Screenshots go to tests/ui_artifacts/. Skipped where chromium, chromedriver or selenium is missing."""
 from __future__ import annotations
 
+import contextlib
+import http.server
 import importlib.util
 import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -15,16 +19,20 @@ import pytest
 
 from helpers import write_jsonl
 from test_ui_api import running_dashboard
+from tunesmith import runlock
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
+SELENIUM = importlib.util.find_spec("selenium") is not None
 ARTIFACTS = Path(__file__).parent / "ui_artifacts"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--window-size=1400,1100"]
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium / chromedriver not installed")
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.common.by import By  # noqa: E402
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER and SELENIUM),
+                                reason="chromium / chromedriver / selenium not installed")
+if SELENIUM:
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +97,9 @@ def test_dashboard_end_to_end(dashboard, browser, tmp_path, tiny_model_dir, tiny
 
     splits = make_splits(40, seed=4, validation_size=6, test_size=4)
     files = {name: write_jsonl(tmp_path / f"{name}.jsonl", rows) for name, rows in splits.items()}
-    base = f"http://127.0.0.1:{dashboard.server_address[1]}/"
-    browser.get(base + "#/new")
+    browser.get(dashboard.url + "#/new")  # the address `tunesmith ui` prints, with the token
+    wait_for(lambda: browser.find_element(By.ID, "f-name"), 30, what="the form")
+    assert "token" not in browser.current_url and dashboard.token not in browser.current_url  # taken out at once
     form = {"name": "from-form", "model": str(tiny_model_dir), "train": str(files["train"]),
             "validation": str(files["validation"]), "test": str(files["test"]), "max_steps": "30", "batch_size": "2",
             "lr": "1e-2", "log_every": "1", "eval_every": "10", "max_seq_len": "256"}
@@ -112,7 +121,7 @@ def test_dashboard_end_to_end(dashboard, browser, tmp_path, tiny_model_dir, tiny
     browser.find_element(By.ID, "start").click()
     wait_for(lambda: "#/run/from-form" in browser.current_url, 30, what="the run page")
     folder = Path(dashboard.runs_dir) / "from-form"
-    pid = int(wait_for(lambda: (folder / "train.pid").read_text(), 30, what="the pid file"))
+    pid = wait_for(lambda: runlock.holder(folder), 30, what="the trainer holding the run folder's lock")
     # The trainer is frozen (SIGSTOP) between looks, so the page is checked against known points on any machine speed.
     wait_for(lambda: logged_steps(folder), 120, 0.02, "the first logged step")
     os.kill(pid, signal.SIGSTOP)
@@ -171,7 +180,7 @@ def compare_with_a_second_run(dashboard, browser, tiny_config, first: str):
                      "train": {**tiny_config["train"], "lr": 2e-3, "max_steps": 8, "log_every": 2},
                      "eval": {**tiny_config["eval"], "generate": False}})
     pair = (first, "lr-low")
-    browser.get(f"http://127.0.0.1:{dashboard.server_address[1]}/#/")
+    browser.get(f"http://127.0.0.1:{dashboard.server_address[1]}/#/")  # same tab: the page kept the token
     for name in pair:
         box = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, f'#row-{name} input.pick'), 20, what=name)
         assert browser.find_element(By.CSS_SELECTOR, f"#row-{name}").get_attribute("data-status") == "finished"
@@ -188,3 +197,70 @@ def compare_with_a_second_run(dashboard, browser, tiny_config, first: str):
     expected = [json.loads((runs / n / "results.json").read_text())["fine_tuned"]["eval_loss"] for n in pair]
     assert [float(c.text) for c in tuned.find_elements(By.TAG_NAME, "td")] == pytest.approx(expected, rel=1e-3)
     browser.save_screenshot(str(ARTIFACTS / "7-compare.png"))
+
+
+ATTACK = """<!doctype html><html><body><pre id="done"></pre><script>
+// What any page the user visits can do: fetch() with a body that needs no CORS preflight.
+const form = FORM;
+async function attempt(path, type, mode) {
+  try {
+    const response = await fetch(TARGET + path, { method: "POST", mode, headers: { "Content-Type": type },
+                                                  body: JSON.stringify(form) });
+    return `${path} ${type} ${mode}: ${response.type} ${response.status}`;
+  } catch (err) {
+    return `${path} ${type} ${mode}: ${err.message}`;
+  }
+}
+(async () => {
+  const results = [];
+  for (const type of ["text/plain", "text/plain; x=application/json", "application/x-www-form-urlencoded"]) {
+    results.push(await attempt("/api/runs", type, "no-cors"));
+  }
+  results.push(await attempt("/api/runs", "application/json", "cors"));  // preflighted: never granted
+  document.getElementById("done").textContent = results.join("\\n") + "\\nfinished";
+})();
+</script></body></html>"""
+
+
+@contextlib.contextmanager
+def page_server(html: str):
+    """A plain web server on another port of 127.0.0.1, serving one page."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            payload = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_page_of_another_origin_starts_nothing(dashboard, browser, tiny_model_dir):
+    """A page served from another port of 127.0.0.1 posts the run form to the dashboard with fetch()
+    and a text/plain body, as a malicious site could: no run starts."""
+    name = "started-by-a-web-page"
+    form = {"name": name, "model": str(tiny_model_dir), "train": "demo", "max_steps": "1", "batch_size": "2",
+            "max_seq_len": "256", "extra": "model.dtype=float32\neval.generate=false\ndata.demo_size=10"}
+    target = f"http://127.0.0.1:{dashboard.server_address[1]}"
+    html = ATTACK.replace("FORM", json.dumps(form)).replace("TARGET", json.dumps(target))
+    with page_server(html) as address:
+        assert address.split(":")[2] != target.split(":")[2]
+        browser.get(address)
+        report = wait_for(lambda: "finished" in text_of(browser, "#done") and text_of(browser, "#done"), 60,
+                          what="the page's requests")
+    browser.save_screenshot(str(ARTIFACTS / "0-attack-page.png"))
+    assert report.count("/api/runs") == 4, report
+    time.sleep(1.0)  # a run started by the requests would have made its folder by now
+    assert not (Path(dashboard.runs_dir) / name).exists(), report
+    assert name not in json.dumps([c.args for c in dashboard.children])

@@ -46,12 +46,13 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     check_data_paths(cfg)
     run = RunFolder(cfg.output.dir)
     run.check_usable(cfg.output.overwrite, must_resume)
-    device = resolve(cfg.train.device, ranks.local_rank)
-    method = methods.get(cfg.adapter.method)
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    data = prepare(cfg.data, tokenizer)
-    # Only now, with config and data known good, is the run folder touched: a mistake loses nothing.
+    # One writer per run folder, held for the process's whole run (the dashboard reads it as "running").
     with runlock.hold(run.path) if ranks.main else contextlib.nullcontext():
+        device = resolve(cfg.train.device, ranks.local_rank)
+        method = methods.get(cfg.adapter.method)
+        tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+        data = prepare(cfg.data, tokenizer)
+        # Only now, with config and data known good, is the run folder written: a mistake loses nothing.
         if ranks.main:
             run.prepare(cfg.output.overwrite, must_resume)
             run.config.write_text(dump(cfg), encoding="utf-8")
@@ -61,7 +62,7 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
         log = open_loggers(run.path, cfg.eval.loggers, cfg.model_dump(mode="json")) if ranks.main else distributed.SilentLog()
         try:
             return _train_model(cfg, run, data, tokenizer, method, device, ranks, log)
-        finally:
+        finally:  # closed however the run ends
             log.close()
 
 

@@ -104,7 +104,7 @@ def cmd_data_check(args) -> int:
 def cmd_ui(args) -> int:
     from .ui import serve
 
-    serve(args.runs, args.host, args.port, args.token)
+    serve(args.runs, args.host, args.port, args.token, args.allow_code)
     return 0
 
 
@@ -209,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="local dashboard: start, watch and compare runs in a browser")
     p.add_argument("--runs", default="runs", help="folder holding the run folders")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--host", default="127.0.0.1", help="beyond 127.0.0.1, every request needs the token printed at start")
-    p.add_argument("--token", default=None, help="token to require (default: a random one when --host is not local)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; every API request needs the token printed at start")
+    p.add_argument("--token", default=None, help="token to require (default: a random one per start; an empty one is refused)")
+    p.add_argument("--allow-code", action="store_true",
+                   help="let runs started from the page set model.trust_remote_code and eval.scorer (they run code)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("plan", help="will it fit, how long will it take: memory and time from the model's config alone")

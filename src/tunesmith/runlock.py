@@ -1,44 +1,126 @@
-"""One writer per run folder: the training process holds an exclusive lock on RUN/.lock for its life."""
+"""One writer per run folder: an exclusive `flock` on RUN/.lock, held by the training process for its whole life.
+
+The lock, not a pid file, says whether a run is running. The kernel drops it when its holder ends,
+however it ends (SIGKILL included), so a stale pid whose number the system has given to another
+process never passes for a live run, and a second trainer (a second terminal, a second Resume
+click) is refused with a message instead of writing the same checkpoints.
+
+The holder writes its pid into the lock file; that pid is believed only while the lock is held.
+The dashboard takes the lock before it starts a trainer and hands it to the child (`handover`):
+the child inherits the locked file, adopts it in `hold`, and the run shows as running from the
+moment it is started. Linux and macOS (fcntl); a forked (not exec'd) child of the trainer shares
+the lock, as every flock holder's does.
+"""
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserError
 
 LOCK_FILE = ".lock"
+INHERITED = "TUNESMITH_RUN_LOCK_FD"  # the descriptor of a lock handed over by the dashboard
+# holder() takes a shared lock for an instant to look; a trainer starting in that instant retries this long.
+PROBE_GRACE_SECONDS = 1.0
 
 
 @contextlib.contextmanager
-def hold(folder: Path):
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_FILE, "a+")
+def hold(folder: str | Path) -> Iterator[None]:
+    """Hold the run folder's lock for the body (creating the folder); UserError naming the folder and
+    the holder's pid when another process holds it."""
+    folder = Path(folder)
+    fd = _adopt(folder)
+    if fd is None:
+        fd = _take(folder)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(f"{folder}: another tunesmith process is training in this run folder") from None
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
-    try:
+        _write_pid(fd, os.getpid())
         yield
     finally:
-        handle.close()
+        os.close(fd)  # releases the lock
 
 
-def holder(folder: Path) -> int | None:
-    path = Path(folder) / LOCK_FILE
-    if not path.exists():
+@contextlib.contextmanager
+def handover(folder: str | Path) -> Iterator[int]:
+    """The lock taken here, as a descriptor to pass to the child process that will train
+    (subprocess pass_fds, with `INHERITED` in its environment); it stays held as long as the child
+    keeps it, also after this side's copy is closed. Write the child's pid with `record`."""
+    fd = _take(Path(folder))
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def record(fd: int, pid: int) -> None:
+    """Write `pid` as the holder's into a lock file held through `fd`."""
+    _write_pid(fd, pid)
+
+
+def holder(folder: str | Path) -> int | None:
+    """The pid of the process holding the run folder's lock, None when none does (the lock is tested,
+    not kept). 0 when it is held but the pid is not written yet (a trainer in its first instant)."""
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
         return None
-    with open(path, "a+") as handle:
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            text = handle.read().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return None
+            return _read_pid(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _take(folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + PROBE_GRACE_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            pid = _read_pid(fd)
+            os.close(fd)
+            who = f"pid {pid}" if pid else "a process starting now"
+            raise UserError(f"{folder}: another training process ({who}) is writing this run folder; wait for it to "
+                            "finish or stop it (the dashboard's Stop, or SIGTERM) before starting a second one") from None
+    os.ftruncate(fd, 0)  # the pid of an earlier holder is stale from this instant on
+    return fd
+
+
+def _adopt(folder: Path) -> int | None:
+    """The lock the dashboard handed to this process, when it is this folder's (else None)."""
+    value = os.environ.pop(INHERITED, None)
+    if value is None or not value.isdigit():
+        return None
+    fd = int(value)
+    try:
+        ours, wanted = os.fstat(fd), os.stat(folder / LOCK_FILE)
+        if (ours.st_dev, ours.st_ino) != (wanted.st_dev, wanted.st_ino):
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # already ours: this only confirms it
+    except OSError:
+        return None
+    os.set_inheritable(fd, False)  # programs this trainer runs do not get it
+    return fd
+
+
+def _write_pid(fd: int, pid: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(pid).encode(), 0)
+
+
+def _read_pid(fd: int) -> int:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else 0

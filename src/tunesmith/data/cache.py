@@ -1,9 +1,13 @@
 """A cache of prepared (tokenised) data, so a second run or data check starts at once.
 
-The key is a hash of the data files' contents, the data settings and the tokenizer spec; an
-entry also records the size and modification time of the tokenizer's files and is used only
-while they are unchanged. Checking an entry needs neither torch nor transformers. Entries are
-plain JSON and NumPy arrays (no pickle), written to a temporary folder and renamed when whole.
+The key is a hash of the data files' contents, the data settings with the text of the chat
+template the data is rendered with (not the path of a .jinja file, which can be edited), the
+tokenizer spec and the contents of the tokenizer's files (where it is a local folder: its own
+template lives there). An entry also records the size and modification time of the tokenizer's
+files and is used only while they are unchanged (this covers a spec such as 'default' that
+names a folder only once resolved). Checking an entry needs neither torch nor transformers.
+Entries are plain JSON and NumPy arrays (no pickle), written to a temporary folder and renamed
+when whole.
 """
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+EXTRA_TEMPLATES = "additional_chat_templates"  # transformers' folder of further named templates
 
 
 def cache_root() -> Path:
@@ -32,22 +37,33 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_key(settings: dict, files: list[Path], tokenizer_spec: str) -> str:
+def data_key(settings: dict, files: list[Path], tokenizer_spec: str, tokenizer_folder: str | None = None) -> str:
     parts = {"version": FORMAT_VERSION, "settings": settings, "tokenizer": tokenizer_spec,
+             "tokenizer_files": tokenizer_digests(tokenizer_folder),
              "files": [[str(f.resolve()), file_digest(f)] for f in files]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def tokenizer_paths(folder: str | None) -> list[Path]:
+    """The tokenizer's files in a local folder (vocabulary, config, chat templates); none elsewhere."""
+    if not folder or not Path(folder).is_dir():
+        return []
+    base = Path(folder)
+    found = [base / name for name in TOKENIZER_FILES if (base / name).is_file()]
+    return found + sorted(p for p in (base / EXTRA_TEMPLATES).glob("*.jinja") if p.is_file())
+
+
+def tokenizer_digests(folder: str | None) -> dict[str, str]:
+    """The contents (sha256) of the tokenizer's files: a changed tokenizer or template is another key."""
+    return {path.relative_to(folder).as_posix(): file_digest(path) for path in tokenizer_paths(folder)}
+
+
 def tokenizer_stamps(folder: str | None) -> dict[str, list[int]]:
     """Size and mtime of the tokenizer's files: a changed tokenizer invalidates the entries made with it."""
-    if not folder or not Path(folder).is_dir():
-        return {}
     stamps = {}
-    for name in TOKENIZER_FILES:
-        path = Path(folder) / name
-        if path.exists():
-            stat = path.stat()
-            stamps[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns]
+    for path in tokenizer_paths(folder):
+        stat = path.stat()
+        stamps[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns]
     return stamps
 
 

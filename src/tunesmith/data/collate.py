@@ -142,7 +142,7 @@ def flat_batch(examples: list[Encoded]) -> dict[str, torch.Tensor]:
         if example.parts:
             raise ValueError("flat_batch takes unpacked examples")
         ids += list(example.input_ids)
-        labels += [IGNORE] + list(example.labels[1:])
+        labels += example.labels_in_a_row()
         positions += range(len(example.input_ids))
         ends.append(ends[-1] + len(example.input_ids))
     return {"input_ids": torch.tensor([ids], dtype=torch.long), "labels": torch.tensor([labels], dtype=torch.long),

@@ -4,7 +4,8 @@ Rows are filled best-fit decreasing (longest examples first, each into the fulle
 fits), which wastes little space and is deterministic. A packed row remembers the length of
 each example (`Encoded.parts`); collation turns that into restarted position ids and a
 block-diagonal causal mask, so no example attends to another (position ids alone do not
-isolate them in transformers' SDPA path).
+isolate them in transformers' SDPA path). Each example's first label is dropped, so none is
+learned from the previous example's last token (with `train_on_inputs` every token has one).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def pack_examples(examples: list[Encoded], capacity: int) -> tuple[list[Encoded]
     rows = []
     for group in groups:
         ids = [t for i in group for t in examples[i].input_ids]
-        labels = [t for i in group for t in examples[i].labels]
+        labels = [t for i in group for t in examples[i].labels_in_a_row()]  # none learned across examples
         rows.append(Encoded(ids, labels, [len(examples[i].input_ids) for i in group]))
     return rows, groups
 

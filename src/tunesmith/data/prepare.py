@@ -17,7 +17,8 @@ from ..errors import UserError
 from . import cache
 from .formats import FormatError, rename_columns, to_example
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
-from .tokenize import IGNORE, Encoded, TemplateError, encode_many, encode_text, use_template
+from .tokenize import (FALLBACK_TEMPLATE, IGNORE, Encoded, TemplateError, encode_many, encode_text, template_text,
+                       use_template)
 from .validate import deduplicate, drop_report, overlap
 
 SPLITS = ("train", "validation", "test")
@@ -256,19 +257,39 @@ def _cache_key(cfg: DataConfig, sources: dict, tokenizer) -> str | None:
     for name, spec in sources.items():
         check_source(spec, f"data.{name}")
     files = [f for spec in sources.values() for f in source_files(spec)]
-    spec = tokenizer if isinstance(tokenizer, str) else _tokenizer_spec(tokenizer)
+    folder = _tokenizer_folder(tokenizer)
+    spec = folder or (tokenizer if isinstance(tokenizer, str) else _vocabulary_hash(tokenizer))
     settings = cfg.model_dump(mode="json", exclude={"cache"})
-    return cache.data_key(settings, files, spec)
+    settings["chat_template"] = _template_for_key(cfg.chat_template, tokenizer, folder)
+    return cache.data_key(settings, files, spec, folder)
 
 
-def _tokenizer_spec(tokenizer) -> str:
-    """A loaded tokenizer: its folder (checked by file stamps), or a hash of its whole vocabulary."""
-    folder = getattr(tokenizer, "name_or_path", "")
-    if folder and Path(folder).is_dir():
-        return str(Path(folder).resolve())
+def _tokenizer_folder(tokenizer) -> str | None:
+    """The local folder of a tokenizer spec or a loaded tokenizer (resolved), else None."""
+    name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", "")
+    return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().is_dir() else None
+
+
+def _vocabulary_hash(tokenizer) -> str:
+    """A loaded tokenizer from no local folder: a hash of its whole vocabulary."""
     import hashlib
 
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def _template_for_key(setting: str | None, tokenizer, folder: str | None) -> dict:
+    """What decides the rendered text: a configured template's text (a .jinja file's contents, not
+    its path), or the tokenizer's own one, whose text is in the tokenizer's files (hashed into the
+    key) unless it was changed in memory since loading, or the tokenizer comes from no folder."""
+    if setting is not None:
+        return {"text": template_text(setting)}
+    own = {"own": True, "fallback": FALLBACK_TEMPLATE}  # the fallback renders where the tokenizer has none
+    if isinstance(tokenizer, str):
+        return own
+    current = getattr(tokenizer, "chat_template", None)
+    if folder and current == getattr(tokenizer, "init_kwargs", {}).get("chat_template"):
+        return own
+    return {**own, "text": current}
 
 
 def _to_cache(prepared: Prepared, tokenizer) -> tuple[dict, dict]:

@@ -44,6 +44,12 @@ class Encoded:
     def label_count(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE)
 
+    def labels_in_a_row(self) -> list[int]:
+        """The labels with the first one dropped, for an example placed after others in one row
+        (packing, padding-free batches): there its first token would be predicted from the previous
+        example's last one; alone in a padded row it is never predicted at all."""
+        return [IGNORE] + list(self.labels[1:]) if self.labels else []
+
 
 class TemplateError(ValueError):
     """The chat template cannot render a conversation (e.g. roles that must alternate)."""
@@ -60,18 +66,28 @@ def use_template(tokenizer, setting: str | None) -> str:
             return "tokenizer"
         tokenizer.chat_template = FALLBACK_TEMPLATE
         return "fallback (the tokenizer has none)"
+    tokenizer.chat_template = template_text(setting)
     if setting in NAMED_TEMPLATES:
-        tokenizer.chat_template = NAMED_TEMPLATES[setting]
         return setting
-    if "{{" in setting or "{%" in setting:
-        tokenizer.chat_template = setting
-        return "config (inline)"
+    return "config (inline)" if _inline(setting) else str(Path(setting).expanduser())
+
+
+def _inline(setting: str) -> bool:
+    return "{{" in setting or "{%" in setting
+
+
+def template_text(setting: str) -> str:
+    """The text of a configured data.chat_template: a named template's, an inline one, or a .jinja
+    file's contents as they are now (the data cache keys on this text, not on the file's path)."""
+    if setting in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[setting]
+    if _inline(setting):
+        return setting
     path = Path(setting).expanduser()
     if not path.is_file():
         raise UserError(f"data.chat_template: '{setting}' is neither a template name "
                         f"({', '.join(NAMED_TEMPLATES)}), a Jinja template, nor a file")
-    tokenizer.chat_template = path.read_text(encoding="utf-8")
-    return str(path)
+    return path.read_text(encoding="utf-8")
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

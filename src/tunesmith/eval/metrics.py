@@ -35,8 +35,13 @@ def parse_json_object(text: str) -> dict | None:
 
 
 def json_example_scores(prediction: str, reference: str, fields: list[str] | None = None) -> dict[str, float]:
-    """JSON validity, each field right or not, and all fields right, for one answer."""
-    expected = json.loads(reference)
+    """JSON validity, each field right or not, and all fields right, for one answer.
+
+    The reference is read as example_scores detected it, with parse_json_object (a reference like
+    'Answer: {...}' holds its object after prose), never with a stricter parser."""
+    expected = parse_json_object(reference)
+    if expected is None:
+        raise ValueError(f"reference holds no JSON object: {reference[:80]!r}")
     keys = fields or list(expected)
     got = parse_json_object(prediction)
     right = {k: float(got is not None and k in got and got[k] == expected.get(k)) for k in keys}

@@ -5,6 +5,7 @@ MLflow are added when asked for and installed.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -136,8 +137,19 @@ class Loggers:
         self.jsonl.truncate_after(step)  # dashboards keep their history; the file is the record of truth
 
     def close(self) -> None:
-        for logger in [self.jsonl, *self.extra]:
+        close_all([self.jsonl, *self.extra])
+
+
+def close_all(loggers: list) -> None:
+    """Close every logger, also when one fails to close; the first failure is raised after."""
+    failures = []
+    for logger in loggers:
+        try:
             logger.close()
+        except Exception as err:  # noqa: BLE001 (a logger's own failure must not leave the others open)
+            failures.append(err)
+    if failures:
+        raise failures[0]
 
 
 def _installed(module: str) -> bool:
@@ -148,12 +160,17 @@ def _installed(module: str) -> bool:
 
 def open_loggers(run_dir: Path, names: list[str] | None = None, config: dict | None = None) -> Loggers:
     """metrics.jsonl always, plus each named logger; a named one that is not installed is an error."""
-    extra = []
     for name in dict.fromkeys(names or []):
         if name not in EXTRA_LOGGERS:
             raise UserError(f"eval.loggers: unknown logger '{name}'; choose from {', '.join(EXTRA_LOGGERS)}")
-        module, build = EXTRA_LOGGERS[name]
-        if not _installed(module):
-            raise UserError(f"eval.loggers: '{name}' asked for but not installed (pip install {module})")
-        extra.append(build(run_dir, config or {}))
-    return Loggers(MetricLog(run_dir / "metrics.jsonl"), extra)
+        if not _installed(EXTRA_LOGGERS[name][0]):
+            raise UserError(f"eval.loggers: '{name}' asked for but not installed (pip install {EXTRA_LOGGERS[name][0]})")
+    extra: list[MetricLogger] = []
+    try:
+        for name in dict.fromkeys(names or []):
+            extra.append(EXTRA_LOGGERS[name][1](run_dir, config or {}))
+        return Loggers(MetricLog(run_dir / "metrics.jsonl"), extra)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the failure to open is the one to report
+            close_all(extra)  # the loggers opened before it
+        raise

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
+from .. import runlock
 from ..errors import UserError
 
-PID_FILE = "train.pid"  # written by the dashboard when it starts a run
 LOG_FILE = "train.log"
 # Files other features may add to a run folder; shown when present, never required.
 REPORT_FILES = ("report.html", "report.json")
@@ -70,21 +70,10 @@ def read_metrics(folder: Path) -> list[dict]:
 
 
 def training_pid(folder: Path) -> int | None:
-    """The pid of the training process of this run, when it is alive."""
-    try:
-        pid = int((folder / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        # A zombie (exited, not yet reaped) still answers kill(pid, 0): read its state instead.
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return None if state in ("Z", "X") else pid
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-            return pid
-        except OSError:
-            return None
+    """The pid of the process training this run (0: one is starting), None when none is: read from
+    the run folder's lock (runlock.py), which a process holds exactly as long as it lives, however
+    the run was started; a pid file could name a process that has ended, or another that got its number."""
+    return runlock.holder(folder)
 
 
 def checkpoints(folder: Path) -> list[str]:
@@ -97,7 +86,7 @@ def checkpoints(folder: Path) -> list[str]:
 
 def status(folder: Path) -> str:
     """finished / running / stopped (resumable) / failed / pending: only what the folder holds says which."""
-    if training_pid(folder):  # also while it writes its report after results.json
+    if training_pid(folder) is not None:  # also while it writes its report after results.json
         return "running"
     if (folder / "results.json").is_file():
         return "finished"

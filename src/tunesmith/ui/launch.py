@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .. import runlock
 from ..config import Config, dump, load_config
 from ..errors import UserError
-from .folders import LOG_FILE, PID_FILE, RUN_NAME, inside, status, training_pid
+from .folders import LOG_FILE, RUN_NAME, inside, status, training_pid
 
 # Form field -> config key. Everything else goes through the free "key=value" lines.
 FORM_KEYS = {
@@ -21,10 +22,18 @@ FORM_KEYS = {
     "checkpoint_every": "train.checkpoint_every", "eval_every": "eval.every_steps",
 }
 DATA_KEYS = ("train", "validation", "test")
+# Settings that make training run code other than tunesmith's: the model repository's own Python
+# (model.trust_remote_code) and a scorer module imported by name (eval.scorer). From the dashboard
+# only when it was started with `tunesmith ui --allow-code`.
+CODE_SETTINGS = {"model.trust_remote_code": lambda cfg: cfg.model.trust_remote_code,
+                 "eval.scorer": lambda cfg: cfg.eval.scorer is not None}
 
 
-def form_config(form: dict, runs_dir: Path) -> tuple[str, Config]:
-    """(run name, validated config) from the form; mistakes raise UserError with the field's name."""
+def form_config(form: dict, runs_dir: Path, allow_code: bool = False) -> tuple[str, Config]:
+    """(run name, validated config) from the form; mistakes raise UserError with the field's name.
+
+    Settings that run code are refused unless `allow_code`: they are judged on the validated
+    config, so no spelling of them in the free lines gets through."""
     name = str(form.get("name") or "").strip()
     if not RUN_NAME.match(name):
         raise UserError(f"run name {name!r}: use letters, digits, '.', '_' or '-' (at most 100), starting with a letter or digit")
@@ -43,17 +52,22 @@ def form_config(form: dict, runs_dir: Path) -> tuple[str, Config]:
                 raise UserError(f"extra settings, line {number}: expected section.key=value, got {line.strip()!r}")
             overrides.append(line.strip())
     overrides.append(f"output.dir={inside(runs_dir, name)}")
-    return name, load_config(None, overrides)
+    cfg = load_config(None, overrides)
+    asked = [key for key, is_set in CODE_SETTINGS.items() if is_set(cfg)]
+    if asked and not allow_code:
+        raise UserError(f"{' and '.join(asked)}: would run code other than tunesmith's; refused from the dashboard "
+                        "unless it was started with `tunesmith ui --allow-code` (or train from the terminal)")
+    return name, cfg
 
 
-def preview(form: dict, runs_dir: Path) -> dict:
+def preview(form: dict, runs_dir: Path, allow_code: bool = False) -> dict:
     """The data check and the plan, shown before a run starts."""
     from ..api import check_data_paths
     from ..data.check import build_report
     from ..data.prepare import prepare
     from ..training.loop import total_steps
 
-    name, cfg = form_config(form, runs_dir)
+    name, cfg = form_config(form, runs_dir, allow_code)
     check_data_paths(cfg)
     data = prepare(cfg.data, cfg.model.name)  # the model spec lets a cached tokenisation skip the tokenizer
     check = build_report(data, cfg.data, cfg.data.train, cfg.model.name)
@@ -80,11 +94,11 @@ def memory_and_time(cfg: Config, check: dict, tokens: int, mean_tokens: float) -
         return f"no estimate: {type(err).__name__}: {err}"
 
 
-def start(form: dict, runs_dir: Path) -> tuple[str, subprocess.Popen]:
+def start(form: dict, runs_dir: Path, allow_code: bool = False) -> tuple[str, subprocess.Popen]:
     """Write the run's config.yaml into a new run folder and train it in a child process."""
     from ..api import check_data_paths
 
-    name, cfg = form_config(form, runs_dir)
+    name, cfg = form_config(form, runs_dir, allow_code)
     folder = runs_dir / name
     if folder.exists():
         raise UserError(f"{folder}: a run of that name exists; choose another name")
@@ -99,24 +113,30 @@ def resume(folder: Path) -> subprocess.Popen:
     state = status(folder)
     if state not in ("stopped", "failed", "pending"):
         raise UserError(f"{folder.name}: is {state}; only a stopped or failed run can be resumed")
-    return launch(folder)
+    return launch(folder)  # a second Resume racing this one finds the lock taken there
 
 
 def launch(folder: Path) -> subprocess.Popen:
-    with open(folder / LOG_FILE, "ab") as log:
+    """`tunesmith train` on the folder's config in a child process that holds the run folder's lock
+    from its first instant (taken here, handed over): the run shows as running at once, and a second
+    trainer for the folder, from here or a terminal, is refused."""
+    with runlock.handover(folder) as lock, open(folder / LOG_FILE, "ab") as log:
         child = subprocess.Popen(
             [sys.executable, "-m", "tunesmith.cli", "train", str(folder / "config.yaml")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(lock,),
             # Its own session: a Ctrl-C in the dashboard's terminal does not stop the runs it started.
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    (folder / PID_FILE).write_text(str(child.pid), encoding="utf-8")
+            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", runlock.INHERITED: str(lock)})
+        runlock.record(lock, child.pid)
     return child
 
 
 def stop(folder: Path) -> int:
-    """SIGTERM: the training loop finishes its step, writes a checkpoint and exits (status 143)."""
+    """SIGTERM to the process holding the run folder's lock, and to no other: the training loop
+    finishes its step, writes a checkpoint and exits (status 143)."""
     pid = training_pid(folder)
     if pid is None:
         raise UserError(f"{folder.name}: not running")
+    if pid <= 0:
+        raise UserError(f"{folder.name}: its training process is starting; try again in a moment")
     os.kill(pid, signal.SIGTERM)
     return pid

@@ -1,7 +1,19 @@
-"""The dashboard's HTTP server (standard library only): the static page and a JSON API over run folders.
+"""The dashboard's HTTP server: the static page and a JSON API over run folders.
 
-Bound to 127.0.0.1 unless told otherwise; bound beyond this machine, every API request must carry
-the token printed at start. No path outside the runs folder is ever read or written.
+Every API request carries the random per-process token (header X-Tunesmith-Token) printed in the
+address `tunesmith ui` shows, on 127.0.0.1 too: a web page the user visits could otherwise reach
+the API. Requests a browser makes for another site's page (Origin not this server's,
+Sec-Fetch-Site cross-site or same-site: another port of 127.0.0.1 is the same site) are refused,
+POST bodies must be exactly application/json (a cross-site page can send `text/plain;
+x=application/json` without a CORS preflight), and settings that run code are refused unless
+`tunesmith ui --allow-code`. No path outside the runs folder is ever read or written.
+
+Why the standard library's http.server and not Starlette on uvicorn: the dashboard serves one
+user on one machine, a handful of routes, and runs training in child processes; what the issue
+found was our own parsing, which is now exact (one Content-Length of digits only, no
+Transfer-Encoding, no repeated Host/Origin/token header, a socket timeout, files streamed),
+while a second server stack would add two dependencies and an event loop to every install for
+no defence these checks do not give.
 """
 from __future__ import annotations
 
@@ -10,6 +22,8 @@ import ipaddress
 import json
 import math
 import mimetypes
+import os
+import re
 import secrets
 import sys
 import threading
@@ -18,7 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..errors import UserError
 from . import folders, launch
@@ -26,6 +40,23 @@ from . import folders, launch
 STATIC = {"": "index.html", "index.html": "index.html", "app.js": "app.js", "style.css": "style.css"}
 TOKEN_HEADER = "X-Tunesmith-Token"
 MAX_BODY = 1 << 20
+CHUNK = 1 << 16  # files are sent in pieces of this size, never read whole
+SINGLE_HEADERS = ("Host", "Origin", "Content-Length", "Content-Type", TOKEN_HEADER, "Sec-Fetch-Site")
+SAME_SITE_FETCHES = ("same-origin", "none")  # "none": the user typed or bookmarked the address
+# The page, and every response: nothing is framed by another site, no address (with its token) leaves in a Referer.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+# A run's files (the report holds generated text) open sandboxed: no script runs with this origin's rights.
+FILE_HEADERS = {"Content-Security-Policy": "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'",
+                "Referrer-Policy": "no-referrer"}
+
+
+class Refused(Exception):
+    """A request answered with an HTTP error status before it reaches the API."""
+
+    def __init__(self, code: HTTPStatus, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 def is_loopback(host: str) -> bool:
@@ -35,6 +66,11 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def media_type(value: str | None) -> str:
+    """The MIME type of a Content-Type value, parameters left off: 'text/plain; x=application/json' -> 'text/plain'."""
+    return (value or "").split(";", 1)[0].strip().lower()
 
 
 def finite(value):
@@ -51,43 +87,59 @@ def finite(value):
 class Dashboard(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, runs_dir: Path, host: str, port: int, token: str | None):
+    def __init__(self, runs_dir: Path, host: str, port: int, token: str, allow_code: bool = False):
         super().__init__((host, port), Handler)
         self.runs_dir = Path(runs_dir).absolute()
         self.token = token
+        self.allow_code = allow_code
         self.loopback = is_loopback(host)
         self.children: list = []  # runs started here, reaped so none lingers as a zombie
         self.lock = threading.Lock()
 
     @property
     def url(self) -> str:
+        """The address to open: the page takes the token from it, then drops it from the address bar."""
         host, port = self.server_address[:2]
-        query = f"/?token={self.token}" if self.token else "/"
-        return f"http://{host}:{port}{query}"
+        return f"http://{host}:{port}/?token={self.token}"
 
     def adopt(self, child) -> None:
         with self.lock:
             self.children = [c for c in self.children if c.poll() is None] + [child]
 
+    def file_link(self, run: str, relative: str) -> str:
+        """The address of one file of a run that opens without the token (a new tab cannot send a
+        header): signed for that file alone, so the token never appears in an address."""
+        return f"/api/runs/{quote(run, safe='')}/files/{quote(relative)}?sig={self.signature(run, relative)}"
+
+    def signature(self, run: str, relative: str) -> str:
+        return hmac.new(self.token.encode(), f"files\0{run}\0{relative}".encode(), "sha256").hexdigest()
+
 
 def make_server(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: int = 8765,
-                token: str | None = None) -> Dashboard:
-    """A dashboard server (not yet serving). Beyond localhost a token is required; one is made if none is given."""
-    if token is None and not is_loopback(host):
+                token: str | None = None, allow_code: bool = False) -> Dashboard:
+    """A dashboard server (not yet serving). Every API request needs the token; a random one is made
+    when none is given, and an empty one (which would turn authentication off) is refused."""
+    if token is None:
         token = secrets.token_urlsafe(24)
+    elif not token.strip():
+        raise UserError("--token: an empty token would let any program or web page use the dashboard; "
+                        "give a non-empty one, or leave --token out for a random one")
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
     try:
-        return Dashboard(Path(runs_dir), host, port, token)
+        return Dashboard(Path(runs_dir), host, port, token, allow_code)
     except OSError as err:
         raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port or --host") from None
 
 
-def serve(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> None:
-    """Serve the dashboard until interrupted; prints the address (with the token when one is needed)."""
-    server = make_server(runs_dir, host, port, token)
+def serve(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+          allow_code: bool = False) -> None:
+    """Serve the dashboard until interrupted; prints the address to open (it carries the token)."""
+    server = make_server(runs_dir, host, port, token, allow_code)
     print(f"tunesmith dashboard on {server.url}  (runs folder: {server.runs_dir})", flush=True)
-    if server.token:
-        print(f"token: {server.token}  (required on every request; send it as {TOKEN_HEADER} or ?token=)", flush=True)
+    print(f"token: {server.token}  (required on every API request, as the {TOKEN_HEADER} header; "
+          "the address above hands it to the page)", flush=True)
+    if allow_code:
+        print("--allow-code: runs started here may set model.trust_remote_code and eval.scorer", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -99,8 +151,9 @@ def serve(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: int = 87
 class Handler(BaseHTTPRequestHandler):
     server: Dashboard
     protocol_version = "HTTP/1.1"
+    timeout = 60  # seconds a client may leave a request half sent before its connection is dropped
 
-    def log_message(self, format, *args):  # quiet: the page polls every second
+    def log_message(self, format, *args):  # quiet: the page polls every second, and nothing with a token is logged
         pass
 
     def do_GET(self):
@@ -113,42 +166,47 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.split("/")[1:]]
         try:
-            if not self._host_allowed():
-                return self._send_json({"error": "unexpected Host header"}, HTTPStatus.FORBIDDEN)
+            length = self._checked_headers(method)
             if method == "GET" and (len(parts) == 1 or parts[:1] == ["static"]) and parts[-1] in STATIC:
-                return self._send_static(STATIC[parts[-1]])
+                return self._send_static(STATIC[parts[-1]])  # the page holds no data: no token needed
             if parts[:1] != ["api"]:
-                return self._send_json({"error": "not found"}, HTTPStatus.NOT_FOUND)
-            if not self._token_ok(parse_qs(url.query).get("token", [None])[0]):
-                return self._send_json({"error": "missing or wrong token"}, HTTPStatus.UNAUTHORIZED)
-            if method == "POST" and "application/json" not in self.headers.get("Content-Type", ""):
-                # A cross-site form cannot send JSON without a CORS preflight, which is never granted.
-                return self._send_json({"error": "POST bodies must be application/json"}, HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
-            self._route(method, parts[1:])
+                raise Refused(HTTPStatus.NOT_FOUND, "not found")
+            self._refuse_other_sites()
+            if not (self._token_ok() or self._signed_file(method, parts, url.query)):
+                raise Refused(HTTPStatus.UNAUTHORIZED, "missing or wrong token: open the address `tunesmith ui` printed")
+            if method == "POST" and media_type(self.headers.get("Content-Type")) != "application/json":
+                raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "POST bodies must be application/json")
+            self._route(method, parts[1:], length)
+        except Refused as err:
+            self.close_connection = True  # a body left unread must not be taken for the next request
+            self._send_json({"error": str(err)}, err.code)
         except UserError as err:
             self._send_json({"error": str(err)}, HTTPStatus.BAD_REQUEST)
         except LookupError as err:
             self._send_json({"error": str(err.args[0] if err.args else err)}, HTTPStatus.NOT_FOUND)
         except Exception as err:
             traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
             self._send_json({"error": f"{type(err).__name__}: {err}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
 
-    def _route(self, method: str, parts: list[str]) -> None:
-        runs_dir = self.server.runs_dir
+    def _route(self, method: str, parts: list[str], length: int) -> None:
+        runs_dir, allow_code = self.server.runs_dir, self.server.allow_code
         if parts == ["runs"] and method == "GET":
             return self._send_json({"runs": folders.list_runs(runs_dir)})
         if parts == ["runs"] and method == "POST":
-            name, child = launch.start(self._body(), runs_dir)
+            name, child = launch.start(self._body(length), runs_dir, allow_code)
             self.server.adopt(child)
             return self._send_json({"name": name, "pid": child.pid}, HTTPStatus.CREATED)
         if parts == ["preview"] and method == "POST":
-            return self._send_json(launch.preview(self._body(), runs_dir))
+            return self._send_json(launch.preview(self._body(length), runs_dir, allow_code))
         if len(parts) < 2 or parts[0] != "runs":
             raise LookupError("no such API path")
         folder = folders.run_folder(runs_dir, parts[1])
         action = parts[2:]
         if method == "GET" and not action:
-            return self._send_json(folders.detail(folder))
+            detail = folders.detail(folder)
+            detail["links"] = {name: self.server.file_link(folder.name, name) for name in detail["reports"]}
+            return self._send_json(detail)
         if method == "GET" and action == ["metrics"]:
             return self._send_json({"records": folders.read_metrics(folder), "status": folders.status(folder)})
         if method == "GET" and action[:1] == ["files"] and len(action) > 1:
@@ -161,24 +219,55 @@ class Handler(BaseHTTPRequestHandler):
             return self._send_json({"pid": child.pid})
         raise LookupError("no such API path")
 
-    def _host_allowed(self) -> bool:
-        # On localhost without a token, a foreign site could reach us by DNS rebinding: accept only local names.
-        if not self.server.loopback or self.server.token:
-            return True
-        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
-        return is_loopback(host)
-
-    def _token_ok(self, from_query: str | None) -> bool:
-        expected = self.server.token
-        if not expected:
-            return True
-        given = self.headers.get(TOKEN_HEADER) or from_query or ""
-        return hmac.compare_digest(given.encode(), expected.encode())
-
-    def _body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
+    def _checked_headers(self, method: str) -> int:
+        """The body's length, after the framing headers are checked exactly (http.server leaves
+        them to us): one Content-Length of digits, no Transfer-Encoding, no repeated header that
+        a decision is made on, Host a local name when serving on localhost (no DNS rebinding)."""
+        for name in SINGLE_HEADERS:
+            if len(self.headers.get_all(name) or []) > 1:
+                raise Refused(HTTPStatus.BAD_REQUEST, f"more than one {name} header")
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise Refused(HTTPStatus.NOT_IMPLEMENTED, "Transfer-Encoding is not supported; send a Content-Length")
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not re.fullmatch(r"[0-9]{1,12}", text):
+            raise Refused(HTTPStatus.BAD_REQUEST, f"Content-Length {text[:20]!r}: not a length")
+        length = int(text)
         if length > MAX_BODY:
-            raise UserError("request body too large")
+            raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
+        if length and method != "POST":
+            raise Refused(HTTPStatus.BAD_REQUEST, f"a {method} request has no body")
+        if self.server.loopback and not is_loopback(self._host_name()):
+            raise Refused(HTTPStatus.FORBIDDEN, "unexpected Host header")
+        return length
+
+    def _host_name(self) -> str:
+        host = (self.headers.get("Host") or "").strip().lower()
+        if host.startswith("["):
+            return host[1:].split("]", 1)[0]
+        return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+    def _refuse_other_sites(self) -> None:
+        """A browser says which page asked: only this server's own page (or the user, typing an
+        address) may use the API. Clients that are not browsers send neither header."""
+        site = (self.headers.get("Sec-Fetch-Site") or "").strip().lower()
+        if site and site not in SAME_SITE_FETCHES:
+            raise Refused(HTTPStatus.FORBIDDEN, f"refused a {site} request: only the dashboard's own page may use the API")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.strip().lower() != f"http://{(self.headers.get('Host') or '').strip().lower()}":
+            raise Refused(HTTPStatus.FORBIDDEN, "refused a request from another origin")
+
+    def _token_ok(self) -> bool:
+        given = self.headers.get(TOKEN_HEADER) or ""
+        return hmac.compare_digest(given.encode(), self.server.token.encode())
+
+    def _signed_file(self, method: str, parts: list[str], query: str) -> bool:
+        """A GET of /api/runs/RUN/files/PATH with the signature of that file (Dashboard.file_link)."""
+        if method != "GET" or len(parts) < 5 or parts[1:2] != ["runs"] or parts[3] != "files":
+            return False
+        given = parse_qs(query).get("sig", [""])[0]
+        return hmac.compare_digest(given.encode(), self.server.signature(parts[2], "/".join(parts[4:])).encode())
+
+    def _body(self, length: int) -> dict:
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
         except ValueError as err:
@@ -187,13 +276,20 @@ class Handler(BaseHTTPRequestHandler):
             raise UserError("request body: expected a JSON object")
         return body
 
-    def _send(self, payload: bytes, content_type: str, code=HTTPStatus.OK) -> None:
+    def _start(self, content_type: str, length: int, code=HTTPStatus.OK, extra: dict | None = None) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Content-Length", str(length))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        for name, value in (extra or PAGE_HEADERS).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
+
+    def _send(self, payload: bytes, content_type: str, code=HTTPStatus.OK) -> None:
+        self._start(content_type, len(payload), code)
         self.wfile.write(payload)
 
     def _send_json(self, value, code=HTTPStatus.OK) -> None:
@@ -204,6 +300,16 @@ class Handler(BaseHTTPRequestHandler):
         self._send(payload, mimetypes.guess_type(name)[0] or "application/octet-stream")
 
     def _send_file(self, path: Path) -> None:
+        """The file in pieces, never whole in memory; as long as it was when opened (a log may grow meanwhile)."""
         if not path.is_file():
             raise LookupError(f"no file {path.name!r} in this run")
-        self._send(path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        with open(path, "rb") as handle:
+            left = os.fstat(handle.fileno()).st_size
+            self._start(mimetypes.guess_type(path.name)[0] or "application/octet-stream", left, extra=FILE_HEADERS)
+            while left:
+                piece = handle.read(min(CHUNK, left))
+                if not piece:  # it shrank: the response is cut short, so the connection must end with it
+                    self.close_connection = True
+                    return
+                self.wfile.write(piece)
+                left -= len(piece)

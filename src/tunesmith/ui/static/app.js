@@ -1,9 +1,16 @@
 // tunesmith dashboard: plain JS, no build step, no CDN (works offline). Polls the JSON API every second.
 "use strict";
 
+// The token comes in the address `tunesmith ui` printed; it is kept for this tab, taken out of the
+// address bar (so it is in no later address, bookmark or history entry) and sent as a header.
 const params = new URLSearchParams(location.search);
 const TOKEN = params.get("token") || sessionStorage.getItem("tunesmith-token") || "";
 if (TOKEN) sessionStorage.setItem("tunesmith-token", TOKEN);
+if (params.has("token")) {
+  params.delete("token");
+  const query = params.toString();
+  history.replaceState(null, "", location.pathname + (query ? `?${query}` : "") + location.hash);
+}
 const app = document.getElementById("app");
 const COLORS = ["#2f6fdf", "#e8590c", "#2b8a3e", "#ae3ec9"];
 let poller = null;
@@ -49,7 +56,6 @@ function duration(seconds) {
 }
 const badge = (status, id) => el("span", { class: `badge ${status}`, id, text: status });
 const runLink = (name) => el("a", { href: `#/run/${encodeURIComponent(name)}`, text: name });
-const fileUrl = (run, file) => `/api/runs/${encodeURIComponent(run)}/files/${file}` + (TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : "");
 
 // Re-run `task` every `ms` until the page changes; one request at a time, errors shown in the header.
 function poll(ms, task) {
@@ -220,7 +226,9 @@ function runPage(name) {
 
 function renderRunSections(name, detail) {
   const results = detail.results;
-  const reports = detail.reports.map((file) => el("a", { href: fileUrl(name, file), target: "_blank", id: `report-${file.replace(".", "-")}`, text: file }));
+  // A new tab cannot send the token: the server gives each file an address signed for that file alone.
+  const reports = detail.reports.map((file) => el("a", { href: detail.links[file], target: "_blank", rel: "noopener noreferrer",
+    id: `report-${file.replace(".", "-")}`, text: file }));
   document.getElementById("reports").replaceChildren(reports.length ? el("p", {}, "Open: ", ...reports.flatMap((a) => [a, " "]))
     : el("p", { class: "muted", text: results ? "Results below (no report file in this run)." : "The report appears when the run finishes." }));
   document.getElementById("results").replaceChildren(results

@@ -1,0 +1,200 @@
+"""The dashboard attacked as a web page, a careless client or a hostile one would: each request is
+sent raw, with the exact headers a browser sends, and must start nothing."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import tracemalloc
+import urllib.parse
+
+import pytest
+
+from test_ui_api import call, fake_run, served  # noqa: F401 (served: a fixture)
+from tunesmith.errors import UserError
+from tunesmith.ui import make_server
+
+CHROME = ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36")
+
+
+def raw(server, method: str, path: str, headers: dict[str, str], body: bytes = b"", timeout: float = 20.0):
+    """(status, parsed JSON body) of one request written byte for byte on a socket that stays open."""
+    port = server.server_address[1]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", *(f"{k}: {v}" for k, v in headers.items()), "", ""]
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall("\r\n".join(lines).encode() + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        text = response.read()
+    try:
+        return response.status, json.loads(text)
+    except ValueError:
+        return response.status, text
+
+
+def browser_post(server, path: str, form: dict, **headers) -> tuple[int, dict]:
+    """A POST as Chromium sends it for `fetch(url, {method: "POST", body})` from a page on another
+    port of 127.0.0.1 (same site, other origin): no preflight is needed for a text/plain body."""
+    body = json.dumps(form).encode()
+    sent = {"Connection": "keep-alive", "Content-Length": str(len(body)), "User-Agent": CHROME, "Accept": "*/*",
+            "Content-Type": "text/plain; x=application/json", "Origin": "http://127.0.0.1:9999",
+            "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "empty",
+            "Referer": "http://127.0.0.1:9999/", "Accept-Language": "en-US,en;q=0.9"}
+    sent.update({key.replace("_", "-"): value for key, value in headers.items()})
+    return raw(server, "POST", path, {k: v for k, v in sent.items() if v is not None}, body)
+
+
+@pytest.fixture
+def form(tmp_path, tiny_model_dir):
+    """A form that starts a real run when the server takes it."""
+    from helpers import write_jsonl
+    from tunesmith.data.demo import make_splits
+
+    data = write_jsonl(tmp_path / "train.jsonl", make_splits(12, seed=2, validation_size=0, test_size=0)["train"])
+    return {"name": "attack", "model": str(tiny_model_dir), "train": str(data), "max_steps": "2", "batch_size": "2",
+            "max_seq_len": "256", "extra": "model.dtype=float32\neval.generate=false"}
+
+
+def started_nothing(server, tmp_path) -> bool:
+    return not (tmp_path / "runs" / "attack").exists() and not server.children
+
+
+def test_a_cross_site_post_without_token_starts_nothing(served, form, tmp_path):  # noqa: F811
+    """The attack of the issue: a page on another port (or another site) posts the run form as
+    `text/plain; x=application/json`, which the old substring check took for JSON."""
+    server = served()
+    code, body = browser_post(server, "/api/runs", form)
+    assert code in (401, 403, 415), body
+    code, body = browser_post(server, "/api/runs", form, Origin="http://attacker.example",
+                              Sec_Fetch_Site="cross-site", Referer="http://attacker.example/")
+    assert code in (401, 403, 415), body
+    assert started_nothing(server, tmp_path)
+
+
+def test_each_defence_refuses_on_its_own(served, form, tmp_path):  # noqa: F811
+    """Token, exact MIME type, Origin and Sec-Fetch-Site: each alone stops the request."""
+    server = served()
+    same = {"Origin": f"http://127.0.0.1:{server.server_address[1]}", "Sec_Fetch_Site": "same-origin",
+            "Sec_Fetch_Mode": "cors", "Referer": None}
+    token = {"X_Tunesmith_Token": server.token}
+    json_body = {"Content_Type": "application/json"}
+    # Everything right but one thing:
+    assert browser_post(server, "/api/runs", form, **same, **json_body)[0] == 401  # no token
+    assert browser_post(server, "/api/runs", form, **same, **json_body, X_Tunesmith_Token="guess")[0] == 401
+    assert browser_post(server, "/api/runs", form, **same, **token)[0] == 415  # text/plain; x=application/json
+    for near_json in ("text/plain", "application/jsonx", "application/x-www-form-urlencoded; a=application/json",
+                      "multipart/form-data; boundary=application/json"):
+        assert browser_post(server, "/api/runs", form, **same, **token, Content_Type=near_json)[0] == 415, near_json
+    assert browser_post(server, "/api/runs", form, **{**same, "Origin": "http://127.0.0.1:9999"}, **token,
+                        **json_body)[0] == 403  # another origin
+    assert browser_post(server, "/api/runs", form, **{**same, "Origin": "null"}, **token, **json_body)[0] == 403
+    for site in ("same-site", "cross-site"):  # another port of 127.0.0.1 is the same site, not the same origin
+        assert browser_post(server, "/api/runs", form, **{**same, "Origin": None, "Sec_Fetch_Site": site}, **token,
+                            **json_body)[0] == 403, site
+    assert started_nothing(server, tmp_path)
+    # ... and the same request with everything right is taken (here the preview, which starts nothing).
+    code, preview = browser_post(server, "/api/preview", form, **same, **token, Content_Type="application/json; charset=utf-8")
+    assert code == 200, preview
+    assert preview["plan"]["optimizer_steps"] == 2
+
+
+@pytest.mark.parametrize("line", ["model.trust_remote_code=true", "model.trust_remote_code=1",
+                                  "model.trust_remote_code=True", "eval.scorer=os:system",
+                                  "eval.scorer=/tmp/evil.py:run"])
+def test_settings_that_run_code_need_allow_code(served, form, tmp_path, line):  # noqa: F811
+    server = served()
+    attempt = {**form, "extra": form["extra"] + "\n" + line}
+    for path in ("/api/runs", "/api/preview"):
+        code, body = call(server, path, attempt)
+        assert code == 400 and "--allow-code" in body["error"] and line.split("=")[0] in body["error"], (path, body)
+    assert started_nothing(server, tmp_path)
+    allowing = served(allow_code=True)
+    code, body = call(allowing, "/api/preview", attempt)
+    assert code == 200, body  # asked for on purpose: `tunesmith ui --allow-code`
+
+
+def test_negative_or_odd_content_length_is_refused_at_once(served):  # noqa: F811
+    """`Content-Length: -1` made the handler read until the client hung up: a blocked thread per request."""
+    server = served()
+    headers = {"X-Tunesmith-Token": server.token, "Content-Type": "application/json"}
+    for length in ("-1", "-100", "1e3", "+5", " 0x10", "99999999999999999999"):
+        code, body = raw(server, "POST", "/api/preview", {**headers, "Content-Length": length}, b"{}")
+        assert code in (400, 413), (length, code, body)
+    code, _ = raw(server, "POST", "/api/preview", {**headers, "Content-Length": "2", "Transfer-Encoding": "chunked"}, b"{}")
+    assert code == 501
+    doubled = "Content-Length: 2\r\nContent-Length"  # two Content-Length headers
+    assert raw(server, "POST", "/api/preview", {**headers, doubled: "3"}, b"{}")[0] == 400
+    assert call(server, "/api/runs")[0] == 200  # still serving
+
+
+def test_empty_token_is_refused(tmp_path):
+    """`--token ""` turned authentication off, also on 0.0.0.0."""
+    for host in ("0.0.0.0", "127.0.0.1"):
+        for token in ("", "  "):
+            with pytest.raises(UserError, match="empty token"):
+                make_server(tmp_path / "runs", host, 0, token)
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "ui", "--runs", str(tmp_path / "runs"), "--host",
+                           "0.0.0.0", "--port", "0", "--token", ""], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "empty token" in done.stderr
+
+
+def test_files_are_streamed_not_read_whole(served, tmp_path):  # noqa: F811
+    """A large file of a run goes out in pieces: the server never holds it in memory."""
+    server = served()
+    folder = fake_run(tmp_path / "runs", "big", finished=True)
+    size = 48 * 2**20
+    with open(folder / "big.bin", "wb") as handle:
+        handle.truncate(size)
+    port = server.server_address[1]
+    tracemalloc.start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("GET", "/api/runs/big/files/big.bin", headers={"X-Tunesmith-Token": server.token})
+        response = connection.getresponse()
+        received = 0
+        while piece := response.read(1 << 16):
+            received += len(piece)
+        connection.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert response.status == 200 and received == size
+    assert peak < size / 8, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB file"
+
+
+def test_report_links_are_signed_for_their_file_alone(served, tmp_path):  # noqa: F811
+    """A report opens in a new tab, which cannot send the token: its address is signed for that file."""
+    server = served()
+    folder = fake_run(tmp_path / "runs", "done", finished=True)
+    (folder / "report.html").write_text("<html><body>the report</body></html>")
+    (folder / "other.txt").write_text("other")
+    link = call(server, "/api/runs/done")[1]["links"]["report.html"]
+    assert server.token not in link and "token" not in link
+    assert call(server, link, token=False) == (200, "<html><body>the report</body></html>")
+    signature = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["sig"][0]
+    assert call(server, f"/api/runs/done/files/other.txt?sig={signature}", token=False)[0] == 401
+    assert call(server, f"/api/runs/done/files/report.html?sig={signature[:-1]}0", token=False)[0] == 401
+    assert call(server, link, headers={"Sec-Fetch-Site": "cross-site"}, token=False)[0] == 403
+    port = server.server_address[1]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", link)
+    response = connection.getresponse()
+    response.read()
+    assert "sandbox" in response.getheader("Content-Security-Policy")  # no script of a run's file runs as the dashboard
+
+
+def test_slow_clients_do_not_hold_the_server(served):  # noqa: F811
+    """A request cut off half way blocks only its own connection, and only until the timeout."""
+    server = served()
+    port = server.server_address[1]
+    stalled = socket.create_connection(("127.0.0.1", port), timeout=30)
+    stalled.sendall(b"POST /api/preview HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+    results = []
+    thread = threading.Thread(target=lambda: results.append(call(server, "/api/runs")[0]))
+    thread.start()
+    thread.join(30)
+    stalled.close()
+    assert results == [200]
