@@ -86,7 +86,7 @@ class RunFolder:
         """finished / running / stopped (resumable) / failed / pending, from the folder alone."""
         from . import runlock
 
-        if runlock.holder(self.path):  # also while it writes its report after results.json
+        if runlock.holder(self.path) is not None:  # also while it writes its report after results.json
             return "running"
         if self.results.is_file():
             return "finished"

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from ..data.collate import collate
 from ..data.prepare import load_conversations
 from ..data.tokenize import IGNORE, encode, prompt_ids
-from ..errors import UserError
 from ..device import to_device
+from ..errors import UserError
+from ..runs import RunFolder
 from ..training.loss import label_loss_sum
 from .generate import generate_answers
 from .metrics import Scorer, example_scores, mean_scores
@@ -139,13 +139,11 @@ def score_model(name: str, spec: str, conversations: list[list[dict]], shots: li
 
 def training_data_of(spec: str) -> str | None:
     """The training file of a run folder (the demo task's generated file for demo runs)."""
-    config = Path(spec) / "config.yaml"
-    if not config.exists():
+    run = RunFolder(spec)
+    if not run.is_run():
         return None
-    train = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("train")
-    if train == "demo":
-        return str(Path(spec) / "data" / "train.jsonl")
-    return train
+    train = run.read_config().data.train
+    return str(run.data / "train.jsonl") if train == "demo" else train
 
 
 def pick_shots(path: str, k: int, seed: int, exclude: list[list[dict]]) -> list[list[dict]]:
@@ -208,7 +206,8 @@ def write_comparison(result: dict, folder: Path) -> Path:
     """comparison.json (table and intervals) and comparison.jsonl (answers side by side)."""
     folder.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in result.items() if k != "examples"}
-    (folder / "comparison.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    with open(folder / "comparison.jsonl", "w", encoding="utf-8") as handle:
+    run = RunFolder(folder)
+    run.comparison.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    with open(run.comparison_rows, "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(e) + "\n" for e in result["examples"])
-    return folder / "comparison.json"
+    return run.comparison

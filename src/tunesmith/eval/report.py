@@ -10,45 +10,28 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
+from ..runs import RunFolder, read_json, read_jsonl
 
 EXAMPLES_SHOWN = 8
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return rows
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-
 def collect(run_dir: Path) -> dict:
     """Everything the report shows, from the files of the run folder."""
-    if not (run_dir / "config.yaml").exists():
-        raise UserError(f"{run_dir}: not a run folder (no config.yaml)")
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    results = read_json(run_dir / "results.json")
-    comparison = read_json(run_dir / "comparison.json")
-    examples = read_jsonl(run_dir / "comparison.jsonl")[:EXAMPLES_SHOWN]
+    run = RunFolder(run_dir).require()
+    records = run.records()
+    results = run.read_results() or {}
+    comparison = read_json(run.comparison) or {}
+    examples = read_jsonl(run.comparison_rows)[:EXAMPLES_SHOWN]
     if not examples:
-        base = {r["prompt"]: r for r in read_jsonl(run_dir / "predictions_base.jsonl")}
+        base = {r["prompt"]: r for r in read_jsonl(run.predictions("base"))}
         examples = [{"prompt": r["prompt"], "reference": r["reference"],
                      **({"base": {"answer": base[r["prompt"]]["answer"]}} if r["prompt"] in base else {}),
                      "fine-tuned": {"answer": r["answer"]}}
-                    for r in read_jsonl(run_dir / "predictions.jsonl")[:EXAMPLES_SHOWN]]
+                    for r in read_jsonl(run.predictions())[:EXAMPLES_SHOWN]]
     keep = ("step", "loss", "lr", "tokens_per_second", "grad_norm")
     return {
         "run": str(run_dir),
-        "config": yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")),
+        "config": yaml.safe_load(run.config.read_text(encoding="utf-8")),
         "data": results.get("data", {}),
         "curves": {
             "train": [{k: r[k] for k in keep if k in r} for r in records if r.get("event") == "train"],

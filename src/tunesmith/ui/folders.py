@@ -1,7 +1,7 @@
-"""What the dashboard shows, read only from the run folders the CLI writes, so both always agree."""
+"""What the dashboard shows, read only from the run folders the CLI writes (through RunFolder, the
+one owner of their layout), so both always agree."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -11,11 +11,11 @@ import yaml
 
 from .. import runlock
 from ..errors import UserError
+from ..runs import RunFolder, read_json, read_jsonl
 
 LOG_FILE = "train.log"
 # Files other features may add to a run folder; shown when present, never required.
 REPORT_FILES = ("report.html", "report.json")
-DATA_CHECK_FILES = ("data_check.json", "data-check.json", "data/check.json")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -38,13 +38,6 @@ def run_folder(runs_dir: Path, name: str) -> Path:
     return folder
 
 
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def read_config(folder: Path) -> dict:
     try:
         return yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
@@ -54,19 +47,7 @@ def read_config(folder: Path) -> dict:
 
 def read_metrics(folder: Path) -> list[dict]:
     """Records of metrics.jsonl; a line still being written (or cut by a crash) is left out."""
-    records = []
-    try:
-        text = (folder / "metrics.jsonl").read_text(encoding="utf-8")
-    except OSError:
-        return records
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return RunFolder(folder).records()
 
 
 def training_pid(folder: Path) -> int | None:
@@ -77,24 +58,12 @@ def training_pid(folder: Path) -> int | None:
 
 
 def checkpoints(folder: Path) -> list[str]:
-    found = folder / "checkpoints"
-    if not found.is_dir():
-        return []
-    return sorted((p.name for p in found.iterdir() if p.is_dir() and p.name.startswith("step-")),
-                  key=lambda name: int(name.split("-")[1]) if name.split("-")[1].isdigit() else -1)
+    return [p.name for p in RunFolder(folder).checkpoint_folders()]
 
 
 def status(folder: Path) -> str:
     """finished / running / stopped (resumable) / failed / pending: only what the folder holds says which."""
-    if training_pid(folder) is not None:  # also while it writes its report after results.json
-        return "running"
-    if (folder / "results.json").is_file():
-        return "finished"
-    if checkpoints(folder):
-        return "stopped"
-    if (folder / LOG_FILE).is_file() or (folder / "metrics.jsonl").is_file():
-        return "failed"
-    return "pending"
+    return RunFolder(folder).status()
 
 
 def best_eval(records: list[dict], results: dict | None) -> float | None:
@@ -109,7 +78,7 @@ def summary(folder: Path) -> dict:
     """One row of the run list."""
     config = read_config(folder)
     records = read_metrics(folder)
-    results = read_json(folder / "results.json")
+    results = RunFolder(folder).read_results()
     train_records = [r for r in records if r.get("event") == "train"]
     times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
     started = (folder / "config.yaml").stat().st_mtime
@@ -144,29 +113,14 @@ def list_runs(runs_dir: Path) -> list[dict]:
 
 def predictions(folder: Path, limit: int = 20) -> list[dict]:
     """Test examples with the fine-tuned and (when scored) the base model's answers side by side."""
-    tuned = _jsonl(folder / "predictions.jsonl", limit)
-    base = _jsonl(folder / "predictions_base.jsonl", limit)
+    run = RunFolder(folder)
+    tuned = read_jsonl(run.predictions(), limit)
+    base = read_jsonl(run.predictions("base"), limit)
     rows = []
     for index, row in enumerate(tuned or base):
         rows.append({"prompt": row.get("prompt"), "reference": row.get("reference"),
                      "fine_tuned": tuned[index].get("answer") if index < len(tuned) else None,
                      "base": base[index].get("answer") if index < len(base) else None})
-    return rows
-
-
-def _jsonl(path: Path, limit: int) -> list[dict]:
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as lines:
-            for line in lines:
-                if len(rows) >= limit:
-                    break
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue
-    except OSError:
-        pass
     return rows
 
 
@@ -185,13 +139,12 @@ def log_tail(folder: Path, lines: int = 30) -> str:
 def detail(folder: Path) -> dict:
     """Everything the run page shows."""
     results = read_json(folder / "results.json")
-    data_check = next((read_json(folder / name) for name in DATA_CHECK_FILES if (folder / name).is_file()), None)
     return {
         **summary(folder),
         "config": read_config(folder),
         "config_text": (folder / "config.yaml").read_text(encoding="utf-8", errors="replace"),
         "results": results,
-        "data_check": data_check or (results or {}).get("data"),
+        "data_check": (results or {}).get("data"),
         "predictions": predictions(folder),
         "checkpoints": checkpoints(folder),
         "reports": [name for name in REPORT_FILES if (folder / name).is_file()],
