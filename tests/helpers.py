@@ -163,6 +163,13 @@ def run_cli(config: Path, *extra, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def finished(config: Path) -> Path:
+    """`tunesmith train` on the config to its end (it must succeed); the run folder."""
+    done = run_cli(config)
+    assert done.returncode == 0, done.stderr
+    return Path(json.loads(config.read_text())["output"]["dir"])
+
+
 def records(run: Path, event: str) -> list[dict]:
     return [r for r in map(json.loads, open(run / "metrics.jsonl")) if r.get("event") == event]
 

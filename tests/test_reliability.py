@@ -1,26 +1,19 @@
 """Runs survive kills, signals and bad numbers, and lose nothing."""
 import json
 import math
-import os
 import random
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import STEPS, records, run_cli, start_and_kill_at, write_config
+from helpers import STEPS, finished, records, run_cli, start_and_kill_at, write_config
+
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reference")
-    done = run_cli(write_config(tmp, tiny_model_dir, "run"))
-    assert done.returncode == 0, done.stderr
-    run = tmp / "run"
+    run = finished(write_config(tmp_path_factory.mktemp("reference"), tiny_model_dir, "run"))
     return {"weights": load_file(run / "adapter" / "adapter_model.safetensors"),
             "losses": {r["step"]: r["loss"] for r in records(run, "train")},
             "samples": {r["step"]: r["ids"] for r in records(run, "samples")}}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import records, run_cli, start_and_kill_at, trainable, write_config
+from helpers import finished, records, run_cli, start_and_kill_at, trainable, write_config
 from tunesmith.config import AdapterConfig
 from tunesmith.models import load_model
 
@@ -30,10 +30,7 @@ def early_stop_config(tmp_path, model_dir, run):
 
 @pytest.fixture(scope="module")
 def early_stopped(tiny_model_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("early")
-    done = run_cli(early_stop_config(tmp, tiny_model_dir, "run"))
-    assert done.returncode == 0, done.stderr
-    run = tmp / "run"
+    run = finished(early_stop_config(tmp_path_factory.mktemp("early"), tiny_model_dir, "run"))
     return {"run": run, "results": json.loads((run / "results.json").read_text()),
             "weights": load_file(run / "adapter" / "adapter_model.safetensors")}
 
