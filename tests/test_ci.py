@@ -49,7 +49,8 @@ def test_ci_requires_the_browser_tests_to_run():
 
 def test_a_skipped_browser_test_fails_under_ci(tmp_path):
     """With TUNESMITH_REQUIRE_BROWSER=1, a test skipped for want of chromium is reported as failed."""
-    (tmp_path / "conftest.py").write_text((Path(__file__).parent / "conftest.py").read_text())
+    for name in ("conftest.py", "helpers.py"):
+        (tmp_path / name).write_text((Path(__file__).parent / name).read_text())
     (tmp_path / "test_fake_browser.py").write_text(
         "import pytest\n\n@pytest.mark.skipif(True, reason='chromium is not installed')\ndef test_page():\n    pass\n")
     env = {**os.environ, "TUNESMITH_REQUIRE_BROWSER": "1"}

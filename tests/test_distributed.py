@@ -118,3 +118,38 @@ def test_a_failing_rank_ends_the_job(tiny_model_dir, tmp_path):
     assert done.returncode != 0
     assert "rank 1 broke on purpose" in done.stderr
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
+
+
+def _killed_single_process_run(tiny_model_dir, tmp_path):
+    """A run with checkpoints of steps 3..5 (at least), killed before its end."""
+    from helpers import start_and_kill_at
+
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=10, checkpoint_every=1, keep_checkpoints=3)
+    start_and_kill_at(config, tmp_path / "run", 5)
+    assert not (tmp_path / "run" / "results.json").exists(), "the run finished before it could be killed"
+    return config
+
+
+def _resume_on_two_ranks(config: Path, mode: str):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(HERE / "dist_resume_rank.py"), str(config), mode],
+                          capture_output=True, text=True, timeout=300, env=env())
+
+
+def test_rank_0_picks_the_checkpoint_every_rank_resumes_from(tiny_model_dir, tmp_path):
+    """Rank 1 would pick another checkpoint than rank 0 (a node whose view differs): it resumes
+    from rank 0's choice, and the job ends with the weights of an uninterrupted run."""
+    reference = train(write_config(tmp_path, tiny_model_dir, "reference", max_steps=10, checkpoint_every=1))
+    assert reference.returncode == 0, reference.stderr
+    done = _resume_on_two_ranks(_killed_single_process_run(tiny_model_dir, tmp_path), "older")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = {line.split("resuming from step ")[1].split()[0] for line in done.stderr.splitlines()
+               if "resuming from step " in line}
+    assert len(resumed) == 1  # both ranks (rank 1's lines are in the same stream) at the same step
+    assert max_diff(weights(tmp_path / "reference"), weights(tmp_path / "run")) < 1e-5
+
+
+def test_a_rank_that_cannot_load_the_chosen_checkpoint_fails_the_job_with_a_message(tiny_model_dir, tmp_path):
+    done = _resume_on_two_ranks(_killed_single_process_run(tiny_model_dir, tmp_path), "unreadable")
+    assert done.returncode != 0
+    assert "rank 1: cannot load checkpoint" in done.stderr and "chosen by rank 0" in done.stderr

@@ -96,10 +96,10 @@ def test_loggers_are_closed_when_training_fails(tiny_config, monkeypatch):
     """A run that fails after its loggers opened closes them all (W&B/MLflow runs would stay open)."""
     import tunesmith
     from tunesmith import api
-    from tunesmith.training import progress
+    from tunesmith.training import loggers
 
     closed, opened = [], []
-    monkeypatch.setitem(progress.EXTRA_LOGGERS, "wandb",  # W&B's place, taken by a logger that counts closes
+    monkeypatch.setitem(loggers.EXTRA_LOGGERS, "wandb",  # W&B's place, taken by a logger that counts closes
                         ("json", lambda folder, config: opened.append(Tracked(closed)) or opened[-1]))
     tiny_config["eval"]["loggers"] = ["wandb"]
     real_open = api.open_loggers
@@ -113,11 +113,11 @@ def test_loggers_are_closed_when_training_fails(tiny_config, monkeypatch):
 
 
 def test_every_logger_is_closed_when_one_fails_to_close_or_open(tmp_path, monkeypatch):
-    from tunesmith.training import progress
+    from tunesmith.training import loggers
 
     closed = []
-    monkeypatch.setitem(progress.EXTRA_LOGGERS, "first", ("json", lambda folder, config: Tracked(closed, True)))
-    monkeypatch.setitem(progress.EXTRA_LOGGERS, "second", ("json", lambda folder, config: Tracked(closed)))
+    monkeypatch.setitem(loggers.EXTRA_LOGGERS, "first", ("json", lambda folder, config: Tracked(closed, True)))
+    monkeypatch.setitem(loggers.EXTRA_LOGGERS, "second", ("json", lambda folder, config: Tracked(closed)))
     log = open_loggers(tmp_path / "run", ["first", "second"])
     with pytest.raises(OSError, match="went away"):
         log.close()
@@ -127,7 +127,7 @@ def test_every_logger_is_closed_when_one_fails_to_close_or_open(tmp_path, monkey
         raise RuntimeError("cannot reach the tracking server")
 
     closed.clear()
-    monkeypatch.setitem(progress.EXTRA_LOGGERS, "broken", ("json", broken))
+    monkeypatch.setitem(loggers.EXTRA_LOGGERS, "broken", ("json", broken))
     with pytest.raises(RuntimeError, match="tracking server"):
         open_loggers(tmp_path / "run", ["second", "broken"])
     assert len(closed) == 1  # the one opened before the failure

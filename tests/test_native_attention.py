@@ -1,5 +1,5 @@
-"""training/native.py: the C attention kernel for padding-free rows against SDPA, in the model,
-and the fallback to training/attention.py's matmuls where it cannot be built. Skipped where the
+"""accel/cpu/native.py: the C attention kernel for padding-free rows against SDPA, in the model,
+and the fallback to accel/cpu/attention.py's matmuls where it cannot be built. Skipped where the
 processor has no AVX512-BF16 or there is no C compiler (the matmul path is tested everywhere)."""
 import pytest
 import torch
@@ -77,28 +77,28 @@ def test_kernel_first_loaded_without_gradients(fresh_native):
 
 def test_model_runs_the_kernel_and_agrees_with_the_matmuls(tmp_path, tiny_tokenizer, monkeypatch):
     """A bf16 LoRA model with 64-wide heads on a padding-free row: every layer runs the kernel,
-    and loss and adapter gradients match training/attention.py's matmul path."""
-    from test_speed_paths import _assert_same_gradients, _examples, _lora
+    and loss and adapter gradients match accel/cpu/attention.py's matmul path."""
+    from helpers import assert_same_gradients, demo_examples, lora_model
     from tunesmith.data.collate import collate
     from tunesmith.models import load_model
     from tunesmith.training.loss import label_loss_sum
 
     _needs_kernel(64)
     config = _save_kernel_model(tmp_path, tiny_tokenizer)
-    batch = collate(_examples(tiny_tokenizer, 5), tiny_tokenizer.pad_token_id, flat=True)
+    batch = collate(demo_examples(tiny_tokenizer, 5), tiny_tokenizer.pad_token_id, flat=True)
     calls, results = [], []
     original = native.NativeSegmentedAttention.apply
     monkeypatch.setattr(native.NativeSegmentedAttention, "apply", lambda *a: calls.append(1) or original(*a))
     for use_kernel in (True, False):
         monkeypatch.setattr(native, "chosen", (lambda *a: True) if use_kernel else (lambda *a: False))
-        model = _lora(load_model(str(tmp_path), torch.bfloat16))
+        model = lora_model(load_model(str(tmp_path), torch.bfloat16))
         total, count = label_loss_sum(model, batch)
         (total / count).backward()
         results.append((float(total.detach()), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}))
     assert len(calls) == config.num_hidden_layers
     (fast, fast_grads), (plain, plain_grads) = results
     assert abs(fast - plain) / plain < 0.01
-    _assert_same_gradients(plain_grads, fast_grads, 0.05)
+    assert_same_gradients(plain_grads, fast_grads, 0.05)
 
 
 @pytest.mark.parametrize("setting", ["1", "auto"])
@@ -106,7 +106,7 @@ def test_first_choice_inside_a_checkpointed_forward(fresh_native, tmp_path, tiny
     """The kernel is built, checked and timed at the first padding-free forward, here inside
     gradient checkpointing's first pass: that work stays out of the checkpointed graph (its
     recomputation would otherwise find a different number of saved tensors)."""
-    from test_speed_paths import _examples
+    from helpers import demo_examples
     from helpers import trainable
     from tunesmith.config import AdapterConfig
     from tunesmith.data.collate import collate
@@ -120,7 +120,7 @@ def test_first_choice_inside_a_checkpointed_forward(fresh_native, tmp_path, tiny
     model = trainable(load_model(str(tmp_path / "model"), torch.bfloat16),
                           AdapterConfig(method="full", gradient_checkpointing=True))
     model.train()
-    total, count = label_loss_sum(model, collate(_examples(tiny_tokenizer, 3), tiny_tokenizer.pad_token_id, flat=True))
+    total, count = label_loss_sum(model, collate(demo_examples(tiny_tokenizer, 3), tiny_tokenizer.pad_token_id, flat=True))
     (total / count).backward()
     assert native._decided == {(2, 1, 64): native._decided[(2, 1, 64)]}
     assert native._decided[(2, 1, 64)] or setting == "auto"

@@ -26,19 +26,19 @@ def alone_logits(model, example):
 
 def packing_model(model_dir, attention: str):
     """The tiny model with transformers' SDPA or eager attention, or as training runs it on the CPU
-    ("training"): LoRA applied by apply_adapter, which installs the fused layers and the attention
-    of training/attention.py in place of SDPA."""
+    ("training"): LoRA made trainable and the fast paths applied as api.train does, which puts the
+    CPU attention of accel/cpu/attention.py in place of SDPA."""
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.adapters.lora import apply_adapter
+    from helpers import trainable
+    from tunesmith.accel.cpu import attention as training_attention
     from tunesmith.config import AdapterConfig
-    from tunesmith.training import attention as training_attention
 
     implementation = "sdpa" if attention == "training" else attention
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=implementation)
     if attention == "training":
         torch.manual_seed(0)
-        model = apply_adapter(model, AdapterConfig(r=4, alpha=8))
+        model = trainable(model, AdapterConfig(r=4, alpha=8))
         with torch.no_grad():  # B non-zero: the adapters take part in the output
             for name, param in model.named_parameters():
                 if "lora_B" in name:

@@ -53,7 +53,7 @@ def test_activation_terms_match_the_tensors_autograd_keeps(tiny_model_dir, metho
 
     from tunesmith.accel.cpu.attention import NAME
 
-    cpu_attention = model.config._attn_implementation == NAME  # training/attention.py: also keeps its causal mask
+    cpu_attention = model.config._attn_implementation == NAME  # accel/cpu/attention.py: also keeps its causal mask
     setup = Setup(method=method, dtype=dtype, batch=batch_size, seq=seq, targets=targets, label_share=56 / seq,
                   cpu_attention=cpu_attention)
     est = estimate(model_shape(str(tiny_model_dir)), setup)
@@ -93,7 +93,7 @@ def test_breakdown_sums_to_the_total_and_the_printed_plan_agrees(tiny_model_dir)
 @pytest.mark.parametrize("seq", [1, 100, 300, 512, 1024, 4096])
 def test_attention_scores_are_the_largest_block_training_attention_makes(seq):
     """plan/memory.py counts, for a padding-free row, the largest score matrix of the query blocks
-    training/attention.py cuts a sequence into; packed rows hold the whole batch's."""
+    accel/cpu/attention.py cuts a sequence into; packed rows hold the whole batch's."""
     from tunesmith.plan.memory import BLOCK_ROWS, attention_scores
     from tunesmith.accel.cpu import attention
 
@@ -104,7 +104,7 @@ def test_attention_scores_are_the_largest_block_training_attention_makes(seq):
     assert attention_scores(shape, setup) == shape.heads * largest
     packed = Setup(**{**setup.__dict__, "packed_rows": True})
     assert attention_scores(shape, packed) == 4 * shape.heads * seq ** 2
-    # training/native.py's kernel keeps no score matrix and no mask; packed rows still take the matmuls
+    # accel/cpu/native.py's kernel keeps no score matrix and no mask; packed rows still take the matmuls
     kernel = Setup(**{**setup.__dict__, "native_attention": True})
     assert attention_scores(shape, kernel) == 0
     assert estimate(shape, setup).total - estimate(shape, kernel).total >= 4 * seq ** 2

@@ -2,15 +2,17 @@
 
 PEFT's LoRA forward is base(x) + B(A(x)) * scaling: after the base matmul it writes the rank-r
 product, scales it in a second pass and adds it in a third, and its backward repeats the pattern
-(a scaled copy of the output gradient, a separate sum for the input gradient). On the default
-model on a 2-core CPU those element-wise passes and the casts of the adapter weights took about
-a quarter of a training step. Here the scaling is folded into a bf16 copy of B (r x out values,
-not M x out), the low-rank product is accumulated into the base output in place (addmm_), and
-the backward accumulates the low-rank input gradient into the base one the same way.
+(a scaled copy of the output gradient, a separate sum for the input gradient); on a 4-bit base
+it also clones the base output. Here the scaling is folded into a copy of B (r x out values, not
+M x out), the low-rank product is accumulated into the base output in place (addmm_), and the
+backward accumulates the low-rank input gradient into the base one the same way. On the default
+model on a 2-core CPU PEFT's extra passes took about a quarter of a training step; on QLoRA they
+also left activation-sized temporaries that made its peak higher than LoRA's.
 
 Used only where it is exactly PEFT's computation: one active plain LoRA adapter (no DoRA, no
-dropout, no LoRA bias) on an unquantised nn.Linear, adapters enabled and not merged; anything
-else runs PEFT's own forward.
+dropout, no LoRA bias) on an nn.Linear or a bitsandbytes 4-bit Linear4bit (whose weight is
+dequantised for the product, as bitsandbytes' own training path does), adapters enabled and not
+merged; anything else (and a 4-bit layer without gradients: generation) runs PEFT's own forward.
 """
 from __future__ import annotations
 
@@ -18,24 +20,33 @@ import torch
 import torch.nn.functional as F
 
 NAME = "lora_linear"
-LIBRARIES = ("peft",)
+LIBRARIES = ("peft", "bitsandbytes")
+
+
+def base_weight(base, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base's [out, in] weight in `dtype`: as stored, or dequantised from NF4."""
+    if type(base) is torch.nn.Linear:
+        return base.weight.to(dtype)
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
 
 
 class LoRALinear(torch.autograd.Function):
-    """x @ W^T (+ bias) + scaling * (x @ A^T) @ B^T, with W frozen; matmuls in x's dtype."""
+    """x @ W^T (+ bias) + scaling * (x @ A^T) @ B^T, with W (of `base`) frozen; matmuls in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+    def forward(ctx, x, base, lora_a, lora_b, scaling: float):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         a, b_scaled = _low_rank(lora_a, lora_b, scaling, x.dtype)
         low = flat @ a.t()  # [M, r]
-        out = F.linear(flat, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        bias = base.bias
+        out = F.linear(flat, base_weight(base, x.dtype), None if bias is None else bias.to(x.dtype))
         out.addmm_(low, b_scaled.t())
         # The adapter weights, not their casts: the backward casts them again (r x (in + out) values).
         ctx.save_for_backward(flat, low, lora_a, lora_b)
-        ctx.weight, ctx.scaling, ctx.shape = weight, scaling, shape
-        ctx.bias_grad = bias is not None and bias.requires_grad
+        ctx.base, ctx.scaling, ctx.shape = base, scaling, shape
         return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -46,14 +57,13 @@ class LoRALinear(torch.autograd.Function):
         grad_low = grad @ b_scaled  # d(loss)/d(x A^T), scaling included: [M, r]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ ctx.weight.to(flat.dtype)
+            grad_x = grad @ base_weight(ctx.base, flat.dtype)
             grad_x.addmm_(grad_low, a)
             grad_x = grad_x.view(ctx.shape)
         grad_a = (grad_low.t() @ flat).to(lora_a.dtype)
         # d/dB of scaling * low @ B^T: scaling * grad^T @ low
         grad_b = (grad.t() @ low).mul_(ctx.scaling).to(lora_b.dtype)
-        grad_bias = grad.sum(0) if ctx.bias_grad else None
-        return grad_x, None, grad_bias, grad_a, grad_b, None
+        return grad_x, None, grad_a, grad_b, None
 
 
 def _low_rank(lora_a, lora_b, scaling: float, dtype):
@@ -61,29 +71,46 @@ def _low_rank(lora_a, lora_b, scaling: float, dtype):
     return lora_a.to(dtype), (lora_b * scaling).to(dtype)
 
 
-def _plain_lora(module) -> bool:
-    """True where the module's forward is exactly base(x) + scaling * B(A(x)) for one adapter."""
+def _layer_classes() -> tuple[tuple[type, type], ...]:
+    """(PEFT LoRA layer class, the base layer class it wraps) pairs this function reproduces."""
+    pairs = []
     try:
         from peft.tuners.lora.layer import Linear
     except ImportError:
-        return False
-    if type(module) is not Linear or type(module.base_layer) is not torch.nn.Linear:
+        return ()
+    pairs.append((Linear, torch.nn.Linear))
+    try:
+        import bitsandbytes as bnb
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return tuple(pairs)
+    pairs.append((Linear4bit, bnb.nn.Linear4bit))
+    return tuple(pairs)
+
+
+def _plain_lora(module) -> bool:
+    """True where the module's forward is exactly base(x) + scaling * B(A(x)) for one adapter."""
+    if (type(module), type(getattr(module, "base_layer", None))) not in _layer_classes():
         return False
     names = list(module.lora_A.keys())
     if len(names) != 1 or module.lora_variant or getattr(module, "lora_bias", {}).get(names[0], False):
         return False
-    return isinstance(module.lora_dropout[names[0]], torch.nn.Identity) and not module.fan_in_fan_out
+    if getattr(module.base_layer.bias, "requires_grad", False):
+        return False  # a trained bias is PEFT's to handle
+    return isinstance(module.lora_dropout[names[0]], torch.nn.Identity) and not getattr(module, "fan_in_fan_out", False)
 
 
 def _forward(module, original):
     name = next(iter(module.lora_A.keys()))
     base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
+    quantized = type(base) is not torch.nn.Linear
 
     def forward(x, *args, **kwargs):
         if (args or kwargs or module.disable_adapters or module.merged or name not in module.active_adapters
-                or base.weight.requires_grad):
+                or base.weight.requires_grad or (quantized and not torch.is_grad_enabled())
+                or getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False)):
             return original(x, *args, **kwargs)
-        return LoRALinear.apply(x, base.weight, base.bias, lora_a.weight, lora_b.weight, module.scaling[name])
+        return LoRALinear.apply(x, base, lora_a.weight, lora_b.weight, module.scaling[name])
 
     return forward
 

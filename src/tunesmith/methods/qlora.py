@@ -9,6 +9,9 @@ from .common import Method, add_lora
 
 
 def _freeze_and_add(model, cfg):
+    from ..models.quant import keep_unpacked
+
+    keep_unpacked(model)  # the base is evaluated before it trains: its 4-bit products must keep their backward
     for param in model.parameters():
         param.requires_grad_(False)
     return add_lora(model, cfg)

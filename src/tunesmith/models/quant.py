@@ -39,7 +39,7 @@ def load_quantized(spec: str, compute: torch.dtype = torch.bfloat16, trust_remot
     except OSError as err:
         raise UserError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None
     if compute == torch.float32:
-        keep_fp32_compute(model)
+        keep_unpacked(model)
     model.eval()
     return model
 
@@ -50,13 +50,14 @@ def quantized_layers(model):
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
 
-def keep_fp32_compute(model) -> None:
+def keep_unpacked(model) -> None:
     """Turn off bitsandbytes' packed CPU inference kernel.
 
     On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on the first no-grad forward in
-    eval mode and multiplies in bf16, even when fp32 compute was asked for. With fp32 compute the
-    result must equal the dequantised weights times the input, so evaluation, reloads and merge
-    checks agree with training to fp32 precision.
+    eval mode and multiplies in bf16, even when fp32 compute was asked for; and a packed layer's
+    product has no backward, so a model that trains after such a forward (its base evaluation)
+    would get no input gradient through its frozen layers. With it off, results equal the
+    dequantised weights times the input: evaluation, reloads and merge checks agree with training.
     """
     for layer in quantized_layers(model):
         layer.support_avx512bf16_for_cpu = False

@@ -18,8 +18,8 @@ CPU_RUNTIME = 110 * 2**20  # thread pools, oneDNN scratch, compiled kernels, aut
 QLORA_RUNTIME = 40 * 2**20
 # glibc heap blocks freed but still resident at a step's peak, per byte of the step's activations
 # (cpu_overhead), fitted to bench/plan_accuracy.py's rows, by activation dtype (fp32, bf16/fp16):
-# full fine-tuning; plain LoRA (training/lora_linear.py); adapters through PEFT's own layers
-# (QLoRA, DoRA), which free three activation-sized temporaries per layer.
+# full fine-tuning; LoRA and QLoRA (accel/lora_linear.py); adapters through PEFT's own layers
+# (DoRA), which free three activation-sized temporaries per layer.
 RESIDENT = {"full": {4: 0.9, 2: 0.6}, "lora": {4: 0.6, 2: 0.5}, "peft": {4: 1.25, 2: 0.5}}
 MMAP_CEILING = 32 * 2**20  # glibc's dynamic mmap threshold stops here: larger blocks are unmapped when freed
 SCORES_KEPT_FROM = 8 * 2**20  # one sequence's score matrix from which freed ones stay resident (resident_scores)
@@ -82,8 +82,8 @@ def cpu_overhead(est) -> float:
     setup, shape = est.setup, est.shape
     allocated = est.activations_no_ckpt + est.weight_copies
     method = _method(setup)
-    # plain LoRA runs accel/lora_linear.py's layers; QLoRA and DoRA PEFT's own
-    kind = "full" if method.trains_all_weights else "lora" if not (method.quantized_base or method.weight_norms) else "peft"
+    # LoRA and QLoRA run accel/lora_linear.py's layers; DoRA PEFT's own
+    kind = "full" if method.trains_all_weights else "peft" if method.weight_norms else "lora"
     share = RESIDENT[kind][dtypes(setup).inner]
     mapped = 0.0
     if (method.quantized_base and shape.stored_dtype == setup.dtype

@@ -2,7 +2,7 @@
  * bf16 q, k, v with fp32 accumulation: AVX512-BF16 dot products in tiles of 8 queries x 32 keys
  * kept in registers, flash-attention style (online softmax forward, probabilities recomputed from
  * the log-sum-exp backward), so no score matrix is ever stored and the masked upper triangle is
- * skipped tile by tile. Built and loaded by training/native.py; HEAD_DIM is fixed when compiling.
+ * skipped tile by tile. Built and loaded by accel/cpu/native.py; HEAD_DIM is fixed when compiling.
  *
  * A work item is one sequence [a, b) of the row and one key/value head with its `groups` query
  * heads; tensors are addressed by element strides (per head, per token; the head dimension is
