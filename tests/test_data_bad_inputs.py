@@ -1,4 +1,5 @@
 """The bad-input corpus (tests/bad_data): every malformed file gets its reason in one line, never a traceback."""
+import json
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,46 @@ def test_duplicates_are_counted_and_the_rest_is_used(tiny_model_dir, tmp_path, c
     assert "records: 2" in out and "examples: train 1" in out
     assert f"duplicate (exact): 1 (first: {path}:2)" in out
     assert (tmp_path / "lengths.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_many_over_long_examples_get_a_hint(tiny_model_dir, tiny_tokenizer, tmp_path, capsys, monkeypatch):
+    """MedQuAD-like data: long answers, so the default max_seq_len drops many examples. Above a tenth
+    dropped, `data check` says which max_seq_len keeps 95% of them and what overlong=truncate keeps;
+    both numbers are checked against prepare() run with those settings."""
+    import math
+    import random
+
+    from conftest import write_jsonl
+    from tunesmith.config import DataConfig
+    from tunesmith.data.prepare import prepare
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(0)
+    words = ["billing", "outage", "refund", "login", "priority", "urgent", "account", "invoice"]
+    rows = [{"prompt": f"Question {i}: " + " ".join(rng.choices(words, k=rng.randint(2, 30))),
+             "completion": " ".join(rng.choices(words, k=rng.choice([rng.randint(3, 20), rng.randint(40, 160)])))}
+            for i in range(60)]
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    limit = 64
+
+    def kept(**settings) -> int:
+        prepared = prepare(DataConfig(**{"train": str(data), "max_seq_len": limit, "cache": False, **settings}),
+                           tiny_tokenizer)
+        return sum(len(s) for s in prepared.splits.values())
+
+    everything = kept(max_seq_len=4096)
+    assert main(["data", "check", str(data), f"max_seq_len={limit}", "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    hint = json.loads((tmp_path / "c" / "report.json").read_text())["length_hint"]
+    dropped = everything - kept()
+    assert dropped > everything / 10 and hint["lost"] == dropped and hint["examples"] == everything
+    suggested = hint["suggested_max_seq_len"]
+    assert kept(max_seq_len=suggested) >= math.ceil(0.95 * everything) > kept(max_seq_len=suggested - 64)
+    assert hint["truncate_keeps"] == kept(overlong="truncate") - kept() > 0
+    assert (f"max_seq_len={suggested} keeps" in out and f"overlong=truncate would keep {hint['truncate_keeps']} "
+            f"of the {dropped}" in out), out
+    # Few dropped: no hint.
+    assert main(["data", "check", str(data), f"max_seq_len={suggested}", "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "d")]) == 0
+    assert "hint:" not in capsys.readouterr().out

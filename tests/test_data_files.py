@@ -6,7 +6,6 @@ import pytest
 
 from tunesmith.config import DataConfig
 from tunesmith.data.prepare import prepare
-from tunesmith.data.tokenize import IGNORE
 from tunesmith.errors import UserError
 
 from helpers import CHATML, write_jsonl
@@ -171,7 +170,11 @@ def test_second_prepare_comes_from_the_cache(tmp_path, tiny_tokenizer, monkeypat
     with open(path, "a") as out:
         out.write(json.dumps({"prompt": "new", "completion": "one"}) + "\n")
     changed = prepare(DataConfig(train=str(path)), tiny_tokenizer)
-    assert not changed.cached and all(l == IGNORE or l >= 0 for e in changed.splits["train"].encoded for l in e.labels)
+    fresh = prepare(DataConfig(train=str(path), cache=False), tiny_tokenizer)
+    assert not changed.cached and changed.records == first.records + 1
+    for name in ("train", "validation"):  # the new record's tokens, not the old entry's
+        assert ([(e.input_ids, e.labels) for e in changed.splits[name].encoded]
+                == [(e.input_ids, e.labels) for e in fresh.splits[name].encoded])
 
 
 def ids_of(prepared) -> list[list[int]]:

@@ -15,8 +15,8 @@ from helpers import STEPS, finished, records, run_cli, start_and_kill_at, write_
 def reference(tiny_model_dir, tmp_path_factory):
     run = finished(write_config(tmp_path_factory.mktemp("reference"), tiny_model_dir, "run"))
     return {"weights": load_file(run / "adapter" / "adapter_model.safetensors"),
-            "losses": {r["step"]: r["loss"] for r in records(run, "train")},
-            "samples": {r["step"]: r["ids"] for r in records(run, "samples")}}
+            "losses": [(r["step"], r["loss"]) for r in records(run, "train")],
+            "samples": [(r["step"], r["ids"]) for r in records(run, "samples")]}
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -45,10 +45,13 @@ def test_sigkill_then_resume_equals_uninterrupted_run(seed, reference, tiny_mode
     assert weights.keys() == reference["weights"].keys()
     for name, value in weights.items():
         assert (value - reference["weights"][name]).abs().max() < 1e-6, name
-    losses = {r["step"]: r["loss"] for r in records(run, "train")}
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert losses == pytest.approx(reference["losses"], abs=1e-6)
-    samples = {r["step"]: r["ids"] for r in records(run, "samples")}
+    # Lists, not dicts keyed by step: a step recorded twice (before the kill and again after the
+    # resume) must show.
+    losses = [(r["step"], r["loss"]) for r in records(run, "train")]
+    assert [step for step, _ in losses] == list(range(1, STEPS + 1))
+    assert [step for step, _ in reference["losses"]] == list(range(1, STEPS + 1))
+    assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference["losses"]], abs=1e-6)
+    samples = [(r["step"], r["ids"]) for r in records(run, "samples")]
     assert samples == reference["samples"]  # no gap, no repeat, same order
 
 

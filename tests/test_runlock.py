@@ -35,6 +35,38 @@ def test_hold_is_exclusive_and_holder_reads_it(tmp_path):
             with runlock.hold(folder):
                 pass
     assert runlock.holder(folder) is None
+    assert not folder.exists()  # a run that wrote nothing leaves nothing, not even its folder
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.json").write_text("{}")
+    with runlock.hold(earlier):
+        (earlier / "metrics.jsonl").write_text("")
+    assert sorted(p.name for p in earlier.iterdir()) == ["metrics.jsonl", "results.json"]
+
+
+def test_a_waiting_writer_never_shares_the_lock(tmp_path):
+    """The holder removes the lock file as it leaves; a writer that opened it just before must not
+    end up holding the removed file while a third takes the new one."""
+    folder = tmp_path / "run"
+    taken, done = [], threading.Event()
+
+    def second():
+        with runlock.hold(folder):  # waits (PROBE_GRACE_SECONDS) for the first to leave
+            taken.append(runlock.holder(folder))
+            with pytest.raises(UserError):
+                with runlock.hold(folder):  # a third is refused: the second holds the folder's file
+                    pass
+            done.wait(30)
+
+    with runlock.hold(folder):
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.3)
+    wait_for(lambda: taken, 10)
+    assert taken == [os.getpid()] and (folder / runlock.LOCK_FILE).exists()
+    done.set()
+    thread.join(30)
+    assert runlock.holder(folder) is None
     child = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "held"

@@ -174,7 +174,9 @@ def test_token_required_on_every_api_request(served, host):
     assert call(server, "/api/runs", {"name": "x"}, token=False)[0] == 401  # starting a run too
     assert call(server, "/api/runs", headers={"X-Tunesmith-Token": token}, token=False)[0] == 200
     assert call(server, "/", token=False)[0] == 200  # the page itself holds no data; it reads the token from its address
-    assert make_server(server.runs_dir, host, 0).token != token  # a new one for every start
+    other = make_server(server.runs_dir, host, 0)
+    other.server_close()
+    assert other.token != token  # a new one for every start
 
     local = served()
     # Bound to localhost: only local Host names (no DNS rebinding), only JSON POSTs (no CSRF forms).

@@ -6,6 +6,10 @@ process never passes for a live run, and a second trainer (a second terminal, a 
 click) is refused with a message instead of writing the same checkpoints.
 
 The holder writes its pid into the lock file; that pid is believed only while the lock is held.
+The holder removes the file as it leaves (and the folder, where it made it and nothing else was
+written): a run that fails early leaves no trace, not even in an earlier run's folder. A process
+that opened the file before it was removed sees, once it has the lock, that the file is no
+longer the folder's and opens it again, so two holders never coexist.
 The dashboard takes the lock before it starts a trainer and hands it to the child (`handover`):
 the child inherits the locked file, adopts it in `hold`, and the run shows as running from the
 moment it is started. Linux and macOS (fcntl); a forked (not exec'd) child of the trainer shares
@@ -33,6 +37,7 @@ def hold(folder: str | Path) -> Iterator[None]:
     """Hold the run folder's lock for the body (creating the folder); UserError naming the folder and
     the holder's pid when another process holds it."""
     folder = Path(folder)
+    made_folder = not folder.exists()
     fd = _adopt(folder)
     if fd is None:
         fd = _take(folder)
@@ -40,7 +45,12 @@ def hold(folder: str | Path) -> Iterator[None]:
         _write_pid(fd, os.getpid())
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(folder / LOCK_FILE)  # while still held: see the module's docstring
         os.close(fd)  # releases the lock
+        if made_folder:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: a run that wrote nothing
 
 
 @contextlib.contextmanager
@@ -79,24 +89,36 @@ def holder(folder: str | Path) -> int | None:
 
 
 def _take(folder: Path) -> int:
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + PROBE_GRACE_SECONDS
     while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed by a holder leaving it empty: make it again
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
         except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
             if time.monotonic() < deadline:
                 time.sleep(0.02)
                 continue
-            pid = _read_pid(fd)
-            os.close(fd)
             who = f"pid {pid}" if pid else "a process starting now"
             raise UserError(f"{folder}: another training process ({who}) is writing this run folder; wait for it to "
                             "finish or stop it (the dashboard's Stop, or SIGTERM) before starting a second one") from None
-    os.ftruncate(fd, 0)  # the pid of an earlier holder is stale from this instant on
-    return fd
+        if _is_the_folders(fd, folder):
+            os.ftruncate(fd, 0)  # the pid of an earlier holder is stale from this instant on
+            return fd
+        os.close(fd)  # locked a file its last holder removed as it left: open the folder's own
+
+
+def _is_the_folders(fd: int, folder: Path) -> bool:
+    try:
+        ours, current = os.fstat(fd), os.stat(folder / LOCK_FILE)
+    except OSError:
+        return False
+    return (ours.st_dev, ours.st_ino) == (current.st_dev, current.st_ino)
 
 
 def _adopt(folder: Path) -> int | None:
@@ -106,8 +128,7 @@ def _adopt(folder: Path) -> int | None:
         return None
     fd = int(value)
     try:
-        ours, wanted = os.fstat(fd), os.stat(folder / LOCK_FILE)
-        if (ours.st_dev, ours.st_ino) != (wanted.st_dev, wanted.st_ino):
+        if not _is_the_folders(fd, folder):
             return None
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # already ours: this only confirms it
     except OSError:

@@ -15,6 +15,9 @@ from . import cache
 from .prepare import Prepared, prepare
 
 PERCENTILES = (50, 90, 95, 99)
+HINT_ABOVE = 0.1  # share of the examples lost to max_seq_len above which the report says what to change
+KEEP_PERCENT = 95  # the share of the examples the suggested max_seq_len keeps
+ROUND_TO = 64  # the suggested max_seq_len is a multiple of this
 
 
 def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/data-check",
@@ -51,8 +54,28 @@ def build_report(prepared: Prepared, cfg: DataConfig, path: str, model: str) -> 
                           "min": lengths[0] if lengths else 0, "max": lengths[-1] if lengths else 0,
                           "max_seq_len": cfg.max_seq_len},
         "tokens": tokens, "label_tokens": labelled, "label_share": labelled / tokens if tokens else 0.0,
+        "length_hint": length_hint(prepared, cfg),
         "cached": prepared.cached, "cache_key": prepared.cache_key,
     }
+
+
+def length_hint(prepared: Prepared, cfg: DataConfig) -> dict | None:
+    """When more than a tenth of the examples is lost to max_seq_len: the max_seq_len that keeps 95%
+    of them, and how many `overlong: truncate` would keep (those with an answer token left in the
+    first max_seq_len tokens). None otherwise."""
+    lost = len(prepared.too_long) - prepared.truncated  # dropped: over-long, or truncated to no answer
+    kept = [len(e.input_ids) for s in prepared.splits.values() for e in s.encoded]
+    for _ in range(prepared.truncated):  # a truncated example counts with its length before the cut
+        kept.remove(cfg.max_seq_len)
+    lengths = sorted(kept + [tokens for tokens, _ in prepared.too_long])
+    if not lengths or lost <= HINT_ABOVE * len(lengths):
+        return None
+    needed = lengths[-(-len(lengths) * KEEP_PERCENT // 100) - 1]  # the shortest length that keeps 95%
+    suggested = max(16, -(-needed // ROUND_TO) * ROUND_TO)
+    return {"lost": lost, "examples": len(lengths), "lost_share": round(lost / len(lengths), 4),
+            "max_seq_len": cfg.max_seq_len, "overlong": cfg.overlong, "suggested_max_seq_len": suggested,
+            "suggested_keeps": round(sum(n <= suggested for n in lengths) / len(lengths), 4),
+            "truncate_keeps": sum(0 <= first < cfg.max_seq_len for _, first in prepared.too_long)}
 
 
 def _percentile(sorted_values: list[int], p: float) -> int:
@@ -105,6 +128,13 @@ def format_report(report: dict) -> str:
             lines.append(f"  {kind}: {info['count']} (first: {', '.join(info['first'])})")
     if report["truncated"]:
         lines.append(f"truncated: {report['truncated']}")
+    hint = report.get("length_hint")
+    if hint:
+        lines.append(f"hint: {hint['lost_share']:.0%} of the examples ({hint['lost']} of {hint['examples']}) are lost to "
+                     f"max_seq_len {hint['max_seq_len']}; max_seq_len={hint['suggested_max_seq_len']} keeps "
+                     f"{hint['suggested_keeps']:.1%} of them"
+                     + (f"; overlong=truncate would keep {hint['truncate_keeps']} of the {hint['lost']} "
+                        f"(cut to {hint['max_seq_len']} tokens)" if hint["overlong"] == "drop" else ""))
     for name, info in report["overlap_with_train"].items():
         lines.append(f"{name} examples also in train: {info['count']}"
                      + (f" (first: {', '.join(info['first'])})" if info["first"] else ""))

@@ -49,6 +49,8 @@ class Prepared:
     template: str = ""
     overlap: dict[str, list[str]] = field(default_factory=dict)  # split -> 'file:line' also in train
     truncated: int = 0
+    # [tokens, index of the first label or -1] of each example over max_seq_len (dropped or truncated)
+    too_long: list[list[int]] = field(default_factory=list)
     cached: bool = False
     cache_key: str | None = None
 
@@ -234,6 +236,7 @@ def _length_policy(encoded: Encoded, cfg: DataConfig, file: str, line: int, prep
     """Drop, truncate or refuse an over-long example; drop one with no answer token left."""
     length = len(encoded.input_ids)
     if length > cfg.max_seq_len:
+        prepared.too_long.append([length, next((i for i, t in enumerate(encoded.labels) if t != IGNORE), -1)])
         if cfg.overlong == "error":
             raise UserError(f"{file}:{line}: example has {length} tokens, more than data.max_seq_len={cfg.max_seq_len} "
                             "(set data.overlong to 'drop' or 'truncate')")
@@ -299,7 +302,7 @@ def _to_cache(prepared: Prepared, tokenizer) -> tuple[dict, dict]:
         "tokenizer_stamps": cache.tokenizer_stamps(getattr(tokenizer, "name_or_path", None)),
         "problems": [[p.file, p.line, p.reason, p.kind] for p in prepared.problems],
         "formats": dict(prepared.formats), "records": prepared.records, "template": prepared.template,
-        "overlap": prepared.overlap, "truncated": prepared.truncated,
+        "overlap": prepared.overlap, "truncated": prepared.truncated, "too_long": prepared.too_long,
         "splits": {name: {"conversations": s.conversations, "origins": s.origins} for name, s in prepared.splits.items()},
     }
     arrays = {}
@@ -315,7 +318,7 @@ def _from_cache(meta: dict, arrays: dict) -> Prepared:
 
     problems = [Problem(*p) for p in meta["problems"]]
     prepared = Prepared({}, problems, Counter(p.kind for p in problems), Counter(meta["formats"]), meta["records"],
-                        meta["template"], meta["overlap"], meta["truncated"], cached=True)
+                        meta["template"], meta["overlap"], meta["truncated"], meta["too_long"], cached=True)
     for name, stored in meta["splits"].items():
         ids, labels = arrays[f"{name}.ids"].tolist(), arrays[f"{name}.labels"].tolist()
         ends = np.cumsum(arrays[f"{name}.lengths"]).tolist()
