@@ -63,7 +63,7 @@ def test_many_over_long_examples_get_a_hint(tiny_model_dir, tiny_tokenizer, tmp_
     import math
     import random
 
-    from conftest import write_jsonl
+    from helpers import write_jsonl
     from tunesmith.config import DataConfig
     from tunesmith.data.prepare import prepare
 

@@ -78,14 +78,14 @@ def test_parameter_counts_match_the_real_model_and_peft(tiny_model_dir):
 def test_breakdown_parts_hold_what_they_name_and_the_printed_plan_agrees(tiny_model_dir):
     """Parts that do not depend on the moment of the peak, from what AdamW and PEFT keep (a trained
     weight: its fp32 value, one fp32 gradient, AdamW's two fp32 moments), on the real model's counts."""
-    from tunesmith.adapters.lora import apply_adapter
+    from helpers import trainable
     from tunesmith.config import AdapterConfig
     from tunesmith.models import load_model
 
     shape = model_shape(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir), torch.float32)
     all_weights = sum(p.numel() for p in model.parameters())
-    adapters = sum(p.numel() for p in apply_adapter(model, AdapterConfig(method="lora", r=16, target_modules="all-linear"))
+    adapters = sum(p.numel() for p in trainable(model, AdapterConfig(method="lora", r=16, target_modules="all-linear"))
                    .parameters() if p.requires_grad)
     for method in ("full", "lora", "qlora"):
         trained = all_weights if method == "full" else adapters
