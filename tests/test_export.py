@@ -199,3 +199,25 @@ def test_serving_warnings_name_what_vllm_and_tgi_reject():
                                          "target_modules": ["q_proj", "embed_tokens"]}, True))
     for text in ("vLLM rejects", "DoRA", "--max-lora-rank 128", "['embed_tokens']", "QLoRA"):
         assert text in found
+
+
+def test_gguf_is_not_called_verified_when_no_sample_conversation_was_found(runs, tmp_path):
+    """Issue 20 item 18: with the run's data gone the check had 0 of 0 prompts and random tokens; it is
+    refused unless forced, and a forced export says what was checked."""
+    import shutil
+
+    run = tmp_path / "moved"
+    shutil.copytree(runs["qwen2"], run)
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"].update(train=str(tmp_path / "gone" / "train.jsonl"), validation=str(tmp_path / "gone" / "v.jsonl"))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for name in ("train.jsonl", "validation.jsonl"):
+        (run / "data" / name).unlink(missing_ok=True)
+    with pytest.raises(UserError, match="no sample conversations found.*--force"):
+        export(run, tmp_path / "out", formats="gguf")
+    assert not (tmp_path / "out" / "gguf" / "model-f16.gguf").exists()
+    check = export(run, tmp_path / "forced", formats="gguf", force=True)["gguf"]
+    assert check["prompts_checked"] == 0 and check["checked_on"].startswith("random tokens only")
+    assert "random tokens only" in (tmp_path / "forced" / "gguf" / "README.md").read_text()

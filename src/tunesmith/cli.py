@@ -122,7 +122,7 @@ def cmd_plan(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    print(json.dumps(export(args.run, args.out, args.merge, args.tolerance, args.format, args.quant), indent=2))
+    print(json.dumps(export(args.run, args.out, args.merge, args.tolerance, args.format, args.quant, args.force), indent=2))
     return 0
 
 
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(QLoRA: into the dequantised base)")
     p.add_argument("--out", default=None, help="export folder (default: RUN/export)")
     p.add_argument("--tolerance", type=float, default=None, help="largest fp32 logit difference accepted, per unit of logit scale (default 1e-4)")
+    p.add_argument("--force", action="store_true", help="GGUF: export even when the run's data is gone and only random "
+                                                        "tokens can be checked (said in the check)")
     p.set_defaults(func=cmd_export)
     return parser
 

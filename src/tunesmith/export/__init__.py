@@ -26,8 +26,11 @@ def parse_formats(formats: str | list[str] | None, merge: bool) -> list[str]:
 
 
 def export(run: str | Path, out: str | Path | None = None, merge: bool = False, tolerance: float | None = None,
-           formats: str | list[str] | None = None, quant: str = "f16") -> dict:
-    """Export a run in the given formats (default: hf); returns what each check measured."""
+           formats: str | list[str] | None = None, quant: str = "f16", force: bool = False) -> dict:
+    """Export a run in the given formats (default: hf); returns what each check measured.
+
+    A GGUF is checked on the run's own sample conversations; where none are found (the data moved
+    away) the export is refused unless `force`, and then says it was checked on random tokens only."""
     from .. import runs
     from ..config import load_config
     from .merge import TOLERANCE, merge_run
@@ -55,7 +58,7 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
             results["peft"]["warnings"]) or "none"})
     if "gguf" in wanted or "ollama" in wanted:
         merged = out / "merged" if "merged" in results else None
-        results["gguf"] = export_gguf(run, out / "gguf", quant, merged, "ollama" in wanted)
+        results["gguf"] = export_gguf(run, out / "gguf", quant, merged, "ollama" in wanted, force)
     return results
 
 
@@ -70,7 +73,7 @@ def check_gguf_architecture(run: Path) -> None:
     gguf_architecture(AutoConfig.from_pretrained(where, gguf_file=gguf_file))
 
 
-def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelfile: bool) -> dict:
+def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelfile: bool, force: bool = False) -> dict:
     """Write model-{quant}.gguf from the merged model, verify it, and (for ollama) add a Modelfile."""
     import torch
 
@@ -83,6 +86,11 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     from .readme import write_readme
 
     trained = runs.trained_folder(run)
+    conversations = sample_conversations(run)
+    if not conversations and not force:
+        raise UserError(f"{run}: no sample conversations found (the run's validation and training data are gone), so "
+                        "the GGUF's logits and chat template cannot be checked on real prompts; restore the data, or "
+                        "export with --force to check the logits on random tokens only")
     scratch = folder / ".partial"
     shutil.rmtree(scratch, ignore_errors=True)
     source = merged or trained
@@ -95,12 +103,14 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     name = f"model-{quant}.gguf"
     written = write_gguf(model, tokenizer, scratch / name, quant, name=run.resolve().name)
     del model
-    check = verify_gguf(written, quant, reference, batch, tokenizer, sample_conversations(run)).as_dict()
+    check = verify_gguf(written, quant, reference, batch, tokenizer, conversations).as_dict()
+    check["checked_on"] = (f"{len(conversations)} sample conversations of the run's data" if conversations else
+                           "random tokens only (no sample conversations; --force): chat template not checked")
     os.replace(written, folder / name)
     shutil.rmtree(scratch, ignore_errors=True)
     check["file"] = str(folder / name)
     if modelfile:
-        system = load_config(run / "config.yaml").data.system_prompt or fixed_system_prompt(sample_conversations(run))
+        system = load_config(run / "config.yaml").data.system_prompt or fixed_system_prompt(conversations)
         check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system))
     write_readme(folder, "gguf", run=run.name, **{**check, "file": name})
     runs.write_json(folder / f"check-{quant}.json", check)
