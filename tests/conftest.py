@@ -91,3 +91,22 @@ def write_jsonl(path: Path, rows: list) -> Path:
         for row in rows:
             out.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """Family name -> folder with its tokenizer (built on first use, once per session)."""
+    from families import build_family_tokenizer
+
+    root = tmp_path_factory.mktemp("families")
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            from tunesmith.models import load_tokenizer
+
+            build_family_tokenizer(name, root / name)
+            built[name] = (root / name, load_tokenizer(str(root / name)))  # as training loads it
+        return built[name]
+
+    return get

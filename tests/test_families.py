@@ -13,27 +13,13 @@ import pytest
 
 import tunesmith
 from conftest import write_jsonl
-from families import FAMILIES, TOOLS, build_family_model, build_family_tokenizer, probe, probes
+from families import FAMILIES, build_family_model, probe, probes
 from tunesmith.config import DataConfig
 from tunesmith.data.formats import to_example
 from tunesmith.data.prepare import prepare
 from tunesmith.data.tokenize import IGNORE, TemplateError, encode_many, use_template
 from tunesmith.data.tools import split_tools
 from tunesmith.errors import UserError
-
-
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory):
-    """Family name -> folder with its tokenizer (built on first use, once per session)."""
-    root = tmp_path_factory.mktemp("families")
-    built: dict = {}
-
-    def get(name: str):
-        if name not in built:
-            built[name] = (root / name, build_family_tokenizer(name, root / name))
-        return built[name]
-
-    return get
 
 
 def tokenizer_of(family_dirs, name: str):

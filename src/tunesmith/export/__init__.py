@@ -102,8 +102,9 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     reference = logits_of(model, batch)
     name = f"model-{quant}.gguf"
     written = write_gguf(model, tokenizer, scratch / name, quant, name=run.resolve().name)
+    config = model.config
     del model
-    check = verify_gguf(written, quant, reference, batch, tokenizer, conversations).as_dict()
+    check = verify_gguf(written, quant, reference, batch, tokenizer, conversations, config).as_dict()
     check["checked_on"] = (f"{len(conversations)} sample conversations of the run's data" if conversations else
                            "random tokens only (no sample conversations; --force): chat template not checked")
     os.replace(written, folder / name)
