@@ -81,3 +81,37 @@ def test_k_quants_name_what_writes_them(family_dirs, tmp_path):
     model, tokenizer = family_model(family_dirs, "smollm2")
     with pytest.raises(UserError, match="q4_k_m"):
         gguf_export.write_gguf(model, tokenizer, tmp_path / "x.gguf", "q4_k_m")
+
+
+OLLAMA = {"smollm2": "chatml", "qwen2.5": "chatml", "qwen3": "chatml", "qwen3-nothink": "chatml-no-think",
+          "llama3": "llama3.1", "mistral": "mistral-nemo"}
+
+
+@pytest.mark.parametrize("name", list(OLLAMA))
+def test_ollama_template_renders_the_training_prompts(family_dirs, name):
+    """>= 50 probe conversations (system, multi-turn; no tools: Ollama's tool schemas are outside these
+    templates): the Go template's render (with llama.cpp's BOS) equals the training prompt tokens."""
+    from tunesmith.data.tokenize import encode
+    from tunesmith.export.gguf import adds_bos
+    from tunesmith.export.ollama import choose_template, served_tokens, template_default_system
+
+    _, tokenizer = family_dirs(name)
+    use_template(tokenizer, None, FAMILIES[name].variables)
+    records = [r for r in probes(name, count=120, seed=11) if "tools" not in r and "<think>" not in str(r)][:50]
+    prompts = [r["messages"][:-1] for r in records]
+    family, template = choose_template(tokenizer, adds_bos(tokenizer), prompts)
+    assert family == OLLAMA[name] and len(prompts) == 50
+    for record, prompt in zip(records, prompts):
+        trained = encode(tokenizer, to_example(record)[1])  # the last answer, after its served prompt
+        served = served_tokens(tokenizer, template, prompt, template_default_system(tokenizer), adds_bos(tokenizer))
+        assert trained.input_ids[:len(served)] == served and trained.labels[len(served)] != -100
+
+
+@pytest.mark.parametrize("name", ["smollm3", "gemma3"])
+def test_ollama_refuses_a_family_it_has_no_template_for(family_dirs, name):
+    from tunesmith.export.ollama import choose_template
+
+    _, tokenizer = family_dirs(name)
+    use_template(tokenizer, None, FAMILIES[name].variables)
+    with pytest.raises(UserError, match="no Ollama template"):
+        choose_template(tokenizer, False)

@@ -80,7 +80,7 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     from .. import runs
     from ..config import load_config
     from ..models import load_model, load_tokenizer
-    from .gguf import verify_gguf, write_gguf
+    from .gguf import adds_bos, verify_gguf, write_gguf
     from .merge import TOLERANCE, logits_of, merge_run, sample_batch, sample_conversations
     from .ollama import write_modelfile
     from .readme import write_readme
@@ -112,7 +112,7 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     check["file"] = str(folder / name)
     if modelfile:
         system = load_config(run / "config.yaml").data.system_prompt or fixed_system_prompt(conversations)
-        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system))
+        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system, adds_bos(tokenizer)))
     write_readme(folder, "gguf", run=run.name, **{**check, "file": name})
     runs.write_json(folder / f"check-{quant}.json", check)
     return check

@@ -45,6 +45,7 @@ class GGUFCheck:
     top1_all_positions: float  # prompt positions too: predicting the user's text, near-ties are common
     prompts_checked: int
     prompts_equal: int
+    llama_cpp: dict | None = None  # the same comparison in llama.cpp itself, where llama-cpp-python is installed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -182,16 +183,35 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         token_id = getattr(tokenizer, f"{token}_token_id")
         if token_id is not None:
             add(token_id)
-    first = tokenizer("a").input_ids
-    writer.add_add_bos_token(bool(first) and first[0] == tokenizer.bos_token_id)
+    writer.add_add_bos_token(adds_bos(tokenizer))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with BOS (llama.cpp then adds it too)."""
+    first = tokenizer("a").input_ids
+    return bool(first) and first[0] == tokenizer.bos_token_id
+
+
 def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "model") -> Path:
-    """Write `model` (a transformers causal LM, fp32) and its tokenizer as one GGUF file."""
+    """Write `model` (a transformers causal LM, fp32) and its tokenizer as one GGUF file.
+
+    K-quant mixes (q4_k_m, q5_k_m) are written as f16 and quantised by llama.cpp's own quantiser: the
+    `gguf` package has no K-quant encoder (gguf.quants.quantize raises NotImplementedError for them)."""
     import gguf
 
+    if quant in LLAMA_CPP_QUANTS:
+        from . import llamacpp
+
+        if not llamacpp.available():
+            raise UserError(f"GGUF {quant}: the gguf package cannot write K-quants (no encoder for them); install "
+                            "the llamacpp extra (llama-cpp-python) to have llama.cpp's quantiser write it, or use "
+                            f"one of {', '.join(QUANTS)}")
+        f16 = write_gguf(model, tokenizer, path.with_name(path.stem + ".f16.gguf"), "f16", name)
+        llamacpp.quantize(f16, path, quant)
+        f16.unlink()
+        return path
     if quant not in QUANTS:
         raise UserError(f"GGUF export: unknown --quant '{quant}'; choose one of {', '.join(QUANTS + LLAMA_CPP_QUANTS)}")
     config = model.config
@@ -322,13 +342,25 @@ def verify_gguf(path: Path, quant: str, reference_logits: torch.Tensor, batch: d
     checked, equal = template_parity(trained_tokenizer, load_tokenizer(str(path)), conversations)
     check = GGUFCheck(str(path), quant, int(answers.sum()) or len(same), diff, diff / scale, top1,
                       float(same.float().mean()), checked, equal)
-    if quant == "f16" and not check.relative_diff <= F16_TOLERANCE:
-        raise UserError(f"{path}: f16 GGUF logits differ from the merged model's by {diff:.3g} "
-                        f"({check.relative_diff:.2%} of the logit scale {scale:.3g}; tolerance {F16_TOLERANCE:.0%})")
-    if quant == "q8_0" and not top1 >= Q8_TOP1:
-        raise UserError(f"{path}: q8_0 GGUF agrees with the merged model on the top-1 token at {top1:.2%} of "
-                        f"{check.positions} answer positions (at least {Q8_TOP1:.0%} needed)")
+    from . import llamacpp
+
+    if llamacpp.available():
+        check.llama_cpp = llamacpp.check(path, reference_logits, batch, answers)
+    for reader, found in (("transformers", asdict(check)), ("llama.cpp", check.llama_cpp)):
+        if found:
+            refuse_if_off(path, quant, reader, found, scale, check.positions)
     if equal != checked:
         raise UserError(f"{path}: the GGUF's tokenizer and chat template build different tokens than training's "
                         f"for {checked - equal} of {checked} sample conversations")
     return check
+
+
+def refuse_if_off(path: Path, quant: str, reader: str, check: dict, scale: float, positions: int) -> None:
+    """f16 within F16_TOLERANCE of the logit scale, q8_0 top-1 agreement at least Q8_TOP1."""
+    diff, top1 = check["max_abs_diff"], check["top1_agreement"]
+    if quant == "f16" and not check["relative_diff"] <= F16_TOLERANCE:
+        raise UserError(f"{path}: f16 GGUF logits ({reader}) differ from the merged model's by {diff:.3g} "
+                        f"({check['relative_diff']:.2%} of the logit scale {scale:.3g}; tolerance {F16_TOLERANCE:.0%})")
+    if quant == "q8_0" and not top1 >= Q8_TOP1:
+        raise UserError(f"{path}: q8_0 GGUF ({reader}) agrees with the merged model on the top-1 token at {top1:.2%} "
+                        f"of {positions} answer positions (at least {Q8_TOP1:.0%} needed)")
