@@ -221,3 +221,22 @@ def test_gguf_is_not_called_verified_when_no_sample_conversation_was_found(runs,
     check = export(run, tmp_path / "forced", formats="gguf", force=True)["gguf"]
     assert check["prompts_checked"] == 0 and check["checked_on"].startswith("random tokens only")
     assert "random tokens only" in (tmp_path / "forced" / "gguf" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lora_adapter_as_a_gguf_adapter_file(runs, tmp_path, arch):
+    """The adapter as llama.cpp's LoRA GGUF: applied to the base GGUF (in llama.cpp where installed, and by
+    hand from the file) it gives the adapter model's logits."""
+    from gguf import GGUFReader
+
+    from tunesmith.export import llamacpp
+
+    check = export(runs[arch], tmp_path, formats="gguf-lora")["gguf_lora"]
+    assert check["by_hand"]["relative_diff"] < 1e-2 and check["by_hand"]["top1_agreement"] >= 0.99
+    if llamacpp.available():
+        assert check["llama_cpp"]["relative_diff"] < 1e-2
+    reader = GGUFReader(check["adapter"])
+    field = reader.fields["adapter.type"]
+    assert bytes(field.parts[field.data[0]]).decode() == "lora"
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b", "blk.1.ffn_down.weight.lora_b"} <= names

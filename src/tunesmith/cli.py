@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run (hf, peft, gguf, ollama), each verified before it is called done")
     p.add_argument("run")
     p.add_argument("--format", default=None, help="comma-separated: hf (merged model), peft (adapter for vLLM/TGI), "
-                                                  "gguf (llama.cpp), ollama (Modelfile next to the GGUF); default hf")
+                                                  "gguf (llama.cpp), ollama (Modelfile next to the GGUF), gguf-lora (base GGUF + "
+                                                  "LoRA adapter GGUF for llama.cpp --lora); default hf")
     p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q4_k_m", "q5_k_m"],
                    help="GGUF weight type (default f16); q4_k_m and q5_k_m are written by llama.cpp (llamacpp extra)")
     p.add_argument("--merge", action="store_true", help="same as --format hf: merged full-precision model "

@@ -1,7 +1,8 @@
 """Exports of a trained run, each checked before it is called done.
 
 Formats: `hf` (merged transformers folder), `peft` (the adapter for vLLM / TGI), `gguf` (llama.cpp),
-`ollama` (a Modelfile next to the GGUF). Each lands in its own folder under `out` (default
+`ollama` (a Modelfile next to the GGUF), `gguf-lora` (the base model's GGUF and the LoRA adapter as a
+GGUF adapter file that llama.cpp applies to it). Each lands in its own folder under `out` (default
 RUN/export) with a README of how to load it.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-FORMATS = ("hf", "peft", "gguf", "ollama")
+FORMATS = ("hf", "peft", "gguf", "ollama", "gguf-lora")
 
 
 def parse_formats(formats: str | list[str] | None, merge: bool) -> list[str]:
@@ -45,7 +46,7 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
     trained = runs.trained_folder(run)
     quantized = load_config(run / "config.yaml").adapter.method == "qlora"
     results: dict = {}
-    if "gguf" in wanted or "ollama" in wanted:
+    if {"gguf", "ollama", "gguf-lora"} & set(wanted):
         check_gguf_architecture(run)  # before any merging: an unsupported model fails at once
     if "hf" in wanted:
         results["merged"] = merge_run(run, out / "merged", tolerance or TOLERANCE).as_dict()
@@ -56,6 +57,8 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
         results["peft"] = export_peft(trained, out / "peft", quantized)
         write_readme(out / "peft", "peft", run=run.name, **{**results["peft"], "warnings": "; ".join(
             results["peft"]["warnings"]) or "none"})
+    if "gguf-lora" in wanted:
+        results["gguf_lora"] = export_gguf_lora(run, out / "gguf-lora")
     if "gguf" in wanted or "ollama" in wanted:
         merged = out / "merged" if "merged" in results else None
         results["gguf"] = export_gguf(run, out / "gguf", quant, merged, "ollama" in wanted, force)
@@ -116,6 +119,44 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     write_readme(folder, "gguf", run=run.name, **{**check, "file": name})
     runs.write_json(folder / f"check-{quant}.json", check)
     return check
+
+
+def export_gguf_lora(run: Path, folder: Path) -> dict:
+    """base-f16.gguf (the base model, with the training chat template) and adapter-f16.gguf, checked: the
+    base with the adapter applied (in llama.cpp where installed, and by hand from the file) against the
+    adapter model's logits, f16 bar."""
+    import torch
+
+    from .. import runs
+    from ..config import load_config
+    from ..models import load_base, load_tokenizer
+    from . import llamacpp
+    from .gguf import F16_TOLERANCE, answer_positions, write_gguf
+    from .gguf_lora import applied_by_hand, write_lora_gguf
+    from .merge import adapter_model, logits_of, sample_batch
+
+    trained = runs.trained_folder(run)
+    if not (trained / "adapter_config.json").exists():
+        raise UserError(f"{run}: a full fine-tune has no adapter; export it with --format gguf")
+    cfg = load_config(run / "config.yaml")
+    tokenizer = load_tokenizer(str(trained))
+    batch = sample_batch(run, tokenizer)
+    reference = logits_of(adapter_model(cfg.model.name, trained, cfg.adapter.method == "qlora"), batch)
+    base = load_base(cfg.model.name, torch.float32, False)
+    shutil.rmtree(folder, ignore_errors=True)
+    base_file = write_gguf(base, tokenizer, folder / "base-f16.gguf", "f16", name=f"{run.resolve().name}-base")
+    adapter_file = write_lora_gguf(base, trained, folder / "adapter-f16.gguf")
+    answers = answer_positions(batch)
+    checks = {"by_hand": llamacpp.compare(logits_of(applied_by_hand(base, adapter_file), batch), reference, answers)}
+    if llamacpp.available():
+        checks["llama_cpp"] = llamacpp.check(base_file, reference, batch, answers, lora=adapter_file)
+    for reader, found in checks.items():
+        if not found["relative_diff"] <= F16_TOLERANCE:
+            raise UserError(f"{adapter_file}: base + adapter ({reader}) logits differ from the adapter model's by "
+                            f"{found['max_abs_diff']:.3g} ({found['relative_diff']:.2%} of the logit scale)")
+    result = {"base": str(base_file), "adapter": str(adapter_file), **checks}
+    runs.write_json(folder / "check.json", result)
+    return result
 
 
 def fixed_system_prompt(conversations: list[list[dict]]) -> str | None:

@@ -59,13 +59,14 @@ def _quiet():
             os.close(saved)
 
 
-def logits(path: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """llama.cpp's logits at the batch's real positions (one row at a time, as one sequence each)."""
+def logits(path: Path, batch: dict[str, torch.Tensor], lora: Path | None = None) -> torch.Tensor:
+    """llama.cpp's logits at the batch's real positions (one row at a time, as one sequence each), with a
+    GGUF LoRA adapter applied where given."""
     llama_cpp = _require("the llama.cpp check")
     lengths = batch["attention_mask"].sum(1).tolist()
     with _quiet():
         model = llama_cpp.Llama(str(path), n_ctx=max(64, max(lengths)), n_batch=max(lengths), logits_all=True,
-                                n_threads=os.cpu_count() or 1, verbose=False)
+                                n_threads=os.cpu_count() or 1, verbose=False, lora_path=str(lora) if lora else None)
     rows = []
     for ids, length in zip(batch["input_ids"].tolist(), lengths):
         model.reset()
@@ -75,10 +76,14 @@ def logits(path: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def check(path: Path, reference: torch.Tensor, batch: dict[str, torch.Tensor], answers: torch.Tensor) -> dict:
+def check(path: Path, reference: torch.Tensor, batch: dict[str, torch.Tensor], answers: torch.Tensor,
+          lora: Path | None = None) -> dict:
     """llama.cpp's logits against the merged model's: max abs difference (also relative to the logit scale)
     and top-1 agreement at answer positions and at all positions."""
-    theirs = logits(path, batch)[:, : reference.shape[1]]
+    return compare(logits(path, batch, lora)[:, : reference.shape[1]], reference, answers)
+
+
+def compare(theirs: torch.Tensor, reference: torch.Tensor, answers: torch.Tensor) -> dict:
     diff = float((theirs - reference).abs().max())
     same = theirs.argmax(-1) == reference.argmax(-1)
     return {"max_abs_diff": diff, "relative_diff": diff / (float(reference.abs().max()) or 1.0),
