@@ -188,7 +188,7 @@ def test_a_data_set_without_answer_tokens_after_masking_is_refused(family_dirs, 
 
 # --- each family trains, through the public API ----------------------------------------------------
 
-FAST_TRAIN = {"smollm2", "qwen3"}
+FAST_TRAIN = {"smollm2"}
 
 
 @pytest.mark.parametrize("name,method", [
