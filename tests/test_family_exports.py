@@ -77,10 +77,19 @@ def test_sentencepiece_style_families_are_refused_with_the_reason(family_dirs, t
         gguf_export.write_gguf(model, tokenizer, tmp_path / "x.gguf")
 
 
-def test_k_quants_name_what_writes_them(family_dirs, tmp_path):
+def test_k_quants_come_from_llama_cpp_or_are_refused_with_the_reason(family_dirs, tmp_path, monkeypatch):
+    from gguf import GGUFReader
+
+    from tunesmith.export import llamacpp
+
     model, tokenizer = family_model(family_dirs, "smollm2")
-    with pytest.raises(UserError, match="q4_k_m"):
-        gguf_export.write_gguf(model, tokenizer, tmp_path / "x.gguf", "q4_k_m")
+    if llamacpp.available():
+        path = gguf_export.write_gguf(model, tokenizer, tmp_path / "x.gguf", "q4_k_m")
+        assert {t.tensor_type.name for t in GGUFReader(str(path)).tensors} - {"F32"}  # quantised by llama.cpp
+        assert not (tmp_path / "x.f16.gguf").exists()
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    with pytest.raises(UserError, match="cannot write K-quants.*llamacpp extra"):
+        gguf_export.write_gguf(model, tokenizer, tmp_path / "y.gguf", "q4_k_m")
 
 
 OLLAMA = {"smollm2": "chatml", "qwen2.5": "chatml", "qwen3": "chatml", "qwen3-nothink": "chatml-no-think",
