@@ -48,3 +48,22 @@ def pytest_runtest_makereport(item, call):
         if "chromium" in reason or "chromedriver" in reason or "selenium" in reason:
             report.outcome = "failed"
             report.longrepr = f"TUNESMITH_REQUIRE_BROWSER=1 but the browser test was skipped: {reason}"
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """Family name -> folder with its tokenizer (built on first use, once per session)."""
+    from families import build_family_tokenizer
+
+    root = tmp_path_factory.mktemp("families")
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            from tunesmith.models import load_tokenizer
+
+            build_family_tokenizer(name, root / name)
+            built[name] = (root / name, load_tokenizer(str(root / name)))  # as training loads it
+        return built[name]
+
+    return get

@@ -70,3 +70,28 @@ def test_json_references_wrapped_in_prose_are_scored_not_a_crash():
                     {"json_valid": 1.0, "all_fields": 1.0, "field/category": 1.0, "field/priority": 1.0}]
     assert json_example_scores("no json", references[0]) == {
         "json_valid": 0.0, "all_fields": 0.0, "field/category": 0.0, "field/priority": 0.0}
+
+
+def test_tool_call_metrics_read_each_familys_wrapping():
+    import json
+
+    from tunesmith.eval.metrics import example_scores, parse_tool_calls
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    expected = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    answers = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',  # Qwen
+               '{"name": "get_weather", "parameters": {"city": "Oslo"}}',  # Llama 3.1
+               '[TOOL_CALLS][{"name": "get_weather", "arguments": "{\\"city\\": \\"Bergen\\"}"}]',  # Mistral
+               '{"name": "get_weather", "arguments": {}}',  # missing required argument
+               '{"name": "get_time", "arguments": {"city": "Oslo"}}',  # unknown function
+               'It is sunny in Oslo.']
+    assert parse_tool_calls(answers[2]) == [{"name": "get_weather", "arguments": {"city": "Bergen"}}]
+    rows = example_scores(answers, [""] * 6, expected_calls=[expected] * 6, tools=[tools] * 6)
+    assert [r["tool_call_valid"] for r in rows] == [1, 1, 1, 0, 0, 0]
+    assert [r["tool_name_accuracy"] for r in rows] == [1, 1, 1, 1, 0, 0]
+    assert [r["tool_arguments_exact"] for r in rows] == [1, 1, 0, 0, 0, 0]
+    # Plain references beside tool-call ones keep their own scores.
+    mixed = example_scores(["4", answers[0]], ["4", ""], expected_calls=[None, expected], tools=[None, tools])
+    assert mixed[0]["exact_match"] == 1 and mixed[1]["tool_arguments_exact"] == 1
+    assert json.dumps(rows[0])

@@ -125,7 +125,7 @@ def test_gguf_reads_back_with_the_merged_models_logits_and_training_prompts(arch
 def test_gguf_check_refuses_a_wrong_layout_and_says_by_how_much(runs, tmp_path, monkeypatch):
     """Without the q/k permutation llama.cpp needs, the read-back logits differ: the export is refused."""
     monkeypatch.setattr(gguf_export, "rope_to_ggml", lambda weight, heads: weight)
-    with pytest.raises(UserError, match=r"f16 GGUF logits differ from the merged model's by [0-9.e-]+ \("):
+    with pytest.raises(UserError, match=r"f16 GGUF logits \(transformers\) differ from the merged model.s by [0-9.e-]+ \("):
         export(runs["llama"], tmp_path, formats="gguf")
     assert not (tmp_path / "gguf" / "model-f16.gguf").exists()
 
@@ -174,7 +174,7 @@ def test_unsupported_architecture_and_format_get_a_clear_message(tmp_path, capsy
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
-    with pytest.raises(UserError, match="supports the llama, mistral, qwen2 architectures; this model is 'gpt2'"):
+    with pytest.raises(UserError, match="supports the llama, mistral, qwen2, qwen3, smollm3 architectures; this model is .gpt2."):
         gguf_export.write_gguf(model, tokenizer, tmp_path / "x.gguf")
 
     run = tmp_path / "run"
@@ -183,13 +183,13 @@ def test_unsupported_architecture_and_format_get_a_clear_message(tmp_path, capsy
     assert main(["export", str(run), "--format", "gguf"]) == 2
     assert "this model is 'gpt2'" in capsys.readouterr().err
     assert main(["export", str(run), "--format", "onnx"]) == 2
-    assert "unknown format onnx; choose from hf, peft, gguf, ollama" in capsys.readouterr().err
+    assert "unknown format onnx; choose from hf, peft, gguf, ollama, gguf-lora" in capsys.readouterr().err
 
 
 def test_ollama_refuses_a_template_it_cannot_write(tmp_path):
     tokenizer = build_tokenizer(tmp_path)
     tokenizer.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    with pytest.raises(UserError, match="not ChatML"):
+    with pytest.raises(UserError, match="no Ollama template of the families tunesmith knows"):
         write_modelfile(tmp_path, "model.gguf", tokenizer, None)
 
 
@@ -199,3 +199,44 @@ def test_serving_warnings_name_what_vllm_and_tgi_reject():
                                          "target_modules": ["q_proj", "embed_tokens"]}, True))
     for text in ("vLLM rejects", "DoRA", "--max-lora-rank 128", "['embed_tokens']", "QLoRA"):
         assert text in found
+
+
+def test_gguf_is_not_called_verified_when_no_sample_conversation_was_found(runs, tmp_path):
+    """Issue 20 item 18: with the run's data gone the check had 0 of 0 prompts and random tokens; it is
+    refused unless forced, and a forced export says what was checked."""
+    import shutil
+
+    run = tmp_path / "moved"
+    shutil.copytree(runs["qwen2"], run)
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"].update(train=str(tmp_path / "gone" / "train.jsonl"), validation=str(tmp_path / "gone" / "v.jsonl"))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for name in ("train.jsonl", "validation.jsonl"):
+        (run / "data" / name).unlink(missing_ok=True)
+    with pytest.raises(UserError, match="no sample conversations found.*--force"):
+        export(run, tmp_path / "out", formats="gguf")
+    assert not (tmp_path / "out" / "gguf" / "model-f16.gguf").exists()
+    check = export(run, tmp_path / "forced", formats="gguf", force=True)["gguf"]
+    assert check["prompts_checked"] == 0 and check["checked_on"].startswith("random tokens only")
+    assert "random tokens only" in (tmp_path / "forced" / "gguf" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lora_adapter_as_a_gguf_adapter_file(runs, tmp_path, arch):
+    """The adapter as llama.cpp's LoRA GGUF: applied to the base GGUF (in llama.cpp where installed, and by
+    hand from the file) it gives the adapter model's logits."""
+    from gguf import GGUFReader
+
+    from tunesmith.export import llamacpp
+
+    check = export(runs[arch], tmp_path, formats="gguf-lora")["gguf_lora"]
+    assert check["by_hand"]["relative_diff"] < 1e-2 and check["by_hand"]["top1_agreement"] >= 0.99
+    if llamacpp.available():
+        assert check["llama_cpp"]["relative_diff"] < 1e-2
+    reader = GGUFReader(check["adapter"])
+    field = reader.fields["adapter.type"]
+    assert bytes(field.parts[field.data[0]]).decode() == "lora"
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b", "blk.1.ffn_down.weight.lora_b"} <= names

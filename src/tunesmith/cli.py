@@ -123,7 +123,7 @@ def cmd_plan(args) -> int:
 def cmd_export(args) -> int:
     from .export import export
 
-    print(json.dumps(export(args.run, args.out, args.merge, args.tolerance, args.format, args.quant), indent=2))
+    print(json.dumps(export(args.run, args.out, args.merge, args.tolerance, args.format, args.quant, args.force), indent=2))
     return 0
 
 
@@ -239,12 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run (hf, peft, gguf, ollama), each verified before it is called done")
     p.add_argument("run")
     p.add_argument("--format", default=None, help="comma-separated: hf (merged model), peft (adapter for vLLM/TGI), "
-                                                  "gguf (llama.cpp), ollama (Modelfile next to the GGUF); default hf")
-    p.add_argument("--quant", default="f16", choices=["f16", "q8_0"], help="GGUF weight type (default f16)")
+                                                  "gguf (llama.cpp), ollama (Modelfile next to the GGUF), gguf-lora (base GGUF + "
+                                                  "LoRA adapter GGUF for llama.cpp --lora); default hf")
+    p.add_argument("--quant", default="f16", choices=["f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q4_k_m", "q5_k_m"],
+                   help="GGUF weight type (default f16); q4_k_m and q5_k_m are written by llama.cpp (llamacpp extra)")
     p.add_argument("--merge", action="store_true", help="same as --format hf: merged full-precision model "
                                                         "(QLoRA: into the dequantised base)")
     p.add_argument("--out", default=None, help="export folder (default: RUN/export)")
     p.add_argument("--tolerance", type=float, default=None, help="largest fp32 logit difference accepted, per unit of logit scale (default 1e-4)")
+    p.add_argument("--force", action="store_true", help="GGUF: export even when the run's data is gone and only random "
+                                                        "tokens can be checked (said in the check)")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -3,10 +3,15 @@
 Formats: chat `messages` (role / content), ShareGPT `conversations` (from / value), instruction
 (instruction / input / output), prompt / completion, question / answer, and raw `text` for
 continued pre-training. Each record's format is detected from its keys unless the config names one.
+
+Chat messages may carry tool calling and reasoning (see tools.py): a record's `tools` (JSON schemas),
+assistant `tool_calls`, `tool` messages with results, and assistant `reasoning_content`.
 """
 from __future__ import annotations
 
-ROLES = {"system", "user", "assistant"}
+from .tools import FormatError, TOOLS_ROLE, checked_message, checked_tools, check_calls
+
+ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 FORMATS = ("messages", "sharegpt", "instruction", "prompt_completion", "question_answer", "text")
 # The keys each format needs: detection tries them in this order.
@@ -18,14 +23,6 @@ REQUIRED = {
     "question_answer": ("question", "answer"),
     "text": ("text",),
 }
-
-
-class FormatError(ValueError):
-    """A record that does not fit its format; `kind` groups the reasons for the counts."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
 
 
 def rename_columns(record: dict, columns: dict[str, str]) -> dict:
@@ -64,6 +61,12 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
         return kind, [{"role": "text", "content": _text(record, "text")}]
     if kind == "messages":
         messages = _checked_turns(record["messages"], "messages", "role", "content", {r: r for r in ROLES})
+        if record.get("tools") is not None:
+            tools = checked_tools(record["tools"])
+            check_calls(messages, tools)
+            messages.insert(0, {"role": TOOLS_ROLE, "content": "", "tools": tools})
+        else:
+            check_calls(messages, None)
     elif kind == "sharegpt":
         messages = _checked_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
     elif kind == "instruction":
@@ -79,8 +82,9 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
                     {"role": "assistant", "content": _text(record, answer)}]
     if not any(m["role"] == "assistant" for m in messages):
         raise FormatError("no assistant turn", "nothing to learn from")
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
+    head = 1 if messages[0]["role"] == TOOLS_ROLE else 0
+    if system_prompt and messages[head]["role"] != "system":
+        messages.insert(head, {"role": "system", "content": system_prompt})
     return kind, messages
 
 
@@ -114,6 +118,5 @@ def _checked_turns(turns, field: str, role_key: str, text_key: str, role_map: di
         role = turn.get(role_key)
         if role not in role_map:
             raise FormatError("unknown role", f"{role!r} in {field}[{index}] (known: {', '.join(sorted(role_map))})")
-        content = _checked_text(turn.get(text_key), f"{field}[{index}].{text_key}")
-        out.append({"role": role_map[role], "content": content})
+        out.append(checked_message(turn, role_map[role], f"{field}[{index}]", text_key, _checked_text))
     return out

@@ -105,7 +105,7 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: Path | None = None) -> Prepared
         hit = cache.load(key)
         if hit:
             if not isinstance(tokenizer, str):
-                use_template(tokenizer, cfg.chat_template)
+                use_template(tokenizer, cfg.chat_template, cfg.template_variables)
             prepared = _from_cache(*hit)
             prepared.cache_key = key
             return prepared
@@ -113,7 +113,7 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: Path | None = None) -> Prepared
         from ..models import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
-    template = use_template(tokenizer, cfg.chat_template)
+    template = use_template(tokenizer, cfg.chat_template, cfg.template_variables)
     prepared = _prepare(cfg, tokenizer, out_dir)
     prepared.template, prepared.cache_key = template, key
     if key:
@@ -176,8 +176,12 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
             prepared.overlap[name] = overlap(train.conversations, prepared.splits[name].conversations,
                                              prepared.splits[name].origins)
     prepared.dropped = Counter(p.kind for p in prepared.problems)
-    if not train:
-        raise UserError(f"{cfg.train}: every training example was dropped ({dict(prepared.dropped)})")
+    if not train or not sum(e.label_count for e in train.encoded):
+        masked = prepared.dropped.get("no answer tokens", 0)
+        why = (f" ({masked} had no answer token left after masking: data.reasoning={cfg.reasoning}, "
+               f"data.train_on_inputs={cfg.train_on_inputs}, chat template {prepared.template or 'as set'})" if masked else "")
+        raise UserError(f"{cfg.train}: no training example has an answer token to learn from; every training "
+                        f"example was dropped ({dict(prepared.dropped)}){why}")
     # Records that survived every check, counting those held out for validation.
     usable = len(set(train.origins)) + (len(set(prepared.splits["validation"].origins)) if held_out else 0)
     if cfg.min_valid_share and usable < cfg.min_valid_share * max(1, prepared.records):
@@ -214,16 +218,20 @@ def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prep
     split = Split(name)
     chats = [i for i, m in enumerate(conversations) if m[0]["role"] != "text"]
     texts = [i for i, m in enumerate(conversations) if m[0]["role"] == "text"]
-    for index, result in zip(chats, encode_many(tokenizer, [conversations[i] for i in chats], cfg.train_on_inputs)):
+    results = encode_many(tokenizer, [conversations[i] for i in chats], cfg.train_on_inputs, cfg.reasoning)
+    for index, result in zip(chats, results):
         file, line = origins[index]
         if isinstance(result, TemplateError):
             prepared.problems.append(Problem(file, line, f"template: {result}", "template refused"))
             continue
-        result = _length_policy(result, cfg, file, line, prepared)
-        if result is not None:
-            split.conversations.append(conversations[index])
-            split.encoded.append(result)
-            split.origins.append((file, line))
+        # Several examples where the template renders each answer's history its own way (see turn_examples).
+        answers = [i + 1 for i, m in enumerate(conversations[index]) if m["role"] == "assistant"]
+        for ends_at, encoded in zip(answers[-len(result):], result):
+            encoded = _length_policy(encoded, cfg, file, line, prepared)
+            if encoded is not None:
+                split.conversations.append(conversations[index][:ends_at])
+                split.encoded.append(encoded)
+                split.origins.append((file, line))
     if texts:
         for row in encode_text(tokenizer, [conversations[i][0]["content"] for i in texts], cfg.max_seq_len):
             split.conversations.append([{"role": "text", "content": tokenizer.decode(row.input_ids)}])
@@ -249,7 +257,7 @@ def _length_policy(encoded: Encoded, cfg: DataConfig, file: str, line: int, prep
             return None
         prepared.truncated += 1
     if encoded.label_count == 0:
-        prepared.problems.append(Problem(file, line, "no answer tokens"))
+        prepared.problems.append(Problem(file, line, "no answer tokens (all masked)", "no answer tokens"))
         return None
     return encoded
 

@@ -9,10 +9,13 @@ All pieces of a data set are tokenised in one batch call of the fast tokenizer.
 """
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .tools import TOOLS_ROLE, split_tools
 
 IGNORE = -100
 
@@ -32,6 +35,12 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 NAMED_TEMPLATES = {"fallback": FALLBACK_TEMPLATE, "chatml": CHATML_TEMPLATE}
+# End-of-turn tokens of today's families (besides EOS): ChatML, Llama 3 (end of turn, end of message
+# after a tool call), Gemma, Phi-3/4.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
+CLOSE_TAG = re.compile(r"</think>|\[/THINK\]")
+THINK_CLOSE = re.compile(r"\s*(</think>|\[/THINK\])?\s*")
+THINK_BLOCK = re.compile(r"^\s*(<think>.*?</think>|\[THINK\].*?\[/THINK\])\s*", re.S)
 
 
 @dataclass
@@ -55,12 +64,29 @@ class TemplateError(ValueError):
     """The chat template cannot render a conversation (e.g. roles that must alternate)."""
 
 
-def use_template(tokenizer, setting: str | None) -> str:
+def use_template(tokenizer, setting: str | None, variables: dict | None = None) -> str:
     """Set the tokenizer's chat template from the config and say where it came from.
 
     It is set on the tokenizer object so that the tokenizer saved with the trained model
-    carries exactly the template the training data was rendered with.
+    carries exactly the template the training data was rendered with; `variables` (e.g.
+    {enable_thinking: false}) are set at the template's top, so serving renders as training did.
     """
+    source = _choose_template(tokenizer, setting)
+    if variables:
+        header = "".join(f"{{%- set {name} = {_jinja_literal(value)} -%}}" for name, value in variables.items())
+        if not tokenizer.chat_template.startswith(header):
+            tokenizer.chat_template = header + tokenizer.chat_template
+        source += " with " + ", ".join(f"{k}={v}" for k, v in variables.items())
+    return source
+
+
+def _jinja_literal(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "none"}[value]
+    return json.dumps(value)
+
+
+def _choose_template(tokenizer, setting: str | None) -> str:
     if setting is None:
         if getattr(tokenizer, "chat_template", None):
             return "tokenizer"
@@ -91,73 +117,142 @@ def template_text(setting: str) -> str:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return _render_batch(tokenizer, [messages], add_generation_prompt)[0]
+    """The conversation as the tokenizer's chat template renders it, with its declared tools (`tools=`).
 
-
-def _render_batch(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+    Rendered by transformers' `render_jinja_template` (a private helper of `apply_chat_template`, kept
+    for its sandbox, reasoning aliases and tool-schema handling; pinned with transformers' version)."""
     from jinja2 import TemplateError as JinjaError
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    tools, messages = split_tools(messages)
     # A tokenizer without a template (a base model used as is) renders with the documented fallback.
     template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
     try:
-        rendered, _ = render_jinja_template(conversations=conversations, chat_template=template,
+        rendered, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=template,
                                             add_generation_prompt=add_generation_prompt,
                                             **tokenizer.special_tokens_map)
-    except JinjaError as err:
+    except (JinjaError, TypeError, ValueError, KeyError, IndexError) as err:
         raise TemplateError(f"chat template refused the conversation ({err})") from None
-    return rendered
+    return rendered[0]
 
 
 def render_many(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list:
-    """Rendered texts in one batch; where the template refuses one, each is rendered alone to find which."""
-    try:
-        return _render_batch(tokenizer, conversations, add_generation_prompt)
-    except TemplateError:
-        out: list = []
-        for messages in conversations:
-            try:
-                out.append(render(tokenizer, messages, add_generation_prompt))
-            except TemplateError as err:
-                out.append(err)
-        return out
-
-
-def cut_points(text: str, prompts: list[str], turns: list[str], eot: str) -> list[int]:
-    """Character cuts [0, answer1 start, answer1 end, answer2 start, ..., len(text)] of a rendered conversation.
-
-    `prompts[k]` renders the messages before the k-th answer with the generation prompt, `turns[k]`
-    the messages up to and including it. Pieces between cuts alternate: prompt (no loss), answer
-    (loss, up to and including its end-of-turn token), prompt, ...
-    """
-    cuts = [0]
-    for prompt, turn in zip(prompts, turns):
-        if not (text.startswith(prompt) and text.startswith(turn) and len(prompt) >= cuts[-1]):
-            raise TemplateError("the chat template does not render a conversation as a prefix of its continuation")
-        stop = text.rfind(eot, len(prompt), len(turn)) if eot else -1
-        cuts += [len(prompt), stop + len(eot) if stop >= 0 else len(turn)]
-    return cuts + [len(text)]
-
-
-def _answer_cuts(tokenizer, conversations: list[list[dict]], train_on_inputs: bool) -> list:
-    """(text, cuts) or a TemplateError for each conversation; all renders batched."""
-    texts = render_many(tokenizer, conversations)
-    if train_on_inputs:
-        return [t if isinstance(t, TemplateError) else (t, [0, 0, len(t)]) for t in texts]
-    answers = [[i for i, m in enumerate(c) if m["role"] == "assistant"] for c in conversations]
-    prompt_requests = [c[:i] for c, idx in zip(conversations, answers) for i in idx if i]
-    turn_requests = [c[:i + 1] for c, idx in zip(conversations, answers) for i in idx if i < len(c) - 1]
-    prompts, turns = iter(render_many(tokenizer, prompt_requests, True)), iter(render_many(tokenizer, turn_requests))
-    eot = tokenizer.eos_token or ""
+    """Rendered texts, or the TemplateError of each conversation the template refuses."""
     out: list = []
-    for messages, text, indices in zip(conversations, texts, answers):
-        mine_prompts = [next(prompts) if i else "" for i in indices]
-        mine_turns = [next(turns) if i < len(messages) - 1 else text for i in indices]
-        failed = [r for r in [text, *mine_prompts, *mine_turns] if isinstance(r, TemplateError)]
+    for messages in conversations:
         try:
-            out.append(failed[0] if failed else (text, cut_points(text, mine_prompts, mine_turns, eot)))
+            out.append(render(tokenizer, messages, add_generation_prompt))
         except TemplateError as err:
             out.append(err)
+    return out
+
+
+def _answer_spans(tokenizer, conversations: list[list[dict]], train_on_inputs: bool, reasoning: str) -> list:
+    """Per conversation: a list of (text, labelled character spans), one per example, or a TemplateError."""
+    if reasoning == "drop":
+        conversations = [drop_reasoning(c) for c in conversations]
+    texts = render_many(tokenizer, conversations)
+    if train_on_inputs:
+        return [t if isinstance(t, TemplateError) else [(t, [(0, len(t))])] for t in texts]
+    stops = end_of_turn_strings(tokenizer)
+    out: list = []
+    for messages, text in zip(conversations, texts):
+        try:
+            if isinstance(text, TemplateError):
+                raise text
+            out.append(turn_examples(tokenizer, messages, text, stops, reasoning))
+        except TemplateError as err:
+            out.append(err)
+    return out
+
+
+def turn_examples(tokenizer, messages: list[dict], text: str, stops: list[str], reasoning: str) -> list:
+    """[(text, spans)]: each answer after the prompt serving builds for it (the generation-prompt render
+    of the messages before it), as the template renders that answer, up to its end-of-turn token.
+
+    Where each such prompt + answer is a prefix of the whole conversation's render, that is one example
+    with a span per answer; else one example per answer, each with its history as served (e.g. Qwen3
+    drops earlier turns' reasoning, Mistral Nemo puts the system prompt into the last user turn only)."""
+    head = 1 if messages and messages[0]["role"] == TOOLS_ROLE else 0
+    examples, consistent, done = [], True, 0
+    for i in [i for i, m in enumerate(messages) if m["role"] == "assistant"]:
+        prompt = render(tokenizer, messages[:i], True) if i > head else ""
+        turn = text if i == len(messages) - 1 else render(tokenizer, messages[:i + 1])
+        start = answer_start(tokenizer, turn, prompt)
+        answer = turn[start:answer_end(turn, start, stops)]
+        spans = [(len(prompt) + a, len(prompt) + b) for a, b in answer_pieces(messages[i], answer, reasoning)]
+        examples.append((prompt + answer, spans))
+        consistent &= len(prompt) >= done and text.startswith(prompt + answer)
+        done = len(prompt) + len(answer)
+    if consistent:
+        return [(text, [span for _, spans in examples for span in spans])]
+    return examples
+
+
+def answer_start(tokenizer, turn: str, prompt: str) -> int:
+    """Where the answer starts in the render of the conversation up to it: after the generation prompt
+    when the render continues it, else after the last occurrence of the prompt's final special token
+    (and what follows it, e.g. Llama 3's '<|end_header_id|>\\n\\n')."""
+    if turn.startswith(prompt):
+        return len(prompt)
+    specials = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    last = max((prompt.rfind(token) for token in specials), default=-1)
+    marker = prompt[last:] if last >= 0 else ""
+    if not marker or marker not in turn:
+        raise TemplateError("the chat template does not render a conversation as a prefix of its continuation")
+    return turn.rfind(marker) + len(marker)
+
+
+def end_of_turn_strings(tokenizer) -> list[str]:
+    """Tokens that end an assistant turn: EOS, and the end-of-turn tokens of the known families present."""
+    added = {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()}
+    found = [tokenizer.eos_token] if tokenizer.eos_token else []
+    return found + [t for t in END_OF_TURN if t in added and t not in found]
+
+
+def answer_end(text: str, start: int, stops: list[str]) -> int:
+    """End of the answer starting at `start`: just past its first end-of-turn token, else the text's end."""
+    ends = [at + len(stop) for stop in stops if (at := text.find(stop, start)) >= 0]
+    return min(ends) if ends else len(text)
+
+
+def answer_pieces(message: dict, answer: str, reasoning: str) -> list[tuple[int, int]]:
+    """The labelled spans of one rendered answer: all of it, or (reasoning: mask) what follows its reasoning.
+
+    Refused (TemplateError) where the template drops what the example is meant to teach: a tool call
+    or the reasoning that data.reasoning says to keep."""
+    for call in message.get("tool_calls") or []:
+        if call["function"]["name"] not in answer:
+            raise TemplateError(f"the chat template does not render tool calls ('{call['function']['name']}' is "
+                                "missing from the assistant turn); it cannot train tool calling")
+    thought = (message.get("reasoning_content") or "").strip()
+    if thought and reasoning != "drop" and thought not in answer:
+        raise TemplateError("the chat template does not render reasoning_content; set data.reasoning=drop, or put "
+                            "the reasoning into the answer as <think>...</think>")
+    found = reasoning_span(answer, thought) if reasoning == "mask" else 0
+    return [(found, len(answer))]
+
+
+def reasoning_span(answer: str, thought: str) -> int:
+    """Where the answer's reasoning (and its closing tag and white space) ends; 0 when it has none."""
+    if thought:
+        at = answer.find(thought) + len(thought)
+    else:
+        close = CLOSE_TAG.search(answer)
+        if not close:
+            return 0
+        at = close.start()
+    return THINK_CLOSE.match(answer, at).end()
+
+
+def drop_reasoning(messages: list[dict]) -> list[dict]:
+    """The conversation without reasoning: no reasoning_content, no <think>...</think> in answers."""
+    out = []
+    for message in messages:
+        if message["role"] == "assistant":
+            message = {k: v for k, v in message.items() if k != "reasoning_content"}
+            message["content"] = THINK_BLOCK.sub("", message["content"]).lstrip()
+        out.append(message)
     return out
 
 
@@ -169,36 +264,52 @@ def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def encode_many(tokenizer, conversations: list[list[dict]], train_on_inputs: bool = False) -> list[Encoded | TemplateError]:
-    """Encoded examples (or the TemplateError of each conversation the template refuses)."""
-    pieces: list[str] = []
-    plans: list[list[int] | TemplateError] = []  # per conversation: the piece indices, or its error
-    for result in _answer_cuts(tokenizer, conversations, train_on_inputs):
+def encode_many(tokenizer, conversations: list[list[dict]], train_on_inputs: bool = False,
+                reasoning: str = "train") -> list[list[Encoded] | TemplateError]:
+    """Per conversation its encoded examples (usually one), or the TemplateError of a refused one.
+
+    Each example's whole text is tokenised at once (all of a data set in one batch call), exactly as
+    `apply_chat_template` tokenises it; a token carries a label when it starts inside an answer span.
+    (Tokenising prompt and answer pieces apart would differ for SentencePiece vocabularies, which put
+    a word-start marker at the start of every piece.)"""
+    texts: list[str] = []
+    plans: list = []  # per conversation: [(text index, spans) per example], or its error
+    for result in _answer_spans(tokenizer, conversations, train_on_inputs, reasoning):
         if isinstance(result, TemplateError):
             plans.append(result)
             continue
-        text, cuts = result
-        plans.append(list(range(len(pieces), len(pieces) + len(cuts) - 1)))
-        pieces += [text[a:b] for a, b in zip(cuts, cuts[1:])]
-    ids = token_ids(tokenizer, pieces)
-    out: list[Encoded | TemplateError] = []
+        plans.append([(len(texts) + n, spans) for n, (_, spans) in enumerate(result)])
+        texts += [text for text, _ in result]
+    tokenised = token_ids_and_starts(tokenizer, texts)
+    out: list = []
     for plan in plans:
         if isinstance(plan, TemplateError):
             out.append(plan)
             continue
-        input_ids, labels = [], []
-        for order, piece in enumerate(plan):
-            input_ids += ids[piece]
-            labels += ids[piece] if order % 2 else [IGNORE] * len(ids[piece])
-        out.append(Encoded(input_ids, labels))
+        encoded = []
+        for index, spans in plan:
+            ids, starts = tokenised[index]
+            labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, s in zip(ids, starts)]
+            encoded.append(Encoded(list(ids), labels))
+        out.append(encoded)
     return out
 
 
-def encode(tokenizer, messages: list[dict], train_on_inputs: bool = False) -> Encoded:
-    result = encode_many(tokenizer, [messages], train_on_inputs)[0]
+def token_ids_and_starts(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(token ids, character offset where each token starts) of many texts, in one batch call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [(e.ids, [a for a, _ in e.offsets]) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    found = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [(ids, [a for a, _ in offsets]) for ids, offsets in zip(found["input_ids"], found["offset_mapping"])]
+
+
+def encode(tokenizer, messages: list[dict], train_on_inputs: bool = False, reasoning: str = "train") -> Encoded:
+    """The conversation's last example (the whole conversation, its last answer labelled at least)."""
+    result = encode_many(tokenizer, [messages], train_on_inputs, reasoning)[0]
     if isinstance(result, TemplateError):
         raise result
-    return result
+    return result[-1]
 
 
 def encode_text(tokenizer, documents: list[str], max_seq_len: int) -> list[Encoded]:
@@ -213,6 +324,6 @@ def encode_text(tokenizer, documents: list[str], max_seq_len: int) -> list[Encod
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a prompt for generation: the messages before the last answer, plus the generation prompt."""
-    if messages and messages[-1]["role"] == "assistant":
+    if len(messages) > 1 and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return token_ids(tokenizer, [render(tokenizer, messages, add_generation_prompt=True)])[0]

@@ -1,21 +1,32 @@
 """Checks across examples: duplicates (exact and normalised text), train/eval overlap, drop reports."""
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter, defaultdict
 
 from .sources import Problem
+from .tools import call_text
 
 _NON_WORD = re.compile(r"[\W_]+")
 
 
+def message_text(message: dict) -> str:
+    """Everything a message says: its content, reasoning, tool calls (and a record's declared tools)."""
+    parts = [message.get("reasoning_content") or "", message["content"]]
+    parts += [call_text(call) for call in message.get("tool_calls") or []]
+    if message.get("tools"):
+        parts.append(json.dumps(message["tools"], sort_keys=True))
+    return "\x1e".join(parts) if len(parts) > 2 or parts[0] else message["content"]
+
+
 def exact_key(messages: list[dict]) -> tuple:
-    return tuple((m["role"], m["content"]) for m in messages)
+    return tuple((m["role"], message_text(m)) for m in messages)
 
 
 def normalised_key(messages: list[dict]) -> str:
     """Case, punctuation and white space do not make two examples different."""
-    return "\x1f".join(_NON_WORD.sub(" ", m["content"].lower()).strip() for m in messages)
+    return "\x1f".join(_NON_WORD.sub(" ", message_text(m).lower()).strip() for m in messages)
 
 
 def deduplicate(conversations: list[list[dict]], origins: list[tuple[str, int]], seen: dict | None = None

@@ -17,6 +17,7 @@ import torch
 from ..data.collate import collate
 from ..data.prepare import load_conversations
 from ..data.tokenize import IGNORE, encode, prompt_ids
+from ..data.tools import split_tools
 from ..device import to_device
 from ..errors import UserError
 from ..runs import RunFolder
@@ -95,8 +96,9 @@ def compare_scored(baseline: Scored, candidate: Scored, samples: int = 2000, see
 
 def with_shots(conversation: list[dict], shots: list[list[dict]]) -> list[dict]:
     """The conversation with k solved examples as earlier turns, after its system message."""
-    head = conversation[:1] if conversation and conversation[0]["role"] == "system" else []
-    turns = [m for shot in shots for m in shot if m["role"] != "system"]
+    lead = next((i for i, m in enumerate(conversation) if m["role"] not in ("tools", "system")), len(conversation))
+    head = conversation[:lead]  # declared tools and the system message stay first
+    turns = [m for shot in shots for m in shot if m["role"] not in ("tools", "system")]
     return head + turns + conversation[len(head):]
 
 
@@ -129,7 +131,8 @@ def score_model(name: str, spec: str, conversations: list[list[dict]], shots: li
     losses, counts = answer_losses(model, tokenizer, prompts)
     answers, _ = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, label=f"generate ({name})",
                                   temperature=temperature, seed=seed)
-    rows = example_scores(answers, references, scorer, scorer_name)
+    rows = example_scores(answers, references, scorer, scorer_name, [c[-1].get("tool_calls") for c in conversations],
+                          [split_tools(c)[0] for c in conversations])
     for row, loss in zip(rows, losses):
         row[LOSS] = loss
     del model

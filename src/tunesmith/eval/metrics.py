@@ -100,17 +100,67 @@ def text_example_scores(prediction: str, reference: str) -> dict[str, float]:
             "rouge_l": rouge_l(prediction, reference)}
 
 
+def parse_tool_calls(text: str) -> list[dict]:
+    """The tool calls in a generated answer, as {"name", "arguments"}: every JSON object with a "name" and
+    "arguments" (or Llama 3.1's "parameters"), in the families' wrappings (Qwen's <tool_call> tags, Mistral's
+    [TOOL_CALLS] list, Llama's bare object). Arguments given as a JSON string are parsed."""
+    calls, start = [], text.find("{")
+    decoder = json.JSONDecoder()
+    while start >= 0:
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            arguments = value.get("arguments", value.get("parameters"))
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments)
+                except json.JSONDecodeError:
+                    pass
+            calls.append({"name": value["name"], "arguments": arguments})
+        start = text.find("{", end)
+    return calls
+
+
+def tool_call_scores(prediction: str, expected: list[dict], tools: list[dict] | None) -> dict[str, float]:
+    """For an answer that should call tools: its calls are valid (known functions, required arguments
+    present, arguments a JSON object), the function names are right, and the arguments match exactly."""
+    got = parse_tool_calls(prediction)
+    want = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in expected]
+    declared = {t["function"]["name"]: t["function"] for t in tools or []}
+
+    def valid(call: dict) -> bool:
+        schema = declared.get(call["name"])
+        required = ((schema or {}).get("parameters") or {}).get("required") or []
+        return schema is not None and isinstance(call["arguments"], dict) and all(k in call["arguments"] for k in required)
+
+    return {"tool_call_valid": float(bool(got) and all(valid(c) for c in got)),
+            "tool_name_accuracy": float([c["name"] for c in got] == [c["name"] for c in want]),
+            "tool_arguments_exact": float(got == want)}
+
+
 Scorer = Callable[[str, str], "float | dict[str, float]"]
 
 
 def example_scores(predictions: list[str], references: list[str], scorer: Scorer | None = None,
-                   scorer_name: str = "custom") -> list[dict[str, float]]:
+                   scorer_name: str = "custom", expected_calls: list | None = None,
+                   tools: list | None = None) -> list[dict[str, float]]:
     """One row of scores per example. JSON references get field-level scores, free text gets exact
-    match, normalised exact match, token F1 and ROUGE-L; a user scorer adds its own."""
-    as_json = bool(references) and all(parse_json_object(r) is not None for r in references)
+    match, normalised exact match, token F1 and ROUGE-L, an expected tool call (expected_calls[i], with
+    the example's declared tools[i]) tool-call validity, function-name accuracy and argument exact
+    match; a user scorer adds its own."""
+    expected_calls = expected_calls or [None] * len(references)
+    tools = tools or [None] * len(references)
+    plain = [r for r, calls in zip(references, expected_calls) if not calls]
+    as_json = bool(plain) and all(parse_json_object(r) is not None for r in plain)
     rows = []
-    for prediction, reference in zip(predictions, references):
-        row = json_example_scores(prediction, reference) if as_json else text_example_scores(prediction, reference)
+    for prediction, reference, calls, declared in zip(predictions, references, expected_calls, tools):
+        if calls:
+            row = tool_call_scores(prediction, calls, declared)
+        else:
+            row = json_example_scores(prediction, reference) if as_json else text_example_scores(prediction, reference)
         if scorer is not None:
             row.update(_scorer_row(scorer, scorer_name, prediction, reference))
         rows.append(row)

@@ -1,7 +1,8 @@
 """Exports of a trained run, each checked before it is called done.
 
 Formats: `hf` (merged transformers folder), `peft` (the adapter for vLLM / TGI), `gguf` (llama.cpp),
-`ollama` (a Modelfile next to the GGUF). Each lands in its own folder under `out` (default
+`ollama` (a Modelfile next to the GGUF), `gguf-lora` (the base model's GGUF and the LoRA adapter as a
+GGUF adapter file that llama.cpp applies to it). Each lands in its own folder under `out` (default
 RUN/export) with a README of how to load it.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-FORMATS = ("hf", "peft", "gguf", "ollama")
+FORMATS = ("hf", "peft", "gguf", "ollama", "gguf-lora")
 
 
 def parse_formats(formats: str | list[str] | None, merge: bool) -> list[str]:
@@ -26,8 +27,11 @@ def parse_formats(formats: str | list[str] | None, merge: bool) -> list[str]:
 
 
 def export(run: str | Path, out: str | Path | None = None, merge: bool = False, tolerance: float | None = None,
-           formats: str | list[str] | None = None, quant: str = "f16") -> dict:
-    """Export a run in the given formats (default: hf); returns what each check measured."""
+           formats: str | list[str] | None = None, quant: str = "f16", force: bool = False) -> dict:
+    """Export a run in the given formats (default: hf); returns what each check measured.
+
+    A GGUF is checked on the run's own sample conversations; where none are found (the data moved
+    away) the export is refused unless `force`, and then says it was checked on random tokens only."""
     from .. import runs
     from ..config import load_config
     from .merge import TOLERANCE, merge_run
@@ -42,7 +46,7 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
     trained = runs.trained_folder(run)
     quantized = load_config(run / "config.yaml").adapter.method == "qlora"
     results: dict = {}
-    if "gguf" in wanted or "ollama" in wanted:
+    if {"gguf", "ollama", "gguf-lora"} & set(wanted):
         check_gguf_architecture(run)  # before any merging: an unsupported model fails at once
     if "hf" in wanted:
         results["merged"] = merge_run(run, out / "merged", tolerance or TOLERANCE).as_dict()
@@ -53,9 +57,11 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
         results["peft"] = export_peft(trained, out / "peft", quantized)
         write_readme(out / "peft", "peft", run=run.name, **{**results["peft"], "warnings": "; ".join(
             results["peft"]["warnings"]) or "none"})
+    if "gguf-lora" in wanted:
+        results["gguf_lora"] = export_gguf_lora(run, out / "gguf-lora")
     if "gguf" in wanted or "ollama" in wanted:
         merged = out / "merged" if "merged" in results else None
-        results["gguf"] = export_gguf(run, out / "gguf", quant, merged, "ollama" in wanted)
+        results["gguf"] = export_gguf(run, out / "gguf", quant, merged, "ollama" in wanted, force)
     return results
 
 
@@ -70,19 +76,24 @@ def check_gguf_architecture(run: Path) -> None:
     gguf_architecture(AutoConfig.from_pretrained(where, gguf_file=gguf_file))
 
 
-def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelfile: bool) -> dict:
+def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelfile: bool, force: bool = False) -> dict:
     """Write model-{quant}.gguf from the merged model, verify it, and (for ollama) add a Modelfile."""
     import torch
 
     from .. import runs
     from ..config import load_config
     from ..models import load_model, load_tokenizer
-    from .gguf import verify_gguf, write_gguf
+    from .gguf import adds_bos, verify_gguf, write_gguf
     from .merge import TOLERANCE, logits_of, merge_run, sample_batch, sample_conversations
     from .ollama import write_modelfile
     from .readme import write_readme
 
     trained = runs.trained_folder(run)
+    conversations = sample_conversations(run)
+    if not conversations and not force:
+        raise UserError(f"{run}: no sample conversations found (the run's validation and training data are gone), so "
+                        "the GGUF's logits and chat template cannot be checked on real prompts; restore the data, or "
+                        "export with --force to check the logits on random tokens only")
     scratch = folder / ".partial"
     shutil.rmtree(scratch, ignore_errors=True)
     source = merged or trained
@@ -94,17 +105,58 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     reference = logits_of(model, batch)
     name = f"model-{quant}.gguf"
     written = write_gguf(model, tokenizer, scratch / name, quant, name=run.resolve().name)
+    config = model.config
     del model
-    check = verify_gguf(written, quant, reference, batch, tokenizer, sample_conversations(run)).as_dict()
+    check = verify_gguf(written, quant, reference, batch, tokenizer, conversations, config).as_dict()
+    check["checked_on"] = (f"{len(conversations)} sample conversations of the run's data" if conversations else
+                           "random tokens only (no sample conversations; --force): chat template not checked")
     os.replace(written, folder / name)
     shutil.rmtree(scratch, ignore_errors=True)
     check["file"] = str(folder / name)
     if modelfile:
-        system = load_config(run / "config.yaml").data.system_prompt or fixed_system_prompt(sample_conversations(run))
-        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system))
+        system = load_config(run / "config.yaml").data.system_prompt or fixed_system_prompt(conversations)
+        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system, adds_bos(tokenizer)))
     write_readme(folder, "gguf", run=run.name, **{**check, "file": name})
     runs.write_json(folder / f"check-{quant}.json", check)
     return check
+
+
+def export_gguf_lora(run: Path, folder: Path) -> dict:
+    """base-f16.gguf (the base model, with the training chat template) and adapter-f16.gguf, checked: the
+    base with the adapter applied (in llama.cpp where installed, and by hand from the file) against the
+    adapter model's logits, f16 bar."""
+    import torch
+
+    from .. import runs
+    from ..config import load_config
+    from ..models import load_base, load_tokenizer
+    from . import llamacpp
+    from .gguf import F16_TOLERANCE, answer_positions, write_gguf
+    from .gguf_lora import applied_by_hand, write_lora_gguf
+    from .merge import adapter_model, logits_of, sample_batch
+
+    trained = runs.trained_folder(run)
+    if not (trained / "adapter_config.json").exists():
+        raise UserError(f"{run}: a full fine-tune has no adapter; export it with --format gguf")
+    cfg = load_config(run / "config.yaml")
+    tokenizer = load_tokenizer(str(trained))
+    batch = sample_batch(run, tokenizer)
+    reference = logits_of(adapter_model(cfg.model.name, trained, cfg.adapter.method == "qlora"), batch)
+    base = load_base(cfg.model.name, torch.float32, False)
+    shutil.rmtree(folder, ignore_errors=True)
+    base_file = write_gguf(base, tokenizer, folder / "base-f16.gguf", "f16", name=f"{run.resolve().name}-base")
+    adapter_file = write_lora_gguf(base, trained, folder / "adapter-f16.gguf")
+    answers = answer_positions(batch)
+    checks = {"by_hand": llamacpp.compare(logits_of(applied_by_hand(base, adapter_file), batch), reference, answers)}
+    if llamacpp.available():
+        checks["llama_cpp"] = llamacpp.check(base_file, reference, batch, answers, lora=adapter_file)
+    for reader, found in checks.items():
+        if not found["relative_diff"] <= F16_TOLERANCE:
+            raise UserError(f"{adapter_file}: base + adapter ({reader}) logits differ from the adapter model's by "
+                            f"{found['max_abs_diff']:.3g} ({found['relative_diff']:.2%} of the logit scale)")
+    result = {"base": str(base_file), "adapter": str(adapter_file), **checks}
+    runs.write_json(folder / "check.json", result)
+    return result
 
 
 def fixed_system_prompt(conversations: list[list[dict]]) -> str | None:

@@ -23,8 +23,13 @@ from ..data.tokenize import IGNORE
 from ..errors import UserError
 
 # HF model_type -> GGUF architecture (llama.cpp's converter writes Mistral as llama).
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
-QUANTS = ("f16", "q8_0")
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3"}
+# Architectures whose q/k rows llama.cpp wants interleaved (its converter's LlamaModel and subclasses).
+PERMUTED = {"llama", "smollm3"}
+# What the `gguf` package itself can quantise (gguf.quants: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; its K-quants
+# raise NotImplementedError), and the K-quant mixes llama.cpp's own quantiser makes from an f16 file.
+QUANTS = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+LLAMA_CPP_QUANTS = ("q4_k_m", "q5_k_m")
 F16_TOLERANCE = 1e-2  # max abs logit difference, relative to the largest reference logit
 Q8_TOP1 = 0.99  # share of answer positions whose top-1 token must agree
 
@@ -40,6 +45,7 @@ class GGUFCheck:
     top1_all_positions: float  # prompt positions too: predicting the user's text, near-ties are common
     prompts_checked: int
     prompts_equal: int
+    llama_cpp: dict | None = None  # the same comparison in llama.cpp itself, where llama-cpp-python is installed
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,9 +60,24 @@ def gguf_architecture(config) -> str:
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UserError(f"GGUF export: a {config.model_type} model with attention/MLP biases is not supported")
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UserError(f"GGUF export: rope scaling '{rope.get('rope_type')}' is not supported (only plain RoPE)")
+    if rope.get("rope_type", "default") not in ("default", "llama3"):
+        raise UserError(f"GGUF export: rope scaling '{rope.get('rope_type')}' is not supported (plain RoPE and "
+                        "Llama 3's scaling are)")
     return arch
+
+
+def rope_factors(config) -> np.ndarray | None:
+    """Llama 3 RoPE scaling as llama.cpp reads it: a `rope_freqs` tensor dividing each frequency,
+    taken from transformers' own scaled frequencies (plain RoPE: None)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    plain = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    return (plain / scaled.float()).numpy().astype(np.float32)
 
 
 def rope_to_ggml(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -65,37 +86,53 @@ def rope_to_ggml(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def gguf_tensors(model, arch: str):
-    """(GGUF name, fp32 array) for every weight, in llama.cpp's naming and layout."""
+def gguf_names(model, arch: str):
+    """(HF name, GGUF name) of every weight the file holds, from gguf's own HF -> GGUF name map."""
     import gguf
 
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                     config.num_hidden_layers)
-    for hf_name, tensor in model.state_dict().items():
+    by_name = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
+    names = gguf.get_tensor_name_map(by_name[arch], config.num_hidden_layers)
+    for hf_name in model.state_dict():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp reuses token_embd when output is absent
         stem, suffix = hf_name.rsplit(".", 1)
         name = names.get_name(stem)
         if name is None:
             raise UserError(f"GGUF export: no GGUF name for weight '{hf_name}'")
-        tensor = tensor.detach().float()
-        if arch == "llama" and name.endswith("attn_q"):
+        yield hf_name, f"{name}.{suffix}"
+
+
+def gguf_tensors(model, arch: str):
+    """(GGUF name, fp32 array) for every weight, in llama.cpp's naming and layout."""
+    config = model.config
+    state = model.state_dict()
+    for hf_name, full_name in gguf_names(model, arch):
+        name = full_name.rsplit(".", 1)[0]
+        tensor = state[hf_name].detach().float()
+        if arch in PERMUTED and name.endswith("attn_q"):
             tensor = rope_to_ggml(tensor, config.num_attention_heads)
-        elif arch == "llama" and name.endswith("attn_k"):
+        elif arch in PERMUTED and name.endswith("attn_k"):
             tensor = rope_to_ggml(tensor, config.num_key_value_heads)
-        yield f"{name}.{suffix}", tensor.numpy()
+        yield full_name, tensor.numpy()
 
 
 def add_tensor(writer, name: str, data: np.ndarray, quant: str) -> None:
-    """Norms and biases stay f32 (as llama.cpp keeps them); matrices become f16 or q8_0."""
+    """Norms and biases stay f32 (as llama.cpp keeps them); matrices become f16 or the quantised type
+    (rows whose length is not a multiple of the 32-value block stay f16, as llama.cpp falls back too).
+    The token embedding and output head of a 4/5-bit file are q8_0, as llama.cpp's own mixes keep them
+    at more bits than the rest."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
+    kind = quant
+    if quant not in ("f16", "q8_0") and name.split(".")[0] in ("token_embd", "output"):
+        kind = "q8_0"
     if data.ndim == 1:
         writer.add_tensor(name, data.astype(np.float32))
-    elif quant == "q8_0" and data.shape[-1] % 32 == 0:
-        writer.add_tensor(name, quantize(data, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+    elif kind != "f16" and data.shape[-1] % 32 == 0:
+        qtype = getattr(GGMLQuantizationType, kind.upper())
+        writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
     else:
         writer.add_tensor(name, data.astype(np.float16))
 
@@ -146,18 +183,37 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         token_id = getattr(tokenizer, f"{token}_token_id")
         if token_id is not None:
             add(token_id)
-    first = tokenizer("a").input_ids
-    writer.add_add_bos_token(bool(first) and first[0] == tokenizer.bos_token_id)
+    writer.add_add_bos_token(adds_bos(tokenizer))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with BOS (llama.cpp then adds it too)."""
+    first = tokenizer("a").input_ids
+    return bool(first) and first[0] == tokenizer.bos_token_id
+
+
 def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "model") -> Path:
-    """Write `model` (a transformers causal LM, fp32) and its tokenizer as one GGUF file."""
+    """Write `model` (a transformers causal LM, fp32) and its tokenizer as one GGUF file.
+
+    K-quant mixes (q4_k_m, q5_k_m) are written as f16 and quantised by llama.cpp's own quantiser: the
+    `gguf` package has no K-quant encoder (gguf.quants.quantize raises NotImplementedError for them)."""
     import gguf
 
+    if quant in LLAMA_CPP_QUANTS:
+        from . import llamacpp
+
+        if not llamacpp.available():
+            raise UserError(f"GGUF {quant}: the gguf package cannot write K-quants (no encoder for them); install "
+                            "the llamacpp extra (llama-cpp-python) to have llama.cpp's quantiser write it, or use "
+                            f"one of {', '.join(QUANTS)}")
+        f16 = write_gguf(model, tokenizer, path.with_name(path.stem + ".f16.gguf"), "f16", name)
+        llamacpp.quantize(f16, path, quant)
+        f16.unlink()
+        return path
     if quant not in QUANTS:
-        raise UserError(f"GGUF export: unknown --quant '{quant}'; choose one of {', '.join(QUANTS)}")
+        raise UserError(f"GGUF export: unknown --quant '{quant}'; choose one of {', '.join(QUANTS + LLAMA_CPP_QUANTS)}")
     config = model.config
     arch = gguf_architecture(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -177,9 +233,12 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "mo
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{quant.upper()}"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, tokenizer, config.vocab_size)
+    factors = rope_factors(config)
+    if factors is not None:
+        writer.add_tensor("rope_freqs.weight", factors)
     for tensor_name, data in gguf_tensors(model, arch):
         add_tensor(writer, tensor_name, data, quant)
     writer.write_header_to_file()
@@ -191,11 +250,14 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "mo
 
 def template_parity(trained_tokenizer, gguf_tokenizer, conversations: list[list[dict]]) -> tuple[int, int]:
     """(checked, equal): generation prompts built by both tokenizers' chat templates, token for token."""
+    from ..data.tools import split_tools
+
     equal = 0
-    for messages in conversations:
+    for conversation in conversations:
+        tools, messages = split_tools(conversation)
         prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-        ours = trained_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        theirs = gguf_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        ours = trained_tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True)
+        theirs = gguf_tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True)
         same_answer = trained_tokenizer(messages[-1]["content"]).input_ids == gguf_tokenizer(messages[-1]["content"]).input_ids
         equal += int(_ids(ours) == _ids(theirs) and same_answer)
     return len(conversations), equal
@@ -216,13 +278,62 @@ def answer_positions(batch: dict) -> torch.Tensor:
     return following[mask]
 
 
+def read_back(path: Path, config):
+    """The file's weights in a model with the merged model's settings: read by transformers (an independent
+    reader) where it knows the architecture, else by gguf's own reader undoing tunesmith's naming and layout
+    (SmolLM3; the llama.cpp check is then the independent one). Settings transformers' GGUF reader
+    leaves out (Llama 3's RoPE scaling, stored as llama.cpp's rope_freqs) come from the merged config."""
+    from transformers import AutoModelForCausalLM
+
+    from ..models import load_model
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if config.model_type in ("smollm3",):
+        state = gguf_state_dict(path, model)
+    else:
+        state = load_model(str(path), torch.float32).state_dict()
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def gguf_state_dict(path: Path, model) -> dict[str, torch.Tensor]:
+    """Every weight of `model` read from the GGUF file (gguf.GGUFReader, dequantised)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    stored = {t.name: t for t in reader.tensors}
+    arch = gguf_architecture(model.config)
+    names = dict(gguf_names(model, arch))
+    state = {}
+    for hf_name, tensor in model.state_dict().items():
+        name = names.get(hf_name) or names["model.embed_tokens.weight"]  # a tied head reads the embedding
+        found = stored[name]
+        values = torch.from_numpy(np.array(dequantize(found.data, found.tensor_type), dtype=np.float32))
+        values = values.reshape(tensor.shape)
+        heads = {"attn_q": model.config.num_attention_heads, "attn_k": model.config.num_key_value_heads}
+        kind = name.split(".")[-2]
+        if arch in PERMUTED and kind in heads:
+            values = rope_from_ggml(values, heads[kind])
+        state[hf_name] = values
+    return state
+
+
+def rope_from_ggml(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of rope_to_ggml."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
 def verify_gguf(path: Path, quant: str, reference_logits: torch.Tensor, batch: dict, trained_tokenizer,
-                conversations: list[list[dict]]) -> GGUFCheck:
-    """Read the file back with transformers and compare; refuse (UserError) when a check fails."""
+                conversations: list[list[dict]], config=None) -> GGUFCheck:
+    """Read the file back and compare with the merged model (whose config is `config`); refuse
+    (UserError) when a check fails. 4- and 5-bit files are measured, not held to a bar here."""
     from ..models import load_model, load_tokenizer
     from .merge import logits_of
 
-    logits = logits_of(load_model(str(path), torch.float32), batch)
+    model = read_back(path, config) if config is not None else load_model(str(path), torch.float32)
+    logits = logits_of(model, batch)
     diff = float((logits - reference_logits).abs().max())
     scale = float(reference_logits.abs().max()) or 1.0
     same = logits.argmax(-1) == reference_logits.argmax(-1)
@@ -231,13 +342,25 @@ def verify_gguf(path: Path, quant: str, reference_logits: torch.Tensor, batch: d
     checked, equal = template_parity(trained_tokenizer, load_tokenizer(str(path)), conversations)
     check = GGUFCheck(str(path), quant, int(answers.sum()) or len(same), diff, diff / scale, top1,
                       float(same.float().mean()), checked, equal)
-    if quant == "f16" and not check.relative_diff <= F16_TOLERANCE:
-        raise UserError(f"{path}: f16 GGUF logits differ from the merged model's by {diff:.3g} "
-                        f"({check.relative_diff:.2%} of the logit scale {scale:.3g}; tolerance {F16_TOLERANCE:.0%})")
-    if quant == "q8_0" and not top1 >= Q8_TOP1:
-        raise UserError(f"{path}: q8_0 GGUF agrees with the merged model on the top-1 token at {top1:.2%} of "
-                        f"{check.positions} answer positions (at least {Q8_TOP1:.0%} needed)")
+    from . import llamacpp
+
+    if llamacpp.available():
+        check.llama_cpp = llamacpp.check(path, reference_logits, batch, answers)
+    for reader, found in (("transformers", asdict(check)), ("llama.cpp", check.llama_cpp)):
+        if found:
+            refuse_if_off(path, quant, reader, found, scale, check.positions)
     if equal != checked:
         raise UserError(f"{path}: the GGUF's tokenizer and chat template build different tokens than training's "
                         f"for {checked - equal} of {checked} sample conversations")
     return check
+
+
+def refuse_if_off(path: Path, quant: str, reader: str, check: dict, scale: float, positions: int) -> None:
+    """f16 within F16_TOLERANCE of the logit scale, q8_0 top-1 agreement at least Q8_TOP1."""
+    diff, top1 = check["max_abs_diff"], check["top1_agreement"]
+    if quant == "f16" and not check["relative_diff"] <= F16_TOLERANCE:
+        raise UserError(f"{path}: f16 GGUF logits ({reader}) differ from the merged model's by {diff:.3g} "
+                        f"({check['relative_diff']:.2%} of the logit scale {scale:.3g}; tolerance {F16_TOLERANCE:.0%})")
+    if quant == "q8_0" and not top1 >= Q8_TOP1:
+        raise UserError(f"{path}: q8_0 GGUF ({reader}) agrees with the merged model on the top-1 token at {top1:.2%} "
+                        f"of {positions} answer positions (at least {Q8_TOP1:.0%} needed)")

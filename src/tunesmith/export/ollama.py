@@ -1,49 +1,93 @@
 """An Ollama Modelfile next to the GGUF: the chat template training used, in Go-template syntax.
 
-A Jinja template cannot be translated in general, so the training template is rendered on probe
-conversations and recognised as ChatML (the default model's and the test models' family) before a
-Go template is written; anything else is refused with a clear message.
+A Jinja template cannot be translated in general. tunesmith holds a Go template for each family it
+knows (ChatML: SmolLM2, Qwen2.5, Qwen3; ChatML with thinking off: Qwen3 trained with
+enable_thinking=false; Llama 3.1; Mistral Nemo) and picks the one whose render of probe conversations
+(system, multi-turn; rendered by gotemplate.py, an interpreter of Go's template language) gives the
+same tokens as the training template's generation prompt, with the BOS llama.cpp adds where the GGUF
+says so. Anything else is refused with a clear message. Tool schemas are not part of these templates:
+llama.cpp's server applies the GGUF's own Jinja template (--jinja) for tool calling.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.tokenize import end_of_turn_strings, token_ids
 from ..errors import UserError
+from .gotemplate import GoTemplateError, render
 
 CHATML_GO = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
              "{{ end }}<|im_start|>assistant\n")
-PROBE = [{"role": "system", "content": "S1"}, {"role": "user", "content": "U1"},
-         {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}]
+GO_TEMPLATES = {
+    "chatml": CHATML_GO,
+    "chatml-no-think": CHATML_GO + "<think>\n\n</think>\n\n",
+    "llama3.1": ("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                 "Today Date: 26 Jul 2024\n\n{{ range .Messages }}{{ if eq .Role \"system\" }}{{ .Content }}{{ end }}"
+                 "{{ end }}<|eot_id|>{{ range .Messages }}{{ if ne .Role \"system\" }}<|start_header_id|>{{ .Role }}"
+                 "<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}{{ end }}"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    # BOS written out: the Tekken vocabulary does not add it by itself, so the GGUF does not ask llama.cpp to.
+    "mistral-nemo": ("{{- $system := \"\" }}<s>{{ range .Messages }}{{ if eq .Role \"system\" }}{{ $system = .Content }}"
+                     "{{ end }}{{ end }}{{ range $i, $m := .Messages }}{{ if eq $m.Role \"user\" }}[INST]"
+                     "{{ if and (eq (len (slice $.Messages $i)) 1) $system }}{{ $system }}\n\n{{ end }}"
+                     "{{ $m.Content }}[/INST]{{ else if eq $m.Role \"assistant\" }}{{ $m.Content }}</s>{{ end }}{{ end }}"),
+}
+PROBES = [
+    [{"role": "user", "content": "U1"}],
+    [{"role": "system", "content": "S1"}, {"role": "user", "content": "U1"}],
+    [{"role": "system", "content": "S1"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "U2"}],
+    [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi! How can I help?"},
+     {"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Why did the chicken..."},
+     {"role": "user", "content": "Another one, please"}],
+]
 
 
-def chatml(messages: list[dict]) -> str:
-    """What CHATML_GO renders for `messages` in Ollama (generation prompt included)."""
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+def ollama_messages(messages: list[dict]) -> dict:
+    """The data an Ollama template sees: .Messages with Role and Content."""
+    return {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
 
 
 def template_default_system(tokenizer) -> str | None:
-    """The system text the template inserts when a conversation has none (SmolLM2 does), or None."""
-    text = tokenizer.apply_chat_template(PROBE[1:2], add_generation_prompt=True, tokenize=False)
+    """The system text the template inserts when a conversation has none (SmolLM2, Qwen2.5 do), or None."""
+    text = tokenizer.apply_chat_template(PROBES[0], add_generation_prompt=True, tokenize=False)
     head = "<|im_start|>system\n"
     if text.startswith(head):
         return text[len(head):text.index("<|im_end|>")]
     return None
 
 
-def check_chatml(tokenizer) -> None:
-    rendered = tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, tokenize=False)
-    if rendered != chatml(PROBE):
-        raise UserError("ollama export: the run's chat template is not ChatML, the one family tunesmith can write as "
-                        "an Ollama TEMPLATE; use --format gguf (its chat template is inside the file)")
+def served_tokens(tokenizer, template: str, messages: list[dict], system: str | None, add_bos: bool) -> list[int]:
+    """The tokens Ollama builds: the Go template's render (the Modelfile's SYSTEM first where the
+    conversation has none), with llama.cpp's BOS where the GGUF asks for one."""
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}] + messages
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    return bos + token_ids(tokenizer, [render(template, ollama_messages(messages))])[0]
 
 
-def write_modelfile(folder: Path, gguf_name: str, tokenizer, system_prompt: str | None) -> Path:
+def choose_template(tokenizer, add_bos: bool, probes: list[list[dict]] | None = None) -> tuple[str, str]:
+    """(family, Go template) whose render gives the training template's generation prompts, token for token."""
+    system = template_default_system(tokenizer)
+    probes = probes or PROBES
+    wanted = [token_ids(tokenizer, [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)])[0]
+              for m in probes]
+    for name, template in GO_TEMPLATES.items():
+        try:
+            if all(served_tokens(tokenizer, template, m, system, add_bos) == w for m, w in zip(probes, wanted)):
+                return name, template
+        except GoTemplateError:
+            continue
+    raise UserError("ollama export: no Ollama template of the families tunesmith knows (" + ", ".join(GO_TEMPLATES)
+                    + ") renders like the run's chat template; use --format gguf (its chat template is inside the file)")
+
+
+def write_modelfile(folder: Path, gguf_name: str, tokenizer, system_prompt: str | None, add_bos: bool = False) -> Path:
     """Modelfile with FROM, TEMPLATE, stop tokens and the fixed system prompt (if any)."""
-    check_chatml(tokenizer)
+    _, template = choose_template(tokenizer, add_bos)
     system = system_prompt or template_default_system(tokenizer)
-    stops = dict.fromkeys(["<|im_end|>", tokenizer.eos_token] if tokenizer.eos_token else ["<|im_end|>"])
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{CHATML_GO}"""']
-    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines += [f'PARAMETER stop "{stop}"' for stop in end_of_turn_strings(tokenizer)]
     if system:
         lines.append(f'SYSTEM """{system}"""')
     path = folder / "Modelfile"

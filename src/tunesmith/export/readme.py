@@ -39,6 +39,7 @@ Warnings for these servers: {warnings}
 it back with transformers: logits vs the merged model max abs difference {max_abs_diff:.3g}
 ({relative_diff:.2%} of the logit scale), top-1 token agreement {top1_agreement:.2%} of {positions}
 answer positions ({top1_all_positions:.2%} of all positions), generation prompts token-equal to training's for {prompts_equal} of {prompts_checked}.
+Checked on: {checked_on}.
 
 llama.cpp: `llama-cli -m {file} -cnv`  (or `llama-server -m {file}`)
 transformers: `AutoModelForCausalLM.from_pretrained("{folder}", gguf_file="{file}")`

@@ -1,0 +1,122 @@
+"""Tool calling and reasoning in chat records: checked, normalised to the form chat templates read.
+
+A record may declare `tools` (OpenAI / transformers style: `{"type": "function", "function": {"name",
+"description", "parameters": JSON schema}}`, or the bare function object). Assistant messages may hold
+`tool_calls` (`{"id", "type": "function", "function": {"name", "arguments"}}`, arguments an object or a
+JSON string) and `reasoning_content`; `tool` messages carry a call's result. Each tool call is checked
+against the declared schemas: an unknown function, a missing required argument or arguments that are
+not a JSON object make the record a FormatError (reported with file, line and reason, and left out).
+
+The declared tools travel with the conversation as a first pseudo-message of role `tools`, so a
+conversation stays a list of messages everywhere (cache, splits, evaluation); `split_tools` takes it
+off before a template renders the messages with `tools=`.
+"""
+from __future__ import annotations
+
+import json
+
+TOOLS_ROLE = "tools"
+
+
+class FormatError(ValueError):
+    """A record that does not fit its format; `kind` groups the reasons for the counts."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+def split_tools(messages: list[dict]) -> tuple[list[dict] | None, list[dict]]:
+    """(declared tools or None, the messages a template renders)."""
+    if messages and messages[0]["role"] == TOOLS_ROLE:
+        return messages[0]["tools"], messages[1:]
+    return None, messages
+
+
+def checked_tools(tools) -> list[dict]:
+    """The declared tools as `{"type": "function", "function": {...}}`, each with a name."""
+    if not isinstance(tools, list):
+        raise FormatError("wrong type", f"'tools' must be a list, got {type(tools).__name__}")
+    out = []
+    for index, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise FormatError("wrong type", f"tools[{index}] has no function name")
+        parameters = function.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise FormatError("wrong type", f"tools[{index}].parameters must be a JSON schema object")
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def checked_message(turn: dict, role: str, where: str, text_key: str, checked_text) -> dict:
+    """One message in the form templates read; tool calls normalised, arguments parsed."""
+    calls = turn.get("tool_calls") if role == "assistant" else None
+    message = {"role": role}
+    if calls:
+        if not isinstance(calls, list):
+            raise FormatError("wrong type", f"{where}.tool_calls must be a list")
+        content = turn.get(text_key)
+        if content is not None and not isinstance(content, str):
+            raise FormatError("wrong type", f"{where}.{text_key} must be text, got {type(content).__name__}")
+        message["content"] = content or ""
+        message["tool_calls"] = [_checked_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(calls)]
+    elif role == "tool" and isinstance(turn.get(text_key), (dict, list)):
+        message["content"] = json.dumps(turn[text_key], ensure_ascii=False)
+    else:
+        message["content"] = checked_text(turn.get(text_key), f"{where}.{text_key}")
+    if role == "assistant" and turn.get("reasoning_content") is not None:
+        reasoning = turn["reasoning_content"]
+        if not isinstance(reasoning, str):
+            raise FormatError("wrong type", f"{where}.reasoning_content must be text, got {type(reasoning).__name__}")
+        message["reasoning_content"] = reasoning
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(turn.get(key), str):
+                message[key] = turn[key]
+    return message
+
+
+def _checked_call(call, where: str) -> dict:
+    if not isinstance(call, dict):
+        raise FormatError("wrong type", f"{where} is not an object")
+    function = call.get("function", call)
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        raise FormatError("wrong type", f"{where} has no function name")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as err:
+            raise FormatError("tool call: arguments not valid JSON", f"{where} ({name}): {err.msg} at {err.pos}") from None
+    if not isinstance(arguments, dict):
+        raise FormatError("tool call: arguments not valid JSON", f"{where} ({name}): arguments must be a JSON object, "
+                          f"got {type(arguments).__name__}")
+    out = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    if call.get("id") is not None:
+        out["id"] = str(call["id"])
+    return out
+
+
+def check_calls(messages: list[dict], tools: list[dict] | None) -> None:
+    """Every tool call names a declared function and gives its required arguments."""
+    declared = {t["function"]["name"]: t["function"] for t in tools or []}
+    for index, message in enumerate(messages):
+        for number, call in enumerate(message.get("tool_calls") or []):
+            name, arguments = call["function"]["name"], call["function"]["arguments"]
+            where = f"messages[{index}].tool_calls[{number}]"
+            if name not in declared:
+                known = ", ".join(sorted(declared)) or "none declared in the record's 'tools'"
+                raise FormatError("tool call: unknown function", f"{where} calls '{name}' (known: {known})")
+            required = (declared[name].get("parameters") or {}).get("required") or []
+            missing = [key for key in required if key not in arguments]
+            if missing:
+                raise FormatError("tool call: missing required argument",
+                                  f"{where} calls '{name}' without {', '.join(repr(k) for k in missing)}")
+
+
+def call_text(call: dict) -> str:
+    """A tool call as canonical JSON ({"name", "arguments"}), for keys and metrics."""
+    return json.dumps({"name": call["function"]["name"], "arguments": call["function"]["arguments"]},
+                      sort_keys=True, ensure_ascii=False)
