@@ -14,8 +14,10 @@ from .data.collate import PADDED, PADDING_FREE, layout
 from .data.prepare import prepare, write_demo_files
 from .device import compute_dtype, describe, resolve
 from .errors import UserError
+from .eval.baselines import baseline_table, format_baselines, score_base_rows, score_tuned_rows, summary
+from .eval.general import GeneralAbility
 from .eval.loss import eval_loss
-from .eval.scoring import score_generation
+from .eval.scoring import score_generation, scorer_name
 from .methods.common import count_parameters, model_bytes, save_trained
 from .models import load_tokenizer
 from .plan import TrainingMemory
@@ -105,8 +107,17 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     base: dict = {}
     if validation:
         base["eval_loss"] = evaluate(label="eval loss (base)")
-    if test and cfg.eval.generate and cfg.eval.compare_base and ranks.main:
-        base.update(score_generation(model, tokenizer, test.conversations, cfg.eval, run.predictions("base"), "base"))
+    # The baselines' rows on the test split, and the general-ability probe (read first: a wrong
+    # eval.general_data stops the run before anything slow).
+    evidence = GeneralAbility(cfg.eval) if cfg.eval.general and ranks.main else None
+    scored = None
+    if test and cfg.eval.generate and ranks.main:
+        scored = score_base_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
+                                 eval_layout)
+        if cfg.eval.compare_base:
+            base.update(summary(scored[0]))
+    if evidence is not None:
+        evidence.score(model, tokenizer, "base")
 
     utilisation = _utilisation(cfg, train_split, device)
     log.write(event="run", step=0, device=str(device), dtype=results["dtype"], fast_paths=applied,
@@ -132,7 +143,14 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         log.write(event="eval", step=result.steps, eval_loss=tuned["eval_loss"],
                   perplexity=math.exp(min(tuned["eval_loss"], 50)))
     if test and cfg.eval.generate:
-        tuned.update(score_generation(model, tokenizer, test.conversations, cfg.eval, run.predictions(), "fine-tuned"))
+        scored += score_tuned_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
+                                   eval_layout)
+        tuned.update(summary(scored[-1]))
+        if len(scored) > 1:
+            results["baselines"] = baseline_table(scored, seed=cfg.eval.seed, scorer_name=scorer_name(cfg.eval.scorer))
+    if evidence is not None:
+        evidence.score(model, tokenizer, "fine-tuned")
+        results["general"] = evidence.results()
     stopper = result.early_stopping
     results.update({
         "trainable_parameters": trainable, "total_parameters": total,
@@ -152,7 +170,18 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         say(f"report: {write_report(run.path)[0]}")
     ranks.barrier()
     say(comparison_table(base, tuned))
+    if "baselines" in results:
+        say(format_baselines(results["baselines"]))
+    if evidence is not None:
+        say(evidence.table())
+        for line in evidence.warnings():
+            say(line)
     return results
+
+
+def train_split_of(data) -> list[list[dict]]:
+    """The training conversations: the pool of k-shot and retrieved examples."""
+    return data.splits["train"].conversations
 
 
 def _unsharded(state: dict, cfg: Config, method, device):
