@@ -14,7 +14,8 @@ from .data.collate import PADDED, PADDING_FREE, layout
 from .data.prepare import prepare, write_demo_files
 from .device import compute_dtype, describe, resolve
 from .errors import UserError
-from .eval.baselines import baseline_table, format_baselines, score_base_rows, score_tuned_rows, summary
+from .eval.baselines import baseline_table, format_baselines, score_base_rows, score_tuned_rows
+from .eval.baselines import summary as row_summary
 from .eval.general import GeneralAbility
 from .eval.loss import eval_loss
 from .eval.scoring import score_generation, scorer_name
@@ -115,7 +116,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         scored = score_base_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
                                  eval_layout)
         if cfg.eval.compare_base:
-            base.update(summary(scored[0]))
+            base.update(row_summary(scored[0]))
     if evidence is not None:
         evidence.score(model, tokenizer, "base")
 
@@ -145,7 +146,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if test and cfg.eval.generate:
         scored += score_tuned_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
                                    eval_layout)
-        tuned.update(summary(scored[-1]))
+        tuned.update(row_summary(scored[-1]))
         if len(scored) > 1:
             results["baselines"] = baseline_table(scored, seed=cfg.eval.seed, scorer_name=scorer_name(cfg.eval.scorer))
     if evidence is not None:
@@ -248,10 +249,34 @@ def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size:
     return results
 
 
+def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[str] | None = None,
+                     limit: int | None = None, margin: float = 2.0, seed: int = 0, device: str = "auto") -> dict:
+    """The general-ability probe on a model; for a fine-tuned run or adapter, on its base too (the
+    adapter switched off), with each difference and its paired 95% interval."""
+    from .config import EvalConfig
+    from .eval.general import GeneralAbility, means
+    from .runs import load_trained
+
+    model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
+    probe = GeneralAbility(EvalConfig(general=True, general_data=folder, general_sets=sets, general_limit=limit,
+                                      general_margin=margin, seed=seed))
+    if not hasattr(model, "disable_adapter"):  # a plain model: its own scores only
+        probe.score(model, tokenizer, "model")
+        return {"items": {n: len(i) for n, i in probe.probe.items()}, "model": means(probe.scores["model"])}
+    with model.disable_adapter():
+        probe.score(model, tokenizer, "base")
+    probe.score(model, tokenizer, "fine-tuned")
+    say(probe.table())
+    for line in probe.warnings():
+        say(line)
+    return probe.results()
+
+
 def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None, max_new_tokens: int = 96,
             batch_size: int = 16, limit: int | None = None, scorer: str | None = None, temperature: float = 0.0,
-            seed: int = 0, out: str | None = None) -> dict:
-    """A against B (e.g. base model vs fine-tuned run) with bootstrap intervals; optionally A k-shot too.
+            seed: int = 0, out: str | None = None, retrieval_k: int = 0) -> dict:
+    """A against B (e.g. base model vs fine-tuned run) with bootstrap intervals; optionally A k-shot,
+    A and B with k retrieved training examples too.
 
     Written to `out` (default: B's run folder, whose report then shows the comparison)."""
     from .eval.compare import compare_models, format_table, write_comparison
@@ -262,7 +287,7 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
         raise UserError(f"{data}: data file not found")
     result = compare_models(a, b, data, kshot, kshot_data, max_new_tokens, batch_size, limit, temperature, seed,
                             load_scorer(scorer) if scorer else None, scorer_name(scorer),
-                            names=_names(a, b))
+                            names=_names(a, b), retrieval_k=retrieval_k)
     folder = Path(out) if out else (Path(b) if RunFolder(b).is_run() else None)
     if folder is not None:
         say(f"comparison: {write_comparison(result, folder)}")

@@ -26,7 +26,8 @@ from .generate import generate_answers
 from .metrics import Scorer, example_scores, mean_scores
 
 LOSS = "answer_loss"
-LOWER_IS_BETTER = {LOSS}
+PER_CHAR = "answer_loss_per_char"  # nats per character of the reference (choose.py: comparable across tokenizers)
+LOWER_IS_BETTER = {LOSS, PER_CHAR}
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Scored:
     rows: list[dict[str, float]]  # per example: generation metrics and answer_loss
     tokens: list[int] = field(default_factory=list)  # answer tokens per example (weights of answer_loss)
     generated_tokens_per_second: float | None = None
+    references: list[str] = field(default_factory=list)
 
     def means(self) -> dict[str, float]:
         scores = mean_scores([{k: v for k, v in r.items() if k != LOSS} for r in self.rows])
@@ -71,6 +73,13 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, weights_a: np.ndarray | None 
     low, high = np.quantile(mean_b - mean_a, [(1 - confidence) / 2, (1 + confidence) / 2])
     diff = weighted_mean(b, wb) - weighted_mean(a, wa)
     return {"difference": diff, "low": float(low), "high": float(high)}
+
+
+def mean_interval(values: np.ndarray, weights: np.ndarray | None = None, samples: int = 2000, seed: int = 0
+                  ) -> dict[str, float]:
+    """A (weighted) mean with its percentile bootstrap interval: the paired bootstrap against zeros."""
+    found = paired_bootstrap(np.zeros(len(values)), np.asarray(values, float), weights, weights, samples, seed)
+    return {"mean": found["difference"], "low": found["low"], "high": found["high"]}
 
 
 def win_tie_loss(a: np.ndarray, b: np.ndarray, lower_is_better: bool, tolerance: float = 1e-9) -> dict[str, int]:
@@ -155,7 +164,7 @@ def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settin
     rows = example_scores(answers, references, settings.scorer, settings.scorer_name)
     for row, loss in zip(rows, losses):
         row[LOSS] = loss
-    return Scored(name, answers, rows, counts, speed.get("tokens_per_second"))
+    return Scored(name, answers, rows, counts, speed.get("tokens_per_second"), references)
 
 
 def score_model(spec: str, prompt_sets: dict[str, list[list[dict]]], settings: Settings) -> list[Scored]:

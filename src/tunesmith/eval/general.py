@@ -275,18 +275,26 @@ def main_metric(name: str) -> str:
 def compare_probe(base: dict[str, list[dict]], tuned: dict[str, list[dict]], samples: int = 2000, seed: int = 0,
                   margin: float | None = None) -> list[dict]:
     """Per set and metric, in points of 100: base, fine-tuned, difference with its paired 95%
-    interval, wins / ties / losses; `lost` marks a main metric down by more than `margin` points."""
+    interval, wins / ties / losses; `lost` marks a main metric down by more than `margin` points.
+    With several sets, a last row 'all' pools every item, each scored by its set's main metric."""
     rows = []
     for name in base:
         for metric in base[name][0]:
-            a = np.array([r[metric] for r in base[name]]) * 100
-            b = np.array([r[metric] for r in tuned[name]]) * 100
-            interval = paired_bootstrap(a, b, samples=samples, seed=seed)
-            row = {"set": name, "metric": metric, "items": len(a), "base": float(a.mean()), "fine_tuned": float(b.mean()),
-                   **interval, **win_tie_loss(a, b, lower_is_better=False), "main": metric == main_metric(name)}
-            row["lost"] = bool(margin is not None and row["main"] and row["difference"] < -margin)
-            rows.append(row)
+            a, b = ([r[metric] for r in scores[name]] for scores in (base, tuned))
+            rows.append(_row(name, metric, a, b, metric == main_metric(name), samples, seed, margin))
+    if len(base) > 1:
+        a, b = ([r[main_metric(name)] for name in scores for r in scores[name]] for scores in (base, tuned))
+        rows.append(_row("all", "main", a, b, True, samples, seed, margin))
     return rows
+
+
+def _row(name: str, metric: str, a: list[float], b: list[float], main: bool, samples: int, seed: int,
+         margin: float | None) -> dict:
+    a, b = np.array(a) * 100, np.array(b) * 100
+    interval = paired_bootstrap(a, b, samples=samples, seed=seed)
+    return {"set": name, "metric": metric, "items": len(a), "base": float(a.mean()), "fine_tuned": float(b.mean()),
+            **interval, **win_tie_loss(a, b, lower_is_better=False), "main": main,
+            "lost": bool(margin is not None and main and interval["difference"] < -margin)}
 
 
 def means(scores: dict[str, list[dict]]) -> dict[str, float]:
