@@ -6,7 +6,8 @@ import pytest
 
 from tunesmith.data.collate import collate
 from tunesmith.data.tokenize import encode
-from tunesmith.eval.compare import (Scored, answer_losses, compare_models, compare_scored, format_table,
+from tunesmith.eval.baselines import compare_models
+from tunesmith.eval.compare import (Scored, answer_losses, compare_scored, format_table,
                                     paired_bootstrap, pick_shots, win_tie_loss, with_shots, write_comparison)
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.training.loss import label_loss_sum

@@ -106,6 +106,9 @@ def test_differences_in_points_and_the_margin_warning():
     assert arc["high"] < 0 and arc["lost"] and arc["main"] and arc["loss"] == lost
     assert not rows[("arc_easy", "acc")]["main"] and rows[("arc_easy", "acc")]["difference"] == 0
     assert not rows[("gsm8k", "exact_match")]["lost"]
-    [line] = warnings(list(rows.values()), 2.0)
-    assert "arc_easy acc_norm" in line and "eval.general_margin=2" in line
+    pooled = rows[("all", "main")]  # 250 items, each by its set's main metric (acc_norm, exact match)
+    assert pooled["items"] == 250 and pooled["difference"] == pytest.approx(-100 * lost / 250)
+    lines = warnings(list(rows.values()), 2.0)
+    assert "arc_easy acc_norm" in lines[0] and "eval.general_margin=2" in lines[0]
+    assert len(lines) == (2 if lost / 250 > 0.02 else 1)
     assert "arc_easy acc_norm" in format_probe(list(rows.values()))

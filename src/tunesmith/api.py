@@ -279,7 +279,8 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
     A and B with k retrieved training examples too.
 
     Written to `out` (default: B's run folder, whose report then shows the comparison)."""
-    from .eval.compare import compare_models, format_table, write_comparison
+    from .eval.baselines import compare_models
+    from .eval.compare import format_table, write_comparison
     from .eval.metrics import load_scorer
     from .eval.scoring import scorer_name
 

@@ -101,7 +101,7 @@ def _short_fine_tune(cfg: Config, spec: str, budget_tokens: int, tokens_per_exam
 
     per_step = cfg.train.batch_size * cfg.train.grad_accum * max(1.0, tokens_per_example)
     steps = max(1, math.ceil(budget_tokens / per_step))
-    run = folder / re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")
+    run = folder / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec).name or spec).strip("_")
     raw = cfg.model_dump(mode="json")
     raw["model"]["name"] = spec
     raw["train"].update(max_steps=steps, resume=False)

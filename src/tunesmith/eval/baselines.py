@@ -18,7 +18,10 @@ import re
 from pathlib import Path
 
 from ..data.collate import PADDED
-from .compare import LOSS, LOWER_IS_BETTER, Scored, Settings, compare_scored, pick_shots, score_prompts, with_shots
+from ..data.prepare import load_conversations
+from ..errors import UserError
+from .compare import (LOSS, LOWER_IS_BETTER, Scored, Scorer, Settings, compare_scored, pick_shots, score_model,
+                      score_prompts, training_data_of, with_shots)
 
 PROMPTED = ("-shot", "+ retrieval")  # row names of the prompting baselines end so
 
@@ -144,6 +147,40 @@ def format_baselines(table: dict) -> str:
     if table.get("verdict"):
         lines.append(f"verdict: {table['verdict']}")
     return "\n".join(lines)
+
+
+def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None,
+                   max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
+                   temperature: float = 0.0, seed: int = 0, scorer: Scorer | None = None,
+                   scorer_name: str = "custom", samples: int = 2000, names: tuple[str, str] | None = None,
+                   retrieval_k: int = 0) -> dict:
+    """Score A (and A k-shot, A with retrieval), B with retrieval and B on the data file; each row
+    against B. Returns the table data, a one-line verdict and the per-example outputs."""
+    conversations, problems = load_conversations(data, None)
+    if not conversations:
+        first = f" First problem: {problems[0]}" if problems else ""
+        raise UserError(f"{data}: no usable examples to compare on.{first}")
+    conversations = conversations[:limit] if limit else conversations
+    name_a, name_b = names or ("A", "B")
+    settings = Settings(max_new_tokens, batch_size, temperature, seed, scorer, scorer_name)
+    pool = None
+    if kshot or retrieval_k:
+        source = kshot_data or training_data_of(b) or training_data_of(a)
+        if not source:
+            raise UserError("--kshot and --retrieval-k need training examples: give --kshot-data FILE, "
+                            "or a run folder as A or B")
+        pool = load_conversations(source, None)[0]
+    scored = score_model(a, prompt_sets(name_a, conversations, pool, kshot, retrieval_k, seed, zero_shot=True),
+                         settings)
+    scored += score_model(b, prompt_sets(name_b, conversations, pool, 0, retrieval_k, seed, zero_shot=True),
+                          settings)[::-1]  # B with retrieval, then B itself last: the candidate
+    table = baseline_table(scored, samples, seed, scorer_name)
+    examples = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"],
+                 **{s.name: {"answer": s.answers[i], "scores": s.rows[i]} for s in scored}}
+                for i, c in enumerate(conversations)]
+    return {"a": a, "b": b, "data": data, "examples_scored": len(conversations), "kshot": kshot,
+            "retrieval_k": retrieval_k, **table, "examples": examples,
+            "settings": {k: v for k, v in vars(settings).items() if k != "scorer"} | {"bootstrap_samples": samples}}
 
 
 def test_prompts(test: list[list[dict]], eval_cfg) -> list[list[dict]]:
