@@ -112,3 +112,29 @@ def test_differences_in_points_and_the_margin_warning():
     assert "arc_easy acc_norm" in lines[0] and "eval.general_margin=2" in lines[0]
     assert len(lines) == (2 if lost / 250 > 0.02 else 1)
     assert "arc_easy acc_norm" in format_probe(list(rows.values()))
+
+
+def test_eval_general_scores_an_adapter_against_its_base(tiny_model_dir, tmp_path, capsys):
+    """`tunesmith eval ADAPTER --general`: the base (adapter switched off) and the adapter model on the
+    same items; a plain model gets its own scores only."""
+    from tunesmith.cli import main
+    from tunesmith.models import load_tokenizer
+
+    from helpers import lora_model, write_jsonl
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for name, items in load_probe(sets=["arc_easy", "hellaswag"], limit=4).items():
+        write_jsonl(probe / f"{name}.jsonl", items)
+    adapter = tmp_path / "adapter"
+    lora_model(load_model(str(tiny_model_dir)), fast_paths=False).save_pretrained(adapter)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(adapter)
+    assert main(["eval", str(adapter), "--general", "--general-data", str(probe), "--general-margin", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)["general"]
+    assert result["items"] == {"arc_easy": 4, "hellaswag": 4}
+    rows = {(d["set"], d["metric"]) for d in result["differences"]}
+    assert {("arc_easy", "acc_norm"), ("hellaswag", "acc"), ("all", "main")} <= rows
+    assert main(["eval", str(tiny_model_dir), "--general", "--general-data", str(probe)]) == 0
+    plain = json.loads(capsys.readouterr().out)["general"]
+    assert set(plain["model"]) == {"arc_easy/acc", "arc_easy/acc_norm", "hellaswag/acc", "hellaswag/acc_norm"}
+    assert main(["eval", str(tiny_model_dir)]) == 2  # neither --data nor --general
