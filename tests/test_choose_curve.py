@@ -90,3 +90,14 @@ def test_curve_trains_nested_fractions_at_equal_steps_per_example(tiny_model_dir
     [change] = [d for d in second["change"] if d["metric"] == "answer_loss"]
     assert change["win"] + change["tie"] + change["loss"] == 8
     assert "change" in format_curve(result) and (tmp_path / "curve" / "curve.png").stat().st_size > 0
+
+
+def test_choose_plans_memory_and_time_on_a_named_device(tiny_model_dir, tmp_path):
+    from tunesmith.choose import _plan
+    from tunesmith.config import load_config
+
+    cfg = load_config(qa_config(tmp_path, tiny_model_dir))
+    found = _plan(cfg, str(tiny_model_dir), "a100-80gb", None, tokens=100_000)
+    assert found["fits"] and found["device_name"].lower().startswith("a100") and found["epoch_seconds"] > 0
+    big = _plan(cfg, "llama-3.1-70b", "t4", None)
+    assert not big["fits"] and big["planned_memory"] > big["device_memory"]

@@ -39,6 +39,8 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
         entry = {"model": spec, **_plan(cfg, spec, device, memory_gib)}
         if entry["fits"]:
             entry["scored"] = _score_candidate(cfg, spec, shared, budget_tokens, retrieval_k, limit, folder)
+            # The epoch's time from the training tokens as the first candidate's tokenizer counts them.
+            entry["epoch_seconds"] = _plan(cfg, spec, device, memory_gib, shared["train_tokens"])["epoch_seconds"]
         candidates.append(entry)
     result = rank(candidates, rank_by, samples, cfg.eval.seed)
     result.update({"config": config, "budget_tokens": budget_tokens, "retrieval_k": retrieval_k,
@@ -49,14 +51,15 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
     return result
 
 
-def _plan(cfg: Config, spec: str, device: str | None, memory_gib: float | None) -> dict:
-    """Will the configured run fit this candidate on the device, and how long would an epoch take?"""
+def _plan(cfg: Config, spec: str, device: str | None, memory_gib: float | None, tokens: int | None = None) -> dict:
+    """Will the configured run fit this candidate on the device, and how long would an epoch of
+    `tokens` training tokens take there (None on a memory size alone)?"""
     from .plan import plan, setup_from_config
 
-    found = plan(spec, setup_from_config(cfg), device or (None if memory_gib else "this-machine"), memory_gib)
+    found = plan(spec, setup_from_config(cfg), device or (None if memory_gib else "this-machine"), memory_gib, tokens)
     target = found.target
     return {"fits": target.fits, "planned_memory": target.estimate.total, "device_memory": target.device.memory,
-            "device_name": target.device.name}
+            "device_name": target.device.name, "epoch_seconds": target.epoch_seconds}
 
 
 def _score_candidate(cfg: Config, spec: str, shared: dict, budget_tokens: int | None, retrieval_k: int,
@@ -74,8 +77,8 @@ def _score_candidate(cfg: Config, spec: str, shared: dict, budget_tokens: int | 
         data = prepare(cfg.data, tokenizer)
         validation = data.splits.get("validation") or data.splits["train"]
         shared.update(validation=validation.conversations[:limit] if limit else validation.conversations,
-                      train=data.splits["train"].conversations, tokens_per_example=data.splits["train"].tokens
-                      / max(1, len(data.splits["train"])))
+                      train=data.splits["train"].conversations, train_tokens=data.splits["train"].tokens,
+                      tokens_per_example=data.splits["train"].tokens / max(1, len(data.splits["train"])))
     settings = Settings.of(cfg.eval)
     model = load_model(spec, compute_dtype(cfg.model.dtype, device), cfg.model.trust_remote_code, device)
     sets = prompt_sets("zero-shot", shared["validation"], shared["train"], 0, retrieval_k, cfg.eval.seed)
@@ -139,7 +142,8 @@ def rank(candidates: list[dict], metric: str, samples: int, seed: int) -> dict:
     loaded.sort(key=lambda c: rank_key(c, metric))
     table = []
     for place, c in enumerate(loaded, 1):
-        row = {"rank": place, "model": c["model"], **{k: c[k] for k in ("planned_memory", "device_memory", "fits")},
+        row = {"rank": place, "model": c["model"],
+               **{k: c[k] for k in ("planned_memory", "device_memory", "fits", "epoch_seconds")},
                "settings": {name: scored.means() for name, scored in c["scored"].items()}, "ranked_by": metric,
                "intervals": {name: mean_interval(scored.values(metric), samples=samples, seed=seed)
                              for name, scored in c["scored"].items()}}
@@ -159,7 +163,8 @@ def format_choice(result: dict) -> str:
              f", {result['examples']} validation examples; planned memory on {result['device']})"]
     for row in result["ranking"]:
         cells = "  ".join(f"{name}: {means.get(metric, float('nan')):.4f}" for name, means in row["settings"].items())
-        lines.append(f"{row['rank']}. {row['model']}  [{row['planned_memory'] / 2**30:.1f} GiB]  {cells}")
+        epoch = f", epoch {row['epoch_seconds'] / 60:.0f} min" if row.get("epoch_seconds") else ""
+        lines.append(f"{row['rank']}. {row['model']}  [{row['planned_memory'] / 2**30:.1f} GiB{epoch}]  {cells}")
         versus = row.get("versus_next")
         if versus:
             lines.append(f"     vs {versus['next']}: {versus['difference']:+.4f} [{versus['low']:+.4f}, "
