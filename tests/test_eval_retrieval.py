@@ -86,3 +86,10 @@ def test_verdict_for_a_loss_and_without_prompting_rows():
 @pytest.mark.parametrize("k", [1, 3])
 def test_retrieval_k_larger_than_pool(k):
     assert len(Retriever(POOL[:2]).nearest("diabetes", k)) == min(k, 2)
+
+
+def test_retrieval_without_questions_is_a_clear_error():
+    from tunesmith.errors import UserError
+
+    with pytest.raises(UserError, match="retrieval"):
+        Retriever([[{"role": "text", "content": "raw text only"}]])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UserError
 from .compare import with_shots
 
 
@@ -34,7 +35,7 @@ class Retriever:
 
         self.pool = [c for c in pool if len(c) > 1 and question_of(c)]
         if not self.pool:
-            raise ValueError("retrieval needs training examples with a question")
+            raise UserError("retrieval (eval.retrieval_k, --retrieval-k) needs training examples with a question")
         self.questions = [question_of(c) for c in self.pool]
         self.index = bm25s.BM25()
         # An empty token list (a question of stop words only) still needs a placeholder to index.
