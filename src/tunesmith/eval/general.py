@@ -71,8 +71,8 @@ def choice_prompt(set_name: str, item: dict) -> tuple[str, list[str]]:
 def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of the context and of the continuation as they fall in the whole text: the whole
     is encoded and the context's tokens cut off, so a token spanning the boundary stays whole
-    (the harness's method). Trailing spaces of the context move to the continuation."""
-    spaces = len(context) - len(context.rstrip(" "))
+    (the harness's method). Trailing white space of the context moves to the continuation."""
+    spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
