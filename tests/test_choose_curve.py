@@ -60,6 +60,7 @@ def test_choose_ranks_the_better_model_first_and_lists_what_does_not_fit(tiny_mo
     assert json.loads((tmp_path / "choose" / "choose.json").read_text())["ranking"][0]["model"] == str(good)
 
 
+@pytest.mark.slow  # a short fine-tune per candidate; `make test-slow` (and CI) run it
 def test_choose_with_a_fine_tuning_budget(tiny_model_dir, tmp_path):
     config = qa_config(tmp_path, tiny_model_dir)
     result = choose(config, [str(tiny_model_dir)], memory_gib=24, retrieval_k=0, budget_tokens=600,
@@ -75,6 +76,7 @@ def test_choose_with_a_fine_tuning_budget(tiny_model_dir, tmp_path):
                out=str(tmp_path / "c2"), samples=50)
 
 
+@pytest.mark.slow  # two training runs; the fractions themselves are tested above
 def test_curve_trains_nested_fractions_at_equal_steps_per_example(tiny_model_dir, tmp_path):
     config = qa_config(tmp_path, tiny_model_dir)
     result = curve(config, [0.5, 1.0], out=str(tmp_path / "curve"), seed=1, samples=200)
