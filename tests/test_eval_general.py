@@ -45,6 +45,19 @@ def test_shared_context_log_likelihoods_equal_one_forward_per_choice(tiny_model_
     assert all(v < 0 for values in found for v in values)
 
 
+def test_log_likelihoods_through_the_training_fast_paths_equal_the_plain_model(tiny_model_dir, tiny_tokenizer):
+    """In a run the probe scores the trainable model with the fast paths installed (their attention
+    takes the shared-context mask): the same log-likelihoods as the plain model."""
+    from helpers import trainable
+
+    prompts = [("Question: My PixelPad froze?\nAnswer:", ["technical", "billing", "a refund please"]),
+               ("Hi team,", ["urgent", "low priority, no rush at all"])]
+    plain = loglikelihoods(load_model(str(tiny_model_dir)), tiny_tokenizer, prompts)
+    fast = loglikelihoods(trainable(load_model(str(tiny_model_dir))), tiny_tokenizer, prompts)
+    for a, b in zip(plain, fast):
+        assert b == pytest.approx(a, abs=1e-4)
+
+
 def test_continuation_tokens_are_cut_from_the_whole_text(tiny_tokenizer):
     head, tail = continuation_ids(tiny_tokenizer, "Answer: ", "billing")  # the space moves to the continuation
     assert tiny_tokenizer.decode(head) == "Answer:" and tiny_tokenizer.decode(tail) == " billing"
