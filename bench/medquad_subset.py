@@ -18,11 +18,12 @@ HELD_OUT = "7_SeniorHealth_QA"
 MAX_ANSWER_CHARS = 700  # keeps examples within max_seq_len 256 of the default tokenizer
 
 
-def rows(name: str) -> list[dict]:
+def rows(name: str, shortest: int = 80, longest: int = MAX_ANSWER_CHARS) -> list[dict]:
+    """A collection's question / answer pairs whose answers have from `shortest` to `longest` characters."""
     with open(SOURCE / f"{name}.jsonl", encoding="utf-8") as handle:
         found = [json.loads(line) for line in handle]
     return [{"question": r["question"].strip(), "answer": r["answer"].strip()} for r in found
-            if 80 <= len(r["answer"]) <= MAX_ANSWER_CHARS]
+            if shortest <= len(r["answer"]) <= longest]
 
 
 def main(out: str, n_train: int = 160, n_validation: int = 8, n_test: int = 24, seed: int = 0) -> None:

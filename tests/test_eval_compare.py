@@ -6,7 +6,8 @@ import pytest
 
 from tunesmith.data.collate import collate
 from tunesmith.data.tokenize import encode
-from tunesmith.eval.compare import (Scored, answer_losses, compare_models, compare_scored, format_table,
+from tunesmith.eval.baselines import compare_models
+from tunesmith.eval.compare import (Scored, answer_losses, compare_scored, format_table,
                                     paired_bootstrap, pick_shots, win_tie_loss, with_shots, write_comparison)
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.training.loss import label_loss_sum
@@ -100,17 +101,22 @@ def test_compare_end_to_end_on_tiny_models(tiny_model_dir, tmp_path):
         (other / name).write_bytes((tiny_model_dir / name).read_bytes())
     rows = [{"question": f"Ticket {i}: screen is broken", "answer": f"technical {i}"} for i in range(6)]
     data = write_jsonl(tmp_path / "test.jsonl", rows)
-    train = write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "a"}, {"question": "r", "answer": "b"}])
+    train = write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "a"}, {"question": "r", "answer": "b"},
+                                                   {"question": "Ticket: my screen broke", "answer": "technical"}])
     result = compare_models(str(tiny_model_dir), str(other), str(data), kshot=1, kshot_data=str(train),
-                            max_new_tokens=6, batch_size=4, samples=200, names=("base", "other"))
-    assert list(result["models"]) == ["base", "base 1-shot", "other"]
+                            max_new_tokens=6, batch_size=4, samples=200, names=("base", "other"), retrieval_k=1)
+    rows = ["base", "base 1-shot", "base + retrieval", "other + retrieval", "other"]
+    assert list(result["models"]) == rows
     assert {"answer_loss", "rouge_l", "token_f1", "exact_match"} <= set(result["models"]["other"])
     pairs = {(d["baseline"], d["metric"]) for d in result["differences"]}
     assert ("base", "answer_loss") in pairs and ("base 1-shot", "rouge_l") in pairs
+    assert ("other + retrieval", "rouge_l") in pairs and all(d["candidate"] == "other" for d in result["differences"])
     assert all(d["win"] + d["tie"] + d["loss"] == 6 for d in result["differences"])
+    assert result["primary_metric"] == "rouge_l" and "rouge_l" in result["verdict"]
+    assert "verdict: " in format_table(result)
     write_comparison(result, tmp_path / "out")
     lines = [json.loads(line) for line in open(tmp_path / "out" / "comparison.jsonl")]
-    assert len(lines) == 6 and {"base", "base 1-shot", "other"} <= set(lines[0])
+    assert len(lines) == 6 and set(rows) <= set(lines[0])
     assert "examples" not in json.loads((tmp_path / "out" / "comparison.json").read_text())
 
 

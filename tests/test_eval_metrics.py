@@ -5,22 +5,33 @@ import pytest
 
 from tunesmith.errors import UserError
 from tunesmith.eval.metrics import (example_scores, json_example_scores, load_scorer, mean_scores, normalise,
-                                    rouge_l, token_f1)
+                                    rouge_l, squad_normalise, token_f1)
 
 
 def test_exact_and_normalised_exact_match():
-    rows = example_scores(["Paris.", "paris", "Lyon"], ["Paris.", "Paris", "Paris"])
+    rows = example_scores(["Paris.", "paris", "Lyon"], ["Paris.", "Paris", "Paris"])  # SQuAD's normalisation
     assert [r["exact_match"] for r in rows] == [1.0, 0.0, 0.0]
     assert [r["normalised_exact_match"] for r in rows] == [1.0, 1.0, 0.0]
     assert normalise("  Hello,   World!! ") == "hello world"
 
 
 def test_token_f1_by_hand():
-    # prediction words: the cat sat (3); reference: the cat sat down (4); overlap 3.
-    assert token_f1("The cat sat", "the cat sat down") == pytest.approx(2 * 1.0 * 0.75 / 1.75)
-    assert token_f1("a a b", "a b b") == pytest.approx(2 / 3)  # overlap counted with multiplicity: a, b
+    # SQuAD's normalisation drops the articles: prediction "cat sat" (2), reference "cat sat down" (3).
+    assert token_f1("The cat sat", "the cat sat down") == pytest.approx(2 * 1.0 * (2 / 3) / (1 + 2 / 3))
+    assert token_f1("x x y", "x y y") == pytest.approx(2 / 3)  # overlap counted with multiplicity: x, y
     assert token_f1("dog", "cat") == 0.0
     assert token_f1("", "") == 1.0 and token_f1("", "x") == 0.0
+    assert token_f1("The", "a") == 1.0  # nothing but articles on both sides: both empty
+
+
+def test_squad_normalisation():
+    """The official SQuAD v1.1 script's normalize_answer: lower case, punctuation (string.punctuation)
+    removed rather than split on, articles removed, white space collapsed."""
+    assert squad_normalise("  The Eiffel-Tower, in   Paris!! ") == "eiffeltower in paris"
+    assert squad_normalise("An apple a day") == "apple day"
+    assert squad_normalise("theatre anatomy") == "theatre anatomy"  # only whole words are articles
+    rows = example_scores(["the Eiffel Tower."], ["Eiffel tower"])
+    assert rows[0]["normalised_exact_match"] == 1.0 and rows[0]["exact_match"] == 0.0
 
 
 def test_rouge_l_by_hand():
@@ -30,6 +41,19 @@ def test_rouge_l_by_hand():
     assert rouge_l("cat the", "the cat") == pytest.approx(0.5)  # order matters, unlike token F1
     assert token_f1("cat the", "the cat") == 1.0
     assert rouge_l("x y", "a b") == 0.0
+
+
+def test_rouge_l_equals_rouge_score():
+    """ROUGE-L is the rouge-score package's rougeL F-measure (default tokeniser, no stemmer)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    pairs = [("Glaucoma damages the optic nerve, often with high eye pressure.",
+              "Glaucoma is a group of diseases that can damage the eye's optic nerve."),
+             ("Diabetes: high blood-sugar (glucose) levels!", "diabetes means blood glucose is too high"),
+             ("Café au lait spots", "cafe au lait spots"), ("", "something"), ("12 mg/dL", "12 mg per dL")]
+    for prediction, reference in pairs:
+        assert rouge_l(prediction, reference) == scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
 def test_json_validity_and_per_field_accuracy():

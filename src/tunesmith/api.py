@@ -14,8 +14,11 @@ from .data.collate import PADDED, PADDING_FREE, layout
 from .data.prepare import prepare, write_demo_files
 from .device import compute_dtype, describe, resolve
 from .errors import UserError
+from .eval.baselines import baseline_table, format_baselines, score_base_rows, score_tuned_rows
+from .eval.baselines import summary as row_summary
+from .eval.general import GeneralAbility
 from .eval.loss import eval_loss
-from .eval.scoring import score_generation
+from .eval.scoring import score_generation, scorer_name
 from .methods.common import count_parameters, model_bytes, save_trained
 from .models import load_tokenizer
 from .plan import TrainingMemory
@@ -105,8 +108,17 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     base: dict = {}
     if validation:
         base["eval_loss"] = evaluate(label="eval loss (base)")
-    if test and cfg.eval.generate and cfg.eval.compare_base and ranks.main:
-        base.update(score_generation(model, tokenizer, test.conversations, cfg.eval, run.predictions("base"), "base"))
+    # The baselines' rows on the test split, and the general-ability probe (read first: a wrong
+    # eval.general_data stops the run before anything slow).
+    evidence = GeneralAbility(cfg.eval) if cfg.eval.general and ranks.main else None
+    scored = None
+    if test and cfg.eval.generate and ranks.main:
+        scored = score_base_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
+                                 eval_layout)
+        if cfg.eval.compare_base:
+            base.update(row_summary(scored[0]))
+    if evidence is not None:
+        evidence.score(model, tokenizer, "base")
 
     utilisation = _utilisation(cfg, train_split, device)
     log.write(event="run", step=0, device=str(device), dtype=results["dtype"], fast_paths=applied,
@@ -132,7 +144,14 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         log.write(event="eval", step=result.steps, eval_loss=tuned["eval_loss"],
                   perplexity=math.exp(min(tuned["eval_loss"], 50)))
     if test and cfg.eval.generate:
-        tuned.update(score_generation(model, tokenizer, test.conversations, cfg.eval, run.predictions(), "fine-tuned"))
+        scored += score_tuned_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
+                                   eval_layout)
+        tuned.update(row_summary(scored[-1]))
+        if len(scored) > 1:
+            results["baselines"] = baseline_table(scored, seed=cfg.eval.seed, scorer_name=scorer_name(cfg.eval.scorer))
+    if evidence is not None:
+        evidence.score(model, tokenizer, "fine-tuned")
+        results["general"] = evidence.results()
     stopper = result.early_stopping
     results.update({
         "trainable_parameters": trainable, "total_parameters": total,
@@ -152,7 +171,18 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         say(f"report: {write_report(run.path)[0]}")
     ranks.barrier()
     say(comparison_table(base, tuned))
+    if "baselines" in results:
+        say(format_baselines(results["baselines"]))
+    if evidence is not None:
+        say(evidence.table())
+        for line in evidence.warnings():
+            say(line)
     return results
+
+
+def train_split_of(data) -> list[list[dict]]:
+    """The training conversations: the pool of k-shot and retrieved examples."""
+    return data.splits["train"].conversations
 
 
 def _unsharded(state: dict, cfg: Config, method, device):
@@ -219,13 +249,38 @@ def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size:
     return results
 
 
+def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[str] | None = None,
+                     limit: int | None = None, margin: float = 2.0, seed: int = 0, device: str = "auto") -> dict:
+    """The general-ability probe on a model; for a fine-tuned run or adapter, on its base too (the
+    adapter switched off), with each difference and its paired 95% interval."""
+    from .config import EvalConfig
+    from .eval.general import GeneralAbility, means
+    from .runs import load_trained
+
+    model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
+    probe = GeneralAbility(EvalConfig(general=True, general_data=folder, general_sets=sets, general_limit=limit,
+                                      general_margin=margin, seed=seed))
+    if not hasattr(model, "disable_adapter"):  # a plain model: its own scores only
+        probe.score(model, tokenizer, "model")
+        return {"items": {n: len(i) for n, i in probe.probe.items()}, "model": means(probe.scores["model"])}
+    with model.disable_adapter():
+        probe.score(model, tokenizer, "base")
+    probe.score(model, tokenizer, "fine-tuned")
+    say(probe.table())
+    for line in probe.warnings():
+        say(line)
+    return probe.results()
+
+
 def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None, max_new_tokens: int = 96,
             batch_size: int = 16, limit: int | None = None, scorer: str | None = None, temperature: float = 0.0,
-            seed: int = 0, out: str | None = None) -> dict:
-    """A against B (e.g. base model vs fine-tuned run) with bootstrap intervals; optionally A k-shot too.
+            seed: int = 0, out: str | None = None, retrieval_k: int = 0) -> dict:
+    """A against B (e.g. base model vs fine-tuned run) with bootstrap intervals; optionally A k-shot,
+    A and B with k retrieved training examples too.
 
     Written to `out` (default: B's run folder, whose report then shows the comparison)."""
-    from .eval.compare import compare_models, format_table, write_comparison
+    from .eval.baselines import compare_models
+    from .eval.compare import format_table, write_comparison
     from .eval.metrics import load_scorer
     from .eval.scoring import scorer_name
 
@@ -233,7 +288,7 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
         raise UserError(f"{data}: data file not found")
     result = compare_models(a, b, data, kshot, kshot_data, max_new_tokens, batch_size, limit, temperature, seed,
                             load_scorer(scorer) if scorer else None, scorer_name(scorer),
-                            names=_names(a, b))
+                            names=_names(a, b), retrieval_k=retrieval_k)
     folder = Path(out) if out else (Path(b) if RunFolder(b).is_run() else None)
     if folder is not None:
         say(f"comparison: {write_comparison(result, folder)}")

@@ -35,15 +35,50 @@ def cmd_demo(args) -> int:
     print(f"  every field right: base {base.get('all_fields', 0):.1%} -> fine-tuned {tuned.get('all_fields', 0):.1%}")
     print(f"  valid JSON:        base {base.get('json_valid', 0):.1%} -> fine-tuned {tuned.get('json_valid', 0):.1%}")
     print(f"  eval loss:         base {base.get('eval_loss', float('nan')):.3f} -> fine-tuned {tuned.get('eval_loss', float('nan')):.3f}")
+    for line in evidence_lines(results):
+        print(line)
     print(f"  run folder: {results['run_dir']} (adapter, metrics.jsonl, predictions, results.json)")
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .api import evaluate
+def evidence_lines(results: dict) -> list[str]:
+    """The demo's baselines side by side (every field right, with the fine-tuned model's lead and its
+    95% interval) and its general-ability line."""
+    lines = []
+    table = results.get("baselines")
+    if table:
+        metric = table["primary_metric"]
+        lead = {d["baseline"]: d for d in table["differences"] if d["metric"] == metric}
+        lines.append(f"  {metric} on the same tickets, and the fine-tuned model's lead [95% interval]:")
+        for name, means in table["models"].items():
+            d = lead.get(name)
+            versus = f"   {100 * d['difference']:+6.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] points" if d else ""
+            lines.append(f"    {name:<24}{means[metric]:>7.1%}{versus}")
+        lines.append(f"  verdict: {table['verdict']}")
+    general = results.get("general")
+    if general:
+        row = next(d for d in reversed(general["differences"]) if d["main"])
+        lines.append(f"  general ability ({row['items']} probe items, {', '.join(general['items'])}): base {row['base']:.1f} "
+                     f"-> fine-tuned {row['fine_tuned']:.1f} points, {row['difference']:+.1f} "
+                     f"[{row['low']:+.1f}, {row['high']:+.1f}]")
+        lines += [f"  {w}" for w in general.get("warnings", [])]
+    return lines
 
-    results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit, args.scorer,
-                       args.temperature, args.seed, args.device)
+
+def cmd_eval(args) -> int:
+    from .api import evaluate, evaluate_general
+    from .errors import UserError
+
+    if not args.data and not args.general:
+        raise UserError("eval: give --data FILE, --general, or both")
+    results = {}
+    if args.data:
+        results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit, args.scorer,
+                           args.temperature, args.seed, args.device)
+    if args.general:
+        sets = args.general_sets.split(",") if args.general_sets else None
+        results["general"] = evaluate_general(args.model, args.general_data, sets, args.general_limit,
+                                              args.general_margin, args.seed, args.device)
     print(json.dumps(results, indent=2))
     return 0
 
@@ -52,7 +87,7 @@ def cmd_compare(args) -> int:
     from .api import compare
 
     compare(args.a, args.b, args.data, args.kshot, args.kshot_data, args.max_new_tokens, args.batch_size, args.limit,
-            args.scorer, args.temperature, args.seed, args.out)
+            args.scorer, args.temperature, args.seed, args.out, args.retrieval_k)
     return 0
 
 
@@ -120,6 +155,23 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_choose(args) -> int:
+    from .choose import choose, format_choice
+
+    result = choose(args.config, [m.strip() for m in args.models.split(",") if m.strip()], args.overrides,
+                    args.budget_tokens, args.device, args.memory, args.limit, args.retrieval_k, args.rank_by, args.out)
+    print(format_choice(result))
+    return 0
+
+
+def cmd_curve(args) -> int:
+    from .curve import curve, format_curve
+
+    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    print(format_curve(curve(args.config, fractions, args.overrides, args.out, args.seed)))
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export
 
@@ -154,13 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("eval", help="eval loss and generation scores of a model or run on a data file")
+    p = sub.add_parser("eval", help="eval loss and generation scores of a model or run on a data file; general ability")
     p.add_argument("model", help="run folder, adapter folder, model folder, .gguf, hub id or 'default'")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", default=None, help="data file: eval loss and generation scores")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda or cuda:N")
+    p.add_argument("--general", action="store_true",
+                   help="general-ability probes (MMLU, ARC, HellaSwag, TruthfulQA, GSM8K); a run or adapter is "
+                        "scored against its base, each difference with its 95%% interval")
+    p.add_argument("--general-data", default=None, help="folder of probe files (default: the shipped probe)")
+    p.add_argument("--general-sets", default=None, help="comma-separated probe sets (default: all)")
+    p.add_argument("--general-limit", type=int, default=None, help="first N items of each probe set")
+    p.add_argument("--general-margin", type=float, default=2.0, help="warn when a set drops by more points than this")
     _add_scoring_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -169,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="candidate: run folder, adapter folder or model")
     p.add_argument("--data", required=True)
     p.add_argument("--kshot", type=int, default=0, help="also score A with K training examples in its prompt")
-    p.add_argument("--kshot-data", default=None, help="where the k-shot examples come from (default: the run's training data)")
+    p.add_argument("--retrieval-k", type=int, default=0,
+                   help="also score A and B with the K training examples most similar to each question (BM25)")
+    p.add_argument("--kshot-data", default=None,
+                   help="where the k-shot and retrieved examples come from (default: the run's training data)")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None)
@@ -235,6 +297,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utilisation", type=float, default=None, help="share of the device's peak reached")
     p.add_argument("--no-this-machine", action="store_true", help="skip this machine (no matmul benchmark)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("choose", help="which base model: plan, loss and metrics zero-shot / with retrieval / after a "
+                                      "short fine-tune, ranked with intervals")
+    p.add_argument("config", help="a run config: its data (validation examples are scored) and settings")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--models", required=True, help="comma-separated candidates: local folders, .gguf files, hub ids, default")
+    p.add_argument("--budget-tokens", type=int, default=None,
+                   help="also fine-tune each candidate for about this many training tokens and score it again")
+    p.add_argument("--device", default=None, help="plan against this device (t4, a100-80gb, h100, this-machine, ...)")
+    p.add_argument("--memory", type=float, default=None, help="plan against this much memory (GiB)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N validation examples")
+    p.add_argument("--retrieval-k", type=int, default=3, help="retrieved training examples in the prompt (0 = none)")
+    p.add_argument("--rank-by", default="answer_loss_per_char",
+                   help="metric to rank by (default: answer loss per character, comparable across tokenizers)")
+    p.add_argument("--out", default="runs/choose", help="folder for choose.json, choose.png and the short fine-tunes")
+    p.set_defaults(func=cmd_choose)
+
+    p = sub.add_parser("curve", help="does more data still help? train on nested fractions of the data, plot the "
+                                     "held-out metric with intervals")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--fractions", default="0.25,0.5,1", help="comma-separated shares of the training data")
+    p.add_argument("--seed", type=int, default=0, help="seed of the nested fractions")
+    p.add_argument("--out", default="runs/curve", help="folder for the runs, curve.json and curve.png")
+    p.set_defaults(func=cmd_curve)
 
     p = sub.add_parser("export", help="export a run (hf, peft, gguf, ollama), each verified before it is called done")
     p.add_argument("run")

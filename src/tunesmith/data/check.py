@@ -56,6 +56,7 @@ def build_report(prepared: Prepared, cfg: DataConfig, path: str, model: str) -> 
         "tokens": tokens, "label_tokens": labelled, "label_share": labelled / tokens if tokens else 0.0,
         "length_hint": length_hint(prepared, cfg),
         "cached": prepared.cached, "cache_key": prepared.cache_key,
+        "near_duplicates": near_duplicates(prepared, cfg),
     }
 
 
@@ -76,6 +77,16 @@ def length_hint(prepared: Prepared, cfg: DataConfig) -> dict | None:
             "max_seq_len": cfg.max_seq_len, "overlong": cfg.overlong, "suggested_max_seq_len": suggested,
             "suggested_keeps": round(sum(n <= suggested for n in lengths) / len(lengths), 4),
             "truncate_keeps": sum(0 <= first < cfg.max_seq_len for _, first in prepared.too_long)}
+
+
+def near_duplicates(prepared: Prepared, cfg: DataConfig) -> dict:
+    """Near-duplicates left in the prepared data (MinHash/LSH, data.near_dup_threshold): within
+    train, and of validation / test examples in train (leakage)."""
+    from .near_dup import report
+
+    train = prepared.splits["train"]
+    others = {name: (s.conversations, s.origins) for name, s in prepared.splits.items() if name != "train"}
+    return report(train.conversations, train.origins, others, cfg.near_dup_threshold)
 
 
 def _percentile(sorted_values: list[int], p: float) -> int:
@@ -138,5 +149,13 @@ def format_report(report: dict) -> str:
     for name, info in report["overlap_with_train"].items():
         lines.append(f"{name} examples also in train: {info['count']}"
                      + (f" (first: {', '.join(info['first'])})" if info["first"] else ""))
+    near = report.get("near_duplicates")
+    if near:
+        lines.append(f"near-duplicates (estimated Jaccard of word 3-grams >= {near['threshold']:g}; "
+                     "data.dedup=near removes them from train):")
+        for key, info in near.items():
+            if key != "threshold":
+                label = "within train" if key == "within_train" else f"{key.removesuffix('_in_train')} examples close to train"
+                lines.append(f"  {label}: {info['count']}" + (f" (first: {', '.join(info['first'])})" if info["first"] else ""))
     lines.append(f"histogram: {report['histogram']}" + ("   (from cache)" if report["cached"] else ""))
     return "\n".join(lines)

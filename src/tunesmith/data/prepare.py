@@ -155,6 +155,14 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
             if target == "train":
                 weights += [cfg.mix.get(spec, 1.0) if name != "train" else 1.0] * len(conversations)
         read = len(raw["train"][0]) + len(problems)  # every training record read, usable or not
+        if cfg.dedup == "near":
+            from .near_dup import remove
+
+            keep, near = remove(raw["train"], {n: raw[n] for n in ("validation", "test") if n in raw},
+                                cfg.near_dup_threshold)
+            problems += near
+            raw["train"] = ([raw["train"][0][i] for i in keep], [raw["train"][1][i] for i in keep])
+            weights = [weights[i] for i in keep]
         if not raw["train"][0]:
             first = f" First problem: {problems[0]}" if problems else ""
             raise UserError(f"{cfg.train}: no usable training examples ({len(problems)} problems).{first}")

@@ -1,7 +1,8 @@
 """Model A against model B on the same examples: answer loss and generation metrics, each with the
 difference B - A and its paired bootstrap 95% interval, wins / ties / losses per example, and the
-answers side by side. A k-shot prompting baseline (A with k training examples in its prompt) shows
-whether fine-tuning beat simply prompting well.
+answers side by side. Prompting baselines (A with k random training examples in its prompt, A and
+B with the k most similar ones retrieved, see baselines.py) show whether fine-tuning beat simply
+prompting well.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.collate import collate
+from ..data.collate import PADDED, micro_batch
 from ..data.prepare import load_conversations
 from ..data.tokenize import IGNORE, encode, prompt_ids
 from ..data.tools import split_tools
@@ -26,7 +27,8 @@ from .generate import generate_answers
 from .metrics import Scorer, example_scores, mean_scores
 
 LOSS = "answer_loss"
-LOWER_IS_BETTER = {LOSS}
+PER_CHAR = "answer_loss_per_char"  # nats per character of the reference (choose.py: comparable across tokenizers)
+LOWER_IS_BETTER = {LOSS, PER_CHAR}
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Scored:
     answers: list[str]
     rows: list[dict[str, float]]  # per example: generation metrics and answer_loss
     tokens: list[int] = field(default_factory=list)  # answer tokens per example (weights of answer_loss)
+    generated_tokens_per_second: float | None = None
+    references: list[str] = field(default_factory=list)
 
     def means(self) -> dict[str, float]:
         scores = mean_scores([{k: v for k, v in r.items() if k != LOSS} for r in self.rows])
@@ -72,6 +76,13 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, weights_a: np.ndarray | None 
     return {"difference": diff, "low": float(low), "high": float(high)}
 
 
+def mean_interval(values: np.ndarray, weights: np.ndarray | None = None, samples: int = 2000, seed: int = 0
+                  ) -> dict[str, float]:
+    """A (weighted) mean with its percentile bootstrap interval: the paired bootstrap against zeros."""
+    found = paired_bootstrap(np.zeros(len(values)), np.asarray(values, float), weights, weights, samples, seed)
+    return {"mean": found["difference"], "low": found["low"], "high": found["high"]}
+
+
 def win_tie_loss(a: np.ndarray, b: np.ndarray, lower_is_better: bool, tolerance: float = 1e-9) -> dict[str, int]:
     """Per example: does B beat A, tie with it, or lose to it."""
     gain = (a - b) if lower_is_better else (b - a)
@@ -103,41 +114,71 @@ def with_shots(conversation: list[dict], shots: list[list[dict]]) -> list[dict]:
 
 
 @torch.no_grad()
-def answer_losses(model, tokenizer, conversations: list[list[dict]]) -> tuple[list[float], list[int]]:
+def answer_losses(model, tokenizer, conversations: list[list[dict]], layout: str = PADDED
+                  ) -> tuple[list[float], list[int]]:
     """Per example: mean loss per token of the last answer (earlier turns, such as k-shot examples,
-    carry no label), and its token count."""
+    carry no label), and its token count. `layout` is the batch layout the model's attention takes
+    (padding-free where training's fast paths are installed)."""
+    was_training = model.training
     model.eval()
     losses, counts = [], []
     for messages in conversations:
         encoded = encode(tokenizer, messages)
         prompt_length = len(prompt_ids(tokenizer, messages))
         encoded.labels[:prompt_length] = [IGNORE] * min(prompt_length, len(encoded.labels))
-        batch = to_device(collate([encoded], tokenizer.pad_token_id), next(model.parameters()).device)
+        batch = to_device(micro_batch([encoded], layout, tokenizer.pad_token_id), next(model.parameters()).device)
         total, count = label_loss_sum(model, batch)
         losses.append(float(total) / max(1, count))
         counts.append(count)
+    model.train(was_training)
     return losses, counts
 
 
-def score_model(name: str, spec: str, conversations: list[list[dict]], shots: list[list[dict]] | None,
-                max_new_tokens: int, batch_size: int, temperature: float, seed: int,
-                scorer: Scorer | None, scorer_name: str) -> Scored:
-    """Load a model or run, and score its answers and answer loss; the model is freed afterwards."""
+@dataclass
+class Settings:
+    """How answers are generated and scored (the same for every model of a comparison)."""
+
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    temperature: float = 0.0
+    seed: int = 0
+    scorer: Scorer | None = None
+    scorer_name: str = "custom"
+
+    @classmethod
+    def of(cls, eval_cfg) -> "Settings":
+        """From a run's eval section."""
+        from .metrics import load_scorer
+        from .scoring import scorer_name
+
+        return cls(eval_cfg.max_new_tokens, eval_cfg.batch_size, eval_cfg.temperature, eval_cfg.seed,
+                   load_scorer(eval_cfg.scorer) if eval_cfg.scorer else None, scorer_name(eval_cfg.scorer))
+
+
+def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settings: Settings,
+                  layout: str = PADDED) -> Scored:
+    """A loaded model's answers to the prompts (each ending in its reference answer), their scores
+    and the reference answers' loss, per example."""
+    references = [c[-1]["content"] for c in prompts]
+    losses, counts = answer_losses(model, tokenizer, prompts, layout)
+    answers, speed = generate_answers(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                                      label=f"generate ({name})", temperature=settings.temperature, seed=settings.seed)
+    rows = example_scores(answers, references, settings.scorer, settings.scorer_name,
+                          [c[-1].get("tool_calls") for c in prompts], [split_tools(c)[0] for c in prompts])
+    for row, loss in zip(rows, losses):
+        row[LOSS] = loss
+    return Scored(name, answers, rows, counts, speed.get("tokens_per_second"), references)
+
+
+def score_model(spec: str, prompt_sets: dict[str, list[list[dict]]], settings: Settings) -> list[Scored]:
+    """Load a model or run once, score it on each named prompt set; the model is freed afterwards."""
     from ..runs import load_trained
 
     model, tokenizer, _ = load_trained(spec)
-    prompts = [with_shots(c, shots) for c in conversations] if shots else conversations
-    references = [c[-1]["content"] for c in conversations]
-    losses, counts = answer_losses(model, tokenizer, prompts)
-    answers, _ = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, label=f"generate ({name})",
-                                  temperature=temperature, seed=seed)
-    rows = example_scores(answers, references, scorer, scorer_name, [c[-1].get("tool_calls") for c in conversations],
-                          [split_tools(c)[0] for c in conversations])
-    for row, loss in zip(rows, losses):
-        row[LOSS] = loss
+    scored = [score_prompts(model, tokenizer, name, prompts, settings) for name, prompts in prompt_sets.items()]
     del model
     gc.collect()
-    return Scored(name, answers, rows, counts)
+    return scored
 
 
 def training_data_of(spec: str) -> str | None:
@@ -149,13 +190,15 @@ def training_data_of(spec: str) -> str | None:
     return str(run.data / "train.jsonl") if train == "demo" else train
 
 
-def pick_shots(path: str, k: int, seed: int, exclude: list[list[dict]]) -> list[list[dict]]:
-    """k seeded examples from the training data, none of whose prompts is in the evaluation set."""
-    conversations, _ = load_conversations(path, None)
+def pick_shots(source: str | list[list[dict]], k: int, seed: int, exclude: list[list[dict]]) -> list[list[dict]]:
+    """k seeded examples from the training data (a file, or conversations), none of whose prompts
+    is in the evaluation set."""
+    conversations = load_conversations(source, None)[0] if isinstance(source, str) else source
     asked = {c[-2]["content"] for c in exclude if len(c) > 1}
     pool = [c for c in conversations if len(c) > 1 and c[-2]["content"] not in asked]
     if len(pool) < k:
-        raise UserError(f"{path}: {len(pool)} usable training examples, fewer than --kshot {k}")
+        where = source if isinstance(source, str) else "the training data"
+        raise UserError(f"{where}: {len(pool)} usable training examples, fewer than the {k} shots asked for")
     return random.Random(seed).sample(pool, k)
 
 
@@ -171,38 +214,9 @@ def format_table(result: dict) -> str:
     for row in result["differences"]:
         lines.append(f"{row['candidate']} - {row['baseline']}  {row['metric']:<22} {row['difference']:+.4f} "
                      f"[{row['low']:+.4f}, {row['high']:+.4f}]  win/tie/loss {row['win']}/{row['tie']}/{row['loss']}")
+    if result.get("verdict"):
+        lines.append(f"verdict: {result['verdict']}")
     return "\n".join(lines)
-
-
-def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None,
-                   max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
-                   temperature: float = 0.0, seed: int = 0, scorer: Scorer | None = None,
-                   scorer_name: str = "custom", samples: int = 2000, names: tuple[str, str] | None = None) -> dict:
-    """Score A, B (and A k-shot) on the data file; returns the table data and the per-example outputs."""
-    conversations, problems = load_conversations(data, None)
-    if not conversations:
-        first = f" First problem: {problems[0]}" if problems else ""
-        raise UserError(f"{data}: no usable examples to compare on.{first}")
-    conversations = conversations[:limit] if limit else conversations
-    name_a, name_b = names or ("A", "B")
-    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed,
-                    scorer=scorer, scorer_name=scorer_name)
-    scored = [score_model(name_a, a, conversations, None, **settings)]
-    if kshot:
-        source = kshot_data or training_data_of(b) or training_data_of(a)
-        if not source:
-            raise UserError("--kshot needs training examples: give --kshot-data FILE, or a run folder as A or B")
-        shots = pick_shots(source, kshot, seed, conversations)
-        scored.append(score_model(f"{name_a} {kshot}-shot", a, conversations, shots, **settings))
-    scored.append(score_model(name_b, b, conversations, None, **settings))
-    candidate = scored[-1]
-    differences = [row for baseline in scored[:-1] for row in compare_scored(baseline, candidate, samples, seed)]
-    examples = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"],
-                 **{s.name: {"answer": s.answers[i], "scores": s.rows[i]} for s in scored}}
-                for i, c in enumerate(conversations)]
-    return {"a": a, "b": b, "data": data, "examples_scored": len(conversations), "kshot": kshot,
-            "models": {s.name: s.means() for s in scored}, "differences": differences, "examples": examples,
-            "settings": {k: v for k, v in settings.items() if k != "scorer"} | {"bootstrap_samples": samples}}
 
 
 def write_comparison(result: dict, folder: Path) -> Path:

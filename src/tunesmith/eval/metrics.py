@@ -5,10 +5,12 @@ count wins, ties and losses.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
 import re
+import string
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -63,9 +65,23 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / max(1, len(references))
 
 
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def squad_normalise(text: str) -> str:
+    """The normalisation of the official SQuAD evaluation script (v1.1), which token F1 and
+    normalised exact match are defined with: lower case, punctuation removed, the articles a / an /
+    the removed, white space collapsed."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
 def token_f1(prediction: str, reference: str) -> float:
-    """F1 of the overlap of normalised words, counted with multiplicity (the SQuAD measure)."""
-    got, want = normalise(prediction).split(), normalise(reference).split()
+    """SQuAD's token F1: the overlap of the normalised words, counted with multiplicity."""
+    got, want = squad_normalise(prediction).split(), squad_normalise(reference).split()
     if not got or not want:
         return float(got == want)
     common = sum((Counter(got) & Counter(want)).values())
@@ -75,27 +91,24 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+@functools.lru_cache(maxsize=1)
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1: the longest common subsequence of normalised words, as precision and recall."""
-    got, want = normalise(prediction).split(), normalise(reference).split()
-    if not got or not want:
-        return float(got == want)
-    previous = [0] * (len(want) + 1)
-    for word in got:
-        row = [0]
-        for j, other in enumerate(want):
-            row.append(previous[j] + 1 if word == other else max(previous[j + 1], row[j]))
-        previous = row
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(got), lcs / len(want)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 as the `rouge-score` package computes it (Google's reimplementation of
+    ROUGE-1.5.5, the one most papers and `evaluate` report): its default tokeniser (lower case,
+    every run of characters other than a-z and 0-9 splits words), no stemming, the longest common
+    subsequence over the whole text (rougeL, not rougeLsum)."""
+    return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
 
 
 def text_example_scores(prediction: str, reference: str) -> dict[str, float]:
     return {"exact_match": float(prediction.strip() == reference.strip()),
-            "normalised_exact_match": float(normalise(prediction) == normalise(reference)),
+            "normalised_exact_match": float(squad_normalise(prediction) == squad_normalise(reference)),
             "token_f1": token_f1(prediction, reference),
             "rouge_l": rouge_l(prediction, reference)}
 

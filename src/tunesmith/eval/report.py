@@ -93,8 +93,13 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def comparison_html(report: dict) -> str:
-    comparison, results = report["comparison"], report["results"]
+    """`tunesmith compare`'s table where there is one, else the run's own baselines table (base,
+    k-shot, retrieval, fine-tuned), else base against fine-tuned; then the general-ability probe."""
+    results = report["results"]
+    comparison = report["comparison"] if report["comparison"].get("models") else results.get("baselines") or {}
     parts = []
+    if comparison.get("verdict"):
+        parts.append(f"<p><b>Verdict:</b> {html.escape(comparison['verdict'])}</p>")
     if comparison.get("models"):
         names = list(comparison["models"])
         metrics = list(dict.fromkeys(m for s in comparison["models"].values() for m in s))
@@ -104,12 +109,27 @@ def comparison_html(report: dict) -> str:
                             [[f"{d['candidate']} - {d['baseline']}", d["metric"], d["difference"],
                               f"[{d['low']:+.4f}, {d['high']:+.4f}]", f"{d['win']} / {d['tie']} / {d['loss']}"]
                              for d in comparison.get("differences", [])]))
-        parts.append(f"<p>{comparison.get('examples_scored', 0)} examples from {html.escape(str(comparison.get('data')))}; "
-                     "intervals from a paired bootstrap over examples.</p>")
+        where = (f"{comparison['examples_scored']} examples from {html.escape(str(comparison.get('data')))}"
+                 if "examples_scored" in comparison else "the test split")
+        parts.append(f"<p>Scored on {where}; intervals from a paired bootstrap over examples.</p>")
     elif results.get("fine_tuned"):
         base, tuned = results.get("base", {}), results["fine_tuned"]
         parts.append(_table(["metric", "base", "fine-tuned"], [[k, base.get(k, "-"), v] for k, v in tuned.items()]))
+    parts.append(general_html(results.get("general")))
     return "".join(parts) or "<p>No comparison in this run folder (run <code>tunesmith compare</code>).</p>"
+
+
+def general_html(general: dict | None) -> str:
+    """The general-ability probe, base against fine-tuned, in points of 100."""
+    if not general:
+        return ""
+    rows = [[f"{d['set']} {d['metric']}", d["items"], f"{d['base']:.1f}", f"{d['fine_tuned']:.1f}",
+             f"{d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]", f"{d['win']} / {d['tie']} / {d['loss']}"]
+            for d in general.get("differences", []) if d.get("main")]
+    warnings = "".join(f"<p><b>{html.escape(w)}</b></p>" for w in general.get("warnings", []))
+    return ("<h3>General ability kept?</h3>" + _table(["probe", "items", "base", "fine-tuned",
+                                                       "difference [95% interval]", "win / tie / loss"], rows)
+            + warnings)
 
 
 def examples_html(report: dict) -> str:

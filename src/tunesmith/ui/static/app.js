@@ -160,6 +160,36 @@ function comparisonRows(base, tuned) {
   });
 }
 
+// The baselines (base, k-shot, retrieval, fine-tuned) against the fine-tuned model with 95% intervals
+// and the verdict; the general-ability probe before and after.
+function evidenceTables(results) {
+  const out = [];
+  const fixed = (v, places) => (typeof v === "number" ? v.toFixed(places) : "–");
+  const signed = (v, places) => `${v >= 0 ? "+" : ""}${fixed(v, places)}`;
+  const interval = (d, places) => `${signed(d.difference, places)} [${signed(d.low, places)}, ${signed(d.high, places)}]`;
+  const b = results.baselines;
+  if (b && b.models) {
+    const names = Object.keys(b.models), candidate = names[names.length - 1], metric = b.primary_metric;
+    const diff = Object.fromEntries(b.differences.filter((d) => d.metric === metric).map((d) => [d.baseline, d]));
+    out.push(el("h3", { text: "Fine-tuning against prompting and retrieval" }),
+      el("p", { id: "verdict", text: `Verdict: ${b.verdict || "–"}` }),
+      table(["row", metric, `${candidate} − row [95% interval]`, "win / tie / loss"], names.map((n) => el("tr", { "data-row": n },
+        el("th", { text: n }), el("td", { class: "num", text: fmt(b.models[n][metric]) }),
+        el("td", { class: "num", text: diff[n] ? interval(diff[n], 3) : "" }),
+        el("td", { class: "num", text: diff[n] ? `${diff[n].win} / ${diff[n].tie} / ${diff[n].loss}` : "" }))), { id: "baselines" }));
+  }
+  const g = results.general;
+  if (g && g.differences) {
+    out.push(el("h3", { text: "General ability kept? (points of 100)" }),
+      table(["probe", "items", "base", "fine-tuned", "difference [95% interval]"], g.differences.filter((d) => d.main).map((d) =>
+        el("tr", { "data-probe": d.set }, el("th", { text: `${d.set} ${d.metric}` }), el("td", { class: "num", text: fmt(d.items) }),
+          el("td", { class: "num", text: fixed(d.base, 1) }), el("td", { class: "num", text: fixed(d.fine_tuned, 1) }),
+          el("td", { class: `num ${d.lost ? "worse" : ""}`, text: interval(d, 1) }))), { id: "general" }),
+      ...(g.warnings || []).map((w) => el("p", { class: "error", text: w })));
+  }
+  return out;
+}
+
 // ---- pages ----
 function listPage() {
   const selected = new Set();
@@ -231,9 +261,10 @@ function renderRunSections(name, detail) {
     id: `report-${file.replace(".", "-")}`, text: file }));
   document.getElementById("reports").replaceChildren(reports.length ? el("p", {}, "Open: ", ...reports.flatMap((a) => [a, " "]))
     : el("p", { class: "muted", text: results ? "Results below (no report file in this run)." : "The report appears when the run finishes." }));
-  document.getElementById("results").replaceChildren(results
-    ? table(["metric", "base", "fine-tuned", "change"], comparisonRows(results.base, results.fine_tuned), { id: "comparison" })
-    : el("p", { class: "muted", text: "Not finished yet." }));
+  document.getElementById("results").replaceChildren(...(results
+    ? [table(["metric", "base", "fine-tuned", "change"], comparisonRows(results.base, results.fine_tuned), { id: "comparison" }),
+      ...evidenceTables(results)]
+    : [el("p", { class: "muted", text: "Not finished yet." })]));
   document.getElementById("examples").replaceChildren(detail.predictions.length
     ? table(["prompt", "reference", "base", "fine-tuned"], detail.predictions.map((p) => el("tr", {},
         ["prompt", "reference", "base", "fine_tuned"].map((k) => el("td", { class: "text", text: p[k] ?? "–" })))), { id: "examples-table" })

@@ -1,0 +1,170 @@
+"""`tunesmith curve`: does more data still help?
+
+The configured run is trained on nested, seeded fractions of the training data (one shuffled
+order; each fraction takes its first share, so the 25% set lies inside the 50% set) at equal
+steps per example: the same epochs, or `train.max_steps` scaled by the fraction. Every run is
+scored on the same held-out examples (the test split where there is one, else validation, held
+out once before any fraction is taken), and the curve shows the held-out metric with its 95%
+interval per fraction, and each step's change with a paired interval. A change whose interval
+excludes zero says the added data still helped.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+from .config import load_config
+from .errors import UserError
+from .eval.compare import LOSS, LOWER_IS_BETTER, Scored, Settings, compare_scored, mean_interval
+
+
+def nested_fractions(n: int, fractions: list[float], seed: int) -> list[list[int]]:
+    """Indices of each fraction's examples (ascending fractions): prefixes of one seeded order."""
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise UserError(f"curve: fractions must lie in (0, 1], got {fractions}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [sorted(order[:max(1, round(f * n))]) for f in sorted(fractions)]
+
+
+def _splits(cfg) -> tuple[list, list, list | None]:
+    """(train, validation, test) conversations; validation held out of train (seeded) where no file is given."""
+    from .data.prepare import load_conversations
+
+    if cfg.data.train == "demo":
+        from .data.demo import make_splits
+
+        made = make_splits(cfg.data.demo_size, cfg.data.seed)
+        return tuple([r["messages"] for r in made[name]] for name in ("train", "validation", "test"))
+
+    def read(source):
+        return load_conversations(source, cfg.data.system_prompt, cfg.data.format, cfg.data.columns,
+                                  cfg.data.hub_split)[0] if source else None
+
+    train, validation, test = read(cfg.data.train), read(cfg.data.validation), read(cfg.data.test)
+    if any(c and c[0]["role"] == "text" for c in train):
+        raise UserError("curve: needs question/answer or chat examples (raw text has no held-out answers to score)")
+    if validation is None:
+        order = list(range(len(train)))
+        random.Random(cfg.data.seed).shuffle(order)
+        cut = max(1, int(len(order) * cfg.data.validation_share))
+        validation, train = [train[i] for i in sorted(order[:cut])], [train[i] for i in sorted(order[cut:])]
+    return train, validation, test
+
+
+def _write(path: Path, conversations: list) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"messages": c}) + "\n" for c in conversations)
+    return str(path)
+
+
+def curve(config: str, fractions: list[float], overrides: list[str] | None = None, out: str = "runs/curve",
+          seed: int = 0, samples: int = 2000) -> dict:
+    """Train on each fraction, score each on the held-out examples; writes curve.json and curve.png."""
+    from .api import train as train_run
+
+    cfg = load_config(config, overrides)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    train, validation, test = _splits(cfg)
+    held_out = test or validation
+    subsets = nested_fractions(len(train), fractions, seed)
+    files = {"validation": _write(folder / "validation.jsonl", validation)}
+    if test:
+        files["test"] = _write(folder / "test.jsonl", test)
+    points, previous = [], None
+    for fraction, subset in zip(sorted(fractions), subsets):
+        run = folder / f"fraction-{fraction:g}"
+        raw = cfg.model_dump(mode="json")
+        raw["data"].update(train=_write(folder / f"train-{fraction:g}.jsonl", [train[i] for i in subset]), mix={},
+                           validation=files["validation"], test=files.get("test"))
+        if cfg.train.max_steps:  # equal steps per example: steps scale with the data
+            raw["train"]["max_steps"] = max(1, round(cfg.train.max_steps * len(subset) / len(train)))
+        raw["train"]["resume"] = False
+        raw["eval"].update(kshot=0, retrieval_k=0, general=False, report=False, generate=False)
+        raw["output"].update(dir=str(run), overwrite=True)
+        results = train_run(raw)
+        scored = _score(run, held_out, cfg, generate=bool(test) and cfg.eval.generate)
+        point = {"fraction": fraction, "examples": len(subset), "steps": results["steps"], "run": str(run),
+                 "means": scored.means(), "intervals": {m: _interval(scored, m, samples, seed) for m in scored.means()}}
+        if previous is not None:
+            point["change"] = compare_scored(previous, scored, samples, seed)
+        points.append(point)
+        previous = scored
+    metric = _metric(points[-1]["means"])
+    result = {"config": config, "seed": seed, "held_out": "test" if test else "validation",
+              "held_out_examples": len(held_out), "metric": metric, "points": points}
+    (folder / "curve.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    result["plot"] = str(plot(result, folder / "curve.png"))
+    return result
+
+
+def _score(run: Path, conversations: list, cfg, generate: bool) -> Scored:
+    """Held-out answer loss per example (and generation metrics where the test split is scored)."""
+    from .eval.compare import answer_losses, score_prompts
+    from .runs import load_trained
+
+    model, tokenizer, _ = load_trained(str(run))
+    try:
+        if generate:
+            return score_prompts(model, tokenizer, run.name, conversations, Settings.of(cfg.eval))
+        losses, counts = answer_losses(model, tokenizer, conversations)
+        return Scored(run.name, [""] * len(losses), [{LOSS: v} for v in losses], counts)
+    finally:
+        del model
+        gc.collect()
+
+
+def _interval(scored: Scored, metric: str, samples: int, seed: int) -> dict:
+    """The mean (per token for the answer loss, as eval loss is) with its bootstrap interval."""
+    weights = np.array(scored.tokens, float) if metric == LOSS else None
+    return mean_interval(scored.values(metric), weights, samples, seed)
+
+
+def _metric(means: dict) -> str:
+    from .eval.baselines import primary_metric
+
+    return primary_metric(means)
+
+
+def format_curve(result: dict) -> str:
+    metric = result["metric"]
+    lines = [f"held-out {metric} on {result['held_out_examples']} {result['held_out']} examples "
+             f"({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)"]
+    for point in result["points"]:
+        i = point["intervals"][metric]
+        line = (f"  {point['fraction']:>5.0%} ({point['examples']} examples, {point['steps']} steps): "
+                f"{i['mean']:.4f} [{i['low']:.4f}, {i['high']:.4f}]")
+        change = next((d for d in point.get("change", []) if d["metric"] == metric), None)
+        if change:
+            line += f"   change {change['difference']:+.4f} [{change['low']:+.4f}, {change['high']:+.4f}]"
+        lines.append(line)
+    lines.append(f"plot: {result.get('plot')}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, target: Path) -> Path:
+    """The held-out metric against the number of training examples, with 95% intervals."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric = result["metric"]
+    figure = Figure(figsize=(7, 4.2), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    xs = [p["examples"] for p in result["points"]]
+    means = [p["intervals"][metric]["mean"] for p in result["points"]]
+    errors = [[m - p["intervals"][metric]["low"] for m, p in zip(means, result["points"])],
+              [p["intervals"][metric]["high"] - m for m, p in zip(means, result["points"])]]
+    axes.errorbar(xs, means, yerr=errors, marker="o", capsize=4)
+    axes.set_xlabel("training examples")
+    axes.set_ylabel(f"held-out {metric}")
+    axes.set_title("Does more data still help? (95% intervals)")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(target)
+    return target

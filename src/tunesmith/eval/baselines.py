@@ -1,0 +1,203 @@
+"""Is fine-tuning worth it over prompting or retrieval? The baselines beside the fine-tuned model.
+
+Rows, all scored on the same test examples with the same metrics:
+
+    base                       the base model, zero-shot
+    base k-shot                k seeded random training examples in the prompt (eval.kshot)
+    base + retrieval           the k training examples most similar to the question (eval.retrieval_k, BM25)
+    fine-tuned + retrieval     the fine-tuned model with the same retrieved examples
+    fine-tuned                 the candidate: every other row is compared against it
+
+Each row gets the paired bootstrap difference to the fine-tuned model with its 95% interval and
+wins / ties / losses (compare.py), and the table a one-line verdict on the primary metric.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..data.collate import PADDED
+from ..data.prepare import load_conversations
+from ..errors import UserError
+from .compare import (LOSS, LOWER_IS_BETTER, Scored, Scorer, Settings, compare_scored, pick_shots, score_model,
+                      score_prompts, training_data_of, with_shots)
+
+PROMPTED = ("-shot", "+ retrieval")  # row names of the prompting baselines end so
+
+
+def prompt_sets(name: str, conversations: list[list[dict]], pool: list[list[dict]] | None, kshot: int,
+                retrieval_k: int, seed: int, zero_shot: bool = True) -> dict[str, list[list[dict]]]:
+    """Row name -> the prompts that row answers: as asked, with k random shots, with k retrieved examples."""
+    sets = {name: conversations} if zero_shot else {}
+    if kshot:
+        shots = pick_shots(pool or [], kshot, seed, conversations)
+        sets[f"{name} {kshot}-shot"] = [with_shots(c, shots) for c in conversations]
+    if retrieval_k:
+        from .retrieval import Retriever
+
+        sets[f"{name} + retrieval"] = Retriever(pool or []).prompts(conversations, retrieval_k)
+    return sets
+
+
+def primary_metric(means: dict, scorer_name: str = "custom") -> str:
+    """The metric the verdict is about: every JSON field right, the user's own metric, ROUGE-L, or the answer loss."""
+    for metric in ("all_fields", scorer_name, "rouge_l"):
+        if metric in means:
+            return metric
+    return LOSS
+
+
+def baseline_table(scored: list[Scored], samples: int = 2000, seed: int = 0, scorer_name: str = "custom") -> dict:
+    """Every row against the last one (the candidate): means, differences with intervals, verdict."""
+    candidate = scored[-1]
+    differences = [row for baseline in scored[:-1] for row in compare_scored(baseline, candidate, samples, seed)]
+    primary = primary_metric(candidate.means(), scorer_name)
+    return {"models": {s.name: s.means() for s in scored}, "differences": differences, "primary_metric": primary,
+            "verdict": verdict(differences, primary, candidate.name)}
+
+
+def verdict(differences: list[dict], metric: str, candidate: str) -> str:
+    """One line: does the candidate beat the strongest prompting baseline on `metric`, with its interval?"""
+    rows = [d for d in differences if d["metric"] == metric]
+    if not rows:
+        return ""
+    lower = metric in LOWER_IS_BETTER
+    own = [d for d in rows if d["baseline"].startswith(f"{candidate} ")]  # the candidate with retrieval
+    others = [d for d in rows if d not in own]
+    prompting = [d for d in others if d["baseline"].endswith(PROMPTED)] or others
+    if not prompting:
+        return ""
+    pick = min if lower else max
+    strongest = pick(prompting, key=lambda d: d["baseline_value"])
+    gain = -1 if lower else 1  # the sign of a difference that favours the candidate
+    low, high = sorted((gain * strongest["low"], gain * strongest["high"]))
+    change = f"{gain * strongest['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {metric}"
+    baseline = strongest["baseline"]
+    if low > 0:
+        line = f"fine-tuning beats {baseline} by {change}"
+    elif high < 0:
+        line = f"{baseline} beats fine-tuning by {_flip(change)}: consider it instead"
+    else:
+        line = f"{baseline} is as good ({change}, the interval includes 0): consider it"
+    for d in own:
+        if max(gain * d["low"], gain * d["high"]) < 0:
+            line += f"; retrieval on top of the fine-tuned model helps further ({-gain * d['difference']:+.3f})"
+    return line
+
+
+def _flip(change: str) -> str:
+    """'-0.120 [-0.200, -0.050] m' -> '+0.120 [+0.050, +0.200] m'."""
+    numbers = [float(x) for x in re.findall(r"[+-]\d+\.\d+", change)]
+    metric = change.rsplit(" ", 1)[1]
+    return f"{-numbers[0]:+.3f} [{-numbers[2]:+.3f}, {-numbers[1]:+.3f}] {metric}"
+
+
+def score_rows(model, tokenizer, sets: dict[str, list[list[dict]]], settings: Settings, layout: str = PADDED,
+               folder: Path | None = None) -> list[Scored]:
+    """Score the loaded model on each prompt set; with `folder`, each row's answers go to
+    predictions_<row>.jsonl (the fine-tuned model's to predictions.jsonl)."""
+    scored = []
+    for name, prompts in sets.items():
+        row = score_prompts(model, tokenizer, name, prompts, settings, layout)
+        if folder is not None:
+            write_predictions(folder / predictions_name(name), prompts, row.answers)
+        scored.append(row)
+    return scored
+
+
+def predictions_name(row: str) -> str:
+    if row == "fine-tuned":
+        return "predictions.jsonl"
+    return f"predictions_{re.sub(r'[^a-z0-9-]+', '_', row.lower()).strip('_')}.jsonl"
+
+
+def write_predictions(path: Path, prompts: list[list[dict]], answers: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for conversation, answer in zip(prompts, answers):
+            handle.write(json.dumps({"prompt": conversation[-2]["content"] if len(conversation) > 1 else "",
+                                     "reference": conversation[-1]["content"], "answer": answer}) + "\n")
+
+
+def summary(row: Scored) -> dict:
+    """A row's means as results.json keeps them: scores, test examples, generation speed."""
+    return {**row.means(), "test_examples": len(row.rows),
+            "generated_tokens_per_second": round(row.generated_tokens_per_second or 0.0, 1)}
+
+
+def format_baselines(table: dict) -> str:
+    """Each row's value of the primary metric and the answer loss, the fine-tuned model's difference
+    to it with the 95% interval and the fine-tuned model's wins / ties / losses, then the verdict."""
+    metrics = [m for m in dict.fromkeys([table["primary_metric"], LOSS]) if any(m in v for v in table["models"].values())]
+    names = list(table["models"])
+    candidate = names[-1]
+    width = max(len(n) for n in names) + 2
+    header = f"{candidate} - row [95% interval]"
+    lines = [f"{'':<{width}}" + "".join(f"{m:>14}{header:>{len(header) + 4}}{'w/t/l':>12}" for m in metrics)]
+    by_pair = {(d["baseline"], d["metric"]): d for d in table["differences"]}
+    for name in names:
+        cells = []
+        for metric in metrics:
+            value = table["models"][name].get(metric)
+            d = by_pair.get((name, metric))
+            versus = f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else ""
+            wtl = f"{d['win']}/{d['tie']}/{d['loss']}" if d else ""
+            cells.append(f"{'-' if value is None else f'{value:.3f}':>14}{versus:>{len(header) + 4}}{wtl:>12}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    if table.get("verdict"):
+        lines.append(f"verdict: {table['verdict']}")
+    return "\n".join(lines)
+
+
+def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None,
+                   max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
+                   temperature: float = 0.0, seed: int = 0, scorer: Scorer | None = None,
+                   scorer_name: str = "custom", samples: int = 2000, names: tuple[str, str] | None = None,
+                   retrieval_k: int = 0) -> dict:
+    """Score A (and A k-shot, A with retrieval), B with retrieval and B on the data file; each row
+    against B. Returns the table data, a one-line verdict and the per-example outputs."""
+    conversations, problems = load_conversations(data, None)
+    if not conversations:
+        first = f" First problem: {problems[0]}" if problems else ""
+        raise UserError(f"{data}: no usable examples to compare on.{first}")
+    conversations = conversations[:limit] if limit else conversations
+    name_a, name_b = names or ("A", "B")
+    settings = Settings(max_new_tokens, batch_size, temperature, seed, scorer, scorer_name)
+    pool = None
+    if kshot or retrieval_k:
+        source = kshot_data or training_data_of(b) or training_data_of(a)
+        if not source:
+            raise UserError("--kshot and --retrieval-k need training examples: give --kshot-data FILE, "
+                            "or a run folder as A or B")
+        pool = load_conversations(source, None)[0]
+    scored = score_model(a, prompt_sets(name_a, conversations, pool, kshot, retrieval_k, seed, zero_shot=True),
+                         settings)
+    scored += score_model(b, prompt_sets(name_b, conversations, pool, 0, retrieval_k, seed, zero_shot=True),
+                          settings)[::-1]  # B with retrieval, then B itself last: the candidate
+    table = baseline_table(scored, samples, seed, scorer_name)
+    examples = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"],
+                 **{s.name: {"answer": s.answers[i], "scores": s.rows[i]} for s in scored}}
+                for i, c in enumerate(conversations)]
+    return {"a": a, "b": b, "data": data, "examples_scored": len(conversations), "kshot": kshot,
+            "retrieval_k": retrieval_k, **table, "examples": examples,
+            "settings": {k: v for k, v in vars(settings).items() if k != "scorer"} | {"bootstrap_samples": samples}}
+
+
+def test_prompts(test: list[list[dict]], eval_cfg) -> list[list[dict]]:
+    return test[: eval_cfg.test_limit] if eval_cfg.test_limit else test
+
+
+def score_base_rows(model, tokenizer, test: list[list[dict]], train: list[list[dict]], eval_cfg, folder: Path,
+                    layout: str = PADDED) -> list[Scored]:
+    """Before training (the method's new weights are still the identity): the base model as asked
+    (with eval.compare_base), with k random shots and with k retrieved examples."""
+    sets = prompt_sets("base", test_prompts(test, eval_cfg), train, eval_cfg.kshot, eval_cfg.retrieval_k,
+                       eval_cfg.seed, zero_shot=eval_cfg.compare_base)
+    return score_rows(model, tokenizer, sets, Settings.of(eval_cfg), layout, folder)
+
+
+def score_tuned_rows(model, tokenizer, test: list[list[dict]], train: list[list[dict]], eval_cfg, folder: Path,
+                     layout: str = PADDED) -> list[Scored]:
+    """After training: the fine-tuned model with retrieved examples (eval.retrieval_k), then alone (last)."""
+    sets = prompt_sets("fine-tuned", test_prompts(test, eval_cfg), train, 0, eval_cfg.retrieval_k, eval_cfg.seed)
+    return score_rows(model, tokenizer, dict(reversed(sets.items())), Settings.of(eval_cfg), layout, folder)

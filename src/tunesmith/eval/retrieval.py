@@ -1,0 +1,65 @@
+"""Retrieval baseline: the k training examples most similar to a question, put into the prompt.
+
+The question a fine-tuning user must answer first is whether retrieval-augmented prompting
+(RAG) would do as well. Here retrieval is BM25 (the `bm25s` library) over the training
+questions: for each test question, the k training examples whose question scores highest are
+placed in front of it as solved earlier turns, the most similar one last (nearest the question).
+Training examples whose question equals the test question are never retrieved, so a leaked
+duplicate cannot pass for retrieval quality.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UserError
+from .compare import with_shots
+
+
+def question_of(conversation: list[dict]) -> str:
+    """The last user turn of a conversation (the question its final answer responds to)."""
+    users = [m["content"] for m in conversation[:-1] if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def _words(texts: list[str]) -> list[list[str]]:
+    import bm25s
+
+    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
+
+
+class Retriever:
+    """BM25 over the questions of a pool of solved conversations (the training data)."""
+
+    def __init__(self, pool: list[list[dict]]):
+        import bm25s
+
+        self.pool = [c for c in pool if len(c) > 1 and question_of(c)]
+        if not self.pool:
+            raise UserError("retrieval (eval.retrieval_k, --retrieval-k) needs training examples with a question")
+        self.questions = [question_of(c) for c in self.pool]
+        self.index = bm25s.BM25()
+        # An empty token list (a question of stop words only) still needs a placeholder to index.
+        self.index.index([words or [""] for words in _words(self.questions)], show_progress=False)
+
+    def scores(self, question: str) -> np.ndarray:
+        """BM25 score of every pool question for this question (zeros when no word is known)."""
+        words = [w for w in _words([question])[0] if w in self.index.vocab_dict]
+        if not words:
+            return np.zeros(len(self.pool))
+        return np.asarray(self.index.get_scores(words), dtype=float)
+
+    def nearest(self, question: str, k: int) -> list[int]:
+        """Indices into `pool` of the k best-scoring examples, best first; ties go to the earlier
+        example, and examples asking exactly this question are left out."""
+        scores = self.scores(question)
+        order = np.lexsort((np.arange(len(scores)), -scores))  # score descending, then index ascending
+        asked = question.strip()
+        return [int(i) for i in order if self.questions[i].strip() != asked][:k]
+
+    def prompts(self, conversations: list[list[dict]], k: int) -> list[list[dict]]:
+        """Each conversation with its k nearest training examples as earlier turns, most similar last."""
+        out = []
+        for conversation in conversations:
+            found = self.nearest(question_of(conversation), k)
+            out.append(with_shots(conversation, [self.pool[i] for i in reversed(found)]))
+        return out

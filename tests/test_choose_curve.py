@@ -1,0 +1,105 @@
+"""`tunesmith choose` ranks base models of known quality and lists those that do not fit;
+`tunesmith curve` trains on nested, seeded fractions of the data."""
+import json
+
+import pytest
+
+from tunesmith.api import train
+from tunesmith.choose import choose, format_choice
+from tunesmith.curve import curve, format_curve, nested_fractions
+from tunesmith.errors import UserError
+
+from helpers import write_jsonl
+
+
+def test_fractions_are_nested_seeded_and_sized():
+    subsets = nested_fractions(40, [1, 0.25, 0.5], seed=3)
+    assert [len(s) for s in subsets] == [10, 20, 40]
+    assert set(subsets[0]) < set(subsets[1]) < set(subsets[2]) == set(range(40))
+    assert subsets == nested_fractions(40, [0.25, 0.5, 1], seed=3)  # seeded: the same sets again
+    assert subsets[0] != nested_fractions(40, [0.25, 0.5, 1], seed=4)[0]
+    assert nested_fractions(3, [0.1], seed=0)[0] and len(nested_fractions(3, [0.1], seed=0)[0]) == 1
+    with pytest.raises(UserError, match="fractions"):
+        nested_fractions(10, [0, 1], seed=0)
+    with pytest.raises(UserError, match="fractions"):
+        nested_fractions(10, [1.5], seed=0)
+
+
+def qa_config(tmp_path, model, **train_settings) -> str:
+    rows = [{"question": f"Repeat the word {w} {i}", "answer": f"{w} {w} {i}"}
+            for i, w in enumerate(["alpha", "beta", "gamma", "delta"] * 6)]
+    config = {"model": {"name": str(model), "dtype": "float32"},
+              "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", rows[:16])),
+                       "validation": str(write_jsonl(tmp_path / "validation.jsonl", rows[16:])), "max_seq_len": 64},
+              "adapter": {"method": "full"},
+              "train": {"max_steps": 16, "batch_size": 4, "lr": 3e-3, "warmup_ratio": 0.0, **train_settings},
+              "eval": {"generate": False, "max_new_tokens": 6, "batch_size": 8}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_choose_ranks_the_better_model_first_and_lists_what_does_not_fit(tiny_model_dir, tmp_path):
+    config = qa_config(tmp_path, tiny_model_dir)
+    # The better candidate: the tiny model fully fine-tuned on the task (its model/ folder is a plain HF model).
+    train(config, [f"output.dir={tmp_path / 'tuned'}"])
+    good = tmp_path / "tuned" / "model"
+    result = choose(config, [str(tiny_model_dir), str(good), "llama-3.1-70b"], memory_gib=24, retrieval_k=1,
+                    out=str(tmp_path / "choose"), samples=300)
+    ranking = result["ranking"]
+    assert [r["model"] for r in ranking] == [str(good), str(tiny_model_dir)]
+    assert set(ranking[0]["settings"]) == {"zero-shot", "retrieval"}
+    versus = ranking[0]["versus_next"]
+    assert versus["next"] == str(tiny_model_dir) and versus["metric"] == "answer_loss_per_char"
+    assert versus["high"] < 0 and versus["win"] == result["examples"] == 8  # lower loss on every example
+    [unfit] = result["not_fitting"]
+    assert unfit["model"] == "llama-3.1-70b" and unfit["planned_memory"] > 24 * 2**30
+    text = format_choice(result)
+    assert "1. " + str(good) in text and "llama-3.1-70b: does not fit" in text and "not loaded" in text
+    assert (tmp_path / "choose" / "choose.png").stat().st_size > 0
+    assert json.loads((tmp_path / "choose" / "choose.json").read_text())["ranking"][0]["model"] == str(good)
+
+
+@pytest.mark.slow  # a short fine-tune per candidate; `make test-slow` (and CI) run it
+def test_choose_with_a_fine_tuning_budget(tiny_model_dir, tmp_path):
+    config = qa_config(tmp_path, tiny_model_dir)
+    result = choose(config, [str(tiny_model_dir)], memory_gib=24, retrieval_k=0, budget_tokens=600,
+                    out=str(tmp_path / "choose"), samples=200)
+    [row] = result["ranking"]
+    assert set(row["settings"]) == {"zero-shot", "fine-tuned"}
+    assert row["settings"]["fine-tuned"]["answer_loss_per_char"] < row["settings"]["zero-shot"]["answer_loss_per_char"]
+    steps = json.loads((tmp_path / "choose" / tiny_model_dir.name / "results.json").read_text())["steps"]
+    per_step = 4 * 600 / steps  # batch 4: about the budget's tokens in all
+    assert steps >= 1 and per_step > 0
+    with pytest.raises(UserError, match="rank-by"):
+        choose(config, [str(tiny_model_dir)], memory_gib=24, retrieval_k=0, rank_by="nope",
+               out=str(tmp_path / "c2"), samples=50)
+
+
+@pytest.mark.slow  # two training runs; the fractions themselves are tested above
+def test_curve_trains_nested_fractions_at_equal_steps_per_example(tiny_model_dir, tmp_path):
+    config = qa_config(tmp_path, tiny_model_dir)
+    result = curve(config, [0.5, 1.0], out=str(tmp_path / "curve"), seed=1, samples=200)
+    first, second = result["points"]
+    assert (first["examples"], second["examples"]) == (8, 16) and (first["steps"], second["steps"]) == (8, 16)
+    assert result["held_out"] == "validation" and result["held_out_examples"] == 8
+    assert result["metric"] == "answer_loss"
+    small = {json.dumps(json.loads(line)) for line in open(tmp_path / "curve" / "train-0.5.jsonl")}
+    large = {json.dumps(json.loads(line)) for line in open(tmp_path / "curve" / "train-1.jsonl")}
+    assert len(small) == 8 and small < large
+    interval = second["intervals"]["answer_loss"]
+    assert interval["low"] <= interval["mean"] <= interval["high"]
+    [change] = [d for d in second["change"] if d["metric"] == "answer_loss"]
+    assert change["win"] + change["tie"] + change["loss"] == 8
+    assert "change" in format_curve(result) and (tmp_path / "curve" / "curve.png").stat().st_size > 0
+
+
+def test_choose_plans_memory_and_time_on_a_named_device(tiny_model_dir, tmp_path):
+    from tunesmith.choose import _plan
+    from tunesmith.config import load_config
+
+    cfg = load_config(qa_config(tmp_path, tiny_model_dir))
+    found = _plan(cfg, str(tiny_model_dir), "a100-80gb", None, tokens=100_000)
+    assert found["fits"] and found["device_name"].lower().startswith("a100") and found["epoch_seconds"] > 0
+    big = _plan(cfg, "llama-3.1-70b", "t4", None)
+    assert not big["fits"] and big["planned_memory"] > big["device_memory"]

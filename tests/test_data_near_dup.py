@@ -1,0 +1,79 @@
+"""Near-duplicates (MinHash/LSH): counted with first locations within train and between train and
+eval splits, removed from train with data.dedup: near."""
+import pytest
+
+from tunesmith.config import DataConfig
+from tunesmith.data.check import check_data, format_report
+from tunesmith.data.near_dup import find, shingles
+from tunesmith.data.prepare import prepare
+
+from helpers import write_jsonl
+
+LONG = ("Glaucoma is a group of eye diseases that damage the optic nerve, which carries images from the eye "
+        "to the brain; it often comes with high pressure inside the eye and can lead to blindness if untreated.")
+
+
+def qa(question: str, answer: str) -> dict:
+    return {"question": question, "answer": answer}
+
+
+def train_rows() -> list[dict]:
+    return [
+        qa("What is glaucoma?", LONG),                                                  # line 1
+        qa("How is asthma treated?", "Inhalers with steroids reduce the swelling of the airways over weeks."),
+        qa("What is glaucoma ?", LONG.replace("often comes", "usually comes")),         # 3: near 1
+        qa("What causes gout?", "Uric acid crystals that build up in a joint cause the sudden pain of gout attacks."),
+        qa("Who gets shingles?", "Anyone who had chickenpox can get shingles later, most often after the age of fifty."),
+        qa("What is glaucoma", LONG.replace("blindness", "vision loss")),               # 6: near 1
+        qa("Totally different", "Bananas are yellow and grow in bunches on large tropical plants in warm places."),
+    ]
+
+
+def test_shingles_are_word_trigrams_of_normalised_text():
+    assert shingles("The cat, the HAT") == {b"the cat the", b"cat the hat"}
+    assert shingles("Hi there") == {b"hi there"} and shingles("...") == set()
+
+
+def test_near_duplicates_counted_within_train_and_across(tmp_path):
+    test = [{"messages": [{"role": "user", "content": "Who gets shingles?"},
+                          {"role": "assistant", "content": "Anyone who had chickenpox can get shingles later, most "
+                                                           "often after the age of 50."}]},
+            {"messages": [{"role": "user", "content": "What is a cold?"},
+                          {"role": "assistant", "content": "A viral infection of the nose and throat."}]}]
+    train = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+             for r in train_rows()]
+    inside, leaks = find(train, {"test": [t["messages"] for t in test]}, threshold=0.7)
+    assert [(m.index, m.first) for m in inside] == [(2, 0), (5, 0)]
+    assert [(m.index, m.first) for m in leaks["test"]] == [(0, 4)]
+    assert all(0.7 <= m.similarity < 1 for m in inside + leaks["test"])
+    # Stricter: one changed word in a short answer is too much difference.
+    assert find(train, {"test": [t["messages"] for t in test]}, threshold=0.95)[1]["test"] == []
+
+
+def test_data_check_reports_and_dedup_near_removes(tmp_path, tiny_model_dir):
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows())
+    test = write_jsonl(tmp_path / "test.jsonl", [qa("Who gets shingles?", "Anyone who had chickenpox can get "
+                                                 "shingles later, most often after the age of 50."),
+                                                 qa("What is a cold?", "A viral infection of the nose and throat.")])
+    settings = {"test": str(test), "validation": str(test), "near_dup_threshold": 0.7, "cache": False}
+    report = check_data(str(train), str(tiny_model_dir), tmp_path / "check", settings)
+    near = report["near_duplicates"]
+    assert near["within_train"] == {"count": 2, "first": [f"{train}:3 ~ {train}:1", f"{train}:6 ~ {train}:1"]}
+    assert near["test_in_train"] == {"count": 1, "first": [f"{test}:1 ~ {train}:5"]}
+    text = format_report(report)
+    assert "within train: 2" in text and "test examples close to train: 1" in text
+
+    cfg = DataConfig(train=str(train), dedup="near", **settings)
+    prepared = prepare(cfg, str(tiny_model_dir))
+    assert len(prepared.splits["train"]) == 7 - 3
+    assert [(p.line, p.kind) for p in prepared.problems] == [
+        (3, "duplicate (near)"), (5, "duplicate (near), of validation"), (6, "duplicate (near)")]
+    assert f"of {train}:1" in prepared.problems[0].reason
+    after = check_data(str(train), str(tiny_model_dir), tmp_path / "check2", {**settings, "dedup": "near"})
+    assert after["near_duplicates"]["within_train"]["count"] == 0
+    assert after["duplicates"]["duplicate (near)"]["count"] == 2
+
+
+@pytest.mark.parametrize("value", [True, False, "near"])
+def test_dedup_setting_values(value):
+    assert DataConfig(train="x.jsonl", dedup=value).dedup == value

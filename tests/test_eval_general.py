@@ -1,0 +1,153 @@
+"""General-ability probes: the multiple-choice scorer (acc, acc_norm as lm-evaluation-harness
+defines them), log-likelihoods with a shared context, GSM8K's final number, the shipped probe,
+and base-vs-tuned differences with the margin warning."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tunesmith.eval.general import (MULTIPLE_CHOICE, SETS, choice_prompt, choice_scores, compare_probe,
+                                    continuation_ids, format_probe, load_probe, loglikelihoods, number_in,
+                                    same_number, warnings)
+from tunesmith.errors import UserError
+from tunesmith.models import load_model
+
+
+def test_acc_and_acc_norm_on_known_log_likelihoods():
+    # Summed log-likelihoods favour the short choice; per character the long one is likelier.
+    choices = ["no", "a much longer answer"]  # 2 and 20 characters
+    lls = [-3.0, -20.0]  # per character: -1.5 and -1.0
+    assert choice_scores(lls, choices, answer=0) == {"acc": 1.0, "acc_norm": 0.0}
+    assert choice_scores(lls, choices, answer=1) == {"acc": 0.0, "acc_norm": 1.0}
+    # A tie goes to the first choice, as numpy's argmax (and the harness) decide it.
+    assert choice_scores([-1.0, -1.0], ["ab", "cd"], answer=0) == {"acc": 1.0, "acc_norm": 1.0}
+
+
+@torch.no_grad()
+def naive_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """The plain definition: one forward of context + continuation, summed log-probabilities."""
+    head, tail = continuation_ids(tokenizer, context, continuation)
+    ids = torch.tensor([head + tail])
+    logits = model(input_ids=ids).logits[0].float().log_softmax(-1)
+    return float(sum(logits[len(head) - 1 + j, t] for j, t in enumerate(tail)))
+
+
+def test_shared_context_log_likelihoods_equal_one_forward_per_choice(tiny_model_dir, tiny_tokenizer):
+    model = load_model(str(tiny_model_dir))
+    prompts = [("Question: My PixelPad froze?\nAnswer:", ["technical", "billing", "a refund please", "x"]),
+               ("Hi team,", ["urgent", "low priority, no rush at all"]),
+               ("Ticket: order #4821 late. Category:", ["shipping"])]
+    found = loglikelihoods(model, tiny_tokenizer, prompts)
+    for (context, choices), values in zip(prompts, found):
+        expected = [naive_loglikelihood(model, tiny_tokenizer, context, " " + c) for c in choices]
+        assert values == pytest.approx(expected, abs=1e-4)
+    assert all(v < 0 for values in found for v in values)
+
+
+def test_log_likelihoods_through_the_training_fast_paths_equal_the_plain_model(tiny_model_dir, tiny_tokenizer):
+    """In a run the probe scores the trainable model with the fast paths installed (their attention
+    takes the shared-context mask): the same log-likelihoods as the plain model."""
+    from helpers import trainable
+
+    prompts = [("Question: My PixelPad froze?\nAnswer:", ["technical", "billing", "a refund please"]),
+               ("Hi team,", ["urgent", "low priority, no rush at all"])]
+    plain = loglikelihoods(load_model(str(tiny_model_dir)), tiny_tokenizer, prompts)
+    fast = loglikelihoods(trainable(load_model(str(tiny_model_dir))), tiny_tokenizer, prompts)
+    for a, b in zip(plain, fast):
+        assert b == pytest.approx(a, abs=1e-4)
+
+
+def test_continuation_tokens_are_cut_from_the_whole_text(tiny_tokenizer):
+    head, tail = continuation_ids(tiny_tokenizer, "Answer: ", "billing")  # the space moves to the continuation
+    assert tiny_tokenizer.decode(head) == "Answer:" and tiny_tokenizer.decode(tail) == " billing"
+    assert head + tail == tiny_tokenizer("Answer: billing", add_special_tokens=False)["input_ids"]
+
+
+def test_prompts_follow_the_harness_templates():
+    item = {"question": "What is 2+2?", "choices": ["3", "4"], "answer": 1, "subject": "elementary_mathematics"}
+    assert choice_prompt("arc_easy", item) == ("Question: What is 2+2?\nAnswer:", ["3", "4"])
+    context, letters = choice_prompt("mmlu", item)
+    assert context == ("The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+                       "What is 2+2?\nA. 3\nB. 4\nAnswer:") and letters == ["A", "B"]
+    context, choices = choice_prompt("truthfulqa_mc1", item)
+    assert context.startswith("Q: What is human life expectancy") and context.endswith("\n\nQ: What is 2+2?\nA:")
+
+
+def test_gsm8k_final_number():
+    assert number_in("She has 3 apples, then 5. So the answer is 1,250.") == "1250"
+    assert number_in("It costs $18.") == "18"
+    assert number_in("no number here") is None
+    assert same_number("18.0", "18") and not same_number("17", "18") and not same_number(None, "1")
+
+
+def test_shipped_probe_is_stratified_and_complete():
+    probe = load_probe()
+    assert set(probe) == set(SETS)
+    for name, items in probe.items():
+        assert len(items) == (100 if name == "gsm8k" else 200)
+        assert len({i["id"] for i in items}) == len(items)
+        if name in MULTIPLE_CHOICE:
+            assert all(0 <= i["answer"] < len(i["choices"]) for i in items)
+    subjects = {i["subject"] for i in probe["mmlu"]}
+    assert len(subjects) >= 50  # 57 subjects, each with its share of 200 items
+    assert len(load_probe(sets=["arc_easy"], limit=7)["arc_easy"]) == 7
+    with pytest.raises(UserError, match="unknown probe set"):
+        load_probe(sets=["nope"])
+
+
+def test_own_probe_folder(tmp_path):
+    (tmp_path / "arc_easy.jsonl").write_text(json.dumps({"id": "1", "question": "q", "choices": ["a", "b"],
+                                                         "answer": 0}) + "\n")
+    assert list(load_probe(str(tmp_path))) == ["arc_easy"]
+    with pytest.raises(UserError, match="not found"):
+        load_probe(str(tmp_path), sets=["hellaswag"])
+
+
+def test_differences_in_points_and_the_margin_warning():
+    rng = np.random.default_rng(0)
+    base = {"arc_easy": [{"acc": float(x), "acc_norm": float(x)} for x in rng.random(200) < 0.6],
+            "gsm8k": [{"exact_match": 0.0}] * 50}
+    tuned_arc = [dict(r) for r in base["arc_easy"]]
+    for r in tuned_arc[:30]:  # 30 of 200 items newly wrong, where they were right: at most -15 points
+        r["acc_norm"] = 0.0
+    tuned = {"arc_easy": tuned_arc, "gsm8k": [{"exact_match": 0.0}] * 50}
+    rows = {(r["set"], r["metric"]): r for r in compare_probe(base, tuned, samples=500, margin=2.0)}
+    arc = rows[("arc_easy", "acc_norm")]
+    lost = sum(r["acc_norm"] for r in base["arc_easy"][:30])
+    assert arc["difference"] == pytest.approx(-100 * lost / 200)
+    assert arc["high"] < 0 and arc["lost"] and arc["main"] and arc["loss"] == lost
+    assert not rows[("arc_easy", "acc")]["main"] and rows[("arc_easy", "acc")]["difference"] == 0
+    assert not rows[("gsm8k", "exact_match")]["lost"]
+    pooled = rows[("all", "main")]  # 250 items, each by its set's main metric (acc_norm, exact match)
+    assert pooled["items"] == 250 and pooled["difference"] == pytest.approx(-100 * lost / 250)
+    lines = warnings(list(rows.values()), 2.0)
+    assert "arc_easy acc_norm" in lines[0] and "eval.general_margin=2" in lines[0]
+    assert len(lines) == (2 if lost / 250 > 0.02 else 1)
+    assert "arc_easy acc_norm" in format_probe(list(rows.values()))
+
+
+def test_eval_general_scores_an_adapter_against_its_base(tiny_model_dir, tmp_path, capsys):
+    """`tunesmith eval ADAPTER --general`: the base (adapter switched off) and the adapter model on the
+    same items; a plain model gets its own scores only."""
+    from tunesmith.cli import main
+    from tunesmith.models import load_tokenizer
+
+    from helpers import lora_model, write_jsonl
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for name, items in load_probe(sets=["arc_easy", "hellaswag"], limit=4).items():
+        write_jsonl(probe / f"{name}.jsonl", items)
+    adapter = tmp_path / "adapter"
+    lora_model(load_model(str(tiny_model_dir)), fast_paths=False).save_pretrained(adapter)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(adapter)
+    assert main(["eval", str(adapter), "--general", "--general-data", str(probe), "--general-margin", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)["general"]
+    assert result["items"] == {"arc_easy": 4, "hellaswag": 4}
+    rows = {(d["set"], d["metric"]) for d in result["differences"]}
+    assert {("arc_easy", "acc_norm"), ("hellaswag", "acc"), ("all", "main")} <= rows
+    assert main(["eval", str(tiny_model_dir), "--general", "--general-data", str(probe)]) == 0
+    plain = json.loads(capsys.readouterr().out)["general"]
+    assert set(plain["model"]) == {"arc_easy/acc", "arc_easy/acc_norm", "hellaswag/acc", "hellaswag/acc_norm"}
+    assert main(["eval", str(tiny_model_dir)]) == 2  # neither --data nor --general

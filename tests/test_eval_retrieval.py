@@ -1,0 +1,95 @@
+"""Retrieval baseline: BM25 over the training questions picks the nearest examples; baselines table and verdict."""
+import pytest
+
+from tunesmith.eval.baselines import (baseline_table, format_baselines, predictions_name, primary_metric, prompt_sets,
+                                      verdict)
+from tunesmith.eval.compare import Scored
+from tunesmith.eval.retrieval import Retriever, question_of
+
+
+def chat(question: str, answer: str = "a", system: str | None = None) -> list[dict]:
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+POOL = [chat("How is asthma treated in children?", "inhalers"),
+        chat("What causes type 2 diabetes?", "insulin resistance"),
+        chat("What are the symptoms of type 2 diabetes?", "thirst"),
+        chat("How is a broken arm treated?", "a cast"),
+        chat("What is glaucoma?", "eye pressure")]
+
+
+def test_nearest_training_questions_best_first():
+    retriever = Retriever(POOL)
+    assert retriever.nearest("symptoms of diabetes", 2) == [2, 1]
+    assert retriever.nearest("treating asthma in children", 1) == [0]
+    assert retriever.nearest("glaucoma", 1) == [4]
+    # No known word: every score is 0 and the earliest examples come first, deterministically.
+    assert retriever.nearest("zzzz qqqq", 2) == [0, 1]
+
+
+def test_the_same_question_is_never_retrieved():
+    retriever = Retriever(POOL)
+    assert 1 not in retriever.nearest("What causes type 2 diabetes?", 4)
+    assert len(retriever.nearest("What causes type 2 diabetes?", 10)) == 4
+
+
+def test_retrieved_examples_go_before_the_question_most_similar_last():
+    retriever = Retriever([chat("q", "a", system="S") for _ in range(1)] + POOL)
+    [prompt] = retriever.prompts([chat("What are diabetes symptoms?", "ref", system="S")], 2)
+    contents = [m["content"] for m in prompt]
+    assert contents[0] == "S" and contents.count("S") == 1  # the question's system message only
+    assert contents[-2:] == ["What are diabetes symptoms?", "ref"]
+    assert contents[-4] == "What are the symptoms of type 2 diabetes?"  # the nearest, right before the question
+    assert question_of(prompt) == "What are diabetes symptoms?"
+
+
+def test_prompt_sets_rows():
+    test = [chat("What is glaucoma exactly?", "r")]
+    sets = prompt_sets("base", test, POOL, kshot=2, retrieval_k=1, seed=0)
+    assert list(sets) == ["base", "base 2-shot", "base + retrieval"]
+    assert len(sets["base 2-shot"][0]) == 2 + 2 * 2 and sets["base + retrieval"][0][0]["content"] == "What is glaucoma?"
+    assert list(prompt_sets("fine-tuned", test, POOL, 0, 1, 0)) == ["fine-tuned", "fine-tuned + retrieval"]
+
+
+def scored(name: str, values: list[float]) -> Scored:
+    return Scored(name, ["x"] * len(values), [{"rouge_l": v, "answer_loss": 1.0} for v in values], [5] * len(values))
+
+
+def test_verdict_follows_the_interval():
+    n = 60
+    base, rag = scored("base", [0.1] * n), scored("base + retrieval", [0.3 + 0.01 * (i % 5) for i in range(n)])
+    better = scored("fine-tuned", [0.5 + 0.01 * (i % 7) for i in range(n)])
+    table = baseline_table([base, rag, better], samples=300)
+    assert table["primary_metric"] == "rouge_l"
+    assert table["verdict"].startswith("fine-tuning beats base + retrieval by +0.2")
+    same = scored("fine-tuned", [0.3 + 0.01 * ((i + 2) % 5) for i in range(n)])
+    assert "base + retrieval is as good" in baseline_table([base, rag, same], samples=300)["verdict"]
+    worse = scored("fine-tuned", [0.2] * n)
+    assert "beats fine-tuning" in baseline_table([base, rag, worse], samples=300)["verdict"]
+    text = format_baselines(baseline_table([base, rag, better], samples=300))
+    assert "base + retrieval" in text.splitlines()[2] and "verdict: fine-tuning beats" in text
+
+
+def test_verdict_for_a_loss_and_without_prompting_rows():
+    rows = [{"metric": "answer_loss", "baseline": "base", "candidate": "fine-tuned", "baseline_value": 2.0,
+             "difference": -0.5, "low": -0.6, "high": -0.4}]
+    assert verdict(rows, "answer_loss", "fine-tuned") == "fine-tuning beats base by +0.500 [+0.400, +0.600] answer_loss"
+    assert primary_metric({"answer_loss": 1.0}) == "answer_loss"
+    assert primary_metric({"all_fields": 0.5, "rouge_l": 0.1}) == "all_fields"
+    assert predictions_name("fine-tuned") == "predictions.jsonl"
+    assert predictions_name("base") == "predictions_base.jsonl"
+    assert predictions_name("base 3-shot") == "predictions_base_3-shot.jsonl"
+    assert predictions_name("fine-tuned + retrieval") == "predictions_fine-tuned_retrieval.jsonl"
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_retrieval_k_larger_than_pool(k):
+    assert len(Retriever(POOL[:2]).nearest("diabetes", k)) == min(k, 2)
+
+
+def test_retrieval_without_questions_is_a_clear_error():
+    from tunesmith.errors import UserError
+
+    with pytest.raises(UserError, match="retrieval"):
+        Retriever([[{"role": "text", "content": "raw text only"}]])
