@@ -217,7 +217,7 @@ def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prep
         if isinstance(result, TemplateError):
             prepared.problems.append(Problem(file, line, f"template: {result}", "template refused"))
             continue
-        result = _length_policy(result, cfg, file, line, prepared)
+        result = length_policy(result, cfg, file, line, prepared)
         if result is not None:
             split.conversations.append(conversations[index])
             split.encoded.append(result)
@@ -230,7 +230,7 @@ def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prep
     return split
 
 
-def _length_policy(encoded: Encoded, cfg: DataConfig, file: str, line: int, prepared: Prepared) -> Encoded | None:
+def length_policy(encoded: Encoded, cfg: DataConfig, file: str, line: int, prepared: Prepared) -> Encoded | None:
     """Drop, truncate or refuse an over-long example; drop one with no answer token left."""
     length = len(encoded.input_ids)
     if length > cfg.max_seq_len:
