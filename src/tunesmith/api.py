@@ -20,6 +20,7 @@ from .methods.common import count_parameters, model_bytes, save_trained
 from .models import load_tokenizer
 from .plan import TrainingMemory
 from .runs import RunFolder, write_json
+from .start import resolve_start
 from .training import distributed
 from .training.loggers import open_loggers
 from .training.loop import fit
@@ -44,6 +45,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
 
 def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     check_data_paths(cfg)
+    cfg = resolve_start(cfg, ranks)  # model: an earlier run folder -> its (merged) model
     run = RunFolder(cfg.output.dir)
     run.check_usable(cfg.output.overwrite, must_resume)
     # One writer per run folder, held for the process's whole run (the dashboard reads it as "running").

@@ -25,7 +25,7 @@ from .formats import FormatError, rename_columns
 from .formats import _checked_text as text_of  # the SFT formats' check of one text field
 from .prepare import Prepared, Split, length_policy, load_conversations
 from .sources import Problem, read_records
-from .tokenize import IGNORE, Encoded, TemplateError, encode_many
+from .tokenize import IGNORE, Encoded, TemplateError, encode_many, use_template
 
 PAIRS, UNPAIRED, PROMPTS = "pairs", "unpaired", "prompts"
 ROLES = ("system", "user", "assistant")
@@ -235,10 +235,15 @@ def _encode(read: _Read, kind: str, tokenizer, cfg: DataConfig, prepared: Prepar
         if refused is not None:
             prepared.problems.append(Problem(*origin, f"template: {refused}", "template refused"))
             continue
-        parts = [length_policy(final_answer_only(p), cfg, *origin, prepared) if p.label_count else
-                 length_policy(p, cfg, *origin, prepared) for p in parts]
-        if any(p is None for p in parts):
+        kept = []
+        for part in parts:  # the first side that is too long (or has no answer left) is the record's one problem
+            part = length_policy(final_answer_only(part) if part.label_count else part, cfg, *origin, prepared)
+            if part is None:
+                break
+            kept.append(part)
+        if len(kept) < len(parts):
             continue
+        parts = kept
         example = Pair(*parts) if kind == PAIRS else Unpaired(parts[0], bool(read.desirable[index]))
         split.encoded.append(example)
         split.conversations.append(conversations[index * sides])
@@ -255,7 +260,7 @@ def prepare_preference(cfg: DataConfig, tokenizer, kind: str) -> Prepared:
     if cfg.train == "demo":
         raise UserError("data.train: the demo task has no preference data; make pairs from a model with "
                         "`tunesmith pairs RUN --data prompts.jsonl --scorer module:function`")
-    prepared = Prepared({}, [], Counter())
+    prepared = Prepared({}, [], Counter(), template=use_template(tokenizer, cfg.chat_template))
     seen: set = set()
     sources = {"train": _read(cfg.train, kind, cfg, prepared.problems, seen)}
     prepared.records = len(sources["train"].origins) + len(prepared.problems)

@@ -15,7 +15,7 @@ from .formats import FormatError, rename_columns, to_example
 from .preference import PROMPTS, add_test_split, hold_out, prompt_of, record_kind, text_of
 from .prepare import Prepared, Split
 from .sources import Problem, read_records
-from .tokenize import IGNORE, TemplateError, render_many, token_ids
+from .tokenize import IGNORE, TemplateError, render_many, token_ids, use_template
 
 
 @dataclass
@@ -94,7 +94,7 @@ def prepare_prompts(cfg: DataConfig, tokenizer, answer_tokens: int = 0) -> Prepa
     """Train (and validation: a file, or held out of train) splits of prompts; the test split as SFT data.
 
     Prompts longer than max_seq_len - answer_tokens are dropped: the sampled answer must fit."""
-    prepared = Prepared({}, [], Counter())
+    prepared = Prepared({}, [], Counter(), template=use_template(tokenizer, cfg.chat_template))
     longest = cfg.max_seq_len - answer_tokens
     if cfg.train == "demo":  # the built-in task: its tickets as prompts, their JSON labels as references
         from .demo import make_splits
