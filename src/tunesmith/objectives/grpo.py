@@ -6,9 +6,11 @@ relative to its group: A = (r - mean) / (std + 1e-4) (std: the group's, Bessel-c
 divided with `train.scale_rewards: false`). Per answer token t, at the sampling temperature:
 
     ratio = pi(t) / pi_old(t)    (pi_old: the policy that sampled; one update per sample, so = 1 in value)
-    loss_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * KL_t,
+    loss_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * ratio * KL_t,
     KL_t = exp(ref(t) - pi(t)) - (ref(t) - pi(t)) - 1          (reference: the adapters disabled)
 
+(KL_t weighted by the ratio, as DeepSeek-V3.2 and TRL do: its value is unchanged on-policy, and its
+gradient becomes the unbiased gradient of the reverse KL)
 summed over the step's answer tokens and divided by (`train.grpo_loss`) their number (dapo), by
 answers x max_completion_tokens (dr_grpo), or per answer by its length, then by the number of
 answers (grpo). Recorded per step: each scorer's reward mean and within-group std, the total
@@ -93,7 +95,7 @@ class GRPO(Objective):
         if self.beta:
             gap = self.reference.token_logps(tensors, model, cfg.temperature) - logps
             kl = torch.exp(gap) - gap - 1
-            per_token = per_token + self.beta * kl
+            per_token = per_token + self.beta * kl * ratio  # ratio: the unbiased reverse-KL gradient
             stats["kl"] = stat(kl)
         if self.terms[0] == "answers":
             total = (per_sequence(per_token, tensors) / tensors["sequence_labels"].clamp(min=1)).sum()
