@@ -18,8 +18,9 @@ class DPO(PairObjective):
     uses_reference = True
 
     def loss(self, model, tensors: dict):
+        reference = self.reference_logps(model, tensors)  # first: its forward frees all it makes before the policy's
         logps, lengths = self.policy(model, tensors)
-        ratios = logps - self.reference_logps(model, tensors)
+        ratios = logps - reference
         chosen, rejected = halves(ratios)
         if self.train_cfg.dpo_loss == "ipo":
             chosen_len, rejected_len = halves(lengths)

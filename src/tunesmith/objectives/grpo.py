@@ -84,6 +84,8 @@ class GRPO(Objective):
 
     def loss(self, model, tensors: dict):
         cfg = self.train_cfg
+        # The reference first: its forward (no gradients) frees all it makes before the policy's keeps anything.
+        reference = self.reference.token_logps(tensors, model, cfg.temperature) if self.beta else None
         logps = token_logps(model, tensors, cfg.temperature)
         old = tensors.get("old_logps")
         ratio = torch.exp(logps - (logps.detach() if old is None else old))
@@ -93,7 +95,7 @@ class GRPO(Objective):
         clipped = ((ratio < low) & (advantage < 0)) | ((ratio > high) & (advantage > 0))
         stats = {"clip_fraction": stat(clipped.float())}
         if self.beta:
-            gap = self.reference.token_logps(tensors, model, cfg.temperature) - logps
+            gap = reference - logps
             kl = torch.exp(gap) - gap - 1
             per_token = per_token + self.beta * kl * ratio  # ratio: the unbiased reverse-KL gradient
             stats["kl"] = stat(kl)
