@@ -5,14 +5,14 @@ reference copy, and the objectives' statistics reach metrics.jsonl and the repor
 from __future__ import annotations
 
 import json
-import random
 import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import assert_same_gradients, gradients, lora_model, records, run_cli, start_and_kill_at, write_jsonl
+from helpers import (assert_same_gradients, gradients, lora_model, qa_rows, records, run_cli, start_and_kill_at,
+                     write_jsonl)
 from tunesmith.config import validate
 
 STEPS = 6
@@ -24,13 +24,10 @@ def reward(prediction, reference):
 
 
 def pair_rows(n=32):
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa"]
-    rows = []
-    for i in range(n):
-        q = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
-        rows.append({"prompt": f"Repeat: {q} {i}", "chosen": f"{q} {i}", "rejected": f"{rng.choice(words)} {i + 1}"})
-    return rows
+    """helpers.qa_rows as pairs: the right answer chosen, another prompt's answer rejected."""
+    rows = qa_rows(n)
+    return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": rows[i - 1]["completion"]}
+            for i, r in enumerate(rows)]
 
 
 def write_run_config(tmp_path, model_dir, run, objective, **train):
