@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import accel, methods, runlock
+from . import accel, methods, objectives, runlock
 from .config import Config, dump, load_config
 from .data.collate import PADDED, PADDING_FREE, layout
 from .data.prepare import prepare, write_demo_files
@@ -23,6 +23,7 @@ from .methods.common import count_parameters, model_bytes, save_trained
 from .models import load_tokenizer
 from .plan import TrainingMemory
 from .runs import RunFolder, write_json
+from .start import resolve_start
 from .training import distributed
 from .training.loggers import open_loggers
 from .training.loop import fit
@@ -47,6 +48,7 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
 
 def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     check_data_paths(cfg)
+    cfg = resolve_start(cfg, ranks)  # model: an earlier run folder -> its (merged) model
     run = RunFolder(cfg.output.dir)
     run.check_usable(cfg.output.overwrite, must_resume)
     # One writer per run folder, held for the process's whole run (the dashboard reads it as "running").
@@ -54,7 +56,7 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
         device = resolve(cfg.train.device, ranks.local_rank)
         method = methods.get(cfg.adapter.method)
         tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-        data = prepare(cfg.data, tokenizer)
+        data = prepare(cfg.data, tokenizer) if cfg.train.objective == "sft" else objectives.prepare_data(cfg, tokenizer)
         # Only now, with config and data known good, is the run folder written: a mistake loses nothing.
         if ranks.main:
             run.prepare(cfg.output.overwrite, must_resume)
@@ -92,6 +94,10 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         from .data.packing import pack_split
 
         train_split = pack_split(train_split, cfg.data.max_seq_len)
+    objective = None
+    if cfg.train.objective != "sft":  # preference and reward objectives (objectives/, issue 23)
+        objective = objectives.build(cfg, model, tokenizer, method, device, train_layout)
+        objective.prepare(model, [s for s in (train_split, data.splits.get("validation")) if s])
     predicted_peak = plan_at_start(cfg, train_split, train_layout, device)
     trainable, total = count_parameters(model)
     results: dict = {"config": cfg.model_dump(mode="json"), "data": summary, "dtype": str(dtype).replace("torch.", ""),
@@ -103,6 +109,8 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     test, validation = data.splits.get("test"), data.splits.get("validation")
 
     def evaluate(loss_module=None, label: str = "eval loss") -> float:
+        if objective is not None:  # the objective's loss on the validation split (grpo: minus its mean reward)
+            return objective.evaluate(model, validation, cfg.eval.batch_size, ranks)
         return eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks, loss_module, eval_layout, label)
 
     base: dict = {}
@@ -125,7 +133,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
               batch_layout=train_layout, planned_peak=predicted_peak)
     memory.start()
     result = fit(model, train_split, validation, cfg, pad_id, log, run.path, ranks, train_layout,
-                 evaluate if validation else None, utilisation)
+                 evaluate if validation else None, utilisation, objective)
     results["peak_memory"] = {"predicted": predicted_peak, "measured": memory.peak(), **memory.details()}
     say(f"peak training memory: measured {results['peak_memory']['measured'] / 2**30:.2f} GiB"
         + (f", planned {predicted_peak / 2**30:.2f} GiB" if predicted_peak else ""))

@@ -179,6 +179,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_pairs(args) -> int:
+    from .pairs import make_pairs
+
+    print(json.dumps(make_pairs(args.model, args.data, args.samples, args.scorer, args.out, args.temperature,
+                                args.max_new_tokens, args.batch_size, args.seed, args.min_margin, args.limit,
+                                args.device), indent=2))
+    return 0
+
+
 def _add_streaming_options(p, max_new_tokens: int) -> None:
     """The options of the commands that stream a model's answers (chat, generate)."""
     p.add_argument("--system", default=None)
@@ -238,6 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for comparison.json/.jsonl (default: B when it is a run folder)")
     _add_scoring_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("pairs", help="sample N answers per prompt, score them with your scorer, write chosen/rejected "
+                                     "pairs for DPO")
+    p.add_argument("model", help="run folder, adapter folder, model folder, .gguf, hub id or 'default'")
+    p.add_argument("--data", required=True, help="prompts: {prompt, reference} records, or SFT data (last answer = reference)")
+    p.add_argument("--samples", type=int, default=4, help="answers sampled per prompt (default 4)")
+    p.add_argument("--scorer", default=None, help="module:function (answer, reference) -> float; default: the "
+                                                  "reference's metric (JSON fields right, else ROUGE-L)")
+    p.add_argument("--out", default=None, help="pairs file (default: RUN/pairs.jsonl, or pairs.jsonl)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=16, help="answers generated together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-margin", type=float, default=0.0, help="skip prompts whose best and worst score differ by no more")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_pairs)
 
     p = sub.add_parser("chat", help="talk to a model or fine-tuned run in the terminal, answers streamed")
     p.add_argument("model")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UserError, closest
 from .methods import METHODS, NAMES as METHOD_NAMES
+from .objectives.settings import ObjectiveSettings  # train.objective and its settings (issue 23)
 
 
 class _Section(BaseModel):
@@ -68,7 +69,7 @@ class AdapterConfig(_Section):
         False, description="Recompute activations in the backward pass: less memory, about a third more compute.")
 
 
-class TrainConfig(_Section):
+class TrainConfig(_Section, ObjectiveSettings):  # objective settings: objectives/settings.py
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed); ignored when max_steps is set.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides `epochs`.")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch, global: under torchrun each of N processes takes every N-th of them, so a step trains on batch_size x grad_accum examples whatever N is. With the fast paths micro-batches carry no padding: up to batch_size x max_seq_len tokens each, so a step of short examples takes fewer, taller forwards.")

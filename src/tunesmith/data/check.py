@@ -29,13 +29,35 @@ def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/da
     if isinstance(settings, list):
         settings = parse_overrides([s.removeprefix("data.") for s in settings])
     cfg = validate({"data": {**(settings or {}), "train": str(path)}}, "data check").data
-    prepared = prepare(cfg, model)
+    kind = data_kind(cfg)
+    prepared = prepare(cfg, model) if kind is None else prepare_objective_data(cfg, model, kind)
     report = build_report(prepared, cfg, str(path), model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report["histogram"] = str(write_histogram(prepared, cfg, out / "lengths.png", report["cache_key"]))
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
+
+
+def data_kind(cfg: DataConfig) -> str | None:
+    """Preference pairs, KTO data or GRPO prompts (issue 23), from the first readable record; None: SFT data."""
+    from .preference import record_kind
+    from .sources import is_hub_id, read_records
+
+    if cfg.train == "demo" or is_hub_id(cfg.train):
+        return None
+    rows = read_records(cfg.train, cfg.hub_split).rows
+    return record_kind(rows[0][2]) if rows else None
+
+
+def prepare_objective_data(cfg: DataConfig, model: str, kind: str) -> Prepared:
+    """Preference or prompt data prepared as training with that objective would (not cached)."""
+    from ..models import load_tokenizer
+    from .preference import PROMPTS, prepare_preference
+    from .prompts import prepare_prompts
+
+    tokenizer = load_tokenizer(model)
+    return prepare_prompts(cfg, tokenizer) if kind == PROMPTS else prepare_preference(cfg, tokenizer, kind)
 
 
 def build_report(prepared: Prepared, cfg: DataConfig, path: str, model: str) -> dict:

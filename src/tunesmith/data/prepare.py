@@ -235,7 +235,7 @@ def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prep
         # Several examples where the template renders each answer's history its own way (see turn_examples).
         answers = [i + 1 for i, m in enumerate(conversations[index]) if m["role"] == "assistant"]
         for ends_at, encoded in zip(answers[-len(result):], result):
-            encoded = _length_policy(encoded, cfg, file, line, prepared)
+            encoded = length_policy(encoded, cfg, file, line, prepared)
             if encoded is not None:
                 split.conversations.append(conversations[index][:ends_at])
                 split.encoded.append(encoded)
@@ -248,7 +248,7 @@ def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prep
     return split
 
 
-def _length_policy(encoded: Encoded, cfg: DataConfig, file: str, line: int, prepared: Prepared) -> Encoded | None:
+def length_policy(encoded: Encoded, cfg: DataConfig, file: str, line: int, prepared: Prepared) -> Encoded | None:
     """Drop, truncate or refuse an over-long example; drop one with no answer token left."""
     length = len(encoded.input_ids)
     if length > cfg.max_seq_len:

@@ -13,6 +13,7 @@ import yaml
 from ..runs import RunFolder, read_json, read_jsonl
 
 EXAMPLES_SHOWN = 8
+OBJECTIVE = "objective/"  # the prefix of an objective's statistics in the training records (objectives/base.py)
 
 
 def collect(run_dir: Path) -> dict:
@@ -34,7 +35,8 @@ def collect(run_dir: Path) -> dict:
         "config": yaml.safe_load(run.config.read_text(encoding="utf-8")),
         "data": results.get("data", {}),
         "curves": {
-            "train": [{k: r[k] for k in keep if k in r} for r in records if r.get("event") == "train"],
+            "train": [{k: v for k, v in r.items() if k in keep or k.startswith(OBJECTIVE)}  # OBJECTIVE: issue 23
+                      for r in records if r.get("event") == "train"],
             "eval": [{k: r[k] for k in ("step", "eval_loss", "perplexity") if k in r}
                      for r in records if r.get("event") == "eval"],
         },
@@ -58,6 +60,7 @@ def figures(report: dict) -> dict[str, str]:
         ("loss", "loss", [("train loss", train, "loss"), ("eval loss", evals, "eval_loss")]),
         ("learning_rate", "learning rate", [("lr", train, "lr")]),
         ("tokens_per_second", "tokens / s", [("tokens/s", train, "tokens_per_second")]),
+        *objective_panels(train),
     ]
     for name, ylabel, series in panels:
         drawn = [(label, rows, key) for label, rows, key in series if any(key in r for r in rows)]
@@ -78,6 +81,16 @@ def figures(report: dict) -> dict[str, str]:
         plt.close(fig)
         plots[name] = base64.b64encode(buffer.getvalue()).decode("ascii")
     return plots
+
+
+def objective_panels(train: list[dict]) -> list[tuple]:
+    """Panels of an objective's statistics (train.objective other than sft), grouped by their first
+    name part: implicit rewards together, each scorer's mean reward together, the KL alone, ..."""
+    keys = list(dict.fromkeys(k for r in train for k in r if k.startswith(OBJECTIVE) and not k.endswith("/std")))
+    groups: dict[str, list] = {}
+    for key in keys:
+        groups.setdefault(key[len(OBJECTIVE):].split("/")[0], []).append((key[len(OBJECTIVE):], train, key))
+    return [(f"objective_{name}", f"objective: {name}", series) for name, series in groups.items()]
 
 
 def _fmt(value) -> str:

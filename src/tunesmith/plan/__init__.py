@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 
 from .devices import GPUS, Device, GiB, cpu_overhead, find_device, resident, this_machine
 from .memory import Estimate, Setup, estimate
+from .objectives import describe as describe_objective
+from .objectives import objective_setup
 from .shapes import LINEARS, ModelShape, model_shape
 from .speed import CPU_UTILISATION, GPU_UTILISATION, epoch_seconds, flops_per_token
 
@@ -127,10 +129,11 @@ def setup_from_config(cfg, label_share: float = 1.0, device=None) -> Setup:
 
     dtype = str(compute_dtype(cfg.model.dtype, device)).replace("torch.", "")
     targets = LINEARS if cfg.adapter.target_modules == "all-linear" else tuple(cfg.adapter.target_modules)
-    return Setup(method=cfg.adapter.method, dtype=dtype, batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
-                 gradient_checkpointing=bool(getattr(cfg.adapter, "gradient_checkpointing", False)),
-                 r=cfg.adapter.r, targets=targets, label_share=label_share,
-                 freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing)
+    setup = Setup(method=cfg.adapter.method, dtype=dtype, batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
+                  gradient_checkpointing=bool(getattr(cfg.adapter, "gradient_checkpointing", False)),
+                  r=cfg.adapter.r, targets=targets, label_share=label_share,
+                  freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing)
+    return objective_setup(cfg, setup)  # sequences per example, reference copy (issue 23)
 
 
 def gib(value: float) -> str:
@@ -165,6 +168,9 @@ def format_plan(p: Plan) -> str:
         lines.append(f"time: {p.flops_per_token / 1e9:.2f} GFLOP per token x {p.tokens:,} tokens per epoch "
                      f"(utilisation {GPU_UTILISATION:.0%} of the dense peak on GPUs, {CPU_UTILISATION:.0%} of the "
                      "measured matmul peak here)")
+    objective_line = describe_objective(shape, s)
+    if objective_line:
+        lines.append(objective_line)
     lines.append(f"{'device':<20}{'memory':>10}{'needs':>12}  fits{'  epoch' if p.tokens else ''}")
     for fit in p.fits + ([p.target] if p.target and p.target.device.name not in [f.device.name for f in p.fits] else []):
         epoch = f"  {duration(fit.epoch_seconds)}" if fit.epoch_seconds else ""
@@ -235,6 +241,9 @@ def run_estimate(cfg, train_split, layout: str, device) -> tuple[float, str]:
     setup = setup_from_config(cfg, labels / max(1, sum(lengths)), device)
     setup = changed(setup, batch=examples, seq=longest, tokens=tokens if layout == PADDING_FREE else None,
                     packed_rows=layout == PACKED)
+    if cfg.train.objective != "sft":  # the real micro-batch as the objective runs it (pairs: their sum as one length)
+        setup = objective_setup(cfg, changed(setup, objective="sft", seq=min(cfg.data.max_seq_len, longest + (
+            cfg.train.max_completion_tokens if cfg.train.objective == "grpo" else 0))))
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
     target = gpu_of(device) if device.type == "cuda" else None
     est = estimate_on(shape, changed(setup, head_chunk=cuda_head_chunk(shape)), target) if target \

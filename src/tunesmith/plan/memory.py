@@ -86,6 +86,12 @@ class Setup:
     # Tokens of the largest micro-batch where it is known (a run's real data, padding-free rows);
     # None: batch x seq, the worst case. `seq` is then the longest sequence in it.
     tokens: int | None = None
+    # Objectives (issue 23, plan/objectives.py): `batch` counts sequences (a pair is two, a GRPO
+    # prompt group_size); a full fine-tune whose objective compares with a reference keeps a frozen
+    # copy of the weights; GRPO samples with a KV cache of `sampled_tokens` tokens before each step.
+    objective: str = "sft"
+    reference_copy: bool = False
+    sampled_tokens: int = 0
 
 
 def _method(setup: Setup):
@@ -342,6 +348,8 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
         "working memory": working,
         "framework overhead": overhead,
     }
+    if setup.reference_copy:
+        parts["reference copy"] = shape.total_params * BYTES[setup.dtype]
     return Estimate(setup=setup, shape=shape, parts=parts, trainable=trainable, peak_phase=label,
                     activations_no_ckpt=(shape.layers - 1) * block + first + kept_other, kept_by_head=kept_by_head,
                     activations_ckpt=shape.layers * d.residual * h * tokens + block + kept_other,

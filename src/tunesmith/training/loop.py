@@ -123,18 +123,20 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int, log: MetricLog,
         run_dir: Path | None = None, ranks: distributed.Ranks = distributed.SINGLE, layout: str = PADDED,
-        evaluate: Callable | None = None, utilisation: Callable | None = None) -> FitResult:
+        evaluate: Callable | None = None, utilisation: Callable | None = None, objective=None) -> FitResult:
     """Train the model on `train` (rows already in the run's batch `layout`).
 
     `evaluate(loss_module) -> eval loss` scores the validation split (given through the
     distributed wrapper, which gathers sharded weights); `utilisation(tokens/s) -> MFU` adds the
     model FLOPs utilisation to the progress records. Under torchrun every rank calls fit alike;
-    `log` writes only on rank 0 (api.train hands the others a silent one)."""
+    `log` writes only on rank 0 (api.train hands the others a silent one). `objective` (objectives/,
+    train.objective other than sft) supplies the loss and the step instead of the label loss."""
     torch.manual_seed(cfg.train.seed)
     device = next(model.parameters()).device
     # Looked up at call time, so a test can wrap label_loss_sum; wrapped before the optimizer is
     # built, as FSDP2 replaces the parameters with sharded ones.
-    loss_module, grad_scale = distributed.wrap(model, lambda m, b: label_loss_sum(m, b), ranks, cfg.train.fsdp,
+    loss_fn = objective.loss if objective else (lambda m, b: label_loss_sum(m, b))  # objectives: issue 23
+    loss_module, grad_scale = distributed.wrap(model, loss_fn, ranks, cfg.train.fsdp,
                                                cfg.train.fsdp_offload)
     state_owner = loss_module if ranks.fsdp else model  # what checkpoints save and restore
     params = [p for p in model.parameters() if p.requires_grad]
@@ -179,7 +181,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             indices = next(stream)
             state.micro_batches += len(indices)
             step_loss, tokens, pieces = _step_with_retries(loss_module, train, indices, pieces, pad_id, ranks,
-                                                           grad_scale, layout, cfg, step, optimizer)
+                                                           grad_scale, layout, cfg, step, optimizer, objective)
             grad_norm = _clip(params, cfg.train.max_grad_norm)
             if cfg.train.log_sample_ids:
                 log.write(event="samples", step=step, ids=[i for batch in indices for i in batch])
@@ -211,7 +213,8 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 figures = {"mfu": round(utilisation(speed), 4)} if utilisation else {}
                 log.write(event="train", step=step, loss=step_loss, lr=lr, grad_norm=grad_norm,
                           tokens_per_second=speed, step_seconds=(now - window_start) / window_steps,
-                          tokens=state.train_tokens, **figures, **_device_memory(device))
+                          tokens=state.train_tokens, **figures, **_device_memory(device),
+                          **(objective.step_metrics() if objective else {}))
                 progress.update(step, loss=step_loss, lr=lr, **{"tok/s": int(speed)})
                 window_tokens, window_steps, window_start = 0, 0, now
             stop = False
@@ -286,11 +289,15 @@ def _resume(ckpt_dir: Path, cfg: Config, settings: dict, owner, optimizer, sched
 
 
 def _step_with_retries(loss_module, train: Split, indices, pieces: int, pad_id: int, ranks, grad_scale: float,
-                       layout: str, cfg: Config, step: int, optimizer) -> tuple[float, int, int]:
-    """train_step, cutting the micro-batches in halves after an out-of-memory error where allowed."""
+                       layout: str, cfg: Config, step: int, optimizer, objective=None) -> tuple[float, int, int]:
+    """train_step (or the objective's), cutting the micro-batches in halves after an out-of-memory error where allowed."""
     while True:
         try:
-            loss, tokens = train_step(loss_module, train, indices, pad_id, ranks, grad_scale, layout, pieces)
+            if objective:
+                loss, tokens = objective.train_step(loss_module, train, indices, pad_id, ranks, grad_scale, layout,
+                                                    pieces, step)
+            else:
+                loss, tokens = train_step(loss_module, train, indices, pad_id, ranks, grad_scale, layout, pieces)
             return loss, tokens, pieces
         except RuntimeError as err:
             if not is_out_of_memory(err):

@@ -127,7 +127,20 @@ function trainCharts(records, label = "") {
     chart("chart-lr", "Learning rate", [{ name: "lr", points: pointsOf(records, "train", "lr") }]),
     chart("chart-speed", "Tokens / second", [{ name: "tokens/s", points: pointsOf(records, "train", "tokens_per_second") }]),
     chart("chart-grad", "Gradient norm", [{ name: "grad norm", points: pointsOf(records, "train", "grad_norm") }]),
+    ...objectiveCharts(records),
   ];
+}
+
+// An objective's statistics (train.objective other than sft; metrics.jsonl keys "objective/..."), one chart
+// per first name part: implicit rewards, each scorer's mean reward, the KL, answer length, clipped share.
+function objectiveCharts(records) {
+  const prefix = "objective/";
+  const keys = [...new Set(records.filter((r) => r.event === "train").flatMap(Object.keys))]
+    .filter((k) => k.startsWith(prefix) && !k.endsWith("/std"));
+  const groups = {};
+  for (const key of keys) (groups[key.slice(prefix.length).split("/")[0]] ||= []).push(key);
+  return Object.entries(groups).map(([name, members]) => chart(`chart-objective-${name.replace(/[^\w-]/g, "_")}`,
+    `Objective: ${name}`, members.map((k) => ({ name: k.slice(prefix.length), points: pointsOf(records, "train", k) }))));
 }
 
 // ---- tables ----

@@ -1,0 +1,87 @@
+"""Training objectives: what a run optimises (`train.objective`).
+
+- sft: imitate the answers (training/loss.py; the loop's own path, unchanged);
+- dpo, orpo, simpo: preference pairs, chosen vs rejected (dpo.py, orpo.py, simpo.py);
+- kto: unpaired answers marked desirable or not (kto.py);
+- grpo: answers sampled in groups during training, rewarded by the user's scorers (grpo.py).
+
+Each non-SFT objective is an `Objective` (base.py): data -> batches, batch -> loss sums with their
+counts and statistics; the loop (training/loop.py fit) calls its `train_step` and records its
+statistics, everything else (methods, checkpoints, resume, early stopping, evaluation, export,
+several processes) is the same as for SFT. This module stays light (no torch): the config and the
+plan read the names from here.
+"""
+from __future__ import annotations
+
+from .settings import DEFAULT_BETA, OBJECTIVE_NAMES
+
+NAMES = OBJECTIVE_NAMES
+DESCRIPTIONS = {
+    "sft": "imitate the answers (supervised fine-tuning)",
+    "dpo": "prefer chosen over rejected answers, relative to the starting model (reference)",
+    "orpo": "SFT on the chosen answers plus an odds-ratio preference term; no reference",
+    "kto": "unpaired answers marked desirable or undesirable, relative to the reference",
+    "simpo": "prefer chosen over rejected by length-normalised log-probability; no reference",
+    "grpo": "sample groups of answers, reward them with your scorers, reinforce the better ones",
+}
+DATA_KIND = {"dpo": "pairs", "orpo": "pairs", "simpo": "pairs", "kto": "unpaired", "grpo": "prompts"}
+
+
+def needs_reference(train_cfg) -> bool:
+    """Whether the objective compares with a reference policy (GRPO only with a KL term, beta > 0)."""
+    objective = train_cfg.objective
+    return objective in ("dpo", "kto") or (objective == "grpo" and train_cfg.objective_beta() > 0)
+
+
+def prepare_data(cfg, tokenizer):
+    """The run's splits for a non-SFT objective (data/preference.py, data/prompts.py)."""
+    kind = DATA_KIND[cfg.train.objective]
+    if kind == "prompts":
+        from ..data.prompts import prepare_prompts
+
+        return prepare_prompts(cfg.data, tokenizer, cfg.train.max_completion_tokens)
+    from ..data.preference import prepare_preference
+
+    return prepare_preference(cfg.data, tokenizer, kind)
+
+
+def build(cfg, model, tokenizer, method, device, layout: str):
+    """The objective of a run, its reference set up (the adapters disabled, or a frozen copy)."""
+    from ..errors import UserError
+    from .logps import Reference
+
+    if cfg.data.packing:
+        raise UserError(f"data.packing applies to train.objective=sft only, not {cfg.train.objective}")
+    if cfg.train.fsdp:
+        raise UserError(f"train.fsdp is not supported with train.objective={cfg.train.objective} yet; use DDP")
+    reference = None
+    if needs_reference(cfg.train):
+        copy = _reference_copy(cfg, method, device) if method.trains_all_weights else None
+        reference = Reference(model, copy)
+    pad_id = tokenizer.pad_token_id
+    name = cfg.train.objective
+    if name == "grpo":
+        from .grpo import GRPO
+
+        return GRPO(cfg, reference, layout, pad_id, tokenizer)
+    from .dpo import DPO
+    from .kto import KTO
+    from .orpo import ORPO
+    from .simpo import SimPO
+
+    return {"dpo": DPO, "orpo": ORPO, "kto": KTO, "simpo": SimPO}[name](cfg, reference, layout, pad_id)
+
+
+def _reference_copy(cfg, method, device):
+    """Full fine-tuning changes every weight: the reference is a second, frozen copy of the base."""
+    from .. import accel
+    from ..device import compute_dtype
+
+    copy = method.load_base(cfg.model.name, compute_dtype(cfg.model.dtype, device), device, cfg.model.trust_remote_code)
+    for param in copy.parameters():
+        param.requires_grad_(False)
+    accel.apply(copy, device, cfg.train.fast_paths)  # the same attention, so it reads the run's batch layout
+    return copy.eval()
+
+
+__all__ = ["NAMES", "DESCRIPTIONS", "DEFAULT_BETA", "needs_reference", "prepare_data", "build"]

@@ -1,0 +1,125 @@
+"""What every objective shares: the optimizer step over micro-batches, normalised once per step.
+
+An objective turns a micro-batch's examples into a `Batch` (tensors, plus counts known on the
+host: pairs, answer tokens, ...) and a batch into loss *sums* per count (`terms`) and statistics.
+The step divides each term by its count over the whole optimizer step (all micro-batches, all
+ranks), as SFT divides by the step's label tokens (training/loop.py train_step): batch 8 x
+accumulation 1 and batch 1 x accumulation 8 give the same gradients, except where an objective
+estimates something per micro-batch (KTO's KL term, GRPO's groups, which never span two).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..device import to_device
+from ..training import distributed
+
+
+@dataclass
+class Batch:
+    tensors: dict  # collated sequences (objectives/logps.py sequence_batch) and per-example values
+    counts: dict[str, int]  # term name -> what its sum is divided by, summed over the step
+    tokens: int = 0  # tokens processed (for tokens/s)
+    stats: dict[str, tuple[float, float]] = field(default_factory=dict)  # host statistics: name -> (sum, count)
+
+
+def stat(values: torch.Tensor) -> torch.Tensor:
+    """(sum, count) of a statistic's values, detached, for averaging over a step."""
+    values = values.detach().float().reshape(-1)
+    return torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+
+
+class Objective:
+    """Subclasses set `name` and implement `batch` and `loss`; `train_step` and `evaluate` are shared."""
+
+    name = "objective"
+    terms: tuple[str, ...] = ()  # the names of the loss sums `loss` returns, each with its count in Batch.counts
+
+    def __init__(self, cfg, reference=None, layout: str = "padded", pad_id: int = 0):
+        self.cfg, self.train_cfg = cfg, cfg.train
+        self.beta = cfg.train.objective_beta()
+        self.reference, self.layout, self.pad_id = reference, layout, pad_id
+        self.last_metrics: dict[str, float] = {}
+
+    # Implemented by each objective
+    def batch(self, examples: list, key=None) -> Batch:
+        """`key` identifies the micro-batch in the run (its step and examples), for seeding what it samples."""
+        raise NotImplementedError
+
+    def loss(self, model, tensors: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(loss sum per count name, statistics as stat() pairs)."""
+        raise NotImplementedError
+
+    def prepare(self, model, splits: list) -> None:
+        """Work done once before training (precomputed reference log-probs); nothing by default."""
+
+    # Shared
+    def train_step(self, loss_module, train, indices: list[list[int]], pad_id: int,
+                   ranks: distributed.Ranks = distributed.SINGLE, grad_scale: float = 1.0, layout: str = "padded",
+                   pieces: int = 1, step: int = 0) -> tuple[float, int]:
+        """Forward and backward over one optimizer step (training/loop.py train_step's signature, and
+        the step's number); returns (loss, tokens) and keeps the step's statistics in `last_metrics`."""
+        device = next(loss_module.parameters()).device
+        parts = [piece for batch in indices for piece in _cut(batch, pieces)]
+        built = []
+        for part in parts:  # all batches first: GRPO samples its answers here, and the counts must be known
+            mine = ranks.take(part)
+            examples = mine or part[:1]
+            built.append((self.batch([train.encoded[i] for i in examples], key=(step, tuple(examples))), bool(mine)))
+        totals = dict(zip(self.terms, ranks.sum(*[sum(b.counts[k] for b, mine in built if mine) for k in self.terms])))
+        loss_total = torch.zeros((), dtype=torch.float32, device=device)
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for number, (batch, mine) in enumerate(built):
+            with distributed.no_sync(loss_module, last=number == len(built) - 1):
+                terms, stats = loss_module(on_device(batch.tensors, device))
+                loss = sum(value / max(1.0, totals[key]) for key, value in terms.items())
+                (loss * (grad_scale if mine else 0.0)).backward()
+            if mine:
+                loss_total += loss.detach().float()
+                tokens += batch.tokens
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0) + value.detach().float().cpu()
+                for key, (total, count) in batch.stats.items():
+                    sums[key] = sums.get(key, 0) + torch.tensor([total, count])
+        keys = sorted(sums)
+        flat = ranks.sum(float(loss_total), tokens, *[float(v) for key in keys for v in sums[key]])
+        self.last_metrics = {key: flat[2 + 2 * n] / flat[3 + 2 * n] for n, key in enumerate(keys) if flat[3 + 2 * n]}
+        return flat[0], int(flat[1])
+
+    def step_metrics(self) -> dict[str, float]:
+        """The last step's statistics, for the training records (metrics.jsonl)."""
+        return {f"objective/{key}": round(value, 6) for key, value in self.last_metrics.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model, split, batch_size: int, ranks: distributed.Ranks = distributed.SINGLE) -> float:
+        """The objective's loss over a split (each term divided by its count over the whole split)."""
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        sums = dict.fromkeys(self.terms, 0.0)
+        counts = dict.fromkeys(self.terms, 0.0)
+        for start in range(ranks.rank * batch_size, len(split), batch_size * ranks.world):
+            batch = self.batch(split.encoded[start:start + batch_size])
+            terms, _ = self.loss(model, on_device(batch.tensors, device))
+            for key in self.terms:
+                sums[key] += float(terms[key])
+                counts[key] += batch.counts[key]
+        model.train(was_training)
+        flat = ranks.sum(*sums.values(), *counts.values())
+        return sum(flat[i] / max(1.0, flat[len(self.terms) + i]) for i in range(len(self.terms)))
+
+
+def _cut(batch: list[int], pieces: int) -> list[list[int]]:
+    """A micro-batch in `pieces` parts (after an out-of-memory error)."""
+    size = max(1, math.ceil(len(batch) / pieces))
+    return [batch[i:i + size] for i in range(0, len(batch), size)]
+
+
+def on_device(tensors: dict, device) -> dict:
+    """A batch's tensors on the run's device, nested batches (KTO's answers and KL sequences) too."""
+    moved = to_device(tensors, device)
+    return {k: on_device(v, device) if isinstance(v, dict) else v for k, v in moved.items()}

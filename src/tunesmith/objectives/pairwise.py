@@ -1,0 +1,69 @@
+"""What the pair objectives (DPO, ORPO, SimPO) share: a micro-batch of pairs as one batch of
+sequences, chosen answers first and rejected ones after (one forward for both), and the
+per-sequence log-probabilities of the policy and, where needed, of the reference."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Batch, Objective, stat
+from .logps import per_sequence, sequence_batch, token_logps
+
+
+class PairObjective(Objective):
+    terms = ("pairs",)
+    uses_reference = False
+
+    def batch(self, examples: list, key=None) -> Batch:
+        sequences = [e.chosen for e in examples] + [e.rejected for e in examples]
+        tensors = sequence_batch(sequences, self.layout, self.pad_id)
+        if self.uses_reference and all(e.reference is not None for e in examples):
+            tensors["reference"] = torch.tensor([e.reference[0] for e in examples] + [e.reference[1] for e in examples])
+        return Batch(tensors, {"pairs": len(examples)}, sum(len(s.input_ids) for s in sequences))
+
+    def policy(self, model, tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs summed per sequence, label tokens per sequence), chosen first, for the model being trained."""
+        return per_sequence(token_logps(model, tensors), tensors), tensors["sequence_labels"]
+
+    def reference_logps(self, model, tensors: dict) -> torch.Tensor:
+        """The reference's summed log-probs per sequence: precomputed, or one forward without gradients."""
+        if "reference" in tensors:
+            return tensors["reference"].float()
+        return per_sequence(self.reference.token_logps(tensors, model), tensors)
+
+    def prepare(self, model, splits: list) -> None:
+        """train.precompute_ref: every example's reference log-probs, once, before training."""
+        if not (self.uses_reference and self.train_cfg.precompute_ref):
+            return
+        for split in splits:
+            examples = split.encoded
+            for start in range(0, len(examples), self.train_cfg.batch_size):
+                chunk = examples[start:start + self.train_cfg.batch_size]
+                for example in chunk:
+                    example.reference = None
+                tensors = self.batch(chunk).tensors
+                values = self.reference_logps(model, tensors).tolist()
+                for example, row in zip(chunk, self.by_example(values, len(chunk))):
+                    example.reference = row
+
+    @staticmethod
+    def by_example(values: list[float], n: int) -> list[list[float]]:
+        """Per-sequence values (all first sequences, then all second ones) regrouped per example."""
+        return [list(values[i::n]) for i in range(n)]
+
+
+def halves(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) values of a pair batch."""
+    return values.chunk(2)
+
+
+def preference_loss(margin: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """-log sigmoid(margin), with a share `smoothing` of the labels taken as flipped (conservative DPO)."""
+    loss = -F.logsigmoid(margin) * (1 - smoothing)
+    return loss - F.logsigmoid(-margin) * smoothing if smoothing else loss
+
+
+def reward_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The implicit rewards of chosen and rejected answers, how often chosen wins, and by how much."""
+    return {"rewards/chosen": stat(chosen), "rewards/rejected": stat(rejected),
+            "rewards/accuracy": stat((chosen > rejected).float()), "rewards/margin": stat(chosen - rejected)}

@@ -1,0 +1,56 @@
+"""Rewards from the user's scorers: `module:function`, called as function(prediction, reference)
+like `eval.scorer` (eval/metrics.py load_scorer), weighted and summed.
+
+A scorer returns a number, or a dict of numbers: then its 'reward' or 'score' entry counts, else
+the mean of its entries (eval/metrics.py json_example_scores, for instance, gives JSON validity,
+all fields right and each field right). Without scorers the reference's own metric is the reward:
+the share of JSON fields right where the reference is a JSON object, else ROUGE-L.
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import UserError
+from ..eval.metrics import json_example_scores, load_scorer, parse_json_object, rouge_l
+
+
+def reference_metric(prediction: str, reference: str) -> float:
+    """The share of the reference's JSON fields the prediction gets right, or ROUGE-L for text."""
+    if parse_json_object(reference) is not None:
+        row = json_example_scores(prediction, reference)
+        fields = [v for k, v in row.items() if k.startswith("field/")]
+        return sum(fields) / max(1, len(fields))
+    return rouge_l(prediction, reference)
+
+
+def scalar(value, name: str) -> float:
+    """A scorer's result as one number."""
+    if isinstance(value, dict):
+        picked = value.get("reward", value.get("score"))
+        value = picked if picked is not None else (sum(value.values()) / len(value) if value else None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"reward {name}: returned {value!r}; expected a finite number (or a dict of them)")
+    return float(value)
+
+
+class Rewards:
+    def __init__(self, specs: list[str], weights: list[float] | None = None):
+        if specs:
+            self.scorers = [(spec.rpartition(":")[2], load_scorer(spec)) for spec in specs]
+        else:
+            self.scorers = [("reference", reference_metric)]
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.scorers)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.scorers]
+
+    def score(self, answers: list[str], references: list[str | None]) -> tuple[list[float], dict[str, list[float]]]:
+        """(weighted total per answer, each scorer's values)."""
+        each: dict[str, list[float]] = {}
+        for name, scorer in self.scorers:
+            if scorer is reference_metric and any(r is None for r in references):
+                raise UserError("a prompt has no reference, so the reward needs scorers: set train.rewards")
+            each[name] = [scalar(scorer(a, r), name) for a, r in zip(answers, references)]
+        totals = [sum(w * each[name][i] for w, name in zip(self.weights, each)) for i in range(len(answers))]
+        return totals, each

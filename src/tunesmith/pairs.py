@@ -1,0 +1,80 @@
+"""`tunesmith pairs`: preference pairs from your own scorer, ready for DPO (or ORPO, SimPO).
+
+For every prompt (data/prompts.py: `prompt` with an optional `reference`, or SFT records whose last
+answer is the reference) N answers are sampled from a model or run, each is scored with the
+scorer (`module:function`, called as function(answer, reference); without one, the reference's own
+metric: JSON fields right, else ROUGE-L), and the best and the worst answer become a pair, with
+their scores. Prompts whose answers all score the same (within `min_margin`) give no pair.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import DataConfig
+from .errors import UserError
+from .runs import RunFolder
+
+
+def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = None, out: str | None = None,
+               temperature: float = 1.0, max_new_tokens: int = 96, batch_size: int = 16, seed: int = 0,
+               min_margin: float = 0.0, limit: int | None = None, device: str = "auto") -> dict:
+    """Write chosen/rejected pairs (JSONL, TRL's conversational form plus scores); returns a summary."""
+    from .data.prompts import encode_prompts, read_prompts
+    from .device import resolve
+    from .objectives.rewards import Rewards
+    from .objectives.rollout import sample, stream_seed
+    from .progress import Progress
+    from .runs import load_trained
+
+    if samples < 2:
+        raise UserError("pairs: --samples must be at least 2 (a pair needs two answers)")
+    if not Path(data).exists():
+        raise UserError(f"{data}: data file not found")
+    target = Path(out) if out else (RunFolder(model).path / "pairs.jsonl" if RunFolder(model).is_run() else Path("pairs.jsonl"))
+    problems: list = []
+    prompts, references, origins, _ = read_prompts(data, DataConfig(train=data), problems)
+    for problem in problems[:5]:
+        print(f"  skipped {problem}", file=sys.stderr)
+    prompts, references = prompts[:limit], references[:limit]
+    if not prompts:
+        raise UserError(f"{data}: no usable prompts ({len(problems)} problems)")
+    rewards = Rewards([scorer] if scorer else [])
+    loaded, tokenizer, _ = load_trained(model, device=resolve(device))
+    ids = encode_prompts(tokenizer, prompts)
+    started = time.perf_counter()
+    progress = Progress(len(prompts), "pairs", unit="prompt")
+    written, ties, chosen_scores, rejected_scores, all_scores = 0, 0, [], [], []
+    per_call = max(1, batch_size // samples)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "w", encoding="utf-8") as handle:
+        for start in range(0, len(prompts), per_call):
+            chunk = range(start, min(start + per_call, len(prompts)))
+            answers = sample(loaded, [ids[i] for i in chunk], samples, max_new_tokens, temperature,
+                             tokenizer.pad_token_id, tokenizer.eos_token_id, stream_seed(seed, start), batch_size)
+            texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+            scores, _ = rewards.score(texts, [references[i] for i in chunk for _ in range(samples)])
+            all_scores += scores
+            for number, i in enumerate(chunk):
+                group = list(zip(scores[number * samples:(number + 1) * samples], texts[number * samples:(number + 1) * samples]))
+                best, worst = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
+                if best[0] - worst[0] <= min_margin or best[1] == worst[1]:
+                    ties += 1
+                    continue
+                row = {"prompt": prompts[i], "chosen": [{"role": "assistant", "content": best[1]}],
+                       "rejected": [{"role": "assistant", "content": worst[1]}],
+                       "score_chosen": best[0], "score_rejected": worst[0]}
+                if references[i] is not None:
+                    row["reference"] = references[i]
+                handle.write(json.dumps(row) + "\n")
+                written += 1
+                chosen_scores.append(best[0])
+                rejected_scores.append(worst[0])
+            progress.update(chunk[-1] + 1)
+    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
+    return {"pairs": written, "prompts": len(prompts), "samples": samples, "ties_skipped": ties,
+            "skipped_records": len(problems), "scorer": scorer or "reference metric", "out": str(target),
+            "mean_score": mean(all_scores), "mean_chosen_score": mean(chosen_scores),
+            "mean_rejected_score": mean(rejected_scores), "seconds": round(time.perf_counter() - started, 1)}

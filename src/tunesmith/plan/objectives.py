@@ -1,0 +1,53 @@
+"""What an objective (train.objective, issue 23) adds to a run's memory, for `tunesmith plan` and the
+plan said at the start of a run.
+
+- dpo, orpo, simpo: a micro-batch of `batch_size` pairs is 2 x batch_size sequences, all kept for
+  the backward (chosen and rejected go through one forward);
+- kto: each answer's KL sequence runs without gradients, so only the answers are kept;
+- grpo: `batch_size` prompts with group_size sampled answers each: batch_size x group_size
+  sequences of up to max_seq_len tokens; sampling first holds a KV cache for them (freed before the
+  training forward, so it is not part of the training peak, and is reported beside it);
+- the reference (dpo, kto; grpo with beta > 0) costs nothing for adapter methods (the adapters are
+  disabled) and its forward runs without gradients before the policy's; a full fine-tune keeps a
+  frozen copy of the weights.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .memory import BYTES, Setup
+from .shapes import ModelShape
+
+SEQUENCES_PER_EXAMPLE = {"dpo": 2, "orpo": 2, "simpo": 2}
+
+
+def objective_setup(cfg, setup: Setup) -> Setup:
+    """`setup` (one micro-batch of SFT examples) as the configured objective runs it."""
+    from ..methods import get
+    from ..objectives import needs_reference
+
+    train = cfg.train
+    objective = getattr(train, "objective", "sft")
+    if objective == "sft":
+        return setup
+    per_example = train.group_size if objective == "grpo" else SEQUENCES_PER_EXAMPLE.get(objective, 1)
+    sampled = setup.batch * train.group_size * setup.seq if objective == "grpo" else 0
+    return replace(setup, batch=setup.batch * per_example, objective=objective, sampled_tokens=sampled,
+                   tokens=setup.tokens * per_example if setup.tokens else None,
+                   reference_copy=get(setup.method).trains_all_weights and needs_reference(train))
+
+
+def sampling_cache_bytes(shape: ModelShape, setup: Setup) -> float:
+    """GRPO's KV cache while it samples (keys and values of every layer, every sampled token)."""
+    return 2 * shape.layers * shape.kv_width * BYTES[setup.dtype] * setup.sampled_tokens
+
+
+def describe(shape: ModelShape, setup: Setup) -> str | None:
+    """One line about the objective for the plan's output, or None for SFT."""
+    if setup.objective == "sft":
+        return None
+    reference = "a frozen copy of the weights" if setup.reference_copy else "no extra weights"
+    line = f"objective: {setup.objective}, micro-batches of {setup.batch} sequences; reference: {reference}"
+    if setup.sampled_tokens:
+        line += f"; sampling holds a KV cache of {sampling_cache_bytes(shape, setup) / 2**30:.2f} GiB before each step"
+    return line

@@ -1,0 +1,126 @@
+"""Preference data (pairs, KTO) and GRPO prompts: read, checked with file:line reasons, masked as SFT
+masks (the loss on the answer and its end-of-turn token only), and reported by `data check`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import write_jsonl
+from tunesmith.config import DataConfig
+from tunesmith.data.check import check_data
+from tunesmith.data.preference import PAIRS, UNPAIRED, answer_start, prepare_preference
+from tunesmith.data.prompts import prepare_prompts
+from tunesmith.data.tokenize import IGNORE
+from tunesmith.errors import UserError
+
+CHAT_PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"},
+               {"role": "assistant", "content": "hi"}, {"role": "user", "content": "Again"}]
+GOOD = [
+    {"prompt": "Repeat: alpha beta", "chosen": "alpha beta", "rejected": "gamma"},
+    {"prompt": CHAT_PROMPT, "chosen": [{"role": "assistant", "content": "hi again"}],
+     "rejected": [{"role": "assistant", "content": "no"}]},
+    {"chosen": [{"role": "user", "content": "Repeat: delta"}, {"role": "assistant", "content": "delta"}],
+     "rejected": [{"role": "user", "content": "Repeat: delta"}, {"role": "assistant", "content": "omega"}]},
+]
+BAD = [
+    "{not json",
+    {"prompt": "Repeat: x", "chosen": "x"},  # missing rejected
+    {"prompt": "Repeat: y", "chosen": "y", "rejected": " y "},  # chosen equals rejected
+    {"prompt": "Repeat: z", "chosen": "", "rejected": "q"},  # empty side
+    {"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "a"}],
+     "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "b"}]},  # prompts differ
+    {"prompt": "Repeat: w", "chosen": 3, "rejected": "w"},  # wrong type
+    {"prompt": "Repeat: v", "chosen": [{"role": "assistant", "content": "v"}, {"role": "assistant", "content": "v"}],
+     "rejected": "u"},  # not one answer
+]
+
+
+def data_cfg(path, **extra) -> DataConfig:
+    return DataConfig(train=str(path), validation=str(path), **extra)
+
+
+def answer_tokens(encoded) -> list[int]:
+    return [t for t in encoded.labels if t != IGNORE]
+
+
+def test_pairs_in_every_form_are_masked_like_sft(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
+    split = prepare_preference(data_cfg(path), tiny_tokenizer, PAIRS).splits["train"]
+    assert len(split) == 3
+    eos = tiny_tokenizer.eos_token_id
+    for pair, answers in zip(split.encoded, [("alpha beta", "gamma"), ("hi again", "no"), ("delta", "omega")]):
+        for encoded, text in zip((pair.chosen, pair.rejected), answers):
+            labelled = answer_tokens(encoded)
+            assert labelled[-1] == eos  # the end-of-turn token is learned
+            assert tiny_tokenizer.decode(labelled[:-1]).strip() == text  # nothing but the answer carries a loss
+            start = answer_start(encoded)
+            assert encoded.labels[start:start + len(labelled)] == labelled  # one contiguous run
+        # both sides share the prompt tokens exactly
+        assert pair.chosen.input_ids[:answer_start(pair.chosen)] == pair.rejected.input_ids[:answer_start(pair.rejected)]
+    # the chat prompt's earlier assistant turn ("hi") is context, not learned
+    assert tiny_tokenizer.decode(answer_tokens(split.encoded[1].chosen)).count("hi") == 1
+
+
+def test_bad_pairs_are_reported_with_file_line_and_reason(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", GOOD[:1] + BAD)
+    prepared = prepare_preference(data_cfg(path), tiny_tokenizer, PAIRS)
+    reasons = {p.line: (p.kind, p.reason) for p in prepared.problems if p.file == str(path)}
+    kinds = {line: kind for line, (kind, _) in reasons.items()}
+    assert kinds == {2: "broken JSON", 3: "missing field", 4: "chosen equals rejected", 5: "empty text",
+                     6: "prompts differ", 7: "wrong type", 8: "not one answer"}
+    assert "'rejected'" in reasons[3][1] and "field 'chosen' must be text" in reasons[7][1]
+    assert len(prepared.splits["train"]) == 1
+
+
+def test_over_long_pairs_follow_the_length_policy(tiny_tokenizer, tmp_path):
+    rows = [GOOD[0], {"prompt": "Repeat: " + "alpha " * 200, "chosen": "alpha", "rejected": "beta"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    prepared = prepare_preference(data_cfg(path, max_seq_len=64), tiny_tokenizer, PAIRS)
+    assert [p.line for p in prepared.problems if "max_seq_len" in p.reason] == [2, 2]  # both validation and train read
+    with pytest.raises(UserError, match=":2: example has"):
+        prepare_preference(data_cfg(path, max_seq_len=64, overlong="error"), tiny_tokenizer, PAIRS)
+
+
+def test_kto_records_and_their_mismatched_kl_sequences(tiny_tokenizer, tmp_path):
+    rows = [{"prompt": f"Repeat: {w}", "completion": w, "label": i % 2 == 0} for i, w in enumerate(["alpha", "beta", "gamma"])]
+    rows.append({"prompt": "Repeat: x", "completion": "x", "label": "yes"})
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    prepared = prepare_preference(data_cfg(path), tiny_tokenizer, UNPAIRED)
+    assert [(p.line, p.kind) for p in prepared.problems][:1] == [(4, "wrong type")]
+    examples = prepared.splits["train"].encoded
+    assert [e.desirable for e in examples] == [True, False, True]
+    for index, example in enumerate(examples):  # this prompt with the previous example's answer
+        previous = examples[index - 1].completion
+        assert example.kl.input_ids[:answer_start(example.kl)] == example.completion.input_ids[:answer_start(example.completion)]
+        assert answer_tokens(example.kl) == answer_tokens(previous)
+
+
+def test_preference_objectives_refuse_the_demo_task(tiny_tokenizer):
+    with pytest.raises(UserError, match="tunesmith pairs"):
+        prepare_preference(DataConfig(train="demo"), tiny_tokenizer, PAIRS)
+
+
+def test_prompts_from_prompt_records_and_sft_records(tiny_tokenizer, tmp_path):
+    rows = [{"prompt": "Repeat: alpha", "reference": "alpha"},
+            {"prompt": [{"role": "user", "content": "Repeat: beta"}]},
+            {"messages": [{"role": "user", "content": "Repeat: gamma"}, {"role": "assistant", "content": "gamma"}]},
+            {"prompt": "Repeat: " + "alpha " * 100, "reference": "x"},
+            {"prompt": "", "reference": "x"}]
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    prepared = prepare_prompts(data_cfg(path, max_seq_len=64), tiny_tokenizer, answer_tokens=16)
+    split = prepared.splits["train"]
+    assert [p.reference for p in split.encoded] == ["alpha", None, "gamma"]
+    assert {(p.line, p.kind) for p in prepared.problems} == {(4, "longer than max_seq_len"), (5, "empty text")}
+    # rendered as evaluation renders a prompt: ends with the generation prompt
+    assert tiny_tokenizer.decode(split.encoded[0].input_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_data_check_reports_preference_data_like_sft_data(tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", GOOD + BAD)
+    report = check_data(str(path), str(tiny_model_dir), tmp_path / "check")
+    assert report["formats"] == {"pairs (text)": 1, "pairs (chat)": 2}
+    assert report["dropped"]["chosen equals rejected"] == {"count": 1, "first": [f"{path}:6"]}
+    assert report["dropped"]["prompts differ"]["first"] == [f"{path}:8"]
+    assert sum(report["examples"].values()) == 3 and report["label_tokens"] > 0
+    assert json.loads((tmp_path / "check" / "report.json").read_text())["records"] == 10

@@ -1,0 +1,168 @@
+"""GRPO on a fixed batch of answers and rewards: group-normalised advantages, the clipped policy ratio,
+the KL to the reference (the adapters disabled) and the three normalisations, against a hand
+computation of the formula from full-vocabulary logits and against TRL's GRPOTrainer loss."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import assert_same_gradients, gradients, lora_model
+from tunesmith.config import validate
+from tunesmith.data.collate import PADDED, PADDING_FREE
+from tunesmith.models import load_model
+from tunesmith.objectives.grpo import GRPO, group_advantages
+from tunesmith.objectives.logps import Reference
+from tunesmith.objectives.rewards import Rewards, reference_metric, scalar
+
+TEMPERATURE, EPSILON, GROUP, MAX_ANSWER = 0.7, 0.2, 3, 7
+REWARDS = [1.0, 0.0, 0.5, 0.2, 0.2, 0.9]
+
+
+def fixed_batch(tokenizer):
+    """Two prompts of equal length (TRL left-pads prompts; equal lengths keep positions alike), three
+    answers each of different lengths, ending with the end-of-turn token (or cut at MAX_ANSWER)."""
+    from tunesmith.data.prompts import encode_prompts
+
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": "Repeat: alpha beta"}],
+                                         [{"role": "user", "content": "Repeat: beta alpha"}]])
+    assert len(prompts[0]) == len(prompts[1])
+    generator = torch.Generator().manual_seed(1)
+    eos = tokenizer.eos_token_id
+    answers = []
+    for length in (3, 7, 5, 2, 6, 7):
+        body = torch.randint(3, len(tokenizer), (length,), generator=generator).tolist()
+        answers.append(body[:-1] + [eos] if length < MAX_ANSWER else body)
+    return [p for p in prompts for _ in range(GROUP)], answers
+
+
+def grpo(beta: float, loss: str, layout: str, tokenizer, model):
+    cfg = validate({"train": {"objective": "grpo", "beta": beta, "grpo_loss": loss, "group_size": GROUP,
+                              "temperature": TEMPERATURE, "clip_epsilon": EPSILON, "max_completion_tokens": MAX_ANSWER,
+                              "rewards": ["tunesmith.objectives.rewards:reference_metric"]}})
+    return GRPO(cfg, Reference(model) if beta else None, layout, tokenizer.pad_token_id, tokenizer)
+
+
+def old_logps_for(model, prompts, answers) -> list[torch.Tensor]:
+    """The sampling policy's log-probs: the current ones shifted by up to +-0.35, so that some ratios
+    fall outside [1 - eps, 1 + eps] and are clipped."""
+    generator = torch.Generator().manual_seed(2)
+    return [logps.detach() + (torch.rand(len(a), generator=generator) - 0.5) * 0.7
+            for logps, a in zip(hand_logps(model, prompts, answers), answers)]
+
+
+def hand_logps(model, prompts, answers) -> list[torch.Tensor]:
+    """Per answer token: log softmax(logits / T) from the plain full-vocabulary forward, one sequence at a time."""
+    out = []
+    for prompt, answer in zip(prompts, answers):
+        ids = torch.tensor([prompt + answer])
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float() / TEMPERATURE
+        out.append(torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(answer)[:, None]).squeeze(1))
+    return out
+
+
+def hand_loss(model, prompts, answers, advantages, old, beta, loss):
+    logps = hand_logps(model, prompts, answers)
+    if beta:
+        with torch.no_grad(), model.disable_adapter():
+            reference = hand_logps(model, prompts, answers)
+    per_answer = []
+    for i, lp in enumerate(logps):
+        ratio = torch.exp(lp - old[i])
+        a = float(advantages[i])
+        clipped = torch.clamp(ratio, 1 - EPSILON, 1 + EPSILON)
+        term = -torch.minimum(ratio * a, clipped * a)
+        if beta:
+            d = reference[i] - lp
+            term = term + beta * (torch.exp(d) - d - 1) * ratio  # the KL weighted by the ratio (DeepSeek-V3.2)
+        per_answer.append(term)
+    if loss == "dapo":
+        return sum(t.sum() for t in per_answer) / sum(len(t) for t in per_answer)
+    if loss == "dr_grpo":
+        return sum(t.sum() for t in per_answer) / (len(per_answer) * MAX_ANSWER)
+    return sum(t.mean() for t in per_answer) / len(per_answer)
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor(REWARDS)
+    advantages, std = group_advantages(rewards, GROUP)
+    for g in range(2):
+        group = REWARDS[g * GROUP:(g + 1) * GROUP]
+        mean = sum(group) / GROUP
+        sd = math.sqrt(sum((r - mean) ** 2 for r in group) / (GROUP - 1))  # Bessel-corrected
+        assert std[g] == pytest.approx(sd, rel=1e-6)
+        for k, r in enumerate(group):
+            assert advantages[g * GROUP + k] == pytest.approx((r - mean) / (sd + 1e-4), rel=1e-5)
+    unscaled, _ = group_advantages(rewards, GROUP, scale=False)
+    assert unscaled[0] == pytest.approx(1.0 - 0.5, rel=1e-6)
+    same, _ = group_advantages(torch.tensor([0.3] * 3), GROUP)
+    assert torch.equal(same, torch.zeros(3))  # a group that all scores alike teaches nothing
+
+
+def test_rewards_weighted_scalars_and_the_reference_metric():
+    assert reference_metric('{"a": 1, "b": 2}', '{"a": 1, "b": 3}') == 0.5
+    assert reference_metric("not json", '{"a": 1}') == 0.0
+    assert scalar({"reward": 0.25, "other": 9}, "s") == 0.25 and scalar({"x": 1, "y": 0}, "s") == 0.5
+    rewards = Rewards(["tunesmith.objectives.rewards:reference_metric", "tunesmith.eval.metrics:token_f1"], [2.0, 1.0])
+    totals, each = rewards.score(['{"a": 1}'], ['{"a": 1}'])
+    assert each["reference_metric"] == [1.0] and totals == [2.0 + each["token_f1"][0]]
+
+
+@pytest.mark.parametrize("fast,layout", [(True, PADDING_FREE), (False, PADDED)])
+@pytest.mark.parametrize("beta,loss", [(0.05, "dapo"), (0.0, "dr_grpo"), (0.1, "grpo")])
+def test_grpo_loss_equals_the_formula_and_trl(tiny_model_dir, tiny_tokenizer, tmp_path, fast, layout, beta, loss):
+    pytest.importorskip("trl", reason="TRL (pip install -e '.[bench]') is the reference this test compares with")
+    from trl import GRPOConfig, GRPOTrainer
+
+    prompts, answers = fixed_batch(tiny_tokenizer)
+    advantages, _ = group_advantages(torch.tensor(REWARDS), GROUP)
+    mine = lora_model(load_model(str(tiny_model_dir)), seed=3, fast_paths=fast)
+    plain = lora_model(load_model(str(tiny_model_dir)), seed=3, fast_paths=False)
+    old = old_logps_for(plain, prompts, answers)
+
+    objective = grpo(beta, loss, layout, tiny_tokenizer, mine)
+    batch = objective.rollout_batch(prompts, answers, advantages, old_logps=torch.cat(old))
+    terms, stats = objective.loss(mine, batch.tensors)
+    ours = sum(value / batch.counts[key] for key, value in terms.items())
+    ours.backward()
+    ours = ours.detach()
+    assert 0 < stats["clip_fraction"][0] < stats["clip_fraction"][1]  # some ratios, not all, were clipped
+
+    expected = hand_loss(plain, prompts, answers, advantages, old, beta, loss)
+    expected.backward()
+    expected = expected.detach()
+    assert float(ours) == pytest.approx(float(expected), rel=1e-5, abs=1e-7)
+    assert_same_gradients(gradients(plain), gradients(mine), 1e-4)
+
+    # TRL's GRPOTrainer loss on the same inputs
+    trl_model = lora_model(load_model(str(tiny_model_dir)), seed=3, fast_paths=False)
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False,
+                      gradient_checkpointing=False, per_device_train_batch_size=6, num_generations=GROUP,
+                      max_completion_length=MAX_ANSWER, beta=beta, epsilon=EPSILON, loss_type=loss,
+                      temperature=TEMPERATURE)
+    from datasets import Dataset
+
+    trainer = GRPOTrainer(model=trl_model, reward_funcs=lambda prompts, completions, **kw: [0.0] * len(completions),
+                          args=args, train_dataset=Dataset.from_list([{"prompt": "Repeat: alpha"}] * 6),
+                          processing_class=tiny_tokenizer)
+    if "ref" in trainer.model.peft_config:  # TRL's reference for an existing adapter; tunesmith's is the base
+        trainer.model.delete_adapter("ref")
+    trainer.current_gradient_accumulation_steps = 1
+    pad = tiny_tokenizer.pad_token_id
+    completion = torch.tensor([a + [pad] * (MAX_ANSWER - len(a)) for a in answers])
+    completion_mask = torch.tensor([[1] * len(a) + [0] * (MAX_ANSWER - len(a)) for a in answers])
+    prompt = torch.tensor(prompts)
+    inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+              "completion_mask": completion_mask, "advantages": advantages,
+              "old_per_token_logps": torch.stack([torch.cat([o, o.new_zeros(MAX_ANSWER - len(o))]) for o in old]),
+              "num_items_in_batch": completion_mask.sum()}
+    if beta:
+        with torch.no_grad(), trainer.model.disable_adapter():
+            inputs["ref_per_token_logps"], _, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, torch.cat([prompt, completion], 1), torch.cat([torch.ones_like(prompt), completion_mask], 1),
+                MAX_ANSWER)
+    theirs = trainer._compute_loss(trainer.model, inputs)
+    theirs.backward()
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-4, abs=1e-7)
+    assert_same_gradients(gradients(trainer.model), gradients(mine), 1e-4)
