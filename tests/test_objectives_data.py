@@ -124,3 +124,12 @@ def test_data_check_reports_preference_data_like_sft_data(tiny_model_dir, tmp_pa
     assert report["dropped"]["prompts differ"]["first"] == [f"{path}:8"]
     assert sum(report["examples"].values()) == 3 and report["label_tokens"] > 0
     assert json.loads((tmp_path / "check" / "report.json").read_text())["records"] == 10
+
+
+def test_grpo_prompts_are_the_tokens_evaluation_generates_from(tiny_tokenizer):
+    """Sampling during training sees exactly the prompt tokens that generation at evaluation sees."""
+    from tunesmith.data.prompts import encode_prompts
+    from tunesmith.data.tokenize import prompt_ids
+
+    conversation = CHAT_PROMPT + [{"role": "assistant", "content": "hi again"}]
+    assert encode_prompts(tiny_tokenizer, [CHAT_PROMPT]) == [prompt_ids(tiny_tokenizer, conversation)]

@@ -159,3 +159,23 @@ def test_ci_installs_trl_before_the_tests():
 
     text = (Path(__file__).parents[1] / ".ci" / "run").read_text()
     assert '.[bench]' in text and text.index('.[bench]') < text.index("make test")
+
+
+def test_dpo_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
+    """DDP over two gloo processes gives the weights of one process with the same global batch (each
+    pair's loss divided by the step's pairs over both ranks)."""
+    from test_distributed import max_diff, train, weights
+
+    paths = []
+    for run in ("one", "two"):
+        path = write_run_config(tmp_path, tiny_model_dir, run, "dpo", max_steps=3, checkpoint_every=0)
+        config = json.loads(path.read_text())
+        config["adapter"]["dropout"] = 0.0  # each rank draws its own dropout masks
+        path.write_text(json.dumps(config))
+        paths.append(path)
+    assert train(paths[0], timeout=900).returncode == 0
+    done = train(paths[1], nproc=2, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+    margins = [[r["objective/rewards/margin"] for r in records(tmp_path / run, "train")] for run in ("one", "two")]
+    assert margins[0] == pytest.approx(margins[1], abs=1e-5)  # the statistics are over both ranks' pairs

@@ -1,0 +1,71 @@
+"""`tunesmith plan` counts what each objective adds: pairs are two sequences, a GRPO prompt
+group_size ones; a full fine-tune with a reference keeps a frozen copy; GRPO's sampling cache is
+reported beside the training peak. And `tunesmith pairs` writes pairs graded by the user's scorer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import qa_rows, write_jsonl
+from tunesmith.config import validate
+from tunesmith.plan import GiB, estimate, format_plan, model_shape, plan, setup_from_config
+from tunesmith.plan.objectives import sampling_cache_bytes
+
+
+def setup_for(method: str = "lora", **train):
+    return setup_from_config(validate({"model": {"name": "llama-3.1-8b", "dtype": "bfloat16"}, "train": {"batch_size": 2, **train},
+                                       "adapter": {"method": method}}))
+
+
+def test_pairs_double_the_sequences_and_the_activations():
+    shape = model_shape("llama-3.1-8b")
+    sft, dpo, kto = setup_for(), setup_for(objective="dpo"), setup_for(objective="kto")
+    assert (sft.batch, dpo.batch, kto.batch) == (2, 4, 2)  # KTO's KL sequences keep nothing for the backward
+    assert estimate(shape, dpo).parts["activations"] == pytest.approx(2 * estimate(shape, sft).parts["activations"], rel=0.01)
+
+
+def test_a_full_fine_tune_keeps_a_reference_copy_only_where_the_objective_has_a_reference():
+    shape = model_shape("llama-3.1-8b")
+    with_reference = estimate(shape, setup_for(objective="dpo", method="full")).parts
+    assert with_reference["reference copy"] == pytest.approx(shape.total_params * 2)  # bf16 weights
+    for objective in ("orpo", "simpo", "sft"):
+        assert "reference copy" not in estimate(shape, setup_for(objective=objective, method="full")).parts
+    assert "reference copy" not in estimate(shape, setup_for(objective="dpo")).parts  # LoRA: adapters disabled
+    assert "reference copy" not in estimate(shape, setup_for(objective="grpo", beta=0.0, method="full")).parts
+    assert "reference copy" in estimate(shape, setup_for(objective="grpo", beta=0.04, method="full")).parts
+
+
+def test_grpo_plans_groups_and_reports_its_sampling_cache():
+    shape = model_shape("llama-3.1-8b")
+    setup = setup_for(objective="grpo", group_size=8)
+    assert setup.batch == 16 and setup.sampled_tokens == 16 * setup.seq
+    # keys and values of 32 layers x 8 kv heads x 128 (bf16) for every sampled token
+    assert sampling_cache_bytes(shape, setup) == 2 * 32 * 1024 * 2 * 16 * setup.seq
+    text = format_plan(plan(shape, setup, include_this_machine=False))
+    assert "objective: grpo, micro-batches of 16 sequences" in text and "KV cache of" in text
+    assert f"{sampling_cache_bytes(shape, setup) / GiB:.2f} GiB" in text
+
+
+def test_pairs_command_writes_scored_pairs(tiny_model_dir, tmp_path):
+    from tunesmith.cli import main
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"], "reference": r["completion"]}
+                                                        for r in qa_rows(6)])
+    (tmp_path / "by_length.py").write_text("def score(answer, reference):\n    return len(answer) % 7\n")
+    out = tmp_path / "pairs.jsonl"
+    code = main(["pairs", str(tiny_model_dir), "--data", str(prompts), "--samples", "3", "--scorer",
+                 f"{tmp_path / 'by_length.py'}:score", "--max-new-tokens", "6", "--out", str(out)])
+    assert code == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert rows, "no pair written"
+    for row in rows:
+        assert row["score_chosen"] > row["score_rejected"]
+        assert len(row["chosen"][0]["content"]) % 7 == row["score_chosen"]
+        assert row["prompt"][-1]["role"] == "user" and row["reference"]
+    # the file is DPO data as it is
+    from tunesmith.data.preference import PAIRS, prepare_preference
+    from tunesmith.models import load_tokenizer
+
+    cfg = validate({"data": {"train": str(out), "validation": str(out)}}).data
+    assert len(prepare_preference(cfg, load_tokenizer(str(tiny_model_dir)), PAIRS).splits["train"]) == len(rows)
