@@ -177,7 +177,9 @@ def test_data_with_tool_call_mistakes_is_reported_by_file_line_and_reason(family
 
 
 def test_a_data_set_without_answer_tokens_after_masking_is_refused(family_dirs, tmp_path):
-    _, tokenizer = family_dirs("smollm2")
+    from tunesmith.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(family_dirs("smollm2")[0]))  # its own: prepare() sets the bare template on it
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"<think>r{i}</think>"}]}
             for i in range(4)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)

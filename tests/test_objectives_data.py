@@ -133,3 +133,13 @@ def test_grpo_prompts_are_the_tokens_evaluation_generates_from(tiny_tokenizer):
 
     conversation = CHAT_PROMPT + [{"role": "assistant", "content": "hi again"}]
     assert encode_prompts(tiny_tokenizer, [CHAT_PROMPT]) == [prompt_ids(tiny_tokenizer, conversation)]
+
+
+def test_data_check_reads_prompts_alone_as_grpo_data_only_when_asked(tiny_model_dir, tmp_path):
+    from tunesmith.errors import UserError
+
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Repeat: alpha"}, {"prompt": "Repeat: beta"}])
+    report = check_data(str(path), str(tiny_model_dir), tmp_path / "check", objective="grpo")
+    assert report["formats"] == {"prompts (text)": 2}
+    with pytest.raises(UserError, match=r"prompts.jsonl:1: missing field: 'completion'"):
+        check_data(str(path), str(tiny_model_dir), tmp_path / "check")  # SFT data missing its answers

@@ -8,6 +8,7 @@ from importlib import resources
 
 from .errors import Interrupted, UserError
 from .methods import NAMES as METHOD_NAMES
+from .objectives.settings import OBJECTIVE_NAMES
 
 
 def cmd_train(args) -> int:
@@ -132,7 +133,7 @@ def cmd_config(args) -> int:
 def cmd_data_check(args) -> int:
     from .data.check import check_data, format_report
 
-    print(format_report(check_data(args.file, args.model, args.out, args.overrides)))
+    print(format_report(check_data(args.file, args.model, args.out, args.overrides, args.objective)))
     return 0
 
 
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="data file, folder of data files, saved HF dataset folder or hub data set id")
     p.add_argument("--model", default="default", help="whose tokenizer and chat template to use")
     p.add_argument("--out", default="runs/data-check", help="folder for report.json and lengths.png")
+    p.add_argument("--objective", default=None, choices=OBJECTIVE_NAMES,
+                   help="read the data as this objective's training would (default: pairs and KTO records by "
+                        "their fields, anything else as SFT data; prompts alone need --objective grpo)")
     p.add_argument("overrides", nargs="*", help="data settings, e.g. max_seq_len=1024 overlong=truncate")
     p.set_defaults(func=cmd_data_check)
 

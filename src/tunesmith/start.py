@@ -10,14 +10,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .errors import UserError
+from .methods import ADAPTER_DIR, MODEL_DIR
 from .runs import RunFolder
 
 
 def starting_model(spec: str) -> str:
     """The model folder a `model.name` stands for: itself, or the merged model of a run folder."""
     run = RunFolder(spec)
-    if not run.is_run():
+    if not run.is_run() or (run.path / "config.json").exists():
         return spec
+    if not any((run.path / name).is_dir() for name in (ADAPTER_DIR, MODEL_DIR)):
+        raise UserError(f"{spec}: folder has no config.json (not a model folder) and no adapter/ or model/ "
+                        "(not a finished run)")
     trained = run.trained()
     if not (trained / "adapter_config.json").exists():
         return str(trained)  # a full fine-tune: a complete model folder

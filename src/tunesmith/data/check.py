@@ -21,15 +21,17 @@ ROUND_TO = 64  # the suggested max_seq_len is a multiple of this
 
 
 def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/data-check",
-               settings: dict | list[str] | None = None) -> dict:
+               settings: dict | list[str] | None = None, objective: str | None = None) -> dict:
     """Prepare the data as training would and report on it; writes report.json and lengths.png to out_dir.
 
     `settings` are data settings, as a dict or as 'key=value' strings (with or without 'data.').
+    `objective` (sft, dpo, kto, grpo, ...) reads the data as that objective's training would; without
+    it pairs and KTO records are recognised by their fields, and anything else is read as SFT data.
     """
     if isinstance(settings, list):
         settings = parse_overrides([s.removeprefix("data.") for s in settings])
     cfg = validate({"data": {**(settings or {}), "train": str(path)}}, "data check").data
-    kind = data_kind(cfg)
+    kind = data_kind(cfg, objective)
     prepared = prepare(cfg, model) if kind is None else prepare_objective_data(cfg, model, kind)
     report = build_report(prepared, cfg, str(path), model)
     out = Path(out_dir)
@@ -39,15 +41,22 @@ def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/da
     return report
 
 
-def data_kind(cfg: DataConfig) -> str | None:
-    """Preference pairs, KTO data or GRPO prompts (issue 23), from the first readable record; None: SFT data."""
-    from .preference import record_kind
+def data_kind(cfg: DataConfig, objective: str | None = None) -> str | None:
+    """Preference pairs, KTO data or GRPO prompts (issue 23); None: SFT data.
+
+    Given no objective, from the first readable record; prompts without answers count as GRPO data
+    only when the objective says so (for SFT they are records missing their answers)."""
+    from ..objectives import DATA_KIND
+    from .preference import PROMPTS, record_kind
     from .sources import is_hub_id, read_records
 
+    if objective is not None:
+        return DATA_KIND.get(objective)
     if cfg.train == "demo" or is_hub_id(cfg.train):
         return None
     rows = read_records(cfg.train, cfg.hub_split).rows
-    return record_kind(rows[0][2]) if rows else None
+    kind = record_kind(rows[0][2]) if rows else None
+    return None if kind == PROMPTS else kind
 
 
 def prepare_objective_data(cfg: DataConfig, model: str, kind: str) -> Prepared:

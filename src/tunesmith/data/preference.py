@@ -227,7 +227,9 @@ def _encode(read: _Read, kind: str, tokenizer, cfg: DataConfig, prepared: Prepar
     sides = len(read.answers[0]) if read.answers else 1
     conversations = [p + [{"role": "assistant", "content": a}] for p, answers in zip(read.prompts, read.answers)
                      for a in answers]
-    encoded = encode_many(tokenizer, conversations)
+    # One example per answer where a template renders history its own way: the last one ends at this answer.
+    encoded = [r if isinstance(r, TemplateError) else r[-1]
+               for r in encode_many(tokenizer, conversations, reasoning=cfg.reasoning)]
     split = Split(name)
     for index, origin in enumerate(read.origins):
         parts = encoded[index * sides:(index + 1) * sides]
