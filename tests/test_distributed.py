@@ -108,6 +108,7 @@ def test_resume_after_kill_with_two_ranks(tiny_model_dir, tmp_path):
     assert max_diff(weights(tmp_path / "reference"), weights(run)) < 1e-5
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_a_failing_rank_ends_the_job(tiny_model_dir, tmp_path):
     config = write_config(tmp_path, tiny_model_dir, "run", max_steps=50)
     start = time.time()
@@ -136,6 +137,7 @@ def _resume_on_two_ranks(config: Path, mode: str):
                           capture_output=True, text=True, timeout=300, env=env())
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_rank_0_picks_the_checkpoint_every_rank_resumes_from(tiny_model_dir, tmp_path):
     """Rank 1 would pick another checkpoint than rank 0 (a node whose view differs): it resumes
     from rank 0's choice, and the job ends with the weights of an uninterrupted run."""
@@ -149,6 +151,7 @@ def test_rank_0_picks_the_checkpoint_every_rank_resumes_from(tiny_model_dir, tmp
     assert max_diff(weights(tmp_path / "reference"), weights(tmp_path / "run")) < 1e-5
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_a_rank_that_cannot_load_the_chosen_checkpoint_fails_the_job_with_a_message(tiny_model_dir, tmp_path):
     done = _resume_on_two_ranks(_killed_single_process_run(tiny_model_dir, tmp_path), "unreadable")
     assert done.returncode != 0

@@ -59,6 +59,7 @@ def adapter_weights(run):
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 @pytest.mark.parametrize("objective", ["dpo", "grpo"])
 def test_resume_after_kill_gives_the_uninterrupted_weights(tiny_model_dir, tmp_path, objective):
     whole = write_run_config(tmp_path, tiny_model_dir, "whole", objective)
@@ -120,6 +121,7 @@ def test_dpo_gradients_do_not_depend_on_accumulation(tiny_model_dir, tiny_tokeni
     assert results[0][2]["rewards/margin"] == pytest.approx(results[1][2]["rewards/margin"], rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_dpo_from_an_sft_run_takes_that_run_as_reference(tiny_model_dir, tmp_path):
     """model: RUN merges the SFT run's adapter once; the new adapter starts at zero, so the first step's
     policy is the reference: DPO's loss is exactly log 2 and every implicit reward 0."""
@@ -161,6 +163,7 @@ def test_ci_installs_trl_before_the_tests():
     assert '.[bench]' in text and text.index('.[bench]') < text.index("make test")
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_dpo_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
     """DDP over two gloo processes gives the weights of one process with the same global batch (each
     pair's loss divided by the step's pairs over both ranks)."""

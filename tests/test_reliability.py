@@ -19,7 +19,8 @@ def reference(tiny_model_dir, tmp_path_factory):
             "samples": [(r["step"], r["ids"]) for r in records(run, "samples")]}
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+# Seed 2 runs with `make test`; the other seeds in the slow set (the 10-minute budget of `make test`).
+@pytest.mark.parametrize("seed", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sigkill_then_resume_equals_uninterrupted_run(seed, reference, tiny_model_dir, tmp_path):
     kill_step = random.Random(seed).randint(2, STEPS - 2)
     config = write_config(tmp_path, tiny_model_dir, "run")
@@ -76,6 +77,7 @@ def test_changed_config_is_refused_on_resume(tiny_model_dir, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_truncated_checkpoint_is_skipped_with_a_message(tiny_model_dir, tmp_path):
     from tunesmith.training.checkpoint import newest_usable
 

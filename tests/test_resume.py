@@ -39,6 +39,7 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_early_stopping_survives_a_kill(early_stopped, tiny_model_dir, tmp_path):
     """Killed after two evaluations (one bad), the resumed run stops where the uninterrupted one
     did, with the same restored weights (a fresh stopper would need two more bad evaluations)."""
@@ -75,6 +76,7 @@ def test_a_run_killed_after_its_patience_ran_out_does_not_train_on(early_stopped
     assert same_weights(load_file(run / "adapter" / "adapter_model.safetensors"), early_stopped["weights"])
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_changed_patience_is_refused_on_resume(tiny_model_dir, tmp_path):
     config = early_stop_config(tmp_path, tiny_model_dir, "run")
     run = tmp_path / "run"
@@ -84,6 +86,7 @@ def test_changed_patience_is_refused_on_resume(tiny_model_dir, tmp_path):
     assert "eval.patience (2 -> 5)" in done.stderr and "eval.restore_best" in done.stderr
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_repeated(tiny_model_dir, tmp_path):
     config = write_config(tmp_path, tiny_model_dir, "run", checkpoint_every=0, max_steps=6)
     run = tmp_path / "run"

@@ -89,6 +89,7 @@ def curve_points(driver, series: str = "train loss") -> int:
     return int(driver.find_element(By.CSS_SELECTOR, f'#chart-loss path[data-series="{series}"]').get_attribute("data-points"))
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_dashboard_end_to_end(dashboard, browser, tmp_path, tiny_model_dir, tiny_tokenizer, tiny_config):
     """One flow, as a user would: each step builds on the run the previous one made."""
     from tunesmith.config import DataConfig

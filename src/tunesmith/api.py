@@ -50,9 +50,11 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     check_data_paths(cfg)
     cfg = resolve_start(cfg, ranks)  # model: an earlier run folder -> its (merged) model
     run = RunFolder(cfg.output.dir)
-    run.check_usable(cfg.output.overwrite, must_resume)
+    run.check_folder()
     # One writer per run folder, held for the process's whole run (the dashboard reads it as "running").
+    # Taken before the folder is judged: a second writer hears of the first, not of its half-written state.
     with runlock.hold(run.path) if ranks.main else contextlib.nullcontext():
+        run.check_usable(cfg.output.overwrite, must_resume)
         device = resolve(cfg.train.device, ranks.local_rank)
         method = methods.get(cfg.adapter.method)
         tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)

@@ -97,10 +97,13 @@ class RunFolder:
         return "pending"
 
     # Writing
-    def check_usable(self, overwrite: bool, must_resume: bool = False) -> None:
-        """Refuse an unusable run folder before anything is loaded or written."""
+    def check_folder(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{self.path}: output.dir exists and is not a folder")
+
+    def check_usable(self, overwrite: bool, must_resume: bool = False) -> None:
+        """Refuse an unusable run folder before anything is loaded or written."""
+        self.check_folder()
         if must_resume and not self.checkpoint_folders():
             raise UserError(f"{self.path}: --resume given, but there is no checkpoint to resume from")
         if not overwrite and not must_resume and self.results.exists():
