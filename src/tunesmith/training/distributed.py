@@ -190,4 +190,6 @@ def gathered_state(module, trainable_only: bool) -> dict:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     state = get_model_state_dict(module, options=options)
-    return {name.removeprefix("model."): value for name, value in state.items()}
+    # Tied weights (lm_head = embed_tokens) come twice in a state dict, once as parameters: keep the parameters.
+    wanted = {name for name, p in module.named_parameters() if p.requires_grad or not trainable_only}
+    return {name.removeprefix("model."): value for name, value in state.items() if name in wanted}
