@@ -62,7 +62,8 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("method, train_opts", [
-    ("lora", {}),
+    # All in the slow set (`make test` keeps 2 ranks in tests/test_accumulation.py, the raw gradients).
+    pytest.param("lora", {}, marks=pytest.mark.slow),
     pytest.param("full", {}, marks=pytest.mark.slow),  # the same mechanism as lora-ddp, all weights
     pytest.param("full", {"fsdp": True}, marks=pytest.mark.slow),
     pytest.param("lora", {"fsdp": True}, marks=pytest.mark.slow),  # the frozen base sharded, adapters trained

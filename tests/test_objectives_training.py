@@ -80,6 +80,7 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tiny_model_dir, tmp_p
     assert samples == [i for r in records(tmp_path / "whole", "samples") for i in r["ids"]]  # no gaps, no repeats
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_grpo_statistics_reach_the_metrics_and_the_report(tiny_model_dir, tmp_path):
     done = run_cli(write_run_config(tmp_path, tiny_model_dir, "run", "grpo", max_steps=2, checkpoint_every=0))
     assert done.returncode == 0, done.stderr

@@ -67,6 +67,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tiny_model_dir, tmp_path):
     assert (found[-1] / "trainable.safetensors").exists() and (found[-1] / "optim.pt").exists()
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_changed_config_is_refused_on_resume(tiny_model_dir, tmp_path):
     config = write_config(tmp_path, tiny_model_dir, "run", max_steps=3)
     run = tmp_path / "run"

@@ -56,6 +56,7 @@ def test_early_stopping_survives_a_kill(early_stopped, tiny_model_dir, tmp_path)
     assert same_weights(load_file(run / "adapter" / "adapter_model.safetensors"), early_stopped["weights"])
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_a_run_killed_after_its_patience_ran_out_does_not_train_on(early_stopped, tmp_path):
     """The state of the early-stop step is in its checkpoint: resumed there (results and weights
     lost to a kill), the run trains no further step and returns the same weights."""
