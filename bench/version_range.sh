@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 TORCH=${TORCH:-torch==2.13.0}
 declare -A PINS=(
     [oldest]="transformers==5.23.0 peft==0.21.0 bitsandbytes==0.50.0"
-    [newest]="transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2"
+    [newest]="transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2"
 )
 TESTS="tests/test_accel.py tests/test_accel_fused.py tests/test_accel_cpu_attention.py tests/test_accel_lora_linear.py
        tests/test_loss.py tests/test_methods.py"
