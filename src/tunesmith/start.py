@@ -15,15 +15,22 @@ from .methods import ADAPTER_DIR, MODEL_DIR
 from .runs import RunFolder
 
 
+def is_run_start(spec: str) -> bool:
+    """Whether `model.name` names a run folder (config.yaml) rather than a model folder (config.json)."""
+    run = RunFolder(spec)
+    return run.is_run() and not (run.path / "config.json").exists()
+
+
 def starting_model(spec: str) -> str:
     """The model folder a `model.name` stands for: itself, or the merged model of a run folder."""
-    run = RunFolder(spec)
-    if not run.is_run() or (run.path / "config.json").exists():
+    if not is_run_start(spec):
         return spec
-    if not any((run.path / name).is_dir() for name in (ADAPTER_DIR, MODEL_DIR)):
-        raise UserError(f"{spec}: folder has no config.json (not a model folder) and no adapter/ or model/ "
-                        "(not a finished run)")
-    trained = run.trained()
+    run = RunFolder(spec)
+    try:
+        trained = run.trained()
+    except UserError:
+        raise UserError(f"{spec}: folder has no config.json (not a model folder) and no {ADAPTER_DIR}/ or "
+                        f"{MODEL_DIR}/ (not a finished run)") from None
     if not (trained / "adapter_config.json").exists():
         return str(trained)  # a full fine-tune: a complete model folder
     merged = run.path / "export" / "merged"
@@ -38,7 +45,7 @@ def starting_model(spec: str) -> str:
 
 def resolve_start(cfg, ranks):
     """The config with a run folder as model.name replaced by its model folder (rank 0 merges, the others wait)."""
-    if not RunFolder(cfg.model.name).is_run():
+    if not is_run_start(cfg.model.name):
         return cfg
     folder = starting_model(cfg.model.name) if ranks.main else None
     ranks.barrier()
