@@ -281,19 +281,47 @@ def answer_positions(batch: dict) -> torch.Tensor:
 def read_back(path: Path, config):
     """The file's weights in a model with the merged model's settings: read by transformers (an independent
     reader) where it knows the architecture, else by gguf's own reader undoing tunesmith's naming and layout
-    (SmolLM3; the llama.cpp check is then the independent one). Settings transformers' GGUF reader
-    leaves out (Llama 3's RoPE scaling, stored as llama.cpp's rope_freqs) come from the merged config."""
+    (SmolLM3; the llama.cpp check is then the independent one). The merged config is passed in, so the
+    settings transformers' GGUF reader derives or leaves out (Qwen3's head size, Llama 3's RoPE scaling)
+    are the model's own; the file's settings are checked by llama.cpp."""
     from transformers import AutoModelForCausalLM
 
-    from ..models import load_model
-
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if config.model_type in ("smollm3",):
-        state = gguf_state_dict(path, model)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_state_dict(path, model), strict=True)
     else:
-        state = load_model(str(path), torch.float32).state_dict()
-    model.load_state_dict(state, strict=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
+                                                           dtype=torch.float32, output_loading_info=True)
+        missing = sorted(info["missing_keys"])
+        if missing:  # transformers would leave these randomly initialised
+            raise UserError(f"{path}: {len(missing)} weights are missing from the GGUF, for example {missing[0]}")
     return model.eval()
+
+
+def gguf_tokenizer(path: Path):
+    """The file's own tokenizer and chat template, read by transformers. Its GGUF reader refuses a whole file
+    of an architecture it has no model for (SmolLM3), though the tokenizer fields do not depend on it: those
+    are read from a copy holding only the tokenizer fields, under an architecture name it accepts."""
+    import tempfile
+
+    from gguf import GGUFReader, GGUFWriter
+
+    from ..models import load_tokenizer
+
+    reader = GGUFReader(str(path))
+    if reader.fields["general.architecture"].contents() not in ("smollm3",):
+        return load_tokenizer(str(path))
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "tokenizer.gguf"
+        writer = GGUFWriter(str(copy), "llama")
+        for name, field in reader.fields.items():
+            if name.startswith("tokenizer."):
+                kind = field.types[0]
+                writer.add_key_value(name, field.contents(), kind, sub_type=field.types[-1] if len(field.types) > 1 else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        return load_tokenizer(str(copy))
 
 
 def gguf_state_dict(path: Path, model) -> dict[str, torch.Tensor]:
@@ -339,7 +367,7 @@ def verify_gguf(path: Path, quant: str, reference_logits: torch.Tensor, batch: d
     same = logits.argmax(-1) == reference_logits.argmax(-1)
     answers = answer_positions(batch)
     top1 = float(same[answers].float().mean()) if answers.any() else float(same.float().mean())
-    checked, equal = template_parity(trained_tokenizer, load_tokenizer(str(path)), conversations)
+    checked, equal = template_parity(trained_tokenizer, gguf_tokenizer(path), conversations)
     check = GGUFCheck(str(path), quant, int(answers.sum()) or len(same), diff, diff / scale, top1,
                       float(same.float().mean()), checked, equal)
     from . import llamacpp
