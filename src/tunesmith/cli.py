@@ -157,6 +157,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .export.push import push
+
+    print(push(args.run, args.repo_id, args.what, args.private, args.revision, args.token, args.endpoint))
+    return 0
+
+
 def cmd_pairs(args) -> int:
     from .pairs import make_pairs
 
@@ -344,6 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="GGUF: export even when the run's data is gone and only random "
                                                         "tokens can be checked (said in the check)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload a finished run's adapter or merged model to the Hugging Face Hub, with a "
+                                    "model card: base vs fine-tuned with 95%% intervals, data summary, config")
+    p.add_argument("run")
+    p.add_argument("repo_id", help="namespace/name of the model repo (created if missing)")
+    p.add_argument("--what", choices=["adapter", "merged"], default=None,
+                   help="default: the adapter of an adapter method (LoRA, DoRA, QLoRA), the model of a full fine-tune")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
+    p.add_argument("--revision", default="main", help="branch to commit to (created from main if missing)")
+    p.add_argument("--token", default=None, help="hub token (default: HF_TOKEN, then the stored `hf auth login`)")
+    p.add_argument("--endpoint", default=None, help="hub address (default: HF_ENDPOINT, then https://huggingface.co)")
+    p.set_defaults(func=cmd_push)
     return parser
 
 
