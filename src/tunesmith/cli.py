@@ -7,6 +7,7 @@ import sys
 from importlib import resources
 
 from .errors import Interrupted, UserError
+from .eval.evidence import evidence_lines
 from .methods import NAMES as METHOD_NAMES
 from .objectives.settings import OBJECTIVE_NAMES
 
@@ -40,30 +41,6 @@ def cmd_demo(args) -> int:
         print(line)
     print(f"  run folder: {results['run_dir']} (adapter, metrics.jsonl, predictions, results.json)")
     return 0
-
-
-def evidence_lines(results: dict) -> list[str]:
-    """The demo's baselines side by side (every field right, with the fine-tuned model's lead and its
-    95% interval) and its general-ability line."""
-    lines = []
-    table = results.get("baselines")
-    if table:
-        metric = table["primary_metric"]
-        lead = {d["baseline"]: d for d in table["differences"] if d["metric"] == metric}
-        lines.append(f"  {metric} on the same tickets, and the fine-tuned model's lead [95% interval]:")
-        for name, means in table["models"].items():
-            d = lead.get(name)
-            versus = f"   {100 * d['difference']:+6.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] points" if d else ""
-            lines.append(f"    {name:<24}{means[metric]:>7.1%}{versus}")
-        lines.append(f"  verdict: {table['verdict']}")
-    general = results.get("general")
-    if general:
-        row = next(d for d in reversed(general["differences"]) if d["main"])
-        lines.append(f"  general ability ({row['items']} probe items, {', '.join(general['items'])}): base {row['base']:.1f} "
-                     f"-> fine-tuned {row['fine_tuned']:.1f} points, {row['difference']:+.1f} "
-                     f"[{row['low']:+.1f}, {row['high']:+.1f}]")
-        lines += [f"  {w}" for w in general.get("warnings", [])]
-    return lines
 
 
 def cmd_eval(args) -> int:
@@ -177,6 +154,13 @@ def cmd_export(args) -> int:
     from .export import export
 
     print(json.dumps(export(args.run, args.out, args.merge, args.tolerance, args.format, args.quant, args.force), indent=2))
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .export.push import push
+
+    print(push(args.run, args.repo_id, args.what, args.private, args.revision, args.token, args.endpoint))
     return 0
 
 
@@ -367,6 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="GGUF: export even when the run's data is gone and only random "
                                                         "tokens can be checked (said in the check)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload a finished run's adapter or merged model to the Hugging Face Hub, with a "
+                                    "model card: base vs fine-tuned with 95%% intervals, data summary, config")
+    p.add_argument("run")
+    p.add_argument("repo_id", help="namespace/name of the model repo (created if missing)")
+    p.add_argument("--what", choices=["adapter", "merged"], default=None,
+                   help="default: the adapter of an adapter method (LoRA, DoRA, QLoRA), the model of a full fine-tune")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
+    p.add_argument("--revision", default="main", help="branch to commit to (created from main if missing)")
+    p.add_argument("--token", default=None, help="hub token (default: HF_TOKEN, then the stored `hf auth login`)")
+    p.add_argument("--endpoint", default=None, help="hub address (default: HF_ENDPOINT, then https://huggingface.co)")
+    p.set_defaults(func=cmd_push)
     return parser
 
 
