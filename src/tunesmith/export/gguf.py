@@ -281,20 +281,24 @@ def answer_positions(batch: dict) -> torch.Tensor:
 def read_back(path: Path, config):
     """The file's weights in a model with the merged model's settings: read by transformers (an independent
     reader) where it knows the architecture, else by gguf's own reader undoing tunesmith's naming and layout
-    (SmolLM3; the llama.cpp check is then the independent one). The merged config is passed in, so the
-    settings transformers' GGUF reader derives or leaves out (Qwen3's head size, Llama 3's RoPE scaling)
-    are the model's own; the file's settings are checked by llama.cpp."""
-    from transformers import AutoModelForCausalLM
+    (SmolLM3; the llama.cpp check is then the independent one). transformers is given the merged config (as
+    the architecture the file is written as: Mistral as llama), so the settings its GGUF reader derives or
+    leaves out (Qwen3's head size, Llama 3's RoPE scaling) are the model's own; llama.cpp checks the file's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if config.model_type in ("smollm3",):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    arch = gguf_architecture(config)
+    if arch in ("smollm3",):
         model.load_state_dict(gguf_state_dict(path, model), strict=True)
-    else:
-        model, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
-                                                           dtype=torch.float32, output_loading_info=True)
+        return model.eval()
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+    as_written = config if arch == config.model_type else AutoConfig.for_model(arch, **settings)
+    read, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=as_written,
+                                                      dtype=torch.float32, output_loading_info=True)
+    if info["missing_keys"]:  # transformers would leave these randomly initialised
         missing = sorted(info["missing_keys"])
-        if missing:  # transformers would leave these randomly initialised
-            raise UserError(f"{path}: {len(missing)} weights are missing from the GGUF, for example {missing[0]}")
+        raise UserError(f"{path}: {len(missing)} weights are missing from the GGUF, for example {missing[0]}")
+    model.load_state_dict(read.state_dict(), strict=True)
     return model.eval()
 
 
