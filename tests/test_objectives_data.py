@@ -143,3 +143,18 @@ def test_data_check_reads_prompts_alone_as_grpo_data_only_when_asked(tiny_model_
     assert report["formats"] == {"prompts (text)": 2}
     with pytest.raises(UserError, match=r"prompts.jsonl:1: missing field: 'completion'"):
         check_data(str(path), str(tiny_model_dir), tmp_path / "check")  # SFT data missing its answers
+
+
+def test_a_test_split_beside_pairs_and_prompts_holds_the_examples_ending_at_each_reference(tiny_tokenizer, tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
+    test = write_jsonl(tmp_path / "test.jsonl", [
+        {"messages": [{"role": "user", "content": "Repeat: one"}, {"role": "assistant", "content": "one"}]},
+        {"messages": [{"role": "user", "content": "Repeat: two"}, {"role": "assistant", "content": "two"},
+                      {"role": "user", "content": "Again"}, {"role": "assistant", "content": "two again"}]}])
+    prepared = prepare_preference(data_cfg(pairs, test=str(test)), tiny_tokenizer, PAIRS)
+    split = prepared.splits["test"]
+    answers = [tiny_tokenizer.decode(answer_tokens(e)[:-1]) for e in split.encoded]
+    assert answers[0].strip() == "one" and answers[1].endswith("two again")
+    assert prepared.summary()["tokens"]["test"] == sum(len(e.input_ids) for e in split.encoded) > 0
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Repeat: a"}, {"prompt": "Repeat: b"}])
+    assert len(prepare_prompts(data_cfg(prompts, test=str(test)), tiny_tokenizer).splits["test"]) == 2

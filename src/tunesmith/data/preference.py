@@ -312,5 +312,5 @@ def add_test_split(prepared: Prepared, cfg: DataConfig, tokenizer) -> None:
     for messages, encoded in zip(conversations, encode_many(tokenizer, conversations)):
         if not isinstance(encoded, TemplateError):
             split.conversations.append(messages)
-            split.encoded.append(encoded)
+            split.encoded.append(encoded[-1])  # the example ending at the reference answer
             split.origins.append((cfg.test, len(split.origins) + 1))
