@@ -13,7 +13,9 @@ timed .venv/bin/python bench/prefs_demo.py prompts "$ROOT"
 timed $TS pairs "$ROOT/sft" --data "$ROOT/prompts.jsonl" --samples 4 --max-new-tokens 64 --out "$ROOT/pairs.jsonl"
 timed $TS train bench/prefs/dpo.yaml model="$ROOT/sft" data.train="$ROOT/pairs.jsonl" \
     data.test="$ROOT/sft/data/test.jsonl" output.dir="$ROOT/dpo"
+timed $TS train bench/prefs/dpo.yaml model="$ROOT/sft" data.train="$ROOT/pairs.jsonl" \
+    data.test="$ROOT/sft/data/test.jsonl" output.dir="$ROOT/dpo-lr5e-5" train.lr=5.0e-5
 timed $TS train bench/prefs/grpo.yaml model="$ROOT/sft" data.train="$ROOT/prompts.jsonl" \
     data.validation="$ROOT/prompts-validation.jsonl" data.test="$ROOT/sft/data/test.jsonl" output.dir="$ROOT/grpo"
-.venv/bin/python bench/prefs_demo.py table "$ROOT"
+.venv/bin/python bench/prefs_demo.py table "$ROOT" --runs sft,dpo,dpo-lr5e-5,grpo
 cat "$ROOT/times.txt"
