@@ -26,6 +26,8 @@ from ..errors import UserError
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3"}
 # Architectures whose q/k rows llama.cpp wants interleaved (its converter's LlamaModel and subclasses).
 PERMUTED = {"llama", "smollm3"}
+# Architectures whose GGUF transformers refuses to open at all: the checks read them another way.
+NOT_READ_BY_TRANSFORMERS = {"smollm3"}
 # What the `gguf` package itself can quantise (gguf.quants: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0; its K-quants
 # raise NotImplementedError), and the K-quant mixes llama.cpp's own quantiser makes from an f16 file.
 QUANTS = ("f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -288,7 +290,7 @@ def read_back(path: Path, config):
 
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     arch = gguf_architecture(config)
-    if arch in ("smollm3",):
+    if arch in NOT_READ_BY_TRANSFORMERS:
         model.load_state_dict(gguf_state_dict(path, model), strict=True)
         return model.eval()
     settings = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
@@ -313,7 +315,7 @@ def gguf_tokenizer(path: Path):
     from ..models import load_tokenizer
 
     reader = GGUFReader(str(path))
-    if reader.fields["general.architecture"].contents() not in ("smollm3",):
+    if reader.fields["general.architecture"].contents() not in NOT_READ_BY_TRANSFORMERS:
         return load_tokenizer(str(path))
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder) / "tokenizer.gguf"
