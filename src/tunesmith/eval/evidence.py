@@ -25,3 +25,34 @@ def evidence_lines(results: dict) -> list[str]:
                      f"[{row['low']:+.1f}, {row['high']:+.1f}]")
         lines += [f"  {w}" for w in general.get("warnings", [])]
     return lines
+
+
+# The same evidence as table rows, for the model card (markdown) and the HTML report: one place decides
+# which table a run shows and what its rows hold, each caller only formats the cells.
+
+def shown_comparison(results: dict, comparison: dict) -> dict:
+    """`tunesmith compare`'s table where the run has one, else the run's own baselines table, else {}."""
+    return comparison if comparison.get("models") else results.get("baselines") or {}
+
+
+def metric_rows(table: dict) -> tuple[list[str], list[list]]:
+    """(header, rows): each metric's mean for every model of the table."""
+    names = list(table["models"])
+    metrics = list(dict.fromkeys(m for means in table["models"].values() for m in means))
+    return ["metric", *names], [[m, *(table["models"][n].get(m) for n in names)] for m in metrics]
+
+
+def difference_rows(table: dict) -> tuple[list[str], list[list]]:
+    """(header, rows): each paired difference with its 95% interval and wins / ties / losses."""
+    rows = [[f"{d['candidate']} - {d['baseline']}", d["metric"], f"{d['difference']:+.4f}",
+             f"[{d['low']:+.4f}, {d['high']:+.4f}]", f"{d['win']} / {d['tie']} / {d['loss']}"]
+            for d in table.get("differences", [])]
+    return ["comparison", "metric", "difference", "95% interval", "wins / ties / losses"], rows
+
+
+def general_rows(general: dict) -> tuple[list[str], list[list]]:
+    """(header, rows): the general-ability probe, base vs fine-tuned in points of 100, main metrics only."""
+    rows = [[f"{d['set']} {d['metric']}", d["items"], f"{d['base']:.1f}", f"{d['fine_tuned']:.1f}",
+             f"{d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]", f"{d['win']} / {d['tie']} / {d['loss']}"]
+            for d in general.get("differences", []) if d.get("main")]
+    return ["probe", "items", "base", "fine-tuned", "difference [95% interval]", "wins / ties / losses"], rows

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..runs import RunFolder, read_json, read_jsonl
+from .evidence import difference_rows, general_rows, metric_rows, shown_comparison
 
 EXAMPLES_SHOWN = 8
 OBJECTIVE = "objective/"  # the prefix of an objective's statistics in the training records (objectives/base.py)
@@ -96,7 +97,7 @@ def objective_panels(train: list[dict]) -> list[tuple]:
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
-    return html.escape(str(value))
+    return "-" if value is None else html.escape(str(value))
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -109,19 +110,13 @@ def comparison_html(report: dict) -> str:
     """`tunesmith compare`'s table where there is one, else the run's own baselines table (base,
     k-shot, retrieval, fine-tuned), else base against fine-tuned; then the general-ability probe."""
     results = report["results"]
-    comparison = report["comparison"] if report["comparison"].get("models") else results.get("baselines") or {}
+    comparison = shown_comparison(results, report["comparison"])
     parts = []
     if comparison.get("verdict"):
         parts.append(f"<p><b>Verdict:</b> {html.escape(comparison['verdict'])}</p>")
     if comparison.get("models"):
-        names = list(comparison["models"])
-        metrics = list(dict.fromkeys(m for s in comparison["models"].values() for m in s))
-        parts.append(_table(["metric", *names], [[m, *(comparison["models"][n].get(m, "-") for n in names)]
-                                                 for m in metrics]))
-        parts.append(_table(["comparison", "metric", "difference", "95% interval", "win / tie / loss"],
-                            [[f"{d['candidate']} - {d['baseline']}", d["metric"], d["difference"],
-                              f"[{d['low']:+.4f}, {d['high']:+.4f}]", f"{d['win']} / {d['tie']} / {d['loss']}"]
-                             for d in comparison.get("differences", [])]))
+        parts.append(_table(*metric_rows(comparison)))
+        parts.append(_table(*difference_rows(comparison)))
         where = (f"{comparison['examples_scored']} examples from {html.escape(str(comparison.get('data')))}"
                  if "examples_scored" in comparison else "the test split")
         parts.append(f"<p>Scored on {where}; intervals from a paired bootstrap over examples.</p>")
@@ -136,13 +131,9 @@ def general_html(general: dict | None) -> str:
     """The general-ability probe, base against fine-tuned, in points of 100."""
     if not general:
         return ""
-    rows = [[f"{d['set']} {d['metric']}", d["items"], f"{d['base']:.1f}", f"{d['fine_tuned']:.1f}",
-             f"{d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]", f"{d['win']} / {d['tie']} / {d['loss']}"]
-            for d in general.get("differences", []) if d.get("main")]
+    header, rows = general_rows(general)
     warnings = "".join(f"<p><b>{html.escape(w)}</b></p>" for w in general.get("warnings", []))
-    return ("<h3>General ability kept?</h3>" + _table(["probe", "items", "base", "fine-tuned",
-                                                       "difference [95% interval]", "win / tie / loss"], rows)
-            + warnings)
+    return "<h3>General ability kept?</h3>" + _table(header, rows) + warnings
 
 
 def examples_html(report: dict) -> str:

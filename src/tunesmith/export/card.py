@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from ..eval.evidence import difference_rows, general_rows, metric_rows, shown_comparison
 from ..runs import RunFolder, read_json
 
 # `model: default` is SmolLM2-135M-Instruct, dequantised from the Q4_1 GGUF that models/default.py converts.
@@ -81,16 +82,11 @@ def cell(value) -> str:
 def comparison_sections(results: dict, comparison: dict) -> list[str]:
     """`tunesmith compare`'s table where the run has one, else the run's own baselines table, else
     its eval losses (no interval), else a plain statement that there is no comparison."""
-    found = comparison if comparison.get("models") else results.get("baselines") or {}
+    found = shown_comparison(results, comparison)
     parts = []
     if found.get("models"):
-        names = list(found["models"])
-        metrics = list(dict.fromkeys(m for means in found["models"].values() for m in means))
-        parts.append(table(["metric", *names], [[m, *(found["models"][n].get(m) for n in names)] for m in metrics]))
-        parts.append(table(["comparison", "metric", "difference", "95% interval", "wins / ties / losses"],
-                           [[f"{d['candidate']} - {d['baseline']}", d["metric"], f"{d['difference']:+.4f}",
-                             f"[{d['low']:+.4f}, {d['high']:+.4f}]", f"{d['win']} / {d['tie']} / {d['loss']}"]
-                            for d in found.get("differences", [])]))
+        parts.append(table(*metric_rows(found)))
+        parts.append(table(*difference_rows(found)))
         where = (f"{found['examples_scored']} examples of `{found.get('data')}`" if "examples_scored" in found
                  else f"{(results.get('fine_tuned') or {}).get('test_examples', 'the')} held-out test examples")
         parts.append(f"Scored on {where}; the intervals come from a paired bootstrap over the examples, and "
@@ -110,13 +106,11 @@ def comparison_sections(results: dict, comparison: dict) -> list[str]:
 
 def general_sections(general: dict) -> list[str]:
     """The general-ability probe (`eval.general`), base vs fine-tuned in points of 100."""
-    rows = [[f"{d['set']} {d['metric']}", d["items"], f"{d['base']:.1f}", f"{d['fine_tuned']:.1f}",
-             f"{d['difference']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]", f"{d['win']} / {d['tie']} / {d['loss']}"]
-            for d in general.get("differences", []) if d.get("main")]
+    header, rows = general_rows(general)
     if not rows:
         return []
     return ["General ability (points of 100), base vs fine-tuned:",
-            table(["probe", "items", "base", "fine-tuned", "difference [95% interval]", "wins / ties / losses"], rows),
+            table(header, rows),
             *(f"**{w}**" for w in general.get("warnings", []))]
 
 
