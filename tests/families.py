@@ -66,6 +66,13 @@ FAMILIES = {f.name: f for f in [
         max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
         tie_word_embeddings=False, vocab_size=32064, bos_token_id=1, eos_token_id=32000, pad_token_id=32000),
         tools=False),
+    # Phi-4 (14B): the Phi-3 architecture with GQA 4:1 (40 heads, 10 KV), theta 2.5e5, untied head, and a
+    # cl100k_base vocabulary with ChatML-like <|im_start|>role<|im_sep|> turns; its template has no tools.
+    Family("phi4", "phi4", "phi4", dict(
+        model_type="phi3", **SMALL, num_key_value_heads=1, rope_theta=250000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=16384, original_max_position_embeddings=16384, sliding_window=None,
+        tie_word_embeddings=False, vocab_size=100352, bos_token_id=100257, eos_token_id=100265, pad_token_id=100349),
+        tools=False),
     # Mistral Nemo Instruct 2407: head 128 != hidden/heads (here 32 vs 16), GQA 4:1, theta 1e6, untied head,
     # Tekken vocabulary.
     Family("mistral", "mistral", "mistral", dict(

