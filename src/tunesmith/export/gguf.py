@@ -23,7 +23,8 @@ from ..data.tokenize import IGNORE
 from ..errors import UserError
 
 # HF model_type -> GGUF architecture (llama.cpp's converter writes Mistral as llama).
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3"}
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3",
+                 "phi3": "phi3"}
 # Architectures whose q/k rows llama.cpp wants interleaved (its converter's LlamaModel and subclasses).
 PERMUTED = {"llama", "smollm3"}
 # Architectures whose GGUF transformers refuses to open at all: the checks read them another way.
@@ -162,6 +163,10 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     if model.get("type") != "BPE":
         raise UserError(f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')}")
+    if model.get("byte_fallback"):  # Gemma, Phi-3: llama.cpp wants these as a scored `llama` vocabulary
+        raise UserError("GGUF export: this is a SentencePiece-style vocabulary (BPE with byte fallback), which "
+                        "llama.cpp reads as a scored `llama` tokenizer model that tunesmith does not write; "
+                        "export --format hf or peft instead")
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = {i: a for i, a in tokenizer.added_tokens_decoder.items()}
     tokens, types = [], []
@@ -229,7 +234,7 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "mo
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * getattr(config, "partial_rotary_factor", 1.0)))
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_key_length(head_dim)
