@@ -96,7 +96,7 @@ def test_k_quants_come_from_llama_cpp_or_are_refused_with_the_reason(family_dirs
 
 
 OLLAMA = {"smollm2": "chatml", "qwen2.5": "chatml", "qwen3": "chatml", "qwen3-nothink": "chatml-no-think",
-          "llama3": "llama3.1", "mistral": "mistral-nemo"}
+          "llama3": "llama3.1", "mistral": "mistral-nemo", "gemma3": "gemma3", "phi3": "phi3", "phi4": "phi4"}
 
 
 @pytest.mark.parametrize("name", list(OLLAMA))
@@ -119,7 +119,7 @@ def test_ollama_template_renders_the_training_prompts(family_dirs, name):
         assert trained.input_ids[:len(served)] == served and trained.labels[len(served)] != -100
 
 
-@pytest.mark.parametrize("name", ["smollm3", "gemma3"])
+@pytest.mark.parametrize("name", ["smollm3"])
 def test_ollama_refuses_a_family_it_has_no_template_for(family_dirs, name):
     from tunesmith.export.ollama import choose_template
 

@@ -196,9 +196,16 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
 
 def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer starts every text with BOS (llama.cpp then adds it too)."""
+    """Whether llama.cpp should start every text with BOS: where the tokenizer does and the chat template,
+    which training follows, begins with it too (Phi-3's tokenizer adds BOS, its template does not)."""
     first = tokenizer("a").input_ids
-    return bool(first) and first[0] == tokenizer.bos_token_id
+    if not (first and first[0] == tokenizer.bos_token_id):
+        return False
+    if not tokenizer.chat_template:
+        return True
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], add_generation_prompt=True,
+                                             tokenize=False)
+    return rendered.startswith(tokenizer.bos_token)
 
 
 def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "model") -> Path:

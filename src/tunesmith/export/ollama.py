@@ -2,11 +2,13 @@
 
 A Jinja template cannot be translated in general. tunesmith holds a Go template for each family it
 knows (ChatML: SmolLM2, Qwen2.5, Qwen3; ChatML with thinking off: Qwen3 trained with
-enable_thinking=false; Llama 3.1; Mistral Nemo) and picks the one whose render of probe conversations
+enable_thinking=false; Llama 3.1; Mistral Nemo; Gemma 3; Phi-3; Phi-4) and picks the one whose render of probe conversations
 (system, multi-turn; rendered by gotemplate.py, an interpreter of Go's template language) gives the
 same tokens as the training template's generation prompt, with the BOS llama.cpp adds where the GGUF
 says so. Anything else is refused with a clear message. Tool schemas are not part of these templates:
-llama.cpp's server applies the GGUF's own Jinja template (--jinja) for tool calling.
+llama.cpp's server applies the GGUF's own Jinja template (--jinja) for tool calling. Go templates have
+no `trim`: Gemma 3's template trims each message, so a message with surrounding spaces renders
+differently (the probes say so when it matters).
 """
 from __future__ import annotations
 
@@ -31,6 +33,21 @@ GO_TEMPLATES = {
                      "{{ end }}{{ end }}{{ range $i, $m := .Messages }}{{ if eq $m.Role \"user\" }}[INST]"
                      "{{ if and (eq (len (slice $.Messages $i)) 1) $system }}{{ $system }}\n\n{{ end }}"
                      "{{ $m.Content }}[/INST]{{ else if eq $m.Role \"assistant\" }}{{ $m.Content }}</s>{{ end }}{{ end }}"),
+    # Gemma 3: the system text opens the first user turn; the assistant is "model". BOS comes from llama.cpp.
+    "gemma3": ("{{- $system := \"\" }}{{ range .Messages }}{{ if eq .Role \"system\" }}{{ $system = .Content }}{{ end }}"
+               "{{ end }}{{- $first := true }}{{ range .Messages }}{{ if eq .Role \"user\" }}<start_of_turn>user\n"
+               "{{ if $first }}{{ if $system }}{{ $system }}\n\n{{ end }}{{ $first = false }}{{ end }}"
+               "{{ .Content }}<end_of_turn>\n{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}"
+               "<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n"),
+    # Phi-3: an empty system message is left out, as its template does.
+    "phi3": ("{{ range .Messages }}{{ if and (eq .Role \"system\") .Content }}<|system|>\n{{ .Content }}<|end|>\n"
+             "{{ else if eq .Role \"user\" }}<|user|>\n{{ .Content }}<|end|>\n{{ else if eq .Role \"assistant\" }}"
+             "<|assistant|>\n{{ .Content }}<|end|>\n{{ end }}{{ end }}<|assistant|>\n"),
+    # Phi-4: every user turn already ends with the assistant's header.
+    "phi4": ("{{ range .Messages }}{{ if eq .Role \"system\" }}<|im_start|>system<|im_sep|>{{ .Content }}<|im_end|>"
+             "{{ else if eq .Role \"user\" }}<|im_start|>user<|im_sep|>{{ .Content }}<|im_end|>"
+             "<|im_start|>assistant<|im_sep|>{{ else if eq .Role \"assistant\" }}{{ .Content }}<|im_end|>{{ end }}"
+             "{{ end }}"),
 }
 PROBES = [
     [{"role": "user", "content": "U1"}],
