@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from families import FAMILIES, build_family_model, build_family_tokenizer, probes  # noqa: E402
+from families import EXPORTED, FAMILIES, build_aligned_family_model, build_family_tokenizer, probes  # noqa: E402
 from tunesmith.data.collate import collate  # noqa: E402
 from tunesmith.data.formats import to_example  # noqa: E402
 from tunesmith.data.tokenize import encode_many, use_template  # noqa: E402
@@ -25,23 +25,17 @@ from tunesmith.export import gguf as gguf_export, llamacpp  # noqa: E402
 from tunesmith.export.merge import logits_of  # noqa: E402
 from tunesmith.models import load_tokenizer  # noqa: E402
 
-WRITTEN = ["llama3", "qwen2.5", "qwen3", "mistral", "smollm2", "smollm3"]
 QUANTS = ["f16", "q8_0", "q5_0", "q4_0", "q5_k_m", "q4_k_m"]
 
 
 def main(names: list[str]) -> None:
-    import torch
-
     root = Path(tempfile.mkdtemp())
     print(f"{'family':<10}{'type':<8}{'max|diff|':>11}{'of scale':>10}{'top-1 ans':>11}{'top-1 all':>11}{'s':>6}")
     for name in names:
         folder = root / name
         build_family_tokenizer(name, folder)
         tokenizer = load_tokenizer(str(folder))
-        model = build_family_model(name, folder, tokenizer, seed=1).eval()
-        if not model.config.tie_word_embeddings:
-            with torch.no_grad():
-                model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        model = build_aligned_family_model(name, folder, tokenizer)
         use_template(tokenizer, None, FAMILIES[name].variables)
         conversations = [to_example(r)[1] for r in probes(name, count=8, seed=7)]
         batch = collate([e for r in encode_many(tokenizer, conversations) for e in r], tokenizer.pad_token_id)
@@ -58,4 +52,4 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or WRITTEN)
+    main(sys.argv[1:] or EXPORTED)

@@ -143,6 +143,26 @@ def build_family_model(name: str, folder: Path, tokenizer, seed: int = 0):
     return model
 
 
+# Every family whose GGUF tunesmith writes (tests/test_family_exports.py, bench/llamacpp_families.py).
+EXPORTED = ["llama3", "qwen2.5", "qwen3", "mistral", "smollm2", "smollm3", "phi4", "phi3", "gemma3"]
+
+
+def build_aligned_family_model(name: str, folder: Path, tokenizer, seed: int = 1):
+    """A family model for export checks, whose top-1 tokens are not near-ties (as a trained model's are
+    not): an untied head copies the embeddings, and Gemma's embeddings are scaled 20x. Gemma's random
+    model barely prefers any token (median top-1 margin at answer positions 2.7% of the logit scale,
+    against 12-28% for the other families), so any rounding flips its ties; at 20x its tied head prefers
+    the input token, as the others' aligned heads do."""
+    model = build_family_model(name, folder, tokenizer, seed=seed)
+    with torch.no_grad():
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        if name == "gemma3":
+            model.model.embed_tokens.weight.mul_(20.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model.eval()
+
+
 # --- probe conversations -------------------------------------------------------------------------
 
 TOOLS = [

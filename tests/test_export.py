@@ -174,7 +174,7 @@ def test_unsupported_architecture_and_format_get_a_clear_message(tmp_path, capsy
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
-    with pytest.raises(UserError, match="supports the llama, mistral, qwen2, qwen3, smollm3 architectures; this model is .gpt2."):
+    with pytest.raises(UserError, match="supports the gemma3_text, llama, mistral, phi3, qwen2, qwen3, smollm3 architectures; this model is .gpt2."):
         gguf_export.write_gguf(model, tokenizer, tmp_path / "x.gguf")
 
     run = tmp_path / "run"

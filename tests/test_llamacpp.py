@@ -27,3 +27,53 @@ def test_family_gguf_in_llama_cpp(family_dirs, tmp_path, name):
     assert found["f16"]["relative_diff"] < 1e-2
     assert found["q8_0"]["top1_agreement"] >= 0.99
     assert found["q4_k_m"]["top1_agreement"] > 0.5  # measured; the bench prints it
+
+
+@pytest.mark.parametrize("name", WRITTEN)
+def test_llama_cpp_tokenizes_rendered_conversations_as_training_does(family_dirs, tmp_path, name):
+    """What Ollama and llama-server feed the model: the rendered chat, tokenised by llama.cpp from the file's
+    vocabulary (byte-level BPE with its pre-tokenizer regex, or SentencePiece scores), on 56 probe
+    conversations (system, multi-turn, tools, reasoning where the family renders them)."""
+    from families import probes
+    from tunesmith.data.formats import to_example
+
+    model, tokenizer = family_model(family_dirs, name)
+    path = gguf_export.write_gguf(model, tokenizer, tmp_path / "f16.gguf")
+    conversations = [to_example(r)[1] for r in probes(name, count=56, seed=5)]
+    checked, equal = gguf_export.llama_cpp_tokens_parity(path, tokenizer, conversations)
+    assert (checked, equal) == (56, 56)
+
+
+GEMMA3_VARIANTS = {
+    # Gemma 3 4B/12B: linear RoPE scaling (factor 8) on the global layers only.
+    "4b-linear-rope": dict(rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    # Gemma 3 27B: 62 layers, queries scaled by hidden/heads (here 16), not the head size (32); five local
+    # layers to each global one.
+    "27b-attention-scale": dict(num_hidden_layers=62, query_pre_attn_scalar=16,
+                                layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 10 + ["sliding_attention"] * 2),
+}
+
+
+@pytest.mark.parametrize("variant", list(GEMMA3_VARIANTS))
+def test_gemma3_sizes_settings_read_by_llama_cpp(family_dirs, tmp_path, variant):
+    """What the larger Gemma 3 models set differently from the 1B, read by llama.cpp from the file: f16
+    logits within 1% of the transformers model's (RoPE scaling and the query scale act at every position)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from families import FAMILIES
+
+    _, tokenizer = family_dirs("gemma3")
+    settings = dict(FAMILIES["gemma3"].config, **GEMMA3_VARIANTS[variant])
+    settings["vocab_size"] = max(settings["vocab_size"], len(tokenizer))
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20.0)  # as build_aligned_family_model does (near-ties otherwise)
+    _, batch = sample(tokenizer, "gemma3")
+    reference = logits_of(model, batch)
+    path = gguf_export.write_gguf(model, tokenizer, tmp_path / "f16.gguf", "f16")
+    found = llamacpp.check(path, reference, batch, gguf_export.answer_positions(batch))
+    assert found["relative_diff"] < 1e-2

@@ -3,8 +3,8 @@
 Tensor names come from gguf's own HF -> GGUF name map, metadata keys from its writer, so the file
 reads as llama.cpp's converter would write it: Mistral as the `llama` architecture, the q/k
 projections of the `llama` architecture permuted from HF's rotary layout (two halves) into GGML's
-(interleaved pairs), the tokenizer as a byte-level BPE ("gpt2") vocabulary with merges, and the
-chat template that training used.
+(interleaved pairs), Gemma's norms as 1 + weight, the tokenizer as llama.cpp reads it (gguf_vocab.py),
+and the chat template that training used.
 
 Verification reads the file back with transformers (an independent reader, which undoes the
 permutation) and compares logits with the merged model on the run's own examples, and the
@@ -12,7 +12,6 @@ prompt tokens the read-back tokenizer builds with those of the training tokenize
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,10 +20,15 @@ import torch
 
 from ..data.tokenize import IGNORE
 from ..errors import UserError
+from .gguf_vocab import add_tokenizer, adds_bos  # noqa: F401 (adds_bos: the Ollama export asks it too)
 
 # HF model_type -> GGUF architecture (llama.cpp's converter writes Mistral as llama).
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "smollm3": "smollm3",
-                 "phi3": "phi3"}
+                 "phi3": "phi3", "gemma3_text": "gemma3"}
+# Model types whose GGUF transformers reads back as another model type (Mistral is written as llama).
+READ_BACK_AS = {"mistral": "llama"}
+# Architectures whose RMS norms scale by (1 + weight): llama.cpp's converter stores weight + 1.
+NORM_PLUS_ONE = {"gemma3"}
 # Architectures whose q/k rows llama.cpp wants interleaved (its converter's LlamaModel and subclasses).
 PERMUTED = {"llama", "smollm3"}
 # Architectures whose GGUF transformers refuses to open at all: the checks read them another way.
@@ -62,11 +66,32 @@ def gguf_architecture(config) -> str:
                         f"this model is '{config.model_type}'")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UserError(f"GGUF export: a {config.model_type} model with attention/MLP biases is not supported")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in ("default", "llama3"):
-        raise UserError(f"GGUF export: rope scaling '{rope.get('rope_type')}' is not supported (plain RoPE and "
-                        "Llama 3's scaling are)")
+    for kind, rope in rope_by_layer_type(config).items():
+        allowed = ("default",) if kind == "sliding_attention" else ("default", "llama3", "linear")
+        if rope.get("rope_type", "default") not in allowed:
+            raise UserError(f"GGUF export: rope scaling '{rope.get('rope_type')}' on {kind} layers is not supported "
+                            f"({', '.join(allowed)} are)")
+    if arch == "gemma3":
+        # llama.cpp scales queries by 1/sqrt(head size), or 1/sqrt(hidden/heads) for the 62-layer 27B.
+        expected = (config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62
+                    else head_size(config))
+        if config.query_pre_attn_scalar != expected or config.attn_logit_softcapping:
+            raise UserError("GGUF export: this Gemma 3 scales or caps attention scores in a way llama.cpp does not "
+                            f"read from the file (query_pre_attn_scalar {config.query_pre_attn_scalar}, llama.cpp "
+                            f"uses {expected}; attention softcapping {config.attn_logit_softcapping})")
     return arch
+
+
+def head_size(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_by_layer_type(config) -> dict[str, dict]:
+    """RoPE parameters per attention type: Gemma 3 has its own for sliding and full attention layers."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return rope
+    return {"full_attention": rope}
 
 
 def rope_factors(config) -> np.ndarray | None:
@@ -78,7 +103,7 @@ def rope_factors(config) -> np.ndarray | None:
     if rope.get("rope_type") != "llama3":
         return None
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = head_size(config)
     plain = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     return (plain / scaled.float()).numpy().astype(np.float32)
 
@@ -117,6 +142,8 @@ def gguf_tensors(model, arch: str):
             tensor = rope_to_ggml(tensor, config.num_attention_heads)
         elif arch in PERMUTED and name.endswith("attn_k"):
             tensor = rope_to_ggml(tensor, config.num_key_value_heads)
+        elif arch in NORM_PLUS_ONE and name.endswith("norm"):
+            tensor = tensor + 1.0
         yield full_name, tensor.numpy()
 
 
@@ -138,74 +165,6 @@ def add_tensor(writer, name: str, data: np.ndarray, quant: str) -> None:
         writer.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
     else:
         writer.add_tensor(name, data.astype(np.float16))
-
-
-def pre_tokenizer_name(tokenizer) -> str:
-    """llama.cpp's name for how the tokenizer splits text before BPE, from its tokenizer.json."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    for step in pre.get("pretokenizers", []):
-        regex = (step.get("pattern") or {}).get("Regex") if step.get("type") == "Split" else None
-        for name, split in GGUF_PRE_TOKENIZER_SPLITS.items():
-            if regex == split:
-                return name
-    raise UserError(f"GGUF export: the tokenizer's pre-tokenizer ({json.dumps(pre)[:120]}) has no llama.cpp equivalent "
-                    "known to tunesmith")
-
-
-def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    """The byte-level BPE vocabulary, merges, special ids and chat template as llama.cpp reads them."""
-    from gguf import TokenType
-
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    if model.get("type") != "BPE":
-        raise UserError(f"GGUF export supports byte-level BPE tokenizers; this one is {model.get('type')}")
-    if model.get("byte_fallback"):  # Gemma, Phi-3: llama.cpp wants these as a scored `llama` vocabulary
-        raise UserError("GGUF export: this is a SentencePiece-style vocabulary (BPE with byte fallback), which "
-                        "llama.cpp reads as a scored `llama` tokenizer model that tunesmith does not write; "
-                        "export --format hf or peft instead")
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = {i: a for i, a in tokenizer.added_tokens_decoder.items()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i in added:
-            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
-            tokens.append(added[i].content)
-        elif i in by_id:
-            types.append(TokenType.NORMAL)
-            tokens.append(by_id[i])
-        else:  # embedding rows past the tokenizer (padding to a round size)
-            types.append(TokenType.UNUSED)
-            tokens.append(f"[PAD{i}]")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
-    for token, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                       ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
-        token_id = getattr(tokenizer, f"{token}_token_id")
-        if token_id is not None:
-            add(token_id)
-    writer.add_add_bos_token(adds_bos(tokenizer))
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether llama.cpp should start every text with BOS: where the tokenizer does and the chat template,
-    which training follows, begins with it too (Phi-3's tokenizer adds BOS, its template does not)."""
-    first = tokenizer("a").input_ids
-    if not (first and first[0] == tokenizer.bos_token_id):
-        return False
-    if not tokenizer.chat_template:
-        return True
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "a"}], add_generation_prompt=True,
-                                             tokenize=False)
-    return rendered.startswith(tokenizer.bos_token)
 
 
 def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "model") -> Path:
@@ -230,8 +189,8 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "mo
         raise UserError(f"GGUF export: unknown --quant '{quant}'; choose one of {', '.join(QUANTS + LLAMA_CPP_QUANTS)}")
     config = model.config
     arch = gguf_architecture(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    head_dim = head_size(config)
+    rope = rope_by_layer_type(config)["full_attention"]
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
@@ -243,6 +202,12 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "mo
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(int(head_dim * getattr(config, "partial_rotary_factor", 1.0)))
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    if rope.get("rope_type") == "linear":  # Gemma 3 4B and larger, on their global layers
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    add_sliding_window(writer, config)
+    if getattr(config, "final_logit_softcapping", None):  # Gemma
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
@@ -262,8 +227,21 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "mo
     return path
 
 
+def add_sliding_window(writer, config) -> None:
+    """Gemma 3's local layers: the window, which layers have it (llama.cpp otherwise assumes every sixth
+    layer is global) and their own RoPE base."""
+    layer_types = getattr(config, "layer_types", None) or []
+    if config.model_type != "gemma3_text" or "sliding_attention" not in layer_types:
+        return
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
+    local = rope_by_layer_type(config).get("sliding_attention", {})
+    writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+
+
 def template_parity(trained_tokenizer, gguf_tokenizer, conversations: list[list[dict]]) -> tuple[int, int]:
     """(checked, equal): generation prompts built by both tokenizers' chat templates, token for token."""
+    from ..data.tokenize import token_ids
     from ..data.tools import split_tools
 
     equal = 0
@@ -272,7 +250,8 @@ def template_parity(trained_tokenizer, gguf_tokenizer, conversations: list[list[
         prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
         ours = trained_tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True)
         theirs = gguf_tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True)
-        same_answer = trained_tokenizer(messages[-1]["content"]).input_ids == gguf_tokenizer(messages[-1]["content"]).input_ids
+        answer = messages[-1]["content"]  # BOS aside: the file adds it only where the template has it (adds_bos)
+        same_answer = token_ids(trained_tokenizer, [answer]) == token_ids(gguf_tokenizer, [answer])
         equal += int(_ids(ours) == _ids(theirs) and same_answer)
     return len(conversations), equal
 
@@ -306,7 +285,8 @@ def read_back(path: Path, config):
         model.load_state_dict(gguf_state_dict(path, model), strict=True)
         return model.eval()
     settings = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
-    as_written = config if arch == config.model_type else AutoConfig.for_model(arch, **settings)
+    read_as = READ_BACK_AS.get(config.model_type)
+    as_written = AutoConfig.for_model(read_as, **settings) if read_as else config
     read, info = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=as_written,
                                                       dtype=torch.float32, output_loading_info=True)
     if info["missing_keys"]:  # transformers would leave these randomly initialised
@@ -392,13 +372,34 @@ def verify_gguf(path: Path, quant: str, reference_logits: torch.Tensor, batch: d
 
     if llamacpp.available():
         check.llama_cpp = llamacpp.check(path, reference_logits, batch, answers)
+        check.llama_cpp["prompts_checked"], check.llama_cpp["prompts_equal"] = llama_cpp_tokens_parity(
+            path, trained_tokenizer, conversations)
     for reader, found in (("transformers", asdict(check)), ("llama.cpp", check.llama_cpp)):
         if found:
             refuse_if_off(path, quant, reader, found, scale, check.positions)
     if equal != checked:
         raise UserError(f"{path}: the GGUF's tokenizer and chat template build different tokens than training's "
                         f"for {checked - equal} of {checked} sample conversations")
+    if check.llama_cpp and check.llama_cpp["prompts_equal"] != check.llama_cpp["prompts_checked"]:
+        off = check.llama_cpp["prompts_checked"] - check.llama_cpp["prompts_equal"]
+        raise UserError(f"{path}: llama.cpp's tokenizer splits {off} of {check.llama_cpp['prompts_checked']} rendered "
+                        "sample conversations into other tokens than training's")
     return check
+
+
+def llama_cpp_tokens_parity(path: Path, trained_tokenizer, conversations: list[list[dict]]) -> tuple[int, int]:
+    """(checked, equal): whole conversations rendered by the training template, tokenised by training's
+    tokenizer and by llama.cpp's reading of the file."""
+    from ..data.tokenize import token_ids
+    from ..data.tools import split_tools
+    from . import llamacpp
+
+    texts = []
+    for conversation in conversations:
+        tools, messages = split_tools(conversation)
+        texts.append(trained_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False))
+    theirs = llamacpp.tokenize(path, texts)
+    return len(texts), sum(ours == found for ours, found in zip(token_ids(trained_tokenizer, texts), theirs))
 
 
 def refuse_if_off(path: Path, quant: str, reader: str, check: dict, scale: float, positions: int) -> None:

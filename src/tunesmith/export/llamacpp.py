@@ -91,6 +91,17 @@ def compare(theirs: torch.Tensor, reference: torch.Tensor, answers: torch.Tensor
             "top1_all_positions": float(same.float().mean())}
 
 
+def tokenize(path: Path, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's own tokens for each text (special tokens parsed, no BOS added): what Ollama and
+    llama-server feed the model after rendering a chat template."""
+    llama_cpp = _require("the llama.cpp tokenizer check")
+    with _quiet():
+        model = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    found = [model.tokenize(text.encode("utf-8"), add_bos=False, special=True) for text in texts]
+    del model
+    return found
+
+
 def generate(path: Path, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
     """Greedy answers from llama.cpp for prompts given as token ids (built by the training tokenizer)."""
     llama_cpp = _require("generation in llama.cpp")

@@ -2,7 +2,7 @@
 
 A Jinja template cannot be translated in general. tunesmith holds a Go template for each family it
 knows (ChatML: SmolLM2, Qwen2.5, Qwen3; ChatML with thinking off: Qwen3 trained with
-enable_thinking=false; Llama 3.1; Mistral Nemo; Gemma 3; Phi-3; Phi-4) and picks the one whose render of probe conversations
+enable_thinking=false; Llama 3.1; Mistral Nemo; Gemma 3; Phi-3; Phi-4; SmolLM3 thinking on and off) and picks the one whose render of probe conversations
 (system, multi-turn; rendered by gotemplate.py, an interpreter of Go's template language) gives the
 same tokens as the training template's generation prompt, with the BOS llama.cpp adds where the GGUF
 says so. Anything else is refused with a clear message. Tool schemas are not part of these templates:
@@ -20,6 +20,37 @@ from .gotemplate import GoTemplateError, render
 
 CHATML_GO = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
              "{{ end }}<|im_start|>assistant\n")
+def smollm3_go(mode: str) -> str:
+    """SmolLM3 in one reasoning mode (data.template_variables enable_thinking): a metadata header, the system
+    message (or the mode's default instructions) under Custom Instructions; tool results as user turns.
+    Go templates cannot search or edit text, so a system message holding /think or /no_think (which
+    switches SmolLM3's mode) renders differently and the probe check refuses it."""
+    default = SMOLLM3_THINKING_INSTRUCTIONS if mode == "/think" else "You are a helpful AI assistant named SmolLM, trained by Hugging Face."
+    empty_thought = "" if mode == "/think" else "<think>\n\n</think>\n"
+    return ("{{- $system := \"\" }}{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (eq $m.Role \"system\") }}"
+            "{{ $system = $m.Content }}{{ end }}{{ end }}<|im_start|>system\n## Metadata\n\nKnowledge Cutoff Date: "
+            f"June 2025\nReasoning Mode: {mode}\n\n## Custom Instructions\n\n"
+            f"{{{{ if $system }}}}{{{{ $system }}}}{{{{ else }}}}{default}{{{{ end }}}}\n\n<|im_end|>\n"
+            "{{ range .Messages }}{{ if or (eq .Role \"user\") (eq .Role \"tool\") }}<|im_start|>user\n{{ .Content }}"
+            f"<|im_end|>\n{{{{ else if eq .Role \"assistant\" }}}}<|im_start|>assistant\n{empty_thought}{{{{ .Content }}}}"
+            f"<|im_end|>\n{{{{ end }}}}{{{{ end }}}}<|im_start|>assistant\n{empty_thought}")
+
+
+SMOLLM3_THINKING_INSTRUCTIONS = (
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face. Your role as an assistant involves "
+    "thoroughly exploring questions through a systematic thinking process before providing the final precise and "
+    "accurate solutions. This requires engaging in a comprehensive cycle of analysis, summarizing, exploration, "
+    "reassessment, reflection, backtracking, and iteration to develop well-considered thinking process. Please "
+    "structure your response into two main sections: Thought and Solution using the specified format: <think> "
+    "Thought section </think> Solution section. In the Thought section, detail your reasoning process in steps. "
+    "Each step should include detailed considerations such as analysing questions, summarizing relevant findings, "
+    "brainstorming new ideas, verifying the accuracy of the current steps, refining any errors, and revisiting "
+    "previous steps. In the Solution section, based on various attempts, explorations, and reflections from the "
+    "Thought section, systematically present the final solution that you deem correct. The Solution section should "
+    "be logical, accurate, and concise and detail necessary steps needed to reach the conclusion.")
+# Templates that hold their own default system text: the Modelfile gets no SYSTEM of the template's.
+OWN_DEFAULT_SYSTEM = {"smollm3", "smollm3-no-think"}
+
 GO_TEMPLATES = {
     "chatml": CHATML_GO,
     "chatml-no-think": CHATML_GO + "<think>\n\n</think>\n\n",
@@ -49,6 +80,7 @@ GO_TEMPLATES = {
              "<|im_start|>assistant<|im_sep|>{{ else if eq .Role \"assistant\" }}{{ .Content }}<|im_end|>{{ end }}"
              "{{ end }}"),
 }
+GO_TEMPLATES.update({"smollm3": smollm3_go("/think"), "smollm3-no-think": smollm3_go("/no_think")})
 PROBES = [
     [{"role": "user", "content": "U1"}],
     [{"role": "system", "content": "S1"}, {"role": "user", "content": "U1"}],
@@ -83,13 +115,18 @@ def served_tokens(tokenizer, template: str, messages: list[dict], system: str | 
     return bos + token_ids(tokenizer, [render(template, ollama_messages(messages))])[0]
 
 
+def default_system(family: str, tokenizer) -> str | None:
+    """The Modelfile's SYSTEM when the run fixes none: the template's default, unless the Go template holds it."""
+    return None if family in OWN_DEFAULT_SYSTEM else template_default_system(tokenizer)
+
+
 def choose_template(tokenizer, add_bos: bool, probes: list[list[dict]] | None = None) -> tuple[str, str]:
     """(family, Go template) whose render gives the training template's generation prompts, token for token."""
-    system = template_default_system(tokenizer)
     probes = probes or PROBES
     wanted = [token_ids(tokenizer, [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)])[0]
               for m in probes]
     for name, template in GO_TEMPLATES.items():
+        system = default_system(name, tokenizer)
         try:
             if all(served_tokens(tokenizer, template, m, system, add_bos) == w for m, w in zip(probes, wanted)):
                 return name, template
@@ -101,8 +138,8 @@ def choose_template(tokenizer, add_bos: bool, probes: list[list[dict]] | None = 
 
 def write_modelfile(folder: Path, gguf_name: str, tokenizer, system_prompt: str | None, add_bos: bool = False) -> Path:
     """Modelfile with FROM, TEMPLATE, stop tokens and the fixed system prompt (if any)."""
-    _, template = choose_template(tokenizer, add_bos)
-    system = system_prompt or template_default_system(tokenizer)
+    family, template = choose_template(tokenizer, add_bos)
+    system = system_prompt or default_system(family, tokenizer)
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{stop}"' for stop in end_of_turn_strings(tokenizer)]
     if system:
