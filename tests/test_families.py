@@ -191,14 +191,16 @@ def test_a_data_set_without_answer_tokens_after_masking_is_refused(family_dirs, 
 
 # --- each family trains, through the public API ----------------------------------------------------
 
-FAST_TRAIN = {"smollm2"}
+FAST_TRAIN = {("smollm2", "lora"), ("smollm2", "full")}
+# Families whose attention, norm and MLP classes the fast paths know (tunesmith/accel/families.py); the
+# others get only the generic ones, chosen automatically.
+FAST_PATH_FAMILIES = {"llama3", "qwen2.5", "qwen3", "qwen3-nothink", "mistral", "smollm2"}
 
 
 @pytest.mark.parametrize("name,method", [
-    *[pytest.param(n, "lora", marks=() if n in FAST_TRAIN else pytest.mark.slow) for n in FAMILIES],
-    ("smollm2", "full"),
-])
-def test_each_family_trains_a_step(family_dirs, tmp_path, name, method):
+    pytest.param(n, m, marks=() if (n, m) in FAST_TRAIN else pytest.mark.slow)
+    for m in ("lora", "dora", "qlora", "full") for n in FAMILIES])
+def test_each_family_trains_a_step(family_dirs, tmp_path, capsys, name, method):
     folder, tokenizer = family_dirs(name)
     if not (folder / "config.json").exists():
         build_family_model(name, folder, tokenizer)
@@ -213,6 +215,10 @@ def test_each_family_trains_a_step(family_dirs, tmp_path, name, method):
         "output": {"dir": str(tmp_path / "run")}})
     assert results["steps"] == 1 and results["final_loss"] > 0
     assert results["data"]["examples"]["train"] >= 5
+    # The attention function and the LoRA layers are generic (with plain fallbacks: sliding windows,
+    # softcapping); norm, MLP and rotary rewrites only replace the classes they were checked against.
+    assert ("rmsnorm" in results["fast_paths"]) == (name in FAST_PATH_FAMILIES), results["fast_paths"]
+    assert "fast paths: " in capsys.readouterr().err  # the choice is printed at the start
 
 
 def test_the_phi4_vocabulary_built_from_cl100k_gives_phi4s_published_ids(family_dirs):
