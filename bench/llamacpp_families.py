@@ -21,7 +21,7 @@ from families import EXPORTED, FAMILIES, build_aligned_family_model, build_famil
 from tunesmith.data.collate import collate  # noqa: E402
 from tunesmith.data.formats import to_example  # noqa: E402
 from tunesmith.data.tokenize import encode_many, use_template  # noqa: E402
-from tunesmith.export import gguf as gguf_export, llamacpp  # noqa: E402
+from tunesmith.export import gguf as gguf_export, gguf_check, llamacpp  # noqa: E402
 from tunesmith.export.merge import logits_of  # noqa: E402
 from tunesmith.models import load_tokenizer  # noqa: E402
 
@@ -40,7 +40,7 @@ def main(names: list[str]) -> None:
         conversations = [to_example(r)[1] for r in probes(name, count=8, seed=7)]
         batch = collate([e for r in encode_many(tokenizer, conversations) for e in r], tokenizer.pad_token_id)
         reference = logits_of(model, batch)
-        answers = gguf_export.answer_positions(batch)
+        answers = gguf_check.answer_positions(batch)
         for quant in QUANTS:
             started = time.perf_counter()
             path = gguf_export.write_gguf(model, tokenizer, root / f"{name}-{quant}.gguf", quant)

@@ -9,8 +9,8 @@
    paired 95% interval; the general-ability probe before and after.
 4. ROUGE-L of every row's predictions recomputed with rouge-score, to show they are the same.
 
-    .venv/bin/python bench/medquad_evidence.py [--out runs/medquad-evidence] [--steps 300] [--train 2400]
-        [--test 120] [--max-new-tokens 96]
+    .venv/bin/python bench/medquad_evidence.py [--out runs/medquad-evidence] [--steps 300] [--batch-size 8]
+        [--train 2400] [--test 120] [--max-new-tokens 96] [--skip-check]
 
 It prints the tables as markdown, with the time each part took.
 """
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=64)
     parser.add_argument("--test", type=int, default=120)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--general-limit", type=int, default=None)
     parser.add_argument("--skip-check", action="store_true")
@@ -115,7 +116,7 @@ def main() -> None:
         "model": "default",
         "data": {**files, "max_seq_len": 384},
         "adapter": {"method": "lora", "r": 16, "alpha": 32},
-        "train": {"max_steps": args.steps, "batch_size": 8, "lr": 1e-3, "log_every": 10},
+        "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": 1e-3, "log_every": 10},
         "eval": {"every_steps": max(1, args.steps // 4), "batch_size": 16, "max_new_tokens": args.max_new_tokens,
                  "kshot": 3, "retrieval_k": 3, "general": True, "general_limit": args.general_limit},
         "output": {"dir": str(out / "run"), "overwrite": True},

@@ -6,8 +6,6 @@ the `phi3` architecture (fused q/k/v and gate/up), Gemma 3 as `gemma3` (norms st
 its sliding-window layers and their RoPE base)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from tunesmith.data.collate import collate
 from tunesmith.data.formats import to_example
 from tunesmith.data.tokenize import encode_many, use_template
 from tunesmith.errors import UserError
-from tunesmith.export import gguf as gguf_export
+from tunesmith.export import gguf as gguf_export, gguf_check
 from tunesmith.export.merge import logits_of
 
 WRITTEN = EXPORTED
@@ -56,7 +54,7 @@ def test_family_gguf_reads_back_with_the_models_logits_and_prompts(family_dirs, 
     conversations, batch = sample(tokenizer, name)
     reference = logits_of(model, batch)
     path = gguf_export.write_gguf(model, tokenizer, tmp_path / f"{name}.gguf", quant)
-    check = gguf_export.verify_gguf(path, quant, reference, batch, tokenizer, conversations, model.config)
+    check = gguf_check.verify_gguf(path, quant, reference, batch, tokenizer, conversations, model.config)
     if quant == "f16":
         assert check.relative_diff < 1e-2
     assert check.top1_agreement >= 0.99 and check.positions > 50
@@ -139,7 +137,7 @@ def test_ollama_template_renders_the_training_prompts(family_dirs, case):
     """>= 50 probe conversations (system, multi-turn; no tools: Ollama's tool schemas are outside these
     templates): the Go template's render (with llama.cpp's BOS) equals the training prompt tokens."""
     from tunesmith.data.tokenize import encode
-    from tunesmith.export.gguf import adds_bos
+    from tunesmith.export.gguf_vocab import adds_bos
     from tunesmith.export.ollama import choose_template, default_system, served_tokens
     from tunesmith.models import load_tokenizer
 

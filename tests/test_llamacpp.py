@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from test_family_exports import WRITTEN, family_model, sample
-from tunesmith.export import gguf as gguf_export, llamacpp
+from tunesmith.export import gguf as gguf_export, gguf_check, llamacpp
 from tunesmith.export.merge import logits_of
 
 pytestmark = [pytest.mark.slow,
@@ -19,7 +19,7 @@ def test_family_gguf_in_llama_cpp(family_dirs, tmp_path, name):
     model, tokenizer = family_model(family_dirs, name)
     _, batch = sample(tokenizer, name)
     reference = logits_of(model, batch)
-    answers = gguf_export.answer_positions(batch)
+    answers = gguf_check.answer_positions(batch)
     found = {}
     for quant in ("f16", "q8_0", "q4_k_m"):
         path = gguf_export.write_gguf(model, tokenizer, tmp_path / f"{quant}.gguf", quant)
@@ -40,7 +40,7 @@ def test_llama_cpp_tokenizes_rendered_conversations_as_training_does(family_dirs
     model, tokenizer = family_model(family_dirs, name)
     path = gguf_export.write_gguf(model, tokenizer, tmp_path / "f16.gguf")
     conversations = [to_example(r)[1] for r in probes(name, count=56, seed=5)]
-    checked, equal = gguf_export.llama_cpp_tokens_parity(path, tokenizer, conversations)
+    checked, equal = gguf_check.llama_cpp_tokens_parity(path, tokenizer, conversations)
     assert (checked, equal) == (56, 56)
 
 
@@ -75,5 +75,5 @@ def test_gemma3_sizes_settings_read_by_llama_cpp(family_dirs, tmp_path, variant)
     _, batch = sample(tokenizer, "gemma3")
     reference = logits_of(model, batch)
     path = gguf_export.write_gguf(model, tokenizer, tmp_path / "f16.gguf", "f16")
-    found = llamacpp.check(path, reference, batch, gguf_export.answer_positions(batch))
+    found = llamacpp.check(path, reference, batch, gguf_check.answer_positions(batch))
     assert found["relative_diff"] < 1e-2

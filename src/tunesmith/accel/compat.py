@@ -40,7 +40,7 @@ PRIVATE_NAMES = (
                 "SDPA for the attention shapes the fast attention leaves alone"),
     PrivateName("transformers", "utils.chat_template_utils.render_jinja_template", "data/tokenize.py",
                 "renders many conversations in one call with the tokenizer's own Jinja environment"),
-    PrivateName("transformers", "integrations.gguf.gguf_tokenizer_mapping.GGUF_PRE_TOKENIZER_SPLITS", "export/gguf.py",
+    PrivateName("transformers", "integrations.gguf.gguf_tokenizer_mapping.GGUF_PRE_TOKENIZER_SPLITS", "export/gguf_vocab.py",
                 "the pre-tokenizer names llama.cpp knows, to write the one matching the tokenizer"),
     PrivateName("peft", "tuners.lora.layer.Linear (lora_variant, fan_in_fan_out, scaling, merged)", "accel/lora_linear.py",
                 "to know where a LoRA layer's forward is exactly base(x) + scaling * B(A(x))"),

@@ -83,7 +83,9 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     from .. import runs
     from ..config import load_config
     from ..models import load_model, load_tokenizer
-    from .gguf import adds_bos, verify_gguf, write_gguf
+    from .gguf import write_gguf
+    from .gguf_check import verify_gguf
+    from .gguf_vocab import adds_bos
     from .merge import TOLERANCE, logits_of, merge_run, sample_batch, sample_conversations
     from .ollama import write_modelfile
     from .readme import write_readme
@@ -131,7 +133,8 @@ def export_gguf_lora(run: Path, folder: Path) -> dict:
     from ..config import load_config
     from ..models import load_base, load_tokenizer
     from . import llamacpp
-    from .gguf import F16_TOLERANCE, answer_positions, write_gguf
+    from .gguf import write_gguf
+    from .gguf_check import F16_TOLERANCE, answer_positions
     from .gguf_lora import applied_by_hand, write_lora_gguf
     from .merge import adapter_model, logits_of, sample_batch
 
