@@ -22,6 +22,11 @@ def test_acc_and_acc_norm_on_known_log_likelihoods():
     assert choice_scores(lls, choices, answer=1) == {"acc": 0.0, "acc_norm": 1.0}
     # A tie goes to the first choice, as numpy's argmax (and the harness) decide it.
     assert choice_scores([-1.0, -1.0], ["ab", "cd"], answer=0) == {"acc": 1.0, "acc_norm": 1.0}
+    # An empty choice (TruthfulQA has some) scores -inf per character: never chosen, no warning printed.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choice_scores([-0.5, -4.0], ["", "yes"], answer=1) == {"acc": 0.0, "acc_norm": 1.0}
 
 
 @torch.no_grad()

@@ -173,7 +173,9 @@ def choice_scores(lls: list[float], choices: list[str], answer: int) -> dict[str
     choice (lm-evaluation-harness's definitions)."""
     values = np.array(lls)
     lengths = np.array([float(len(c)) for c in choices])
-    return {"acc": float(int(np.argmax(values)) == answer), "acc_norm": float(int(np.argmax(values / lengths)) == answer)}
+    with np.errstate(divide="ignore"):  # an empty choice scores -inf per character, as in the harness
+        per_character = values / lengths
+    return {"acc": float(int(np.argmax(values)) == answer), "acc_norm": float(int(np.argmax(per_character)) == answer)}
 
 
 def number_in(text: str) -> str | None:
