@@ -77,3 +77,31 @@ def test_gemma3_sizes_settings_read_by_llama_cpp(family_dirs, tmp_path, variant)
     path = gguf_export.write_gguf(model, tokenizer, tmp_path / "f16.gguf", "f16")
     found = llamacpp.check(path, reference, batch, gguf_check.answer_positions(batch))
     assert found["relative_diff"] < 1e-2
+
+
+@pytest.mark.parametrize("name", WRITTEN)
+def test_family_lora_adapter_applied_by_llama_cpp(family_dirs, tmp_path, name):
+    """The LoRA adapter as llama.cpp's GGUF adapter, on every family (Phi's fused q/k/v and gate/up
+    included): base GGUF + adapter in llama.cpp give the adapter model's logits within 1%."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.export.gguf_lora import write_lora_gguf
+
+    base, tokenizer = family_model(family_dirs, name)
+    _, batch = sample(tokenizer, name)
+    base_path = gguf_export.write_gguf(base, tokenizer, tmp_path / "base.gguf", "f16")
+    torch.manual_seed(0)
+    tuned = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for module_name, parameter in tuned.named_parameters():
+            if "lora_B" in module_name:
+                parameter.normal_(0.0, 0.05)
+    reference = logits_of(tuned, batch)
+    tuned.save_pretrained(tmp_path / "adapter")
+    plain, _ = family_model(family_dirs, name)  # get_peft_model wrapped `base` in place
+    adapter = write_lora_gguf(plain, tmp_path / "adapter", tmp_path / "adapter.gguf")
+    found = llamacpp.check(base_path, reference, batch, gguf_check.answer_positions(batch), lora=adapter)
+    assert found["relative_diff"] < 1e-2
+    moved = (reference - logits_of(plain, batch)).abs().max() / reference.abs().max()
+    assert moved > 0.05  # the adapter changes the logits far beyond the tolerance: an ignored one would fail
