@@ -147,6 +147,9 @@ def build_family_model(name: str, folder: Path, tokenizer, seed: int = 0):
 EXPORTED = ["llama3", "qwen2.5", "qwen3", "mistral", "smollm2", "smollm3", "phi4", "phi3", "gemma3"]
 
 
+GEMMA_EMBEDDING_SCALE = 20.0  # see build_aligned_family_model
+
+
 def build_aligned_family_model(name: str, folder: Path, tokenizer, seed: int = 1):
     """A family model for export checks, whose top-1 tokens are not near-ties (as a trained model's are
     not): an untied head copies the embeddings, and Gemma's embeddings are scaled 20x. Gemma's random
@@ -158,7 +161,7 @@ def build_aligned_family_model(name: str, folder: Path, tokenizer, seed: int = 1
         if not model.config.tie_word_embeddings:
             model.lm_head.weight.copy_(model.model.embed_tokens.weight)
         if name == "gemma3":
-            model.model.embed_tokens.weight.mul_(20.0)
+            model.model.embed_tokens.weight.mul_(GEMMA_EMBEDDING_SCALE)
     model.save_pretrained(folder, safe_serialization=True)
     return model.eval()
 

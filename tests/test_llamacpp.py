@@ -62,7 +62,7 @@ def test_gemma3_sizes_settings_read_by_llama_cpp(family_dirs, tmp_path, variant)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from families import FAMILIES
+    from families import FAMILIES, GEMMA_EMBEDDING_SCALE
 
     _, tokenizer = family_dirs("gemma3")
     settings = dict(FAMILIES["gemma3"].config, **GEMMA3_VARIANTS[variant])
@@ -71,7 +71,7 @@ def test_gemma3_sizes_settings_read_by_llama_cpp(family_dirs, tmp_path, variant)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(20.0)  # as build_aligned_family_model does (near-ties otherwise)
+        model.model.embed_tokens.weight.mul_(GEMMA_EMBEDDING_SCALE)  # as build_aligned_family_model does
     _, batch = sample(tokenizer, "gemma3")
     reference = logits_of(model, batch)
     path = gguf_export.write_gguf(model, tokenizer, tmp_path / "f16.gguf", "f16")

@@ -125,8 +125,9 @@ def choose_template(tokenizer, add_bos: bool, probes: list[list[dict]] | None = 
     probes = probes or PROBES
     wanted = [token_ids(tokenizer, [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)])[0]
               for m in probes]
+    template_system = template_default_system(tokenizer)  # rendered once, not per candidate
     for name, template in GO_TEMPLATES.items():
-        system = default_system(name, tokenizer)
+        system = None if name in OWN_DEFAULT_SYSTEM else template_system
         try:
             if all(served_tokens(tokenizer, template, m, system, add_bos) == w for m, w in zip(probes, wanted)):
                 return name, template
