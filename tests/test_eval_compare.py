@@ -83,6 +83,49 @@ def test_answer_loss_counts_only_the_last_answer(tiny_model_dir, tiny_tokenizer)
     assert count_shot == count_alone  # the k-shot example's answer carries no label
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_answer_losses_in_batches_equal_one_at_a_time(tiny_model_dir, tiny_tokenizer, fast):
+    """Batched (padding-free with the fast paths, padded without) the per-example answer losses
+    and counts are those of each example scored alone, whatever the batch's lengths and order."""
+    from helpers import lora_model
+
+    from tunesmith.data.collate import PADDED, PADDING_FREE
+
+    model = lora_model(load_model(str(tiny_model_dir)), seed=2, fast_paths=fast)
+    layout = PADDING_FREE if fast else PADDED
+    shot = [{"role": "user", "content": "Invoice wrong"}, {"role": "assistant", "content": '{"b": 2}'}]
+    conversations = [[{"role": "user", "content": "ticket " + "word " * (3 * i)},
+                      {"role": "assistant", "content": '{"a": %d}' % i + " x" * (i % 4)}] for i in range(7)]
+    conversations[2] = with_shots(conversations[2], [shot])
+    alone = [answer_losses(model, tiny_tokenizer, [c], layout) for c in conversations]
+    losses, counts = answer_losses(model, tiny_tokenizer, conversations, layout, batch_size=3)
+    assert counts == [count for _, (count,) in alone]
+    assert losses == pytest.approx([loss for (loss,), _ in alone], rel=1e-4)
+    assert len(set(counts)) > 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_one_pass_scoring_equals_scoring_and_generating_apart(tiny_model_dir, tiny_tokenizer, fast):
+    """answer_and_score (the reference's loss and the answer from one pass over each prompt) gives
+    the losses of answer_losses and the greedy answers of generate_answers, LoRA merged or not."""
+    from helpers import lora_model
+
+    from tunesmith.data.collate import PADDED, PADDING_FREE
+    from tunesmith.eval.generate import answer_and_score, generate_answers
+
+    model = lora_model(load_model(str(tiny_model_dir)), seed=4, fast_paths=fast)
+    shot = [{"role": "user", "content": "Invoice wrong"}, {"role": "assistant", "content": '{"b": 2}'}]
+    conversations = [[{"role": "user", "content": "ticket " + "word " * (5 * i)},
+                      {"role": "assistant", "content": '{"a": %d}' % i + " x" * (3 * i % 7)}] for i in range(6)]
+    conversations[1] = with_shots(conversations[1], [shot, shot])
+    answers, losses, counts, speed = answer_and_score(model, tiny_tokenizer, conversations, 12, batch_size=4)
+    expected_losses, expected_counts = answer_losses(model, tiny_tokenizer, conversations, PADDING_FREE if fast else PADDED)
+    expected_answers, _ = generate_answers(model, tiny_tokenizer, conversations, 12, batch_size=4)
+    assert counts == expected_counts and losses == pytest.approx(expected_losses, rel=1e-4)
+    assert answers == expected_answers and speed["generated_tokens"] > 0
+    assert not any(getattr(m, "merged", False) for m in model.modules())  # the adapter is unmerged again
+
+
 def test_pick_shots_is_seeded_and_leaves_out_test_prompts(tmp_path):
     rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)]
     path = write_jsonl(tmp_path / "train.jsonl", rows)

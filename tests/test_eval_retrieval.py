@@ -52,6 +52,18 @@ def test_prompt_sets_rows():
     assert list(prompt_sets("fine-tuned", test, POOL, 0, 1, 0)) == ["fine-tuned", "fine-tuned + retrieval"]
 
 
+@pytest.mark.parametrize("tuned", [True, False])
+def test_retrieval_on_the_fine_tuned_model_can_be_left_out(tuned, monkeypatch, tmp_path):
+    from tunesmith.config import EvalConfig
+    from tunesmith.eval import baselines
+
+    asked = []
+    monkeypatch.setattr(baselines, "score_rows", lambda model, tokenizer, sets, *rest: asked.append(list(sets)))
+    eval_cfg = EvalConfig(retrieval_k=1, retrieval_tuned=tuned)
+    baselines.score_tuned_rows(None, None, [chat("What is glaucoma exactly?", "r")], POOL, eval_cfg, tmp_path)
+    assert asked == [["fine-tuned + retrieval", "fine-tuned"] if tuned else ["fine-tuned"]]
+
+
 def scored(name: str, values: list[float]) -> Scored:
     return Scored(name, ["x"] * len(values), [{"rouge_l": v, "answer_loss": 1.0} for v in values], [5] * len(values))
 

@@ -108,6 +108,7 @@ class EvalConfig(_Section):
     scorer: str | None = Field(None, description="Your own metric as 'module:function', called as function(prediction, reference) -> float or dict of floats.")
     kshot: int = Field(0, ge=0, description="Also score the base model prompted with this many seeded random training examples (k-shot baseline) on the test split; 0 = off.")
     retrieval_k: int = Field(0, ge=0, description="Also score the base and the fine-tuned model with the k training examples most similar to each test question (BM25 over the training questions) in the prompt (retrieval baseline); 0 = off.")
+    retrieval_tuned: bool = Field(True, description="With retrieval_k: also score the fine-tuned model with the retrieved examples in its prompt (does retrieval help on top of fine-tuning?).")
     general: bool = Field(False, description="Score the base and the fine-tuned model on general-ability probes (MMLU, ARC, HellaSwag, TruthfulQA, GSM8K) and report each difference with its 95% interval.")
     general_data: str | None = Field(None, description="Folder of general-ability probe files (<set>.jsonl, the schema of the shipped probe); null = the probe shipped with tunesmith.")
     general_sets: list[str] | None = Field(None, description="Probe sets to score (arc_easy, arc_challenge, hellaswag, mmlu, truthfulqa_mc1, gsm8k); null = all found.")

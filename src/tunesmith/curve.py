@@ -112,7 +112,7 @@ def _score(run: Path, conversations: list, cfg, generate: bool) -> Scored:
     try:
         if generate:
             return score_prompts(model, tokenizer, run.name, conversations, Settings.of(cfg.eval))
-        losses, counts = answer_losses(model, tokenizer, conversations)
+        losses, counts = answer_losses(model, tokenizer, conversations, batch_size=cfg.eval.batch_size)
         return Scored(run.name, [""] * len(losses), [{LOSS: v} for v in losses], counts)
     finally:
         del model

@@ -42,6 +42,8 @@ PRIVATE_NAMES = (
                 "renders many conversations in one call with the tokenizer's own Jinja environment"),
     PrivateName("transformers", "integrations.gguf.gguf_tokenizer_mapping.GGUF_PRE_TOKENIZER_SPLITS", "export/gguf_vocab.py",
                 "the pre-tokenizer names llama.cpp knows, to write the one matching the tokenizer"),
+    PrivateName("transformers", "modeling_gguf_pytorch_utils imports gguf.GGUFReader / get_tensor_name_map per call",
+                "models/default.py", "the default model's conversion parses its GGUF once, not three times"),
     PrivateName("peft", "tuners.lora.layer.Linear (lora_variant, fan_in_fan_out, scaling, merged)", "accel/lora_linear.py",
                 "to know where a LoRA layer's forward is exactly base(x) + scaling * B(A(x))"),
     PrivateName("bitsandbytes", "nn.Linear4bit.support_avx512bf16_for_cpu", "models/quant.py",

@@ -198,6 +198,8 @@ def score_base_rows(model, tokenizer, test: list[list[dict]], train: list[list[d
 
 def score_tuned_rows(model, tokenizer, test: list[list[dict]], train: list[list[dict]], eval_cfg, folder: Path,
                      layout: str = PADDED) -> list[Scored]:
-    """After training: the fine-tuned model with retrieved examples (eval.retrieval_k), then alone (last)."""
-    sets = prompt_sets("fine-tuned", test_prompts(test, eval_cfg), train, 0, eval_cfg.retrieval_k, eval_cfg.seed)
+    """After training: the fine-tuned model with retrieved examples (eval.retrieval_k, unless
+    eval.retrieval_tuned is off), then alone (last)."""
+    retrieval_k = eval_cfg.retrieval_k if eval_cfg.retrieval_tuned else 0
+    sets = prompt_sets("fine-tuned", test_prompts(test, eval_cfg), train, 0, retrieval_k, eval_cfg.seed)
     return score_rows(model, tokenizer, dict(reversed(sets.items())), Settings.of(eval_cfg), layout, folder)

@@ -22,8 +22,8 @@ from ..data.tools import split_tools
 from ..device import to_device
 from ..errors import UserError
 from ..runs import RunFolder
-from ..training.loss import label_loss_sum
-from .generate import generate_answers
+from ..training.loss import label_token_losses
+from .generate import answer_and_score, generate_answers
 from .metrics import Scorer, example_scores, mean_scores
 
 LOSS = "answer_loss"
@@ -114,22 +114,30 @@ def with_shots(conversation: list[dict], shots: list[list[dict]]) -> list[dict]:
 
 
 @torch.no_grad()
-def answer_losses(model, tokenizer, conversations: list[list[dict]], layout: str = PADDED
+def answer_losses(model, tokenizer, conversations: list[list[dict]], layout: str = PADDED, batch_size: int = 16
                   ) -> tuple[list[float], list[int]]:
     """Per example: mean loss per token of the last answer (earlier turns, such as k-shot examples,
     carry no label), and its token count. `layout` is the batch layout the model's attention takes
-    (padding-free where training's fast paths are installed)."""
+    (padding-free where training's fast paths are installed); examples of similar length share a batch."""
     was_training = model.training
     model.eval()
-    losses, counts = [], []
+    encoded = []
     for messages in conversations:
-        encoded = encode(tokenizer, messages)
+        example = encode(tokenizer, messages)
         prompt_length = len(prompt_ids(tokenizer, messages))
-        encoded.labels[:prompt_length] = [IGNORE] * min(prompt_length, len(encoded.labels))
-        batch = to_device(micro_batch([encoded], layout, tokenizer.pad_token_id), next(model.parameters()).device)
-        total, count = label_loss_sum(model, batch)
-        losses.append(float(total) / max(1, count))
-        counts.append(count)
+        example.labels[:prompt_length] = [IGNORE] * min(prompt_length, len(example.labels))
+        encoded.append(example)
+    # A batch's label tokens come out example by example; an example's first token is never a target.
+    counts = [sum(label != IGNORE for label in e.labels[1:]) for e in encoded]
+    losses = [0.0] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    device = next(model.parameters()).device
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        batch = to_device(micro_batch([encoded[i] for i in chunk], layout, tokenizer.pad_token_id), device)
+        token_losses = label_token_losses(model, batch).double().cpu()
+        for i, part in zip(chunk, token_losses.split([counts[i] for i in chunk])):
+            losses[i] = float(part.sum()) / max(1, counts[i])
     model.train(was_training)
     return losses, counts
 
@@ -160,9 +168,14 @@ def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settin
     """A loaded model's answers to the prompts (each ending in its reference answer), their scores
     and the reference answers' loss, per example."""
     references = [c[-1]["content"] for c in prompts]
-    losses, counts = answer_losses(model, tokenizer, prompts, layout)
-    answers, speed = generate_answers(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
-                                      label=f"generate ({name})", temperature=settings.temperature, seed=settings.seed)
+    options = {"label": f"generate ({name})", "temperature": settings.temperature, "seed": settings.seed}
+    together = answer_and_score(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size, **options)
+    if together is not None:  # one pass over each prompt for both
+        answers, losses, counts, speed = together
+    else:
+        losses, counts = answer_losses(model, tokenizer, prompts, layout, settings.batch_size)
+        answers, speed = generate_answers(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
+                                          **options)
     rows = example_scores(answers, references, settings.scorer, settings.scorer_name,
                           [c[-1].get("tool_calls") for c in prompts], [split_tools(c)[0] for c in prompts])
     for row, loss in zip(rows, losses):

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..data.tokenize import prompt_ids
+from ..data.tokenize import IGNORE, encode, prompt_ids
 from ..progress import Progress
 
 
@@ -35,37 +35,132 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
     """Answers for the prompt part of each conversation, and speed figures.
 
     temperature 0 decodes greedily; above 0 it samples, seeded, so a run can be repeated."""
-    model.eval()
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
-    if temperature > 0:
-        torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id
-    device = next(model.parameters()).device
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    answers, _, speed = _generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, label, temperature, seed)
+    return answers, speed
+
+
+@torch.no_grad()
+def answer_and_score(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
+                     batch_size: int = 16, label: str = "generate", temperature: float = 0.0, seed: int = 0
+                     ) -> tuple[list[str], list[float], list[int], dict] | None:
+    """Answers to each conversation's prompt, and the loss per token of its reference answer with
+    that answer's label count, from one forward pass per batch over prompt + reference: the
+    prompt's part of that pass's KV cache is where generation starts, so each prompt goes through
+    the model once, not twice (on k-shot and retrieval rows, whose prompts are several examples
+    long, that halves the work). None where it cannot be done so (logits beyond the head's matmul,
+    sliding-window caches, a prompt tokenised differently alone than in its conversation): the
+    caller then scores and generates apart."""
+    from ..training.loss import _core, needs_full_forward
+
+    config = _core(model)[2]
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if needs_full_forward(model) or getattr(config, "sliding_window", None) or layer_types != {"full_attention"}:
+        return None
+    prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    references = []
+    for prompt, conversation in zip(prompts, conversations):
+        whole = encode(tokenizer, conversation)
+        if list(whole.input_ids[:len(prompt)]) != prompt:
+            return None
+        labelled = [j for j, label in enumerate(whole.labels[len(prompt):]) if label != IGNORE]
+        references.append((list(whole.input_ids[len(prompt):]), labelled))
+    answers, losses, speed = _generate(model, tokenizer, prompts, references, max_new_tokens, batch_size, label,
+                                       temperature, seed)
+    return answers, losses, [len(labelled) for _, labelled in references], speed
+
+
+def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple[list[int], list[int]]] | None,
+              max_new_tokens: int, batch_size: int, label: str, temperature: float, seed: int):
+    """Answers (and with `references`, (ids, labelled positions) per prompt, their losses) in
+    batches of similar prompt length, the LoRA weights merged for the duration."""
+    model.eval()
+    sampling = _sampling(temperature, seed)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
+    answers, losses = [""] * len(prompts), [0.0] * len(prompts)
     generated, start = 0, time.perf_counter()
     progress = Progress(len(prompts), label, unit="answer")
     with merged_adapter(model):
         for first in range(0, len(order), batch_size):
             chunk = order[first:first + batch_size]
             width = max(len(prompts[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # built on the host, then moved
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]):] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, **sampling,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            for row, i in enumerate(chunk):
-                new = out[row, width:]
-                new = new[new != pad] if pad != tokenizer.eos_token_id else _until_eos(new, tokenizer.eos_token_id)
-                generated += len(new)
-                answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+            if references is None:
+                ids, mask = _left_padded([prompts[i] for i in chunk], pad, width)
+                ids, mask, cache = ids.to(_device(model)), mask.to(_device(model)), None
+            else:
+                ids, mask, cache = _score_references(model, [prompts[i] for i in chunk],
+                                                     [references[i] for i in chunk], width, pad, chunk, losses)
+            out = model.generate(input_ids=ids[:, :width], attention_mask=mask[:, :width], past_key_values=cache,
+                                 max_new_tokens=max_new_tokens, **sampling, pad_token_id=pad, eos_token_id=eos)
+            generated += _decode_rows(out, width, chunk, answers, tokenizer)
             progress.update(min(first + batch_size, len(order)))
     seconds = time.perf_counter() - start
-    return answers, {"generated_tokens": generated, "seconds": seconds, "tokens_per_second": generated / seconds}
+    return answers, losses, {"generated_tokens": generated, "seconds": seconds, "tokens_per_second": generated / seconds}
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _score_references(model, prompts, references, width: int, pad: int, chunk: list[int], losses: list[float]):
+    """One forward over each prompt (left-padded to end at `width`) with its reference after it:
+    the references' mean token losses go into losses[chunk[row]], and the KV cache is cut back to
+    the prompts but their last token, which generate feeds."""
+    from transformers import DynamicCache
+
+    from ..training.loss import _core, head_token_losses
+
+    decoder, head, config = _core(model)
+    device = _device(model)
+    length = max(1, max(len(ids) for ids, _ in references))
+    ids, mask = _left_padded(prompts, pad, width, [ids for ids, _ in references], length)
+    # Reference token j of a row is predicted at column width + j - 1.
+    positions = [row * (width + length) + width + j - 1 for row, (_, labelled) in enumerate(references)
+                 for j in labelled]
+    targets = [ids_[j] for ids_, labelled in references for j in labelled]
+    ids, mask = ids.to(device), mask.to(device)
+    cache = DynamicCache(config=config)
+    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                     past_key_values=cache, use_cache=True).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(positions, dtype=torch.long, device=device))
+    token_losses = head_token_losses(head, picked, torch.tensor(targets, dtype=torch.long, device=device))
+    for i, part in zip(chunk, token_losses.double().cpu().split([len(labelled) for _, labelled in references])):
+        losses[i] = float(part.sum()) / max(1, len(part))
+    cache.crop(-(length + 1))
+    return ids, mask, cache
+
+
+def _sampling(temperature: float, seed: int) -> dict:
+    """generate's settings: greedy at temperature 0, else seeded sampling from the whole distribution."""
+    if temperature <= 0:
+        return {"do_sample": False}
+    torch.manual_seed(seed)
+    return {"do_sample": True, "temperature": temperature, "top_k": 0}
+
+
+def _left_padded(prompts: list[list[int]], pad: int, width: int, after: list[list[int]] | None = None,
+                 length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and mask with every prompt ending at column `width` (left padding), and `after[row]`
+    (if given) from there, right-padded to `length` more columns. Built on the host."""
+    ids = torch.full((len(prompts), width + length), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        tail = after[row] if after else []
+        ids[row, width - len(prompt):width + len(tail)] = torch.tensor(prompt + tail, dtype=torch.long)
+        mask[row, width - len(prompt):width + len(tail)] = 1
+    return ids, mask
+
+
+def _decode_rows(out: torch.Tensor, width: int, chunk: list[int], answers: list[str], tokenizer) -> int:
+    """Each row's new tokens (up to EOS or padding) decoded into answers[chunk[row]]; returns how many."""
+    pad, eos, count = tokenizer.pad_token_id, tokenizer.eos_token_id, 0
+    for row, i in enumerate(chunk):
+        new = out[row, width:]
+        new = new[new != pad] if pad != eos else _until_eos(new, eos)
+        count += len(new)
+        answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return count
 
 
 def _until_eos(tokens: torch.Tensor, eos: int) -> torch.Tensor:

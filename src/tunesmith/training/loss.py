@@ -91,6 +91,36 @@ def label_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
             batch["label_count"]
 
 
+@torch.no_grad()
+def label_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss of every label token of a collated batch, in order (evaluation: no gradients)."""
+    decoder, head, config = _core(model)
+    inputs = model_inputs(config, batch, head.weight.dtype)
+    positions, targets = batch["label_positions"], batch["label_targets"]
+    with half_precision_adapters(model, head.weight.dtype):
+        if needs_full_forward(model):
+            logits = model(**inputs).logits[:, :-1]
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float(), targets,
+                                   reduction="none")
+        hidden = decoder(**inputs).last_hidden_state
+        return head_token_losses(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions), targets)
+
+
+def head_token_losses(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row of `hidden` (label positions only) through the LM head, a chunk at a time."""
+    step = head_chunk(head.weight.shape[0], hidden.device.type)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.cat([_cross_entropy(hidden[start:start + step] @ head.weight.t(), targets[start:start + step])
+                          for start in range(0, hidden.shape[0], step)])
+
+
+def needs_full_forward(model) -> bool:
+    """Whether logits come from more than the head's matmul (softcapping, a head bias): then the
+    model's own forward computes them, not the decoder and head apart."""
+    _, head, config = _core(model)
+    return bool(getattr(config, "final_logit_softcapping", None)) or getattr(head, "bias", None) is not None
+
+
 def _loss_sum(model, decoder, head, config, inputs, positions, targets) -> torch.Tensor:
     if getattr(config, "final_logit_softcapping", None) or getattr(head, "bias", None) is not None:
         # Architectures that transform logits after the head: use their own forward.
@@ -134,8 +164,12 @@ def _chunks(hidden, w, targets, dtype, grads) -> torch.Tensor:
 
 @compiled
 def _cross_entropy_sum(logits, wanted):
+    return _cross_entropy(logits, wanted).sum()
+
+
+def _cross_entropy(logits, wanted):
     logits = logits.float()
-    return (torch.logsumexp(logits, dim=-1) - logits.gather(1, wanted[:, None]).squeeze(1)).sum()
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, wanted[:, None]).squeeze(1)
 
 
 @compiled

@@ -1,0 +1,33 @@
+"""The default model's GGUF -> transformers conversion (models/default.py), on a tiny Llama GGUF."""
+import gguf
+import torch
+from safetensors.torch import load_file
+
+from tunesmith.export.gguf import write_gguf
+from tunesmith.models import load_model, load_tokenizer
+from tunesmith.models.default import convert_gguf
+
+
+def test_conversion_parses_the_gguf_once_and_gives_the_models_weights(tiny_model_dir, tmp_path, monkeypatch):
+    model = load_model(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    path = write_gguf(model, tokenizer, tmp_path / "tiny.gguf", quant="f16")
+
+    parses, reader = [], gguf.GGUFReader
+
+    def counting_reader(*args, **kwargs):
+        parses.append(args[0])
+        return reader(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting_reader)
+    convert_gguf(path, tmp_path / "converted")
+    assert len(parses) == 1  # transformers asked three times (config, tokenizer, weights)
+    assert gguf.GGUFReader is counting_reader  # put back
+
+    converted = load_file(tmp_path / "converted" / "model.safetensors")
+    for name, weight in model.state_dict().items():
+        if name in converted:  # a tied head is saved once
+            expected = weight.to(torch.float16).float()  # the file holds matrices in f16
+            assert torch.equal(converted[name], expected if weight.ndim > 1 else weight), name
+    text = "My PixelPad froze, order 12345"
+    assert load_tokenizer(str(tmp_path / "converted"))(text)["input_ids"] == tokenizer(text)["input_ids"]
