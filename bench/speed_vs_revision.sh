@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The speed bench (bench/train_speed.py) of an earlier revision and of this tree, back to back, each
-# against the same TRL run: "CPU speed does not regress" means tunesmith's tokens/s ratio to TRL stays
-# within 5% of the earlier revision's, measured in one session on one machine.
+# The speed bench (bench/train_speed.py) of an earlier revision and of this tree: "CPU speed does not
+# regress" means tunesmith's tokens/s ratio to TRL stays within 5% of the earlier revision's, measured
+# in one session on one machine.
 #
-#   bench/speed_vs_revision.sh 928f8a1                 # tunesmith and trl-fp32, seed 0, both trees
+#   bench/speed_vs_revision.sh 928f8a1                 # each tree's bench back to back: tunesmith and trl-fp32, seed 0
 #   RUNS=tunesmith,trl-best SEEDS=0,1 bench/speed_vs_revision.sh 928f8a1
+#   REPEAT=3 bench/speed_vs_revision.sh 928f8a1        # interleaved: tunesmith old, new, old, new, ... then one TRL run
+#
+# The machine's speed drifts between invocations (a TRL run identical in both trees was 20% faster
+# in the second, 2026-12-02), so with REPEAT the two trees' tunesmith runs alternate, REPEAT times
+# each, and both are divided by the same TRL run (trl-fp32, from this tree) at the end: the ratio of
+# the two ratios is then the two trees' own speeds, measured side by side.
 #
 # trl-fp32 is the default reference because on a CPU without fast bf16 (no AVX512-BF16 or AMX)
 # tunesmith trains in fp32 too; TRL's bf16 runs would then measure bf16 emulation, not the stacks.
@@ -15,13 +21,35 @@ cd "$(dirname "$0")/.."
 rev=${1:?usage: bench/speed_vs_revision.sh REVISION}
 runs=${RUNS:-tunesmith,trl-fp32}
 seeds=${SEEDS:-0}
+repeat=${REPEAT:-0}
+examples=${TRAIN_EXAMPLES:-96}
 # Beside this checkout, so that its bench finds ../shared/datasets/medquad as this one does.
 old="$(cd .. && pwd)/.tunesmith-rev-$rev"
 git worktree add -q --detach "$old" "$rev"
 trap 'git worktree remove --force "$old"' EXIT
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-for tree in "$old" "$PWD"; do
-    echo "== $(git -C "$tree" log -1 --format='%h %cd' --date=iso)"
-    PYTHONPATH="$tree/src" .venv/bin/python "$tree/bench/train_speed.py" --runs "$runs" --seeds "$seeds" \
-        --eval-examples 16
+bench() {  # tree, runs: one invocation of that tree's bench, its table on stdout
+    PYTHONPATH="$1/src" .venv/bin/python "$1/bench/train_speed.py" --runs "$2" --seeds "$seeds" \
+        --eval-examples 16 --train-examples "$examples"
+}
+if [ "$repeat" -eq 0 ]; then
+    for tree in "$old" "$PWD"; do
+        echo "== $(git -C "$tree" log -1 --format='%h %cd' --date=iso)"
+        bench "$tree" "$runs"
+    done
+    exit 0
+fi
+log=$(mktemp)
+for round in $(seq "$repeat"); do
+    for tree in "$old" "$PWD"; do
+        name=$([ "$tree" = "$old" ] && echo before || echo after)
+        rate=$(bench "$tree" tunesmith | awk -F'|' '$2 ~ /tunesmith/ {gsub(/ /, "", $6); print $6}')
+        echo "round $round $name $(git -C "$tree" log -1 --format=%h) tunesmith $rate tokens/s" | tee -a "$log"
+    done
 done
+trl=$(bench "$PWD" trl-fp32 | awk -F'|' '$2 ~ /trl-fp32/ {gsub(/ /, "", $6); print $6}')
+echo "trl-fp32 $trl tokens/s"
+awk -v trl="$trl" '{sum[$3] += $6; n[$3]++}
+    END {b = sum["before"] / n["before"]; a = sum["after"] / n["after"];
+         printf "before %.1f tokens/s (ratio to TRL %.2fx), after %.1f (%.2fx): after/before %+.1f%%\n",
+                b, b / trl, a, a / trl, 100 * (a / b - 1)}' "$log"
