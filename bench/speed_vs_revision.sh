@@ -40,14 +40,29 @@ if [ "$repeat" -eq 0 ]; then
     exit 0
 fi
 log=$(mktemp)
+# One training run of a tree's bench child (no matmul peak, no eval: those cost minutes here), its tokens/s.
+one() {  # tree, run
+    PYTHONPATH="$1/src" .venv/bin/python - "$1" "$2" "$examples" <<'PY'
+import argparse, importlib.util, json, sys, tempfile
+from pathlib import Path
+tree, run, examples = sys.argv[1], sys.argv[2], int(sys.argv[3])
+spec = importlib.util.spec_from_file_location("train_speed", f"{tree}/bench/train_speed.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+args = argparse.Namespace(batch=4, accum=2, lr=2e-4, warmup=2)
+with tempfile.TemporaryDirectory() as name:
+    tmp = Path(name)
+    (tmp / "data.json").write_text(json.dumps(bench.write_data(tmp, examples, 16, 0)))
+    print(f"{bench.spawn(args, run, tmp, run)['tokens_per_second']:.1f}")
+PY
+}
 for round in $(seq "$repeat"); do
     for tree in "$old" "$PWD"; do
         name=$([ "$tree" = "$old" ] && echo before || echo after)
-        rate=$(bench "$tree" tunesmith | awk -F'|' '$2 ~ /tunesmith/ {gsub(/ /, "", $6); print $6}')
-        echo "round $round $name $(git -C "$tree" log -1 --format=%h) tunesmith $rate tokens/s" | tee -a "$log"
+        echo "round $round $name $(git -C "$tree" log -1 --format=%h) tunesmith $(one "$tree" tunesmith) tokens/s" | tee -a "$log"
     done
 done
-trl=$(bench "$PWD" trl-fp32 | awk -F'|' '$2 ~ /trl-fp32/ {gsub(/ /, "", $6); print $6}')
+trl=$(one "$PWD" trl-fp32)
 echo "trl-fp32 $trl tokens/s"
 awk -v trl="$trl" '{sum[$3] += $6; n[$3]++}
     END {b = sum["before"] / n["before"]; a = sum["after"] / n["after"];

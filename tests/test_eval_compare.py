@@ -126,6 +126,18 @@ def test_one_pass_scoring_equals_scoring_and_generating_apart(tiny_model_dir, ti
     assert not any(getattr(m, "merged", False) for m in model.modules())  # the adapter is unmerged again
 
 
+def test_one_pass_scoring_steps_aside_for_sliding_window_caches(tiny_tokenizer):
+    """A sliding-window cache cannot be cut back to the prompt: such models score and generate apart."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tunesmith.eval.generate import answer_and_score
+
+    config = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=16)
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    assert answer_and_score(MistralForCausalLM(config), tiny_tokenizer, [conversation], 4) is None
+
+
 def test_pick_shots_is_seeded_and_leaves_out_test_prompts(tmp_path):
     rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)]
     path = write_jsonl(tmp_path / "train.jsonl", rows)

@@ -54,8 +54,10 @@ def answer_and_score(model, tokenizer, conversations: list[list[dict]], max_new_
     from ..training.loss import _core, needs_full_forward
 
     config = _core(model)[2]
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if needs_full_forward(model) or getattr(config, "sliding_window", None) or layer_types != {"full_attention"}:
+    # The cache's layers as transformers builds them: layer_types where given, else sliding_window says.
+    layer_types = getattr(config, "layer_types", None)
+    full = set(layer_types) == {"full_attention"} if layer_types else getattr(config, "sliding_window", None) is None
+    if needs_full_forward(model) or not full:
         return None
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
     references = []
