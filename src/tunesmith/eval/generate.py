@@ -79,6 +79,7 @@ def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple
     model.eval()
     sampling = _sampling(temperature, seed)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers, losses = [""] * len(prompts), [0.0] * len(prompts)
     generated, start = 0, time.perf_counter()
@@ -89,10 +90,10 @@ def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple
             width = max(len(prompts[i]) for i in chunk)
             if references is None:
                 ids, mask = _left_padded([prompts[i] for i in chunk], pad, width)
-                ids, mask, cache = ids.to(_device(model)), mask.to(_device(model)), None
+                ids, mask, cache = ids.to(device), mask.to(device), None
             else:
-                ids, mask, cache = _score_references(model, [prompts[i] for i in chunk],
-                                                     [references[i] for i in chunk], width, pad, chunk, losses)
+                ids, mask, cache = _score_references(model, [prompts[i] for i in chunk], [references[i] for i in chunk],
+                                                     width, pad, device, chunk, losses)
             out = model.generate(input_ids=ids[:, :width], attention_mask=mask[:, :width], past_key_values=cache,
                                  max_new_tokens=max_new_tokens, **sampling, pad_token_id=pad, eos_token_id=eos)
             generated += _decode_rows(out, width, chunk, answers, tokenizer)
@@ -101,11 +102,8 @@ def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple
     return answers, losses, {"generated_tokens": generated, "seconds": seconds, "tokens_per_second": generated / seconds}
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _score_references(model, prompts, references, width: int, pad: int, chunk: list[int], losses: list[float]):
+def _score_references(model, prompts, references, width: int, pad: int, device, chunk: list[int],
+                      losses: list[float]):
     """One forward over each prompt (left-padded to end at `width`) with its reference after it:
     the references' mean token losses go into losses[chunk[row]], and the KV cache is cut back to
     the prompts but their last token, which generate feeds."""
@@ -114,7 +112,6 @@ def _score_references(model, prompts, references, width: int, pad: int, chunk: l
     from ..training.loss import _core, head_token_losses
 
     decoder, head, config = _core(model)
-    device = _device(model)
     length = max(1, max(len(ids) for ids, _ in references))
     ids, mask = _left_padded(prompts, pad, width, [ids for ids, _ in references], length)
     # Reference token j of a row is predicted at column width + j - 1.

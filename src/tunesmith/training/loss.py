@@ -98,10 +98,8 @@ def label_token_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = model_inputs(config, batch, head.weight.dtype)
     positions, targets = batch["label_positions"], batch["label_targets"]
     with half_precision_adapters(model, head.weight.dtype):
-        if needs_full_forward(model):
-            logits = model(**inputs).logits[:, :-1]
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float(), targets,
-                                   reduction="none")
+        if _logits_beyond_head(head, config):
+            return _model_forward_losses(model, inputs, positions, targets, "none")
         hidden = decoder(**inputs).last_hidden_state
         return head_token_losses(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions), targets)
 
@@ -118,15 +116,24 @@ def needs_full_forward(model) -> bool:
     """Whether logits come from more than the head's matmul (softcapping, a head bias): then the
     model's own forward computes them, not the decoder and head apart."""
     _, head, config = _core(model)
+    return _logits_beyond_head(head, config)
+
+
+def _logits_beyond_head(head, config) -> bool:
     return bool(getattr(config, "final_logit_softcapping", None)) or getattr(head, "bias", None) is not None
 
 
+def _model_forward_losses(model, inputs, positions, targets, reduction: str) -> torch.Tensor:
+    """Cross-entropy at the label positions from the model's own forward (architectures that
+    transform logits after the head)."""
+    logits = model(**inputs).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float(), targets,
+                           reduction=reduction)
+
+
 def _loss_sum(model, decoder, head, config, inputs, positions, targets) -> torch.Tensor:
-    if getattr(config, "final_logit_softcapping", None) or getattr(head, "bias", None) is not None:
-        # Architectures that transform logits after the head: use their own forward.
-        logits = model(**inputs).logits[:, :-1]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float(), targets,
-                               reduction="sum")
+    if _logits_beyond_head(head, config):
+        return _model_forward_losses(model, inputs, positions, targets, "sum")
     hidden = decoder(**inputs).last_hidden_state
     picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
     device = picked.device.type
