@@ -134,7 +134,7 @@ def test_without_a_working_compiler_the_matmuls_run(fresh_native, monkeypatch):
     monkeypatch.setenv("CC", "false")
     assert native.supported(torch.bfloat16, 64)  # a compiler is there; it just fails
     with pytest.warns(RuntimeWarning, match="native CPU attention unavailable"):
-        assert not native.chosen(6, 2, 64)
+        assert not native.chosen(6, 2, 64, attention.SegmentedAttention)
     ran = []
     original = attention.SegmentedAttention.apply
     monkeypatch.setattr(attention.SegmentedAttention, "apply", lambda *a: ran.append(1) or original(*a))
