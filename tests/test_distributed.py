@@ -68,7 +68,8 @@ def max_diff(a: dict, b: dict) -> float:
     # .ci/run within its 90 minutes.
     pytest.param("full", {}, marks=(pytest.mark.slow, pytest.mark.long)),  # the same mechanism as lora-ddp, all weights
     pytest.param("full", {"fsdp": True}, marks=pytest.mark.slow),
-    pytest.param("lora", {"fsdp": True}, marks=(pytest.mark.slow, pytest.mark.long)),  # the frozen base sharded, adapters trained
+    # the frozen base sharded, adapters trained
+    pytest.param("lora", {"fsdp": True}, marks=(pytest.mark.slow, pytest.mark.long)),
 ], ids=["lora-ddp", "full-ddp", "full-fsdp2", "lora-fsdp2"])
 def test_two_ranks_equal_one_process(method, train_opts, tiny_model_dir, tmp_path):
     one = train(write_config(tmp_path, tiny_model_dir, "one", method))
