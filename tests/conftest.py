@@ -37,6 +37,14 @@ def tiny_config(tiny_model_dir, tmp_path):
     }
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection sees the marks
+def pytest_collection_modifyitems(items):
+    """`long` implies `slow`: a long test is marked only `long` and still stays out of `make test`."""
+    for item in items:
+        if item.get_closest_marker("long"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI (.ci/run sets TUNESMITH_REQUIRE_BROWSER=1) a browser test skipped for want of

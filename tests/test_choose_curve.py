@@ -60,8 +60,7 @@ def test_choose_ranks_the_better_model_first_and_lists_what_does_not_fit(tiny_mo
     assert json.loads((tmp_path / "choose" / "choose.json").read_text())["ranking"][0]["model"] == str(good)
 
 
-@pytest.mark.slow  # a short fine-tune per candidate (a minute): `make test-slow` runs it, .ci/run does not
-@pytest.mark.long
+@pytest.mark.long  # a short fine-tune per candidate (a minute): `make test-slow` runs it, .ci/run does not
 def test_choose_with_a_fine_tuning_budget(tiny_model_dir, tmp_path):
     config = qa_config(tmp_path, tiny_model_dir)
     result = choose(config, [str(tiny_model_dir)], memory_gib=24, retrieval_k=0, budget_tokens=600,

@@ -66,10 +66,10 @@ def max_diff(a: dict, b: dict) -> float:
     pytest.param("lora", {}, marks=pytest.mark.slow),
     # full-ddp and lora-fsdp2 repeat the mechanisms of lora-ddp and full-fsdp2: `long` (make test-slow) keeps
     # .ci/run within its 90 minutes.
-    pytest.param("full", {}, marks=(pytest.mark.slow, pytest.mark.long)),  # the same mechanism as lora-ddp, all weights
+    pytest.param("full", {}, marks=pytest.mark.long),  # the same mechanism as lora-ddp, all weights
     pytest.param("full", {"fsdp": True}, marks=pytest.mark.slow),
     # the frozen base sharded, adapters trained
-    pytest.param("lora", {"fsdp": True}, marks=(pytest.mark.slow, pytest.mark.long)),
+    pytest.param("lora", {"fsdp": True}, marks=pytest.mark.long),
 ], ids=["lora-ddp", "full-ddp", "full-fsdp2", "lora-fsdp2"])
 def test_two_ranks_equal_one_process(method, train_opts, tiny_model_dir, tmp_path):
     one = train(write_config(tmp_path, tiny_model_dir, "one", method))

@@ -1,7 +1,9 @@
 """Early stopping, the best weights restored, and the overfitting alarm."""
 import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
 
 import tunesmith
@@ -88,6 +90,8 @@ def test_early_stop_at_the_right_step_and_best_weights_restored(tiny_config, mon
     events = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert {"event": "early_stop", "step": 5, "best_step": 3} .items() <= next(e for e in events if e["event"] == "early_stop").items()
     assert any(e["event"] == "restore_best" and e["best_step"] == 3 for e in events)
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["perplexity"] for e in evals[:2]] == pytest.approx([math.exp(3.0), math.exp(2.5)])  # sft: a token loss
     assert (run / "report.html").exists() and (run / "report.json").exists()
 
 

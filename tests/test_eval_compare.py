@@ -65,6 +65,17 @@ def test_compare_scored_rows_and_table():
     assert "tuned - base  rouge_l" in table and "win/tie/loss 2/1/0" in table
 
 
+def test_closing_table_lists_the_tuned_figures_without_a_scored_base():
+    from tunesmith.api import comparison_table
+
+    tuned = {"eval_loss": 0.15, "all_fields": 0.105, "json_valid": 1.0, "test_examples": 200}
+    lines = comparison_table({"eval_loss": 1.2}, tuned).splitlines()  # eval.compare_base off
+    assert [line.split() for line in lines[1:]] == [
+        ["eval_loss", "1.200", "0.150"], ["all_fields", "-", "0.105"], ["json_valid", "-", "1.000"]]
+    both = comparison_table({"eval_loss": 1.2, "all_fields": 0.0, "json_valid": 0.5}, tuned).splitlines()
+    assert both[2].split() == ["all_fields", "0.000", "0.105"]
+
+
 def test_with_shots_keeps_system_first():
     shot = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]
     conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]

@@ -42,7 +42,7 @@ def sample(tokenizer, name: str, count: int = 8):
 # transformers reads a GGUF's tokenizer and weights slowly (about 2 minutes for a 128k vocabulary on 2
 # cores): SmolLM2's 49k and Phi-3's 32k vocabularies in f16 run with `make test`, the rest in the slow set but not in CI's
 # (tests/test_llamacpp.py checks every family's f16 and q8_0 files there, in llama.cpp).
-CASES = [pytest.param(name, quant, marks=() if (name, quant) in (("smollm2", "f16"), ("phi3", "f16")) else (pytest.mark.slow, pytest.mark.long))
+CASES = [pytest.param(name, quant, marks=() if (name, quant) in (("smollm2", "f16"), ("phi3", "f16")) else pytest.mark.long)
          for name in WRITTEN for quant in ("f16", "q8_0")]
 
 

@@ -22,7 +22,7 @@ def reference(tiny_model_dir, tmp_path_factory):
 # Seed 2 runs with `make test`; the other seeds in the slow set (the 10-minute budget of `make test`).
 # seed 3 (a third kill point) is `long`: make test-slow runs it, .ci/run's slow set does not (its 90 minutes).
 @pytest.mark.parametrize("seed", [pytest.param(1, marks=pytest.mark.slow), 2,
-                                  pytest.param(3, marks=(pytest.mark.slow, pytest.mark.long))])
+                                  pytest.param(3, marks=pytest.mark.long)])
 def test_sigkill_then_resume_equals_uninterrupted_run(seed, reference, tiny_model_dir, tmp_path):
     kill_step = random.Random(seed).randint(2, STEPS - 2)
     config = write_config(tmp_path, tiny_model_dir, "run")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from .runs import RunFolder, write_json
 from .start import resolve_start
 from .training import distributed
 from .training.loggers import open_loggers
-from .training.loop import fit
+from .training.loop import eval_figures, fit
 
 
 def say(text: str) -> None:
@@ -151,8 +150,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         ranks.barrier()  # rank 0 scores, writes results and the report
         return {"base": base, "fine_tuned": tuned, "run_dir": str(run.path), "rank": ranks.rank}
     if "eval_loss" in tuned:
-        log.write(event="eval", step=result.steps, eval_loss=tuned["eval_loss"],
-                  perplexity=math.exp(min(tuned["eval_loss"], 50)))
+        log.write(event="eval", step=result.steps, **eval_figures(tuned["eval_loss"], cfg.train.objective == "sft"))
     if test and cfg.eval.generate:
         scored += score_tuned_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
                                    eval_layout)
@@ -317,7 +315,9 @@ def _names(a: str, b: str) -> tuple[str, str]:
 
 
 def comparison_table(base: dict, tuned: dict) -> str:
-    keys = [k for k in tuned if isinstance(tuned[k], float) and k in base] or list(tuned)
+    """Train's closing table: every figure of the fine-tuned model, the base's beside it where it was
+    scored ("-" with eval.compare_base off)."""
+    keys = [k for k in tuned if isinstance(tuned[k], float)] or list(tuned)
     lines = [f"{'metric':<28}{'base':>12}{'fine-tuned':>12}"]
     for key in keys:
         b, t = base.get(key), tuned.get(key)
