@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.data.demo import example, make_ticket
-from tunesmith.eval.compare import paired_bootstrap
+from tunesmith.eval.compare import paired_bootstrap, win_tie_loss
 from tunesmith.eval.metrics import json_example_scores
 from tunesmith.runs import RunFolder, read_jsonl
 
@@ -54,7 +54,8 @@ def all_fields(run: Path) -> np.ndarray:
 
 def table(root: Path, runs: list[str]) -> None:
     base = all_fields(root / runs[0])
-    print(f"| {len(base)} held-out tickets | every field right | vs {runs[0]} (95% interval) | train seconds |")
+    print(f"| {len(base)} held-out tickets | every field right | vs {runs[0]} (95% interval), wins/ties/losses "
+          "| train seconds |")
     print("|---|---:|---:|---:|")
     for name in runs:
         scores = all_fields(root / name)
@@ -65,8 +66,9 @@ def table(root: Path, runs: list[str]) -> None:
             continue
         found = paired_bootstrap(base, scores, samples=10000, seed=0)
         verdict = "better" if found["low"] > 0 else ("worse" if found["high"] < 0 else "not different")
+        count = win_tie_loss(base, scores, lower_is_better=False)
         print(f"| {name} | {scores.mean():.1%} | {found['difference']:+.1%} [{found['low']:+.1%}, "
-              f"{found['high']:+.1%}] ({verdict}) | {seconds} |")
+              f"{found['high']:+.1%}], {count['win']}/{count['tie']}/{count['loss']} ({verdict}) | {seconds} |")
 
 
 def main() -> None:
