@@ -150,7 +150,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         ranks.barrier()  # rank 0 scores, writes results and the report
         return {"base": base, "fine_tuned": tuned, "run_dir": str(run.path), "rank": ranks.rank}
     if "eval_loss" in tuned:
-        log.write(event="eval", step=result.steps, **eval_figures(tuned["eval_loss"], cfg.train.objective == "sft"))
+        log.write(event="eval", step=result.steps, **eval_figures(tuned["eval_loss"], cfg.train.objective))
     if test and cfg.eval.generate:
         scored += score_tuned_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
                                    eval_layout)

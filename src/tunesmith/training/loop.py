@@ -121,10 +121,11 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
-def eval_figures(value: float, token_loss: bool) -> dict:
+def eval_figures(value: float, objective: str) -> dict:
     """An eval event's figures. Perplexity only where the eval loss is a mean token loss (sft): for the
-    other objectives it is a preference loss or minus a reward, whose exponential means nothing."""
-    return {"eval_loss": value, **({"perplexity": math.exp(min(value, 50))} if token_loss else {})}
+    other objectives (train.objective) it is a preference loss or minus a reward, whose exponential
+    means nothing."""
+    return {"eval_loss": value, **({"perplexity": math.exp(min(value, 50))} if objective == "sft" else {})}
 
 
 def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int, log: MetricLog,
@@ -232,7 +233,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 evaluating += spent
                 window_start += spent  # the training line's tokens/s leaves evaluation out
                 result.eval_losses.append((step, value))
-                log.write(event="eval", step=step, **eval_figures(value, token_loss=objective is None))
+                log.write(event="eval", step=step, **eval_figures(value, cfg.train.objective))
                 if state.best_eval is None or value < state.best_eval:
                     state.best_eval, state.best_step = value, step
                 if cfg.eval.restore_best:
