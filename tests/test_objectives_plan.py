@@ -9,6 +9,7 @@ import pytest
 
 from helpers import qa_rows, write_jsonl
 from tunesmith.config import validate
+from tunesmith.errors import UserError
 from tunesmith.plan import GiB, estimate, format_plan, model_shape, plan, setup_from_config
 from tunesmith.plan.objectives import sampling_cache_bytes
 
@@ -69,3 +70,26 @@ def test_pairs_command_writes_scored_pairs(tiny_model_dir, tmp_path):
 
     cfg = validate({"data": {"train": str(out), "validation": str(out)}}).data
     assert len(prepare_preference(cfg, load_tokenizer(str(tiny_model_dir)), PAIRS).splits["train"]) == len(rows)
+
+
+def test_pairs_with_reference_chosen_where_it_beats_every_sample(tiny_model_dir, tmp_path):
+    """--chosen reference: the reference answer is chosen where it outscores the samples, the worst sample rejected."""
+    from tunesmith.pairs import make_pairs
+
+    rows = qa_rows(6)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"], "reference": r["completion"]} for r in rows])
+    # the reference scores 10 against itself, except for the first prompt's, which no sample can fall below
+    (tmp_path / "rank.py").write_text(
+        f"def score(answer, reference):\n    if answer == reference:\n"
+        f"        return -1.0 if reference == {rows[0]['completion']!r} else 10.0\n    return len(answer) % 7\n")
+    out = tmp_path / "pairs.jsonl"
+    summary = make_pairs(str(tiny_model_dir), str(prompts), samples=3, scorer=f"{tmp_path / 'rank.py'}:score",
+                         out=str(out), max_new_tokens=6, chosen="reference")
+    written = [json.loads(line) for line in open(out)]
+    by_reference = [row for row in written if row["chosen"][0]["content"] == row["reference"]]
+    assert summary["chosen_from_reference"] == len(by_reference) == 5
+    for row in by_reference:
+        assert row["score_chosen"] == 10.0 and row["score_rejected"] < 7
+    assert all(row["reference"] != rows[0]["completion"] for row in by_reference)
+    with pytest.raises(UserError, match="--chosen"):
+        make_pairs(str(tiny_model_dir), str(prompts), chosen="gold", out=str(out))

@@ -110,16 +110,20 @@ def text_dataset():
 
 
 @pytest.mark.parametrize("fast,layout", LAYOUTS)
-@pytest.mark.parametrize("loss_type,settings", [("sigmoid", {"beta": 0.5}), ("ipo", {"beta": 0.3})])
-def test_dpo_equals_trl(pairs, tiny_model_dir, tiny_tokenizer, tmp_path, fast, layout, loss_type, settings):
+@pytest.mark.parametrize("loss_type,settings,sft_weight", [("sigmoid", {"beta": 0.5}, 0.0), ("ipo", {"beta": 0.3}, 0.0),
+                                                          ("sigmoid", {"beta": 0.5}, 0.7)])
+def test_dpo_equals_trl(pairs, tiny_model_dir, tiny_tokenizer, tmp_path, fast, layout, loss_type, settings, sft_weight):
+    """sft_weight (RPO) is TRL's loss_type [..., 'sft'] with loss_weights [1, w]: the chosen answers' mean NLL."""
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     from tunesmith.objectives.dpo import DPO
 
     mine, reference = models(tiny_model_dir, fast)
-    objective = DPO(config("dpo", dpo_loss=loss_type, **settings), Reference(mine), layout, tiny_tokenizer.pad_token_id)
-    trainer = DPOTrainer(model=reference, args=trainer_args(DPOConfig, tmp_path, loss_type=[loss_type], **settings),
+    objective = DPO(config("dpo", dpo_loss=loss_type, sft_weight=sft_weight, **settings), Reference(mine), layout,
+                    tiny_tokenizer.pad_token_id)
+    losses = {"loss_type": [loss_type, "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {"loss_type": [loss_type]}
+    trainer = DPOTrainer(model=reference, args=trainer_args(DPOConfig, tmp_path, **losses, **settings),
                          train_dataset=text_dataset(), processing_class=tiny_tokenizer)
     rows = [{"prompt_ids": prompt_ids(p.chosen), "chosen_ids": answer_ids(p.chosen), "rejected_ids": answer_ids(p.rejected)}
             for p in pairs]

@@ -169,7 +169,7 @@ def cmd_pairs(args) -> int:
 
     print(json.dumps(make_pairs(args.model, args.data, args.samples, args.scorer, args.out, args.temperature,
                                 args.max_new_tokens, args.batch_size, args.seed, args.min_margin, args.limit,
-                                args.device), indent=2))
+                                args.device, args.chosen), indent=2))
     return 0
 
 
@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-margin", type=float, default=0.0, help="skip prompts whose best and worst score differ by no more")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     p.add_argument("--device", default="auto")
+    p.add_argument("--chosen", choices=("best", "reference"), default="best",
+                   help="best: the best sampled answer is chosen; reference: the prompt's reference answer, where it "
+                        "scores above every sample (the samples' worst is rejected either way)")
     p.set_defaults(func=cmd_pairs)
 
     p = sub.add_parser("chat", help="talk to a model or fine-tuned run in the terminal, answers streamed")

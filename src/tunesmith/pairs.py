@@ -5,6 +5,10 @@ answer is the reference) N answers are sampled from a model or run, each is scor
 scorer (`module:function`, called as function(answer, reference); without one, the reference's own
 metric: JSON fields right, else ROUGE-L), and the best and the worst answer become a pair, with
 their scores. Prompts whose answers all score the same (within `min_margin`) give no pair.
+
+`chosen="reference"` puts the prompt's reference answer in the chosen place wherever it scores above
+the best sampled answer (the model's own answers are all rejected candidates, as in SPIN): the pairs
+then teach what none of the samples found, at the price of an answer that is not the model's own.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from .runs import RunFolder
 
 def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = None, out: str | None = None,
                temperature: float = 1.0, max_new_tokens: int = 96, batch_size: int = 16, seed: int = 0,
-               min_margin: float = 0.0, limit: int | None = None, device: str = "auto") -> dict:
+               min_margin: float = 0.0, limit: int | None = None, device: str = "auto", chosen: str = "best") -> dict:
     """Write chosen/rejected pairs (JSONL, TRL's conversational form plus scores); returns a summary."""
     from .data.prompts import encode_prompts, read_prompts
     from .device import resolve
@@ -31,6 +35,8 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
 
     if samples < 2:
         raise UserError("pairs: --samples must be at least 2 (a pair needs two answers)")
+    if chosen not in ("best", "reference"):
+        raise UserError(f"pairs: --chosen must be 'best' or 'reference', not {chosen!r}")
     if not Path(data).exists():
         raise UserError(f"{data}: data file not found")
     target = Path(out) if out else (RunFolder(model).path / "pairs.jsonl" if RunFolder(model).is_run() else Path("pairs.jsonl"))
@@ -46,7 +52,7 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     ids = encode_prompts(tokenizer, prompts)
     started = time.perf_counter()
     progress = Progress(len(prompts), "pairs", unit="prompt")
-    written, ties, chosen_scores, rejected_scores, all_scores = 0, 0, [], [], []
+    written, ties, from_reference, chosen_scores, rejected_scores, all_scores = 0, 0, 0, [], [], []
     per_call = max(1, batch_size // samples)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "w", encoding="utf-8") as handle:
@@ -60,6 +66,10 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
             for number, i in enumerate(chunk):
                 group = list(zip(scores[number * samples:(number + 1) * samples], texts[number * samples:(number + 1) * samples]))
                 best, worst = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
+                if chosen == "reference" and references[i] is not None:
+                    own = rewards.score([references[i]], [references[i]])[0][0]
+                    if own > best[0]:
+                        best = (own, references[i])
                 if best[0] - worst[0] <= min_margin or best[1] == worst[1]:
                     ties += 1
                     continue
@@ -70,11 +80,13 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
                     row["reference"] = references[i]
                 handle.write(json.dumps(row) + "\n")
                 written += 1
+                from_reference += best[1] == references[i] and chosen == "reference"
                 chosen_scores.append(best[0])
                 rejected_scores.append(worst[0])
             progress.update(chunk[-1] + 1)
     mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
     return {"pairs": written, "prompts": len(prompts), "samples": samples, "ties_skipped": ties,
+            "chosen_from_reference": from_reference,
             "skipped_records": len(problems), "scorer": scorer or "reference metric", "out": str(target),
             "mean_score": mean(all_scores), "mean_chosen_score": mean(chosen_scores),
             "mean_rejected_score": mean(rejected_scores), "seconds": round(time.perf_counter() - started, 1)}

@@ -5,17 +5,25 @@ above the rejected one's.
 
 `train.label_smoothing` (conservative DPO) takes a share of the labels as flipped; `train.dpo_loss:
 ipo` is IPO's squared loss, (h - 1 / (2 beta))^2, with each log-ratio averaged over its answer's
-tokens. The reference is the starting model: the adapters disabled (no second copy), or a frozen
-copy for full fine-tuning; `train.precompute_ref` computes its log-probabilities once.
+tokens. `train.sft_weight` w adds w x the mean negative log-likelihood of the chosen answers' tokens
+(RPO, Pang et al., 2024), which keeps the answers' format while the preference term moves them. The
+reference is the starting model: the adapters disabled (no second copy), or a frozen copy for full
+fine-tuning; `train.precompute_ref` computes its log-probabilities once.
 """
 from __future__ import annotations
 
+from .base import stat
 from .pairwise import PairObjective, halves, preference_loss, reward_stats
 
 
 class DPO(PairObjective):
     name = "dpo"
     uses_reference = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sft_weight = self.train_cfg.sft_weight
+        self.terms = ("pairs", "chosen_tokens") if self.sft_weight else ("pairs",)
 
     def loss(self, model, tensors: dict):
         reference = self.reference_logps(model, tensors)  # first: its forward frees all it makes before the policy's
@@ -27,4 +35,9 @@ class DPO(PairObjective):
             losses = (chosen / chosen_len - rejected / rejected_len - 1 / (2 * self.beta)) ** 2
         else:
             losses = preference_loss(self.beta * (chosen - rejected), self.train_cfg.label_smoothing)
-        return {"pairs": losses.sum()}, reward_stats(self.beta * chosen, self.beta * rejected)
+        terms, stats = {"pairs": losses.sum()}, reward_stats(self.beta * chosen, self.beta * rejected)
+        if self.sft_weight:
+            chosen_sum, _ = halves(logps)
+            terms["chosen_tokens"] = -self.sft_weight * chosen_sum.sum()
+            stats["nll"] = stat(-chosen_sum / halves(lengths)[0])
+        return terms, stats

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Batch, stat
+from .base import stat
 from .pairwise import PairObjective, halves, reward_stats
 
 
@@ -24,11 +24,6 @@ def log1m_exp(x: torch.Tensor) -> torch.Tensor:
 class ORPO(PairObjective):
     name = "orpo"
     terms = ("pairs", "chosen_tokens")
-
-    def batch(self, examples: list, key=None) -> Batch:
-        batch = super().batch(examples, key)
-        batch.counts["chosen_tokens"] = sum(e.chosen.label_count for e in examples)
-        return batch
 
     def loss(self, model, tensors: dict):
         logps, lengths = self.policy(model, tensors)

@@ -19,7 +19,8 @@ class PairObjective(Objective):
         tensors = sequence_batch(sequences, self.layout, self.pad_id)
         if self.uses_reference and all(e.reference is not None for e in examples):
             tensors["reference"] = torch.tensor([e.reference[0] for e in examples] + [e.reference[1] for e in examples])
-        return Batch(tensors, {"pairs": len(examples)}, sum(len(s.input_ids) for s in sequences))
+        counts = {"pairs": len(examples), "chosen_tokens": sum(e.chosen.label_count for e in examples)}
+        return Batch(tensors, counts, sum(len(s.input_ids) for s in sequences))
 
     def policy(self, model, tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs summed per sequence, label tokens per sequence), chosen first, for the model being trained."""

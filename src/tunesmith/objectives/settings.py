@@ -28,6 +28,10 @@ class ObjectiveSettings(BaseModel):
                                        "(conservative DPO); 0 = off.")
     dpo_loss: Literal["sigmoid", "ipo"] = Field(
         "sigmoid", description="dpo: 'sigmoid' (the DPO paper) or 'ipo' (squared loss on length-averaged log-ratios).")
+    sft_weight: float = Field(
+        0.0, ge=0, description="dpo: weight of an SFT term (mean negative log-likelihood of the chosen answers' "
+        "tokens) added to the DPO loss, which holds the answers' format while the preference moves them (RPO; TRL's "
+        "loss_type ['sigmoid', 'sft'] with loss_weights [1, w]); 0 = plain DPO.")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma.")
     kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the desirable examples' losses.")
     kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the undesirable examples' losses.")
