@@ -27,7 +27,9 @@ from tunesmith.runs import RunFolder, read_jsonl
 
 def write_prompts(root: Path, count: int, validation: int, seed: int) -> None:
     """New tickets (none in the SFT run's train, validation or test files) as prompts with their JSON
-    label as reference; the first `validation` go to a separate file (GRPO's eval reward)."""
+    label as reference; the first `validation` go to a separate file (GRPO's eval reward). The training
+prompts with their references are also written as SFT data: continued SFT on the same answers is the
+control for pairs whose chosen answer is the reference."""
     seen = set()
     for name in ("train", "validation", "test"):
         for row in read_jsonl(root / "sft" / "data" / f"{name}.jsonl"):
@@ -45,6 +47,10 @@ def write_prompts(root: Path, count: int, validation: int, seed: int) -> None:
         with open(root / name, "w", encoding="utf-8") as out:
             out.writelines(json.dumps(r) + "\n" for r in part)
         print(f"{root / name}: {len(part)} prompts")
+    with open(root / "references-sft.jsonl", "w", encoding="utf-8") as out:  # the control: SFT on the same answers
+        out.writelines(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["reference"]}]}) + "\n"
+                       for r in rows[:count])
+    print(f"{root / 'references-sft.jsonl'}: the {count} prompts with their references, as SFT data")
 
 
 def all_fields(run: Path) -> np.ndarray:

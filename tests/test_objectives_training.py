@@ -98,9 +98,10 @@ def test_grpo_statistics_reach_the_metrics_and_the_report(tiny_model_dir, tmp_pa
     assert "objective" in (run / "report.html").read_text()
 
 
-def test_dpo_gradients_do_not_depend_on_accumulation(tiny_model_dir, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("sft_weight", [0.0, 0.8])
+def test_dpo_gradients_do_not_depend_on_accumulation(tiny_model_dir, tiny_tokenizer, tmp_path, sft_weight):
     """Batch 4 x accumulation 1 and batch 1 x accumulation 4: the same step gradient (each pair's
-    loss divided by the step's pairs, not averaged per micro-batch)."""
+    loss divided by the step's pairs, the SFT term by the step's chosen tokens, not per micro-batch)."""
     from tunesmith.data.preference import PAIRS, prepare_preference
     from tunesmith.data.collate import PADDING_FREE
     from tunesmith.models import load_model
@@ -108,8 +109,10 @@ def test_dpo_gradients_do_not_depend_on_accumulation(tiny_model_dir, tiny_tokeni
     from tunesmith.objectives.logps import Reference
 
     path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
-    cfg = validate({"data": {"train": str(path), "validation": str(path)}, "train": {"objective": "dpo", "beta": 0.5}})
+    cfg = validate({"data": {"train": str(path), "validation": str(path)},
+                    "train": {"objective": "dpo", "beta": 0.5, "sft_weight": sft_weight}})
     split = prepare_preference(cfg.data, tiny_tokenizer, PAIRS).splits["train"]
+    assert len({pair.chosen.label_count for pair in split.encoded}) > 1  # per-batch means would differ
     results = []
     for layout in ([[0, 1, 2, 3]], [[0], [1], [2], [3]]):
         model = lora_model(load_model(str(tiny_model_dir)), seed=1)
@@ -121,6 +124,7 @@ def test_dpo_gradients_do_not_depend_on_accumulation(tiny_model_dir, tiny_tokeni
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert_same_gradients(results[0][1], results[1][1], 1e-5)
     assert results[0][2]["rewards/margin"] == pytest.approx(results[1][2]["rewards/margin"], rel=1e-5, abs=1e-7)
+    assert ("nll" in results[0][2]) == bool(sft_weight)
 
 
 @pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
