@@ -2,7 +2,7 @@
 # Preference and reward tuning on the demo task: a weak SFT model (100 tickets), then `pairs` + DPO and
 # GRPO from it, and continued SFT on the same answers as the control, all scored on the same 200 held-out
 # tickets (README "Beyond imitation", docs/objectives.md). Prints the wall time of each step and the table.
-# About 50 minutes on 2 AVX-512 bf16 cores. Usage: bash bench/prefs_demo.sh [runs/prefs]
+# 56 minutes on 2 AVX-512 bf16 cores (2026-12-04, bench/RESULTS.md). Usage: bash bench/prefs_demo.sh [runs/prefs]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${1:-runs/prefs}
