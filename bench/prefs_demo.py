@@ -28,8 +28,8 @@ from tunesmith.runs import RunFolder, read_jsonl
 def write_prompts(root: Path, count: int, validation: int, seed: int) -> None:
     """New tickets (none in the SFT run's train, validation or test files) as prompts with their JSON
     label as reference; the first `validation` go to a separate file (GRPO's eval reward). The training
-prompts with their references are also written as SFT data: continued SFT on the same answers is the
-control for pairs whose chosen answer is the reference."""
+    prompts with their references are also written as SFT data: continued SFT on the same answers is
+    the control for pairs whose chosen answer is the reference."""
     seen = set()
     for name in ("train", "validation", "test"):
         for row in read_jsonl(root / "sft" / "data" / f"{name}.jsonl"):

@@ -63,13 +63,14 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
             texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
             scores, _ = rewards.score(texts, [references[i] for i in chunk for _ in range(samples)])
             all_scores += scores
+            # --chosen reference: each reference scored against itself, once per chunk like the samples
+            known = [references[i] for i in chunk if references[i] is not None] if chosen == "reference" else []
+            own = dict(zip(known, rewards.score(known, known)[0]))
             for number, i in enumerate(chunk):
                 group = list(zip(scores[number * samples:(number + 1) * samples], texts[number * samples:(number + 1) * samples]))
                 best, worst = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
-                if chosen == "reference" and references[i] is not None:
-                    own = rewards.score([references[i]], [references[i]])[0][0]
-                    if own > best[0]:
-                        best = (own, references[i])
+                if references[i] in own and own[references[i]] > best[0]:
+                    best = (own[references[i]], references[i])
                 if best[0] - worst[0] <= min_margin or best[1] == worst[1]:
                     ties += 1
                     continue
