@@ -4,7 +4,7 @@ A real 4-step run of the default model on 33 MedQuAD question/answer examples (t
 3_GHR_QA whose answers fit) at max_seq_len 512, batch 4, for LoRA and QLoRA, each in a fresh
 process (`tunesmith train`, its own end-of-run figures from results.json):
 
-    .venv/bin/python bench/plan_at_start.py [--methods lora,qlora] [--steps 4]
+    .venv/bin/python bench/plan_at_start.py [--methods lora,qlora] [--steps 4] [--set model.dtype=float32]
 
 Prints planned and measured peak training memory and their ratio; the bar is within 20%.
 """
@@ -32,6 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--methods", default="lora,qlora")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="more config overrides for every run, e.g. --set model.dtype=float32")
     args = parser.parse_args()
     print(f"{'method':<8}{'planned':>10}{'measured':>10}{'ratio':>8}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,7 +45,7 @@ def main() -> None:
             done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", str(config), f"data.train={data}",
                                    "data.max_seq_len=512", f"adapter.method={method}", f"train.max_steps={args.steps}",
                                    "train.batch_size=4", "eval.generate=false", "eval.report=false",
-                                   f"output.dir={run}"], capture_output=True, text=True)
+                                   f"output.dir={run}", *args.set], capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{method:<8} failed: {done.stderr.strip().splitlines()[-1]}")
                 continue

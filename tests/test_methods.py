@@ -188,6 +188,25 @@ def test_qlora_base_is_4bit_nf4_with_double_quantisation(arch_dirs):
     assert model_bytes(model) < model_bytes(full)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_qlora_keeps_no_weight_in_the_mapped_checkpoint(arch_dirs):
+    """Unquantised weights loaded in the checkpoint's own dtype (fp32 here) were views of the
+    memory-mapped safetensors file, which kept the whole mapping and the pages quantising read
+    resident (405 MiB on the default model): each must have memory of its own."""
+    from tunesmith.models import load_quantized
+
+    model = load_quantized(str(arch_dirs["llama"]), torch.float32)
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(".safetensors"):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            mapped.append((start, end))
+    floats = [t for t in [*model.parameters(), *model.buffers()] if t.dtype.is_floating_point]
+    assert floats
+    inside = [t.shape for t in floats if any(a <= t.untyped_storage().data_ptr() < b for a, b in mapped)]
+    assert inside == []
+
+
 def test_generation_leaves_a_qlora_model_as_trained(arch_dirs, tiny_tokenizer):
     """Decoding never merges into a 4-bit base: logits after generation equal those before."""
     from tunesmith.eval.generate import generate_answers

@@ -20,6 +20,7 @@ from .eval.loss import eval_loss
 from .eval.scoring import score_generation, scorer_name
 from .methods.common import count_parameters, model_bytes, save_trained
 from .models import load_tokenizer
+from .models.quant import require_bitsandbytes
 from .plan import TrainingMemory
 from .runs import RunFolder, write_json
 from .start import resolve_start
@@ -80,6 +81,8 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         say(f"  skipped {problem}")
     dtype = compute_dtype(cfg.model.dtype, device)
     say(describe(device, dtype))
+    if method.quantized_base:  # a library, not training memory: imported before the baseline
+        require_bitsandbytes()
     memory = TrainingMemory(device)
     model = method.load_base(cfg.model.name, dtype, device, cfg.model.trust_remote_code)
     torch.manual_seed(cfg.train.seed)

@@ -19,14 +19,19 @@ def nf4_config(compute: torch.dtype):
                               bnb_4bit_compute_dtype=compute)
 
 
-def load_quantized(spec: str, compute: torch.dtype = torch.bfloat16, trust_remote_code: bool = False,
-                   device: torch.device | str | None = None):
-    """The base model on `device` (default: the first CUDA device where there is one, else the
-    CPU) with every linear layer of the transformer blocks in NF4 (the LM head stays as is)."""
+def require_bitsandbytes() -> None:
+    """Import bitsandbytes (about 120 MiB resident on the CPU), or say how to install it."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise UserError("adapter.method=qlora needs bitsandbytes: pip install 'tunesmith[qlora]'") from None
+
+
+def load_quantized(spec: str, compute: torch.dtype = torch.bfloat16, trust_remote_code: bool = False,
+                   device: torch.device | str | None = None):
+    """The base model on `device` (default: the first CUDA device where there is one, else the
+    CPU) with every linear layer of the transformer blocks in NF4 (the LM head stays as is)."""
+    require_bitsandbytes()
     from transformers import AutoModelForCausalLM
 
     where, gguf = resolve_model_path(spec)
@@ -40,8 +45,21 @@ def load_quantized(spec: str, compute: torch.dtype = torch.bfloat16, trust_remot
         raise UserError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None
     if compute == torch.float32:
         keep_unpacked(model)
+    own_unquantized(model)
     model.eval()
     return model
+
+
+def own_unquantized(model) -> None:
+    """Give the weights left unquantised (embeddings, norms) memory of their own.
+
+    Loaded in the checkpoint's own dtype they stay views into the memory-mapped safetensors file,
+    and that one reference keeps the whole mapping alive, with every page that quantising the other
+    layers read: on the default model in fp32, 405 MiB resident for 113 MiB of weights. Copied, the
+    mapping closes and QLoRA holds what it stores."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and tensor.dtype.is_floating_point:
+            tensor.data = tensor.data.clone()
 
 
 def quantized_layers(model):

@@ -73,24 +73,17 @@ def cpu_overhead(est) -> float:
       empirical term: it leaves -16%..+10% on the bench's rows, and one configuration's peak
       moves by 5-10% from step to step and run to run (a cold torch.compile cache adds some).
     - Freed attention-score buffers of a padding-free row kept in glibc's heap (resident_scores).
-    - QLoRA on a checkpoint stored in the compute dtype: transformers keeps the unquantised
-      tensors as views of the memory-mapped checkpoint, so the mapping stays, and the pages the
-      quantisation read (the original block weights) stay resident.
     """
-    from .memory import BYTES, _method, dtypes
+    from .memory import _method, dtypes
 
-    setup, shape = est.setup, est.shape
+    setup = est.setup
     allocated = est.activations_no_ckpt + est.weight_copies
     method = _method(setup)
     # LoRA and QLoRA run accel/lora_linear.py's layers; DoRA PEFT's own
     kind = "full" if method.trains_all_weights else "peft" if method.weight_norms else "lora"
     share = RESIDENT[kind][dtypes(setup).inner]
-    mapped = 0.0
-    if (method.quantized_base and shape.stored_dtype == setup.dtype
-            and (setup.dtype == "float32" or not setup.upcast_extras)):
-        mapped = shape.layers * shape.block_linear_params * BYTES[setup.dtype]
     runtime = CPU_RUNTIME + (QLORA_RUNTIME if method.quantized_base else 0)
-    return runtime + share * allocated + mapped + resident_scores(est)
+    return runtime + share * allocated + resident_scores(est)
 
 
 def resident_scores(est) -> float:

@@ -46,7 +46,6 @@ class ModelShape:
     head_dim: int
     tied: bool
     name: str = "model"
-    stored_dtype: str | None = None  # the checkpoint's dtype (config "torch_dtype"/"dtype"), where given
 
     @property
     def q_width(self) -> int:
@@ -88,8 +87,7 @@ def shape_from_dict(config: dict, name: str = "model") -> ModelShape:
         layers=config["num_hidden_layers"], heads=heads,
         kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim") or hidden // heads,
-        tied=bool(config.get("tie_word_embeddings", False)), name=name,
-        stored_dtype=str(config.get("torch_dtype") or config.get("dtype") or "").replace("torch.", "") or None)
+        tied=bool(config.get("tie_word_embeddings", False)), name=name)
 
 
 def model_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
