@@ -14,8 +14,6 @@ GiB = 2**30
 CUDA_CONTEXT = 0.5 * GiB
 ALLOCATOR_SLACK = 0.05  # share of the tensors the CUDA caching allocator holds on top
 CPU_RUNTIME = 110 * 2**20  # thread pools, oneDNN scratch, compiled kernels, autograd's graph (measured)
-# bitsandbytes' CPU backend, set up by the first 4-bit quantisation and matmul (measured: 20 + 17 MiB)
-QLORA_RUNTIME = 40 * 2**20
 # glibc heap blocks freed but still resident at a step's peak, per byte of the step's activations
 # (cpu_overhead), fitted to bench/plan_accuracy.py's rows, by activation dtype (fp32, bf16/fp16):
 # full fine-tuning; LoRA and QLoRA (accel/lora_linear.py); adapters through PEFT's own layers
@@ -59,7 +57,9 @@ def cpu_overhead(est) -> float:
     """Resident memory on top of the tensors of `est` (a memory.Estimate) in a CPU training run.
 
     - The runtime: thread pools, oneDNN scratch, torch.compile's compiler and kernels, autograd's
-      graph (CPU_RUNTIME, measured); for QLoRA also bitsandbytes' CPU backend (QLORA_RUNTIME).
+      graph (CPU_RUNTIME, measured). bitsandbytes' CPU backend adds nothing measurable once the
+      library is imported (bench/plan_accuracy.py 2026-12-04: QLoRA's peak minus LoRA's equals
+      their weights' difference within the rows' spread), and the import is not training memory.
     - glibc's allocator: tensors below its mmap threshold (up to 32 MiB) live in its heap, where
       a freed block stays resident until training/loop.py's malloc_trim after the optimizer step,
       and later tensors of other sizes rarely reuse it: resident memory runs ahead of the live
@@ -68,7 +68,7 @@ def cpu_overhead(est) -> float:
       checkpointed block allocates the same tensors and frees them sooner, which glibc does not
       exploit), in proportion to the no-checkpointing activations (RESIDENT): 0.9x (fp32) and
       0.6x (bf16) in full fine-tuning, 0.6x and 0.5x with plain LoRA, and 1.25x and 0.5x with
-      PEFT's own adapter layers (QLoRA, DoRA), which also free three activation-sized
+      PEFT's own adapter layers (DoRA), which also free three activation-sized
       temporaries each (the frozen layer's output, the adapter's output and its scaled copy). An
       empirical term: it leaves -16%..+10% on the bench's rows, and one configuration's peak
       moves by 5-10% from step to step and run to run (a cold torch.compile cache adds some).
@@ -82,8 +82,7 @@ def cpu_overhead(est) -> float:
     # LoRA and QLoRA run accel/lora_linear.py's layers; DoRA PEFT's own
     kind = "full" if method.trains_all_weights else "peft" if method.weight_norms else "lora"
     share = RESIDENT[kind][dtypes(setup).inner]
-    runtime = CPU_RUNTIME + (QLORA_RUNTIME if method.quantized_base else 0)
-    return runtime + share * allocated + resident_scores(est)
+    return CPU_RUNTIME + share * allocated + resident_scores(est)
 
 
 def resident_scores(est) -> float:
