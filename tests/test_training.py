@@ -42,6 +42,9 @@ def test_train_end_to_end_on_tiny_model(tiny_config):
 
     assert results["peak_memory"]["predicted"] > 0
     assert 0 < results["peak_memory"]["measured"] < resident("VmRSS") / 2
+    # Each record carries the process's peak so far: it never falls, and the run's training peak is within it.
+    peaks = [r["resident_peak_gib"] * 2**30 for r in train_records]
+    assert peaks == sorted(peaks) and peaks[-1] >= results["peak_memory"]["measured"]
 
 
 def test_saved_adapter_reloads_with_same_logits(tiny_config, tiny_model_dir):

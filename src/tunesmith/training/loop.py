@@ -384,8 +384,13 @@ def _clip(params, max_norm: float | None) -> float:
 
 
 def _device_memory(device: torch.device) -> dict:
-    """Allocated and reserved GPU memory for the metric records (nothing on the CPU)."""
+    """Peak memory so far for the metric records: allocated and reserved on a GPU; on the CPU the
+    process's peak resident size (the interpreter and libraries included), where one can see when
+    a run's peak was reached."""
     if device.type != "cuda":
-        return {}
+        from ..plan.devices import resident
+
+        peak = resident("VmHWM")
+        return {"resident_peak_gib": round(peak / 2**30, 3)} if peak else {}
     return {"gpu_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
             "gpu_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
