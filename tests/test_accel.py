@@ -81,6 +81,20 @@ def test_fast_paths_equal_plain_transformers_and_peft(tmp_path, tiny_tokenizer, 
     assert _relative(fast_grads, exact) <= 1.25 * _relative(plain_grads, exact)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rounding_a_row_up_changes_no_loss_or_gradient(tiny_model_dir, tiny_tokenizer, dtype):
+    """The padding segment that rounds a padding-free row up (data/collate.py rounded_up) attends
+    only to itself and has no label: the same loss and LoRA gradients as the row without it."""
+    examples = demo_examples(tiny_tokenizer, 5)
+    exact = to_device(collate(examples, tiny_tokenizer.pad_token_id, flat=True, step=1), DEVICE)
+    rounded = to_device(collate(examples, tiny_tokenizer.pad_token_id, flat=True), DEVICE)
+    assert rounded["input_ids"].shape[1] > exact["input_ids"].shape[1]
+    exact_loss, exact_grads = _loss_and_grads(_seeded_lora(tiny_model_dir, dtype, fast=True), exact)
+    rounded_loss, rounded_grads = _loss_and_grads(_seeded_lora(tiny_model_dir, dtype, fast=True), rounded)
+    assert abs(rounded_loss - exact_loss) / exact_loss < (1e-6 if dtype == torch.float32 else 1e-3)
+    assert _relative(rounded_grads, exact_grads) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_apply_rewrites_known_classes_and_off_rewrites_nothing(tiny_model_dir):
     model = trainable(load_model(str(tiny_model_dir)), fast_paths=False)
     layers = model.config.num_hidden_layers

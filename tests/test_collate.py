@@ -7,7 +7,7 @@ from tunesmith.data.tokenize import IGNORE, Encoded
 
 def test_collate_pads_like_row_by_row(tiny_tokenizer):
     examples = [Encoded([5, 6, 7], [IGNORE, 6, 7]), Encoded([8], [8]), Encoded([1, 2, 3, 4, 5], [IGNORE] * 4 + [5])]
-    batch = collate(examples, pad_id=0)
+    batch = collate(examples, pad_id=0, step=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 0, 0, 0, 0], [1, 2, 3, 4, 5]]
     assert batch["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE], [8] + [IGNORE] * 4, [IGNORE] * 4 + [5]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
@@ -37,3 +37,21 @@ def test_budget_cut_fills_few_micro_batches():
     assert all(sum(lengths[i] for i in b) <= 1024 for b in batches)
     assert len(batches) == 3  # 2410 tokens need at least 3 micro-batches of 1024
     assert budget_cut([0, 1], [2000, 10], 1024) == [[0], [1]]  # a longer example goes alone
+
+
+def test_rows_are_rounded_up_with_a_padding_segment_that_carries_no_label():
+    """Row lengths from a small set (16 a power of two): new shapes grow the CPU kernels' caches."""
+    from tunesmith.data.collate import flat_batch, rounded_up
+
+    assert [rounded_up(n) for n in (1, 16, 17, 300, 512, 513, 1000, 2049)] == [16, 16, 32, 304, 512, 544, 1024, 2176]
+    examples = [Encoded([5, 6, 7], [IGNORE, 6, 7]), Encoded([8, 9], [8, 9])]
+    flat = collate(examples, pad_id=0, flat=True)
+    assert flat["input_ids"].shape == (1, 16) and flat["input_ids"][0, 5:].eq(0).all()
+    assert flat["cu_seq_lens"].tolist() == [0, 3, 5, 16]  # the padding is a segment of its own
+    assert flat["position_ids"][0, 5:].tolist() == list(range(11)) and flat["max_length"] == 11
+    exact = flat_batch(examples)
+    assert flat["label_positions"].tolist() == collate(examples, 0, flat=True, step=1)["label_positions"].tolist()
+    assert flat["labels"][0, :5].tolist() == exact["labels"][0].tolist() and flat["labels"][0, 5:].eq(IGNORE).all()
+    padded = collate(examples, pad_id=0)
+    assert padded["input_ids"].shape == (2, 16) and padded["attention_mask"].sum() == 5
+    assert collate([Encoded([1] * 32, [1] * 32)], 0, flat=True)["cu_seq_lens"].tolist() == [0, 32]  # no empty segment

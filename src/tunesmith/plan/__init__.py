@@ -212,7 +212,7 @@ def data_figures(cfg) -> tuple[int, float, float]:
 def largest_micro_batch(lengths: list[int], cfg, layout: str, steps: int) -> tuple[int, int, int]:
     """(examples, longest sequence, tokens computed) of the largest micro-batch the run's first
     `steps` optimizer steps (at most an epoch's) will see: the same stream training draws from."""
-    from ..data.collate import PADDING_FREE, step_batches
+    from ..data.collate import PADDING_FREE, rounded_up, step_batches
 
     budget = cfg.train.batch_size * cfg.data.max_seq_len if layout == PADDING_FREE else None
     stream = step_batches(lengths, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, budget)
@@ -221,9 +221,11 @@ def largest_micro_batch(lengths: list[int], cfg, layout: str, steps: int) -> tup
     for _ in range(min(steps, per_epoch)):
         for batch in next(stream):
             sizes = [lengths[i] for i in batch]
-            tokens = sum(sizes) if layout == PADDING_FREE else len(sizes) * max(sizes)  # padded rows compute their padding
+            # rows are rounded up (data/collate.py rounded_up); padded rows compute their padding
+            width = rounded_up(max(sizes))
+            tokens = rounded_up(sum(sizes)) if layout == PADDING_FREE else len(sizes) * width
             if tokens > best[2]:
-                best = (len(sizes), max(sizes), tokens)
+                best = (len(sizes), max(sizes) if layout == PADDING_FREE else width, tokens)
     return best
 
 
