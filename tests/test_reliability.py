@@ -163,6 +163,14 @@ def test_repeated_nan_stops_with_the_step_named(tiny_model_dir, tmp_path, monkey
         tunesmith.train(config)
 
 
+def examples_in(batch) -> int:
+    """Rows of a padded batch, labelled segments of a padding-free one (not the padding that rounds it up)."""
+    if "cu_seq_lens" not in batch:
+        return batch["input_ids"].shape[0]
+    bounds = batch["cu_seq_lens"].tolist()
+    return sum(1 for a, b in zip(bounds[:-1], bounds[1:]) if batch["labels"][0, a:b].ne(-100).any())
+
+
 def test_out_of_memory_halves_the_micro_batch(tiny_model_dir, tmp_path, monkeypatch):
     import tunesmith
     from tunesmith.training import loop
@@ -174,7 +182,7 @@ def test_out_of_memory_halves_the_micro_batch(tiny_model_dir, tmp_path, monkeypa
         if not model.training:  # evaluation is not what this test squeezes
             return real(model, batch)
         # examples in this forward: rows of a padded batch, sequences of a padding-free one
-        sizes.append(len(batch["cu_seq_lens"]) - 1 if "cu_seq_lens" in batch else batch["input_ids"].shape[0])
+        sizes.append(examples_in(batch))
         if sizes[-1] > 1:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
         return real(model, batch)
