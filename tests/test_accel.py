@@ -57,10 +57,10 @@ def _relative(a: dict, b: dict) -> float:
 def test_fast_paths_equal_plain_transformers_and_peft(tmp_path, tiny_tokenizer, arch, dtype):
     """The same examples as a padding-free row through the fast paths and as a padded batch
     through plain transformers + peft: the same loss and LoRA gradients. In fp32 within 1e-5. In
-    bf16 the loss within 1e-3; the gradients differ by bf16 rounding (about 0.3-0.5% of their
-    norm: the compiled kernels and the attention round at other places than eager code does), so
-    they are held to 1% and to this: the fast path is no farther from the fp32 gradients than the
-    plain path is."""
+    bf16 the loss within 1e-3; the gradients differ by bf16 rounding, 0.3-0.5% of their norm (the
+    issue's bar of 0.1% is missed): transformers' own eager and SDPA attention, on the same padded
+    batch, differ from each other by as much (0.30% Llama, 0.36% Qwen2), so the fast path is held
+    to 1.5 times that spread, and to being no farther from the fp32 gradients than the plain path."""
     build_model(tmp_path, arch, vocab=len(tiny_tokenizer), seed=3)
     examples = demo_examples(tiny_tokenizer, 5)
     flat = to_device(collate(examples, tiny_tokenizer.pad_token_id, flat=True), DEVICE)
@@ -76,7 +76,12 @@ def test_fast_paths_equal_plain_transformers_and_peft(tmp_path, tiny_tokenizer, 
         assert_same_gradients(plain_grads, fast_grads, 1e-5)
         return
     assert abs(fast_loss - plain_loss) / plain_loss < 1e-3
-    assert _relative(fast_grads, plain_grads) < 1e-2
+    eager = _seeded_lora(tmp_path, dtype, fast=False)
+    eager.set_attn_implementation("eager")
+    _, eager_grads = _loss_and_grads(eager, padded)
+    spread = _relative(eager_grads, plain_grads)  # between transformers' own attention implementations
+    assert 0 < spread < 1e-2
+    assert _relative(fast_grads, plain_grads) <= 1.5 * spread
     _, exact = _loss_and_grads(_seeded_lora(tmp_path, torch.float32, fast=False), padded)
     assert _relative(fast_grads, exact) <= 1.25 * _relative(plain_grads, exact)
 
