@@ -6,6 +6,7 @@
 #   bench/speed_vs_revision.sh 928f8a1                 # each tree's bench back to back: tunesmith and trl-fp32, seed 0
 #   RUNS=tunesmith,trl-best SEEDS=0,1 bench/speed_vs_revision.sh 928f8a1
 #   REPEAT=3 bench/speed_vs_revision.sh 928f8a1        # interleaved: tunesmith old, new, old, new, ... then one TRL run
+#   REPEAT=3 TRL_RUN=trl-defaults bench/speed_vs_revision.sh 928f8a1   # on a CPU with fast bf16: TRL in bf16 autocast
 #
 # The machine's speed drifts between invocations (a TRL run identical in both trees was 20% faster
 # in the second, 2026-12-02), so with REPEAT the two trees' tunesmith runs alternate, REPEAT times
@@ -62,8 +63,8 @@ for round in $(seq "$repeat"); do
         echo "round $round $name $(git -C "$tree" log -1 --format=%h) tunesmith $(one "$tree" tunesmith) tokens/s" | tee -a "$log"
     done
 done
-trl=$(one "$PWD" trl-fp32)
-echo "trl-fp32 $trl tokens/s"
+trl=$(one "$PWD" "${TRL_RUN:-trl-fp32}")
+echo "${TRL_RUN:-trl-fp32} $trl tokens/s"
 awk -v trl="$trl" '{sum[$3] += $6; n[$3]++}
     END {b = sum["before"] / n["before"]; a = sum["after"] / n["after"];
          printf "before %.1f tokens/s (ratio to TRL %.2fx), after %.1f (%.2fx): after/before %+.1f%%\n",
