@@ -7,6 +7,7 @@
 #   RUNS=tunesmith,trl-best SEEDS=0,1 bench/speed_vs_revision.sh 928f8a1
 #   REPEAT=3 bench/speed_vs_revision.sh 928f8a1        # interleaved: tunesmith old, new, old, new, ... then one TRL run
 #   REPEAT=3 TRL_RUN=trl-defaults bench/speed_vs_revision.sh 928f8a1   # on a CPU with fast bf16: TRL in bf16 autocast
+#   REPEAT=3 TRL_RUN=none bench/speed_vs_revision.sh 184658f           # the two trees alone, no TRL run
 #
 # The machine's speed drifts between invocations (a TRL run identical in both trees was 20% faster
 # in the second, 2026-12-02), so with REPEAT the two trees' tunesmith runs alternate, REPEAT times
@@ -63,6 +64,11 @@ for round in $(seq "$repeat"); do
         echo "round $round $name $(git -C "$tree" log -1 --format=%h) tunesmith $(one "$tree" tunesmith) tokens/s" | tee -a "$log"
     done
 done
+if [ "${TRL_RUN:-trl-fp32}" = none ]; then  # the two trees alone
+    awk '{sum[$3] += $6; n[$3]++} END {b = sum["before"] / n["before"]; a = sum["after"] / n["after"];
+         printf "before %.1f tokens/s, after %.1f: after/before %+.1f%%\n", b, a, 100 * (a / b - 1)}' "$log"
+    exit 0
+fi
 trl=$(one "$PWD" "${TRL_RUN:-trl-fp32}")
 echo "${TRL_RUN:-trl-fp32} $trl tokens/s"
 awk -v trl="$trl" '{sum[$3] += $6; n[$3]++}
