@@ -166,3 +166,26 @@ def test_grpo_loss_equals_the_formula_and_trl(tiny_model_dir, tiny_tokenizer, tm
     theirs.backward()
     assert float(ours) == pytest.approx(float(theirs), rel=1e-4, abs=1e-7)
     assert_same_gradients(gradients(trainer.model), gradients(mine), 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_probs_through_a_frozen_head_keep_no_logits_and_match_log_softmax(monkeypatch, dtype):
+    """objectives/logps.py HeadTokenLogps (gradients of each row's log-prob computed in the
+    forward, chunk by chunk) against log_softmax of the full logits divided by the temperature:
+    the same log-probs and hidden-state gradients under per-token upstream gradients."""
+    from tunesmith.objectives import logps
+
+    monkeypatch.setattr(logps, "head_chunk", lambda vocab, device: 16)  # 40 rows: three chunks
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(600, 32, generator=generator).to(dtype)
+    hidden = torch.randn(40, 32, generator=generator).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 600, (40,), generator=generator)
+    upstream = torch.randn(40, generator=generator)
+    fast = logps.HeadTokenLogps.apply(hidden, weight, targets, TEMPERATURE, dtype)
+    (grad_fast,) = torch.autograd.grad(fast, hidden, upstream)
+    logits = (hidden.float() @ weight.float().t()) / TEMPERATURE
+    plain = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    (grad_plain,) = torch.autograd.grad(plain, hidden, upstream)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert fast.dtype == torch.float32 and torch.allclose(fast, plain, rtol=tolerance, atol=tolerance)
+    assert (grad_fast.float() - grad_plain).abs().max() / grad_plain.abs().max() < tolerance

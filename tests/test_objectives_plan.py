@@ -93,3 +93,34 @@ def test_pairs_with_reference_chosen_where_it_beats_every_sample(tiny_model_dir,
     assert all(row["reference"] != rows[0]["completion"] for row in by_reference)
     with pytest.raises(UserError, match="--chosen"):
         make_pairs(str(tiny_model_dir), str(prompts), chosen="gold", out=str(out))
+
+
+def test_the_estimate_at_start_counts_the_sequences_each_objective_trains():
+    """The run's largest micro-batch (plan/__init__.py largest_micro_batch) in the sequences that
+    keep activations: a pair both of its sequences once, a KTO example its answer (the KL
+    sequence runs without gradients), a GRPO prompt group_size answers of up to
+    max_completion_tokens after it."""
+    from tunesmith.data.collate import PADDING_FREE, rounded_up
+    from tunesmith.data.preference import Pair, Unpaired
+    from tunesmith.data.prompts import Prompt
+    from tunesmith.data.tokenize import IGNORE, Encoded
+    from tunesmith.plan import largest_micro_batch
+    from tunesmith.plan.objectives import label_share
+
+    def encoded(length, labels):
+        return Encoded([5] * length, [IGNORE] * (length - labels) + [5] * labels)
+
+    def config(**train):
+        return validate({"model": {"name": "llama-3.1-8b"}, "data": {"max_seq_len": 512},
+                         "train": {"batch_size": 2, **train}})
+
+    sft = [encoded(100, 40), encoded(60, 20)]
+    assert largest_micro_batch(sft, config(), PADDING_FREE, 1) == (2, 100, rounded_up(160))
+    pairs = [Pair(encoded(100, 40), encoded(80, 20)), Pair(encoded(50, 10), encoded(70, 30))]
+    assert largest_micro_batch(pairs, config(objective="dpo"), PADDING_FREE, 1) == (4, 100, rounded_up(300))
+    kto = [Unpaired(encoded(100, 40), True, kl=encoded(90, 30)), Unpaired(encoded(50, 10), False, kl=encoded(70, 30))]
+    assert largest_micro_batch(kto, config(objective="kto"), PADDING_FREE, 1) == (2, 100, rounded_up(150))
+    grpo = config(objective="grpo", group_size=4, max_completion_tokens=64)
+    prompts = [Prompt([5] * 30), Prompt([5] * 50)]
+    assert largest_micro_batch(prompts, grpo, PADDING_FREE, 1) == (8, 114, rounded_up(4 * 94 + 4 * 114))
+    assert label_share(prompts, grpo.train, 512) == pytest.approx(8 * 64 / (4 * 94 + 4 * 114))

@@ -3,8 +3,10 @@
 A batch of sequences is collated in the run's layout (data/collate.py: padded, or padding-free
 rows where a fast path's attention is installed) and carries, found on the host, the sequence of
 every label position (`label_sequence`) and each sequence's label count (`sequence_labels`). Only
-label positions go through the LM head, a chunk at a time; each chunk's logits are recomputed in
-the backward pass instead of kept (a 49k vocabulary in fp32 is 200 KiB per answer token).
+label positions go through the LM head, a chunk at a time, and no chunk's logits are kept (a 49k
+vocabulary in fp32 is 200 KiB per answer token): through a frozen head each token's gradient with
+respect to its hidden state is computed in the forward pass (HeadTokenLogps); a head that trains
+recomputes each chunk in the backward pass.
 
 The reference model costs no second copy for adapter methods: it is the same model with its
 adapters disabled (peft's `disable_adapter`). A full fine-tune keeps a frozen copy.
@@ -14,7 +16,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from ..accel.compile import compiled
 
 from ..data.collate import PADDING_FREE, micro_batch
 from ..data.tokenize import Encoded
@@ -51,19 +56,76 @@ def token_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
         picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
         device = picked.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else picked.dtype
+        if not torch.is_grad_enabled() or not (picked.requires_grad or head.weight.requires_grad):
+            return _head_logps(picked, head.weight, targets, temperature, dtype, None)
+        if not head.weight.requires_grad:
+            return HeadTokenLogps.apply(picked, head.weight, targets, temperature, dtype)
+        # a head that trains (full fine-tuning): each chunk recomputed in the backward pass
         step = head_chunk(head.weight.shape[0], device)
-        recompute = torch.is_grad_enabled() and (picked.requires_grad or head.weight.requires_grad)
-        chunks = []
-        for start in range(0, picked.shape[0], step):
-            args = (picked[start:start + step], head.weight, targets[start:start + step], temperature, dtype)
-            chunks.append(checkpoint(_chunk_logps, *args, use_reentrant=False) if recompute else _chunk_logps(*args))
-    return torch.cat(chunks) if chunks else picked.new_zeros(0, dtype=torch.float32)
+        return torch.cat([checkpoint(_chunk_logps, picked[start:start + step], head.weight, targets[start:start + step],
+                                     temperature, dtype, use_reentrant=False)
+                          for start in range(0, picked.shape[0], step)])
 
 
 def _chunk_logps(hidden, weight, targets, temperature: float, dtype) -> torch.Tensor:
     with torch.autocast(hidden.device.type, enabled=False):
         logits = (hidden.to(dtype) @ weight.to(dtype).t()).float() / temperature
         return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _head_logps(hidden, weight, targets, temperature: float, dtype, grad_hidden) -> torch.Tensor:
+    """log p(target) of each row of `hidden` through the head, a chunk at a time; with
+    `grad_hidden`, each row's gradient of its own log-prob with respect to its hidden state is
+    written into it."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    step = head_chunk(weight.shape[0], hidden.device.type)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], step):
+            logits = hidden[start:start + step].to(dtype) @ w.t()
+            wanted = targets[start:start + step]
+            if grad_hidden is None:
+                out[start:start + step] = _logps(logits, wanted, 1 / temperature)
+                continue
+            out[start:start + step], grad = _logps_and_grad(logits, wanted, 1 / temperature)
+            grad_hidden[start:start + step] = grad @ w
+    return out
+
+
+@compiled
+def _logps(logits, wanted, inverse_temperature: float):
+    scaled = logits.float() * inverse_temperature
+    return scaled.gather(1, wanted[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
+
+
+@compiled
+def _logps_and_grad(logits, wanted, inverse_temperature: float):
+    """Each row's log p(wanted) in fp32 and its gradient d/d(logits) = (one-hot - softmax) / temperature."""
+    scaled = logits.float() * inverse_temperature
+    norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    logps = scaled.gather(1, wanted[:, None]).squeeze(1) - norm.squeeze(1)
+    grad = (F.one_hot(wanted, scaled.shape[-1]).to(scaled.dtype) - (scaled - norm).exp()) * inverse_temperature
+    return logps, grad.to(logits.dtype)
+
+
+class HeadTokenLogps(torch.autograd.Function):
+    """Per-row log p(target) through a frozen head. A row's log-prob depends on its own hidden state
+    only, so the gradient of each is computed in the forward pass (one row of hidden size each) and
+    the backward scales those rows by the incoming gradients: no chunk's logits are kept or
+    recomputed (the checkpointed chunks held about 19 bytes per chunk logit in their backward;
+    this holds what training/loss.py's cross-entropy holds)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, dtype):
+        grad_hidden = torch.empty_like(hidden)
+        out = _head_logps(hidden, weight, targets, temperature, dtype, grad_hidden)
+        ctx.save_for_backward(grad_hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_out[:, None].to(grad_hidden.dtype), None, None, None, None
 
 
 def per_sequence(values: torch.Tensor, batch: dict) -> torch.Tensor:

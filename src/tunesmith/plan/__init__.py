@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from .devices import GPUS, Device, GiB, cpu_overhead, find_device, resident, this_machine
 from .memory import Estimate, Setup, estimate
 from .objectives import describe as describe_objective
-from .objectives import objective_setup
+from .objectives import counted_setup, label_share, objective_setup, trained_lengths
 from .shapes import LINEARS, ModelShape, model_shape
 from .speed import CPU_UTILISATION, GPU_UTILISATION, epoch_seconds, flops_per_token
 
@@ -209,18 +209,20 @@ def data_figures(cfg) -> tuple[int, float, float]:
     return train.tokens, labels / max(1, train.tokens), train.tokens / max(1, len(train))
 
 
-def largest_micro_batch(lengths: list[int], cfg, layout: str, steps: int) -> tuple[int, int, int]:
-    """(examples, longest sequence, tokens computed) of the largest micro-batch the run's first
-    `steps` optimizer steps (at most an epoch's) will see: the same stream training draws from."""
+def largest_micro_batch(examples: list, cfg, layout: str, steps: int) -> tuple[int, int, int]:
+    """(sequences, longest sequence, tokens computed) of the largest micro-batch the run's first
+    `steps` optimizer steps (at most an epoch's) will see: the same stream training draws from,
+    each example counted as the sequences its objective trains on (plan/objectives.py)."""
     from ..data.collate import PADDING_FREE, rounded_up, step_batches
 
+    lengths = [len(e.input_ids) for e in examples]
     budget = cfg.train.batch_size * cfg.data.max_seq_len if layout == PADDING_FREE else None
     stream = step_batches(lengths, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, budget)
     per_epoch = max(1, -(-len(lengths) // (cfg.train.batch_size * cfg.train.grad_accum)))
     best = (1, 1, 0)
     for _ in range(min(steps, per_epoch)):
         for batch in next(stream):
-            sizes = [lengths[i] for i in batch]
+            sizes = [n for i in batch for n in trained_lengths(examples[i], cfg.train, cfg.data.max_seq_len)]
             # rows are rounded up (data/collate.py rounded_up); padded rows compute their padding
             width = rounded_up(max(sizes))
             tokens = rounded_up(sum(sizes)) if layout == PADDING_FREE else len(sizes) * width
@@ -237,15 +239,11 @@ def run_estimate(cfg, train_split, layout: str, device) -> tuple[float, str]:
     from ..data.collate import PACKED, PADDING_FREE
     from ..training.loop import total_steps
 
-    lengths = [len(e.input_ids) for e in train_split.encoded]
-    labels = sum(e.label_count for e in train_split.encoded)
-    examples, longest, tokens = largest_micro_batch(lengths, cfg, layout, total_steps(cfg, len(lengths)))
-    setup = setup_from_config(cfg, labels / max(1, sum(lengths)), device)
-    setup = changed(setup, batch=examples, seq=longest, tokens=tokens if layout == PADDING_FREE else None,
-                    packed_rows=layout == PACKED)
-    if cfg.train.objective != "sft":  # the real micro-batch as the objective runs it (pairs: their sum as one length)
-        setup = objective_setup(cfg, changed(setup, objective="sft", seq=min(cfg.data.max_seq_len, longest + (
-            cfg.train.max_completion_tokens if cfg.train.objective == "grpo" else 0))))
+    examples = train_split.encoded
+    sequences, longest, tokens = largest_micro_batch(examples, cfg, layout, total_steps(cfg, len(examples)))
+    setup = setup_from_config(cfg, label_share(examples, cfg.train, cfg.data.max_seq_len), device)
+    setup = counted_setup(cfg, changed(setup, batch=sequences, seq=longest, packed_rows=layout == PACKED,
+                                       tokens=tokens if layout == PADDING_FREE else None))
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
     target = gpu_of(device) if device.type == "cuda" else None
     est = estimate_on(shape, changed(setup, head_chunk=cuda_head_chunk(shape)), target) if target \

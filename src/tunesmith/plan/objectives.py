@@ -23,18 +23,45 @@ SEQUENCES_PER_EXAMPLE = {"dpo": 2, "orpo": 2, "simpo": 2}
 
 def objective_setup(cfg, setup: Setup) -> Setup:
     """`setup` (one micro-batch of SFT examples) as the configured objective runs it."""
-    from ..methods import get
-    from ..objectives import needs_reference
-
     train = cfg.train
     objective = getattr(train, "objective", "sft")
     if objective == "sft":
         return setup
     per_example = train.group_size if objective == "grpo" else SEQUENCES_PER_EXAMPLE.get(objective, 1)
-    sampled = setup.batch * train.group_size * setup.seq if objective == "grpo" else 0
-    return replace(setup, batch=setup.batch * per_example, objective=objective, sampled_tokens=sampled,
-                   tokens=setup.tokens * per_example if setup.tokens else None,
-                   reference_copy=get(setup.method).trains_all_weights and needs_reference(train))
+    return counted_setup(cfg, replace(setup, batch=setup.batch * per_example,
+                                      tokens=setup.tokens * per_example if setup.tokens else None))
+
+
+def counted_setup(cfg, setup: Setup) -> Setup:
+    """`setup`, whose micro-batch is already counted in the sequences the objective trains on, with
+    the objective's other terms: GRPO's sampling cache, a full fine-tune's reference copy."""
+    from ..methods import get
+    from ..objectives import needs_reference
+
+    objective = getattr(cfg.train, "objective", "sft")
+    return replace(setup, objective=objective, sampled_tokens=setup.batch * setup.seq if objective == "grpo" else 0,
+                   reference_copy=get(setup.method).trains_all_weights and needs_reference(cfg.train))
+
+
+def trained_lengths(example, train, max_len: int) -> list[int]:
+    """Lengths of the sequences one example puts through the forward that keeps activations for
+    the backward: SFT its own; a pair both; KTO the answer (its KL sequence runs without
+    gradients); a GRPO prompt group_size answers of up to max_completion_tokens after it."""
+    objective = getattr(train, "objective", "sft")
+    if objective == "grpo":
+        return [min(max_len, len(example.input_ids) + train.max_completion_tokens)] * train.group_size
+    if objective == "kto":
+        return [len(example.completion.input_ids)]
+    return [len(s.input_ids) for s in getattr(example, "sequences", None) or [example]]
+
+
+def label_share(examples: list, train, max_len: int) -> float:
+    """Share of the trained positions that carry a label (GRPO: the sampled answers, as long as
+    max_completion_tokens at most; the prompts have none)."""
+    if getattr(train, "objective", "sft") == "grpo":
+        lengths = [n for e in examples for n in trained_lengths(e, train, max_len)]
+        return min(1.0, len(lengths) * train.max_completion_tokens / max(1, sum(lengths)))
+    return sum(e.label_count for e in examples) / max(1, sum(len(e.input_ids) for e in examples))
 
 
 def sampling_cache_bytes(shape: ModelShape, setup: Setup) -> float:
