@@ -59,7 +59,9 @@ with tempfile.TemporaryDirectory() as name:
 PY
 }
 for round in $(seq "$repeat"); do
-    for tree in "$old" "$PWD"; do
+    # odd rounds the earlier tree first, even rounds this one: a slot that runs slower counts against both
+    order=$([ $((round % 2)) -eq 1 ] && echo "$old $PWD" || echo "$PWD $old")
+    for tree in $order; do
         name=$([ "$tree" = "$old" ] && echo before || echo after)
         echo "round $round $name $(git -C "$tree" log -1 --format=%h) tunesmith $(one "$tree" tunesmith) tokens/s" | tee -a "$log"
     done
