@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..accel.compile import compiled
-
 from ..data.collate import PADDING_FREE, micro_batch
 from ..data.tokenize import Encoded
 from ..training.loss import _core, half_precision_adapters, head_chunk, model_inputs
@@ -62,9 +61,9 @@ def token_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
             return HeadTokenLogps.apply(picked, head.weight, targets, temperature, dtype)
         # a head that trains (full fine-tuning): each chunk recomputed in the backward pass
         step = head_chunk(head.weight.shape[0], device)
-        return torch.cat([checkpoint(_chunk_logps, picked[start:start + step], head.weight, targets[start:start + step],
-                                     temperature, dtype, use_reentrant=False)
-                          for start in range(0, picked.shape[0], step)])
+        chunks = [checkpoint(_chunk_logps, picked[start:start + step], head.weight, targets[start:start + step],
+                             temperature, dtype, use_reentrant=False) for start in range(0, picked.shape[0], step)]
+    return torch.cat(chunks) if chunks else picked.new_zeros(0, dtype=torch.float32)
 
 
 def _chunk_logps(hidden, weight, targets, temperature: float, dtype) -> torch.Tensor:
@@ -112,7 +111,7 @@ class HeadTokenLogps(torch.autograd.Function):
     """Per-row log p(target) through a frozen head. A row's log-prob depends on its own hidden state
     only, so the gradient of each is computed in the forward pass (one row of hidden size each) and
     the backward scales those rows by the incoming gradients: no chunk's logits are kept or
-    recomputed (the checkpointed chunks held about 19 bytes per chunk logit in their backward;
+    recomputed (the checkpointed chunks held about 20 bytes per chunk logit in their backward;
     this holds what training/loss.py's cross-entropy holds)."""
 
     @staticmethod
