@@ -25,6 +25,7 @@ runs=${RUNS:-tunesmith,trl-fp32}
 seeds=${SEEDS:-0}
 repeat=${REPEAT:-0}
 examples=${TRAIN_EXAMPLES:-96}
+trl_run=${TRL_RUN:-trl-fp32}  # the TRL run both trees are divided by (none: no TRL run)
 # Beside this checkout, so that its bench finds ../shared/datasets/medquad as this one does.
 old="$(cd .. && pwd)/.tunesmith-rev-$rev"
 git worktree add -q --detach "$old" "$rev"
@@ -66,13 +67,13 @@ for round in $(seq "$repeat"); do
         echo "round $round $name $(git -C "$tree" log -1 --format=%h) tunesmith $(one "$tree" tunesmith) tokens/s" | tee -a "$log"
     done
 done
-if [ "${TRL_RUN:-trl-fp32}" = none ]; then  # the two trees alone
+if [ "$trl_run" = none ]; then  # the two trees alone
     awk '{sum[$3] += $6; n[$3]++} END {b = sum["before"] / n["before"]; a = sum["after"] / n["after"];
          printf "before %.1f tokens/s, after %.1f: after/before %+.1f%%\n", b, a, 100 * (a / b - 1)}' "$log"
     exit 0
 fi
-trl=$(one "$PWD" "${TRL_RUN:-trl-fp32}")
-echo "${TRL_RUN:-trl-fp32} $trl tokens/s"
+trl=$(one "$PWD" "$trl_run")
+echo "$trl_run $trl tokens/s"
 awk -v trl="$trl" '{sum[$3] += $6; n[$3]++}
     END {b = sum["before"] / n["before"]; a = sum["after"] / n["after"];
          printf "before %.1f tokens/s (ratio to TRL %.2fx), after %.1f (%.2fx): after/before %+.1f%%\n",

@@ -102,6 +102,7 @@ def test_the_estimate_at_start_counts_the_sequences_each_objective_trains():
     max_completion_tokens after it."""
     from tunesmith.data.collate import PADDING_FREE, rounded_up
     from tunesmith.data.preference import Pair, Unpaired
+    from tunesmith.data.prepare import Split
     from tunesmith.data.prompts import Prompt
     from tunesmith.data.tokenize import IGNORE, Encoded
     from tunesmith.plan import largest_micro_batch
@@ -115,12 +116,12 @@ def test_the_estimate_at_start_counts_the_sequences_each_objective_trains():
                          "train": {"batch_size": 2, **train}})
 
     sft = [encoded(100, 40), encoded(60, 20)]
-    assert largest_micro_batch(sft, config(), PADDING_FREE, 1) == (2, 100, rounded_up(160))
+    assert largest_micro_batch(Split('train', encoded=sft), config(), PADDING_FREE, 1) == (2, 100, rounded_up(160))
     pairs = [Pair(encoded(100, 40), encoded(80, 20)), Pair(encoded(50, 10), encoded(70, 30))]
-    assert largest_micro_batch(pairs, config(objective="dpo"), PADDING_FREE, 1) == (4, 100, rounded_up(300))
+    assert largest_micro_batch(Split('train', encoded=pairs), config(objective="dpo"), PADDING_FREE, 1) == (4, 100, rounded_up(300))
     kto = [Unpaired(encoded(100, 40), True, kl=encoded(90, 30)), Unpaired(encoded(50, 10), False, kl=encoded(70, 30))]
-    assert largest_micro_batch(kto, config(objective="kto"), PADDING_FREE, 1) == (2, 100, rounded_up(150))
+    assert largest_micro_batch(Split('train', encoded=kto), config(objective="kto"), PADDING_FREE, 1) == (2, 100, rounded_up(150))
     grpo = config(objective="grpo", group_size=4, max_completion_tokens=64)
     prompts = [Prompt([5] * 30), Prompt([5] * 50)]
-    assert largest_micro_batch(prompts, grpo, PADDING_FREE, 1) == (8, 114, rounded_up(4 * 94 + 4 * 114))
+    assert largest_micro_batch(Split('train', encoded=prompts), grpo, PADDING_FREE, 1) == (8, 114, rounded_up(4 * 94 + 4 * 114))
     assert label_share(prompts, grpo.train, 512) == pytest.approx(8 * 64 / (4 * 94 + 4 * 114))

@@ -49,8 +49,8 @@ def token_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
     with half_precision_adapters(model, head.weight.dtype):
         if getattr(config, "final_logit_softcapping", None) or getattr(head, "bias", None) is not None:
             logits = model(**inputs).logits[:, :-1]  # heads that transform their logits: the model's own forward
-            picked = logits.reshape(-1, logits.shape[-1]).index_select(0, positions).float() / temperature
-            return picked.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(picked, dim=-1)
+            picked = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)
+            return _target_logps(picked, targets, 1 / temperature)
         hidden = decoder(**inputs).last_hidden_state
         picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
         device = picked.device.type
@@ -68,8 +68,16 @@ def token_logps(model, batch: dict, temperature: float = 1.0) -> torch.Tensor:
 
 def _chunk_logps(hidden, weight, targets, temperature: float, dtype) -> torch.Tensor:
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = (hidden.to(dtype) @ weight.to(dtype).t()).float() / temperature
-        return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        return _target_logps(hidden.to(dtype) @ weight.to(dtype).t(), targets, 1 / temperature)
+
+
+def _target_logps(logits, wanted, inverse_temperature: float):
+    """log softmax(logits / temperature) at `wanted`, in fp32."""
+    scaled = logits.float() * inverse_temperature
+    return scaled.gather(1, wanted[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
+
+
+_logps = compiled(_target_logps)  # a frozen head's chunks without gradients: one pass over the logits
 
 
 def _head_logps(hidden, weight, targets, temperature: float, dtype, grad_hidden) -> torch.Tensor:
@@ -89,12 +97,6 @@ def _head_logps(hidden, weight, targets, temperature: float, dtype, grad_hidden)
             out[start:start + step], grad = _logps_and_grad(logits, wanted, 1 / temperature)
             grad_hidden[start:start + step] = grad @ w
     return out
-
-
-@compiled
-def _logps(logits, wanted, inverse_temperature: float):
-    scaled = logits.float() * inverse_temperature
-    return scaled.gather(1, wanted[:, None]).squeeze(1) - torch.logsumexp(scaled, dim=-1)
 
 
 @compiled

@@ -209,16 +209,16 @@ def data_figures(cfg) -> tuple[int, float, float]:
     return train.tokens, labels / max(1, train.tokens), train.tokens / max(1, len(train))
 
 
-def largest_micro_batch(examples: list, cfg, layout: str, steps: int) -> tuple[int, int, int]:
+def largest_micro_batch(split, cfg, layout: str, steps: int) -> tuple[int, int, int]:
     """(sequences, longest sequence, tokens computed) of the largest micro-batch the run's first
     `steps` optimizer steps (at most an epoch's) will see: the same stream training draws from,
     each example counted as the sequences its objective trains on (plan/objectives.py)."""
-    from ..data.collate import PADDING_FREE, rounded_up, step_batches
+    from ..data.collate import PADDING_FREE, rounded_up
+    from ..training.loop import optimizer_steps
 
-    lengths = [len(e.input_ids) for e in examples]
-    budget = cfg.train.batch_size * cfg.data.max_seq_len if layout == PADDING_FREE else None
-    stream = step_batches(lengths, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, budget)
-    per_epoch = max(1, -(-len(lengths) // (cfg.train.batch_size * cfg.train.grad_accum)))
+    examples = split.encoded
+    stream = optimizer_steps(split, cfg, layout)
+    per_epoch = max(1, -(-len(examples) // (cfg.train.batch_size * cfg.train.grad_accum)))
     best = (1, 1, 0)
     for _ in range(min(steps, per_epoch)):
         for batch in next(stream):
@@ -239,9 +239,8 @@ def run_estimate(cfg, train_split, layout: str, device) -> tuple[float, str]:
     from ..data.collate import PACKED, PADDING_FREE
     from ..training.loop import total_steps
 
-    examples = train_split.encoded
-    sequences, longest, tokens = largest_micro_batch(examples, cfg, layout, total_steps(cfg, len(examples)))
-    setup = setup_from_config(cfg, label_share(examples, cfg.train, cfg.data.max_seq_len), device)
+    sequences, longest, tokens = largest_micro_batch(train_split, cfg, layout, total_steps(cfg, len(train_split)))
+    setup = setup_from_config(cfg, label_share(train_split.encoded, cfg.train, cfg.data.max_seq_len), device)
     setup = counted_setup(cfg, changed(setup, batch=sequences, seq=longest, packed_rows=layout == PACKED,
                                        tokens=tokens if layout == PADDING_FREE else None))
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)

@@ -22,14 +22,13 @@ SEQUENCES_PER_EXAMPLE = {"dpo": 2, "orpo": 2, "simpo": 2}
 
 
 def objective_setup(cfg, setup: Setup) -> Setup:
-    """`setup` (one micro-batch of SFT examples) as the configured objective runs it."""
+    """`setup` (a config's micro-batch of SFT examples, batch x seq) as the configured objective runs it."""
     train = cfg.train
     objective = getattr(train, "objective", "sft")
     if objective == "sft":
         return setup
     per_example = train.group_size if objective == "grpo" else SEQUENCES_PER_EXAMPLE.get(objective, 1)
-    return counted_setup(cfg, replace(setup, batch=setup.batch * per_example,
-                                      tokens=setup.tokens * per_example if setup.tokens else None))
+    return counted_setup(cfg, replace(setup, batch=setup.batch * per_example))
 
 
 def counted_setup(cfg, setup: Setup) -> Setup:
