@@ -18,16 +18,37 @@ PY=${PYTHON:-python3}
 
 if [ "${1:-}" = "prepare" ]; then
     # The image there has torch, transformers (older than the range tunesmith checks), peft and
-    # accelerate; these travel as wheels (Python 3.12, manylinux, no dependencies resolved there).
-    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
-    mkdir -p .whl
+    # accelerate; the rest travels as wheels (Python 3.12, manylinux, no dependencies resolved
+    # there), within the 64 MiB the working tree may carry: no selenium (no browser there: its
+    # tests skip), bitsandbytes with its CPU and CUDA 13 libraries only (the image's torch is
+    # built on CUDA 13; the wheel's eleven other builds are 30 of its 43 MB).
+    # WHEEL_PYTHON=3.11: the same set for this machine's Python, to rehearse the install here.
+    exclude=$(git rev-parse --git-path info/exclude)
+    mkdir -p "$(dirname "$exclude")" .whl
+    grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
     for pkg in transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 \
                pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2 \
-               gguf==0.19.0 multiprocess==0.70.18 dill==0.4.0 selenium==4.38.0; do
-        $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-            --platform any -d .whl "$pkg" || echo "could not fetch $pkg" >&2
+               gguf==0.19.0 multiprocess==0.70.18 dill==0.4.0 bm25s==0.3.16 datasketch==2.0.0 \
+               nltk==3.10.4 defusedxml==0.7.1; do
+        $PY -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
+            --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+            -d .whl "$pkg" || echo "could not fetch $pkg" >&2
     done
+    # rouge-score is published as a source archive only: a pure-Python wheel is built here.
+    $PY -m pip wheel -q --no-deps -w .whl rouge-score==0.1.2 || echo "could not build rouge-score" >&2
+    $PY - .whl/bitsandbytes-*.whl <<'SLIM'
+import re, sys, zipfile
+path = sys.argv[1]
+keep = lambda name: not re.search(r"libbitsandbytes_(?!cpu|cuda13)", name)
+with zipfile.ZipFile(path) as wheel:
+    entries = [(info, wheel.read(info)) for info in wheel.infolist() if keep(info.filename)]
+with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as wheel:
+    for info, data in entries:
+        if info.filename.endswith(".dist-info/RECORD"):
+            data = "".join(l for l in data.decode().splitlines(True) if keep(l.split(",")[0])).encode()
+        wheel.writestr(info, data)
+SLIM
     du -sh .whl
     exit 0
 fi
@@ -48,7 +69,12 @@ else
 fi
 
 start=$(date +%s)
-timeout 240 $PY -m pytest -q -x -p no:cacheprovider $TESTS > "$OUT/tests.txt" 2>&1
+# Every failure listed (no -x); in parallel where pytest-xdist is there (the image has it: the
+# suite takes 5 minutes on 2 cores here), two threads per worker.
+workers=""
+$PY -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
+OMP_NUM_THREADS=${TEST_THREADS:-2} timeout 270 $PY -m pytest -q -rfE -p no:cacheprovider $workers $TESTS \
+    > "$OUT/tests.txt" 2>&1
 echo "tests: $(tail -1 "$OUT/tests.txt") ($(( $(date +%s) - start )) s)" > "$OUT/summary.txt"
 
 timeout 300 $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" --warmup "$WARMUP" --length "$LENGTH" \
