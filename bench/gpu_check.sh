@@ -5,6 +5,9 @@
 #   bash bench/gpu_check.sh             # there (or anywhere): install them, run everything, one table
 #   QUICK=1 bash bench/gpu_check.sh     # the same flow with tiny shapes (runs on a CPU in minutes)
 #
+# On the device machine of this workplace: `prepare` here, then one run with carry [".whl"] and
+# the command `bash bench/gpu_check.sh` ($OUT is set there: its six files come back).
+#
 # Runs: the test suite with CUDA visible (tests that need CUDA run; those that need chromium
 # skip); tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA r=32 and LoRA
 # bf16, batch 2 x accumulation 4, 2048 tokens: bench/gpu_compare.py); `plan` against measured
