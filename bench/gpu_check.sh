@@ -8,11 +8,11 @@
 # On the device machine of this workplace: `prepare` here, then one run with carry [".whl"] and
 # the command `bash bench/gpu_check.sh` with timeout_s 600 ($OUT is set there: its six files come back).
 #
-# Runs: the test suite with CUDA visible (tests that need CUDA run; those that need chromium
-# skip); tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA r=32 and LoRA
-# bf16, batch 2 x accumulation 4, 2048 tokens: bench/gpu_compare.py); `plan` against measured
-# memory on four shapes (bench/plan_gpu.py); the fast paths against fast_paths=off on tiny models
-# (tests/test_accel.py). Writes $OUT/summary.txt (OUT defaults to ./gpu-check).
+# Runs, in this order: tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA
+# r=32 and LoRA bf16, batch 2 x accumulation 4, 2048 tokens: bench/gpu_compare.py); `plan` against
+# measured memory on four shapes (bench/plan_gpu.py); the test suite with CUDA visible (tests that
+# need CUDA run, among them the fast paths against fast_paths=off on tiny models in
+# tests/test_accel.py; those that need chromium skip). Writes $OUT/summary.txt (OUT defaults to ./gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}

@@ -36,8 +36,9 @@ def carried() -> dict[str, str]:
     return {name(pkg): version for pkg, version in re.findall(r"([A-Za-z][A-Za-z0-9_.-]*)==([0-9][A-Za-z0-9.]*)", prepare)}
 
 
-def needed(requirement: Requirement, extra: str = "") -> bool:
-    return requirement.marker is None or requirement.marker.evaluate({**default_environment(), "extra": extra,
+def needed(requirement: Requirement) -> bool:
+    """Whether a package needs it there (Python 3.12, no extra asked for)."""
+    return requirement.marker is None or requirement.marker.evaluate({**default_environment(), "extra": "",
                                                                       "python_version": "3.12"})
 
 
@@ -50,11 +51,11 @@ def project_requirements() -> list[Requirement]:
 
 
 def test_every_dependency_is_in_the_image_or_carried_at_a_version_in_range():
-    there, wheels = image(), carried()
-    missing = [str(r) for r in project_requirements() if name(r.name) not in there | set(wheels)]
+    wheels, requirements = carried(), project_requirements()
+    missing = [str(r) for r in requirements if name(r.name) not in image() | set(wheels)]
     assert not missing, f"bench/gpu_check.sh prepare must carry: {missing}"
     out_of_range = [f"{r.name}=={wheels[name(r.name)]} (tunesmith needs {r.specifier})"
-                    for r in project_requirements()
+                    for r in requirements
                     if name(r.name) in wheels and not r.specifier.contains(wheels[name(r.name)], prereleases=True)]
     assert not out_of_range, out_of_range
 
@@ -62,7 +63,8 @@ def test_every_dependency_is_in_the_image_or_carried_at_a_version_in_range():
 def test_what_is_carried_finds_its_own_dependencies_there():
     """Wheels install with --no-deps there: each carried package's requirements must be in the
     image or carried too. Read from the installed packages' metadata (those installed here)."""
-    there, wheels = image(), carried()
+    wheels = carried()
+    available = image() | set(wheels)
     checked, missing = 0, []
     for package in wheels:
         try:
@@ -71,7 +73,7 @@ def test_what_is_carried_finds_its_own_dependencies_there():
             continue
         checked += 1
         for requirement in map(Requirement, requires):
-            if needed(requirement) and name(requirement.name) not in there | set(wheels):
+            if needed(requirement) and name(requirement.name) not in available:
                 missing.append(f"{package} needs {requirement.name}")
     assert checked >= 8, f"only {checked} carried packages are installed here to read"
     assert not missing, missing
