@@ -66,30 +66,47 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/device.txt"
 
 if [ -n "${QUICK:-}" ]; then
-    SHAPE=tiny STEPS=3 WARMUP=1 LENGTH=256 TESTS="tests/test_accel.py"
+    SHAPE=tiny STEPS=3 WARMUP=1 LENGTH=256 TESTS=${TESTS:-tests/test_accel.py}
 else
-    SHAPE=llama-3.1-8b STEPS=${STEPS:-6} WARMUP=${WARMUP:-2} LENGTH=2048 TESTS="tests"
+    SHAPE=llama-3.1-8b STEPS=${STEPS:-6} WARMUP=${WARMUP:-2} LENGTH=2048 TESTS=${TESTS:-tests}
 fi
+# STAGES picks and orders the stages (a device call may run them in two goes); each has its own
+# limit: the device tool stops a command at 10 minutes, and the defaults sum to 9.5 (plus the
+# install), the most telling first, each appending to the summary as it ends, so a run cut
+# short still brings back what it measured.
+STAGES=${STAGES:-compare plan tests}
+MODELS=${MODELS:-/tmp/gpu-check-models}  # built once by the comparison, reused by the plan
 
-# The device tool stops a command at 10 minutes: the stages' limits sum to 9.5 (plus the install),
-# the most telling first (the comparison, then the plan), each appending to the summary as it ends,
-# so a run cut short still brings back what it measured.
+compare() {
+    timeout "${COMPARE_LIMIT:-300}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" --warmup "$WARMUP" \
+        --length "$LENGTH" --models "$MODELS" --out "$OUT/compare.json" > "$OUT/compare.txt" 2>&1
+    echo "comparison: exit $?" >> "$OUT/compare.txt"
+    cat "$OUT/compare.txt" >> "$OUT/summary.txt"
+}
+
+plan() {
+    timeout "${PLAN_LIMIT:-90}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS" > "$OUT/plan.txt" 2>&1
+    echo "plan: exit $?" >> "$OUT/plan.txt"
+    cat "$OUT/plan.txt" >> "$OUT/summary.txt"
+}
+
+tests() {
+    # Every failure listed (no -x); in parallel where pytest-xdist is there (the image has it: the
+    # suite takes 5 minutes on 2 cores here), two threads per worker; no test may hang the stage.
+    local began workers="" limit=""
+    began=$(date +%s)
+    $PY -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
+    $PY -c "import pytest_timeout" 2>/dev/null && limit="--timeout=${TEST_TIMEOUT:-120}"
+    OMP_NUM_THREADS=${TEST_THREADS:-2} timeout "${TEST_LIMIT:-180}" $PY -m pytest -q -rfE --tb=short \
+        -p no:cacheprovider $workers $limit $TESTS > "$OUT/tests.txt" 2>&1
+    { echo "tests: $(tail -1 "$OUT/tests.txt") ($(( $(date +%s) - began )) s)"
+      grep -E "^(FAILED|ERROR) " "$OUT/tests.txt" | head -40; } >> "$OUT/summary.txt"
+}
+
 start=$(date +%s)
 cp "$OUT/device.txt" "$OUT/summary.txt"
-timeout 300 $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" --warmup "$WARMUP" --length "$LENGTH" \
-    --out "$OUT/compare.json" > "$OUT/compare.txt" 2>&1
-cat "$OUT/compare.txt" >> "$OUT/summary.txt"
-
-timeout 90 $PY bench/plan_gpu.py ${QUICK:+--quick} > "$OUT/plan.txt" 2>&1
-cat "$OUT/plan.txt" >> "$OUT/summary.txt"
-
-# Every failure listed (no -x); in parallel where pytest-xdist is there (the image has it: the
-# suite takes 5 minutes on 2 cores here), two threads per worker.
-tests_start=$(date +%s)
-workers=""
-$PY -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
-OMP_NUM_THREADS=${TEST_THREADS:-2} timeout 180 $PY -m pytest -q -rfE -p no:cacheprovider $workers $TESTS \
-    > "$OUT/tests.txt" 2>&1
-echo "tests: $(tail -1 "$OUT/tests.txt") ($(( $(date +%s) - tests_start )) s)" >> "$OUT/summary.txt"
+for stage in $STAGES; do
+    "$stage"
+done
 echo "total $(( $(date +%s) - start )) s" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"

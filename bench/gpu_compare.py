@@ -75,10 +75,14 @@ def write_rows(folder: Path, tokenizer_dir: Path, rows: int, length: int) -> dic
     with open(folder / "text.jsonl", "w") as out:
         for document in documents:
             out.write(json.dumps({"text": document}) + "\n")
+    with open(folder / "validation.jsonl", "w") as out:  # eval loss before and after, kept short
+        for document in documents[:4]:
+            out.write(json.dumps({"text": document}) + "\n")
     with open(folder / "ids.jsonl", "w") as out:
         for row in ids:
             out.write(json.dumps({"input_ids": row}) + "\n")
-    return {"text": str(folder / "text.jsonl"), "ids": str(folder / "ids.jsonl")}
+    return {"text": str(folder / "text.jsonl"), "ids": str(folder / "ids.jsonl"),
+            "validation": str(folder / "validation.jsonl")}
 
 
 def train_tunesmith(args) -> dict:
@@ -86,9 +90,10 @@ def train_tunesmith(args) -> dict:
 
     config = {
         "model": {"name": args.model, "dtype": "bfloat16"},
-        "data": {"train": args.data["text"], "validation": args.data["text"], "format": "text",
+        "data": {"train": args.data["text"], "validation": args.data["validation"], "format": "text",
                  "max_seq_len": args.length, "cache": False},
-        "adapter": {"method": args.method, "r": 32, "alpha": 64, "target_modules": "all-linear"},
+        "adapter": {"method": args.method, "r": 32, "alpha": 64, "target_modules": "all-linear",
+                    "gradient_checkpointing": True},  # as TRL's run below
         "train": {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": args.accum, "lr": 2e-4,
                   "log_every": 1, "warmup_ratio": 0.0},
         "eval": {"generate": False, "report": False, "compare_base": False, "batch_size": 1},
@@ -114,6 +119,10 @@ def train_trl(args) -> dict:
         def __init__(self):
             self.points: list[tuple[float, int]] = []
 
+        def on_train_begin(self, train_args, state, control, **kwargs):
+            # the peak of training, as tunesmith's is: loading and quantizing the weights left out
+            torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+
         def on_step_end(self, train_args, state, control, **kwargs):
             torch.cuda.synchronize() if torch.cuda.is_available() else None
             self.points.append((time.perf_counter(), state.num_input_tokens_seen))
@@ -129,7 +138,6 @@ def train_trl(args) -> dict:
                        gradient_checkpointing=True, model_init_kwargs=init, include_num_input_tokens_seen="all",
                        use_cpu=not torch.cuda.is_available(), dataset_kwargs={"skip_prepare_dataset": False})
     clock = Clock()
-    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     trainer = SFTTrainer(model=args.model, args=config, callbacks=[clock],
                          train_dataset=load_dataset("json", data_files=args.data["ids"], split="train"),
                          peft_config=LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -155,8 +163,31 @@ def spawn(args, stack: str, method: str, model: str, data: dict, tmp: Path) -> d
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed",
-                "log": done.stderr[-4000:]}
+                "log": done.stderr[-6000:]}
     return {**json.loads(result.read_text()), "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
+def show(method: str, stack: str, r: dict) -> None:
+    """One row of the table, printed as soon as its run ends (a run cut short keeps the rows before)."""
+    if "error" in r:
+        print(f"{method:<8}{stack:<11} failed: {r['error']}\n    " + "\n    ".join(r["log"].splitlines()[-25:]))
+    else:
+        gib = (lambda v: f"{v / 2**30:.2f}" if v else "-")
+        mfu = f"{r['mfu']:.0%}" if r.get("mfu") else "-"
+        print(f"{method:<8}{stack:<11}{r['tokens_per_second']:>10.0f}{gib(r.get('peak_allocated')):>10}"
+              f"{gib(r.get('planned')):>10}{mfu:>7}{r['wall_seconds']:>8.0f}")
+    sys.stdout.flush()
+
+
+def compared(row: dict) -> str | None:
+    """tunesmith's tokens/s and peak memory as multiples of TRL's, where both ran."""
+    ours, theirs = row.get("tunesmith", {}), row.get("trl", {})
+    if "tokens_per_second" not in ours or "tokens_per_second" not in theirs:
+        return None
+    text = f"  {row['method']}: tunesmith {ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x TRL's tokens/s"
+    if ours.get("peak_allocated") and theirs.get("peak_allocated"):
+        text += f", {ours['peak_allocated'] / theirs['peak_allocated']:.2f}x its peak memory"
+    return text
 
 
 def main() -> None:
@@ -170,6 +201,7 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--models", default=None, help="keep the built model in MODELS/SHAPE (reused if there)")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--stack"), parser.add_argument("--method"), parser.add_argument("--model")
     parser.add_argument("--data"), parser.add_argument("--result")
@@ -178,37 +210,25 @@ def main() -> None:
         return child(args)
     rows = args.batch * args.accum * (args.steps + 1)
     table = []
+    print(f"{args.shape}, r=32 all linear, micro-batch {args.batch} x accumulation {args.accum}, "
+          f"{args.length} tokens, {args.steps} steps ({args.warmup} warm-up)")
+    print(f"{'method':<8}{'stack':<11}{'tokens/s':>10}{'peak GiB':>10}{'plan GiB':>10}{'MFU':>7}{'wall s':>8}", flush=True)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
-        model = tmp / "model"
-        build_model(args.shape, model)
+        model = Path(args.models) / args.shape if args.models else tmp / "model"
+        if not (model / "config.json").exists():  # bench/plan_gpu.py reuses it (--models)
+            build_model(args.shape, model)
         data = write_rows(tmp, model, rows, args.length)
         for method in args.methods.split(","):
             row = {"method": method}
+            table.append(row)
             for stack in args.stacks.split(","):
                 row[stack] = spawn(args, stack, method, str(model), data, tmp)
-            table.append(row)
-    print(f"{args.shape}, r=32 all linear, micro-batch {args.batch} x accumulation {args.accum}, "
-          f"{args.length} tokens, {args.steps} steps ({args.warmup} warm-up)")
-    print(f"{'method':<8}{'stack':<11}{'tokens/s':>10}{'peak GiB':>10}{'plan GiB':>10}{'MFU':>7}")
-    for row in table:
-        for stack in args.stacks.split(","):
-            r = row[stack]
-            if "error" in r:
-                print(f"{row['method']:<8}{stack:<11} failed: {r['error']}")
-                continue
-            gib = (lambda v: f"{v / 2**30:.2f}" if v else "-")
-            mfu = f"{r['mfu']:.0%}" if r.get("mfu") else "-"
-            print(f"{row['method']:<8}{stack:<11}{r['tokens_per_second']:>10.0f}{gib(r.get('peak_allocated')):>10}"
-                  f"{gib(r.get('planned')):>10}{mfu:>7}")
-        if all("error" not in row.get(s, {"error": 1}) for s in ("tunesmith", "trl")):
-            speed = row["tunesmith"]["tokens_per_second"] / row["trl"]["tokens_per_second"]
-            memory = ((row["tunesmith"]["peak_allocated"] or 0) / row["trl"]["peak_allocated"]
-                      if row["trl"].get("peak_allocated") else None)
-            print(f"  {row['method']}: tunesmith {speed:.2f}x TRL's tokens/s"
-                  + (f", {memory:.2f}x its peak memory" if memory else ""))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"shape": args.shape, "rows": table}, indent=1))
+                show(method, stack, row[stack])
+                if args.out:
+                    Path(args.out).write_text(json.dumps({"shape": args.shape, "rows": table}, indent=1))
+            if compared(row):
+                print(compared(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""`tunesmith plan` against the CUDA memory a real training step allocates, on four shapes.
+"""`tunesmith plan` against the CUDA memory a real training step allocates, in four set-ups of the
+Llama-3.1-8B shape (one model is built, and reused from bench/gpu_compare.py's --models folder where
+it is there: building and loading another 7B shape would not fit the GPU check's minutes).
 
 Each case runs in a fresh process: a random model of the shape (weights do not change memory),
 the method made trainable and the fast paths applied as `tunesmith train` does, then three
@@ -22,7 +24,7 @@ from pathlib import Path
 CASES = [
     {"shape": "llama-3.1-8b", "method": "qlora", "batch": 2, "seq": 2048, "ckpt": True},
     {"shape": "llama-3.1-8b", "method": "lora", "batch": 2, "seq": 2048, "ckpt": True},
-    {"shape": "llama-2-7b", "method": "lora", "batch": 4, "seq": 1024, "ckpt": False},
+    {"shape": "llama-3.1-8b", "method": "lora", "batch": 4, "seq": 1024, "ckpt": False},
     {"shape": "llama-3.1-8b", "method": "lora", "batch": 1, "seq": 4096, "ckpt": False},
 ]
 QUICK = [{**case, "shape": "tiny", "seq": case["seq"] // 8} for case in CASES]
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child")
     parser.add_argument("--folder")
+    parser.add_argument("--models", default=None, help="built models, MODELS/SHAPE (bench/gpu_compare.py --models)")
     args = parser.parse_args()
     if args.child:
         case = json.loads(args.child)
@@ -107,17 +110,18 @@ def main() -> None:
         folders: dict[str, Path] = {}
         for case in cases:
             if case["shape"] not in folders:
-                folders[case["shape"]] = Path(tmp) / case["shape"]
-                build(case["shape"], folders[case["shape"]])
+                folders[case["shape"]] = Path(args.models or tmp) / case["shape"]
+                if not (folders[case["shape"]] / "config.json").exists():
+                    build(case["shape"], folders[case["shape"]])
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(case),
                                    "--folder", str(folders[case["shape"]])], capture_output=True, text=True)
             label = f"{case['shape']:<14}{case['method']:<7}{case['batch']:>5} x {case['seq']:<5}{str(case['ckpt']):>6}"
             if done.returncode != 0:
-                print(f"{label} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}")
+                print(f"{label} failed:\n    " + "\n    ".join(done.stderr.strip().splitlines()[-25:]), flush=True)
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             error = row["predicted"] / row["measured"] - 1
-            print(f"{label}{row['measured'] / 2**30:>9.2f} G{row['predicted'] / 2**30:>8.2f} G{error:>+8.0%}")
+            print(f"{label}{row['measured'] / 2**30:>9.2f} G{row['predicted'] / 2**30:>8.2f} G{error:>+8.0%}", flush=True)
 
 
 if __name__ == "__main__":
