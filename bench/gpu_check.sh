@@ -97,16 +97,24 @@ tests() {
     began=$(date +%s)
     $PY -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
     $PY -c "import pytest_timeout" 2>/dev/null && limit="--timeout=${TEST_TIMEOUT:-120}"
-    OMP_NUM_THREADS=${TEST_THREADS:-2} timeout "${TEST_LIMIT:-180}" $PY -m pytest -q -rfE --tb=short \
-        -p no:cacheprovider $workers $limit $TESTS > "$OUT/tests.txt" 2>&1
+    : > "$OUT/failures.txt"  # each failure as it happens (bench/stream_failures.py)
+    STREAM_FAILURES=$OUT/failures.txt PYTHONPATH=$PWD/bench:$PYTHONPATH OMP_NUM_THREADS=${TEST_THREADS:-2} \
+        timeout "${TEST_LIMIT:-180}" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p stream_failures \
+        $workers $limit $TESTS > "$OUT/tests.txt" 2>&1
     { echo "tests: $(tail -1 "$OUT/tests.txt") ($(( $(date +%s) - began )) s)"
-      grep -E "^(FAILED|ERROR) " "$OUT/tests.txt" | head -40; } >> "$OUT/summary.txt"
+      grep -E "^==== " "$OUT/failures.txt" | head -60; } >> "$OUT/summary.txt"
 }
 
 start=$(date +%s)
 cp "$OUT/device.txt" "$OUT/summary.txt"
+# A stage written "plan+tests" runs the two side by side (neither is a timing).
 for stage in $STAGES; do
-    "$stage"
+    if [[ $stage == *+* ]]; then
+        for part in ${stage//+/ }; do "$part" & done
+        wait
+    else
+        "$stage"
+    fi
 done
 echo "total $(( $(date +%s) - start )) s" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"

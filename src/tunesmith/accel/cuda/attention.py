@@ -59,12 +59,12 @@ def varlen(q, k, v, cumulative, longest: int, scale: float, window: int | None):
     if name == "torch-varlen":
         function = _torch_varlen()
         options = inspect.signature(function).parameters
-        groups = q.shape[1] // k.shape[1]
         extra = {}
-        if groups > 1 and "enable_gqa" in options:
+        # Grouped key/value heads go in unrepeated: the flash kernel under it takes them (seen on
+        # an H200 with torch 2.11, which has no enable_gqa: output and gradients equal the
+        # repeated call's), so no per-layer copy of keys and values.
+        if q.shape[1] != k.shape[1] and "enable_gqa" in options:
             extra["enable_gqa"] = True
-        elif groups > 1:
-            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         if "window_size" in options:
             extra["window_size"] = (left, 0)
         else:
