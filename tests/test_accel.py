@@ -27,7 +27,7 @@ from tunesmith.training.loss import label_loss_sum
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (bench/gpu_check.sh runs it on one)")
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+DEVICE = torch.device("cuda", 0) if CUDA else torch.device("cpu")  # what resolve("auto") gives on rank 0
 
 
 def _seeded_lora(folder, dtype, fast: bool):

@@ -5,6 +5,7 @@ import torch
 from helpers import assert_same_gradients, demo_examples, lora_model
 from tunesmith.accel import lora_linear
 from tunesmith.data.collate import collate
+from tunesmith.device import to_device
 from tunesmith.models import load_model
 from tunesmith.training.loss import label_loss_sum
 
@@ -78,7 +79,7 @@ def test_fused_layers_on_a_4bit_base_equal_peft(tiny_model_dir, tiny_tokenizer, 
         patched = [m for m in model.modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
         assert len(patched) == (7 * model.config.num_hidden_layers if fused_layers else 0)
         model.get_input_embeddings().weight.requires_grad_(True)  # the input gradient of the first layer too
-        total, _ = label_loss_sum(model, batch)
+        total, _ = label_loss_sum(model, to_device(batch, model.get_input_embeddings().weight.device))  # 4-bit: GPU where there is one
         total.backward()
         results.append((total.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
                                                  if p.requires_grad}))

@@ -1,4 +1,8 @@
 """Retrieval baseline: BM25 over the training questions picks the nearest examples; baselines table and verdict."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tunesmith.eval.baselines import (baseline_table, format_baselines, predictions_name, primary_metric, prompt_sets,
@@ -17,6 +21,21 @@ POOL = [chat("How is asthma treated in children?", "inhalers"),
         chat("What are the symptoms of type 2 diabetes?", "thirst"),
         chat("How is a broken arm treated?", "a cast"),
         chat("What is glaucoma?", "eye pressure")]
+
+
+@pytest.mark.parametrize("user_setting", [None, "cuda"])
+def test_retrieval_keeps_jax_off_the_gpu_unless_the_user_chose(user_setting):
+    """Importing bm25s runs JAX where it is installed, and JAX on a GPU takes 75% of its memory
+    (an H200 run lost 105 GiB so): retrieval keeps JAX on the CPU, but a user's own JAX_PLATFORMS stands."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    if user_setting:
+        env["JAX_PLATFORMS"] = user_setting
+    script = ("import os, sys; from tunesmith.eval.retrieval import Retriever; "
+              f"Retriever({POOL!r}).nearest('glaucoma', 1); "
+              "assert 'bm25s' in sys.modules; print(os.environ.get('JAX_PLATFORMS'))")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == (user_setting or "cpu")
 
 
 def test_nearest_training_questions_best_first():

@@ -96,8 +96,10 @@ def logits(model, batch, train_mode: bool = False) -> torch.Tensor:
     # Train mode (no dropout is configured) keeps bitsandbytes off its bf16 CPU inference kernel,
     # so a plainly loaded 4-bit model computes in the fp32 it was asked for.
     model.train(train_mode)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return out[batch["attention_mask"].bool()]
+    device = next(model.parameters()).device  # a 4-bit base or a reloaded run sits on the GPU where there is one
+    mask = batch["attention_mask"].to(device)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask).logits
+    return out[mask.bool()].cpu()
 
 
 def plain_peft_model(model_dir: Path, adapter_dir: Path, quantized: bool):
@@ -217,7 +219,7 @@ def test_generation_leaves_a_qlora_model_as_trained(arch_dirs, tiny_tokenizer):
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)  # a trained-looking adapter, so a lossy merge would show
-    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]], device=next(model.parameters()).device)
     model.eval()
     with torch.no_grad():
         before = model(input_ids=ids).logits

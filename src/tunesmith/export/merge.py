@@ -64,10 +64,12 @@ def sample_batch(run: Path, tokenizer, count: int = 8) -> dict[str, torch.Tensor
 
 @torch.no_grad()
 def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """fp32 logits at the real (non-padding) positions."""
+    """fp32 logits at the real (non-padding) positions, on the CPU: a 4-bit base loads onto a GPU
+    where there is one, the merged model onto the CPU, and the two are compared."""
     model.eval()
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return out[batch["attention_mask"].bool()].float()
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    return out[batch["attention_mask"].to(device).bool()].float().cpu()
 
 
 def adapter_model(base_name: str, adapter: Path, quantized: bool):
