@@ -6,13 +6,17 @@
 #   QUICK=1 bash bench/gpu_check.sh     # the same flow with tiny shapes (runs on a CPU in minutes)
 #
 # On the device machine of this workplace: `prepare` here, then one run with carry [".whl"] and
-# the command `bash bench/gpu_check.sh` with timeout_s 600 ($OUT is set there: its six files come back).
+# the command `bash bench/gpu_check.sh` with timeout_s 600 ($OUT is set there: its files come back).
 #
-# Runs, in this order: tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA
-# r=32 and LoRA bf16, batch 2 x accumulation 4, 2048 tokens: bench/gpu_compare.py); `plan` against
-# measured memory on four shapes (bench/plan_gpu.py); the test suite with CUDA visible (tests that
-# need CUDA run, among them the fast paths against fast_paths=off on tiny models in
-# tests/test_accel.py; those that need chromium skip). Writes $OUT/summary.txt (OUT defaults to ./gpu-check).
+# Runs: tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA r=32 and LoRA
+# bf16, batch 2 x accumulation 4, 2048 tokens, both with gradient checkpointing:
+# bench/gpu_compare.py, alone on the GPU since it times); then, side by side, `plan` against
+# measured memory in four set-ups (bench/plan_gpu.py) and the test suite with CUDA visible (tests
+# that need CUDA run, among them the fast paths against fast_paths=off on tiny models in
+# tests/test_accel.py; those that need chromium skip). Writes $OUT/summary.txt (OUT defaults to
+# ./gpu-check), each failing test with its traceback in $OUT/failures.txt as it happens.
+# First run on an H200, 2026-12-04 (bench/RESULTS.md): the comparison took about 200 s, the plan
+# 134 s alone, the suite more than 150 s (it was stopped at 61% then).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}
@@ -68,13 +72,13 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT
 if [ -n "${QUICK:-}" ]; then
     SHAPE=tiny STEPS=3 WARMUP=1 LENGTH=256 TESTS=${TESTS:-tests/test_accel.py}
 else
-    SHAPE=llama-3.1-8b STEPS=${STEPS:-6} WARMUP=${WARMUP:-2} LENGTH=2048 TESTS=${TESTS:-tests}
+    SHAPE=llama-3.1-8b STEPS=${STEPS:-5} WARMUP=${WARMUP:-2} LENGTH=2048 TESTS=${TESTS:-tests}
 fi
-# STAGES picks and orders the stages (a device call may run them in two goes); each has its own
-# limit: the device tool stops a command at 10 minutes, and the defaults sum to 9.5 (plus the
-# install), the most telling first, each appending to the summary as it ends, so a run cut
-# short still brings back what it measured.
-STAGES=${STAGES:-compare plan tests}
+# STAGES picks and orders the stages (a device call may run them in two goes; "a+b" runs two side
+# by side); each has its own limit: the device tool stops a command at 10 minutes, and the
+# defaults come to 9 (300 s, then max(150, 240) s, plus the install), the most telling first,
+# each appending to the summary as it ends, so a run cut short still brings back what it measured.
+STAGES=${STAGES:-compare plan+tests}
 MODELS=${MODELS:-/tmp/gpu-check-models}  # built once by the comparison, reused by the plan
 
 compare() {
@@ -85,21 +89,22 @@ compare() {
 }
 
 plan() {
-    timeout "${PLAN_LIMIT:-90}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS" > "$OUT/plan.txt" 2>&1
+    timeout "${PLAN_LIMIT:-150}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS" > "$OUT/plan.txt" 2>&1
     echo "plan: exit $?" >> "$OUT/plan.txt"
     cat "$OUT/plan.txt" >> "$OUT/summary.txt"
 }
 
 tests() {
     # Every failure listed (no -x); in parallel where pytest-xdist is there (the image has it: the
-    # suite takes 5 minutes on 2 cores here), two threads per worker; no test may hang the stage.
+    # suite takes 5 minutes on 2 cores here), one thread per worker beside the plan; no test may
+    # hang the stage.
     local began workers="" limit=""
     began=$(date +%s)
-    $PY -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-8}"
+    $PY -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-14}"
     $PY -c "import pytest_timeout" 2>/dev/null && limit="--timeout=${TEST_TIMEOUT:-120}"
     : > "$OUT/failures.txt"  # each failure as it happens (bench/stream_failures.py)
-    STREAM_FAILURES=$OUT/failures.txt PYTHONPATH=$PWD/bench:$PYTHONPATH OMP_NUM_THREADS=${TEST_THREADS:-2} \
-        timeout "${TEST_LIMIT:-180}" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p stream_failures \
+    STREAM_FAILURES=$OUT/failures.txt PYTHONPATH=$PWD/bench:$PYTHONPATH OMP_NUM_THREADS=${TEST_THREADS:-1} \
+        timeout "${TEST_LIMIT:-240}" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p stream_failures \
         $workers $limit $TESTS > "$OUT/tests.txt" 2>&1
     { echo "tests: $(tail -1 "$OUT/tests.txt") ($(( $(date +%s) - began )) s)"
       grep -E "^==== " "$OUT/failures.txt" | head -60; } >> "$OUT/summary.txt"
