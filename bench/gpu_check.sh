@@ -15,6 +15,7 @@
 # that need CUDA run, among them the fast paths against fast_paths=off on tiny models in
 # tests/test_accel.py; those that need chromium skip). Writes $OUT/summary.txt (OUT defaults to
 # ./gpu-check), each failing test with its traceback in $OUT/failures.txt as it happens.
+# STAGES="compare profile" adds where a step's device time goes (bench/gpu_profile.py, QLoRA and LoRA).
 # First run on an H200, 2026-12-04 (bench/RESULTS.md): the comparison took about 200 s, the plan
 # 134 s alone, the suite more than 150 s (it was stopped at 61% then).
 set -uo pipefail
@@ -92,6 +93,15 @@ plan() {
     timeout "${PLAN_LIMIT:-150}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS" > "$OUT/plan.txt" 2>&1
     echo "plan: exit $?" >> "$OUT/plan.txt"
     cat "$OUT/plan.txt" >> "$OUT/summary.txt"
+}
+
+profile() {
+    # Not in the default stages: where a step's device time goes, QLoRA then LoRA (bench/gpu_profile.py).
+    for method in qlora lora; do
+        timeout "${PROFILE_LIMIT:-120}" $PY bench/gpu_profile.py --shape "$SHAPE" --method "$method" --seq "$LENGTH" \
+            --models "$MODELS"
+    done > "$OUT/profile.txt" 2>&1
+    echo "profile: $OUT/profile.txt ($(grep -c . "$OUT/profile.txt") lines)" >> "$OUT/summary.txt"
 }
 
 tests() {

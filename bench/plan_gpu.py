@@ -30,7 +30,16 @@ CASES = [
 QUICK = [{**case, "shape": "tiny", "seq": case["seq"] // 8} for case in CASES]
 
 
-def measure(case: dict, folder: Path) -> dict:
+def device_here():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def training(case: dict, folder: Path, device):
+    """The case's model on `device`, made trainable with the fast paths applied as `tunesmith
+    train` does, and `step()`: one optimizer step of random tokens through training/loop.py's
+    train_step (half of each row labelled)."""
     import torch
 
     from tunesmith import accel, methods
@@ -38,14 +47,11 @@ def measure(case: dict, folder: Path) -> dict:
     from tunesmith.data.collate import PADDED, PADDING_FREE
     from tunesmith.data.prepare import Split
     from tunesmith.data.tokenize import IGNORE, Encoded
-    from tunesmith.plan import TrainingMemory
     from tunesmith.training.distributed import StepLoss
     from tunesmith.training.loop import train_step
     from tunesmith.training.loss import label_loss_sum
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = methods.get(case["method"])
-    memory = TrainingMemory(device)
     model = method.load_base(str(folder), torch.bfloat16, device)
     model = method.make_trainable(model, AdapterConfig(method=case["method"], r=32, alpha=64,
                                                        gradient_checkpointing=case["ckpt"]))
@@ -60,13 +66,26 @@ def measure(case: dict, folder: Path) -> dict:
     split = Split("train", [], [Encoded(row, [IGNORE] * half + row[half:]) for row in rows])
     loss_module = StepLoss(model, label_loss_sum)
     model.train()
-    for step in range(3):
+
+    def step() -> None:
         train_step(loss_module, split, [list(range(case["batch"]))], 0, layout=layout)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step == 0:
-            memory.start()
-    return {"measured": memory.peak(), "layout": layout}
+
+    return step
+
+
+def measure(case: dict, folder: Path) -> dict:
+    from tunesmith.plan import TrainingMemory
+
+    device = device_here()
+    memory = TrainingMemory(device)  # on the CPU: resident memory from before the model loads
+    step = training(case, folder, device)
+    for number in range(3):
+        step()
+        if number == 0:
+            memory.start()  # from here the optimizer states exist
+    return {"measured": memory.peak()}
 
 
 def predict(case: dict, folder: Path) -> float:
