@@ -86,6 +86,8 @@ def write_rows(folder: Path, tokenizer_dir: Path, rows: int, length: int) -> dic
 
 
 def train_tunesmith(args) -> dict:
+    import torch
+
     import tunesmith
 
     config = {
@@ -104,8 +106,14 @@ def train_tunesmith(args) -> dict:
     steps = [r for r in records if r.get("event") == "train"][args.warmup:]
     seconds = sum((r["tokens"] - p["tokens"]) / r["tokens_per_second"] for p, r in zip(steps, steps[1:]))
     tokens = steps[-1]["tokens"] - steps[0]["tokens"]
+    from tunesmith.accel.cuda.attention import kernel_name
+
+    device = torch.device(results["device"])
+
     return {"tokens_per_second": tokens / seconds, "peak_allocated": results["peak_memory"]["measured"],
-            "planned": results["peak_memory"]["predicted"], "mfu": results.get("mfu")}
+            "planned": results["peak_memory"]["predicted"], "mfu": results.get("mfu"),
+            "fast_paths": results.get("fast_paths"), "layout": results.get("batch_layout"),
+            "attention_kernel": kernel_name(device, getattr(torch, results["dtype"])) if device.type == "cuda" else None}
 
 
 def train_trl(args) -> dict:
@@ -176,6 +184,9 @@ def show(method: str, stack: str, r: dict) -> None:
         mfu = f"{r['mfu']:.0%}" if r.get("mfu") else "-"
         print(f"{method:<8}{stack:<11}{r['tokens_per_second']:>10.0f}{gib(r.get('peak_allocated')):>10}"
               f"{gib(r.get('planned')):>10}{mfu:>7}{r['wall_seconds']:>8.0f}")
+        if r.get("fast_paths") is not None:
+            kernel = f", CUDA attention kernel {r['attention_kernel']}" if r.get("attention_kernel") else ""
+            print(f"    fast paths {r['fast_paths']}, {r['layout']} batches{kernel}")
     sys.stdout.flush()
 
 

@@ -8,8 +8,10 @@ end, their bounds as transformers' cu_seq_lens_q/_k with max_length_q/_k known o
 the kernels need no host synchronisation. Anything else (padded eval batches, generation with a
 cache) goes to transformers' SDPA.
 
-Written against the kernels' documented interfaces; not yet run on a GPU (bench/gpu_check.sh
-checks it against fast_paths=off on one).
+Written against the kernels' documented interfaces. On one H200 with torch 2.11 (2026-12-04) the
+Llama-3.1-8B shape trained with the fast paths on (which kernel ran was not recorded; without
+flash-attn, kernel_name picks torch's varlen_attn there), and varlen_attn took grouped heads
+unrepeated (bench/varlen_gqa_check.py); the test against fast_paths=off has not yet passed on a GPU.
 """
 from __future__ import annotations
 
