@@ -67,6 +67,9 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 TUNESMITH_CACHE=${TUNESMITH_CACHE:-/tmp/tunesmith-cache}
+# The image has JAX: anything that starts it on the GPU would take 75% of the card (it did on
+# 2026-12-04, through bm25s; tunesmith keeps it on the CPU now). Insurance for the stages beside each other.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/device.txt"
 
