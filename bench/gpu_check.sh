@@ -9,8 +9,8 @@
 # the command `bash bench/gpu_check.sh` with timeout_s 600 ($OUT is set there: its files come back).
 #
 # Runs: tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA r=32 and LoRA
-# bf16, batch 2 x accumulation 4, 2048 tokens, both with gradient checkpointing:
-# bench/gpu_compare.py, alone on the GPU since it times); then, side by side, `plan` against
+# bf16, batch 2 x accumulation 4, 2048 tokens, both with gradient checkpointing, and LoRA without
+# it for the MFU target: bench/gpu_compare.py, alone on the GPU since it times); then, side by side, `plan` against
 # measured memory in four set-ups (bench/plan_gpu.py) and the test suite with CUDA visible (tests
 # that need CUDA run, among them the fast paths against fast_paths=off on tiny models in
 # tests/test_accel.py; those that need chromium skip). Writes $OUT/summary.txt (OUT defaults to
@@ -80,13 +80,13 @@ else
 fi
 # STAGES picks and orders the stages (a device call may run them in two goes; "a+b" runs two side
 # by side); each has its own limit: the device tool stops a command at 10 minutes, and the
-# defaults come to 9 (300 s, then max(150, 240) s, plus the install), the most telling first,
+# defaults come to 9.5 (330 s, then max(150, 240) s, plus the install), the most telling first,
 # each appending to the summary as it ends, so a run cut short still brings back what it measured.
 STAGES=${STAGES:-compare plan+tests}
 MODELS=${MODELS:-/tmp/gpu-check-models}  # built once by the comparison, reused by the plan
 
 compare() {
-    timeout "${COMPARE_LIMIT:-300}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" --warmup "$WARMUP" \
+    timeout "${COMPARE_LIMIT:-330}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" --warmup "$WARMUP" \
         --length "$LENGTH" --models "$MODELS" --out "$OUT/compare.json" > "$OUT/compare.txt" 2>&1
     echo "comparison: exit $?" >> "$OUT/compare.txt"
     cat "$OUT/compare.txt" >> "$OUT/summary.txt"
