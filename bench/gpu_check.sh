@@ -114,7 +114,7 @@ tests() {
     local began workers="" limit=""
     began=$(date +%s)
     $PY -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-14}"
-    $PY -c "import pytest_timeout" 2>/dev/null && limit="--timeout=${TEST_TIMEOUT:-120}"
+    $PY -c "import pytest_timeout" 2>/dev/null && limit="--timeout=${TEST_TIMEOUT:-200}"
     : > "$OUT/failures.txt"  # each failure as it happens (bench/stream_failures.py)
     STREAM_FAILURES=$OUT/failures.txt PYTHONPATH=$PWD/bench:$PYTHONPATH OMP_NUM_THREADS=${TEST_THREADS:-1} \
         timeout "${TEST_LIMIT:-240}" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p stream_failures \
