@@ -96,7 +96,7 @@ def logits(model, batch, train_mode: bool = False) -> torch.Tensor:
     # Train mode (no dropout is configured) keeps bitsandbytes off its bf16 CPU inference kernel,
     # so a plainly loaded 4-bit model computes in the fp32 it was asked for.
     model.train(train_mode)
-    device = next(model.parameters()).device  # a 4-bit base or a reloaded run sits on the GPU where there is one
+    device = next(model.parameters()).device  # a 4-bit base sits on the GPU where there is one
     mask = batch["attention_mask"].to(device)
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask).logits
     return out[mask.bool()].cpu()
@@ -137,7 +137,8 @@ def test_method(name, arch, arch_dirs, data_files, tmp_path):
     assert results["trainable_parameters"] == expected_trainable(adapter["method"], config, base_total)
 
     # The saved output reloads: same eval loss as the model that was trained.
-    ours, tokenizer, _ = load_trained(str(run), dtype=torch.float32)
+    # On the CPU beside plain peft and the merged model (the run trained on the GPU where there is one).
+    ours, tokenizer, _ = load_trained(str(run), dtype=torch.float32, device="cpu")
     validation = prepare(DataConfig(train=str(data_files["train"]), validation=str(data_files["validation"])),
                          tokenizer).splits["validation"]
     reloaded = eval_loss(ours, validation, 16, tokenizer.pad_token_id)

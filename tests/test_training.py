@@ -55,11 +55,11 @@ def test_saved_adapter_reloads_with_same_logits(tiny_config, tiny_model_dir):
     tiny_config["eval"]["generate"] = False
     results = tunesmith.train(tiny_config)
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
-    ours, _, _ = load_trained(results["run_dir"], dtype=torch.float32)
+    # On the CPU beside plain peft (the run itself trained on the GPU where there is one): one device, exact.
+    ours, _, _ = load_trained(results["run_dir"], dtype=torch.float32, device="cpu")
     plain = PeftModel.from_pretrained(load_model(str(tiny_model_dir)), f"{results['run_dir']}/adapter")
-    with torch.no_grad():  # the reloaded run sits on the GPU where there is one, plain peft on the CPU
-        a = ours(input_ids=ids.to(next(ours.parameters()).device)).logits.cpu()
-        b = plain(input_ids=ids).logits
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, plain(input_ids=ids).logits
         base = load_model(str(tiny_model_dir))(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-6)
     assert not torch.allclose(a, base, atol=1e-3), "the adapter changed nothing"
