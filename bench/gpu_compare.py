@@ -30,7 +30,10 @@ TINY = dict(vocab_size=600, hidden_size=128, intermediate_size=256, num_hidden_l
 
 
 def build_model(shape: str, folder: Path) -> None:
-    """A random model of the shape (bf16) with the tests' tokenizer, saved to `folder`."""
+    """A random model of the shape (bf16) with the tests' tokenizer, saved to `folder`; a model
+    already there is kept (the comparison, the plan and the profile share one, `--models`)."""
+    if (folder / "config.json").exists():
+        return
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -100,6 +103,7 @@ def train_tunesmith(args) -> dict:
     import torch
 
     import tunesmith
+    from tunesmith.accel.cuda.attention import kernel_name
 
     config = {
         "model": {"name": args.model, "dtype": "bfloat16"},
@@ -117,10 +121,7 @@ def train_tunesmith(args) -> dict:
     steps = [r for r in records if r.get("event") == "train"][args.warmup:]
     seconds = sum((r["tokens"] - p["tokens"]) / r["tokens_per_second"] for p, r in zip(steps, steps[1:]))
     tokens = steps[-1]["tokens"] - steps[0]["tokens"]
-    from tunesmith.accel.cuda.attention import kernel_name
-
     device = torch.device(results["device"])
-
     return {"tokens_per_second": tokens / seconds, "peak_allocated": results["peak_memory"]["measured"],
             "planned": results["peak_memory"]["predicted"], "mfu": results.get("mfu"),
             "fast_paths": results.get("fast_paths"), "layout": results.get("batch_layout"),
@@ -239,8 +240,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
         model = Path(args.models) / args.shape if args.models else tmp / "model"
-        if not (model / "config.json").exists():  # bench/plan_gpu.py reuses it (--models)
-            build_model(args.shape, model)
+        build_model(args.shape, model)
         data = write_rows(tmp, model, rows, args.length)
         for method in args.methods.split(","):
             row = {"method": method}
@@ -250,8 +250,9 @@ def main() -> None:
                 show(method, stack, row[stack])
                 if args.out:
                     Path(args.out).write_text(json.dumps({"shape": args.shape, "rows": table}, indent=1))
-            if compared(row):
-                print(compared(row), flush=True)
+            ratios = compared(row)
+            if ratios:
+                print(ratios, flush=True)
 
 
 if __name__ == "__main__":

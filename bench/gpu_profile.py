@@ -34,8 +34,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.models or tmp) / args.shape
-        if not (folder / "config.json").exists():
-            build(args.shape, folder)
+        build(args.shape, folder)
         case = {"shape": args.shape, "method": args.method, "batch": args.batch, "seq": args.seq,
                 "ckpt": not args.no_checkpointing}
         device = device_here()

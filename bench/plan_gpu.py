@@ -130,8 +130,7 @@ def main() -> None:
         for case in cases:
             if case["shape"] not in folders:
                 folders[case["shape"]] = Path(args.models or tmp) / case["shape"]
-                if not (folders[case["shape"]] / "config.json").exists():
-                    build(case["shape"], folders[case["shape"]])
+                build(case["shape"], folders[case["shape"]])
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(case),
                                    "--folder", str(folders[case["shape"]])], capture_output=True, text=True)
             label = f"{case['shape']:<14}{case['method']:<7}{case['batch']:>5} x {case['seq']:<5}{str(case['ckpt']):>6}"

@@ -52,7 +52,8 @@ def project_requirements() -> list[Requirement]:
 
 def test_every_dependency_is_in_the_image_or_carried_at_a_version_in_range():
     wheels, requirements = carried(), project_requirements()
-    missing = [str(r) for r in requirements if name(r.name) not in image() | set(wheels)]
+    available = image() | set(wheels)
+    missing = [str(r) for r in requirements if name(r.name) not in available]
     assert not missing, f"bench/gpu_check.sh prepare must carry: {missing}"
     out_of_range = [f"{r.name}=={wheels[name(r.name)]} (tunesmith needs {r.specifier})"
                     for r in requirements
