@@ -11,7 +11,7 @@
 # Runs: tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA r=32 and LoRA
 # bf16, batch 2 x accumulation 4, 2048 tokens, both with gradient checkpointing, and LoRA without
 # it for the MFU target: bench/gpu_compare.py, alone on the GPU since it times); then, side by side, `plan` against
-# measured memory in four set-ups (bench/plan_gpu.py) and the test suite with CUDA visible (tests
+# measured memory in five set-ups on four shapes (bench/plan_gpu.py) and the test suite with CUDA visible (tests
 # that need CUDA run, among them the fast paths against fast_paths=off on tiny models in
 # tests/test_accel.py; those that need chromium skip). Writes $OUT/summary.txt (OUT defaults to
 # ./gpu-check), each failing test with its traceback in $OUT/failures.txt as it happens.
@@ -116,7 +116,10 @@ tests() {
     $PY -c "import xdist" 2>/dev/null && workers="-n ${TEST_WORKERS:-14}"
     $PY -c "import pytest_timeout" 2>/dev/null && limit="--timeout=${TEST_TIMEOUT:-200}"
     : > "$OUT/failures.txt"  # each failure as it happens (bench/stream_failures.py)
+    # One inductor compile thread per worker: by default each of the 14 workers starts a pool of
+    # compile processes as large as the machine (the first run's three C++-compile timeouts).
     STREAM_FAILURES=$OUT/failures.txt PYTHONPATH=$PWD/bench:$PYTHONPATH OMP_NUM_THREADS=${TEST_THREADS:-1} \
+        TORCHINDUCTOR_COMPILE_THREADS=1 \
         timeout "${TEST_LIMIT:-240}" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p stream_failures \
         $workers $limit $TESTS > "$OUT/tests.txt" 2>&1
     { echo "tests: $(tail -1 "$OUT/tests.txt") ($(( $(date +%s) - began )) s)"

@@ -1,6 +1,7 @@
-"""`tunesmith plan` against the CUDA memory a real training step allocates, in four set-ups of the
-Llama-3.1-8B shape (one model is built, and reused from bench/gpu_compare.py's --models folder where
-it is there: building and loading another 7B shape would not fit the GPU check's minutes).
+"""`tunesmith plan` against the CUDA memory a real training step allocates: five set-ups on four
+shapes (Llama-3.1-8B QLoRA and LoRA, Llama-3.2-3B, Llama-3.2-1B, TinyLlama 1.1B fully fine-tuned),
+with and without gradient checkpointing. The 8B model is reused from bench/gpu_compare.py's
+--models folder where it is there; the small ones are built in seconds.
 
 Each case runs in a fresh process: a random model of the shape (weights do not change memory),
 the method made trainable and the fast paths applied as `tunesmith train` does, then three
@@ -24,8 +25,9 @@ from pathlib import Path
 CASES = [
     {"shape": "llama-3.1-8b", "method": "qlora", "batch": 2, "seq": 2048, "ckpt": True},
     {"shape": "llama-3.1-8b", "method": "lora", "batch": 2, "seq": 2048, "ckpt": True},
-    {"shape": "llama-3.1-8b", "method": "lora", "batch": 4, "seq": 1024, "ckpt": False},
-    {"shape": "llama-3.1-8b", "method": "lora", "batch": 1, "seq": 4096, "ckpt": False},
+    {"shape": "llama-3.2-3b", "method": "lora", "batch": 4, "seq": 1024, "ckpt": False},
+    {"shape": "llama-3.2-1b", "method": "qlora", "batch": 1, "seq": 4096, "ckpt": False},
+    {"shape": "tinyllama-1.1b", "method": "full", "batch": 2, "seq": 1024, "ckpt": True},
 ]
 QUICK = [{**case, "shape": "tiny", "seq": case["seq"] // 8} for case in CASES]
 

@@ -254,9 +254,10 @@ def run_estimate(cfg, train_split, layout: str, device) -> tuple[float, str]:
 
 
 def utilisation_of(cfg, train_split, device):
-    """tokens/s -> model FLOPs utilisation of the run: FLOPs per token of its method and data
-    (plan/speed.py) over the device's dense peak in the run's dtype (the data sheet's for known
-    GPUs, the measured matmul peak on the CPU); None where no peak is known."""
+    """tokens/s -> model FLOPs utilisation of the run: the model's FLOPs per token for its method and
+    data (plan/speed.py; checkpointing's recomputed forward not counted) over the device's dense
+    peak in the run's dtype (the data sheet's for known GPUs, the measured matmul peak on the CPU);
+    None where no peak is known."""
     from ..device import compute_dtype
     from .speed import matmul_peak
 
@@ -271,7 +272,7 @@ def utilisation_of(cfg, train_split, device):
         peak = matmul_peak(dtype)
     if not peak:
         return None
-    per_token = flops_per_token(shape, setup, sum(lengths) / max(1, len(lengths)))
+    per_token = flops_per_token(shape, setup, sum(lengths) / max(1, len(lengths)), recompute=False)
     return lambda tokens_per_second: tokens_per_second * per_token / peak
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-# Config fields as published in the models' config.json files (hub: meta-llama/..., huggyllama/...).
+# Config fields as published in the models' config.json files (hub: meta-llama/..., huggyllama/..., TinyLlama/...).
 KNOWN = {
     "meta-llama/Llama-3.1-8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -23,13 +23,23 @@ KNOWN = {
     "meta-llama/Llama-2-70b-hf": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
                                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                                       tie_word_embeddings=False),
+    "meta-llama/Llama-3.2-3B": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                                    num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                                    tie_word_embeddings=True),
+    "meta-llama/Llama-3.2-1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                    tie_word_embeddings=True),
+    "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, tie_word_embeddings=False),
     "huggyllama/llama-65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016,
                                  num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64,
                                  tie_word_embeddings=False),
 }
 ALIASES = {"llama-3.1-8b": "meta-llama/Llama-3.1-8B", "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
            "llama-2-7b": "meta-llama/Llama-2-7b-hf", "llama-2-70b": "meta-llama/Llama-2-70b-hf",
-           "llama-65b": "huggyllama/llama-65b"}
+           "llama-65b": "huggyllama/llama-65b", "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+           "llama-3.2-1b": "meta-llama/Llama-3.2-1B", "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"}
 
 # Linear layers of a Llama-style block: name -> (input width, output width) as functions of the shape.
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -4,7 +4,9 @@ Training FLOPs per token: the forward is 2 FLOPs per weight of every matrix prod
 fine-tuning adds 2 for the input gradients and 2 for the weight gradients (6N); LoRA and QLoRA
 skip the frozen weights' gradients (about 4N); gradient checkpointing runs the forward twice.
 Attention adds its score and value products (causal: half of the square), and only label
-positions pass through the LM head.
+positions pass through the LM head. MFU (model FLOPs utilisation, as PaLM defined it) counts the
+model's FLOPs only: the recomputed forward of checkpointing is time spent, not model work, so
+it is in the epoch time and not in the MFU.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ GPU_UTILISATION = 0.4  # share of the dense peak a fine-tuning step typically re
 CPU_UTILISATION = 0.2
 
 
-def flops_per_token(shape: ModelShape, setup: Setup, mean_seq: float | None = None) -> float:
+def flops_per_token(shape: ModelShape, setup: Setup, mean_seq: float | None = None, recompute: bool = True) -> float:
+    """FLOPs a training step spends per token; recompute=False leaves out checkpointing's second
+    forward (the count MFU divides by the peak)."""
     seq = mean_seq or setup.seq
     blocks = 2 * shape.layers * shape.block_linear_params
     attention = 2 * shape.layers * shape.q_width * seq  # QK^T and AV, 2 FLOPs each, causal half
@@ -34,7 +38,7 @@ def flops_per_token(shape: ModelShape, setup: Setup, mean_seq: float | None = No
     if not full:
         adapter_weights = sum(setup.r * (i + o) for n, (i, o) in shape.linears().items() if n in setup.targets)
         adapters = 6 * shape.layers * adapter_weights
-    forward_again = (blocks + attention) if setup.gradient_checkpointing else 0.0
+    forward_again = (blocks + attention) if setup.gradient_checkpointing and recompute else 0.0
     return backward_weights * (blocks + head) + 3 * attention + adapters + forward_again
 
 
