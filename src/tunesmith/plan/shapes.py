@@ -9,37 +9,26 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
-# Config fields as published in the models' config.json files (hub: meta-llama/..., huggyllama/..., TinyLlama/...).
-KNOWN = {
-    "meta-llama/Llama-3.1-8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                    tie_word_embeddings=False),
-    "meta-llama/Llama-3.1-70B": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                                     num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                                     tie_word_embeddings=False),
-    "meta-llama/Llama-2-7b-hf": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                                     tie_word_embeddings=False),
-    "meta-llama/Llama-2-70b-hf": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
-                                      num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-                                      tie_word_embeddings=False),
-    "meta-llama/Llama-3.2-3B": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
-                                    num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-                                    tie_word_embeddings=True),
-    "meta-llama/Llama-3.2-1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                                    tie_word_embeddings=True),
-    "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T": dict(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, tie_word_embeddings=False),
-    "huggyllama/llama-65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016,
-                                 num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64,
-                                 tie_word_embeddings=False),
+def _config(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool) -> dict:
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied)
+
+
+# Config fields as published in the models' config.json files: short name -> (hub id, shape).
+# vocab, hidden, intermediate, layers, attention heads, key/value heads, tied embeddings
+SHIPPED = {
+    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B", _config(128256, 4096, 14336, 32, 32, 8, False)),
+    "llama-3.1-70b": ("meta-llama/Llama-3.1-70B", _config(128256, 8192, 28672, 80, 64, 8, False)),
+    "llama-3.2-3b": ("meta-llama/Llama-3.2-3B", _config(128256, 3072, 8192, 28, 24, 8, True)),
+    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B", _config(128256, 2048, 8192, 16, 32, 8, True)),
+    "llama-2-7b": ("meta-llama/Llama-2-7b-hf", _config(32000, 4096, 11008, 32, 32, 32, False)),
+    "llama-2-70b": ("meta-llama/Llama-2-70b-hf", _config(32000, 8192, 28672, 80, 64, 8, False)),
+    "llama-65b": ("huggyllama/llama-65b", _config(32000, 8192, 22016, 80, 64, 64, False)),
+    "tinyllama-1.1b": ("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+                       _config(32000, 2048, 5632, 22, 32, 4, False)),
 }
-ALIASES = {"llama-3.1-8b": "meta-llama/Llama-3.1-8B", "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
-           "llama-2-7b": "meta-llama/Llama-2-7b-hf", "llama-2-70b": "meta-llama/Llama-2-70b-hf",
-           "llama-65b": "huggyllama/llama-65b", "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
-           "llama-3.2-1b": "meta-llama/Llama-3.2-1B", "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"}
+KNOWN = {hub_id: config for hub_id, config in SHIPPED.values()}
+ALIASES = {name: hub_id for name, (hub_id, _) in SHIPPED.items()}
 
 # Linear layers of a Llama-style block: name -> (input width, output width) as functions of the shape.
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
