@@ -44,7 +44,7 @@ def measure(case: dict) -> dict:
     from tunesmith.data.collate import collate
     from tunesmith.data.tokenize import IGNORE, Encoded
     from tunesmith.plan import TrainingMemory
-    from tunesmith.training.loop import release_freed_memory
+    from tunesmith.training.memory import release_freed_memory
     from tunesmith.training.loss import label_loss_sum
 
     torch.manual_seed(0)

@@ -44,7 +44,8 @@ def main() -> None:
     from tunesmith.device import compute_dtype
     from tunesmith.models import load_tokenizer
     from tunesmith.training.distributed import StepLoss
-    from tunesmith.training.loop import optimizer_steps, release_freed_memory, train_step
+    from tunesmith.training.loop import optimizer_steps, train_step
+    from tunesmith.training.memory import release_freed_memory
     from tunesmith.training.loss import label_loss_sum
 
     with tempfile.TemporaryDirectory() as tmp:

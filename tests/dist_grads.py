@@ -33,7 +33,7 @@ def main(model_dir: str, data: str, out: str, indices: str, pieces: str = "1") -
     loss, _ = train_step(loss_module, split, json.loads(indices), 0, ranks, grad_scale, pieces=int(pieces))
     if ranks.main:
         save_file({n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}, out,
-                  metadata={"loss": repr(loss)})
+                  metadata={"loss": repr(float(loss))})
     distributed.teardown(ranks)
 
 

@@ -297,7 +297,7 @@ def _settled_resident() -> float:
     the process holds before a run, not what earlier work (a test, a previous run) left free."""
     import gc
 
-    from ..training.loop import release_freed_memory
+    from ..training.memory import release_freed_memory
 
     gc.collect()
     release_freed_memory(__import__("torch").device("cpu"))

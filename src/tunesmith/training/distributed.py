@@ -51,6 +51,14 @@ class Ranks:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor summed over all ranks, on its device (no host read); itself in one process."""
+        if not self.active:
+            return tensor
+        summed = tensor.to(self.device)
+        dist.all_reduce(summed)
+        return summed.to(tensor.device)
+
     def broadcast(self, value):
         """Rank 0's value (any picklable object) on every rank."""
         if not self.active:

@@ -30,6 +30,7 @@ from . import distributed
 from .early_stop import BestWeights, EarlyStopping, overfitting
 from .loggers import MetricLog
 from .loss import label_loss_sum
+from .memory import device_memory, is_out_of_memory, release_freed_memory
 from .schedule import warmup_cosine
 
 
@@ -89,36 +90,6 @@ def deferred_signals():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _libc_trim():
-    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_TRIM = _libc_trim()
-
-
-def release_freed_memory(device: torch.device) -> None:
-    """Hand memory freed by the last step back to the system (CPU only).
-
-    glibc keeps freed activations in its heaps, and as micro-batch lengths vary the next step's
-    tensors do not fit the holes: resident memory crept up step by step to 1.5 GiB above what
-    was live (default model, 4 x 489 tokens). Trimming once per step kept speed and lowered the
-    peak by 0.5 GiB; a low mmap threshold does the same per tensor but halved the speed.
-    """
-    if _TRIM is not None and device.type == "cpu":
-        _TRIM(0)
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def eval_figures(value: float, objective: str) -> dict:
@@ -189,7 +160,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             state.micro_batches += len(indices)
             step_loss, tokens, pieces = _step_with_retries(loss_module, train, indices, pieces, pad_id, ranks,
                                                            grad_scale, layout, cfg, step, optimizer, objective)
-            grad_norm = _clip(params, cfg.train.max_grad_norm)
+            step_loss, grad_norm = host_floats(step_loss, _clip(params, cfg.train.max_grad_norm))  # the step's one read
             if cfg.train.log_sample_ids:
                 log.write(event="samples", step=step, ids=[i for batch in indices for i in batch])
             state.step = step
@@ -220,7 +191,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 figures = {"mfu": round(utilisation(speed), 4)} if utilisation else {}
                 log.write(event="train", step=step, loss=step_loss, lr=lr, grad_norm=grad_norm,
                           tokens_per_second=speed, step_seconds=(now - window_start) / window_steps,
-                          tokens=state.train_tokens, **figures, **_device_memory(device),
+                          tokens=state.train_tokens, **figures, **device_memory(device),
                           **(objective.step_metrics() if objective else {}))
                 progress.update(step, loss=step_loss, lr=lr, **{"tok/s": int(speed)})
                 window_tokens, window_steps, window_start = 0, 0, now
@@ -296,7 +267,8 @@ def _resume(ckpt_dir: Path, cfg: Config, settings: dict, owner, optimizer, sched
 
 
 def _step_with_retries(loss_module, train: Split, indices, pieces: int, pad_id: int, ranks, grad_scale: float,
-                       layout: str, cfg: Config, step: int, optimizer, objective=None) -> tuple[float, int, int]:
+                       layout: str, cfg: Config, step: int, optimizer,
+                       objective=None) -> tuple[torch.Tensor | float, int, int]:
     """train_step (or the objective's), cutting the micro-batches in halves after an out-of-memory error where allowed."""
     while True:
         try:
@@ -338,20 +310,22 @@ def _return_best(model, best: BestWeights, validation, cfg: Config, log, step: i
 
 def train_step(loss_module, train: Split, indices: list[list[int]], pad_id: int,
                ranks: distributed.Ranks = distributed.SINGLE, grad_scale: float = 1.0, layout: str = PADDED,
-               pieces: int = 1) -> tuple[float, int]:
+               pieces: int = 1) -> tuple[torch.Tensor, int]:
     """Forward and backward over one optimizer step's micro-batches (the gradients accumulate in
-    .grad); returns (mean loss per label token, tokens).
+    .grad); returns (mean loss per label token as a 0-dim fp32 tensor on the device, tokens).
 
     The loss is normalised by the label tokens of the whole step (over all ranks, counted on the
     host from the data), not per micro-batch: a mean per micro-batch over-weights the tokens of
     short examples (the gradient-accumulation bug). Each rank takes its share of every
     micro-batch; a rank whose share is empty runs the first example with weight 0, so the
-    gradient collectives pair up. The losses are summed on the device: one host read per step.
+    gradient collectives pair up. Nothing here reads the device: the losses are summed there (and
+    over ranks by a collective on device tensors), the token count is the data's, so the host
+    queues micro-batch after micro-batch and `fit` reads the loss with the gradient norm, once.
     """
     device = next(loss_module.parameters()).device
     parts = [piece for batch in indices for piece in _cut(batch, pieces)]
     step_labels = sum(_shifted_labels(train.encoded[i]) for part in parts for i in part)
-    total, tokens = torch.zeros((), dtype=torch.float32, device=device), 0
+    total = torch.zeros((), dtype=torch.float32, device=device)
     for number, part in enumerate(parts):
         mine = ranks.take(part)
         batch = to_device(micro_batch([train.encoded[i] for i in (mine or part[:1])], layout, pad_id), device)
@@ -361,9 +335,16 @@ def train_step(loss_module, train: Split, indices: list[list[int]], pad_id: int,
             (loss_sum * weight).backward()
         if mine:
             total += loss_sum.detach().float()
-            tokens += sum(len(train.encoded[i].input_ids) for i in mine)
-    total, tokens = ranks.sum(float(total), tokens)
-    return total / step_labels, int(tokens)
+    tokens = sum(len(train.encoded[i].input_ids) for part in parts for i in part)  # every rank's shares
+    return ranks.sum_tensor(total) / step_labels, tokens
+
+
+def host_floats(*values) -> list[float]:
+    """Python floats of numbers and device scalars; the tensors are read together (one host
+    synchronisation for all of them)."""
+    tensors = [v.detach().float().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def _shifted_labels(example) -> int:
@@ -376,21 +357,11 @@ def _cut(batch: list[int], parts: int) -> list[list[int]]:
     return [batch[i:i + size] for i in range(0, len(batch), size)]
 
 
-def _clip(params, max_norm: float | None) -> float:
+def _clip(params, max_norm: float | None) -> torch.Tensor | float:
+    """The gradients' total norm (clipped to max_norm where set), left on the device."""
     if max_norm is None:
         norms = [p.grad.detach().norm() for p in params if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
-
-def _device_memory(device: torch.device) -> dict:
-    """Peak memory so far for the metric records: allocated and reserved on a GPU; on the CPU the
-    process's peak resident size (the interpreter and libraries included), where one can see when
-    a run's peak was reached."""
-    if device.type != "cuda":
-        from ..plan.devices import resident
-
-        peak = resident("VmHWM")
-        return {"resident_peak_gib": round(peak / 2**30, 3)} if peak else {}
-    return {"gpu_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
-            "gpu_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)}
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor

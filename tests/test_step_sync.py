@@ -1,0 +1,72 @@
+"""A training step leaves the device alone until its end (issue 19): no host synchronisation inside
+its micro-batches (label counts come from the data, the losses are summed on the device), and
+one read per optimizer step, of the loss and the gradient norm together. On CUDA,
+torch.cuda.set_sync_debug_mode("warn") reports every synchronising call with its Python line;
+those tests skip without CUDA (bench/gpu_check.sh runs them on a GPU)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from helpers import build_model, demo_examples
+from tunesmith import accel, methods
+from tunesmith.config import AdapterConfig
+from tunesmith.data.collate import PADDED, PADDING_FREE
+from tunesmith.data.prepare import Split
+from tunesmith.training.distributed import StepLoss
+from tunesmith.training.loop import _clip, host_floats, train_step
+from tunesmith.training.loss import label_loss_sum
+
+
+def test_host_floats_reads_numbers_and_device_scalars_in_their_order():
+    assert host_floats(torch.tensor(1.5), 2, torch.tensor([3.0], dtype=torch.bfloat16), 0.25) == [1.5, 2.0, 3.0, 0.25]
+    assert host_floats(4) == [4.0]
+
+
+def _step_parts(folder, tokenizer, method: str, device: torch.device):
+    chosen = methods.get(method)
+    model = chosen.load_base(str(folder), torch.bfloat16, device)
+    model = chosen.make_trainable(model, AdapterConfig(method=method, r=4, alpha=8, gradient_checkpointing=True))
+    accel.apply(model, device)
+    layout = PADDING_FREE if accel.padding_free(model) else PADDED
+    split = Split("train", [], demo_examples(tokenizer, 8))
+    return model, StepLoss(model, label_loss_sum), split, layout
+
+
+def test_a_step_returns_its_loss_on_the_device_without_reading_it(tmp_path, tiny_tokenizer):
+    """train_step hands back a device scalar; fit reads it with the gradient norm."""
+    build_model(tmp_path, "llama", vocab=len(tiny_tokenizer), seed=3)
+    model, loss_module, split, layout = _step_parts(tmp_path, tiny_tokenizer, "lora", torch.device("cpu"))
+    loss, tokens = train_step(loss_module, split, [[0, 1], [2, 3, 4]], tiny_tokenizer.pad_token_id, layout=layout)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and loss.dtype == torch.float32
+    assert tokens == sum(len(split.encoded[i].input_ids) for i in range(5))
+    value, norm = host_floats(loss, _clip([p for p in model.parameters() if p.requires_grad], 1.0))
+    assert 0 < value < 20 and norm > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it on one)")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_on_cuda_a_step_synchronises_only_for_its_one_read(tmp_path, tiny_tokenizer, method):
+    build_model(tmp_path, "llama", vocab=len(tiny_tokenizer), seed=3)
+    model, loss_module, split, layout = _step_parts(tmp_path, tiny_tokenizer, method, torch.device("cuda", 0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    micro_batches = [[0, 1, 2], [3, 4], [5, 6, 7]]
+    train_step(loss_module, split, micro_batches, tiny_tokenizer.pad_token_id, layout=layout)  # compiles, warms up
+    host_floats(_clip(params, 1.0))
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loss, _ = train_step(loss_module, split, micro_batches, tiny_tokenizer.pad_token_id, layout=layout)
+            norm = _clip(params, 1.0)
+            inside = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+            values = host_floats(loss, norm)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    reads = [w for w in caught if "synchroniz" in str(w.message)]
+    assert inside == [], "host synchronisations inside the step:\n" + "\n".join(inside)
+    assert len(reads) == 1 and all(v == v for v in values)
