@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..accel.compile import compiled
+from ..accel.rows import bounds_only_mask
 
 CHUNK_ELEMENTS = 2**24  # logits per chunk on the CPU: 341 label positions of a 49k vocabulary, 64 MiB in fp32
 # On a GPU a chunk is one kernel launch per matmul: larger chunks (256 MiB of fp32 logits) keep it busy.
@@ -38,7 +39,9 @@ def model_inputs(config, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> 
 
     A packed batch carries a 4D boolean block-diagonal mask; SDPA takes it as is, eager attention
     adds it to the scores, so it becomes 0 / -inf there. A padding-free row (collate flat=True)
-    has no mask: its sequence bounds go to the attention function as cu_seq_lens_q / _k.
+    has no mask: its sequence bounds go to the attention function as cu_seq_lens_q / _k, and an
+    empty mask stands in, so transformers neither looks for packing on the device nor builds a
+    mask (accel/rows.py).
     """
     # No KV cache: a training or scoring forward never decodes further.
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
@@ -47,7 +50,8 @@ def model_inputs(config, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> 
     if "cu_seq_lens" in batch:
         bounds = batch["cu_seq_lens"]
         longest = batch.get("max_length") or int((bounds[1:] - bounds[:-1]).max())
-        inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
+        inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest,
+                      attention_mask=bounds_only_mask(batch["input_ids"].device))
         return inputs
     mask = inputs["attention_mask"] = batch["attention_mask"]
     if mask.ndim == 4 and getattr(config, "_attn_implementation", "sdpa") == "eager":

@@ -26,6 +26,7 @@ import torch
 
 from . import native
 from ..compile import compiled
+from ..rows import per_sequence_sdpa
 
 NAME = "tunesmith_causal"
 LIBRARIES = ("transformers",)
@@ -228,11 +229,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
              and (attention_mask is None or attention_mask.dtype == torch.bool)
              and query.shape[1] % key.shape[1] == 0 and getattr(module, "is_causal", True)
              and (kwargs.get("sliding_window") or key.shape[2]) >= key.shape[2])
+    bounds = _bounds(kwargs, query.shape) if query.shape[2] == key.shape[2] else None  # a padding-free row
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if not plain and bounds is not None and getattr(module, "is_causal", True) and query.shape[1] % key.shape[1] == 0:
+        # The row has no mask to give SDPA (accel/rows.py): one sequence at a time.
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+        ends = [0] + [end for _, end in bounds]
+        return per_sequence_sdpa(q, k, v, ends, scale, kwargs.get("sliding_window"), dropout).unsqueeze(0), None
     if not plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return causal_attention(query, key, value, attention_mask, scale, _bounds(kwargs, query.shape)), None
+    return causal_attention(query, key, value, attention_mask, scale, bounds), None
 
 
 _last_bounds: list = [None, None]  # (cu_seq_lens tensor of the current forward, its bounds)

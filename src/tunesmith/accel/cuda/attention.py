@@ -20,6 +20,8 @@ import inspect
 
 import torch
 
+from ..rows import per_sequence_sdpa
+
 NAME = "tunesmith_varlen"
 LIBRARIES = ("transformers",)
 
@@ -75,39 +77,24 @@ def varlen(q, k, v, cumulative, longest: int, scale: float, window: int | None):
     return per_sequence_sdpa(q, k, v, cumulative.tolist(), scale, window)
 
 
-def per_sequence_sdpa(q, k, v, ends: list[int], scale: float, window: int | None):
-    """The reference computation (and the fallback): SDPA, causal, on each sequence alone."""
-    out = torch.empty_like(q)
-    groups = q.shape[1] // k.shape[1]
-    for start, end in zip(ends[:-1], ends[1:]):
-        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, S, D]
-        if groups > 1:
-            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
-        mask = None
-        if window and window < end - start:
-            rows = torch.arange(end - start, device=q.device)
-            mask = (rows[:, None] >= rows[None, :]) & (rows[:, None] - rows[None, :] < window)
-        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale).transpose(0, 1)
-    return out
-
-
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       is_causal=None, **kwargs):
     """transformers' attention-function interface: query [B, H, S, D], key/value [B, Hkv, S, D]."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cumulative = kwargs.get("cu_seq_lens_q")
-    padding_free = (cumulative is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
-                    and dropout == 0.0 and kwargs.get("softcap") is None and getattr(module, "is_causal", True)
-                    and query.shape[1] % key.shape[1] == 0)
-    if not padding_free:
+    row = (cumulative is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]
+           and getattr(module, "is_causal", True) and query.shape[1] % key.shape[1] == 0)
+    if not row:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
+    window = kwargs.get("sliding_window")
+    if dropout or kwargs.get("softcap") is not None:  # the row has no mask to give SDPA: one sequence at a time
+        return per_sequence_sdpa(q, k, v, cumulative.tolist(), scale, window, dropout).unsqueeze(0), None
     longest = kwargs.get("max_length_q") or int((cumulative[1:] - cumulative[:-1]).max())
-    out = varlen(q, k, v, cumulative, int(longest), scale, kwargs.get("sliding_window"))
+    out = varlen(q, k, v, cumulative, int(longest), scale, window)
     return out.unsqueeze(0), None  # [1, T, H, D]: the layout the output projection reads
 
 

@@ -1,0 +1,37 @@
+"""Padding-free rows on either device: what stands for their mask, and SDPA one sequence at a time.
+
+A padding-free row (data/collate.py `flat_batch`) carries its sequence bounds as cu_seq_lens, and
+the fast paths' attention reads those, not a mask. Given position ids without a mask,
+transformers would detect the packing itself (masking_utils.find_packed_sequence_indices, which
+reads the device: one host synchronisation per forward on a GPU) and build a block-diagonal
+row x row mask that nobody reads. An empty 4D mask stands in for it: transformers passes a 4D
+mask through unchanged, and anything that did try to apply it would fail on its shape rather
+than attend across sequences.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def bounds_only_mask(device: torch.device) -> torch.Tensor:
+    """The attention mask of a padding-free row: empty; its bounds are in cu_seq_lens."""
+    return torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
+
+
+def per_sequence_sdpa(q, k, v, ends: list[int], scale: float, window: int | None, dropout: float = 0.0):
+    """q [T, H, D], k, v [T, Hkv, D] -> [T, H, D]: SDPA, causal, on each sequence of the row alone
+    (within `window` positions where given). The reference the kernels are tested against, and
+    what runs for a row they do not take (attention dropout; on the CPU a window shorter than the row)."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    for start, end in zip(ends[:-1], ends[1:]):
+        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, S, D]
+        if groups > 1:
+            ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        mask = None
+        if window and window < end - start:
+            rows = torch.arange(end - start, device=q.device)
+            mask = (rows[:, None] >= rows[None, :]) & (rows[:, None] - rows[None, :] < window)
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale, dropout_p=dropout).transpose(0, 1)
+    return out
