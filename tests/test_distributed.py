@@ -29,8 +29,10 @@ def write_config(tmp_path: Path, model_dir: Path, run: str, method="lora", **tra
         "model": {"name": str(model_dir), "dtype": "float32"},
         "data": {"train": str(data), "max_seq_len": 128},
         "adapter": {"method": method, "r": 4},
+        # On the CPU (gloo) wherever CUDA is visible too: two ranks on one GPU would ask for cuda:1, and the
+        # one-process runs they are compared with must compute on the same device.
         "train": {"max_steps": STEPS, "batch_size": 4, "grad_accum": 2, "lr": 1e-2 if method != "full" else 1e-3,
-                  "log_every": 1, **train},
+                  "log_every": 1, "device": "cpu", **train},
         "eval": {"generate": False, "report": False},
         "output": {"dir": str(tmp_path / run)},
     }

@@ -62,13 +62,15 @@ def adapter_weights(run):
 @pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 @pytest.mark.parametrize("objective", ["dpo", "grpo"])
 def test_resume_after_kill_gives_the_uninterrupted_weights(tiny_model_dir, tmp_path, objective):
-    whole = write_run_config(tmp_path, tiny_model_dir, "whole", objective)
+    # On the CPU: the weights are compared with torch.equal, which CUDA's attention and reduction
+    # kernels need not repeat bit for bit from one run to the next.
+    whole = write_run_config(tmp_path, tiny_model_dir, "whole", objective, device="cpu")
     done = run_cli(whole, timeout=900)
     assert done.returncode == 0, done.stderr
     expected = adapter_weights(tmp_path / "whole")
     assert any(float(v.abs().max()) > 0 for k, v in expected.items() if "lora_B" in k)  # it learned something
 
-    killed = write_run_config(tmp_path, tiny_model_dir, "killed", objective)
+    killed = write_run_config(tmp_path, tiny_model_dir, "killed", objective, device="cpu")
     run = tmp_path / "killed"
     assert start_and_kill_at(killed, run, 3) == -signal.SIGKILL
     resumed = run_cli(killed, timeout=900)
@@ -127,6 +129,36 @@ def test_dpo_gradients_do_not_depend_on_accumulation(tiny_model_dir, tiny_tokeni
     assert ("nll" in results[0][2]) == bool(sft_weight)
 
 
+def test_precomputed_reference_log_probs_on_the_models_device(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """train.precompute_ref, before training, with the model where a run puts it (train.device auto: a
+    GPU where there is one): the host-built batches reach the model's device, and each pair gets the
+    log-probs the reference gives it during training."""
+    from tunesmith.data.collate import PADDED
+    from tunesmith.data.preference import PAIRS, prepare_preference
+    from tunesmith.device import resolve
+    from tunesmith.models import load_model
+    from tunesmith.objectives.base import on_device
+    from tunesmith.objectives.dpo import DPO
+    from tunesmith.objectives.logps import Reference
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(5))
+    settings = {"data": {"train": str(path), "validation": str(path)},
+                "train": {"objective": "dpo", "batch_size": 2, "precompute_ref": True}}
+    split = prepare_preference(validate(settings).data, tiny_tokenizer, PAIRS).splits["train"]
+    device = resolve("auto")
+    model = lora_model(load_model(str(tiny_model_dir), device=device), seed=1, fast_paths=False)
+    DPO(validate(settings), Reference(model), PADDED, tiny_tokenizer.pad_token_id).prepare(model, [split])
+    stored = [pair.reference for pair in split.encoded]  # [chosen, rejected] per pair
+    assert len(stored) == 5 and all(reference is not None for reference in stored)
+    settings["train"]["precompute_ref"] = False
+    live = DPO(validate(settings), Reference(model), PADDED, tiny_tokenizer.pad_token_id)
+    for pair in split.encoded:
+        pair.reference = None
+    expected = live.reference_logps(model, on_device(live.batch(split.encoded).tensors, device)).tolist()
+    assert [v for reference in stored for v in reference] == pytest.approx(  # expected: all chosen, then all rejected
+        [v for both in zip(expected[:5], expected[5:]) for v in both], rel=1e-5)
+
+
 @pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_dpo_from_an_sft_run_takes_that_run_as_reference(tiny_model_dir, tmp_path):
     """model: RUN merges the SFT run's adapter once; the new adapter starts at zero, so the first step's
@@ -176,8 +208,9 @@ def test_dpo_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
     from test_distributed import max_diff, train, weights
 
     paths = []
+    # On the CPU (gloo), as in tests/test_distributed.py: two ranks on one GPU would ask for cuda:1.
     for run in ("one", "two"):
-        path = write_run_config(tmp_path, tiny_model_dir, run, "dpo", max_steps=3, checkpoint_every=0)
+        path = write_run_config(tmp_path, tiny_model_dir, run, "dpo", max_steps=3, checkpoint_every=0, device="cpu")
         config = json.loads(path.read_text())
         config["adapter"]["dropout"] = 0.0  # each rank draws its own dropout masks
         path.write_text(json.dumps(config))

@@ -19,8 +19,9 @@ from tunesmith.models import load_model
 
 def early_stop_config(tmp_path, model_dir, run):
     # min_delta 100: no evaluation after the first improves enough, so patience 2 stops at step 6
-    # (evaluations at 2, 4, 6), long before max_steps.
-    path = write_config(tmp_path, model_dir, run, max_steps=20)
+    # (evaluations at 2, 4, 6), long before max_steps. On the CPU: the resumed runs' weights are compared
+    # with torch.equal, and CUDA's attention and reduction kernels need not repeat a run bit for bit.
+    path = write_config(tmp_path, model_dir, run, max_steps=20, device="cpu")
     config = json.loads(path.read_text())
     config["eval"].update(every_steps=2, patience=2, min_delta=100.0, restore_best=True)
     config["data"]["validation_share"] = 0.2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Batch, Objective, stat
+from .base import Batch, Objective, on_device, stat
 from .logps import per_sequence, sequence_batch, token_logps
 
 
@@ -36,13 +36,14 @@ class PairObjective(Objective):
         """train.precompute_ref: every example's reference log-probs, once, before training."""
         if not (self.uses_reference and self.train_cfg.precompute_ref):
             return
+        device = next(model.parameters()).device  # the run's: the batches are built on the host
         for split in splits:
             examples = split.encoded
             for start in range(0, len(examples), self.train_cfg.batch_size):
                 chunk = examples[start:start + self.train_cfg.batch_size]
                 for example in chunk:
                     example.reference = None
-                tensors = self.batch(chunk).tensors
+                tensors = on_device(self.batch(chunk).tensors, device)
                 values = self.reference_logps(model, tensors).tolist()
                 for example, row in zip(chunk, self.by_example(values, len(chunk))):
                     example.reference = row
