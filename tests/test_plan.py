@@ -249,3 +249,24 @@ def test_mfu_counts_the_model_flops_not_checkpointings_second_forward(monkeypatc
                 model_shape("llama-3.1-8b"), setup, recompute=False)
     assert mfu[True] == pytest.approx(mfu[False])
     assert mfu[False] == pytest.approx(0.32, abs=0.02)
+
+
+def test_this_machine_is_its_first_gpu_where_cuda_is_available(monkeypatch):
+    """`train.device: auto` trains on cuda:0 there, so the plan's "this machine" is that GPU: its
+    real memory, the data-sheet peak of its model; a GPU the plan does not know gets no time."""
+    from tunesmith.plan.devices import this_machine
+
+    props = {"NVIDIA H200": 150_000_000_000, "NVIDIA Quadro X": 16 * 2**30}
+    name = iter(props)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for _ in range(2):
+        current = next(name)
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, n=current: SimpleNamespace(name=n, total_memory=props[n]))
+        here = this_machine()
+        assert here.name == f"this machine: {current}" and here.memory == props[current] and not here.is_cpu
+        assert here.bf16_tflops == (989 if current == "NVIDIA H200" else None)
+    found = plan("llama-3.1-8b", Setup(method="qlora", dtype="bfloat16", batch=1, seq=1024), device="this",
+                 tokens=10**6)
+    assert found.target.device.name == "this machine: NVIDIA Quadro X" and found.target.epoch_seconds is None
+    assert found.target.fits and not found.fits[-1].device.is_cpu  # 8B QLoRA at 1 x 1024: about 11 GiB

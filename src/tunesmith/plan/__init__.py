@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .devices import GPUS, Device, GiB, cpu_overhead, find_device, resident, this_machine
+from .devices import GPUS, Device, GiB, cpu_overhead, find_device, gpu_of, resident, this_machine
 from .memory import Estimate, Setup, estimate
 from .objectives import describe as describe_objective
 from .objectives import counted_setup, label_share, objective_setup, trained_lengths
@@ -280,16 +280,6 @@ def cuda_head_chunk(shape: ModelShape) -> int:
     from ..training.loss import head_chunk
 
     return head_chunk(shape.vocab, "cuda")
-
-
-def gpu_of(device) -> Device:
-    """The plan's Device for a CUDA device: its real memory, and the data-sheet peak where known."""
-    import torch
-
-    props = torch.cuda.get_device_properties(device)
-    known = next((d for d in GPUS.values() if d.name.split()[0].lower() in props.name.lower()), None)
-    return Device(props.name, float(props.total_memory), known.bf16_tflops if known else None,
-                  known.fp32_tflops if known else 0.0)
 
 
 def _settled_resident() -> float:

@@ -107,12 +107,28 @@ def resident_scores(est) -> float:
 
 
 def this_machine() -> Device:
+    """Where `train.device: auto` trains here: the first GPU where CUDA is available, else this CPU
+    (its memory, and a matrix-multiply peak measured now)."""
     import psutil
+    import torch
 
+    if torch.cuda.is_available():
+        gpu = gpu_of(torch.device("cuda", 0))
+        return Device(f"this machine: {gpu.name}", gpu.memory, gpu.bf16_tflops, gpu.fp32_tflops)
     from .speed import matmul_peak
 
     return Device("this machine", float(psutil.virtual_memory().total), matmul_peak("bfloat16") / 1e12,
                   matmul_peak("float32") / 1e12, is_cpu=True)
+
+
+def gpu_of(device) -> Device:
+    """The plan's Device for a CUDA device: its real memory, and the data-sheet peak where known."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    known = next((d for d in GPUS.values() if d.name.split()[0].lower() in props.name.lower()), None)
+    return Device(props.name, float(props.total_memory), known.bf16_tflops if known else None,
+                  known.fp32_tflops if known else 0.0)
 
 
 def find_device(name: str) -> Device:
