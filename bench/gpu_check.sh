@@ -80,7 +80,7 @@ else
 fi
 # STAGES picks and orders the stages (a device call may run them in two goes; "a+b" runs two side
 # by side); each has its own limit: the device tool stops a command at 10 minutes, and the
-# defaults come to 9.5 (330 s, then max(150, 240) s, plus the install), the most telling first,
+# defaults come to 9.5 (330 s, then max(220, 240) s, plus the install), the most telling first,
 # each appending to the summary as it ends, so a run cut short still brings back what it measured.
 STAGES=${STAGES:-compare plan+tests}
 MODELS=${MODELS:-/tmp/gpu-check-models}  # built once by the comparison, reused by the plan
@@ -93,7 +93,8 @@ compare() {
 }
 
 plan() {
-    timeout "${PLAN_LIMIT:-150}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS" > "$OUT/plan.txt" 2>&1
+    # Five set-ups, and three small shapes built first: about 150 s estimated (not yet run).
+    timeout "${PLAN_LIMIT:-220}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS" > "$OUT/plan.txt" 2>&1
     echo "plan: exit $?" >> "$OUT/plan.txt"
     cat "$OUT/plan.txt" >> "$OUT/summary.txt"
 }
