@@ -29,7 +29,8 @@ class Batch:
 def stat(values: torch.Tensor) -> torch.Tensor:
     """(sum, count) of a statistic's values, detached, for averaging over a step."""
     values = values.detach().float().reshape(-1)
-    return torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
+    # new_full writes the count on the device; torch.tensor(..., device=) would copy it there and wait
+    return torch.stack([values.sum(), values.new_full((), float(values.numel()))])
 
 
 class Objective:
@@ -71,7 +72,8 @@ class Objective:
             built.append((self.batch([train.encoded[i] for i in examples], key=(step, tuple(examples))), bool(mine)))
         totals = dict(zip(self.terms, ranks.sum(*[sum(b.counts[k] for b, mine in built if mine) for k in self.terms])))
         loss_total = torch.zeros((), dtype=torch.float32, device=device)
-        sums: dict[str, torch.Tensor] = {}
+        on_gpu: dict[str, torch.Tensor] = {}  # statistics of the loss: (sum, count) on the device, read once
+        sums: dict[str, list[float]] = {}  # statistics known on the host (GRPO's rewards)
         tokens = 0
         for number, (batch, mine) in enumerate(built):
             with distributed.no_sync(loss_module, last=number == len(built) - 1):
@@ -82,11 +84,14 @@ class Objective:
                 loss_total += loss.detach().float()
                 tokens += batch.tokens
                 for key, value in stats.items():
-                    sums[key] = sums.get(key, 0) + value.detach().float().cpu()
-                for key, (total, count) in batch.stats.items():
-                    sums[key] = sums.get(key, 0) + torch.tensor([total, count])
+                    on_gpu[key] = on_gpu.get(key, 0) + value.detach().float()
+                for key, pair in batch.stats.items():
+                    sums[key] = [a + b for a, b in zip(sums.get(key, (0.0, 0.0)), pair)]
+        read = torch.cat([loss_total.reshape(1)] + [on_gpu[key].reshape(2) for key in sorted(on_gpu)]).tolist()
+        for n, key in enumerate(sorted(on_gpu)):  # the step's one read of the device, above
+            sums[key] = [a + b for a, b in zip(sums.get(key, (0.0, 0.0)), read[1 + 2 * n:3 + 2 * n])]
         keys = sorted(sums)
-        flat = ranks.sum(float(loss_total), tokens, *[float(v) for key in keys for v in sums[key]])
+        flat = ranks.sum(read[0], tokens, *[v for key in keys for v in sums[key]])
         self.last_metrics = {key: flat[2 + 2 * n] / flat[3 + 2 * n] for n, key in enumerate(keys) if flat[3 + 2 * n]}
         return flat[0], int(flat[1])
 
