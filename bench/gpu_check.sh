@@ -85,18 +85,22 @@ fi
 STAGES=${STAGES:-compare plan+tests}
 MODELS=${MODELS:-/tmp/gpu-check-models}  # built once by the comparison, reused by the plan
 
+timed() {  # NAME LIMIT COMMAND...: the command's output in $OUT/NAME.txt with its exit status, then in the summary
+    local name=$1 limit=$2
+    shift 2
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo "$name: exit $?" >> "$OUT/$name.txt"
+    cat "$OUT/$name.txt" >> "$OUT/summary.txt"
+}
+
 compare() {
-    timeout "${COMPARE_LIMIT:-330}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" --warmup "$WARMUP" \
-        --length "$LENGTH" --models "$MODELS" --out "$OUT/compare.json" > "$OUT/compare.txt" 2>&1
-    echo "comparison: exit $?" >> "$OUT/compare.txt"
-    cat "$OUT/compare.txt" >> "$OUT/summary.txt"
+    timed compare "${COMPARE_LIMIT:-330}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" \
+        --warmup "$WARMUP" --length "$LENGTH" --models "$MODELS" --out "$OUT/compare.json"
 }
 
 plan() {
     # Five set-ups, and three small shapes built first: about 150 s estimated (not yet run).
-    timeout "${PLAN_LIMIT:-220}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS" > "$OUT/plan.txt" 2>&1
-    echo "plan: exit $?" >> "$OUT/plan.txt"
-    cat "$OUT/plan.txt" >> "$OUT/summary.txt"
+    timed plan "${PLAN_LIMIT:-220}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS"
 }
 
 profile() {
