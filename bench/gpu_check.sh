@@ -13,7 +13,8 @@
 # it for the MFU target: bench/gpu_compare.py, alone on the GPU since it times); then, side by side, `plan` against
 # measured memory in five set-ups on four shapes (bench/plan_gpu.py) and the test suite with CUDA visible (tests
 # that need CUDA run, among them the fast paths against fast_paths=off on tiny models in
-# tests/test_accel.py; those that need chromium skip). Writes $OUT/summary.txt (OUT defaults to
+# tests/test_accel.py; those that need chromium skip), and the fast paths against fast_paths=off as
+# a table (bench/fast_vs_plain.py). Writes $OUT/summary.txt (OUT defaults to
 # ./gpu-check), each failing test with its traceback in $OUT/failures.txt as it happens.
 # STAGES="compare profile" adds where a step's device time goes (bench/gpu_profile.py, QLoRA and LoRA).
 # First run on an H200, 2026-12-04 (bench/RESULTS.md): the comparison took about 200 s, the plan
@@ -82,7 +83,7 @@ fi
 # by side); each has its own limit: the device tool stops a command at 10 minutes, and the
 # defaults come to 9.5 (330 s, then max(220, 240) s, plus the install), the most telling first,
 # each appending to the summary as it ends, so a run cut short still brings back what it measured.
-STAGES=${STAGES:-compare plan+tests}
+STAGES=${STAGES:-compare plan+tests+fastpaths}
 MODELS=${MODELS:-/tmp/gpu-check-models}  # built once by the comparison, reused by the plan
 
 timed() {  # NAME LIMIT COMMAND...: the command's output in $OUT/NAME.txt with its exit status, then in the summary
@@ -96,6 +97,11 @@ timed() {  # NAME LIMIT COMMAND...: the command's output in $OUT/NAME.txt with i
 compare() {
     timed compare "${COMPARE_LIMIT:-330}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" \
         --warmup "$WARMUP" --length "$LENGTH" --models "$MODELS" --out "$OUT/compare.json"
+}
+
+fastpaths() {
+    # The fast paths against fast_paths=off on tiny Llama, Qwen2 and Mistral, as a table (also in the suite).
+    timed fastpaths "${FASTPATHS_LIMIT:-120}" $PY bench/fast_vs_plain.py
 }
 
 plan() {

@@ -120,6 +120,36 @@ def gradients(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def seeded_lora(folder, dtype, device, fast: bool = True):
+    """LoRA r=4 on every linear layer of the model in `folder`, seeded, with B made non-zero (so
+    the adapters change the output); the fast paths applied or not."""
+    from tunesmith.config import AdapterConfig
+    from tunesmith.models import load_model
+
+    torch.manual_seed(0)
+    model = trainable(load_model(str(folder), dtype, device=device), AdapterConfig(r=4, alpha=8), fast_paths=fast)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+def loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """The mean label loss of a collated batch and the gradients it gives."""
+    from tunesmith.training.loss import label_loss_sum
+
+    total, count = label_loss_sum(model, batch)
+    (total / count).backward()
+    return float(total.detach()) / count, gradients(model)
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    """|a - b| / |b| over all the tensors together."""
+    return (sum(float(((a[k] - b[k]) ** 2).sum()) for k in b) / sum(float((b[k] ** 2).sum()) for k in b)) ** 0.5
+
+
 def assert_same_gradients(expected: dict, actual: dict, tolerance: float) -> None:
     """Every gradient of `expected` within `tolerance` (relative to its largest value) in `actual`."""
     assert expected.keys() == actual.keys()

@@ -15,7 +15,8 @@ import warnings
 import pytest
 import torch
 
-from helpers import assert_same_gradients, build_model, demo_examples, gradients, trainable
+from helpers import (assert_same_gradients, build_model, demo_examples, loss_and_grads,
+                     relative_difference, seeded_lora, trainable)
 from tunesmith import accel
 from tunesmith.accel import compat
 from tunesmith.config import AdapterConfig
@@ -23,33 +24,10 @@ from tunesmith.data.collate import collate
 from tunesmith.device import resolve, to_device
 from tunesmith.errors import UserError
 from tunesmith.models import load_model
-from tunesmith.training.loss import label_loss_sum
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (bench/gpu_check.sh runs it on one)")
 DEVICE = torch.device("cuda", 0) if CUDA else torch.device("cpu")  # what resolve("auto") gives on rank 0
-
-
-def _seeded_lora(folder, dtype, fast: bool):
-    torch.manual_seed(0)
-    model = trainable(load_model(str(folder), dtype, device=DEVICE), AdapterConfig(r=4, alpha=8), fast_paths=fast)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model
-
-
-def _loss_and_grads(model, batch):
-    total, count = label_loss_sum(model, batch)
-    (total / count).backward()
-    return float(total.detach()) / count, gradients(model)
-
-
-def _relative(a: dict, b: dict) -> float:
-    """|a - b| / |b| over all the tensors together."""
-    return (sum(float(((a[k] - b[k]) ** 2).sum()) for k in b) / sum(float((b[k] ** 2).sum()) for k in b)) ** 0.5
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -65,25 +43,25 @@ def test_fast_paths_equal_plain_transformers_and_peft(tmp_path, tiny_tokenizer, 
     examples = demo_examples(tiny_tokenizer, 5)
     flat = to_device(collate(examples, tiny_tokenizer.pad_token_id, flat=True), DEVICE)
     padded = to_device(collate(examples, tiny_tokenizer.pad_token_id), DEVICE)
-    fast = _seeded_lora(tmp_path, dtype, fast=True)
-    plain = _seeded_lora(tmp_path, dtype, fast=False)
+    fast = seeded_lora(tmp_path, dtype, DEVICE, fast=True)
+    plain = seeded_lora(tmp_path, dtype, DEVICE, fast=False)
     assert accel.padding_free(fast) and not accel.padding_free(plain)
-    fast_loss, fast_grads = _loss_and_grads(fast, flat)
-    plain_loss, plain_grads = _loss_and_grads(plain, padded)
+    fast_loss, fast_grads = loss_and_grads(fast, flat)
+    plain_loss, plain_grads = loss_and_grads(plain, padded)
     assert fast_grads.keys() == plain_grads.keys() and all("lora_" in name for name in fast_grads)
     if dtype == torch.float32:
         assert abs(fast_loss - plain_loss) / plain_loss < 1e-5
         assert_same_gradients(plain_grads, fast_grads, 1e-5)
         return
     assert abs(fast_loss - plain_loss) / plain_loss < 1e-3
-    eager = _seeded_lora(tmp_path, dtype, fast=False)
+    eager = seeded_lora(tmp_path, dtype, DEVICE, fast=False)
     eager.set_attn_implementation("eager")
-    _, eager_grads = _loss_and_grads(eager, padded)
-    spread = _relative(eager_grads, plain_grads)  # between transformers' own attention implementations
+    _, eager_grads = loss_and_grads(eager, padded)
+    spread = relative_difference(eager_grads, plain_grads)  # between transformers' own attention implementations
     assert spread < 1e-2
-    assert _relative(fast_grads, plain_grads) <= 1.5 * max(spread, 1e-3)
-    _, exact = _loss_and_grads(_seeded_lora(tmp_path, torch.float32, fast=False), padded)
-    assert _relative(fast_grads, exact) <= 1.25 * _relative(plain_grads, exact)
+    assert relative_difference(fast_grads, plain_grads) <= 1.5 * max(spread, 1e-3)
+    _, exact = loss_and_grads(seeded_lora(tmp_path, torch.float32, DEVICE, fast=False), padded)
+    assert relative_difference(fast_grads, exact) <= 1.25 * relative_difference(plain_grads, exact)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -94,10 +72,10 @@ def test_rounding_a_row_up_changes_no_loss_or_gradient(tiny_model_dir, tiny_toke
     exact = to_device(collate(examples, tiny_tokenizer.pad_token_id, flat=True, step=1), DEVICE)
     rounded = to_device(collate(examples, tiny_tokenizer.pad_token_id, flat=True), DEVICE)
     assert rounded["input_ids"].shape[1] > exact["input_ids"].shape[1]
-    exact_loss, exact_grads = _loss_and_grads(_seeded_lora(tiny_model_dir, dtype, fast=True), exact)
-    rounded_loss, rounded_grads = _loss_and_grads(_seeded_lora(tiny_model_dir, dtype, fast=True), rounded)
+    exact_loss, exact_grads = loss_and_grads(seeded_lora(tiny_model_dir, dtype, DEVICE, fast=True), exact)
+    rounded_loss, rounded_grads = loss_and_grads(seeded_lora(tiny_model_dir, dtype, DEVICE, fast=True), rounded)
     assert abs(rounded_loss - exact_loss) / exact_loss < (1e-6 if dtype == torch.float32 else 1e-3)
-    assert _relative(rounded_grads, exact_grads) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert relative_difference(rounded_grads, exact_grads) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_apply_rewrites_known_classes_and_off_rewrites_nothing(tiny_model_dir):
@@ -180,7 +158,7 @@ def test_cuda_backend_attention_equals_the_plain_path(tiny_model_dir, tiny_token
         if install:
             assert cuda_attention.install(model) == 1
         batch = collate(examples, tiny_tokenizer.pad_token_id, flat=install)
-        results.append(_loss_and_grads(model, batch))
+        results.append(loss_and_grads(model, batch))
     (plain, plain_grads), (varlen, varlen_grads) = results
     assert abs(plain - varlen) / plain < 1e-5
     assert_same_gradients(plain_grads, varlen_grads, 1e-5)

@@ -7,18 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import assert_same_gradients, demo_examples, gradients, trainable
+from helpers import assert_same_gradients, demo_examples, loss_and_grads, seeded_lora, trainable
 from tunesmith import accel
 from tunesmith.config import AdapterConfig
 from tunesmith.data.collate import collate
 from tunesmith.models import load_model
 from tunesmith.training.loss import label_loss_sum
-
-
-def _loss_and_grads(model, batch):
-    total, count = label_loss_sum(model, batch)
-    (total / count).backward()
-    return float(total.detach()) / count, gradients(model)
 
 
 def test_a_padding_free_forward_leaves_packing_detection_and_masks_to_no_one(tiny_model_dir, tiny_tokenizer,
@@ -54,14 +48,9 @@ def test_a_sliding_window_shorter_than_the_sequences_runs_per_sequence_and_equal
     assert min(len(e.input_ids) for e in examples) > 6
     results = []
     for fast in (True, False):
-        torch.manual_seed(0)
-        model = trainable(load_model(str(tmp_path)), AdapterConfig(r=4, alpha=8), fast_paths=fast)
-        with torch.no_grad():  # B != 0, so the adapters change the output
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        model = seeded_lora(tmp_path, torch.float32, "cpu", fast)
         assert accel.padding_free(model) == fast
-        results.append(_loss_and_grads(model, collate(examples, tiny_tokenizer.pad_token_id, flat=fast)))
+        results.append(loss_and_grads(model, collate(examples, tiny_tokenizer.pad_token_id, flat=fast)))
     (fast_loss, fast_grads), (plain_loss, plain_grads) = results
     assert abs(fast_loss - plain_loss) / plain_loss < 1e-5
     assert_same_gradients(plain_grads, fast_grads, 1e-5)
