@@ -5,12 +5,13 @@ torch.cuda.set_sync_debug_mode("warn") reports every synchronising call with its
 those tests skip without CUDA (bench/gpu_check.sh runs them on a GPU)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
 import torch
 
-from helpers import build_model, demo_examples
+from helpers import build_model, demo_examples, lora_model, write_jsonl
 from tunesmith import accel, methods
 from tunesmith.config import AdapterConfig
 from tunesmith.data.collate import PADDED, PADDING_FREE
@@ -46,7 +47,24 @@ def test_a_step_returns_its_loss_on_the_device_without_reading_it(tmp_path, tiny
     assert 0 < value < 20 and norm > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it on one)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it on one)")
+
+
+@contextlib.contextmanager
+def synchronisations():
+    """Every CUDA host synchronisation inside the block, as 'file:line: message' (filled at its end)."""
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found += [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+
+
+@needs_cuda
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_on_cuda_a_step_synchronises_only_for_its_one_read(tmp_path, tiny_tokenizer, method):
     build_model(tmp_path, "llama", vocab=len(tiny_tokenizer), seed=3)
@@ -57,16 +75,39 @@ def test_on_cuda_a_step_synchronises_only_for_its_one_read(tmp_path, tiny_tokeni
     host_floats(_clip(params, 1.0))
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            loss, _ = train_step(loss_module, split, micro_batches, tiny_tokenizer.pad_token_id, layout=layout)
-            norm = _clip(params, 1.0)
-            inside = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
-            values = host_floats(loss, norm)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    reads = [w for w in caught if "synchroniz" in str(w.message)]
+    with synchronisations() as inside:
+        loss, _ = train_step(loss_module, split, micro_batches, tiny_tokenizer.pad_token_id, layout=layout)
+        norm = _clip(params, 1.0)
+    with synchronisations() as read:
+        values = host_floats(loss, norm)
     assert inside == [], "host synchronisations inside the step:\n" + "\n".join(inside)
-    assert len(reads) == 1 and all(v == v for v in values)
+    assert len(read) == 1 and all(v == v for v in values)
+
+
+@needs_cuda
+def test_on_cuda_a_dpo_step_synchronises_once_for_its_loss_and_statistics(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """The objectives' steps too: the micro-batches' losses and statistics stay on the device until
+    one read at the step's end."""
+    from test_objectives_training import pair_rows
+    from tunesmith.config import validate
+    from tunesmith.data.preference import PAIRS, prepare_preference
+    from tunesmith.models import load_model
+    from tunesmith.objectives.dpo import DPO
+    from tunesmith.objectives.logps import Reference
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
+    cfg = validate({"data": {"train": str(path), "validation": str(path)},
+                    "train": {"objective": "dpo", "beta": 0.5, "sft_weight": 0.5}})
+    split = prepare_preference(cfg.data, tiny_tokenizer, PAIRS).splits["train"]
+    model = lora_model(load_model(str(tiny_model_dir), device=torch.device("cuda", 0)), seed=1)
+    layout = PADDING_FREE if accel.padding_free(model) else PADDED
+    objective = DPO(cfg, Reference(model), layout, tiny_tokenizer.pad_token_id)
+    loss_module = StepLoss(model, objective.loss)
+    micro_batches = [[0, 1], [2, 3]]
+    objective.train_step(loss_module, split, micro_batches, tiny_tokenizer.pad_token_id, layout=layout)  # warms up
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    with synchronisations() as found:
+        loss, _ = objective.train_step(loss_module, split, micro_batches, tiny_tokenizer.pad_token_id, layout=layout)
+    assert len(found) == 1, "host synchronisations in the step:\n" + "\n".join(found)
+    assert loss == loss and "rewards/margin" in objective.last_metrics
