@@ -9,8 +9,8 @@
 # the command `bash bench/gpu_check.sh` with timeout_s 600 ($OUT is set there: its files come back).
 #
 # Runs: tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA r=32 and LoRA
-# bf16, batch 2 x accumulation 4, 2048 tokens, both with gradient checkpointing, and LoRA without
-# it for the MFU target: bench/gpu_compare.py, alone on the GPU since it times); then, side by side, `plan` against
+# bf16, batch 2 x accumulation 4, 2048 tokens, both with gradient checkpointing, and tunesmith's LoRA
+# without it for the MFU target: bench/gpu_compare.py, alone on the GPU since it times); then, side by side, `plan` against
 # measured memory in five set-ups on four shapes (bench/plan_gpu.py) and the test suite with CUDA visible (tests
 # that need CUDA run, among them the fast paths against fast_paths=off on tiny models in
 # tests/test_accel.py; those that need chromium skip), and the fast paths against fast_paths=off as
@@ -81,7 +81,8 @@ else
 fi
 # STAGES picks and orders the stages (a device call may run them in two goes; "a+b" runs two side
 # by side); each has its own limit: the device tool stops a command at 10 minutes, and the
-# defaults come to 9.5 (330 s, then max(220, 240) s, plus the install), the most telling first,
+# defaults come to 9 at most (290 s, then max(220, 120, 240) s, plus the install; the first run's
+# figures make it about 8), the most telling first,
 # each appending to the summary as it ends, so a run cut short still brings back what it measured.
 STAGES=${STAGES:-compare plan+tests+fastpaths}
 MODELS=${MODELS:-/tmp/gpu-check-models}  # built once by the comparison, reused by the plan
@@ -95,7 +96,7 @@ timed() {  # NAME LIMIT COMMAND...: the command's output in $OUT/NAME.txt with i
 }
 
 compare() {
-    timed compare "${COMPARE_LIMIT:-330}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" \
+    timed compare "${COMPARE_LIMIT:-290}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" \
         --warmup "$WARMUP" --length "$LENGTH" --models "$MODELS" --out "$OUT/compare.json"
 }
 

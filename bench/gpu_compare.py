@@ -9,6 +9,7 @@ small BPE tokenizer the tests build (trained here in seconds; its ids fit any vo
 text (or repeated generated text where MedQuAD is absent). Each run trains in a fresh process.
 
     python bench/gpu_compare.py --shape llama-3.1-8b --methods qlora,lora,lora:nockpt --steps 5 --warmup 2
+    python bench/gpu_compare.py --trl-methods qlora,lora,lora:nockpt    # TRL without checkpointing too
     python bench/gpu_compare.py --shape tiny --steps 3 --warmup 1   # the flow, on the CPU, in a minute
 
 Prints one table and writes --out (JSON). Run only on a machine doing nothing else.
@@ -222,6 +223,9 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3.1-8b")
     parser.add_argument("--methods", default="qlora,lora,lora:nockpt")
     parser.add_argument("--stacks", default="tunesmith,trl")
+    parser.add_argument("--trl-methods", default="qlora,lora",
+                        help="the methods TRL runs too (lora:nockpt, for the MFU target, is tunesmith's alone by "
+                             "default: the GPU check's minutes)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
@@ -253,6 +257,8 @@ def main() -> None:
             row = {"method": method}
             table.append(row)
             for stack in args.stacks.split(","):
+                if stack == "trl" and method not in args.trl_methods.split(","):
+                    continue
                 row[stack] = spawn(args, stack, method, str(model), data, tmp)
                 show(method, stack, row[stack])
                 if args.out:
