@@ -82,7 +82,7 @@ fi
 # STAGES picks and orders the stages (a device call may run them in two goes; "a+b" runs two side
 # by side); each has its own limit: the device tool stops a command at 10 minutes, and the
 # defaults come to 9 at most (290 s, then max(220, 120, 240) s, plus the install; the first run's
-# figures make it about 8), the most telling first,
+# figures make it about 8.5), the most telling first,
 # each appending to the summary as it ends, so a run cut short still brings back what it measured.
 STAGES=${STAGES:-compare plan+tests+fastpaths}
 MODELS=${MODELS:-/tmp/gpu-check-models}  # built once by the comparison, reused by the plan
