@@ -31,20 +31,26 @@ def test_a_padding_free_forward_leaves_packing_detection_and_masks_to_no_one(tin
     assert count > 0 and torch.isfinite(total)
 
 
-@pytest.mark.parametrize("window", [6, 4096])
+@pytest.mark.parametrize("window", [6, "longest", 4096])
 def test_a_sliding_window_shorter_than_the_sequences_runs_per_sequence_and_equals_the_plain_path(
-        tmp_path, tiny_tokenizer, window):
-    """Mistral with a window of 6 positions (shorter than every example) or longer than all: the
+        tmp_path, tiny_tokenizer, monkeypatch, window):
+    """Mistral with a window of 6 positions (shorter than every example: SDPA per sequence), as long
+    as the longest example (shorter than the row: still the fast attention) or longer than all: the
     fast paths on a padding-free row give the loss and gradients of plain transformers + peft on
     a padded batch, whose sliding-window mask transformers builds."""
     from transformers import MistralConfig, MistralForCausalLM
 
+    from tunesmith.accel.cpu import attention as cpu_attention
+
+    examples = demo_examples(tiny_tokenizer, 4)
+    if window == "longest":
+        window = max(len(e.input_ids) for e in examples)
+        monkeypatch.setattr(cpu_attention, "per_sequence_sdpa", None)  # the fast path must not step aside
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                            sliding_window=window, tie_word_embeddings=True, eos_token_id=2, pad_token_id=2)
     MistralForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
-    examples = demo_examples(tiny_tokenizer, 4)
     assert min(len(e.input_ids) for e in examples) > 6
     results = []
     for fast in (True, False):
