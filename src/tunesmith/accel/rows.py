@@ -21,7 +21,8 @@ def bounds_only_mask(device: torch.device) -> torch.Tensor:
 def per_sequence_sdpa(q, k, v, ends: list[int], scale: float, window: int | None, dropout: float = 0.0):
     """q [T, H, D], k, v [T, Hkv, D] -> [T, H, D]: SDPA, causal, on each sequence of the row alone
     (within `window` positions where given). The reference the kernels are tested against, and
-    what runs for a row they do not take (attention dropout; on the CPU a window shorter than the row)."""
+    what runs for a row they do not take (attention dropout; on the CPU a window shorter than one of
+    its sequences)."""
     out = torch.empty_like(q)
     groups = q.shape[1] // k.shape[1]
     for start, end in zip(ends[:-1], ends[1:]):
