@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import build_model, demo_examples, lora_model, write_jsonl
+from helpers import build_model, demo_examples, lora_model, trainable, write_jsonl
 from tunesmith import accel, methods
 from tunesmith.config import AdapterConfig
 from tunesmith.data.collate import PADDED, PADDING_FREE
@@ -27,10 +27,8 @@ def test_host_floats_reads_numbers_and_device_scalars_in_their_order():
 
 
 def _step_parts(folder, tokenizer, method: str, device: torch.device):
-    chosen = methods.get(method)
-    model = chosen.load_base(str(folder), torch.bfloat16, device)
-    model = chosen.make_trainable(model, AdapterConfig(method=method, r=4, alpha=8, gradient_checkpointing=True))
-    accel.apply(model, device)
+    model = trainable(methods.get(method).load_base(str(folder), torch.bfloat16, device),
+                      AdapterConfig(method=method, r=4, alpha=8, gradient_checkpointing=True))
     layout = PADDING_FREE if accel.padding_free(model) else PADDED
     split = Split("train", [], demo_examples(tokenizer, 8))
     return model, StepLoss(model, label_loss_sum), split, layout

@@ -72,8 +72,12 @@ class Objective:
             built.append((self.batch([train.encoded[i] for i in examples], key=(step, tuple(examples))), bool(mine)))
         totals = dict(zip(self.terms, ranks.sum(*[sum(b.counts[k] for b, mine in built if mine) for k in self.terms])))
         loss_total = torch.zeros((), dtype=torch.float32, device=device)
-        on_gpu: dict[str, torch.Tensor] = {}  # statistics of the loss: (sum, count) on the device, read once
-        sums: dict[str, list[float]] = {}  # statistics known on the host (GRPO's rewards)
+        device_stats: dict[str, torch.Tensor] = {}  # the loss's statistics, (sum, count) on the device: read once
+        sums: dict[str, list[float]] = {}  # (sum, count) on the host: those known there (GRPO's rewards), then all
+
+        def add(key: str, pair) -> None:
+            sums[key] = [a + b for a, b in zip(sums.get(key, (0.0, 0.0)), pair)]
+
         tokens = 0
         for number, (batch, mine) in enumerate(built):
             with distributed.no_sync(loss_module, last=number == len(built) - 1):
@@ -84,12 +88,13 @@ class Objective:
                 loss_total += loss.detach().float()
                 tokens += batch.tokens
                 for key, value in stats.items():
-                    on_gpu[key] = on_gpu.get(key, 0) + value.detach().float()
+                    device_stats[key] = device_stats.get(key, 0) + value.detach().float()
                 for key, pair in batch.stats.items():
-                    sums[key] = [a + b for a, b in zip(sums.get(key, (0.0, 0.0)), pair)]
-        read = torch.cat([loss_total.reshape(1)] + [on_gpu[key].reshape(2) for key in sorted(on_gpu)]).tolist()
-        for n, key in enumerate(sorted(on_gpu)):  # the step's one read of the device, above
-            sums[key] = [a + b for a, b in zip(sums.get(key, (0.0, 0.0)), read[1 + 2 * n:3 + 2 * n])]
+                    add(key, pair)
+        on_device_keys = sorted(device_stats)
+        read = torch.cat([loss_total.reshape(1)] + [device_stats[key].reshape(2) for key in on_device_keys]).tolist()
+        for n, key in enumerate(on_device_keys):  # the step's one read of the device, above
+            add(key, read[1 + 2 * n:3 + 2 * n])
         keys = sorted(sums)
         flat = ranks.sum(read[0], tokens, *[v for key in keys for v in sums[key]])
         self.last_metrics = {key: flat[2 + 2 * n] / flat[3 + 2 * n] for n, key in enumerate(keys) if flat[3 + 2 * n]}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GiB = 2**30
 CUDA_CONTEXT = 0.5 * GiB
@@ -114,7 +114,7 @@ def this_machine() -> Device:
 
     if torch.cuda.is_available():
         gpu = gpu_of(torch.device("cuda", 0))
-        return Device(f"this machine: {gpu.name}", gpu.memory, gpu.bf16_tflops, gpu.fp32_tflops)
+        return replace(gpu, name=f"this machine: {gpu.name}")
     from .speed import matmul_peak
 
     return Device("this machine", float(psutil.virtual_memory().total), matmul_peak("bfloat16") / 1e12,

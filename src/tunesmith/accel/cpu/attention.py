@@ -227,13 +227,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     bounds = _bounds(kwargs, query.shape) if query.shape[2] == key.shape[2] else None  # a padding-free row
     # A sliding window matters only where a sequence is longer than it: in a row, its longest one.
     longest = max(end - start for start, end in bounds) if bounds else key.shape[2]
+    causal_groups = getattr(module, "is_causal", True) and query.shape[1] % key.shape[1] == 0
     plain = (query.shape[2] == key.shape[2] and dropout == 0.0 and kwargs.get("softcap") is None
              and kwargs.get("position_bias") is None and kwargs.get("cache") is None
-             and (attention_mask is None or attention_mask.dtype == torch.bool)
-             and query.shape[1] % key.shape[1] == 0 and getattr(module, "is_causal", True)
+             and (attention_mask is None or attention_mask.dtype == torch.bool) and causal_groups
              and (kwargs.get("sliding_window") or longest) >= longest)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if not plain and bounds is not None and getattr(module, "is_causal", True) and query.shape[1] % key.shape[1] == 0:
+    if not plain and bounds is not None and causal_groups:
         # The row has no mask to give SDPA (accel/rows.py): one sequence at a time.
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
         ends = [0] + [end for _, end in bounds]
