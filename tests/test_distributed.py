@@ -117,14 +117,16 @@ def test_resume_after_kill_with_two_ranks(tiny_model_dir, tmp_path):
 @pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
 def test_a_failing_rank_ends_the_job(tiny_model_dir, tmp_path):
     config = write_config(tmp_path, tiny_model_dir, "run", max_steps=50)
-    start = time.time()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(HERE / "dist_failing_rank.py"), str(config)],
-                          capture_output=True, text=True, timeout=120, env=env())
-    elapsed = time.time() - start
+    # A hang guard, not a speed check: the surviving rank would otherwise wait in a collective for
+    # the process group's default 30-minute timeout; torchrun ends it as soon as rank 1 fails.
+    try:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(HERE / "dist_failing_rank.py"), str(config)],
+                              capture_output=True, text=True, timeout=120, env=env())
+    except subprocess.TimeoutExpired:
+        pytest.fail("rank 0 was still waiting 120 s after rank 1 failed")
     assert done.returncode != 0
     assert "rank 1 broke on purpose" in done.stderr
-    assert elapsed < 60, f"the job took {elapsed:.0f}s to end"
 
 
 def _killed_single_process_run(tiny_model_dir, tmp_path):
