@@ -122,7 +122,7 @@ def test_dpo_gradients_do_not_depend_on_accumulation(tiny_model_dir, tiny_tokeni
         from tunesmith.training.distributed import StepLoss
 
         loss, _ = objective.train_step(StepLoss(model, objective.loss), split, layout, tiny_tokenizer.pad_token_id)
-        results.append((loss, gradients(model), objective.last_metrics))
+        results.append((float(loss), gradients(model), objective.last_metrics))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     assert_same_gradients(results[0][1], results[1][1], 1e-5)
     assert results[0][2]["rewards/margin"] == pytest.approx(results[1][2]["rewards/margin"], rel=1e-5, abs=1e-7)

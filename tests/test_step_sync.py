@@ -17,7 +17,8 @@ from tunesmith.config import AdapterConfig
 from tunesmith.data.collate import PADDED, PADDING_FREE
 from tunesmith.data.prepare import Split
 from tunesmith.training.distributed import StepLoss
-from tunesmith.training.loop import _clip, host_floats, train_step
+from tunesmith.device import host_floats
+from tunesmith.training.loop import _clip, train_step
 from tunesmith.training.loss import label_loss_sum
 
 
@@ -82,10 +83,7 @@ def test_on_cuda_a_step_synchronises_only_for_its_one_read(tmp_path, tiny_tokeni
     assert len(read) == 1 and all(v == v for v in values)
 
 
-@needs_cuda
-def test_on_cuda_a_dpo_step_synchronises_once_for_its_loss_and_statistics(tmp_path, tiny_model_dir, tiny_tokenizer):
-    """The objectives' steps too: the micro-batches' losses and statistics stay on the device until
-    one read at the step's end."""
+def _dpo_parts(tmp_path, model_dir, tokenizer, device: torch.device):
     from test_objectives_training import pair_rows
     from tunesmith.config import validate
     from tunesmith.data.preference import PAIRS, prepare_preference
@@ -96,16 +94,43 @@ def test_on_cuda_a_dpo_step_synchronises_once_for_its_loss_and_statistics(tmp_pa
     path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
     cfg = validate({"data": {"train": str(path), "validation": str(path)},
                     "train": {"objective": "dpo", "beta": 0.5, "sft_weight": 0.5}})
-    split = prepare_preference(cfg.data, tiny_tokenizer, PAIRS).splits["train"]
-    model = lora_model(load_model(str(tiny_model_dir), device=torch.device("cuda", 0)), seed=1)
+    split = prepare_preference(cfg.data, tokenizer, PAIRS).splits["train"]
+    model = lora_model(load_model(str(model_dir), device=device), seed=1)
     layout = PADDING_FREE if accel.padding_free(model) else PADDED
-    objective = DPO(cfg, Reference(model), layout, tiny_tokenizer.pad_token_id)
-    loss_module = StepLoss(model, objective.loss)
-    micro_batches = [[0, 1], [2, 3]]
-    objective.train_step(loss_module, split, micro_batches, tiny_tokenizer.pad_token_id, layout=layout)  # warms up
+    objective = DPO(cfg, Reference(model), layout, tokenizer.pad_token_id)
+    step = lambda: objective.train_step(StepLoss(model, objective.loss), split, [[0, 1], [2, 3]],  # noqa: E731
+                                        tokenizer.pad_token_id, layout=layout)
+    return model, objective, step
+
+
+def test_an_objective_step_leaves_its_statistics_on_the_device_for_fits_one_read(tmp_path, tiny_model_dir,
+                                                                                  tiny_tokenizer):
+    model, objective, step = _dpo_parts(tmp_path, tiny_model_dir, tiny_tokenizer, torch.device("cpu"))
+    loss, tokens = step()
+    unread = objective.unread()
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0 and tokens > 0
+    assert len(unread) >= 2 and all(isinstance(t, torch.Tensor) and t.ndim == 0 for t in unread)
+    values = host_floats(loss, *unread)  # fit's read
+    objective.settle(values[1:])
+    assert objective.unread() == [] and "rewards/margin" in objective.last_metrics
+    settled = objective.last_metrics
+    model.zero_grad(set_to_none=True)
+    step()  # the same step again, its statistics read by last_metrics itself
+    assert objective.last_metrics == pytest.approx(settled, rel=1e-6)
+
+
+@needs_cuda
+def test_on_cuda_a_dpo_step_synchronises_once_for_its_loss_and_statistics(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """The objectives' steps too: the micro-batches' losses and statistics stay on the device until
+    fit's one read at the step's end."""
+    model, objective, step = _dpo_parts(tmp_path, tiny_model_dir, tiny_tokenizer, torch.device("cuda", 0))
+    step()  # warms up
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
-    with synchronisations() as found:
-        loss, _ = objective.train_step(loss_module, split, micro_batches, tiny_tokenizer.pad_token_id, layout=layout)
-    assert len(found) == 1, "host synchronisations in the step:\n" + "\n".join(found)
-    assert loss == loss and "rewards/margin" in objective.last_metrics
+    with synchronisations() as inside:
+        loss, _ = step()
+    with synchronisations() as read:  # as fit reads them: with the loss (and the gradient norm)
+        values = host_floats(loss, *objective.unread())
+    objective.settle(values[1:])
+    assert inside == [], "host synchronisations inside the step:\n" + "\n".join(inside)
+    assert len(read) == 1 and values[0] == values[0] and "rewards/margin" in objective.last_metrics

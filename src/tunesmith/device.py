@@ -71,6 +71,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return moved
 
 
+def host_floats(*values) -> list[float]:
+    """Python floats of numbers and device scalars; the tensors are read together (one host
+    synchronisation for all of them)."""
+    tensors = [v.detach().float().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
 def describe(device: torch.device, dtype: torch.dtype) -> str:
     """One line for the start of a run."""
     name = str(dtype).replace("torch.", "")

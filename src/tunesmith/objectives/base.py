@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..device import to_device
+from ..device import host_floats, to_device
 from ..training import distributed
 
 
@@ -43,7 +43,8 @@ class Objective:
         self.cfg, self.train_cfg = cfg, cfg.train
         self.beta = cfg.train.objective_beta()
         self.reference, self.layout, self.pad_id = reference, layout, pad_id
-        self.last_metrics: dict[str, float] = {}
+        self._metrics: dict[str, float] = {}
+        self._unread = None  # the last step's statistics not yet read: (device keys, device values, host sums)
 
     # Implemented by each objective
     def batch(self, examples: list, key=None) -> Batch:
@@ -60,9 +61,11 @@ class Objective:
     # Shared
     def train_step(self, loss_module, train, indices: list[list[int]], pad_id: int,
                    ranks: distributed.Ranks = distributed.SINGLE, grad_scale: float = 1.0, layout: str = "padded",
-                   pieces: int = 1, step: int = 0) -> tuple[float, int]:
+                   pieces: int = 1, step: int = 0) -> tuple[torch.Tensor, int]:
         """Forward and backward over one optimizer step (training/loop.py train_step's signature, and
-        the step's number); returns (loss, tokens) and keeps the step's statistics in `last_metrics`."""
+        the step's number); returns (loss as a device scalar, tokens). The step's statistics stay on
+        the device until read: `fit` reads them with the loss and gradient norm (`unread`, `settle`);
+        `last_metrics` reads them itself otherwise."""
         device = next(loss_module.parameters()).device
         parts = [piece for batch in indices for piece in _cut(batch, pieces)]
         built = []
@@ -72,12 +75,8 @@ class Objective:
             built.append((self.batch([train.encoded[i] for i in examples], key=(step, tuple(examples))), bool(mine)))
         totals = dict(zip(self.terms, ranks.sum(*[sum(b.counts[k] for b, mine in built if mine) for k in self.terms])))
         loss_total = torch.zeros((), dtype=torch.float32, device=device)
-        device_stats: dict[str, torch.Tensor] = {}  # the loss's statistics, (sum, count) on the device: read once
-        sums: dict[str, list[float]] = {}  # (sum, count) on the host: those known there (GRPO's rewards), then all
-
-        def add(key: str, pair) -> None:
-            sums[key] = [a + b for a, b in zip(sums.get(key, (0.0, 0.0)), pair)]
-
+        device_stats: dict[str, torch.Tensor] = {}  # the loss's statistics, (sum, count) on the device
+        host_stats: dict[str, list[float]] = {}  # (sum, count) of those known on the host (GRPO's rewards)
         tokens = 0
         for number, (batch, mine) in enumerate(built):
             with distributed.no_sync(loss_module, last=number == len(built) - 1):
@@ -90,15 +89,34 @@ class Objective:
                 for key, value in stats.items():
                     device_stats[key] = device_stats.get(key, 0) + value.detach().float()
                 for key, pair in batch.stats.items():
-                    add(key, pair)
-        on_device_keys = sorted(device_stats)
-        read = torch.cat([loss_total.reshape(1)] + [device_stats[key].reshape(2) for key in on_device_keys]).tolist()
-        for n, key in enumerate(on_device_keys):  # the step's one read of the device, above
-            add(key, read[1 + 2 * n:3 + 2 * n])
-        keys = sorted(sums)
-        flat = ranks.sum(read[0], tokens, *[v for key in keys for v in sums[key]])
-        self.last_metrics = {key: flat[2 + 2 * n] / flat[3 + 2 * n] for n, key in enumerate(keys) if flat[3 + 2 * n]}
-        return flat[0], int(flat[1])
+                    host_stats[key] = [a + b for a, b in zip(host_stats.get(key, (0.0, 0.0)), pair)]
+        keys = sorted(device_stats)
+        summed = ranks.sum_tensor(torch.cat([loss_total.reshape(1)] + [device_stats[key].reshape(2) for key in keys]))
+        host_keys = sorted(host_stats)
+        tokens, *host_values = ranks.sum(tokens, *[v for key in host_keys for v in host_stats[key]])
+        self._unread = (keys, summed[1:], dict(zip(host_keys, zip(host_values[::2], host_values[1::2]))))
+        return summed[0], int(tokens)
+
+    def unread(self) -> list[torch.Tensor]:
+        """The last step's device statistics, as scalars for one read with the loss (fit's)."""
+        return list(self._unread[1].unbind()) if self._unread else []
+
+    def settle(self, values: list[float]) -> None:
+        """The last step's statistics from their read values (`unread`'s order)."""
+        keys, _, sums = self._unread
+        sums = dict(sums)
+        for n, key in enumerate(keys):
+            pair = values[2 * n:2 * n + 2]
+            sums[key] = [a + b for a, b in zip(sums.get(key, (0.0, 0.0)), pair)]
+        self._metrics = {key: total / count for key, (total, count) in sorted(sums.items()) if count}
+        self._unread = None
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """The last step's statistics (read here if fit has not read them with its loss)."""
+        if self._unread:
+            self.settle(host_floats(*self.unread()))
+        return self._metrics
 
     def step_metrics(self) -> dict[str, float]:
         """The last step's statistics, for the training records (metrics.jsonl)."""

@@ -22,7 +22,7 @@ from ..config import Config, result_keys
 from ..data.collate import PADDED, PADDING_FREE, micro_batch, step_batches
 from ..data.prepare import Split
 from ..data.tokenize import IGNORE
-from ..device import to_device
+from ..device import host_floats, to_device
 from ..errors import Interrupted, UserError
 from ..progress import Progress
 from . import checkpoint as ckpt
@@ -160,7 +160,10 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             state.micro_batches += len(indices)
             step_loss, tokens, pieces = _step_with_retries(loss_module, train, indices, pieces, pad_id, ranks,
                                                            grad_scale, layout, cfg, step, optimizer, objective)
-            step_loss, grad_norm = host_floats(step_loss, _clip(params, cfg.train.max_grad_norm))  # the step's one read
+            unread = objective.unread() if objective else []  # its statistics, read with the loss
+            step_loss, grad_norm, *statistics = host_floats(step_loss, _clip(params, cfg.train.max_grad_norm), *unread)
+            if objective:  # the step's one read, above
+                objective.settle(statistics)
             if cfg.train.log_sample_ids:
                 log.write(event="samples", step=step, ids=[i for batch in indices for i in batch])
             state.step = step
@@ -337,14 +340,6 @@ def train_step(loss_module, train: Split, indices: list[list[int]], pad_id: int,
             total += loss_sum.detach().float()
     tokens = sum(len(train.encoded[i].input_ids) for part in parts for i in part)  # every rank's shares
     return ranks.sum_tensor(total) / step_labels, tokens
-
-
-def host_floats(*values) -> list[float]:
-    """Python floats of numbers and device scalars; the tensors are read together (one host
-    synchronisation for all of them)."""
-    tensors = [v.detach().float().reshape(()) for v in values if isinstance(v, torch.Tensor)]
-    read = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])
-    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def _shifted_labels(example) -> int:
