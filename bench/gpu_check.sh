@@ -10,13 +10,14 @@
 #
 # Runs: tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA r=32 and LoRA
 # bf16, batch 2 x accumulation 4, 2048 tokens, both with gradient checkpointing, and tunesmith's LoRA
-# without it for the MFU target: bench/gpu_compare.py, alone on the GPU since it times); then, side by side, `plan` against
+# without it for the MFU target: bench/gpu_compare.py, alone on the GPU since it times; tunesmith's
+# QLoRA and LoRA runs end with one more step, profiled, not timed: where its device time goes); then, side by side, `plan` against
 # measured memory in five set-ups on four shapes (bench/plan_gpu.py) and the test suite with CUDA visible (tests
 # that need CUDA run, among them the fast paths against fast_paths=off on tiny models in
 # tests/test_accel.py; those that need chromium skip), and the fast paths against fast_paths=off as
 # a table (bench/fast_vs_plain.py). Writes $OUT/summary.txt (OUT defaults to
 # ./gpu-check), each failing test with its traceback in $OUT/failures.txt as it happens.
-# STAGES="compare profile" adds where a step's device time goes (bench/gpu_profile.py, QLoRA and LoRA).
+# STAGES="compare profile" adds a longer profile in processes of its own (bench/gpu_profile.py, QLoRA and LoRA).
 # First run on an H200, 2026-12-04 (bench/RESULTS.md): the comparison took about 200 s, the plan
 # 134 s alone, the suite more than 150 s (it was stopped at 61% then).
 set -uo pipefail
@@ -81,8 +82,8 @@ else
 fi
 # STAGES picks and orders the stages (a device call may run them in two goes; "a+b" runs two side
 # by side); each has its own limit: the device tool stops a command at 10 minutes, and the
-# defaults come to 9 at most (290 s, then max(220, 120, 240) s, plus the install; the first run's
-# figures make it about 8.5), the most telling first,
+# defaults come to 8 at most (280 s, then max(190, 120, 200) s, plus the install), the most
+# telling first,
 # each appending to the summary as it ends, so a run cut short still brings back what it measured.
 STAGES=${STAGES:-compare plan+tests+fastpaths}
 MODELS=${MODELS:-/tmp/gpu-check-models}  # built once by the comparison, reused by the plan
@@ -96,7 +97,7 @@ timed() {  # NAME LIMIT COMMAND...: the command's output in $OUT/NAME.txt with i
 }
 
 compare() {
-    timed compare "${COMPARE_LIMIT:-290}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" \
+    timed compare "${COMPARE_LIMIT:-280}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" \
         --warmup "$WARMUP" --length "$LENGTH" --models "$MODELS" --out "$OUT/compare.json"
 }
 
@@ -107,11 +108,12 @@ fastpaths() {
 
 plan() {
     # Five set-ups, and three small shapes built first: about 150 s estimated (not yet run).
-    timed plan "${PLAN_LIMIT:-220}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS"
+    timed plan "${PLAN_LIMIT:-190}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS"
 }
 
 profile() {
-    # Not in the default stages: where a step's device time goes, QLoRA then LoRA (bench/gpu_profile.py).
+    # Not in the default stages (the comparison profiles a step of each): two steps each of QLoRA
+    # then LoRA in processes of their own (bench/gpu_profile.py).
     for method in qlora lora; do
         timeout "${PROFILE_LIMIT:-120}" $PY bench/gpu_profile.py --shape "$SHAPE" --method "$method" --seq "$LENGTH" \
             --models "$MODELS"
@@ -132,7 +134,7 @@ tests() {
     # compile processes as large as the machine (the first run's three C++-compile timeouts).
     STREAM_FAILURES=$OUT/failures.txt PYTHONPATH=$PWD/bench:$PYTHONPATH OMP_NUM_THREADS=${TEST_THREADS:-1} \
         TORCHINDUCTOR_COMPILE_THREADS=1 \
-        timeout "${TEST_LIMIT:-240}" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p stream_failures \
+        timeout "${TEST_LIMIT:-200}" $PY -m pytest -q -rfE --tb=short -p no:cacheprovider -p stream_failures \
         $workers $limit $TESTS > "$OUT/tests.txt" 2>&1
     { echo "tests: $(tail -1 "$OUT/tests.txt") ($(( $(date +%s) - began )) s)"
       grep -E "^==== " "$OUT/failures.txt" | head -60; } >> "$OUT/summary.txt"

@@ -117,9 +117,12 @@ def train_tunesmith(args) -> dict:
         "eval": {"generate": False, "report": False, "compare_base": False, "batch_size": 1},
         "output": {"dir": str(args.out), "overwrite": True},
     }
+    profile = profile_last_step(args, config)
     results = tunesmith.train(config)
     records = [json.loads(line) for line in open(Path(args.out) / "metrics.jsonl")]
     steps = [r for r in records if r.get("event") == "train"][args.warmup:]
+    if profile is not None:
+        steps = steps[:-1]  # the profiled step is slower: not timed
     seconds = sum((r["tokens"] - p["tokens"]) / r["tokens_per_second"] for p, r in zip(steps, steps[1:]))
     tokens = steps[-1]["tokens"] - steps[0]["tokens"]
     device = torch.device(results["device"])
@@ -130,7 +133,35 @@ def train_tunesmith(args) -> dict:
     return {"tokens_per_second": tokens / seconds, "peak_allocated": results["peak_memory"]["measured"],
             "planned": results["peak_memory"]["predicted"], "mfu": mfu, "whole_run_mfu": results.get("mfu"),
             "fast_paths": results.get("fast_paths"), "layout": results.get("batch_layout"),
-            "attention_kernel": kernel_name(device, getattr(torch, results["dtype"])) if device.type == "cuda" else None}
+            "attention_kernel": kernel_name(device, getattr(torch, results["dtype"])) if device.type == "cuda" else None,
+            "profile": profile[0] if profile else None}
+
+
+def profile_last_step(args, config: dict) -> list | None:
+    """Where the time of one more step goes, for --profile's methods: the run gets a step after the
+    timed ones, and its forward and backward passes (training/loop.py train_step) run under
+    torch.profiler. Returns the list that holds the profile's text once the run has ended."""
+    if base_method(args.method) != args.method or args.method not in args.profile.split(","):
+        return None
+    import torch
+
+    from gpu_profile import profiled
+    from tunesmith.training import loop
+
+    config["train"]["max_steps"] += 1
+    real, calls, text = loop.train_step, [0], []
+
+    def train_step(loss_module, *rest):
+        calls[0] += 1
+        if calls[0] < config["train"]["max_steps"]:
+            return real(loss_module, *rest)
+        with profiled(next(loss_module.parameters()).device) as found:
+            out = real(loss_module, *rest)
+        text.extend(found)
+        return out
+
+    loop.train_step = train_step
+    return text
 
 
 def train_trl(args) -> dict:
@@ -183,7 +214,7 @@ def spawn(args, stack: str, method: str, model: str, data: dict, tmp: Path) -> d
     command = [sys.executable, __file__, "--child", "--stack", stack, "--method", method, "--model", model,
                "--data", json.dumps(data), "--result", str(result), "--out", str(tmp / f"run-{stack}-{method}"),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-               "--accum", str(args.accum), "--length", str(args.length)]
+               "--accum", str(args.accum), "--length", str(args.length), "--profile", args.profile]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -204,6 +235,9 @@ def show(method: str, stack: str, r: dict) -> None:
         if r.get("fast_paths") is not None:
             kernel = f", CUDA attention kernel {r['attention_kernel']}" if r.get("attention_kernel") else ""
             print(f"    fast paths {r['fast_paths']}, {r['layout']} batches{kernel}")
+        if r.get("profile"):
+            print("    one more step, profiled (its forward and backward passes): " +
+                  r["profile"].replace("\n", "\n    "))
     sys.stdout.flush()
 
 
@@ -226,6 +260,8 @@ def main() -> None:
     parser.add_argument("--trl-methods", default="qlora,lora",
                         help="the methods TRL runs too (lora:nockpt, for the MFU target, is tunesmith's alone by "
                              "default: the GPU check's minutes)")
+    parser.add_argument("--profile", default="qlora,lora",
+                        help="tunesmith's methods that run one more step, profiled (none: '')")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
