@@ -5,7 +5,9 @@ with and without gradient checkpointing. The 8B model is reused from bench/gpu_c
 
 Each case runs in a fresh process: a random model of the shape (weights do not change memory),
 the method made trainable and the fast paths applied as `tunesmith train` does, then three
-optimizer steps of random tokens through training/loop.py's train_step; measured is
+optimizer steps of random tokens through training/loop.py's train_step, of `accum` micro-batches
+each (the 8B rows as the comparison runs them, the full fine-tune's with its gradients held across
+two); measured is
 torch.cuda.max_memory_allocated after the first step (so the optimizer states exist), predicted
 the plan's tensors (its CUDA-context and allocator-slack overhead left out: allocated memory
 does not contain them).
@@ -23,11 +25,11 @@ import tempfile
 from pathlib import Path
 
 CASES = [
-    {"shape": "llama-3.1-8b", "method": "qlora", "batch": 2, "seq": 2048, "ckpt": True},
-    {"shape": "llama-3.1-8b", "method": "lora", "batch": 2, "seq": 2048, "ckpt": True},
-    {"shape": "llama-3.2-3b", "method": "lora", "batch": 4, "seq": 1024, "ckpt": False},
-    {"shape": "llama-3.2-1b", "method": "qlora", "batch": 1, "seq": 4096, "ckpt": False},
-    {"shape": "tinyllama-1.1b", "method": "full", "batch": 2, "seq": 1024, "ckpt": True},
+    {"shape": "llama-3.1-8b", "method": "qlora", "batch": 2, "seq": 2048, "ckpt": True, "accum": 4},
+    {"shape": "llama-3.1-8b", "method": "lora", "batch": 2, "seq": 2048, "ckpt": True, "accum": 4},
+    {"shape": "llama-3.2-3b", "method": "lora", "batch": 4, "seq": 1024, "ckpt": False, "accum": 1},
+    {"shape": "llama-3.2-1b", "method": "qlora", "batch": 1, "seq": 4096, "ckpt": False, "accum": 1},
+    {"shape": "tinyllama-1.1b", "method": "full", "batch": 2, "seq": 1024, "ckpt": True, "accum": 2},
 ]
 QUICK = [{**case, "shape": "tiny", "seq": case["seq"] // 8} for case in CASES]
 
@@ -70,7 +72,8 @@ def training(case: dict, folder: Path, device):
     model.train()
 
     def step() -> None:
-        train_step(loss_module, split, [list(range(case["batch"]))], 0, layout=layout)
+        # accumulation: the same rows again, the earlier micro-batches' gradients held meanwhile
+        train_step(loss_module, split, [list(range(case["batch"]))] * case["accum"], 0, layout=layout)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -101,7 +104,8 @@ def predict(case: dict, folder: Path) -> float:
     shape = model_shape(str(folder))
     setup = Setup(method=case["method"], dtype="bfloat16", batch=case["batch"], seq=case["seq"],
                   gradient_checkpointing=case["ckpt"], r=32, label_share=0.5,
-                  tokens=case["batch"] * case["seq"], head_chunk=head_chunk(shape.vocab, "cuda"))
+                  tokens=case["batch"] * case["seq"], head_chunk=head_chunk(shape.vocab, "cuda"),
+                  grad_accum=case["accum"])
     if torch.cuda.is_available():
         return estimate(shape, setup).total  # tensors only: allocated memory has no context or slack
     return estimate_for_machine(shape, setup).total
@@ -126,7 +130,7 @@ def main() -> None:
         print(json.dumps({**measure(case, Path(args.folder)), "predicted": predict(case, Path(args.folder))}))
         return
     cases = QUICK if args.quick else CASES
-    print(f"{'shape':<14}{'method':<7}{'batch x seq':>12}{'ckpt':>6}{'measured':>11}{'plan':>10}{'error':>8}")
+    print(f"{'shape':<14}{'method':<7}{'batch x seq':>12}{'accum':>6}{'ckpt':>6}{'measured':>11}{'plan':>10}{'error':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         folders: dict[str, Path] = {}
         for case in cases:
@@ -135,7 +139,8 @@ def main() -> None:
                 build(case["shape"], folders[case["shape"]])
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(case),
                                    "--folder", str(folders[case["shape"]])], capture_output=True, text=True)
-            label = f"{case['shape']:<14}{case['method']:<7}{case['batch']:>5} x {case['seq']:<5}{str(case['ckpt']):>6}"
+            label = (f"{case['shape']:<14}{case['method']:<7}{case['batch']:>5} x {case['seq']:<5}{case['accum']:>6}"
+                     f"{str(case['ckpt']):>6}")
             if done.returncode != 0:
                 print(f"{label} failed:\n    " + "\n    ".join(done.stderr.strip().splitlines()[-25:]), flush=True)
                 continue

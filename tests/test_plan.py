@@ -108,6 +108,27 @@ def test_breakdown_parts_hold_what_they_name_and_the_printed_plan_agrees(tiny_mo
     assert sum(printed.values()) == pytest.approx(total, abs=0.01 * len(printed))
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_accumulation_holds_every_gradient_through_the_next_micro_batch(tiny_model_dir, method):
+    """With train.grad_accum > 1 the earlier micro-batches' gradients stay allocated through the
+    next one's forward and backward: at the peak the plan counts as many gradient bytes as the real
+    model holds after one backward, whatever moment the peak falls on (a full fine-tune's are as large
+    as its weights; without accumulation its peak is mid-backward with a part of them)."""
+    from helpers import trainable
+    from tunesmith.config import AdapterConfig
+    from tunesmith.models import load_model
+
+    model = trainable(load_model(str(tiny_model_dir), torch.float32), AdapterConfig(method=method))
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    held = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    shape = model_shape(str(tiny_model_dir))
+    one, four = (estimate(shape, Setup(method=method, dtype="float32", batch=2, seq=64, grad_accum=n)) for n in (1, 4))
+    assert four.parts["gradients"] == pytest.approx(held, rel=0.01)
+    assert four.total - one.total == pytest.approx(held - one.parts["gradients"], rel=0.01)
+    assert one.parts["gradients"] < held  # this peak falls before the backward has made them all
+
+
 @pytest.mark.parametrize("seq", [1, 100, 300, 512, 1024, 4096])
 def test_attention_scores_are_the_largest_block_training_attention_makes(seq):
     """plan/memory.py counts, for a padding-free row, the largest score matrix of the query blocks
@@ -270,3 +291,38 @@ def test_this_machine_is_its_first_gpu_where_cuda_is_available(monkeypatch):
                  tokens=10**6)
     assert found.target.device.name == "this machine: NVIDIA Quadro X" and found.target.epoch_seconds is None
     assert found.target.fits and not found.fits[-1].device.is_cpu  # 8B QLoRA at 1 x 1024: about 11 GiB
+
+
+def test_the_run_estimate_counts_accumulation_where_steps_have_several_micro_batches(monkeypatch):
+    """`tunesmith train`'s estimate: held gradients only where a step is cut into several
+    micro-batches (padding-free, a step of short examples is one forward whatever grad_accum says);
+    on a GPU the figure set against allocated memory is the tensors', the CUDA context and the
+    allocator's slack said beside it."""
+    from tunesmith.data.collate import PADDING_FREE
+    from tunesmith.plan import run_estimate
+
+    from tunesmith.data.prepare import Split
+
+    def split(length):
+        return Split("train", [], [SimpleNamespace(input_ids=[0] * length, label_count=length)] * 16)
+
+    def predicted(length, accum, device=torch.device("cpu")):
+        cfg = validate({"model": {"name": "llama-3.2-1b", "dtype": "bfloat16"}, "data": {"max_seq_len": 1024},
+                        "adapter": {"method": "full"}, "train": {"batch_size": 2, "grad_accum": accum}})
+        return run_estimate(cfg, split(length), PADDING_FREE, device)
+
+    import tunesmith.plan as planning
+
+    seen = []
+    real = planning.estimate_for_machine
+    monkeypatch.setattr(planning, "estimate_for_machine", lambda shape, setup: seen.append(setup) or real(shape, setup))
+    predicted(100, 4)  # 8 examples of 100 tokens a step: one micro-batch
+    predicted(1024, 4)  # 8 of 1024: four micro-batches of 2 x 1024
+    assert [setup.grad_accum for setup in seen] == [1, 4]
+    gradients = 4 * model_shape("llama-3.2-1b").total_params  # a full fine-tune's, in fp32
+    assert 0.5 * gradients < predicted(1024, 4)[0] - predicted(1024, 1)[0] <= gradients
+    monkeypatch.setattr("tunesmith.plan.gpu_of", lambda device: GPUS["h200"])
+    allocated, line = predicted(1024, 4, torch.device("cuda", 0))
+    with_overhead = estimate_on(model_shape("llama-3.2-1b"), Setup(method="full", dtype="bfloat16", batch=2,
+                                                                   seq=1024, grad_accum=4), GPUS["h200"])
+    assert allocated < with_overhead.total and "with the CUDA context and allocator slack" in line

@@ -10,6 +10,7 @@ from .errors import Interrupted, UserError
 from .eval.evidence import evidence_lines
 from .methods import NAMES as METHOD_NAMES
 from .objectives.settings import OBJECTIVE_NAMES
+from .plan.shapes import SHIPPED as SHIPPED_SHAPES
 
 
 def cmd_train(args) -> int:
@@ -128,7 +129,7 @@ def cmd_plan(args) -> int:
     found = plan_for(args.config, args.overrides, args.model, args.device, args.memory, args.tokens, args.utilisation,
                      not args.no_this_machine, method=args.method, dtype=args.dtype, seq=args.seq, batch=args.batch,
                      gradient_checkpointing=args.gradient_checkpointing, r=args.r, targets=targets,
-                     label_share=args.label_share)
+                     label_share=args.label_share, grad_accum=args.grad_accum)
     print(format_plan(found))
     return 0
 
@@ -297,12 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="will it fit, how long will it take: memory and time from the model's config alone")
     p.add_argument("config", nargs="?", default=None, help="a run config (its data gives the token count)")
     p.add_argument("overrides", nargs="*", help="e.g. adapter.method=qlora train.batch_size=4")
-    p.add_argument("--model", default=None, help="hub id, local folder, 'default', or a shipped shape (llama-3.1-8b, "
-                                                 "llama-3.1-70b, llama-2-7b, llama-2-70b, llama-65b)")
+    p.add_argument("--model", default=None, help="hub id, local folder, 'default', or a shipped shape ("
+                                                 + ", ".join(SHIPPED_SHAPES) + ")")
     p.add_argument("--method", choices=list(METHOD_NAMES), default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
     p.add_argument("--seq", type=int, default=None, help="longest sequence (tokens)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per optimizer step (from 2 on, every gradient is held through the next one)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--r", type=int, default=None, help="LoRA rank")
     p.add_argument("--targets", default=None, help="comma-separated LoRA targets (default: every linear layer)")

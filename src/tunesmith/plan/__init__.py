@@ -132,7 +132,8 @@ def setup_from_config(cfg, label_share: float = 1.0, device=None) -> Setup:
     setup = Setup(method=cfg.adapter.method, dtype=dtype, batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
                   gradient_checkpointing=bool(getattr(cfg.adapter, "gradient_checkpointing", False)),
                   r=cfg.adapter.r, targets=targets, label_share=label_share,
-                  freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing)
+                  freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing,
+                  grad_accum=cfg.train.grad_accum)
     return objective_setup(cfg, setup)  # sequences per example, reference copy (issue 23)
 
 
@@ -209,19 +210,26 @@ def data_figures(cfg) -> tuple[int, float, float]:
     return train.tokens, labels / max(1, train.tokens), train.tokens / max(1, len(train))
 
 
-def largest_micro_batch(split, cfg, layout: str, steps: int) -> tuple[int, int, int]:
-    """(sequences, longest sequence, tokens computed) of the largest micro-batch the run's first
-    `steps` optimizer steps (at most an epoch's) will see: the same stream training draws from,
-    each example counted as the sequences its objective trains on (plan/objectives.py)."""
-    from ..data.collate import PADDING_FREE, rounded_up
+def first_steps(split, cfg, layout: str, steps: int) -> list[list[list[int]]]:
+    """The micro-batches of the run's first `steps` optimizer steps (at most an epoch's): the same
+    stream training draws from."""
     from ..training.loop import optimizer_steps
 
-    examples = split.encoded
     stream = optimizer_steps(split, cfg, layout)
-    per_epoch = max(1, -(-len(examples) // (cfg.train.batch_size * cfg.train.grad_accum)))
+    per_epoch = max(1, -(-len(split.encoded) // (cfg.train.batch_size * cfg.train.grad_accum)))
+    return [next(stream) for _ in range(min(steps, per_epoch))]
+
+
+def largest_micro_batch(split, cfg, layout: str, steps: int) -> tuple[int, int, int]:
+    """(sequences, longest sequence, tokens computed) of the largest micro-batch of the run's first
+    `steps` optimizer steps, each example counted as the sequences its objective trains on
+    (plan/objectives.py)."""
+    from ..data.collate import PADDING_FREE, rounded_up
+
+    examples = split.encoded
     best = (1, 1, 0)
-    for _ in range(min(steps, per_epoch)):
-        for batch in next(stream):
+    for step in first_steps(split, cfg, layout, steps):
+        for batch in step:
             sizes = [n for i in batch for n in trained_lengths(examples[i], cfg.train, cfg.data.max_seq_len)]
             # rows are rounded up (data/collate.py rounded_up); padded rows compute their padding
             width = rounded_up(max(sizes))
@@ -239,18 +247,28 @@ def run_estimate(cfg, train_split, layout: str, device) -> tuple[float, str]:
     from ..data.collate import PACKED, PADDING_FREE
     from ..training.loop import total_steps
 
-    sequences, longest, tokens = largest_micro_batch(train_split, cfg, layout, total_steps(cfg, len(train_split)))
+    steps = total_steps(cfg, len(train_split))
+    sequences, longest, tokens = largest_micro_batch(train_split, cfg, layout, steps)
+    # Padding-free, a step of short examples may be one micro-batch whatever train.grad_accum says:
+    # gradients are held across micro-batches only where a step has several.
+    accumulating = max(len(step) for step in first_steps(train_split, cfg, layout, steps))
     setup = setup_from_config(cfg, label_share(train_split.encoded, cfg.train, cfg.data.max_seq_len), device)
     setup = counted_setup(cfg, changed(setup, batch=sequences, seq=longest, packed_rows=layout == PACKED,
-                                       tokens=tokens if layout == PADDING_FREE else None))
+                                       tokens=tokens if layout == PADDING_FREE else None, grad_accum=accumulating))
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
     target = gpu_of(device) if device.type == "cuda" else None
     est = estimate_on(shape, changed(setup, head_chunk=cuda_head_chunk(shape)), target) if target \
         else estimate_for_machine(shape, setup)
-    biggest = sorted(((v, k) for k, v in est.parts.items() if v > 0), reverse=True)[:3]
-    where = f" of {gib(target.memory)} on {target.name}" if target else ""
-    return est.total, (f"plan: peak about {gib(est.total)} for micro-batches of up to {tokens} tokens ("
-                       + ", ".join(f"{k} {gib(v)}" for v, k in biggest) + f"){where}")
+    biggest = sorted(((v, k) for k, v in est.parts.items() if v > 0 and k != "framework overhead"), reverse=True)[:3]
+    parts = ", ".join(f"{k} {gib(v)}" for v, k in biggest)
+    if not target:  # the CPU: resident memory, the allocator's overhead included (as it is measured)
+        return est.total, f"plan: peak about {gib(est.total)} for micro-batches of up to {tokens} tokens ({parts})"
+    # A GPU: the tensors, to set against the allocated memory the run measures; the card must also
+    # hold the CUDA context and the caching allocator's slack.
+    tensors = est.total - est.parts["framework overhead"]
+    return tensors, (f"plan: peak about {gib(tensors)} allocated for micro-batches of up to {tokens} tokens ("
+                     f"{parts}); {gib(est.total)} with the CUDA context and allocator slack, of "
+                     f"{gib(target.memory)} on {target.name}")
 
 
 def utilisation_of(cfg, train_split, device):

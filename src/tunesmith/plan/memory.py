@@ -92,6 +92,10 @@ class Setup:
     objective: str = "sft"
     reference_copy: bool = False
     sampled_tokens: int = 0
+    # Micro-batches per optimizer step (train.grad_accum): from the second on, every trainable
+    # weight's gradient is held through the whole forward and backward (a full fine-tune's: the size of
+    # its weights in fp32).
+    grad_accum: int = 1
 
 
 def _method(setup: Setup):
@@ -336,6 +340,8 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     accumulate = shape.vocab * h * grad_e if embeddings_train and shape.tied else 0.0
     moments.append(("end of the backward pass", grads_all, 0.0, 0.0, 0.0, accumulate))
 
+    if setup.grad_accum > 1:  # the earlier micro-batches' gradients, accumulated in place
+        moments = [(name, max(grads, grads_all), *rest) for name, grads, *rest in moments]
     label, gradients, activations, weight_copies, head, working = max(moments, key=lambda m: sum(m[1:]))
     parts = {
         "weights": weight_bytes(shape, setup),
