@@ -8,8 +8,8 @@
 # On the device machine of this workplace: `prepare` here, then one run with carry [".whl"] and
 # the command `bash bench/gpu_check.sh` with timeout_s 600 ($OUT is set there: its files come back).
 #
-# Runs: tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA r=32 and LoRA
-# bf16, batch 2 x accumulation 4, 2048 tokens, both with gradient checkpointing, and tunesmith's LoRA
+# Runs: tunesmith against TRL SFTTrainer + peft on the Llama-3.1-8B shape (QLoRA r=32 with bf16
+# adapters as TRL keeps them, and LoRA bf16, batch 2 x accumulation 4, 2048 tokens, both with gradient checkpointing, and tunesmith's LoRA
 # without it for the MFU target: bench/gpu_compare.py, alone on the GPU since it times; tunesmith's
 # QLoRA and LoRA runs end with one more step, profiled, not timed: where its device time goes); then, side by side, `plan` against
 # measured memory in five set-ups on four shapes (bench/plan_gpu.py) and the test suite with CUDA visible (tests

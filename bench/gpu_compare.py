@@ -3,13 +3,15 @@ plan's prediction against what was allocated.
 
 The setup Unsloth publishes its "2x faster, 70% less memory" claim on: the Llama-3.1-8B shape,
 QLoRA r=32 on every linear layer, micro-batch 2 x accumulation 4, rows of 2048 tokens; and the
-same with LoRA on a bf16 base. Weights are random, built from the shape's config (no hub is
+same with LoRA on a bf16 base. TRL stores a QLoRA run's adapters (and so their gradients and AdamW
+states) in bf16, so the QLoRA rows compare 'qlora:bf16' (tunesmith with adapter.dtype=bfloat16); its
+default, fp32 adapters, is 'qlora'. Weights are random, built from the shape's config (no hub is
 reachable where this runs; speed and memory do not depend on weight values), the tokenizer is the
 small BPE tokenizer the tests build (trained here in seconds; its ids fit any vocabulary), the data rows are 2048 tokens of MedQuAD
 text (or repeated generated text where MedQuAD is absent). Each run trains in a fresh process.
 
-    python bench/gpu_compare.py --shape llama-3.1-8b --methods qlora,lora,lora:nockpt --steps 5 --warmup 2
-    python bench/gpu_compare.py --trl-methods qlora,lora,lora:nockpt    # TRL without checkpointing too
+    python bench/gpu_compare.py --shape llama-3.1-8b --methods qlora:bf16,lora,lora:nockpt --steps 5 --warmup 2
+    python bench/gpu_compare.py --methods qlora,qlora:bf16 --trl-methods qlora,qlora:bf16   # fp32 adapters too
     python bench/gpu_compare.py --shape tiny --steps 3 --warmup 1   # the flow, on the CPU, in a minute
 
 Prints one table and writes --out (JSON). Run only on a machine doing nothing else.
@@ -90,14 +92,19 @@ def write_rows(folder: Path, tokenizer_dir: Path, rows: int, length: int) -> dic
 
 
 def base_method(spec: str) -> str:
-    """'lora:nockpt' -> 'lora': a method, optionally without gradient checkpointing."""
+    """'qlora:bf16' -> 'qlora': a method, optionally with ':nockpt' (no gradient checkpointing) and
+    ':bf16' (adapters, their gradients and AdamW states in bf16, as TRL's QLoRA keeps them)."""
     return spec.split(":")[0]
 
 
 def checkpointing(spec: str) -> bool:
     """Both stacks recompute activations unless the method says ':nockpt' (an H200 holds the 8B LoRA
     run without it, and the MFU target is about the arithmetic, not a recompute)."""
-    return not spec.endswith(":nockpt")
+    return "nockpt" not in spec.split(":")[1:]
+
+
+def adapter_dtype(spec: str) -> str:
+    return "bfloat16" if "bf16" in spec.split(":")[1:] else "float32"
 
 
 def train_tunesmith(args) -> dict:
@@ -111,7 +118,8 @@ def train_tunesmith(args) -> dict:
         "data": {"train": args.data["text"], "validation": args.data["validation"], "format": "text",
                  "max_seq_len": args.length, "cache": False},
         "adapter": {"method": base_method(args.method), "r": 32, "alpha": 64, "target_modules": "all-linear",
-                    "gradient_checkpointing": checkpointing(args.method)},  # as TRL's run below
+                    "gradient_checkpointing": checkpointing(args.method),  # as TRL's run below
+                    "dtype": adapter_dtype(args.method)},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": args.accum, "lr": 2e-4,
                   "log_every": 1, "warmup_ratio": 0.0},
         "eval": {"generate": False, "report": False, "compare_base": False, "batch_size": 1},
@@ -141,7 +149,7 @@ def profile_last_step(args, config: dict) -> list | None:
     """Where the time of one more step goes, for --profile's methods: the run gets a step after the
     timed ones, and its forward and backward passes (training/loop.py train_step) run under
     torch.profiler. Returns the list that holds the profile's text once the run has ended."""
-    if base_method(args.method) != args.method or args.method not in args.profile.split(","):
+    if args.method not in args.profile.split(","):
         return None
     import torch
 
@@ -197,6 +205,11 @@ def train_trl(args) -> dict:
     trainer = SFTTrainer(model=args.model, args=config, callbacks=[clock],
                          train_dataset=load_dataset("json", data_files=args.data["ids"], split="train"),
                          peft_config=LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", task_type="CAUSAL_LM"))
+    # TRL stores a QLoRA run's adapters in bf16 and peft a LoRA run's in fp32: each as the method asks
+    # (the optimizer, made in train(), takes them as they are then)
+    for param in trainer.model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(getattr(torch, adapter_dtype(args.method)))
     trainer.train()
     (t0, n0), (t1, n1) = clock.points[args.warmup], clock.points[-1]
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -255,12 +268,13 @@ def compared(row: dict) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", default="llama-3.1-8b")
-    parser.add_argument("--methods", default="qlora,lora,lora:nockpt")
+    parser.add_argument("--methods", default="qlora:bf16,lora,lora:nockpt",
+                        help="qlora:bf16 is TRL's QLoRA set-up (bf16 adapters); qlora, tunesmith's default (fp32)")
     parser.add_argument("--stacks", default="tunesmith,trl")
-    parser.add_argument("--trl-methods", default="qlora,lora",
+    parser.add_argument("--trl-methods", default="qlora:bf16,lora",
                         help="the methods TRL runs too (lora:nockpt, for the MFU target, is tunesmith's alone by "
                              "default: the GPU check's minutes)")
-    parser.add_argument("--profile", default="qlora,lora",
+    parser.add_argument("--profile", default="qlora:bf16,lora",
                         help="tunesmith's methods that run one more step, profiled (none: '')")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 import tunesmith
@@ -26,6 +27,7 @@ from tunesmith.data.tokenize import encode
 from tunesmith.errors import UserError
 from tunesmith.export import export as export_run
 from tunesmith.models import load_model
+from tunesmith.plan import estimate, model_shape
 from tunesmith.runs import load_trained
 from tunesmith.eval.loss import eval_loss
 from tunesmith.training.loss import label_loss_sum
@@ -302,3 +304,32 @@ def test_full_fine_tune_of_a_bf16_model_is_mixed_precision(tiny_model_dir, tiny_
     torch.optim.AdamW(model.parameters(), lr=1e-5).step()
     changed = sum(int((p != b).sum()) for p, b in zip(model.parameters(), before))
     assert changed > 0.9 * sum(b.numel() for b in before)  # in bf16 most of these updates would round away
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
+def test_bf16_adapters_keep_weights_gradients_and_adam_states_in_bf16(method, arch_dirs, data_files, tmp_path):
+    """adapter.dtype=bfloat16 (TRL's QLoRA set-up): the adapters, their gradients and AdamW's
+    moments in bf16 (DoRA's magnitudes stay fp32), the run trains, the saved adapter reloads with
+    plain peft, and the plan counts half the adapter bytes."""
+    from tunesmith.config import validate
+    from tunesmith.plan import setup_from_config
+
+    config = run_config(arch_dirs["llama"], tmp_path / "run", {"method": method, "dtype": "bfloat16"}, data_files)
+    config["model"]["dtype"] = "bfloat16"
+    config["train"].update(checkpoint_every=5)
+    results = tunesmith.train(config)
+    assert results["final_loss"] < results["first_loss"]
+    run = Path(results["run_dir"])
+    state = torch.load(next(run.glob("checkpoints/*/optim.pt")), weights_only=False)["optimizer"]["state"]
+    moments = {state[i]["exp_avg"].dtype for i in state}
+    assert moments == ({torch.bfloat16, torch.float32} if method == "dora" else {torch.bfloat16})
+    saved = safetensors.torch.load_file(run / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for name, t in saved.items() if "lora_" in name and "magnitude" not in name} == {torch.bfloat16}
+    plain = plain_peft_model(arch_dirs["llama"], run / "adapter", quantized=method == "qlora")
+    assert plain(**{"input_ids": torch.tensor([[1, 5, 9]])}).logits.isfinite().all()
+    setups = [setup_from_config(validate({**config, "adapter": {"method": method, "dtype": dtype}}))
+              for dtype in ("float32", "bfloat16")]
+    shape = model_shape(str(arch_dirs["llama"]))
+    halves = [estimate(shape, setup).parts for setup in setups]
+    assert halves[1]["adapter weights"] * 2 == halves[0]["adapter weights"]
+    assert halves[1]["optimizer states"] * 2 == halves[0]["optimizer states"]

@@ -67,6 +67,11 @@ class AdapterConfig(_Section):
     freeze_embeddings: bool = Field(False, description="Full fine-tuning: keep the token embeddings (and a tied LM head) frozen.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about a third more compute.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="What LoRA/DoRA adapter weights, their gradients and AdamW states are stored in: "
+                               "'float32' (updates of any size land) or 'bfloat16' (half their memory, as TRL's "
+                               "QLoRA and the QLoRA paper; an update below about 1/256 of its weight is lost). "
+                               "Matmuls run in the model's dtype either way. DoRA's magnitudes stay float32.")
 
 
 class TrainConfig(_Section, ObjectiveSettings):  # objective settings: objectives/settings.py

@@ -69,7 +69,15 @@ def add_lora(model, cfg: "AdapterConfig", dora: bool = False):
         bias="none", task_type="CAUSAL_LM",
     )
     # PEFT keeps the adapter weights in fp32 (autocast_adapter_dtype) even when the base is bf16.
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if cfg.dtype == "bfloat16":
+        import torch
+
+        for name, param in model.named_parameters():
+            # DoRA's magnitudes move by less than bf16 can hold (TRL keeps them fp32 too, trl#7268)
+            if param.requires_grad and "lora_magnitude_vector" not in name:
+                param.data = param.data.to(torch.bfloat16)
+    return model
 
 
 def make_fully_trainable(model, cfg: "AdapterConfig"):

@@ -133,7 +133,7 @@ def setup_from_config(cfg, label_share: float = 1.0, device=None) -> Setup:
                   gradient_checkpointing=bool(getattr(cfg.adapter, "gradient_checkpointing", False)),
                   r=cfg.adapter.r, targets=targets, label_share=label_share,
                   freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing,
-                  grad_accum=cfg.train.grad_accum)
+                  grad_accum=cfg.train.grad_accum, adapter_dtype=cfg.adapter.dtype)
     return objective_setup(cfg, setup)  # sequences per example, reference copy (issue 23)
 
 
