@@ -1,5 +1,6 @@
-"""`tunesmith plan` against the CUDA memory a real training step allocates: five set-ups on four
-shapes (Llama-3.1-8B QLoRA and LoRA, Llama-3.2-3B, Llama-3.2-1B, TinyLlama 1.1B fully fine-tuned),
+"""`tunesmith plan` against the CUDA memory a real training step allocates: six set-ups on four
+shapes (Llama-3.1-8B QLoRA, LoRA and QLoRA with bf16 adapters and offloaded activations,
+Llama-3.2-3B, Llama-3.2-1B, TinyLlama 1.1B fully fine-tuned),
 with and without gradient checkpointing. The 8B model is reused from bench/gpu_compare.py's
 --models folder where it is there; the small ones are built in seconds.
 
@@ -27,6 +28,9 @@ from pathlib import Path
 CASES = [
     {"shape": "llama-3.1-8b", "method": "qlora", "batch": 2, "seq": 2048, "ckpt": True, "accum": 4},
     {"shape": "llama-3.1-8b", "method": "lora", "batch": 2, "seq": 2048, "ckpt": True, "accum": 4},
+    # TRL's QLoRA set-up (bf16 adapters), the checkpointed inputs in host memory (adapter.offload_activations)
+    {"shape": "llama-3.1-8b", "method": "qlora", "batch": 2, "seq": 2048, "ckpt": True, "accum": 4,
+     "adapters": "bfloat16", "offload": True},
     {"shape": "llama-3.2-3b", "method": "lora", "batch": 4, "seq": 1024, "ckpt": False, "accum": 1},
     {"shape": "llama-3.2-1b", "method": "qlora", "batch": 1, "seq": 4096, "ckpt": False, "accum": 1},
     {"shape": "tinyllama-1.1b", "method": "full", "batch": 2, "seq": 1024, "ckpt": True, "accum": 2},
@@ -54,10 +58,13 @@ def training(case: dict, folder: Path, device):
     from tunesmith.training.distributed import StepLoss
     from tunesmith.training.loop import train_step
     from tunesmith.training.loss import label_loss_sum
+    from tunesmith.training.offload import offloaded
 
     method = methods.get(case["method"])
     model = method.load_base(str(folder), torch.bfloat16, device)
     model = method.make_trainable(model, AdapterConfig(method=case["method"], r=32, alpha=64,
+                                                       dtype=case.get("adapters", "float32"),
+                                                       offload_activations=case.get("offload", False),
                                                        gradient_checkpointing=case["ckpt"]))
     accel.apply(model, device)
     layout = PADDING_FREE if accel.padding_free(model) else PADDED
@@ -68,7 +75,7 @@ def training(case: dict, folder: Path, device):
     rows = torch.randint(3, vocab, (case["batch"], case["seq"]), generator=generator).tolist()
     half = case["seq"] // 2
     split = Split("train", [], [Encoded(row, [IGNORE] * half + row[half:]) for row in rows])
-    loss_module = StepLoss(model, label_loss_sum)
+    loss_module = StepLoss(model, offloaded(label_loss_sum, case.get("offload", False) and device.type == "cuda"))
     model.train()
 
     def step() -> None:
@@ -105,7 +112,8 @@ def predict(case: dict, folder: Path) -> float:
     setup = Setup(method=case["method"], dtype="bfloat16", batch=case["batch"], seq=case["seq"],
                   gradient_checkpointing=case["ckpt"], r=32, label_share=0.5,
                   tokens=case["batch"] * case["seq"], head_chunk=head_chunk(shape.vocab, "cuda"),
-                  grad_accum=case["accum"])
+                  grad_accum=case["accum"], adapter_dtype=case.get("adapters", "float32"),
+                  offload_activations=case.get("offload", False) and torch.cuda.is_available())
     if torch.cuda.is_available():
         return estimate(shape, setup).total  # tensors only: allocated memory has no context or slack
     return estimate_for_machine(shape, setup).total
@@ -130,7 +138,7 @@ def main() -> None:
         print(json.dumps({**measure(case, Path(args.folder)), "predicted": predict(case, Path(args.folder))}))
         return
     cases = QUICK if args.quick else CASES
-    print(f"{'shape':<14}{'method':<7}{'batch x seq':>12}{'accum':>6}{'ckpt':>6}{'measured':>11}{'plan':>10}{'error':>8}")
+    print(f"{'shape':<14}{'method':<20}{'batch x seq':>12}{'accum':>6}{'ckpt':>6}{'measured':>11}{'plan':>10}{'error':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         folders: dict[str, Path] = {}
         for case in cases:
@@ -139,7 +147,9 @@ def main() -> None:
                 build(case["shape"], folders[case["shape"]])
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(case),
                                    "--folder", str(folders[case["shape"]])], capture_output=True, text=True)
-            label = (f"{case['shape']:<14}{case['method']:<7}{case['batch']:>5} x {case['seq']:<5}{case['accum']:>6}"
+            method = case["method"] + ("+bf16" if case.get("adapters") == "bfloat16" else "") + (
+                "+offload" if case.get("offload") else "")
+            label = (f"{case['shape']:<14}{method:<20}{case['batch']:>5} x {case['seq']:<5}{case['accum']:>6}"
                      f"{str(case['ckpt']):>6}")
             if done.returncode != 0:
                 print(f"{label} failed:\n    " + "\n    ".join(done.stderr.strip().splitlines()[-25:]), flush=True)

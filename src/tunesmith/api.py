@@ -91,6 +91,9 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     model = method.make_trainable(model, cfg.adapter)
     applied = accel.apply(model, device, cfg.train.fast_paths)
     say(accel.describe(applied, cfg.train.fast_paths, device))
+    if cfg.adapter.offload_activations:
+        say("activations: the checkpointed blocks' inputs wait in pinned host memory" if device.type == "cuda"
+            else "activations: adapter.offload_activations has no effect on the CPU (they are in host memory already)")
     eval_layout = PADDING_FREE if accel.padding_free(model) else PADDED
     train_layout = layout(cfg.data.packing, eval_layout == PADDING_FREE)
     train_split = data.splits["train"]

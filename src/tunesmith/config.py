@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError, closest
 from .methods import METHODS, NAMES as METHOD_NAMES
@@ -72,6 +72,18 @@ class AdapterConfig(_Section):
                                "'float32' (updates of any size land) or 'bfloat16' (half their memory, as TRL's "
                                "QLoRA and the QLoRA paper; an update below about 1/256 of its weight is lost). "
                                "Matmuls run in the model's dtype either way. DoRA's magnitudes stay float32.")
+    offload_activations: bool = Field(
+        False, description="With gradient_checkpointing on a GPU: keep the checkpointed blocks' inputs in pinned "
+                           "host memory between forward and backward (layers x tokens x hidden values; 1 GiB for an "
+                           "8B model at 2 x 2048 tokens), at the cost of copying them out and back each micro-batch. "
+                           "No effect on the CPU.")
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self):
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("adapter.offload_activations needs adapter.gradient_checkpointing: true (without it "
+                             "every activation would cross to the host and back)")
+        return self
 
 
 class TrainConfig(_Section, ObjectiveSettings):  # objective settings: objectives/settings.py
@@ -261,6 +273,7 @@ def _line_of(text: str, loc: list[str]) -> int | None:
 # Keys that do not change the trained weights: a resumed run may differ in these. Of the `eval`
 # section only the keys that decide when training stops and which weights it returns count.
 RESULT_NEUTRAL = {"output", "train.log_every", "train.device", "train.fast_paths", "train.fsdp_offload",
+                  "adapter.offload_activations",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.log_sample_ids",
                   "train.auto_micro_batch"}
 EVAL_RESULT_KEYS = {"eval.every_steps", "eval.patience", "eval.min_delta", "eval.restore_best"}

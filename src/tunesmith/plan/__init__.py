@@ -58,7 +58,7 @@ def estimate_for_machine(shape: ModelShape, setup: Setup) -> Estimate:
     from .memory import dtypes
 
     bf16 = setup.dtype == "bfloat16" and dtypes(setup).inner == 2  # q, k and v in bf16 (not QLoRA's fp32)
-    setup = replace(setup, cpu_attention=True,
+    setup = replace(setup, cpu_attention=True, offload_activations=False,  # a CUDA-only saving
                     native_attention=bf16 and native.supported(torch.bfloat16, shape.head_dim))
     return estimate(shape, setup, overhead=cpu_overhead(estimate(shape, setup)))
 
@@ -133,7 +133,8 @@ def setup_from_config(cfg, label_share: float = 1.0, device=None) -> Setup:
                   gradient_checkpointing=bool(getattr(cfg.adapter, "gradient_checkpointing", False)),
                   r=cfg.adapter.r, targets=targets, label_share=label_share,
                   freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing,
-                  grad_accum=cfg.train.grad_accum, adapter_dtype=cfg.adapter.dtype)
+                  grad_accum=cfg.train.grad_accum, adapter_dtype=cfg.adapter.dtype,
+                  offload_activations=cfg.adapter.offload_activations)
     return objective_setup(cfg, setup)  # sequences per example, reference copy (issue 23)
 
 

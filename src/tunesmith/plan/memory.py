@@ -96,6 +96,9 @@ class Setup:
     # weight's gradient is held through the whole forward and backward (a full fine-tune's: the size of
     # its weights in fp32).
     grad_accum: int = 1
+    # adapter.offload_activations (training/offload.py), on a GPU with checkpointing: the blocks'
+    # inputs wait in host memory; one block's is back on the device while its backward runs
+    offload_activations: bool = False
 
 
 def _method(setup: Setup):
@@ -274,6 +277,8 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     block = sum(stages) * tokens
     first = activation_bytes(shape, setup, first_block=not ckpt) * tokens
     kept_layers = shape.layers * d.residual * h * tokens if ckpt else (shape.layers - 1) * block + first
+    if ckpt and setup.offload_activations:
+        kept_layers = d.residual * h * tokens
     # a block's tensors before its attention output (norm, q/k/v inputs and adapters, q, k, v), and after it
     pre_attention = (stages[0] - d.inner * q - 4 * shape.heads) * tokens
     post_attention = sum(stages[1:]) * tokens

@@ -31,6 +31,7 @@ from .early_stop import BestWeights, EarlyStopping, overfitting
 from .loggers import MetricLog
 from .loss import label_loss_sum
 from .memory import device_memory, is_out_of_memory, release_freed_memory
+from .offload import offloaded
 from .schedule import warmup_cosine
 
 
@@ -114,6 +115,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     # Looked up at call time, so a test can wrap label_loss_sum; wrapped before the optimizer is
     # built, as FSDP2 replaces the parameters with sharded ones.
     loss_fn = objective.loss if objective else (lambda m, b: label_loss_sum(m, b))  # objectives: issue 23
+    loss_fn = offloaded(loss_fn, cfg.adapter.offload_activations and device.type == "cuda")
     loss_module, grad_scale = distributed.wrap(model, loss_fn, ranks, cfg.train.fsdp,
                                                cfg.train.fsdp_offload)
     state_owner = loss_module if ranks.fsdp else model  # what checkpoints save and restore
