@@ -304,8 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
     p.add_argument("--seq", type=int, default=None, help="longest sequence (tokens)")
     p.add_argument("--batch", type=int, default=None, help="micro-batch size")
-    p.add_argument("--grad-accum", type=int, default=None,
-                   help="micro-batches per optimizer step (from 2 on, every gradient is held through the next one)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (gradients held between)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--r", type=int, default=None, help="LoRA rank")
     p.add_argument("--targets", default=None, help="comma-separated LoRA targets (default: every linear layer)")
