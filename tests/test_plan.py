@@ -9,7 +9,7 @@ import torch
 from tunesmith.config import validate
 from tunesmith.plan import (GiB, Setup, estimate, estimate_on, format_plan, model_shape, plan, setup_from_config,
                             utilisation_of)
-from tunesmith.plan.devices import GPUS
+from tunesmith.plan.devices import GPUS, Device
 from tunesmith.plan.memory import adapter_params, weight_bytes
 from tunesmith.plan.shapes import LINEARS, shape_from_dict
 from tunesmith.plan.speed import flops_per_token
@@ -202,6 +202,20 @@ def test_a_plan_that_does_not_fit_names_changes_that_do():
     assert not p.target.fits
     assert p.changes and all(changed.total <= 16 * GiB for _, changed in p.changes)
     assert "does not fit T4" in format_plan(p)
+
+
+def test_a_gpu_just_too_small_is_offered_offloaded_activations_and_bf16_adapters(monkeypatch):
+    """8B QLoRA at 2 x 2048 needs about 9.1 GiB with its CUDA overhead: on 8.7 GiB the first change
+    offered keeps every result and moves the activations to the host; bf16 adapters follow. A CPU
+    gains nothing from offloading, so its plan never offers it."""
+    setup = Setup(method="qlora", dtype="bfloat16", batch=2, seq=2048, r=32)
+    changes = [label for label, _ in plan("llama-3.1-8b", setup, memory_gib=8.7, include_this_machine=False).changes]
+    assert "offload_activations=true" in changes[0]
+    assert any("adapter.dtype=bfloat16" in label for label in changes)
+    small_cpu = Device("a CPU", 8.7 * GiB, None, 1.0, is_cpu=True)
+    monkeypatch.setattr("tunesmith.plan.find_device", lambda name: small_cpu)
+    on_cpu = plan("llama-3.1-8b", setup, device="this-machine", include_this_machine=False)
+    assert on_cpu.changes and not any("offload" in label for label, _ in on_cpu.changes)
 
 
 def test_flops_per_token_follow_6n_and_4n():

@@ -105,10 +105,16 @@ def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
 
     ckpt = {"gradient_checkpointing": True}
     add("gradient checkpointing on (adapter.gradient_checkpointing=true)", **ckpt)
+    # same results, slower steps; a GPU's saving only (the CPU estimate leaves it out)
+    add("gradient checkpointing, its activations in host memory (adapter.offload_activations=true)",
+        offload_activations=True, **ckpt)
     for batch in (setup.batch // 2, setup.batch // 4, 1):
         if batch >= 1:
             add(f"micro-batch {batch} (train.batch_size={batch}, raise train.grad_accum to keep the step size) "
                 "with gradient checkpointing", batch=batch, **ckpt)
+    if setup.method != "full" and setup.adapter_dtype == "float32":
+        add("bf16 adapters and optimizer states (adapter.dtype=bfloat16) with gradient checkpointing",
+            adapter_dtype="bfloat16", **ckpt)
     if setup.dtype == "float32":
         add("bfloat16 (model.dtype=bfloat16) with gradient checkpointing", dtype="bfloat16", **ckpt)
     if setup.method == "full":
