@@ -1,6 +1,6 @@
 """Typed run configuration: a YAML file plus `section.key=value` overrides.
 
-Every field carries its documentation; `tunesmith config --help-fields` prints them.
+Every field carries its documentation; `tunesmith config` prints them under the defaults.
 Unknown keys are errors that name the closest valid key.
 """
 from __future__ import annotations
