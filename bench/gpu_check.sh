@@ -97,8 +97,9 @@ timed() {  # NAME LIMIT COMMAND...: the command's output in $OUT/NAME.txt with i
 }
 
 compare() {
+    # METHODS="qlora:bf16,qlora:bf16:offload,lora" (say) changes tunesmith's runs (bench/gpu_compare.py --methods)
     timed compare "${COMPARE_LIMIT:-280}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" \
-        --warmup "$WARMUP" --length "$LENGTH" --models "$MODELS" --out "$OUT/compare.json"
+        --warmup "$WARMUP" --length "$LENGTH" --models "$MODELS" --out "$OUT/compare.json" ${METHODS:+--methods "$METHODS"}
 }
 
 fastpaths() {

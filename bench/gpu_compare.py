@@ -92,8 +92,9 @@ def write_rows(folder: Path, tokenizer_dir: Path, rows: int, length: int) -> dic
 
 
 def base_method(spec: str) -> str:
-    """'qlora:bf16' -> 'qlora': a method, optionally with ':nockpt' (no gradient checkpointing) and
-    ':bf16' (adapters, their gradients and AdamW states in bf16, as TRL's QLoRA keeps them)."""
+    """'qlora:bf16' -> 'qlora': a method, optionally with ':nockpt' (no gradient checkpointing),
+    ':bf16' (adapters, their gradients and AdamW states in bf16, as TRL's QLoRA keeps them) and
+    ':offload' (tunesmith only: the checkpointed activations in host memory)."""
     return spec.split(":")[0]
 
 
@@ -105,6 +106,11 @@ def checkpointing(spec: str) -> bool:
 
 def adapter_dtype(spec: str) -> str:
     return "bfloat16" if "bf16" in spec.split(":")[1:] else "float32"
+
+
+def offloading(spec: str) -> bool:
+    """':offload': tunesmith's adapter.offload_activations (checkpointed inputs in host memory)."""
+    return "offload" in spec.split(":")[1:]
 
 
 def train_tunesmith(args) -> dict:
@@ -119,7 +125,7 @@ def train_tunesmith(args) -> dict:
                  "max_seq_len": args.length, "cache": False},
         "adapter": {"method": base_method(args.method), "r": 32, "alpha": 64, "target_modules": "all-linear",
                     "gradient_checkpointing": checkpointing(args.method),  # as TRL's run below
-                    "dtype": adapter_dtype(args.method)},
+                    "dtype": adapter_dtype(args.method), "offload_activations": offloading(args.method)},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "grad_accum": args.accum, "lr": 2e-4,
                   "log_every": 1, "warmup_ratio": 0.0},
         "eval": {"generate": False, "report": False, "compare_base": False, "batch_size": 1},
@@ -239,11 +245,11 @@ def spawn(args, stack: str, method: str, model: str, data: dict, tmp: Path) -> d
 def show(method: str, stack: str, r: dict) -> None:
     """One row of the table, printed as soon as its run ends (a run cut short keeps the rows before)."""
     if "error" in r:
-        print(f"{method:<12}{stack:<11} failed: {r['error']}\n    " + "\n    ".join(r["log"].splitlines()[-25:]))
+        print(f"{method:<19}{stack:<11} failed: {r['error']}\n    " + "\n    ".join(r["log"].splitlines()[-25:]))
     else:
         gib = (lambda v: f"{v / 2**30:.2f}" if v else "-")
         mfu = f"{r['mfu']:.0%}" if r.get("mfu") else "-"
-        print(f"{method:<12}{stack:<11}{r['tokens_per_second']:>10.0f}{gib(r.get('peak_allocated')):>10}"
+        print(f"{method:<19}{stack:<11}{r['tokens_per_second']:>10.0f}{gib(r.get('peak_allocated')):>10}"
               f"{gib(r.get('planned')):>10}{mfu:>7}{r['wall_seconds']:>8.0f}")
         if r.get("fast_paths") is not None:
             kernel = f", CUDA attention kernel {r['attention_kernel']}" if r.get("attention_kernel") else ""
@@ -294,7 +300,7 @@ def main() -> None:
     print(f"{args.shape}, r=32 all linear, micro-batch {args.batch} x accumulation {args.accum}, "
           f"{args.length} tokens, {args.steps} steps ({args.warmup} warm-up); gradient checkpointing in both stacks "
           "except ':nockpt'")
-    print(f"{'method':<12}{'stack':<11}{'tokens/s':>10}{'peak GiB':>10}{'plan GiB':>10}{'MFU':>7}{'wall s':>8}", flush=True)
+    print(f"{'method':<19}{'stack':<11}{'tokens/s':>10}{'peak GiB':>10}{'plan GiB':>10}{'MFU':>7}{'wall s':>8}", flush=True)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         tmp = Path(tmp)
         model = Path(args.models) / args.shape if args.models else tmp / "model"
