@@ -92,6 +92,9 @@ def test_on_cuda_the_inputs_cross_without_synchronising_and_the_gradients_stay(t
     batch = to_device(collate(demo_examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id), device)
     expected_loss, expected = loss_and_grads(model, batch)  # also compiles the fast paths
     model.zero_grad(set_to_none=True)
+    with HostActivations(min_bytes=1):  # and anything compiled anew with the hooks on
+        loss_and_grads(model, batch)
+    model.zero_grad(set_to_none=True)
     hooks = HostActivations(min_bytes=1)
     torch.cuda.synchronize()
     with synchronisations() as found, hooks:
