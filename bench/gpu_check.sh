@@ -12,7 +12,7 @@
 # adapters as TRL keeps them, and LoRA bf16, batch 2 x accumulation 4, 2048 tokens, both with gradient checkpointing, and tunesmith's LoRA
 # without it for the MFU target: bench/gpu_compare.py, alone on the GPU since it times; tunesmith's
 # QLoRA and LoRA runs end with one more step, profiled, not timed: where its device time goes); then, side by side, `plan` against
-# measured memory in five set-ups on four shapes (bench/plan_gpu.py) and the test suite with CUDA visible (tests
+# measured memory in six set-ups on four shapes (bench/plan_gpu.py) and the test suite with CUDA visible (tests
 # that need CUDA run, among them the fast paths against fast_paths=off on tiny models in
 # tests/test_accel.py; those that need chromium skip), and the fast paths against fast_paths=off as
 # a table (bench/fast_vs_plain.py). Writes $OUT/summary.txt (OUT defaults to
@@ -108,7 +108,7 @@ fastpaths() {
 }
 
 plan() {
-    # Five set-ups, and three small shapes built first: about 150 s estimated (not yet run).
+    # Six set-ups, and three small shapes built first: about 170 s estimated (not yet run).
     timed plan "${PLAN_LIMIT:-190}" $PY bench/plan_gpu.py ${QUICK:+--quick} --models "$MODELS"
 }
 
