@@ -169,10 +169,15 @@ def profile_last_step(args, config: dict) -> list | None:
         calls[0] += 1
         if calls[0] < config["train"]["max_steps"]:
             return real(loss_module, *rest)
-        with profiled(next(loss_module.parameters()).device) as found:
-            out = real(loss_module, *rest)
+        done = []
+        try:
+            with profiled(next(loss_module.parameters()).device) as found:
+                done.append(real(loss_module, *rest))
+        except Exception as err:  # noqa: BLE001 (the profile is extra: a profiler that fails must not end the run)
+            text.append(f"no profile ({type(err).__name__}: {err})")
+            return done[0] if done else real(loss_module, *rest)
         text.extend(found)
-        return out
+        return done[0]
 
     loop.train_step = train_step
     return text
