@@ -157,8 +157,6 @@ def profile_last_step(args, config: dict) -> list | None:
     torch.profiler. Returns the list that holds the profile's text once the run has ended."""
     if args.method not in args.profile.split(","):
         return None
-    import torch
-
     from gpu_profile import profiled
     from tunesmith.training import loop
 

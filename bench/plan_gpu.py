@@ -103,7 +103,7 @@ def measure(case: dict, folder: Path) -> dict:
 def predict(case: dict, folder: Path) -> float:
     import torch
 
-    from tunesmith.plan import GPUS, estimate, estimate_for_machine
+    from tunesmith.plan import estimate, estimate_for_machine
     from tunesmith.plan.memory import Setup
     from tunesmith.plan.shapes import model_shape
     from tunesmith.training.loss import head_chunk
