@@ -9,11 +9,19 @@ import torch
 
 from helpers import demo_examples, loss_and_grads, relative_difference, trainable
 from tunesmith.config import AdapterConfig, validate
-from tunesmith.data.collate import collate
 from tunesmith.errors import UserError
 from tunesmith.models import load_model
 from tunesmith.plan import Setup, estimate, model_shape
 from tunesmith.training.offload import HostActivations, offloaded
+
+
+def _batch(model, tokenizer, n: int) -> dict:
+    """n demo examples in the run's layout (padding-free where the fast paths' attention is on)."""
+    from tunesmith import accel
+    from tunesmith.data.collate import PADDED, PADDING_FREE, micro_batch
+
+    return micro_batch(demo_examples(tokenizer, n), PADDING_FREE if accel.padding_free(model) else PADDED,
+                       tokenizer.pad_token_id)
 
 
 def _checkpointed_lora(folder):
@@ -25,7 +33,7 @@ def _checkpointed_lora(folder):
 
 def test_the_blocks_inputs_go_to_the_host_and_the_gradients_stay_the_same(tiny_model_dir, tiny_tokenizer):
     model = _checkpointed_lora(tiny_model_dir)
-    batch = collate(demo_examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id)
+    batch = _batch(model, tiny_tokenizer, 4)
     expected_loss, expected = loss_and_grads(model, batch)
     model.zero_grad(set_to_none=True)
 
@@ -52,7 +60,7 @@ def test_the_blocks_inputs_go_to_the_host_and_the_gradients_stay_the_same(tiny_m
 
 def test_offloading_leaves_cpu_tensors_and_evaluation_alone(tiny_model_dir, tiny_tokenizer):
     model = _checkpointed_lora(tiny_model_dir)
-    batch = collate(demo_examples(tiny_tokenizer, 2), tiny_tokenizer.pad_token_id)
+    batch = _batch(model, tiny_tokenizer, 2)
     hooks = HostActivations()  # CUDA tensors only
     with hooks:
         loss_and_grads(model, batch)
@@ -89,7 +97,7 @@ def test_on_cuda_the_inputs_cross_without_synchronising_and_the_gradients_stay(t
     model = trainable(load_model(str(tiny_model_dir), torch.float32, device=device),
                       AdapterConfig(method="lora", gradient_checkpointing=True))
     model.train()
-    batch = to_device(collate(demo_examples(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id), device)
+    batch = to_device(_batch(model, tiny_tokenizer, 4), device)
     expected_loss, expected = loss_and_grads(model, batch)  # also compiles the fast paths
     model.zero_grad(set_to_none=True)
     with HostActivations(min_bytes=1):  # and anything compiled anew with the hooks on
