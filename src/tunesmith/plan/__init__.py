@@ -231,11 +231,15 @@ def largest_micro_batch(split, cfg, layout: str, steps: int) -> tuple[int, int, 
     """(sequences, longest sequence, tokens computed) of the largest micro-batch of the run's first
     `steps` optimizer steps, each example counted as the sequences its objective trains on
     (plan/objectives.py)."""
+    return _largest_of(first_steps(split, cfg, layout, steps), split, cfg, layout)
+
+
+def _largest_of(drawn: list[list[list[int]]], split, cfg, layout: str) -> tuple[int, int, int]:
     from ..data.collate import PADDING_FREE, rounded_up
 
     examples = split.encoded
     best = (1, 1, 0)
-    for step in first_steps(split, cfg, layout, steps):
+    for step in drawn:
         for batch in step:
             sizes = [n for i in batch for n in trained_lengths(examples[i], cfg.train, cfg.data.max_seq_len)]
             # rows are rounded up (data/collate.py rounded_up); padded rows compute their padding
@@ -254,11 +258,11 @@ def run_estimate(cfg, train_split, layout: str, device) -> tuple[float, str]:
     from ..data.collate import PACKED, PADDING_FREE
     from ..training.loop import total_steps
 
-    steps = total_steps(cfg, len(train_split))
-    sequences, longest, tokens = largest_micro_batch(train_split, cfg, layout, steps)
+    drawn = first_steps(train_split, cfg, layout, total_steps(cfg, len(train_split)))
+    sequences, longest, tokens = _largest_of(drawn, train_split, cfg, layout)
     # Padding-free, a step of short examples may be one micro-batch whatever train.grad_accum says:
     # gradients are held across micro-batches only where a step has several.
-    accumulating = max(len(step) for step in first_steps(train_split, cfg, layout, steps))
+    accumulating = max(len(step) for step in drawn)
     setup = setup_from_config(cfg, label_share(train_split.encoded, cfg.train, cfg.data.max_seq_len), device)
     setup = counted_setup(cfg, changed(setup, batch=sequences, seq=longest, packed_rows=layout == PACKED,
                                        tokens=tokens if layout == PADDING_FREE else None, grad_accum=accumulating))

@@ -276,9 +276,9 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     stages = stage_bytes(shape, setup)
     block = sum(stages) * tokens
     first = activation_bytes(shape, setup, first_block=not ckpt) * tokens
-    kept_layers = shape.layers * d.residual * h * tokens if ckpt else (shape.layers - 1) * block + first
-    if ckpt and setup.offload_activations:
-        kept_layers = d.residual * h * tokens
+    # checkpointed: every block's input, or with offloading only the one back for its backward
+    inputs_kept = 1 if setup.offload_activations else shape.layers
+    kept_layers = inputs_kept * d.residual * h * tokens if ckpt else (shape.layers - 1) * block + first
     # a block's tensors before its attention output (norm, q/k/v inputs and adapters, q, k, v), and after it
     pre_attention = (stages[0] - d.inner * q - 4 * shape.heads) * tokens
     post_attention = sum(stages[1:]) * tokens
