@@ -49,11 +49,11 @@ def build_tokenizer(folder: Path):
     return tokenizer
 
 
-def build_model(folder: Path, arch: str = "llama", vocab: int = 600, seed: int = 0):
+def build_model(folder: Path, arch: str = "llama", vocab: int = 600, seed: int = 0, layers: int = 2):
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   tie_word_embeddings=True, eos_token_id=2, pad_token_id=2, bos_token_id=None)
     configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}

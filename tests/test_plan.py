@@ -340,3 +340,31 @@ def test_the_run_estimate_counts_accumulation_where_steps_have_several_micro_bat
     with_overhead = estimate_on(model_shape("llama-3.2-1b"), Setup(method="full", dtype="bfloat16", batch=2,
                                                                    seq=1024, grad_accum=4), GPUS["h200"])
     assert allocated < with_overhead.total and "with the CUDA context and allocator slack" in line
+
+
+def test_auto_checkpointing_takes_the_fewest_first_blocks_that_fit_each_device():
+    """8B LoRA bf16 at 2 x 2048 (33 GiB of tensors with no checkpointing, 17 with every block):
+    'auto' (the default) checkpoints some of the 32 blocks on a 24 GB card, one fewer would not
+    fit, none on an 80 GB one; the time counts the recomputed blocks only. With checkpointing set
+    to on or off, a card it does not fit is offered the same fewest blocks first."""
+    from dataclasses import replace
+
+    from tunesmith.plan.memory import checkpointed_layers
+
+    cfg = validate({"model": {"name": "llama-3.1-8b", "dtype": "bfloat16"}, "data": {"max_seq_len": 2048},
+                    "train": {"batch_size": 2}})
+    setup = setup_from_config(cfg)
+    assert setup.checkpointing_auto and not setup.gradient_checkpointing
+    found = plan("llama-3.1-8b", setup, device="rtx4090", include_this_machine=False, tokens=10**6)
+    card, large = found.target, next(f for f in found.fits if f.device.name == "H100 80 GB")
+    blocks = checkpointed_layers(found.shape, card.estimate.setup)
+    assert card.fits and 0 < blocks < 32 and checkpointed_layers(found.shape, large.estimate.setup) == 0
+    assert estimate_on(found.shape, replace(card.estimate.setup, checkpoint_layers=blocks - 1),
+                       card.device).total > card.device.memory
+    assert f"checkpointing {blocks} of 32 blocks" in format_plan(found)
+    shape, none, every = found.shape, replace(setup, checkpointing_auto=False), card.estimate.setup
+    recomputed = flops_per_token(shape, every) - flops_per_token(shape, none)
+    assert recomputed == pytest.approx(blocks / 32 * (flops_per_token(shape, replace(
+        none, gradient_checkpointing=True)) - flops_per_token(shape, none)))
+    fixed = plan("llama-3.1-8b", none, device="rtx4090", include_this_machine=False)
+    assert not fixed.target.fits and f"first {blocks} of 32 blocks" in fixed.changes[0][0]

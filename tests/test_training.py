@@ -32,6 +32,8 @@ def test_train_end_to_end_on_tiny_model(tiny_config):
     assert results["final_loss"] < results["first_loss"] * 0.97
     assert results["fine_tuned"]["eval_loss"] < results["base"]["eval_loss"]
     assert results["trainable_parameters"] < results["total_parameters"]
+    # adapter.gradient_checkpointing: auto (the default): the tiny model fits, nothing recomputes
+    assert results["gradient_checkpointing"] == {"blocks": 0, "of": 2, "setting": "auto"}
     for name in ("config.yaml", "metrics.jsonl", "results.json", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "adapter/tokenizer.json", "data/train.jsonl"):
         assert (tunesmith_path := __import__("pathlib").Path(run) / name).exists(), tunesmith_path

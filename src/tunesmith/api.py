@@ -24,7 +24,7 @@ from .models.quant import require_bitsandbytes
 from .plan import TrainingMemory
 from .runs import RunFolder, write_json
 from .start import resolve_start
-from .training import distributed
+from .training import distributed, recompute
 from .training.loggers import open_loggers
 from .training.loop import eval_figures, fit
 
@@ -105,11 +105,14 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if cfg.train.objective != "sft":  # preference and reward objectives (objectives/, issue 23)
         objective = objectives.build(cfg, model, tokenizer, method, device, train_layout)
         objective.prepare(model, [s for s in (train_split, data.splits.get("validation")) if s])
-    predicted_peak = plan_at_start(cfg, train_split, train_layout, device)
+    checkpointing = recompute.choose(cfg, model, train_split, train_layout, device, memory.baseline, ranks.fsdp)
+    if checkpointing.line:
+        say(checkpointing.line)
+    predicted_peak = plan_at_start(cfg, train_split, train_layout, device, checkpointing.blocks)
     trainable, total = count_parameters(model)
     results: dict = {"config": cfg.model_dump(mode="json"), "data": summary, "dtype": str(dtype).replace("torch.", ""),
                      "device": str(device), "fast_paths": applied, "batch_layout": train_layout,
-                     "model_bytes": model_bytes(model)}
+                     "model_bytes": model_bytes(model), "gradient_checkpointing": checkpointing.record()}
     say(f"model: {cfg.model.name} ({dtype}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
         f"({100 * trainable / total:.2f}%), {results['model_bytes'] / 2**20:.0f} MiB as loaded; method {method.name}")
     pad_id = tokenizer.pad_token_id
@@ -137,7 +140,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
 
     utilisation = _utilisation(cfg, train_split, device)
     log.write(event="run", step=0, device=str(device), dtype=results["dtype"], fast_paths=applied,
-              batch_layout=train_layout, planned_peak=predicted_peak)
+              batch_layout=train_layout, planned_peak=predicted_peak, gradient_checkpointing=checkpointing.record())
     memory.start()
     result = fit(model, train_split, validation, cfg, pad_id, log, run.path, ranks, train_layout,
                  evaluate if validation else None, utilisation, objective)
@@ -221,13 +224,13 @@ def _utilisation(cfg: Config, train_split, device):
         return None
 
 
-def plan_at_start(cfg: Config, train_split, train_layout: str, device) -> float | None:
-    """Say what `tunesmith plan` expects this run to need, for its real micro-batches; an estimate
-    that fails never stops a run."""
+def plan_at_start(cfg: Config, train_split, train_layout: str, device, checkpointed: int) -> float | None:
+    """Say what `tunesmith plan` expects this run to need, for its real micro-batches and the
+    blocks it checkpoints; an estimate that fails never stops a run."""
     from .plan import run_estimate
 
     try:
-        predicted, line = run_estimate(cfg, train_split, train_layout, device)
+        predicted, line = run_estimate(cfg, train_split, train_layout, device, checkpointed)
     except Exception as err:  # noqa: BLE001
         say(f"plan: no estimate ({type(err).__name__}: {err})")
         return None

@@ -65,8 +65,12 @@ class AdapterConfig(_Section):
     modules_to_save: list[str] | None = Field(
         None, description="Modules trained in full and saved with the adapter (e.g. lm_head); vLLM rejects such adapters.")
     freeze_embeddings: bool = Field(False, description="Full fine-tuning: keep the token embeddings (and a tied LM head) frozen.")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass: less memory, about a third more compute.")
+    gradient_checkpointing: bool | int | Literal["auto"] = Field(
+        "auto", description="Recompute activations in the backward pass: less memory, about a third more compute "
+                            "for each block checkpointed. true: every block; an integer k: the first k blocks; "
+                            "'auto': the fewest first blocks with which the run's planned peak (its real "
+                            "micro-batches, as `tunesmith plan` counts) stays within 90% of the memory free on "
+                            "its device, none where it fits (every block under FSDP).")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="What LoRA/DoRA adapter weights, their gradients and AdamW states are stored in: "
                                "'float32' (updates of any size land) or 'bfloat16' (half their memory, as TRL's "
@@ -78,11 +82,21 @@ class AdapterConfig(_Section):
                            "8B model at 2 x 2048 tokens), at the cost of copying them out and back each micro-batch. "
                            "No effect on the CPU.")
 
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _on_off_blocks_or_auto(cls, value):
+        words = ("true", "false", "auto")
+        if isinstance(value, str) and value.strip().lower() not in words and not value.strip().isdigit() \
+                or isinstance(value, float) or not isinstance(value, (bool, str)) and isinstance(value, int) and value < 0:
+            raise ValueError("true, false, a number of blocks (0 or more) or 'auto'")
+        return value
+
     @model_validator(mode="after")
     def _offload_needs_checkpointing(self):
-        if self.offload_activations and not self.gradient_checkpointing:
-            raise ValueError("adapter.offload_activations needs adapter.gradient_checkpointing: true (without it "
-                             "every activation would cross to the host and back)")
+        if self.offload_activations and self.gradient_checkpointing is not True:
+            raise ValueError("adapter.offload_activations needs adapter.gradient_checkpointing: true (without it, "
+                             "or for the blocks left out, their every activation would cross to the "
+                             "host and back)")
         return self
 
 

@@ -57,7 +57,7 @@ def add_lora(model, cfg: "AdapterConfig", dora: bool = False):
     """PEFT LoRA (or DoRA) adapters on the configured layers; the base stays frozen in its dtype."""
     from peft import LoraConfig, get_peft_model
 
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing is True:  # 'auto': training/checkpointing.py, once the data is known
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the checkpointed blocks' inputs need a grad path to the adapters
     if cfg.modules_to_save:
@@ -97,7 +97,7 @@ def make_fully_trainable(model, cfg: "AdapterConfig"):
     if cfg.freeze_embeddings:
         # With tied embeddings this also freezes the LM head: they are one tensor.
         model.get_input_embeddings().weight.requires_grad_(False)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing is True:  # 'auto': training/checkpointing.py, once the data is known
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .devices import GPUS, Device, GiB, cpu_overhead, find_device, gpu_of, resident, this_machine
-from .memory import Estimate, Setup, estimate
+from .memory import Estimate, Setup, checkpointed_layers, estimate
 from .objectives import describe as describe_objective
 from .objectives import counted_setup, label_share, objective_setup, trained_lengths
 from .shapes import LINEARS, ModelShape, model_shape
 from .speed import CPU_UTILISATION, GPU_UTILISATION, epoch_seconds, flops_per_token
 
 __all__ = ["plan", "setup_from_config", "Plan", "Setup", "Estimate", "estimate", "estimate_on",
-           "estimate_for_machine", "model_shape", "format_plan", "run_estimate", "TrainingMemory"]
+           "estimate_for_machine", "model_shape", "format_plan", "run_estimate", "TrainingMemory",
+           "checkpoint_layers_within", "fewest_checkpointed", "first_steps", "largest_micro_batch", "utilisation_of"]
 
 
 @dataclass
@@ -76,6 +77,10 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
         devices = [d for d in devices if d.name != target_device.name] + [target_device]
 
     def fit_on(dev: Device, candidate: Setup = setup) -> Fit:
+        if candidate.checkpointing_auto:  # as the run would: the fewest first blocks that fit, else every one
+            fewest = fewest_checkpointed(shape, candidate, lambda s: estimate_on(shape, s, dev).total <= dev.memory)
+            candidate = replace(candidate, gradient_checkpointing=True,
+                                checkpoint_layers=shape.layers if fewest is None else fewest)
         seconds = None
         if tokens and dev.fp32_tflops > 0:
             util = utilisation or (CPU_UTILISATION if dev.is_cpu else GPU_UTILISATION)
@@ -85,13 +90,30 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
     fits = [fit_on(d) for d in devices]
     target = fit_on(target_device) if target_device else None
     changes = []
-    if target and not target.fits:
-        for label, candidate in candidate_changes(setup):
+    if target and not target.fits and not setup.checkpointing_auto:
+        # the fewest checkpointed blocks first: what adapter.gradient_checkpointing=auto would choose
+        fewest = fewest_checkpointed(shape, setup, lambda s: fit_on(target_device, s).fits)
+        if fewest is not None and fewest < shape.layers:
+            changes.append((f"gradient checkpointing on the first {fewest} of {shape.layers} blocks "
+                            "(adapter.gradient_checkpointing=auto chooses so)",
+                            fit_on(target_device, replace(setup, gradient_checkpointing=True,
+                                                          checkpoint_layers=fewest)).estimate))
+        for label, candidate in candidate_changes(replace(setup, checkpointing_auto=False)):
             fitted = fit_on(target_device, candidate)
             if fitted.fits:
                 changes.append((label, fitted.estimate))
     return Plan(shape, setup, estimate(shape, setup), fits, target, changes[:4], tokens,
                 flops_per_token(shape, setup, mean_seq))
+
+
+def fewest_checkpointed(shape: ModelShape, setup: Setup, fits) -> int | None:
+    """The fewest leading blocks to checkpoint for `fits(setup)` to hold, 0 to all; None where
+    checkpointing every block is not enough. Checkpointing the first k blocks keeps only their
+    inputs: the fewer, the less the backward recomputes."""
+    for layers in range(shape.layers + 1):
+        if fits(replace(setup, gradient_checkpointing=layers > 0, checkpoint_layers=layers)):
+            return layers
+    return None
 
 
 def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
@@ -135,13 +157,23 @@ def setup_from_config(cfg, label_share: float = 1.0, device=None) -> Setup:
 
     dtype = str(compute_dtype(cfg.model.dtype, device)).replace("torch.", "")
     targets = LINEARS if cfg.adapter.target_modules == "all-linear" else tuple(cfg.adapter.target_modules)
+    setting = cfg.adapter.gradient_checkpointing  # true, false, the first k blocks or 'auto' (per device)
+    blocks = setting if type(setting) is int else 0
     setup = Setup(method=cfg.adapter.method, dtype=dtype, batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
-                  gradient_checkpointing=bool(getattr(cfg.adapter, "gradient_checkpointing", False)),
+                  gradient_checkpointing=setting is True or blocks > 0, checkpoint_layers=blocks or None,
+                  checkpointing_auto=setting == "auto",
                   r=cfg.adapter.r, targets=targets, label_share=label_share,
                   freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing,
                   grad_accum=cfg.train.grad_accum, adapter_dtype=cfg.adapter.dtype,
                   offload_activations=cfg.adapter.offload_activations)
     return objective_setup(cfg, setup)  # sequences per example, reference copy (issue 23)
+
+
+def checkpointing(shape: ModelShape, setup: Setup) -> str:
+    layers = checkpointed_layers(shape, setup)
+    if setup.checkpointing_auto and not setup.gradient_checkpointing:
+        return "auto (the fewest first blocks that fit, per device)"
+    return "on" if layers == shape.layers else "off" if not layers else f"on {layers} of {shape.layers} blocks"
 
 
 def gib(value: float) -> str:
@@ -164,7 +196,7 @@ def format_plan(p: Plan) -> str:
         f"model: {shape.name}: {shape.total_params / 1e9:.3f}B parameters, {shape.layers} layers, hidden "
         f"{shape.hidden}, vocab {shape.vocab}",
         f"setup: {method}, {s.dtype}, micro-batch {s.batch} x {s.seq} tokens, gradient checkpointing "
-        f"{'on' if s.gradient_checkpointing else 'off'}, {s.label_share:.0%} of positions with a label",
+        f"{checkpointing(shape, s)}, {s.label_share:.0%} of positions with a label",
         f"trainable: {est.trainable / 1e6:.2f}M parameters; peak during the {est.peak_phase}",
         "memory at the peak (tensors):",
     ]
@@ -182,8 +214,10 @@ def format_plan(p: Plan) -> str:
     lines.append(f"{'device':<20}{'memory':>10}{'needs':>12}  fits{'  epoch' if p.tokens else ''}")
     for fit in p.fits + ([p.target] if p.target and p.target.device.name not in [f.device.name for f in p.fits] else []):
         epoch = f"  {duration(fit.epoch_seconds)}" if fit.epoch_seconds else ""
+        blocks = checkpointed_layers(shape, fit.estimate.setup)
+        chosen = f"  checkpointing {blocks} of {shape.layers} blocks" if s.checkpointing_auto and blocks else ""
         lines.append(f"{fit.device.name:<20}{fit.device.memory / GiB:>7.0f} GiB{gib(fit.estimate.total):>12}  "
-                     f"{'yes ' if fit.fits else 'no  '}{epoch}")
+                     f"{'yes ' if fit.fits else 'no  '}{epoch}{chosen}")
     if p.target and not p.target.fits:
         lines.append(f"does not fit {p.target.device.name}; " + ("changes that fit:" if p.changes else
                                                                   "no single change makes it fit"))
@@ -204,7 +238,10 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     if tokens is None and config is not None:
         tokens, label_share, mean_seq = data_figures(cfg)
     setup = setup_from_config(cfg, label_share or 1.0)
-    setup = replace(setup, **{k: v for k, v in changes.items() if v is not None})
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if "gradient_checkpointing" in changes:  # said on the command line: on or off for every block
+        changes.update(checkpointing_auto=False, checkpoint_layers=None)
+    setup = replace(setup, **changes)
     return plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine)
 
 
@@ -217,149 +254,5 @@ def data_figures(cfg) -> tuple[int, float, float]:
     return train.tokens, labels / max(1, train.tokens), train.tokens / max(1, len(train))
 
 
-def first_steps(split, cfg, layout: str, steps: int) -> list[list[list[int]]]:
-    """The micro-batches of the run's first `steps` optimizer steps (at most an epoch's): the same
-    stream training draws from."""
-    from ..training.loop import optimizer_steps
-
-    stream = optimizer_steps(split, cfg, layout)
-    per_epoch = max(1, -(-len(split.encoded) // (cfg.train.batch_size * cfg.train.grad_accum)))
-    return [next(stream) for _ in range(min(steps, per_epoch))]
-
-
-def largest_micro_batch(split, cfg, layout: str, steps: int) -> tuple[int, int, int]:
-    """(sequences, longest sequence, tokens computed) of the largest micro-batch of the run's first
-    `steps` optimizer steps, each example counted as the sequences its objective trains on
-    (plan/objectives.py)."""
-    return _largest_of(first_steps(split, cfg, layout, steps), split, cfg, layout)
-
-
-def _largest_of(drawn: list[list[list[int]]], split, cfg, layout: str) -> tuple[int, int, int]:
-    from ..data.collate import PADDING_FREE, rounded_up
-
-    examples = split.encoded
-    best = (1, 1, 0)
-    for step in drawn:
-        for batch in step:
-            sizes = [n for i in batch for n in trained_lengths(examples[i], cfg.train, cfg.data.max_seq_len)]
-            # rows are rounded up (data/collate.py rounded_up); padded rows compute their padding
-            width = rounded_up(max(sizes))
-            tokens = rounded_up(sum(sizes)) if layout == PADDING_FREE else len(sizes) * width
-            if tokens > best[2]:
-                best = (len(sizes), max(sizes) if layout == PADDING_FREE else width, tokens)
-    return best
-
-
-def run_estimate(cfg, train_split, layout: str, device) -> tuple[float, str]:
-    """(predicted peak bytes, one line) for the run about to start: its real micro-batches and
-    label share, on the device it runs on."""
-    from dataclasses import replace as changed
-
-    from ..data.collate import PACKED, PADDING_FREE
-    from ..training.loop import total_steps
-
-    drawn = first_steps(train_split, cfg, layout, total_steps(cfg, len(train_split)))
-    sequences, longest, tokens = _largest_of(drawn, train_split, cfg, layout)
-    # Padding-free, a step of short examples may be one micro-batch whatever train.grad_accum says:
-    # gradients are held across micro-batches only where a step has several.
-    accumulating = max(len(step) for step in drawn)
-    setup = setup_from_config(cfg, label_share(train_split.encoded, cfg.train, cfg.data.max_seq_len), device)
-    setup = counted_setup(cfg, changed(setup, batch=sequences, seq=longest, packed_rows=layout == PACKED,
-                                       tokens=tokens if layout == PADDING_FREE else None, grad_accum=accumulating))
-    shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
-    target = gpu_of(device) if device.type == "cuda" else None
-    est = estimate_on(shape, changed(setup, head_chunk=cuda_head_chunk(shape)), target) if target \
-        else estimate_for_machine(shape, setup)
-    biggest = sorted(((v, k) for k, v in est.parts.items() if v > 0 and k != "framework overhead"), reverse=True)[:3]
-    parts = ", ".join(f"{k} {gib(v)}" for v, k in biggest)
-    if not target:  # the CPU: resident memory, the allocator's overhead included (as it is measured)
-        return est.total, f"plan: peak about {gib(est.total)} for micro-batches of up to {tokens} tokens ({parts})"
-    # A GPU: the tensors, to set against the allocated memory the run measures; the card must also
-    # hold the CUDA context and the caching allocator's slack.
-    tensors = est.total - est.parts["framework overhead"]
-    return tensors, (f"plan: peak about {gib(tensors)} allocated for micro-batches of up to {tokens} tokens ("
-                     f"{parts}); {gib(est.total)} with the CUDA context and allocator slack, of "
-                     f"{gib(target.memory)} on {target.name}")
-
-
-def utilisation_of(cfg, train_split, device):
-    """tokens/s -> model FLOPs utilisation of the run: the model's FLOPs per token for its method and
-    data (plan/speed.py; checkpointing's recomputed forward not counted) over the device's dense
-    peak in the run's dtype (the data sheet's for known GPUs, the measured matmul peak on the CPU);
-    None where no peak is known."""
-    from ..device import compute_dtype
-    from .speed import matmul_peak
-
-    lengths = [len(e.input_ids) for e in train_split.encoded]
-    labels = sum(e.label_count for e in train_split.encoded)
-    setup = setup_from_config(cfg, labels / max(1, sum(lengths)), device)
-    shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
-    dtype = str(compute_dtype(cfg.model.dtype, device)).replace("torch.", "")
-    if device.type == "cuda":
-        peak = gpu_of(device).peak_flops(dtype) if gpu_of(device).fp32_tflops else 0.0
-    else:
-        peak = matmul_peak(dtype)
-    if not peak:
-        return None
-    per_token = flops_per_token(shape, setup, sum(lengths) / max(1, len(lengths)), recompute=False)
-    return lambda tokens_per_second: tokens_per_second * per_token / peak
-
-
-def cuda_head_chunk(shape: ModelShape) -> int:
-    from ..training.loss import head_chunk
-
-    return head_chunk(shape.vocab, "cuda")
-
-
-def _settled_resident() -> float:
-    """Resident memory once garbage is collected and glibc has handed its free blocks back: what
-    the process holds before a run, not what earlier work (a test, a previous run) left free."""
-    import gc
-
-    from ..training.memory import release_freed_memory
-
-    gc.collect()
-    release_freed_memory(__import__("torch").device("cpu"))
-    return resident("VmRSS")
-
-
-class TrainingMemory:
-    """What a training run itself takes, to set against the plan: on a GPU the peak of allocated
-    CUDA memory on the run's device; on the CPU the peak resident memory during training minus the
-    resident memory before the model was loaded (the interpreter and libraries are not training
-    memory; the plan and bench/plan_accuracy.py count the same way)."""
-
-    def __init__(self, device=None):
-        import torch
-
-        self.device = torch.device(device or "cpu")
-        self.cuda = self.device.type == "cuda"
-        self.baseline = 0.0 if self.cuda else _settled_resident()
-
-    def start(self) -> None:
-        """Forget the peak so far (loading buffers, the base model's evaluation)."""
-        import torch
-
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")  # the peak resident size becomes the current one
-        except OSError:
-            pass  # not Linux: the peak keeps what came before
-
-    def peak(self) -> float:
-        import torch
-
-        if self.cuda:
-            return float(torch.cuda.max_memory_allocated(self.device))
-        return resident("VmHWM") - self.baseline
-
-    def details(self) -> dict:
-        """The device's own figures beside the peak (GPU: allocated and reserved)."""
-        import torch
-
-        if not self.cuda:
-            return {"kind": "resident memory (CPU)"}
-        return {"kind": "allocated (CUDA)", "reserved": float(torch.cuda.max_memory_reserved(self.device))}
+from .run import (TrainingMemory, checkpoint_layers_within, first_steps, largest_micro_batch,  # noqa: E402
+                  run_estimate, utilisation_of)

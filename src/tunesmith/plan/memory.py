@@ -30,8 +30,9 @@ the saved tensors of a real forward (tests/test_plan.py). Facts of the stack tha
   chunk's softmax (still named by the loop). The head multiplies in the hidden states' dtype:
   fp32 in a full fine-tune, whose autocast covers the decoder only.
 - The embedding keeps its int64 token ids when it trains; the loss keeps a one-byte label mask.
-- Gradient checkpointing (non-reentrant) keeps each block's input; one block is recomputed at a
-  time in the backward.
+- Gradient checkpointing (non-reentrant) keeps each checkpointed block's input; one block is
+  recomputed at a time in the backward. Partial checkpointing (`checkpoint_layers`, the first k
+  blocks, training/checkpointing.py) keeps the other blocks' activations whole.
 - Training and scoring forwards pass use_cache=False (training/loss.py): no KV cache.
 - On a CPU, accel/cpu/attention.py computes attention from batched matmuls (`cpu_attention`): it
   keeps what a flash kernel keeps plus one shared seq x seq fp32 mask bias, and while one layer runs
@@ -62,6 +63,10 @@ class Setup:
     batch: int = 8
     seq: int = 512
     gradient_checkpointing: bool = False
+    checkpoint_layers: int | None = None  # with gradient_checkpointing: the first k blocks; None = every block
+    # adapter.gradient_checkpointing: auto: a plan checkpoints the fewest first blocks that fit each device
+    # (plan/__init__.py); `estimate` takes the setup as it is
+    checkpointing_auto: bool = False
     r: int = 16
     targets: tuple[str, ...] = LINEARS
     label_share: float = 1.0  # share of positions with a label; packed data or a worst case: 1
@@ -116,6 +121,13 @@ class Dtypes:
     matmul: int  # inputs kept by trainable matmuls (weights or adapters)
     head: int  # the LM head's matmul
     master: int  # trainable weights, their gradients and AdamW states (full fine-tuning)
+
+
+def checkpointed_layers(shape: ModelShape, setup: Setup) -> int:
+    """How many blocks (the first ones) recompute their forward in the backward pass."""
+    if not setup.gradient_checkpointing:
+        return 0
+    return shape.layers if setup.checkpoint_layers is None else max(0, min(setup.checkpoint_layers, shape.layers))
 
 
 def dtypes(setup: Setup) -> Dtypes:
@@ -258,7 +270,9 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     tokens = setup.tokens or setup.batch * setup.seq
     labels = tokens * setup.label_share
     full = _method(setup).trains_all_weights
-    ckpt = setup.gradient_checkpointing
+    layers = shape.layers
+    checkpointed = checkpointed_layers(shape, setup)
+    ckpt, ckpt_all = checkpointed > 0, checkpointed == layers  # some blocks recompute; the last one too
     embeddings_train = full and not setup.freeze_embeddings
     head_trains = full and not (setup.freeze_embeddings and shape.tied)
     h, q, kv, i = shape.hidden, shape.q_width, shape.kv_width, shape.intermediate
@@ -276,9 +290,9 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     stages = stage_bytes(shape, setup)
     block = sum(stages) * tokens
     first = activation_bytes(shape, setup, first_block=not ckpt) * tokens
-    # checkpointed: every block's input, or with offloading only the one back for its backward
-    inputs_kept = 1 if setup.offload_activations else shape.layers
-    kept_layers = inputs_kept * d.residual * h * tokens if ckpt else (shape.layers - 1) * block + first
+    # checkpointed blocks keep their input (with offloading only the one back for its backward), the others everything
+    inputs = (1 if setup.offload_activations else checkpointed) * d.residual * h * tokens
+    kept_layers = inputs + (layers - checkpointed) * block if ckpt else (layers - 1) * block + first
     # a block's tensors before its attention output (norm, q/k/v inputs and adapters, q, k, v), and after it
     pre_attention = (stages[0] - d.inner * q - 4 * shape.heads) * tokens
     post_attention = sum(stages[1:]) * tokens
@@ -298,7 +312,8 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
                     + setup.kept_logit_bytes * shape.vocab * labels)
     # Checkpointed blocks keep no weight copies; a full fine-tune's go when the decoder's autocast
     # ends, before the head, the adapters' when the loss's does, after it.
-    copies_kept = 0.0 if ckpt and full else copies
+    copies_kept = copies * (layers - checkpointed) / layers if full else copies
+    grads_after = grads_layers * (layers - checkpointed) / layers  # filled when the backward reaches the checkpointed blocks
     kept_fwd = kept_layers + copies_kept
     scores = attention_scores(shape, setup)
 
@@ -307,12 +322,14 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     if scores:
         # The last block's attention in the forward: fp32 scores and probabilities (in bf16: scores,
         # an fp32 buffer of the compiled softmax, probabilities), 8 bytes per score.
-        before = kept_layers + pre_attention - (0 if ckpt else block)
+        before = kept_layers + pre_attention - (0 if ckpt_all else block)
         moments.append(("attention of the last block (forward)", 0.0, before + kept_other - final_norm, copies,
                         0.0, 8 * scores))
-        if ckpt:  # ... again when the backward recomputes it, with the residual stream's gradient
-            moments.append(("attention of the last block (recomputed)", grads_head, before + kept_other - final_norm,
-                            copies / shape.layers, 0.0, 8 * scores + 2 * d.residual * h * tokens))
+        if ckpt:  # ... again when the backward recomputes the last checkpointed block, with the residual stream's gradient
+            moments.append(("attention of the last block (recomputed)" if ckpt_all else
+                            "attention of the last checkpointed block (recomputed)", grads_head + grads_after,
+                            inputs + pre_attention + kept_other - final_norm, copies / layers, 0.0,
+                            8 * scores + 2 * d.residual * h * tokens))
     moments.append(("end of the decoder's forward", 0.0, kept_layers + kept_other, copies,
                     0.0, d.residual * h * tokens))
     # End of the forward pass, during the last LM-head chunk: every activation, the decoder's output
@@ -325,21 +342,27 @@ def estimate(shape: ModelShape, setup: Setup, overhead: float = 0.0) -> Estimate
     # with its weight copies), each freeing its activations as it fills its gradients, so the peak
     # is at one end. A block's temporaries peak in the MLP (the gradients of down_proj's input, gate
     # and up) or the attention (of its output, q, k and v), with gradients of the residual stream.
-    recompute = block + copies / shape.layers if ckpt else 0.0
-    block_work = tokens * (d.inner * max(3 * i, 2 * q + 2 * kv) + 2 * d.residual * h) + recompute
+    recompute = block + copies / layers
+    block_work = tokens * (d.inner * max(3 * i, 2 * q + 2 * kv) + 2 * d.residual * h)
     if _method(setup).weight_norms:  # the weight norm materialises one full weight (and its update) in fp32
         block_work += 3 * 4 * max(a * b for a, b in shape.linears().values())
     early = kept_fwd >= grads_layers
     moments.append(("backward of the last block" if early else "backward of the first block",
                     grads_head + (0 if early else grads_layers), kept_other + (kept_layers if early else 0),
-                    copies_kept if early else 0.0, 0.0, block_work))
+                    copies_kept if early else 0.0, 0.0, block_work + (recompute if (ckpt_all if early else ckpt) else 0.0)))
+    if ckpt and not ckpt_all:  # the last checkpointed block recomputed, the blocks after it done
+        moments.append(("backward of the last checkpointed block", grads_head + grads_after, kept_other + inputs,
+                        0.0, 0.0, block_work + recompute))
     if scores:
         # The last block's attention backward: recomputed probabilities, their gradient and the
         # scores' gradient (3 per score, in the attention's dtype), after its MLP's tensors are gone.
-        work = 3 * d.inner * scores + tokens * (d.inner * q + 2 * d.residual * h) + (recompute - post_attention
-                                                                                      if ckpt else 0.0)
-        acts = kept_layers - (0 if ckpt else post_attention)
-        moments.append(("attention backward of the last block", grads_head, acts + kept_other, copies_kept, 0.0, work))
+        work = 3 * d.inner * scores + tokens * (d.inner * q + 2 * d.residual * h)
+        acts = kept_layers - (0 if ckpt_all else post_attention)
+        moments.append(("attention backward of the last block", grads_head, acts + kept_other, copies_kept, 0.0,
+                        work + (recompute - post_attention if ckpt_all else 0.0)))
+        if ckpt and not ckpt_all:
+            moments.append(("attention backward of the last checkpointed block", grads_head + grads_after,
+                            inputs + kept_other, 0.0, 0.0, work + recompute - post_attention))
     # End of the backward: every gradient, and the embedding's dense gradient while it is added to
     # a tied head's. The optimizer step adds nothing: training/loop.py's AdamW is fused.
     accumulate = shape.vocab * h * grad_e if embeddings_train and shape.tied else 0.0

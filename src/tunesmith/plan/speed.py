@@ -2,7 +2,8 @@
 
 Training FLOPs per token: the forward is 2 FLOPs per weight of every matrix product; full
 fine-tuning adds 2 for the input gradients and 2 for the weight gradients (6N); LoRA and QLoRA
-skip the frozen weights' gradients (about 4N); gradient checkpointing runs the forward twice.
+skip the frozen weights' gradients (about 4N); gradient checkpointing runs the forward of the
+checkpointed blocks twice.
 Attention adds its score and value products (causal: half of the square), and only label
 positions pass through the LM head. MFU (model FLOPs utilisation, as PaLM defined it) counts the
 model's FLOPs only: the recomputed forward of checkpointing is time spent, not model work, so
@@ -30,7 +31,7 @@ def flops_per_token(shape: ModelShape, setup: Setup, mean_seq: float | None = No
     blocks = 2 * shape.layers * shape.block_linear_params
     attention = 2 * shape.layers * shape.q_width * seq  # QK^T and AV, 2 FLOPs each, causal half
     head = 2 * shape.vocab * shape.hidden * setup.label_share
-    from .memory import _method
+    from .memory import _method, checkpointed_layers
 
     full = _method(setup).trains_all_weights
     backward_weights = 3 if full else 2  # input grads (+ weight grads for full fine-tuning)
@@ -38,7 +39,8 @@ def flops_per_token(shape: ModelShape, setup: Setup, mean_seq: float | None = No
     if not full:
         adapter_weights = sum(setup.r * (i + o) for n, (i, o) in shape.linears().items() if n in setup.targets)
         adapters = 6 * shape.layers * adapter_weights
-    forward_again = (blocks + attention) if setup.gradient_checkpointing and recompute else 0.0
+    again = checkpointed_layers(shape, setup) / shape.layers if recompute else 0.0  # the checkpointed blocks' share
+    forward_again = (blocks + attention) * again
     return backward_weights * (blocks + head) + 3 * attention + adapters + forward_again
 
 
