@@ -271,7 +271,7 @@ def test_mfu_counts_the_model_flops_not_checkpointings_second_forward(monkeypatc
     gradient checkpointing, although the checkpointed step computes more (its epoch takes longer).
     On an H200 (989 TFLOP/s dense bf16), 8B LoRA at 10,000 tokens/s of 2048-token rows is about
     4 FLOPs per weight: 32% MFU."""
-    monkeypatch.setattr("tunesmith.plan.gpu_of", lambda device: GPUS["h200"])
+    monkeypatch.setattr("tunesmith.plan.run.gpu_of", lambda device: GPUS["h200"])
     split = SimpleNamespace(encoded=[SimpleNamespace(input_ids=[0] * 2048, label_count=2048)] * 4)
     mfu = {}
     for ckpt in (True, False):
@@ -325,7 +325,7 @@ def test_the_run_estimate_counts_accumulation_where_steps_have_several_micro_bat
                         "adapter": {"method": "full"}, "train": {"batch_size": 2, "grad_accum": accum}})
         return run_estimate(cfg, split(length), PADDING_FREE, device)
 
-    import tunesmith.plan as planning
+    import tunesmith.plan.run as planning
 
     seen = []
     real = planning.estimate_for_machine
@@ -335,7 +335,7 @@ def test_the_run_estimate_counts_accumulation_where_steps_have_several_micro_bat
     assert [setup.grad_accum for setup in seen] == [1, 4]
     gradients = 4 * model_shape("llama-3.2-1b").total_params  # a full fine-tune's, in fp32
     assert 0.5 * gradients < predicted(1024, 4)[0] - predicted(1024, 1)[0] <= gradients
-    monkeypatch.setattr("tunesmith.plan.gpu_of", lambda device: GPUS["h200"])
+    monkeypatch.setattr("tunesmith.plan.run.gpu_of", lambda device: GPUS["h200"])
     allocated, line = predicted(1024, 4, torch.device("cuda", 0))
     with_overhead = estimate_on(model_shape("llama-3.2-1b"), Setup(method="full", dtype="bfloat16", batch=2,
                                                                    seq=1024, grad_accum=4), GPUS["h200"])

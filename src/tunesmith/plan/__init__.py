@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .devices import GPUS, Device, GiB, cpu_overhead, find_device, gpu_of, resident, this_machine
+from .devices import GPUS, Device, GiB, find_device, gib, this_machine
 from .memory import Estimate, Setup, checkpointed_layers, estimate
 from .objectives import describe as describe_objective
-from .objectives import counted_setup, label_share, objective_setup, trained_lengths
+from .setups import estimate_for_machine, estimate_on, fewest_checkpointed, setup_from_config
 from .shapes import LINEARS, ModelShape, model_shape
 from .speed import CPU_UTILISATION, GPU_UTILISATION, epoch_seconds, flops_per_token
 
-__all__ = ["plan", "setup_from_config", "Plan", "Setup", "Estimate", "estimate", "estimate_on",
+__all__ = ["plan", "setup_from_config", "gib", "Plan", "Setup", "Estimate", "estimate", "estimate_on",
            "estimate_for_machine", "model_shape", "format_plan", "run_estimate", "TrainingMemory",
            "checkpoint_layers_within", "fewest_checkpointed", "first_steps", "largest_micro_batch", "utilisation_of"]
 
@@ -40,28 +40,6 @@ class Plan:
     changes: list[tuple[str, Estimate]] = field(default_factory=list)  # what would make it fit the target
     tokens: int | None = None
     flops_per_token: float = 0.0
-
-
-def estimate_on(shape: ModelShape, setup: Setup, device: Device) -> Estimate:
-    """The estimate including what the device needs beyond the tensors."""
-    if device.is_cpu:
-        return estimate_for_machine(shape, setup)
-    return estimate(shape, setup, overhead=device.overhead(estimate(shape, setup).total))
-
-
-def estimate_for_machine(shape: ModelShape, setup: Setup) -> Estimate:
-    """For a CPU run on this machine (no matmul benchmark needed): tunesmith's CPU attention
-    (accel/cpu/attention.py; for bf16 where this processor and compiler can run it, the native
-    kernel of accel/cpu/native.py) and the allocator's overhead (devices.cpu_overhead)."""
-    import torch
-
-    from ..accel.cpu import native
-    from .memory import dtypes
-
-    bf16 = setup.dtype == "bfloat16" and dtypes(setup).inner == 2  # q, k and v in bf16 (not QLoRA's fp32)
-    setup = replace(setup, cpu_attention=True, offload_activations=False,  # a CUDA-only saving
-                    native_attention=bf16 and native.supported(torch.bfloat16, shape.head_dim))
-    return estimate(shape, setup, overhead=cpu_overhead(estimate(shape, setup)))
 
 
 def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memory_gib: float | None = None,
@@ -106,16 +84,6 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
                 flops_per_token(shape, setup, mean_seq))
 
 
-def fewest_checkpointed(shape: ModelShape, setup: Setup, fits) -> int | None:
-    """The fewest leading blocks to checkpoint for `fits(setup)` to hold, 0 to all; None where
-    checkpointing every block is not enough. Checkpointing the first k blocks keeps only their
-    inputs: the fewer, the less the backward recomputes."""
-    for layers in range(shape.layers + 1):
-        if fits(replace(setup, gradient_checkpointing=layers > 0, checkpoint_layers=layers)):
-            return layers
-    return None
-
-
 def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
     """Changes to try, least disruptive first."""
     found = []
@@ -151,33 +119,11 @@ def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
     return found
 
 
-def setup_from_config(cfg, label_share: float = 1.0, device=None) -> Setup:
-    """The Setup a tunesmith run config trains with (longest sequences: the worst case)."""
-    from ..device import compute_dtype
-
-    dtype = str(compute_dtype(cfg.model.dtype, device)).replace("torch.", "")
-    targets = LINEARS if cfg.adapter.target_modules == "all-linear" else tuple(cfg.adapter.target_modules)
-    setting = cfg.adapter.gradient_checkpointing  # true, false, the first k blocks or 'auto' (per device)
-    blocks = setting if type(setting) is int else 0
-    setup = Setup(method=cfg.adapter.method, dtype=dtype, batch=cfg.train.batch_size, seq=cfg.data.max_seq_len,
-                  gradient_checkpointing=setting is True or blocks > 0, checkpoint_layers=blocks or None,
-                  checkpointing_auto=setting == "auto",
-                  r=cfg.adapter.r, targets=targets, label_share=label_share,
-                  freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing,
-                  grad_accum=cfg.train.grad_accum, adapter_dtype=cfg.adapter.dtype,
-                  offload_activations=cfg.adapter.offload_activations)
-    return objective_setup(cfg, setup)  # sequences per example, reference copy (issue 23)
-
-
 def checkpointing(shape: ModelShape, setup: Setup) -> str:
     layers = checkpointed_layers(shape, setup)
     if setup.checkpointing_auto and not setup.gradient_checkpointing:
         return "auto (the fewest first blocks that fit, per device)"
     return "on" if layers == shape.layers else "off" if not layers else f"on {layers} of {shape.layers} blocks"
-
-
-def gib(value: float) -> str:
-    return f"{value / GiB:.2f} GiB"
 
 
 def duration(seconds: float) -> str:

@@ -23,6 +23,10 @@ MMAP_CEILING = 32 * 2**20  # glibc's dynamic mmap threshold stops here: larger b
 SCORES_KEPT_FROM = 8 * 2**20  # one sequence's score matrix from which freed ones stay resident (resident_scores)
 
 
+def gib(value: float) -> str:
+    return f"{value / GiB:.2f} GiB"
+
+
 @dataclass(frozen=True)
 class Device:
     name: str

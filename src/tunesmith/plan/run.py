@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from . import fewest_checkpointed, gib, setup_from_config
-from .devices import CUDA_CONTEXT, Device, resident
+from .devices import CUDA_CONTEXT, Device, gib, gpu_of, resident
 from .memory import Estimate, Setup
 from .objectives import counted_setup, label_share, trained_lengths
+from .setups import estimate_for_machine, estimate_on, fewest_checkpointed, setup_from_config
 from .shapes import ModelShape, model_shape
 from .speed import flops_per_token
 
@@ -59,7 +59,6 @@ def run_setup(cfg, train_split, layout: str, device) -> RunSetup:
     """The run's real micro-batches and label share, on the device it runs on."""
     from ..data.collate import PACKED, PADDING_FREE
     from ..training.loop import total_steps
-    from . import gpu_of  # read from the package at call time (tests put a GPU there)
 
     drawn = first_steps(train_split, cfg, layout, total_steps(cfg, len(train_split)))
     sequences, longest, tokens = _largest_of(drawn, train_split, cfg, layout)
@@ -84,8 +83,6 @@ def with_checkpointing(setup: Setup, layers: int | None) -> Setup:
 def measurable(run: RunSetup, setup: Setup) -> tuple[float, Estimate]:
     """(bytes comparable with what the run measures, the estimate): on a GPU the tensors, set
     against allocated memory; on the CPU resident memory, the allocator's overhead included."""
-    from . import estimate_for_machine, estimate_on
-
     if run.target is None:
         est = estimate_for_machine(run.shape, setup)
         return est.total, est
@@ -127,7 +124,6 @@ def utilisation_of(cfg, train_split, device):
     peak in the run's dtype (the data sheet's for known GPUs, the measured matmul peak on the CPU);
     None where no peak is known."""
     from ..device import compute_dtype
-    from . import gpu_of
     from .speed import matmul_peak
 
     lengths = [len(e.input_ids) for e in train_split.encoded]
