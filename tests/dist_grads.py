@@ -31,9 +31,10 @@ def main(model_dir: str, data: str, out: str, indices: str, pieces: str = "1") -
     split = Split("train", [], [Encoded(r["ids"], [IGNORE] * r["prompt"] + r["ids"][r["prompt"]:]) for r in rows])
     loss_module, grad_scale = distributed.wrap(model, label_loss_sum, ranks, fsdp=False)
     loss, _ = train_step(loss_module, split, json.loads(indices), 0, ranks, grad_scale, pieces=int(pieces))
+    most = ranks.most(10.0 + ranks.rank)  # what every rank takes for 'auto' checkpointing (training/recompute.py)
     if ranks.main:
         save_file({n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}, out,
-                  metadata={"loss": repr(float(loss))})
+                  metadata={"loss": repr(float(loss)), "most": repr(most)})
     distributed.teardown(ranks)
 
 

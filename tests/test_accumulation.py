@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers import assert_same_gradients, full_logits_loss, gradients, write_jsonl
@@ -91,3 +92,5 @@ def test_two_ranks_accumulate_to_the_definition(tiny_model_dir, step_data, tmp_p
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_gradients(expected, load_file(out), 1e-5)
+    with safe_open(out, "pt") as saved:  # the ranks agree on the largest of their values (10 and 11)
+        assert saved.metadata()["most"] == "11.0"

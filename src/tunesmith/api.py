@@ -105,7 +105,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if cfg.train.objective != "sft":  # preference and reward objectives (objectives/, issue 23)
         objective = objectives.build(cfg, model, tokenizer, method, device, train_layout)
         objective.prepare(model, [s for s in (train_split, data.splits.get("validation")) if s])
-    checkpointing = recompute.choose(cfg, model, train_split, train_layout, device, memory.baseline, ranks.fsdp)
+    checkpointing = recompute.choose(cfg, model, train_split, train_layout, device, memory.baseline, ranks)
     if checkpointing.line:
         say(checkpointing.line)
     predicted_peak = plan_at_start(cfg, train_split, train_layout, device, checkpointing.blocks)

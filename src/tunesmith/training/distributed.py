@@ -59,6 +59,14 @@ class Ranks:
         dist.all_reduce(summed)
         return summed.to(tensor.device)
 
+    def most(self, value: float) -> float:
+        """The largest of the ranks' values (the value itself in one process)."""
+        if not self.active:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor.item()
+
     def broadcast(self, value):
         """Rank 0's value (any picklable object) on every rank."""
         if not self.active:

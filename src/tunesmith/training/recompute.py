@@ -68,9 +68,9 @@ def memory_for_run(device: torch.device, baseline: float) -> float:
     return psutil.virtual_memory().available / processes + max(0.0, resident("VmRSS") - baseline)
 
 
-def choose(cfg, model, train_split, layout: str, device: torch.device, baseline: float,
-           sharded: bool) -> Checkpointing:
-    """How many blocks the run checkpoints; with 'auto', checkpoint them now."""
+def choose(cfg, model, train_split, layout: str, device: torch.device, baseline: float, ranks) -> Checkpointing:
+    """How many blocks the run checkpoints; with 'auto', checkpoint them now (under torchrun the
+    most any rank needs, so every rank runs alike)."""
     from ..plan import checkpoint_layers_within, gib
 
     setting = cfg.adapter.gradient_checkpointing
@@ -81,7 +81,7 @@ def choose(cfg, model, train_split, layout: str, device: torch.device, baseline:
         count = min(setting, blocks) if decoder_blocks(model) or not setting else blocks
         checkpoint_first(model, count)
         return Checkpointing(count, blocks, setting, f"gradient checkpointing: {count} of {blocks} blocks")
-    if sharded:
+    if ranks.fsdp:
         checkpoint_first(model, blocks)  # the plan counts one device's memory, not FSDP's shards
         return Checkpointing(blocks, blocks, setting, "gradient checkpointing: auto: every block (under FSDP)")
     budget = HEADROOM * memory_for_run(device, baseline)
@@ -92,5 +92,6 @@ def choose(cfg, model, train_split, layout: str, device: torch.device, baseline:
     except Exception as err:  # noqa: BLE001 (an estimate that fails never stops a run)
         fewest, why = None, f"no plan ({type(err).__name__}: {err})"
     count = blocks if fewest is None or (fewest and not decoder_blocks(model)) else min(fewest, blocks)
+    count = int(ranks.most(count))
     checkpoint_first(model, count)
     return Checkpointing(count, blocks, setting, f"gradient checkpointing: auto: {count} of {blocks} blocks ({why})")
