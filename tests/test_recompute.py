@@ -11,7 +11,7 @@ from helpers import build_model, build_tokenizer, gradients, trainable
 from tunesmith.config import AdapterConfig, validate
 from tunesmith.data.collate import PADDING_FREE
 from tunesmith.data.prepare import Split
-from tunesmith.plan import checkpoint_layers_within, run_estimate
+from tunesmith.plan import estimated, fewest_within, run_setup
 from tunesmith.plan.devices import ALLOCATOR_SLACK, GPUS
 from tunesmith.training import recompute
 from tunesmith.training.distributed import SINGLE
@@ -83,15 +83,17 @@ def test_auto_takes_the_fewest_first_blocks_whose_planned_peak_fits(monkeypatch,
     layers = 16
     # what 'auto' sets against the memory: on a GPU the tensors with the caching allocator's slack
     slack = 1 + ALLOCATOR_SLACK if device == "cuda" else 1.0
-    peaks = [slack * run_estimate(cfg, split, PADDING_FREE, where, k)[0] for k in range(layers + 1)]
+    run = run_setup(cfg, split, PADDING_FREE, where)
+    assert run.shape.layers == layers
+    peaks = [slack * estimated(run, k)[0] for k in range(layers + 1)]
     # each block checkpointed keeps its input, not its activations (a few hundred MiB here)
     assert all(a - b > 100 * 2**20 for a, b in zip(peaks[:-1], peaks[1:-1]))
     budget = (peaks[0] + peaks[-1]) / 2
-    fewest, of = checkpoint_layers_within(cfg, split, PADDING_FREE, where, budget)
-    assert of == layers and 0 < fewest < layers
+    fewest = fewest_within(run, budget)
+    assert 0 < fewest < layers
     assert peaks[fewest] <= budget < peaks[fewest - 1]
-    assert checkpoint_layers_within(cfg, split, PADDING_FREE, where, peaks[0])[0] == 0
-    assert checkpoint_layers_within(cfg, split, PADDING_FREE, where, min(peaks) - 1)[0] is None
+    assert fewest_within(run, peaks[0]) == 0
+    assert fewest_within(run, min(peaks) - 1) is None
 
 
 def test_the_run_checkpoints_what_auto_chose_and_says_so(monkeypatch, four_blocks):
@@ -102,15 +104,17 @@ def test_the_run_checkpoints_what_auto_chose_and_says_so(monkeypatch, four_block
     settings = {"model": {"name": str(four_blocks), "dtype": "float32"}, "data": {"max_seq_len": 256},
                 "train": {"batch_size": 4}}
     cpu = torch.device("cpu")
-    peaks = [run_estimate(validate(settings), split, PADDING_FREE, cpu, k)[0] for k in range(LAYERS + 1)]
+    run = run_setup(validate(settings), split, PADDING_FREE, cpu)
+    peaks = [estimated(run, k)[0] for k in range(LAYERS + 1)]
 
-    def chosen(setting, free):
+    def chosen(setting, free, planned=True):
         from tunesmith.models import load_model
 
         monkeypatch.setattr(recompute, "memory_for_run", lambda device, baseline: free)
         cfg = validate({**settings, "adapter": {"gradient_checkpointing": setting}})
         model = trainable(load_model(str(four_blocks), torch.float32), cfg.adapter)
-        picked = recompute.choose(cfg, model, split, PADDING_FREE, cpu, 0.0, SINGLE)
+        picked = recompute.choose(cfg, model, run_setup(cfg, split, PADDING_FREE, cpu) if planned else None,
+                                  cpu, 0.0, SINGLE)
         assert [b.gradient_checkpointing for b in recompute.decoder_blocks(model)] == \
             [True] * picked.blocks + [False] * (LAYERS - picked.blocks)
         return picked
@@ -123,3 +127,5 @@ def test_the_run_checkpoints_what_auto_chose_and_says_so(monkeypatch, four_block
     assert tight.blocks == LAYERS and "even so the planned peak is above" in tight.line
     assert chosen(3, 1.0).blocks == 3 and chosen(True, 1.0).blocks == LAYERS and chosen(False, 1.0).blocks == 0
     assert chosen(9, 1.0).blocks == LAYERS  # more than the model has: all of them
+    unplanned = chosen("auto", 10 * peaks[0], planned=False)  # a run that could not be planned: every block
+    assert unplanned.blocks == LAYERS and "no plan of the run" in unplanned.line

@@ -105,10 +105,11 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if cfg.train.objective != "sft":  # preference and reward objectives (objectives/, issue 23)
         objective = objectives.build(cfg, model, tokenizer, method, device, train_layout)
         objective.prepare(model, [s for s in (train_split, data.splits.get("validation")) if s])
-    checkpointing = recompute.choose(cfg, model, train_split, train_layout, device, memory.baseline, ranks)
+    planned = plan_of_run(cfg, train_split, train_layout, device)  # the run's first steps, drawn once
+    checkpointing = recompute.choose(cfg, model, planned, device, memory.baseline, ranks)
     if checkpointing.line:
         say(checkpointing.line)
-    predicted_peak = plan_at_start(cfg, train_split, train_layout, device, checkpointing.blocks)
+    predicted_peak = plan_at_start(planned, checkpointing.blocks)
     trainable, total = count_parameters(model)
     results: dict = {"config": cfg.model_dump(mode="json"), "data": summary, "dtype": str(dtype).replace("torch.", ""),
                      "device": str(device), "fast_paths": applied, "batch_layout": train_layout,
@@ -224,13 +225,27 @@ def _utilisation(cfg: Config, train_split, device):
         return None
 
 
-def plan_at_start(cfg: Config, train_split, train_layout: str, device, checkpointed: int) -> float | None:
-    """Say what `tunesmith plan` expects this run to need, for its real micro-batches and the
-    blocks it checkpoints; an estimate that fails never stops a run."""
-    from .plan import run_estimate
+def plan_of_run(cfg: Config, train_split, train_layout: str, device):
+    """The plan's view of the run about to start (plan/run.py run_setup), or None, said, where it
+    cannot be made: an estimate that fails never stops a run."""
+    from .plan import run_setup
 
     try:
-        predicted, line = run_estimate(cfg, train_split, train_layout, device, checkpointed)
+        return run_setup(cfg, train_split, train_layout, device)
+    except Exception as err:  # noqa: BLE001
+        say(f"plan: no estimate ({type(err).__name__}: {err})")
+        return None
+
+
+def plan_at_start(planned, checkpointed: int) -> float | None:
+    """Say what `tunesmith plan` expects this run to need, for its real micro-batches and the
+    blocks it checkpoints; an estimate that fails never stops a run."""
+    from .plan import estimated
+
+    if planned is None:
+        return None
+    try:
+        predicted, line = estimated(planned, checkpointed)
     except Exception as err:  # noqa: BLE001
         say(f"plan: no estimate ({type(err).__name__}: {err})")
         return None

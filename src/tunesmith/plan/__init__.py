@@ -16,7 +16,7 @@ from .speed import CPU_UTILISATION, GPU_UTILISATION, epoch_seconds, flops_per_to
 
 __all__ = ["plan", "setup_from_config", "gib", "Plan", "Setup", "Estimate", "estimate", "estimate_on",
            "estimate_for_machine", "model_shape", "format_plan", "run_estimate", "TrainingMemory",
-           "checkpoint_layers_within", "fewest_checkpointed", "first_steps", "largest_micro_batch", "utilisation_of"]
+           "estimated", "fewest_within", "run_setup", "fewest_checkpointed", "first_steps", "largest_micro_batch", "utilisation_of"]
 
 
 @dataclass
@@ -200,5 +200,5 @@ def data_figures(cfg) -> tuple[int, float, float]:
     return train.tokens, labels / max(1, train.tokens), train.tokens / max(1, len(train))
 
 
-from .run import (TrainingMemory, checkpoint_layers_within, first_steps, largest_micro_batch,  # noqa: E402
-                  run_estimate, utilisation_of)
+from .run import (TrainingMemory, estimated, fewest_within, first_steps, largest_micro_batch,  # noqa: E402
+                  run_estimate, run_setup, utilisation_of)

@@ -1,6 +1,6 @@
-"""The plan of a run about to start: its real micro-batches on its device (`tunesmith train`
-prints it, and `adapter.gradient_checkpointing: auto` picks the blocks to checkpoint from it),
-and what the run itself measures to set against it."""
+"""The plan of a run about to start: its real micro-batches on its device (`run_setup`, drawn
+once; `tunesmith train` prints its estimate, and `adapter.gradient_checkpointing: auto` picks
+the blocks to checkpoint from it), and what the run itself measures to set against it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -90,10 +90,9 @@ def measurable(run: RunSetup, setup: Setup) -> tuple[float, Estimate]:
     return est.total - est.parts["framework overhead"], est
 
 
-def run_estimate(cfg, train_split, layout: str, device, checkpoint_layers: int | None = None) -> tuple[float, str]:
+def estimated(run: RunSetup, checkpoint_layers: int | None = None) -> tuple[float, str]:
     """(predicted peak bytes, one line) for the run about to start, with `checkpoint_layers`
     blocks checkpointed (None: as configured)."""
-    run = run_setup(cfg, train_split, layout, device)
     predicted, est = measurable(run, with_checkpointing(run.setup, checkpoint_layers))
     biggest = sorted(((v, k) for k, v in est.parts.items() if v > 0 and k != "framework overhead"), reverse=True)[:3]
     parts = ", ".join(f"{k} {gib(v)}" for v, k in biggest)
@@ -105,17 +104,21 @@ def run_estimate(cfg, train_split, layout: str, device, checkpoint_layers: int |
                        f"{gib(run.target.memory)} on {run.target.name}")
 
 
-def checkpoint_layers_within(cfg, train_split, layout: str, device, budget: float) -> tuple[int | None, int]:
-    """(the fewest leading blocks to checkpoint for the run's planned peak (on a GPU with the
-    caching allocator's slack) to stay within `budget` bytes, None where checkpointing every block
-    is not enough; the model's block count)."""
-    run = run_setup(cfg, train_split, layout, device)
+def run_estimate(cfg, train_split, layout: str, device, checkpoint_layers: int | None = None) -> tuple[float, str]:
+    """`estimated` from the run's config and data."""
+    return estimated(run_setup(cfg, train_split, layout, device), checkpoint_layers)
+
+
+def fewest_within(run: RunSetup, budget: float) -> int | None:
+    """The fewest leading blocks to checkpoint for the run's planned peak (on a GPU with the
+    caching allocator's slack) to stay within `budget` bytes; None where checkpointing every block
+    is not enough."""
 
     def needed(setup: Setup) -> float:  # on a GPU with the allocator's slack (the context is in use already)
         predicted, est = measurable(run, setup)
         return predicted if run.target is None else est.total - CUDA_CONTEXT
 
-    return fewest_checkpointed(run.shape, run.setup, lambda s: needed(s) <= budget), run.shape.layers
+    return fewest_checkpointed(run.shape, run.setup, lambda s: needed(s) <= budget)
 
 
 def utilisation_of(cfg, train_split, device):

@@ -28,7 +28,7 @@ class Checkpointing:
     blocks: int  # checkpointed, from the first
     of: int  # decoder blocks of the model
     setting: bool | int | str  # adapter.gradient_checkpointing
-    line: str | None = None  # what to tell the user ('auto' only)
+    line: str | None = None  # what to tell the user (set by this module: auto or k blocks)
 
     def record(self) -> dict:
         return {"blocks": self.blocks, "of": self.of, "setting": self.setting}
@@ -41,15 +41,18 @@ def decoder_blocks(model) -> list:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def checkpoint_first(model, count: int) -> None:
-    """Checkpoint the first `count` decoder blocks (non-reentrant), the others not."""
+def checkpoint_first(model, count: int) -> int:
+    """Checkpoint the first `count` decoder blocks (non-reentrant), the others not; returns how
+    many are checkpointed (every one where the model's blocks have no switch of their own)."""
     if count <= 0:
-        return
+        return 0
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "peft_config"):  # as methods/common.py add_lora: the first block's input needs a grad path
         model.enable_input_require_grads()
-    for block in decoder_blocks(model)[count:]:
+    blocks = decoder_blocks(model)
+    for block in blocks[count:]:
         block.gradient_checkpointing = False
+    return min(count, len(blocks)) if blocks else model.config.num_hidden_layers
 
 
 def memory_for_run(device: torch.device, baseline: float) -> float:
@@ -68,30 +71,30 @@ def memory_for_run(device: torch.device, baseline: float) -> float:
     return psutil.virtual_memory().available / processes + max(0.0, resident("VmRSS") - baseline)
 
 
-def choose(cfg, model, train_split, layout: str, device: torch.device, baseline: float, ranks) -> Checkpointing:
-    """How many blocks the run checkpoints; with 'auto', checkpoint them now (under torchrun the
-    most any rank needs, so every rank runs alike)."""
-    from ..plan import checkpoint_layers_within, gib
+def choose(cfg, model, run, device: torch.device, baseline: float, ranks) -> Checkpointing:
+    """How many blocks the run checkpoints; with 'auto', from `run` (plan/run.py run_setup; None
+    where the run could not be planned), and under torchrun the most any rank needs, so every rank
+    runs alike. Blocks other than every or none are checkpointed here."""
+    from ..plan import fewest_within, gib
 
     setting = cfg.adapter.gradient_checkpointing
     blocks = len(decoder_blocks(model)) or model.config.num_hidden_layers
     if setting is True or setting is False:  # the method has set it up already
         return Checkpointing(blocks if setting else 0, blocks, setting)
     if setting != "auto":  # the first k blocks
-        count = min(setting, blocks) if decoder_blocks(model) or not setting else blocks
-        checkpoint_first(model, count)
+        count = checkpoint_first(model, setting)
         return Checkpointing(count, blocks, setting, f"gradient checkpointing: {count} of {blocks} blocks")
     if ranks.fsdp:
         checkpoint_first(model, blocks)  # the plan counts one device's memory, not FSDP's shards
         return Checkpointing(blocks, blocks, setting, "gradient checkpointing: auto: every block (under FSDP)")
     budget = HEADROOM * memory_for_run(device, baseline)
-    try:
-        fewest, _ = checkpoint_layers_within(cfg, train_split, layout, device, budget)
-        why = (f"the planned peak within {gib(budget)}, {HEADROOM:.0%} of the memory free for it"
-               if fewest is not None else f"even so the planned peak is above {gib(budget)}")
-    except Exception as err:  # noqa: BLE001 (an estimate that fails never stops a run)
-        fewest, why = None, f"no plan ({type(err).__name__}: {err})"
-    count = blocks if fewest is None or (fewest and not decoder_blocks(model)) else min(fewest, blocks)
-    count = int(ranks.most(count))
-    checkpoint_first(model, count)
+    fewest, why = None, "no plan of the run"
+    if run is not None:
+        try:
+            fewest = fewest_within(run, budget)
+            why = (f"the planned peak within {gib(budget)}, {HEADROOM:.0%} of the memory free for it"
+                   if fewest is not None else f"even so the planned peak is above {gib(budget)}")
+        except Exception as err:  # noqa: BLE001 (an estimate that fails never stops a run)
+            why = f"no plan ({type(err).__name__}: {err})"
+    count = checkpoint_first(model, int(ranks.most(blocks if fewest is None else fewest)))
     return Checkpointing(count, blocks, setting, f"gradient checkpointing: auto: {count} of {blocks} blocks ({why})")
