@@ -63,3 +63,11 @@ def test_shipped_configs_validate():
         if entry.name.endswith(".yaml"):
             with resources.as_file(entry) as path:
                 assert isinstance(load_config(path), Config)
+
+
+def test_fsdp_with_a_4_bit_base_is_refused_before_anything_loads():
+    """FSDP2 gathers a sharded 4-bit weight without its quantisation state: the run would fail in its first
+    forward on every rank (seen on 2 gloo ranks), so the config says so first."""
+    with pytest.raises(UserError, match="train.fsdp does not work with adapter.method: qlora"):
+        load_config(None, ["adapter.method=qlora", "train.fsdp=true"])
+    assert load_config(None, ["adapter.method=lora", "train.fsdp=true"]).train.fsdp

@@ -72,7 +72,10 @@ def max_diff(a: dict, b: dict) -> float:
     pytest.param("full", {"fsdp": True}, marks=pytest.mark.slow),
     # the frozen base sharded, adapters trained
     pytest.param("lora", {"fsdp": True}, marks=pytest.mark.long),
-], ids=["lora-ddp", "full-ddp", "full-fsdp2", "lora-fsdp2"])
+    # FSDP2's CPU offload policy: the shards held on the host between uses (on CPU ranks a no-op move, but
+    # FSDP2's offloading code path: host gradients, optimizer step on them)
+    pytest.param("full", {"fsdp": True, "fsdp_offload": True}, marks=pytest.mark.long),
+], ids=["lora-ddp", "full-ddp", "full-fsdp2", "lora-fsdp2", "full-fsdp2-offload"])
 def test_two_ranks_equal_one_process(method, train_opts, tiny_model_dir, tmp_path):
     one = train(write_config(tmp_path, tiny_model_dir, "one", method))
     assert one.returncode == 0, one.stderr

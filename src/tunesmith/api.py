@@ -105,7 +105,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if cfg.train.objective != "sft":  # preference and reward objectives (objectives/, issue 23)
         objective = objectives.build(cfg, model, tokenizer, method, device, train_layout)
         objective.prepare(model, [s for s in (train_split, data.splits.get("validation")) if s])
-    planned = plan_of_run(cfg, train_split, train_layout, device)  # the run's first steps, drawn once
+    planned = plan_of_run(cfg, train_split, train_layout, device, ranks.world)  # the run's first steps, drawn once
     checkpointing = recompute.choose(cfg, model, planned, device, memory.baseline, ranks)
     if checkpointing.line:
         say(checkpointing.line)
@@ -225,13 +225,13 @@ def _utilisation(cfg: Config, train_split, device):
         return None
 
 
-def plan_of_run(cfg: Config, train_split, train_layout: str, device):
+def plan_of_run(cfg: Config, train_split, train_layout: str, device, devices: int = 1):
     """The plan's view of the run about to start (plan/run.py run_setup), or None, said, where it
     cannot be made: an estimate that fails never stops a run."""
     from .plan import run_setup
 
     try:
-        return run_setup(cfg, train_split, train_layout, device)
+        return run_setup(cfg, train_split, train_layout, device, devices)
     except Exception as err:  # noqa: BLE001
         say(f"plan: no estimate ({type(err).__name__}: {err})")
         return None

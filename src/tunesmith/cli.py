@@ -129,7 +129,7 @@ def cmd_plan(args) -> int:
     found = plan_for(args.config, args.overrides, args.model, args.device, args.memory, args.tokens, args.utilisation,
                      not args.no_this_machine, method=args.method, dtype=args.dtype, seq=args.seq, batch=args.batch,
                      gradient_checkpointing=args.gradient_checkpointing, r=args.r, targets=targets,
-                     label_share=args.label_share, grad_accum=args.grad_accum)
+                     label_share=args.label_share, grad_accum=args.grad_accum, devices=args.nproc, fsdp=args.fsdp)
     print(format_plan(found))
     return 0
 
@@ -315,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=None, help="training tokens per epoch (default: counted from the data)")
     p.add_argument("--utilisation", type=float, default=None, help="share of the device's peak reached")
     p.add_argument("--no-this-machine", action="store_true", help="skip this machine (no matmul benchmark)")
+    p.add_argument("--nproc", type=int, default=None, help="devices the run spreads over (torchrun, one process per "
+                                                           "GPU, as `train --nproc`): memory per device")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --nproc: FSDP2 shards weights, gradients and optimizer states (train.fsdp); else DDP replicas")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("choose", help="which base model: plan, loss and metrics zero-shot / with retrieval / after a "

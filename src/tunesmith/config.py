@@ -169,6 +169,14 @@ class Config(_Section):
         # `model: default` or `model: HuggingFaceTB/SmolLM2-360M` is short for `model: {name: ...}`.
         return {"name": value} if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _fsdp_method(self):
+        # FSDP2 gathers a sharded 4-bit weight as a plain tensor without its quantisation state
+        if self.train.fsdp and self.adapter.method == "qlora":
+            raise ValueError("train.fsdp does not work with adapter.method: qlora yet (FSDP2 loses the 4-bit "
+                             "weights' quantisation state); use DDP (train.fsdp: false) or adapter.method: lora")
+        return self
+
 
 def field_docs() -> dict[str, str]:
     """'section.key' -> documentation, for help output and error hints."""

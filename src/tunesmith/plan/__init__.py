@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from .devices import GPUS, Device, GiB, find_device, gib, this_machine
 from .memory import Estimate, Setup, checkpointed_layers, estimate
 from .objectives import describe as describe_objective
+from .sharding import per_device
 from .setups import estimate_for_machine, estimate_on, fewest_checkpointed, setup_from_config
 from .shapes import LINEARS, ModelShape, model_shape
 from .speed import CPU_UTILISATION, GPU_UTILISATION, epoch_seconds, flops_per_token
@@ -46,13 +47,21 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
          tokens: int | None = None, mean_seq: float | None = None, utilisation: float | None = None,
          include_this_machine: bool = True) -> Plan:
     shape = model if isinstance(model, ModelShape) else model_shape(model)
-    devices = list(GPUS.values()) + ([this_machine()] if include_this_machine or device else [])
+    several = setup.devices > 1  # GPUs only: this machine's CPU processes would share its memory
+    devices = list(GPUS.values()) + ([this_machine()] if (include_this_machine or device) and not several else [])
     target_device = None
     if memory_gib is not None:
         target_device = Device(f"{memory_gib:g} GiB", memory_gib * GiB, None, 0.0)  # memory only: no time
     elif device is not None:
         target_device = find_device(device)
         devices = [d for d in devices if d.name != target_device.name] + [target_device]
+    if several:  # each row: that many of the device, the memory per device
+        devices = [replace(d, name=f"{setup.devices} x {d.name}") for d in devices if not d.is_cpu]
+        if target_device and target_device.is_cpu:  # processes of this machine share its memory
+            target_device = replace(target_device, name=f"{setup.devices} processes on {target_device.name}",
+                                    memory=target_device.memory / setup.devices)
+        elif target_device:
+            target_device = replace(target_device, name=f"{setup.devices} x {target_device.name}")
 
     def fit_on(dev: Device, candidate: Setup = setup) -> Fit:
         if candidate.checkpointing_auto:  # as the run would: the fewest first blocks that fit, else every one
@@ -62,7 +71,9 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
         seconds = None
         if tokens and dev.fp32_tflops > 0:
             util = utilisation or (CPU_UTILISATION if dev.is_cpu else GPU_UTILISATION)
-            seconds = epoch_seconds(tokens, shape, candidate, dev.peak_flops(candidate.dtype), util, mean_seq)
+            # the devices share the tokens; the time their collectives take is not counted
+            seconds = epoch_seconds(tokens, shape, candidate, dev.peak_flops(candidate.dtype), util,
+                                    mean_seq) / candidate.devices
         return Fit(dev, estimate_on(shape, candidate, dev), seconds)
 
     fits = [fit_on(d) for d in devices]
@@ -80,7 +91,7 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
             fitted = fit_on(target_device, candidate)
             if fitted.fits:
                 changes.append((label, fitted.estimate))
-    return Plan(shape, setup, estimate(shape, setup), fits, target, changes[:4], tokens,
+    return Plan(shape, setup, per_device(estimate(shape, setup), gpu=True), fits, target, changes[:4], tokens,
                 flops_per_token(shape, setup, mean_seq))
 
 
@@ -144,6 +155,12 @@ def format_plan(p: Plan) -> str:
         f"setup: {method}, {s.dtype}, micro-batch {s.batch} x {s.seq} tokens, gradient checkpointing "
         f"{checkpointing(shape, s)}, {s.label_share:.0%} of positions with a label",
         f"trainable: {est.trainable / 1e6:.2f}M parameters; peak during the {est.peak_phase}",
+    ]
+    if s.devices > 1:
+        lines.append(f"spread over {s.devices} devices: " + (
+            "FSDP2 shards weights, gradients and optimizer states (train.fsdp); memory per device below"
+            if s.fsdp else "DDP replicas, each with the whole model (train.fsdp=true shards it)"))
+    lines += [
         "memory at the peak (tensors):",
     ]
     lines += [f"  {name:<26}{gib(value):>12}" for name, value in est.parts.items() if name != "framework overhead"]
@@ -177,17 +194,24 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     """`tunesmith plan`: a run config (or the defaults) with flags on top; the data set's token count,
     label share and mean length come from the config's training data where it has one."""
     from ..config import load_config
+    from ..errors import UserError
 
     cfg = load_config(config, overrides)
     name = model or cfg.model.name
     label_share, mean_seq = None, None
     if tokens is None and config is not None:
         tokens, label_share, mean_seq = data_figures(cfg)
-    setup = setup_from_config(cfg, label_share or 1.0)
     changes = {k: v for k, v in changes.items() if v is not None}
+    if changes.get("devices", 1) < 1:
+        raise UserError(f"--nproc {changes['devices']}: a run needs at least one device")
+    setup = setup_from_config(cfg, label_share or 1.0, devices=changes.pop("devices", 1))
+    if "fsdp" in changes:  # said on the command line
+        changes["fsdp"] = changes["fsdp"] and setup.devices > 1
     if "gradient_checkpointing" in changes:  # said on the command line: on or off for every block
         changes.update(checkpointing_auto=False, checkpoint_layers=None)
     setup = replace(setup, **changes)
+    if setup.fsdp and setup.method == "qlora":  # as the config refuses it (config.py)
+        raise UserError("--fsdp does not work with QLoRA yet (FSDP2 loses the 4-bit weights' quantisation state)")
     return plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine)
 
 

@@ -104,6 +104,9 @@ class Setup:
     # adapter.offload_activations (training/offload.py), on a GPU with checkpointing: the blocks'
     # inputs wait in host memory; one block's is back on the device while its backward runs
     offload_activations: bool = False
+    # Devices the run spreads over (torchrun), and train.fsdp: FSDP2 shards over them (plan/sharding.py)
+    devices: int = 1
+    fsdp: bool = False
 
 
 def _method(setup: Setup):

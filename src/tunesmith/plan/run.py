@@ -55,8 +55,9 @@ class RunSetup:
     tokens: int  # of the largest micro-batch
 
 
-def run_setup(cfg, train_split, layout: str, device) -> RunSetup:
-    """The run's real micro-batches and label share, on the device it runs on."""
+def run_setup(cfg, train_split, layout: str, device, devices: int = 1) -> RunSetup:
+    """The run's real micro-batches and label share, on the device it runs on, one of `devices`
+    (torchrun's processes; under train.fsdp their shards, plan/sharding.py)."""
     from ..data.collate import PACKED, PADDING_FREE
     from ..training.loop import total_steps
 
@@ -65,7 +66,7 @@ def run_setup(cfg, train_split, layout: str, device) -> RunSetup:
     # Padding-free, a step of short examples may be one micro-batch whatever train.grad_accum says:
     # gradients are held across micro-batches only where a step has several.
     accumulating = max(len(step) for step in drawn)
-    setup = setup_from_config(cfg, label_share(train_split.encoded, cfg.train, cfg.data.max_seq_len), device)
+    setup = setup_from_config(cfg, label_share(train_split.encoded, cfg.train, cfg.data.max_seq_len), device, devices)
     setup = counted_setup(cfg, replace(setup, batch=sequences, seq=longest, packed_rows=layout == PACKED,
                                        tokens=tokens if layout == PADDING_FREE else None, grad_accum=accumulating))
     shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)

@@ -6,14 +6,16 @@ from dataclasses import replace
 from .devices import Device, cpu_overhead
 from .memory import Estimate, Setup, estimate
 from .objectives import objective_setup
+from .sharding import per_device
 from .shapes import LINEARS, ModelShape
 
 
 def estimate_on(shape: ModelShape, setup: Setup, device: Device) -> Estimate:
-    """The estimate including what the device needs beyond the tensors."""
+    """The estimate for one of the run's devices, including what it needs beyond the tensors."""
     if device.is_cpu:
         return estimate_for_machine(shape, setup)
-    return estimate(shape, setup, overhead=device.overhead(estimate(shape, setup).total))
+    tensors = per_device(estimate(shape, setup), gpu=True)
+    return replace(tensors, parts={**tensors.parts, "framework overhead": device.overhead(tensors.total)})
 
 
 def estimate_for_machine(shape: ModelShape, setup: Setup) -> Estimate:
@@ -28,7 +30,7 @@ def estimate_for_machine(shape: ModelShape, setup: Setup) -> Estimate:
     bf16 = setup.dtype == "bfloat16" and dtypes(setup).inner == 2  # q, k and v in bf16 (not QLoRA's fp32)
     setup = replace(setup, cpu_attention=True, offload_activations=False,  # a CUDA-only saving
                     native_attention=bf16 and native.supported(torch.bfloat16, shape.head_dim))
-    return estimate(shape, setup, overhead=cpu_overhead(estimate(shape, setup)))
+    return per_device(estimate(shape, setup, overhead=cpu_overhead(estimate(shape, setup))), gpu=False)
 
 
 def fewest_checkpointed(shape: ModelShape, setup: Setup, fits) -> int | None:
@@ -41,8 +43,9 @@ def fewest_checkpointed(shape: ModelShape, setup: Setup, fits) -> int | None:
     return None
 
 
-def setup_from_config(cfg, label_share: float = 1.0, device=None) -> Setup:
-    """The Setup a tunesmith run config trains with (longest sequences: the worst case)."""
+def setup_from_config(cfg, label_share: float = 1.0, device=None, devices: int = 1) -> Setup:
+    """The Setup a tunesmith run config trains with (longest sequences: the worst case), on each of
+    `devices` (torchrun's processes)."""
     from ..device import compute_dtype
 
     dtype = str(compute_dtype(cfg.model.dtype, device)).replace("torch.", "")
@@ -55,5 +58,6 @@ def setup_from_config(cfg, label_share: float = 1.0, device=None) -> Setup:
                   r=cfg.adapter.r, targets=targets, label_share=label_share,
                   freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing,
                   grad_accum=cfg.train.grad_accum, adapter_dtype=cfg.adapter.dtype,
-                  offload_activations=cfg.adapter.offload_activations)
+                  offload_activations=cfg.adapter.offload_activations, devices=devices,
+                  fsdp=cfg.train.fsdp and devices > 1)
     return objective_setup(cfg, setup)  # sequences per example, reference copy (issue 23)

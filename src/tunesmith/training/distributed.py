@@ -135,7 +135,8 @@ def wrap(model, loss_fn, ranks: Ranks, fsdp: bool, offload: bool = False):
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids), float(ranks.world)
+    # gradients as views of DDP's buckets: reduced in place, not copied (one gradients' worth less per device)
+    return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True), float(ranks.world)
 
 
 def shard(model, module, ranks: Ranks, device: torch.device, offload: bool) -> None:
@@ -149,8 +150,8 @@ def shard(model, module, ranks: Ranks, device: torch.device, offload: bool) -> N
     options = {"mesh": mesh}
     if device.type == "cuda":
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+    if offload:  # pinned host memory needs an accelerator; on CPU ranks the shards stay where they are
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.get_decoder().layers:
         fully_shard(layer, **options)

@@ -84,9 +84,6 @@ def choose(cfg, model, run, device: torch.device, baseline: float, ranks) -> Che
     if setting != "auto":  # the first k blocks
         count = checkpoint_first(model, setting)
         return Checkpointing(count, blocks, setting, f"gradient checkpointing: {count} of {blocks} blocks")
-    if ranks.fsdp:
-        checkpoint_first(model, blocks)  # the plan counts one device's memory, not FSDP's shards
-        return Checkpointing(blocks, blocks, setting, "gradient checkpointing: auto: every block (under FSDP)")
     budget = HEADROOM * memory_for_run(device, baseline)
     fewest, why = None, "no plan of the run"
     if run is not None:
