@@ -189,9 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune as a YAML config says, with section.key=value overrides")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="e.g. train.lr=1e-4 adapter.r=8")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint (an unfinished run is resumed anyway; "
-                        "with this flag, having none is an error)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint (an unfinished run "
+                                                         "is resumed anyway; with this flag, having none is an error)")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (one per GPU, or CPU processes with gloo), launched with torchrun")
     p.set_defaults(func=cmd_train)
@@ -298,8 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="will it fit, how long will it take: memory and time from the model's config alone")
     p.add_argument("config", nargs="?", default=None, help="a run config (its data gives the token count)")
     p.add_argument("overrides", nargs="*", help="e.g. adapter.method=qlora train.batch_size=4")
-    p.add_argument("--model", default=None, help="hub id, local folder, 'default', or a shipped shape ("
-                                                 + ", ".join(SHIPPED_SHAPES) + ")")
+    p.add_argument("--model", default=None, help="hub id, local folder, 'default' or a shipped shape: " + ", ".join(SHIPPED_SHAPES))
     p.add_argument("--method", choices=list(METHOD_NAMES), default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
     p.add_argument("--seq", type=int, default=None, help="longest sequence (tokens)")
@@ -309,14 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=int, default=None, help="LoRA rank")
     p.add_argument("--targets", default=None, help="comma-separated LoRA targets (default: every linear layer)")
     p.add_argument("--label-share", type=float, default=None, help="share of positions with a label (default 1)")
-    p.add_argument("--device", default=None, help="check against one device: t4, l4, a10, rtx4090, a100-40gb, "
-                                                  "a100-80gb, h100, h200, this-machine")
+    p.add_argument("--device", default=None, help="check against one device: t4, l4, a10, rtx4090, a100-40gb, a100-80gb, h100, h200, this-machine")
     p.add_argument("--memory", type=float, default=None, help="check against this much memory (GiB)")
     p.add_argument("--tokens", type=int, default=None, help="training tokens per epoch (default: counted from the data)")
     p.add_argument("--utilisation", type=float, default=None, help="share of the device's peak reached")
     p.add_argument("--no-this-machine", action="store_true", help="skip this machine (no matmul benchmark)")
-    p.add_argument("--nproc", type=int, default=None, help="devices the run spreads over (torchrun, one process per "
-                                                           "GPU, as `train --nproc`): memory per device")
+    p.add_argument("--nproc", type=int, default=None, help="GPUs the run spreads over (as `train --nproc`): memory per device")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
                    help="with --nproc: FSDP2 shards weights, gradients and optimizer states (train.fsdp); else DDP replicas")
     p.set_defaults(func=cmd_plan)
