@@ -58,7 +58,7 @@ def add_lora(model, cfg: "AdapterConfig", dora: bool = False):
     from peft import LoraConfig, get_peft_model
 
     if cfg.gradient_checkpointing is True:  # 'auto': training/checkpointing.py, once the data is known
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # the checkpointed blocks' inputs need a grad path to the adapters
     if cfg.modules_to_save:
         warnings.warn(MODULES_TO_SAVE_WARNING, UserWarning, stacklevel=2)
@@ -98,7 +98,7 @@ def make_fully_trainable(model, cfg: "AdapterConfig"):
         # With tied embeddings this also freezes the LM head: they are one tensor.
         model.get_input_embeddings().weight.requires_grad_(False)
     if cfg.gradient_checkpointing is True:  # 'auto': training/checkpointing.py, once the data is known
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

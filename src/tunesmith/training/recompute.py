@@ -46,7 +46,7 @@ def checkpoint_first(model, count: int) -> int:
     many are checkpointed (every one where the model's blocks have no switch of their own)."""
     if count <= 0:
         return 0
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "peft_config"):  # as methods/common.py add_lora: the first block's input needs a grad path
         model.enable_input_require_grads()
     blocks = decoder_blocks(model)
