@@ -77,3 +77,25 @@ def test_data_check_reports_and_dedup_near_removes(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("value", [True, False, "near"])
 def test_dedup_setting_values(value):
     assert DataConfig(train="x.jsonl", dedup=value).dedup == value
+
+
+def test_a_check_from_the_cache_reads_the_near_duplicates_found_before(tmp_path, tiny_model_dir, monkeypatch):
+    import tunesmith.data.near_dup as near_dup
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows())
+    settings = {"near_dup_threshold": 0.7}
+    first = check_data(str(train), str(tiny_model_dir), tmp_path / "check", settings)
+    assert first["near_duplicates"]["within_train"]["count"] == 2
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(near_dup, "find", no_search)
+    again = check_data(str(train), str(tiny_model_dir), tmp_path / "check2", settings)
+    assert again["cached"] and again["near_duplicates"] == first["near_duplicates"]
+    with pytest.raises(AssertionError, match="searched again"):  # another threshold is another search
+        check_data(str(train), str(tiny_model_dir), tmp_path / "check3", {"near_dup_threshold": 0.9})
+    write_jsonl(train, train_rows()[:5])  # other data: another cache entry, searched afresh
+    with pytest.raises(AssertionError, match="searched again"):
+        check_data(str(train), str(tiny_model_dir), tmp_path / "check4", settings)

@@ -118,6 +118,18 @@ def entry_file(key: str, name: str) -> Path | None:
     return path if path.exists() else None
 
 
+def add_text(key: str, name: str, text: str) -> None:
+    """Put a derived result beside an entry, whole or not at all (written aside, then renamed)."""
+    folder = cache_root() / key
+    if folder.is_dir():
+        try:
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=folder, prefix=".tmp-", delete=False) as out:
+                out.write(text)
+            os.replace(out.name, folder / name)
+        except OSError:
+            pass
+
+
 def add_file(key: str, name: str, source: Path) -> None:
     """Put a derived file (e.g. the length histogram) beside an entry."""
     folder = cache_root() / key
