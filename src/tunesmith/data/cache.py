@@ -121,13 +121,14 @@ def entry_file(key: str, name: str) -> Path | None:
 def add_text(key: str, name: str, text: str) -> None:
     """Put a derived result beside an entry, whole or not at all (written aside, then renamed)."""
     folder = cache_root() / key
-    if folder.is_dir():
-        try:
-            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=folder, prefix=".tmp-", delete=False) as out:
-                out.write(text)
-            os.replace(out.name, folder / name)
-        except OSError:
-            pass
+    if not folder.is_dir():
+        return
+    tmp = folder / f".tmp-{os.getpid()}-{name}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, folder / name)
+    except OSError:  # a cache that cannot be written only costs speed; no partial file is left
+        tmp.unlink(missing_ok=True)
 
 
 def add_file(key: str, name: str, source: Path) -> None:
