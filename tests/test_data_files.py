@@ -73,6 +73,38 @@ def test_folder_of_files_and_column_mapping(tmp_path, tiny_tokenizer):
     assert {o[0] for o in prepared.splits["train"].origins} == {str(folder / "a.jsonl"), str(folder / "b.jsonl")}
 
 
+def test_fields_in_their_common_spellings(tmp_path, tiny_tokenizer):
+    """Spreadsheet headers in any case with stray spaces, Dolly's instruction / context / response
+    and prompt / response are read without a column mapping; an exact field wins over a variant."""
+    with open(tmp_path / "sheet.csv", "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["Question", " ANSWER ", "Source"])
+        writer.writerows([[f"Q{i}?", f"A{i}.", "web"] for i in range(4)])
+    write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": f"Sum up #{i}", "context": f"text {i}", "response": f"r{i}",
+                                            "category": "summarization"} for i in range(4)]
+                + [{"Prompt": f"P{i}", "Response": f"C{i}"} for i in range(4)]
+                + [{"question": f"exact {i}", "Question": f"variant {i}", "answer": f"a{i}"} for i in range(4)])
+    prepared = prepare(DataConfig(train=str(tmp_path / "sheet.csv"), cache=False), tiny_tokenizer)
+    assert prepared.formats == {"question_answer": 4} and not prepared.problems
+    assert sorted((c[0]["content"], c[1]["content"]) for c in all_examples(prepared)) == \
+        [(f"Q{i}?", f"A{i}.") for i in range(4)]
+    prepared = prepare(DataConfig(train=str(tmp_path / "dolly.jsonl"), cache=False), tiny_tokenizer)
+    assert prepared.formats == {"instruction": 4, "prompt_completion": 4, "question_answer": 4}
+    pairs = {(c[0]["content"], c[1]["content"]) for c in all_examples(prepared)}
+    assert {("Sum up #1\n\ntext 1", "r1"), ("P2", "C2"), ("exact 3", "a3")} <= pairs
+    assert not any(user.startswith("variant") for user, _ in pairs)
+
+
+def test_a_response_does_not_replace_an_answer_field():
+    from tunesmith.data.formats import canonical_fields
+    from tunesmith.data.preference import UNPAIRED, record_kind
+
+    assert canonical_fields({"prompt": "p", "completion": "c", "response": "r"}) == \
+        {"prompt": "p", "completion": "c", "response": "r"}
+    assert canonical_fields({"Text": "doc", 3: "x"}) == {"text": "doc", 3: "x"}
+    assert record_kind(canonical_fields({"Prompt": "p", "Response": "r", "Label": True})) == UNPAIRED
+
+
 def test_mix_weights_repeat_and_subsample(tmp_path, tiny_tokenizer):
     main = write_jsonl(tmp_path / "main.jsonl", [{"prompt": f"m{i}", "completion": f"x{i}"} for i in range(40)])
     extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": f"e{i}", "completion": f"y{i}"} for i in range(40)])

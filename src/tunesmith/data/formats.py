@@ -25,15 +25,41 @@ REQUIRED = {
 }
 
 
+# Every top-level field a reader looks for (SFT formats, tool calls, preference and prompt records).
+FIELDS = frozenset({"messages", "conversations", "instruction", "input", "output", "prompt", "completion",
+                    "question", "answer", "text", "tools", "chosen", "rejected", "label", "reference"})
+SPELLED = FIELDS | {"response", "context"}  # read in any case, with spaces around
+
+
 def rename_columns(record: dict, columns: dict[str, str]) -> dict:
-    """The record with the user's column names mapped to the format's field names ({field: column})."""
-    if not columns:
-        return record
-    record = dict(record)
-    for field, column in columns.items():
-        if column in record:
-            record[field] = record.pop(column)
-    return record
+    """The record with the user's column names mapped to the format's field names ({field: column}),
+    then the common spellings of the fields (canonical_fields)."""
+    if columns:
+        record = dict(record)
+        for field, column in columns.items():
+            if column in record:
+                record[field] = record.pop(column)
+    return canonical_fields(record)
+
+
+def canonical_fields(record: dict) -> dict:
+    """Field names as spreadsheets and public data sets often spell them: a column "Question" or
+    " answer " is read as `question` / `answer` where the exact field is absent, and `response`
+    is the answer of an `instruction` (Dolly's instruction / context / response) or of a `prompt`."""
+    out: dict = {}
+    for key, value in record.items():
+        name = key.strip().lower() if isinstance(key, str) else key
+        if name not in SPELLED or (name != key and (name in record or name in out)):
+            name = key  # not a field, or the exact field (or an earlier spelling of it) is there
+        out[name] = value
+    if "response" in out and not {"output", "completion"} & out.keys():
+        if "instruction" in out:
+            out["output"] = out.pop("response")
+            if "context" in out and "input" not in out:
+                out["input"] = out.pop("context")
+        elif "prompt" in out:
+            out["completion"] = out.pop("response")
+    return out
 
 
 def detect_format(record: dict) -> str:
