@@ -134,3 +134,20 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 
     with pytest.raises(UserError, match="config file not found"):
         main(["--debug", "train", str(tmp_path / "missing.yaml")])
+
+
+def test_own_warnings_read_as_one_line_others_keep_their_source(monkeypatch, capsys):
+    import warnings
+
+    import tunesmith.export.peft_folder as ours
+
+    default = warnings.formatwarning
+    monkeypatch.setattr(warnings, "formatwarning", default)
+    assert main(["--debug", "config"]) == 0 and warnings.formatwarning is default
+    assert main(["config"]) == 0
+    assert warnings.formatwarning("served on another base", UserWarning, ours.__file__, 46) == \
+        "warning: served on another base\n"
+    assert "elsewhere.py:3: FutureWarning" in warnings.formatwarning("old", FutureWarning, "/x/elsewhere.py", 3)
+    plain = warnings.formatwarning
+    main(["config"])
+    assert warnings.formatwarning is plain  # not wrapped again by a second command in the same process

@@ -6,7 +6,7 @@ import json
 import sys
 from importlib import resources
 
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, plain_warnings
 from .eval.evidence import evidence_lines
 from .methods import NAMES as METHOD_NAMES
 from .objectives.settings import OBJECTIVE_NAMES
@@ -46,7 +46,6 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     from .api import evaluate, evaluate_general
-    from .errors import UserError
 
     if not args.data and not args.general:
         raise UserError("eval: give --data FILE, --general, or both")
@@ -380,6 +379,7 @@ def _add_scoring_options(p) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    plain_warnings(args.debug)
     try:
         return args.func(args)
     except UserError as err:

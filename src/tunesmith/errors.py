@@ -28,3 +28,24 @@ def closest(name: str, choices) -> str | None:
         return max(prefixed, key=lambda c: difflib.SequenceMatcher(None, name, c).ratio())
     found = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return found[0] if found else None
+
+
+def plain_warnings(debug: bool = False) -> None:
+    """tunesmith's own warnings printed as one 'warning: ...' line: the default format adds the
+    file and source line that warned, which reads like a fault. Others' warnings keep it, and
+    with --debug all do."""
+    import os
+    import warnings
+
+    if debug or getattr(warnings.formatwarning, "plain", False):
+        return
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    default = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    format_warning.plain = True
+    warnings.formatwarning = format_warning
