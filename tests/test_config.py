@@ -43,6 +43,19 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert parse_overrides(["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
 
 
+def test_a_bad_override_is_blamed_on_the_command_line_not_the_files_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: default\ntrain:\n  lr: 0.01\n")
+    for override, expected in (("train.lrr=1", "command line: unknown key 'train.lrr'; did you mean 'train.lr'"),
+                               ("train.lr=abc", "command line: train.lr: ")):
+        with pytest.raises(UserError) as err:
+            load_config(path, [override])
+        assert str(err.value).startswith(expected) and "c.yaml" not in str(err.value)
+    path.write_text("model: default\ntrain:\n  lr: 0.01\n  lr_rate: 1\n")
+    with pytest.raises(UserError, match=r"c.yaml:4: unknown key 'train.lr_rate'"):  # the file's own mistake
+        load_config(path, ["train.lr=1e-4"])
+
+
 def test_invalid_yaml_reports_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: [1\n")

@@ -355,5 +355,6 @@ def _as_config(config, overrides) -> Config:
 
     if isinstance(config, (Config, dict)):
         raw = config.model_dump() if isinstance(config, Config) else config
-        return validate(merge(raw, parse_overrides(overrides or [])))
+        extra = parse_overrides(overrides or [])
+        return validate(merge(raw, extra), overrides=extra)
     return load_config(config, overrides)

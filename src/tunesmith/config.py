@@ -242,10 +242,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     raw = merge(raw, overrides or {})
-    return validate(raw, source, text)
+    return validate(raw, source, text, overrides)
 
 
-def validate(raw: dict, source: str = "config", text: str = "") -> Config:
+def validate(raw: dict, source: str = "config", text: str = "", overrides: dict | None = None) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
@@ -253,7 +253,7 @@ def validate(raw: dict, source: str = "config", text: str = "") -> Config:
         loc = [str(p) for p in first["loc"]]
         key = ".".join(loc)
         line = _line_of(text, loc)
-        where = f"{source}:{line}" if line else source
+        where = "command line" if _given_in(overrides, loc) else f"{source}:{line}" if line else source
         if first["type"] == "extra_forbidden":
             valid = _valid_keys(loc[:-1])
             hint = closest(loc[-1], valid)
@@ -262,6 +262,16 @@ def validate(raw: dict, source: str = "config", text: str = "") -> Config:
             suggestion = f"; did you mean '{prefix}{hint}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
             raise UserError(f"{where}: unknown key '{key}'{suggestion}") from None
         raise UserError(f"{where}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def _given_in(overrides: dict | None, loc: list[str]) -> bool:
+    """Whether the setting at `loc` came from a key=value override (the config file's line would mislead)."""
+    node = overrides
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return bool(loc)
 
 
 def _valid_keys(section_path: list[str]) -> list[str]:
