@@ -164,8 +164,9 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
             raw["train"] = ([raw["train"][0][i] for i in keep], [raw["train"][1][i] for i in keep])
             weights = [weights[i] for i in keep]
         if not raw["train"][0]:
-            first = f" First problem: {problems[0]}" if problems else ""
-            raise UserError(f"{cfg.train}: no usable training examples ({len(problems)} problems).{first}")
+            if not problems:
+                raise UserError(f"{cfg.train}: no training records in it (an empty file?)")
+            raise UserError(f"{cfg.train}: no usable training examples ({len(problems)} problems). First problem: {problems[0]}")
         if "validation" not in raw:
             raw["train"], raw["validation"], weights = _hold_out(raw["train"], weights, cfg)
             held_out = True
