@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -180,7 +181,9 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 state.skipped_steps.append(step)
                 log.write(event="skipped_step", step=step, loss=step_loss, grad_norm=grad_norm)
                 say(f"step {step}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); step skipped")
-            scheduler.step()
+            with warnings.catch_warnings():  # the schedule moves on past a skipped step: torch's warning says it should not
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             release_freed_memory(device)
             if bad_in_row >= cfg.train.max_bad_steps:
