@@ -95,6 +95,21 @@ def test_fields_in_their_common_spellings(tmp_path, tiny_tokenizer):
     assert not any(user.startswith("variant") for user, _ in pairs)
 
 
+def test_a_byte_order_mark_is_not_data(tmp_path, tiny_tokenizer):
+    """Excel's "CSV UTF-8" and Windows editors start a file with a byte-order mark: it made the first
+    CSV header 'question' unknown (every row failed) and the first JSONL line broken JSON."""
+    rows = [{"question": f"Q{i}?", "answer": f"A{i}."} for i in range(6)]
+    with open(tmp_path / "d.csv", "w", newline="", encoding="utf-8-sig") as out:
+        writer = csv.DictWriter(out, ["question", "answer"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8-sig")
+    (tmp_path / "d.json").write_text(json.dumps(rows), encoding="utf-8-sig")
+    for name in ("d.csv", "d.jsonl", "d.json"):
+        prepared = prepare(DataConfig(train=str(tmp_path / name), cache=False, dedup=False), tiny_tokenizer)
+        assert not prepared.problems and prepared.formats == {"question_answer": 6}, name
+
+
 def test_a_response_does_not_replace_an_answer_field():
     from tunesmith.data.formats import canonical_fields
     from tunesmith.data.preference import UNPAIRED, record_kind

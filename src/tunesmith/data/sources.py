@@ -89,7 +89,7 @@ def read_records(spec: str | Path, hub_split: str = "train") -> Records:
 
 def _read_jsonl(path: Path) -> Records:
     out = Records()
-    with open(path, encoding="utf-8") as lines:
+    with open(path, encoding="utf-8-sig") as lines:  # -sig: a leading byte-order mark (Windows editors, Excel) is not data
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -106,7 +106,7 @@ def _read_jsonl(path: Path) -> Records:
 
 
 def _read_json(path: Path) -> Records:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -145,7 +145,7 @@ def _read_csv(path: Path) -> Records:
     import csv
 
     out = Records()
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         for row in reader:
             if None in row:  # more cells than header columns
