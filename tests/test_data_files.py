@@ -110,6 +110,18 @@ def test_a_byte_order_mark_is_not_data(tmp_path, tiny_tokenizer):
         assert not prepared.problems and prepared.formats == {"question_answer": 6}, name
 
 
+def test_semicolon_csv_and_tsv(tmp_path, tiny_tokenizer):
+    """A spreadsheet saved in a locale with decimal commas writes semicolons; .tsv files use tabs.
+    A comma inside a cell of a semicolon file stays text."""
+    (tmp_path / "semi.csv").write_text('question;answer\n"Dose, adult?";"2,5 mg"\nWhy;Because, mostly\n')
+    (tmp_path / "d.tsv").write_text("question\tanswer\nDose, adult?\t2,5 mg\nWhy\tBecause, mostly\n")
+    for name in ("semi.csv", "d.tsv"):
+        prepared = prepare(DataConfig(train=str(tmp_path / name), cache=False, validation_share=0.5), tiny_tokenizer)
+        assert not prepared.problems, name
+        assert sorted((c[0]["content"], c[1]["content"]) for c in all_examples(prepared)) == \
+            [("Dose, adult?", "2,5 mg"), ("Why", "Because, mostly")], name
+
+
 def test_a_response_does_not_replace_an_answer_field():
     from tunesmith.data.formats import canonical_fields
     from tunesmith.data.preference import UNPAIRED, record_kind

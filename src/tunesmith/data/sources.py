@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 HUB_ID = re.compile(r"^(hf:)?[\w.-]+/[\w.-]+$")
 
 
@@ -77,7 +77,7 @@ def read_records(spec: str | Path, hub_split: str = "train") -> Records:
             out.problems += part.problems
         return out
     suffix = path.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
         raise UserError(f"{path}: unsupported data file type '{suffix}' (use {', '.join(SUFFIXES)}, "
                         "a folder of them, a saved dataset folder or a hub data set id)")
@@ -146,13 +146,24 @@ def _read_csv(path: Path) -> Records:
 
     out = Records()
     with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(handle, delimiter=_delimiter(path, handle.readline()))
+        handle.seek(0)
         for row in reader:
             if None in row:  # more cells than header columns
                 out.problems.append(Problem(str(path), reader.line_num, "malformed CSV row (more cells than columns)"))
                 continue
             out.rows.append((str(path), reader.line_num, dict(row)))
     return out
+
+
+def _delimiter(path: Path, header: str) -> str:
+    """Tab for .tsv; for .csv a comma, unless the header has none and semicolons or tabs (spreadsheets
+    set to a locale with decimal commas write semicolons)."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    if "," in header:
+        return ","
+    return max(";\t", key=header.count) if any(c in header for c in ";\t") else ","
 
 
 def _read_parquet(path: Path) -> Records:
