@@ -62,6 +62,17 @@ def test_pairs_in_every_form_are_masked_like_sft(tiny_tokenizer, tmp_path):
     assert tiny_tokenizer.decode(answer_tokens(split.encoded[1].chosen)).count("hi") == 1
 
 
+def test_pairs_with_content_parts_read_as_their_text(tiny_tokenizer, tmp_path):
+    parts = lambda text: [{"type": "text", "text": text[:2]}, {"type": "text", "text": text[2:]}]  # noqa: E731
+    as_parts = {"prompt": [{"role": "user", "content": parts("Say hi")}],
+                "chosen": [{"role": "assistant", "content": parts("hi there")}], "rejected": "no"}
+    plain = {"prompt": "Say hi", "chosen": "hi there", "rejected": "no"}
+    encoded = [prepare_preference(data_cfg(write_jsonl(tmp_path / f"{n}.jsonl", [r])), tiny_tokenizer, PAIRS)
+               .splits["train"].encoded[0] for n, r in (("parts", as_parts), ("plain", plain))]
+    assert encoded[0].chosen.input_ids == encoded[1].chosen.input_ids
+    assert encoded[0].chosen.labels == encoded[1].chosen.labels
+
+
 def test_bad_pairs_are_reported_with_file_line_and_reason(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", GOOD[:1] + BAD)
     prepared = prepare_preference(data_cfg(path), tiny_tokenizer, PAIRS)

@@ -51,6 +51,26 @@ def test_train_on_inputs_labels_everything(tiny_tokenizer):
     assert encoded.labels == encoded.input_ids
 
 
+def test_openai_fine_tuning_records_weight_and_content_parts(tiny_tokenizer, tmp_path):
+    """OpenAI's fine-tuning JSONL: `weight: 0` keeps an assistant turn as context without a loss on it,
+    and content given as text parts reads as their text; an image part or weight 2 is a reported problem."""
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"][:3]},
+                                             {"type": "text", "text": m["content"][3:]}]} for m in CONVERSATION]
+    parts[2]["weight"] = 0
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]},
+             {"role": "assistant", "content": "A cat."}]
+    silent = [dict(m, weight=0) if m["role"] == "assistant" else m for m in CONVERSATION]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": parts}, {"messages": image}, {"messages": silent},
+                                              {"messages": [CONVERSATION[1], dict(CONVERSATION[2], weight=2)]}])
+    held = write_jsonl(tmp_path / "v.jsonl", [{"messages": CONVERSATION}])
+    prepared = prepare(DataConfig(train=str(path), validation=str(held), cache=False), tiny_tokenizer)
+    [encoded] = prepared.splits["train"].encoded
+    assert labelled_text(tiny_tokenizer, encoded) == ["You are welcome.<|im_end|>"]
+    assert "Hello!" in tiny_tokenizer.decode(encoded.input_ids)  # still there, as context
+    assert [(p.line, p.reason.split(":")[0]) for p in prepared.problems] == \
+        [(2, "not text"), (3, "no assistant turn"), (4, "wrong type")]
+
+
 # --- templates, truncation, validation by the template -------------------------------------------
 
 import copy  # noqa: E402

@@ -108,6 +108,8 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
                     {"role": "assistant", "content": _text(record, answer)}]
     if not any(m["role"] == "assistant" for m in messages):
         raise FormatError("no assistant turn", "nothing to learn from")
+    if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
+        raise FormatError("no assistant turn", "every assistant turn has weight 0: nothing to learn from")
     head = 1 if messages[0]["role"] == TOOLS_ROLE else 0
     if system_prompt and messages[head]["role"] != "system":
         messages.insert(head, {"role": "system", "content": system_prompt})

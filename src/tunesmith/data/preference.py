@@ -26,6 +26,7 @@ from .formats import _checked_text as text_of  # the SFT formats' check of one t
 from .prepare import Prepared, Split, length_policy, load_conversations
 from .sources import Problem, read_records
 from .tokenize import IGNORE, Encoded, TemplateError, encode_many, use_template
+from .tools import joined_parts
 
 PAIRS, UNPAIRED, PROMPTS = "pairs", "unpaired", "prompts"
 ROLES = ("system", "user", "assistant")
@@ -102,7 +103,8 @@ def messages_of(value, where: str) -> list[dict]:
             raise FormatError("wrong type", f"{where}[{index}] is not an object")
         if message.get("role") not in ROLES:
             raise FormatError("unknown role", f"{message.get('role')!r} in {where}[{index}]")
-        out.append({"role": message["role"], "content": text_of(message.get("content"), f"{where}[{index}].content")})
+        content = joined_parts(message.get("content"), f"{where}[{index}].content")
+        out.append({"role": message["role"], "content": text_of(content, f"{where}[{index}].content")})
     return out
 
 

@@ -180,13 +180,14 @@ def turn_examples(tokenizer, messages: list[dict], text: str, stops: list[str], 
         turn = text if i == len(messages) - 1 else render(tokenizer, messages[:i + 1])
         start = answer_start(tokenizer, turn, prompt)
         answer = turn[start:answer_end(turn, start, stops)]
-        spans = [(len(prompt) + a, len(prompt) + b) for a, b in answer_pieces(messages[i], answer, reasoning)]
+        spans = [(len(prompt) + a, len(prompt) + b) for a, b in answer_pieces(messages[i], answer, reasoning)
+                 if messages[i].get("weight", 1)]  # weight 0: context, not taught
         examples.append((prompt + answer, spans))
         consistent &= len(prompt) >= done and text.startswith(prompt + answer)
         done = len(prompt) + len(answer)
     if consistent:
         return [(text, [span for _, spans in examples for span in spans])]
-    return examples
+    return [example for example in examples if example[1]]
 
 
 def answer_start(tokenizer, turn: str, prompt: str) -> int:

@@ -49,10 +49,33 @@ def checked_tools(tools) -> list[dict]:
     return out
 
 
+def joined_parts(content, where: str):
+    """OpenAI-style content parts ([{"type": "text", "text": ...}, ...]) as one text, the parts end to end
+    as chat templates that read parts render them; anything else as it is. A part that is not text
+    (an image, audio) is refused: training here is text only."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise FormatError("not text", f"{where}[{index}] is {kind!r}, not a text part; training is text only")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def checked_message(turn: dict, role: str, where: str, text_key: str, checked_text) -> dict:
-    """One message in the form templates read; tool calls normalised, arguments parsed."""
+    """One message in the form templates read; tool calls normalised, arguments parsed, content parts
+    joined; an assistant message's `weight: 0` (OpenAI's fine-tuning format) kept: no loss on it."""
+    if isinstance(turn.get(text_key), list) and role != "tool":
+        turn = {**turn, text_key: joined_parts(turn[text_key], f"{where}.{text_key}")}
     calls = turn.get("tool_calls") if role == "assistant" else None
     message = {"role": role}
+    if role == "assistant" and "weight" in turn:
+        if turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
+            raise FormatError("wrong type", f"{where}.weight must be 0 or 1, got {turn['weight']!r}")
+        if turn["weight"] == 0:
+            message["weight"] = 0
     if calls:
         if not isinstance(calls, list):
             raise FormatError("wrong type", f"{where}.tool_calls must be a list")
