@@ -122,6 +122,12 @@ def test_semicolon_csv_and_tsv(tmp_path, tiny_tokenizer):
             [("Dose, adult?", "2,5 mg"), ("Why", "Because, mostly")], name
 
 
+def test_two_unknown_columns_get_a_mapping_to_copy(tmp_path, tiny_tokenizer):
+    (tmp_path / "d.csv").write_text("Q,A\nwhat?,that\n")
+    with pytest.raises(UserError, match=r"d.csv:2: .*data.columns, e.g. \{question: Q, answer: A\}"):
+        prepare(DataConfig(train=str(tmp_path / "d.csv"), cache=False), tiny_tokenizer)
+
+
 def test_a_response_does_not_replace_an_answer_field():
     from tunesmith.data.formats import canonical_fields
     from tunesmith.data.preference import UNPAIRED, record_kind

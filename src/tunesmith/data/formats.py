@@ -70,8 +70,10 @@ def detect_format(record: dict) -> str:
         if any(k in record for k in keys):
             missing = next(k for k in keys if k not in record)
             raise FormatError("missing field", f"'{missing}' (the record looks like format {kind})")
-    raise FormatError("unknown format", f"no known fields (keys: {', '.join(sorted(record)) or 'none'}); "
-                      "map your columns with data.columns or set data.format")
+    named = [key for key in record if isinstance(key, str)]
+    example = f", e.g. {{question: {named[0]}, answer: {named[1]}}}" if len(named) == 2 else ""
+    raise FormatError("unknown format", f"no known fields (keys: {', '.join(sorted(map(str, record))) or 'none'}); "
+                      f"map your columns with data.columns{example}, or set data.format")
 
 
 def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None) -> tuple[str, list[dict]]:
