@@ -97,7 +97,8 @@ timed() {  # NAME LIMIT COMMAND...: the command's output in $OUT/NAME.txt with i
 }
 
 compare() {
-    # METHODS="qlora:bf16,qlora:bf16:offload,lora" (say) changes tunesmith's runs (bench/gpu_compare.py --methods)
+    # METHODS="qlora:bf16,qlora:bf16:plain,lora" (say) changes tunesmith's runs (bench/gpu_compare.py --methods;
+    # :plain = fast_paths off, :offload = activations in host memory, :nockpt = no checkpointing)
     timed compare "${COMPARE_LIMIT:-280}" $PY bench/gpu_compare.py --shape "$SHAPE" --steps "$STEPS" \
         --warmup "$WARMUP" --length "$LENGTH" --models "$MODELS" --out "$OUT/compare.json" ${METHODS:+--methods "$METHODS"}
 }
