@@ -128,6 +128,16 @@ def test_two_unknown_columns_get_a_mapping_to_copy(tmp_path, tiny_tokenizer):
         prepare(DataConfig(train=str(tmp_path / "d.csv"), cache=False), tiny_tokenizer)
 
 
+def test_a_bare_list_of_messages_is_a_conversation(tmp_path, tiny_tokenizer):
+    chats = [[{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}] for i in range(4)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n[1, 2]\n")
+    (tmp_path / "d.json").write_text(json.dumps(chats))
+    for name, problems in (("d.jsonl", [(5, "not a JSON object (got list)")]), ("d.json", [])):
+        prepared = prepare(DataConfig(train=str(tmp_path / name), cache=False), tiny_tokenizer)
+        assert prepared.formats == {"messages": 4}, name
+        assert [(p.line, p.reason) for p in prepared.problems] == problems, name
+
+
 def test_a_response_does_not_replace_an_answer_field():
     from tunesmith.data.formats import canonical_fields
     from tunesmith.data.preference import UNPAIRED, record_kind

@@ -98,11 +98,19 @@ def _read_jsonl(path: Path) -> Records:
             except json.JSONDecodeError as err:
                 out.problems.append(Problem(str(path), number, f"broken JSON ({err.msg} at column {err.colno})"))
                 continue
+            record = as_messages(record)
             if not isinstance(record, dict):
                 out.problems.append(Problem(str(path), number, f"not a JSON object (got {type(record).__name__})"))
                 continue
             out.rows.append((str(path), number, record))
     return out
+
+
+def as_messages(record):
+    """A bare list of chat messages (a line `[{"role": ..., "content": ...}, ...]`) as a `messages` record."""
+    if isinstance(record, list) and record and all(isinstance(m, dict) and "role" in m for m in record):
+        return {"messages": record}
+    return record
 
 
 def _read_json(path: Path) -> Records:
@@ -119,6 +127,7 @@ def _read_json(path: Path) -> Records:
     lines = _record_lines(text, len(data))
     for index, record in enumerate(data):
         line = lines[index] if index < len(lines) else index + 1
+        record = as_messages(record)
         if isinstance(record, dict):
             out.rows.append((str(path), line, record))
         else:
