@@ -99,3 +99,29 @@ def test_a_check_from_the_cache_reads_the_near_duplicates_found_before(tmp_path,
     write_jsonl(train, train_rows()[:5])  # other data: another cache entry, searched afresh
     with pytest.raises(AssertionError, match="searched again"):
         check_data(str(train), str(tiny_model_dir), tmp_path / "check4", settings)
+
+
+def test_results_beside_a_cache_entry_are_whole_or_absent(tmp_path, monkeypatch):
+    """A derived file is written aside and renamed: a failed write leaves neither it nor a temporary."""
+    import shutil
+
+    from tunesmith.data import cache
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    entry = cache.cache_root() / "k"
+    entry.mkdir(parents=True)
+    source = tmp_path / "lengths.png"
+    source.write_bytes(b"png" * 1000)
+    cache.add_file("k", "lengths.png", source)
+    cache.add_text("k", "near.json", "[1, 2]")
+    assert (entry / "lengths.png").read_bytes() == source.read_bytes() and (entry / "near.json").read_text() == "[1, 2]"
+
+    def half_then_full_disk(src, dst):
+        open(dst, "wb").write(b"pn")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", half_then_full_disk)
+    cache.add_file("k", "other.png", source)
+    assert sorted(p.name for p in entry.iterdir()) == ["lengths.png", "near.json"]
+    cache.add_file("missing-entry", "x.png", source)  # no entry: nothing written, no error
+    assert not (cache.cache_root() / "missing-entry").exists()

@@ -119,23 +119,23 @@ def entry_file(key: str, name: str) -> Path | None:
 
 
 def add_text(key: str, name: str, text: str) -> None:
-    """Put a derived result beside an entry, whole or not at all (written aside, then renamed)."""
+    """Put a derived result beside an entry, whole or not at all."""
+    _put(key, name, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def add_file(key: str, name: str, source: Path) -> None:
+    """Put a derived file (e.g. the length histogram) beside an entry, whole or not at all."""
+    _put(key, name, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def _put(key: str, name: str, write) -> None:
+    """write(path) aside, then renamed: a reader never sees half a file."""
     folder = cache_root() / key
     if not folder.is_dir():
         return
     tmp = folder / f".tmp-{os.getpid()}-{name}"
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, folder / name)
     except OSError:  # a cache that cannot be written only costs speed; no partial file is left
         tmp.unlink(missing_ok=True)
-
-
-def add_file(key: str, name: str, source: Path) -> None:
-    """Put a derived file (e.g. the length histogram) beside an entry."""
-    folder = cache_root() / key
-    if folder.is_dir():
-        try:
-            shutil.copyfile(source, folder / name)
-        except OSError:
-            pass
