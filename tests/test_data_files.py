@@ -138,6 +138,16 @@ def test_a_bare_list_of_messages_is_a_conversation(tmp_path, tiny_tokenizer):
         assert [(p.line, p.reason) for p in prepared.problems] == problems, name
 
 
+def test_sharegpt_with_role_and_content_turns(tmp_path, tiny_tokenizer):
+    """lmsys-chat style: `conversation` (or `conversations`) holding role / content turns."""
+    turns = lambda i: [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}]  # noqa: E731
+    path = write_jsonl(tmp_path / "d.jsonl", [{"conversation": turns(i)} for i in range(3)]
+                       + [{"conversations": turns(i)} for i in range(3, 6)])
+    prepared = prepare(DataConfig(train=str(path), cache=False), tiny_tokenizer)
+    assert prepared.formats == {"sharegpt": 6} and not prepared.problems
+    assert ("hi 4", "hello 4") in {(c[0]["content"], c[1]["content"]) for c in all_examples(prepared)}
+
+
 def test_a_response_does_not_replace_an_answer_field():
     from tunesmith.data.formats import canonical_fields
     from tunesmith.data.preference import UNPAIRED, record_kind

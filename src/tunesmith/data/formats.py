@@ -28,7 +28,7 @@ REQUIRED = {
 # Every top-level field a reader looks for (SFT formats, tool calls, preference and prompt records).
 FIELDS = frozenset({"messages", "conversations", "instruction", "input", "output", "prompt", "completion",
                     "question", "answer", "text", "tools", "chosen", "rejected", "label", "reference"})
-SPELLED = FIELDS | {"response", "context"}  # read in any case, with spaces around
+SPELLED = FIELDS | {"response", "context", "conversation"}  # read in any case, with spaces around
 
 
 def rename_columns(record: dict, columns: dict[str, str]) -> dict:
@@ -45,13 +45,16 @@ def rename_columns(record: dict, columns: dict[str, str]) -> dict:
 def canonical_fields(record: dict) -> dict:
     """Field names as spreadsheets and public data sets often spell them: a column "Question" or
     " answer " is read as `question` / `answer` where the exact field is absent, and `response`
-    is the answer of an `instruction` (Dolly's instruction / context / response) or of a `prompt`."""
+    is the answer of an `instruction` (Dolly's instruction / context / response) or of a `prompt`;
+    `conversation` is ShareGPT's `conversations`."""
     out: dict = {}
     for key, value in record.items():
         name = key.strip().lower() if isinstance(key, str) else key
         if name not in SPELLED or (name != key and (name in record or name in out)):
             name = key  # not a field, or the exact field (or an earlier spelling of it) is there
         out[name] = value
+    if "conversation" in out and "conversations" not in out and "messages" not in out:
+        out["conversations"] = out.pop("conversation")
     if "response" in out and not {"output", "completion"} & out.keys():
         if "instruction" in out:
             out["output"] = out.pop("response")
@@ -96,7 +99,12 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
         else:
             check_calls(messages, None)
     elif kind == "sharegpt":
-        messages = _checked_turns(record["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+        turns = record["conversations"]
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" not in turns[0] \
+                and "role" in turns[0]:  # role / content turns under ShareGPT's key (lmsys-chat and others)
+            messages = _checked_turns(turns, "conversations", "role", "content", {r: r for r in ROLES})
+        else:
+            messages = _checked_turns(turns, "conversations", "from", "value", SHAREGPT_ROLES)
     elif kind == "instruction":
         prompt = _text(record, "instruction")
         extra = record.get("input") or ""
