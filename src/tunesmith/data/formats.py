@@ -12,6 +12,7 @@ from __future__ import annotations
 from .tools import FormatError, TOOLS_ROLE, checked_message, checked_tools, check_calls
 
 ROLES = {"system", "user", "assistant", "tool"}
+MESSAGE_ROLES = {role: role for role in ROLES}  # role / content turns name their roles as they are
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 FORMATS = ("messages", "sharegpt", "instruction", "prompt_completion", "question_answer", "text")
 # The keys each format needs: detection tries them in this order.
@@ -91,7 +92,7 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
     if kind == "text":
         return kind, [{"role": "text", "content": _text(record, "text")}]
     if kind == "messages":
-        messages = _checked_turns(record["messages"], "messages", "role", "content", {r: r for r in ROLES})
+        messages = _checked_turns(record["messages"], "messages", "role", "content", MESSAGE_ROLES)
         if record.get("tools") is not None:
             tools = checked_tools(record["tools"])
             check_calls(messages, tools)
@@ -100,11 +101,11 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
             check_calls(messages, None)
     elif kind == "sharegpt":
         turns = record["conversations"]
-        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" not in turns[0] \
-                and "role" in turns[0]:  # role / content turns under ShareGPT's key (lmsys-chat and others)
-            messages = _checked_turns(turns, "conversations", "role", "content", {r: r for r in ROLES})
-        else:
-            messages = _checked_turns(turns, "conversations", "from", "value", SHAREGPT_ROLES)
+        # role / content turns under ShareGPT's key (lmsys-chat and others), else from / value
+        role_content = isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" not in turns[0] \
+            and "role" in turns[0]
+        keys = ("role", "content", MESSAGE_ROLES) if role_content else ("from", "value", SHAREGPT_ROLES)
+        messages = _checked_turns(turns, "conversations", *keys)
     elif kind == "instruction":
         prompt = _text(record, "instruction")
         extra = record.get("input") or ""
