@@ -137,6 +137,23 @@ def test_one_pass_scoring_equals_scoring_and_generating_apart(tiny_model_dir, ti
     assert not any(getattr(m, "merged", False) for m in model.modules())  # the adapter is unmerged again
 
 
+def test_long_rows_do_not_pad_a_batch_of_short_ones():
+    """A long test example (a 2,600-token reference) gets its own batch instead of padding eleven
+    short ones to its length; rows of 1,500 tokens go ten to a batch of 16 x 1,024 tokens; every
+    index once, each batch of similar length."""
+    from tunesmith.eval.generate import ROW_TOKENS, length_batches
+
+    lengths = [2600] + [300 + i for i in range(11)]
+    assert length_batches(lengths, 16) == [list(range(1, 12)), [0]]
+    batches = length_batches([1500] * 20, 16)
+    assert [len(b) for b in batches] == [10, 10] and 10 * 1500 <= 16 * ROW_TOKENS < 11 * 1500
+    mixed = [(i * 37) % 400 + 1 for i in range(50)]
+    batches = length_batches(mixed, 8)
+    assert sorted(i for b in batches for i in b) == list(range(50)) and max(len(b) for b in batches) == 8
+    assert all(mixed[a] <= mixed[b] for first, second in zip(batches, batches[1:]) for a in first for b in second)
+    assert length_batches([5000, 10], 4) == [[1], [0]]  # a row over the budget (4 x 1,024) alone
+
+
 def test_one_pass_scoring_steps_aside_for_sliding_window_caches(tiny_tokenizer):
     """A sliding-window cache cannot be cut back to the prompt: such models score and generate apart."""
     from transformers import MistralConfig, MistralForCausalLM

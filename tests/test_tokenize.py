@@ -169,6 +169,22 @@ def test_overlong_examples_follow_the_policy(tiny_tokenizer, tmp_path, policy):
         assert len(cut.input_ids) == 40 and cut.label_count > 0 and cut.labels[-1] == cut.input_ids[-1]
 
 
+@pytest.mark.parametrize("policy", ["drop", "truncate", "error"])
+def test_test_examples_are_kept_whole_whatever_their_length(tiny_tokenizer, tmp_path, policy):
+    """The test split is scored whole, as `compare` scores a file: a long reference answer is
+    neither dropped, cut nor refused; an example with no answer token still is dropped."""
+    train = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "q", "completion": "a"}] * 3)
+    rows = long_rows() + [{"prompt": "empty answer", "completion": ""}]
+    test = write_jsonl(tmp_path / "test.jsonl", rows)
+    cfg = DataConfig(train=str(train), test=str(test), max_seq_len=40, overlong=policy, cache=False, dedup=False)
+    prepared = prepare(cfg, tiny_tokenizer)
+    split = prepared.splits["test"]
+    assert [o[1] for o in split.origins] == [1, 2, 3]
+    assert max(len(e.input_ids) for e in split.encoded) > 40
+    assert [c[-1]["content"] for c in split.conversations] == [r["completion"] for r in rows[:3]]
+    assert prepared.truncated == 0 and prepared.too_long == []
+
+
 MEDQUAD = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "medquad"
 
 

@@ -236,7 +236,10 @@ def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prep
         # Several examples where the template renders each answer's history its own way (see turn_examples).
         answers = [i + 1 for i, m in enumerate(conversations[index]) if m["role"] == "assistant"]
         for ends_at, encoded in zip(answers[-len(result):], result):
-            encoded = length_policy(encoded, cfg, file, line, prepared)
+            # Test examples are scored whole, as `compare` scores a file: dropping the long ones
+            # would leave a test set of short answers.
+            encoded = (answered(encoded, file, line, prepared) if name == "test"
+                       else length_policy(encoded, cfg, file, line, prepared))
             if encoded is not None:
                 split.conversations.append(conversations[index][:ends_at])
                 split.encoded.append(encoded)
@@ -265,6 +268,11 @@ def length_policy(encoded: Encoded, cfg: DataConfig, file: str, line: int, prepa
             prepared.problems.append(Problem(file, line, f"answer cut away by truncation ({length} tokens)"))
             return None
         prepared.truncated += 1
+    return answered(encoded, file, line, prepared)
+
+
+def answered(encoded: Encoded, file: str, line: int, prepared: Prepared) -> Encoded | None:
+    """The example, or None (counted) where it has no answer token to learn from or score."""
     if encoded.label_count == 0:
         prepared.problems.append(Problem(file, line, "no answer tokens (all masked)", "no answer tokens"))
         return None

@@ -23,7 +23,7 @@ from ..device import to_device
 from ..errors import UserError
 from ..runs import RunFolder
 from ..training.loss import label_token_losses
-from .generate import answer_and_score, generate_answers
+from .generate import answer_and_score, generate_answers, length_batches
 from .metrics import Scorer, example_scores, mean_scores
 
 LOSS = "answer_loss"
@@ -130,10 +130,8 @@ def answer_losses(model, tokenizer, conversations: list[list[dict]], layout: str
     # A batch's label tokens come out example by example; an example's first token is never a target.
     counts = [sum(label != IGNORE for label in e.labels[1:]) for e in encoded]
     losses = [0.0] * len(encoded)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     device = next(model.parameters()).device
-    for first in range(0, len(order), batch_size):
-        chunk = order[first:first + batch_size]
+    for chunk in length_batches([len(e.input_ids) for e in encoded], batch_size):
         batch = to_device(micro_batch([encoded[i] for i in chunk], layout, tokenizer.pad_token_id), device)
         token_losses = label_token_losses(model, batch).double().cpu()
         for i, part in zip(chunk, token_losses.split([counts[i] for i in chunk])):

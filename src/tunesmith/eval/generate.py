@@ -75,18 +75,18 @@ def answer_and_score(model, tokenizer, conversations: list[list[dict]], max_new_
 def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple[list[int], list[int]]] | None,
               max_new_tokens: int, batch_size: int, label: str, temperature: float, seed: int):
     """Answers (and with `references`, (ids, labelled positions) per prompt, their losses) in
-    batches of similar prompt length, the LoRA weights merged for the duration."""
+    batches of similar length, the LoRA weights merged for the duration."""
     model.eval()
     sampling = _sampling(temperature, seed)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    # Batches of similar length: of the prompt, or of prompt and reference where one forward takes both.
+    lengths = [len(p) + (len(references[i][0]) if references else 0) for i, p in enumerate(prompts)]
     answers, losses = [""] * len(prompts), [0.0] * len(prompts)
-    generated, start = 0, time.perf_counter()
+    generated, start, done = 0, time.perf_counter(), 0
     progress = Progress(len(prompts), label, unit="answer")
     with merged_adapter(model):
-        for first in range(0, len(order), batch_size):
-            chunk = order[first:first + batch_size]
+        for chunk in length_batches(lengths, batch_size):
             width = max(len(prompts[i]) for i in chunk)
             if references is None:
                 ids, mask = _left_padded([prompts[i] for i in chunk], pad, width)
@@ -97,9 +97,27 @@ def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple
             out = model.generate(input_ids=ids[:, :width], attention_mask=mask[:, :width], past_key_values=cache,
                                  max_new_tokens=max_new_tokens, **sampling, pad_token_id=pad, eos_token_id=eos)
             generated += _decode_rows(out, width, chunk, answers, tokenizer)
-            progress.update(min(first + batch_size, len(order)))
+            done += len(chunk)
+            progress.update(done)
     seconds = time.perf_counter() - start
     return answers, losses, {"generated_tokens": generated, "seconds": seconds, "tokens_per_second": generated / seconds}
+
+
+ROW_TOKENS = 1024  # a batch holds at most batch_size rows of this many tokens once padded
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices by length in batches of at most `batch_size` rows and of batch_size x ROW_TOKENS
+    tokens padded to their longest (a longer row alone): a few long test examples neither pad a
+    batch of short ones to their length nor make a batch that memory cannot hold."""
+    budget = batch_size * ROW_TOKENS
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * lengths[i] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def _score_references(model, prompts, references, width: int, pad: int, device, chunk: list[int],
