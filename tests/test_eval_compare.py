@@ -1,5 +1,6 @@
 """Compare: paired bootstrap intervals, wins/ties/losses, k-shot prompts, per-example answer loss."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -152,6 +153,18 @@ def test_long_rows_do_not_pad_a_batch_of_short_ones():
     assert sorted(i for b in batches for i in b) == list(range(50)) and max(len(b) for b in batches) == 8
     assert all(mixed[a] <= mixed[b] for first, second in zip(batches, batches[1:]) for a in first for b in second)
     assert length_batches([5000, 10], 4) == [[1], [0]]  # a row over the budget (4 x 1,024) alone
+
+
+def test_eval_scores_every_example_of_a_file(tiny_model_dir, tmp_path, monkeypatch):
+    """`tunesmith eval --data`: generation scores on every example, a reference longer than
+    max_seq_len too (as `compare` and a run's test split score them); eval loss as training sees it."""
+    from tunesmith.api import evaluate
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    rows = [{"question": f"Ticket {i}: screen broken", "answer": f"technical {i}"} for i in range(5)]
+    rows.append({"question": "Describe everything", "answer": " ".join(f"word{i}" for i in range(700))})
+    result = evaluate(str(tiny_model_dir), str(write_jsonl(tmp_path / "d.jsonl", rows)), max_new_tokens=4)
+    assert result["test_examples"] == 6 and math.isfinite(result["eval_loss"])
 
 
 def test_one_pass_scoring_steps_aside_for_sliding_window_caches(tiny_tokenizer):

@@ -272,12 +272,12 @@ def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size:
     from .runs import load_trained
 
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
-    prepared = prepare(DataConfig(train=data, validation=data), tokenizer)
-    split = prepared.splits["validation"]
+    # Eval loss on the examples within max_seq_len, as in training; generation scores on every example.
+    prepared = prepare(DataConfig(train=data, validation=data, test=data), tokenizer)
     eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, test_limit=limit, scorer=scorer,
                           temperature=temperature, seed=seed)
-    results = {"eval_loss": eval_loss(model, split, batch_size, tokenizer.pad_token_id)}
-    results.update(score_generation(model, tokenizer, split.conversations, eval_cfg, label="eval"))
+    results = {"eval_loss": eval_loss(model, prepared.splits["validation"], batch_size, tokenizer.pad_token_id)}
+    results.update(score_generation(model, tokenizer, prepared.splits["test"].conversations, eval_cfg, label="eval"))
     return results
 
 
