@@ -93,6 +93,13 @@ def test_many_over_long_examples_get_a_hint(tiny_model_dir, tiny_tokenizer, tmp_
     assert hint["truncate_keeps"] == kept(overlong="truncate") - kept() > 0
     assert (f"max_seq_len={suggested} keeps" in out and f"overlong=truncate would keep {hint['truncate_keeps']} "
             f"of the {dropped}" in out), out
+    # `train` prints the same hint with its data summary.
+    config = {"model": {"name": str(tiny_model_dir), "dtype": "float32"}, "data": {"train": str(data), "max_seq_len": limit},
+              "train": {"max_steps": 1, "batch_size": 2}, "eval": {"generate": False, "report": False},
+              "output": {"dir": str(tmp_path / "run")}}
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    assert main(["train", str(tmp_path / "run.json")]) == 0
+    assert f"max_seq_len={suggested} keeps" in capsys.readouterr().err
     # Few dropped: no hint.
     assert main(["data", "check", str(data), f"max_seq_len={suggested}", "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "d")]) == 0

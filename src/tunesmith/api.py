@@ -9,6 +9,7 @@ import torch
 
 from . import accel, methods, objectives, runlock
 from .config import Config, dump, load_config
+from .data.check import hint_line, length_hint
 from .data.collate import PADDED, PADDING_FREE, layout
 from .data.prepare import prepare, write_demo_files
 from .device import compute_dtype, describe, resolve
@@ -79,6 +80,9 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         f"({summary['label_tokens']['train']} with a loss); dropped: {summary['dropped'] or 'none'}")
     for problem in data.problems[:5]:
         say(f"  skipped {problem}")
+    hint = length_hint(data, cfg.data)
+    if hint:
+        say(hint_line(hint))
     dtype = compute_dtype(cfg.model.dtype, device)
     say(describe(device, dtype))
     if method.quantized_base:  # a library, not training memory: imported before the baseline

@@ -96,7 +96,8 @@ def length_hint(prepared: Prepared, cfg: DataConfig) -> dict | None:
     of them, and how many `overlong: truncate` would keep (those with an answer token left in the
     first max_seq_len tokens). None otherwise."""
     lost = len(prepared.too_long) - prepared.truncated  # dropped: over-long, or truncated to no answer
-    kept = [len(e.input_ids) for s in prepared.splits.values() for e in s.encoded]
+    # Test examples are kept whole whatever their length (prepare): not counted here.
+    kept = [len(e.input_ids) for s in prepared.splits.values() if s.name != "test" for e in s.encoded]
     for _ in range(prepared.truncated):  # a truncated example counts with its length before the cut
         kept.remove(cfg.max_seq_len)
     lengths = sorted(kept + [tokens for tokens, _ in prepared.too_long])
@@ -108,6 +109,15 @@ def length_hint(prepared: Prepared, cfg: DataConfig) -> dict | None:
             "max_seq_len": cfg.max_seq_len, "overlong": cfg.overlong, "suggested_max_seq_len": suggested,
             "suggested_keeps": round(sum(n <= suggested for n in lengths) / len(lengths), 4),
             "truncate_keeps": sum(0 <= first < cfg.max_seq_len for _, first in prepared.too_long)}
+
+
+def hint_line(hint: dict) -> str:
+    """length_hint's advice in one line (`data check` and `train` print it)."""
+    return (f"hint: {hint['lost_share']:.0%} of the examples ({hint['lost']} of {hint['examples']}) are lost to "
+            f"max_seq_len {hint['max_seq_len']}; max_seq_len={hint['suggested_max_seq_len']} keeps "
+            f"{hint['suggested_keeps']:.1%} of them"
+            + (f"; overlong=truncate would keep {hint['truncate_keeps']} of the {hint['lost']} "
+               f"(cut to {hint['max_seq_len']} tokens)" if hint["overlong"] == "drop" else ""))
 
 
 def near_duplicates(prepared: Prepared, cfg: DataConfig) -> dict:
@@ -183,13 +193,8 @@ def format_report(report: dict) -> str:
             lines.append(f"  {kind}: {info['count']} (first: {', '.join(info['first'])})")
     if report["truncated"]:
         lines.append(f"truncated: {report['truncated']}")
-    hint = report.get("length_hint")
-    if hint:
-        lines.append(f"hint: {hint['lost_share']:.0%} of the examples ({hint['lost']} of {hint['examples']}) are lost to "
-                     f"max_seq_len {hint['max_seq_len']}; max_seq_len={hint['suggested_max_seq_len']} keeps "
-                     f"{hint['suggested_keeps']:.1%} of them"
-                     + (f"; overlong=truncate would keep {hint['truncate_keeps']} of the {hint['lost']} "
-                        f"(cut to {hint['max_seq_len']} tokens)" if hint["overlong"] == "drop" else ""))
+    if report.get("length_hint"):
+        lines.append(hint_line(report["length_hint"]))
     for name, info in report["overlap_with_train"].items():
         lines.append(f"{name} examples also in train: {info['count']}"
                      + (f" (first: {', '.join(info['first'])})" if info["first"] else ""))
