@@ -65,6 +65,29 @@ def test_activation_terms_match_the_tensors_autograd_keeps(tiny_model_dir, metho
     assert predicted == pytest.approx(kept, rel=0.02)
 
 
+# Parameter counts in billions as the hub gives them (its safetensors totals, rounded as shown there).
+PUBLISHED = {"llama-3.1-8b": "8.03", "llama-3.1-70b": "70.6", "llama-3.2-1b": "1.24", "llama-3.2-3b": "3.21",
+             "llama-2-7b": "6.74", "mistral-7b": "7.25", "tinyllama-1.1b": "1.1", "qwen2.5-0.5b": "0.494",
+             "qwen2.5-1.5b": "1.54", "qwen2.5-3b": "3.09", "qwen2.5-7b": "7.62", "qwen2.5-14b": "14.8",
+             "qwen2.5-32b": "32.8", "qwen2.5-72b": "72.7", "qwen3-0.6b": "0.6", "qwen3-1.7b": "1.7", "qwen3-4b": "4.02",
+             "qwen3-8b": "8.19", "qwen3-14b": "14.8", "qwen3-32b": "32.8"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shipped_shapes_have_their_published_sizes(name, monkeypatch):
+    """A shipped shape (plans offline) holds as many weights as the hub says, to the digits it shows
+    (and 0.2% for the biases and norms a shape leaves out): a mistyped width, head count or head
+    size is off by more. Its hub id reads the same shape, with no hub to ask."""
+    from tunesmith.plan.shapes import ALIASES
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    shape = model_shape(name)
+    shown = PUBLISHED[name]
+    rounding = 0.5 * 10 ** -len(shown.partition(".")[2])
+    assert abs(shape.total_params / 1e9 - float(shown)) <= rounding + 0.002 * float(shown)
+    assert model_shape(ALIASES[name]) == shape.__class__(**{**shape.__dict__, "name": ALIASES[name]})
+
+
 def test_parameter_counts_match_the_real_model_and_peft(tiny_model_dir):
     from helpers import trainable
     from tunesmith.config import AdapterConfig
