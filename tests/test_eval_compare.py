@@ -167,6 +167,21 @@ def test_eval_scores_every_example_of_a_file(tiny_model_dir, tmp_path, monkeypat
     assert result["test_examples"] == 6 and math.isfinite(result["eval_loss"])
 
 
+def test_a_tenth_of_answers_longer_than_generation_gets_a_warning():
+    from tunesmith.config import EvalConfig
+    from tunesmith.eval.baselines import cut_answers_warning
+
+    cfg = EvalConfig(max_new_tokens=96)
+    assert cut_answers_warning([96] * 10, cfg) is None  # as long as may be generated: whole
+    warning = cut_answers_warning([96] * 9 + [300], cfg)
+    assert warning.startswith("warning: 1 of 10 test answers are longer than eval.max_new_tokens=96 (the median "
+                              "of those 300 tokens)")
+    assert cut_answers_warning([96] * 19 + [300], cfg) is None  # one in twenty
+    # Only the examples scored count (eval.test_limit).
+    assert cut_answers_warning([10, 10, 500, 500], EvalConfig(max_new_tokens=96, test_limit=2)) is None
+    assert cut_answers_warning([], cfg) is None
+
+
 def test_one_pass_scoring_steps_aside_for_sliding_window_caches(tiny_tokenizer):
     """A sliding-window cache cannot be cut back to the prompt: such models score and generate apart."""
     from transformers import MistralConfig, MistralForCausalLM

@@ -42,6 +42,8 @@ def test_train_scores_every_baseline_and_general_ability(tiny_config, tmp_path, 
     assert len(general["warnings"]) == len(lost)
     err = capsys.readouterr().err
     assert "verdict: " in err and "general ability (points)" in err
+    # The tickets' JSON answers are longer than 8 tokens: the text scores are of cut answers, and it says so.
+    assert f"warning: {n} of {n} test answers are longer than eval.max_new_tokens=8" in err
     saved = json.loads((run / "results.json").read_text())
     assert saved["baselines"]["verdict"] == table["verdict"] and "general" in saved
     report = (run / "report.html").read_text()

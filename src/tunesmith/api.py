@@ -14,7 +14,7 @@ from .data.collate import PADDED, PADDING_FREE, layout
 from .data.prepare import prepare, write_demo_files
 from .device import compute_dtype, describe, resolve
 from .errors import UserError
-from .eval.baselines import baseline_table, format_baselines, score_base_rows, score_tuned_rows
+from .eval.baselines import baseline_table, cut_answers_warning, format_baselines, score_base_rows, score_tuned_rows
 from .eval.baselines import summary as row_summary
 from .eval.general import GeneralAbility
 from .eval.loss import eval_loss
@@ -83,6 +83,11 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     hint = length_hint(data, cfg.data)
     if hint:
         say(hint_line(hint))
+    if "test" in data.splits and cfg.eval.generate:
+        # The answer's tokens but the end-of-turn token, which is labelled too.
+        cut = cut_answers_warning([e.label_count - 1 for e in data.splits["test"].encoded], cfg.eval)
+        if cut:
+            say(cut)
     dtype = compute_dtype(cfg.model.dtype, device)
     say(describe(device, dtype))
     if method.quantized_base:  # a library, not training memory: imported before the baseline

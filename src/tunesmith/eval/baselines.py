@@ -187,6 +187,20 @@ def test_prompts(test: list[list[dict]], eval_cfg) -> list[list[dict]]:
     return test[: eval_cfg.test_limit] if eval_cfg.test_limit else test
 
 
+def cut_answers_warning(answer_tokens: list[int], eval_cfg) -> str | None:
+    """A warning where at least a tenth of the scored test answers are longer than the answers
+    generated for them may be: their text scores then compare a cut answer with a whole one
+    (answer_loss, computed on the whole reference, is not affected)."""
+    scored = test_prompts(answer_tokens, eval_cfg)
+    longer = sorted(n for n in scored if n > eval_cfg.max_new_tokens)
+    if not scored or len(longer) < 0.1 * len(scored):
+        return None
+    return (f"warning: {len(longer)} of {len(scored)} test answers are longer than eval.max_new_tokens="
+            f"{eval_cfg.max_new_tokens} (the median of those {longer[len(longer) // 2]} tokens): generation stops "
+            "before their end, so their text scores (rouge_l, token_f1) judge cut answers; raise "
+            "eval.max_new_tokens to score whole ones")
+
+
 def score_base_rows(model, tokenizer, test: list[list[dict]], train: list[list[dict]], eval_cfg, folder: Path,
                     layout: str = PADDED) -> list[Scored]:
     """Before training (the method's new weights are still the identity): the base model as asked
