@@ -11,6 +11,27 @@ from tunesmith.eval.compare import Scored
 from tunesmith.eval.retrieval import Retriever, question_of
 
 
+def test_indexing_prints_no_debug_lines_where_logging_is_configured():
+    """A user's (or a library's) logging.basicConfig(level=DEBUG) shows bm25s's debug records unless
+    tunesmith quiets them; the retrieval still works."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        pool = [chat("how is glaucoma treated"), chat("what causes asthma")]
+        assert Retriever(pool).nearest("glaucoma", 1) == [0]
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert "bm25s" not in stream.getvalue() and "Building index" not in stream.getvalue()
+
+
 def chat(question: str, answer: str = "a", system: str | None = None) -> list[dict]:
     head = [{"role": "system", "content": system}] if system else []
     return head + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

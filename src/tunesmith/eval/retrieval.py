@@ -9,6 +9,7 @@ duplicate cannot pass for retrieval quality.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -33,6 +34,9 @@ def _bm25s():
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import bm25s
 
+    # bm25s sets its own logger to DEBUG: where any handler is configured (a library's or the
+    # user's basicConfig), each index printed "DEBUG:bm25s:Building index from tokens".
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     return bm25s
 
 
