@@ -9,6 +9,7 @@ duplicate cannot pass for retrieval quality.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ def question_of(conversation: list[dict]) -> str:
     return users[-1] if users else ""
 
 
+@functools.cache  # imported and quieted once, not on every question's tokenisation
 def _bm25s():
     """bm25s, imported with JAX kept on the CPU. Importing bm25s runs a JAX computation where JAX
     is installed, and JAX on a GPU takes 75% of its memory at once: seen on an H200 (2026-12-04),
