@@ -82,6 +82,7 @@ def test_curve_trains_nested_fractions_at_equal_steps_per_example(tiny_model_dir
     result = curve(config, [0.5, 1.0], out=str(tmp_path / "curve"), seed=1, samples=200)
     first, second = result["points"]
     assert (first["examples"], second["examples"]) == (8, 16) and (first["steps"], second["steps"]) == (8, 16)
+    assert (first["trained"], second["trained"]) == (8, 16)  # nothing dropped: every example trained
     assert result["held_out"] == "validation" and result["held_out_examples"] == 8
     assert result["metric"] == "answer_loss"
     small = {json.dumps(json.loads(line)) for line in open(tmp_path / "curve" / "train-0.5.jsonl")}
@@ -103,3 +104,61 @@ def test_choose_plans_memory_and_time_on_a_named_device(tiny_model_dir, tmp_path
     assert found["fits"] and found["device_name"].lower().startswith("a100") and found["epoch_seconds"] > 0
     big = _plan(cfg, "llama-3.1-70b", "t4", None)
     assert not big["fits"] and big["planned_memory"] > big["device_memory"]
+
+
+def test_choose_refuses_a_run_folder_before_scoring_anything(tiny_model_dir, tmp_path, monkeypatch):
+    """A run folder is not a base model: the error names the merged model to use instead, and comes
+    before the first candidate is loaded (a run named third failed after minutes of scoring)."""
+    import tunesmith.choose as chooser
+
+    config = qa_config(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {name: default}\n")
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(chooser, "_score_candidate", lambda *a, **k: pytest.fail("scored before the names were checked"))
+    with pytest.raises(UserError, match=r"run folder with a LoRA adapter.*export .* --format hf.*export/merged"):
+        choose(config, [str(tiny_model_dir), str(run)], memory_gib=24, out=str(tmp_path / "choose"))
+
+
+def test_choose_keeps_the_candidates_scored_before_a_failure(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import tunesmith.choose as chooser
+
+    config = qa_config(tmp_path, tiny_model_dir)
+    scored = []
+    real = chooser._score_candidate
+
+    def second_fails(cfg, spec, *rest):
+        if scored:
+            raise MemoryError("out of memory")
+        scored.append(spec)
+        return real(cfg, spec, *rest)
+
+    monkeypatch.setattr(chooser, "_score_candidate", second_fails)
+    with pytest.raises(MemoryError):
+        choose(config, [str(tiny_model_dir), "default"], memory_gib=24, retrieval_k=0, out=str(tmp_path / "choose"),
+               samples=50)
+    kept = json.loads((tmp_path / "choose" / "choose.json").read_text())
+    assert [r["model"] for r in kept["ranking"]] == [str(tiny_model_dir)] and kept["scored"] == "1 of 2"
+    err = capsys.readouterr().err
+    assert f"candidate 1/2: {tiny_model_dir}: planned" in err and "candidate 2/2: default: planned" in err
+
+
+def test_curve_keeps_the_fractions_measured_before_a_failure(tiny_model_dir, tmp_path, monkeypatch):
+    import tunesmith.api as api
+
+    config = qa_config(tmp_path, tiny_model_dir, max_steps=2)
+    real, calls = api.train, []
+
+    def second_fails(raw, *rest):
+        calls.append(raw)
+        if len(calls) > 1:
+            raise MemoryError("out of memory")
+        return real(raw, *rest)
+
+    monkeypatch.setattr(api, "train", second_fails)
+    with pytest.raises(MemoryError):
+        curve(config, [0.5, 1.0], out=str(tmp_path / "curve"), seed=1, samples=50)
+    kept = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    [point] = kept["points"]
+    assert point["fraction"] == 0.5 and point["trained"] == 8 and kept["fractions_done"] == "1 of 2"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import torch
@@ -23,15 +22,12 @@ from .methods.common import count_parameters, model_bytes, save_trained
 from .models import load_tokenizer
 from .models.quant import require_bitsandbytes
 from .plan import TrainingMemory
+from .progress import say
 from .runs import RunFolder, write_json
 from .start import resolve_start
 from .training import distributed, recompute
 from .training.loggers import open_loggers
 from .training.loop import eval_figures, fit
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def train(config: Config | str | Path | dict, overrides: list[str] | None = None, must_resume: bool = False) -> dict:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .errors import UserError
+from .progress import say
 from .eval.compare import LOSS, LOWER_IS_BETTER, PER_CHAR, Scored, Settings, compare_scored, mean_interval
 
 SETTINGS = ("zero-shot", "retrieval", "fine-tuned")
@@ -34,20 +35,36 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
     cfg = load_config(config, overrides)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    candidates, shared = [], {}
-    for spec in models:
-        entry = {"model": spec, **_plan(cfg, spec, device, memory_gib)}
-        if entry["fits"]:
-            entry["scored"] = _score_candidate(cfg, spec, shared, budget_tokens, retrieval_k, limit, folder)
-            # The epoch's time from the training tokens as the first candidate's tokenizer counts them.
-            entry["epoch_seconds"] = _plan(cfg, spec, device, memory_gib, shared["train_tokens"])["epoch_seconds"]
-        candidates.append(entry)
-    result = rank(candidates, rank_by, samples, cfg.eval.seed)
-    result.update({"config": config, "budget_tokens": budget_tokens, "retrieval_k": retrieval_k,
-                   "examples": len(shared.get("validation", [])), "device": device or (f"{memory_gib:g} GiB" if
-                                                                                       memory_gib else "this machine")})
-    (folder / "choose.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    # Every candidate planned before any is loaded: a wrong name fails now, not after minutes of scoring.
+    candidates = [{"model": spec, **_plan(cfg, spec, device, memory_gib)} for spec in models]
+    target = device or (f"{memory_gib:g} GiB" if memory_gib else "this machine")
+    for number, entry in enumerate(candidates, 1):
+        fits = "fits" if entry["fits"] else "does not fit; not loaded"
+        say(f"candidate {number}/{len(candidates)}: {entry['model']}: planned {entry['planned_memory'] / 2**30:.1f} "
+            f"GiB of {entry['device_memory'] / 2**30:.1f} GiB on {entry['device_name']}: {fits}")
+    shared: dict = {}
+    facts = {"config": config, "budget_tokens": budget_tokens, "retrieval_k": retrieval_k, "device": target}
+    for number, entry in enumerate(candidates, 1):
+        if not entry["fits"]:
+            continue
+        say(f"candidate {number}/{len(candidates)}: {entry['model']}")
+        entry["scored"] = _score_candidate(cfg, entry["model"], shared, budget_tokens, retrieval_k, limit, folder)
+        # The epoch's time from the training tokens as the first candidate's tokenizer counts them.
+        entry["epoch_seconds"] = _plan(cfg, entry["model"], device, memory_gib, shared["train_tokens"])["epoch_seconds"]
+        # Written after each candidate: a failure later (memory, a stop) keeps what was measured.
+        write_ranking(candidates, folder, rank_by, samples, cfg.eval.seed, len(shared["validation"]), facts)
+    result = write_ranking(candidates, folder, rank_by, samples, cfg.eval.seed, len(shared.get("validation", [])),
+                           facts)
     result["plot"] = str(plot(result, folder / "choose.png"))
+    return result
+
+
+def write_ranking(candidates: list[dict], folder: Path, rank_by: str, samples: int, seed: int, examples: int,
+                  facts: dict) -> dict:
+    """choose.json as far as the candidates have been scored."""
+    result = {**rank(candidates, rank_by, samples, seed), **facts, "examples": examples,
+              "scored": f"{sum('scored' in c for c in candidates)} of {sum(c['fits'] for c in candidates)}"}
+    (folder / "choose.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
 
 

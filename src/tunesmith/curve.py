@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import load_config
 from .errors import UserError
+from .progress import say
 from .eval.compare import LOSS, LOWER_IS_BETTER, Scored, Settings, compare_scored, mean_interval
 
 
@@ -77,7 +78,8 @@ def curve(config: str, fractions: list[float], overrides: list[str] | None = Non
     if test:
         files["test"] = _write(folder / "test.jsonl", test)
     points, previous = [], None
-    for fraction, subset in zip(sorted(fractions), subsets):
+    for number, (fraction, subset) in enumerate(zip(sorted(fractions), subsets), 1):
+        say(f"fraction {number}/{len(subsets)}: {fraction:.0%} of the training data ({len(subset)} examples)")
         run = folder / f"fraction-{fraction:g}"
         raw = cfg.model_dump(mode="json")
         raw["data"].update(train=_write(folder / f"train-{fraction:g}.jsonl", [train[i] for i in subset]), mix={},
@@ -89,16 +91,19 @@ def curve(config: str, fractions: list[float], overrides: list[str] | None = Non
         raw["output"].update(dir=str(run), overwrite=True)
         results = train_run(raw)
         scored = _score(run, held_out, cfg, generate=bool(test) and cfg.eval.generate)
-        point = {"fraction": fraction, "examples": len(subset), "steps": results["steps"], "run": str(run),
-                 "means": scored.means(), "intervals": {m: _interval(scored, m, samples, seed) for m in scored.means()}}
+        # trained: those left after the data policy's drops (overlong, empty), which the x axis shows
+        point = {"fraction": fraction, "examples": len(subset), "trained": results["data"]["examples"]["train"],
+                 "steps": results["steps"], "run": str(run), "means": scored.means(),
+                 "intervals": {m: _interval(scored, m, samples, seed) for m in scored.means()}}
         if previous is not None:
             point["change"] = compare_scored(previous, scored, samples, seed)
         points.append(point)
         previous = scored
-    metric = _metric(points[-1]["means"])
-    result = {"config": config, "seed": seed, "held_out": "test" if test else "validation",
-              "held_out_examples": len(held_out), "metric": metric, "points": points}
-    (folder / "curve.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        result = {"config": config, "seed": seed, "held_out": "test" if test else "validation",
+                  "held_out_examples": len(held_out), "metric": _metric(points[-1]["means"]), "points": points,
+                  "fractions_done": f"{number} of {len(subsets)}"}
+        # Written after each fraction: a failure in a later one keeps the points measured.
+        (folder / "curve.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     result["plot"] = str(plot(result, folder / "curve.png"))
     return result
 
@@ -137,7 +142,8 @@ def format_curve(result: dict) -> str:
              f"({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better)"]
     for point in result["points"]:
         i = point["intervals"][metric]
-        line = (f"  {point['fraction']:>5.0%} ({point['examples']} examples, {point['steps']} steps): "
+        dropped = f", {point['trained']} trained" if point.get("trained", point["examples"]) != point["examples"] else ""
+        line = (f"  {point['fraction']:>5.0%} ({point['examples']} examples{dropped}, {point['steps']} steps): "
                 f"{i['mean']:.4f} [{i['low']:.4f}, {i['high']:.4f}]")
         change = next((d for d in point.get("change", []) if d["metric"] == metric), None)
         if change:
@@ -156,12 +162,12 @@ def plot(result: dict, target: Path) -> Path:
     figure = Figure(figsize=(7, 4.2), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    xs = [p["examples"] for p in result["points"]]
+    xs = [p.get("trained", p["examples"]) for p in result["points"]]
     means = [p["intervals"][metric]["mean"] for p in result["points"]]
     errors = [[m - p["intervals"][metric]["low"] for m, p in zip(means, result["points"])],
               [p["intervals"][metric]["high"] - m for m, p in zip(means, result["points"])]]
     axes.errorbar(xs, means, yerr=errors, marker="o", capsize=4)
-    axes.set_xlabel("training examples")
+    axes.set_xlabel("training examples trained on")
     axes.set_ylabel(f"held-out {metric}")
     axes.set_title("Does more data still help? (95% intervals)")
     axes.grid(alpha=0.3)

@@ -11,6 +11,11 @@ import sys
 import time
 
 
+def say(text: str) -> None:
+    """A line for the person watching: stderr, so stdout keeps only a command's result."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def clock(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)

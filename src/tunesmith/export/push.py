@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
+from ..progress import say
 from ..runs import RunFolder
 from .card import base_model_facts, model_card
 
@@ -160,7 +160,3 @@ def size_text(size: float) -> str:
             break
         size /= 1024
     return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)

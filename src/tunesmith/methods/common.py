@@ -132,5 +132,9 @@ def save_trained(model, tokenizer, folder: Path) -> None:
     """Adapters as a PEFT folder, full fine-tunes as a transformers folder; both with the tokenizer
     and its chat template, so inference builds the tokens training saw."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    with warnings.catch_warnings():
+        # peft looks for the base's config.json to see whether the vocabulary grew; a base read from
+        # a .gguf file has none beside it, and tunesmith never resizes the embeddings.
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+        model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

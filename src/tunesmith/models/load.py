@@ -21,11 +21,23 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if path.exists():
         if not (path / "config.json").exists():
-            raise UserError(f"{name}: folder has no config.json; not a transformers model folder")
+            raise UserError(f"{name}: {_not_a_model(path)}")
         return str(path), None
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"{name}: model folder not found")
     return name, None  # a hub id
+
+
+def _not_a_model(path: Path) -> str:
+    """Why a folder without config.json is not a base model, and what to name instead."""
+    if (path / "model" / "config.json").exists():
+        return f"a run folder; its fine-tuned model is {path / 'model'}"
+    if (path / "adapter" / "adapter_config.json").exists():
+        return (f"a run folder with a LoRA adapter, not a whole model; `tunesmith export {path} --format hf` "
+                f"writes the merged model to {path / 'export' / 'merged'}")
+    if (path / "adapter_config.json").exists():
+        return "a LoRA adapter, not a whole model; name its base model (adapter_config.json: base_model_name_or_path)"
+    return "folder has no config.json; not a transformers model folder"
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from ..data.prepare import Split
 from ..data.tokenize import IGNORE
 from ..device import host_floats, to_device
 from ..errors import Interrupted, UserError
-from ..progress import Progress
+from ..progress import Progress, say
 from . import checkpoint as ckpt
 from . import distributed
 from .early_stop import BestWeights, EarlyStopping, overfitting
@@ -54,10 +53,6 @@ class FitResult:
     @property
     def tokens_per_second(self) -> float:
         return self.train_tokens / self.seconds if self.seconds else 0.0
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def optimizer_steps(split: Split, cfg: Config, layout: str = PADDED):
