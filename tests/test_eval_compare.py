@@ -248,3 +248,51 @@ def test_compare_command_writes_into_the_run_and_refreshes_its_report(tiny_model
     assert "rouge_l" in (run / "report.html").read_text()
     assert main(["compare", "a", "b", "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: data file not found" in capsys.readouterr().err
+
+
+
+@pytest.fixture
+def looping_model(tiny_model_dir, tiny_tokenizer):
+    """The tiny model with its logits replaced by a fixed ranking of 30 words: decoded greedily it
+    says the first word forever (a loop); a repetition penalty walks down the ranking instead."""
+    import torch
+
+    words = [i for i in range(len(tiny_tokenizer))
+             if tiny_tokenizer.decode([i]).startswith(" ") and tiny_tokenizer.decode([i]).strip().isalpha()][:30]
+    ranking = torch.zeros(len(tiny_tokenizer))
+    ranking[words] = torch.arange(30, 0, -1, dtype=torch.float)
+    model = load_model(str(tiny_model_dir))
+    model.lm_head.register_forward_hook(lambda module, inputs, out: torch.zeros_like(out) + ranking)
+    return model, tiny_tokenizer
+
+
+def test_a_repetition_penalty_stops_a_loop(looping_model):
+    from tunesmith.eval.generate import generate_answers
+    from tunesmith.eval.metrics import repetition
+
+    model, tokenizer = looping_model
+    conversations = [[{"role": "user", "content": f"Ticket {i}: screen broken"}, {"role": "assistant", "content": "x"}]
+                     for i in range(3)]
+    greedy, _ = generate_answers(model, tokenizer, conversations, 24, batch_size=3)
+    penalised, _ = generate_answers(model, tokenizer, conversations, 24, batch_size=3, repetition_penalty=100.0)
+    assert all(repetition(a) > 0.9 for a in greedy) and all(repetition(a) == 0.0 for a in penalised)
+    assert len(set(penalised[0].split())) == 24  # 24 different words, in the order of the ranking
+
+
+def test_the_repetition_penalty_reaches_generation_from_eval_and_compare(looping_model, tmp_path, capsys,
+                                                                         monkeypatch):
+    import tunesmith.runs as runs
+    from tunesmith.cli import main
+
+    monkeypatch.setattr(runs, "load_trained", lambda spec, device=None: (*looping_model, None))
+    data = write_jsonl(tmp_path / "test.jsonl", [{"question": f"Ticket {i}: screen broken", "answer": "technical"}
+                                                 for i in range(4)])
+    repeats = {}
+    for penalty in ("1", "100"):
+        assert main(["eval", "looping", "--data", str(data), "--max-new-tokens", "24", "--repetition-penalty", penalty]) == 0
+        repeats[penalty] = json.loads(capsys.readouterr().out)["repetition"]
+    assert repeats["1"] > 0.9 and repeats["100"] == 0.0
+    assert main(["compare", "a", "b", "--data", str(data), "--max-new-tokens", "24", "--repetition-penalty", "100"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["compare", "a", "b", "--data", str(data), "--max-new-tokens", "24"]) == 0
+    assert "warning: 4 of 4 b answers loop (half or more of their word 4-grams repeat; a 4)" in capsys.readouterr().err

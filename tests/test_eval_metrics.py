@@ -5,7 +5,7 @@ import pytest
 
 from tunesmith.errors import UserError
 from tunesmith.eval.metrics import (example_scores, json_example_scores, load_scorer, mean_scores, normalise,
-                                    rouge_l, squad_normalise, token_f1)
+                                    rouge_l, squad_normalise, text_example_scores, token_f1)
 
 
 def test_exact_and_normalised_exact_match():
@@ -119,3 +119,36 @@ def test_tool_call_metrics_read_each_familys_wrapping():
     mixed = example_scores(["4", answers[0]], ["4", ""], expected_calls=[None, expected], tools=[None, tools])
     assert mixed[0]["exact_match"] == 1 and mixed[1]["tool_arguments_exact"] == 1
     assert json.dumps(rows[0])
+
+
+def test_repetition_counts_the_word_4grams_an_answer_repeats():
+    from tunesmith.eval.metrics import repetition
+
+    assert repetition("the cause is unknown and the treatment is rest") == 0.0
+    # 'a b c d a b c d': 5 four-grams, of which the last repeats the first
+    assert repetition("a b c d a b c d") == pytest.approx(1 / 5)
+    loop = "Symptoms include: " + "The ducts are usually located in the breast. " * 20
+    assert repetition(loop) > 0.9 and repetition("including " + "- " * 40) > 0.9  # punctuation loops count
+    assert repetition("too short") == 0.0 and repetition("") == 0.0
+    assert repetition("A b C d a B c D") == repetition("a b c d a b c d")  # case does not hide a repeat
+    assert "repetition" in text_example_scores("x", "y") and "repetition" not in json_example_scores('{"a": 1}', '{"a": 1}')
+
+
+def test_looping_answers_are_warned_about_with_each_rows_count():
+    from tunesmith.eval.baselines import baseline_table, format_baselines, looping_warning
+    from tunesmith.eval.compare import Scored
+
+    def row(name, values):
+        return Scored(name, ["x"] * len(values), [{"rouge_l": 0.2, "answer_loss": 1.0, "repetition": v} for v in values],
+                      [5] * len(values))
+
+    base, tuned = row("base", [0.0] * 18 + [0.6, 0.1]), row("fine-tuned", [0.7] * 3 + [0.2] * 17)
+    warning = looping_warning([base, tuned], 1.0)
+    assert warning.startswith("warning: 3 of 20 fine-tuned answers loop") and "base 1" in warning
+    assert "repetition_penalty: 1.2" in warning
+    assert "larger eval.repetition_penalty" in looping_warning([tuned], 1.2)
+    assert looping_warning([tuned, base], 1.0) is None  # 1 of 20: under a tenth
+    table = baseline_table([base, tuned], samples=200)
+    assert table["warnings"] == [warning] and format_baselines(table).endswith(warning)
+    repeats = [d for d in table["differences"] if d["metric"] == "repetition"][0]
+    assert repeats["loss"] > repeats["win"]  # more repetition is worse: lower is better

@@ -171,7 +171,8 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
                                    eval_layout)
         tuned.update(row_summary(scored[-1]))
         if len(scored) > 1:
-            results["baselines"] = baseline_table(scored, seed=cfg.eval.seed, scorer_name=scorer_name(cfg.eval.scorer))
+            results["baselines"] = baseline_table(scored, seed=cfg.eval.seed, scorer_name=scorer_name(cfg.eval.scorer),
+                                                  repetition_penalty=cfg.eval.repetition_penalty)
     if evidence is not None:
         evidence.score(model, tokenizer, "fine-tuned")
         results["general"] = evidence.results()
@@ -271,7 +272,8 @@ def check_data_paths(cfg: Config) -> None:
 
 
 def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
-             scorer: str | None = None, temperature: float = 0.0, seed: int = 0, device: str = "auto") -> dict:
+             scorer: str | None = None, temperature: float = 0.0, seed: int = 0, device: str = "auto",
+             repetition_penalty: float = 1.0) -> dict:
     """Eval loss and generation scores of a model or run on a data file."""
     from .config import DataConfig, EvalConfig
     from .runs import load_trained
@@ -280,7 +282,7 @@ def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size:
     # Eval loss on the examples within max_seq_len, as in training; generation scores on every example.
     prepared = prepare(DataConfig(train=data, validation=data, test=data), tokenizer)
     eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, test_limit=limit, scorer=scorer,
-                          temperature=temperature, seed=seed)
+                          temperature=temperature, seed=seed, repetition_penalty=repetition_penalty)
     results = {"eval_loss": eval_loss(model, prepared.splits["validation"], batch_size, tokenizer.pad_token_id)}
     results.update(score_generation(model, tokenizer, prepared.splits["test"].conversations, eval_cfg, label="eval"))
     return results
@@ -311,7 +313,7 @@ def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[st
 
 def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None, max_new_tokens: int = 96,
             batch_size: int = 16, limit: int | None = None, scorer: str | None = None, temperature: float = 0.0,
-            seed: int = 0, out: str | None = None, retrieval_k: int = 0) -> dict:
+            seed: int = 0, out: str | None = None, retrieval_k: int = 0, repetition_penalty: float = 1.0) -> dict:
     """A against B (e.g. base model vs fine-tuned run) with bootstrap intervals; optionally A k-shot,
     A and B with k retrieved training examples too.
 
@@ -325,7 +327,7 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
         raise UserError(f"{data}: data file not found")
     result = compare_models(a, b, data, kshot, kshot_data, max_new_tokens, batch_size, limit, temperature, seed,
                             load_scorer(scorer) if scorer else None, scorer_name(scorer),
-                            names=_names(a, b), retrieval_k=retrieval_k)
+                            names=_names(a, b), retrieval_k=retrieval_k, repetition_penalty=repetition_penalty)
     folder = Path(out) if out else (Path(b) if RunFolder(b).is_run() else None)
     if folder is not None:
         say(f"comparison: {write_comparison(result, folder)}")

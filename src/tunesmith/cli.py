@@ -12,6 +12,8 @@ from .methods import NAMES as METHOD_NAMES
 from .objectives.settings import OBJECTIVE_NAMES
 from .plan.shapes import SHIPPED as SHIPPED_SHAPES
 
+PENALTY = "above 1 (e.g. 1.2) discourages repeating what the answer already says (1 = off)"
+
 
 def cmd_train(args) -> int:
     if args.nproc > 1:  # the same command under torchrun, once the config is known to be valid
@@ -52,7 +54,7 @@ def cmd_eval(args) -> int:
     results = {}
     if args.data:
         results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit, args.scorer,
-                           args.temperature, args.seed, args.device)
+                           args.temperature, args.seed, args.device, args.repetition_penalty)
     if args.general:
         sets = args.general_sets.split(",") if args.general_sets else None
         results["general"] = evaluate_general(args.model, args.general_data, sets, args.general_limit,
@@ -65,22 +67,21 @@ def cmd_compare(args) -> int:
     from .api import compare
 
     compare(args.a, args.b, args.data, args.kshot, args.kshot_data, args.max_new_tokens, args.batch_size, args.limit,
-            args.scorer, args.temperature, args.seed, args.out, args.retrieval_k)
+            args.scorer, args.temperature, args.seed, args.out, args.retrieval_k, args.repetition_penalty)
     return 0
 
 
 def cmd_chat(args) -> int:
     from .eval.chat import chat
 
-    chat(args.model, args.system, args.max_new_tokens, args.temperature)
+    chat(args.model, args.system, args.max_new_tokens, args.temperature, repetition_penalty=args.repetition_penalty)
     return 0
 
 
 def cmd_report(args) -> int:
     from .eval.report import write_report
 
-    html_path, json_path = write_report(args.run)
-    print(f"{html_path}\n{json_path}")
+    print("\n".join(str(path) for path in write_report(args.run)))  # report.html, report.json
     return 0
 
 
@@ -90,7 +91,7 @@ def cmd_generate(args) -> int:
 
     model, tokenizer, _ = load_trained(args.model)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-    stream_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature)
+    stream_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature, None, args.repetition_penalty)
     return 0
 
 
@@ -178,6 +179,7 @@ def _add_streaming_options(p, max_new_tokens: int) -> None:
     p.add_argument("--system", default=None)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=PENALTY)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,9 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="eval loss and generation scores of a model or run on a data file; general ability")
     p.add_argument("model", help="run folder, adapter folder, model folder, .gguf, hub id or 'default'")
     p.add_argument("--data", default=None, help="data file: eval loss and generation scores")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda or cuda:N")
     p.add_argument("--general", action="store_true",
                    help="general-ability probes (MMLU, ARC, HellaSwag, TruthfulQA, GSM8K); a run or adapter is "
@@ -225,9 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score A and B with the K training examples most similar to each question (BM25)")
     p.add_argument("--kshot-data", default=None,
                    help="where the k-shot and retrieved examples come from (default: the run's training data)")
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", default=None, help="folder for comparison.json/.jsonl (default: B when it is a run folder)")
     _add_scoring_options(p)
     p.set_defaults(func=cmd_compare)
@@ -371,9 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_scoring_options(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None)
     p.add_argument("--scorer", default=None, help="your own metric as module:function (prediction, reference) -> float")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0 samples, seeded by --seed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=PENALTY)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,6 +135,7 @@ class EvalConfig(_Section):
     min_delta: float = Field(0.0, ge=0, description="Early stopping: an eval loss must fall by more than this to count as an improvement.")
     restore_best: bool = Field(True, description="At the end, return the weights of the lowest eval loss when the last step's are worse.")
     temperature: float = Field(0.0, ge=0, description="Generation temperature; 0 = greedy decoding, above 0 samples with `seed`.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Divide the scores of tokens already in the answer by this when generating (1 = off; 1.1-1.3 stops the loops small models fall into when decoded greedily, which the `repetition` score counts).")
     seed: int = Field(0, description="Seed for sampled generation and for the bootstrap intervals.")
     scorer: str | None = Field(None, description="Your own metric as 'module:function', called as function(prediction, reference) -> float or dict of floats.")
     kshot: int = Field(0, ge=0, description="Also score the base model prompted with this many seeded random training examples (k-shot baseline) on the test split; 0 = off.")

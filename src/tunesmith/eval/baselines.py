@@ -48,13 +48,16 @@ def primary_metric(means: dict, scorer_name: str = "custom") -> str:
     return LOSS
 
 
-def baseline_table(scored: list[Scored], samples: int = 2000, seed: int = 0, scorer_name: str = "custom") -> dict:
-    """Every row against the last one (the candidate): means, differences with intervals, verdict."""
+def baseline_table(scored: list[Scored], samples: int = 2000, seed: int = 0, scorer_name: str = "custom",
+                   repetition_penalty: float = 1.0) -> dict:
+    """Every row against the last one (the candidate): means, differences with intervals, verdict,
+    and a warning where the candidate's answers loop."""
     candidate = scored[-1]
     differences = [row for baseline in scored[:-1] for row in compare_scored(baseline, candidate, samples, seed)]
     primary = primary_metric(candidate.means(), scorer_name)
+    looping = looping_warning(scored, repetition_penalty)
     return {"models": {s.name: s.means() for s in scored}, "differences": differences, "primary_metric": primary,
-            "verdict": verdict(differences, primary, candidate.name)}
+            "verdict": verdict(differences, primary, candidate.name), "warnings": [looping] if looping else []}
 
 
 def verdict(differences: list[dict], metric: str, candidate: str) -> str:
@@ -146,14 +149,14 @@ def format_baselines(table: dict) -> str:
         lines.append(f"{name:<{width}}" + "".join(cells))
     if table.get("verdict"):
         lines.append(f"verdict: {table['verdict']}")
-    return "\n".join(lines)
+    return "\n".join(lines + table.get("warnings", []))
 
 
 def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None,
                    max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
                    temperature: float = 0.0, seed: int = 0, scorer: Scorer | None = None,
                    scorer_name: str = "custom", samples: int = 2000, names: tuple[str, str] | None = None,
-                   retrieval_k: int = 0) -> dict:
+                   retrieval_k: int = 0, repetition_penalty: float = 1.0) -> dict:
     """Score A (and A k-shot, A with retrieval), B with retrieval and B on the data file; each row
     against B. Returns the table data, a one-line verdict and the per-example outputs."""
     conversations, problems = load_conversations(data, None)
@@ -162,7 +165,7 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
         raise UserError(f"{data}: no usable examples to compare on.{first}")
     conversations = conversations[:limit] if limit else conversations
     name_a, name_b = names or ("A", "B")
-    settings = Settings(max_new_tokens, batch_size, temperature, seed, scorer, scorer_name)
+    settings = Settings(max_new_tokens, batch_size, temperature, seed, scorer, scorer_name, repetition_penalty)
     pool = None
     if kshot or retrieval_k:
         source = kshot_data or training_data_of(b) or training_data_of(a)
@@ -174,7 +177,7 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
                          settings)
     scored += score_model(b, prompt_sets(name_b, conversations, pool, 0, retrieval_k, seed, zero_shot=True),
                           settings)[::-1]  # B with retrieval, then B itself last: the candidate
-    table = baseline_table(scored, samples, seed, scorer_name)
+    table = baseline_table(scored, samples, seed, scorer_name, repetition_penalty)
     examples = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"],
                  **{s.name: {"answer": s.answers[i], "scores": s.rows[i]} for s in scored}}
                 for i, c in enumerate(conversations)]
@@ -199,6 +202,27 @@ def cut_answers_warning(answer_tokens: list[int], eval_cfg) -> str | None:
             f"{eval_cfg.max_new_tokens} (the median of those {longer[len(longer) // 2]} tokens): generation stops "
             "before their end, so their text scores (rouge_l, token_f1) judge cut answers; raise "
             "eval.max_new_tokens to score whole ones")
+
+
+LOOP = 0.5  # an answer half or more of whose word 4-grams repeat earlier ones restates itself: a loop
+
+
+def looping_warning(scored: list[Scored], penalty: float) -> str | None:
+    """A warning where a tenth or more of the candidate's (the last row's) answers loop, with how
+    many of each other row's do: their text scores then judge loops, not what the model knows."""
+    def loops(row: Scored) -> int:
+        return sum(r.get("repetition", 0.0) >= LOOP for r in row.rows)
+
+    candidate = scored[-1]
+    count = loops(candidate)
+    if not candidate.rows or count < max(1, 0.1 * len(candidate.rows)):
+        return None
+    others = ", ".join(f"{row.name} {loops(row)}" for row in scored[:-1])
+    advice = ("a larger eval.repetition_penalty" if penalty > 1 else "eval.repetition_penalty: 1.2 "
+              "(--repetition-penalty 1.2 in eval and compare) decodes without most of them")
+    return (f"warning: {count} of {len(candidate.rows)} {candidate.name} answers loop (half or more of their word "
+            f"4-grams repeat{'; ' + others if others else ''}): their text scores (rouge_l, token_f1) judge the "
+            f"loops; {advice}")
 
 
 def score_base_rows(model, tokenizer, test: list[list[dict]], train: list[list[dict]], eval_cfg, folder: Path,

@@ -28,7 +28,7 @@ from .metrics import Scorer, example_scores, mean_scores
 
 LOSS = "answer_loss"
 PER_CHAR = "answer_loss_per_char"  # nats per character of the reference (choose.py: comparable across tokenizers)
-LOWER_IS_BETTER = {LOSS, PER_CHAR}
+LOWER_IS_BETTER = {LOSS, PER_CHAR, "repetition"}
 
 
 @dataclass
@@ -150,6 +150,7 @@ class Settings:
     seed: int = 0
     scorer: Scorer | None = None
     scorer_name: str = "custom"
+    repetition_penalty: float = 1.0
 
     @classmethod
     def of(cls, eval_cfg) -> "Settings":
@@ -158,7 +159,8 @@ class Settings:
         from .scoring import scorer_name
 
         return cls(eval_cfg.max_new_tokens, eval_cfg.batch_size, eval_cfg.temperature, eval_cfg.seed,
-                   load_scorer(eval_cfg.scorer) if eval_cfg.scorer else None, scorer_name(eval_cfg.scorer))
+                   load_scorer(eval_cfg.scorer) if eval_cfg.scorer else None, scorer_name(eval_cfg.scorer),
+                   eval_cfg.repetition_penalty)
 
 
 def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settings: Settings,
@@ -166,7 +168,8 @@ def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settin
     """A loaded model's answers to the prompts (each ending in its reference answer), their scores
     and the reference answers' loss, per example."""
     references = [c[-1]["content"] for c in prompts]
-    options = {"label": f"generate ({name})", "temperature": settings.temperature, "seed": settings.seed}
+    options = {"label": f"generate ({name})", "temperature": settings.temperature, "seed": settings.seed,
+               "repetition_penalty": settings.repetition_penalty}
     together = answer_and_score(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size, **options)
     if together is not None:  # one pass over each prompt for both
         answers, losses, counts, speed = together
@@ -227,7 +230,7 @@ def format_table(result: dict) -> str:
                      f"[{row['low']:+.4f}, {row['high']:+.4f}]  win/tie/loss {row['win']}/{row['tie']}/{row['loss']}")
     if result.get("verdict"):
         lines.append(f"verdict: {result['verdict']}")
-    return "\n".join(lines)
+    return "\n".join(lines + result.get("warnings", []))
 
 
 def write_comparison(result: dict, folder: Path) -> Path:

@@ -31,19 +31,20 @@ def merged_adapter(model):
 @torch.no_grad()
 def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
                      batch_size: int = 16, label: str = "generate", temperature: float = 0.0,
-                     seed: int = 0) -> tuple[list[str], dict]:
+                     seed: int = 0, repetition_penalty: float = 1.0) -> tuple[list[str], dict]:
     """Answers for the prompt part of each conversation, and speed figures.
 
     temperature 0 decodes greedily; above 0 it samples, seeded, so a run can be repeated."""
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
-    answers, _, speed = _generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, label, temperature, seed)
+    answers, _, speed = _generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, label,
+                                  decoding(temperature, seed, repetition_penalty))
     return answers, speed
 
 
 @torch.no_grad()
 def answer_and_score(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
-                     batch_size: int = 16, label: str = "generate", temperature: float = 0.0, seed: int = 0
-                     ) -> tuple[list[str], list[float], list[int], dict] | None:
+                     batch_size: int = 16, label: str = "generate", temperature: float = 0.0, seed: int = 0,
+                     repetition_penalty: float = 1.0) -> tuple[list[str], list[float], list[int], dict] | None:
     """Answers to each conversation's prompt, and the loss per token of its reference answer with
     that answer's label count, from one forward pass per batch over prompt + reference: the
     prompt's part of that pass's KV cache is where generation starts, so each prompt goes through
@@ -68,16 +69,16 @@ def answer_and_score(model, tokenizer, conversations: list[list[dict]], max_new_
         labelled = [j for j, label in enumerate(whole.labels[len(prompt):]) if label != IGNORE]
         references.append((list(whole.input_ids[len(prompt):]), labelled))
     answers, losses, speed = _generate(model, tokenizer, prompts, references, max_new_tokens, batch_size, label,
-                                       temperature, seed)
+                                       decoding(temperature, seed, repetition_penalty))
     return answers, losses, [len(labelled) for _, labelled in references], speed
 
 
 def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple[list[int], list[int]]] | None,
-              max_new_tokens: int, batch_size: int, label: str, temperature: float, seed: int):
+              max_new_tokens: int, batch_size: int, label: str, sampling: dict):
     """Answers (and with `references`, (ids, labelled positions) per prompt, their losses) in
-    batches of similar length, the LoRA weights merged for the duration."""
+    batches of similar length, the LoRA weights merged for the duration; `sampling`: generate's
+    decoding settings (see `decoding`)."""
     model.eval()
-    sampling = _sampling(temperature, seed)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = next(model.parameters()).device
     # Batches of similar length: of the prompt, or of prompt and reference where one forward takes both.
@@ -148,12 +149,15 @@ def _score_references(model, prompts, references, width: int, pad: int, device, 
     return ids, mask, cache
 
 
-def _sampling(temperature: float, seed: int) -> dict:
-    """generate's settings: greedy at temperature 0, else seeded sampling from the whole distribution."""
+def decoding(temperature: float = 0.0, seed: int = 0, repetition_penalty: float = 1.0) -> dict:
+    """generate's settings: greedy at temperature 0, else seeded sampling from the whole distribution;
+    a repetition penalty above 1 divides the scores of tokens already in the text by it (CTRL's
+    penalty: small models decoded greedily after fine-tuning often loop)."""
+    penalty = {"repetition_penalty": repetition_penalty} if repetition_penalty != 1.0 else {}
     if temperature <= 0:
-        return {"do_sample": False}
+        return {"do_sample": False, **penalty}
     torch.manual_seed(seed)
-    return {"do_sample": True, "temperature": temperature, "top_k": 0}
+    return {"do_sample": True, "temperature": temperature, "top_k": 0, **penalty}
 
 
 def _left_padded(prompts: list[list[int]], pad: int, width: int, after: list[list[int]] | None = None,

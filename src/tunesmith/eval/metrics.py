@@ -106,11 +106,21 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
 
 
+def repetition(text: str, n: int = 4) -> float:
+    """The share of the text's word n-grams (split at white space, lower case) that repeat an
+    earlier one: 0 for text that never restates itself, towards 1 for a loop, greedy decoding's
+    common failure on small fine-tuned models. Punctuation counts as words, so '- - - -' loops too."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
 def text_example_scores(prediction: str, reference: str) -> dict[str, float]:
     return {"exact_match": float(prediction.strip() == reference.strip()),
             "normalised_exact_match": float(squad_normalise(prediction) == squad_normalise(reference)),
             "token_f1": token_f1(prediction, reference),
-            "rouge_l": rouge_l(prediction, reference)}
+            "rouge_l": rouge_l(prediction, reference),
+            "repetition": repetition(prediction)}
 
 
 def parse_tool_calls(text: str) -> list[dict]:

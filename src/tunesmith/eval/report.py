@@ -114,6 +114,7 @@ def comparison_html(report: dict) -> str:
     parts = []
     if comparison.get("verdict"):
         parts.append(f"<p><b>Verdict:</b> {html.escape(comparison['verdict'])}</p>")
+    parts += [f"<p><b>{html.escape(w)}</b></p>" for w in comparison.get("warnings", [])]
     if comparison.get("models"):
         parts.append(_table(*metric_rows(comparison)))
         parts.append(_table(*difference_rows(comparison)))

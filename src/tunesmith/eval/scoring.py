@@ -16,7 +16,7 @@ def score_generation(model, tokenizer, conversations: list[list[dict]], eval_cfg
     references = [c[-1]["content"] for c in conversations]
     answers, speed = generate_answers(model, tokenizer, conversations, eval_cfg.max_new_tokens, eval_cfg.batch_size,
                                       label=f"generate ({label})", temperature=eval_cfg.temperature,
-                                      seed=eval_cfg.seed)
+                                      seed=eval_cfg.seed, repetition_penalty=eval_cfg.repetition_penalty)
     scores = score(answers, references, eval_cfg.scorer)
     scores["test_examples"] = len(references)
     scores["generated_tokens_per_second"] = round(speed["tokens_per_second"], 1)

@@ -156,7 +156,7 @@ function kvTable(object, id) {
       el("td", { class: "text", text: value !== null && typeof value === "object" ? JSON.stringify(value) : fmt(value) }))), { id });
 }
 
-const LOWER_IS_BETTER = /loss|perplexity|error/;
+const LOWER_IS_BETTER = /loss|perplexity|error|repetition/;
 function comparisonRows(base, tuned) {
   const keys = [...new Set([...Object.keys(tuned || {}), ...Object.keys(base || {})])].filter(
     (k) => typeof (tuned || {})[k] === "number" || typeof (base || {})[k] === "number");
