@@ -82,3 +82,14 @@ def test_report_renders_with_its_pictures_in_headless_chromium(tmp_path):
     sizes = found.group(1).split()
     assert len(sizes) == 3
     assert all(s == "true:600x320" for s in sizes), sizes  # 6 x 3.2 inches at 100 dpi, decoded
+
+
+def test_smoothed_loss_is_a_debiased_moving_average_and_figures_read_as_numbers():
+    from tunesmith.eval.report import _fmt, smoothed
+
+    assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # debiased: not pulled towards 0
+    noisy = [3.0, 1.0] * 20
+    trend = smoothed(noisy)
+    assert trend[0] == 3.0 and max(trend[10:]) - min(trend[10:]) < 0.5 < max(noisy) - min(noisy)
+    assert _fmt(674.7) == "674.7" and _fmt(0.14061) == "0.1406" and _fmt(139399488) == "139,399,488"
+    assert _fmt(True) == "True" and _fmt(None) == "-"

@@ -54,6 +54,7 @@ def figures(report: dict) -> dict[str, str]:
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     train, evals = report["curves"]["train"], report["curves"]["eval"]
     plots = {}
@@ -70,7 +71,13 @@ def figures(report: dict) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
         for label, rows, key in drawn:
             points = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
-            ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
+            steps, values = zip(*points)
+            if label == "train loss" and len(points) >= SMOOTH_FROM:  # a step's loss is noisy: show the trend
+                line, = ax.plot(steps, values, alpha=0.3, label=label)
+                ax.plot(steps, smoothed(values), color=line.get_color(), label=f"{label} (smoothed)")
+            else:
+                ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -84,6 +91,19 @@ def figures(report: dict) -> dict[str, str]:
     return plots
 
 
+SMOOTH_FROM = 20  # train-loss points from which the report draws the smoothed curve beside the raw one
+
+
+def smoothed(values, weight: float = 0.8) -> list[float]:
+    """Exponential moving average, debiased (TensorBoard's smoothing): the first points are not
+    pulled towards 0, and each point weighs only steps up to it."""
+    out, average = [], 0.0
+    for n, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** n))
+    return out
+
+
 def objective_panels(train: list[dict]) -> list[tuple]:
     """Panels of an objective's statistics (train.objective other than sft), grouped by their first
     name part: implicit rewards together, each scorer's mean reward together, the KL alone, ..."""
@@ -95,8 +115,11 @@ def objective_panels(train: list[dict]) -> list[tuple]:
 
 
 def _fmt(value) -> str:
+    """Scores to 4 decimals; seconds, rates and counts (100 and more) to 1 decimal or whole, grouped."""
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     return "-" if value is None else html.escape(str(value))
 
 
