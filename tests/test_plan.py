@@ -391,3 +391,25 @@ def test_auto_checkpointing_takes_the_fewest_first_blocks_that_fit_each_device()
         none, gradient_checkpointing=True)) - flops_per_token(shape, none)))
     fixed = plan("llama-3.1-8b", none, device="rtx4090", include_this_machine=False)
     assert not fixed.target.fits and f"first {blocks} of 32 blocks" in fixed.changes[0][0]
+
+
+def test_auto_dtype_plans_each_device_in_the_dtype_a_run_there_trains_in(monkeypatch):
+    """model.dtype: auto (the default) without a device: an A100 row is planned in bf16 (what a run
+    there trains in), a T4 row and this CPU (no fast bf16 here) in fp32; `--dtype` fixes one for all.
+    Before, every row took this machine's fp32, and 8B LoRA 'did not fit' a 24 GB GPU."""
+    import tunesmith.device as device_module
+    from tunesmith.plan import plan_for
+
+    monkeypatch.setattr(device_module, "bf16_is_fast", lambda device: False)  # this CPU: fp32, as here
+    found = plan_for(model="llama-3.1-8b", seq=512, batch=8)
+    rows = {fit.device.name: fit for fit in found.fits}
+    assert rows["A100 80 GB"].estimate.setup.dtype == "bfloat16" and rows["T4 16 GB"].estimate.setup.dtype == "float32"
+    assert rows["this machine"].estimate.setup.dtype == "float32" and rows["L4 24 GB"].fits
+    bf16 = plan("llama-3.1-8b", Setup(method="lora", dtype="bfloat16", batch=8, seq=512, checkpointing_auto=True))
+    assert rows["A100 80 GB"].estimate.total == next(f for f in bf16.fits if f.device.name == "A100 80 GB").estimate.total
+    assert found.estimate.setup.dtype == "bfloat16" and "model.dtype auto" in format_plan(found)
+    fixed = plan_for(model="llama-3.1-8b", seq=512, batch=8, dtype="float32")
+    assert {f.estimate.setup.dtype for f in fixed.fits} == {"float32"} and "model.dtype auto" not in format_plan(fixed)
+    on_t4 = plan_for(model="llama-3.1-8b", seq=512, batch=8, device="t4")
+    # with the default adapter.gradient_checkpointing: auto, a device it does not fit still gets changes that fit
+    assert on_t4.estimate.setup.dtype == "float32" and any("adapter.method=qlora" in c for c, _ in on_t4.changes)

@@ -64,6 +64,8 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
             target_device = replace(target_device, name=f"{setup.devices} x {target_device.name}")
 
     def fit_on(dev: Device, candidate: Setup = setup) -> Fit:
+        if candidate.dtype_auto:  # the dtype a run there would train in
+            candidate = replace(candidate, dtype=dev.auto_dtype(candidate.dtype), dtype_auto=False)
         if candidate.checkpointing_auto:  # as the run would: the fewest first blocks that fit, else every one
             fewest = fewest_checkpointed(shape, candidate, lambda s: estimate_on(shape, s, dev).total <= dev.memory)
             candidate = replace(candidate, gradient_checkpointing=True,
@@ -79,9 +81,13 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
     fits = [fit_on(d) for d in devices]
     target = fit_on(target_device) if target_device else None
     changes = []
-    if target and not target.fits and not setup.checkpointing_auto:
+    if setup.dtype_auto:  # the breakdown in the named device's dtype, else in a GPU's (bf16)
+        setup = replace(setup, dtype=target_device.auto_dtype(setup.dtype) if target_device else "bfloat16")
+    if target and not target.fits:
         # the fewest checkpointed blocks first: what adapter.gradient_checkpointing=auto would choose
-        fewest = fewest_checkpointed(shape, setup, lambda s: fit_on(target_device, s).fits)
+        # (with auto, the target's row has tried them already)
+        fewest = None if setup.checkpointing_auto else fewest_checkpointed(
+            shape, setup, lambda s: fit_on(target_device, s).fits)
         if fewest is not None and fewest < shape.layers:
             changes.append((f"gradient checkpointing on the first {fewest} of {shape.layers} blocks "
                             "(adapter.gradient_checkpointing=auto chooses so)",
@@ -100,7 +106,7 @@ def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
     found = []
 
     def add(label, **changes):
-        candidate = replace(setup, **changes)
+        candidate = replace(setup, **changes, **({"dtype_auto": False} if "dtype" in changes else {}))
         if candidate != setup and label not in [f for f, _ in found]:
             found.append((label, candidate))
 
@@ -145,6 +151,9 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+AUTO = " (model.dtype auto: each device below in its own, float32 where it has no fast bfloat16)"
+
+
 def format_plan(p: Plan) -> str:
     s, shape, est = p.setup, p.shape, p.estimate
     targets = "all linear" if set(s.targets) == set(LINEARS) else ",".join(s.targets)
@@ -152,7 +161,7 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"model: {shape.name}: {shape.total_params / 1e9:.3f}B parameters, {shape.layers} layers, hidden "
         f"{shape.hidden}, vocab {shape.vocab}",
-        f"setup: {method}, {s.dtype}, micro-batch {s.batch} x {s.seq} tokens, gradient checkpointing "
+        f"setup: {method}, {s.dtype}{AUTO if s.dtype_auto else ''}, micro-batch {s.batch} x {s.seq} tokens, gradient checkpointing "
         f"{checkpointing(shape, s)}, {s.label_share:.0%} of positions with a label",
         f"trainable: {est.trainable / 1e6:.2f}M parameters; peak during the {est.peak_phase}",
     ]
@@ -174,13 +183,15 @@ def format_plan(p: Plan) -> str:
     objective_line = describe_objective(shape, s)
     if objective_line:
         lines.append(objective_line)
-    lines.append(f"{'device':<20}{'memory':>10}{'needs':>12}  fits{'  epoch' if p.tokens else ''}")
+    lines.append(f"{'device':<20}{'memory':>10}{'needs':>12}  fits{'  dtype' if s.dtype_auto else ''}"
+                 f"{'  epoch' if p.tokens else ''}")
     for fit in p.fits + ([p.target] if p.target and p.target.device.name not in [f.device.name for f in p.fits] else []):
         epoch = f"  {duration(fit.epoch_seconds)}" if fit.epoch_seconds else ""
         blocks = checkpointed_layers(shape, fit.estimate.setup)
         chosen = f"  checkpointing {blocks} of {shape.layers} blocks" if s.checkpointing_auto and blocks else ""
+        dtype = f"  {fit.estimate.setup.dtype}" if s.dtype_auto else ""
         lines.append(f"{fit.device.name:<20}{fit.device.memory / GiB:>7.0f} GiB{gib(fit.estimate.total):>12}  "
-                     f"{'yes ' if fit.fits else 'no  '}{epoch}{chosen}")
+                     f"{'yes ' if fit.fits else 'no  '}{dtype}{epoch}{chosen}")
     if p.target and not p.target.fits:
         lines.append(f"does not fit {p.target.device.name}; " + ("changes that fit:" if p.changes else
                                                                   "no single change makes it fit"))
@@ -209,7 +220,7 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
         changes["fsdp"] = changes["fsdp"] and setup.devices > 1
     if "gradient_checkpointing" in changes:  # said on the command line: on or off for every block
         changes.update(checkpointing_auto=False, checkpoint_layers=None)
-    setup = replace(setup, **changes)
+    setup = replace(setup, **changes, **({"dtype_auto": False} if "dtype" in changes else {}))
     if setup.fsdp and setup.method == "qlora":  # as the config refuses it (config.py)
         raise UserError("--fsdp does not work with QLoRA yet (FSDP2 loses the 4-bit weights' quantisation state)")
     return plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine)

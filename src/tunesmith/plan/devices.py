@@ -39,6 +39,20 @@ class Device:
         """What a GPU needs beyond `tensors` bytes (CPUs: cpu_overhead, from the whole estimate)."""
         return CUDA_CONTEXT + ALLOCATOR_SLACK * tensors
 
+    def auto_dtype(self, fallback: str) -> str:
+        """What model.dtype: auto trains in here (device.compute_dtype's rule): bf16 on a GPU with
+        bf16 tensor cores and on a CPU that multiplies bf16 fast, else fp32; `fallback` on a
+        device known by its memory alone."""
+        if self.is_cpu:
+            import torch
+
+            from ..device import bf16_is_fast
+
+            return "bfloat16" if bf16_is_fast(torch.device("cpu")) else "float32"
+        if self.bf16_tflops is None and not self.fp32_tflops:
+            return fallback
+        return "bfloat16" if self.bf16_tflops else "float32"
+
     def peak_flops(self, dtype: str) -> float:
         if dtype == "float32" or self.bf16_tflops is None:
             return self.fp32_tflops * 1e12

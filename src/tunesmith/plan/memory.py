@@ -60,6 +60,9 @@ BLOCK_ROWS = 224  # query rows per block of a padding-free row's attention (acce
 class Setup:
     method: str = "lora"
     dtype: str = "bfloat16"
+    # model.dtype: auto, planned before the device is known (`tunesmith plan`, choose): each device
+    # row in its own choice (Device.auto_dtype), `dtype` where no device is named
+    dtype_auto: bool = False
     batch: int = 8
     seq: int = 512
     gradient_checkpointing: bool = False

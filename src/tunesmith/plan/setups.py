@@ -45,7 +45,7 @@ def fewest_checkpointed(shape: ModelShape, setup: Setup, fits) -> int | None:
 
 def setup_from_config(cfg, label_share: float = 1.0, device=None, devices: int = 1) -> Setup:
     """The Setup a tunesmith run config trains with (longest sequences: the worst case), on each of
-    `devices` (torchrun's processes)."""
+    `devices` (torchrun's processes); without `device`, model.dtype: auto is left to each device."""
     from ..device import compute_dtype
 
     dtype = str(compute_dtype(cfg.model.dtype, device)).replace("torch.", "")
@@ -59,5 +59,5 @@ def setup_from_config(cfg, label_share: float = 1.0, device=None, devices: int =
                   freeze_embeddings=cfg.adapter.freeze_embeddings, packed_rows=cfg.data.packing,
                   grad_accum=cfg.train.grad_accum, adapter_dtype=cfg.adapter.dtype,
                   offload_activations=cfg.adapter.offload_activations, devices=devices,
-                  fsdp=cfg.train.fsdp and devices > 1)
+                  fsdp=cfg.train.fsdp and devices > 1, dtype_auto=cfg.model.dtype == "auto" and device is None)
     return objective_setup(cfg, setup)  # sequences per example, reference copy (issue 23)
