@@ -265,3 +265,25 @@ def test_a_page_of_another_origin_starts_nothing(dashboard, browser, tiny_model_
     time.sleep(1.0)  # a run started by the requests would have made its folder by now
     assert not (Path(dashboard.runs_dir) / name).exists(), report
     assert name not in json.dumps([c.args for c in dashboard.children])
+
+
+def test_a_runs_page_shows_its_verdict_and_the_loop_warning(dashboard, browser, tmp_path):
+    """The baselines table of a finished run, its verdict and the warning that its answers loop,
+    as results.json holds them (text from the run, never markup)."""
+    from test_report import fake_run
+
+    run = fake_run(Path(dashboard.runs_dir) / "looping-run")
+    results = json.loads((run / "results.json").read_text())
+    warning = "warning: 71 of 120 fine-tuned answers loop (half or more of their word 4-grams repeat; base 14) <b>"
+    results["baselines"] = {
+        "models": {"base": {"rouge_l": 0.141}, "fine-tuned": {"rouge_l": 0.116}}, "primary_metric": "rouge_l",
+        "differences": [{"metric": "rouge_l", "baseline": "base", "candidate": "fine-tuned", "difference": -0.025,
+                         "low": -0.037, "high": -0.012, "win": 40, "tie": 2, "loss": 78}],
+        "verdict": "base beats fine-tuning by +0.025 [+0.012, +0.037] rouge_l: consider it instead",
+        "warnings": [warning]}
+    (run / "results.json").write_text(json.dumps(results))
+    browser.get(dashboard.url + "#/run/looping-run")
+    wait_for(lambda: "base beats fine-tuning" in text_of(browser, "#verdict"), 30, what="the verdict")
+    shown = [p.text for p in browser.find_elements(By.CSS_SELECTOR, "p.error")]
+    assert warning in shown
+    assert "-0.025 [-0.037, -0.012]" in text_of(browser, '#baselines tr[data-row="base"]')

@@ -189,7 +189,8 @@ function evidenceTables(results) {
       table(["row", metric, `${candidate} − row [95% interval]`, "win / tie / loss"], names.map((n) => el("tr", { "data-row": n },
         el("th", { text: n }), el("td", { class: "num", text: fmt(b.models[n][metric]) }),
         el("td", { class: "num", text: diff[n] ? interval(diff[n], 3) : "" }),
-        el("td", { class: "num", text: diff[n] ? `${diff[n].win} / ${diff[n].tie} / ${diff[n].loss}` : "" }))), { id: "baselines" }));
+        el("td", { class: "num", text: diff[n] ? `${diff[n].win} / ${diff[n].tie} / ${diff[n].loss}` : "" }))), { id: "baselines" }),
+      ...(b.warnings || []).map((w) => el("p", { class: "error", text: w })));
   }
   const g = results.general;
   if (g && g.differences) {
