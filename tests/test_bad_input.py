@@ -151,3 +151,31 @@ def test_own_warnings_read_as_one_line_others_keep_their_source(monkeypatch, cap
     plain = warnings.formatwarning
     main(["config"])
     assert warnings.formatwarning is plain  # not wrapped again by a second command in the same process
+
+
+def test_a_hub_id_without_network_fails_at_once_naming_it(monkeypatch, capsys):
+    """Offline (the hub's host has no address), a hub id is looked up in the local cache only: one
+    address lookup (tunesmith's own), not huggingface_hub's retried requests (27 s, ten lines)."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    from tunesmith.models.load import hub_unreachable
+
+    lookups = []
+
+    def no_network(host, *rest, **options):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    hub_unreachable.cache_clear()
+    try:
+        assert main(["plan", "--model", "someorg/some-model", "--no-this-machine"]) == 2
+    finally:
+        hub_unreachable.cache_clear()
+    err = capsys.readouterr().err
+    assert "error: someorg/some-model: cannot read the model config" in err and "Retrying" not in err
+    # tunesmith's probe, and huggingface_hub's one fetch of its user-agent registry; retried requests made 6 or more
+    assert set(lookups) == {"huggingface.co"} and len(lookups) <= 2

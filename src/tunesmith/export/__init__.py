@@ -69,11 +69,11 @@ def check_gguf_architecture(run: Path) -> None:
     from transformers import AutoConfig
 
     from ..config import load_config
-    from ..models.load import resolve_model_path
+    from ..models.load import hub_options, resolve_model_path
     from .gguf import gguf_architecture
 
     where, gguf_file = resolve_model_path(load_config(run / "config.yaml").model.name)
-    gguf_architecture(AutoConfig.from_pretrained(where, gguf_file=gguf_file))
+    gguf_architecture(AutoConfig.from_pretrained(where, gguf_file=gguf_file, **hub_options(where)))
 
 
 def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelfile: bool, force: bool = False) -> dict:

@@ -1,7 +1,10 @@
 """Load a base model and its tokenizer from 'default', a local folder, a .gguf file or a hub id."""
 from __future__ import annotations
 
+import functools
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -28,6 +31,27 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
     return name, None  # a hub id
 
 
+def hub_options(where: str) -> dict:
+    """from_pretrained's options for `where`: a hub id is read from the local cache only where the
+    hub's host has no address (no network), failing at once instead of after half a minute of
+    retried requests."""
+    return {"local_files_only": True} if not Path(where).exists() and hub_unreachable() else {}
+
+
+@functools.cache
+def hub_unreachable() -> bool:
+    """The hub's host (HF_ENDPOINT's) has no address, or HF_HUB_OFFLINE is set; asked once."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return True
+    try:
+        socket.getaddrinfo(urlparse(hub.ENDPOINT).hostname, 443)
+    except OSError:
+        return True
+    return False
+
+
 def _not_a_model(path: Path) -> str:
     """Why a folder without config.json is not a base model, and what to name instead."""
     if (path / "model" / "config.json").exists():
@@ -49,7 +73,8 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     else:
         where, gguf = resolve_model_path(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code,
+                                                  **hub_options(where))
     except OSError as err:
         raise UserError(f"{spec}: cannot load tokenizer ({str(err).splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:
@@ -67,7 +92,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     placement = {"device_map": {"": str(device)}} if device is not None and torch.device(device).type != "cpu" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            where, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code, **placement)
+            where, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code, **placement, **hub_options(where))
     except OSError as err:
         raise UserError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None
     model.eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .load import resolve_model_path
+from .load import hub_options, resolve_model_path
 
 
 def nf4_config(compute: torch.dtype):
@@ -40,7 +40,8 @@ def load_quantized(spec: str, compute: torch.dtype = torch.bfloat16, trust_remot
     try:
         model = AutoModelForCausalLM.from_pretrained(  # a single-device map: every layer on the run's device
             where, gguf_file=gguf, quantization_config=nf4_config(compute), device_map={"": str(device)},
-            dtype=torch.float32 if compute == torch.float32 else compute, trust_remote_code=trust_remote_code)
+            dtype=torch.float32 if compute == torch.float32 else compute, trust_remote_code=trust_remote_code,
+            **hub_options(where))
     except OSError as err:
         raise UserError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None
     if compute == torch.float32:

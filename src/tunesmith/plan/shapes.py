@@ -113,10 +113,12 @@ def model_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
     from transformers import AutoConfig
 
     from ..models import resolve_model_path
+    from ..models.load import hub_options
 
     where, gguf = resolve_model_path(spec)
     try:
-        config = AutoConfig.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code,
+                                            **hub_options(where))
     except (OSError, ValueError) as err:
         raise UserError(f"{spec}: cannot read the model config ({str(err).splitlines()[0]}); "
                         f"shipped shapes: {', '.join(sorted(ALIASES))}") from None
