@@ -266,7 +266,8 @@ def looping_model(tiny_model_dir, tiny_tokenizer):
     return model, tiny_tokenizer
 
 
-def test_a_repetition_penalty_stops_a_loop(looping_model):
+def test_the_loop_guard_stops_a_loop(looping_model):
+    from tunesmith.eval.decoding import LoopGuard
     from tunesmith.eval.generate import generate_answers
     from tunesmith.eval.metrics import repetition
 
@@ -274,13 +275,18 @@ def test_a_repetition_penalty_stops_a_loop(looping_model):
     conversations = [[{"role": "user", "content": f"Ticket {i}: screen broken"}, {"role": "assistant", "content": "x"}]
                      for i in range(3)]
     greedy, _ = generate_answers(model, tokenizer, conversations, 24, batch_size=3)
-    penalised, _ = generate_answers(model, tokenizer, conversations, 24, batch_size=3, repetition_penalty=100.0)
+    penalised, _ = generate_answers(model, tokenizer, conversations, 24, batch_size=3, guard=LoopGuard(100.0))
     assert all(repetition(a) > 0.9 for a in greedy) and all(repetition(a) == 0.0 for a in penalised)
     assert len(set(penalised[0].split())) == 24  # 24 different words, in the order of the ranking
+    # No 2-gram twice: after 'w1 w1' the next w1 would repeat it, so the second-ranked word comes in
+    ngrams, _ = generate_answers(model, tokenizer, conversations, 24, batch_size=3, guard=LoopGuard(1.0, 2))
+    words = ngrams[0].split()
+    pairs = list(zip(words, words[1:]))
+    assert len(pairs) == len(set(pairs)) == 23 and repetition(ngrams[0]) < repetition(greedy[0])
+    assert str(LoopGuard(1.2, 4)) == "repetition penalty 1.2, no repeated 4-grams" and str(LoopGuard()) == "off"
 
 
-def test_the_repetition_penalty_reaches_generation_from_eval_and_compare(looping_model, tmp_path, capsys,
-                                                                         monkeypatch):
+def test_the_loop_guard_reaches_generation_from_eval_and_compare(looping_model, tmp_path, capsys, monkeypatch):
     import tunesmith.runs as runs
     from tunesmith.cli import main
 
@@ -288,11 +294,14 @@ def test_the_repetition_penalty_reaches_generation_from_eval_and_compare(looping
     data = write_jsonl(tmp_path / "test.jsonl", [{"question": f"Ticket {i}: screen broken", "answer": "technical"}
                                                  for i in range(4)])
     repeats = {}
-    for penalty in ("1", "100"):
-        assert main(["eval", "looping", "--data", str(data), "--max-new-tokens", "24", "--repetition-penalty", penalty]) == 0
-        repeats[penalty] = json.loads(capsys.readouterr().out)["repetition"]
-    assert repeats["1"] > 0.9 and repeats["100"] == 0.0
+    for flags in ([], ["--repetition-penalty", "100"], ["--no-repeat-ngram-size", "4"]):
+        assert main(["eval", "looping", "--data", str(data), "--max-new-tokens", "24", *flags]) == 0
+        repeats[" ".join(flags)] = json.loads(capsys.readouterr().out)["repetition"]
+    assert repeats[""] > 0.9 and repeats["--repetition-penalty 100"] == 0.0
+    assert repeats["--no-repeat-ngram-size 4"] < 0.5
     assert main(["compare", "a", "b", "--data", str(data), "--max-new-tokens", "24", "--repetition-penalty", "100"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert main(["compare", "a", "b", "--data", str(data), "--max-new-tokens", "24"]) == 0
-    assert "warning: 4 of 4 b answers loop (half or more of their word 4-grams repeat; a 4)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: 4 of 4 b answers loop (half or more of their word 4-grams repeat; a 4)" in err
+    assert "eval.no_repeat_ngram_size: 4" in err

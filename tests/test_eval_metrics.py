@@ -137,17 +137,18 @@ def test_repetition_counts_the_word_4grams_an_answer_repeats():
 def test_looping_answers_are_warned_about_with_each_rows_count():
     from tunesmith.eval.baselines import baseline_table, format_baselines, looping_warning
     from tunesmith.eval.compare import Scored
+    from tunesmith.eval.decoding import LoopGuard
 
     def row(name, values):
         return Scored(name, ["x"] * len(values), [{"rouge_l": 0.2, "answer_loss": 1.0, "repetition": v} for v in values],
                       [5] * len(values))
 
     base, tuned = row("base", [0.0] * 18 + [0.6, 0.1]), row("fine-tuned", [0.7] * 3 + [0.2] * 17)
-    warning = looping_warning([base, tuned], 1.0)
+    warning = looping_warning([base, tuned])
     assert warning.startswith("warning: 3 of 20 fine-tuned answers loop") and "base 1" in warning
-    assert "repetition_penalty: 1.2" in warning
-    assert "larger eval.repetition_penalty" in looping_warning([tuned], 1.2)
-    assert looping_warning([tuned, base], 1.0) is None  # 1 of 20: under a tenth
+    assert "eval.no_repeat_ngram_size: 4" in warning
+    assert "they loop with repetition penalty 1.2 too" in looping_warning([tuned], LoopGuard(1.2))
+    assert looping_warning([tuned, base]) is None  # 1 of 20: under a tenth
     table = baseline_table([base, tuned], samples=200)
     assert table["warnings"] == [warning] and format_baselines(table).endswith(warning)
     repeats = [d for d in table["differences"] if d["metric"] == "repetition"][0]

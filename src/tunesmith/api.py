@@ -16,6 +16,7 @@ from .errors import UserError
 from .eval.baselines import baseline_table, cut_answers_warning, format_baselines, score_base_rows, score_tuned_rows
 from .eval.baselines import summary as row_summary
 from .eval.general import GeneralAbility
+from .eval.decoding import LoopGuard
 from .eval.loss import eval_loss
 from .eval.scoring import score_generation, scorer_name
 from .methods.common import count_parameters, model_bytes, save_trained
@@ -172,7 +173,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         tuned.update(row_summary(scored[-1]))
         if len(scored) > 1:
             results["baselines"] = baseline_table(scored, seed=cfg.eval.seed, scorer_name=scorer_name(cfg.eval.scorer),
-                                                  repetition_penalty=cfg.eval.repetition_penalty)
+                                                  guard=LoopGuard.of(cfg.eval))
     if evidence is not None:
         evidence.score(model, tokenizer, "fine-tuned")
         results["general"] = evidence.results()
@@ -273,7 +274,7 @@ def check_data_paths(cfg: Config) -> None:
 
 def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
              scorer: str | None = None, temperature: float = 0.0, seed: int = 0, device: str = "auto",
-             repetition_penalty: float = 1.0) -> dict:
+             guard: LoopGuard = LoopGuard()) -> dict:
     """Eval loss and generation scores of a model or run on a data file."""
     from .config import DataConfig, EvalConfig
     from .runs import load_trained
@@ -282,7 +283,8 @@ def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size:
     # Eval loss on the examples within max_seq_len, as in training; generation scores on every example.
     prepared = prepare(DataConfig(train=data, validation=data, test=data), tokenizer)
     eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, test_limit=limit, scorer=scorer,
-                          temperature=temperature, seed=seed, repetition_penalty=repetition_penalty)
+                          temperature=temperature, seed=seed, repetition_penalty=guard.repetition_penalty,
+                          no_repeat_ngram_size=guard.no_repeat_ngram_size)
     results = {"eval_loss": eval_loss(model, prepared.splits["validation"], batch_size, tokenizer.pad_token_id)}
     results.update(score_generation(model, tokenizer, prepared.splits["test"].conversations, eval_cfg, label="eval"))
     return results
@@ -313,7 +315,7 @@ def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[st
 
 def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None, max_new_tokens: int = 96,
             batch_size: int = 16, limit: int | None = None, scorer: str | None = None, temperature: float = 0.0,
-            seed: int = 0, out: str | None = None, retrieval_k: int = 0, repetition_penalty: float = 1.0) -> dict:
+            seed: int = 0, out: str | None = None, retrieval_k: int = 0, guard: LoopGuard = LoopGuard()) -> dict:
     """A against B (e.g. base model vs fine-tuned run) with bootstrap intervals; optionally A k-shot,
     A and B with k retrieved training examples too.
 
@@ -327,7 +329,7 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
         raise UserError(f"{data}: data file not found")
     result = compare_models(a, b, data, kshot, kshot_data, max_new_tokens, batch_size, limit, temperature, seed,
                             load_scorer(scorer) if scorer else None, scorer_name(scorer),
-                            names=_names(a, b), retrieval_k=retrieval_k, repetition_penalty=repetition_penalty)
+                            names=_names(a, b), retrieval_k=retrieval_k, guard=guard)
     folder = Path(out) if out else (Path(b) if RunFolder(b).is_run() else None)
     if folder is not None:
         say(f"comparison: {write_comparison(result, folder)}")

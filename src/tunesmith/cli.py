@@ -7,12 +7,11 @@ import sys
 from importlib import resources
 
 from .errors import Interrupted, UserError, plain_warnings
+from .eval.decoding import LoopGuard
 from .eval.evidence import evidence_lines
 from .methods import NAMES as METHOD_NAMES
 from .objectives.settings import OBJECTIVE_NAMES
 from .plan.shapes import SHIPPED as SHIPPED_SHAPES
-
-PENALTY = "above 1 (e.g. 1.2) discourages repeating what the answer already says (1 = off)"
 
 
 def cmd_train(args) -> int:
@@ -54,7 +53,7 @@ def cmd_eval(args) -> int:
     results = {}
     if args.data:
         results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit, args.scorer,
-                           args.temperature, args.seed, args.device, args.repetition_penalty)
+                           args.temperature, args.seed, args.device, LoopGuard.of(args))
     if args.general:
         sets = args.general_sets.split(",") if args.general_sets else None
         results["general"] = evaluate_general(args.model, args.general_data, sets, args.general_limit,
@@ -67,14 +66,14 @@ def cmd_compare(args) -> int:
     from .api import compare
 
     compare(args.a, args.b, args.data, args.kshot, args.kshot_data, args.max_new_tokens, args.batch_size, args.limit,
-            args.scorer, args.temperature, args.seed, args.out, args.retrieval_k, args.repetition_penalty)
+            args.scorer, args.temperature, args.seed, args.out, args.retrieval_k, LoopGuard.of(args))
     return 0
 
 
 def cmd_chat(args) -> int:
     from .eval.chat import chat
 
-    chat(args.model, args.system, args.max_new_tokens, args.temperature, repetition_penalty=args.repetition_penalty)
+    chat(args.model, args.system, args.max_new_tokens, args.temperature, guard=LoopGuard.of(args))
     return 0
 
 
@@ -91,7 +90,7 @@ def cmd_generate(args) -> int:
 
     model, tokenizer, _ = load_trained(args.model)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-    stream_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature, None, args.repetition_penalty)
+    stream_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature, None, LoopGuard.of(args))
     return 0
 
 
@@ -174,12 +173,13 @@ def cmd_pairs(args) -> int:
     return 0
 
 
-def _add_streaming_options(p, max_new_tokens: int) -> None:
-    """The options of the commands that stream a model's answers (chat, generate)."""
-    p.add_argument("--system", default=None)
+def _add_decoding_options(p, max_new_tokens: int) -> None:
+    """How the commands that generate (eval, compare, chat, generate) decode answers."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help=PENALTY)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0 samples")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1: tokens already said less likely")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat a token n-gram of this size in "
+                                                                       "an answer (4 stops loops; 0 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="talk to a model or fine-tuned run in the terminal, answers streamed")
     p.add_argument("model")
-    _add_streaming_options(p, max_new_tokens=256)
+    p.add_argument("--system", default=None)
+    _add_decoding_options(p, max_new_tokens=256)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("report", help="write report.html (self-contained) and report.json of a run folder")
@@ -260,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer one prompt, streamed")
     p.add_argument("model")
     p.add_argument("prompt")
-    _add_streaming_options(p, max_new_tokens=128)
+    p.add_argument("--system", default=None)
+    _add_decoding_options(p, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("config", help="print the default config with every field documented, or --check a file")
@@ -367,13 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_scoring_options(p) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    _add_decoding_options(p, max_new_tokens=96)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--scorer", default=None, help="your own metric as module:function (prediction, reference) -> float")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0 samples, seeded by --seed")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help=PENALTY)
+    p.add_argument("--seed", type=int, default=0, help="of sampling (--temperature above 0)")
 
 
 def main(argv: list[str] | None = None) -> int:

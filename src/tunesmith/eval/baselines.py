@@ -22,6 +22,7 @@ from ..data.prepare import load_conversations
 from ..errors import UserError
 from .compare import (LOSS, LOWER_IS_BETTER, Scored, Scorer, Settings, compare_scored, pick_shots, score_model,
                       score_prompts, training_data_of, with_shots)
+from .decoding import LoopGuard
 
 PROMPTED = ("-shot", "+ retrieval")  # row names of the prompting baselines end so
 
@@ -49,13 +50,13 @@ def primary_metric(means: dict, scorer_name: str = "custom") -> str:
 
 
 def baseline_table(scored: list[Scored], samples: int = 2000, seed: int = 0, scorer_name: str = "custom",
-                   repetition_penalty: float = 1.0) -> dict:
+                   guard: LoopGuard = LoopGuard()) -> dict:
     """Every row against the last one (the candidate): means, differences with intervals, verdict,
     and a warning where the candidate's answers loop."""
     candidate = scored[-1]
     differences = [row for baseline in scored[:-1] for row in compare_scored(baseline, candidate, samples, seed)]
     primary = primary_metric(candidate.means(), scorer_name)
-    looping = looping_warning(scored, repetition_penalty)
+    looping = looping_warning(scored, guard)
     return {"models": {s.name: s.means() for s in scored}, "differences": differences, "primary_metric": primary,
             "verdict": verdict(differences, primary, candidate.name), "warnings": [looping] if looping else []}
 
@@ -156,7 +157,7 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
                    max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
                    temperature: float = 0.0, seed: int = 0, scorer: Scorer | None = None,
                    scorer_name: str = "custom", samples: int = 2000, names: tuple[str, str] | None = None,
-                   retrieval_k: int = 0, repetition_penalty: float = 1.0) -> dict:
+                   retrieval_k: int = 0, guard: LoopGuard = LoopGuard()) -> dict:
     """Score A (and A k-shot, A with retrieval), B with retrieval and B on the data file; each row
     against B. Returns the table data, a one-line verdict and the per-example outputs."""
     conversations, problems = load_conversations(data, None)
@@ -165,7 +166,7 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
         raise UserError(f"{data}: no usable examples to compare on.{first}")
     conversations = conversations[:limit] if limit else conversations
     name_a, name_b = names or ("A", "B")
-    settings = Settings(max_new_tokens, batch_size, temperature, seed, scorer, scorer_name, repetition_penalty)
+    settings = Settings(max_new_tokens, batch_size, temperature, seed, scorer, scorer_name, guard)
     pool = None
     if kshot or retrieval_k:
         source = kshot_data or training_data_of(b) or training_data_of(a)
@@ -177,13 +178,14 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
                          settings)
     scored += score_model(b, prompt_sets(name_b, conversations, pool, 0, retrieval_k, seed, zero_shot=True),
                           settings)[::-1]  # B with retrieval, then B itself last: the candidate
-    table = baseline_table(scored, samples, seed, scorer_name, repetition_penalty)
+    table = baseline_table(scored, samples, seed, scorer_name, guard)
     examples = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"],
                  **{s.name: {"answer": s.answers[i], "scores": s.rows[i]} for s in scored}}
                 for i, c in enumerate(conversations)]
     return {"a": a, "b": b, "data": data, "examples_scored": len(conversations), "kshot": kshot,
             "retrieval_k": retrieval_k, **table, "examples": examples,
-            "settings": {k: v for k, v in vars(settings).items() if k != "scorer"} | {"bootstrap_samples": samples}}
+            "settings": {k: v for k, v in vars(settings).items() if k not in ("scorer", "guard")}
+            | vars(guard) | {"bootstrap_samples": samples}}
 
 
 def test_prompts(test: list[list[dict]], eval_cfg) -> list[list[dict]]:
@@ -207,7 +209,7 @@ def cut_answers_warning(answer_tokens: list[int], eval_cfg) -> str | None:
 LOOP = 0.5  # an answer half or more of whose word 4-grams repeat earlier ones restates itself: a loop
 
 
-def looping_warning(scored: list[Scored], penalty: float) -> str | None:
+def looping_warning(scored: list[Scored], guard: LoopGuard = LoopGuard()) -> str | None:
     """A warning where a tenth or more of the candidate's (the last row's) answers loop, with how
     many of each other row's do: their text scores then judge loops, not what the model knows."""
     def loops(row: Scored) -> int:
@@ -218,8 +220,8 @@ def looping_warning(scored: list[Scored], penalty: float) -> str | None:
     if not candidate.rows or count < max(1, 0.1 * len(candidate.rows)):
         return None
     others = ", ".join(f"{row.name} {loops(row)}" for row in scored[:-1])
-    advice = ("a larger eval.repetition_penalty" if penalty > 1 else "eval.repetition_penalty: 1.2 "
-              "(--repetition-penalty 1.2 in eval and compare) decodes without most of them")
+    advice = (f"they loop with {guard} too" if guard.options() else "eval.no_repeat_ngram_size: 4 "
+              "(--no-repeat-ngram-size 4 in eval and compare) decodes without them")
     return (f"warning: {count} of {len(candidate.rows)} {candidate.name} answers loop (half or more of their word "
             f"4-grams repeat{'; ' + others if others else ''}): their text scores (rouge_l, token_f1) judge the "
             f"loops; {advice}")

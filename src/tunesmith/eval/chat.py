@@ -6,13 +6,14 @@ import sys
 import torch
 
 from ..data.tokenize import prompt_ids
+from .decoding import LoopGuard
 from .generate import merged_adapter
 
 HELP = "type a message; /reset starts over, /exit (or Ctrl-D) ends"
 
 
 def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
-                 out=None, repetition_penalty: float = 1.0) -> str:
+                 out=None, guard: LoopGuard = LoopGuard()) -> str:
     """Generate the next assistant turn for the messages, printing it as it comes; returns its text."""
     from transformers import TextStreamer
 
@@ -21,10 +22,9 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 2
     if out is not None:  # TextStreamer prints to stdout; send its text where asked
         streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n",
                                                                            file=out, flush=True)
-    # Sampled chat keeps the model's own top-k/top-p; the penalty only where asked.
+    # Sampled chat keeps the model's own top-k/top-p
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    if repetition_penalty != 1.0:
-        sampling["repetition_penalty"] = repetition_penalty
+    sampling.update(guard.options())
     with torch.no_grad(), merged_adapter(model):
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling)
@@ -32,7 +32,7 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 2
 
 
 def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-         read=input, out=sys.stdout, repetition_penalty: float = 1.0) -> list[dict]:
+         read=input, out=sys.stdout, guard: LoopGuard = LoopGuard()) -> list[dict]:
     """A conversation loop; each answer joins the history. Returns the conversation."""
     from ..runs import load_trained
 
@@ -57,6 +57,5 @@ def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256
         messages.append({"role": "user", "content": text})
         print("model> ", end="", file=out, flush=True)
         messages.append({"role": "assistant",
-                         "content": stream_reply(model, tokenizer, messages, max_new_tokens, temperature, out,
-                                                     repetition_penalty)})
+                         "content": stream_reply(model, tokenizer, messages, max_new_tokens, temperature, out, guard)})
     return messages

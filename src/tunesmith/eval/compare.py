@@ -23,6 +23,7 @@ from ..device import to_device
 from ..errors import UserError
 from ..runs import RunFolder
 from ..training.loss import label_token_losses
+from .decoding import LoopGuard
 from .generate import answer_and_score, generate_answers, length_batches
 from .metrics import Scorer, example_scores, mean_scores
 
@@ -150,7 +151,7 @@ class Settings:
     seed: int = 0
     scorer: Scorer | None = None
     scorer_name: str = "custom"
-    repetition_penalty: float = 1.0
+    guard: LoopGuard = LoopGuard()
 
     @classmethod
     def of(cls, eval_cfg) -> "Settings":
@@ -160,7 +161,7 @@ class Settings:
 
         return cls(eval_cfg.max_new_tokens, eval_cfg.batch_size, eval_cfg.temperature, eval_cfg.seed,
                    load_scorer(eval_cfg.scorer) if eval_cfg.scorer else None, scorer_name(eval_cfg.scorer),
-                   eval_cfg.repetition_penalty)
+                   LoopGuard.of(eval_cfg))
 
 
 def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settings: Settings,
@@ -169,7 +170,7 @@ def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settin
     and the reference answers' loss, per example."""
     references = [c[-1]["content"] for c in prompts]
     options = {"label": f"generate ({name})", "temperature": settings.temperature, "seed": settings.seed,
-               "repetition_penalty": settings.repetition_penalty}
+               "guard": settings.guard}
     together = answer_and_score(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size, **options)
     if together is not None:  # one pass over each prompt for both
         answers, losses, counts, speed = together

@@ -8,6 +8,7 @@ import torch
 
 from ..data.tokenize import IGNORE, encode, prompt_ids
 from ..progress import Progress
+from .decoding import LoopGuard, decoding
 
 
 @contextlib.contextmanager
@@ -31,20 +32,20 @@ def merged_adapter(model):
 @torch.no_grad()
 def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
                      batch_size: int = 16, label: str = "generate", temperature: float = 0.0,
-                     seed: int = 0, repetition_penalty: float = 1.0) -> tuple[list[str], dict]:
+                     seed: int = 0, guard: LoopGuard = LoopGuard()) -> tuple[list[str], dict]:
     """Answers for the prompt part of each conversation, and speed figures.
 
     temperature 0 decodes greedily; above 0 it samples, seeded, so a run can be repeated."""
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
     answers, _, speed = _generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, label,
-                                  decoding(temperature, seed, repetition_penalty))
+                                  decoding(temperature, seed, guard))
     return answers, speed
 
 
 @torch.no_grad()
 def answer_and_score(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
                      batch_size: int = 16, label: str = "generate", temperature: float = 0.0, seed: int = 0,
-                     repetition_penalty: float = 1.0) -> tuple[list[str], list[float], list[int], dict] | None:
+                     guard: LoopGuard = LoopGuard()) -> tuple[list[str], list[float], list[int], dict] | None:
     """Answers to each conversation's prompt, and the loss per token of its reference answer with
     that answer's label count, from one forward pass per batch over prompt + reference: the
     prompt's part of that pass's KV cache is where generation starts, so each prompt goes through
@@ -69,7 +70,7 @@ def answer_and_score(model, tokenizer, conversations: list[list[dict]], max_new_
         labelled = [j for j, label in enumerate(whole.labels[len(prompt):]) if label != IGNORE]
         references.append((list(whole.input_ids[len(prompt):]), labelled))
     answers, losses, speed = _generate(model, tokenizer, prompts, references, max_new_tokens, batch_size, label,
-                                       decoding(temperature, seed, repetition_penalty))
+                                       decoding(temperature, seed, guard))
     return answers, losses, [len(labelled) for _, labelled in references], speed
 
 
@@ -147,17 +148,6 @@ def _score_references(model, prompts, references, width: int, pad: int, device, 
         losses[i] = float(part.sum()) / max(1, len(part))
     cache.crop(-(length + 1))
     return ids, mask, cache
-
-
-def decoding(temperature: float = 0.0, seed: int = 0, repetition_penalty: float = 1.0) -> dict:
-    """generate's settings: greedy at temperature 0, else seeded sampling from the whole distribution;
-    a repetition penalty above 1 divides the scores of tokens already in the text by it (CTRL's
-    penalty: small models decoded greedily after fine-tuning often loop)."""
-    penalty = {"repetition_penalty": repetition_penalty} if repetition_penalty != 1.0 else {}
-    if temperature <= 0:
-        return {"do_sample": False, **penalty}
-    torch.manual_seed(seed)
-    return {"do_sample": True, "temperature": temperature, "top_k": 0, **penalty}
 
 
 def _left_padded(prompts: list[list[int]], pad: int, width: int, after: list[list[int]] | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .decoding import LoopGuard
 from .generate import generate_answers
 from .metrics import example_scores, load_scorer, mean_scores
 
@@ -16,7 +17,7 @@ def score_generation(model, tokenizer, conversations: list[list[dict]], eval_cfg
     references = [c[-1]["content"] for c in conversations]
     answers, speed = generate_answers(model, tokenizer, conversations, eval_cfg.max_new_tokens, eval_cfg.batch_size,
                                       label=f"generate ({label})", temperature=eval_cfg.temperature,
-                                      seed=eval_cfg.seed, repetition_penalty=eval_cfg.repetition_penalty)
+                                      seed=eval_cfg.seed, guard=LoopGuard.of(eval_cfg))
     scores = score(answers, references, eval_cfg.scorer)
     scores["test_examples"] = len(references)
     scores["generated_tokens_per_second"] = round(speed["tokens_per_second"], 1)
