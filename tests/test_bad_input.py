@@ -2,6 +2,7 @@
 traceback, and the finished run already in the output folder is left exactly as it was."""
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,22 @@ def test_a_hub_id_without_network_fails_at_once_naming_it(monkeypatch, capsys):
     assert "error: someorg/some-model: cannot read the model config" in err and "Retrying" not in err
     # tunesmith's probe, and huggingface_hub's one fetch of its user-agent registry; retried requests made 6 or more
     assert set(lookups) == {"huggingface.co"} and len(lookups) <= 2
+
+
+def test_a_folder_that_is_not_a_model_says_what_to_name_instead(tmp_path):
+    from tunesmith.errors import UserError
+    from tunesmith.models import resolve_model_path
+
+    full = tmp_path / "full-run"
+    (full / "model").mkdir(parents=True)
+    (full / "model" / "config.json").write_text("{}")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    cases = {full: f"a run folder; its fine-tuned model is {full / 'model'}",
+             adapter: "a LoRA adapter, not a whole model; name its base model",
+             tmp_path / "empty": "folder has no config.json; not a transformers model folder"}
+    for folder, said in cases.items():
+        with pytest.raises(UserError, match=re.escape(said)):
+            resolve_model_path(str(folder))
