@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .errors import UserError
-from .progress import say
 from .eval.compare import LOSS, LOWER_IS_BETTER, PER_CHAR, Scored, Settings, compare_scored, mean_interval
+from .progress import say
 
 SETTINGS = ("zero-shot", "retrieval", "fine-tuned")
 
@@ -44,6 +44,7 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
             f"GiB of {entry['device_memory'] / 2**30:.1f} GiB on {entry['device_name']}: {fits}")
     shared: dict = {}
     facts = {"config": config, "budget_tokens": budget_tokens, "retrieval_k": retrieval_k, "device": target}
+    result = write_ranking(candidates, folder, rank_by, samples, cfg.eval.seed, 0, facts)  # the plans alone
     for number, entry in enumerate(candidates, 1):
         if not entry["fits"]:
             continue
@@ -52,9 +53,7 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
         # The epoch's time from the training tokens as the first candidate's tokenizer counts them.
         entry["epoch_seconds"] = _plan(cfg, entry["model"], device, memory_gib, shared["train_tokens"])["epoch_seconds"]
         # Written after each candidate: a failure later (memory, a stop) keeps what was measured.
-        write_ranking(candidates, folder, rank_by, samples, cfg.eval.seed, len(shared["validation"]), facts)
-    result = write_ranking(candidates, folder, rank_by, samples, cfg.eval.seed, len(shared.get("validation", [])),
-                           facts)
+        result = write_ranking(candidates, folder, rank_by, samples, cfg.eval.seed, len(shared["validation"]), facts)
     result["plot"] = str(plot(result, folder / "choose.png"))
     return result
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from .config import load_config
 from .errors import UserError
-from .progress import say
 from .eval.compare import LOSS, LOWER_IS_BETTER, Scored, Settings, compare_scored, mean_interval
+from .progress import say
 
 
 def nested_fractions(n: int, fractions: list[float], seed: int) -> list[list[int]]:

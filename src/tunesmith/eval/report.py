@@ -123,6 +123,10 @@ def _fmt(value) -> str:
     return "-" if value is None else html.escape(str(value))
 
 
+def _warnings(lines: list[str]) -> str:
+    return "".join(f"<p><b>{html.escape(line)}</b></p>" for line in lines)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -137,7 +141,7 @@ def comparison_html(report: dict) -> str:
     parts = []
     if comparison.get("verdict"):
         parts.append(f"<p><b>Verdict:</b> {html.escape(comparison['verdict'])}</p>")
-    parts += [f"<p><b>{html.escape(w)}</b></p>" for w in comparison.get("warnings", [])]
+    parts.append(_warnings(comparison.get("warnings", [])))
     if comparison.get("models"):
         parts.append(_table(*metric_rows(comparison)))
         parts.append(_table(*difference_rows(comparison)))
@@ -156,8 +160,7 @@ def general_html(general: dict | None) -> str:
     if not general:
         return ""
     header, rows = general_rows(general)
-    warnings = "".join(f"<p><b>{html.escape(w)}</b></p>" for w in general.get("warnings", []))
-    return "<h3>General ability kept?</h3>" + _table(header, rows) + warnings
+    return "<h3>General ability kept?</h3>" + _table(header, rows) + _warnings(general.get("warnings", []))
 
 
 def examples_html(report: dict) -> str:
