@@ -1,6 +1,7 @@
 """`tunesmith choose` ranks base models of known quality and lists those that do not fit;
 `tunesmith curve` trains on nested, seeded fractions of the data."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -142,12 +143,39 @@ def test_choose_keeps_the_candidates_scored_before_a_failure(tiny_model_dir, tmp
     assert [r["model"] for r in kept["ranking"]] == [str(tiny_model_dir)] and kept["scored"] == "1 of 2"
     err = capsys.readouterr().err
     assert f"candidate 1/2: {tiny_model_dir}: planned" in err and "candidate 2/2: default: planned" in err
+    assert "data: {'train': 16, 'validation': 8} examples" in err and "dropped: none" in err  # read once, said once
+
+
+def spreadsheet_config(tmp_path, model, **train_settings) -> tuple[str, Path]:
+    """qa_config's task in a user's own columns (Q, A) and format, with a broken line 4 and an over-long line 7."""
+    config = qa_config(tmp_path, model, **train_settings)
+    raw = json.loads(Path(config).read_text())
+    rows = [{"Q": r["question"], "A": r["answer"]} for r in map(json.loads, open(raw["data"]["train"]))]
+    rows[3:3] = ['{"Q": "broken']
+    rows[6:6] = [{"Q": "long " * 100, "A": "x"}]
+    train = write_jsonl(tmp_path / "mine.jsonl", rows)
+    raw["data"].update(train=str(train), columns={"question": "Q", "answer": "A"}, format="question_answer",
+                       validation=None)
+    Path(config).write_text(json.dumps(raw))
+    return config, train
+
+
+def test_curve_reports_the_users_lines_and_takes_fractions_of_the_usable_examples(tiny_model_dir, tmp_path, capsys):
+    from tunesmith.config import load_config
+    from tunesmith.curve import _splits
+
+    config, mine = spreadsheet_config(tmp_path, tiny_model_dir)
+    train, validation, test = _splits(load_config(config))
+    out = capsys.readouterr().err
+    assert f"skipped {mine}:4: broken JSON" in out and f"skipped {mine}:7: longer than max_seq_len" in out
+    assert len(train) + len(validation) == 16 and validation and test is None  # validation held out of the 16
+    assert all(c[-1]["role"] == "assistant" and "long long" not in c[0]["content"] for c in train + validation)
 
 
 def test_curve_keeps_the_fractions_measured_before_a_failure(tiny_model_dir, tmp_path, monkeypatch):
     import tunesmith.api as api
 
-    config = qa_config(tmp_path, tiny_model_dir, max_steps=2)
+    config, _ = spreadsheet_config(tmp_path, tiny_model_dir, max_steps=2)
     real, calls = api.train, []
 
     def second_fails(raw, *rest):
@@ -161,4 +189,5 @@ def test_curve_keeps_the_fractions_measured_before_a_failure(tiny_model_dir, tmp
         curve(config, [0.5, 1.0], out=str(tmp_path / "curve"), seed=1, samples=50)
     kept = json.loads((tmp_path / "curve" / "curve.json").read_text())
     [point] = kept["points"]
-    assert point["fraction"] == 0.5 and point["trained"] == 8 and kept["fractions_done"] == "1 of 2"
+    # Every example of a fraction trains: the user's broken and over-long lines were left out before.
+    assert point["fraction"] == 0.5 and point["examples"] == point["trained"] and kept["fractions_done"] == "1 of 2"

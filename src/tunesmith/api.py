@@ -8,7 +8,7 @@ import torch
 
 from . import accel, methods, objectives, runlock
 from .config import Config, dump, load_config
-from .data.check import hint_line, length_hint
+from .data.check import data_lines
 from .data.collate import PADDED, PADDING_FREE, layout
 from .data.prepare import prepare, write_demo_files
 from .device import compute_dtype, describe, resolve
@@ -72,14 +72,8 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
 
 
 def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, ranks, log) -> dict:
-    summary = data.summary()
-    say(f"data: {summary['examples']} examples, {summary['tokens']['train']} train tokens "
-        f"({summary['label_tokens']['train']} with a loss); dropped: {summary['dropped'] or 'none'}")
-    for problem in data.problems[:5]:
-        say(f"  skipped {problem}")
-    hint = length_hint(data, cfg.data)
-    if hint:
-        say(hint_line(hint))
+    for line in data_lines(data, cfg.data):
+        say(line)
     if "test" in data.splits and cfg.eval.generate:
         # The answer's tokens but the end-of-turn token, which is labelled too.
         cut = cut_answers_warning([e.label_count - 1 for e in data.splits["test"].encoded], cfg.eval)
@@ -117,7 +111,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         say(checkpointing.line)
     predicted_peak = plan_at_start(planned, checkpointing.blocks)
     trainable, total = count_parameters(model)
-    results: dict = {"config": cfg.model_dump(mode="json"), "data": summary, "dtype": str(dtype).replace("torch.", ""),
+    results: dict = {"config": cfg.model_dump(mode="json"), "data": data.summary(), "dtype": str(dtype).replace("torch.", ""),
                      "device": str(device), "fast_paths": applied, "batch_layout": train_layout,
                      "model_bytes": model_bytes(model), "gradient_checkpointing": checkpointing.record()}
     say(f"model: {cfg.model.name} ({dtype}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "

@@ -88,9 +88,12 @@ def _score_candidate(cfg: Config, spec: str, shared: dict, budget_tokens: int | 
     device = resolve(cfg.train.device)
     tokenizer = load_tokenizer(spec, cfg.model.trust_remote_code)
     if not shared:  # the same examples for every candidate: read once, with the first candidate's tokenizer
+        from .data.check import data_lines
         from .data.prepare import prepare
 
         data = prepare(cfg.data, tokenizer)
+        for line in data_lines(data, cfg.data):
+            say(line)
         validation = data.splits.get("validation") or data.splits["train"]
         shared.update(validation=validation.conversations[:limit] if limit else validation.conversations,
                       train=data.splits["train"].conversations, train_tokens=data.splits["train"].tokens,

@@ -33,28 +33,34 @@ def nested_fractions(n: int, fractions: list[float], seed: int) -> list[list[int
 
 
 def _splits(cfg) -> tuple[list, list, list | None]:
-    """(train, validation, test) conversations; validation held out of train (seeded) where no file is given."""
-    from .data.prepare import load_conversations
+    """(train, validation, test) conversations that training keeps.
 
-    if cfg.data.train == "demo":
-        from .data.demo import make_splits
+    The data pipeline reads and checks the user's files once: broken lines, duplicates and
+    over-long examples are reported against the user's file and line, and each fraction is a share
+    of the usable examples, so the fractions' own runs have nothing left to drop. Validation is held
+    out of train (seeded) where no file is given; mixed sources count once each.
+    """
+    from .data.check import data_lines
+    from .data.prepare import prepare
+    from .models import load_tokenizer
 
-        made = make_splits(cfg.data.demo_size, cfg.data.seed)
-        return tuple([r["messages"] for r in made[name]] for name in ("train", "validation", "test"))
-
-    def read(source):
-        return load_conversations(source, cfg.data.system_prompt, cfg.data.format, cfg.data.columns,
-                                  cfg.data.hub_split)[0] if source else None
-
-    train, validation, test = read(cfg.data.train), read(cfg.data.validation), read(cfg.data.test)
-    if any(c and c[0]["role"] == "text" for c in train):
+    data = prepare(cfg.data, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code))
+    for line in data_lines(data, cfg.data):
+        say(line)
+    if any(c[0]["role"] == "text" for c in data.splits["train"].conversations):
         raise UserError("curve: needs question/answer or chat examples (raw text has no held-out answers to score)")
-    if validation is None:
-        order = list(range(len(train)))
-        random.Random(cfg.data.seed).shuffle(order)
-        cut = max(1, int(len(order) * cfg.data.validation_share))
-        validation, train = [train[i] for i in sorted(order[:cut])], [train[i] for i in sorted(order[cut:])]
-    return train, validation, test
+
+    def whole(name):  # one conversation per record: its examples (one per answer, or copies) share an origin
+        split = data.splits.get(name)
+        if split is None:
+            return None
+        by_origin: dict = {}
+        for origin, conversation in zip(split.origins, split.conversations):
+            if len(conversation) >= len(by_origin.get(origin, ())):
+                by_origin[origin] = conversation
+        return list(by_origin.values())
+
+    return whole("train"), whole("validation"), whole("test")
 
 
 def _write(path: Path, conversations: list) -> str:
@@ -82,8 +88,9 @@ def curve(config: str, fractions: list[float], overrides: list[str] | None = Non
         say(f"fraction {number}/{len(subsets)}: {fraction:.0%} of the training data ({len(subset)} examples)")
         run = folder / f"fraction-{fraction:g}"
         raw = cfg.model_dump(mode="json")
+        # The subsets hold chat messages, read as such whatever the user's files were.
         raw["data"].update(train=_write(folder / f"train-{fraction:g}.jsonl", [train[i] for i in subset]), mix={},
-                           validation=files["validation"], test=files.get("test"))
+                           validation=files["validation"], test=files.get("test"), format="messages", columns={})
         if cfg.train.max_steps:  # equal steps per example: steps scale with the data
             raw["train"]["max_steps"] = max(1, round(cfg.train.max_steps * len(subset) / len(train)))
         raw["train"]["resume"] = False

@@ -120,6 +120,17 @@ def hint_line(hint: dict) -> str:
                f"(cut to {hint['max_seq_len']} tokens)" if hint["overlong"] == "drop" else ""))
 
 
+def data_lines(prepared: Prepared, cfg: DataConfig) -> list[str]:
+    """What a command that prepares data says of it: counts, the first problems (the user's file
+    and line), and the length hint (`train`, `choose` and `curve` print these)."""
+    summary = prepared.summary()
+    lines = [f"data: {summary['examples']} examples, {summary['tokens']['train']} train tokens "
+             f"({summary['label_tokens']['train']} with a loss); dropped: {summary['dropped'] or 'none'}"]
+    lines += [f"  skipped {problem}" for problem in prepared.problems[:5]]
+    hint = length_hint(prepared, cfg)
+    return lines + ([hint_line(hint)] if hint else [])
+
+
 def near_duplicates(prepared: Prepared, cfg: DataConfig) -> dict:
     """Near-duplicates left in the prepared data (MinHash/LSH, data.near_dup_threshold): within
     train, and of validation / test examples in train (leakage). Kept beside the data's cache entry

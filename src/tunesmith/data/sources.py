@@ -96,7 +96,7 @@ def _read_jsonl(path: Path) -> Records:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                out.problems.append(Problem(str(path), number, f"broken JSON ({err.msg} at column {err.colno})"))
+                out.problems.append(Problem(str(path), number, f"broken JSON ({err.msg.removesuffix(' at')} at column {err.colno})"))
                 continue
             record = as_messages(record)
             if not isinstance(record, dict):
