@@ -9,7 +9,7 @@ import torch
 from tunesmith.config import validate
 from tunesmith.plan import (GiB, Setup, estimate, estimate_on, format_plan, model_shape, plan, setup_from_config,
                             utilisation_of)
-from tunesmith.plan.devices import GPUS, Device
+from tunesmith.plan.devices import GPUS, HEADROOM, Device
 from tunesmith.plan.memory import adapter_params, weight_bytes
 from tunesmith.plan.shapes import LINEARS, shape_from_dict
 from tunesmith.plan.speed import flops_per_token
@@ -228,16 +228,19 @@ def test_a_plan_that_does_not_fit_names_changes_that_do():
 
 
 def test_a_gpu_just_too_small_is_offered_offloaded_activations_and_bf16_adapters(monkeypatch):
-    """8B QLoRA at 2 x 2048 needs about 9.1 GiB with its CUDA overhead: on 8.7 GiB the first change
-    offered keeps every result and moves the activations to the host; bf16 adapters follow. A CPU
+    """8B QLoRA at 2 x 2048 needs about 9.1 GiB with its CUDA overhead: on 9.7 GiB (8.7 within the
+    headroom a run keeps) it is tight, and the first change offered keeps every result and moves the activations to the host; bf16 adapters follow. A CPU
     gains nothing from offloading, so its plan never offers it."""
-    setup = Setup(method="qlora", dtype="bfloat16", batch=2, seq=2048, r=32)
-    changes = [label for label, _ in plan("llama-3.1-8b", setup, memory_gib=8.7, include_this_machine=False).changes]
+    setup = Setup(method="qlora", dtype="bfloat16", batch=2, seq=2048, r=32, gradient_checkpointing=True)
+    tight = plan("llama-3.1-8b", setup, memory_gib=9.7, include_this_machine=False)
+    assert tight.target.tight and not tight.target.fits and "tight on 9.7 GiB; changes that fit:" in format_plan(tight)
+    changes = [label for label, _ in tight.changes]
     assert "offload_activations=true" in changes[0]
     assert any("adapter.dtype=bfloat16" in label for label in changes)
-    small_cpu = Device("a CPU", 8.7 * GiB, None, 1.0, is_cpu=True)
+    small_cpu = Device("a CPU", 9.7 * GiB, None, 1.0, is_cpu=True)
     monkeypatch.setattr("tunesmith.plan.find_device", lambda name: small_cpu)
-    on_cpu = plan("llama-3.1-8b", setup, device="this-machine", include_this_machine=False)
+    on_cpu = plan("llama-3.1-8b", Setup(method="qlora", dtype="bfloat16", batch=2, seq=2048, r=32),
+                  device="this-machine", include_this_machine=False)
     assert on_cpu.changes and not any("offload" in label for label, _ in on_cpu.changes)
 
 
@@ -383,7 +386,7 @@ def test_auto_checkpointing_takes_the_fewest_first_blocks_that_fit_each_device()
     blocks = checkpointed_layers(found.shape, card.estimate.setup)
     assert card.fits and 0 < blocks < 32 and checkpointed_layers(found.shape, large.estimate.setup) == 0
     assert estimate_on(found.shape, replace(card.estimate.setup, checkpoint_layers=blocks - 1),
-                       card.device).total > card.device.memory
+                       card.device).total > HEADROOM * card.device.memory
     assert f"checkpointing {blocks} of 32 blocks" in format_plan(found)
     shape, none, every = found.shape, replace(setup, checkpointing_auto=False), card.estimate.setup
     recomputed = flops_per_token(shape, every) - flops_per_token(shape, none)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .devices import GPUS, Device, GiB, find_device, gib, this_machine
+from .devices import GPUS, HEADROOM, Device, GiB, find_device, gib, this_machine
 from .memory import Estimate, Setup, checkpointed_layers, estimate
 from .objectives import describe as describe_objective
 from .sharding import per_device
@@ -28,7 +28,13 @@ class Fit:
 
     @property
     def fits(self) -> bool:
-        return self.estimate.total <= self.device.memory
+        """Within HEADROOM of the device's memory, as `train`'s auto checkpointing keeps to."""
+        return self.estimate.total <= HEADROOM * self.device.memory
+
+    @property
+    def tight(self) -> bool:
+        """Over the headroom but within the memory: it may run, with nothing to spare."""
+        return not self.fits and self.estimate.total <= self.device.memory
 
 
 @dataclass
@@ -67,7 +73,8 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
         if candidate.dtype_auto:  # the dtype a run there would train in
             candidate = replace(candidate, dtype=dev.auto_dtype(candidate.dtype), dtype_auto=False)
         if candidate.checkpointing_auto:  # as the run would: the fewest first blocks that fit, else every one
-            fewest = fewest_checkpointed(shape, candidate, lambda s: estimate_on(shape, s, dev).total <= dev.memory)
+            fewest = fewest_checkpointed(shape, candidate,
+                                         lambda s: estimate_on(shape, s, dev).total <= HEADROOM * dev.memory)
             candidate = replace(candidate, gradient_checkpointing=True,
                                 checkpoint_layers=shape.layers if fewest is None else fewest)
         seconds = None
@@ -183,7 +190,7 @@ def format_plan(p: Plan) -> str:
     objective_line = describe_objective(shape, s)
     if objective_line:
         lines.append(objective_line)
-    lines.append(f"{'device':<20}{'memory':>10}{'needs':>12}  fits{'  dtype' if s.dtype_auto else ''}"
+    lines.append(f"{'device':<20}{'memory':>10}{'needs':>12}  fits {'  dtype' if s.dtype_auto else ''}"
                  f"{'  epoch' if p.tokens else ''}")
     for fit in p.fits + ([p.target] if p.target and p.target.device.name not in [f.device.name for f in p.fits] else []):
         epoch = f"  {duration(fit.epoch_seconds)}" if fit.epoch_seconds else ""
@@ -191,10 +198,14 @@ def format_plan(p: Plan) -> str:
         chosen = f"  checkpointing {blocks} of {shape.layers} blocks" if s.checkpointing_auto and blocks else ""
         dtype = f"  {fit.estimate.setup.dtype}" if s.dtype_auto else ""
         lines.append(f"{fit.device.name:<20}{fit.device.memory / GiB:>7.0f} GiB{gib(fit.estimate.total):>12}  "
-                     f"{'yes ' if fit.fits else 'no  '}{dtype}{epoch}{chosen}")
+                     f"{'yes  ' if fit.fits else 'tight' if fit.tight else 'no   '}{dtype}{epoch}{chosen}")
+    if any(fit.tight for fit in p.fits + [p.target] if fit):
+        lines.append(f"tight: within the device's memory but over the {HEADROOM:.0%} of it that train keeps to "
+                     "(the rest: allocator fragmentation, the CUDA context); with gradient checkpointing auto, "
+                     "train checkpoints blocks until the plan is within it")
     if p.target and not p.target.fits:
-        lines.append(f"does not fit {p.target.device.name}; " + ("changes that fit:" if p.changes else
-                                                                  "no single change makes it fit"))
+        lines.append(("tight on " if p.target.tight else "does not fit ") + f"{p.target.device.name}; "
+                     + ("changes that fit:" if p.changes else "no single change makes it fit"))
         lines += [f"  - {label}: {gib(changed.total)}" for label, changed in p.changes]
     return "\n".join(lines)
 

@@ -71,6 +71,13 @@ GPUS = {
 }
 
 
+# Share of a device's memory a run's planned peak may take: `plan` says a run fits within it and
+# `train`'s auto checkpointing keeps to it (training/recompute.py). The plan came within 1% of the
+# allocated peak on an H200 and within 3-18% on this CPU (bench/RESULTS.md); the rest is for the
+# caching allocator's fragmentation, the CUDA context and what other processes start meanwhile.
+HEADROOM = 0.9
+
+
 def cpu_overhead(est) -> float:
     """Resident memory on top of the tensors of `est` (a memory.Estimate) in a CPU training run.
 

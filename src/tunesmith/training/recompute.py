@@ -17,10 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Share of the free memory the planned peak may take: the plan came within 1% of the allocated
-# peak on an H200 and within 3-18% on this CPU (bench/RESULTS.md); the rest is for the caching
-# allocator's fragmentation and what other processes start meanwhile.
-HEADROOM = 0.9
+from ..plan.devices import HEADROOM
+
 
 
 @dataclass(frozen=True)
