@@ -74,11 +74,14 @@ def same_weights(loaded, snapshot):
     return all(torch.equal(loaded[n], snapshot[n]) for n in loaded)
 
 
-def test_early_stop_at_the_right_step_and_best_weights_restored(tiny_config, monkeypatch):
+def test_early_stop_at_the_right_step_and_best_weights_restored(tiny_config, monkeypatch, capsys):
     seen = scripted_eval(monkeypatch, [3.0, 2.5, 2.0, 2.1, 2.05, 1.0, 1.0])
     tiny_config["train"]["max_steps"] = 10
     tiny_config["eval"].update(every_steps=1, patience=2, generate=False)
     results = tunesmith.train(tiny_config)
+    said = capsys.readouterr().err  # the person watching sees each evaluation as it comes
+    assert "step 3: eval loss 2.0000 (the best yet)" in said and "step 4: eval loss 2.1000 (best 2.0000 at step 3)" in said
+    assert "early stop at step 5" in said
     run = Path(results["run_dir"])
     # Best at step 3; steps 4 and 5 bring no improvement: patience 2 stops at step 5.
     assert results["steps"] == 5 and results["early_stopped_at"] == 5

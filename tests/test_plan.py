@@ -1,6 +1,7 @@
 """tunesmith plan: the memory breakdown against real tensors, and against published GPU measurements."""
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -416,3 +417,35 @@ def test_auto_dtype_plans_each_device_in_the_dtype_a_run_there_trains_in(monkeyp
     on_t4 = plan_for(model="llama-3.1-8b", seq=512, batch=8, device="t4")
     # with the default adapter.gradient_checkpointing: auto, a device it does not fit still gets changes that fit
     assert on_t4.estimate.setup.dtype == "float32" and any("adapter.method=qlora" in c for c, _ in on_t4.changes)
+
+
+def test_the_matmul_peak_is_measured_again_when_the_machine_is_quieter(monkeypatch, tmp_path):
+    """A peak measured while other work ran is too low (every MFU then reads high): the cache keeps
+    the fastest measurement and takes another whenever the load per CPU has fallen by QUIETER."""
+    from tunesmith.plan import speed
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    measured, load = iter([1.0, 3.0, 2.0, 5.0]), {"now": 1.0}
+    calls = []
+
+    def measure(dtype):
+        calls.append(load["now"])
+        return next(measured)
+
+    monkeypatch.setattr(speed, "_measure_matmul", measure)
+    monkeypatch.setattr(speed, "load_per_cpu", lambda: load["now"])
+    assert speed.matmul_peak("float32") == 1.0 and calls == [1.0]
+    load["now"] = 0.8  # not quieter by QUIETER: the cached figure stands
+    assert speed.matmul_peak("float32") == 1.0 and calls == [1.0]
+    load["now"] = 0.5
+    assert speed.matmul_peak("float32") == 3.0 and calls == [1.0, 0.5]
+    load["now"] = 0.2  # slower this time: the fastest seen is kept
+    assert speed.matmul_peak("float32") == 3.0 and calls == [1.0, 0.5, 0.2]
+    load["now"] = 0.9
+    assert speed.matmul_peak("float32") == 3.0 and len(calls) == 3
+    path = tmp_path / "plan" / "matmul_peak.json"
+    saved = json.loads(path.read_text())
+    [key] = saved
+    saved[key] = 4.0  # a bare figure, as caches written before the load was kept hold
+    path.write_text(json.dumps(saved))
+    assert speed.matmul_peak("float32") == 5.0 and len(calls) == 4  # measured again whatever the load

@@ -58,6 +58,15 @@ class Progress:
         self.stream.write(text + "\n")
         self.stream.flush()
 
+    def note(self, text: str) -> None:
+        """A line between updates (on a terminal printed above the bar, which stays whole)."""
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            say(text)
+
     @contextlib.contextmanager
     def paused(self):
         """Work that is not this progress's (its own progress may show meanwhile)."""

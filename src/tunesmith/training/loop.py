@@ -175,7 +175,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 bad_in_row += 1
                 state.skipped_steps.append(step)
                 log.write(event="skipped_step", step=step, loss=step_loss, grad_norm=grad_norm)
-                say(f"step {step}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); step skipped")
+                progress.note(f"step {step}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); step skipped")
             with warnings.catch_warnings():  # the schedule moves on past a skipped step: torch's warning says it should not
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
                 scheduler.step()
@@ -210,13 +210,15 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 log.write(event="eval", step=step, **eval_figures(value, cfg.train.objective))
                 if state.best_eval is None or value < state.best_eval:
                     state.best_eval, state.best_step = value, step
+                best_yet = "the best yet" if state.best_step == step else f"best {state.best_eval:.4f} at step {state.best_step}"
+                progress.note(f"step {step}: eval loss {value:.4f} ({best_yet})")
                 if cfg.eval.restore_best:
                     best.offer(model, step, value)
                 if not warned_overfitting and overfitting(state.losses, result.eval_losses):
                     warned_overfitting = True
                     log.write(event="overfitting", step=step)
-                    say(f"step {step}: the eval loss rose three times in a row while the training loss fell: "
-                        "the model is overfitting; consider fewer steps, a lower lr or eval.patience")
+                    progress.note(f"step {step}: the eval loss rose three times in a row while the training loss fell: "
+                                  "the model is overfitting; consider fewer steps, a lower lr or eval.patience")
                 stop = bool(stopper and stopper(step, value))
                 if stopper:
                     state.early_stopping = stopper.state()
@@ -231,8 +233,8 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 raise Interrupted(caught[0] if caught else signal.SIGTERM, None)
             if stop:
                 log.write(event="early_stop", step=step, best_step=stopper.best_step, best_eval_loss=stopper.best)
-                say(f"early stop at step {step}: no eval-loss improvement over {cfg.eval.min_delta} in "
-                    f"{cfg.eval.patience} evaluations (best {stopper.best:.4f} at step {stopper.best_step})")
+                progress.note(f"early stop at step {step}: no eval-loss improvement over {cfg.eval.min_delta} in "
+                              f"{cfg.eval.patience} evaluations (best {stopper.best:.4f} at step {stopper.best_step})")
                 break
     progress.close()
     result.seconds = time.perf_counter() - start - evaluating
