@@ -105,6 +105,10 @@ def test_choose_plans_memory_and_time_on_a_named_device(tiny_model_dir, tmp_path
     assert found["fits"] and found["device_name"].lower().startswith("a100") and found["epoch_seconds"] > 0
     big = _plan(cfg, "llama-3.1-70b", "t4", None)
     assert not big["fits"] and big["planned_memory"] > big["device_memory"]
+    # Over the 90% a run keeps to but within the memory: tight, and still scored (scoring needs less)
+    need = _plan(cfg, "llama-3.1-8b", None, 1000)["planned_memory"] / 2**30
+    tight = _plan(cfg, "llama-3.1-8b", None, need / 0.95)
+    assert tight["tight"] and tight["fits"] and 0.9 < tight["planned_memory"] / tight["device_memory"] < 1
 
 
 def test_choose_refuses_a_run_folder_before_scoring_anything(tiny_model_dir, tmp_path, monkeypatch):

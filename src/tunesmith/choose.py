@@ -39,7 +39,8 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
     candidates = [{"model": spec, **_plan(cfg, spec, device, memory_gib)} for spec in models]
     target = device or (f"{memory_gib:g} GiB" if memory_gib else "this machine")
     for number, entry in enumerate(candidates, 1):
-        fits = "fits" if entry["fits"] else "does not fit; not loaded"
+        fits = ("tight (over the 90% of memory a run keeps to), scored" if entry["tight"]
+                else "fits" if entry["fits"] else "does not fit; not loaded")
         say(f"candidate {number}/{len(candidates)}: {entry['model']}: planned {entry['planned_memory'] / 2**30:.1f} "
             f"GiB of {entry['device_memory'] / 2**30:.1f} GiB on {entry['device_name']}: {fits}")
     shared: dict = {}
@@ -74,7 +75,9 @@ def _plan(cfg: Config, spec: str, device: str | None, memory_gib: float | None, 
 
     found = plan(spec, setup_from_config(cfg), device or (None if memory_gib else "this-machine"), memory_gib, tokens)
     target = found.target
-    return {"fits": target.fits, "planned_memory": target.estimate.total, "device_memory": target.device.memory,
+    # A tight candidate is scored: loading it for scoring needs less than its planned training peak.
+    return {"fits": target.fits or target.tight, "tight": target.tight, "planned_memory": target.estimate.total,
+            "device_memory": target.device.memory,
             "device_name": target.device.name, "epoch_seconds": target.epoch_seconds}
 
 

@@ -151,6 +151,8 @@ def checkpointing(shape: ModelShape, setup: Setup) -> str:
 
 
 def duration(seconds: float) -> str:
+    if seconds < 1:
+        return "< 1 s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
