@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from tunesmith.eval.report import write_report
+from tunesmith.eval.report import loss_markers, train_loss, write_report
 
 from helpers import write_jsonl
 
@@ -20,7 +20,10 @@ def fake_run(folder):
     records = [{"event": "train", "step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3 * (1 - s / 20),
                 "tokens_per_second": 400 + s, "grad_norm": 1.0} for s in range(1, 21)]
     records += [{"event": "eval", "step": s, "eval_loss": 2.5 - 0.05 * s, "perplexity": 10.0} for s in (5, 10, 15, 20)]
+    records[3:4] = [{**records[3], "mean_loss": 2.75}]  # step 4 logged its interval's mean
+    records.append({"event": "early_stop", "step": 20, "best_step": 15, "best_eval_loss": 1.75})
     records.append({"event": "restore_best", "step": 20, "best_step": 15, "eval_loss": 1.75})
+    records.append({"event": "eval", "step": 20, "eval_loss": 1.75})  # the kept weights, evaluated again
     write_jsonl(folder / "metrics.jsonl", records + ['{"event": "train", "step": 21, "lo'])  # a line cut by a crash
     (folder / "results.json").write_text(json.dumps({
         "data": {"examples": {"train": 90, "validation": 10}, "tokens": {"train": 9000}, "dropped": {"empty": 2}},
@@ -39,9 +42,14 @@ def test_report_json_holds_the_figures(tmp_path):
     html_path, json_path = write_report(fake_run(tmp_path / "run"))
     report = json.loads(json_path.read_text())
     assert [r["step"] for r in report["curves"]["train"]] == list(range(1, 21))
+    # The curve is what training measured; the kept weights' evaluation at the end is the marker's
     assert [r["eval_loss"] for r in report["curves"]["eval"]] == [2.25, 2.0, 1.75, 1.5]
+    assert loss_markers(report["events"]) == [(20, ":", "early stop (step 20)"),
+                                              (15, "--", "best eval loss, weights kept (step 15)")]
+    label, rows, key = train_loss(report["curves"]["train"])
+    assert label.startswith("train loss (mean") and [r[key] for r in rows][2:5] == [2.7, 2.75, 2.5]
     assert report["comparison"]["differences"][0]["high"] == 0.14
-    assert report["data"]["examples"]["train"] == 90 and report["events"][0]["best_step"] == 15
+    assert report["data"]["examples"]["train"] == 90 and report["events"][-1]["best_step"] == 15
     page = html_path.read_text()
     assert page.count("data:image/png;base64,") == 3  # loss, learning rate, tokens/s
     assert "[+0.0200, +0.1400]" in page and "2 / 0 / 0" in page

@@ -1,4 +1,5 @@
 """The real training path on a tiny model: the loss falls, the adapter reloads with the same logits."""
+import copy
 import json
 
 import pytest
@@ -152,3 +153,24 @@ def test_steps_are_random_draws_cut_into_little_padding():
     random.Random(1 * 100_003).shuffle(order)
     plain = [order[i:i + 4] for i in range(0, 96, 4)]
     assert padded(cut) < 0.9 * padded(plain)
+
+
+def test_each_train_record_gives_its_logging_intervals_mean_loss(tiny_config, tmp_path):
+    """A record every 4 steps carries the mean of those 4 steps' losses (the progress line shows it,
+    the report and dashboard draw it) beside its own step's: the same run logged every step says
+    what each step's loss was."""
+    logged = {}
+    for every in (1, 4):
+        config = copy.deepcopy(tiny_config)
+        config["train"]["log_every"] = every
+        config["eval"]["generate"] = False
+        config["output"]["dir"] = str(tmp_path / f"every-{every}")
+        run = tunesmith.train(config)["run_dir"]
+        logged[every] = [r for r in map(json.loads, open(f"{run}/metrics.jsonl")) if r.get("event") == "train"]
+    step_loss = {r["step"]: r["loss"] for r in logged[1]}
+    assert len(step_loss) == 12 and not any("mean_loss" in r for r in logged[1])
+    assert [r["step"] for r in logged[4]] == [4, 8, 12]
+    for record in logged[4]:
+        interval = [step_loss[s] for s in range(record["step"] - 3, record["step"] + 1)]
+        assert record["loss"] == step_loss[record["step"]]
+        assert record["mean_loss"] == pytest.approx(sum(interval) / 4, rel=1e-6)

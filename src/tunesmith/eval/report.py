@@ -30,7 +30,7 @@ def collect(run_dir: Path) -> dict:
                      **({"base": {"answer": base[r["prompt"]]["answer"]}} if r["prompt"] in base else {}),
                      "fine-tuned": {"answer": r["answer"]}}
                     for r in read_jsonl(run.predictions())[:EXAMPLES_SHOWN]]
-    keep = ("step", "loss", "lr", "tokens_per_second", "grad_norm")
+    keep = ("step", "loss", "mean_loss", "lr", "tokens_per_second", "grad_norm")
     return {
         "run": str(run_dir),
         "config": yaml.safe_load(run.config.read_text(encoding="utf-8")),
@@ -38,14 +38,26 @@ def collect(run_dir: Path) -> dict:
         "curves": {
             "train": [{k: v for k, v in r.items() if k in keep or k.startswith(OBJECTIVE)}  # OBJECTIVE: issue 23
                       for r in records if r.get("event") == "train"],
-            "eval": [{k: r[k] for k in ("step", "eval_loss", "perplexity") if k in r}
-                     for r in records if r.get("event") == "eval"],
+            "eval": training_evals(records),
         },
         "events": [r for r in records if r.get("event") in ("restore_best", "overfitting", "early_stop")],
         "results": {k: v for k, v in results.items() if k not in ("config", "data")},
         "comparison": comparison,
         "examples": examples,
     }
+
+
+def training_evals(records: list[dict]) -> list[dict]:
+    """The evaluations made during training, the latest at each step (a resumed run evaluates a
+    step again). The re-evaluation of the best weights once they are put back is left out: the
+    loss chart marks the step they came from."""
+    by_step: dict = {}
+    for r in records:
+        if r.get("event") == "restore_best":
+            break
+        if r.get("event") == "eval":
+            by_step[r.get("step")] = {k: r[k] for k in ("step", "eval_loss", "perplexity") if k in r}
+    return list(by_step.values())
 
 
 def figures(report: dict) -> dict[str, str]:
@@ -59,7 +71,7 @@ def figures(report: dict) -> dict[str, str]:
     train, evals = report["curves"]["train"], report["curves"]["eval"]
     plots = {}
     panels = [
-        ("loss", "loss", [("train loss", train, "loss"), ("eval loss", evals, "eval_loss")]),
+        ("loss", "loss", [train_loss(train), ("eval loss", evals, "eval_loss")]),
         ("learning_rate", "learning rate", [("lr", train, "lr")]),
         ("tokens_per_second", "tokens / s", [("tokens/s", train, "tokens_per_second")]),
         *objective_panels(train),
@@ -72,16 +84,19 @@ def figures(report: dict) -> dict[str, str]:
         for label, rows, key in drawn:
             points = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
             steps, values = zip(*points)
-            if label == "train loss" and len(points) >= SMOOTH_FROM:  # a step's loss is noisy: show the trend
+            if label.startswith("train loss") and len(points) >= SMOOTH_FROM:  # a step's loss is noisy: show the trend
                 line, = ax.plot(steps, values, alpha=0.3, label=label)
                 ax.plot(steps, smoothed(values), color=line.get_color(), label=f"{label} (smoothed)")
             else:
                 ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        if name == "loss":
+            for step, style, label in loss_markers(report["events"]):
+                ax.axvline(step, color="grey", linestyle=style, linewidth=1, label=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(drawn) > 1:
+        if len(drawn) > 1 or ax.get_lines()[len(drawn):]:
             ax.legend()
         fig.tight_layout()
         buffer = io.BytesIO()
@@ -89,6 +104,26 @@ def figures(report: dict) -> dict[str, str]:
         plt.close(fig)
         plots[name] = base64.b64encode(buffer.getvalue()).decode("ascii")
     return plots
+
+
+def loss_markers(events: list[dict]) -> list[tuple[int, str, str]]:
+    """(step, line style, label) of the loss chart's markers: the weights kept, where training stopped early."""
+    marks = []
+    for e in events:
+        if e.get("event") == "restore_best":
+            marks.append((e["best_step"], "--", f"best eval loss, weights kept (step {e['best_step']})"))
+        elif e.get("event") == "early_stop":
+            marks.append((e["step"], ":", f"early stop (step {e['step']})"))
+    return marks
+
+
+def train_loss(train: list[dict]) -> tuple:
+    """The train-loss series: each logging interval's mean where the run logged one (a single
+    step's loss, logged every few steps, jumps about), else each logged step's loss."""
+    if any("mean_loss" in r for r in train):
+        rows = [{"step": r["step"], "mean_loss": r.get("mean_loss", r.get("loss"))} for r in train]
+        return "train loss (mean since the last point)", rows, "mean_loss"
+    return "train loss", train, "loss"
 
 
 SMOOTH_FROM = 20  # train-loss points from which the report draws the smoothed curve beside the raw one
@@ -197,7 +232,7 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
 <h2>Training</h2>{images or '<p>No metrics recorded.</p>'}{_table(['figure', 'value'], facts)}{events}
 <h2>Comparison</h2>{comparison_html(report)}
 <h2>Data</h2>{_table(['split', 'examples', 'tokens', 'label tokens'], data_rows)}
-<p>dropped: {html.escape(json.dumps(data.get('dropped', {})))}</p>
+<p>dropped: {html.escape(json.dumps(data['dropped']) if data.get('dropped') else 'none')}</p>
 <h2>Examples</h2>{examples_html(report)}
 <h2>Config</h2><pre>{html.escape(yaml.safe_dump(report['config'], sort_keys=False))}</pre>
 </body></html>"""

@@ -148,6 +148,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     progress = Progress(steps, quiet=not ranks.main, unit="step")
     model.train()
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+    window_losses: list[float] = []  # the finite step losses since the last train record
     start = time.perf_counter()
     evaluating = 0.0  # seconds spent in evaluations: not training time
     bad_in_row = 0
@@ -170,6 +171,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 optimizer.step()
                 state.train_tokens += tokens
                 state.losses.append(step_loss)
+                window_losses.append(step_loss)
                 window_tokens += tokens
             else:  # a non-finite loss or gradient never reaches the weights
                 bad_in_row += 1
@@ -192,12 +194,17 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 speed = window_tokens / max(1e-9, now - window_start)
                 lr = scheduler.get_last_lr()[0]
                 figures = {"mfu": round(utilisation(speed), 4)} if utilisation else {}
+                # One step's loss is noisy: the record and the progress line also give the interval's
+                # mean (as transformers' Trainer logs its loss), the step's own stays in `loss`.
+                mean_loss = sum(window_losses) / len(window_losses) if window_losses else step_loss
+                if len(window_losses) > 1:
+                    figures["mean_loss"] = mean_loss
                 log.write(event="train", step=step, loss=step_loss, lr=lr, grad_norm=grad_norm,
                           tokens_per_second=speed, step_seconds=(now - window_start) / window_steps,
                           tokens=state.train_tokens, **figures, **device_memory(device),
                           **(objective.step_metrics() if objective else {}))
-                progress.update(step, loss=step_loss, lr=lr, **{"tok/s": int(speed)})
-                window_tokens, window_steps, window_start = 0, 0, now
+                progress.update(step, loss=mean_loss, lr=lr, **{"tok/s": int(speed)})
+                window_tokens, window_steps, window_start, window_losses = 0, 0, now, []
             stop = False
             if evaluate and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != steps:
                 began = time.perf_counter()

@@ -117,11 +117,14 @@ function chart(id, title, series, { width = 440, height = 220 } = {}) {
 
 const pointsOf = (records, event, key) =>
   records.filter((r) => r.event === event && r[key] !== null && r[key] !== undefined).map((r) => [r.step, r[key]]);
+// Each logging interval's mean loss where the run logged one (a single step's loss jumps about).
+const trainLoss = (records) => records.filter((r) => r.event === "train" && (r.mean_loss ?? r.loss) !== null
+  && (r.mean_loss ?? r.loss) !== undefined).map((r) => [r.step, r.mean_loss ?? r.loss]);
 
 function trainCharts(records, label = "") {
   return [
     chart("chart-loss", "Loss", [
-      { name: `${label}train loss`, points: pointsOf(records, "train", "loss") },
+      { name: `${label}train loss`, points: trainLoss(records) },
       { name: `${label}eval loss`, points: pointsOf(records, "eval", "eval_loss") },
     ]),
     chart("chart-lr", "Learning rate", [{ name: "lr", points: pointsOf(records, "train", "lr") }]),
@@ -304,8 +307,8 @@ function comparePage(a, b) {
     const [da, db, ma, mb] = await Promise.all([a, b].map((n) => api(`/api/runs/${encodeURIComponent(n)}`))
       .concat([a, b].map((n) => api(`/api/runs/${encodeURIComponent(n)}/metrics`))));
     document.getElementById("charts").replaceChildren(
-      chart("chart-loss", "Train loss", [{ name: a, points: pointsOf(ma.records, "train", "loss") },
-        { name: b, points: pointsOf(mb.records, "train", "loss") }], { width: 560 }),
+      chart("chart-loss", "Train loss", [{ name: a, points: trainLoss(ma.records) },
+        { name: b, points: trainLoss(mb.records) }], { width: 560 }),
       chart("chart-eval", "Eval loss", [{ name: a, points: pointsOf(ma.records, "eval", "eval_loss") },
         { name: b, points: pointsOf(mb.records, "eval", "eval_loss") }], { width: 560 }));
     const facts = ["status", "model", "method", "data", "step", "best_eval", "seconds"];
