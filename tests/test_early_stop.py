@@ -116,3 +116,78 @@ def test_last_weights_kept_when_they_are_best(tiny_config, monkeypatch):
     results = tunesmith.train(tiny_config)
     assert results["restored_best"] is False and results["fine_tuned"]["eval_loss"] == 1.4
     assert same_weights(lora_weights(results["run_dir"]), seen[2])
+
+
+def scripted_metric(monkeypatch, values):
+    """The validation answers' scores of each evaluation by eval.best_metric, scripted (the base's
+    first); remember the weights at each call after the base's."""
+    from tunesmith.eval import selection
+
+    seen = []
+
+    def fake_score(answers, references, scorer=None):
+        assert len(answers) == len(references) == 4  # eval.best_metric_examples
+        seen.append({k: v.clone() for k, v in trainable_state(model_of[0]).items()} if model_of else {})
+        return {"rouge_l": values[len(seen) - 1], "token_f1": 0.5, "test_examples": 4}
+
+    model_of = []
+    real_init = selection.Selection.__init__
+
+    def init(self, model, *rest):
+        model_of.append(model)
+        real_init(self, model, *rest)
+
+    monkeypatch.setattr(selection.Selection, "__init__", init)
+    monkeypatch.setattr(selection, "score", fake_score)
+    return seen
+
+
+def test_best_weights_and_early_stopping_can_follow_a_generation_metric(tiny_config, monkeypatch, capsys):
+    """eval.best_metric=rouge_l: the eval loss falls at every evaluation, ROUGE-L peaks at step 2
+    (higher is better) and does not beat it for two evaluations, so patience 2 stops at step 4 and
+    step 2's weights come back; the eval loss alone would never have stopped."""
+    scripted_eval(monkeypatch, [3.0, 2.9, 2.8, 2.7, 2.6, 2.5])
+    seen = scripted_metric(monkeypatch, [0.10, 0.20, 0.40, 0.35, 0.39, 0.30])  # base, steps 1-4, the kept weights
+    tiny_config["train"]["max_steps"] = 8
+    tiny_config["eval"].update(every_steps=1, patience=2, generate=False, best_metric="rouge_l",
+                               best_metric_examples=4)
+    results = tunesmith.train(tiny_config)
+    assert results["steps"] == 4 and results["early_stopped_at"] == 4 and results["best_metric"] == "rouge_l"
+    assert results["best_step"] == 2 and results["restored_best"]
+    assert same_weights(lora_weights(results["run_dir"]), seen[2])  # the weights scored 0.40
+    assert results["base"]["validation_rouge_l"] == 0.10 and results["fine_tuned"]["eval_loss"] == 2.9
+    evals = [json.loads(line) for line in open(Path(results["run_dir"]) / "metrics.jsonl")]
+    assert [e["validation_rouge_l"] for e in evals if e["event"] == "eval"][:4] == [0.20, 0.40, 0.35, 0.39]
+    said = capsys.readouterr().err
+    assert "step 2: eval loss 2.9000, rouge_l 0.4000 (the best yet)" in said
+    assert "step 3: eval loss 2.8000, rouge_l 0.3500 (best 0.4000 at step 2)" in said
+    assert "early stop at step 4: no rouge_l improvement" in said and "restored the weights of step 2 (rouge_l 0.4000" in said
+
+
+def test_a_best_metric_the_answers_do_not_have_is_refused_before_training(tiny_config):
+    from tunesmith.errors import UserError
+
+    tiny_config["eval"].update(every_steps=4, generate=False, best_metric="rouge_1", best_metric_examples=2)
+    with pytest.raises(UserError, match=r"eval.best_metric=rouge_1: .*all_fields"):
+        tunesmith.train(tiny_config)
+    events = [json.loads(line) for line in open(Path(tiny_config["output"]["dir"]) / "metrics.jsonl")]
+    assert not any(e.get("event") == "train" for e in events)  # no step was trained
+
+
+def test_scoring_answers_during_training_leaves_the_training_as_it_was(tiny_config, tmp_path):
+    """Generating validation answers at every evaluation (eval.best_metric=all_fields on the demo's
+    JSON) changes no step of the training: the adapter is not merged for it and the RNG is kept."""
+    import copy
+
+    runs = {}
+    for metric in ("eval_loss", "all_fields"):
+        config = copy.deepcopy(tiny_config)
+        config["train"].update(max_steps=8, log_every=1)
+        config["eval"].update(every_steps=4, generate=False, best_metric=metric, best_metric_examples=2,
+                              max_new_tokens=8, temperature=0.7, restore_best=False)
+        config["output"]["dir"] = str(tmp_path / metric)
+        runs[metric] = [json.loads(line) for line in open(Path(tunesmith.train(config)["run_dir"]) / "metrics.jsonl")]
+    losses = {m: [r["loss"] for r in records if r["event"] == "train"] for m, records in runs.items()}
+    assert len(losses["eval_loss"]) == 8 and losses["eval_loss"] == losses["all_fields"]
+    scored = [r["validation_all_fields"] for r in runs["all_fields"] if r["event"] == "eval"]
+    assert len(scored) == 2 and all(0.0 <= s <= 1.0 for s in scored)

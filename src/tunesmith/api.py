@@ -19,6 +19,7 @@ from .eval.general import GeneralAbility
 from .eval.decoding import LoopGuard
 from .eval.loss import eval_loss
 from .eval.scoring import score_generation, scorer_name
+from .eval.selection import selection
 from .methods.common import count_parameters, model_bytes, save_trained
 from .models import load_tokenizer
 from .models.quant import require_bitsandbytes
@@ -46,6 +47,9 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
 
 def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     check_data_paths(cfg)
+    if cfg.eval.best_metric != "eval_loss" and ranks.world > 1:
+        raise UserError(f"eval.best_metric={cfg.eval.best_metric} generates answers during training in one process "
+                        "only; under torchrun use eval.best_metric=eval_loss")
     cfg = resolve_start(cfg, ranks)  # model: an earlier run folder -> its (merged) model
     run = RunFolder(cfg.output.dir)
     run.check_folder()
@@ -127,6 +131,11 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     base: dict = {}
     if validation:
         base["eval_loss"] = evaluate(label="eval loss (base)")
+    select = selection(model, tokenizer, validation, cfg.eval)  # eval.best_metric other than the eval loss
+    if select:  # the base's figure, and a wrong metric name found before any training
+        base[f"validation_{select.metric}"] = select("generate (validation, base)")
+        say(f"best weights by {select.metric} of {len(select.conversations)} validation answers: base "
+            f"{base[f'validation_{select.metric}']:.4f}")
     # The baselines' rows on the test split, and the general-ability probe (read first: a wrong
     # eval.general_data stops the run before anything slow).
     evidence = GeneralAbility(cfg.eval) if cfg.eval.general and ranks.main else None
@@ -144,7 +153,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
               batch_layout=train_layout, planned_peak=predicted_peak, gradient_checkpointing=checkpointing.record())
     memory.start()
     result = fit(model, train_split, validation, cfg, pad_id, log, run.path, ranks, train_layout,
-                 evaluate if validation else None, utilisation, objective)
+                 evaluate if validation else None, utilisation, objective, select)
     results["peak_memory"] = {"predicted": predicted_peak, "measured": memory.peak(), **memory.details()}
     say(f"peak training memory: measured {results['peak_memory']['measured'] / 2**30:.2f} GiB"
         + (f", planned {predicted_peak / 2**30:.2f} GiB" if predicted_peak else ""))
@@ -152,6 +161,8 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if validation:  # ranks evaluate together (fit has scored sharded FSDP2 weights already)
         tuned["eval_loss"] = (result.final_eval if result.final_eval is not None
                               else evaluate(label="eval loss (fine-tuned)"))
+    if select:  # the returned weights' figure, beside the base's
+        tuned[f"validation_{select.metric}"] = select("generate (validation, fine-tuned)")
     if ranks.fsdp:
         model = _unsharded(result.gathered_state, cfg, method, device) if ranks.main else None
     if ranks.main:
@@ -160,7 +171,8 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         ranks.barrier()  # rank 0 scores, writes results and the report
         return {"base": base, "fine_tuned": tuned, "run_dir": str(run.path), "rank": ranks.rank}
     if "eval_loss" in tuned:
-        log.write(event="eval", step=result.steps, **eval_figures(tuned["eval_loss"], cfg.train.objective))
+        log.write(event="eval", step=result.steps, **eval_figures(tuned["eval_loss"], cfg.train.objective),
+                  **{k: v for k, v in tuned.items() if k.startswith("validation_")})
     if test and cfg.eval.generate:
         scored += score_tuned_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
                                    eval_layout)
@@ -181,6 +193,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         "final_loss": result.losses[-1] if result.losses else None, "skipped_steps": result.skipped_steps,
         "base": base, "fine_tuned": tuned, "run_dir": str(run.path),
         "early_stopped_at": stopper.stopped_at if stopper else None, "best_step": result.best_step,
+        "best_metric": cfg.eval.best_metric,
         "restored_best": result.restored_best,
     })
     write_json(run.results, results)

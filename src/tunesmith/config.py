@@ -131,9 +131,11 @@ class EvalConfig(_Section):
     compare_base: bool = Field(True, description="Also score the base model on the test split, shown side by side.")
     max_new_tokens: int = Field(96, ge=1, description="Longest generated answer.")
     test_limit: int | None = Field(None, ge=1, description="Score only the first N test examples.")
-    patience: int = Field(0, ge=0, description="Early stopping: stop after this many evaluations in a row without improvement; 0 = off (needs every_steps).")
-    min_delta: float = Field(0.0, ge=0, description="Early stopping: an eval loss must fall by more than this to count as an improvement.")
-    restore_best: bool = Field(True, description="At the end, return the weights of the lowest eval loss when the last step's are worse.")
+    patience: int = Field(0, ge=0, description="Early stopping: stop after this many evaluations in a row without improvement (of eval.best_metric); 0 = off (needs every_steps).")
+    min_delta: float = Field(0.0, ge=0, description="Early stopping: eval.best_metric (the eval loss by default) must improve by more than this to count as an improvement.")
+    restore_best: bool = Field(True, description="At the end, return the weights of the best evaluation (by eval.best_metric) when the last step's are worse.")
+    best_metric: str = Field("eval_loss", description="What early stopping and the kept weights follow: 'eval_loss', or a metric of the answers generated at each evaluation for the first eval.best_metric_examples validation examples (all_fields, json_valid, rouge_l, token_f1, exact_match, a scorer's column; higher is better, repetition lower). One process only.")
+    best_metric_examples: int = Field(32, ge=1, description="Validation examples answered and scored at each evaluation when eval.best_metric is not eval_loss.")
     temperature: float = Field(0.0, ge=0, description="Generation temperature; 0 = greedy decoding, above 0 samples with `seed`.")
     repetition_penalty: float = Field(1.0, gt=0, description="Divide the scores of tokens already in the answer by this when generating (1 = off; 1.1-1.3 stops the loops small models fall into when decoded greedily, which the `repetition` score counts; no_repeat_ngram_size stops them with less harm to the answers).")
     no_repeat_ngram_size: int = Field(0, ge=0, description="When generating, never repeat a token n-gram of this size within an answer (0 = off; 4 stops loops while keeping the words a text repeats).")
@@ -310,7 +312,8 @@ RESULT_NEUTRAL = {"output", "train.log_every", "train.device", "train.fast_paths
                   "adapter.offload_activations",
                   "train.checkpoint_every", "train.keep_checkpoints", "train.resume", "train.log_sample_ids",
                   "train.auto_micro_batch"}
-EVAL_RESULT_KEYS = {"eval.every_steps", "eval.patience", "eval.min_delta", "eval.restore_best"}
+EVAL_RESULT_KEYS = {"eval.every_steps", "eval.patience", "eval.min_delta", "eval.restore_best", "eval.best_metric",
+                    "eval.best_metric_examples"}
 
 
 def result_keys(config: Config) -> dict[str, Any]:
@@ -322,6 +325,8 @@ def result_keys(config: Config) -> dict[str, Any]:
             neutral = section in RESULT_NEUTRAL or name in RESULT_NEUTRAL
             if not neutral and (section != "eval" or name in EVAL_RESULT_KEYS):
                 flat[name] = value
+    if flat.get("eval.best_metric") == "eval_loss":  # the default: checkpoints from before it existed still match
+        del flat["eval.best_metric"], flat["eval.best_metric_examples"]
     return flat
 
 

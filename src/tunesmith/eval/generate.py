@@ -32,13 +32,14 @@ def merged_adapter(model):
 @torch.no_grad()
 def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96,
                      batch_size: int = 16, label: str = "generate", temperature: float = 0.0,
-                     seed: int = 0, guard: LoopGuard = LoopGuard()) -> tuple[list[str], dict]:
+                     seed: int = 0, guard: LoopGuard = LoopGuard(), merge: bool = True) -> tuple[list[str], dict]:
     """Answers for the prompt part of each conversation, and speed figures.
 
-    temperature 0 decodes greedily; above 0 it samples, seeded, so a run can be repeated."""
+    temperature 0 decodes greedily; above 0 it samples, seeded, so a run can be repeated. `merge`:
+    fold LoRA weights into the base for the duration (faster; not in the middle of training)."""
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
     answers, _, speed = _generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, label,
-                                  decoding(temperature, seed, guard))
+                                  decoding(temperature, seed, guard), merge)
     return answers, speed
 
 
@@ -75,7 +76,7 @@ def answer_and_score(model, tokenizer, conversations: list[list[dict]], max_new_
 
 
 def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple[list[int], list[int]]] | None,
-              max_new_tokens: int, batch_size: int, label: str, sampling: dict):
+              max_new_tokens: int, batch_size: int, label: str, sampling: dict, merge: bool = True):
     """Answers (and with `references`, (ids, labelled positions) per prompt, their losses) in
     batches of similar length, the LoRA weights merged for the duration; `sampling`: generate's
     decoding settings (see `decoding`)."""
@@ -87,7 +88,7 @@ def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple
     answers, losses = [""] * len(prompts), [0.0] * len(prompts)
     generated, start, done = 0, time.perf_counter(), 0
     progress = Progress(len(prompts), label, unit="answer")
-    with merged_adapter(model):
+    with merged_adapter(model) if merge else contextlib.nullcontext(model):
         for chunk in length_batches(lengths, batch_size):
             width = max(len(prompts[i]) for i in chunk)
             if references is None:

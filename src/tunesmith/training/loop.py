@@ -43,8 +43,9 @@ class FitResult:
     losses: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    selected: list[tuple[int, float]] = field(default_factory=list)  # (step, key) of eval.best_metric, where set
     resumed_from: int | None = None
-    best_step: int | None = None  # step of the lowest eval loss
+    best_step: int | None = None  # step of the best evaluation (eval.best_metric; the eval loss by default)
     restored_best: bool = False  # the weights returned are those of best_step, not of the last step
     final_eval: float | None = None  # eval loss of the weights returned, where fit measured it
     early_stopping: EarlyStopping | None = None
@@ -98,14 +99,17 @@ def eval_figures(value: float, objective: str) -> dict:
 
 def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int, log: MetricLog,
         run_dir: Path | None = None, ranks: distributed.Ranks = distributed.SINGLE, layout: str = PADDED,
-        evaluate: Callable | None = None, utilisation: Callable | None = None, objective=None) -> FitResult:
+        evaluate: Callable | None = None, utilisation: Callable | None = None, objective=None,
+        select=None) -> FitResult:
     """Train the model on `train` (rows already in the run's batch `layout`).
 
     `evaluate(loss_module) -> eval loss` scores the validation split (given through the
     distributed wrapper, which gathers sharded weights); `utilisation(tokens/s) -> MFU` adds the
     model FLOPs utilisation to the progress records. Under torchrun every rank calls fit alike;
     `log` writes only on rank 0 (api.train hands the others a silent one). `objective` (objectives/,
-    train.objective other than sft) supplies the loss and the step instead of the label loss."""
+    train.objective other than sft) supplies the loss and the step instead of the label loss.
+    `select` (eval/selection.py, eval.best_metric): a metric of validation answers, scored at each
+    evaluation, that the best weights and early stopping follow instead of the eval loss."""
     torch.manual_seed(cfg.train.seed)
     device = next(model.parameters()).device
     # Looked up at call time, so a test can wrap label_loss_sum; wrapped before the optimizer is
@@ -210,23 +214,31 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 began = time.perf_counter()
                 with progress.paused():
                     value = evaluate(loss_module)
+                    picked = select(f"generate (validation, step {step})") if select else None
                 spent = time.perf_counter() - began
                 evaluating += spent
                 window_start += spent  # the training line's tokens/s leaves evaluation out
                 result.eval_losses.append((step, value))
-                log.write(event="eval", step=step, **eval_figures(value, cfg.train.objective))
-                if state.best_eval is None or value < state.best_eval:
-                    state.best_eval, state.best_step = value, step
-                best_yet = "the best yet" if state.best_step == step else f"best {state.best_eval:.4f} at step {state.best_step}"
-                progress.note(f"step {step}: eval loss {value:.4f} ({best_yet})")
+                figures = eval_figures(value, cfg.train.objective)
+                key = value  # what the best weights and early stopping minimise
+                if select:
+                    figures[f"validation_{select.metric}"] = picked
+                    key = select.key(picked)
+                    result.selected.append((step, key))
+                log.write(event="eval", step=step, **figures)
+                if state.best_eval is None or key < state.best_eval:
+                    state.best_eval, state.best_step = key, step
+                progress.note(f"step {step}: eval loss {value:.4f}" + (f", {select.metric} {picked:.4f}" if select else "")
+                              + (" (the best yet)" if state.best_step == step else
+                                 f" (best {_shown(select, state.best_eval)} at step {state.best_step})"))
                 if cfg.eval.restore_best:
-                    best.offer(model, step, value)
+                    best.offer(model, step, key)
                 if not warned_overfitting and overfitting(state.losses, result.eval_losses):
                     warned_overfitting = True
                     log.write(event="overfitting", step=step)
                     progress.note(f"step {step}: the eval loss rose three times in a row while the training loss fell: "
                                   "the model is overfitting; consider fewer steps, a lower lr or eval.patience")
-                stop = bool(stopper and stopper(step, value))
+                stop = bool(stopper and stopper(step, key))
                 if stopper:
                     state.early_stopping = stopper.state()
             signalled = ranks.any(bool(caught))  # ranks stop at the same step, whichever got the signal
@@ -240,12 +252,13 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 raise Interrupted(caught[0] if caught else signal.SIGTERM, None)
             if stop:
                 log.write(event="early_stop", step=step, best_step=stopper.best_step, best_eval_loss=stopper.best)
-                progress.note(f"early stop at step {step}: no eval-loss improvement over {cfg.eval.min_delta} in "
-                              f"{cfg.eval.patience} evaluations (best {stopper.best:.4f} at step {stopper.best_step})")
+                progress.note(f"early stop at step {step}: no {select.metric if select else 'eval-loss'} improvement over "
+                              f"{cfg.eval.min_delta} in {cfg.eval.patience} evaluations (best "
+                              f"{_shown(select, stopper.best)} at step {stopper.best_step})")
                 break
     progress.close()
     result.seconds = time.perf_counter() - start - evaluating
-    _return_best(model, best, validation, cfg, log, state.step, result, evaluate, loss_module)
+    _return_best(model, best, validation, cfg, log, state.step, result, evaluate, loss_module, select)
     if ranks.fsdp:  # scored while sharded, through the wrapper; then gathered once, to rank 0
         if evaluate and result.final_eval is None:
             result.final_eval = evaluate(loss_module)
@@ -305,19 +318,35 @@ def _step_with_retries(loss_module, train: Split, indices, pieces: int, pad_id: 
 
 
 def _return_best(model, best: BestWeights, validation, cfg: Config, log, step: int, result: FitResult,
-                 evaluate: Callable | None, loss_module) -> None:
-    """Put back the weights of the lowest eval loss when the last step's are worse."""
+                 evaluate: Callable | None, loss_module, select=None) -> None:
+    """Put back the weights of the best evaluation when the last step's are worse."""
     result.best_step = best.step
     if not (validation and evaluate and cfg.eval.restore_best and best.step is not None and best.step != step):
         return
-    last = result.eval_losses[-1] if result.eval_losses else None
-    final = last[1] if last and last[0] == step else evaluate(loss_module)  # ranks evaluate together
-    result.final_eval = final
+    losses = dict(result.eval_losses)
+    history = result.selected if select else result.eval_losses
+    if history and history[-1][0] == step:
+        final_loss, final = losses[step], history[-1][1]
+    else:  # ranks evaluate together
+        final_loss = evaluate(loss_module)
+        final = select.key(select("generate (validation, last step)")) if select else final_loss
+    result.final_eval = final_loss
     if best.value < final:
         best.restore(model)
-        result.restored_best, result.final_eval = True, best.value
-        log.write(event="restore_best", step=step, best_step=best.step, eval_loss=best.value, last_eval_loss=final)
-        say(f"restored the weights of step {best.step} (eval loss {best.value:.4f}; last step {final:.4f})")
+        # the kept weights' eval loss where this process measured it (a resumed run measures it again)
+        result.restored_best, result.final_eval = True, losses.get(best.step, None if select else best.value)
+        what = select.metric if select else "eval loss"
+        log.write(event="restore_best", step=step, best_step=best.step, metric=what.replace(" ", "_"),
+                  best=_shown(select, best.value, digits=None), last=_shown(select, final, digits=None),
+                  **({} if select else {"eval_loss": best.value, "last_eval_loss": final}))
+        say(f"restored the weights of step {best.step} ({what} {_shown(select, best.value)}; "
+            f"last step {_shown(select, final)})")
+
+
+def _shown(select, key: float, digits: int | None = 4):
+    """A minimised key as the figure it stands for: the eval loss, or eval.best_metric's value."""
+    value = select.value(key) if select else key
+    return value if digits is None else f"{value:.{digits}f}"
 
 
 def train_step(loss_module, train: Split, indices: list[list[int]], pad_id: int,
