@@ -7,6 +7,7 @@ and `tunesmith plan`'s epoch time on this machine against the run's (its tokens 
 tokens/s). Time it on a quiet machine.
 
     .venv/bin/python bench/overfit_ghr.py runs/overfit-ghr
+    .venv/bin/python bench/overfit_ghr.py runs/overfit-ghr-rouge eval.best_metric=rouge_l eval.best_metric_examples=30
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def write_data(folder: Path, seed: int = 0) -> None:
             handle.writelines(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in part)
 
 
-def main(out: str) -> None:
+def main(out: str, overrides: list[str]) -> None:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     write_data(folder)
@@ -57,10 +58,13 @@ def main(out: str) -> None:
     tunesmith = str(Path(sys.executable).with_name("tunesmith"))
     planned = subprocess.run([tunesmith, "plan", "config.yaml"], cwd=folder, capture_output=True, text=True, check=True)
     row = next(line for line in planned.stdout.splitlines() if line.startswith("this machine"))
-    subprocess.run([tunesmith, "train", "config.yaml", "output.overwrite=true"], cwd=folder, check=True)
+    subprocess.run([tunesmith, "train", "config.yaml", "output.overwrite=true", *overrides], cwd=folder, check=True)
     events = [json.loads(line) for line in open(folder / "run" / "metrics.jsonl", encoding="utf-8")]
     results = json.loads((folder / "run" / "results.json").read_text())
-    print("evaluations:", ", ".join(f"{e['step']}: {e['eval_loss']:.4f}" for e in events if e["event"] == "eval"))
+    print("evaluations:", ", ".join(f"{e['step']}: " + ", ".join(f"{v:.4f}" for k, v in e.items() if k == "eval_loss"
+                                                               or k.startswith("validation_"))
+                                     for e in events if e["event"] == "eval"))
+    print("test:", {k: results[k].get("rouge_l") for k in ("base", "fine_tuned")})
     for name in ("early_stop", "restore_best"):
         print(name, next(({k: v for k, v in e.items() if k != "time"} for e in events if e["event"] == name), None))
     speed = statistics.mean(e["tokens_per_second"] for e in events if e["event"] == "train")
@@ -71,4 +75,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/overfit-ghr")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/overfit-ghr", sys.argv[2:])

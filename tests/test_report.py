@@ -101,3 +101,21 @@ def test_smoothed_loss_is_a_debiased_moving_average_and_figures_read_as_numbers(
     assert trend[0] == 3.0 and max(trend[10:]) - min(trend[10:]) < 0.5 < max(noisy) - min(noisy)
     assert _fmt(674.7) == "674.7" and _fmt(0.14061) == "0.1406" and _fmt(139399488) == "139,399,488"
     assert _fmt(True) == "True" and _fmt(None) == "-"
+
+
+def test_a_run_that_kept_its_weights_by_a_generation_metric_plots_it(tmp_path):
+    """eval.best_metric=rouge_l: the validation answers' ROUGE-L gets its own chart, marked at the kept step."""
+    from tunesmith.eval.report import collect, figures
+
+    run = fake_run(tmp_path / "run")
+    records = [json.loads(line) for line in open(run / "metrics.jsonl") if line.strip().endswith("}")]
+    for r in records:
+        if r["event"] == "eval":
+            r["validation_rouge_l"] = r["step"] / 100
+        if r["event"] == "restore_best":
+            r["metric"] = "rouge_l"
+    write_jsonl(run / "metrics.jsonl", records)
+    report = collect(run)
+    assert [r["validation_rouge_l"] for r in report["curves"]["eval"]] == [0.05, 0.1, 0.15, 0.2]
+    assert set(figures(report)) == {"loss", "validation_rouge_l", "learning_rate", "tokens_per_second"}
+    assert (15, "--", "best rouge_l, weights kept (step 15)") in loss_markers(report["events"])

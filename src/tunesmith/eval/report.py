@@ -56,7 +56,8 @@ def training_evals(records: list[dict]) -> list[dict]:
         if r.get("event") == "restore_best":
             break
         if r.get("event") == "eval":
-            by_step[r.get("step")] = {k: r[k] for k in ("step", "eval_loss", "perplexity") if k in r}
+            by_step[r.get("step")] = {k: v for k, v in r.items()
+                                      if k in ("step", "eval_loss", "perplexity") or k.startswith("validation_")}
     return list(by_step.values())
 
 
@@ -72,6 +73,9 @@ def figures(report: dict) -> dict[str, str]:
     plots = {}
     panels = [
         ("loss", "loss", [train_loss(train), ("eval loss", evals, "eval_loss")]),
+        # eval.best_metric: the validation answers' metric that chose the kept weights
+        *[(key, key.replace("_", " ", 1), [(key.replace("_", " ", 1), evals, key)])
+          for key in dict.fromkeys(k for r in evals for k in r if k.startswith("validation_"))],
         ("learning_rate", "learning rate", [("lr", train, "lr")]),
         ("tokens_per_second", "tokens / s", [("tokens/s", train, "tokens_per_second")]),
         *objective_panels(train),
@@ -89,7 +93,7 @@ def figures(report: dict) -> dict[str, str]:
                 ax.plot(steps, smoothed(values), color=line.get_color(), label=f"{label} (smoothed)")
             else:
                 ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
-        if name == "loss":
+        if name == "loss" or name.startswith("validation_"):
             for step, style, label in loss_markers(report["events"]):
                 ax.axvline(step, color="grey", linestyle=style, linewidth=1, label=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -111,7 +115,8 @@ def loss_markers(events: list[dict]) -> list[tuple[int, str, str]]:
     marks = []
     for e in events:
         if e.get("event") == "restore_best":
-            marks.append((e["best_step"], "--", f"best eval loss, weights kept (step {e['best_step']})"))
+            what = "eval loss" if e.get("metric", "eval_loss") == "eval_loss" else e["metric"]
+            marks.append((e["best_step"], "--", f"best {what}, weights kept (step {e['best_step']})"))
         elif e.get("event") == "early_stop":
             marks.append((e["step"], ":", f"early stop (step {e['step']})"))
     return marks
