@@ -158,6 +158,8 @@ def test_best_weights_and_early_stopping_can_follow_a_generation_metric(tiny_con
     assert results["base"]["validation_rouge_l"] == 0.10 and results["fine_tuned"]["eval_loss"] == 2.9
     evals = [json.loads(line) for line in open(Path(results["run_dir"]) / "metrics.jsonl")]
     assert [e["validation_rouge_l"] for e in evals if e["event"] == "eval"][:4] == [0.20, 0.40, 0.35, 0.39]
+    [stopped] = [e for e in evals if e["event"] == "early_stop"]
+    assert (stopped["metric"], stopped["best"], stopped["best_step"]) == ("rouge_l", 0.40, 2)  # the figure, not its key
     said = capsys.readouterr().err
     assert "step 2: eval loss 2.9000, rouge_l 0.4000 (the best yet)" in said
     assert "step 3: eval loss 2.8000, rouge_l 0.3500 (best 0.4000 at step 2)" in said

@@ -220,10 +220,9 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 window_start += spent  # the training line's tokens/s leaves evaluation out
                 result.eval_losses.append((step, value))
                 figures = eval_figures(value, cfg.train.objective)
-                key = value  # what the best weights and early stopping minimise
+                key = select.key(picked) if select else value  # what the best weights and early stopping minimise
                 if select:
                     figures[f"validation_{select.metric}"] = picked
-                    key = select.key(picked)
                     result.selected.append((step, key))
                 log.write(event="eval", step=step, **figures)
                 if state.best_eval is None or key < state.best_eval:
@@ -251,7 +250,8 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             elif signalled:
                 raise Interrupted(caught[0] if caught else signal.SIGTERM, None)
             if stop:
-                log.write(event="early_stop", step=step, best_step=stopper.best_step, best_eval_loss=stopper.best)
+                log.write(event="early_stop", step=step, best_step=stopper.best_step, best=_shown(select, stopper.best, None),
+                          **({"metric": select.metric} if select else {"best_eval_loss": stopper.best}))
                 progress.note(f"early stop at step {step}: no {select.metric if select else 'eval-loss'} improvement over "
                               f"{cfg.eval.min_delta} in {cfg.eval.patience} evaluations (best "
                               f"{_shown(select, stopper.best)} at step {stopper.best_step})")
