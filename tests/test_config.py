@@ -84,3 +84,9 @@ def test_fsdp_with_a_4_bit_base_is_refused_before_anything_loads():
     with pytest.raises(UserError, match="train.fsdp does not work with adapter.method: qlora"):
         load_config(None, ["adapter.method=qlora", "train.fsdp=true"])
     assert load_config(None, ["adapter.method=lora", "train.fsdp=true"]).train.fsdp
+
+
+def test_a_generation_metric_for_the_best_weights_needs_single_answer_examples():
+    with pytest.raises(UserError, match="eval.best_metric=rouge_l .* train.objective: dpo"):
+        load_config(None, ["train.objective=dpo", "eval.best_metric=rouge_l"])
+    assert load_config(None, ["eval.best_metric=rouge_l"]).eval.best_metric == "rouge_l"

@@ -179,6 +179,9 @@ class Config(_Section):
         if self.train.fsdp and self.adapter.method == "qlora":
             raise ValueError("train.fsdp does not work with adapter.method: qlora yet (FSDP2 loses the 4-bit "
                              "weights' quantisation state); use DDP (train.fsdp: false) or adapter.method: lora")
+        if self.eval.best_metric != "eval_loss" and self.train.objective != "sft":
+            raise ValueError(f"eval.best_metric={self.eval.best_metric} scores answers to single-answer validation "
+                             f"examples; with train.objective: {self.train.objective} use eval.best_metric: eval_loss")
         return self
 
 
