@@ -60,8 +60,8 @@ QUIETER = 0.25
 def matmul_peak(dtype: str = "bfloat16") -> float:
     """Measured matrix-multiply FLOP/s of this machine (torch.matmul), cached per dtype and thread count.
 
-    A figure measured while other processes ran under-states the peak (one measured during a test
-    run here read 72 GFLOP/s in fp32 against 180 on the quiet machine, and every MFU read above
+    A figure measured while other processes ran under-states the peak (one measured on this
+    busy machine read 72 GFLOP/s in fp32 against 180 on the quiet machine, and every MFU read above
     100%): the cache keeps the fastest measurement with the load it was taken at, and measures
     again whenever the machine is quieter than that."""
     import torch
