@@ -268,6 +268,8 @@ def validate(raw: dict, source: str = "config", text: str = "", overrides: dict 
             prefix = f"{parent}." if parent else ""
             suggestion = f"; did you mean '{prefix}{hint}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
             raise UserError(f"{where}: unknown key '{key}'{suggestion}") from None
+        if not loc:  # a rule across settings (the model validators): its message says everything
+            raise UserError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"{where}: {key}: {first['msg']} (got {first.get('input')!r})") from None
 
 
