@@ -156,6 +156,8 @@ def test_best_weights_and_early_stopping_can_follow_a_generation_metric(tiny_con
     assert results["best_step"] == 2 and results["restored_best"]
     assert same_weights(lora_weights(results["run_dir"]), seen[2])  # the weights scored 0.40
     assert results["base"]["validation_rouge_l"] == 0.10 and results["fine_tuned"]["eval_loss"] == 2.9
+    # the kept weights' figure is the one scored at step 2, not generated a sixth time
+    assert results["fine_tuned"]["validation_rouge_l"] == 0.40 and len(seen) == 5
     evals = [json.loads(line) for line in open(Path(results["run_dir"]) / "metrics.jsonl")]
     assert [e["validation_rouge_l"] for e in evals if e["event"] == "eval"][:4] == [0.20, 0.40, 0.35, 0.39]
     [stopped] = [e for e in evals if e["event"] == "early_stop"]

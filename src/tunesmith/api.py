@@ -161,8 +161,10 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if validation:  # ranks evaluate together (fit has scored sharded FSDP2 weights already)
         tuned["eval_loss"] = (result.final_eval if result.final_eval is not None
                               else evaluate(label="eval loss (fine-tuned)"))
-    if select:  # the returned weights' figure, beside the base's
-        tuned[f"validation_{select.metric}"] = select("generate (validation, fine-tuned)")
+    if select:  # the returned weights' figure, beside the base's: scored by fit where it evaluated them
+        known = dict(result.selected).get(result.best_step if result.restored_best else result.steps)
+        tuned[f"validation_{select.metric}"] = (select.value(known) if known is not None
+                                               else select("generate (validation, fine-tuned)"))
     if ranks.fsdp:
         model = _unsharded(result.gathered_state, cfg, method, device) if ranks.main else None
     if ranks.main:

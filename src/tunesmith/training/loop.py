@@ -152,7 +152,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     progress = Progress(steps, quiet=not ranks.main, unit="step")
     model.train()
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-    window_losses: list[float] = []  # the finite step losses since the last train record
+    window_from = len(state.losses)  # the finite step losses since the last train record: state.losses[window_from:]
     start = time.perf_counter()
     evaluating = 0.0  # seconds spent in evaluations: not training time
     bad_in_row = 0
@@ -175,7 +175,6 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 optimizer.step()
                 state.train_tokens += tokens
                 state.losses.append(step_loss)
-                window_losses.append(step_loss)
                 window_tokens += tokens
             else:  # a non-finite loss or gradient never reaches the weights
                 bad_in_row += 1
@@ -200,6 +199,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 figures = {"mfu": round(utilisation(speed), 4)} if utilisation else {}
                 # One step's loss is noisy: the record and the progress line also give the interval's
                 # mean (as transformers' Trainer logs its loss), the step's own stays in `loss`.
+                window_losses = state.losses[window_from:]
                 mean_loss = sum(window_losses) / len(window_losses) if window_losses else step_loss
                 if len(window_losses) > 1:
                     figures["mean_loss"] = mean_loss
@@ -208,7 +208,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                           tokens=state.train_tokens, **figures, **device_memory(device),
                           **(objective.step_metrics() if objective else {}))
                 progress.update(step, loss=mean_loss, lr=lr, **{"tok/s": int(speed)})
-                window_tokens, window_steps, window_start, window_losses = 0, 0, now, []
+                window_tokens, window_steps, window_start, window_from = 0, 0, now, len(state.losses)
             stop = False
             if evaluate and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != steps:
                 began = time.perf_counter()

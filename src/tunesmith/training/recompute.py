@@ -20,7 +20,6 @@ import torch
 from ..plan.devices import HEADROOM
 
 
-
 @dataclass(frozen=True)
 class Checkpointing:
     blocks: int  # checkpointed, from the first
