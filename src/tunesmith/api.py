@@ -26,7 +26,7 @@ from .models.quant import require_bitsandbytes
 from .plan import TrainingMemory
 from .progress import say
 from .runs import RunFolder, write_json
-from .start import resolve_start
+from .start import anchored, resolve_start
 from .training import distributed, recompute
 from .training.loggers import open_loggers
 from .training.loop import eval_figures, fit
@@ -50,7 +50,7 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     if cfg.eval.best_metric != "eval_loss" and ranks.world > 1:
         raise UserError(f"eval.best_metric={cfg.eval.best_metric} generates answers during training in one process "
                         "only; under torchrun use eval.best_metric=eval_loss")
-    cfg = resolve_start(cfg, ranks)  # model: an earlier run folder -> its (merged) model
+    cfg = anchored(resolve_start(cfg, ranks))  # model: an earlier run folder -> its (merged) model
     run = RunFolder(cfg.output.dir)
     run.check_folder()
     # One writer per run folder, held for the process's whole run (the dashboard reads it as "running").
@@ -286,11 +286,14 @@ def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size:
              guard: LoopGuard = LoopGuard()) -> dict:
     """Eval loss and generation scores of a model or run on a data file."""
     from .config import DataConfig, EvalConfig
-    from .runs import load_trained
+    from .runs import load_trained, system_prompt_of
 
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
+    system = system_prompt_of(model_or_run)
+    if system:
+        say(f"eval: the examples are asked with the run's system prompt {system!r} (data.system_prompt)")
     # Eval loss on the examples within max_seq_len, as in training; generation scores on every example.
-    prepared = prepare(DataConfig(train=data, validation=data, test=data), tokenizer)
+    prepared = prepare(DataConfig(train=data, validation=data, test=data, system_prompt=system), tokenizer)
     eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, test_limit=limit, scorer=scorer,
                           temperature=temperature, seed=seed, repetition_penalty=guard.repetition_penalty,
                           no_repeat_ngram_size=guard.no_repeat_ngram_size)

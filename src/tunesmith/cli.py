@@ -85,11 +85,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .eval.chat import stream_reply
+    from .eval.chat import opening, stream_reply
     from .runs import load_trained
 
     model, tokenizer, _ = load_trained(args.model)
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    messages = opening(args.model, args.system) + [{"role": "user", "content": args.prompt}]
     stream_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature, None, LoopGuard.of(args))
     return 0
 
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="talk to a model or fine-tuned run in the terminal, answers streamed")
     p.add_argument("model")
-    p.add_argument("--system", default=None)
+    p.add_argument("--system", default=None, help="system prompt (default: a run's data.system_prompt; '' for none)")
     _add_decoding_options(p, max_new_tokens=256)
     p.set_defaults(func=cmd_chat)
 
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer one prompt, streamed")
     p.add_argument("model")
     p.add_argument("prompt")
-    p.add_argument("--system", default=None)
+    p.add_argument("--system", default=None, help="system prompt (default: a run's data.system_prompt; '' for none)")
     _add_decoding_options(p, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
 

@@ -31,7 +31,7 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     from .objectives.rewards import Rewards
     from .objectives.rollout import sample, stream_seed
     from .progress import Progress
-    from .runs import load_trained
+    from .runs import load_trained, system_prompt_of
 
     if samples < 2:
         raise UserError("pairs: --samples must be at least 2 (a pair needs two answers)")
@@ -41,7 +41,9 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
         raise UserError(f"{data}: data file not found")
     target = Path(out) if out else (RunFolder(model).path / "pairs.jsonl" if RunFolder(model).is_run() else Path("pairs.jsonl"))
     problems: list = []
-    prompts, references, origins, _ = read_prompts(data, DataConfig(train=data), problems)
+    # A run is sampled as it was trained: with its system prompt (the pairs' prompts then carry it).
+    prompts, references, origins, _ = read_prompts(data, DataConfig(train=data, system_prompt=system_prompt_of(model)),
+                                                   problems)
     for problem in problems[:5]:
         print(f"  skipped {problem}", file=sys.stderr)
     prompts, references = prompts[:limit], references[:limit]

@@ -72,6 +72,20 @@ class RunFolder:
 
         return load_config(self.config)
 
+    def conversations(self, split: str) -> list[list[dict]]:
+        """A split's conversations ("train", "validation") as training read them: with the config's format,
+        columns and system prompt. [] where the split has no local file (moved away, a hub data set, none)."""
+        from .data.prepare import load_conversations
+
+        written = self.data / f"{split}.jsonl"  # the demo task's generated files: chat messages already
+        if written.is_file():
+            return load_conversations(str(written), None)[0]
+        data = self.read_config().data
+        spec = getattr(data, split)
+        if not spec or spec == "demo" or not Path(spec).expanduser().exists():
+            return []
+        return load_conversations(spec, data.system_prompt, data.format, data.columns, data.hub_split)[0]
+
     def read_results(self) -> dict | None:
         return read_json(self.results)
 
@@ -191,6 +205,23 @@ def fsync_folder(folder: Path) -> None:
 
 def is_run(path: str | Path) -> bool:
     return RunFolder(path).is_run()
+
+
+def system_prompt_of(spec: str) -> str | None:
+    """The system prompt a run folder trained with: data.system_prompt, else the system message every one of
+    its training conversations starts with (the demo's); None for a model, or where they differ. Asked without
+    it, a model trained with one answers as it was never trained to."""
+    run = RunFolder(spec)
+    if not run.is_run():
+        return None
+    given = run.read_config().data.system_prompt
+    if given:
+        return given
+    openings = set()
+    for conversation in run.conversations("train"):
+        first = next((m for m in conversation if m["role"] != "tools"), {})
+        openings.add(first["content"] if first.get("role") == "system" else None)
+    return openings.pop() if len(openings) == 1 else None
 
 
 def trained_folder(run: str | Path) -> Path:

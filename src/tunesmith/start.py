@@ -52,3 +52,26 @@ def resolve_start(cfg, ranks):
     folder = folder or starting_model(cfg.model.name)
     print(f"model: starting from run {cfg.model.name} ({Path(folder)})", file=sys.stderr, flush=True)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": folder})})
+
+
+def anchored(cfg):
+    """The config with its local paths made absolute: data files, a model folder or GGUF, output.dir.
+
+    The run's config.yaml is read again later, from wherever the user is (export's checks on the run's
+    own conversations, compare's k-shot pool, eval and chat of the run, a resume from the dashboard);
+    paths relative to the directory training started in would name other files or none there."""
+    from .data.sources import is_hub_id
+
+    def local(spec: str) -> str:
+        return spec if spec == "demo" or is_hub_id(spec) else str(Path(spec).expanduser().resolve())
+
+    data = {name: local(getattr(cfg.data, name)) for name in ("train", "validation", "test")
+            if getattr(cfg.data, name)}
+    data["mix"] = {local(source): weight for source, weight in cfg.data.mix.items()}
+    model = cfg.model.name
+    if model not in ("", "default") and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update=data),
+        "model": cfg.model.model_copy(update={"name": model}),
+        "output": cfg.output.model_copy(update={"dir": str(Path(cfg.output.dir).expanduser().resolve())})})

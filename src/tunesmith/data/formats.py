@@ -121,10 +121,15 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
         raise FormatError("no assistant turn", "nothing to learn from")
     if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
         raise FormatError("no assistant turn", "every assistant turn has weight 0: nothing to learn from")
-    head = 1 if messages[0]["role"] == TOOLS_ROLE else 0
-    if system_prompt and messages[head]["role"] != "system":
-        messages.insert(head, {"role": "system", "content": system_prompt})
-    return kind, messages
+    return kind, with_system_prompt(messages, system_prompt)
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """The messages with the system prompt first (after declared tools), unless they have their own."""
+    head = 1 if messages and messages[0]["role"] == TOOLS_ROLE else 0
+    if not system_prompt or (len(messages) > head and messages[head]["role"] == "system"):
+        return messages
+    return messages[:head] + [{"role": "system", "content": system_prompt}] + messages[head:]
 
 
 def to_messages(record: dict, system_prompt: str | None = None) -> list[dict]:

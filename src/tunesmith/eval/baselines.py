@@ -18,10 +18,13 @@ import re
 from pathlib import Path
 
 from ..data.collate import PADDED
+from ..data.formats import with_system_prompt
 from ..data.prepare import load_conversations
 from ..errors import UserError
+from ..progress import say
+from ..runs import system_prompt_of
 from .compare import (LOSS, LOWER_IS_BETTER, Scored, Scorer, Settings, compare_scored, pick_shots, score_model,
-                      score_prompts, training_data_of, with_shots)
+                      score_prompts, training_conversations, with_shots)
 from .decoding import LoopGuard
 
 PROMPTED = ("-shot", "+ retrieval")  # row names of the prompting baselines end so
@@ -153,6 +156,18 @@ def format_baselines(table: dict) -> str:
     return "\n".join(lines + table.get("warnings", []))
 
 
+def asked_as_trained(conversations: list[list[dict]], a: str, b: str) -> tuple[list, list]:
+    """The conversations as A and as B are asked them: a run with the system prompt it trained with, a plain
+    model with the other's (both are then asked alike, as in training's own comparison with the base)."""
+    system_a, system_b = system_prompt_of(a), system_prompt_of(b)
+    system_a, system_b = system_a or system_b, system_b or system_a
+    for name, system in ((a, system_a), (b, system_b)):
+        if system:
+            say(f"compare: {name} is asked with the system prompt {system!r} (the run's data.system_prompt)")
+    return ([with_system_prompt(c, system_a) for c in conversations],
+            [with_system_prompt(c, system_b) for c in conversations])
+
+
 def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None,
                    max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
                    temperature: float = 0.0, seed: int = 0, scorer: Scorer | None = None,
@@ -169,14 +184,14 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
     settings = Settings(max_new_tokens, batch_size, temperature, seed, scorer, scorer_name, guard)
     pool = None
     if kshot or retrieval_k:
-        source = kshot_data or training_data_of(b) or training_data_of(a)
-        if not source:
+        pool = load_conversations(kshot_data, None)[0] if kshot_data else training_conversations(b) or \
+            training_conversations(a)
+        if not pool and not kshot_data:
             raise UserError("--kshot and --retrieval-k need training examples: give --kshot-data FILE, "
-                            "or a run folder as A or B")
-        pool = load_conversations(source, None)[0]
-    scored = score_model(a, prompt_sets(name_a, conversations, pool, kshot, retrieval_k, seed, zero_shot=True),
-                         settings)
-    scored += score_model(b, prompt_sets(name_b, conversations, pool, 0, retrieval_k, seed, zero_shot=True),
+                            "or a run folder (whose training data is still in place) as A or B")
+    asked_a, asked_b = asked_as_trained(conversations, a, b)
+    scored = score_model(a, prompt_sets(name_a, asked_a, pool, kshot, retrieval_k, seed, zero_shot=True), settings)
+    scored += score_model(b, prompt_sets(name_b, asked_b, pool, 0, retrieval_k, seed, zero_shot=True),
                           settings)[::-1]  # B with retrieval, then B itself last: the candidate
     table = baseline_table(scored, samples, seed, scorer_name, guard)
     examples = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"],

@@ -31,13 +31,24 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 2
     return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def opening(model_or_run: str, system: str | None, out=sys.stderr) -> list[dict]:
+    """A conversation's first messages: the system prompt given ("" for none), else the one the run trained with."""
+    from ..runs import system_prompt_of
+
+    if system is None:
+        system = system_prompt_of(model_or_run)
+        if system:
+            print(f"system prompt (the run's data.system_prompt; --system '' for none): {system}", file=out)
+    return [{"role": "system", "content": system}] if system else []
+
+
 def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
          read=input, out=sys.stdout, guard: LoopGuard = LoopGuard()) -> list[dict]:
     """A conversation loop; each answer joins the history. Returns the conversation."""
     from ..runs import load_trained
 
     model, tokenizer, _ = load_trained(model_or_run)
-    start = [{"role": "system", "content": system}] if system else []
+    start = opening(model_or_run, system, out)
     messages = list(start)
     print(HELP, file=out)
     while True:

@@ -196,13 +196,10 @@ def score_model(spec: str, prompt_sets: dict[str, list[list[dict]]], settings: S
     return scored
 
 
-def training_data_of(spec: str) -> str | None:
-    """The training file of a run folder (the demo task's generated file for demo runs)."""
+def training_conversations(spec: str) -> list[list[dict]]:
+    """A run folder's training conversations, read as training read them; [] for a model."""
     run = RunFolder(spec)
-    if not run.is_run():
-        return None
-    train = run.read_config().data.train
-    return str(run.data / "train.jsonl") if train == "demo" else train
+    return run.conversations("train") if run.is_run() else []
 
 
 def pick_shots(source: str | list[list[dict]], k: int, seed: int, exclude: list[list[dict]]) -> list[list[dict]]:

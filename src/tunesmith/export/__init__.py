@@ -81,7 +81,6 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     import torch
 
     from .. import runs
-    from ..config import load_config
     from ..models import load_model, load_tokenizer
     from .gguf import write_gguf
     from .gguf_check import verify_gguf
@@ -116,8 +115,8 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     shutil.rmtree(scratch, ignore_errors=True)
     check["file"] = str(folder / name)
     if modelfile:
-        system = load_config(run / "config.yaml").data.system_prompt or fixed_system_prompt(conversations)
-        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system, adds_bos(tokenizer)))
+        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, runs.system_prompt_of(str(run)),
+                                                 adds_bos(tokenizer)))
     write_readme(folder, "gguf", run=run.name, **{**check, "file": name})
     runs.write_json(folder / f"check-{quant}.json", check)
     return check
@@ -160,12 +159,6 @@ def export_gguf_lora(run: Path, folder: Path) -> dict:
     result = {"base": str(base_file), "adapter": str(adapter_file), **checks}
     runs.write_json(folder / "check.json", result)
     return result
-
-
-def fixed_system_prompt(conversations: list[list[dict]]) -> str | None:
-    """The system message every sampled conversation starts with, if they share one."""
-    systems = {c[0]["content"] if c and c[0]["role"] == "system" else None for c in conversations}
-    return systems.pop() if len(systems) == 1 else None
 
 
 __all__ = ["FORMATS", "export"]

@@ -51,7 +51,7 @@ def model_card(run: RunFolder, what: str, repo_id: str) -> str:
     meta = {"base_model": hub_id, "library_name": "peft" if what == "adapter" else "transformers",
             "license": license_name, "tags": ["tunesmith"]}
     front = yaml.safe_dump({k: v for k, v in meta.items() if v}, sort_keys=False)
-    base = f"`{hub_id}`" if hub_id else f"a local model folder (`{config.model.name}`), not on the Hub"
+    base = f"`{hub_id}`" if hub_id else f"a local model folder (`{local_name(config.model.name)}`), not on the Hub"
     if config.model.name in ("", "default"):
         base += " (tunesmith's built-in default: its Q4_1 GGUF, dequantised)"
     sections = [
@@ -61,11 +61,27 @@ def model_card(run: RunFolder, what: str, repo_id: str) -> str:
         "## Base vs fine-tuned", *comparison_sections(results, read_json(run.comparison) or {}),
         "## Data", *data_sections(results.get("data") or {}),
         "## Training", training_table(results),
-        "## Config", "The config the run trained with (paths are those of the machine it ran on):",
-        "```yaml\n" + run.config.read_text(encoding="utf-8").rstrip() + "\n```",
+        "## Config", "The config the run trained with (local files and folders by their names only):",
+        "```yaml\n" + shown_config(config).rstrip() + "\n```",
         "## Use", usage(what, repo_id, hub_id),
     ]
     return f"---\n{front}---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
+
+
+def local_name(spec: str) -> str:
+    """A local path by its last part: a public card need not show the folders of the machine it trained on."""
+    return Path(spec).name if Path(spec).is_absolute() else spec
+
+
+def shown_config(config) -> str:
+    """The run's config as YAML, local paths by their names (the run's config.yaml holds them absolute)."""
+    raw = config.model_dump(mode="json")
+    raw["model"]["name"] = local_name(raw["model"]["name"])
+    raw["output"]["dir"] = local_name(raw["output"]["dir"])
+    data = raw["data"]
+    data.update({split: local_name(data[split]) for split in ("train", "validation", "test") if data[split]})
+    data["mix"] = {local_name(source): weight for source, weight in data["mix"].items()}
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def table(header: list[str], rows: list[list]) -> str:

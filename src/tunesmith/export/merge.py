@@ -16,7 +16,6 @@ import torch
 from .. import runs
 from ..config import load_config
 from ..data.collate import collate
-from ..data.prepare import load_conversations
 from ..data.tokenize import encode
 from ..errors import UserError
 from ..models import load_base, load_model, load_tokenizer
@@ -40,14 +39,8 @@ class MergeCheck:
 
 def sample_conversations(run: Path, count: int = 8) -> list[list[dict]]:
     """The run's first validation (else training) conversations: the inputs the model was made for."""
-    cfg = load_config(run / "config.yaml")
-    candidates = [run / "data" / "validation.jsonl", cfg.data.validation, run / "data" / "train.jsonl", cfg.data.train]
-    for path in candidates:
-        if path and Path(path).is_file():
-            conversations, _ = load_conversations(str(path), cfg.data.system_prompt)
-            if conversations:
-                return conversations[:count]
-    return []
+    folder = runs.RunFolder(run)
+    return (folder.conversations("validation") or folder.conversations("train"))[:count]
 
 
 def sample_batch(run: Path, tokenizer, count: int = 8) -> dict[str, torch.Tensor]:

@@ -1,0 +1,165 @@
+"""A finished run is read again as it was trained, from any directory.
+
+The run here trains from a spreadsheet-style CSV named relative to the project folder, with the
+user's own column names (data.columns) and a system prompt (data.system_prompt). Later commands
+run elsewhere: export's check prompts, compare's retrieval pool and the system prompt that chat,
+compare, eval and pairs ask the run with must still be what training saw.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tunesmith
+from tunesmith.config import load_config, result_keys
+from tunesmith.start import anchored
+
+SYSTEM = "Triage the ticket in one word."
+
+
+@pytest.fixture(scope="module")
+def project(tiny_model_dir, tmp_path_factory) -> Path:
+    """A project folder holding tickets.csv, the config naming it relatively, and the trained run."""
+    folder = tmp_path_factory.mktemp("project")
+    with open(folder / "tickets.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ticket", "team"])
+        for i in range(24):
+            writer.writerow([f"Ticket {i}: my {'screen' if i % 2 else 'invoice'} is wrong", "tech" if i % 2 else "billing"])
+    config = {"model": {"name": str(tiny_model_dir), "dtype": "float32"},
+              "data": {"train": "tickets.csv", "columns": {"question": "ticket", "answer": "team"},
+                       "system_prompt": SYSTEM, "max_seq_len": 128},
+              "train": {"max_steps": 2, "batch_size": 4, "checkpoint_every": 1},
+              "eval": {"generate": False}, "output": {"dir": "runs/mine"}}
+    (folder / "my.yaml").write_text(yaml.safe_dump(config))
+    started_in = os.getcwd()
+    os.chdir(folder)
+    try:
+        tunesmith.train("my.yaml")
+    finally:
+        os.chdir(started_in)
+    return folder
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_runs_config_names_its_files_absolutely_and_a_resume_still_matches(project, monkeypatch):
+    run = project / "runs" / "mine"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["train"] == str(project / "tickets.csv")
+    assert saved["output"]["dir"] == str(run)
+    # The checkpoint's settings are the anchored ones: the user's relative config, run again from the
+    # project folder, compares equal to them (a resume is not refused as "the config changed").
+    state = json.loads(next((run / "checkpoints").glob("step-*/state.json")).read_text())
+    monkeypatch.chdir(project)
+    assert state["settings"] == result_keys(anchored(load_config("my.yaml")))
+    assert state["settings"]["data.train"] == str(project / "tickets.csv")
+
+
+def test_exports_check_prompts_are_the_runs_own_conversations_from_another_directory(project, elsewhere):
+    from tunesmith.export.merge import sample_conversations
+
+    conversations = sample_conversations(project / "runs" / "mine")
+    assert len(conversations) == 8
+    first = conversations[0]
+    assert first[0] == {"role": "system", "content": SYSTEM}
+    assert first[1]["content"].startswith("Ticket ") and first[2]["content"] in ("tech", "billing")
+
+
+def test_compare_retrieves_from_the_runs_training_data_and_asks_both_models_with_its_system_prompt(
+        project, elsewhere, tiny_model_dir):
+    from helpers import write_jsonl
+    from tunesmith.eval import baselines
+
+    run = str(project / "runs" / "mine")
+    test = write_jsonl(elsewhere / "test.jsonl", [{"question": f"Ticket {i}: screen dead", "answer": "tech"}
+                                                  for i in range(3)])
+    asked = []
+    scored = baselines.score_prompts
+
+    def recording(model, tokenizer, name, prompts, settings, layout=baselines.PADDED):
+        asked.append((name, prompts))
+        return scored(model, tokenizer, name, prompts, settings, layout)
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr("tunesmith.eval.compare.score_prompts", recording)
+    try:
+        result = baselines.compare_models(str(tiny_model_dir), run, str(test), max_new_tokens=2, batch_size=4,
+                                          samples=50, names=("base", "tuned"), retrieval_k=1)
+    finally:
+        monkeypatch.undo()
+    assert list(result["models"]) == ["base", "base + retrieval", "tuned + retrieval", "tuned"]
+    for name, prompts in asked:
+        assert all(p[0] == {"role": "system", "content": SYSTEM} for p in prompts), name
+    retrieved = dict(asked)["tuned + retrieval"][0]
+    # system, then the retrieved training example (CSV columns read as training read them), then the question
+    assert retrieved[1]["content"].startswith("Ticket ") and retrieved[2]["content"] in ("tech", "billing")
+    assert retrieved[-1]["content"] == "tech" and len(retrieved) == 5
+
+
+def test_chat_and_eval_ask_a_run_with_its_system_prompt_unless_told_otherwise(project, elsewhere, tiny_model_dir,
+                                                                            monkeypatch):
+    import io
+
+    import tunesmith.api as api
+    from helpers import write_jsonl
+    from tunesmith.eval.chat import opening
+
+    run = str(project / "runs" / "mine")
+    told = io.StringIO()
+    assert opening(run, None, told) == [{"role": "system", "content": SYSTEM}]
+    assert "data.system_prompt" in told.getvalue()
+    assert opening(run, "", told) == []
+    assert opening(run, "Be brief.", told) == [{"role": "system", "content": "Be brief."}]
+    assert opening(str(tiny_model_dir), None, told) == []
+
+    seen = []
+    prepare = api.prepare
+    monkeypatch.setattr(api, "prepare", lambda cfg, tokenizer: seen.append(cfg.system_prompt) or prepare(cfg, tokenizer))
+    data = write_jsonl(elsewhere / "d.jsonl", [{"question": "Ticket: screen dead", "answer": "tech"}] * 2)
+    api.evaluate(run, str(data), max_new_tokens=2)
+    api.evaluate(str(tiny_model_dir), str(data), max_new_tokens=2)
+    assert seen == [SYSTEM, None]
+
+
+def test_pairs_sample_a_run_with_its_system_prompt(project, elsewhere, monkeypatch):
+    import tunesmith.data.prompts as prompts_module
+    from helpers import write_jsonl
+    from tunesmith.pairs import make_pairs
+
+    asked = []
+    encode = prompts_module.encode_prompts
+    monkeypatch.setattr(prompts_module, "encode_prompts", lambda tokenizer, prompts: asked.extend(prompts) or
+                        encode(tokenizer, prompts))
+    prompts = write_jsonl(elsewhere / "prompts.jsonl", [{"prompt": f"Ticket {i}: screen dead", "reference": "tech"}
+                                                        for i in range(2)])
+    make_pairs(str(project / "runs" / "mine"), str(prompts), samples=2, out=str(elsewhere / "pairs.jsonl"),
+               max_new_tokens=2)
+    assert len(asked) == 2 and all(p[0] == {"role": "system", "content": SYSTEM} for p in asked)
+
+
+def test_a_runs_system_prompt_is_else_the_one_its_training_conversations_all_start_with(tmp_path):
+    """The demo's data carries its system prompt in every conversation (no data.system_prompt)."""
+    from helpers import write_jsonl
+    from tunesmith.config import dump, load_config
+    from tunesmith.runs import system_prompt_of
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump(load_config(None, ["data.train=demo"])))
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    shared = [{"messages": [{"role": "system", "content": "Triage."}, *turns]}] * 3
+    write_jsonl(run / "data" / "train.jsonl", shared)
+    assert system_prompt_of(str(run)) == "Triage."
+    write_jsonl(run / "data" / "train.jsonl", shared + [{"messages": turns}])
+    assert system_prompt_of(str(run)) is None
+    assert system_prompt_of(str(tmp_path)) is None  # not a run
