@@ -130,6 +130,32 @@ def test_gguf_check_refuses_a_wrong_layout_and_says_by_how_much(runs, tmp_path, 
     assert not (tmp_path / "gguf" / "model-f16.gguf").exists()
 
 
+def test_q8_0_is_judged_by_kl_divergence_and_decided_positions_not_by_near_ties(tmp_path):
+    """q8_0 moves every logit a little: where the merged model's two best tokens are nearly tied, the file may
+    pick the other one. Such flips alone (a real run's q8_0 had 3% of them) pass; a file whose logits are off
+    is refused, with its KL divergence."""
+    from tunesmith.export.agreement import agreement
+    from tunesmith.export.gguf_check import refuse_if_off
+
+    generator = torch.Generator().manual_seed(0)
+    reference = 4 * torch.randn(400, 64, generator=generator)
+    best = reference.argmax(-1)
+    tied = torch.arange(400) < 40  # a tenth of the positions: the runner-up 0.01 logits behind
+    runner_up = (best[tied] + 1) % 64
+    reference[tied.nonzero().squeeze(1), runner_up] = reference.max(-1).values[tied] - 0.01
+    answers = torch.ones(400, dtype=torch.bool)
+    rounded = reference + 0.05 * torch.randn(400, 64, generator=generator)  # q8_0-like noise
+    found = agreement(rounded, reference, answers)
+    assert found["top1_agreement"] < 0.99 < found["top1_decided"] and found["decided_positions"] < 360
+    assert found["kl_divergence"] < 0.01
+    refuse_if_off(tmp_path / "m.gguf", "q8_0", "transformers", found, 1.0, 400)  # passes
+    shuffled = reference[torch.randperm(400, generator=generator)]  # rows for other positions: a broken file
+    off = agreement(shuffled, reference, answers)
+    with pytest.raises(UserError, match=r"q8_0 GGUF \(transformers\) is off the merged model: mean KL divergence "
+                                        r"[0-9.]+ over 400 answer positions"):
+        refuse_if_off(tmp_path / "m.gguf", "q8_0", "transformers", off, 1.0, 400)
+
+
 def test_all_formats_from_the_cli(runs, tmp_path, capsys):
     from peft import PeftModel
 

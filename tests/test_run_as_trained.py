@@ -117,7 +117,7 @@ def test_chat_and_eval_ask_a_run_with_its_system_prompt_unless_told_otherwise(pr
     run = str(project / "runs" / "mine")
     told = io.StringIO()
     assert opening(run, None, told) == [{"role": "system", "content": SYSTEM}]
-    assert "data.system_prompt" in told.getvalue()
+    assert "the one the run trained with" in told.getvalue()
     assert opening(run, "", told) == []
     assert opening(run, "Be brief.", told) == [{"role": "system", "content": "Be brief."}]
     assert opening(str(tiny_model_dir), None, told) == []

@@ -291,7 +291,7 @@ def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size:
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
     system = system_prompt_of(model_or_run)
     if system:
-        say(f"eval: the examples are asked with the run's system prompt {system!r} (data.system_prompt)")
+        say(f"eval: the examples are asked with the system prompt the run trained with: {system!r}")
     # Eval loss on the examples within max_seq_len, as in training; generation scores on every example.
     prepared = prepare(DataConfig(train=data, validation=data, test=data, system_prompt=system), tokenizer)
     eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, test_limit=limit, scorer=scorer,

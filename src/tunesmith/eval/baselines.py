@@ -161,9 +161,12 @@ def asked_as_trained(conversations: list[list[dict]], a: str, b: str) -> tuple[l
     model with the other's (both are then asked alike, as in training's own comparison with the base)."""
     system_a, system_b = system_prompt_of(a), system_prompt_of(b)
     system_a, system_b = system_a or system_b, system_b or system_a
-    for name, system in ((a, system_a), (b, system_b)):
-        if system:
-            say(f"compare: {name} is asked with the system prompt {system!r} (the run's data.system_prompt)")
+    if system_a and system_a == system_b:
+        say(f"compare: both are asked with the system prompt the run trained with: {system_a!r}")
+    else:
+        for name, system in ((a, system_a), (b, system_b)):
+            if system:
+                say(f"compare: {name} is asked with the system prompt it trained with: {system!r}")
     return ([with_system_prompt(c, system_a) for c in conversations],
             [with_system_prompt(c, system_b) for c in conversations])
 

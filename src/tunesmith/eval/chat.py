@@ -38,7 +38,7 @@ def opening(model_or_run: str, system: str | None, out=sys.stderr) -> list[dict]
     if system is None:
         system = system_prompt_of(model_or_run)
         if system:
-            print(f"system prompt (the run's data.system_prompt; --system '' for none): {system}", file=out)
+            print(f"system prompt (the one the run trained with; --system '' for none): {system}", file=out)
     return [{"role": "system", "content": system}] if system else []
 
 

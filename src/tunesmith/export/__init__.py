@@ -133,6 +133,7 @@ def export_gguf_lora(run: Path, folder: Path) -> dict:
     from ..models import load_base, load_tokenizer
     from . import llamacpp
     from .gguf import write_gguf
+    from .agreement import agreement
     from .gguf_check import F16_TOLERANCE, answer_positions
     from .gguf_lora import applied_by_hand, write_lora_gguf
     from .merge import adapter_model, logits_of, sample_batch
@@ -149,7 +150,7 @@ def export_gguf_lora(run: Path, folder: Path) -> dict:
     base_file = write_gguf(base, tokenizer, folder / "base-f16.gguf", "f16", name=f"{run.resolve().name}-base")
     adapter_file = write_lora_gguf(base, trained, folder / "adapter-f16.gguf")
     answers = answer_positions(batch)
-    checks = {"by_hand": llamacpp.compare(logits_of(applied_by_hand(base, adapter_file), batch), reference, answers)}
+    checks = {"by_hand": agreement(logits_of(applied_by_hand(base, adapter_file), batch), reference, answers)}
     if llamacpp.available():
         checks["llama_cpp"] = llamacpp.check(base_file, reference, batch, answers, lora=adapter_file)
     for reader, found in checks.items():

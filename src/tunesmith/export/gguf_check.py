@@ -13,10 +13,18 @@ import torch
 
 from ..data.tokenize import IGNORE
 from ..errors import UserError
+from .agreement import DECIDED, agreement
 from .gguf import NOT_READ_BY_TRANSFORMERS, PERMUTED, READ_BACK_AS, gguf_architecture, gguf_names, rope_from_ggml
 
 F16_TOLERANCE = 1e-2  # max abs logit difference, relative to the largest reference logit
-Q8_TOP1 = 0.99  # share of answer positions whose top-1 token must agree
+# q8_0 rounds every weight, so its logits move a little everywhere (on the default model about 0.13 logits,
+# one standard deviation): where the merged model's two best tokens are nearly tied, the file may pick the
+# other one. On high-entropy text (medical answers, 8 steps of fine-tuning) that was 3% of answer positions
+# at a mean KL divergence of 0.0012, and every flip was at a gap under 0.16 logits. So q8_0 is held to the
+# mean KL divergence llama.cpp's own `perplexity --kl-divergence` reports (a 6-bit file is about 0.004, a
+# broken layout or a lost tensor well above 0.1), and to top-1 agreement where the merged model has decided.
+Q8_KLD = 0.01  # the most mean KL(merged || file) at answer positions
+Q8_TOP1 = 0.99  # share of decided answer positions whose top-1 token must agree
 
 
 @dataclass
@@ -28,6 +36,9 @@ class GGUFCheck:
     relative_diff: float
     top1_agreement: float  # at answer positions (where the next token is an answer token)
     top1_all_positions: float  # prompt positions too: predicting the user's text, near-ties are common
+    kl_divergence: float  # mean KL(merged || file) at answer positions
+    top1_decided: float  # at answer positions where the merged model's top token leads by DECIDED logits
+    decided_positions: int
     prompts_checked: int
     prompts_equal: int
     llama_cpp: dict | None = None  # the same comparison in llama.cpp itself, where llama-cpp-python is installed
@@ -150,15 +161,12 @@ def verify_gguf(path: Path, quant: str, reference_logits: torch.Tensor, batch: d
     from .merge import logits_of
 
     model = read_back(path, config) if config is not None else load_model(str(path), torch.float32)
-    logits = logits_of(model, batch)
-    diff = float((logits - reference_logits).abs().max())
-    scale = float(reference_logits.abs().max()) or 1.0
-    same = logits.argmax(-1) == reference_logits.argmax(-1)
     answers = answer_positions(batch)
-    top1 = float(same[answers].float().mean()) if answers.any() else float(same.float().mean())
+    found = agreement(logits_of(model, batch), reference_logits, answers)
+    scale = float(reference_logits.abs().max()) or 1.0
     checked, equal = template_parity(trained_tokenizer, gguf_tokenizer(path), conversations)
-    check = GGUFCheck(str(path), quant, int(answers.sum()) or len(same), diff, diff / scale, top1,
-                      float(same.float().mean()), checked, equal)
+    check = GGUFCheck(str(path), quant, int(answers.sum()) or len(reference_logits), **found, prompts_checked=checked,
+                      prompts_equal=equal)
     from . import llamacpp
 
     if llamacpp.available():
@@ -194,11 +202,13 @@ def llama_cpp_tokens_parity(path: Path, trained_tokenizer, conversations: list[l
 
 
 def refuse_if_off(path: Path, quant: str, reader: str, check: dict, scale: float, positions: int) -> None:
-    """f16 within F16_TOLERANCE of the logit scale, q8_0 top-1 agreement at least Q8_TOP1."""
-    diff, top1 = check["max_abs_diff"], check["top1_agreement"]
+    """f16 within F16_TOLERANCE of the logit scale; q8_0 within Q8_KLD and agreeing at Q8_TOP1 of decided positions."""
+    diff = check["max_abs_diff"]
     if quant == "f16" and not check["relative_diff"] <= F16_TOLERANCE:
         raise UserError(f"{path}: f16 GGUF logits ({reader}) differ from the merged model's by {diff:.3g} "
                         f"({check['relative_diff']:.2%} of the logit scale {scale:.3g}; tolerance {F16_TOLERANCE:.0%})")
-    if quant == "q8_0" and not top1 >= Q8_TOP1:
-        raise UserError(f"{path}: q8_0 GGUF ({reader}) agrees with the merged model on the top-1 token at {top1:.2%} "
-                        f"of {positions} answer positions (at least {Q8_TOP1:.0%} needed)")
+    if quant == "q8_0" and not (check["kl_divergence"] <= Q8_KLD and check["top1_decided"] >= Q8_TOP1):
+        raise UserError(f"{path}: q8_0 GGUF ({reader}) is off the merged model: mean KL divergence "
+                        f"{check['kl_divergence']:.4f} over {positions} answer positions (at most {Q8_KLD} allowed), "
+                        f"top-1 token agreement {check['top1_decided']:.2%} at the {check['decided_positions']} where "
+                        f"the merged model leads by {DECIDED} logits or more (at least {Q8_TOP1:.0%} needed)")

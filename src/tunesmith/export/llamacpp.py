@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .agreement import agreement
 
 FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
 
@@ -78,17 +79,8 @@ def logits(path: Path, batch: dict[str, torch.Tensor], lora: Path | None = None)
 
 def check(path: Path, reference: torch.Tensor, batch: dict[str, torch.Tensor], answers: torch.Tensor,
           lora: Path | None = None) -> dict:
-    """llama.cpp's logits against the merged model's: max abs difference (also relative to the logit scale)
-    and top-1 agreement at answer positions and at all positions."""
-    return compare(logits(path, batch, lora)[:, : reference.shape[1]], reference, answers)
-
-
-def compare(theirs: torch.Tensor, reference: torch.Tensor, answers: torch.Tensor) -> dict:
-    diff = float((theirs - reference).abs().max())
-    same = theirs.argmax(-1) == reference.argmax(-1)
-    return {"max_abs_diff": diff, "relative_diff": diff / (float(reference.abs().max()) or 1.0),
-            "top1_agreement": float(same[answers].float().mean()) if answers.any() else float(same.float().mean()),
-            "top1_all_positions": float(same.float().mean())}
+    """llama.cpp's logits against the merged model's (gguf_check.agreement)."""
+    return agreement(logits(path, batch, lora)[:, : reference.shape[1]], reference, answers)
 
 
 def tokenize(path: Path, texts: list[str]) -> list[list[int]]:

@@ -37,8 +37,10 @@ Warnings for these servers: {warnings}
 
 `{file}` ({quant}), with the tokenizer and the chat template training used inside. Checked by reading
 it back with transformers: logits vs the merged model max abs difference {max_abs_diff:.3g}
-({relative_diff:.2%} of the logit scale), top-1 token agreement {top1_agreement:.2%} of {positions}
-answer positions ({top1_all_positions:.2%} of all positions), generation prompts token-equal to training's for {prompts_equal} of {prompts_checked}.
+({relative_diff:.2%} of the logit scale), mean KL divergence {kl_divergence:.4f} over {positions} answer
+positions, top-1 token agreement {top1_agreement:.2%} of them ({top1_decided:.2%} of the {decided_positions} where the
+merged model's top token leads by half a logit or more; {top1_all_positions:.2%} of all positions), generation prompts
+token-equal to training's for {prompts_equal} of {prompts_checked}.
 Checked on: {checked_on}.
 
 llama.cpp: `llama-cli -m {file} -cnv`  (or `llama-server -m {file}`)
