@@ -92,3 +92,23 @@ def test_a_generation_metric_for_the_best_weights_needs_single_answer_examples()
     # a rule across settings reads as one sentence: no pydantic prefix, no dump of the whole config
     assert "Value error" not in str(refused.value) and "(got" not in str(refused.value)
     assert load_config(None, ["eval.best_metric=rouge_l"]).eval.best_metric == "rouge_l"
+
+
+def test_overrides_after_an_option_join_the_others_in_order_and_a_mistyped_option_is_still_refused(
+        tmp_path, capsys, monkeypatch):
+    """`tunesmith train my.yaml --resume train.lr=1e-4`: argparse alone called the override unrecognized."""
+    import tunesmith.api
+    from tunesmith.cli import main
+
+    called = []
+    monkeypatch.setattr(tunesmith.api, "train", lambda config, overrides, must_resume: called.append(
+        (overrides, must_resume)))
+    assert main(["train", "my.yaml", "train.lr=1e-4", "--resume", "adapter.r=4", "train.lr=2e-4"]) == 0
+    assert called == [(["train.lr=1e-4", "adapter.r=4", "train.lr=2e-4"], True)]  # in order: the last lr wins
+    for stray in ("--resme", "lr"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["train", "my.yaml", "--resume", "train.lr=1e-4", stray])
+        assert stopped.value.code == 2 and f"unrecognized arguments: {stray}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path), "train.lr=1"])  # a command that takes no overrides
+    assert len(called) == 1

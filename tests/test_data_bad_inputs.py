@@ -46,6 +46,20 @@ def test_each_bad_file_gets_its_reason_in_one_line(name, tiny_model_dir, tmp_pat
     assert err.startswith(f"error: {path}") and EXPECTED[name] in err, err
 
 
+def test_unknown_columns_get_the_override_to_paste_and_it_works(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A spreadsheet's own headers: the error names the override with them, and that override reads the file."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "faq.csv"
+    path.write_text("Q,A,source\nWhere is my order?,It left yesterday.,web\nCan I pay later?,Yes.,mail\n")
+    args = ["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    suggested = err.split("(e.g. ", 1)[1].split(")", 1)[0]
+    assert suggested == "data.columns={question: Q, answer: A}"
+    assert main([*args, suggested]) == 0
+    assert "format: question_answer 2" in capsys.readouterr().out
+
+
 def test_duplicates_are_counted_and_the_rest_is_used(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     path = CORPUS / "duplicates_only_one_kept.jsonl"

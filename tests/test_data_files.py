@@ -122,12 +122,6 @@ def test_semicolon_csv_and_tsv(tmp_path, tiny_tokenizer):
             [("Dose, adult?", "2,5 mg"), ("Why", "Because, mostly")], name
 
 
-def test_two_unknown_columns_get_a_mapping_to_copy(tmp_path, tiny_tokenizer):
-    (tmp_path / "d.csv").write_text("Q,A\nwhat?,that\n")
-    with pytest.raises(UserError, match=r"d.csv:2: .*data.columns, e.g. \{question: Q, answer: A\}"):
-        prepare(DataConfig(train=str(tmp_path / "d.csv"), cache=False), tiny_tokenizer)
-
-
 def test_a_bare_list_of_messages_is_a_conversation(tmp_path, tiny_tokenizer):
     chats = [[{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": f"hello {i}"}] for i in range(4)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n[1, 2]\n")

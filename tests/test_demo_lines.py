@@ -1,6 +1,6 @@
 """The demo's printed evidence: the baselines side by side with the fine-tuned model's lead, the verdict,
 and one general-ability line."""
-from tunesmith.cli import evidence_lines
+from tunesmith.eval.evidence import evidence_lines
 
 
 def test_demo_prints_baselines_verdict_and_general_line():
@@ -28,3 +28,16 @@ def test_demo_prints_baselines_verdict_and_general_line():
     assert "general ability (100 probe items, arc_easy, mmlu): base 33.0 -> fine-tuned 32.0 points, -1.0 [-4.0, +2.0]" in text
     assert lines[-1].strip() == "warning: lost 3.0 points"
     assert evidence_lines({}) == []
+
+
+def test_demo_ends_with_base_against_fine_tuned_then_the_run_folder():
+    from tunesmith.eval.evidence import demo_lines
+
+    lines = demo_lines({"base": {"all_fields": 0.0, "json_valid": 0.02, "eval_loss": 1.236},
+                        "fine_tuned": {"all_fields": 0.96, "json_valid": 1.0, "eval_loss": 0.013, "test_examples": 50},
+                        "run_dir": "runs/demo"})
+    assert lines[0] == "\nDemo: support-ticket triage on 50 held-out tickets"
+    assert lines[1:4] == ["  every field right: base 0.0% -> fine-tuned 96.0%",
+                          "  valid JSON:        base 2.0% -> fine-tuned 100.0%",
+                          "  eval loss:         base 1.236 -> fine-tuned 0.013"]
+    assert lines[-1].startswith("  run folder: runs/demo")

@@ -8,7 +8,7 @@ from importlib import resources
 
 from .errors import Interrupted, UserError, plain_warnings
 from .eval.decoding import LoopGuard
-from .eval.evidence import evidence_lines
+from .eval.evidence import demo_lines
 from .methods import NAMES as METHOD_NAMES
 from .objectives.settings import OBJECTIVE_NAMES
 from .plan.shapes import SHIPPED as SHIPPED_SHAPES
@@ -34,14 +34,7 @@ def cmd_demo(args) -> int:
     overrides = [f"output.dir={args.out}"] + args.overrides
     with resources.as_file(config) as path:
         results = train(str(path), overrides)
-    base, tuned = results["base"], results["fine_tuned"]
-    print(f"\nDemo: support-ticket triage on {results['fine_tuned'].get('test_examples', 0)} held-out tickets")
-    print(f"  every field right: base {base.get('all_fields', 0):.1%} -> fine-tuned {tuned.get('all_fields', 0):.1%}")
-    print(f"  valid JSON:        base {base.get('json_valid', 0):.1%} -> fine-tuned {tuned.get('json_valid', 0):.1%}")
-    print(f"  eval loss:         base {base.get('eval_loss', float('nan')):.3f} -> fine-tuned {tuned.get('eval_loss', float('nan')):.3f}")
-    for line in evidence_lines(results):
-        print(line)
-    print(f"  run folder: {results['run_dir']} (adapter, metrics.jsonl, predictions, results.json)")
+    print("\n".join(demo_lines(results)))
     return 0
 
 
@@ -378,7 +371,14 @@ def _add_scoring_options(p) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse takes a command's key=value overrides only before its first option; after one, they are not
+    # "unrecognized" to a user (`train my.yaml --resume train.lr=1e-4`): they join the overrides, in order.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if not hasattr(args, "overrides") or a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides += extra
     plain_warnings(args.debug)
     try:
         return args.func(args)

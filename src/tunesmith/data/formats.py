@@ -75,7 +75,8 @@ def detect_format(record: dict) -> str:
             missing = next(k for k in keys if k not in record)
             raise FormatError("missing field", f"'{missing}' (the record looks like format {kind})")
     named = [key for key in record if isinstance(key, str)]
-    example = f", e.g. {{question: {named[0]}, answer: {named[1]}}}" if len(named) == 2 else ""
+    # The user's own column names in the override they can paste (the first two, in the file's order)
+    example = f" (e.g. data.columns={{question: {named[0]}, answer: {named[1]}}})" if len(named) >= 2 else ""
     raise FormatError("unknown format", f"no known fields (keys: {', '.join(sorted(map(str, record))) or 'none'}); "
                       f"map your columns with data.columns{example}, or set data.format")
 

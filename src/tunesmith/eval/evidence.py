@@ -3,6 +3,18 @@ fine-tuned model's lead and its 95% interval, the verdict, and the general-abili
 from __future__ import annotations
 
 
+def demo_lines(results: dict) -> list[str]:
+    """What `tunesmith demo` prints at its end: base against fine-tuned on the held-out tickets, then the evidence."""
+    base, tuned = results["base"], results["fine_tuned"]
+    nan = float("nan")
+    return [f"\nDemo: support-ticket triage on {tuned.get('test_examples', 0)} held-out tickets",
+            f"  every field right: base {base.get('all_fields', 0):.1%} -> fine-tuned {tuned.get('all_fields', 0):.1%}",
+            f"  valid JSON:        base {base.get('json_valid', 0):.1%} -> fine-tuned {tuned.get('json_valid', 0):.1%}",
+            f"  eval loss:         base {base.get('eval_loss', nan):.3f} -> fine-tuned {tuned.get('eval_loss', nan):.3f}",
+            *evidence_lines(results),
+            f"  run folder: {results['run_dir']} (adapter, metrics.jsonl, predictions, results.json)"]
+
+
 def evidence_lines(results: dict) -> list[str]:
     """The demo's baselines side by side (every field right, with the fine-tuned model's lead and its
     95% interval) and its general-ability line."""
