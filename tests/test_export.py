@@ -166,8 +166,12 @@ def test_all_formats_from_the_cli(runs, tmp_path, capsys):
 
     run = runs["llama"]
     assert main(["export", str(run), "--format", "hf,peft,gguf,ollama", "--quant", "q8_0", "--out", str(tmp_path)]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    said = capsys.readouterr()
+    printed = json.loads(said.out)  # the result alone on stdout; each stage on stderr as it ends
     assert set(printed) == {"merged", "peft", "gguf"} and printed["merged"]["max_abs_diff"] < 1e-4
+    for line in ("merge: read back from disk, its logits within", "gguf: writing model-q8_0.gguf",
+                 "gguf: model-q8_0.gguf checked: mean KL divergence"):
+        assert line in said.err
 
     merged = tmp_path / "merged"
     assert {"config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json"} <= {p.name for p in merged.iterdir()}

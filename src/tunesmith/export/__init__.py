@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 from ..errors import UserError
@@ -82,6 +83,8 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
 
     from .. import runs
     from ..models import load_model, load_tokenizer
+    from ..progress import say
+    from . import llamacpp
     from .gguf import write_gguf
     from .gguf_check import verify_gguf
     from .gguf_vocab import adds_bos
@@ -105,10 +108,18 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     batch = sample_batch(run, tokenizer)
     reference = logits_of(model, batch)
     name = f"model-{quant}.gguf"
+    started = time.perf_counter()
+    say(f"gguf: writing {name}")
     written = write_gguf(model, tokenizer, scratch / name, quant, name=run.resolve().name)
     config = model.config
     del model
+    readers = "transformers, then llama.cpp" if llamacpp.available() else "transformers"
+    on = f"{len(conversations)} sample conversations" if conversations else "random tokens"
+    say(f"gguf: reading {name} back ({readers}) to compare with the merged model on {on}")
     check = verify_gguf(written, quant, reference, batch, tokenizer, conversations, config).as_dict()
+    say(f"gguf: {name} checked: mean KL divergence {check['kl_divergence']:.2g}, top-1 agreement "
+        f"{check['top1_agreement']:.1%} ({check['top1_decided']:.1%} where the merged model has decided), prompts "
+        f"token-equal {check['prompts_equal']}/{check['prompts_checked']} ({time.perf_counter() - started:.0f} s)")
     check["checked_on"] = (f"{len(conversations)} sample conversations of the run's data" if conversations else
                            "random tokens only (no sample conversations; --force): chat template not checked")
     os.replace(written, folder / name)

@@ -8,6 +8,7 @@ rounding to 4 bits would swallow most of the update.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ..config import load_config
 from ..data.collate import collate
 from ..data.tokenize import encode
 from ..errors import UserError
+from ..progress import say
 from ..models import load_base, load_model, load_tokenizer
 from ..models.quant import dequantize
 
@@ -101,6 +103,8 @@ def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float =
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    started = time.perf_counter()
+    say(f"merge: the adapter into its base{' (dequantised from NF4)' if quantized else ''}, fp32 -> {out}")
     merged = merged_model(cfg.model.name, trained, quantized)
     merged.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(partial)
@@ -119,4 +123,6 @@ def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float =
     shutil.rmtree(out, ignore_errors=True)
     partial.replace(out)
     runs.write_json(out / "merge_check.json", check.as_dict())
+    say(f"merge: read back from disk, its logits within {diff:.2g} of the adapter model's (allowed {allowed:.2g}) at "
+        f"{check.positions} positions ({time.perf_counter() - started:.0f} s)")
     return check
