@@ -163,3 +163,26 @@ def test_a_runs_system_prompt_is_else_the_one_its_training_conversations_all_sta
     write_jsonl(run / "data" / "train.jsonl", shared + [{"messages": turns}])
     assert system_prompt_of(str(run)) is None
     assert system_prompt_of(str(tmp_path)) is None  # not a run
+
+
+def test_a_checkpoint_that_holds_paths_as_typed_still_resumes_from_the_folder_it_was_trained_in(
+        project, tmp_path, monkeypatch):
+    """Checkpoints from before paths were recorded absolute hold data.train as the user typed it."""
+    import shutil
+
+    from tunesmith.errors import UserError
+    from tunesmith.training.checkpoint import check_same_settings
+
+    old = tmp_path / "step-2"
+    shutil.copytree(next((project / "runs" / "mine" / "checkpoints").glob("step-*")), old)
+    state = json.loads((old / "state.json").read_text())
+    state["settings"]["data.train"] = "tickets.csv"
+    (old / "state.json").write_text(json.dumps(state))
+    monkeypatch.chdir(project)
+    settings = result_keys(anchored(load_config("my.yaml")))
+    check_same_settings(old, settings)  # the same file: resumes
+    with pytest.raises(UserError, match=r"the config changed since this checkpoint, in train.lr"):
+        check_same_settings(old, {**settings, "train.lr": 1.0})
+    monkeypatch.chdir(tmp_path)  # elsewhere, the typed path names another (missing) file
+    with pytest.raises(UserError, match=r"in data.train \('tickets.csv' -> "):
+        check_same_settings(old, settings)

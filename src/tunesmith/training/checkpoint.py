@@ -95,10 +95,21 @@ def config_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Settings that name local files: a checkpoint from before runs recorded them absolute (start.anchored) holds
+# them as typed, relative to the folder training started in, where a resume is run from too.
+PATH_SETTINGS = ("model.name", "data.train", "data.validation", "data.test")
+
+
+def same_setting(key: str, saved, now) -> bool:
+    if saved == now or key not in PATH_SETTINGS or not (isinstance(saved, str) and isinstance(now, str)):
+        return saved == now
+    return Path(saved).expanduser().resolve() == Path(now) and Path(now).exists()
+
+
 def check_same_settings(path: Path, settings: dict) -> None:
     """Refuse to resume when a setting that changes the result differs from the checkpoint's."""
     saved = json.loads((path / "state.json").read_text()).get("settings", {})
-    differing = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    differing = sorted(k for k in set(saved) | set(settings) if not same_setting(k, saved.get(k), settings.get(k)))
     if differing:
         shown = ", ".join(f"{k} ({saved.get(k)!r} -> {settings.get(k)!r})" for k in differing)
         raise UserError(f"{path}: the config changed since this checkpoint, in {shown}; restore those settings, "
