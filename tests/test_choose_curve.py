@@ -1,6 +1,7 @@
 """`tunesmith choose` ranks base models of known quality and lists those that do not fit;
 `tunesmith curve` trains on nested, seeded fractions of the data."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,8 @@ def test_choose_ranks_the_better_model_first_and_lists_what_does_not_fit(tiny_mo
     assert unfit["model"] == "llama-3.1-70b" and unfit["planned_memory"] > 24 * 2**30
     text = format_choice(result)
     assert "1. " + str(good) in text and "llama-3.1-70b: does not fit" in text and "not loaded" in text
+    ranking[0]["epoch_seconds"] = 22.4  # where the device's speed is known: as `plan` says it (it was "0 min")
+    assert re.search(r"\d GiB, epoch 22 s\]", format_choice(result))
     assert (tmp_path / "choose" / "choose.png").stat().st_size > 0
     assert json.loads((tmp_path / "choose" / "choose.json").read_text())["ranking"][0]["model"] == str(good)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .errors import UserError
+from .plan import duration
 from .eval.compare import LOSS, LOWER_IS_BETTER, PER_CHAR, Scored, Settings, compare_scored, mean_interval
 from .progress import say
 
@@ -185,7 +186,7 @@ def format_choice(result: dict) -> str:
              f", {result['examples']} validation examples; planned memory on {result['device']})"]
     for row in result["ranking"]:
         cells = "  ".join(f"{name}: {means.get(metric, float('nan')):.4f}" for name, means in row["settings"].items())
-        epoch = f", epoch {row['epoch_seconds'] / 60:.0f} min" if row.get("epoch_seconds") else ""
+        epoch = f", epoch {duration(row['epoch_seconds'])}" if row.get("epoch_seconds") else ""
         lines.append(f"{row['rank']}. {row['model']}  [{row['planned_memory'] / 2**30:.1f} GiB{epoch}]  {cells}")
         versus = row.get("versus_next")
         if versus:
