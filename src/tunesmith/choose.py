@@ -20,8 +20,8 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .errors import UserError
-from .plan import duration
 from .eval.compare import LOSS, LOWER_IS_BETTER, PER_CHAR, Scored, Settings, compare_scored, mean_interval
+from .plan import duration
 from .progress import say
 
 SETTINGS = ("zero-shot", "retrieval", "fine-tuned")

@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="talk to a model or fine-tuned run in the terminal, answers streamed")
     p.add_argument("model")
-    p.add_argument("--system", default=None, help="system prompt (default: a run's data.system_prompt; '' for none)")
+    p.add_argument("--system", default=None, help="system prompt (default: the one a run trained with; '' for none)")
     _add_decoding_options(p, max_new_tokens=256)
     p.set_defaults(func=cmd_chat)
 
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer one prompt, streamed")
     p.add_argument("model")
     p.add_argument("prompt")
-    p.add_argument("--system", default=None, help="system prompt (default: a run's data.system_prompt; '' for none)")
+    p.add_argument("--system", default=None, help="system prompt (default: the one a run trained with; '' for none)")
     _add_decoding_options(p, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
 

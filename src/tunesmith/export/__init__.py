@@ -143,8 +143,8 @@ def export_gguf_lora(run: Path, folder: Path) -> dict:
     from ..config import load_config
     from ..models import load_base, load_tokenizer
     from . import llamacpp
-    from .gguf import write_gguf
     from .agreement import agreement
+    from .gguf import write_gguf
     from .gguf_check import F16_TOLERANCE, answer_positions
     from .gguf_lora import applied_by_hand, write_lora_gguf
     from .merge import adapter_model, logits_of, sample_batch

@@ -79,7 +79,7 @@ def logits(path: Path, batch: dict[str, torch.Tensor], lora: Path | None = None)
 
 def check(path: Path, reference: torch.Tensor, batch: dict[str, torch.Tensor], answers: torch.Tensor,
           lora: Path | None = None) -> dict:
-    """llama.cpp's logits against the merged model's (gguf_check.agreement)."""
+    """llama.cpp's logits against the merged model's (agreement.py)."""
     return agreement(logits(path, batch, lora)[:, : reference.shape[1]], reference, answers)
 
 

@@ -19,9 +19,9 @@ from ..config import load_config
 from ..data.collate import collate
 from ..data.tokenize import encode
 from ..errors import UserError
-from ..progress import say
 from ..models import load_base, load_model, load_tokenizer
 from ..models.quant import dequantize
+from ..progress import say
 
 TOLERANCE = 1e-4  # fp32 max abs logit difference, per unit of logit scale (max |logit|, at least 1)
 MAX_SHARD_SIZE = "2GB"  # safetensors files past this size are split (as hub models are)
