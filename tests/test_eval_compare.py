@@ -167,6 +167,16 @@ def test_eval_scores_every_example_of_a_file(tiny_model_dir, tmp_path, monkeypat
     assert result["test_examples"] == 6 and math.isfinite(result["eval_loss"])
 
 
+def test_eval_names_a_missing_data_file_as_the_option_given_before_loading_the_model(monkeypatch):
+    import tunesmith.runs
+    from tunesmith.api import evaluate
+    from tunesmith.errors import UserError
+
+    monkeypatch.setattr(tunesmith.runs, "load_trained", lambda *a, **k: pytest.fail("loaded the model first"))
+    with pytest.raises(UserError, match=r"^/nope.jsonl: data file not found \(--data\)$"):
+        evaluate("default", "/nope.jsonl")
+
+
 def test_a_tenth_of_answers_longer_than_generation_gets_a_warning():
     from tunesmith.config import EvalConfig
     from tunesmith.eval.baselines import cut_answers_warning

@@ -286,8 +286,10 @@ def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size:
              guard: LoopGuard = LoopGuard()) -> dict:
     """Eval loss and generation scores of a model or run on a data file."""
     from .config import DataConfig, EvalConfig
+    from .data.sources import check_source
     from .runs import load_trained, system_prompt_of
 
+    check_source(data, "--data")  # before the model loads
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
     system = system_prompt_of(model_or_run)
     if system:
