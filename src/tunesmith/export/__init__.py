@@ -105,7 +105,7 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
         source = merge_run(run, scratch / "merged", TOLERANCE).folder  # verified merge, deleted below
     tokenizer = load_tokenizer(str(trained))  # carries the chat template training used
     model = load_model(str(source), torch.float32)
-    batch = sample_batch(run, tokenizer)
+    batch = sample_batch(run, tokenizer, conversations)  # read above: not again
     reference = logits_of(model, batch)
     name = f"model-{quant}.gguf"
     started = time.perf_counter()

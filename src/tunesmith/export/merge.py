@@ -45,10 +45,12 @@ def sample_conversations(run: Path, count: int = 8) -> list[list[dict]]:
     return (folder.conversations("validation") or folder.conversations("train"))[:count]
 
 
-def sample_batch(run: Path, tokenizer, count: int = 8) -> dict[str, torch.Tensor]:
-    """A padded batch of `sample_conversations`, or fixed pseudo-random tokens when the data moved away."""
+def sample_batch(run: Path, tokenizer, conversations: list[list[dict]] | None = None) -> dict[str, torch.Tensor]:
+    """A padded batch of `sample_conversations` (read here unless given), or fixed pseudo-random tokens when
+    the data moved away."""
     max_len = load_config(run / "config.yaml").data.max_seq_len
-    encoded = [encode(tokenizer, c) for c in sample_conversations(run, count)]
+    conversations = sample_conversations(run) if conversations is None else conversations
+    encoded = [encode(tokenizer, c) for c in conversations]
     encoded = [e for e in encoded if len(e.input_ids) <= max_len]
     if encoded:
         return collate(encoded, tokenizer.pad_token_id)

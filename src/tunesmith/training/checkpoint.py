@@ -101,8 +101,10 @@ PATH_SETTINGS = ("model.name", "data.train", "data.validation", "data.test")
 
 
 def same_setting(key: str, saved, now) -> bool:
-    if saved == now or key not in PATH_SETTINGS or not (isinstance(saved, str) and isinstance(now, str)):
-        return saved == now
+    if saved == now:
+        return True
+    if key not in PATH_SETTINGS or not isinstance(saved, str) or not isinstance(now, str):
+        return False
     return Path(saved).expanduser().resolve() == Path(now) and Path(now).exists()
 
 
