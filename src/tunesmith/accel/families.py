@@ -9,6 +9,10 @@ from __future__ import annotations
 import functools
 
 
+# The same families by transformers' model_type, for what sees a model's config only (`tunesmith plan`).
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 @functools.lru_cache(maxsize=1)
 def known() -> dict[str, tuple[type, ...]]:
     """{"norm": RMSNorm classes, "mlp": gated MLP classes, "silu": SiLU activations,

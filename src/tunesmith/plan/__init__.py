@@ -47,6 +47,7 @@ class Plan:
     changes: list[tuple[str, Estimate]] = field(default_factory=list)  # what would make it fit the target
     tokens: int | None = None
     flops_per_token: float = 0.0
+    drawn: bool = False  # the micro-batches are the data's own, not batch x max_seq_len
 
 
 def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memory_gib: float | None = None,
@@ -163,6 +164,16 @@ def duration(seconds: float) -> str:
 AUTO = " (model.dtype auto: each device below in its own, float32 where it has no fast bfloat16)"
 
 
+def micro_batch(p: Plan) -> str:
+    """The planned micro-batch in words: the data's largest, or the config's worst case."""
+    s = p.setup
+    if not p.drawn:
+        return f"micro-batch {s.batch} x {s.seq} tokens"
+    if s.tokens:
+        return f"the data's largest micro-batch {s.batch} sequences in one row of {s.tokens} tokens (padding-free)"
+    return f"the data's largest micro-batch {s.batch} {'packed rows' if s.packed_rows else 'rows'} x {s.seq} tokens"
+
+
 def format_plan(p: Plan) -> str:
     s, shape, est = p.setup, p.shape, p.estimate
     targets = "all linear" if set(s.targets) == set(LINEARS) else ",".join(s.targets)
@@ -170,7 +181,7 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"model: {shape.name}: {shape.total_params / 1e9:.3f}B parameters, {shape.layers} layers, hidden "
         f"{shape.hidden}, vocab {shape.vocab}",
-        f"setup: {method}, {s.dtype}{AUTO if s.dtype_auto else ''}, micro-batch {s.batch} x {s.seq} tokens, gradient checkpointing "
+        f"setup: {method}, {s.dtype}{AUTO if s.dtype_auto else ''}, {micro_batch(p)}, gradient checkpointing "
         f"{checkpointing(shape, s)}, {s.label_share:.0%} of positions with a label",
         f"trainable: {est.trainable / 1e6:.2f}M parameters; peak during the {est.peak_phase}",
     ]
@@ -215,20 +226,29 @@ def format_plan(p: Plan) -> str:
 def plan_for(config: str | None = None, overrides: list[str] | None = None, model: str | None = None,
              device: str | None = None, memory_gib: float | None = None, tokens: int | None = None,
              utilisation: float | None = None, include_this_machine: bool = True, **changes) -> Plan:
-    """`tunesmith plan`: a run config (or the defaults) with flags on top; the data set's token count,
-    label share and mean length come from the config's training data where it has one."""
+    """`tunesmith plan`: a run config (or the defaults) with flags on top. Where the config names
+    training data, its token count, label share and mean length come from it, and so do the
+    micro-batches: the largest the run draws, as the estimate `train` prints at its start (a
+    --seq, --batch or --grad-accum flag plans its own worst case instead)."""
     from ..config import load_config
     from ..errors import UserError
 
     cfg = load_config(config, overrides)
     name = model or cfg.model.name
-    label_share, mean_seq = None, None
-    if tokens is None and config is not None:
-        tokens, label_share, mean_seq = data_figures(cfg)
     changes = {k: v for k, v in changes.items() if v is not None}
     if changes.get("devices", 1) < 1:
         raise UserError(f"--nproc {changes['devices']}: a run needs at least one device")
-    setup = setup_from_config(cfg, label_share or 1.0, devices=changes.pop("devices", 1))
+    devices = changes.pop("devices", 1)
+    split, mean_seq = None, None
+    if tokens is None and config is not None:
+        split = training_split(cfg)
+        tokens, mean_seq = split.tokens, split.tokens / max(1, len(split))
+    share = label_share(split.encoded, cfg.train, cfg.data.max_seq_len) if split else 1.0
+    setup = setup_from_config(cfg, share, devices=devices)
+    drawn = split is not None and not {"seq", "batch", "grad_accum"} & changes.keys()
+    if drawn:
+        shape = model_shape(name, cfg.model.trust_remote_code)
+        setup, _ = with_drawn_micro_batches(cfg, packed(cfg, split), planned_layout(cfg, shape), setup)
     if "fsdp" in changes:  # said on the command line
         changes["fsdp"] = changes["fsdp"] and setup.devices > 1
     if "gradient_checkpointing" in changes:  # said on the command line: on or off for every block
@@ -236,17 +256,41 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     setup = replace(setup, **changes, **({"dtype_auto": False} if "dtype" in changes else {}))
     if setup.fsdp and setup.method == "qlora":  # as the config refuses it (config.py)
         raise UserError("--fsdp does not work with QLoRA yet (FSDP2 loses the 4-bit weights' quantisation state)")
-    return plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine)
+    return replace(plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine),
+                   drawn=drawn)
 
 
-def data_figures(cfg) -> tuple[int, float, float]:
-    """(train tokens, share of them with a label, mean example length), as `tunesmith data check` counts them."""
-    from ..data.prepare import prepare
+def training_split(cfg):
+    """The training split as `tunesmith train` prepares it, in its objective's form (not packed)."""
+    if cfg.train.objective == "sft":
+        from ..data.prepare import prepare
 
-    train = prepare(cfg.data, cfg.model.name).splits["train"]
-    labels = sum(e.label_count for e in train.encoded)
-    return train.tokens, labels / max(1, train.tokens), train.tokens / max(1, len(train))
+        return prepare(cfg.data, cfg.model.name).splits["train"]
+    from ..models import load_tokenizer
+    from ..objectives import prepare_data
+
+    return prepare_data(cfg, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)).splits["train"]
 
 
+def packed(cfg, split):
+    """The split in packed rows where data.packing says so, as training packs it."""
+    if not cfg.data.packing:
+        return split
+    from ..data.packing import pack_split
+
+    return pack_split(split, cfg.data.max_seq_len)
+
+
+def planned_layout(cfg, shape: ModelShape) -> str:
+    """The batch layout a run would take, from its config and the model's family: padding-free where
+    the fast paths' attention knows the family (accel/families.py), as on the CPU and on CUDA."""
+    from ..accel.families import MODEL_TYPES
+    from ..data.collate import layout
+
+    fast = cfg.train.fast_paths != "off" and shape.model_type in MODEL_TYPES
+    return layout(cfg.data.packing, fast)
+
+
+from .objectives import label_share  # noqa: E402
 from .run import (TrainingMemory, estimated, fewest_within, first_steps, largest_micro_batch,  # noqa: E402
-                  run_estimate, run_setup, utilisation_of)
+                  run_estimate, run_setup, utilisation_of, with_drawn_micro_batches)

@@ -58,6 +58,18 @@ class RunSetup:
 def run_setup(cfg, train_split, layout: str, device, devices: int = 1) -> RunSetup:
     """The run's real micro-batches and label share, on the device it runs on, one of `devices`
     (torchrun's processes; under train.fsdp their shards, plan/sharding.py)."""
+    setup, tokens = with_drawn_micro_batches(cfg, train_split, layout, setup_from_config(
+        cfg, label_share(train_split.encoded, cfg.train, cfg.data.max_seq_len), device, devices))
+    shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
+    target = gpu_of(device) if device.type == "cuda" else None
+    if target:
+        setup = replace(setup, head_chunk=cuda_head_chunk(shape))
+    return RunSetup(shape, setup, target, tokens)
+
+
+def with_drawn_micro_batches(cfg, train_split, layout: str, setup: Setup) -> tuple[Setup, int]:
+    """(`setup` with the largest micro-batch of the run's steps, as training draws them in place of
+    the config's worst case of every sequence at max_seq_len, that micro-batch's tokens)."""
     from ..data.collate import PACKED, PADDING_FREE
     from ..training.loop import total_steps
 
@@ -66,14 +78,9 @@ def run_setup(cfg, train_split, layout: str, device, devices: int = 1) -> RunSet
     # Padding-free, a step of short examples may be one micro-batch whatever train.grad_accum says:
     # gradients are held across micro-batches only where a step has several.
     accumulating = max(len(step) for step in drawn)
-    setup = setup_from_config(cfg, label_share(train_split.encoded, cfg.train, cfg.data.max_seq_len), device, devices)
-    setup = counted_setup(cfg, replace(setup, batch=sequences, seq=longest, packed_rows=layout == PACKED,
-                                       tokens=tokens if layout == PADDING_FREE else None, grad_accum=accumulating))
-    shape = model_shape(cfg.model.name, cfg.model.trust_remote_code)
-    target = gpu_of(device) if device.type == "cuda" else None
-    if target:
-        setup = replace(setup, head_chunk=cuda_head_chunk(shape))
-    return RunSetup(shape, setup, target, tokens)
+    return counted_setup(cfg, replace(setup, batch=sequences, seq=longest, packed_rows=layout == PACKED,
+                                      tokens=tokens if layout == PADDING_FREE else None,
+                                      grad_accum=accumulating)), tokens
 
 
 def with_checkpointing(setup: Setup, layers: int | None) -> Setup:

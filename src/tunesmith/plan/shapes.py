@@ -43,7 +43,14 @@ SHIPPED = {
     "qwen3-14b": ("Qwen/Qwen3-14B", _config(151936, 5120, 17408, 40, 40, 8, False, 128)),
     "qwen3-32b": ("Qwen/Qwen3-32B", _config(151936, 5120, 25600, 64, 64, 8, False, 128)),
 }
-KNOWN = {hub_id: config for hub_id, config in SHIPPED.values()}
+
+
+def _model_type(name: str) -> str:
+    """transformers' model_type of a shipped shape, from its short name."""
+    return next((kind for kind in ("qwen3", "qwen2", "mistral") if name.startswith(kind)), "llama")
+
+
+KNOWN = {hub_id: {**config, "model_type": _model_type(name)} for name, (hub_id, config) in SHIPPED.items()}
 ALIASES = {name: hub_id for name, (hub_id, _) in SHIPPED.items()}
 
 # Linear layers of a Llama-style block: name -> (input width, output width) as functions of the shape.
@@ -61,6 +68,7 @@ class ModelShape:
     head_dim: int
     tied: bool
     name: str = "model"
+    model_type: str = ""  # transformers' name of the family (llama, qwen2, ...)
 
     @property
     def q_width(self) -> int:
@@ -102,7 +110,7 @@ def shape_from_dict(config: dict, name: str = "model") -> ModelShape:
         layers=config["num_hidden_layers"], heads=heads,
         kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim") or hidden // heads,
-        tied=bool(config.get("tie_word_embeddings", False)), name=name)
+        tied=bool(config.get("tie_word_embeddings", False)), name=name, model_type=config.get("model_type", ""))
 
 
 def model_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:

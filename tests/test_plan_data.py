@@ -1,0 +1,78 @@
+"""`tunesmith plan CONFIG` plans the run's own micro-batches, as `train` does at its start."""
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+
+import tunesmith
+from helpers import write_config
+from tunesmith.config import validate
+from tunesmith.plan import format_plan, plan_for
+from tunesmith.plan.shapes import model_shape
+
+
+def this_machine(found):
+    return next(fit for fit in found.fits if fit.device.is_cpu)
+
+
+def test_plan_of_a_config_predicts_what_train_predicts_at_its_start(tiny_model_dir, tmp_path):
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=2, checkpoint_every=0)
+    settings = json.loads(config.read_text())
+    settings["data"]["max_seq_len"] = 512  # a step's 8 short questions fill a fraction of 4 x 512 tokens
+    config.write_text(json.dumps(settings))
+    results = tunesmith.train(str(config))
+    found = plan_for(str(config))
+    assert found.drawn and found.setup.tokens  # the tiny model is a Llama: padding-free rows
+    assert this_machine(found).estimate.total == pytest.approx(results["peak_memory"]["predicted"], rel=1e-9)
+    assert "the data's largest micro-batch" in format_plan(found)
+    assert found.setup.tokens < 4 * 512 / 2
+    # Named sizes plan every sequence at that length.
+    worst = plan_for(str(config), seq=512, batch=4)
+    assert not worst.drawn and (worst.setup.batch, worst.setup.seq) == (4, 512)
+    assert this_machine(worst).estimate.total > this_machine(found).estimate.total
+    assert "micro-batch 4 x 512 tokens" in format_plan(worst)
+
+
+@pytest.mark.parametrize("model_type,fast_paths,packing,expected", [
+    ("llama", "auto", False, "padding-free"),
+    ("qwen3", "auto", False, "padding-free"),
+    ("llama", "off", False, "padded"),  # plain transformers pads
+    ("gemma3", "auto", False, "padded"),  # a family the fast paths do not know
+    ("llama", "auto", True, "packed"),
+])
+def test_the_planned_layout_is_the_one_training_takes(model_type, fast_paths, packing, expected):
+    from dataclasses import replace
+
+    from tunesmith.plan import planned_layout
+
+    cfg = validate({"train": {"fast_paths": fast_paths}, "data": {"packing": packing}})
+    shape = replace(model_shape("llama-3.2-1b"), model_type=model_type)
+    assert planned_layout(cfg, shape) == expected
+
+
+def test_the_families_by_name_are_the_families_by_class():
+    """accel/families.py names the families for what reads a config only: the same as its classes."""
+    from tunesmith.accel.families import MODEL_TYPES, known
+
+    by_module = {cls.__module__ for cls in known()["attention"]}
+    assert by_module == {importlib.import_module(f"transformers.models.{t}.modeling_{t}").__name__
+                         for t in MODEL_TYPES}
+    assert model_shape("qwen2.5-7b").model_type == "qwen2" and model_shape("mistral-7b").model_type == "mistral"
+
+
+def test_a_preference_config_is_planned_from_its_pairs(tiny_model_dir, tmp_path):
+    """A DPO config's data is read as pairs, as its training reads it (it once failed as SFT data)."""
+    from helpers import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"Repeat: alpha beta {i}", "chosen": f"alpha beta {i}", "rejected": f"gamma {i} delta omega"}
+        for i in range(12)])
+    config = tmp_path / "dpo.json"
+    config.write_text(json.dumps({"model": {"name": str(tiny_model_dir), "dtype": "float32"},
+                                  "data": {"train": str(pairs), "max_seq_len": 256},
+                                  "train": {"objective": "dpo", "batch_size": 2, "grad_accum": 1}}))
+    found = plan_for(str(config))
+    assert found.drawn and found.setup.objective == "dpo"
+    assert found.setup.batch == 4  # two pairs: chosen and rejected of each
