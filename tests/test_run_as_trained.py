@@ -186,3 +186,33 @@ def test_a_checkpoint_that_holds_paths_as_typed_still_resumes_from_the_folder_it
     monkeypatch.chdir(tmp_path)  # elsewhere, the typed path names another (missing) file
     with pytest.raises(UserError, match=r"in data.train \('tickets.csv' -> "):
         check_same_settings(old, settings)
+
+
+@pytest.mark.parametrize("objective,records,expected", [
+    ("dpo", [{"prompt": "Q1", "chosen": "good 1", "rejected": "bad 1"},
+             {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q2"}],
+              "chosen": [{"role": "assistant", "content": "good 2"}], "rejected": "bad 2"}],
+     [[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "good 1"}],
+      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q2"},
+       {"role": "assistant", "content": "good 2"}]]),
+    ("kto", [{"prompt": "Q1", "completion": "good 1", "label": True},
+             {"prompt": "Q2", "completion": "bad 2", "label": False}],
+     [[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "good 1"}]]),
+    ("grpo", [{"prompt": "Q1", "reference": "ref 1"}, {"prompt": "Q2"}],
+     [[{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "ref 1"}]]),
+])
+def test_a_preference_or_reward_run_is_read_by_its_good_answers(tmp_path, objective, records, expected):
+    """Export's check prompts and compare's shots come from the run's data: pairs, KTO answers and
+    GRPO prompts are read as their training reads them, each with a good answer (they were read as
+    SFT records, found none, and export and `compare --kshot` of such a run failed)."""
+    from tunesmith.eval.compare import training_conversations
+    from tunesmith.export.merge import sample_conversations
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"train": str(data)}, "train": {"objective": objective},
+                                                     "output": {"dir": str(run)}}))
+    assert training_conversations(str(run)) == expected
+    assert sample_conversations(run) == expected  # no validation file: the training data's

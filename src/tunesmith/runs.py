@@ -74,16 +74,22 @@ class RunFolder:
 
     def conversations(self, split: str) -> list[list[dict]]:
         """A split's conversations ("train", "validation") as training read them: with the config's format,
-        columns and system prompt. [] where the split has no local file (moved away, a hub data set, none)."""
+        columns and system prompt (for another objective than SFT, those of its records with a good
+        answer). [] where the split has no local file (moved away, a hub data set, none)."""
         from .data.prepare import load_conversations
 
         written = self.data / f"{split}.jsonl"  # the demo task's generated files: chat messages already
         if written.is_file():
             return load_conversations(str(written), None)[0]
-        data = self.read_config().data
+        cfg = self.read_config()
+        data, objective = cfg.data, cfg.train.objective
         spec = getattr(data, split)
         if not spec or spec == "demo" or not Path(spec).expanduser().exists():
             return []
+        if objective != "sft":  # pairs, KTO answers, GRPO prompts: those with a good answer
+            from .objectives import answered_conversations
+
+            return answered_conversations(spec, data, objective)
         return load_conversations(spec, data.system_prompt, data.format, data.columns, data.hub_split)[0]
 
     def read_results(self) -> dict | None:

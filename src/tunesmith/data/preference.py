@@ -225,6 +225,13 @@ def _read(spec: str, kind: str, cfg: DataConfig, problems: list[Problem], seen: 
     return out
 
 
+def read_answers(spec: str, kind: str, cfg: DataConfig, problems: list[Problem]) -> tuple[list, list, list[bool]]:
+    """(prompts, answers: [chosen, rejected] or [completion], whether the first answer is a good one)
+    of a source's valid records (every pair's chosen answer is; a KTO answer where marked desirable)."""
+    read = _read(spec, kind, cfg, problems, set())
+    return read.prompts, read.answers, [desirable is not False for desirable in read.desirable]
+
+
 def _encode(read: _Read, kind: str, tokenizer, cfg: DataConfig, prepared: Prepared, name: str) -> Split:
     sides = len(read.answers[0]) if read.answers else 1
     conversations = [p + [{"role": "assistant", "content": a}] for p, answers in zip(read.prompts, read.answers)

@@ -95,7 +95,8 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     trained = runs.trained_folder(run)
     conversations = sample_conversations(run)
     if not conversations and not force:
-        raise UserError(f"{run}: no sample conversations found (the run's validation and training data are gone), so "
+        raise UserError(f"{run}: no sample conversations found (the run's validation and training data are gone, or "
+                        "none of their records has an answer: GRPO prompts without a reference), so "
                         "the GGUF's logits and chat template cannot be checked on real prompts; restore the data, or "
                         "export with --force to check the logits on random tokens only")
     scratch = folder / ".partial"

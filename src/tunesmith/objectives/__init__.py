@@ -45,6 +45,27 @@ def prepare_data(cfg, tokenizer):
     return prepare_preference(cfg.data, tokenizer, kind)
 
 
+def answered_conversations(spec: str, data_cfg, objective: str) -> list[list[dict]]:
+    """The conversations of an objective's data file that end in a good answer, read as its training
+    reads them: each pair's prompt with its chosen answer, each desirable KTO answer, each GRPO prompt
+    with its reference (prompts without one are left out). They stand for the task where a command
+    needs examples of it: export's checks, compare's shots, the system prompt a run trained with."""
+    kind = DATA_KIND[objective]
+    problems: list = []
+    if kind == "prompts":
+        from ..data.prompts import read_prompts
+
+        prompts, references, _, _ = read_prompts(spec, data_cfg, problems)
+        answers = [[reference] for reference in references]
+        good = [reference is not None for reference in references]
+    else:
+        from ..data.preference import read_answers
+
+        prompts, answers, good = read_answers(spec, kind, data_cfg, problems)
+    return [prompt + [{"role": "assistant", "content": said[0]}] for prompt, said, keep in zip(prompts, answers, good)
+            if keep]
+
+
 def build(cfg, model, tokenizer, method, device, layout: str):
     """The objective of a run, its reference set up (the adapters disabled, or a frozen copy)."""
     from ..errors import UserError
