@@ -169,3 +169,10 @@ def test_a_test_split_beside_pairs_and_prompts_holds_the_examples_ending_at_each
     assert prepared.summary()["tokens"]["test"] == sum(len(e.input_ids) for e in split.encoded) > 0
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Repeat: a"}, {"prompt": "Repeat: b"}])
     assert len(prepare_prompts(data_cfg(prompts, test=str(test)), tiny_tokenizer).splits["test"]) == 2
+
+
+def test_every_objective_says_what_its_eval_loss_is():
+    """`train` says under its closing table what eval_loss means for a non-SFT objective."""
+    from tunesmith.objectives import EVAL_LOSS, NAMES
+
+    assert set(EVAL_LOSS) == set(NAMES) - {"sft"}

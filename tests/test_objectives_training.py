@@ -95,6 +95,7 @@ def test_grpo_statistics_reach_the_metrics_and_the_report(tiny_model_dir, tmp_pa
     evals = records(run, "eval")
     assert evals and evals[-1]["eval_loss"] <= 0  # minus the mean reward of greedy answers
     assert not any("perplexity" in r for r in evals)  # exp(-reward) would mean nothing
+    assert "eval_loss: minus the mean reward of greedy answers" in done.stdout + done.stderr  # said under the table
     report = json.loads((run / "report.json").read_text())
     assert "objective/kl" in report["curves"]["train"][0]
     assert "objective" in (run / "report.html").read_text()

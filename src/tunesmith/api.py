@@ -205,6 +205,8 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         say(f"report: {write_report(run.path)[0]}")
     ranks.barrier()
     say(comparison_table(base, tuned))
+    if cfg.train.objective != "sft" and "eval_loss" in tuned:
+        say(f"eval_loss: {objectives.EVAL_LOSS[cfg.train.objective]}")
     if "baselines" in results:
         say(format_baselines(results["baselines"]))
     if evidence is not None:

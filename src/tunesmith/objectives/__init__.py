@@ -25,6 +25,14 @@ DESCRIPTIONS = {
     "grpo": "sample groups of answers, reward them with your scorers, reinforce the better ones",
 }
 DATA_KIND = {"dpo": "pairs", "orpo": "pairs", "simpo": "pairs", "kto": "unpaired", "grpo": "prompts"}
+# What a run's eval_loss is, where it is not the mean answer-token loss of SFT.
+EVAL_LOSS = {
+    "dpo": "the DPO loss on the validation pairs (0.693 = no preference)",
+    "orpo": "the ORPO loss (NLL of the chosen answers plus the odds-ratio term) on the validation pairs",
+    "simpo": "the SimPO loss on the validation pairs",
+    "kto": "the KTO loss on the validation answers",
+    "grpo": "minus the mean reward of greedy answers to the validation prompts",
+}
 
 
 def needs_reference(train_cfg) -> bool:
