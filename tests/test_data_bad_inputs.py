@@ -118,3 +118,31 @@ def test_many_over_long_examples_get_a_hint(tiny_model_dir, tiny_tokenizer, tmp_
     assert main(["data", "check", str(data), f"max_seq_len={suggested}", "--model", str(tiny_model_dir),
                  "--out", str(tmp_path / "d")]) == 0
     assert "hint:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_latin1_file_is_refused_at_its_line_with_the_conversion(suffix, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The first non-UTF-8 byte is named by line and file offset, far past the reader's first chunk
+    (the decoder's own offset counts within a chunk), with the command that converts the file."""
+    import shutil
+    import subprocess
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    good = [json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"}) if suffix == ".jsonl"
+            else f"question {i},answer {i}" for i in range(5000)]
+    bad = json.dumps({"prompt": "café?", "completion": "oui"}, ensure_ascii=False) if suffix == ".jsonl" else "café?,oui"
+    header = [] if suffix == ".jsonl" else ["prompt,completion"]
+    text = "\n".join(header + good + [bad]) + "\n"
+    path = tmp_path / f"latin{suffix}"
+    path.write_bytes(text.encode("latin-1"))
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    line = len(header) + 5001
+    offset = text.encode("latin-1").index("é".encode("latin-1"))
+    assert err.startswith(f"error: {path}:{line}: not UTF-8 text (byte {offset} of the file is 0xe9)"), err
+    if shutil.which("iconv"):  # the conversion it suggests reads
+        command = err.split("utf-8 ", 1)[1].split(" > ")
+        converted = tmp_path / command[1]
+        converted.write_bytes(subprocess.run(["iconv", "-f", "cp1252", "-t", "utf-8", str(path)],
+                                             capture_output=True, check=True).stdout)
+        assert main(["data", "check", str(converted), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 0

@@ -83,8 +83,30 @@ def read_records(spec: str | Path, hub_split: str = "train") -> Records:
                         "a folder of them, a saved dataset folder or a hub data set id)")
     try:
         return readers[suffix](path)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except UnicodeDecodeError:
+        raise UserError(not_utf8(path)) from None
+
+
+def not_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8, and how to convert it (the decoder's own offset is within the
+    chunk it read, not the file)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+        if head in (b"\xff\xfe", b"\xfe\xff"):
+            return (f"{path}: not UTF-8 text: it starts with a UTF-16 byte-order mark; save it as UTF-8 "
+                    f"(iconv -f utf-16 -t utf-8 {path.name} > utf8-{path.name})")
+        handle.seek(0)
+        offset = 0
+        for number, line in enumerate(handle, 1):  # a multi-byte character never spans a newline
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad = line[err.start]
+                return (f"{path}:{number}: not UTF-8 text (byte {offset + err.start} of the file is 0x{bad:02x}); "
+                        f"save it as UTF-8, e.g. from Latin-1 / Windows-1252: "
+                        f"iconv -f cp1252 -t utf-8 {path.name} > utf8-{path.name}")
+            offset += len(line)
+    return f"{path}: not UTF-8 text"
 
 
 def _read_jsonl(path: Path) -> Records:
