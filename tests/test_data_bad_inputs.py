@@ -146,3 +146,10 @@ def test_a_latin1_file_is_refused_at_its_line_with_the_conversion(suffix, tiny_m
         converted.write_bytes(subprocess.run(["iconv", "-f", "cp1252", "-t", "utf-8", str(path)],
                                              capture_output=True, check=True).stdout)
         assert main(["data", "check", str(converted), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 0
+
+
+def test_a_spreadsheet_is_refused_with_how_to_save_it(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "tickets.xlsx"
+    path.write_bytes(b"PK\x03\x04")  # a zip, as .xlsx files are
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 2
+    assert 'save a spreadsheet as "CSV UTF-8"' in capsys.readouterr().err

@@ -79,8 +79,9 @@ def read_records(spec: str | Path, hub_split: str = "train") -> Records:
     suffix = path.suffix.lower()
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
+        spreadsheet = "; save a spreadsheet as \"CSV UTF-8\"" if suffix in (".xlsx", ".xls", ".ods", ".numbers") else ""
         raise UserError(f"{path}: unsupported data file type '{suffix}' (use {', '.join(SUFFIXES)}, "
-                        "a folder of them, a saved dataset folder or a hub data set id)")
+                        f"a folder of them, a saved dataset folder or a hub data set id{spreadsheet})")
     try:
         return readers[suffix](path)
     except UnicodeDecodeError:
