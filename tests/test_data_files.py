@@ -233,6 +233,17 @@ def test_missing_file_is_a_user_error(tiny_tokenizer):
         prepare(DataConfig(train="/no/such/file.jsonl"), tiny_tokenizer)
 
 
+def test_a_missing_relative_path_names_the_folder_it_was_looked_for_in(tmp_path, monkeypatch):
+    """A resume run from another folder than training's: the relative path is read from here."""
+    from tunesmith.data.sources import check_source
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"read from the current folder, {tmp_path}"):
+        check_source("train.jsonl", "data.train")
+    with pytest.raises(UserError, match=r"^/no/such.jsonl: data file not found \(data.train\)$"):
+        check_source("/no/such.jsonl", "data.train")
+
+
 def test_second_prepare_comes_from_the_cache(tmp_path, tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     path = write_jsonl(tmp_path / "d.jsonl", [r for n in range(3) for r in good(n)] + ['{"broken'])

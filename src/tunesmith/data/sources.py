@@ -52,8 +52,10 @@ def source_files(spec: str) -> list[Path]:
 
 def check_source(spec: str, what: str = "data") -> None:
     """Fail early, before anything slow is loaded, when a source does not exist."""
-    if not is_hub_id(spec) and not Path(spec).expanduser().exists():
-        raise UserError(f"{spec}: data file not found ({what})")
+    path = Path(spec).expanduser()
+    if not is_hub_id(spec) and not path.exists():
+        where = "" if path.is_absolute() else f"; a relative path is read from the current folder, {Path.cwd()}"
+        raise UserError(f"{spec}: data file not found ({what}{where})")
 
 
 def read_records(spec: str | Path, hub_split: str = "train") -> Records:
