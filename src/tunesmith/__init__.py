@@ -23,4 +23,27 @@ def evaluate(model_or_run: str, data: str, **options) -> dict:
     return _evaluate(model_or_run, data, **options)
 
 
-__all__ = ["train", "evaluate", "__version__"]
+# The other commands' functions, imported when first used (`import tunesmith` stays light):
+# the same functions the command line calls, with its options as keyword arguments.
+LAZY = {
+    "check_data": "tunesmith.data.check",  # tunesmith data check
+    "plan_for": "tunesmith.plan",  # tunesmith plan
+    "compare": "tunesmith.api",  # tunesmith compare
+    "evaluate_general": "tunesmith.api",  # tunesmith eval --general
+    "choose": "tunesmith.choose",  # tunesmith choose
+    "curve": "tunesmith.curve",  # tunesmith curve
+    "export": "tunesmith.export",  # tunesmith export
+    "push": "tunesmith.export.push",  # tunesmith push
+    "make_pairs": "tunesmith.pairs",  # tunesmith pairs
+}
+
+
+def __getattr__(name: str):
+    if name not in LAZY:
+        raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(LAZY[name]), name)
+
+
+__all__ = ["train", "evaluate", *LAZY, "__version__"]
