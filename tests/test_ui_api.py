@@ -268,3 +268,14 @@ def test_cli_prints_the_token_and_the_server_requires_it(tmp_path, host):
     finally:
         child.terminate()
         child.wait(timeout=30)
+
+
+def test_a_runs_objective_is_shown_beside_its_method(tmp_path):
+    from tunesmith.ui.folders import summary
+
+    for objective, shown in (("dpo", "lora, dpo"), ("sft", "lora")):
+        folder = tmp_path / objective
+        folder.mkdir()
+        (folder / "config.yaml").write_text(yaml.safe_dump({"adapter": {"method": "lora"},
+                                                            "train": {"objective": objective}}))
+        assert summary(folder)["method"] == shown

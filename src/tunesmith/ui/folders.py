@@ -84,11 +84,13 @@ def summary(folder: Path) -> dict:
     started = (folder / "config.yaml").stat().st_mtime
     model = str(config.get("model", {}).get("name", "?"))
     data = str(config.get("data", {}).get("train", "?"))
+    method = config.get("adapter", {}).get("method", "?")
+    objective = config.get("train", {}).get("objective", "sft")
     return {
         "name": folder.name,
         "status": status(folder),
         "model": Path(model).name if os.sep in model else model,
-        "method": config.get("adapter", {}).get("method", "?"),
+        "method": method if objective == "sft" else f"{method}, {objective}",  # a DPO run's LoRA: "lora, dpo"
         "data": Path(data).name if os.sep in data else data,
         "best_eval": best_eval(records, results),
         "step": train_records[-1]["step"] if train_records else 0,
