@@ -216,3 +216,28 @@ def test_a_preference_or_reward_run_is_read_by_its_good_answers(tmp_path, object
                                                      "output": {"dir": str(run)}}))
     assert training_conversations(str(run)) == expected
     assert sample_conversations(run) == expected  # no validation file: the training data's
+
+
+def test_eval_limit_applies_to_the_loss_too_and_the_merged_adapter_scores_as_the_unmerged(project, elsewhere):
+    """`tunesmith eval RUN --data F --limit N`: the loss of the first N examples, as the answers are
+    (it ran over the whole file: a minute for 16 answers of the demo's 200 tickets), computed with
+    the LoRA weights folded into the base (a third faster on a CPU) and equal to the adapter's own."""
+    import tunesmith.api as api
+    from helpers import write_jsonl
+    from tunesmith.config import DataConfig
+    from tunesmith.data.prepare import prepare
+    from tunesmith.eval.loss import eval_loss
+    from tunesmith.runs import load_trained
+
+    run = str(project / "runs" / "mine")
+    rows = [{"question": f"Ticket {i}: my {'screen' if i % 3 else 'invoice'} broke {'twice' * i}", "answer": "tech"}
+            for i in range(6)]
+    limited = api.evaluate(run, str(write_jsonl(elsewhere / "all.jsonl", rows)), max_new_tokens=2, limit=2)
+    first_two = api.evaluate(run, str(write_jsonl(elsewhere / "two.jsonl", rows[:2])), max_new_tokens=2)
+    whole = api.evaluate(run, str(elsewhere / "all.jsonl"), max_new_tokens=2)
+    assert limited["test_examples"] == 2 and limited["eval_loss"] == pytest.approx(first_two["eval_loss"], rel=1e-6)
+    assert abs(whole["eval_loss"] - limited["eval_loss"]) > 1e-4  # the other four examples count there
+    model, tokenizer, _ = load_trained(run)  # the adapter unmerged
+    split = prepare(DataConfig(train=str(elsewhere / "all.jsonl"), validation=str(elsewhere / "all.jsonl"),
+                               system_prompt=SYSTEM), tokenizer).splits["validation"]
+    assert eval_loss(model, split, 16, tokenizer.pad_token_id) == pytest.approx(whole["eval_loss"], rel=1e-5)

@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_scoring_options(p) -> None:
     _add_decoding_options(p, max_new_tokens=96)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples of the file")
     p.add_argument("--scorer", default=None, help="your own metric as module:function (prediction, reference) -> float")
     p.add_argument("--seed", type=int, default=0, help="of sampling (--temperature above 0)")
 
