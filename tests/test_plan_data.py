@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,20 @@ def test_a_preference_config_is_planned_from_its_pairs(tiny_model_dir, tmp_path)
     found = plan_for(str(config))
     assert found.drawn and found.setup.objective == "dpo"
     assert found.setup.batch == 4  # two pairs: chosen and rejected of each
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's peak resident size")
+def test_the_measured_peak_leaves_out_what_the_base_scoring_freed():
+    """A run's measured peak starts after the base model's scoring: memory that scoring freed but
+    glibc kept resident is handed back first, or the peak counts it as training's."""
+    import torch
+
+    from tunesmith.plan import TrainingMemory
+
+    memory = TrainingMemory()
+    scratch = [torch.ones(16384) for _ in range(2048)]  # 128 MiB of 64 KiB blocks, in glibc's heap
+    last = scratch[-1]
+    del scratch  # freed, all but the heap's top block: resident until trimmed
+    memory.start()
+    assert memory.peak() < 48 * 2**20
+    del last

@@ -24,17 +24,18 @@ def evaluate(model_or_run: str, data: str, **options) -> dict:
 
 
 # The other commands' functions, imported when first used (`import tunesmith` stays light):
-# the same functions the command line calls, with its options as keyword arguments.
+# the same functions the command line calls, with its options as keyword arguments. Their names
+# differ from the submodules' (tunesmith.choose is a module: importing it sets that attribute).
 LAZY = {
-    "check_data": "tunesmith.data.check",  # tunesmith data check
-    "plan_for": "tunesmith.plan",  # tunesmith plan
-    "compare": "tunesmith.api",  # tunesmith compare
-    "evaluate_general": "tunesmith.api",  # tunesmith eval --general
-    "choose": "tunesmith.choose",  # tunesmith choose
-    "curve": "tunesmith.curve",  # tunesmith curve
-    "export": "tunesmith.export",  # tunesmith export
-    "push": "tunesmith.export.push",  # tunesmith push
-    "make_pairs": "tunesmith.pairs",  # tunesmith pairs
+    "check_data": ("tunesmith.data.check", "check_data"),  # tunesmith data check
+    "plan_for": ("tunesmith.plan", "plan_for"),  # tunesmith plan
+    "compare": ("tunesmith.api", "compare"),  # tunesmith compare
+    "evaluate_general": ("tunesmith.api", "evaluate_general"),  # tunesmith eval --general
+    "choose_model": ("tunesmith.choose", "choose"),  # tunesmith choose
+    "learning_curve": ("tunesmith.curve", "curve"),  # tunesmith curve
+    "export_run": ("tunesmith.export", "export"),  # tunesmith export
+    "push": ("tunesmith.export.push", "push"),  # tunesmith push
+    "make_pairs": ("tunesmith.pairs", "make_pairs"),  # tunesmith pairs
 }
 
 
@@ -43,7 +44,8 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(LAZY[name]), name)
+    module, function = LAZY[name]
+    return getattr(importlib.import_module(module), function)
 
 
 __all__ = ["train", "evaluate", *LAZY, "__version__"]

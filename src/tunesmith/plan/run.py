@@ -190,6 +190,9 @@ class TrainingMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        # What the base's scoring freed goes back first: else the peak starts from its leftovers (the
+        # demo, 2026-12-06: 1.43 GiB measured against 1.15 planned, its step-10 peak already there).
+        _settled_resident()
         try:
             with open("/proc/self/clear_refs", "w") as handle:
                 handle.write("5")  # the peak resident size becomes the current one
