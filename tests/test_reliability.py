@@ -43,7 +43,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(seed, reference, tiny_mode
         assert start_and_kill_at(config, run, kill_step) == -signal.SIGKILL
     done = run_cli(config)
     assert done.returncode == 0, done.stderr
-    assert "resuming from" in done.stderr
+    said = [line for line in done.stderr.splitlines() if "resuming from" in line]  # one line: step and checkpoint
+    assert len(said) == 1 and f"({run / 'checkpoints'}/step-" in said[0], said
     if seed == 3:
         assert "ignoring partial checkpoint" in done.stderr
     weights = load_file(run / "adapter" / "adapter_model.safetensors")

@@ -133,9 +133,9 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     result = FitResult(early_stopping=stopper)
     resumed = _resume(ckpt_dir, cfg, settings, state_owner, optimizer, scheduler, ranks) if ckpt_dir else None
     if resumed is not None:
-        state = resumed
+        state, found = resumed
         result.resumed_from = state.step
-        say(f"resuming from step {state.step} of {steps}")
+        say(f"resuming from step {state.step} of {steps} ({found})")
         if stopper:
             stopper.restore(state.early_stopping)
     # Records of steps after the resumed one (or, starting afresh, every record) are about to be redone.
@@ -271,7 +271,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
 
 
 def _resume(ckpt_dir: Path, cfg: Config, settings: dict, owner, optimizer, scheduler,
-            ranks: distributed.Ranks) -> ckpt.TrainState | None:
+            ranks: distributed.Ranks) -> tuple[ckpt.TrainState, Path] | None:
     """Rank 0 picks the newest usable checkpoint and tells the others; every rank loads it, and one
     that cannot fails the job with a message (ranks must never continue from different states)."""
     if not cfg.train.resume:
@@ -287,8 +287,7 @@ def _resume(ckpt_dir: Path, cfg: Config, settings: dict, owner, optimizer, sched
     except Exception as err:  # noqa: BLE001 (anything that keeps this rank from the chosen state)
         raise UserError(f"rank {ranks.rank}: cannot load checkpoint {found} chosen by rank 0 "
                         f"({type(err).__name__}: {err}); is the run folder on storage every node sees?") from None
-    say(f"resuming from {found}")
-    return loaded
+    return loaded, found
 
 
 def _step_with_retries(loss_module, train: Split, indices, pieces: int, pad_id: int, ranks, grad_scale: float,
