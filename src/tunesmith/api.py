@@ -10,7 +10,8 @@ from . import accel, methods, objectives, runlock
 from .config import Config, dump, load_config
 from .data.check import data_lines
 from .data.collate import PADDED, PADDING_FREE, layout
-from .data.prepare import Split, prepare, write_demo_files
+from .data.packing import as_trained
+from .data.prepare import prepare, write_demo_files
 from .device import compute_dtype, describe, resolve
 from .errors import UserError
 from .eval.baselines import baseline_table, cut_answers_warning, format_baselines, score_base_rows, score_tuned_rows
@@ -61,7 +62,7 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
         device = resolve(cfg.train.device, ranks.local_rank)
         method = methods.get(cfg.adapter.method)
         tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-        data = prepare(cfg.data, tokenizer) if cfg.train.objective == "sft" else objectives.prepare_data(cfg, tokenizer)
+        data = objectives.prepare_data(cfg, tokenizer)
         # Only now, with config and data known good, is the run folder written: a mistake loses nothing.
         if ranks.main:
             run.prepare(cfg.output.overwrite, must_resume)
@@ -101,11 +102,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
             else "activations: adapter.offload_activations has no effect on the CPU (they are in host memory already)")
     eval_layout = PADDING_FREE if accel.padding_free(model) else PADDED
     train_layout = layout(cfg.data.packing, eval_layout == PADDING_FREE)
-    train_split = data.splits["train"]
-    if cfg.data.packing:
-        from .data.packing import pack_split
-
-        train_split = pack_split(train_split, cfg.data.max_seq_len)
+    train_split = as_trained(data.splits["train"], cfg.data)
     objective = None
     if cfg.train.objective != "sft":  # preference and reward objectives (objectives/, issue 23)
         objective = objectives.build(cfg, model, tokenizer, method, device, train_layout)
@@ -305,9 +302,7 @@ def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size:
     validation = prepared.splits["validation"]
     if limit:  # the first N examples of the file, for the loss as for the answers
         first = set(prepared.splits["test"].origins[:limit])
-        validation = Split(validation.name, *([getattr(validation, part)[i] for i in range(len(validation))
-                                               if validation.origins[i] in first]
-                                              for part in ("conversations", "encoded", "origins")))
+        validation = validation.select([i for i, origin in enumerate(validation.origins) if origin in first])
     with merged_adapter(model):  # LoRA folded into the base: the same loss, a third faster on a CPU
         results = {"eval_loss": eval_loss(model, validation, batch_size, tokenizer.pad_token_id)}
     results.update(score_generation(model, tokenizer, prepared.splits["test"].conversations, eval_cfg, label="eval"))

@@ -46,6 +46,11 @@ def pack_examples(examples: list[Encoded], capacity: int) -> tuple[list[Encoded]
     return rows, groups
 
 
+def as_trained(split, data_cfg):
+    """The training split as a run trains on it: in packed rows where data.packing says so."""
+    return pack_split(split, data_cfg.max_seq_len) if data_cfg.packing else split
+
+
 def pack_split(split, capacity: int):
     """The training split as packed rows (a Split whose `encoded` are rows with `parts`)."""
     from .prepare import Split

@@ -225,11 +225,12 @@ def _read(spec: str, kind: str, cfg: DataConfig, problems: list[Problem], seen: 
     return out
 
 
-def read_answers(spec: str, kind: str, cfg: DataConfig, problems: list[Problem]) -> tuple[list, list, list[bool]]:
-    """(prompts, answers: [chosen, rejected] or [completion], whether the first answer is a good one)
-    of a source's valid records (every pair's chosen answer is; a KTO answer where marked desirable)."""
+def good_answers(spec: str, kind: str, cfg: DataConfig, problems: list[Problem]) -> tuple[list, list]:
+    """(prompts, each one's good answer or None) of a source's valid records: a pair's chosen answer,
+    a KTO answer where marked desirable."""
     read = _read(spec, kind, cfg, problems, set())
-    return read.prompts, read.answers, [desirable is not False for desirable in read.desirable]
+    return read.prompts, [None if desirable is False else answers[0]
+                          for answers, desirable in zip(read.answers, read.desirable)]
 
 
 def _encode(read: _Read, kind: str, tokenizer, cfg: DataConfig, prepared: Prepared, name: str) -> Split:
@@ -302,13 +303,7 @@ def hold_out(split: Split, cfg: DataConfig, name: str = "validation") -> tuple[S
     order = list(range(len(split)))
     random.Random(cfg.seed).shuffle(order)
     cut = max(1, int(len(order) * cfg.validation_share))
-
-    def pick(indices, label):
-        indices = sorted(indices)
-        return Split(label, [split.conversations[i] for i in indices], [split.encoded[i] for i in indices],
-                     [split.origins[i] for i in indices])
-
-    return pick(order[cut:], split.name), pick(order[:cut], name)
+    return split.select(sorted(order[cut:])), split.select(sorted(order[:cut]), name)
 
 
 def add_test_split(prepared: Prepared, cfg: DataConfig, tokenizer) -> None:

@@ -38,6 +38,11 @@ class Split:
     def tokens(self) -> int:
         return sum(len(e.input_ids) for e in self.encoded)
 
+    def select(self, indices, name: str | None = None) -> "Split":
+        """The examples at `indices`, in that order (under another name if given)."""
+        return Split(name or self.name, [self.conversations[i] for i in indices], [self.encoded[i] for i in indices],
+                     [self.origins[i] for i in indices])
+
 
 @dataclass
 class Prepared:

@@ -42,7 +42,17 @@ def needs_reference(train_cfg) -> bool:
 
 
 def prepare_data(cfg, tokenizer):
-    """The run's splits for a non-SFT objective (data/preference.py, data/prompts.py)."""
+    """The run's splits as its objective reads its data: SFT records (data/prepare.py), pairs and KTO
+    answers (data/preference.py), GRPO prompts (data/prompts.py). `tokenizer`: a loaded one, or the
+    model's name (SFT data loads it only where the tokenised data is not cached)."""
+    if cfg.train.objective == "sft":
+        from ..data.prepare import prepare
+
+        return prepare(cfg.data, tokenizer)
+    if isinstance(tokenizer, str):
+        from ..models import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer, cfg.model.trust_remote_code)
     kind = DATA_KIND[cfg.train.objective]
     if kind == "prompts":
         from ..data.prompts import prepare_prompts
@@ -63,15 +73,13 @@ def answered_conversations(spec: str, data_cfg, objective: str) -> list[list[dic
     if kind == "prompts":
         from ..data.prompts import read_prompts
 
-        prompts, references, _, _ = read_prompts(spec, data_cfg, problems)
-        answers = [[reference] for reference in references]
-        good = [reference is not None for reference in references]
+        prompts, answers, _, _ = read_prompts(spec, data_cfg, problems)  # answers: the references
     else:
-        from ..data.preference import read_answers
+        from ..data.preference import good_answers
 
-        prompts, answers, good = read_answers(spec, kind, data_cfg, problems)
-    return [prompt + [{"role": "assistant", "content": said[0]}] for prompt, said, keep in zip(prompts, answers, good)
-            if keep]
+        prompts, answers = good_answers(spec, kind, data_cfg, problems)
+    return [prompt + [{"role": "assistant", "content": answer}] for prompt, answer in zip(prompts, answers)
+            if answer is not None]
 
 
 def build(cfg, model, tokenizer, method, device, layout: str):

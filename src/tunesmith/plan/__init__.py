@@ -231,7 +231,9 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     micro-batches: the largest the run draws, as the estimate `train` prints at its start (a
     --seq, --batch or --grad-accum flag plans its own worst case instead)."""
     from ..config import load_config
+    from ..data.packing import as_trained
     from ..errors import UserError
+    from ..objectives import prepare_data
 
     cfg = load_config(config, overrides)
     name = model or cfg.model.name
@@ -241,14 +243,14 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     devices = changes.pop("devices", 1)
     split, mean_seq = None, None
     if tokens is None and config is not None:
-        split = training_split(cfg)
+        split = prepare_data(cfg, cfg.model.name).splits["train"]  # as the run reads it
         tokens, mean_seq = split.tokens, split.tokens / max(1, len(split))
     share = label_share(split.encoded, cfg.train, cfg.data.max_seq_len) if split else 1.0
     setup = setup_from_config(cfg, share, devices=devices)
     drawn = split is not None and not {"seq", "batch", "grad_accum"} & changes.keys()
     if drawn:
         shape = model_shape(name, cfg.model.trust_remote_code)
-        setup, _ = with_drawn_micro_batches(cfg, packed(cfg, split), planned_layout(cfg, shape), setup)
+        setup, _ = with_drawn_micro_batches(cfg, as_trained(split, cfg.data), planned_layout(cfg, shape), setup)
     if "fsdp" in changes:  # said on the command line
         changes["fsdp"] = changes["fsdp"] and setup.devices > 1
     if "gradient_checkpointing" in changes:  # said on the command line: on or off for every block
@@ -258,27 +260,6 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
         raise UserError("--fsdp does not work with QLoRA yet (FSDP2 loses the 4-bit weights' quantisation state)")
     return replace(plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine),
                    drawn=drawn)
-
-
-def training_split(cfg):
-    """The training split as `tunesmith train` prepares it, in its objective's form (not packed)."""
-    if cfg.train.objective == "sft":
-        from ..data.prepare import prepare
-
-        return prepare(cfg.data, cfg.model.name).splits["train"]
-    from ..models import load_tokenizer
-    from ..objectives import prepare_data
-
-    return prepare_data(cfg, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)).splits["train"]
-
-
-def packed(cfg, split):
-    """The split in packed rows where data.packing says so, as training packs it."""
-    if not cfg.data.packing:
-        return split
-    from ..data.packing import pack_split
-
-    return pack_split(split, cfg.data.max_seq_len)
 
 
 def planned_layout(cfg, shape: ModelShape) -> str:
