@@ -36,6 +36,21 @@ def test_paused_time_is_left_out_of_elapsed_and_eta(monkeypatch):
     assert last.startswith("train 4/10 | loss 1.5") and "0:20 elapsed" in last and "ETA 0:30" in last
 
 
+def test_eta_follows_the_work_where_items_differ_in_size(monkeypatch):
+    """Eval batches go from the shortest examples to the longest: half the batches done in 2 s is a
+    quarter of the tokens, so 6 s are left, not 2."""
+    clock = Clock()
+    monkeypatch.setattr(progress_module.time, "perf_counter", clock)
+    out = io.StringIO()
+    bar = Progress(4, "eval loss", stream=out, work=[100, 100, 300, 300])
+    clock.now += 2
+    bar.update(2)
+    assert out.getvalue().splitlines()[-1] == "eval loss 2/4 | 0:02 elapsed | ETA 0:06"
+    clock.now += 3
+    bar.update(3)
+    assert out.getvalue().splitlines()[-1].endswith("ETA 0:03")
+
+
 def test_eval_loss_shows_progress_in_the_training_layout(tiny_model_dir, tiny_tokenizer, capsys):
     """Eval loss over many batches reports how far it is; padding-free it gives the padded result."""
     from helpers import demo_examples, trainable

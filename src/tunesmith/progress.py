@@ -2,11 +2,14 @@
 
 On a terminal a tqdm bar redrawn in place; elsewhere (CI logs, the dashboard's train.log) one
 plain line per update, which reads well in a file. Time inside `paused()` (an evaluation in the
-middle of training) counts neither in the elapsed time nor in the ETA.
+middle of training) counts neither in the elapsed time nor in the ETA. Where items differ in
+size (eval batches go from the shortest to the longest), `work` gives each item's size and the
+ETA follows the work done, not the count.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 import time
 
@@ -23,18 +26,24 @@ def clock(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, label: str = "train", stream=None, quiet: bool = False, unit: str = "it"):
+    def __init__(self, total: int, label: str = "train", stream=None, quiet: bool = False, unit: str = "it",
+                 work: list[float] | None = None, work_unit: str = "token"):
         # sys.stderr is looked up now, not at import: it may have been replaced (and closed) since.
         self.total, self.label, self.quiet = total, label, quiet  # quiet: ranks other than 0
         self.stream = stream or sys.stderr
         self.start = time.perf_counter()
         self.excluded = 0.0  # seconds spent in paused()
         self.done = 0
+        # work done after each item: [0, w0, w0 + w1, ...]; None: every item counts the same
+        self.work = None if work is None else [0.0, *itertools.accumulate(float(w) for w in work)]
         self.bar = None
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=label, unit=unit, file=self.stream, dynamic_ncols=True, leave=True)
+            # with sizes, the bar counts the work (its rate is then tokens/s) so that its ETA follows it
+            self.bar = tqdm(total=total if work is None else self.work[-1], desc=label,
+                            unit=unit if work is None else work_unit, unit_scale=work is not None,
+                            file=self.stream, dynamic_ncols=True, leave=True)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.excluded
@@ -44,7 +53,7 @@ class Progress:
             return
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()}
         if self.bar is not None:
-            self.bar.update(done - self.done)
+            self.bar.update(self.share(done) - self.share(self.done) if self.work else done - self.done)
             self.bar.set_postfix(shown, refresh=True)
             self.done = done
             if done >= self.total:
@@ -52,11 +61,18 @@ class Progress:
             return
         self.done = done
         elapsed = self.elapsed()
-        eta = elapsed / done * (self.total - done) if done else 0.0
+        whole = self.share(self.total)
+        fraction = self.share(done) / whole if whole else 0.0
+        eta = elapsed * (1 - fraction) / fraction if fraction else 0.0
         parts = [f"{k} {v}" for k, v in shown.items()]
         text = " | ".join([f"{self.label} {done}/{self.total}", *parts, f"{clock(elapsed)} elapsed", f"ETA {clock(eta)}"])
         self.stream.write(text + "\n")
         self.stream.flush()
+
+    def share(self, done: int) -> float:
+        """The work of the first `done` items."""
+        done = max(0, min(done, self.total))
+        return self.work[min(done, len(self.work) - 1)] if self.work else float(done)
 
     def note(self, text: str) -> None:
         """A line between updates (on a terminal printed above the bar, which stays whole)."""

@@ -27,7 +27,9 @@ def eval_loss(model, split, batch_size: int, pad_id: int, ranks: distributed.Ran
     order = sorted(range(len(split)), key=lambda i: len(split.encoded[i].input_ids))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     turns = math.ceil(len(batches) / ranks.world)
-    progress = Progress(turns, label, quiet=quiet or not ranks.main or turns < 4, unit="batch")
+    # the batches grow from the shortest examples to the longest: the ETA follows their tokens
+    tokens = [sum(len(split.encoded[i].input_ids) for i in batches[turn * ranks.world]) for turn in range(turns)]
+    progress = Progress(turns, label, quiet=quiet or not ranks.main or turns < 4, unit="batch", work=tokens)
     every = max(1, turns // 10)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
