@@ -65,6 +65,33 @@ def test_the_runs_config_names_its_files_absolutely_and_a_resume_still_matches(p
     assert state["settings"]["data.train"] == str(project / "tickets.csv")
 
 
+def test_every_local_path_is_anchored_for_the_run_and_named_only_by_its_last_part_on_a_card(tmp_path, monkeypatch):
+    """The settings that name local files (config.PATH_SETTINGS): the run's config holds them absolute,
+    hub ids and the built-in names stay as they are, and a model card shows none of the folders."""
+    from tunesmith.config import Config
+    from tunesmith.export.card import shown_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "a.jsonl").write_text("")
+    raw = {"model": {"name": "base"}, "output": {"dir": "runs/new"},
+           "data": {"train": "a.jsonl", "test": "missing/t.jsonl", "validation": "someone/dataset",
+                    "mix": {"a.jsonl": 1.0, "demo": 2.0}}}
+    cfg = anchored(Config.model_validate(raw))
+    assert cfg.model.name == str(tmp_path / "base")
+    assert cfg.output.dir == str(tmp_path / "runs" / "new")  # not made yet, and looks like a hub id
+    assert cfg.data.train == str(tmp_path / "a.jsonl")
+    assert cfg.data.test == str(tmp_path / "missing" / "t.jsonl")  # its error later names where it was looked for
+    assert cfg.data.validation == "someone/dataset"
+    assert cfg.data.mix == {str(tmp_path / "a.jsonl"): 1.0, "demo": 2.0}
+    hub = anchored(Config.model_validate({"model": {"name": "HuggingFaceTB/SmolLM2-135M"}}))
+    assert hub.model.name == "HuggingFaceTB/SmolLM2-135M"
+    card = yaml.safe_load(shown_config(cfg))
+    assert str(tmp_path) not in shown_config(cfg)
+    assert (card["model"]["name"], card["output"]["dir"], card["data"]["train"]) == ("base", "new", "a.jsonl")
+    assert card["data"]["mix"] == {"a.jsonl": 1.0, "demo": 2.0}
+
+
 def test_exports_check_prompts_are_the_runs_own_conversations_from_another_directory(project, elsewhere):
     from tunesmith.export.merge import sample_conversations
 

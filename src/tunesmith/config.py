@@ -321,6 +321,25 @@ EVAL_RESULT_KEYS = {"eval.every_steps", "eval.patience", "eval.min_delta", "eval
                     "eval.best_metric_examples"}
 
 
+# Settings that name local files or folders (data.mix: its keys). A run's config.yaml holds them
+# absolute (start.anchored), a resume accepts the same file named another way (training/checkpoint.py),
+# and a model card shows only their last part (export/card.py).
+PATH_SETTINGS = ("model.name", "data.train", "data.validation", "data.test", "data.mix", "output.dir")
+
+
+def with_paths(raw: dict, change) -> dict:
+    """A copy of `raw` (a config's model_dump) with change(key, path) in place of each path it names."""
+    out = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for key in PATH_SETTINGS:
+        section, name = key.split(".")
+        value = out[section][name]
+        if isinstance(value, dict):
+            out[section][name] = {change(key, source): weight for source, weight in value.items()}
+        elif value:
+            out[section][name] = change(key, value)
+    return out
+
+
 def result_keys(config: Config) -> dict[str, Any]:
     """Flat 'section.key' -> value of every setting that changes what training produces."""
     flat = {}

@@ -60,18 +60,15 @@ def anchored(cfg):
     The run's config.yaml is read again later, from wherever the user is (export's checks on the run's
     own conversations, compare's k-shot pool, eval and chat of the run, a resume from the dashboard);
     paths relative to the directory training started in would name other files or none there."""
+    from .config import Config, with_paths
     from .data.sources import is_hub_id
 
-    def local(spec: str) -> str:
-        return spec if spec == "demo" or is_hub_id(spec) else str(Path(spec).expanduser().resolve())
+    def absolute(key: str, spec: str) -> str:
+        path = Path(spec).expanduser()
+        if key == "model.name":  # a local folder or GGUF; else a hub id or "default"
+            kept = spec == "default" or not path.exists()
+        else:  # "demo" and hub data sets stay; output.dir is a folder, made or not
+            kept = key != "output.dir" and (spec == "demo" or is_hub_id(spec))
+        return spec if kept else str(path.resolve())
 
-    data = {name: local(getattr(cfg.data, name)) for name in ("train", "validation", "test")
-            if getattr(cfg.data, name)}
-    data["mix"] = {local(source): weight for source, weight in cfg.data.mix.items()}
-    model = cfg.model.name
-    if model not in ("", "default") and Path(model).expanduser().exists():
-        model = str(Path(model).expanduser().resolve())
-    return cfg.model_copy(update={
-        "data": cfg.data.model_copy(update=data),
-        "model": cfg.model.model_copy(update={"name": model}),
-        "output": cfg.output.model_copy(update={"dir": str(Path(cfg.output.dir).expanduser().resolve())})})
+    return Config.model_validate(with_paths(cfg.model_dump(), absolute))

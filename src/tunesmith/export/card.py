@@ -75,13 +75,10 @@ def local_name(spec: str) -> str:
 
 def shown_config(config) -> str:
     """The run's config as YAML, local paths by their names (the run's config.yaml holds them absolute)."""
-    raw = config.model_dump(mode="json")
-    raw["model"]["name"] = local_name(raw["model"]["name"])
-    raw["output"]["dir"] = local_name(raw["output"]["dir"])
-    data = raw["data"]
-    data.update({split: local_name(data[split]) for split in ("train", "validation", "test") if data[split]})
-    data["mix"] = {local_name(source): weight for source, weight in data["mix"].items()}
-    return yaml.safe_dump(raw, sort_keys=False)
+    from ..config import with_paths
+
+    shown = with_paths(config.model_dump(mode="json"), lambda key, spec: local_name(spec))
+    return yaml.safe_dump(shown, sort_keys=False)
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import device as devices
+from ..config import PATH_SETTINGS
 from ..errors import UserError
 from ..runs import CHECKPOINT_PREFIX as PREFIX
 from ..runs import PARTIAL, checkpoint_folders, fsync_folder
@@ -95,14 +96,11 @@ def config_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Settings that name local files: a checkpoint from before runs recorded them absolute (start.anchored) holds
-# them as typed, relative to the folder training started in, where a resume is run from too.
-PATH_SETTINGS = ("model.name", "data.train", "data.validation", "data.test")
-
-
 def same_setting(key: str, saved, now) -> bool:
     if saved == now:
         return True
+    # a checkpoint from before runs recorded local paths absolute (start.anchored) holds them as typed,
+    # relative to the folder training started in, where a resume is run from too
     if key not in PATH_SETTINGS or not isinstance(saved, str) or not isinstance(now, str):
         return False
     return Path(saved).expanduser().resolve() == Path(now) and Path(now).exists()
