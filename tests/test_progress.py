@@ -102,3 +102,50 @@ def test_train_seconds_leave_evaluations_out(tiny_config, monkeypatch):
     assert results["train_seconds"] < 1000.0
     steps = records(Path(tiny_config["output"]["dir"]), "train")
     assert len(steps) == 4 and all(r["step_seconds"] < 1000.0 for r in steps)  # the tokens/s windows too
+
+
+def test_evaluations_still_to_come_count_in_the_eta():
+    from tunesmith.training.loop import evaluations_ahead
+
+    # every 25 of 100 steps: at 25, 50 and 75 (not at the last step), then the final one
+    assert evaluations_ahead(10, 100, 25, 60.0) == 4 * 60.0
+    assert evaluations_ahead(75, 100, 25, 60.0) == 60.0
+    assert evaluations_ahead(10, 100, 0, 60.0) == 60.0  # the final one only
+    assert evaluations_ahead(10, 100, 25, None) == 0.0  # nothing measured yet
+
+
+def test_training_eta_counts_the_evaluations_ahead_as_the_base_and_each_one_took(tiny_config, monkeypatch, capsys):
+    """Each evaluation (the base's too) moves the test's clock 100 s on: after step 1 three are ahead
+    (steps 2 and 4, and the final one), after step 3 two, after steps 5 and 6 the final one."""
+    import time
+
+    import tunesmith
+    from tunesmith import api
+
+    real_clock, real_eval = time.perf_counter, api.eval_loss
+    skipped = [0.0]
+
+    def slow(*args):
+        skipped[0] += 100.0
+        return real_eval(*args)
+
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + skipped[0])
+    monkeypatch.setattr(api, "eval_loss", slow)
+    tiny_config["train"].update(max_steps=6, log_every=1)
+    tiny_config["eval"].update(every_steps=2, generate=False, report=False)
+    tunesmith.train(tiny_config)
+    lines = {line.split(" | ")[0]: line for line in capsys.readouterr().err.splitlines() if line.startswith("train ")}
+
+    def seconds(text: str) -> int:
+        minutes, secs = text.split(":")
+        return 60 * int(minutes) + int(secs)
+
+    def evaluating(line: str) -> int:  # "ETA 5:03 (5:01 of it evaluating)" -> 301
+        return seconds(line.split("(")[1].split(" of it evaluating")[0])
+
+    # 100 s each, and the real seconds the tiny model's evaluations take on top
+    assert 300 <= evaluating(lines["train 1/6"]) < 310
+    assert 200 <= evaluating(lines["train 3/6"]) < 210
+    assert 100 <= evaluating(lines["train 5/6"]) < 105
+    assert 100 <= evaluating(lines["train 6/6"]) < 105  # the final one, after the last step
+    assert seconds(lines["train 1/6"].split("ETA ")[1].split(" ")[0]) >= evaluating(lines["train 1/6"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import torch
@@ -127,6 +128,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         return eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks, loss_module, eval_layout, label)
 
     base: dict = {}
+    began = time.perf_counter()  # an evaluation during training takes as long: training's ETA counts them
     if validation:
         base["eval_loss"] = evaluate(label="eval loss (base)")
     select = selection(model, tokenizer, validation, cfg.eval)  # eval.best_metric other than the eval loss
@@ -134,6 +136,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         base[f"validation_{select.metric}"] = select("generate (validation, base)")
         say(f"best weights by {select.metric} of {len(select.conversations)} validation answers: base "
             f"{base[f'validation_{select.metric}']:.4f}")
+    eval_seconds = time.perf_counter() - began
     # The baselines' rows on the test split, and the general-ability probe (read first: a wrong
     # eval.general_data stops the run before anything slow).
     evidence = GeneralAbility(cfg.eval) if cfg.eval.general and ranks.main else None
@@ -151,7 +154,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
               batch_layout=train_layout, planned_peak=predicted_peak, gradient_checkpointing=checkpointing.record())
     memory.start()
     result = fit(model, train_split, validation, cfg, pad_id, log, run.path, ranks, train_layout,
-                 evaluate if validation else None, utilisation, objective, select)
+                 evaluate if validation else None, utilisation, objective, select, eval_seconds)
     results["peak_memory"] = {"predicted": predicted_peak, "measured": memory.peak(), **memory.details()}
     say(f"peak training memory: measured {results['peak_memory']['measured'] / 2**30:.2f} GiB"
         + (f", planned {predicted_peak / 2**30:.2f} GiB" if predicted_peak else ""))

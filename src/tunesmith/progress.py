@@ -2,7 +2,8 @@
 
 On a terminal a tqdm bar redrawn in place; elsewhere (CI logs, the dashboard's train.log) one
 plain line per update, which reads well in a file. Time inside `paused()` (an evaluation in the
-middle of training) counts neither in the elapsed time nor in the ETA. Where items differ in
+middle of training) counts neither in the elapsed time nor in the rates; such work still to come
+(`expect`) counts in the ETA, which is when the work ends. Where items differ in
 size (eval batches go from the shortest to the longest), `work` gives each item's size and the
 ETA follows the work done, not the count.
 """
@@ -36,6 +37,7 @@ class Progress:
         self.done = 0
         # work done after each item: [0, w0, w0 + w1, ...]; None: every item counts the same
         self.work = None if work is None else [0.0, *itertools.accumulate(float(w) for w in work)]
+        self.later, self.later_what = 0.0, ""  # other work still to come (evaluations): expect()
         self.bar = None
         if not quiet and self.stream.isatty():
             from tqdm import tqdm
@@ -53,6 +55,8 @@ class Progress:
             return
         shown = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()}
         if self.bar is not None:
+            if self.later >= 1:  # tqdm's own ETA cannot count it: shown beside it
+                shown[f"then {self.later_what}"] = clock(self.later)
             self.bar.update(self.share(done) - self.share(self.done) if self.work else done - self.done)
             self.bar.set_postfix(shown, refresh=True)
             self.done = done
@@ -63,11 +67,17 @@ class Progress:
         elapsed = self.elapsed()
         whole = self.share(self.total)
         fraction = self.share(done) / whole if whole else 0.0
-        eta = elapsed * (1 - fraction) / fraction if fraction else 0.0
+        eta = (elapsed * (1 - fraction) / fraction if fraction else 0.0) + self.later
         parts = [f"{k} {v}" for k, v in shown.items()]
-        text = " | ".join([f"{self.label} {done}/{self.total}", *parts, f"{clock(elapsed)} elapsed", f"ETA {clock(eta)}"])
+        later = f" ({clock(self.later)} of it {self.later_what})" if self.later >= 1 else ""
+        text = " | ".join([f"{self.label} {done}/{self.total}", *parts, f"{clock(elapsed)} elapsed", f"ETA {clock(eta)}{later}"])
         self.stream.write(text + "\n")
         self.stream.flush()
+
+    def expect(self, seconds: float, what: str) -> None:
+        """Work still to come that is not this progress's own (evaluations between training steps):
+        the ETA counts it, though the elapsed time and rates leave it out."""
+        self.later, self.later_what = max(0.0, seconds), what
 
     def share(self, done: int) -> float:
         """The work of the first `done` items."""

@@ -1,4 +1,5 @@
-"""When to stop: early stopping on the eval loss, the best weights kept, and an overfitting alarm."""
+"""When to stop: early stopping on the eval loss, the best weights kept (and put back at the end), and an
+overfitting alarm."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..progress import say
 from ..runs import fsync_folder
 from .checkpoint import load_trainable_state, trainable_state
 
@@ -105,3 +107,35 @@ def overfitting(train_losses: list[float], evals: list[tuple[int, float]], windo
             return False
         means.append(sum(part) / len(part))
     return all(later < earlier for earlier, later in zip(means, means[1:]))
+
+
+def return_best(model, best: BestWeights, validation, cfg, log, step: int, result,
+                 evaluate, loss_module, select=None) -> None:
+    """Put back the weights of the best evaluation when the last step's are worse."""
+    result.best_step = best.step
+    if not (validation and evaluate and cfg.eval.restore_best and best.step is not None and best.step != step):
+        return
+    losses = dict(result.eval_losses)
+    history = result.selected if select else result.eval_losses
+    if history and history[-1][0] == step:
+        final_loss, final = losses[step], history[-1][1]
+    else:  # ranks evaluate together
+        final_loss = evaluate(loss_module)
+        final = select.key(select("generate (validation, last step)")) if select else final_loss
+    result.final_eval = final_loss
+    if best.value < final:
+        best.restore(model)
+        # the kept weights' eval loss where this process measured it (a resumed run measures it again)
+        result.restored_best, result.final_eval = True, losses.get(best.step, None if select else best.value)
+        what = select.metric if select else "eval loss"
+        log.write(event="restore_best", step=step, best_step=best.step, metric=what.replace(" ", "_"),
+                  best=shown_key(select, best.value, digits=None), last=shown_key(select, final, digits=None),
+                  **({} if select else {"eval_loss": best.value, "last_eval_loss": final}))
+        say(f"restored the weights of step {best.step} ({what} {shown_key(select, best.value)}; "
+            f"last step {shown_key(select, final)})")
+
+
+def shown_key(select, key: float, digits: int | None = 4):
+    """A minimised key as the figure it stands for: the eval loss, or eval.best_metric's value."""
+    value = select.value(key) if select else key
+    return value if digits is None else f"{value:.{digits}f}"

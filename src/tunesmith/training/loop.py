@@ -27,7 +27,7 @@ from ..errors import Interrupted, UserError
 from ..progress import Progress, say
 from . import checkpoint as ckpt
 from . import distributed
-from .early_stop import BestWeights, EarlyStopping, overfitting
+from .early_stop import BestWeights, EarlyStopping, overfitting, return_best, shown_key
 from .loggers import MetricLog
 from .loss import label_loss_sum
 from .memory import device_memory, is_out_of_memory, release_freed_memory
@@ -100,7 +100,7 @@ def eval_figures(value: float, objective: str) -> dict:
 def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int, log: MetricLog,
         run_dir: Path | None = None, ranks: distributed.Ranks = distributed.SINGLE, layout: str = PADDED,
         evaluate: Callable | None = None, utilisation: Callable | None = None, objective=None,
-        select=None) -> FitResult:
+        select=None, eval_seconds: float | None = None) -> FitResult:
     """Train the model on `train` (rows already in the run's batch `layout`).
 
     `evaluate(loss_module) -> eval loss` scores the validation split (given through the
@@ -109,7 +109,8 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     `log` writes only on rank 0 (api.train hands the others a silent one). `objective` (objectives/,
     train.objective other than sft) supplies the loss and the step instead of the label loss.
     `select` (eval/selection.py, eval.best_metric): a metric of validation answers, scored at each
-    evaluation, that the best weights and early stopping follow instead of the eval loss."""
+    evaluation, that the best weights and early stopping follow instead of the eval loss.
+    `eval_seconds`: how long one evaluation took before training (the base's), for the ETA."""
     torch.manual_seed(cfg.train.seed)
     device = next(model.parameters()).device
     # Looked up at call time, so a test can wrap label_loss_sum; wrapped before the optimizer is
@@ -155,6 +156,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     window_from = len(state.losses)  # the finite step losses since the last train record: state.losses[window_from:]
     start = time.perf_counter()
     evaluating = 0.0  # seconds spent in evaluations: not training time
+    eval_times = []  # of each evaluation during training; the ETA counts those still to come
     bad_in_row = 0
     first = state.step + 1 if not (stopper and stopper.stopped_at) else steps + 1  # stopped early before a kill
     with deferred_signals() as caught:
@@ -207,6 +209,9 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                           tokens_per_second=speed, step_seconds=(now - window_start) / window_steps,
                           tokens=state.train_tokens, **figures, **device_memory(device),
                           **(objective.step_metrics() if objective else {}))
+                if evaluate:
+                    each = sum(eval_times) / len(eval_times) if eval_times else eval_seconds
+                    progress.expect(evaluations_ahead(step, steps, cfg.eval.every_steps, each), "evaluating")
                 progress.update(step, loss=mean_loss, lr=lr, **{"tok/s": int(speed)})
                 window_tokens, window_steps, window_start, window_from = 0, 0, now, len(state.losses)
             stop = False
@@ -217,6 +222,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                     picked = select(f"generate (validation, step {step})") if select else None
                 spent = time.perf_counter() - began
                 evaluating += spent
+                eval_times.append(spent)
                 window_start += spent  # the training line's tokens/s leaves evaluation out
                 result.eval_losses.append((step, value))
                 figures = eval_figures(value, cfg.train.objective)
@@ -229,7 +235,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                     state.best_eval, state.best_step = key, step
                 progress.note(f"step {step}: eval loss {value:.4f}" + (f", {select.metric} {picked:.4f}" if select else "")
                               + (" (the best yet)" if state.best_step == step else
-                                 f" (best {_shown(select, state.best_eval)} at step {state.best_step})"))
+                                 f" (best {shown_key(select, state.best_eval)} at step {state.best_step})"))
                 if cfg.eval.restore_best:
                     best.offer(model, step, key)
                 if not warned_overfitting and overfitting(state.losses, result.eval_losses):
@@ -250,15 +256,15 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             elif signalled:
                 raise Interrupted(caught[0] if caught else signal.SIGTERM, None)
             if stop:
-                log.write(event="early_stop", step=step, best_step=stopper.best_step, best=_shown(select, stopper.best, None),
+                log.write(event="early_stop", step=step, best_step=stopper.best_step, best=shown_key(select, stopper.best, None),
                           **({"metric": select.metric} if select else {"best_eval_loss": stopper.best}))
                 progress.note(f"early stop at step {step}: no {select.metric if select else 'eval-loss'} improvement over "
                               f"{cfg.eval.min_delta} in {cfg.eval.patience} evaluations (best "
-                              f"{_shown(select, stopper.best)} at step {stopper.best_step})")
+                              f"{shown_key(select, stopper.best)} at step {stopper.best_step})")
                 break
     progress.close()
     result.seconds = time.perf_counter() - start - evaluating
-    _return_best(model, best, validation, cfg, log, state.step, result, evaluate, loss_module, select)
+    return_best(model, best, validation, cfg, log, state.step, result, evaluate, loss_module, select)
     if ranks.fsdp:  # scored while sharded, through the wrapper; then gathered once, to rank 0
         if evaluate and result.final_eval is None:
             result.final_eval = evaluate(loss_module)
@@ -268,6 +274,13 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     result.losses = state.losses
     result.skipped_steps = state.skipped_steps
     return result
+
+
+def evaluations_ahead(step: int, steps: int, every: int, each: float | None) -> float:
+    """Seconds of the evaluations still to come after `step`: one every `every` steps before the
+    last step, and the final one of the weights returned."""
+    between = max(0, (steps - 1) // every - step // every) if every else 0
+    return (between + 1) * each if each else 0.0
 
 
 def _resume(ckpt_dir: Path, cfg: Config, settings: dict, owner, optimizer, scheduler,
@@ -314,38 +327,6 @@ def _step_with_retries(loss_module, train: Split, indices, pieces: int, pad_id: 
                     "or set train.auto_micro_batch=true") from None
             pieces *= 2
             say(f"out of memory: micro-batch now {math.ceil(biggest / pieces)}, same samples per step")
-
-
-def _return_best(model, best: BestWeights, validation, cfg: Config, log, step: int, result: FitResult,
-                 evaluate: Callable | None, loss_module, select=None) -> None:
-    """Put back the weights of the best evaluation when the last step's are worse."""
-    result.best_step = best.step
-    if not (validation and evaluate and cfg.eval.restore_best and best.step is not None and best.step != step):
-        return
-    losses = dict(result.eval_losses)
-    history = result.selected if select else result.eval_losses
-    if history and history[-1][0] == step:
-        final_loss, final = losses[step], history[-1][1]
-    else:  # ranks evaluate together
-        final_loss = evaluate(loss_module)
-        final = select.key(select("generate (validation, last step)")) if select else final_loss
-    result.final_eval = final_loss
-    if best.value < final:
-        best.restore(model)
-        # the kept weights' eval loss where this process measured it (a resumed run measures it again)
-        result.restored_best, result.final_eval = True, losses.get(best.step, None if select else best.value)
-        what = select.metric if select else "eval loss"
-        log.write(event="restore_best", step=step, best_step=best.step, metric=what.replace(" ", "_"),
-                  best=_shown(select, best.value, digits=None), last=_shown(select, final, digits=None),
-                  **({} if select else {"eval_loss": best.value, "last_eval_loss": final}))
-        say(f"restored the weights of step {best.step} ({what} {_shown(select, best.value)}; "
-            f"last step {_shown(select, final)})")
-
-
-def _shown(select, key: float, digits: int | None = 4):
-    """A minimised key as the figure it stands for: the eval loss, or eval.best_metric's value."""
-    value = select.value(key) if select else key
-    return value if digits is None else f"{value:.{digits}f}"
 
 
 def train_step(loss_module, train: Split, indices: list[list[int]], pad_id: int,
