@@ -182,6 +182,33 @@ def test_a_hub_id_without_network_fails_at_once_naming_it(monkeypatch, capsys):
     assert set(lookups) == {"huggingface.co"} and len(lookups) <= 2
 
 
+def test_offline_a_tuned_release_of_a_shipped_shape_is_planned_with_its_base_shape(monkeypatch, capsys):
+    """Offline, Qwen/Qwen2.5-7B-Instruct's config cannot be read; its base's shape ships, and says so."""
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    from tunesmith.models.load import hub_unreachable
+
+    def no_network(host, *rest, **options):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    hub_unreachable.cache_clear()
+    try:
+        assert main(["plan", "--model", "Qwen/Qwen2.5-7B-Instruct", "--method", "qlora", "--no-this-machine"]) == 0
+        assert main(["plan", "--model", "meta-llama/Meta-Llama-3.1-8B-Instruct", "--no-this-machine"]) == 0
+        assert main(["plan", "--model", "Qwen/Qwen2.5-7B-Math", "--no-this-machine"]) == 2  # not a shipped base's name
+    finally:
+        hub_unreachable.cache_clear()
+    captured = capsys.readouterr()
+    assert "planned with the shipped shape qwen2.5-7b (Qwen/Qwen2.5-7B), the same architecture" in captured.err
+    assert "planned with the shipped shape llama-3.1-8b (meta-llama/Llama-3.1-8B)" in captured.err
+    assert "model: Qwen/Qwen2.5-7B-Instruct: 7.615B parameters, 28 layers" in captured.out
+    assert "error: Qwen/Qwen2.5-7B-Math: cannot read the model config" in captured.err
+
+
 def test_a_folder_that_is_not_a_model_says_what_to_name_instead(tmp_path):
     from tunesmith.errors import UserError
     from tunesmith.models import resolve_model_path

@@ -5,6 +5,7 @@ reached; anything else is read with transformers.AutoConfig from a hub id or a l
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -113,6 +114,20 @@ def shape_from_dict(config: dict, name: str = "model") -> ModelShape:
         tied=bool(config.get("tie_word_embeddings", False)), name=name, model_type=config.get("model_type", ""))
 
 
+# What a tuned release adds to its base's name: Llama-3.1-8B-Instruct, Llama-2-7b-chat-hf,
+# Mistral-7B-Instruct-v0.3, TinyLlama-1.1B-Chat-v1.0 (the architecture is the base's)
+TUNED_SUFFIX = re.compile(r"-(instruct|chat|hf|it|base|v\d+(\.\d+)*)$")
+
+
+def shipped_variant(spec: str) -> str | None:
+    """The shipped shape a hub id names with a tuned release's suffixes (meta-llama/Meta-Llama-3.1-8B-Instruct
+    -> llama-3.1-8b), or None."""
+    name = spec.lower().rsplit("/", 1)[-1].removeprefix("meta-")
+    while TUNED_SUFFIX.search(name):
+        name = TUNED_SUFFIX.sub("", name)
+    return name if name in ALIASES and "/" in spec else None
+
+
 def model_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
     """The shape of 'default', a shipped name, a local folder or a hub id, from its config only."""
     key = ALIASES.get(spec.lower(), spec)
@@ -128,6 +143,13 @@ def model_shape(spec: str, trust_remote_code: bool = False) -> ModelShape:
         config = AutoConfig.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code,
                                             **hub_options(where))
     except (OSError, ValueError) as err:
+        variant = shipped_variant(spec)
+        if variant:  # offline: the tuned model has its base's shape, which ships here
+            from ..progress import say
+
+            say(f"plan: {spec}: cannot read its config ({str(err).splitlines()[0]}); planned with the shipped "
+                f"shape {variant} ({ALIASES[variant]}), the same architecture")
+            return shape_from_dict(KNOWN[ALIASES[variant]], spec)
         raise UserError(f"{spec}: cannot read the model config ({str(err).splitlines()[0]}); "
                         f"shipped shapes: {', '.join(sorted(ALIASES))}") from None
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
