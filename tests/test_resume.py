@@ -177,3 +177,48 @@ def test_results_and_best_weights_are_written_durably(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text()) == {"steps": 3}
     BestWeights(tmp_path / "best.safetensors").offer(torch.nn.Linear(2, 2), 1, 0.5)
     assert synced[-2:] == [str(tmp_path / "best.safetensors.tmp"), str(tmp_path)]
+
+
+def test_a_stopped_run_can_end_at_its_checkpoint_with_that_steps_weights(tiny_model_dir, tmp_path):
+    """A run stopped before its end has no model yet: a command that needs one says how to go on or
+    to end the run there; `train.max_steps=N` (N: the checkpoint's step) ends it without a step
+    more and writes the checkpoint's weights as its adapter."""
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=40)
+    run = tmp_path / "run"
+    assert start_and_kill_at(config, run, 3, sig=signal.SIGTERM) != 0
+    checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+    step = int(checkpoint.name.removeprefix("step-"))
+    asked = subprocess.run([sys.executable, "-m", "tunesmith.cli", "generate", str(run), "hello"],
+                           capture_output=True, text=True, timeout=120)
+    assert asked.returncode == 2
+    assert f"training stopped at step {step}" in asked.stderr and f"train.max_steps={step}` ends the run" in asked.stderr
+    too_short = run_cli(config, f"train.max_steps={step - 1}")
+    assert too_short.returncode == 2 and f"train.max_steps={step} ends the run at it" in too_short.stderr
+    ended = run_cli(config, f"train.max_steps={step}")
+    assert ended.returncode == 0, ended.stderr
+    assert f"ending the run at step {step}" in ended.stderr and "peak training memory" not in ended.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert (results["steps"], results["resumed_from"], results["tokens_per_second"]) == (step, step, None)
+    weights = load_file(checkpoint / "trainable.safetensors")
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == {name.replace(".default", "") for name in weights}
+    assert all(torch.equal(adapter[name.replace(".default", "")], value) for name, value in weights.items())
+
+
+@pytest.mark.slow  # the 10-minute budget of `make test`; runs in .ci/run's slow set
+def test_a_resumed_runs_speed_counts_only_the_tokens_it_trained(tiny_model_dir, tmp_path):
+    """tokens/s of a resumed run is that process's: it counted the tokens before the checkpoint too."""
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=8)
+    run = tmp_path / "run"
+    start_and_kill_at(config, run, 3, sig=signal.SIGTERM)
+    done = run_cli(config)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((run / "results.json").read_text())
+    tokens = {r["step"]: r["tokens"] for r in records(run, "train")}
+    trained = tokens[8] - tokens[results["resumed_from"]]
+    assert 2 <= results["resumed_from"] <= 6 and results["train_tokens"] == tokens[8]
+    # train_seconds is rounded to 0.1 s; all the run's tokens over them would be 8/3 to 4/3 times as fast
+    assert results["tokens_per_second"] * results["train_seconds"] == pytest.approx(trained, rel=0.15)

@@ -155,9 +155,10 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     memory.start()
     result = fit(model, train_split, validation, cfg, pad_id, log, run.path, ranks, train_layout,
                  evaluate if validation else None, utilisation, objective, select, eval_seconds)
-    results["peak_memory"] = {"predicted": predicted_peak, "measured": memory.peak(), **memory.details()}
-    say(f"peak training memory: measured {results['peak_memory']['measured'] / 2**30:.2f} GiB"
-        + (f", planned {predicted_peak / 2**30:.2f} GiB" if predicted_peak else ""))
+    if result.tokens_trained:  # else the run ended at its checkpoint: no step here to measure
+        results["peak_memory"] = {"predicted": predicted_peak, "measured": memory.peak(), **memory.details()}
+        say(f"peak training memory: measured {results['peak_memory']['measured'] / 2**30:.2f} GiB"
+            + (f", planned {predicted_peak / 2**30:.2f} GiB" if predicted_peak else ""))
     tuned: dict = {}
     if validation:  # ranks evaluate together (fit has scored sharded FSDP2 weights already)
         tuned["eval_loss"] = (result.final_eval if result.final_eval is not None
@@ -186,12 +187,12 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if evidence is not None:
         evidence.score(model, tokenizer, "fine-tuned")
         results["general"] = evidence.results()
-    stopper = result.early_stopping
+    stopper, speed = result.early_stopping, result.tokens_per_second
     results.update({
         "trainable_parameters": trainable, "total_parameters": total,
         "steps": result.steps, "resumed_from": result.resumed_from, "train_tokens": result.train_tokens,
-        "train_seconds": round(result.seconds, 1), "tokens_per_second": round(result.tokens_per_second, 1),
-        "mfu": round(utilisation(result.tokens_per_second), 4) if utilisation else None,
+        "train_seconds": round(result.seconds, 1), "tokens_per_second": speed and round(speed, 1),
+        "mfu": round(utilisation(speed), 4) if utilisation and speed else None,
         "first_loss": result.losses[0] if result.losses else None,
         "final_loss": result.losses[-1] if result.losses else None, "skipped_steps": result.skipped_steps,
         "base": base, "fine_tuned": tuned, "run_dir": str(run.path),

@@ -55,6 +55,12 @@ class RunFolder:
         for name in (ADAPTER_DIR, MODEL_DIR):
             if (self.path / name).is_dir():
                 return self.path / name
+        stopped = self.checkpoint_folders()
+        if stopped:  # stopped before the end: it can go on, or end where it is
+            step = checkpoint_step(stopped[-1].name)
+            raise UserError(f"{self.path}: training stopped at step {step} ({stopped[-1]}) before it wrote its model; "
+                            f"`tunesmith train {self.config}` goes on, `tunesmith train {self.config} "
+                            f"train.max_steps={step}` ends the run at that step and writes its model")
         raise UserError(f"{self.path}: no trained model in this run folder (expected '{ADAPTER_DIR}/' or '{MODEL_DIR}/')")
 
     # Reading

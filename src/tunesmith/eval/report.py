@@ -225,7 +225,8 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
     images = "".join(f"<figure><img alt='{name}' src='data:image/png;base64,{data}'><figcaption>{name.replace('_', ' ')}"
                      "</figcaption></figure>" for name, data in plots.items())
     facts = [[k, results[k]] for k in ("steps", "train_tokens", "train_seconds", "tokens_per_second", "first_loss",
-                                       "final_loss", "trainable_parameters", "total_parameters", "dtype") if k in results]
+                                       "final_loss", "trainable_parameters", "total_parameters", "dtype")
+             if results.get(k) is not None]
     events = _table(["event", "step", "details"], [[e.get("event"), e.get("step"), json.dumps(
         {k: v for k, v in e.items() if k not in ("event", "step", "time")})] for e in report["events"]]) if report["events"] else ""
     data = report["data"]

@@ -106,10 +106,21 @@ def same_setting(key: str, saved, now) -> bool:
     return Path(saved).expanduser().resolve() == Path(now) and Path(now).exists()
 
 
-def check_same_settings(path: Path, settings: dict) -> None:
-    """Refuse to resume when a setting that changes the result differs from the checkpoint's."""
-    saved = json.loads((path / "state.json").read_text()).get("settings", {})
+# A run's length: changed to end the run at its checkpoint's own step (nothing more is trained)
+LENGTH_SETTINGS = ("train.max_steps", "train.epochs")
+
+
+def check_same_settings(path: Path, settings: dict, steps: int | None = None) -> None:
+    """Refuse to resume when a setting that changes the result differs from the checkpoint's; a
+    run's length may change where the run now ends at the checkpoint's step (`steps`: its total)."""
+    meta = json.loads((path / "state.json").read_text())
+    saved = meta.get("settings", {})
     differing = sorted(k for k in set(saved) | set(settings) if not same_setting(k, saved.get(k), settings.get(k)))
+    if steps == meta["step"]:
+        differing = [k for k in differing if k not in LENGTH_SETTINGS]
+    elif differing and set(differing) <= set(LENGTH_SETTINGS) and steps is not None and steps < meta["step"]:
+        raise UserError(f"{path}: this checkpoint is at step {meta['step']}, past the {steps} steps the config now "
+                        f"asks for; train.max_steps={meta['step']} ends the run at it")
     if differing:
         shown = ", ".join(f"{k} ({saved.get(k)!r} -> {settings.get(k)!r})" for k in differing)
         raise UserError(f"{path}: the config changed since this checkpoint, in {shown}; restore those settings, "

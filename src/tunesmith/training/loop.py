@@ -38,8 +38,9 @@ from .schedule import warmup_cosine
 @dataclass
 class FitResult:
     steps: int = 0
-    train_tokens: int = 0
-    seconds: float = 0.0  # training time, evaluations left out
+    train_tokens: int = 0  # since the run began, resumed or not
+    tokens_trained: int = 0  # by this process (after the checkpoint it resumed from): the speed's
+    seconds: float = 0.0  # this process's training time, evaluations left out
     losses: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
@@ -52,8 +53,9 @@ class FitResult:
     gathered_state: dict | None = None  # FSDP2: rank 0's unsharded trained weights (the model itself stays sharded)
 
     @property
-    def tokens_per_second(self) -> float:
-        return self.train_tokens / self.seconds if self.seconds else 0.0
+    def tokens_per_second(self) -> float | None:
+        """None where this process trained nothing (a run ended at its checkpoint)."""
+        return self.tokens_trained / self.seconds if self.seconds and self.tokens_trained else None
 
 
 def optimizer_steps(split: Split, cfg: Config, layout: str = PADDED):
@@ -132,11 +134,12 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     state = ckpt.TrainState(config_hash=ckpt.config_hash(settings))
     stopper = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta) if cfg.eval.patience and validation else None
     result = FitResult(early_stopping=stopper)
-    resumed = _resume(ckpt_dir, cfg, settings, state_owner, optimizer, scheduler, ranks) if ckpt_dir else None
+    resumed = _resume(ckpt_dir, cfg, settings, state_owner, optimizer, scheduler, ranks, steps) if ckpt_dir else None
     if resumed is not None:
         state, found = resumed
         result.resumed_from = state.step
-        say(f"resuming from step {state.step} of {steps} ({found})")
+        say(f"resuming from step {state.step} of {steps} ({found})" if state.step < steps else
+            f"ending the run at step {state.step}, its checkpoint's ({found}): nothing more to train")
         if stopper:
             stopper.restore(state.early_stopping)
     # Records of steps after the resumed one (or, starting afresh, every record) are about to be redone.
@@ -150,6 +153,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     while consumed < state.micro_batches:  # the same order as an uninterrupted run: skip what was consumed
         consumed += len(next(stream))
     pieces = 1  # micro-batches are cut into this many parts after an out-of-memory error
+    tokens_before = state.train_tokens  # those of the steps before the checkpoint: not this process's speed
     progress = Progress(steps, quiet=not ranks.main, unit="step")
     model.train()
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
@@ -271,6 +275,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
         result.gathered_state = distributed.gathered_state(loss_module, trainable_only=hasattr(model, "peft_config"))
     result.steps = state.step
     result.train_tokens = state.train_tokens
+    result.tokens_trained = state.train_tokens - tokens_before
     result.losses = state.losses
     result.skipped_steps = state.skipped_steps
     return result
@@ -284,9 +289,10 @@ def evaluations_ahead(step: int, steps: int, every: int, each: float | None) -> 
 
 
 def _resume(ckpt_dir: Path, cfg: Config, settings: dict, owner, optimizer, scheduler,
-            ranks: distributed.Ranks) -> tuple[ckpt.TrainState, Path] | None:
+            ranks: distributed.Ranks, steps: int) -> tuple[ckpt.TrainState, Path] | None:
     """Rank 0 picks the newest usable checkpoint and tells the others; every rank loads it, and one
-    that cannot fails the job with a message (ranks must never continue from different states)."""
+    that cannot fails the job with a message (ranks must never continue from different states).
+    `steps`: the run's length now, which may end it at the checkpoint's step."""
     if not cfg.train.resume:
         return None
     found = ckpt.newest_usable(ckpt_dir, say) if ranks.main else None
@@ -294,7 +300,7 @@ def _resume(ckpt_dir: Path, cfg: Config, settings: dict, owner, optimizer, sched
     if found is None:
         return None
     found = Path(found)
-    ckpt.check_same_settings(found, settings)
+    ckpt.check_same_settings(found, settings, steps)
     try:
         loaded = ckpt.load_checkpoint(found, owner, optimizer, scheduler)
     except Exception as err:  # noqa: BLE001 (anything that keeps this rank from the chosen state)
