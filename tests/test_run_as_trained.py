@@ -150,8 +150,9 @@ def test_chat_and_eval_ask_a_run_with_its_system_prompt_unless_told_otherwise(pr
     assert opening(str(tiny_model_dir), None, told) == []
 
     seen = []
-    prepare = api.prepare
-    monkeypatch.setattr(api, "prepare", lambda cfg, tokenizer: seen.append(cfg.system_prompt) or prepare(cfg, tokenizer))
+    eval_file = api.eval_file
+    monkeypatch.setattr(api, "eval_file", lambda spec, tokenizer, cfg, limit: seen.append(cfg.system_prompt)
+                        or eval_file(spec, tokenizer, cfg, limit))
     data = write_jsonl(elsewhere / "d.jsonl", [{"question": "Ticket: screen dead", "answer": "tech"}] * 2)
     api.evaluate(run, str(data), max_new_tokens=2)
     api.evaluate(str(tiny_model_dir), str(data), max_new_tokens=2)

@@ -12,7 +12,7 @@ from .config import Config, dump, load_config
 from .data.check import data_lines
 from .data.collate import PADDED, PADDING_FREE, layout
 from .data.packing import as_trained
-from .data.prepare import prepare, write_demo_files
+from .data.prepare import eval_file, write_demo_files
 from .device import compute_dtype, describe, resolve
 from .errors import UserError
 from .eval.baselines import baseline_table, cut_answers_warning, format_baselines, score_base_rows, score_tuned_rows
@@ -298,18 +298,17 @@ def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size:
     system = system_prompt_of(model_or_run)
     if system:
         say(f"eval: the examples are asked with the system prompt the run trained with: {system!r}")
-    # Eval loss on the examples within max_seq_len, as in training; generation scores on every example.
-    prepared = prepare(DataConfig(train=data, validation=data, test=data, system_prompt=system), tokenizer)
-    eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, test_limit=limit, scorer=scorer,
+    # The first `limit` examples of the file; the eval loss on those within max_seq_len, as in
+    # training; generation scores on every one.
+    data_cfg = DataConfig(train=data, system_prompt=system)
+    test = eval_file(data, tokenizer, data_cfg, limit)
+    validation = test.select([i for i, e in enumerate(test.encoded) if len(e.input_ids) <= data_cfg.max_seq_len])
+    eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, scorer=scorer,
                           temperature=temperature, seed=seed, repetition_penalty=guard.repetition_penalty,
                           no_repeat_ngram_size=guard.no_repeat_ngram_size)
-    validation = prepared.splits["validation"]
-    if limit:  # the first N examples of the file, for the loss as for the answers
-        first = set(prepared.splits["test"].origins[:limit])
-        validation = validation.select([i for i, origin in enumerate(validation.origins) if origin in first])
     with merged_adapter(model):  # LoRA folded into the base: the same loss, a third faster on a CPU
         results = {"eval_loss": eval_loss(model, validation, batch_size, tokenizer.pad_token_id)}
-    results.update(score_generation(model, tokenizer, prepared.splits["test"].conversations, eval_cfg, label="eval"))
+    results.update(score_generation(model, tokenizer, test.conversations, eval_cfg, label="eval"))
     return results
 
 

@@ -126,6 +126,23 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: Path | None = None) -> Prepared
     return prepared
 
 
+def eval_file(spec: str, tokenizer, cfg: DataConfig, limit: int | None = None) -> Split:
+    """One file for `tunesmith eval`, read and encoded once, as a test split (every example whole,
+    duplicates within it dropped); `limit`: its first N examples only, the rest never encoded."""
+    use_template(tokenizer, cfg.chat_template, cfg.template_variables)
+    conversations, origins, _, problems = _read_source(spec, cfg.system_prompt, cfg.format, cfg.columns, cfg.hub_split)
+    if cfg.dedup:
+        keep, _, _ = deduplicate(conversations, origins, {})
+        conversations, origins = [conversations[i] for i in keep], [origins[i] for i in keep]
+    cut = slice(None, limit)
+    prepared = Prepared({}, problems, Counter(), Counter())
+    split = _encode_split("test", conversations[cut], origins[cut], tokenizer, cfg, prepared)
+    if not split.encoded:
+        first = f"; first problem: {prepared.problems[0]}" if prepared.problems else " (an empty file?)"
+        raise UserError(f"{spec}: no example to evaluate{first}")
+    return split
+
+
 def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
     problems: list[Problem] = []
     formats: Counter = Counter()

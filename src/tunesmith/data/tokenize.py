@@ -290,10 +290,21 @@ def encode_many(tokenizer, conversations: list[list[dict]], train_on_inputs: boo
         encoded = []
         for index, spans in plan:
             ids, starts = tokenised[index]
-            labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, s in zip(ids, starts)]
-            encoded.append(Encoded(list(ids), labels))
+            encoded.append(Encoded(list(ids), answer_labels(ids, starts, spans)))
         out.append(encoded)
     return out
+
+
+def answer_labels(ids: list[int], starts: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where it starts inside an answer span [a, b), else IGNORE (vectorised: a
+    Python test per token and span took 10 s of MedQuAD's 15,678 examples)."""
+    import numpy as np
+
+    at = np.asarray(starts)
+    inside = np.zeros(len(at), dtype=bool)
+    for a, b in spans:
+        inside |= (at >= a) & (at < b)
+    return np.where(inside, np.asarray(ids), IGNORE).tolist()
 
 
 def token_ids_and_starts(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
