@@ -101,3 +101,13 @@ def test_70b_lora_fits_eight_80gb_gpus_only_sharded():
     assert weights["gathered weights (FSDP)"] / 2**30 == pytest.approx((2 * 128256 * 8192 + 2 * 855.6e6) * 2 / 2**30,
                                                                        rel=0.01)
     assert sharded.epoch_seconds == pytest.approx(one.epoch_seconds / 8)
+
+
+def test_plan_refuses_fsdp_with_qlora_as_a_config_does(capsys):
+    from tunesmith.cli import main
+
+    assert main(["plan", "--model", "llama-3.1-8b", "--method", "qlora", "--fsdp", "--nproc", "2",
+                 "--no-this-machine"]) == 2
+    assert "error: train.fsdp does not work with adapter.method: qlora yet" in capsys.readouterr().err
+    assert main(["plan", "--model", "llama-3.1-8b", "--method", "lora", "--fsdp", "--nproc", "2",
+                 "--no-this-machine"]) == 0

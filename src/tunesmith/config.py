@@ -175,10 +175,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _fsdp_method(self):
-        # FSDP2 gathers a sharded 4-bit weight as a plain tensor without its quantisation state
-        if self.train.fsdp and self.adapter.method == "qlora":
-            raise ValueError("train.fsdp does not work with adapter.method: qlora yet (FSDP2 loses the 4-bit "
-                             "weights' quantisation state); use DDP (train.fsdp: false) or adapter.method: lora")
+        refused = fsdp_refusal(self.adapter.method, self.train.fsdp)
+        if refused:
+            raise ValueError(refused)
         if self.eval.best_metric != "eval_loss" and self.train.objective != "sft":
             raise ValueError(f"eval.best_metric={self.eval.best_metric} scores answers to single-answer validation "
                              f"examples; with train.objective: {self.train.objective} use eval.best_metric: eval_loss")
@@ -319,6 +318,15 @@ RESULT_NEUTRAL = {"output", "train.log_every", "train.device", "train.fast_paths
                   "train.auto_micro_batch"}
 EVAL_RESULT_KEYS = {"eval.every_steps", "eval.patience", "eval.min_delta", "eval.restore_best", "eval.best_metric",
                     "eval.best_metric_examples"}
+
+
+def fsdp_refusal(method: str, fsdp: bool) -> str | None:
+    """Why FSDP2 cannot train `method`, or None (the config and `plan --fsdp` alike)."""
+    # FSDP2 gathers a sharded 4-bit weight as a plain tensor without its quantisation state
+    if fsdp and method == "qlora":
+        return ("train.fsdp does not work with adapter.method: qlora yet (FSDP2 loses the 4-bit weights' "
+                "quantisation state); use DDP (train.fsdp: false) or adapter.method: lora")
+    return None
 
 
 # Settings that name local files or folders (data.mix: its keys). A run's config.yaml holds them

@@ -230,7 +230,7 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     training data, its token count, label share and mean length come from it, and so do the
     micro-batches: the largest the run draws, as the estimate `train` prints at its start (a
     --seq, --batch or --grad-accum flag plans its own worst case instead)."""
-    from ..config import load_config
+    from ..config import fsdp_refusal, load_config
     from ..data.packing import as_trained
     from ..errors import UserError
     from ..objectives import prepare_data
@@ -256,8 +256,9 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     if "gradient_checkpointing" in changes:  # said on the command line: on or off for every block
         changes.update(checkpointing_auto=False, checkpoint_layers=None)
     setup = replace(setup, **changes, **({"dtype_auto": False} if "dtype" in changes else {}))
-    if setup.fsdp and setup.method == "qlora":  # as the config refuses it (config.py)
-        raise UserError("--fsdp does not work with QLoRA yet (FSDP2 loses the 4-bit weights' quantisation state)")
+    refused = fsdp_refusal(setup.method, setup.fsdp)
+    if refused:
+        raise UserError(refused)
     return replace(plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine),
                    drawn=drawn)
 
