@@ -269,3 +269,33 @@ def test_eval_limit_applies_to_the_loss_too_and_the_merged_adapter_scores_as_the
     split = prepare(DataConfig(train=str(elsewhere / "all.jsonl"), validation=str(elsewhere / "all.jsonl"),
                                system_prompt=SYSTEM), tokenizer).splits["validation"]
     assert eval_loss(model, split, 16, tokenizer.pad_token_id) == pytest.approx(whole["eval_loss"], rel=1e-5)
+
+
+def test_eval_of_a_run_without_data_scores_its_own_test_data(project, elsewhere, capsys):
+    """`tunesmith eval RUN`: the test data the run was scored on, named; a run without one, and a
+    model that is not a run, say what to give."""
+    import shutil
+
+    from helpers import write_jsonl
+    from tunesmith.cli import main
+
+    run = project / "runs" / "mine"
+    assert main(["eval", str(run)]) == 2
+    assert "the run had no test data (data.test); give --data FILE" in capsys.readouterr().err
+    copy = elsewhere / "with-test"
+    shutil.copytree(run, copy)
+    test = write_jsonl(elsewhere / "test.jsonl", [{"question": "Ticket 7: my screen is wrong", "answer": "tech"}] * 3)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["data"]["test"], config["eval"]["scorer"] = str(test), "my_metrics:score"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["eval", str(copy), "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert f"eval: the run's own test data, {test}" in captured.err
+    assert "add --scorer my_metrics:score" in captured.err  # never imported unless asked for
+    own = json.loads(captured.out)
+    assert main(["eval", str(copy), "--data", str(test), "--max-new-tokens", "2"]) == 0
+    given = json.loads(capsys.readouterr().out)
+    speed = "generated_tokens_per_second"
+    assert {k: v for k, v in given.items() if k != speed} == {k: v for k, v in own.items() if k != speed}
+    assert main(["eval", str(elsewhere / "test.jsonl")]) == 2
+    assert "eval: give --data FILE, --general, or both" in capsys.readouterr().err

@@ -285,14 +285,15 @@ def check_data_paths(cfg: Config) -> None:
         check_source(path, "data.mix")
 
 
-def evaluate(model_or_run: str, data: str, max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
+def evaluate(model_or_run: str, data: str | None, max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
              scorer: str | None = None, temperature: float = 0.0, seed: int = 0, device: str = "auto",
              guard: LoopGuard = LoopGuard()) -> dict:
-    """Eval loss and generation scores of a model or run on a data file."""
+    """Eval loss and generation scores of a model or run on a data file (None: the run's own test data)."""
     from .config import DataConfig, EvalConfig
     from .data.sources import check_source
-    from .runs import load_trained, system_prompt_of
+    from .runs import load_trained, own_test_data, system_prompt_of
 
+    data = data or own_test_data(model_or_run)
     check_source(data, "--data")  # before the model loads
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
     system = system_prompt_of(model_or_run)

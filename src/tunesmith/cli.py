@@ -41,10 +41,8 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from .api import evaluate, evaluate_general
 
-    if not args.data and not args.general:
-        raise UserError("eval: give --data FILE, --general, or both")
     results = {}
-    if args.data:
+    if args.data or not args.general:  # without either: a run's own test data
         results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit, args.scorer,
                            args.temperature, args.seed, args.device, LoopGuard.of(args))
     if args.general:
@@ -196,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="eval loss and generation scores of a model or run on a data file; general ability")
     p.add_argument("model", help="run folder, adapter folder, model folder, .gguf, hub id or 'default'")
-    p.add_argument("--data", default=None, help="data file: eval loss and generation scores")
+    p.add_argument("--data", default=None, help="data file: eval loss and generation scores (a run: its own test data)")
     p.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda or cuda:N")
     p.add_argument("--general", action="store_true",
                    help="general-ability probes (MMLU, ARC, HellaSwag, TruthfulQA, GSM8K); a run or adapter is "

@@ -236,6 +236,24 @@ def system_prompt_of(spec: str) -> str | None:
     return openings.pop() if len(openings) == 1 else None
 
 
+def own_test_data(spec: str) -> str:
+    """The test data a run was scored on at its end (data.test, or the demo's data/test.jsonl), for
+    `tunesmith eval RUN` without --data."""
+    run = RunFolder(spec)
+    if not run.is_run():
+        raise UserError("eval: give --data FILE, --general, or both (a run folder is scored on its own test data)")
+    config = run.read_config()
+    written = run.data / "test.jsonl"
+    test = config.data.test if config.data.test not in (None, "demo") else str(written) if written.is_file() else None
+    if test is None:
+        raise UserError(f"{spec}: the run had no test data (data.test); give --data FILE, --general, or both")
+    from .progress import say
+
+    say(f"eval: the run's own test data, {test}" + (f"; it was scored with eval.scorer {config.eval.scorer}: "
+                                                    f"add --scorer {config.eval.scorer}" if config.eval.scorer else ""))
+    return test
+
+
 def trained_folder(run: str | Path) -> Path:
     return RunFolder(run).trained()
 
