@@ -240,6 +240,17 @@ def test_start_and_stop_a_real_run(served, tmp_path, tiny_model_dir):
     assert max(checkpoint_steps) >= last_logged
     assert "stopped by signal 15; checkpoint saved" in (folder / "train.log").read_text()
     assert call(server, "/api/runs/real/stop", {})[0] == 400  # not running any more
+    # Finish: the stopped run ends at its checkpoint, its model written with that step's weights; not
+    # without the token, nor from another origin
+    assert call(server, "/api/runs/real/finish", {}, token=False)[0] == 401
+    assert call(server, "/api/runs/real/finish", {}, headers={"Origin": "http://attacker.example"})[0] == 403
+    assert status(folder) == "stopped"
+    code, body = call(server, "/api/runs/real/finish", {})
+    assert code == 200, body
+    wait_for(lambda: metrics()["status"] == "finished")
+    results = json.loads((folder / "results.json").read_text())
+    assert results["steps"] == results["resumed_from"] == max(checkpoint_steps) and (folder / "adapter").is_dir()
+    assert call(server, "/api/runs/real/finish", {})[0] == 400  # finished: nothing to end
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])

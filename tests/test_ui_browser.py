@@ -148,9 +148,11 @@ def test_dashboard_end_to_end(dashboard, browser, tmp_path, tiny_model_dir, tiny
     assert "stopped by signal 15; checkpoint saved" in (folder / "train.log").read_text()
     wait_for(lambda: f"step-{checkpoints[-1]:08d}" in text_of(browser, "#checkpoints"), 10, what="the checkpoint listed")
     browser.save_screenshot(str(ARTIFACTS / "3-run-stopped.png"))
+    assert browser.find_element(By.ID, "finish").is_displayed()  # ending it here is offered beside resuming
 
     browser.find_element(By.ID, "resume").click()
     wait_for(lambda: text_of(browser, "#run-status") == "finished", 180, what="finished")
+    assert not browser.find_element(By.ID, "finish").is_displayed()
     results = json.loads((folder / "results.json").read_text())
     assert results["resumed_from"] == checkpoints[-1] and results["steps"] == 30
     assert logged_steps(folder) == list(range(1, 31))

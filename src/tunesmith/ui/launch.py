@@ -116,13 +116,24 @@ def resume(folder: Path) -> subprocess.Popen:
     return launch(folder)  # a second Resume racing this one finds the lock taken there
 
 
-def launch(folder: Path) -> subprocess.Popen:
+def finish(folder: Path) -> subprocess.Popen:
+    """End a stopped run at its newest checkpoint: nothing more is trained; it is evaluated and its
+    model written with that step's weights (`tunesmith train CONFIG train.max_steps=N`)."""
+    from ..runs import RunFolder, checkpoint_step
+
+    state, found = status(folder), RunFolder(folder).checkpoint_folders()
+    if state != "stopped" or not found:
+        raise UserError(f"{folder.name}: is {state}; only a stopped run (one with a checkpoint) can be finished")
+    return launch(folder, f"train.max_steps={checkpoint_step(found[-1].name)}")
+
+
+def launch(folder: Path, *overrides: str) -> subprocess.Popen:
     """`tunesmith train` on the folder's config in a child process that holds the run folder's lock
     from its first instant (taken here, handed over): the run shows as running at once, and a second
     trainer for the folder, from here or a terminal, is refused."""
     with runlock.handover(folder) as lock, open(folder / LOG_FILE, "ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "tunesmith.cli", "train", str(folder / "config.yaml")],
+            [sys.executable, "-m", "tunesmith.cli", "train", str(folder / "config.yaml"), *overrides],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(lock,),
             # Its own session: a Ctrl-C in the dashboard's terminal does not stop the runs it started.
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", runlock.INHERITED: str(lock)})

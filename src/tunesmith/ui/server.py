@@ -213,8 +213,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send_file(folders.inside(folder, "/".join(action[1:])))
         if method == "POST" and action == ["stop"]:
             return self._send_json({"stopped": launch.stop(folder)})
-        if method == "POST" and action == ["resume"]:
-            child = launch.resume(folder)
+        if method == "POST" and action in (["resume"], ["finish"]):  # finish: end a stopped run at its checkpoint
+            child = (launch.resume if action == ["resume"] else launch.finish)(folder)
             self.server.adopt(child)
             return self._send_json({"pid": child.pid})
         raise LookupError("no such API path")

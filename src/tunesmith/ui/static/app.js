@@ -240,9 +240,11 @@ function runPage(name) {
   const status = badge("…", "run-status");
   const stop = el("button", { id: "stop", hidden: true, text: "Stop (checkpoint first)", onclick: () => act("stop") });
   const resume = el("button", { id: "resume", hidden: true, class: "secondary", text: "Resume", onclick: () => act("resume") });
+  const finish = el("button", { id: "finish", hidden: true, class: "secondary", text: "Finish here (keep the last checkpoint)",
+    onclick: () => act("finish") });
   const message = el("span", { class: "error", id: "run-error" });
   const section = (id, title) => [el("h2", { text: title }), el("div", { id })];
-  app.replaceChildren(el("h1", {}, `${name} `, status), el("div", { class: "actions" }, stop, resume, message),
+  app.replaceChildren(el("h1", {}, `${name} `, status), el("div", { class: "actions" }, stop, resume, finish, message),
     el("div", { class: "charts", id: "charts" }), el("p", { class: "muted", id: "run-facts" }),
     ...section("reports", "Report"), ...section("results", "Comparison with the base model"),
     ...section("examples", "Examples"), ...section("data-check", "Data check"), ...section("config", "Config"),
@@ -259,6 +261,7 @@ function runPage(name) {
     status.className = `badge ${detail.status}`;
     stop.hidden = detail.status !== "running";
     resume.hidden = !["stopped", "failed"].includes(detail.status);
+    finish.hidden = detail.status !== "stopped";
     document.getElementById("charts").replaceChildren(...trainCharts(metrics.records));
     document.getElementById("run-facts").textContent = `model ${detail.model} · ${detail.method} · data ${detail.data} · step ` +
       `${detail.step}${detail.max_steps ? "/" + detail.max_steps : ""} · best eval loss ${fmt(detail.best_eval)} · started ${when(detail.started)}`;
