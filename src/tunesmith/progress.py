@@ -82,7 +82,7 @@ class Progress:
     def share(self, done: int) -> float:
         """The work of the first `done` items."""
         done = max(0, min(done, self.total))
-        return self.work[min(done, len(self.work) - 1)] if self.work else float(done)
+        return self.work[done] if self.work else float(done)
 
     def note(self, text: str) -> None:
         """A line between updates (on a terminal printed above the bar, which stays whole)."""

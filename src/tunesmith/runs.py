@@ -55,10 +55,10 @@ class RunFolder:
         for name in (ADAPTER_DIR, MODEL_DIR):
             if (self.path / name).is_dir():
                 return self.path / name
-        stopped = self.checkpoint_folders()
-        if stopped:  # stopped before the end: it can go on, or end where it is
-            step = checkpoint_step(stopped[-1].name)
-            raise UserError(f"{self.path}: training stopped at step {step} ({stopped[-1]}) before it wrote its model; "
+        step = self.stopped_at()
+        if step is not None:  # stopped before the end: it can go on, or end where it is
+            raise UserError(f"{self.path}: training stopped at step {step} ({self.checkpoint_folders()[-1]}) before "
+                            "it wrote its model; "
                             f"`tunesmith train {self.config}` goes on, `tunesmith train {self.config} "
                             f"train.max_steps={step}` ends the run at that step and writes its model")
         raise UserError(f"{self.path}: no trained model in this run folder (expected '{ADAPTER_DIR}/' or '{MODEL_DIR}/')")
@@ -107,6 +107,11 @@ class RunFolder:
 
     def checkpoint_folders(self, complete: bool = True) -> list[Path]:
         return checkpoint_folders(self.checkpoints, complete)
+
+    def stopped_at(self) -> int | None:
+        """The step of the newest complete checkpoint, or None."""
+        found = self.checkpoint_folders()
+        return checkpoint_step(found[-1].name) if found else None
 
     def status(self) -> str:
         """finished / running / stopped (resumable) / failed / pending, from the folder alone."""
@@ -243,8 +248,8 @@ def own_test_data(spec: str) -> str:
     if not run.is_run():
         raise UserError("eval: give --data FILE, --general, or both (a run folder is scored on its own test data)")
     config = run.read_config()
-    written = run.data / "test.jsonl"
-    test = config.data.test if config.data.test not in (None, "demo") else str(written) if written.is_file() else None
+    written = run.data / "test.jsonl"  # the demo's, generated with its training data
+    test = config.data.test or (str(written) if written.is_file() else None)
     if test is None:
         raise UserError(f"{spec}: the run had no test data (data.test); give --data FILE, --general, or both")
     from .progress import say

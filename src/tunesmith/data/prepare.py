@@ -98,6 +98,18 @@ def _read_source(path, system_prompt, fmt, columns, hub_split):
     return conversations, origins, formats, problems
 
 
+def _read_kept(spec: str, cfg: DataConfig, seen: dict):
+    """_read_source, less the duplicates of records read before (in `seen`) where data.dedup says so;
+    each duplicate is a Problem."""
+    conversations, origins, formats, problems = _read_source(spec, cfg.system_prompt, cfg.format, cfg.columns,
+                                                             cfg.hub_split)
+    if cfg.dedup:
+        keep, duplicates, _ = deduplicate(conversations, origins, seen)
+        problems += duplicates
+        conversations, origins = [conversations[i] for i in keep], [origins[i] for i in keep]
+    return conversations, origins, formats, problems
+
+
 def prepare(cfg: DataConfig, tokenizer, out_dir: Path | None = None) -> Prepared:
     """Read, validate, split and tokenise the data; the demo task is generated here.
 
@@ -130,10 +142,7 @@ def eval_file(spec: str, tokenizer, cfg: DataConfig, limit: int | None = None) -
     """One file for `tunesmith eval`, read and encoded once, as a test split (every example whole,
     duplicates within it dropped); `limit`: its first N examples only, the rest never encoded."""
     use_template(tokenizer, cfg.chat_template, cfg.template_variables)
-    conversations, origins, _, problems = _read_source(spec, cfg.system_prompt, cfg.format, cfg.columns, cfg.hub_split)
-    if cfg.dedup:
-        keep, _, _ = deduplicate(conversations, origins, {})
-        conversations, origins = [conversations[i] for i in keep], [origins[i] for i in keep]
+    conversations, origins, _, problems = _read_kept(spec, cfg, {})
     cut = slice(None, limit)
     prepared = Prepared({}, problems, Counter(), Counter())
     split = _encode_split("test", conversations[cut], origins[cut], tokenizer, cfg, prepared)
@@ -162,15 +171,11 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
         seen: dict = {}
         for name, spec in [("train", cfg.train), *[(f"mix:{s}", s) for s in cfg.mix],
                            *[(n, getattr(cfg, n)) for n in ("validation", "test") if getattr(cfg, n)]]:
-            conversations, origins, found_formats, found = _read_source(spec, cfg.system_prompt, cfg.format,
-                                                                        cfg.columns, cfg.hub_split)
+            # Duplicates are found within the training sources, and within each eval source.
+            conversations, origins, found_formats, found = _read_kept(
+                spec, cfg, seen if name == "train" or name.startswith("mix:") else {})
             problems += found
             formats += found_formats
-            if cfg.dedup:
-                # Duplicates are found within the training sources, and within each eval source.
-                keep, duplicates, _ = deduplicate(conversations, origins, seen if name == "train" or name.startswith("mix:") else {})
-                problems += duplicates
-                conversations, origins = [conversations[i] for i in keep], [origins[i] for i in keep]
             target = "train" if name.startswith("mix:") else name
             before = raw.get(target, ([], []))
             raw[target] = (before[0] + conversations, before[1] + origins)

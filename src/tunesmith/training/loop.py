@@ -159,8 +159,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
     window_from = len(state.losses)  # the finite step losses since the last train record: state.losses[window_from:]
     start = time.perf_counter()
-    evaluating = 0.0  # seconds spent in evaluations: not training time
-    eval_times = []  # of each evaluation during training; the ETA counts those still to come
+    eval_times = []  # seconds of each evaluation: not training time; the ETA counts those still to come
     bad_in_row = 0
     first = state.step + 1 if not (stopper and stopper.stopped_at) else steps + 1  # stopped early before a kill
     with deferred_signals() as caught:
@@ -225,7 +224,6 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                     value = evaluate(loss_module)
                     picked = select(f"generate (validation, step {step})") if select else None
                 spent = time.perf_counter() - began
-                evaluating += spent
                 eval_times.append(spent)
                 window_start += spent  # the training line's tokens/s leaves evaluation out
                 result.eval_losses.append((step, value))
@@ -267,7 +265,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                               f"{shown_key(select, stopper.best)} at step {stopper.best_step})")
                 break
     progress.close()
-    result.seconds = time.perf_counter() - start - evaluating
+    result.seconds = time.perf_counter() - start - sum(eval_times)
     return_best(model, best, validation, cfg, log, state.step, result, evaluate, loss_module, select)
     if ranks.fsdp:  # scored while sharded, through the wrapper; then gathered once, to rank 0
         if evaluate and result.final_eval is None:

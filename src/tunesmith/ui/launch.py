@@ -119,12 +119,12 @@ def resume(folder: Path) -> subprocess.Popen:
 def finish(folder: Path) -> subprocess.Popen:
     """End a stopped run at its newest checkpoint: nothing more is trained; it is evaluated and its
     model written with that step's weights (`tunesmith train CONFIG train.max_steps=N`)."""
-    from ..runs import RunFolder, checkpoint_step
+    from ..runs import RunFolder
 
-    state, found = status(folder), RunFolder(folder).checkpoint_folders()
-    if state != "stopped" or not found:
+    state, step = status(folder), RunFolder(folder).stopped_at()
+    if state != "stopped" or step is None:
         raise UserError(f"{folder.name}: is {state}; only a stopped run (one with a checkpoint) can be finished")
-    return launch(folder, f"train.max_steps={checkpoint_step(found[-1].name)}")
+    return launch(folder, f"train.max_steps={step}")
 
 
 def launch(folder: Path, *overrides: str) -> subprocess.Popen:
