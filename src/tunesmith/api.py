@@ -18,6 +18,7 @@ from .errors import UserError
 from .eval.baselines import baseline_table, cut_answers_warning, format_baselines, score_base_rows, score_tuned_rows
 from .eval.baselines import summary as row_summary
 from .eval.general import GeneralAbility
+from .eval.compare import is_raw_text, text_losses
 from .eval.decoding import LoopGuard
 from .eval.loss import eval_loss
 from .eval.generate import merged_adapter
@@ -81,7 +82,7 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
 def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, ranks, log) -> dict:
     for line in data_lines(data, cfg.data):
         say(line)
-    if "test" in data.splits and cfg.eval.generate:
+    if "test" in data.splits and cfg.eval.generate and not is_raw_text(data.splits["test"].conversations):
         # The answer's tokens but the end-of-turn token, which is labelled too.
         cut = cut_answers_warning([e.label_count - 1 for e in data.splits["test"].encoded], cfg.eval)
         if cut:
@@ -303,6 +304,11 @@ def evaluate(model_or_run: str, data: str | None, max_new_tokens: int = 96, batc
     # training; generation scores on every one.
     data_cfg = DataConfig(train=data, system_prompt=system)
     test = eval_file(data, tokenizer, data_cfg, limit)
+    if is_raw_text(test.conversations):  # its loss in rows of max_seq_len, as training reads raw text
+        with merged_adapter(model):
+            losses, tokens = text_losses(model, tokenizer, test.conversations, row_tokens=data_cfg.max_seq_len)
+        say("eval: raw text is scored by its loss alone (nothing to generate)")
+        return {"eval_loss": sum(x * n for x, n in zip(losses, tokens)) / sum(tokens), "test_examples": len(losses)}
     validation = test.select([i for i, e in enumerate(test.encoded) if len(e.input_ids) <= data_cfg.max_seq_len])
     eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, scorer=scorer,
                           temperature=temperature, seed=seed, repetition_penalty=guard.repetition_penalty,

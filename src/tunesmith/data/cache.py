@@ -18,7 +18,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-FORMAT_VERSION = 5  # 4: fields in their common spellings, content parts, assistant weight 0, BOMs, bare message lists; 5: test examples kept whatever their length
+# 4: fields in their common spellings, content parts, assistant weight 0, BOMs, bare message lists;
+# 5: test examples kept whatever their length; 6: raw text rows name the document they start in,
+# raw text test documents whole.
+FORMAT_VERSION = 6
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 EXTRA_TEMPLATES = "additional_chat_templates"  # transformers' folder of further named templates

@@ -125,15 +125,14 @@ def report(train: list[list[dict]], train_origins: list, others: dict[str, tuple
     """For `data check`: counts with the first locations, within train and between train and each split."""
     inside, leaks = find(train, {name: c for name, (c, _) in others.items()}, threshold)
 
-    def where(origins, i):
-        return f"{origins[i][0]}:{origins[i][1]}"
+    def pair(origins, m):
+        one, other = (f"{file}:{line}" for file, line in (origins[m.index], train_origins[m.first]))
+        return f"{one} ~ {other}" if one != other else f"{one} (two rows of one raw-text document)"
 
-    out = {"threshold": threshold,
-           "within_train": {"count": len(inside), "first": [f"{where(train_origins, m.index)} ~ "
-                                                           f"{where(train_origins, m.first)}" for m in inside[:first]]}}
+    def firsts(origins, matches):  # distinct locations: a document's rows may repeat one
+        return list(dict.fromkeys(pair(origins, m) for m in matches))[:first]
+
+    out = {"threshold": threshold, "within_train": {"count": len(inside), "first": firsts(train_origins, inside)}}
     for name, matches in leaks.items():
-        origins = others[name][1]
-        out[f"{name}_in_train"] = {"count": len(matches), "first": [f"{where(origins, m.index)} ~ "
-                                                                    f"{where(train_origins, m.first)}"
-                                                                    for m in matches[:first]]}
+        out[f"{name}_in_train"] = {"count": len(matches), "first": firsts(others[name][1], matches)}
     return out

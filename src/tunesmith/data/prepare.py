@@ -17,7 +17,7 @@ from ..errors import UserError
 from . import cache
 from .formats import FormatError, rename_columns, to_example
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
-from .tokenize import (FALLBACK_TEMPLATE, IGNORE, Encoded, TemplateError, encode_many, encode_text, template_text,
+from .tokenize import (FALLBACK_TEMPLATE, IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, template_text,
                        use_template)
 from .validate import deduplicate, drop_report, overlap
 
@@ -271,11 +271,16 @@ def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prep
                 split.conversations.append(conversations[index][:ends_at])
                 split.encoded.append(encoded)
                 split.origins.append((file, line))
-    if texts:
-        for row in encode_text(tokenizer, [conversations[i][0]["content"] for i in texts], cfg.max_seq_len):
+    if texts and name == "test":  # scored document by document, each whole (eval/compare.py text_losses)
+        for index, encoded in zip(texts, encode_documents(tokenizer, [conversations[i][0]["content"] for i in texts])):
+            split.conversations.append(conversations[index])
+            split.encoded.append(encoded)
+            split.origins.append(origins[index])
+    elif texts:
+        for document, row in encode_text(tokenizer, [conversations[i][0]["content"] for i in texts], cfg.max_seq_len):
             split.conversations.append([{"role": "text", "content": tokenizer.decode(row.input_ids)}])
             split.encoded.append(row)
-            split.origins.append(origins[texts[0]])
+            split.origins.append(origins[texts[document]])
     return split
 
 

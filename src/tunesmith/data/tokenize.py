@@ -9,6 +9,7 @@ All pieces of a data set are tokenised in one batch call of the fast tokenizer.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from dataclasses import dataclass
@@ -324,14 +325,37 @@ def encode(tokenizer, messages: list[dict], train_on_inputs: bool = False, reaso
     return result[-1]
 
 
-def encode_text(tokenizer, documents: list[str], max_seq_len: int) -> list[Encoded]:
-    """Raw text for continued pre-training: documents joined with EOS, cut into max_seq_len rows."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def encode_text(tokenizer, documents: list[str], max_seq_len: int) -> list[tuple[int, Encoded]]:
+    """Raw text for continued pre-training: documents joined with EOS, cut into max_seq_len rows;
+    each row with the index of the document it starts in (where a data problem is reported)."""
     stream: list[int] = []
-    for ids in token_ids(tokenizer, documents):
-        stream += ids + eos
-    rows = [stream[i:i + max_seq_len] for i in range(0, len(stream), max_seq_len)]
-    return [Encoded(row, list(row)) for row in rows if len(row) > 1]
+    starts = []  # the stream position where each document begins
+    for ids in _ended(tokenizer, documents):
+        starts.append(len(stream))
+        stream += ids
+    return [(bisect.bisect_right(starts, start) - 1, row) for start, row in _rows(stream, max_seq_len)]
+
+
+def document_rows(tokenizer, documents: list[str], max_seq_len: int) -> list[tuple[int, Encoded]]:
+    """Each document on its own, cut into rows of max_seq_len tokens, each row with its document's
+    index: held-out text scored document by document."""
+    return [(document, row) for document, ids in enumerate(_ended(tokenizer, documents))
+            for _, row in _rows(ids, max_seq_len)]
+
+
+def encode_documents(tokenizer, documents: list[str]) -> list[Encoded]:
+    """Each document whole, ended by EOS, every token a label."""
+    return [Encoded(ids, list(ids)) for ids in _ended(tokenizer, documents)]
+
+
+def _ended(tokenizer, documents: list[str]) -> list[list[int]]:
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return [ids + eos for ids in token_ids(tokenizer, documents)]
+
+
+def _rows(ids: list[int], size: int) -> list[tuple[int, Encoded]]:
+    """(start, row) of the ids cut into rows of `size`, every token a label; a lone token is no row."""
+    return [(i, Encoded(ids[i:i + size], ids[i:i + size])) for i in range(0, len(ids), size) if len(ids) - i > 1]
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:

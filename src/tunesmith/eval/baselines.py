@@ -23,8 +23,8 @@ from ..data.prepare import load_conversations
 from ..errors import UserError
 from ..progress import say
 from ..runs import system_prompt_of
-from .compare import (LOSS, LOWER_IS_BETTER, Scored, Scorer, Settings, compare_scored, pick_shots, score_model,
-                      score_prompts, training_conversations, with_shots)
+from .compare import (LOSS, LOWER_IS_BETTER, Scored, Scorer, Settings, compare_scored, is_raw_text, pick_shots,
+                      score_model, score_prompts, training_conversations, with_shots)
 from .decoding import LoopGuard
 
 PROMPTED = ("-shot", "+ retrieval")  # row names of the prompting baselines end so
@@ -34,6 +34,9 @@ def prompt_sets(name: str, conversations: list[list[dict]], pool: list[list[dict
                 retrieval_k: int, seed: int, zero_shot: bool = True) -> dict[str, list[list[dict]]]:
     """Row name -> the prompts that row answers: as asked, with k random shots, with k retrieved examples."""
     sets = {name: conversations} if zero_shot else {}
+    if (kshot or retrieval_k) and is_raw_text(conversations):
+        say(f"{name}: raw text has no prompt to put examples in: no k-shot or retrieval rows")
+        return sets
     if kshot:
         shots = pick_shots(pool or [], kshot, seed, conversations)
         sets[f"{name} {kshot}-shot"] = [with_shots(c, shots) for c in conversations]
@@ -107,7 +110,7 @@ def score_rows(model, tokenizer, sets: dict[str, list[list[dict]]], settings: Se
     scored = []
     for name, prompts in sets.items():
         row = score_prompts(model, tokenizer, name, prompts, settings, layout)
-        if folder is not None:
+        if folder is not None and not is_raw_text(prompts):  # raw text: nothing generated
             write_predictions(folder / predictions_name(name), prompts, row.answers)
         scored.append(row)
     return scored
@@ -128,8 +131,9 @@ def write_predictions(path: Path, prompts: list[list[dict]], answers: list[str])
 
 def summary(row: Scored) -> dict:
     """A row's means as results.json keeps them: scores, test examples, generation speed."""
+    speed = row.generated_tokens_per_second
     return {**row.means(), "test_examples": len(row.rows),
-            "generated_tokens_per_second": round(row.generated_tokens_per_second or 0.0, 1)}
+            **({"generated_tokens_per_second": round(speed, 1)} if speed is not None else {})}
 
 
 def format_baselines(table: dict) -> str:
@@ -183,6 +187,9 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
         first = f" First problem: {problems[0]}" if problems else ""
         raise UserError(f"{data}: no usable examples to compare on.{first}")
     conversations = conversations[:limit] if limit else conversations
+    if (kshot or retrieval_k) and is_raw_text(conversations):
+        raise UserError(f"{data}: raw text has no prompts to put examples in: --kshot and --retrieval-k do not "
+                        "apply (A and B are compared by the loss on the text)")
     name_a, name_b = names or ("A", "B")
     settings = Settings(max_new_tokens, batch_size, temperature, seed, scorer, scorer_name, guard)
     pool = None

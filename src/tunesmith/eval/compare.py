@@ -17,10 +17,11 @@ import torch
 
 from ..data.collate import PADDED, micro_batch
 from ..data.prepare import load_conversations
-from ..data.tokenize import IGNORE, encode, prompt_ids
+from ..data.tokenize import IGNORE, document_rows, encode, prompt_ids
 from ..data.tools import split_tools
 from ..device import to_device
 from ..errors import UserError
+from ..progress import Progress
 from ..runs import RunFolder
 from ..training.loss import label_token_losses
 from .decoding import LoopGuard
@@ -114,31 +115,69 @@ def with_shots(conversation: list[dict], shots: list[list[dict]]) -> list[dict]:
     return head + turns + conversation[len(head):]
 
 
-@torch.no_grad()
 def answer_losses(model, tokenizer, conversations: list[list[dict]], layout: str = PADDED, batch_size: int = 16
                   ) -> tuple[list[float], list[int]]:
     """Per example: mean loss per token of the last answer (earlier turns, such as k-shot examples,
     carry no label), and its token count. `layout` is the batch layout the model's attention takes
     (padding-free where training's fast paths are installed); examples of similar length share a batch."""
-    was_training = model.training
-    model.eval()
     encoded = []
     for messages in conversations:
         example = encode(tokenizer, messages)
         prompt_length = len(prompt_ids(tokenizer, messages))
         example.labels[:prompt_length] = [IGNORE] * min(prompt_length, len(example.labels))
         encoded.append(example)
+    sums, counts = label_loss_sums(model, encoded, tokenizer.pad_token_id, layout, batch_size)
+    return [total / max(1, count) for total, count in zip(sums, counts)], counts
+
+
+TEXT_ROW = 512  # tokens per row where held-out raw text is scored (data.max_seq_len's default)
+
+
+def is_raw_text(conversations: list[list[dict]]) -> bool:
+    """Raw documents (data.format text): scored by the loss on their text, nothing to generate."""
+    kinds = {c[0]["role"] == "text" for c in conversations if c}
+    if len(kinds) > 1:
+        raise UserError("the data mixes raw text records with conversations: score them as two files")
+    return kinds == {True}
+
+
+def text_losses(model, tokenizer, conversations: list[list[dict]], layout: str = PADDED, batch_size: int = 16,
+                row_tokens: int = TEXT_ROW, label: str = "text loss") -> tuple[list[float], list[int]]:
+    """Per raw-text document: mean loss per token of its text, read in rows of `row_tokens` as
+    continued pre-training reads it, and its token count."""
+    rows = document_rows(tokenizer, [c[0]["content"] for c in conversations], row_tokens)
+    sums, counts = label_loss_sums(model, [row for _, row in rows], tokenizer.pad_token_id, layout, batch_size, label)
+    total, tokens = [0.0] * len(conversations), [0] * len(conversations)
+    for (document, _), row_sum, row_count in zip(rows, sums, counts):
+        total[document] += row_sum
+        tokens[document] += row_count
+    return [t / max(1, n) for t, n in zip(total, tokens)], tokens
+
+
+@torch.no_grad()
+def label_loss_sums(model, encoded: list, pad_id: int, layout: str = PADDED, batch_size: int = 16, label: str = ""
+                    ) -> tuple[list[float], list[int]]:
+    """Per encoded example: the summed loss of its labelled tokens, and how many there are; with
+    `label`, progress is shown under it."""
+    was_training = model.training
+    model.eval()
     # A batch's label tokens come out example by example; an example's first token is never a target.
     counts = [sum(label != IGNORE for label in e.labels[1:]) for e in encoded]
-    losses = [0.0] * len(encoded)
+    sums = [0.0] * len(encoded)
     device = next(model.parameters()).device
-    for chunk in length_batches([len(e.input_ids) for e in encoded], batch_size):
-        batch = to_device(micro_batch([encoded[i] for i in chunk], layout, tokenizer.pad_token_id), device)
-        token_losses = label_token_losses(model, batch).double().cpu()
-        for i, part in zip(chunk, token_losses.split([counts[i] for i in chunk])):
-            losses[i] = float(part.sum()) / max(1, counts[i])
+    batches = length_batches([len(e.input_ids) for e in encoded], batch_size)
+    progress = Progress(len(batches), label, unit="batch", quiet=not label or len(batches) < 4,
+                        work=[sum(len(encoded[i].input_ids) for i in chunk) for chunk in batches])
+    for done, chunk in enumerate(batches, 1):
+        if any(counts[i] for i in chunk):
+            batch = to_device(micro_batch([encoded[i] for i in chunk], layout, pad_id), device)
+            token_losses = label_token_losses(model, batch).double().cpu()
+            for i, part in zip(chunk, token_losses.split([counts[i] for i in chunk])):
+                sums[i] = float(part.sum())
+        if done % max(1, len(batches) // 10) == 0 or done == len(batches):
+            progress.update(done)
     model.train(was_training)
-    return losses, counts
+    return sums, counts
 
 
 @dataclass
@@ -167,7 +206,11 @@ class Settings:
 def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settings: Settings,
                   layout: str = PADDED) -> Scored:
     """A loaded model's answers to the prompts (each ending in its reference answer), their scores
-    and the reference answers' loss, per example."""
+    and the reference answers' loss, per example; of raw text, only the loss on its text."""
+    if is_raw_text(prompts):
+        losses, counts = text_losses(model, tokenizer, prompts, layout, settings.batch_size, label=f"text loss ({name})")
+        return Scored(name, [""] * len(prompts), [{LOSS: loss} for loss in losses], counts,
+                      references=[c[0]["content"] for c in prompts])
     references = [c[-1]["content"] for c in prompts]
     options = {"label": f"generate ({name})", "temperature": settings.temperature, "seed": settings.seed,
                "guard": settings.guard}
