@@ -11,7 +11,8 @@ from tunesmith.data.prepare import prepare
 from tunesmith.data.tokenize import document_rows, encode_text, token_ids
 from tunesmith.errors import UserError
 from tunesmith.eval.baselines import compare_models
-from tunesmith.eval.compare import is_raw_text, text_losses
+from tunesmith.data.formats import is_raw_text
+from tunesmith.eval.compare import text_losses
 from tunesmith.models import load_model
 from tunesmith.training.loss import label_loss_sum
 
@@ -82,7 +83,8 @@ def test_compare_and_eval_on_raw_text_score_its_loss(tiny_model_dir, tiny_tokeni
     assert scored["eval_loss"] == pytest.approx(sum(x * n for x, n in zip(losses, counts)) / sum(counts), rel=1e-4)
 
 
-def test_a_run_on_raw_text_scores_held_out_text_base_against_fine_tuned(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_run_on_raw_text_scores_held_out_text_base_against_fine_tuned(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                         monkeypatch):
     from tunesmith import train
 
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
@@ -107,6 +109,12 @@ def test_a_run_on_raw_text_scores_held_out_text_base_against_fine_tuned(tiny_mod
     assert not list(run.glob("predictions*.jsonl"))  # nothing was generated
     assert json.loads((run / "results.json").read_text())["baselines"]["verdict"] == table["verdict"]
     assert (run / "report.html").exists()
+    # An export is checked on the text as trained: each sample document's first row, no chat template.
+    from tunesmith.export.merge import sample_batch
+
+    batch = sample_batch(run, tiny_tokenizer)
+    expected = [ids + [tiny_tokenizer.eos_token_id] for ids in token_ids(tiny_tokenizer, corpus[:8])]
+    assert [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])] == expected
 
 
 def test_choose_ranks_base_models_by_their_loss_per_character_on_the_corpus(tiny_model_dir, tiny_tokenizer, tmp_path,

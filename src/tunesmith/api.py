@@ -18,7 +18,8 @@ from .errors import UserError
 from .eval.baselines import baseline_table, cut_answers_warning, format_baselines, score_base_rows, score_tuned_rows
 from .eval.baselines import summary as row_summary
 from .eval.general import GeneralAbility
-from .eval.compare import is_raw_text, text_losses
+from .data.formats import is_raw_text
+from .eval.compare import text_losses
 from .eval.decoding import LoopGuard
 from .eval.loss import eval_loss
 from .eval.generate import merged_adapter

@@ -9,6 +9,7 @@ assistant `tool_calls`, `tool` messages with results, and assistant `reasoning_c
 """
 from __future__ import annotations
 
+from ..errors import UserError
 from .tools import FormatError, TOOLS_ROLE, checked_message, checked_tools, check_calls
 
 ROLES = {"system", "user", "assistant", "tool"}
@@ -165,3 +166,11 @@ def _checked_turns(turns, field: str, role_key: str, text_key: str, role_map: di
             raise FormatError("unknown role", f"{role!r} in {field}[{index}] (known: {', '.join(sorted(role_map))})")
         out.append(checked_message(turn, role_map[role], f"{field}[{index}]", text_key, _checked_text))
     return out
+
+
+def is_raw_text(conversations: list[list[dict]]) -> bool:
+    """Raw documents (data.format text): scored by the loss on their text, with nothing to generate."""
+    kinds = {c[0]["role"] == "text" for c in conversations if c}
+    if len(kinds) > 1:
+        raise UserError("the data mixes raw text records with conversations: score them as two files")
+    return kinds == {True}

@@ -18,13 +18,13 @@ import re
 from pathlib import Path
 
 from ..data.collate import PADDED
-from ..data.formats import with_system_prompt
+from ..data.formats import is_raw_text, with_system_prompt
 from ..data.prepare import load_conversations
 from ..errors import UserError
 from ..progress import say
 from ..runs import system_prompt_of
-from .compare import (LOSS, LOWER_IS_BETTER, Scored, Scorer, Settings, compare_scored, is_raw_text, pick_shots,
-                      score_model, score_prompts, training_conversations, with_shots)
+from .compare import (LOSS, LOWER_IS_BETTER, Scored, Scorer, Settings, compare_scored, pick_shots, score_model,
+                      score_prompts, training_conversations, with_shots)
 from .decoding import LoopGuard
 
 PROMPTED = ("-shot", "+ retrieval")  # row names of the prompting baselines end so

@@ -17,6 +17,7 @@ import torch
 
 from ..data.collate import PADDED, micro_batch
 from ..data.prepare import load_conversations
+from ..data.formats import is_raw_text
 from ..data.tokenize import IGNORE, document_rows, encode, prompt_ids
 from ..data.tools import split_tools
 from ..device import to_device
@@ -131,14 +132,6 @@ def answer_losses(model, tokenizer, conversations: list[list[dict]], layout: str
 
 
 TEXT_ROW = 512  # tokens per row where held-out raw text is scored (data.max_seq_len's default)
-
-
-def is_raw_text(conversations: list[list[dict]]) -> bool:
-    """Raw documents (data.format text): scored by the loss on their text, nothing to generate."""
-    kinds = {c[0]["role"] == "text" for c in conversations if c}
-    if len(kinds) > 1:
-        raise UserError("the data mixes raw text records with conversations: score them as two files")
-    return kinds == {True}
 
 
 def text_losses(model, tokenizer, conversations: list[list[dict]], layout: str = PADDED, batch_size: int = 16,

@@ -54,6 +54,10 @@ def template_parity(trained_tokenizer, gguf_tokenizer, conversations: list[list[
 
     equal = 0
     for conversation in conversations:
+        if conversation[0]["role"] == "text":  # raw text has no template: its own tokens, by both
+            text = conversation[0]["content"]
+            equal += int(token_ids(trained_tokenizer, [text]) == token_ids(gguf_tokenizer, [text]))
+            continue
         tools, messages = split_tools(conversation)
         prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
         ours = trained_tokenizer.apply_chat_template(prompt, tools=tools, add_generation_prompt=True, tokenize=True)
@@ -196,7 +200,8 @@ def llama_cpp_tokens_parity(path: Path, trained_tokenizer, conversations: list[l
     texts = []
     for conversation in conversations:
         tools, messages = split_tools(conversation)
-        texts.append(trained_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False))
+        texts.append(messages[0]["content"] if messages[0]["role"] == "text"  # raw text: no template
+                     else trained_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False))
     theirs = llamacpp.tokenize(path, texts)
     return len(texts), sum(ours == found for ours, found in zip(token_ids(trained_tokenizer, texts), theirs))
 
