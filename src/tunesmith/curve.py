@@ -48,7 +48,9 @@ def _splits(cfg) -> tuple[list, list, list | None]:
     for line in data_lines(data, cfg.data):
         say(line)
     if any(c[0]["role"] == "text" for c in data.splits["train"].conversations):
-        raise UserError("curve: needs question/answer or chat examples (raw text has no held-out answers to score)")
+        raise UserError("curve: takes question/answer or chat examples, not raw text yet; for raw text, train on "
+                        "shares of your documents and compare the runs with `tunesmith eval RUN --data held_out.jsonl`, "
+                        "which gives the held-out text's loss")
 
     def whole(name):  # one conversation per record: its examples (one per answer, or copies) share an origin
         split = data.splits.get(name)
