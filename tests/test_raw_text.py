@@ -14,6 +14,7 @@ from tunesmith.eval.baselines import compare_models
 from tunesmith.data.formats import is_raw_text
 from tunesmith.eval.compare import text_losses
 from tunesmith.models import load_model
+from tunesmith.runs import load_trained
 from tunesmith.training.loss import label_loss_sum
 
 from helpers import write_jsonl
@@ -91,6 +92,7 @@ def test_a_run_on_raw_text_scores_held_out_text_base_against_fine_tuned(tiny_mod
     corpus = [f"The PixelPad model {i} has a screen of {i % 7 + 5} inches and a battery of {i % 5 + 2} cells."
               for i in range(60)]
     held_out = [f"The PixelPad model {i} has a screen of {i % 7 + 5} inches." for i in range(100, 106)]
+    held_out.append(" ".join(corpus[10:18]))  # longer than max_seq_len: scored in rows of it, as trained
     results = train({
         "model": {"name": str(tiny_model_dir), "dtype": "float32"},
         "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in corpus])),
@@ -105,6 +107,14 @@ def test_a_run_on_raw_text_scores_held_out_text_base_against_fine_tuned(tiny_mod
     assert results["fine_tuned"]["test_examples"] == len(held_out)
     assert results["fine_tuned"]["answer_loss"] < results["base"]["answer_loss"]  # the corpus's patterns learned
     assert table["verdict"].startswith("fine-tuning beats base")
+    tuned, _, _ = load_trained(str(tmp_path / "run"))
+    in_rows = {}
+    for row in (64, 512):
+        losses, counts = text_losses(tuned, tiny_tokenizer, [[{"role": "text", "content": t}] for t in held_out],
+                                     row_tokens=row)
+        in_rows[row] = sum(x * n for x, n in zip(losses, counts)) / sum(counts)
+    scored = results["fine_tuned"]["answer_loss"]  # in rows of the run's max_seq_len, not of 512
+    assert abs(scored - in_rows[64]) < abs(scored - in_rows[512]) / 100
     run = tmp_path / "run"
     assert not list(run.glob("predictions*.jsonl"))  # nothing was generated
     assert json.loads((run / "results.json").read_text())["baselines"]["verdict"] == table["verdict"]

@@ -145,7 +145,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     scored = None
     if test and cfg.eval.generate and ranks.main:
         scored = score_base_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
-                                 eval_layout)
+                                 eval_layout, cfg.data.max_seq_len)
         if cfg.eval.compare_base:
             base.update(row_summary(scored[0]))
     if evidence is not None:
@@ -181,7 +181,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
                   **{k: v for k, v in tuned.items() if k.startswith("validation_")})
     if test and cfg.eval.generate:
         scored += score_tuned_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
-                                   eval_layout)
+                                   eval_layout, cfg.data.max_seq_len)
         tuned.update(row_summary(scored[-1]))
         if len(scored) > 1:
             results["baselines"] = baseline_table(scored, seed=cfg.eval.seed, scorer_name=scorer_name(cfg.eval.scorer),

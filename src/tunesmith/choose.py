@@ -102,7 +102,7 @@ def _score_candidate(cfg: Config, spec: str, shared: dict, budget_tokens: int | 
         shared.update(validation=validation.conversations[:limit] if limit else validation.conversations,
                       train=data.splits["train"].conversations, train_tokens=data.splits["train"].tokens,
                       tokens_per_example=data.splits["train"].tokens / max(1, len(data.splits["train"])))
-    settings = Settings.of(cfg.eval)
+    settings = Settings.of(cfg.eval, cfg.data.max_seq_len)
     model = load_model(spec, compute_dtype(cfg.model.dtype, device), cfg.model.trust_remote_code, device)
     sets = prompt_sets("zero-shot", shared["validation"], shared["train"], 0, retrieval_k, cfg.eval.seed)
     rows = score_rows(model, tokenizer, dict(zip(SETTINGS, sets.values())), settings)

@@ -23,8 +23,8 @@ from ..data.prepare import load_conversations
 from ..errors import UserError
 from ..progress import say
 from ..runs import system_prompt_of
-from .compare import (LOSS, LOWER_IS_BETTER, Scored, Scorer, Settings, compare_scored, pick_shots, score_model,
-                      score_prompts, training_conversations, with_shots)
+from .compare import (LOSS, LOWER_IS_BETTER, TEXT_ROW, Scored, Scorer, Settings, compare_scored, pick_shots,
+                      score_model, score_prompts, training_conversations, with_shots)
 from .decoding import LoopGuard
 
 PROMPTED = ("-shot", "+ retrieval")  # row names of the prompting baselines end so
@@ -253,18 +253,18 @@ def looping_warning(scored: list[Scored], guard: LoopGuard = LoopGuard()) -> str
 
 
 def score_base_rows(model, tokenizer, test: list[list[dict]], train: list[list[dict]], eval_cfg, folder: Path,
-                    layout: str = PADDED) -> list[Scored]:
+                    layout: str = PADDED, text_row: int = TEXT_ROW) -> list[Scored]:
     """Before training (the method's new weights are still the identity): the base model as asked
     (with eval.compare_base), with k random shots and with k retrieved examples."""
     sets = prompt_sets("base", test_prompts(test, eval_cfg), train, eval_cfg.kshot, eval_cfg.retrieval_k,
                        eval_cfg.seed, zero_shot=eval_cfg.compare_base)
-    return score_rows(model, tokenizer, sets, Settings.of(eval_cfg), layout, folder)
+    return score_rows(model, tokenizer, sets, Settings.of(eval_cfg, text_row), layout, folder)
 
 
 def score_tuned_rows(model, tokenizer, test: list[list[dict]], train: list[list[dict]], eval_cfg, folder: Path,
-                     layout: str = PADDED) -> list[Scored]:
+                     layout: str = PADDED, text_row: int = TEXT_ROW) -> list[Scored]:
     """After training: the fine-tuned model with retrieved examples (eval.retrieval_k, unless
     eval.retrieval_tuned is off), then alone (last)."""
     retrieval_k = eval_cfg.retrieval_k if eval_cfg.retrieval_tuned else 0
     sets = prompt_sets("fine-tuned", test_prompts(test, eval_cfg), train, 0, retrieval_k, eval_cfg.seed)
-    return score_rows(model, tokenizer, dict(reversed(sets.items())), Settings.of(eval_cfg), layout, folder)
+    return score_rows(model, tokenizer, dict(reversed(sets.items())), Settings.of(eval_cfg, text_row), layout, folder)

@@ -184,16 +184,17 @@ class Settings:
     scorer: Scorer | None = None
     scorer_name: str = "custom"
     guard: LoopGuard = LoopGuard()
+    text_row: int = TEXT_ROW  # tokens per row where raw text is scored
 
     @classmethod
-    def of(cls, eval_cfg) -> "Settings":
-        """From a run's eval section."""
+    def of(cls, eval_cfg, text_row: int = TEXT_ROW) -> "Settings":
+        """From a run's eval section (and its data.max_seq_len, the rows raw text trained in)."""
         from .metrics import load_scorer
         from .scoring import scorer_name
 
         return cls(eval_cfg.max_new_tokens, eval_cfg.batch_size, eval_cfg.temperature, eval_cfg.seed,
                    load_scorer(eval_cfg.scorer) if eval_cfg.scorer else None, scorer_name(eval_cfg.scorer),
-                   LoopGuard.of(eval_cfg))
+                   LoopGuard.of(eval_cfg), text_row)
 
 
 def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settings: Settings,
@@ -201,7 +202,8 @@ def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settin
     """A loaded model's answers to the prompts (each ending in its reference answer), their scores
     and the reference answers' loss, per example; of raw text, only the loss on its text."""
     if is_raw_text(prompts):
-        losses, counts = text_losses(model, tokenizer, prompts, layout, settings.batch_size, label=f"text loss ({name})")
+        losses, counts = text_losses(model, tokenizer, prompts, layout, settings.batch_size, settings.text_row,
+                                     label=f"text loss ({name})")
         return Scored(name, [""] * len(prompts), [{LOSS: loss} for loss in losses], counts,
                       references=[c[0]["content"] for c in prompts])
     references = [c[-1]["content"] for c in prompts]
