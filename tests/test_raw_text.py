@@ -4,6 +4,7 @@ import itertools
 import json
 
 import pytest
+import torch
 
 from tunesmith.config import DataConfig
 from tunesmith.data.collate import collate
@@ -125,6 +126,17 @@ def test_a_run_on_raw_text_scores_held_out_text_base_against_fine_tuned(tiny_mod
     batch = sample_batch(run, tiny_tokenizer)
     expected = [ids + [tiny_tokenizer.eos_token_id] for ids in token_ids(tiny_tokenizer, corpus[:8])]
     assert [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])] == expected
+    # `generate` continues a text as the run read its data: no chat template around it.
+    from tunesmith.eval.chat import generate_once
+    from tunesmith.runs import trained_on_raw_text
+
+    assert trained_on_raw_text(str(run)) and not trained_on_raw_text(str(tiny_model_dir))
+    prompt = "The PixelPad model 7 has"
+    ids = torch.tensor([token_ids(tiny_tokenizer, [prompt])[0]])
+    expected = tuned.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              pad_token_id=tiny_tokenizer.pad_token_id)[0, ids.shape[1]:]
+    continued = generate_once(str(run), prompt, max_new_tokens=6)
+    assert continued == tiny_tokenizer.decode(expected, skip_special_tokens=True).strip()
 
 
 def test_choose_ranks_base_models_by_their_loss_per_character_on_the_corpus(tiny_model_dir, tiny_tokenizer, tmp_path,

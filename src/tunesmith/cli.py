@@ -76,12 +76,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .eval.chat import opening, stream_reply
-    from .runs import load_trained
+    from .eval.chat import generate_once
 
-    model, tokenizer, _ = load_trained(args.model)
-    messages = opening(args.model, args.system) + [{"role": "user", "content": args.prompt}]
-    stream_reply(model, tokenizer, messages, args.max_new_tokens, args.temperature, None, LoopGuard.of(args))
+    generate_once(args.model, args.prompt, args.system, args.raw, args.max_new_tokens, args.temperature,
+                  LoopGuard.of(args))
     return 0
 
 
@@ -253,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("prompt")
     p.add_argument("--system", default=None, help="system prompt (default: the one a run trained with; '' for none)")
+    p.add_argument("--raw", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue the prompt as written, no chat template (default: so for a run trained on raw text)")
     _add_decoding_options(p, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
 

@@ -224,6 +224,17 @@ def is_run(path: str | Path) -> bool:
     return RunFolder(path).is_run()
 
 
+def trained_on_raw_text(spec: str) -> bool:
+    """Whether a run folder trained on raw text alone (data.format text, or every record it read was)."""
+    run = RunFolder(spec)
+    if not run.is_run():
+        return False
+    if run.read_config().data.format == "text":
+        return True
+    formats = ((run.read_results() or {}).get("data") or {}).get("formats") or {}
+    return set(formats) == {"text"}
+
+
 def system_prompt_of(spec: str) -> str | None:
     """The system prompt a run folder trained with: data.system_prompt, else the system message every one of
     its training conversations starts with (the demo's); None for a model, or where they differ. Asked without

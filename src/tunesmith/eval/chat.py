@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from ..data.tokenize import prompt_ids
+from ..data.tokenize import prompt_ids, token_ids
 from .decoding import LoopGuard
 from .generate import merged_adapter
 
@@ -15,9 +15,16 @@ HELP = "type a message; /reset starts over, /exit (or Ctrl-D) ends"
 def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
                  out=None, guard: LoopGuard = LoopGuard()) -> str:
     """Generate the next assistant turn for the messages, printing it as it comes; returns its text."""
+    return stream_continuation(model, tokenizer, prompt_ids(tokenizer, messages), max_new_tokens, temperature, out,
+                               guard)
+
+
+def stream_continuation(model, tokenizer, prompt: list[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                        out=None, guard: LoopGuard = LoopGuard()) -> str:
+    """Generate what follows the prompt's tokens, printing it as it comes; returns its text."""
     from transformers import TextStreamer
 
-    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=next(model.parameters()).device)
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     if out is not None:  # TextStreamer prints to stdout; send its text where asked
         streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="" if not stream_end else "\n",
@@ -42,12 +49,33 @@ def opening(model_or_run: str, system: str | None, out=sys.stderr) -> list[dict]
     return [{"role": "system", "content": system}] if system else []
 
 
+def generate_once(model_or_run: str, prompt: str, system: str | None = None, raw: bool | None = None,
+                  max_new_tokens: int = 128, temperature: float = 0.0, guard: LoopGuard = LoopGuard()) -> str:
+    """One answer to the prompt, streamed; `raw`: the text continued as written, with no chat
+    template (None: so for a run trained on raw text, which is how it read its data)."""
+    from ..runs import load_trained, trained_on_raw_text
+
+    model, tokenizer, _ = load_trained(model_or_run)
+    if raw is None and trained_on_raw_text(model_or_run):
+        print("the run trained on raw text: its prompt is continued as written (--no-raw: as a chat turn)",
+              file=sys.stderr)
+        raw = True
+    if raw:
+        return stream_continuation(model, tokenizer, token_ids(tokenizer, [prompt])[0], max_new_tokens, temperature,
+                                   guard=guard)
+    messages = opening(model_or_run, system) + [{"role": "user", "content": prompt}]
+    return stream_reply(model, tokenizer, messages, max_new_tokens, temperature, None, guard)
+
+
 def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
          read=input, out=sys.stdout, guard: LoopGuard = LoopGuard()) -> list[dict]:
     """A conversation loop; each answer joins the history. Returns the conversation."""
-    from ..runs import load_trained
+    from ..runs import load_trained, trained_on_raw_text
 
     model, tokenizer, _ = load_trained(model_or_run)
+    if trained_on_raw_text(model_or_run):
+        print("the run trained on raw text, not on chat turns: `tunesmith generate RUN TEXT` continues a text",
+              file=out)
     start = opening(model_or_run, system, out)
     messages = list(start)
     print(HELP, file=out)
