@@ -1,8 +1,14 @@
 """tunesmith: fine-tune pre-trained language models on your own data."""
 
+import logging
 import warnings
 
 __version__ = "0.1.0"
+
+# bitsandbytes (peft imports it) offers CPUs with AVX-512 bf16 a 4-bit kernel from the hub, and warns
+# on every command where the `kernels` package is missing: "Failed to load CPU gemm_4bit_forward".
+# Its own 4-bit code runs instead, which only QLoRA uses; `pip install kernels` (hub access) gets it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model:
 # a FutureWarning about code the user cannot change, printed on every run.
