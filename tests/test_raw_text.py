@@ -61,6 +61,15 @@ def test_text_losses_are_each_documents_loss_over_its_rows(tiny_model_dir, tiny_
         assert count == n and loss == pytest.approx(total / n, rel=1e-5)
 
 
+def test_a_system_prompt_is_not_put_before_raw_text():
+    from tunesmith.data.formats import with_system_prompt
+
+    text = [{"role": "text", "content": "a document"}]
+    assert with_system_prompt(text, "You answer billing questions.") == text
+    chat = [{"role": "user", "content": "a"}]
+    assert with_system_prompt(chat, "S")[0] == {"role": "system", "content": "S"}
+
+
 def test_mixed_raw_text_and_conversations_are_refused():
     assert is_raw_text([[{"role": "text", "content": "a"}]])
     assert not is_raw_text([[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]])

@@ -127,9 +127,10 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """The messages with the system prompt first (after declared tools), unless they have their own."""
+    """The messages with the system prompt first (after declared tools), unless they have their own
+    or are raw text (no turns to put one before)."""
     head = 1 if messages and messages[0]["role"] == TOOLS_ROLE else 0
-    if not system_prompt or (len(messages) > head and messages[head]["role"] == "system"):
+    if not system_prompt or (len(messages) > head and messages[head]["role"] in ("system", "text")):
         return messages
     return messages[:head] + [{"role": "system", "content": system_prompt}] + messages[head:]
 

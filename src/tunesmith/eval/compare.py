@@ -155,7 +155,7 @@ def label_loss_sums(model, encoded: list, pad_id: int, layout: str = PADDED, bat
     was_training = model.training
     model.eval()
     # A batch's label tokens come out example by example; an example's first token is never a target.
-    counts = [sum(label != IGNORE for label in e.labels[1:]) for e in encoded]
+    counts = [sum(t != IGNORE for t in e.labels[1:]) for e in encoded]
     sums = [0.0] * len(encoded)
     device = next(model.parameters()).device
     batches = length_batches([len(e.input_ids) for e in encoded], batch_size)
