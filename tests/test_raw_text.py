@@ -49,6 +49,13 @@ def test_prepared_rows_point_at_their_lines_and_test_documents_stay_whole(tmp_pa
     assert [len(e.input_ids) for e in splits["test"].encoded] == [len(ids) + 1 for ids in token_ids(tiny_tokenizer, DOCS[:3])]
 
 
+def test_short_documents_inside_one_row_count_as_usable(tmp_path, tiny_tokenizer):
+    """data.min_valid_share counts records: raw-text documents that share a row are all used."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"note {i}"} for i in range(40)])
+    cfg = DataConfig(train=str(train), max_seq_len=64, min_valid_share=0.95, cache=False)
+    assert len(prepare(cfg, tiny_tokenizer).splits["train"]) < 10  # far fewer rows than the 36 documents
+
+
 def test_text_losses_are_each_documents_loss_over_its_rows(tiny_model_dir, tiny_tokenizer):
     model = load_model(str(tiny_model_dir))
     conversations = [[{"role": "text", "content": d}] for d in DOCS]

@@ -218,8 +218,14 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
                f"data.train_on_inputs={cfg.train_on_inputs}, chat template {prepared.template or 'as set'})" if masked else "")
         raise UserError(f"{cfg.train}: no training example has an answer token to learn from; every training "
                         f"example was dropped ({dict(prepared.dropped)}){why}")
-    # Records that survived every check, counting those held out for validation.
-    usable = len(set(train.origins)) + (len(set(prepared.splits["validation"].origins)) if held_out else 0)
+    # Records that survived every check, counting those held out for validation. A raw-text document
+    # is used whole, though a row names only the document it starts in.
+    def used(name):
+        conversations, origins = raw[name]
+        texts = {o for c, o in zip(conversations, origins) if c[0]["role"] == "text"}
+        return len(set(prepared.splits[name].origins) | texts)
+
+    usable = used("train") + (used("validation") if held_out else 0)
     if cfg.min_valid_share and usable < cfg.min_valid_share * max(1, prepared.records):
         raise UserError(f"{cfg.train}: only {usable} of {prepared.records} training records are usable, fewer than "
                         f"data.min_valid_share={cfg.min_valid_share}; first problem: {prepared.problems[0]}")
