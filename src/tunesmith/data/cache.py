@@ -142,3 +142,31 @@ def _put(key: str, name: str, write) -> None:
         os.replace(tmp, folder / name)
     except OSError:  # a cache that cannot be written only costs speed; no partial file is left
         tmp.unlink(missing_ok=True)
+
+
+def tokenizer_folder(tokenizer) -> str | None:
+    """The local folder of a tokenizer spec or a loaded tokenizer (resolved), else None."""
+    name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", "")
+    return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().is_dir() else None
+
+
+def vocabulary_hash(tokenizer) -> str:
+    """A loaded tokenizer from no local folder: a hash of its whole vocabulary."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def template_for_key(setting: str | None, tokenizer, folder: str | None) -> dict:
+    """What decides the rendered text: a configured template's text (a .jinja file's contents, not
+    its path), or the tokenizer's own one, whose text is in the tokenizer's files (hashed into the
+    key) unless it was changed in memory since loading, or the tokenizer comes from no folder."""
+    from .tokenize import FALLBACK_TEMPLATE, template_text
+
+    if setting is not None:
+        return {"text": template_text(setting)}
+    own = {"own": True, "fallback": FALLBACK_TEMPLATE}  # the fallback renders where the tokenizer has none
+    if isinstance(tokenizer, str):
+        return own
+    current = getattr(tokenizer, "chat_template", None)
+    if folder and current == getattr(tokenizer, "init_kwargs", {}).get("chat_template"):
+        return own
+    return {**own, "text": current}

@@ -17,8 +17,7 @@ from ..errors import UserError
 from . import cache
 from .formats import FormatError, rename_columns, to_example
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
-from .tokenize import (FALLBACK_TEMPLATE, IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, template_text,
-                       use_template)
+from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, use_template
 from .validate import deduplicate, drop_report, overlap
 
 SPLITS = ("train", "validation", "test")
@@ -323,39 +322,11 @@ def _cache_key(cfg: DataConfig, sources: dict, tokenizer) -> str | None:
     for name, spec in sources.items():
         check_source(spec, f"data.{name}")
     files = [f for spec in sources.values() for f in source_files(spec)]
-    folder = _tokenizer_folder(tokenizer)
-    spec = folder or (tokenizer if isinstance(tokenizer, str) else _vocabulary_hash(tokenizer))
+    folder = cache.tokenizer_folder(tokenizer)
+    spec = folder or (tokenizer if isinstance(tokenizer, str) else cache.vocabulary_hash(tokenizer))
     settings = cfg.model_dump(mode="json", exclude={"cache"})
-    settings["chat_template"] = _template_for_key(cfg.chat_template, tokenizer, folder)
+    settings["chat_template"] = cache.template_for_key(cfg.chat_template, tokenizer, folder)
     return cache.data_key(settings, files, spec, folder)
-
-
-def _tokenizer_folder(tokenizer) -> str | None:
-    """The local folder of a tokenizer spec or a loaded tokenizer (resolved), else None."""
-    name = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "name_or_path", "")
-    return str(Path(name).expanduser().resolve()) if name and Path(name).expanduser().is_dir() else None
-
-
-def _vocabulary_hash(tokenizer) -> str:
-    """A loaded tokenizer from no local folder: a hash of its whole vocabulary."""
-    import hashlib
-
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-
-
-def _template_for_key(setting: str | None, tokenizer, folder: str | None) -> dict:
-    """What decides the rendered text: a configured template's text (a .jinja file's contents, not
-    its path), or the tokenizer's own one, whose text is in the tokenizer's files (hashed into the
-    key) unless it was changed in memory since loading, or the tokenizer comes from no folder."""
-    if setting is not None:
-        return {"text": template_text(setting)}
-    own = {"own": True, "fallback": FALLBACK_TEMPLATE}  # the fallback renders where the tokenizer has none
-    if isinstance(tokenizer, str):
-        return own
-    current = getattr(tokenizer, "chat_template", None)
-    if folder and current == getattr(tokenizer, "init_kwargs", {}).get("chat_template"):
-        return own
-    return {**own, "text": current}
 
 
 def _to_cache(prepared: Prepared, tokenizer) -> tuple[dict, dict]:
