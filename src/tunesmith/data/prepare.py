@@ -276,13 +276,14 @@ def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prep
                 split.conversations.append(conversations[index][:ends_at])
                 split.encoded.append(encoded)
                 split.origins.append((file, line))
+    documents = [conversations[i][0]["content"] for i in texts]
     if texts and name == "test":  # scored document by document, each whole (eval/compare.py text_losses)
-        for index, encoded in zip(texts, encode_documents(tokenizer, [conversations[i][0]["content"] for i in texts])):
+        for index, encoded in zip(texts, encode_documents(tokenizer, documents)):
             split.conversations.append(conversations[index])
             split.encoded.append(encoded)
             split.origins.append(origins[index])
     elif texts:
-        for document, row in encode_text(tokenizer, [conversations[i][0]["content"] for i in texts], cfg.max_seq_len):
+        for document, row in encode_text(tokenizer, documents, cfg.max_seq_len):
             split.conversations.append([{"role": "text", "content": tokenizer.decode(row.input_ids)}])
             split.encoded.append(row)
             split.origins.append(origins[texts[document]])

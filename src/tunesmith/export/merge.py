@@ -18,7 +18,7 @@ from .. import runs
 from ..config import load_config
 from ..data.collate import collate
 from ..data.formats import is_raw_text
-from ..data.tokenize import document_rows, encode
+from ..data.tokenize import Encoded, encode, encode_documents
 from ..errors import UserError
 from ..models import load_base, load_model, load_tokenizer
 from ..models.quant import dequantize
@@ -52,8 +52,8 @@ def sample_batch(run: Path, tokenizer, conversations: list[list[dict]] | None = 
     max_len = load_config(run / "config.yaml").data.max_seq_len
     conversations = sample_conversations(run) if conversations is None else conversations
     if is_raw_text(conversations):  # continued pre-training: each document's first row, as trained
-        rows = document_rows(tokenizer, [c[0]["content"] for c in conversations], max_len)
-        encoded = [row for n, (document, row) in enumerate(rows) if n == 0 or rows[n - 1][0] != document]
+        encoded = [Encoded(e.input_ids[:max_len], e.labels[:max_len])
+                   for e in encode_documents(tokenizer, [c[0]["content"] for c in conversations])]
     else:
         encoded = [e for e in (encode(tokenizer, c) for c in conversations) if len(e.input_ids) <= max_len]
     if encoded:
