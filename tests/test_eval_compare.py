@@ -1,9 +1,11 @@
 """Compare: paired bootstrap intervals, wins/ties/losses, k-shot prompts, per-example answer loss."""
+import io
 import json
 import math
 
 import numpy as np
 import pytest
+import torch
 
 from tunesmith.data.collate import collate
 from tunesmith.data.tokenize import encode
@@ -65,6 +67,28 @@ def test_compare_scored_rows_and_table():
     table = format_table({"models": {"base": base.means(), "tuned": tuned.means()}, "differences": list(rows.values())})
     assert "tuned - base  rouge_l" in table and "win/tie/loss 2/1/0" in table
 
+
+
+def test_metrics_some_examples_lack_are_compared_where_both_have_them():
+    """A JSON field only some references hold, tool-call scores beside text scores, a scorer's key given
+    for some answers: each metric over the examples that have it, not a KeyError after training."""
+    base = Scored("base", ["x"] * 3, [{"all_fields": 0.0, "field/a": 0.0, "field/b": 0.0}, {"all_fields": 0.0, "field/a": 1.0},
+                                      {"all_fields": 1.0, "field/a": 1.0, "field/b": 1.0}])
+    tuned = Scored("tuned", ["y"] * 3, [{"all_fields": 1.0, "field/a": 1.0, "field/b": 1.0}, {"all_fields": 1.0, "field/a": 1.0},
+                                        {"all_fields": 1.0, "field/a": 1.0}])
+    rows = {r["metric"]: r for r in compare_scored(base, tuned, samples=200)}
+    assert rows["field/b"]["examples"] == 1 and rows["field/b"]["difference"] == 1.0
+    assert rows["field/a"]["examples"] == 3 and rows["field/a"]["difference"] == pytest.approx(1 / 3)
+    assert (rows["all_fields"]["win"], rows["all_fields"]["tie"]) == (2, 1)
+    assert base.interval("field/b", samples=200)["mean"] == 0.5  # of the two examples that have it
+
+
+def test_the_answer_loss_interval_is_around_the_per_token_mean():
+    """choose and curve show the answer loss per token; its interval is of that mean, not the mean of examples."""
+    scored = Scored("m", [""] * 4, [{"answer_loss": v} for v in (0.5, 0.6, 4.0, 3.0)], [100, 100, 1, 1])
+    found = scored.interval("answer_loss", samples=500)
+    assert found["mean"] == pytest.approx(scored.means()["answer_loss"]) == pytest.approx(117 / 202)
+    assert found["low"] <= found["mean"] <= found["high"]
 
 def test_closing_table_lists_the_tuned_figures_without_a_scored_base():
     from tunesmith.api import comparison_table
@@ -158,18 +182,40 @@ def test_long_rows_do_not_pad_a_batch_of_short_ones():
 def test_eval_scores_every_example_of_a_file(tiny_model_dir, tmp_path, monkeypatch):
     """`tunesmith eval --data`: generation scores on every example, a reference longer than
     max_seq_len too (as `compare` and a run's test split score them); eval loss as training sees it."""
-    from tunesmith.api import evaluate
+    from tunesmith.measure import evaluate
 
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     rows = [{"question": f"Ticket {i}: screen broken", "answer": f"technical {i}"} for i in range(5)]
     rows.append({"question": "Describe everything", "answer": " ".join(f"word{i}" for i in range(700))})
     result = evaluate(str(tiny_model_dir), str(write_jsonl(tmp_path / "d.jsonl", rows)), max_new_tokens=4)
     assert result["test_examples"] == 6 and math.isfinite(result["eval_loss"])
+    # No example within max_seq_len: no eval loss, rather than a perfect 0.0
+    result = evaluate(str(tiny_model_dir), str(write_jsonl(tmp_path / "long.jsonl", rows[-1:])), max_new_tokens=4)
+    assert "eval_loss" not in result and result["test_examples"] == 1
+
+
+def test_eval_scores_tool_calls_as_a_run_and_compare_do(monkeypatch):
+    """`tunesmith eval` and eval.best_metric score an answer that should call a tool by its calls."""
+    import tunesmith.eval.scoring as scoring
+    from tunesmith.config import EvalConfig
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    conversations = [[{"role": "tools", "tools": tools}, {"role": "user", "content": "Weather in Paris?"},
+                      {"role": "assistant", "content": "", "tool_calls": [call]}],
+                     [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]]
+    answers = ['<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>', "hi"]
+    monkeypatch.setattr(scoring, "generate_answers", lambda *a, **k: (answers, {"tokens_per_second": 1.0}))
+    scores = scoring.score_generation(None, None, conversations, EvalConfig())
+    assert scores["tool_call_valid"] == scores["tool_arguments_exact"] == 1.0 and scores["exact_match"] == 1.0
+    assert scoring.score(answers, conversations) == {k: v for k, v in scores.items()
+                                                     if k not in ("test_examples", "generated_tokens_per_second")}
 
 
 def test_eval_names_a_missing_data_file_as_the_option_given_before_loading_the_model(monkeypatch):
     import tunesmith.runs
-    from tunesmith.api import evaluate
+    from tunesmith.measure import evaluate
     from tunesmith.errors import UserError
 
     monkeypatch.setattr(tunesmith.runs, "load_trained", lambda *a, **k: pytest.fail("loaded the model first"))
@@ -294,6 +340,61 @@ def test_the_loop_guard_stops_a_loop(looping_model):
     pairs = list(zip(words, words[1:]))
     assert len(pairs) == len(set(pairs)) == 23 and repetition(ngrams[0]) < repetition(greedy[0])
     assert str(LoopGuard(1.2, 4)) == "repetition penalty 1.2, no repeated 4-grams" and str(LoopGuard()) == "off"
+
+
+def test_the_loop_guard_looks_at_the_answer_alone(looping_model):
+    """The prompt (a question's own words, k-shot examples) neither bans n-grams from the answer nor is
+    penalised in it: this model answers the same whatever its prompt, so every prompt gets the same answer."""
+    from tunesmith.eval.decoding import LoopGuard
+    from tunesmith.eval.generate import generate_answers
+
+    model, tokenizer = looping_model
+    first = generate_answers(model, tokenizer, [[{"role": "user", "content": "screen broken"}]], 8)[0][0].split()[0]
+    neutral = [{"role": "user", "content": "Ticket: screen broken"}, {"role": "assistant", "content": "x"}]
+    echo = [{"role": "user", "content": f"Ticket:{' ' + first * 3}"}, {"role": "assistant", "content": "x"}]
+    for guard in (LoopGuard(100.0), LoopGuard(1.0, 2)):
+        answers, _ = generate_answers(model, tokenizer, [neutral, echo], 12, batch_size=2, guard=guard)
+        assert answers[0] == answers[1] and answers[0].split()[0] == first, guard
+
+
+def test_an_answer_ends_at_the_end_of_turn_that_training_labels(tmp_path):
+    """Phi-3 ends an assistant turn with <|end|>, its EOS is <|endoftext|>: generation, chat and sampling
+    stop at either, so what the model says after its turn is not scored as part of the answer."""
+    from families import build_family_model, build_family_tokenizer
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from tunesmith.data.tokenize import IGNORE, encode, prompt_ids, stop_ids
+    from tunesmith.eval.chat import stream_reply
+    from tunesmith.eval.generate import generate_answers
+    from tunesmith.objectives.rollout import sample
+
+    tokenizer = build_family_tokenizer("phi3", tmp_path)
+    model = build_family_model("phi3", tmp_path, tokenizer)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end != tokenizer.eos_token_id and end in stop_ids(tokenizer, model)
+    conversation = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}]
+    trained = encode(tokenizer, conversation)
+    assert [t for t, label in zip(trained.input_ids, trained.labels) if label != IGNORE][-1] == end
+
+    def words(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    script = words("Paris") + [end] + words("\n<|user|>\nAnd Germany?")
+
+    class Scripted(LogitsProcessor):  # the model answers as trained, then goes on with a user turn of its own
+        def __init__(self, start):
+            self.start = start
+
+        def __call__(self, ids, scores):
+            step = ids.shape[1] - self.start
+            forced = torch.full_like(scores, -1e9)
+            forced[:, script[step] if step < len(script) else tokenizer.eos_token_id] = 0
+            return forced
+    real = model.generate
+    model.generate = lambda **kw: real(**kw, logits_processor=LogitsProcessorList([Scripted(kw["input_ids"].shape[1])]))
+    assert generate_answers(model, tokenizer, [conversation], 20, batch_size=1)[0] == ["Paris"]
+    assert stream_reply(model, tokenizer, conversation[:1], 20, out=io.StringIO()) == "Paris"
+    assert sample(model, [prompt_ids(tokenizer, conversation)], 1, 20, None, tokenizer.pad_token_id, stop_ids(tokenizer, model)) == \
+        [words("Paris") + [end]]
 
 
 def test_the_loop_guard_reaches_generation_from_eval_and_compare(looping_model, tmp_path, capsys, monkeypatch):

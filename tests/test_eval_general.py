@@ -107,6 +107,13 @@ def test_own_probe_folder(tmp_path):
     assert list(load_probe(str(tmp_path))) == ["arc_easy"]
     with pytest.raises(UserError, match="not found"):
         load_probe(str(tmp_path), sets=["hellaswag"])
+    (tmp_path / "hellaswag.jsonl").write_text("\n")  # empty: no set, and named, a clear refusal
+    assert list(load_probe(str(tmp_path))) == ["arc_easy"]
+    with pytest.raises(UserError, match="hellaswag.jsonl: the probe file holds no items"):
+        load_probe(str(tmp_path), sets=["hellaswag"])
+    (tmp_path / "hellaswag.jsonl").write_text('{"id": "1"}\n{broken\n')
+    with pytest.raises(UserError, match="hellaswag.jsonl:2: not a JSON line"):
+        load_probe(str(tmp_path))
 
 
 def test_differences_in_points_and_the_margin_warning():

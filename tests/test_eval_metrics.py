@@ -5,7 +5,7 @@ import pytest
 
 from tunesmith.errors import UserError
 from tunesmith.eval.metrics import (example_scores, json_example_scores, load_scorer, mean_scores, normalise,
-                                    rouge_l, squad_normalise, text_example_scores, token_f1)
+                                    parse_json_object, rouge_l, squad_normalise, text_example_scores, token_f1)
 
 
 def test_exact_and_normalised_exact_match():
@@ -65,6 +65,20 @@ def test_json_validity_and_per_field_accuracy():
     assert mean_scores(rows) == {"json_valid": 0.5, "all_fields": 0.5, "field/category": 0.5, "field/priority": 0.5}
     assert "rouge_l" not in rows[0]
 
+
+
+def test_json_fields_are_compared_as_json_and_strings_may_hold_braces():
+    """true is not 1 (Python's == says so), a field's string may hold a brace, and an empty reference
+    object is matched only by a JSON answer."""
+    reference = json.dumps({"urgent": True, "reply": "Close it with }", "count": 1})
+    assert json_example_scores('{"urgent": 1, "reply": "Close it with }", "count": 1.0}', reference) == {
+        "json_valid": 1.0, "all_fields": 0.0, "field/urgent": 0.0, "field/reply": 1.0, "field/count": 1.0}
+    assert json_example_scores(f"Sure: {reference} Done.", reference)["all_fields"] == 1.0
+    assert parse_json_object('say "{name" then {"a": "}{"}') == {"a": "}{"}
+    assert json_example_scores("no JSON at all", "{}") == {"json_valid": 0.0, "all_fields": 0.0}
+    # A reference with a brace in a string keeps the whole set scored as JSON
+    rows = example_scores([reference, "x"], [reference, json.dumps({"urgent": False, "reply": "{"})])
+    assert [r["all_fields"] for r in rows] == [1.0, 0.0] and "rouge_l" not in rows[0]
 
 def test_user_scorer_from_module_and_file(tmp_path, monkeypatch):
     (tmp_path / "my_metrics.py").write_text(

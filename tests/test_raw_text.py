@@ -85,7 +85,7 @@ def test_mixed_raw_text_and_conversations_are_refused():
 
 
 def test_compare_and_eval_on_raw_text_score_its_loss(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
-    from tunesmith.api import evaluate
+    from tunesmith.measure import evaluate
 
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     data = str(write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in DOCS]))

@@ -137,7 +137,7 @@ def test_chat_and_eval_ask_a_run_with_its_system_prompt_unless_told_otherwise(pr
                                                                             monkeypatch):
     import io
 
-    import tunesmith.api as api
+    import tunesmith.measure as measure
     from helpers import write_jsonl
     from tunesmith.eval.chat import opening
 
@@ -150,12 +150,12 @@ def test_chat_and_eval_ask_a_run_with_its_system_prompt_unless_told_otherwise(pr
     assert opening(str(tiny_model_dir), None, told) == []
 
     seen = []
-    eval_file = api.eval_file
-    monkeypatch.setattr(api, "eval_file", lambda spec, tokenizer, cfg, limit: seen.append(cfg.system_prompt)
+    eval_file = measure.eval_file
+    monkeypatch.setattr(measure, "eval_file", lambda spec, tokenizer, cfg, limit: seen.append(cfg.system_prompt)
                         or eval_file(spec, tokenizer, cfg, limit))
     data = write_jsonl(elsewhere / "d.jsonl", [{"question": "Ticket: screen dead", "answer": "tech"}] * 2)
-    api.evaluate(run, str(data), max_new_tokens=2)
-    api.evaluate(str(tiny_model_dir), str(data), max_new_tokens=2)
+    measure.evaluate(run, str(data), max_new_tokens=2)
+    measure.evaluate(str(tiny_model_dir), str(data), max_new_tokens=2)
     assert seen == [SYSTEM, None]
 
 
@@ -250,7 +250,7 @@ def test_eval_limit_applies_to_the_loss_too_and_the_merged_adapter_scores_as_the
     """`tunesmith eval RUN --data F --limit N`: the loss of the first N examples, as the answers are
     (it ran over the whole file: a minute for 16 answers of the demo's 200 tickets), computed with
     the LoRA weights folded into the base (a third faster on a CPU) and equal to the adapter's own."""
-    import tunesmith.api as api
+    import tunesmith.measure as measure
     from helpers import write_jsonl
     from tunesmith.config import DataConfig
     from tunesmith.data.prepare import prepare
@@ -260,9 +260,9 @@ def test_eval_limit_applies_to_the_loss_too_and_the_merged_adapter_scores_as_the
     run = str(project / "runs" / "mine")
     rows = [{"question": f"Ticket {i}: my {'screen' if i % 3 else 'invoice'} broke {'twice' * i}", "answer": "tech"}
             for i in range(6)]
-    limited = api.evaluate(run, str(write_jsonl(elsewhere / "all.jsonl", rows)), max_new_tokens=2, limit=2)
-    first_two = api.evaluate(run, str(write_jsonl(elsewhere / "two.jsonl", rows[:2])), max_new_tokens=2)
-    whole = api.evaluate(run, str(elsewhere / "all.jsonl"), max_new_tokens=2)
+    limited = measure.evaluate(run, str(write_jsonl(elsewhere / "all.jsonl", rows)), max_new_tokens=2, limit=2)
+    first_two = measure.evaluate(run, str(write_jsonl(elsewhere / "two.jsonl", rows[:2])), max_new_tokens=2)
+    whole = measure.evaluate(run, str(elsewhere / "all.jsonl"), max_new_tokens=2)
     assert limited["test_examples"] == 2 and limited["eval_loss"] == pytest.approx(first_two["eval_loss"], rel=1e-6)
     assert abs(whole["eval_loss"] - limited["eval_loss"]) > 1e-4  # the other four examples count there
     model, tokenizer, _ = load_trained(run)  # the adapter unmerged

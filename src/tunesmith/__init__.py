@@ -24,7 +24,7 @@ def train(config, overrides=None) -> dict:
 
 
 def evaluate(model_or_run: str, data: str, **options) -> dict:
-    from .api import evaluate as _evaluate
+    from .measure import evaluate as _evaluate
 
     return _evaluate(model_or_run, data, **options)
 
@@ -35,8 +35,8 @@ def evaluate(model_or_run: str, data: str, **options) -> dict:
 LAZY = {
     "check_data": ("tunesmith.data.check", "check_data"),  # tunesmith data check
     "plan_for": ("tunesmith.plan", "plan_for"),  # tunesmith plan
-    "compare": ("tunesmith.api", "compare"),  # tunesmith compare
-    "evaluate_general": ("tunesmith.api", "evaluate_general"),  # tunesmith eval --general
+    "compare": ("tunesmith.measure", "compare"),  # tunesmith compare
+    "evaluate_general": ("tunesmith.measure", "evaluate_general"),  # tunesmith eval --general
     "choose_model": ("tunesmith.choose", "choose"),  # tunesmith choose
     "learning_curve": ("tunesmith.curve", "curve"),  # tunesmith curve
     "export_run": ("tunesmith.export", "export"),  # tunesmith export

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .errors import UserError
-from .eval.compare import LOSS, LOWER_IS_BETTER, PER_CHAR, Scored, Settings, compare_scored, mean_interval
+from .eval.compare import LOSS, LOWER_IS_BETTER, PER_CHAR, Scored, Settings, compare_scored
 from .plan import duration
 from .progress import say
 
@@ -168,7 +168,7 @@ def rank(candidates: list[dict], metric: str, samples: int, seed: int) -> dict:
         row = {"rank": place, "model": c["model"],
                **{k: c[k] for k in ("planned_memory", "device_memory", "fits", "epoch_seconds")},
                "settings": {name: scored.means() for name, scored in c["scored"].items()}, "ranked_by": metric,
-               "intervals": {name: mean_interval(scored.values(metric), samples=samples, seed=seed)
+               "intervals": {name: scored.interval(metric, samples, seed)
                              for name, scored in c["scored"].items()}}
         if place < len(loaded):
             following = best_setting(loaded[place])

@@ -39,7 +39,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .api import evaluate, evaluate_general
+    from .measure import evaluate, evaluate_general
 
     results = {}
     if args.data or not args.general:  # without either: a run's own test data
@@ -54,7 +54,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .api import compare
+    from .measure import compare
 
     compare(args.a, args.b, args.data, args.kshot, args.kshot_data, args.max_new_tokens, args.batch_size, args.limit,
             args.scorer, args.temperature, args.seed, args.out, args.retrieval_k, LoopGuard.of(args))

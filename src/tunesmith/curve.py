@@ -15,11 +15,10 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 
 from .config import load_config
 from .errors import UserError
-from .eval.compare import LOSS, LOWER_IS_BETTER, Scored, Settings, compare_scored, mean_interval
+from .eval.compare import LOSS, LOWER_IS_BETTER, Scored, Settings, compare_scored
 from .progress import say
 
 
@@ -103,7 +102,7 @@ def curve(config: str, fractions: list[float], overrides: list[str] | None = Non
         # trained: those left after the data policy's drops (overlong, empty), which the x axis shows
         point = {"fraction": fraction, "examples": len(subset), "trained": results["data"]["examples"]["train"],
                  "steps": results["steps"], "run": str(run), "means": scored.means(),
-                 "intervals": {m: _interval(scored, m, samples, seed) for m in scored.means()}}
+                 "intervals": {m: scored.interval(m, samples, seed) for m in scored.means()}}
         if previous is not None:
             point["change"] = compare_scored(previous, scored, samples, seed)
         points.append(point)
@@ -131,12 +130,6 @@ def _score(run: Path, conversations: list, cfg, generate: bool) -> Scored:
     finally:
         del model
         gc.collect()
-
-
-def _interval(scored: Scored, metric: str, samples: int, seed: int) -> dict:
-    """The mean (per token for the answer loss, as eval loss is) with its bootstrap interval."""
-    weights = np.array(scored.tokens, float) if metric == LOSS else None
-    return mean_interval(scored.values(metric), weights, samples, seed)
 
 
 def _metric(means: dict) -> str:

@@ -27,6 +27,7 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
                min_margin: float = 0.0, limit: int | None = None, device: str = "auto", chosen: str = "best") -> dict:
     """Write chosen/rejected pairs (JSONL, TRL's conversational form plus scores); returns a summary."""
     from .data.prompts import encode_prompts, read_prompts
+    from .data.tokenize import stop_ids
     from .device import resolve
     from .objectives.rewards import Rewards
     from .objectives.rollout import sample, stream_seed
@@ -61,7 +62,7 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
         for start in range(0, len(prompts), per_call):
             chunk = range(start, min(start + per_call, len(prompts)))
             answers = sample(loaded, [ids[i] for i in chunk], samples, max_new_tokens, temperature,
-                             tokenizer.pad_token_id, tokenizer.eos_token_id, stream_seed(seed, start), batch_size)
+                             tokenizer.pad_token_id, stop_ids(tokenizer, loaded), stream_seed(seed, start), batch_size)
             texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
             scores, _ = rewards.score(texts, [references[i] for i in chunk for _ in range(samples)])
             all_scores += scores

@@ -212,6 +212,21 @@ def end_of_turn_strings(tokenizer) -> list[str]:
     return found + [t for t in END_OF_TURN if t in added and t not in found]
 
 
+def stop_ids(tokenizer, model=None) -> list[int]:
+    """Token ids where generation stops: every end of turn that training labels (Phi-3 ends a turn with
+    <|end|>, its EOS is <|endoftext|>; a base Qwen's or Llama's likewise), and the model's own EOS ids."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in end_of_turn_strings(tokenizer)]
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += own if isinstance(own, (list, tuple)) else [] if own is None else [own]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def until_stop(tokens: list[int], stops: list[int], keep_stop: bool = True) -> list[int]:
+    """Generated tokens up to their first stop token (kept or not); what follows it (padding) dropped."""
+    end = next((i for i, token in enumerate(tokens) if token in stops), None)
+    return tokens if end is None else tokens[:end + keep_stop]
+
+
 def answer_end(text: str, start: int, stops: list[str]) -> int:
     """End of the answer starting at `start`: just past its first end-of-turn token, else the text's end."""
     ends = [at + len(stop) for stop in stops if (at := text.find(stop, start)) >= 0]

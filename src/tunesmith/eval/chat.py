@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from ..data.tokenize import prompt_ids, token_ids
+from ..data.tokenize import prompt_ids, stop_ids, token_ids, until_stop
 from .decoding import LoopGuard
 from .generate import merged_adapter
 
@@ -31,11 +31,13 @@ def stream_continuation(model, tokenizer, prompt: list[int], max_new_tokens: int
                                                                            file=out, flush=True)
     # Sampled chat keeps the model's own top-k/top-p
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    sampling.update(guard.options())
+    stops = stop_ids(tokenizer, model)
     with torch.no_grad(), merged_adapter(model):
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling)
-    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, streamer=streamer,
+                                **sampling, **guard.processors(ids.shape[1]))
+    return tokenizer.decode(until_stop(output[0, ids.shape[1]:].tolist(), stops, keep_stop=False),
+                            skip_special_tokens=True).strip()
 
 
 def opening(model_or_run: str, system: str | None, out=sys.stderr) -> list[dict]:

@@ -19,7 +19,6 @@ from ..data.collate import PADDED, micro_batch
 from ..data.prepare import load_conversations
 from ..data.formats import is_raw_text
 from ..data.tokenize import IGNORE, document_rows, encode, prompt_ids
-from ..data.tools import split_tools
 from ..device import to_device
 from ..errors import UserError
 from ..progress import Progress
@@ -27,7 +26,8 @@ from ..runs import RunFolder
 from ..training.loss import label_token_losses
 from .decoding import LoopGuard
 from .generate import answer_and_score, generate_answers, length_batches
-from .metrics import Scorer, example_scores, mean_scores
+from .metrics import Scorer, mean_scores
+from .scoring import conversation_scores
 
 LOSS = "answer_loss"
 PER_CHAR = "answer_loss_per_char"  # nats per character of the reference (choose.py: comparable across tokenizers)
@@ -52,7 +52,16 @@ class Scored:
         return scores
 
     def values(self, metric: str) -> np.ndarray:
-        return np.array([r[metric] for r in self.rows], dtype=float)
+        """Per example, NaN where an example has no such score (a JSON field its reference lacks, a
+        tool-call score of a plain answer, a key a scorer returned for some answers only)."""
+        return np.array([r.get(metric, np.nan) for r in self.rows], dtype=float)
+
+    def interval(self, metric: str, samples: int = 2000, seed: int = 0) -> dict[str, float]:
+        """The mean as `means` gives it (per token for the answer loss) with its bootstrap interval."""
+        values = self.values(metric)
+        present = ~np.isnan(values)
+        weights = np.array(self.tokens, float)[present] if metric == LOSS else None
+        return mean_interval(values[present], weights, samples, seed)
 
 
 def weighted_mean(values: np.ndarray, weights: np.ndarray | None = None) -> float:
@@ -94,17 +103,23 @@ def win_tie_loss(a: np.ndarray, b: np.ndarray, lower_is_better: bool, tolerance:
 
 
 def compare_scored(baseline: Scored, candidate: Scored, samples: int = 2000, seed: int = 0) -> list[dict]:
-    """One row per metric both have: means, difference with interval, wins / ties / losses."""
+    """One row per metric both have: means, difference with interval, wins / ties / losses, over the
+    examples that both have it for (`examples` says how many)."""
     rows = []
     for metric in candidate.means():
         if metric not in baseline.means():
             continue
         a, b = baseline.values(metric), candidate.values(metric)
-        weights = (np.array(baseline.tokens, float), np.array(candidate.tokens, float)) if metric == LOSS else (None, None)
+        both = ~(np.isnan(a) | np.isnan(b))
+        if not both.any():
+            continue
+        a, b = a[both], b[both]
+        weights = ((np.array(baseline.tokens, float)[both], np.array(candidate.tokens, float)[both]) if metric == LOSS
+                   else (None, None))
         interval = paired_bootstrap(a, b, *weights, samples=samples, seed=seed)
         rows.append({"metric": metric, "baseline": baseline.name, "candidate": candidate.name,
                      "baseline_value": weighted_mean(a, weights[0]), "candidate_value": weighted_mean(b, weights[1]),
-                     **interval, **win_tie_loss(a, b, metric in LOWER_IS_BETTER)})
+                     **interval, **win_tie_loss(a, b, metric in LOWER_IS_BETTER), "examples": int(both.sum())})
     return rows
 
 
@@ -216,8 +231,7 @@ def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settin
         losses, counts = answer_losses(model, tokenizer, prompts, layout, settings.batch_size)
         answers, speed = generate_answers(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size,
                                           **options)
-    rows = example_scores(answers, references, settings.scorer, settings.scorer_name,
-                          [c[-1].get("tool_calls") for c in prompts], [split_tools(c)[0] for c in prompts])
+    rows = conversation_scores(answers, prompts, settings.scorer, settings.scorer_name)
     for row, loss in zip(rows, losses):
         row[LOSS] = loss
     return Scored(name, answers, rows, counts, speed.get("tokens_per_second"), references)

@@ -10,7 +10,7 @@ class LoopGuard:
     """Decoding against answers that repeat themselves, greedy decoding's common failure on small
     fine-tuned models; both off by default (eval.repetition_penalty, eval.no_repeat_ngram_size)."""
 
-    repetition_penalty: float = 1.0  # CTRL's: scores of tokens already in the text divided by this
+    repetition_penalty: float = 1.0  # CTRL's: scores of tokens already in the answer divided by this
     no_repeat_ngram_size: int = 0  # no token n-gram of this size twice in an answer; 0 = off
 
     @classmethod
@@ -18,7 +18,7 @@ class LoopGuard:
         return cls(eval_cfg.repetition_penalty, eval_cfg.no_repeat_ngram_size)
 
     def options(self) -> dict:
-        """model.generate's arguments for what is switched on."""
+        """What is switched on, by generate's names for it."""
         options = {}
         if self.repetition_penalty != 1.0:
             options["repetition_penalty"] = self.repetition_penalty
@@ -26,17 +26,43 @@ class LoopGuard:
             options["no_repeat_ngram_size"] = self.no_repeat_ngram_size
         return options
 
+    def processors(self, prompt_width: int) -> dict:
+        """model.generate's arguments for what is switched on, applied to the answer alone (the tokens after
+        column `prompt_width`): transformers' own options also count the prompt, so a k-shot prompt's
+        examples, or the question's own words, would be banned from or penalised in the answer."""
+        from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+        processors = []
+        if self.repetition_penalty != 1.0:
+            processors.append(AnswerOnly(RepetitionPenaltyLogitsProcessor(self.repetition_penalty), prompt_width))
+        if self.no_repeat_ngram_size:
+            processors.append(AnswerOnly(NoRepeatNGramLogitsProcessor(self.no_repeat_ngram_size), prompt_width))
+        # The model's own settings of the same names are replaced, not applied on top.
+        neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+        return {"logits_processor": LogitsProcessorList(processors), **{k: neutral[k] for k in self.options()}} \
+            if processors else {}
+
     def __str__(self) -> str:
         words = {"repetition_penalty": "repetition penalty {}", "no_repeat_ngram_size": "no repeated {}-grams"}
         return ", ".join(words[k].format(f"{v:g}") for k, v in self.options().items()) or "off"
 
 
-def decoding(temperature: float = 0.0, seed: int = 0, guard: LoopGuard = LoopGuard()) -> dict:
+class AnswerOnly:
+    """A logits processor that sees the generated tokens only (those after the prompt's columns)."""
+
+    def __init__(self, processor, prompt_width: int):
+        self.processor, self.prompt_width = processor, prompt_width
+
+    def __call__(self, input_ids, scores):
+        return self.processor(input_ids[:, self.prompt_width:], scores)
+
+
+def decoding(temperature: float = 0.0, seed: int = 0) -> dict:
     """generate's settings: greedy at temperature 0, else seeded sampling from the whole
-    distribution; with the loop guard's options."""
+    distribution (the loop guard is added per batch: LoopGuard.processors)."""
     import torch
 
     if temperature <= 0:
-        return {"do_sample": False, **guard.options()}
+        return {"do_sample": False}
     torch.manual_seed(seed)
-    return {"do_sample": True, "temperature": temperature, "top_k": 0, **guard.options()}
+    return {"do_sample": True, "temperature": temperature, "top_k": 0}

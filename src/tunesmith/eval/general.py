@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.tokenize import stop_ids
 from ..errors import UserError
 from ..progress import Progress
 from .compare import paired_bootstrap, win_tie_loss
@@ -219,7 +220,7 @@ def gsm8k_rows(model, tokenizer, items: list[dict], batch_size: int = 16) -> lis
             ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[r, width - len(prompts[i]):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=GSM8K_NEW_TOKENS, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                             max_new_tokens=GSM8K_NEW_TOKENS, pad_token_id=pad, eos_token_id=stop_ids(tokenizer, model))
         for r, i in enumerate(chunk):
             text = tokenizer.decode(out[r, width:], skip_special_tokens=True)
             for stop in GSM8K_STOPS:
@@ -247,8 +248,16 @@ def load_probe(folder: str | None = None, sets: list[str] | None = None, limit: 
             if sets:
                 raise UserError(f"{path}: probe file not found")
             continue
-        items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        found[name] = items[:limit] if limit else items
+        items = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                items += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+        if items:  # an empty file is no probe set (its means would be of nothing)
+            found[name] = items[:limit] if limit else items
+        elif sets:
+            raise UserError(f"{path}: the probe file holds no items")
     if not found:
         raise UserError(f"{base}: no probe files (expected some of {', '.join(f'{s}.jsonl' for s in SETS)})")
     return found

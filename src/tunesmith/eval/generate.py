@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..data.tokenize import IGNORE, encode, prompt_ids
+from ..data.tokenize import IGNORE, encode, prompt_ids, stop_ids, until_stop
 from ..progress import Progress
 from .decoding import LoopGuard, decoding
 
@@ -39,7 +39,7 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
     fold LoRA weights into the base for the duration (faster; not in the middle of training)."""
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
     answers, _, speed = _generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, label,
-                                  decoding(temperature, seed, guard), merge)
+                                  decoding(temperature, seed), guard, merge)
     return answers, speed
 
 
@@ -71,17 +71,18 @@ def answer_and_score(model, tokenizer, conversations: list[list[dict]], max_new_
         labelled = [j for j, label in enumerate(whole.labels[len(prompt):]) if label != IGNORE]
         references.append((list(whole.input_ids[len(prompt):]), labelled))
     answers, losses, speed = _generate(model, tokenizer, prompts, references, max_new_tokens, batch_size, label,
-                                       decoding(temperature, seed, guard))
+                                       decoding(temperature, seed), guard)
     return answers, losses, [len(labelled) for _, labelled in references], speed
 
 
 def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple[list[int], list[int]]] | None,
-              max_new_tokens: int, batch_size: int, label: str, sampling: dict, merge: bool = True):
+              max_new_tokens: int, batch_size: int, label: str, sampling: dict, guard: LoopGuard,
+              merge: bool = True):
     """Answers (and with `references`, (ids, labelled positions) per prompt, their losses) in
     batches of similar length, the LoRA weights merged for the duration; `sampling`: generate's
-    decoding settings (see `decoding`)."""
+    decoding settings (see `decoding`). Each answer ends at its first end of turn (`stop_ids`)."""
     model.eval()
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad, stops = tokenizer.pad_token_id, stop_ids(tokenizer, model)
     device = next(model.parameters()).device
     # Batches of similar length: of the prompt, or of prompt and reference where one forward takes both.
     lengths = [len(p) + (len(references[i][0]) if references else 0) for i, p in enumerate(prompts)]
@@ -98,8 +99,9 @@ def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple
                 ids, mask, cache = _score_references(model, [prompts[i] for i in chunk], [references[i] for i in chunk],
                                                      width, pad, device, chunk, losses)
             out = model.generate(input_ids=ids[:, :width], attention_mask=mask[:, :width], past_key_values=cache,
-                                 max_new_tokens=max_new_tokens, **sampling, pad_token_id=pad, eos_token_id=eos)
-            generated += _decode_rows(out, width, chunk, answers, tokenizer)
+                                 max_new_tokens=max_new_tokens, **sampling, **guard.processors(width),
+                                 pad_token_id=pad, eos_token_id=stops)
+            generated += _decode_rows(out, width, chunk, answers, tokenizer, stops)
             done += len(chunk)
             progress.update(done)
     seconds = time.perf_counter() - start
@@ -164,17 +166,12 @@ def _left_padded(prompts: list[list[int]], pad: int, width: int, after: list[lis
     return ids, mask
 
 
-def _decode_rows(out: torch.Tensor, width: int, chunk: list[int], answers: list[str], tokenizer) -> int:
-    """Each row's new tokens (up to EOS or padding) decoded into answers[chunk[row]]; returns how many."""
-    pad, eos, count = tokenizer.pad_token_id, tokenizer.eos_token_id, 0
+def _decode_rows(out: torch.Tensor, width: int, chunk: list[int], answers: list[str], tokenizer,
+                 stops: list[int]) -> int:
+    """Each row's new tokens, up to its first stop token, decoded into answers[chunk[row]]; returns how many."""
+    count = 0
     for row, i in enumerate(chunk):
-        new = out[row, width:]
-        new = new[new != pad] if pad != eos else _until_eos(new, eos)
+        new = until_stop(out[row, width:].tolist(), stops, keep_stop=False)
         count += len(new)
         answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return count
-
-
-def _until_eos(tokens: torch.Tensor, eos: int) -> torch.Tensor:
-    hits = (tokens == eos).nonzero()
-    return tokens[: int(hits[0])] if len(hits) else tokens

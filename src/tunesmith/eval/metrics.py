@@ -21,19 +21,25 @@ from ..errors import UserError
 
 def parse_json_object(text: str) -> dict | None:
     """The first JSON object in the text (models sometimes wrap it in prose or code fences)."""
+    decoder = json.JSONDecoder()
     start = text.find("{")
     while start >= 0:
-        depth = 0
-        for end in range(start, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[end], 0)
-            if depth == 0:
-                try:
-                    value = json.loads(text[start:end + 1])
-                except json.JSONDecodeError:
-                    break
-                return value if isinstance(value, dict) else None
-        start = text.find("{", start + 1)
+        try:  # the decoder, not brace counting: a string value may hold a brace
+            return decoder.raw_decode(text, start)[0]
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
     return None
+
+
+def same_value(got, expected) -> bool:
+    """JSON equality: true is not 1 (Python's == says it is), 1 is 1.0; lists and objects compared within."""
+    if isinstance(got, bool) or isinstance(expected, bool):
+        return got is expected
+    if isinstance(got, dict) and isinstance(expected, dict):
+        return got.keys() == expected.keys() and all(same_value(got[k], expected[k]) for k in got)
+    if isinstance(got, list) and isinstance(expected, list):
+        return len(got) == len(expected) and all(map(same_value, got, expected))
+    return got == expected
 
 
 def json_example_scores(prediction: str, reference: str, fields: list[str] | None = None) -> dict[str, float]:
@@ -46,8 +52,8 @@ def json_example_scores(prediction: str, reference: str, fields: list[str] | Non
         raise ValueError(f"reference holds no JSON object: {reference[:80]!r}")
     keys = fields or list(expected)
     got = parse_json_object(prediction)
-    right = {k: float(got is not None and k in got and got[k] == expected.get(k)) for k in keys}
-    return {"json_valid": float(got is not None), "all_fields": float(all(right.values())),
+    right = {k: float(got is not None and k in got and same_value(got[k], expected.get(k))) for k in keys}
+    return {"json_valid": float(got is not None), "all_fields": float(got is not None and all(right.values())),
             **{f"field/{k}": v for k, v in right.items()}}
 
 
@@ -161,7 +167,7 @@ def tool_call_scores(prediction: str, expected: list[dict], tools: list[dict] | 
 
     return {"tool_call_valid": float(bool(got) and all(valid(c) for c in got)),
             "tool_name_accuracy": float([c["name"] for c in got] == [c["name"] for c in want]),
-            "tool_arguments_exact": float(got == want)}
+            "tool_arguments_exact": float(same_value(got, want))}
 
 
 Scorer = Callable[[str, str], "float | dict[str, float]"]

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data.tools import split_tools
 from .decoding import LoopGuard
 from .generate import generate_answers
-from .metrics import example_scores, load_scorer, mean_scores
+from .metrics import Scorer, example_scores, load_scorer, mean_scores
 
 
 def score_generation(model, tokenizer, conversations: list[list[dict]], eval_cfg, out: Path | None = None,
@@ -18,7 +19,7 @@ def score_generation(model, tokenizer, conversations: list[list[dict]], eval_cfg
     answers, speed = generate_answers(model, tokenizer, conversations, eval_cfg.max_new_tokens, eval_cfg.batch_size,
                                       label=f"generate ({label})", temperature=eval_cfg.temperature,
                                       seed=eval_cfg.seed, guard=LoopGuard.of(eval_cfg))
-    scores = score(answers, references, eval_cfg.scorer)
+    scores = score(answers, conversations, eval_cfg.scorer)
     scores["test_examples"] = len(references)
     scores["generated_tokens_per_second"] = round(speed["tokens_per_second"], 1)
     if out is not None:
@@ -29,11 +30,19 @@ def score_generation(model, tokenizer, conversations: list[list[dict]], eval_cfg
     return scores
 
 
-def score(answers: list[str], references: list[str], scorer: str | None = None) -> dict:
-    """JSON references get field-level scores; free text gets exact match, normalised exact match,
-    token F1 and ROUGE-L; `scorer` ('module:function') adds the user's own metric."""
-    rows = example_scores(answers, references, load_scorer(scorer) if scorer else None, scorer_name(scorer))
-    return mean_scores(rows)
+def score(answers: list[str], conversations: list[list[dict]], scorer: str | None = None) -> dict:
+    """Mean scores of the answers to the conversations' last turns (`conversation_scores`); `scorer`
+    ('module:function') adds the user's own metric."""
+    return mean_scores(conversation_scores(answers, conversations, load_scorer(scorer) if scorer else None,
+                                           scorer_name(scorer)))
+
+
+def conversation_scores(answers: list[str], conversations: list[list[dict]], scorer: Scorer | None = None,
+                        name: str = "custom") -> list[dict[str, float]]:
+    """Per example: JSON references get field-level scores, free text exact match, normalised exact
+    match, token F1 and ROUGE-L, and an answer that should call tools its calls' scores."""
+    return example_scores(answers, [c[-1]["content"] for c in conversations], scorer, name,
+                          [c[-1].get("tool_calls") for c in conversations], [split_tools(c)[0] for c in conversations])
 
 
 def scorer_name(spec: str | None) -> str:

@@ -46,7 +46,7 @@ class Selection:
                                           self.cfg.batch_size, label=label, temperature=self.cfg.temperature,
                                           seed=self.cfg.seed, guard=LoopGuard.of(self.cfg), merge=False)
         self.model.train(was_training)
-        scores = score(answers, [c[-1]["content"] for c in self.conversations], self.cfg.scorer)
+        scores = score(answers, self.conversations, self.cfg.scorer)
         if self.metric not in scores:
             raise UserError(f"eval.best_metric={self.metric}: the validation answers have no such score; they have "
                             f"{', '.join(sorted(k for k in scores if k not in ('test_examples',)))} (or eval_loss)")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.tokenize import IGNORE, Encoded
+from ..data.tokenize import IGNORE, Encoded, stop_ids
 from .base import Batch, Objective, stat
 from .logps import per_sequence, sequence_batch, token_logps
 from .rewards import Rewards
@@ -58,7 +58,7 @@ class GRPO(Objective):
         cfg = self.train_cfg
         group = cfg.group_size
         answers = sample(self.model, [e.input_ids for e in examples], group, cfg.max_completion_tokens,
-                         cfg.temperature, self.pad_id, self.tokenizer.eos_token_id, stream_seed(cfg.seed, key))
+                         cfg.temperature, self.pad_id, stop_ids(self.tokenizer, self.model), stream_seed(cfg.seed, key))
         texts = [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
         references = [e.reference for e in examples for _ in range(group)]
         totals, each = self.rewards.score(texts, references)
@@ -113,7 +113,7 @@ class GRPO(Objective):
         ranks = ranks or distributed.SINGLE
         mine = list(range(ranks.rank, len(split), ranks.world))
         answers = sample(model, [split.encoded[i].input_ids for i in mine], 1, self.train_cfg.max_completion_tokens,
-                         None, self.pad_id, self.tokenizer.eos_token_id, batch_size=batch_size)
+                         None, self.pad_id, stop_ids(self.tokenizer, model), batch_size=batch_size)
         texts = [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
         totals, _ = self.rewards.score(texts, [split.encoded[i].reference for i in mine])
         total, count = ranks.sum(sum(totals), len(totals))

@@ -15,6 +15,8 @@ import zlib
 
 import torch
 
+from ..data.tokenize import until_stop
+
 
 def stream_seed(seed: int, key) -> int:
     """A seed for one micro-batch's sampling, from the run's seed and what identifies the batch."""
@@ -23,9 +25,9 @@ def stream_seed(seed: int, key) -> int:
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], copies: int, max_new_tokens: int, temperature: float | None,
-           pad_id: int, eos_id: int, seed: int = 0, batch_size: int = 64) -> list[list[int]]:
+           pad_id: int, stops: list[int], seed: int = 0, batch_size: int = 64) -> list[list[int]]:
     """`copies` answers (token ids) for each prompt, the copies of a prompt next to each other;
-    temperature None decodes greedily."""
+    temperature None decodes greedily; `stops`: the ids that end an answer (data.tokenize.stop_ids)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -42,13 +44,9 @@ def sample(model, prompts: list[list[int]], copies: int, max_new_tokens: int, te
             ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in chunk], dtype=torch.long)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], dtype=torch.long)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=stops,
                                  use_cache=True, **options)
-            answers += [until_eos(row.tolist(), eos_id) for row in out[:, width:].cpu()]
+            answers += [until_stop(row.tolist(), stops) for row in out[:, width:].cpu()]
     model.train(was_training)
     return answers
 
-
-def until_eos(tokens: list[int], eos_id: int) -> list[int]:
-    """The tokens up to and including the first end-of-turn token (padding after it dropped)."""
-    return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens

@@ -1,0 +1,109 @@
+"""The measuring commands as plain functions: eval (loss and generation scores on a file), eval
+--general (the general-ability probe, base against fine-tuned) and compare (A against B)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data.formats import is_raw_text
+from .data.prepare import eval_file
+from .device import resolve
+from .errors import UserError
+from .eval.compare import text_losses
+from .eval.decoding import LoopGuard
+from .eval.generate import merged_adapter
+from .eval.loss import eval_loss
+from .eval.scoring import score_generation
+from .progress import say
+from .runs import RunFolder
+
+
+def evaluate(model_or_run: str, data: str | None, max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
+             scorer: str | None = None, temperature: float = 0.0, seed: int = 0, device: str = "auto",
+             guard: LoopGuard = LoopGuard()) -> dict:
+    """Eval loss and generation scores of a model or run on a data file (None: the run's own test data)."""
+    from .config import DataConfig, EvalConfig
+    from .data.sources import check_source
+    from .runs import load_trained, own_test_data, system_prompt_of
+
+    data = data or own_test_data(model_or_run)
+    check_source(data, "--data")  # before the model loads
+    model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
+    system = system_prompt_of(model_or_run)
+    if system:
+        say(f"eval: the examples are asked with the system prompt the run trained with: {system!r}")
+    # The first `limit` examples of the file; the eval loss on those within max_seq_len, as in
+    # training; generation scores on every one.
+    data_cfg = DataConfig(train=data, system_prompt=system)
+    test = eval_file(data, tokenizer, data_cfg, limit)
+    if is_raw_text(test.conversations):  # its loss in rows of max_seq_len, as training reads raw text
+        with merged_adapter(model):
+            losses, tokens = text_losses(model, tokenizer, test.conversations, row_tokens=data_cfg.max_seq_len)
+        say("eval: raw text is scored by its loss alone (nothing to generate)")
+        return {"eval_loss": sum(x * n for x, n in zip(losses, tokens)) / sum(tokens), "test_examples": len(losses)}
+    validation = test.select([i for i, e in enumerate(test.encoded) if len(e.input_ids) <= data_cfg.max_seq_len])
+    eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, scorer=scorer,
+                          temperature=temperature, seed=seed, repetition_penalty=guard.repetition_penalty,
+                          no_repeat_ngram_size=guard.no_repeat_ngram_size)
+    with merged_adapter(model):  # LoRA folded into the base: the same loss, a third faster on a CPU
+        results = {"eval_loss": eval_loss(model, validation, batch_size, tokenizer.pad_token_id)} if validation.encoded \
+            else say(f"eval: no eval loss: none of the examples fits in {data_cfg.max_seq_len} tokens") or {}
+    results.update(score_generation(model, tokenizer, test.conversations, eval_cfg, label="eval"))
+    return results
+
+
+def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[str] | None = None,
+                     limit: int | None = None, margin: float = 2.0, seed: int = 0, device: str = "auto") -> dict:
+    """The general-ability probe on a model; for a fine-tuned run or adapter, on its base too (the
+    adapter switched off), with each difference and its paired 95% interval."""
+    from .config import EvalConfig
+    from .eval.general import GeneralAbility, means
+    from .runs import load_trained
+
+    model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
+    probe = GeneralAbility(EvalConfig(general=True, general_data=folder, general_sets=sets, general_limit=limit,
+                                      general_margin=margin, seed=seed))
+    if not hasattr(model, "disable_adapter"):  # a plain model: its own scores only
+        probe.score(model, tokenizer, "model")
+        return {"items": {n: len(i) for n, i in probe.probe.items()}, "model": means(probe.scores["model"])}
+    with model.disable_adapter():
+        probe.score(model, tokenizer, "base")
+    with merged_adapter(model):  # the same scores, faster (as eval's loss and generation)
+        probe.score(model, tokenizer, "fine-tuned")
+    say(probe.table())
+    for line in probe.warnings():
+        say(line)
+    return probe.results()
+
+
+def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None, max_new_tokens: int = 96,
+            batch_size: int = 16, limit: int | None = None, scorer: str | None = None, temperature: float = 0.0,
+            seed: int = 0, out: str | None = None, retrieval_k: int = 0, guard: LoopGuard = LoopGuard()) -> dict:
+    """A against B (e.g. base model vs fine-tuned run) with bootstrap intervals; optionally A k-shot,
+    A and B with k retrieved training examples too.
+
+    Written to `out` (default: B's run folder, whose report then shows the comparison)."""
+    from .eval.baselines import compare_models
+    from .eval.compare import format_table, write_comparison
+    from .eval.metrics import load_scorer
+    from .eval.scoring import scorer_name
+
+    if not Path(data).exists():
+        raise UserError(f"{data}: data file not found")
+    result = compare_models(a, b, data, kshot, kshot_data, max_new_tokens, batch_size, limit, temperature, seed,
+                            load_scorer(scorer) if scorer else None, scorer_name(scorer),
+                            names=_names(a, b), retrieval_k=retrieval_k, guard=guard)
+    folder = Path(out) if out else (Path(b) if RunFolder(b).is_run() else None)
+    if folder is not None:
+        say(f"comparison: {write_comparison(result, folder)}")
+        if RunFolder(folder).is_run():
+            from .eval.report import write_report
+
+            say(f"report: {write_report(folder)[0]}")
+    say(format_table(result))
+    return result
+
+
+def _names(a: str, b: str) -> tuple[str, str]:
+    """Short column names for the table: folder names, or A and B where those are the same."""
+    short = (Path(a).name or a, Path(b).name or b)
+    return short if short[0] != short[1] else ("A", "B")
