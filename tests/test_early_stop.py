@@ -93,6 +93,8 @@ def test_early_stop_at_the_right_step_and_best_weights_restored(tiny_config, mon
     events = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert {"event": "early_stop", "step": 5, "best_step": 3} .items() <= next(e for e in events if e["event"] == "early_stop").items()
     assert any(e["event"] == "restore_best" and e["best_step"] == 3 for e in events)
+    # log_every 4: the step it stopped at has its record too (results.json's final_loss is that step's)
+    assert [e["step"] for e in events if e["event"] == "train"] == [4, 5]
     evals = [e for e in events if e["event"] == "eval"]
     assert [e["perplexity"] for e in evals[:2]] == pytest.approx([math.exp(3.0), math.exp(2.5)])  # sft: a token loss
     assert (run / "report.html").exists() and (run / "report.json").exists()

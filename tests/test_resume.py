@@ -222,3 +222,35 @@ def test_a_resumed_runs_speed_counts_only_the_tokens_it_trained(tiny_model_dir, 
     assert 2 <= results["resumed_from"] <= 6 and results["train_tokens"] == tokens[8]
     # train_seconds is rounded to 0.1 s; all the run's tokens over them would be 8/3 to 4/3 times as fast
     assert results["tokens_per_second"] * results["train_seconds"] == pytest.approx(trained, rel=0.15)
+
+
+def test_a_resumed_run_logs_as_the_uninterrupted_one_and_resume_false_never_mixes_runs(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    """A crash in step 7 (checkpoint at 6), logging every 4 steps: the resumed run's records equal the
+    uninterrupted run's, step 8's mean loss over steps 5-8. Then `train.resume=false` in that folder is
+    refused: the new run's checkpoints would have been deleted as the oldest beside the old run's."""
+    import tunesmith
+    import tunesmith.training.loop as loop
+
+    def config(run):
+        path = write_config(tmp_path, tiny_model_dir, run, max_steps=10, log_every=4, device="cpu")
+        return str(path)
+    tunesmith.train(config("whole"))
+    real, calls = loop.train_step, []
+
+    def crash_in_step_7(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(loop, "train_step", crash_in_step_7)
+    with pytest.raises(RuntimeError, match="killed"):
+        tunesmith.train(config("resumed"))
+    monkeypatch.setattr(loop, "train_step", real)
+    with pytest.raises(tunesmith.errors.UserError, match="train.resume=false starts over: set output.overwrite=true"):
+        tunesmith.train(config("resumed"), ["train.resume=false"])
+    assert tunesmith.train(config("resumed"))["resumed_from"] == 6
+
+    def logged(run):
+        return [(r["step"], r["loss"], r.get("mean_loss"), r["lr"]) for r in records(tmp_path / run, "train")]
+    assert [r[0] for r in logged("whole")] == [4, 8, 10] and logged("resumed") == logged("whole")

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import tunesmith
+from tunesmith.config import Config
 from tunesmith.data.collate import collate
 from tunesmith.data.tokenize import encode
 from tunesmith.models import load_model
+from tunesmith.training.loop import total_steps
 from tunesmith.training.loss import label_loss_sum
 
 
@@ -143,6 +145,15 @@ def test_steps_are_random_draws_cut_into_little_padding():
         assert all(len(batch) == 1 for batch in steps[(1, 8)])
     epoch = [i for _ in range(8) for batch in next(streams[(3, 4)]) for i in batch]  # 96 examples, 12 per step
     assert sorted(epoch) == list(range(96))
+    # train.epochs counts passes over the data: steps draw whole batch_size x grad_accum, the remainder of
+    # an epoch opening the next step (12 examples at 8 a step: 3 epochs are 5 steps, 40 draws, not 6 and 48)
+    config = Config.model_validate({"data": {"train": "x.jsonl"}, "train": {"epochs": 3, "batch_size": 8}})
+    assert total_steps(config, 12) == 5
+    for n, batch, accum, epochs in ((12, 8, 1, 3), (9, 4, 1, 3), (50, 16, 1, 3), (17, 8, 2, 2), (100, 4, 2, 0.5)):
+        config = Config.model_validate({"data": {"train": "x.jsonl"},
+                                        "train": {"epochs": epochs, "batch_size": batch, "grad_accum": accum}})
+        drawn = total_steps(config, n) * batch * accum
+        assert epochs * n <= drawn < epochs * n + batch * accum
 
     def padded(batches):
         return sum(len(b) * max(lengths[i] for i in b) for b in batches)
@@ -155,10 +166,14 @@ def test_steps_are_random_draws_cut_into_little_padding():
     assert padded(cut) < 0.9 * padded(plain)
 
 
-def test_each_train_record_gives_its_logging_intervals_mean_loss(tiny_config, tmp_path):
+def test_each_train_record_gives_its_logging_intervals_mean_loss(tiny_config, tmp_path, monkeypatch):
     """A record every 4 steps carries the mean of those 4 steps' losses (the progress line shows it,
     the report and dashboard draw it) beside its own step's: the same run logged every step says
-    what each step's loss was."""
+    what each step's loss was, and the learning rate each step trained with."""
+    applied, step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: applied.append(self.param_groups[0]["lr"])
+                        or step(self, *a, **k))
+    tiny_config["train"]["warmup_ratio"] = 0.25
     logged = {}
     for every in (1, 4):
         config = copy.deepcopy(tiny_config)
@@ -169,6 +184,8 @@ def test_each_train_record_gives_its_logging_intervals_mean_loss(tiny_config, tm
         logged[every] = [r for r in map(json.loads, open(f"{run}/metrics.jsonl")) if r.get("event") == "train"]
     step_loss = {r["step"]: r["loss"] for r in logged[1]}
     assert len(step_loss) == 12 and not any("mean_loss" in r for r in logged[1])
+    assert [r["lr"] for r in logged[1]] == applied[:12] and applied[:12] == applied[12:]
+    assert applied[3] == tiny_config["train"]["lr"] > applied[2] > applied[0]  # warmed up over 3 steps, then the peak
     assert [r["step"] for r in logged[4]] == [4, 8, 12]
     for record in logged[4]:
         interval = [step_loss[s] for s in range(record["step"] - 3, record["step"] + 1)]

@@ -59,14 +59,14 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     # One writer per run folder, held for the process's whole run (the dashboard reads it as "running").
     # Taken before the folder is judged: a second writer hears of the first, not of its half-written state.
     with runlock.hold(run.path) if ranks.main else contextlib.nullcontext():
-        run.check_usable(cfg.output.overwrite, must_resume)
+        run.check_usable(cfg.output.overwrite, must_resume, cfg.train.resume)
         device = resolve(cfg.train.device, ranks.local_rank)
         method = methods.get(cfg.adapter.method)
         tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
         data = objectives.prepare_data(cfg, tokenizer)
         # Only now, with config and data known good, is the run folder written: a mistake loses nothing.
         if ranks.main:
-            run.prepare(cfg.output.overwrite, must_resume)
+            run.prepare(cfg.output.overwrite, must_resume, cfg.train.resume)
             run.config.write_text(dump(cfg), encoding="utf-8")
             if cfg.data.train == "demo":
                 write_demo_files({name: split.conversations for name, split in data.splits.items()}, run.path)

@@ -132,17 +132,21 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{self.path}: output.dir exists and is not a folder")
 
-    def check_usable(self, overwrite: bool, must_resume: bool = False) -> None:
+    def check_usable(self, overwrite: bool, must_resume: bool = False, resume: bool = True) -> None:
         """Refuse an unusable run folder before anything is loaded or written."""
         self.check_folder()
         if must_resume and not self.checkpoint_folders():
             raise UserError(f"{self.path}: --resume given, but there is no checkpoint to resume from")
         if not overwrite and not must_resume and self.results.exists():
             raise UserError(f"{self.path}: holds a finished run; choose another output.dir or set output.overwrite=true")
+        # A run that starts over beside another's checkpoints would lose its own to them (the oldest go).
+        if not overwrite and not resume and self.checkpoint_folders():
+            raise UserError(f"{self.path}: holds the checkpoints of an unfinished run, and train.resume=false starts "
+                            "over: set output.overwrite=true to delete them, or choose another output.dir")
 
-    def prepare(self, overwrite: bool, must_resume: bool = False) -> None:
+    def prepare(self, overwrite: bool, must_resume: bool = False, resume: bool = True) -> None:
         """A fresh or resumable run folder. Overwrite starts over; an unfinished run is resumed by the loop."""
-        self.check_usable(overwrite, must_resume)
+        self.check_usable(overwrite, must_resume, resume)
         if overwrite and not must_resume:
             for target in (self.checkpoints, self.metrics, self.results, self.best_weights):
                 if target.is_dir():

@@ -69,10 +69,11 @@ def optimizer_steps(split: Split, cfg: Config, layout: str = PADDED):
 
 
 def total_steps(cfg: Config, n_examples: int) -> int:
+    """train.max_steps, else the steps of train.epochs passes: every step draws batch_size x grad_accum
+    examples and an epoch's remainder opens the next step (optimizer_steps), so no step is short."""
     if cfg.train.max_steps:
         return cfg.train.max_steps
-    per_epoch = math.ceil(n_examples / cfg.train.batch_size) / cfg.train.grad_accum
-    return max(1, math.ceil(cfg.train.epochs * per_epoch))
+    return max(1, math.ceil(cfg.train.epochs * n_examples / (cfg.train.batch_size * cfg.train.grad_accum)))
 
 
 @contextlib.contextmanager
@@ -157,11 +158,37 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     progress = Progress(steps, quiet=not ranks.main, unit="step")
     model.train()
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-    window_from = len(state.losses)  # the finite step losses since the last train record: state.losses[window_from:]
+    # The finite step losses since the last train record, state.losses[window_from:] (after a resume:
+    # from the last record at or before the checkpoint's step, as an uninterrupted run has them).
+    window_from = len(state.losses) - sum(1 for s in range(state.step - state.step % cfg.train.log_every + 1, state.step + 1)
+                                          if s not in state.skipped_steps)
     start = time.perf_counter()
     eval_times = []  # seconds of each evaluation: not training time; the ETA counts those still to come
     bad_in_row = 0
     first = state.step + 1 if not (stopper and stopper.stopped_at) else steps + 1  # stopped early before a kill
+
+    def record(step: int, step_loss: float, grad_norm: float, lr: float) -> None:
+        """The train record and progress line of the steps since the last record."""
+        nonlocal window_tokens, window_steps, window_start, window_from
+        now = time.perf_counter()
+        speed = window_tokens / max(1e-9, now - window_start)
+        figures = {"mfu": round(utilisation(speed), 4)} if utilisation else {}
+        # One step's loss is noisy: the record and the progress line also give the interval's
+        # mean (as transformers' Trainer logs its loss), the step's own stays in `loss`.
+        window_losses = state.losses[window_from:]
+        mean_loss = sum(window_losses) / len(window_losses) if window_losses else step_loss
+        if len(window_losses) > 1:
+            figures["mean_loss"] = mean_loss
+        log.write(event="train", step=step, loss=step_loss, lr=lr, grad_norm=grad_norm,
+                  tokens_per_second=speed, step_seconds=(now - window_start) / window_steps,
+                  tokens=state.train_tokens, **figures, **device_memory(device),
+                  **(objective.step_metrics() if objective else {}))
+        if evaluate:
+            each = sum(eval_times) / len(eval_times) if eval_times else eval_seconds
+            progress.expect(evaluations_ahead(step, steps, cfg.eval.every_steps, each), "evaluating")
+        progress.update(step, loss=mean_loss, lr=lr, **{"tok/s": int(speed)})
+        window_tokens, window_steps, window_start, window_from = 0, 0, now, len(state.losses)
+
     with deferred_signals() as caught:
         for step in range(first, steps + 1):
             indices = next(stream)
@@ -186,6 +213,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 state.skipped_steps.append(step)
                 log.write(event="skipped_step", step=step, loss=step_loss, grad_norm=grad_norm)
                 progress.note(f"step {step}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); step skipped")
+            lr = optimizer.param_groups[0]["lr"]  # the step's own (the scheduler is about to set the next one's)
             with warnings.catch_warnings():  # the schedule moves on past a skipped step: torch's warning says it should not
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
                 scheduler.step()
@@ -197,26 +225,9 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                     f"gradient. Likely cause: learning rate too high (train.lr={cfg.train.lr}), fp16 overflow "
                     "(use bfloat16 or float32), or broken data; the last good checkpoint is kept")
             window_steps += 1
-            if step % cfg.train.log_every == 0 or step == steps:
-                now = time.perf_counter()
-                speed = window_tokens / max(1e-9, now - window_start)
-                lr = scheduler.get_last_lr()[0]
-                figures = {"mfu": round(utilisation(speed), 4)} if utilisation else {}
-                # One step's loss is noisy: the record and the progress line also give the interval's
-                # mean (as transformers' Trainer logs its loss), the step's own stays in `loss`.
-                window_losses = state.losses[window_from:]
-                mean_loss = sum(window_losses) / len(window_losses) if window_losses else step_loss
-                if len(window_losses) > 1:
-                    figures["mean_loss"] = mean_loss
-                log.write(event="train", step=step, loss=step_loss, lr=lr, grad_norm=grad_norm,
-                          tokens_per_second=speed, step_seconds=(now - window_start) / window_steps,
-                          tokens=state.train_tokens, **figures, **device_memory(device),
-                          **(objective.step_metrics() if objective else {}))
-                if evaluate:
-                    each = sum(eval_times) / len(eval_times) if eval_times else eval_seconds
-                    progress.expect(evaluations_ahead(step, steps, cfg.eval.every_steps, each), "evaluating")
-                progress.update(step, loss=mean_loss, lr=lr, **{"tok/s": int(speed)})
-                window_tokens, window_steps, window_start, window_from = 0, 0, now, len(state.losses)
+            recorded = step % cfg.train.log_every == 0 or step == steps
+            if recorded:
+                record(step, step_loss, grad_norm, lr)
             stop = False
             if evaluate and cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != steps:
                 began = time.perf_counter()
@@ -249,6 +260,8 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 if stopper:
                     state.early_stopping = stopper.state()
             signalled = ranks.any(bool(caught))  # ranks stop at the same step, whichever got the signal
+            if (stop or signalled) and not recorded:  # the last step trained has its record too
+                record(step, step_loss, grad_norm, lr)
             if ckpt_dir and (signalled or stop or step == steps
                              or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
                 saved = ckpt.save_checkpoint(ckpt_dir, state_owner, optimizer, scheduler, state,
