@@ -165,6 +165,17 @@ def test_mix_weights_repeat_and_subsample(tmp_path, tiny_tokenizer):
     assert 10 <= kept <= 30 and len(half) - kept == 40
 
 
+def test_duplicates_across_train_and_a_mixed_source_are_removed_before_the_split(tmp_path, tiny_tokenizer):
+    """A mixed source repeating the training file: its copies are duplicates (else the held-out
+    validation examples would be in train too, reported as no overlap)."""
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(20)]
+    main, extra = write_jsonl(tmp_path / "main.jsonl", rows), write_jsonl(tmp_path / "extra.jsonl", rows)
+    prepared = prepare(DataConfig(train=str(main), mix={str(extra): 1.0}, cache=False), tiny_tokenizer)
+    train, validation = prepared.splits["train"], prepared.splits["validation"]
+    assert len(train) + len(validation) == 20 and prepared.dropped == {"duplicate (exact)": 20}
+    assert not {str(c) for c in train.conversations} & {str(c) for c in validation.conversations}
+
+
 def test_format_override_and_raw_text_chunks(tmp_path, tiny_tokenizer):
     docs = [{"text": "Billing question number %d about the PixelPad screen." % i, "prompt": "p", "completion": "c"}
             for i in range(30)]
@@ -204,6 +215,10 @@ def test_too_few_valid_records_stop_the_run(tmp_path, tiny_tokenizer):
     assert prepare(DataConfig(train=str(path), min_valid_share=0.4, cache=False), tiny_tokenizer)
     with pytest.raises(UserError, match="only 5 of 10 training records are usable"):
         prepare(DataConfig(train=str(path), min_valid_share=0.6, cache=False), tiny_tokenizer)
+    # Broken lines of a validation file are not training records
+    val = write_jsonl(tmp_path / "v.jsonl", good(1) + ['{"broken'] * 20)
+    prepared = prepare(DataConfig(train=str(path), validation=str(val), min_valid_share=0.4, cache=False), tiny_tokenizer)
+    assert prepared.records == 10 and len(prepared.splits["validation"]) == 5
 
 
 def test_duplicates_removed_and_overlap_reported(tmp_path, tiny_tokenizer):
@@ -226,6 +241,21 @@ def test_seeded_validation_split_is_reproducible_and_disjoint(tmp_path, tiny_tok
     val = first.splits["validation"].origins
     assert len(val) == 5 and val == again.splits["validation"].origins != other.splits["validation"].origins
     assert not set(val) & set(first.splits["train"].origins)
+
+
+def test_hidden_files_of_a_folder_are_not_data_and_a_long_csv_cell_is(tmp_path, tiny_tokenizer):
+    """macOS's ._train.jsonl beside train.jsonl is no data file (it is not UTF-8, and was refused as one);
+    a CSV cell may hold a whole document, past the csv module's 128 KiB limit."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", good())
+    (folder / "._train.jsonl").write_bytes(b"\x00\x05\x16\x07\xff binary resource fork")
+    assert len(all_examples(prepare(DataConfig(train=str(folder), cache=False), tiny_tokenizer))) == 5
+    path = tmp_path / "long.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([["prompt", "completion"], ["Summarise", "word " * 40_000], ["Say hi", "hi"]])
+    prepared = prepare(DataConfig(train=str(path), max_seq_len=64, cache=False), tiny_tokenizer)
+    assert prepared.dropped == {"longer than max_seq_len": 1} and len(all_examples(prepared)) == 1
 
 
 def test_missing_file_is_a_user_error(tiny_tokenizer):

@@ -125,3 +125,24 @@ def test_results_beside_a_cache_entry_are_whole_or_absent(tmp_path, monkeypatch)
     assert sorted(p.name for p in entry.iterdir()) == ["lengths.png", "near.json"]
     cache.add_file("missing-entry", "x.png", source)  # no entry: nothing written, no error
     assert not (cache.cache_root() / "missing-entry").exists()
+
+
+def test_dedup_near_removes_every_training_example_close_to_an_eval_one(tmp_path, tiny_tokenizer):
+    """Two training examples near each other and both near a validation example: the validation
+    example's closest is the second, which goes as a near-duplicate of the first; the first goes too."""
+    train = write_jsonl(tmp_path / "train.jsonl", [qa("What is glaucoma?", LONG.replace("often comes", "usually comes")),
+                                                   qa("What is glaucoma?", LONG), *train_rows()[1:2]])
+    val = write_jsonl(tmp_path / "val.jsonl", [qa("What is glaucoma?", LONG.replace("comes with", "goes with"))])
+    prepared = prepare(DataConfig(train=str(train), validation=str(val), dedup="near", near_dup_threshold=0.6,
+                                  cache=False), tiny_tokenizer)
+    assert [o[1] for o in prepared.splits["train"].origins] == [3]
+    assert sorted(p.line for p in prepared.problems) == [1, 2]
+
+
+def test_mixed_repeats_and_one_conversations_examples_are_not_near_duplicates(tmp_path, tiny_model_dir):
+    """data.mix's weight 2 copies a record; they are not reported as near-duplicates of themselves
+    (nor named as rows of a raw-text document)."""
+    train = write_jsonl(tmp_path / "train.jsonl", train_rows()[1:2])
+    extra = write_jsonl(tmp_path / "extra.jsonl", train_rows()[3:5])
+    report = check_data(str(train), str(tiny_model_dir), tmp_path / "check", {"mix": {str(extra): 2.0}})
+    assert report["near_duplicates"]["within_train"] == {"count": 0, "first": []}

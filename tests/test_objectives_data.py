@@ -135,6 +135,10 @@ def test_data_check_reports_preference_data_like_sft_data(tiny_model_dir, tmp_pa
     assert report["dropped"]["prompts differ"]["first"] == [f"{path}:8"]
     assert sum(report["examples"].values()) == 3 and report["label_tokens"] > 0
     assert json.loads((tmp_path / "check" / "report.json").read_text())["records"] == 10
+    # Columns named as a spreadsheet names them (`Chosen`) are read as training reads them
+    capitalised = tmp_path / "pairs.csv"
+    capitalised.write_text("Prompt,Chosen,Rejected\n" + "".join(f"Question {i}?,Right {i}.,Wrong {i}.\n" for i in range(6)))
+    assert check_data(str(capitalised), str(tiny_model_dir), tmp_path / "check2")["formats"] == {"pairs (text)": 6}
 
 
 def test_grpo_prompts_are_the_tokens_evaluation_generates_from(tiny_tokenizer):
@@ -169,6 +173,15 @@ def test_a_test_split_beside_pairs_and_prompts_holds_the_examples_ending_at_each
     assert prepared.summary()["tokens"]["test"] == sum(len(e.input_ids) for e in split.encoded) > 0
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Repeat: a"}, {"prompt": "Repeat: b"}])
     assert len(prepare_prompts(data_cfg(prompts, test=str(test)), tiny_tokenizer).splits["test"]) == 2
+    # Each test example names its own line; a broken one and one the template refuses are problems
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {}}}  # this template drops tool calls
+    test = write_jsonl(tmp_path / "test2.jsonl", ['{"broken', {"messages": [
+        {"role": "user", "content": "Time?"}, {"role": "assistant", "content": "", "tool_calls": [call]}],
+        "tools": [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]},
+        {"prompt": "Repeat: three", "completion": "three"}])
+    prepared = prepare_preference(data_cfg(pairs, test=str(test)), tiny_tokenizer, PAIRS)
+    assert prepared.splits["test"].origins == [(str(test), 3)]
+    assert [(p.line, p.kind) for p in prepared.problems if p.file == str(test)][1] == (2, "template refused")
 
 
 def test_every_objective_says_what_its_eval_loss_is():

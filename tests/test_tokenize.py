@@ -128,6 +128,54 @@ def test_configured_template_is_saved_with_the_tokenizer(tiny_tokenizer, tmp_pat
         use_template(tokenizer, "no-such-template")
 
 
+# ChatML, but an answer before the last user turn loses its <think>...</think>, as Qwen3's template does
+HISTORY_DROPS_THINKING = (
+    "{%- set ns = namespace(last=0) -%}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+    "{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}{%- for m in messages -%}{%- set c = m['content'] -%}"
+    "{%- if m['role'] == 'assistant' and loop.index0 < ns.last and '</think>' in c -%}"
+    "{%- set c = c.split('</think>')[-1].lstrip() -%}{%- endif -%}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + c + '<|im_end|>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}")
+
+
+def test_a_weight_0_answer_between_others_leaves_each_example_its_own_conversation(tiny_tokenizer, tmp_path):
+    """Where the template renders history unlike a live turn, each answer is an example with its own
+    history; one with weight 0 in the middle makes none, and the others keep their conversations (the
+    first was paired with the weight-0 answer, so a test split asked its prompt and scored that)."""
+    conversation = [{"role": "user", "content": "first question"},
+                    {"role": "assistant", "content": "<think>hmm</think>FIRST ANSWER"},
+                    {"role": "user", "content": "second question"},
+                    {"role": "assistant", "content": "SECOND ANSWER", "weight": 0},
+                    {"role": "user", "content": "third question"},
+                    {"role": "assistant", "content": "<think>ok</think>THIRD ANSWER"}]
+    test = write_jsonl(tmp_path / "test.jsonl", [{"messages": conversation}])
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)])
+    split = prepare(DataConfig(train=str(train), test=str(test), chat_template=HISTORY_DROPS_THINKING, cache=False),
+                    copy.deepcopy(tiny_tokenizer)).splits["test"]
+    assert [labelled_text(tiny_tokenizer, e) for e in split.encoded] == [
+        ["<think>hmm</think>FIRST ANSWER<|im_end|>"], ["<think>ok</think>THIRD ANSWER<|im_end|>"]]
+    assert [c[-1]["content"] for c in split.conversations] == [conversation[1]["content"], conversation[5]["content"]]
+
+
+def test_template_variables_reach_preference_and_prompt_data(tiny_tokenizer, tmp_path):
+    """data.template_variables ({enable_thinking: false}) render DPO, KTO and GRPO data as they do SFT data."""
+    from tunesmith.data.preference import PAIRS, prepare_preference
+    from tunesmith.data.prompts import prepare_prompts
+
+    template = ("{%- if enable_thinking is defined and enable_thinking is false -%}[no_think]{%- endif -%}"
+                "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}
+                                                   for i in range(6)])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"p{i}"} for i in range(6)])
+    for prepared_with in (lambda t, c: prepare_preference(c.model_copy(update={"train": str(pairs)}), t, PAIRS),
+                          lambda t, c: prepare_prompts(c.model_copy(update={"train": str(prompts)}), t)):
+        tokenizer = copy.deepcopy(tiny_tokenizer)
+        cfg = DataConfig(train="x", chat_template=template, template_variables={"enable_thinking": False}, cache=False)
+        example = prepared_with(tokenizer, cfg).splits["train"].encoded[0]
+        assert tokenizer.decode(example.input_ids).startswith("[no_think]<|im_start|>user")
+
+
 def test_template_that_forbids_two_user_turns_reports_the_line(tiny_tokenizer, tmp_path):
     rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
                           {"role": "assistant", "content": "c"}]},

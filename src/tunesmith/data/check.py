@@ -47,6 +47,7 @@ def data_kind(cfg: DataConfig, objective: str | None = None) -> str | None:
     Given no objective, from the first readable record; prompts without answers count as GRPO data
     only when the objective says so (for SFT they are records missing their answers)."""
     from ..objectives import DATA_KIND
+    from .formats import rename_columns
     from .preference import PROMPTS, record_kind
     from .sources import is_hub_id, read_records
 
@@ -55,7 +56,7 @@ def data_kind(cfg: DataConfig, objective: str | None = None) -> str | None:
     if cfg.train == "demo" or is_hub_id(cfg.train):
         return None
     rows = read_records(cfg.train, cfg.hub_split).rows
-    kind = record_kind(rows[0][2]) if rows else None
+    kind = record_kind(rename_columns(rows[0][2], cfg.columns)) if rows else None  # `Chosen`, as training reads it
     return None if kind == PROMPTS else kind
 
 
@@ -147,8 +148,14 @@ def near_duplicates(prepared: Prepared, cfg: DataConfig) -> dict:
         except (OSError, ValueError):
             pass  # unreadable: searched again and rewritten
     train = prepared.splits["train"]
+    # data.mix's repeats are copies, not near-duplicates: each record's examples once
+    first: dict = {}
+    for i, (conversation, origin) in enumerate(zip(train.conversations, train.origins)):
+        first.setdefault((origin, len(conversation), conversation[-1]["content"]), i)
+    distinct = sorted(first.values())
     others = {name: (s.conversations, s.origins) for name, s in prepared.splits.items() if name != "train"}
-    found = report(train.conversations, train.origins, others, cfg.near_dup_threshold)
+    found = report([train.conversations[i] for i in distinct], [train.origins[i] for i in distinct], others,
+                   cfg.near_dup_threshold)
     if key:
         cache.add_text(key, file_name, json.dumps(found))
     return found

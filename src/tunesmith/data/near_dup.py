@@ -48,12 +48,15 @@ class Match:
     similarity: float
 
 
+def _close(signature, index, pool: list, threshold: float) -> list[Match]:
+    """Every example of `pool` (in `index`) at the threshold or above: LSH's candidates, checked."""
+    found = [Match(-1, j, pool[j].jaccard(signature)) for j in index.query(signature)]
+    return [m for m in found if m.similarity >= threshold]
+
+
 def _best(signature, index, pool: list, threshold: float) -> Match | None:
-    candidates = [(pool[j].jaccard(signature), -j) for j in index.query(signature)]
-    if not candidates:
-        return None
-    similarity, first = max(candidates)
-    return Match(-1, -first, similarity) if similarity >= threshold else None
+    """The closest (the earliest of equals) of `_close`."""
+    return max(_close(signature, index, pool, threshold), key=lambda m: (m.similarity, -m.first), default=None)
 
 
 def within(train: list, threshold: float) -> list[Match]:
@@ -75,8 +78,9 @@ def within(train: list, threshold: float) -> list[Match]:
     return found
 
 
-def across(train: list, other: list, threshold: float) -> list[Match]:
-    """Examples of `other` that near-duplicate a training example (leakage)."""
+def across(train: list, other: list, threshold: float, every: bool = False) -> list[Match]:
+    """Examples of `other` that near-duplicate a training example (leakage): each with its closest
+    training example, or (`every`) with each training example it is close to."""
     from datasketch import MinHashLSH
 
     index = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
@@ -85,10 +89,13 @@ def across(train: list, other: list, threshold: float) -> list[Match]:
             index.insert(i, signature)
     found = []
     for i, signature in enumerate(other):
-        match = _best(signature, index, train, threshold) if signature is not None else None
-        if match:
+        if signature is None:
+            continue
+        best = _best(signature, index, train, threshold)
+        matches = _close(signature, index, train, threshold) if every else [best] if best else []
+        for match in matches:
             match.index = i
-            found.append(match)
+        found += matches
     return found
 
 
@@ -104,7 +111,10 @@ def remove(train: tuple[list, list], others: dict[str, tuple[list, list]], thres
     """data.dedup: near. Indices of the training examples to keep, and a Problem for each removed
     one: a near-duplicate of an earlier training example, or of a validation / test example."""
     conversations, origins = train
-    inside, leaks = find(conversations, {name: c for name, (c, _) in others.items()}, threshold)
+    signed = signatures(conversations)
+    inside = within(signed, threshold)
+    # Every training example close to an eval example goes (its closest may be a near-duplicate removed above).
+    leaks = {name: across(signed, signatures(c), threshold, every=True) for name, (c, _) in others.items()}
     problems = {}
     for m in inside:
         file, line = origins[m.first]
@@ -124,6 +134,9 @@ def report(train: list[list[dict]], train_origins: list, others: dict[str, tuple
            first: int = 3) -> dict:
     """For `data check`: counts with the first locations, within train and between train and each split."""
     inside, leaks = find(train, {name: c for name, (c, _) in others.items()}, threshold)
+    # The examples one conversation makes, one per answer with its history (data/tokenize.py turn_examples),
+    # share that history: not near-duplicates. Rows of one raw-text document are, and are named so.
+    inside = [m for m in inside if train_origins[m.index] != train_origins[m.first] or train[m.index][0]["role"] == "text"]
 
     def pair(origins, m):
         one, other = (f"{file}:{line}" for file, line in (origins[m.index], train_origins[m.first]))

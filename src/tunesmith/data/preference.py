@@ -272,7 +272,7 @@ def prepare_preference(cfg: DataConfig, tokenizer, kind: str) -> Prepared:
     if cfg.train == "demo":
         raise UserError("data.train: the demo task has no preference data; make pairs from a model with "
                         "`tunesmith pairs RUN --data prompts.jsonl --scorer module:function`")
-    prepared = Prepared({}, [], Counter(), template=use_template(tokenizer, cfg.chat_template))
+    prepared = Prepared({}, [], Counter(), template=use_template(tokenizer, cfg.chat_template, cfg.template_variables))
     seen: set = set()
     sources = {"train": _read(cfg.train, kind, cfg, prepared.problems, seen)}
     prepared.records = len(sources["train"].origins) + len(prepared.problems)
@@ -310,11 +310,14 @@ def add_test_split(prepared: Prepared, cfg: DataConfig, tokenizer) -> None:
     """data.test as SFT data (prompt and reference answer): scored by generation after training."""
     if not cfg.test:
         return
-    conversations, problems = load_conversations(cfg.test, cfg.system_prompt, cfg.format, cfg.columns, cfg.hub_split)
+    conversations, origins, problems = load_conversations(cfg.test, cfg.system_prompt, cfg.format, cfg.columns,
+                                                          cfg.hub_split, origins=True)
     prepared.problems += problems
     split = prepared.splits["test"] = Split("test")
-    for messages, encoded in zip(conversations, encode_many(tokenizer, conversations)):
-        if not isinstance(encoded, TemplateError):
-            split.conversations.append(messages)
-            split.encoded.append(encoded[-1])  # the example ending at the reference answer
-            split.origins.append((cfg.test, len(split.origins) + 1))
+    for messages, origin, encoded in zip(conversations, origins, encode_many(tokenizer, conversations)):
+        if isinstance(encoded, TemplateError):
+            prepared.problems.append(Problem(*origin, f"template: {encoded}", "template refused"))
+            continue
+        split.conversations.append(messages)
+        split.encoded.append(encoded[-1])  # the example ending at the reference answer
+        split.origins.append(origin)

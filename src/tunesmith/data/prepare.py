@@ -76,10 +76,11 @@ class Prepared:
 
 
 def load_conversations(path: str, system_prompt: str | None, fmt: str = "auto", columns: dict | None = None,
-                       hub_split: str = "train") -> tuple[list[list[dict]], list[Problem]]:
-    """Chat messages of every valid record of a source, and a Problem for each invalid one."""
-    conversations, _, _, problems = _read_source(path, system_prompt, fmt, columns or {}, hub_split)
-    return conversations, problems
+                       hub_split: str = "train", origins: bool = False) -> tuple:
+    """Chat messages of every valid record of a source, (with `origins`, their (file, line),) and a
+    Problem for each invalid one."""
+    conversations, where, _, problems = _read_source(path, system_prompt, fmt, columns or {}, hub_split)
+    return (conversations, where, problems) if origins else (conversations, problems)
 
 
 def _read_source(path, system_prompt, fmt, columns, hub_split):
@@ -168,6 +169,7 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
         weights = [1.0] * len(raw["train"][0])
     else:
         seen: dict = {}
+        read = 0  # every training record read, usable or not (not those of validation and test)
         for name, spec in [("train", cfg.train), *[(f"mix:{s}", s) for s in cfg.mix],
                            *[(n, getattr(cfg, n)) for n in ("validation", "test") if getattr(cfg, n)]]:
             # Duplicates are found within the training sources, and within each eval source.
@@ -180,7 +182,7 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
             raw[target] = (before[0] + conversations, before[1] + origins)
             if target == "train":
                 weights += [cfg.mix.get(spec, 1.0) if name != "train" else 1.0] * len(conversations)
-        read = len(raw["train"][0]) + len(problems)  # every training record read, usable or not
+                read += len(conversations) + len(found)
         if cfg.dedup == "near":
             from .near_dup import remove
 
@@ -267,7 +269,8 @@ def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prep
             continue
         # Several examples where the template renders each answer's history its own way (see turn_examples).
         answers = [i + 1 for i, m in enumerate(conversations[index]) if m["role"] == "assistant"]
-        for ends_at, encoded in zip(answers[-len(result):], result):
+        for encoded in result if answers else []:
+            ends_at = encoded.ends_at or answers[-1]
             # Test examples are scored whole, as `compare` scores a file: dropping the long ones
             # would leave a test set of short answers.
             encoded = (answered(encoded, file, line, prepared) if name == "test"

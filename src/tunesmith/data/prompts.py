@@ -94,7 +94,7 @@ def prepare_prompts(cfg: DataConfig, tokenizer, answer_tokens: int = 0) -> Prepa
     """Train (and validation: a file, or held out of train) splits of prompts; the test split as SFT data.
 
     Prompts longer than max_seq_len - answer_tokens are dropped: the sampled answer must fit."""
-    prepared = Prepared({}, [], Counter(), template=use_template(tokenizer, cfg.chat_template))
+    prepared = Prepared({}, [], Counter(), template=use_template(tokenizer, cfg.chat_template, cfg.template_variables))
     longest = cfg.max_seq_len - answer_tokens
     if cfg.train == "demo":  # the built-in task: its tickets as prompts, their JSON labels as references
         from .demo import make_splits
@@ -115,7 +115,8 @@ def prepare_prompts(cfg: DataConfig, tokenizer, answer_tokens: int = 0) -> Prepa
                 prepared.formats += formats
                 prepared.splits[name] = prompt_split(name, prompts, references, origins, tokenizer, longest,
                                                      prepared.problems)
-        prepared.records = len(prepared.splits["train"]) + len(prepared.problems)
+                if name == "train":  # every training record read, usable or not
+                    prepared.records = len(prepared.splits["train"]) + len(prepared.problems)
         if "validation" not in prepared.splits:
             prepared.splits["train"], prepared.splits["validation"] = hold_out(prepared.splits["train"], cfg)
         add_test_split(prepared, cfg, tokenizer)

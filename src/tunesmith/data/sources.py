@@ -69,7 +69,8 @@ def read_records(spec: str | Path, hub_split: str = "train") -> Records:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return _read_saved_dataset(path, hub_split)
-        files = [p for p in sorted(path.iterdir()) if p.suffix.lower() in SUFFIXES]
+        # Hidden files (macOS's ._train.jsonl, an editor's .swp) are not data, as source_files says too.
+        files = [p for p in sorted(path.iterdir()) if p.suffix.lower() in SUFFIXES and not p.name.startswith(".")]
         if not files:
             raise UserError(f"{path}: folder holds no data files ({', '.join(SUFFIXES)}) and no saved dataset")
         out = Records()
@@ -179,14 +180,18 @@ def _read_csv(path: Path) -> Records:
     import csv
 
     out = Records()
+    csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document (the default limit is 128 KiB)
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=_delimiter(path, handle.readline()))
         handle.seek(0)
-        for row in reader:
-            if None in row:  # more cells than header columns
-                out.problems.append(Problem(str(path), reader.line_num, "malformed CSV row (more cells than columns)"))
-                continue
-            out.rows.append((str(path), reader.line_num, dict(row)))
+        try:
+            for row in reader:
+                if None in row:  # more cells than header columns
+                    out.problems.append(Problem(str(path), reader.line_num, "malformed CSV row (more cells than columns)"))
+                    continue
+                out.rows.append((str(path), reader.line_num, dict(row)))
+        except csv.Error as err:
+            raise UserError(f"{path}:{reader.line_num + 1}: unreadable CSV ({err})") from None
     return out
 
 

@@ -49,6 +49,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     parts: list[int] | None = None  # lengths of the examples packed into this row; None = one example
+    ends_at: int | None = None  # one of a conversation's examples per answer: it is messages[:ends_at]
 
     @property
     def label_count(self) -> int:
@@ -154,7 +155,7 @@ def _answer_spans(tokenizer, conversations: list[list[dict]], train_on_inputs: b
         conversations = [drop_reasoning(c) for c in conversations]
     texts = render_many(tokenizer, conversations)
     if train_on_inputs:
-        return [t if isinstance(t, TemplateError) else [(t, [(0, len(t))])] for t in texts]
+        return [t if isinstance(t, TemplateError) else [(t, [(0, len(t))], None)] for t in texts]
     stops = end_of_turn_strings(tokenizer)
     out: list = []
     for messages, text in zip(conversations, texts):
@@ -168,7 +169,7 @@ def _answer_spans(tokenizer, conversations: list[list[dict]], train_on_inputs: b
 
 
 def turn_examples(tokenizer, messages: list[dict], text: str, stops: list[str], reasoning: str) -> list:
-    """[(text, spans)]: each answer after the prompt serving builds for it (the generation-prompt render
+    """[(text, spans, ends_at)]: each answer after the prompt serving builds for it (the generation-prompt render
     of the messages before it), as the template renders that answer, up to its end-of-turn token.
 
     Where each such prompt + answer is a prefix of the whole conversation's render, that is one example
@@ -183,12 +184,12 @@ def turn_examples(tokenizer, messages: list[dict], text: str, stops: list[str], 
         answer = turn[start:answer_end(turn, start, stops)]
         spans = [(len(prompt) + a, len(prompt) + b) for a, b in answer_pieces(messages[i], answer, reasoning)
                  if messages[i].get("weight", 1)]  # weight 0: context, not taught
-        examples.append((prompt + answer, spans))
+        examples.append((prompt + answer, spans, i + 1))
         consistent &= len(prompt) >= done and text.startswith(prompt + answer)
         done = len(prompt) + len(answer)
     if consistent:
-        return [(text, [span for _, spans in examples for span in spans])]
-    return [example for example in examples if example[1]]
+        return [(text, [span for _, spans, _ in examples for span in spans], None)]
+    return [example for example in examples if example[1]]  # (messages[:ends_at]: a weight-0 answer has none)
 
 
 def answer_start(tokenizer, turn: str, prompt: str) -> int:
@@ -295,8 +296,8 @@ def encode_many(tokenizer, conversations: list[list[dict]], train_on_inputs: boo
         if isinstance(result, TemplateError):
             plans.append(result)
             continue
-        plans.append([(len(texts) + n, spans) for n, (_, spans) in enumerate(result)])
-        texts += [text for text, _ in result]
+        plans.append([(len(texts) + n, spans, ends_at) for n, (_, spans, ends_at) in enumerate(result)])
+        texts += [text for text, _, _ in result]
     tokenised = token_ids_and_starts(tokenizer, texts)
     out: list = []
     for plan in plans:
@@ -304,9 +305,9 @@ def encode_many(tokenizer, conversations: list[list[dict]], train_on_inputs: boo
             out.append(plan)
             continue
         encoded = []
-        for index, spans in plan:
+        for index, spans, ends_at in plan:
             ids, starts = tokenised[index]
-            encoded.append(Encoded(list(ids), answer_labels(ids, starts, spans)))
+            encoded.append(Encoded(list(ids), answer_labels(ids, starts, spans), ends_at=ends_at))
         out.append(encoded)
     return out
 

@@ -32,7 +32,8 @@ def normalised_key(messages: list[dict]) -> str:
 def deduplicate(conversations: list[list[dict]], origins: list[tuple[str, int]], seen: dict | None = None
                 ) -> tuple[list[int], list[Problem], Counter]:
     """Indices to keep (first occurrence wins), a Problem per removed duplicate, and counts by kind."""
-    seen_exact, seen_norm = (seen or {}).setdefault("exact", {}), (seen or {}).setdefault("normalised", {})
+    seen = {} if seen is None else seen  # the caller's, shared across its sources (an empty one too)
+    seen_exact, seen_norm = seen.setdefault("exact", {}), seen.setdefault("normalised", {})
     keep, problems, counts = [], [], Counter()
     for index, messages in enumerate(conversations):
         exact, norm = exact_key(messages), normalised_key(messages)
