@@ -253,7 +253,7 @@ def test_one_pass_scoring_steps_aside_for_sliding_window_caches(tiny_tokenizer):
 def test_pick_shots_is_seeded_and_leaves_out_test_prompts(tmp_path):
     rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    exclude = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "x"}] for i in range(10)]
+    exclude = [[{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": "x"}] for i in range(10)]
     shots = pick_shots(str(path), 3, seed=4, exclude=exclude)
     assert shots == pick_shots(str(path), 3, seed=4, exclude=exclude)
     assert all(int(s[0]["content"][1:]) >= 10 for s in shots)

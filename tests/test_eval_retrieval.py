@@ -72,6 +72,8 @@ def test_the_same_question_is_never_retrieved():
     retriever = Retriever(POOL)
     assert 1 not in retriever.nearest("What causes type 2 diabetes?", 4)
     assert len(retriever.nearest("What causes type 2 diabetes?", 10)) == 4
+    # Nor the same question in other case, punctuation or spacing: a leaked copy as written another way
+    assert 1 not in retriever.nearest("what causes  type-2 diabetes", 4)
 
 
 def test_retrieved_examples_go_before_the_question_most_similar_last():

@@ -26,7 +26,7 @@ from ..runs import RunFolder
 from ..training.loss import label_token_losses
 from .decoding import LoopGuard
 from .generate import answer_and_score, generate_answers, length_batches
-from .metrics import Scorer, mean_scores
+from .metrics import Scorer, mean_scores, normalise
 from .scoring import conversation_scores
 
 LOSS = "answer_loss"
@@ -256,10 +256,10 @@ def training_conversations(spec: str) -> list[list[dict]]:
 
 def pick_shots(source: str | list[list[dict]], k: int, seed: int, exclude: list[list[dict]]) -> list[list[dict]]:
     """k seeded examples from the training data (a file, or conversations), none of whose prompts
-    is in the evaluation set."""
+    is in the evaluation set (case, punctuation and white space aside)."""
     conversations = load_conversations(source, None)[0] if isinstance(source, str) else source
-    asked = {c[-2]["content"] for c in exclude if len(c) > 1}
-    pool = [c for c in conversations if len(c) > 1 and c[-2]["content"] not in asked]
+    asked = {normalise(c[-2]["content"]) for c in exclude if len(c) > 1}
+    pool = [c for c in conversations if len(c) > 1 and normalise(c[-2]["content"]) not in asked]
     if len(pool) < k:
         where = source if isinstance(source, str) else "the training data"
         raise UserError(f"{where}: {len(pool)} usable training examples, fewer than the {k} shots asked for")

@@ -4,8 +4,8 @@ The question a fine-tuning user must answer first is whether retrieval-augmented
 (RAG) would do as well. Here retrieval is BM25 (the `bm25s` library) over the training
 questions: for each test question, the k training examples whose question scores highest are
 placed in front of it as solved earlier turns, the most similar one last (nearest the question).
-Training examples whose question equals the test question are never retrieved, so a leaked
-duplicate cannot pass for retrieval quality.
+Training examples whose question equals the test question (case, punctuation and white space
+aside) are never retrieved, so a leaked duplicate cannot pass for retrieval quality.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import UserError
 from .compare import with_shots
+from .metrics import normalise
 
 
 def question_of(conversation: list[dict]) -> str:
@@ -55,6 +56,7 @@ class Retriever:
         if not self.pool:
             raise UserError("retrieval (eval.retrieval_k, --retrieval-k) needs training examples with a question")
         self.questions = [question_of(c) for c in self.pool]
+        self.normalised = [normalise(q) for q in self.questions]
         self.index = bm25s.BM25()
         # An empty token list (a question of stop words only) still needs a placeholder to index.
         self.index.index([words or [""] for words in _words(self.questions)], show_progress=False)
@@ -68,11 +70,11 @@ class Retriever:
 
     def nearest(self, question: str, k: int) -> list[int]:
         """Indices into `pool` of the k best-scoring examples, best first; ties go to the earlier
-        example, and examples asking exactly this question are left out."""
+        example, and examples asking this question (case, punctuation and white space aside) are left out."""
         scores = self.scores(question)
         order = np.lexsort((np.arange(len(scores)), -scores))  # score descending, then index ascending
-        asked = question.strip()
-        return [int(i) for i in order if self.questions[i].strip() != asked][:k]
+        asked = normalise(question)
+        return [int(i) for i in order if self.normalised[i] != asked][:k]
 
     def prompts(self, conversations: list[list[dict]], k: int) -> list[list[dict]]:
         """Each conversation with its k nearest training examples as earlier turns, most similar last."""
