@@ -7,7 +7,7 @@ import json
 import pytest
 
 from helpers import write_jsonl
-from tunesmith.config import DataConfig
+from tunesmith.config import DataConfig, validate
 from tunesmith.data.check import check_data
 from tunesmith.data.preference import PAIRS, UNPAIRED, answer_start, prepare_preference
 from tunesmith.data.prompts import prepare_prompts
@@ -125,6 +125,15 @@ def test_prompts_from_prompt_records_and_sft_records(tiny_tokenizer, tmp_path):
     assert {(p.line, p.kind) for p in prepared.problems} == {(4, "longer than max_seq_len"), (5, "empty text")}
     # rendered as evaluation renders a prompt: ends with the generation prompt
     assert tiny_tokenizer.decode(split.encoded[0].input_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_mixed_sources_are_prompts_too_and_their_weights_are_sft_only(tiny_tokenizer, tmp_path):
+    main = write_jsonl(tmp_path / "main.jsonl", [{"prompt": f"Repeat: {i}"} for i in range(4)])
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": f"Say: {i}"} for i in range(6)])
+    prepared = prepare_prompts(data_cfg(main, mix={str(extra): 1.0}), tiny_tokenizer)
+    assert len(prepared.splits["train"]) == 10
+    with pytest.raises(UserError, match="a mixed source is read once"):
+        validate({"data": {"train": str(main), "mix": {str(extra): 2.0}}, "train": {"objective": "grpo"}})
 
 
 def test_data_check_reports_preference_data_like_sft_data(tiny_model_dir, tmp_path):

@@ -10,6 +10,7 @@ import torch
 
 from helpers import assert_same_gradients, gradients, lora_model
 from tunesmith.config import validate
+from tunesmith.errors import UserError
 from tunesmith.data.collate import PADDED, PADDING_FREE
 from tunesmith.models import load_model
 from tunesmith.objectives.grpo import GRPO, group_advantages
@@ -109,6 +110,19 @@ def test_rewards_weighted_scalars_and_the_reference_metric():
     assert each["reference_metric"] == [1.0] and totals == [2.0 + each["token_f1"][0]]
 
 
+def test_scorers_sharing_a_function_name_keep_their_own_weights(tmp_path, monkeypatch):
+    """Two modules' `score` functions: each its own column and weight (one overwrote the other, and the
+    first weight went to the survivor)."""
+    (tmp_path / "by_length.py").write_text("def score(answer, reference):\n    return float(len(answer))\n")
+    (tmp_path / "always_one.py").write_text("def score(answer, reference):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rewards = Rewards(["by_length:score", "always_one:score"], [0.0, 1.0])
+    totals, each = rewards.score(["abc", "abcdef"], ["x", "x"])
+    assert totals == [1.0, 1.0] and each == {"by_length:score": [3.0, 6.0], "always_one:score": [1.0, 1.0]}
+    with pytest.raises(UserError, match="names a scorer twice"):
+        Rewards(["by_length:score", "by_length:score"])
+
+
 @pytest.mark.parametrize("fast,layout", [(True, PADDING_FREE), (False, PADDED)])
 @pytest.mark.parametrize("beta,loss", [(0.05, "dapo"), (0.0, "dr_grpo"), (0.1, "grpo")])
 def test_grpo_loss_equals_the_formula_and_trl(tiny_model_dir, tiny_tokenizer, tmp_path, fast, layout, beta, loss):
@@ -189,3 +203,19 @@ def test_log_probs_through_a_frozen_head_keep_no_logits_and_match_log_softmax(mo
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert fast.dtype == torch.float32 and torch.allclose(fast, plain, rtol=tolerance, atol=tolerance)
     assert (grad_fast.float() - grad_plain).abs().max() / grad_plain.abs().max() < tolerance
+
+
+def test_a_grpo_micro_batch_holds_batch_size_prompts_in_either_layout():
+    """Padding-free steps are cut by a token budget counted on the examples' lengths; a GRPO example is a
+    prompt trained as group_size answers, so its steps are cut by batch_size (all 8 prompts were one
+    micro-batch of 32 answers)."""
+    from tunesmith.data.prepare import Split
+    from tunesmith.data.prompts import Prompt
+    from tunesmith.training.loop import optimizer_steps
+
+    cfg = validate({"train": {"objective": "grpo", "batch_size": 2, "grad_accum": 4, "group_size": 4,
+                              "max_completion_tokens": 64}, "data": {"max_seq_len": 512}})
+    split = Split("train")
+    split.encoded = [Prompt(list(range(40 + i))) for i in range(16)]
+    for layout in (PADDED, PADDING_FREE):
+        assert [len(batch) for batch in next(optimizer_steps(split, cfg, layout))] == [2, 2, 2, 2]

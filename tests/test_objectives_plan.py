@@ -4,6 +4,7 @@ reported beside the training peak. And `tunesmith pairs` writes pairs graded by 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -93,6 +94,38 @@ def test_pairs_with_reference_chosen_where_it_beats_every_sample(tiny_model_dir,
     assert all(row["reference"] != rows[0]["completion"] for row in by_reference)
     with pytest.raises(UserError, match="--chosen"):
         make_pairs(str(tiny_model_dir), str(prompts), chosen="gold", out=str(out))
+
+
+def test_pairs_skip_what_training_could_not_read(tiny_model_dir, tmp_path, monkeypatch):
+    """A prompt the chat template refuses is skipped and reported (it crashed the sampler), and an answer that
+    ended at once (empty text, which the DPO reader refuses) is never a side of a pair."""
+    import tunesmith.objectives.rollout as rollout
+    from tunesmith.data.preference import PAIRS, prepare_preference
+    from tunesmith.models import load_tokenizer
+    from tunesmith.pairs import make_pairs
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    end, real = tokenizer.convert_tokens_to_ids("<|im_end|>"), rollout.sample
+    monkeypatch.setattr(rollout, "sample", lambda model, prompts, copies, *a, **k: [
+        [end] if i % copies == 0 else answer for i, answer in enumerate(real(model, prompts, copies, *a, **k))])
+    template = ("{%- for m in messages -%}{%- if m['role'] == 'system' -%}{{ raise_exception('System role not "
+                "supported') }}{%- endif -%}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(model)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Repeat: alpha beta {i}"} for i in range(4)] + [
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Repeat: x"}]}])
+    (tmp_path / "by_length.py").write_text("def score(answer, reference):\n    return float(len(answer))\n")
+    out = tmp_path / "pairs.jsonl"
+    summary = make_pairs(str(model), str(prompts), samples=3, scorer=f"{tmp_path / 'by_length.py'}:score", out=str(out),
+                         max_new_tokens=6)
+    assert summary["skipped_records"] == 1 and summary["empty_samples_left_out"] == 4 and summary["prompts"] == 4
+    rows = [json.loads(line) for line in open(out)]
+    assert rows and all(row["rejected"][0]["content"] for row in rows)
+    cfg = validate({"data": {"train": str(out), "validation": str(out)}}).data
+    assert len(prepare_preference(cfg, load_tokenizer(str(model)), PAIRS).splits["train"]) == len(rows)
 
 
 def test_the_estimate_at_start_counts_the_sequences_each_objective_trains():

@@ -181,6 +181,10 @@ class Config(_Section):
         if self.eval.best_metric != "eval_loss" and self.train.objective != "sft":
             raise ValueError(f"eval.best_metric={self.eval.best_metric} scores answers to single-answer validation "
                              f"examples; with train.objective: {self.train.objective} use eval.best_metric: eval_loss")
+        weighted = {spec: w for spec, w in self.data.mix.items() if w != 1.0}
+        if weighted and self.train.objective != "sft":
+            raise ValueError(f"data.mix weights repeat or subsample SFT examples; with train.objective: "
+                             f"{self.train.objective} a mixed source is read once: give {weighted} weight 1")
         return self
 
 

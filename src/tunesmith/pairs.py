@@ -27,7 +27,7 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
                min_margin: float = 0.0, limit: int | None = None, device: str = "auto", chosen: str = "best") -> dict:
     """Write chosen/rejected pairs (JSONL, TRL's conversational form plus scores); returns a summary."""
     from .data.prompts import encode_prompts, read_prompts
-    from .data.tokenize import stop_ids
+    from .data.tokenize import TemplateError, stop_ids
     from .device import resolve
     from .objectives.rewards import Rewards
     from .objectives.rollout import sample, stream_seed
@@ -53,9 +53,16 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     rewards = Rewards([scorer] if scorer else [])
     loaded, tokenizer, _ = load_trained(model, device=resolve(device))
     ids = encode_prompts(tokenizer, prompts)
+    refused = [i for i, encoded in enumerate(ids) if isinstance(encoded, TemplateError)]
+    for i in refused[:5]:
+        print(f"  skipped {origins[i][0]}:{origins[i][1]}: template: {ids[i]}", file=sys.stderr)
+    prompts, references, ids = ([x for i, x in enumerate(v) if i not in set(refused)] for v in (prompts, references, ids))
+    if not prompts:
+        raise UserError(f"{data}: the chat template refuses every prompt (first: {origins[refused[0]][0]}:"
+                        f"{origins[refused[0]][1]})")
     started = time.perf_counter()
     progress = Progress(len(prompts), "pairs", unit="prompt")
-    written, ties, from_reference, chosen_scores, rejected_scores, all_scores = 0, 0, 0, [], [], []
+    written, ties, from_reference, empty, chosen_scores, rejected_scores, all_scores = 0, 0, 0, 0, [], [], []
     per_call = max(1, batch_size // samples)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target, "w", encoding="utf-8") as handle:
@@ -71,6 +78,11 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
             own = dict(zip(known, rewards.score(known, known)[0]))
             for number, i in enumerate(chunk):
                 group = list(zip(scores[number * samples:(number + 1) * samples], texts[number * samples:(number + 1) * samples]))
+                empty += sum(not text for _, text in group)
+                group = [g for g in group if g[1]]  # an answer ended at once: no text training could read
+                if not group:
+                    ties += 1
+                    continue
                 best, worst = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
                 if references[i] in own and own[references[i]] > best[0]:
                     best = (own[references[i]], references[i])
@@ -91,6 +103,6 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
     return {"pairs": written, "prompts": len(prompts), "samples": samples, "ties_skipped": ties,
             "chosen_from_reference": from_reference,
-            "skipped_records": len(problems), "scorer": scorer or "reference metric", "out": str(target),
+            "skipped_records": len(problems) + len(refused), "empty_samples_left_out": empty, "scorer": scorer or "reference metric", "out": str(target),
             "mean_score": mean(all_scores), "mean_chosen_score": mean(chosen_scores),
             "mean_rejected_score": mean(rejected_scores), "seconds": round(time.perf_counter() - started, 1)}

@@ -112,6 +112,9 @@ def prepare_prompts(cfg: DataConfig, tokenizer, answer_tokens: int = 0) -> Prepa
             spec = getattr(cfg, name)
             if spec:
                 prompts, references, origins, formats = read_prompts(spec, cfg, prepared.problems)
+                for extra in cfg.mix if name == "train" else []:  # mixed sources are training prompts too
+                    more = read_prompts(extra, cfg, prepared.problems)
+                    prompts, references, origins, formats = (a + b for a, b in zip((prompts, references, origins, formats), more))
                 prepared.formats += formats
                 prepared.splits[name] = prompt_split(name, prompts, references, origins, tokenizer, longest,
                                                      prepared.problems)

@@ -36,7 +36,12 @@ def scalar(value, name: str) -> float:
 class Rewards:
     def __init__(self, specs: list[str], weights: list[float] | None = None):
         if specs:
-            self.scorers = [(spec.rpartition(":")[2], load_scorer(spec)) for spec in specs]
+            if len(set(specs)) < len(specs):
+                raise UserError(f"train.rewards: {specs} names a scorer twice; give it a larger weight instead")
+            # Each by its function's name, or (where two share one, as `score` often does) by module:function
+            short = [spec.rpartition(":")[2] for spec in specs]
+            self.scorers = [(name if short.count(name) == 1 else spec, load_scorer(spec))
+                            for name, spec in zip(short, specs)]
         else:
             self.scorers = [("reference", reference_metric)]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.scorers)
@@ -52,5 +57,5 @@ class Rewards:
             if scorer is reference_metric and any(r is None for r in references):
                 raise UserError("a prompt has no reference, so the reward needs scorers: set train.rewards")
             each[name] = [scalar(scorer(a, r), name) for a, r in zip(answers, references)]
-        totals = [sum(w * each[name][i] for w, name in zip(self.weights, each)) for i in range(len(answers))]
+        totals = [sum(w * each[name][i] for w, name in zip(self.weights, self.names)) for i in range(len(answers))]
         return totals, each

@@ -64,7 +64,9 @@ def optimizer_steps(split: Split, cfg: Config, layout: str = PADDED):
     Padding-free, a micro-batch holds up to batch_size x max_seq_len tokens: the most a padded one
     can hold, so the memory plan (plan/memory.py, batch x seq) bounds it as well."""
     lengths = [len(e.input_ids) for e in split.encoded]
-    budget = cfg.train.batch_size * cfg.data.max_seq_len if layout == PADDING_FREE else None
+    # GRPO's examples are prompts, each trained as group_size sampled answers: cut by batch_size alone
+    budget = (cfg.train.batch_size * cfg.data.max_seq_len if layout == PADDING_FREE and cfg.train.objective != "grpo"
+              else None)
     return step_batches(lengths, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed, budget)
 
 
