@@ -239,3 +239,15 @@ def test_no_hub_kernel_warning_from_bitsandbytes_on_every_command():
     code = "import tunesmith, peft, bitsandbytes"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert found.returncode == 0 and "gemm_4bit_forward" not in found.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["ui", "--port", "99999"], "--port 99999: a port is 0 to 65535"),
+    (["ui", "--runs", "{file}", "--port", "0"], "cannot be the runs folder"),
+    (["curve", "{file}", "--fractions", "0.5,abc"], "--fractions 0.5,abc: expected numbers separated by commas"),
+])
+def test_command_options_out_of_range_give_one_clear_line(args, expected, tmp_path, capsys):
+    taken = write(tmp_path, "taken", "x")
+    assert main([a.replace("{file}", taken) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines() == [f"error: {err.removeprefix('error: ')}"] and expected in err

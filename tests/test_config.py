@@ -43,6 +43,21 @@ def test_overrides_are_typed_and_nested(tmp_path):
     assert parse_overrides(["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
 
 
+def test_an_override_replaces_a_mapping_keeps_the_model_named_and_a_hash(tmp_path):
+    """`data.mix={}` switches the file's mixing off (it merged into it); `model.dtype=...` on `model: NAME`
+    kept the name (it fell back to the default model); ` #` in a value is text, not a YAML comment."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: some/hub-id\ndata:\n  train: t.jsonl\n  mix: {extra.jsonl: 2}\n"
+                    "  columns: {prompt: instruction, completion: output}\n")
+    cfg = load_config(path, ["data.mix={}", "data.columns={question: Q, answer: A}", "model.dtype=float32",
+                             "data.system_prompt=Answer as agent #7 would", "data.test=my data #2/test.jsonl"])
+    assert cfg.data.mix == {} and cfg.data.columns == {"question": "Q", "answer": "A"}
+    assert (cfg.model.name, cfg.model.dtype) == ("some/hub-id", "float32")
+    assert cfg.data.system_prompt == "Answer as agent #7 would" and cfg.data.test == "my data #2/test.jsonl"
+    assert load_config(path, ["data.columns.question=Q"]).data.columns == {  # dotted keys still merge
+        "prompt": "instruction", "completion": "output", "question": "Q"}
+
+
 def test_a_bad_override_is_blamed_on_the_command_line_not_the_files_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: default\ntrain:\n  lr: 0.01\n")

@@ -290,3 +290,34 @@ def test_a_runs_objective_is_shown_beside_its_method(tmp_path):
         (folder / "config.yaml").write_text(yaml.safe_dump({"adapter": {"method": "lora"},
                                                             "train": {"objective": objective}}))
         assert summary(folder)["method"] == shown
+
+
+def test_a_moved_run_goes_on_in_the_folder_it_is_in(tmp_path, monkeypatch):
+    """Its config.yaml names the folder it was trained in; Resume trained there (from step 0, the
+    checkpoints being here) and left this folder unfinished."""
+    import types
+
+    from tunesmith.ui import launch
+
+    folder = fake_run(tmp_path / "runs", "old", checkpoint=True)
+    moved = folder.rename(tmp_path / "runs" / "moved")
+    started = []
+    monkeypatch.setattr(launch.subprocess, "Popen",
+                        lambda args, **kw: started.append(args) or types.SimpleNamespace(pid=os.getpid()))
+    launch.resume(moved)
+    assert started[0][-1] == f"output.dir={moved.absolute()}" and str(folder) not in started[0][-1]
+
+
+def test_overwrite_starts_a_finished_run_over_and_resumes_an_unfinished_one(tmp_path):
+    """`tunesmith demo` (output.overwrite on) stopped with Ctrl-C and run again: it went back to step 0,
+    its checkpoints deleted."""
+    from tunesmith.runs import RunFolder
+
+    unfinished = fake_run(tmp_path, "unfinished", checkpoint=True)
+    RunFolder(unfinished).prepare(overwrite=True)
+    assert (unfinished / "checkpoints" / "step-3").is_dir() and (unfinished / "metrics.jsonl").exists()
+    RunFolder(unfinished).prepare(overwrite=True, resume=False)
+    assert not (unfinished / "checkpoints").exists()
+    finished = fake_run(tmp_path, "finished", finished=True, checkpoint=True)
+    RunFolder(finished).prepare(overwrite=True)
+    assert not (finished / "checkpoints").exists() and not (finished / "results.json").exists()

@@ -199,3 +199,54 @@ def test_slow_clients_do_not_hold_the_server(served):  # noqa: F811
     thread.join(30)
     stalled.close()
     assert results == [200]
+
+
+def test_grpo_rewards_run_code_and_need_allow_code_too(served, form, tmp_path):  # noqa: F811
+    """train.rewards imports `module:function` (or a file) like eval.scorer: it was let through."""
+    server = served()
+    attempt = {**form, "extra": form["extra"] + "\ntrain.objective=grpo\ntrain.rewards=[/tmp/evil.py:run]"}
+    for path in ("/api/runs", "/api/preview"):
+        code, body = call(server, path, attempt)
+        assert code == 400 and "train.rewards" in body["error"] and "--allow-code" in body["error"], (path, body)
+    assert started_nothing(server, tmp_path)
+
+
+def test_a_run_resumed_or_finished_from_the_page_is_judged_like_a_new_one(served, tmp_path):  # noqa: F811
+    """A stopped run's config.yaml naming a scorer (written in the terminal, or copied in) is not run from
+    the page without --allow-code."""
+    import yaml
+
+    folder = fake_run(tmp_path / "runs", "stopped", checkpoint=True)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    (folder / "config.yaml").write_text(yaml.safe_dump({**config, "eval": {"scorer": "/tmp/evil.py:run"}}))
+    server = served()
+    for action in ("resume", "finish"):
+        code, body = call(server, f"/api/runs/stopped/{action}", {})
+        assert code == 400 and "eval.scorer" in body["error"] and "--allow-code" in body["error"], body
+    assert not server.children
+
+
+def test_a_body_the_route_leaves_unread_is_not_the_next_request(served, tmp_path):  # noqa: F811
+    """The page sends `{}` with Stop; a refused stop left it in the connection, and the next request on it
+    (the page's poll) was read as `{}GET ...`: 501."""
+    fake_run(tmp_path / "runs", "done", finished=True)
+    server = served()
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=20)
+    headers = {"X-Tunesmith-Token": server.token, "Content-Type": "application/json"}
+    connection.request("POST", "/api/runs/done/stop", body=b"{}", headers=headers)
+    stopped = connection.getresponse()
+    assert stopped.status == 400 and b"not running" in stopped.read()
+    connection.request("GET", "/api/runs", headers=headers)
+    listed = connection.getresponse()
+    assert listed.status == 200 and json.loads(listed.read())["runs"][0]["name"] == "done"
+    connection.close()
+
+
+def test_the_printed_address_carries_any_token_intact(tmp_path):
+    for token in ("s3cr+t", "a&b=c", "p#ss", "100%ok"):
+        server = make_server(tmp_path / "runs", port=0, token=token)
+        try:
+            query = urllib.parse.urlsplit(server.url).query
+            assert urllib.parse.parse_qs(query)["token"] == [token]
+        finally:
+            server.server_close()

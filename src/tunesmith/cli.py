@@ -132,10 +132,9 @@ def cmd_choose(args) -> int:
 
 
 def cmd_curve(args) -> int:
-    from .curve import curve, format_curve
+    from .curve import curve, format_curve, parse_fractions
 
-    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
-    print(format_curve(curve(args.config, fractions, args.overrides, args.out, args.seed)))
+    print(format_curve(curve(args.config, parse_fractions(args.fractions), args.overrides, args.out, args.seed)))
     return 0
 
 
@@ -279,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; every API request needs the token printed at start")
     p.add_argument("--token", default=None, help="token to require (default: a random one per start; an empty one is refused)")
     p.add_argument("--allow-code", action="store_true",
-                   help="let runs started from the page set model.trust_remote_code and eval.scorer (they run code)")
+                   help="let runs started or resumed from the page set model.trust_remote_code, eval.scorer and "
+                        "train.rewards (they run code)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("plan", help="will it fit, how long will it take: memory and time from the model's config alone")

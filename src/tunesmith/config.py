@@ -208,6 +208,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
+        if "#" in raw and not isinstance(value, (dict, list)):
+            value = raw  # YAML took ` #...` for a comment: `data.system_prompt=Answer as agent #7` keeps it
+        if isinstance(value, dict):
+            value = Whole(value)
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -218,13 +222,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
+class Whole(dict):
+    """A mapping given whole as an override's value (`data.mix={}`): it replaces the config's, where the
+    sections that dotted keys make (`data.mix.extra.jsonl=1`) merge into it."""
+
+
 def merge(base: dict, extra: dict) -> dict:
+    """The config `base` with the overrides `extra` (parse_overrides) applied."""
     out = dict(base)
+    if isinstance(out.get("model"), str) and isinstance(extra.get("model"), dict):
+        out["model"] = {"name": out["model"]}  # the shorthand `model: NAME`: `model.dtype=...` keeps NAME
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and not isinstance(value, Whole) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = dict(value) if isinstance(value, Whole) else value
     return out
 
 

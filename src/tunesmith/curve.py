@@ -22,6 +22,14 @@ from .eval.compare import LOSS, LOWER_IS_BETTER, Scored, Settings, compare_score
 from .progress import say
 
 
+def parse_fractions(text: str) -> list[float]:
+    """`--fractions 0.25,0.5,1` as numbers."""
+    try:
+        return [float(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise UserError(f"--fractions {text}: expected numbers separated by commas, e.g. 0.25,0.5,1") from None
+
+
 def nested_fractions(n: int, fractions: list[float], seed: int) -> list[list[int]]:
     """Indices of each fraction's examples (ascending fractions): prefixes of one seeded order."""
     if not fractions or any(not 0 < f <= 1 for f in fractions):

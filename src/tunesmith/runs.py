@@ -145,9 +145,11 @@ class RunFolder:
                             "over: set output.overwrite=true to delete them, or choose another output.dir")
 
     def prepare(self, overwrite: bool, must_resume: bool = False, resume: bool = True) -> None:
-        """A fresh or resumable run folder. Overwrite starts over; an unfinished run is resumed by the loop."""
+        """A fresh or resumable run folder. Overwrite starts a finished run over (an unfinished one too
+        with train.resume off); an unfinished run is resumed by the loop: `tunesmith demo` (overwrite on)
+        stopped with Ctrl-C and run again goes on from its checkpoint."""
         self.check_usable(overwrite, must_resume, resume)
-        if overwrite and not must_resume:
+        if overwrite and not must_resume and (self.results.exists() or not resume):
             for target in (self.checkpoints, self.metrics, self.results, self.best_weights):
                 if target.is_dir():
                     shutil.rmtree(target)

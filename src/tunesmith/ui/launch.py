@@ -23,10 +23,11 @@ FORM_KEYS = {
 }
 DATA_KEYS = ("train", "validation", "test")
 # Settings that make training run code other than tunesmith's: the model repository's own Python
-# (model.trust_remote_code) and a scorer module imported by name (eval.scorer). From the dashboard
-# only when it was started with `tunesmith ui --allow-code`.
+# (model.trust_remote_code) and modules imported by name (eval.scorer, GRPO's train.rewards). From the
+# dashboard only when it was started with `tunesmith ui --allow-code`.
 CODE_SETTINGS = {"model.trust_remote_code": lambda cfg: cfg.model.trust_remote_code,
-                 "eval.scorer": lambda cfg: cfg.eval.scorer is not None}
+                 "eval.scorer": lambda cfg: cfg.eval.scorer is not None,
+                 "train.rewards": lambda cfg: bool(cfg.train.rewards)}
 
 
 def form_config(form: dict, runs_dir: Path, allow_code: bool = False) -> tuple[str, Config]:
@@ -53,11 +54,16 @@ def form_config(form: dict, runs_dir: Path, allow_code: bool = False) -> tuple[s
             overrides.append(line.strip())
     overrides.append(f"output.dir={inside(runs_dir, name)}")
     cfg = load_config(None, overrides)
+    refuse_code(cfg, allow_code)
+    return name, cfg
+
+
+def refuse_code(cfg: Config, allow_code: bool) -> None:
+    """Refuse a config with settings that run code, unless the dashboard was started to allow them."""
     asked = [key for key, is_set in CODE_SETTINGS.items() if is_set(cfg)]
     if asked and not allow_code:
         raise UserError(f"{' and '.join(asked)}: would run code other than tunesmith's; refused from the dashboard "
                         "unless it was started with `tunesmith ui --allow-code` (or train from the terminal)")
-    return name, cfg
 
 
 def preview(form: dict, runs_dir: Path, allow_code: bool = False) -> dict:
@@ -108,15 +114,16 @@ def start(form: dict, runs_dir: Path, allow_code: bool = False) -> tuple[str, su
     return name, launch(folder)
 
 
-def resume(folder: Path) -> subprocess.Popen:
+def resume(folder: Path, allow_code: bool = False) -> subprocess.Popen:
     """Continue a stopped run from its newest checkpoint (or retry a failed one)."""
     state = status(folder)
     if state not in ("stopped", "failed", "pending"):
         raise UserError(f"{folder.name}: is {state}; only a stopped or failed run can be resumed")
+    refuse_code(load_config(folder / "config.yaml"), allow_code)
     return launch(folder)  # a second Resume racing this one finds the lock taken there
 
 
-def finish(folder: Path) -> subprocess.Popen:
+def finish(folder: Path, allow_code: bool = False) -> subprocess.Popen:
     """End a stopped run at its newest checkpoint: nothing more is trained; it is evaluated and its
     model written with that step's weights (`tunesmith train CONFIG train.max_steps=N`)."""
     from ..runs import RunFolder
@@ -124,16 +131,19 @@ def finish(folder: Path) -> subprocess.Popen:
     state, step = status(folder), RunFolder(folder).stopped_at()
     if state != "stopped" or step is None:
         raise UserError(f"{folder.name}: is {state}; only a stopped run (one with a checkpoint) can be finished")
+    refuse_code(load_config(folder / "config.yaml"), allow_code)
     return launch(folder, f"train.max_steps={step}")
 
 
 def launch(folder: Path, *overrides: str) -> subprocess.Popen:
     """`tunesmith train` on the folder's config in a child process that holds the run folder's lock
     from its first instant (taken here, handed over): the run shows as running at once, and a second
-    trainer for the folder, from here or a terminal, is refused."""
+    trainer for the folder, from here or a terminal, is refused. The run goes on in this folder, where
+    its config.yaml may name another (the folder was moved or copied)."""
     with runlock.handover(folder) as lock, open(folder / LOG_FILE, "ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "tunesmith.cli", "train", str(folder / "config.yaml"), *overrides],
+            [sys.executable, "-m", "tunesmith.cli", "train", str(folder / "config.yaml"), *overrides,
+             f"output.dir={folder.absolute()}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(lock,),
             # Its own session: a Ctrl-C in the dashboard's terminal does not stop the runs it started.
             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", runlock.INHERITED: str(lock)})

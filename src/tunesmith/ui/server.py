@@ -100,7 +100,7 @@ class Dashboard(ThreadingHTTPServer):
     def url(self) -> str:
         """The address to open: the page takes the token from it, then drops it from the address bar."""
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}/?token={self.token}"
+        return f"http://{host}:{port}/?token={quote(self.token, safe='')}"
 
     def adopt(self, child) -> None:
         with self.lock:
@@ -124,7 +124,12 @@ def make_server(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: in
     elif not token.strip():
         raise UserError("--token: an empty token would let any program or web page use the dashboard; "
                         "give a non-empty one, or leave --token out for a random one")
-    Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: a port is 0 to 65535 (0: any free one)")
+    try:
+        Path(runs_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--runs {runs_dir}: cannot be the runs folder ({err.strerror})") from None
     try:
         return Dashboard(Path(runs_dir), host, port, token, allow_code)
     except OSError as err:
@@ -139,7 +144,7 @@ def serve(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: int = 87
     print(f"token: {server.token}  (required on every API request, as the {TOKEN_HEADER} header; "
           "the address above hands it to the page)", flush=True)
     if allow_code:
-        print("--allow-code: runs started here may set model.trust_remote_code and eval.scorer", flush=True)
+        print("--allow-code: runs started here may set model.trust_remote_code, eval.scorer and train.rewards", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -165,6 +170,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.split("/")[1:]]
+        self._unread = 0
         try:
             length = self._checked_headers(method)
             if method == "GET" and (len(parts) == 1 or parts[:1] == ["static"]) and parts[-1] in STATIC:
@@ -176,6 +182,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise Refused(HTTPStatus.UNAUTHORIZED, "missing or wrong token: open the address `tunesmith ui` printed")
             if method == "POST" and media_type(self.headers.get("Content-Type")) != "application/json":
                 raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "POST bodies must be application/json")
+            self._unread = length
             self._route(method, parts[1:], length)
         except Refused as err:
             self.close_connection = True  # a body left unread must not be taken for the next request
@@ -188,6 +195,8 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             self.close_connection = True
             self._send_json({"error": f"{type(err).__name__}: {err}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+        if self._unread and not self.close_connection:  # a body the route left (stop's `{}`, a refused
+            self.rfile.read(self._unread)  # resume's) must not be taken for the next request
 
     def _route(self, method: str, parts: list[str], length: int) -> None:
         runs_dir, allow_code = self.server.runs_dir, self.server.allow_code
@@ -214,7 +223,7 @@ class Handler(BaseHTTPRequestHandler):
         if method == "POST" and action == ["stop"]:
             return self._send_json({"stopped": launch.stop(folder)})
         if method == "POST" and action in (["resume"], ["finish"]):  # finish: end a stopped run at its checkpoint
-            child = (launch.resume if action == ["resume"] else launch.finish)(folder)
+            child = (launch.resume if action == ["resume"] else launch.finish)(folder, allow_code)
             self.server.adopt(child)
             return self._send_json({"pid": child.pid})
         raise LookupError("no such API path")
@@ -268,6 +277,7 @@ class Handler(BaseHTTPRequestHandler):
         return hmac.compare_digest(given.encode(), self.server.signature(parts[2], "/".join(parts[4:])).encode())
 
     def _body(self, length: int) -> dict:
+        self._unread = 0
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
         except ValueError as err:
