@@ -271,3 +271,78 @@ def test_lora_adapter_as_a_gguf_adapter_file(runs, tmp_path, arch):
     assert bytes(field.parts[field.data[0]]).decode() == "lora"
     names = {t.name for t in reader.tensors}
     assert {"blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b", "blk.1.ffn_down.weight.lora_b"} <= names
+
+
+def test_a_failed_export_leaves_no_files_that_look_finished(runs, tmp_path, monkeypatch):
+    """A gguf-lora export refused after its base GGUF was written left base-f16.gguf in gguf-lora/; an
+    Ollama export refused for its template left a checked GGUF without its check record; and
+    `--tolerance 0` was taken for no tolerance given."""
+    import tunesmith.export.gguf_lora as gguf_lora
+    import tunesmith.export.merge as merge
+    import tunesmith.export.ollama as ollama
+
+    def refuse(*args, **kwargs):
+        raise UserError("refused for the test")
+    monkeypatch.setattr(gguf_lora, "write_lora_gguf", refuse)
+    with pytest.raises(UserError, match="refused for the test"):
+        export(runs["llama"], tmp_path, formats="gguf-lora")
+    assert not (tmp_path / "gguf-lora").exists()
+    monkeypatch.setattr(ollama, "choose_template", refuse)
+    with pytest.raises(UserError, match="refused for the test"):
+        export(runs["llama"], tmp_path, formats="gguf,ollama")
+    assert not (tmp_path / "gguf").exists()
+    asked = []
+    monkeypatch.setattr(merge, "merge_run", lambda run, out, tolerance: asked.append(tolerance) or refuse())
+    with pytest.raises(UserError):
+        export(runs["llama"], tmp_path, formats="hf", tolerance=0.0)
+    assert asked == [0.0]
+
+
+def test_the_checks_run_on_the_runs_samples_cut_as_training_cuts_them(runs, tmp_path):
+    """Samples longer than data.max_seq_len were dropped and the logits compared on random tokens, while
+    the check said it used the run's conversations."""
+    import shutil
+
+    import yaml
+
+    from tunesmith.data.tokenize import encode
+    from tunesmith.export.merge import sample_batch, sample_conversations
+    from tunesmith.models import load_tokenizer
+
+    run = tmp_path / "short"
+    shutil.copytree(runs["llama"], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["max_seq_len"] = 40
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    tokenizer = load_tokenizer(str(run / "adapter"))
+    conversations = sample_conversations(run)
+    batch = sample_batch(run, tokenizer)
+    assert len(batch["input_ids"]) == len(conversations) and batch["attention_mask"].sum(1).tolist() == [40] * 8
+    assert batch["input_ids"][0, :40].tolist() == encode(tokenizer, conversations[0]).input_ids[:40]
+
+
+def test_the_model_card_names_test_scores_made_without_the_base():
+    from tunesmith.export.card import comparison_sections
+
+    results = {"fine_tuned": {"eval_loss": 0.4, "all_fields": 0.9, "test_examples": 4}}
+    text = "\n".join(comparison_sections(results, {}))
+    assert "its 4 test examples were scored without the base model" in text and "scored no test split" not in text
+    assert "scored no test split" in "\n".join(comparison_sections({"fine_tuned": {"eval_loss": 0.4}}, {}))
+
+
+def test_ollama_says_which_of_the_runs_prompts_its_template_serves_otherwise(tmp_path):
+    """The Go templates see Role and Content only: a tool call and its result are not rendered as training
+    renders them (Qwen2.5's <tool_call>, <tool_response>)."""
+    from families import build_family_tokenizer
+
+    from tunesmith.export.ollama import choose_template, prompts_served_alike
+
+    tokenizer = build_family_tokenizer("qwen2.5", tmp_path)
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {"zone": "UTC"}}}
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    tools = [{"role": "user", "content": "Time?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+             {"role": "tool", "content": '{"time": "12:00"}'}, {"role": "user", "content": "Thanks"},
+             {"role": "assistant", "content": "You are welcome"}]
+    chosen = choose_template(tokenizer, False)
+    assert prompts_served_alike(tokenizer, *chosen, [plain], None, False) == 1
+    assert prompts_served_alike(tokenizer, *chosen, [plain, tools], None, False) == 1

@@ -50,7 +50,7 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
     if {"gguf", "ollama", "gguf-lora"} & set(wanted):
         check_gguf_architecture(run)  # before any merging: an unsupported model fails at once
     if "hf" in wanted:
-        results["merged"] = merge_run(run, out / "merged", tolerance or TOLERANCE).as_dict()
+        results["merged"] = merge_run(run, out / "merged", TOLERANCE if tolerance is None else tolerance).as_dict()
         write_readme(out / "merged", "hf", run=run.name, **results["merged"])
     if "peft" in wanted:
         if not (trained / "adapter_config.json").exists():
@@ -89,11 +89,14 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     from .gguf_check import verify_gguf
     from .gguf_vocab import adds_bos
     from .merge import TOLERANCE, logits_of, merge_run, sample_batch, sample_conversations
-    from .ollama import write_modelfile
+    from .ollama import choose_template, prompts_served_alike, write_modelfile
     from .readme import write_readme
 
     trained = runs.trained_folder(run)
     conversations = sample_conversations(run)
+    tokenizer = load_tokenizer(str(trained))  # carries the chat template training used
+    # Before anything is written: a run no Ollama template serves is refused at once.
+    chosen = choose_template(tokenizer, adds_bos(tokenizer)) if modelfile else None
     if not conversations and not force:
         raise UserError(f"{run}: no sample conversations found (the run's validation and training data are gone, or "
                         "none of their records has an answer: GRPO prompts without a reference), so "
@@ -104,7 +107,6 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     source = merged or trained
     if merged is None and (trained / "adapter_config.json").exists():
         source = merge_run(run, scratch / "merged", TOLERANCE).folder  # verified merge, deleted below
-    tokenizer = load_tokenizer(str(trained))  # carries the chat template training used
     model = load_model(str(source), torch.float32)
     batch = sample_batch(run, tokenizer, conversations)  # read above: not again
     reference = logits_of(model, batch)
@@ -127,8 +129,15 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     shutil.rmtree(scratch, ignore_errors=True)
     check["file"] = str(folder / name)
     if modelfile:
-        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, runs.system_prompt_of(str(run)),
-                                                 adds_bos(tokenizer)))
+        system = runs.system_prompt_of(str(run))
+        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system, adds_bos(tokenizer), chosen))
+        alike = prompts_served_alike(tokenizer, *chosen, conversations, system, adds_bos(tokenizer))
+        check["modelfile_prompts_equal"] = f"{alike}/{len(conversations)}"
+        if alike < len(conversations):
+            say(f"ollama: warning: the Modelfile's template prompts {len(conversations) - alike} of "
+                f"{len(conversations)} sample conversations differently from training (tool calls and results, or "
+                "white space the chat template trims, are beyond Ollama's template); the GGUF's own chat template "
+                "(llama.cpp, --format gguf) renders them as trained")
     write_readme(folder, "gguf", run=run.name, **{**check, "file": name})
     runs.write_json(folder / f"check-{quant}.json", check)
     return check
@@ -158,9 +167,10 @@ def export_gguf_lora(run: Path, folder: Path) -> dict:
     batch = sample_batch(run, tokenizer)
     reference = logits_of(adapter_model(cfg.model.name, trained, cfg.adapter.method == "qlora"), batch)
     base = load_base(cfg.model.name, torch.float32, False)
-    shutil.rmtree(folder, ignore_errors=True)
-    base_file = write_gguf(base, tokenizer, folder / "base-f16.gguf", "f16", name=f"{run.resolve().name}-base")
-    adapter_file = write_lora_gguf(base, trained, folder / "adapter-f16.gguf")
+    scratch = folder.with_name(folder.name + ".partial")  # the folder holds the files only once checked
+    shutil.rmtree(scratch, ignore_errors=True)
+    base_file = write_gguf(base, tokenizer, scratch / "base-f16.gguf", "f16", name=f"{run.resolve().name}-base")
+    adapter_file = write_lora_gguf(base, trained, scratch / "adapter-f16.gguf")
     answers = answer_positions(batch)
     checks = {"by_hand": agreement(logits_of(applied_by_hand(base, adapter_file), batch), reference, answers)}
     if llamacpp.available():
@@ -169,7 +179,9 @@ def export_gguf_lora(run: Path, folder: Path) -> dict:
         if not found["relative_diff"] <= F16_TOLERANCE:
             raise UserError(f"{adapter_file}: base + adapter ({reader}) logits differ from the adapter model's by "
                             f"{found['max_abs_diff']:.3g} ({found['relative_diff']:.2%} of the logit scale)")
-    result = {"base": str(base_file), "adapter": str(adapter_file), **checks}
+    shutil.rmtree(folder, ignore_errors=True)
+    scratch.replace(folder)
+    result = {"base": str(folder / base_file.name), "adapter": str(folder / adapter_file.name), **checks}
     runs.write_json(folder / "check.json", result)
     return result
 

@@ -109,7 +109,11 @@ def comparison_sections(results: dict, comparison: dict) -> list[str]:
             parts.append(f"Validation loss (no interval): {eval_losses(results)}.")
     elif results.get("fine_tuned"):
         base, tuned = results.get("base") or {}, results["fine_tuned"]
-        parts.append("No per-example comparison with intervals in this run (it scored no test split); its "
+        parts.append(f"No per-example comparison with intervals in this run: its {tuned['test_examples']} test "
+                     "examples were scored without the base model beside them (eval.compare_base off); its scores "
+                     "(the eval loss on the validation split, the rest on the test examples):"
+                     if "test_examples" in tuned else
+                     "No per-example comparison with intervals in this run (it scored no test split); its "
                      "losses on the validation split:")
         parts.append(table(["metric", "base", "fine-tuned"], [[k, base.get(k), v] for k, v in tuned.items()]))
     else:

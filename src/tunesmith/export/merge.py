@@ -54,8 +54,8 @@ def sample_batch(run: Path, tokenizer, conversations: list[list[dict]] | None = 
     if is_raw_text(conversations):  # continued pre-training: each document's first row, as trained
         encoded = [Encoded(e.input_ids[:max_len], e.labels[:max_len])
                    for e in encode_documents(tokenizer, [c[0]["content"] for c in conversations])]
-    else:
-        encoded = [e for e in (encode(tokenizer, c) for c in conversations) if len(e.input_ids) <= max_len]
+    else:  # cut to max_seq_len, as data.overlong: truncate trains them (dropped, the check ran on random tokens)
+        encoded = [Encoded(e.input_ids[:max_len], e.labels[:max_len]) for e in (encode(tokenizer, c) for c in conversations)]
     if encoded:
         return collate(encoded, tokenizer.pad_token_id)
     # Pseudo-random tokens still compare the two models.

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data.tokenize import end_of_turn_strings, token_ids
+from ..data.tokenize import end_of_turn_strings, prompt_ids, token_ids
+from ..data.tools import split_tools
 from ..errors import UserError
 from .gotemplate import GoTemplateError, render
 
@@ -94,7 +95,7 @@ PROBES = [
 
 def ollama_messages(messages: list[dict]) -> dict:
     """The data an Ollama template sees: .Messages with Role and Content."""
-    return {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+    return {"Messages": [{"Role": m["role"], "Content": m.get("content") or ""} for m in messages]}
 
 
 def template_default_system(tokenizer) -> str | None:
@@ -137,9 +138,27 @@ def choose_template(tokenizer, add_bos: bool, probes: list[list[dict]] | None = 
                     + ") renders like the run's chat template; use --format gguf (its chat template is inside the file)")
 
 
-def write_modelfile(folder: Path, gguf_name: str, tokenizer, system_prompt: str | None, add_bos: bool = False) -> Path:
-    """Modelfile with FROM, TEMPLATE, stop tokens and the fixed system prompt (if any)."""
-    family, template = choose_template(tokenizer, add_bos)
+def prompts_served_alike(tokenizer, family: str, template: str, conversations: list[list[dict]],
+                         system_prompt: str | None, add_bos: bool) -> int:
+    """How many of the run's own conversations Ollama would prompt with training's tokens: the probes
+    hold no tool calls or results (the Go templates see Role and Content only) nor white space that a
+    template trims (Llama 3.1's)."""
+    system = system_prompt or default_system(family, tokenizer)
+    alike = 0
+    for conversation in conversations:
+        messages = split_tools(conversation[:-1] if conversation[-1]["role"] == "assistant" else conversation)[1]
+        try:
+            alike += served_tokens(tokenizer, template, messages, system, add_bos) == prompt_ids(tokenizer, conversation)
+        except GoTemplateError:
+            pass
+    return alike
+
+
+def write_modelfile(folder: Path, gguf_name: str, tokenizer, system_prompt: str | None, add_bos: bool = False,
+                    chosen: tuple[str, str] | None = None) -> Path:
+    """Modelfile with FROM, TEMPLATE, stop tokens and the fixed system prompt (if any); `chosen`: the
+    (family, Go template) of `choose_template`, else chosen here."""
+    family, template = chosen or choose_template(tokenizer, add_bos)
     system = system_prompt or default_system(family, tokenizer)
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
     lines += [f'PARAMETER stop "{stop}"' for stop in end_of_turn_strings(tokenizer)]
