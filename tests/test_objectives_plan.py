@@ -158,3 +158,22 @@ def test_the_estimate_at_start_counts_the_sequences_each_objective_trains():
     prompts = [Prompt([5] * 30), Prompt([5] * 50)]
     assert largest_micro_batch(Split('train', encoded=prompts), grpo, PADDING_FREE, 1) == (8, 114, rounded_up(4 * 94 + 4 * 114))
     assert label_share(prompts, grpo.train, 512) == pytest.approx(8 * 64 / (4 * 94 + 4 * 114))
+
+
+def test_plan_config_counts_the_tokens_a_grpo_epoch_trains_and_the_utilisation_asked(tiny_model_dir, tmp_path):
+    """A GRPO prompt trains as group_size sequences of prompt and answer: the epoch's tokens counted the
+    prompts alone (19x too short an epoch time); and --utilisation was used, not printed."""
+    from tunesmith.objectives import prepare_data
+    from tunesmith.plan import plan_for
+
+    rows = [{"prompt": r["prompt"], "reference": r["completion"]} for r in qa_rows(24)]
+    config = {"model": {"name": str(tiny_model_dir), "dtype": "float32"},
+              "data": {"train": str(write_jsonl(tmp_path / "grpo.jsonl", rows)), "max_seq_len": 256},
+              "train": {"objective": "grpo", "group_size": 8, "max_completion_tokens": 64, "batch_size": 2},
+              "output": {"dir": str(tmp_path / "run")}}
+    path = tmp_path / "grpo.json"
+    path.write_text(json.dumps(config))
+    found = plan_for(str(path), include_this_machine=False, utilisation=0.1)
+    split = prepare_data(validate(config), str(tiny_model_dir)).splits["train"]
+    assert found.tokens == sum(8 * min(256, len(e.input_ids) + 64) for e in split.encoded)
+    assert "utilisation 10% of each device's peak, as asked" in format_plan(found)

@@ -101,6 +101,8 @@ def test_smoothed_loss_is_a_debiased_moving_average_and_figures_read_as_numbers(
     assert trend[0] == 3.0 and max(trend[10:]) - min(trend[10:]) < 0.5 < max(noisy) - min(noisy)
     assert _fmt(674.7) == "674.7" and _fmt(0.14061) == "0.1406" and _fmt(139399488) == "139,399,488"
     assert _fmt(True) == "True" and _fmt(None) == "-"
+    # A skipped step's NaN loss is passed over (every later point was NaN, the curve gone)
+    assert smoothed([2.0, float("nan"), 2.0]) == pytest.approx([2.0, 2.0, 2.0])
 
 
 def test_a_run_that_kept_its_weights_by_a_generation_metric_plots_it(tmp_path):

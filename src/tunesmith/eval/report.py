@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -137,10 +138,12 @@ SMOOTH_FROM = 20  # train-loss points from which the report draws the smoothed c
 def smoothed(values, weight: float = 0.8) -> list[float]:
     """Exponential moving average, debiased (TensorBoard's smoothing): the first points are not
     pulled towards 0, and each point weighs only steps up to it."""
-    out, average = [], 0.0
-    for n, value in enumerate(values, 1):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight ** n))
+    out, average, n = [], 0.0, 0
+    for value in values:
+        if math.isfinite(value):  # a skipped step's NaN loss would make every later point NaN
+            n += 1
+            average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** n) if n else math.nan)
     return out
 
 

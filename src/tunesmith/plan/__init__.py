@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from .devices import GPUS, HEADROOM, Device, GiB, find_device, gib, this_machine
 from .memory import Estimate, Setup, checkpointed_layers, estimate
 from .objectives import describe as describe_objective
+from .objectives import trained_lengths
 from .sharding import per_device
 from .setups import estimate_for_machine, estimate_on, fewest_checkpointed, setup_from_config
 from .shapes import LINEARS, ModelShape, model_shape
@@ -48,6 +49,7 @@ class Plan:
     tokens: int | None = None
     flops_per_token: float = 0.0
     drawn: bool = False  # the micro-batches are the data's own, not batch x max_seq_len
+    utilisation: float | None = None  # --utilisation, where given (else the defaults of plan/speed.py)
 
 
 def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memory_gib: float | None = None,
@@ -106,7 +108,7 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
             if fitted.fits:
                 changes.append((label, fitted.estimate))
     return Plan(shape, setup, per_device(estimate(shape, setup), gpu=True), fits, target, changes[:4], tokens,
-                flops_per_token(shape, setup, mean_seq))
+                flops_per_token(shape, setup, mean_seq), utilisation=utilisation)
 
 
 def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
@@ -198,8 +200,9 @@ def format_plan(p: Plan) -> str:
                  f"{gib(est.activations_ckpt)}")
     if p.tokens:
         lines.append(f"time: {p.flops_per_token / 1e9:.2f} GFLOP per token x {p.tokens:,} tokens per epoch "
-                     f"(utilisation {GPU_UTILISATION:.0%} of the dense peak on GPUs, {CPU_UTILISATION:.0%} of the "
-                     "measured matmul peak here)")
+                     + (f"(utilisation {p.utilisation:.0%} of each device's peak, as asked)" if p.utilisation else
+                        f"(utilisation {GPU_UTILISATION:.0%} of the dense peak on GPUs, {CPU_UTILISATION:.0%} of the "
+                        "measured matmul peak here)"))
     objective_line = describe_objective(shape, s)
     if objective_line:
         lines.append(objective_line)
@@ -244,7 +247,9 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     split, mean_seq = None, None
     if tokens is None and config is not None:
         split = prepare_data(cfg, cfg.model.name).splits["train"]  # as the run reads it
-        tokens, mean_seq = split.tokens, split.tokens / max(1, len(split))
+        # What training puts through per epoch: a GRPO prompt as group_size sequences of prompt and answer
+        lengths = [n for e in split.encoded for n in trained_lengths(e, cfg.train, cfg.data.max_seq_len)]
+        tokens, mean_seq = sum(lengths), sum(lengths) / max(1, len(lengths))
     share = label_share(split.encoded, cfg.train, cfg.data.max_seq_len) if split else 1.0
     setup = setup_from_config(cfg, share, devices=devices)
     drawn = split is not None and not {"seq", "batch", "grad_accum"} & changes.keys()
