@@ -336,3 +336,53 @@ def test_bf16_adapters_keep_weights_gradients_and_adam_states_in_bf16(method, ar
     halves = [estimate(shape, setup).parts for setup in setups]
     assert halves[1]["adapter weights"] * 2 == halves[0]["adapter weights"]
     assert halves[1]["optimizer states"] * 2 == halves[0]["optimizer states"]
+
+
+def test_a_gguf_base_trains_saves_and_merges_and_refuses_qlora_in_one_line(arch_dirs, data_files, tmp_path):
+    """transformers leaves a GGUF quantiser on the dequantised model: a full fine-tune's save and every merge
+    (`model: RUN`, export) failed with a traceback after training; QLoRA on a GGUF file was a traceback."""
+    from tunesmith.export.gguf import write_gguf
+    from tunesmith.models import load_tokenizer
+    from tunesmith.start import starting_model
+
+    gguf = tmp_path / "tiny.gguf"
+    write_gguf(load_model(str(arch_dirs["llama"])), load_tokenizer(str(arch_dirs["llama"])), gguf, quant="f16")
+    full = tunesmith.train(run_config(gguf, tmp_path / "full", {"method": "full"}, data_files))
+    assert (Path(full["run_dir"]) / "model" / "model.safetensors").exists()
+    tunesmith.train(run_config(gguf, tmp_path / "lora", {"method": "lora"}, data_files))
+    assert (Path(starting_model(str(tmp_path / "lora"))) / "merge_check.json").exists()
+    with pytest.raises(UserError, match="QLoRA quantises a model folder's weights"):
+        tunesmith.train(run_config(gguf, tmp_path / "qlora", {"method": "qlora"}, data_files))
+
+
+def test_layer_names_are_checked_and_bf16_adapters_leave_saved_modules_in_the_bases_dtype(arch_dirs, data_files,
+                                                                                         tmp_path):
+    """A misspelt target was a peft traceback, a misspelt module to save trained nothing silently; bf16
+    adapters on an fp32 base cast the lm_head copy of modules_to_save too, and training failed on a dtype mismatch."""
+    for adapter, wrong in (({"target_modules": ["q_prj"]}, "['q_prj'] names no layer"),
+                           ({"modules_to_save": ["lmhead"]}, "['lmhead'] names no layer")):
+        with pytest.raises(UserError, match=re.escape(wrong)):
+            tunesmith.train(run_config(arch_dirs["llama"], tmp_path / "bad", {"method": "lora", **adapter}, data_files))
+    config = run_config(arch_dirs["llama"], tmp_path / "bf16", {"method": "lora", "dtype": "bfloat16",
+                                                                "modules_to_save": ["lm_head"]}, data_files)
+    assert math.isfinite(tunesmith.train(config)["fine_tuned"]["eval_loss"])
+
+
+def test_overwriting_a_run_removes_its_model_and_exports_and_a_start_from_it_merges_again(arch_dirs, data_files,
+                                                                                          tmp_path):
+    """A lora run trained again in place as a full fine-tune kept serving its adapter/; `model: RUN` kept the
+    merge of the adapter the run held before."""
+    from tunesmith.start import starting_model
+
+    run = tmp_path / "run"
+    tunesmith.train(run_config(arch_dirs["llama"], run, {"method": "lora"}, data_files))
+    first = safetensors.torch.load_file(Path(starting_model(str(run))) / "model.safetensors")
+    again = run_config(arch_dirs["llama"], run, {"method": "lora"}, data_files)
+    again["train"]["lr"], again["output"]["overwrite"] = 0.1, True
+    tunesmith.train(again)
+    second = safetensors.torch.load_file(Path(starting_model(str(run))) / "model.safetensors")
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    full = run_config(arch_dirs["llama"], run, {"method": "full"}, data_files)
+    full["output"]["overwrite"] = True
+    tunesmith.train(full)
+    assert not (run / "adapter").exists() and type(load_trained(str(run))[0]).__name__ == "LlamaForCausalLM"

@@ -150,7 +150,10 @@ class RunFolder:
         stopped with Ctrl-C and run again goes on from its checkpoint."""
         self.check_usable(overwrite, must_resume, resume)
         if overwrite and not must_resume and (self.results.exists() or not resume):
-            for target in (self.checkpoints, self.metrics, self.results, self.best_weights):
+            # The earlier run's model and exports too: a lora run retrained as a full fine-tune kept
+            # serving its adapter/, and `model: RUN` its merge.
+            for target in (self.checkpoints, self.metrics, self.results, self.best_weights, self.path / ADAPTER_DIR,
+                           self.path / MODEL_DIR, self.path / "export"):
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():

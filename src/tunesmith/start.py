@@ -34,7 +34,9 @@ def starting_model(spec: str) -> str:
     if not (trained / "adapter_config.json").exists():
         return str(trained)  # a full fine-tune: a complete model folder
     merged = run.path / "export" / "merged"
-    if not (merged / "merge_check.json").is_file():
+    check = merged / "merge_check.json"
+    # Merged from this adapter, not from one the run held before it was trained again
+    if not check.is_file() or check.stat().st_mtime < (trained / "adapter_model.safetensors").stat().st_mtime:
         from .export.merge import merge_run
 
         print(f"model: merging the adapter of run {run.path} into its base (once) -> {merged}", file=sys.stderr,

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ..errors import UserError
+
 if TYPE_CHECKING:
     from ..config import AdapterConfig
 
@@ -63,6 +65,7 @@ def add_lora(model, cfg: "AdapterConfig", dora: bool = False):
     if cfg.modules_to_save:
         warnings.warn(MODULES_TO_SAVE_WARNING, UserWarning, stacklevel=2)
     targets = transformer_linear_names(model) if cfg.target_modules == "all-linear" else cfg.target_modules
+    check_module_names(model, targets, cfg.modules_to_save)
     lora = LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
         use_rslora=cfg.use_rslora, use_dora=dora, modules_to_save=cfg.modules_to_save or None,
@@ -74,10 +77,23 @@ def add_lora(model, cfg: "AdapterConfig", dora: bool = False):
         import torch
 
         for name, param in model.named_parameters():
-            # DoRA's magnitudes move by less than bf16 can hold (TRL keeps them fp32 too, trl#7268)
-            if param.requires_grad and "lora_magnitude_vector" not in name:
+            # DoRA's magnitudes move by less than bf16 can hold (TRL keeps them fp32 too, trl#7268); the
+            # copies of modules_to_save run in the base's dtype, on its hidden states
+            if param.requires_grad and "lora_" in name and "lora_magnitude_vector" not in name:
                 param.data = param.data.to(torch.bfloat16)
     return model
+
+
+def check_module_names(model, targets: list[str], to_save: list[str] | None) -> None:
+    """Each adapter.target_modules and modules_to_save name is a layer of the model (peft fails on a
+    misspelt target with a traceback, and silently trains nothing for a misspelt module to save)."""
+    names = [name for name, _ in model.named_modules() if name]
+    for setting, wanted in (("adapter.target_modules", targets), ("adapter.modules_to_save", to_save or [])):
+        unknown = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+        if unknown or (setting == "adapter.target_modules" and not wanted):
+            linear = sorted(transformer_linear_names(model))
+            raise UserError(f"{setting}: {unknown or 'an empty list'} names no layer of this model; its linear layers "
+                            f"are {linear}" + (", and lm_head, embed_tokens" if setting.endswith("save") else ""))
 
 
 def make_fully_trainable(model, cfg: "AdapterConfig"):

@@ -95,5 +95,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
             where, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code, **placement, **hub_options(where))
     except OSError as err:
         raise UserError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None
+    if gguf:  # dequantised already; the GGUF quantiser transformers leaves on it refuses save_pretrained
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
     model.eval()
     return model

@@ -35,6 +35,9 @@ def load_quantized(spec: str, compute: torch.dtype = torch.bfloat16, trust_remot
     from transformers import AutoModelForCausalLM
 
     where, gguf = resolve_model_path(spec)
+    if gguf:
+        raise UserError(f"{spec}: QLoRA quantises a model folder's weights to NF4; transformers cannot do that to a "
+                        "GGUF file: name the model's hub id or folder, or use adapter.method: lora")
     if device is None:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
     try:
