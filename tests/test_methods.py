@@ -338,6 +338,7 @@ def test_bf16_adapters_keep_weights_gradients_and_adam_states_in_bf16(method, ar
     assert halves[1]["optimizer states"] * 2 == halves[0]["optimizer states"]
 
 
+@pytest.mark.slow  # three short runs: the 10-minute budget of `make test`; in .ci/run's slow set
 def test_a_gguf_base_trains_saves_and_merges_and_refuses_qlora_in_one_line(arch_dirs, data_files, tmp_path):
     """transformers leaves a GGUF quantiser on the dequantised model: a full fine-tune's save and every merge
     (`model: RUN`, export) failed with a traceback after training; QLoRA on a GGUF file was a traceback."""
@@ -368,6 +369,7 @@ def test_layer_names_are_checked_and_bf16_adapters_leave_saved_modules_in_the_ba
     assert math.isfinite(tunesmith.train(config)["fine_tuned"]["eval_loss"])
 
 
+@pytest.mark.slow  # three short runs: the 10-minute budget of `make test`; in .ci/run's slow set
 def test_overwriting_a_run_removes_its_model_and_exports_and_a_start_from_it_merges_again(arch_dirs, data_files,
                                                                                           tmp_path):
     """A lora run trained again in place as a full fine-tune kept serving its adapter/; `model: RUN` kept the

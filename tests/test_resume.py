@@ -224,6 +224,7 @@ def test_a_resumed_runs_speed_counts_only_the_tokens_it_trained(tiny_model_dir, 
     assert results["tokens_per_second"] * results["train_seconds"] == pytest.approx(trained, rel=0.15)
 
 
+@pytest.mark.slow  # three short runs: the 10-minute budget of `make test`; in .ci/run's slow set
 def test_a_resumed_run_logs_as_the_uninterrupted_one_and_resume_false_never_mixes_runs(tiny_model_dir, tmp_path,
                                                                                       monkeypatch):
     """A crash in step 7 (checkpoint at 6), logging every 4 steps: the resumed run's records equal the
