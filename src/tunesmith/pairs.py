@@ -56,7 +56,8 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     refused = [i for i, encoded in enumerate(ids) if isinstance(encoded, TemplateError)]
     for i in refused[:5]:
         print(f"  skipped {origins[i][0]}:{origins[i][1]}: template: {ids[i]}", file=sys.stderr)
-    prompts, references, ids = ([x for i, x in enumerate(v) if i not in set(refused)] for v in (prompts, references, ids))
+    kept = [i for i, encoded in enumerate(ids) if not isinstance(encoded, TemplateError)]
+    prompts, references, ids = ([v[i] for i in kept] for v in (prompts, references, ids))
     if not prompts:
         raise UserError(f"{data}: the chat template refuses every prompt (first: {origins[refused[0]][0]}:"
                         f"{origins[refused[0]][1]})")

@@ -54,9 +54,9 @@ def _close(signature, index, pool: list, threshold: float) -> list[Match]:
     return [m for m in found if m.similarity >= threshold]
 
 
-def _best(signature, index, pool: list, threshold: float) -> Match | None:
-    """The closest (the earliest of equals) of `_close`."""
-    return max(_close(signature, index, pool, threshold), key=lambda m: (m.similarity, -m.first), default=None)
+def _closest(matches: list[Match]) -> Match | None:
+    """The closest of `_close`'s matches (the earliest of equals)."""
+    return max(matches, key=lambda m: (m.similarity, -m.first), default=None)
 
 
 def within(train: list, threshold: float) -> list[Match]:
@@ -69,7 +69,7 @@ def within(train: list, threshold: float) -> list[Match]:
     for i, signature in enumerate(train):
         if signature is None:
             continue
-        match = _best(signature, index, train, threshold)
+        match = _closest(_close(signature, index, train, threshold))
         if match:
             match.index = i
             found.append(match)
@@ -91,8 +91,9 @@ def across(train: list, other: list, threshold: float, every: bool = False) -> l
     for i, signature in enumerate(other):
         if signature is None:
             continue
-        best = _best(signature, index, train, threshold)
-        matches = _close(signature, index, train, threshold) if every else [best] if best else []
+        matches = _close(signature, index, train, threshold)
+        if not every:
+            matches = [_closest(matches)] if matches else []
         for match in matches:
             match.index = i
         found += matches

@@ -96,7 +96,8 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     conversations = sample_conversations(run)
     tokenizer = load_tokenizer(str(trained))  # carries the chat template training used
     # Before anything is written: a run no Ollama template serves is refused at once.
-    chosen = choose_template(tokenizer, adds_bos(tokenizer)) if modelfile else None
+    bos = adds_bos(tokenizer)
+    chosen = choose_template(tokenizer, bos) if modelfile else None
     if not conversations and not force:
         raise UserError(f"{run}: no sample conversations found (the run's validation and training data are gone, or "
                         "none of their records has an answer: GRPO prompts without a reference), so "
@@ -130,8 +131,8 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     check["file"] = str(folder / name)
     if modelfile:
         system = runs.system_prompt_of(str(run))
-        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system, adds_bos(tokenizer), chosen))
-        alike = prompts_served_alike(tokenizer, *chosen, conversations, system, adds_bos(tokenizer))
+        check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system, bos, chosen))
+        alike = prompts_served_alike(tokenizer, *chosen, conversations, system, bos)
         check["modelfile_prompts_equal"] = f"{alike}/{len(conversations)}"
         if alike < len(conversations):
             say(f"ollama: warning: the Modelfile's template prompts {len(conversations) - alike} of "
