@@ -11,7 +11,7 @@ import pytest
 from helpers import qa_rows, write_jsonl
 from tunesmith.config import validate
 from tunesmith.errors import UserError
-from tunesmith.plan import GiB, estimate, format_plan, model_shape, plan, setup_from_config
+from tunesmith.plan import GiB, estimate, format_plan, model_shape, plan, plan_for, setup_from_config
 from tunesmith.plan.objectives import sampling_cache_bytes
 
 
@@ -177,3 +177,15 @@ def test_plan_config_counts_the_tokens_a_grpo_epoch_trains_and_the_utilisation_a
     split = prepare_data(validate(config), str(tiny_model_dir)).splits["train"]
     assert found.tokens == sum(8 * min(256, len(e.input_ids) + 64) for e in split.encoded)
     assert "utilisation 10% of each device's peak, as asked" in format_plan(found)
+
+
+def test_plan_flags_are_read_as_the_objective_reads_the_config(tiny_model_dir, tmp_path):
+    """--batch counts DPO pairs as train.batch_size does (two sequences each), and --method full
+    keeps the reference copy a full DPO fine-tune holds (both were applied after the objective)."""
+    config = tmp_path / "dpo.json"
+    config.write_text(json.dumps({"model": {"name": str(tiny_model_dir), "dtype": "float32"},
+                                  "train": {"objective": "dpo", "batch_size": 2}}))
+    found = plan_for(str(config), tokens=1000, batch=4, method="full", seq=128)
+    assert (found.setup.batch, found.setup.seq, found.setup.method) == (8, 128, "full")
+    assert found.setup.reference_copy
+    assert not plan_for(str(config), tokens=1000, batch=4).setup.reference_copy

@@ -251,8 +251,9 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
         lengths = [n for e in split.encoded for n in trained_lengths(e, cfg.train, cfg.data.max_seq_len)]
         tokens, mean_seq = sum(lengths), sum(lengths) / max(1, len(lengths))
     share = label_share(split.encoded, cfg.train, cfg.data.max_seq_len) if split else 1.0
-    setup = setup_from_config(cfg, share, devices=devices)
     drawn = split is not None and not {"seq", "batch", "grad_accum"} & changes.keys()
+    cfg = with_flags(cfg, changes)
+    setup = setup_from_config(cfg, share, devices=devices)
     if drawn:
         shape = model_shape(name, cfg.model.trust_remote_code)
         setup, _ = with_drawn_micro_batches(cfg, as_trained(split, cfg.data), planned_layout(cfg, shape), setup)
@@ -266,6 +267,20 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
         raise UserError(refused)
     return replace(plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine),
                    drawn=drawn)
+
+
+# Flags that an objective scales go into the config before the objective reads it: --batch counts
+# pairs for DPO (two sequences each), and --method full keeps a reference copy.
+CONFIG_FLAGS = {"method": ("adapter", "method"), "batch": ("train", "batch_size"), "seq": ("data", "max_seq_len")}
+
+
+def with_flags(cfg, changes: dict):
+    """`cfg` with the flags of CONFIG_FLAGS said in `changes` (taken out of it)."""
+    for flag, (section, field) in CONFIG_FLAGS.items():
+        if flag in changes:
+            part = getattr(cfg, section).model_copy(update={field: changes.pop(flag)})
+            cfg = cfg.model_copy(update={section: part})
+    return cfg
 
 
 def planned_layout(cfg, shape: ModelShape) -> str:
