@@ -276,9 +276,9 @@ CONFIG_FLAGS = {"method": ("adapter", "method"), "batch": ("train", "batch_size"
 
 def with_flags(cfg, changes: dict):
     """`cfg` with the flags of CONFIG_FLAGS said in `changes` (taken out of it)."""
-    for flag, (section, field) in CONFIG_FLAGS.items():
+    for flag, (section, name) in CONFIG_FLAGS.items():
         if flag in changes:
-            part = getattr(cfg, section).model_copy(update={field: changes.pop(flag)})
+            part = getattr(cfg, section).model_copy(update={name: changes.pop(flag)})
             cfg = cfg.model_copy(update={section: part})
     return cfg
 
