@@ -163,3 +163,33 @@ def test_eval_general_scores_an_adapter_against_its_base(tiny_model_dir, tmp_pat
     plain = json.loads(capsys.readouterr().out)["general"]
     assert set(plain["model"]) == {"arc_easy/acc", "arc_easy/acc_norm", "hellaswag/acc", "hellaswag/acc_norm"}
     assert main(["eval", str(tiny_model_dir)]) == 2  # neither --data nor --general
+
+
+@pytest.mark.parametrize("name, starts", [("gemma3", True), ("llama3", True), ("qwen2.5", False)])
+def test_probe_texts_start_as_the_tokenizer_starts_a_text(family_dirs, name, starts):
+    """Where the tokenizer puts BOS before every text (Gemma, Llama 3), the probes' contexts and
+    GSM8K's prompts begin with it as pre-training's texts did; Qwen's tokenizer adds none."""
+    import types
+
+    from tunesmith.eval.general import gsm8k_rows
+
+    tokenizer = family_dirs(name)[1]
+    head, tail = continuation_ids(tokenizer, "Question: 2+2?\nAnswer:", " 4")
+    bos = [tokenizer.bos_token_id] if starts else []
+    assert head == bos + tokenizer("Question: 2+2?\nAnswer:", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(tail).strip() == "4"
+
+    seen = []
+
+    class Model(torch.nn.Module):  # records the prompt generation starts from
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.generation_config = types.SimpleNamespace(eos_token_id=None)
+
+        def generate(self, input_ids, attention_mask, **_):
+            seen.append(input_ids[0][attention_mask[0].bool()].tolist())
+            return input_ids
+
+    gsm8k_rows(Model(), tokenizer, [{"question": "2+2?", "final": "4"}])
+    assert seen == [bos + tokenizer("Question: 2+2?\nAnswer:", add_special_tokens=False)["input_ids"]]

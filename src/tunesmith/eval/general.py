@@ -69,15 +69,25 @@ def choice_prompt(set_name: str, item: dict) -> tuple[str, list[str]]:
     raise ValueError(f"{set_name}: not a multiple-choice probe set")
 
 
+def text_start(tokenizer) -> list[int]:
+    """BOS where the tokenizer starts every text with it, as the model saw text in pre-training
+    (Gemma, Llama 3, Mistral): without it Gemma's probe scores are near chance. Else nothing."""
+    first = tokenizer("a")["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and first and first[0] == bos else []
+
+
 def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Token ids of the context and of the continuation as they fall in the whole text: the whole
-    is encoded and the context's tokens cut off, so a token spanning the boundary stays whole
-    (the harness's method). Trailing white space of the context moves to the continuation."""
+    """Token ids of the context (after `text_start`) and of the continuation as they fall in the
+    whole text: the whole is encoded and the context's tokens cut off, so a token spanning the
+    boundary stays whole (the harness's method). Trailing white space of the context moves to the
+    continuation."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    head = tokenizer(context, add_special_tokens=False)["input_ids"]
+    start = text_start(tokenizer)
+    whole = start + tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    head = start + tokenizer(context, add_special_tokens=False)["input_ids"]
     if not head:  # an empty context: the first continuation token is predicted from end-of-text
         head = [tokenizer.eos_token_id]
         whole = head + whole
@@ -205,7 +215,8 @@ def gsm8k_rows(model, tokenizer, items: list[dict], batch_size: int = 16) -> lis
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    prompts = [tokenizer(f"Question: {item['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
+    start = text_start(tokenizer)
+    prompts = [start + tokenizer(f"Question: {item['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
                for item in items]
     order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
     rows: list[dict[str, float]] = [{} for _ in items]
