@@ -254,6 +254,30 @@ def test_gguf_is_not_called_verified_when_no_sample_conversation_was_found(runs,
     assert "random tokens only" in (tmp_path / "forced" / "gguf" / "README.md").read_text()
 
 
+def test_ollama_refuses_a_system_prompt_a_modelfile_cannot_quote(runs, tmp_path):
+    """Ollama's Modelfile parser has no escapes: a system prompt holding three quotes would end the
+    SYSTEM string there and the rest be read as commands. Refused before the GGUF is written; a
+    prompt with ordinary quotes is written as it is."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "quoted"
+    shutil.copytree(runs["qwen2"], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["system_prompt"] = 'Answer in JSON: """{"a": 1}""" then stop'
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match='system prompt holds """'):
+        export(run, tmp_path / "out", formats="ollama")
+    assert not (tmp_path / "out" / "gguf").exists() or not any((tmp_path / "out" / "gguf").glob("*.gguf"))
+    from tunesmith.models import load_tokenizer
+    from tunesmith.runs import trained_folder
+
+    tokenizer = load_tokenizer(str(trained_folder(runs["qwen2"])))
+    text = write_modelfile(tmp_path, "m.gguf", tokenizer, 'Say "yes" or ""').read_text()
+    assert 'SYSTEM """Say "yes" or """""\n' in text
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_lora_adapter_as_a_gguf_adapter_file(runs, tmp_path, arch):
     """The adapter as llama.cpp's LoRA GGUF: applied to the base GGUF (in llama.cpp where installed, and by

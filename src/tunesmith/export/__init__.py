@@ -89,7 +89,7 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     from .gguf_check import verify_gguf
     from .gguf_vocab import adds_bos
     from .merge import TOLERANCE, logits_of, merge_run, sample_batch, sample_conversations
-    from .ollama import choose_template, prompts_served_alike, write_modelfile
+    from .ollama import choose_template, prompts_served_alike, quoted, write_modelfile
     from .readme import write_readme
 
     trained = runs.trained_folder(run)
@@ -98,6 +98,9 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     # Before anything is written: a run no Ollama template serves is refused at once.
     bos = adds_bos(tokenizer)
     chosen = choose_template(tokenizer, bos) if modelfile else None
+    system = runs.system_prompt_of(str(run)) if modelfile else None
+    if system:
+        quoted(system, "the system prompt")
     if not conversations and not force:
         raise UserError(f"{run}: no sample conversations found (the run's validation and training data are gone, or "
                         "none of their records has an answer: GRPO prompts without a reference), so "
@@ -130,7 +133,6 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     shutil.rmtree(scratch, ignore_errors=True)
     check["file"] = str(folder / name)
     if modelfile:
-        system = runs.system_prompt_of(str(run))
         check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system, bos, chosen))
         alike = prompts_served_alike(tokenizer, *chosen, conversations, system, bos)
         check["modelfile_prompts_equal"] = f"{alike}/{len(conversations)}"

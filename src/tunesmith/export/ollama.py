@@ -154,16 +154,25 @@ def prompts_served_alike(tokenizer, family: str, template: str, conversations: l
     return alike
 
 
+def quoted(value: str, what: str) -> str:
+    """`value` between a Modelfile's triple quotes. Ollama's parser has no escapes: a value holding
+    three quotes would end there and the rest be read as commands, so it is refused."""
+    if '"""' in value:
+        raise UserError(f'ollama export: {what} holds """, which a Modelfile cannot quote (Ollama\'s parser has no '
+                        "escapes); rephrase it, or export gguf and write the Modelfile's SYSTEM yourself")
+    return f'"""{value}"""'
+
+
 def write_modelfile(folder: Path, gguf_name: str, tokenizer, system_prompt: str | None, add_bos: bool = False,
                     chosen: tuple[str, str] | None = None) -> Path:
     """Modelfile with FROM, TEMPLATE, stop tokens and the fixed system prompt (if any); `chosen`: the
     (family, Go template) of `choose_template`, else chosen here."""
     family, template = chosen or choose_template(tokenizer, add_bos)
     system = system_prompt or default_system(family, tokenizer)
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines = [f"FROM ./{gguf_name}", f"TEMPLATE {quoted(template, 'the template')}"]
     lines += [f'PARAMETER stop "{stop}"' for stop in end_of_turn_strings(tokenizer)]
     if system:
-        lines.append(f'SYSTEM """{system}"""')
+        lines.append(f"SYSTEM {quoted(system, 'the system prompt')}")
     path = folder / "Modelfile"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
