@@ -255,3 +255,41 @@ def test_a_resumed_run_logs_as_the_uninterrupted_one_and_resume_false_never_mixe
     def logged(run):
         return [(r["step"], r["loss"], r.get("mean_loss"), r["lr"]) for r in records(tmp_path / run, "train")]
     assert [r[0] for r in logged("whole")] == [4, 8, 10] and logged("resumed") == logged("whole")
+
+
+@pytest.mark.slow  # the 10-minute budget of `make test`; runs in .ci/run's slow set
+def test_a_run_does_not_resume_over_edited_training_data(tiny_model_dir, tmp_path):
+    """A checkpoint holds where the run stood in its shuffled epoch: over other examples that
+    means nothing, so a resume after the data file changed is refused with both counts."""
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=40)
+    run = tmp_path / "run"
+    start_and_kill_at(config, run, 2)
+    data = tmp_path / "qa.jsonl"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:-1]) + "\n")  # one example fewer
+    done = run_cli(config)
+    assert done.returncode == 2
+    import re
+
+    found = re.search(r"training data changed since this checkpoint \((\d+) examples, \w+ then, (\d+) examples", done.stderr)
+    assert found and int(found[2]) == int(found[1]) - 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_training_data_check_names_the_change_and_accepts_older_checkpoints(tmp_path):
+    from tunesmith.data.prepare import Split
+    from tunesmith.data.tokenize import Encoded
+    from tunesmith.errors import UserError
+    from tunesmith.training import checkpoint as ckpt
+
+    split = Split("train", encoded=[Encoded([1, 2, 3], [-100, 2, 3]), Encoded([4, 5], [-100, 5])])
+    relabelled = Split("train", encoded=[Encoded([1, 2, 3], [-100, -100, 3]), Encoded([4, 5], [-100, 5])])
+    assert ckpt.trained_examples(split).startswith("2 examples, ")
+    assert ckpt.trained_examples(split) != ckpt.trained_examples(relabelled)
+    (tmp_path / "state.json").write_text(json.dumps({"step": 3, "settings": {
+        "train.lr": 0.1, ckpt.DATA_KEY: ckpt.trained_examples(split)}}))
+    ckpt.check_same_settings(tmp_path, {"train.lr": 0.1, ckpt.DATA_KEY: ckpt.trained_examples(split)})
+    with pytest.raises(UserError, match="training data changed"):
+        ckpt.check_same_settings(tmp_path, {"train.lr": 0.1, ckpt.DATA_KEY: ckpt.trained_examples(relabelled)})
+    (tmp_path / "state.json").write_text(json.dumps({"step": 3, "settings": {"train.lr": 0.1}}))  # before the check
+    ckpt.check_same_settings(tmp_path, {"train.lr": 0.1, ckpt.DATA_KEY: ckpt.trained_examples(relabelled)})

@@ -110,11 +110,35 @@ def same_setting(key: str, saved, now) -> bool:
 LENGTH_SETTINGS = ("train.max_steps", "train.epochs")
 
 
+# The training examples as tokens (count and digest), kept with the settings: a checkpoint records
+# where in its shuffled epoch the run stood, which means nothing over other examples.
+DATA_KEY = "data.trained_examples"
+
+
+def trained_examples(split) -> str:
+    """'<count> examples, <digest>' of a split's token ids, labels and KTO marks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for example in split.encoded:
+        digest.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
+        digest.update(repr(getattr(example, "desirable", None)).encode())
+    return f"{len(split.encoded)} examples, {digest.hexdigest()[:12]}"
+
+
 def check_same_settings(path: Path, settings: dict, steps: int | None = None) -> None:
-    """Refuse to resume when a setting that changes the result differs from the checkpoint's; a
-    run's length may change where the run now ends at the checkpoint's step (`steps`: its total)."""
+    """Refuse to resume when a setting that changes the result, or the training examples, differ
+    from the checkpoint's; a run's length may change where the run now ends at the checkpoint's
+    step (`steps`: its total)."""
     meta = json.loads((path / "state.json").read_text())
     saved = meta.get("settings", {})
+    if DATA_KEY in saved and saved[DATA_KEY] != settings.get(DATA_KEY):
+        raise UserError(f"{path}: the training data changed since this checkpoint ({saved[DATA_KEY]} then, "
+                        f"{settings.get(DATA_KEY)} now): the run would go on over other examples than it started "
+                        "with; restore the data, or use a new output.dir (or output.overwrite=true) to start over")
+    settings = {k: v for k, v in settings.items() if k != DATA_KEY}
+    saved = {k: v for k, v in saved.items() if k != DATA_KEY}
     differing = sorted(k for k in set(saved) | set(settings) if not same_setting(k, saved.get(k), settings.get(k)))
     if steps == meta["step"]:
         differing = [k for k in differing if k not in LENGTH_SETTINGS]
