@@ -128,6 +128,26 @@ def test_pairs_skip_what_training_could_not_read(tiny_model_dir, tmp_path, monke
     assert len(prepare_preference(cfg, load_tokenizer(str(model)), PAIRS).splits["train"]) == len(rows)
 
 
+def test_pairs_without_references_or_scorer_are_refused_before_the_output_is_touched(tiny_model_dir, tmp_path,
+                                                                                      monkeypatch):
+    """Prompts without a reference need a scorer: said at once, naming the first such prompt and the
+    --scorer flag; an earlier pairs file is kept whole, also when sampling fails half-way."""
+    import tunesmith.objectives.rollout as rollout
+    from tunesmith.pairs import make_pairs
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Repeat: a", "reference": "a"},
+                                                        {"prompt": "Repeat: b"}])
+    out = tmp_path / "pairs.jsonl"
+    out.write_text('{"earlier": true}\n')
+    with pytest.raises(UserError, match=r"prompts.jsonl:2: this prompt has no reference answer \(1 of 2.*--scorer"):
+        make_pairs(str(tiny_model_dir), str(prompts), samples=2, out=str(out))
+    monkeypatch.setattr(rollout, "sample", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    (tmp_path / "by_length.py").write_text("def score(answer, reference):\n    return float(len(answer))\n")
+    with pytest.raises(KeyboardInterrupt):
+        make_pairs(str(tiny_model_dir), str(prompts), samples=2, out=str(out), scorer=f"{tmp_path / 'by_length.py'}:score")
+    assert out.read_text() == '{"earlier": true}\n'
+
+
 def test_the_estimate_at_start_counts_the_sequences_each_objective_trains():
     """The run's largest micro-batch (plan/__init__.py largest_micro_batch) in the sequences that
     keep activations: a pair both of its sequences once, a KTO example its answer (the KL

@@ -13,6 +13,7 @@ then teach what none of the samples found, at the price of an answer that is not
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,11 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     prompts, references = prompts[:limit], references[:limit]
     if not prompts:
         raise UserError(f"{data}: no usable prompts ({len(problems)} problems)")
+    unscored = [i for i, reference in enumerate(references) if reference is None]
+    if unscored and not scorer:  # said before the model loads and before the output is touched
+        raise UserError(f"{origins[unscored[0]][0]}:{origins[unscored[0]][1]}: this prompt has no reference answer "
+                        f"({len(unscored)} of {len(prompts)} have none), so only a scorer can grade its answers: "
+                        "pass --scorer module:function")
     rewards = Rewards([scorer] if scorer else [])
     loaded, tokenizer, _ = load_trained(model, device=resolve(device))
     ids = encode_prompts(tokenizer, prompts)
@@ -66,7 +72,8 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     written, ties, from_reference, empty, chosen_scores, rejected_scores, all_scores = 0, 0, 0, 0, [], [], []
     per_call = max(1, batch_size // samples)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "w", encoding="utf-8") as handle:
+    partial = target.with_name(target.name + ".partial")  # an earlier file stays whole until this one is
+    with open(partial, "w", encoding="utf-8") as handle:
         for start in range(0, len(prompts), per_call):
             chunk = range(start, min(start + per_call, len(prompts)))
             answers = sample(loaded, [ids[i] for i in chunk], samples, max_new_tokens, temperature,
@@ -101,6 +108,7 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
                 chosen_scores.append(best[0])
                 rejected_scores.append(worst[0])
             progress.update(chunk[-1] + 1)
+    os.replace(partial, target)
     mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
     return {"pairs": written, "prompts": len(prompts), "samples": samples, "ties_skipped": ties,
             "chosen_from_reference": from_reference,
