@@ -72,7 +72,9 @@ def test_choose_with_a_fine_tuning_budget(tiny_model_dir, tmp_path):
     [row] = result["ranking"]
     assert set(row["settings"]) == {"zero-shot", "fine-tuned"}
     assert row["settings"]["fine-tuned"]["answer_loss_per_char"] < row["settings"]["zero-shot"]["answer_loss_per_char"]
-    steps = json.loads((tmp_path / "choose" / tiny_model_dir.name / "results.json").read_text())["steps"]
+    from tunesmith.choose import folder_name
+
+    steps = json.loads((tmp_path / "choose" / f"01-{folder_name(str(tiny_model_dir))}" / "results.json").read_text())["steps"]
     per_step = 4 * 600 / steps  # batch 4: about the budget's tokens in all
     assert steps >= 1 and per_step > 0
     with pytest.raises(UserError, match="rank-by"):
@@ -198,3 +200,54 @@ def test_curve_keeps_the_fractions_measured_before_a_failure(tiny_model_dir, tmp
     [point] = kept["points"]
     # Every example of a fraction trains: the user's broken and over-long lines were left out before.
     assert point["fraction"] == 0.5 and point["examples"] == point["trained"] and kept["fractions_done"] == "1 of 2"
+
+
+def test_choose_refuses_a_misspelt_rank_by_before_any_candidate_is_scored(tiny_model_dir, tmp_path, monkeypatch):
+    """The metrics the validation examples can give are known from their references: a misspelt
+    --rank-by was refused only after the first candidate's minutes of scoring."""
+    import tunesmith.choose as chooser
+
+    config = qa_config(tmp_path, tiny_model_dir)
+    monkeypatch.setattr(chooser, "_score_candidate", lambda *a, **k: pytest.fail("scored before --rank-by was checked"))
+    with pytest.raises(UserError, match=r"--rank-by rouge-l is not a metric .*answer_loss_per_char.*rouge_l"):
+        choose(config, [str(tiny_model_dir)], memory_gib=24, rank_by="rouge-l", out=str(tmp_path / "choose"))
+
+
+def test_candidates_of_the_same_name_train_into_their_own_folders():
+    from tunesmith.choose import folder_name
+
+    names = [f"{n:02d}-{folder_name(spec)}" for n, spec in enumerate(["org1/model", "org2/model", ".", ".."], 1)]
+    assert len(set(names)) == 4 and folder_name("org1/model") != folder_name("org2/model")
+    assert all("/" not in name and name.strip(".") == name for name in names)
+
+
+def test_a_setting_without_the_ranking_metric_is_ranked_without_its_interval():
+    """A scorer key that only the fine-tuned answers got: the other settings have no interval of it
+    (a ValueError from the bootstrap before)."""
+    from tunesmith.choose import rank
+    from tunesmith.eval.compare import Scored
+
+    rows = lambda key: [{"rouge_l": v, **({key: v} if key else {})} for v in (0.1, 0.4, 0.3)]  # noqa: E731
+    entry = {"model": "m", "planned_memory": 1, "device_memory": 2, "fits": True, "epoch_seconds": None,
+             "scored": {"zero-shot": Scored("zero-shot", ["a"] * 3, rows(None), [2] * 3),
+                        "fine-tuned": Scored("fine-tuned", ["a"] * 3, rows("judge"), [2] * 3)}}
+    [row] = rank([entry], "judge", 50, 0)["ranking"]
+    assert list(row["intervals"]) == ["fine-tuned"]
+
+
+def test_curve_keeps_declared_tools_and_curve_and_choose_take_sft_configs_only(tiny_model_dir, tmp_path):
+    from tunesmith.curve import _write
+    from tunesmith.data.prepare import load_conversations
+
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+    write_jsonl(tmp_path / "tools.jsonl", [{"tools": tools, "messages": [
+        {"role": "user", "content": "Time?"}, {"role": "assistant", "content": "It is noon."}]}])
+    read, problems = load_conversations(str(tmp_path / "tools.jsonl"), None)
+    again, problems_again = load_conversations(_write(tmp_path / "written.jsonl", read), None)
+    assert again == read and not problems and not problems_again
+    config = qa_config(tmp_path, tiny_model_dir)
+    for command, call in (("curve", lambda: curve(config, [1.0], ["train.objective=dpo"], out=str(tmp_path / "c"))),
+                          ("choose", lambda: choose(config, [str(tiny_model_dir)], ["train.objective=dpo"],
+                                                    out=str(tmp_path / "c")))):
+        with pytest.raises(UserError, match=f"{command}: takes SFT runs .*train.objective=dpo"):
+            call()

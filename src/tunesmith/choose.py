@@ -34,6 +34,7 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
     if len(models) < 1:
         raise UserError("choose: name the candidates with --models A,B,...")
     cfg = load_config(config, overrides)
+    sft_only(cfg, "choose")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     # Every candidate planned before any is loaded: a wrong name fails now, not after minutes of scoring.
@@ -51,7 +52,11 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
         if not entry["fits"]:
             continue
         say(f"candidate {number}/{len(candidates)}: {entry['model']}")
-        entry["scored"] = _score_candidate(cfg, entry["model"], shared, budget_tokens, retrieval_k, limit, folder)
+        if not shared:  # the same examples for every candidate: read once, with the first candidate's tokenizer
+            shared.update(_read_data(cfg, entry["model"], limit))
+            check_rank_by(rank_by, shared["validation"], cfg.eval.scorer)
+        entry["scored"] = _score_candidate(cfg, entry["model"], shared, budget_tokens, retrieval_k,
+                                           folder / f"{number:02d}-{folder_name(entry['model'])}")
         # The epoch's time from the training tokens as the first candidate's tokenizer counts them.
         entry["epoch_seconds"] = _plan(cfg, entry["model"], device, memory_gib, shared["train_tokens"])["epoch_seconds"]
         # Written after each candidate: a failure later (memory, a stop) keeps what was measured.
@@ -82,26 +87,61 @@ def _plan(cfg: Config, spec: str, device: str | None, memory_gib: float | None, 
             "device_name": target.device.name, "epoch_seconds": target.epoch_seconds}
 
 
+def sft_only(cfg: Config, command: str) -> None:
+    """curve and choose read the data as SFT examples and score answers to them."""
+    if cfg.train.objective != "sft":
+        raise UserError(f"{command}: takes SFT runs (question/answer or chat data); this config trains "
+                        f"train.objective={cfg.train.objective}. Run it on SFT data of the same task "
+                        "(the prompts with their chosen answers, for example)")
+
+
+def _read_data(cfg: Config, spec: str, limit: int | None) -> dict:
+    """The validation examples every candidate is scored on, and the training data retrieval draws from."""
+    from .data.check import data_lines
+    from .data.prepare import prepare
+    from .models import load_tokenizer
+
+    data = prepare(cfg.data, load_tokenizer(spec, cfg.model.trust_remote_code))
+    for line in data_lines(data, cfg.data):
+        say(line)
+    validation = data.splits.get("validation") or data.splits["train"]
+    return {"validation": validation.conversations[:limit] if limit else validation.conversations,
+            "train": data.splits["train"].conversations, "train_tokens": data.splits["train"].tokens,
+            "tokens_per_example": data.splits["train"].tokens / max(1, len(data.splits["train"]))}
+
+
+def check_rank_by(metric: str, validation: list[list[dict]], scorer: str | None) -> None:
+    """Refuse a --rank-by the validation examples cannot give before any candidate is scored: the
+    metrics are those of the references scored against themselves, and the answer losses. A user
+    scorer may add any name."""
+    from .data.formats import is_raw_text
+    from .eval.scoring import conversation_scores
+
+    if scorer:
+        return
+    known = {LOSS, PER_CHAR}
+    if not is_raw_text(validation):
+        known |= {k for row in conversation_scores([c[-1]["content"] for c in validation], validation) for k in row}
+    if metric not in known:
+        raise UserError(f"choose: --rank-by {metric} is not a metric of these examples; choose from "
+                        f"{', '.join(sorted(known))}")
+
+
+def folder_name(spec: str) -> str:
+    """A candidate as a folder name: all of it, so org1/model and org2/model stay apart."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("._") or "model"
+
+
 def _score_candidate(cfg: Config, spec: str, shared: dict, budget_tokens: int | None, retrieval_k: int,
-                     limit: int | None, folder: Path) -> dict:
-    """{setting: Scored} for one candidate: zero-shot and with retrieval, then after a short fine-tune."""
+                     run: Path) -> dict:
+    """{setting: Scored} for one candidate: zero-shot and with retrieval, then after a short fine-tune
+    into `run`."""
     from .device import compute_dtype, resolve
     from .eval.baselines import prompt_sets, score_rows
     from .models import load_model, load_tokenizer
 
     device = resolve(cfg.train.device)
     tokenizer = load_tokenizer(spec, cfg.model.trust_remote_code)
-    if not shared:  # the same examples for every candidate: read once, with the first candidate's tokenizer
-        from .data.check import data_lines
-        from .data.prepare import prepare
-
-        data = prepare(cfg.data, tokenizer)
-        for line in data_lines(data, cfg.data):
-            say(line)
-        validation = data.splits.get("validation") or data.splits["train"]
-        shared.update(validation=validation.conversations[:limit] if limit else validation.conversations,
-                      train=data.splits["train"].conversations, train_tokens=data.splits["train"].tokens,
-                      tokens_per_example=data.splits["train"].tokens / max(1, len(data.splits["train"])))
     settings = Settings.of(cfg.eval, cfg.data.max_seq_len)
     model = load_model(spec, compute_dtype(cfg.model.dtype, device), cfg.model.trust_remote_code, device)
     sets = prompt_sets("zero-shot", shared["validation"], shared["train"], 0, retrieval_k, cfg.eval.seed)
@@ -111,7 +151,7 @@ def _score_candidate(cfg: Config, spec: str, shared: dict, budget_tokens: int | 
     if budget_tokens:
         from .runs import load_trained
 
-        run = _short_fine_tune(cfg, spec, budget_tokens, shared["tokens_per_example"], folder)
+        _short_fine_tune(cfg, spec, budget_tokens, shared["tokens_per_example"], run)
         tuned, tuned_tokenizer, _ = load_trained(str(run), device=device)
         rows += score_rows(tuned, tuned_tokenizer, {"fine-tuned": shared["validation"]}, settings)
         del tuned
@@ -121,13 +161,12 @@ def _score_candidate(cfg: Config, spec: str, shared: dict, budget_tokens: int | 
     return {row.name: row for row in rows}
 
 
-def _short_fine_tune(cfg: Config, spec: str, budget_tokens: int, tokens_per_example: float, folder: Path) -> Path:
-    """The configured run on this candidate for about `budget_tokens` training tokens."""
+def _short_fine_tune(cfg: Config, spec: str, budget_tokens: int, tokens_per_example: float, run: Path) -> Path:
+    """The configured run on this candidate for about `budget_tokens` training tokens, into `run`."""
     from .api import train
 
     per_step = cfg.train.batch_size * cfg.train.grad_accum * max(1.0, tokens_per_example)
     steps = max(1, math.ceil(budget_tokens / per_step))
-    run = folder / re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec).name or spec).strip("_")
     raw = cfg.model_dump(mode="json")
     raw["model"]["name"] = spec
     raw["train"].update(max_steps=steps, resume=False)
@@ -168,8 +207,8 @@ def rank(candidates: list[dict], metric: str, samples: int, seed: int) -> dict:
         row = {"rank": place, "model": c["model"],
                **{k: c[k] for k in ("planned_memory", "device_memory", "fits", "epoch_seconds")},
                "settings": {name: scored.means() for name, scored in c["scored"].items()}, "ranked_by": metric,
-               "intervals": {name: scored.interval(metric, samples, seed)
-                             for name, scored in c["scored"].items()}}
+               "intervals": {name: scored.interval(metric, samples, seed)  # where the setting has it
+                             for name, scored in c["scored"].items() if metric in scored.means()}}
         if place < len(loaded):
             following = best_setting(loaded[place])
             found = [d for d in compare_scored(following, best_setting(c), samples, seed) if d["metric"] == metric]

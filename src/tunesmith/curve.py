@@ -73,8 +73,13 @@ def _splits(cfg) -> tuple[list, list, list | None]:
 
 
 def _write(path: Path, conversations: list) -> str:
+    """Conversations as `messages` records, with their declared tools beside them, as a user writes them."""
+    from .data.tools import split_tools
+
     with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps({"messages": c}) + "\n" for c in conversations)
+        for conversation in conversations:
+            tools, messages = split_tools(conversation)
+            handle.write(json.dumps({"messages": messages, **({"tools": tools} if tools else {})}) + "\n")
     return str(path)
 
 
@@ -83,7 +88,10 @@ def curve(config: str, fractions: list[float], overrides: list[str] | None = Non
     """Train on each fraction, score each on the held-out examples; writes curve.json and curve.png."""
     from .api import train as train_run
 
+    from .choose import sft_only
+
     cfg = load_config(config, overrides)
+    sft_only(cfg, "curve")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     train, validation, test = _splits(cfg)
