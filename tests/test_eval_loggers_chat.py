@@ -131,3 +131,49 @@ def test_every_logger_is_closed_when_one_fails_to_close_or_open(tmp_path, monkey
     with pytest.raises(RuntimeError, match="tracking server"):
         open_loggers(tmp_path / "run", ["second", "broken"])
     assert len(closed) == 1  # the one opened before the failure
+
+
+def test_a_record_after_a_line_cut_by_a_crash_starts_its_own_line(tmp_path):
+    """A crash may leave metrics.jsonl's last record without its newline: the resumed session's first
+    record (its `run` record, written before truncate_after) was glued to it and both were lost."""
+    from tunesmith.training.loggers import MetricLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "train", "step": 1}\n{"event": "train", "st')
+    log = MetricLog(path)
+    log.write(event="run", step=0)
+    log.truncate_after(1)
+    log.close()
+    assert [json.loads(line)["event"] for line in path.read_text().splitlines()] == ["train", "run"]
+
+
+def test_a_failing_dashboard_is_left_out_and_a_refused_mlflow_run_is_ended(tmp_path, monkeypatch, capsys):
+    """A dashboard's network error drops that logger with a warning, training's records go on to
+    metrics.jsonl and the other loggers; MLflow parameters it refuses end the run it started (the next
+    training in the process, a curve fraction, found it still active)."""
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            raise ConnectionError("wandb.ai unreachable")
+
+        def finish(self):
+            calls.append("wandb-finish")
+
+    def refuse(params):
+        raise ValueError("param value too long")
+
+    fake_module("wandb", monkeypatch, init=lambda **kw: Run())
+    fake_module("mlflow", monkeypatch, start_run=lambda run_name: calls.append("mlflow-start"), log_params=refuse,
+                log_metrics=lambda values, step: calls.append(("mlflow", step)), end_run=lambda: calls.append("mlflow-end"))
+    with pytest.raises(ValueError, match="too long"):
+        open_loggers(tmp_path / "a", ["mlflow"], {"train": {"lr": 0.1}})
+    assert calls == ["mlflow-start", "mlflow-end"]
+    monkeypatch.setattr(sys.modules["mlflow"], "log_params", lambda params: None)
+    log = open_loggers(tmp_path / "run", ["wandb", "mlflow"], {"train": {"lr": 0.1}})
+    for step in (1, 2):
+        log.write(event="train", step=step, loss=1.0)
+    log.close()
+    assert "ConnectionError: wandb.ai unreachable" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert ("mlflow", 1) in calls and ("mlflow", 2) in calls and calls.count("wandb-finish") == 1

@@ -23,6 +23,8 @@ class MetricLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.handle = open(path, "a", encoding="utf-8")
+        if self.handle.tell() and not _ends_a_line(path):  # a crash cut the last record: the next starts afresh
+            self.handle.write("\n")
 
     def write(self, **record) -> None:
         record.setdefault("time", round(time.time(), 3))
@@ -47,6 +49,12 @@ class MetricLog:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) == b"\n"
 
 
 class MetricLogger(Protocol):
@@ -101,8 +109,12 @@ class MLflowLog:
 
         self.mlflow = mlflow
         mlflow.start_run(run_name=folder.name)
-        mlflow.log_params({f"{section}.{key}": value for section, values in config.items() if isinstance(values, dict)
-                           for key, value in values.items()})
+        try:
+            mlflow.log_params({f"{section}.{key}": value for section, values in config.items()
+                               if isinstance(values, dict) for key, value in values.items()})
+        except BaseException:  # ended, or the next run in this process (curve, choose) finds it active
+            mlflow.end_run()
+            raise
 
     def write(self, **record) -> None:
         values = numbers(record)
@@ -130,8 +142,15 @@ class Loggers:
 
     def write(self, **record) -> None:
         self.jsonl.write(**record)
-        for logger in self.extra:
-            logger.write(**record)
+        for logger in list(self.extra):
+            try:
+                logger.write(**record)
+            except Exception as err:  # noqa: BLE001 (a dashboard's network or quota error must not stop training)
+                self.extra.remove(logger)
+                with contextlib.suppress(Exception):
+                    logger.close()
+                print(f"warning: eval.loggers: {type(logger).__name__} failed ({type(err).__name__}: {err}); it is left "
+                      f"out for the rest of the run, and {self.path} keeps every record", file=sys.stderr)
 
     def truncate_after(self, step: int) -> None:
         self.jsonl.truncate_after(step)  # dashboards keep their history; the file is the record of truth
