@@ -177,6 +177,18 @@ def test_failures_are_one_line_messages(case, message, runs, capsys, monkeypatch
         assert hub.requests == []  # refused before anything was sent
 
 
+def test_private_to_an_existing_public_repo_uploads_nothing(runs, hub, capsys):
+    """The hub keeps an existing repo's visibility: weights trained on private data asked --private
+    went to a public repo."""
+    hub.create_repo({"name": "public", "organization": "me"})
+    code, out, err = push(capsys, str(runs["lora"]), "me/public", "--private", "--token", TOKEN, "--endpoint", hub.url)
+    assert code == 2 and "me/public exists and is public" in err and err.count("\n") == 1
+    assert hub.files("me/public") == {}
+    code, out, err = push(capsys, str(runs["lora"]), "me/secret", "--private", "--token", TOKEN, "--endpoint", hub.url)
+    assert code == 0, err
+    assert hub.private["me/secret"] and "adapter_model.safetensors" in hub.files("me/secret")
+
+
 def test_base_model_hub_id_and_license_for_the_front_matter(tmp_path):
     from tunesmith.export.card import base_model_facts
 

@@ -114,9 +114,13 @@ def hub_api(token: str, endpoint: str):
 
 
 def open_repo(api, repo_id: str, private: bool, revision: str) -> str:
-    """The repo (created if missing, else kept as it is) and the branch where it is not main; its URL."""
+    """The repo (created if missing, else kept as it is) and the branch where it is not main; its URL.
+    --private to a repo that exists and is public is refused: the hub keeps its visibility."""
     with hub_errors(repo_id, revision, api.endpoint):
         url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+        if private and not api.repo_info(repo_id).private:
+            raise UserError(f"push: {repo_id} exists and is public, and --private does not change an existing "
+                            "repo: nothing was uploaded. Make it private on the hub first, or push to another repo")
         if revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
     return url if revision == "main" else f"{url}/tree/{revision}"
