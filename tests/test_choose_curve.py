@@ -211,6 +211,8 @@ def test_choose_refuses_a_misspelt_rank_by_before_any_candidate_is_scored(tiny_m
     monkeypatch.setattr(chooser, "_score_candidate", lambda *a, **k: pytest.fail("scored before --rank-by was checked"))
     with pytest.raises(UserError, match=r"--rank-by rouge-l is not a metric .*answer_loss_per_char.*rouge_l"):
         choose(config, [str(tiny_model_dir)], memory_gib=24, rank_by="rouge-l", out=str(tmp_path / "choose"))
+    with pytest.raises(UserError, match="--limit 0: score at least one"):  # 0 scored every example, -1 all but one
+        choose(config, [str(tiny_model_dir)], memory_gib=24, limit=0, out=str(tmp_path / "choose"))
 
 
 def test_candidates_of_the_same_name_train_into_their_own_folders():

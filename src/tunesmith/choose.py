@@ -33,6 +33,8 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
     """Plan, score and rank the candidates; writes choose.json and choose.png into `out`."""
     if len(models) < 1:
         raise UserError("choose: name the candidates with --models A,B,...")
+    if limit is not None and limit < 1:
+        raise UserError(f"choose: --limit {limit}: score at least one validation example")
     cfg = load_config(config, overrides)
     sft_only(cfg, "choose")
     folder = Path(out)
