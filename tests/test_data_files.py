@@ -337,3 +337,13 @@ def test_an_edited_chat_template_is_a_new_cache_entry(tmp_path, tiny_model_dir, 
     after = prepare(own, load_tokenizer(str(folder)))
     assert not after.cached and ids_of(after) != ids_of(before)
     assert ids_of(after) == ids_of(prepare(DataConfig(train=str(path), cache=False), load_tokenizer(str(folder))))
+
+
+def test_a_csv_record_is_reported_at_its_first_line(tmp_path, tiny_tokenizer):
+    """A quoted cell over several lines (a spreadsheet answer with line breaks): the next records'
+    problems were reported at the line where the record ended, not where it starts."""
+    path = tmp_path / "sheet.csv"
+    path.write_text('question,answer\n"Steps?","one\ntwo\nthree"\n\n"Empty\nanswer?",\n"x","y","z"\nWhy?,Because.\n')
+    prepared = prepare(DataConfig(train=str(path), validation=str(path), cache=False), tiny_tokenizer)
+    assert sorted({(p.line, p.reason[:5]) for p in prepared.problems}) == [(6, "empty"), (8, "malfo")]
+    assert sorted({c[1]["content"] for c in all_examples(prepared)}) == ["Because.", "one\ntwo\nthree"]

@@ -182,14 +182,21 @@ def _read_csv(path: Path) -> Records:
     out = Records()
     csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document (the default limit is 128 KiB)
     with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=_delimiter(path, handle.readline()))
+        reader = csv.reader(handle, delimiter=_delimiter(path, handle.readline()))
         handle.seek(0)
         try:
-            for row in reader:
-                if None in row:  # more cells than header columns
-                    out.problems.append(Problem(str(path), reader.line_num, "malformed CSV row (more cells than columns)"))
+            header = next(reader, None) or []
+            while True:
+                first = reader.line_num + 1  # a record's own line: a quoted cell may run over several
+                cells = next(reader, None)
+                if cells is None:
+                    break
+                if not cells:  # a blank line
                     continue
-                out.rows.append((str(path), reader.line_num, dict(row)))
+                if len(cells) > len(header):
+                    out.problems.append(Problem(str(path), first, "malformed CSV row (more cells than columns)"))
+                    continue
+                out.rows.append((str(path), first, dict(zip(header, cells + [None] * (len(header) - len(cells))))))
         except csv.Error as err:
             raise UserError(f"{path}:{reader.line_num + 1}: unreadable CSV ({err})") from None
     return out
