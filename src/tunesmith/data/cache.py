@@ -21,8 +21,9 @@ from pathlib import Path
 # 4: fields in their common spellings, content parts, assistant weight 0, BOMs, bare message lists;
 # 5: test examples kept whatever their length; 6: raw text rows name the document they start in,
 # raw text test documents whole; 7: duplicates across data.mix sources removed, every training
-# example near an eval one removed, a weight-0 answer's conversation cut right, hidden files skipped.
-FORMAT_VERSION = 7
+# example near an eval one removed, a weight-0 answer's conversation cut right, hidden files skipped;
+# 8: a CSV record's origin is the line it starts on.
+FORMAT_VERSION = 8
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 EXTRA_TEMPLATES = "additional_chat_templates"  # transformers' folder of further named templates
