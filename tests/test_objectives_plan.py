@@ -209,3 +209,17 @@ def test_plan_flags_are_read_as_the_objective_reads_the_config(tiny_model_dir, t
     assert (found.setup.batch, found.setup.seq, found.setup.method) == (8, 128, "full")
     assert found.setup.reference_copy
     assert not plan_for(str(config), tokens=1000, batch=4).setup.reference_copy
+
+
+def test_the_epoch_time_counts_the_reference_forward_of_dpo_and_kto():
+    """DPO and KTO run the reference (adapters disabled) forward over every sequence without
+    gradients: a forward's FLOPs more per token; SimPO and ORPO have no reference."""
+    from tunesmith.plan.speed import flops_per_token
+
+    shape = model_shape("llama-3.1-8b")
+    plain = flops_per_token(shape, setup_for(objective="simpo"))
+    forward = 2 * shape.layers * shape.block_linear_params
+    for objective in ("dpo", "kto"):
+        extra = flops_per_token(shape, setup_for(objective=objective)) - plain
+        assert forward < extra < 1.2 * forward  # the blocks, plus the LM head's labels and attention
+    assert flops_per_token(shape, setup_for(objective="orpo")) == plain

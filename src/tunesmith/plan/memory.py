@@ -99,6 +99,7 @@ class Setup:
     # copy of the weights; GRPO samples with a KV cache of `sampled_tokens` tokens before each step.
     objective: str = "sft"
     reference_copy: bool = False
+    reference_forward: bool = False  # the reference's forward without gradients (time, not memory)
     sampled_tokens: int = 0
     # Micro-batches per optimizer step (train.grad_accum): from the second on, every trainable
     # weight's gradient is held through the whole forward and backward (a full fine-tune's: the size of

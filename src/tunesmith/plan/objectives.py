@@ -38,8 +38,9 @@ def counted_setup(cfg, setup: Setup) -> Setup:
     from ..objectives import needs_reference
 
     objective = getattr(cfg.train, "objective", "sft")
+    reference = needs_reference(cfg.train)
     return replace(setup, objective=objective, sampled_tokens=setup.batch * setup.seq if objective == "grpo" else 0,
-                   reference_copy=get(setup.method).trains_all_weights and needs_reference(cfg.train))
+                   reference_copy=get(setup.method).trains_all_weights and reference, reference_forward=reference)
 
 
 def trained_lengths(example, train, max_len: int) -> list[int]:

@@ -3,7 +3,7 @@
 Training FLOPs per token: the forward is 2 FLOPs per weight of every matrix product; full
 fine-tuning adds 2 for the input gradients and 2 for the weight gradients (6N); LoRA and QLoRA
 skip the frozen weights' gradients (about 4N); gradient checkpointing runs the forward of the
-checkpointed blocks twice.
+checkpointed blocks twice; an objective with a reference (DPO, KTO) adds the reference's forward.
 Attention adds its score and value products (causal: half of the square), and only label
 positions pass through the LM head. MFU (model FLOPs utilisation, as PaLM defined it) counts the
 model's FLOPs only: the recomputed forward of checkpointing is time spent, not model work, so
@@ -44,7 +44,10 @@ def flops_per_token(shape: ModelShape, setup: Setup, mean_seq: float | None = No
         adapters = 6 * shape.layers * adapter_weights
     again = checkpointed_layers(shape, setup) / shape.layers if recompute else 0.0  # the checkpointed blocks' share
     forward_again = (blocks + attention) * again
-    return backward_weights * (blocks + head) + 3 * attention + adapters + forward_again
+    # DPO, KTO (GRPO with a KL term): the reference's forward of every sequence, in each step or once
+    # before training (train.precompute_ref: the same work for one epoch)
+    reference = blocks + head + attention if setup.reference_forward else 0.0
+    return backward_weights * (blocks + head) + 3 * attention + adapters + forward_again + reference
 
 
 def epoch_seconds(tokens: int, shape: ModelShape, setup: Setup, peak_flops: float, utilisation: float,
