@@ -46,7 +46,7 @@ def test_grpo_plans_groups_and_reports_its_sampling_cache():
     assert sampling_cache_bytes(shape, setup) == 2 * 32 * 1024 * 2 * 16 * setup.seq
     text = format_plan(plan(shape, setup, include_this_machine=False))
     assert "objective: grpo, micro-batches of 16 sequences" in text and "KV cache of" in text
-    assert f"{sampling_cache_bytes(shape, setup) / GiB:.2f} GiB" in text
+    assert f"{sampling_cache_bytes(shape, setup) / GiB:.2f} GiB" in text and "leaves sampling out" in text
 
 
 def test_pairs_command_writes_scored_pairs(tiny_model_dir, tmp_path):

@@ -76,5 +76,6 @@ def describe(shape: ModelShape, setup: Setup) -> str | None:
     reference = "a frozen copy of the weights" if setup.reference_copy else "no extra weights"
     line = f"objective: {setup.objective}, micro-batches of {setup.batch} sequences; reference: {reference}"
     if setup.sampled_tokens:
-        line += f"; sampling holds a KV cache of {sampling_cache_bytes(shape, setup) / 2**30:.2f} GiB before each step"
+        line += (f"; sampling holds a KV cache of {sampling_cache_bytes(shape, setup) / 2**30:.2f} GiB before each step"
+                 " (the epoch time below leaves sampling out: it counts the training forward and backward)")
     return line
