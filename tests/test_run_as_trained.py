@@ -61,8 +61,11 @@ def test_the_runs_config_names_its_files_absolutely_and_a_resume_still_matches(p
     # project folder, compares equal to them (a resume is not refused as "the config changed").
     state = json.loads(next((run / "checkpoints").glob("step-*/state.json")).read_text())
     monkeypatch.chdir(project)
+    from tunesmith.training.checkpoint import DATA_KEY
+
+    examples = state["settings"].pop(DATA_KEY)  # beside the settings: the training examples' count and digest
     assert state["settings"] == result_keys(anchored(load_config("my.yaml")))
-    assert state["settings"]["data.train"] == str(project / "tickets.csv")
+    assert state["settings"]["data.train"] == str(project / "tickets.csv") and examples.endswith(tuple("0123456789abcdef"))
 
 
 def test_every_local_path_is_anchored_for_the_run_and_named_only_by_its_last_part_on_a_card(tmp_path, monkeypatch):
@@ -199,7 +202,7 @@ def test_a_checkpoint_that_holds_paths_as_typed_still_resumes_from_the_folder_it
     import shutil
 
     from tunesmith.errors import UserError
-    from tunesmith.training.checkpoint import check_same_settings
+    from tunesmith.training.checkpoint import DATA_KEY, check_same_settings
 
     old = tmp_path / "step-2"
     shutil.copytree(next((project / "runs" / "mine" / "checkpoints").glob("step-*")), old)
@@ -207,7 +210,7 @@ def test_a_checkpoint_that_holds_paths_as_typed_still_resumes_from_the_folder_it
     state["settings"]["data.train"] = "tickets.csv"
     (old / "state.json").write_text(json.dumps(state))
     monkeypatch.chdir(project)
-    settings = result_keys(anchored(load_config("my.yaml")))
+    settings = {**result_keys(anchored(load_config("my.yaml"))), DATA_KEY: state["settings"][DATA_KEY]}
     check_same_settings(old, settings)  # the same file: resumes
     with pytest.raises(UserError, match=r"the config changed since this checkpoint, in train.lr"):
         check_same_settings(old, {**settings, "train.lr": 1.0})
