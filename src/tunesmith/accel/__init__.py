@@ -46,11 +46,15 @@ def apply(model, device: torch.device, setting: str = "auto") -> dict[str, int]:
 
 def padding_free(model) -> bool:
     """Whether the model's attention keeps the sequences of one row apart (a fast path's
-    attention is installed), so micro-batches can go as unpadded rows."""
+    attention is installed) in a family whose layers pass it the row's bounds and mix positions
+    nowhere else (families.PADDING_FREE_TYPES), so micro-batches can go as unpadded rows."""
     from .cpu import attention as cpu_attention
     from .cuda import attention as cuda_attention
+    from .families import PADDING_FREE_TYPES
 
-    return getattr(model.config, "_attn_implementation", None) in (cpu_attention.NAME, cuda_attention.NAME)
+    config = model.config
+    return (getattr(config, "_attn_implementation", None) in (cpu_attention.NAME, cuda_attention.NAME)
+            and getattr(config, "model_type", None) in PADDING_FREE_TYPES)
 
 
 def describe(applied: dict[str, int], setting: str, device: torch.device) -> str:

@@ -12,6 +12,13 @@ import functools
 # The same families by transformers' model_type, for what sees a model's config only (`tunesmith plan`).
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
+# Families whose micro-batches go as padding-free rows: their decoder layers hand the row's bounds
+# (cu_seq_lens) to the attention, and nothing else in them mixes positions. Checked against plain
+# padded batches in tests/test_padding_free_rows.py. Other models keep padded batches: StableLM's
+# and Nemotron's layers drop the bounds, and a hybrid's Mamba, convolution or linear-attention
+# layers (LFM2, Granite 4 H, Bamba, Jamba) would carry one example into the next.
+PADDING_FREE_TYPES = MODEL_TYPES + ("gemma3_text", "phi3", "smollm3")
+
 
 @functools.lru_cache(maxsize=1)
 def known() -> dict[str, tuple[type, ...]]:

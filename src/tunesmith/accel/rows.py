@@ -23,7 +23,7 @@ def per_sequence_sdpa(q, k, v, ends: list[int], scale: float, window: int | None
     (within `window` positions where given). The reference the kernels are tested against, and
     what runs for a row they do not take (attention dropout; on the CPU a window shorter than one of
     its sequences)."""
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])  # values may have their own head size (MLA)
     groups = q.shape[1] // k.shape[1]
     for start, end in zip(ends[:-1], ends[1:]):
         qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [H, S, D]

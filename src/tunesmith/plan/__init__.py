@@ -286,10 +286,10 @@ def with_flags(cfg, changes: dict):
 def planned_layout(cfg, shape: ModelShape) -> str:
     """The batch layout a run would take, from its config and the model's family: padding-free where
     the fast paths' attention knows the family (accel/families.py), as on the CPU and on CUDA."""
-    from ..accel.families import MODEL_TYPES
+    from ..accel.families import PADDING_FREE_TYPES
     from ..data.collate import layout
 
-    fast = cfg.train.fast_paths != "off" and shape.model_type in MODEL_TYPES
+    fast = cfg.train.fast_paths != "off" and shape.model_type in PADDING_FREE_TYPES
     return layout(cfg.data.packing, fast)
 
 

@@ -53,11 +53,29 @@ def model_inputs(config, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> 
         inputs.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest,
                       attention_mask=bounds_only_mask(batch["input_ids"].device))
         return inputs
-    mask = inputs["attention_mask"] = batch["attention_mask"]
-    if mask.ndim == 4 and getattr(config, "_attn_implementation", "sdpa") == "eager":
-        inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min)
+    mask = batch["attention_mask"]
+    if mask.ndim == 2:
+        inputs["attention_mask"] = mask
+        return inputs
+    masks = by_layer_type(config, mask)
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        masks = {kind: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+                 for kind, m in masks.items()}
+    inputs["attention_mask"] = masks if len(masks) > 1 else next(iter(masks.values()))
     return inputs
+
+
+def by_layer_type(config, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A packed batch's block-diagonal mask as each kind of layer attends: transformers takes a 4D
+    mask as it is, so a sliding window (Mistral, Phi-3; Gemma 3's sliding layers beside its full
+    ones) must be in it, or an example longer than the window trains with full attention there."""
+    window = getattr(config, "sliding_window", None)
+    if not window or mask.shape[-1] <= window:
+        return {"full_attention": mask}
+    rows = torch.arange(mask.shape[-1], device=mask.device)
+    near = (rows[:, None] - rows[None, :]) < window  # within a block the distance in the row is in the example
+    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+    return {kind: mask & near if kind == "sliding_attention" else mask for kind in sorted(kinds)}
 
 
 def half_precision_adapters(model, dtype: torch.dtype):

@@ -231,6 +231,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     plain = (query.shape[2] == key.shape[2] and dropout == 0.0 and kwargs.get("softcap") is None
              and kwargs.get("position_bias") is None and kwargs.get("cache") is None
              and (attention_mask is None or attention_mask.dtype == torch.bool) and causal_groups
+             and value.shape[-1] == query.shape[-1]  # not MLA (DeepSeek-V2/V3: values of another head size)
              and (kwargs.get("sliding_window") or longest) >= longest)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if not plain and bounds is not None and causal_groups:
