@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -75,21 +76,33 @@ window.addEventListener('load', () => {
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
-def test_report_renders_with_its_pictures_in_headless_chromium(tmp_path):
-    html_path, _ = write_report(fake_run(tmp_path / "run"))
-    probe = tmp_path / "probe.html"  # the report plus a script that writes each image's decoded size into the page
-    probe.write_text(html_path.read_text().replace("</body>", CHECK_IMAGES))
-    done = subprocess.run(
+def rendered(page: Path, profile: Path) -> str:
+    """The page's DOM after headless Chromium ran it, offline."""
+    return subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",  # offline
-         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+         f"--user-data-dir={profile}", "--host-resolver-rules=MAP * ~NOTFOUND",  # offline
+         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_with_its_pictures_in_headless_chromium(tmp_path):
+    """The images decode; and the report's policy runs no script, so one that a run folder's text
+    smuggled in does nothing (here the image check itself, which runs once the policy is taken out)."""
+    from tunesmith.eval.report import NO_SCRIPTS
+
+    html_path, _ = write_report(fake_run(tmp_path / "run"))
+    probe = tmp_path / "probe.html"  # the report plus a script that writes each image's decoded size into the page
+    probe.write_text(html_path.read_text().replace(NO_SCRIPTS, "").replace("</body>", CHECK_IMAGES))
+    done = rendered(probe, tmp_path / "profile")
     found = re.search(r'<pre id="image-check">([^<]*)</pre>', done.stdout)
     assert found, f"page did not render: {done.stderr[-500:]}"
     sizes = found.group(1).split()
     assert len(sizes) == 3
     assert all(s == "true:600x320" for s in sizes), sizes  # 6 x 3.2 inches at 100 dpi, decoded
+    probe.write_text(html_path.read_text().replace("</body>", CHECK_IMAGES))  # the policy kept
+    done = rendered(probe, tmp_path / "profile")
+    assert "<h1>tunesmith run report</h1>" in done.stdout and 'id="image-check"' not in done.stdout
 
 
 def test_smoothed_loss_is_a_debiased_moving_average_and_figures_read_as_numbers():

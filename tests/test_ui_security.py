@@ -250,3 +250,88 @@ def test_the_printed_address_carries_any_token_intact(tmp_path):
             assert urllib.parse.parse_qs(query)["token"] == [token]
         finally:
             server.server_close()
+
+
+def test_a_run_folder_with_links_writes_through_none(served, tmp_path):  # noqa: F811
+    """A shared run folder whose .lock and train.log link to the user's files: the page does not list
+    it and will not resume it, and neither the dashboard nor `tunesmith train` writes through the links
+    (the pid truncated the lock's target, the child's output was appended to ~/.bashrc)."""
+    from tunesmith import runlock
+
+    folder = fake_run(tmp_path / "runs", "shared", checkpoint=True)
+    victims = {name: tmp_path / f"victim-{name.strip('.')}" for name in (".lock", "train.log")}
+    for name, victim in victims.items():
+        victim.write_text("precious\n")
+        (folder / name).symlink_to(victim)
+    server = served()
+    code, runs = call(server, "/api/runs")
+    assert code == 200 and "shared" not in [run["name"] for run in runs["runs"]]
+    for action in ("resume", "finish", "stop"):
+        code, body = call(server, f"/api/runs/shared/{action}", {})
+        assert code == 404, (action, body)
+    assert runlock.holder(folder) is None  # whatever holds the lock's target is not this run
+    for name in (".lock", "train.log"):
+        (folder / name).unlink()
+    (folder / "metrics.jsonl").rename(tmp_path / "victim-metrics")
+    (folder / "metrics.jsonl").symlink_to(tmp_path / "victim-metrics")
+    with pytest.raises(UserError, match=r"metrics.jsonl: a symbolic link in a run folder"):
+        with runlock.hold(folder):
+            pass
+    assert all(victim.read_text() == "precious\n" for victim in victims.values())
+    assert not (folder / ".lock").exists()
+
+
+def test_the_dashboards_trainer_imports_nothing_from_the_working_folder(tmp_path):
+    """A cloned project's argparse.py (or yaml.py) in the folder the dashboard runs in: `python -m`
+    puts that folder first on the module path, so the trainer it starts ran it."""
+    from tunesmith.cli import SAFE_ENTRY
+
+    marker = tmp_path / "ran"
+    (tmp_path / "argparse.py").write_text(f"open({str(marker)!r}, 'w').write('project code ran')\n"
+                                          "raise SystemExit(3)\n")
+    attacked = subprocess.run([sys.executable, "-m", "tunesmith.cli", "--help"], cwd=tmp_path, capture_output=True)
+    assert marker.exists() and attacked.returncode == 3  # what the dashboard and torchrun did
+    marker.unlink()
+    safe = subprocess.run([sys.executable, "-c", SAFE_ENTRY, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert safe.returncode == 0 and "tunesmith" in safe.stdout and not marker.exists()
+
+
+def test_the_report_runs_no_script_whatever_the_metrics_hold(tmp_path):
+    """metrics.jsonl's keys name the report's plots: a run folder from elsewhere put markup there."""
+    from html.parser import HTMLParser
+
+    from tunesmith.eval.report import render_html
+
+    class Tags(HTMLParser):
+        found: list = []
+
+        def handle_starttag(self, tag, attrs):
+            self.found.append((tag, dict(attrs)))
+
+    from tunesmith.eval.report import collect
+
+    names = {"validation_<script>alert(1)</script>": "AAAA", "objective/<img src=x onerror=alert(2)>": "AAAA"}
+    page = render_html(collect(fake_run(tmp_path / "runs", "shared", finished=True)), names)
+    parser = Tags()
+    parser.feed(page)
+    assert not [tag for tag, _ in parser.found if tag == "script"]
+    assert not [attrs for tag, attrs in parser.found if "onerror" in attrs]
+    assert "default-src 'none'" in page
+
+
+def test_a_config_of_aliases_or_shorthand_breaks_no_run_list(served, tmp_path):  # noqa: F811
+    folder = fake_run(tmp_path / "runs", "short")
+    (folder / "config.yaml").write_text("model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    bomb = fake_run(tmp_path / "runs", "bomb")
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]"
+        for i in range(6)]
+    (bomb / "config.yaml").write_text("\n".join(levels) + "\ntrain: {max_steps: *g}\n")
+    server = served()
+    code, runs = call(server, "/api/runs")
+    assert code == 200
+    shown = {run["name"]: run for run in runs["runs"]}
+    assert shown["short"]["model"] == "SmolLM2-135M-Instruct"
+    code, text = call(server, "/api/runs/bomb")
+    assert code == 200 and len(json.dumps(text)) < 100_000

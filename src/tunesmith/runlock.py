@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,10 +75,12 @@ def holder(folder: str | Path) -> int | None:
     """The pid of the process holding the run folder's lock, None when none does (the lock is tested,
     not kept). 0 when it is held but the pid is not written yet (a trainer in its first instant)."""
     try:
-        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
-    except OSError:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:  # none, or a symbolic link: whatever holds its target is not this run
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -92,8 +95,9 @@ def _take(folder: Path) -> int:
     deadline = time.monotonic() + PROBE_GRACE_SECONDS
     while True:
         folder.mkdir(parents=True, exist_ok=True)
+        refuse_links(folder)
         try:
-            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except FileNotFoundError:  # the folder was removed by a holder leaving it empty: make it again
             continue
         try:
@@ -113,12 +117,23 @@ def _take(folder: Path) -> int:
         os.close(fd)  # locked a file its last holder removed as it left: open the folder's own
 
 
+def refuse_links(folder: Path) -> None:
+    """A run folder tunesmith is about to write holds no symbolic link: a shared or downloaded run
+    folder could otherwise point its .lock, train.log or metrics.jsonl at any file of the user's,
+    which training would then overwrite or append to."""
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            if os.path.islink(os.path.join(root, name)):
+                raise UserError(f"{os.path.join(root, name)}: a symbolic link in a run folder; tunesmith writes only "
+                                "its own files there, never through links. Remove it (or copy what it points to) first")
+
+
 def _is_the_folders(fd: int, folder: Path) -> bool:
     try:
-        ours, current = os.fstat(fd), os.stat(folder / LOCK_FILE)
+        ours, current = os.fstat(fd), os.lstat(folder / LOCK_FILE)
     except OSError:
         return False
-    return (ours.st_dev, ours.st_ino) == (current.st_dev, current.st_ino)
+    return stat.S_ISREG(current.st_mode) and (ours.st_dev, ours.st_ino) == (current.st_dev, current.st_ino)
 
 
 def _adopt(folder: Path) -> int | None:

@@ -230,8 +230,8 @@ def load_scorer(spec: str) -> Scorer:
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)
         else:
-            if "" not in sys.path:
-                sys.path.insert(0, "")  # modules next to the user's data, as `python -m` would find them
+            if "" not in sys.path:  # modules next to the user's data; last, so they shadow no installed one
+                sys.path.append("")
             module = importlib.import_module(module_name)
     except ImportError as err:
         raise UserError(f"scorer '{spec}': cannot import module '{module_name}' ({err})") from None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import yaml
@@ -223,10 +225,17 @@ pre{white-space:pre-wrap;background:#f6f6f6;padding:6px;margin:2px 0}img{max-wid
 .answers{display:flex;gap:8px}.answer{flex:1}.example{border-top:2px solid #ddd;margin-top:1em}"""
 
 
+# The report is opened from disk and shared: it runs no script and loads nothing, whatever its text holds.
+NO_SCRIPTS = ("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+              "style-src 'unsafe-inline'\">")
+
+
 def render_html(report: dict, plots: dict[str, str]) -> str:
     results = report["results"]
-    images = "".join(f"<figure><img alt='{name}' src='data:image/png;base64,{data}'><figcaption>{name.replace('_', ' ')}"
-                     "</figcaption></figure>" for name, data in plots.items())
+    # Plot names come from metrics.jsonl's keys: a run folder from elsewhere may hold any text there.
+    images = "".join(f"<figure><img alt='{html.escape(name, quote=True)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{html.escape(name.replace('_', ' '))}</figcaption></figure>"
+                     for name, data in plots.items())
     facts = [[k, results[k]] for k in ("steps", "train_tokens", "train_seconds", "tokens_per_second", "first_loss",
                                        "final_loss", "trainable_parameters", "total_parameters", "dtype")
              if results.get(k) is not None]
@@ -235,7 +244,7 @@ def render_html(report: dict, plots: dict[str, str]) -> str:
     data = report["data"]
     data_rows = [[name, count, data.get("tokens", {}).get(name, "-"), data.get("label_tokens", {}).get(name, "-")]
                  for name, count in data.get("examples", {}).items()]
-    return f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>tunesmith report: {html.escape(report['run'])}</title>
+    return f"""<!DOCTYPE html><html><head><meta charset="utf-8">{NO_SCRIPTS}<title>tunesmith report: {html.escape(report['run'])}</title>
 <style>{STYLE}</style></head><body>
 <h1>tunesmith run report</h1><p>{html.escape(report['run'])}</p>
 <h2>Training</h2>{images or '<p>No metrics recorded.</p>'}{_table(['figure', 'value'], facts)}{events}
@@ -253,6 +262,15 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     report = collect(run_dir)
     plots = figures(report)
     json_path, html_path = run_dir / "report.json", run_dir / "report.html"
-    json_path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    html_path.write_text(render_html(report, plots), encoding="utf-8")
+    replace_file(json_path, json.dumps(report, indent=2, default=str))
+    replace_file(html_path, render_html(report, plots))
     return html_path, json_path
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `path` anew beside it and move it in: a link in its place is replaced, never written through."""
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

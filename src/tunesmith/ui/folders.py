@@ -33,16 +33,36 @@ def inside(root: Path, relative: str) -> Path:
 def run_folder(runs_dir: Path, name: str) -> Path:
     """The folder of run `name`: a direct child of the runs folder holding a config.yaml."""
     folder = inside(runs_dir, name)
-    if folder.parent != runs_dir.resolve() or not (folder / "config.yaml").is_file():
+    if folder.parent != runs_dir.resolve() or not is_run(folder):
         raise LookupError(f"no run named {name!r}")
     return folder
 
 
-def read_config(folder: Path) -> dict:
+def is_run(folder: Path) -> bool:
+    """A folder with a config.yaml and no symbolic link among its files: tunesmith makes none, and one
+    could show (or, resumed, have training write) a file outside the runs folder."""
     try:
-        return yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        return (folder / "config.yaml").is_file() and not any(entry.is_symlink() for entry in folder.iterdir())
+    except OSError:
+        return False
+
+
+def read_config(folder: Path) -> dict:
+    """A run's config.yaml as sections of settings ({} where unreadable); `model: NAME` as {name: NAME}.
+    A run folder may come from elsewhere: YAML aliases are refused (a few hundred bytes of nested
+    aliases expand to gigabytes once sent as JSON), and anything that is not a section is left out."""
+    try:
+        text = (folder / "config.yaml").read_text(encoding="utf-8")
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            return {}
+        raw = yaml.safe_load(text) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
+    if not isinstance(raw, dict):
+        return {}
+    if isinstance(raw.get("model"), str):
+        raw["model"] = {"name": raw["model"]}
+    return {key: value for key, value in raw.items() if isinstance(value, dict)}
 
 
 def read_metrics(folder: Path) -> list[dict]:
@@ -109,7 +129,7 @@ def list_runs(runs_dir: Path) -> list[dict]:
     root = runs_dir.resolve()
     # A symlink leading out of the runs folder is not a run here (run_folder refuses it too).
     runs = [summary(child) for child in runs_dir.iterdir()
-            if child.is_dir() and child.resolve().parent == root and (child / "config.yaml").is_file()]
+            if child.is_dir() and child.resolve().parent == root and is_run(child)]
     return sorted(runs, key=lambda run: run["started"], reverse=True)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .. import runlock
+from ..cli import SAFE_ENTRY
 from ..config import Config, dump, load_config
 from ..errors import UserError
 from .folders import LOG_FILE, RUN_NAME, inside, status, training_pid
@@ -135,14 +136,18 @@ def finish(folder: Path, allow_code: bool = False) -> subprocess.Popen:
     return launch(folder, f"train.max_steps={step}")
 
 
+# train.log, never through a link (runlock.handover has refused links in the folder already)
+APPEND_NEW = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+
+
 def launch(folder: Path, *overrides: str) -> subprocess.Popen:
     """`tunesmith train` on the folder's config in a child process that holds the run folder's lock
     from its first instant (taken here, handed over): the run shows as running at once, and a second
     trainer for the folder, from here or a terminal, is refused. The run goes on in this folder, where
     its config.yaml may name another (the folder was moved or copied)."""
-    with runlock.handover(folder) as lock, open(folder / LOG_FILE, "ab") as log:
+    with runlock.handover(folder) as lock, open(os.open(folder / LOG_FILE, APPEND_NEW, 0o644), "ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "tunesmith.cli", "train", str(folder / "config.yaml"), *overrides,
+            [sys.executable, "-c", SAFE_ENTRY, "train", str(folder / "config.yaml"), *overrides,
              f"output.dir={folder.absolute()}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(lock,),
             # Its own session: a Ctrl-C in the dashboard's terminal does not stop the runs it started.
