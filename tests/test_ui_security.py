@@ -335,3 +335,22 @@ def test_a_config_of_aliases_or_shorthand_breaks_no_run_list(served, tmp_path): 
     assert shown["short"]["model"] == "SmolLM2-135M-Instruct"
     code, text = call(server, "/api/runs/bomb")
     assert code == 200 and len(json.dumps(text)) < 100_000
+
+
+def test_what_other_commands_write_into_a_run_folder_goes_through_no_link(tmp_path):
+    """results.json.tmp planted as a link to a user's file, and a run folder whose export/ is a link:
+    the results are written beside and renamed (the link replaced), and export refuses the folder."""
+    from tunesmith.export import export
+    from tunesmith.runs import write_json
+
+    folder = fake_run(tmp_path / "runs", "shared", finished=True)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (folder / "results.json.tmp").symlink_to(victim)
+    write_json(folder / "results.json", {"steps": 3})
+    assert victim.read_text() == "precious\n" and json.loads((folder / "results.json").read_text()) == {"steps": 3}
+    (tmp_path / "elsewhere").mkdir()
+    (folder / "export").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="export: a symbolic link in a run folder"):
+        export(folder, formats="hf")
+    assert not any((tmp_path / "elsewhere").iterdir())

@@ -73,6 +73,7 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     per_call = max(1, batch_size // samples)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")  # an earlier file stays whole until this one is
+    partial.unlink(missing_ok=True)  # a link left there is removed, not written through
     with open(partial, "w", encoding="utf-8") as handle:
         for start in range(0, len(prompts), per_call):
             chunk = range(start, min(start + per_call, len(prompts)))

@@ -16,6 +16,7 @@ A run folder holds what `tunesmith train` writes:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -204,11 +205,19 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
 
 
 def write_json(path: Path, value) -> None:
-    """Written to a temporary name, flushed to disk, then renamed: a reader never sees half a file,
-    and a crash right after leaves the old or the new file, never an empty one."""
+    write_text(path, json.dumps(value, indent=2, default=str))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Written to a new file beside `path`, flushed to disk, then renamed onto it: a reader never sees
+    half a file, a crash right after leaves the old or the new file, never an empty one, and a link
+    in either place (a run folder from elsewhere) is replaced, never written through."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(value, indent=2, default=str))
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with open(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     tmp.replace(path)

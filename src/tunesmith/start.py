@@ -38,9 +38,11 @@ def starting_model(spec: str) -> str:
     # Merged from this adapter, not from one the run held before it was trained again
     if not check.is_file() or check.stat().st_mtime < (trained / "adapter_model.safetensors").stat().st_mtime:
         from .export.merge import merge_run
+        from .runlock import refuse_links
 
         print(f"model: merging the adapter of run {run.path} into its base (once) -> {merged}", file=sys.stderr,
               flush=True)
+        refuse_links(run.path)  # export/merged is written there
         merge_run(run.path, merged)
     return str(merged)
 

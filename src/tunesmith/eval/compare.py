@@ -22,7 +22,7 @@ from ..data.tokenize import IGNORE, document_rows, encode, prompt_ids
 from ..device import to_device
 from ..errors import UserError
 from ..progress import Progress
-from ..runs import RunFolder
+from ..runs import RunFolder, write_text
 from ..training.loss import label_token_losses
 from .decoding import LoopGuard
 from .generate import answer_and_score, generate_answers, length_batches
@@ -288,7 +288,6 @@ def write_comparison(result: dict, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in result.items() if k != "examples"}
     run = RunFolder(folder)
-    run.comparison.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    with open(run.comparison_rows, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(e) + "\n" for e in result["examples"])
+    write_text(run.comparison, json.dumps(summary, indent=2))
+    write_text(run.comparison_rows, "".join(json.dumps(e) + "\n" for e in result["examples"]))
     return run.comparison

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import yaml
 
-from ..runs import RunFolder, read_json, read_jsonl
+from ..runs import RunFolder, read_json, read_jsonl, write_text
 from .evidence import difference_rows, general_rows, metric_rows, shown_comparison
 
 EXAMPLES_SHOWN = 8
@@ -262,15 +260,6 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     report = collect(run_dir)
     plots = figures(report)
     json_path, html_path = run_dir / "report.json", run_dir / "report.html"
-    replace_file(json_path, json.dumps(report, indent=2, default=str))
-    replace_file(html_path, render_html(report, plots))
+    write_text(json_path, json.dumps(report, indent=2, default=str))
+    write_text(html_path, render_html(report, plots))
     return html_path, json_path
-
-
-def replace_file(path: Path, text: str) -> None:
-    """Write `path` anew beside it and move it in: a link in its place is replaced, never written through."""
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

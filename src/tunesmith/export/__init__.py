@@ -34,6 +34,7 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
     A GGUF is checked on the run's own sample conversations; where none are found (the data moved
     away) the export is refused unless `force`, and then says it was checked on random tokens only."""
     from .. import runs
+    from ..runlock import refuse_links
     from ..config import load_config
     from .merge import TOLERANCE, merge_run
     from .peft_folder import export_peft
@@ -43,6 +44,7 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
     run = Path(run)
     if not runs.is_run(run):
         raise UserError(f"{run}: not a run folder (no config.yaml)")
+    refuse_links(run)  # its export/ is written: never through a link of a run folder from elsewhere
     out = Path(out) if out else run / "export"
     trained = runs.trained_folder(run)
     quantized = load_config(run / "config.yaml").adapter.method == "qlora"
