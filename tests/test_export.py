@@ -370,3 +370,13 @@ def test_ollama_says_which_of_the_runs_prompts_its_template_serves_otherwise(tmp
     chosen = choose_template(tokenizer, False)
     assert prompts_served_alike(tokenizer, *chosen, [plain], None, False) == 1
     assert prompts_served_alike(tokenizer, *chosen, [plain, tools], None, False) == 1
+
+
+def test_a_card_cell_stays_one_cell_of_text():
+    """Table cells come from the run's files (a comparison's model names, a scorer's metric names): a
+    line break ended the row and markup rendered on the hub's page."""
+    from tunesmith.export.card import cell
+
+    assert cell("a|b\n| injected | row |") == "a\\|b \\| injected \\| row \\|"
+    assert cell("<img src=x onerror=alert(1)>") == "&lt;img src=x onerror=alert(1)&gt;"
+    assert (cell(0.123456), cell(None), cell("rouge_l")) == ("0.1235", "-", "rouge_l")

@@ -89,7 +89,11 @@ def table(header: list[str], rows: list[list]) -> str:
 def cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    return "-" if value is None else str(value).replace("|", "\\|")
+    if value is None:
+        return "-"
+    # One table cell whatever the text: a line break would end the row, markup would render
+    text = " ".join(str(value).split()).replace("|", "\\|")
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def comparison_sections(results: dict, comparison: dict) -> list[str]:
