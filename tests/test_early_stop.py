@@ -46,6 +46,27 @@ def test_best_weights_round_trip_on_disk_and_in_memory(tmp_path):
     assert BestWeights.reopen(tmp_path / "best.safetensors", 7, 1.0).step is None  # a file from another step
 
 
+def test_best_weights_a_checkpoint_knows_survive_a_better_evaluation_after_it(tmp_path):
+    """Checkpoint at step 2 with the best at step 2; a better evaluation at step 3; a crash before the
+    next checkpoint. The resumed run starts from step 2, whose best weights the step-3 file replaced:
+    they are kept beside it until a checkpoint knows the new best."""
+    path = tmp_path / "best.safetensors"
+    model = torch.nn.Linear(3, 2)
+    keeper = BestWeights(path)
+    keeper.offer(model, 2, 2.0)
+    at_two = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    keeper.offer(model, 3, 1.0)  # better, after the checkpoint at step 2
+    reopened = BestWeights.reopen(path, 2, 2.0)  # the crash, the resume from step 2
+    assert (reopened.step, reopened.value) == (2, 2.0)
+    reopened.restore(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in at_two.items())
+    reopened.offer(model, 3, 1.5)
+    reopened.committed()  # the checkpoint at step 4 knows step 3's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]
+
+
 def scripted_eval(monkeypatch, values):
     """Replace the evaluations of the run's weights by a scripted sequence (the base model's
     evaluation before training stays real); remember the weights at each call."""

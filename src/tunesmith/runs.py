@@ -159,6 +159,8 @@ class RunFolder:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+            for kept in self.path.glob("best-step-*.safetensors"):  # early_stop.BestWeights.kept
+                kept.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
 
 

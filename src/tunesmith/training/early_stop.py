@@ -60,14 +60,18 @@ class BestWeights:
     _memory: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def offer(self, model, step: int, value: float) -> bool:
-        """Keep the model's weights if `value` is the best eval loss seen; True when kept."""
+        """Keep the model's weights if `value` is the best eval loss seen; True when kept. On disk the
+        ones they replace stay as best-step-N until a checkpoint knows the new ones (`committed`):
+        a crash before it resumes from a checkpoint whose best they are."""
         if self.value is not None and value >= self.value:
             return False
-        self.step, self.value = step, value
+        previous, (self.step, self.value) = self.step, (step, value)
         weights = trainable_state(model)
         if self.path is None:
             self._memory = weights
         else:
+            if previous is not None and self.path.exists():
+                os.replace(self.path, self.kept(self.path, previous))
             tmp = self.path.with_name(self.path.name + ".tmp")
             save_file(weights, tmp, metadata={"step": str(step), "eval_loss": repr(value)})
             with open(tmp, "rb") as handle:
@@ -79,17 +83,34 @@ class BestWeights:
     def restore(self, model) -> None:
         load_trainable_state(model, self._memory if self.path is None else load_file(self.path))
 
+    def committed(self) -> None:
+        """A checkpoint now records the best step: the best weights kept from before are not needed."""
+        if self.path is not None:
+            for old in self.path.parent.glob(self.path.stem + "-step-*" + self.path.suffix):
+                old.unlink(missing_ok=True)
+
+    @staticmethod
+    def kept(path: Path, step: int) -> Path:
+        return path.with_name(f"{path.stem}-step-{step}{path.suffix}")
+
     @classmethod
     def reopen(cls, path: Path, step: int | None, value: float | None) -> "BestWeights":
-        """After a resume: the best weights saved before the interruption, when the file on disk
-        is the one the checkpoint knows (a newer one belongs to steps about to be redone)."""
-        if step is not None and path.exists():
-            from safetensors import safe_open
-
-            with safe_open(path, "pt") as handle:
-                if (handle.metadata() or {}).get("step") == str(step):
-                    return cls(path, step, value)
+        """After a resume: the best weights of the checkpoint's best step, from the file on disk or
+        from the one kept when a better evaluation after the checkpoint replaced it (those belong
+        to steps about to be redone)."""
+        for found in ([path, cls.kept(path, step)] if step is not None else []):
+            if found.exists() and _saved_step(found) == str(step):
+                if found != path:
+                    os.replace(found, path)
+                return cls(path, step, value)
         return cls(path)
+
+
+def _saved_step(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        return (handle.metadata() or {}).get("step")
 
 
 def overfitting(train_losses: list[float], evals: list[tuple[int, float]], window: int = 3) -> bool:
