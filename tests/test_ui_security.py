@@ -284,7 +284,7 @@ def test_a_run_folder_with_links_writes_through_none(served, tmp_path):  # noqa:
 def test_the_dashboards_trainer_imports_nothing_from_the_working_folder(tmp_path):
     """A cloned project's argparse.py (or yaml.py) in the folder the dashboard runs in: `python -m`
     puts that folder first on the module path, so the trainer it starts ran it."""
-    from tunesmith.cli import SAFE_ENTRY
+    from tunesmith.entry import SAFE_ENTRY
 
     marker = tmp_path / "ran"
     (tmp_path / "argparse.py").write_text(f"open({str(marker)!r}, 'w').write('project code ran')\n"

@@ -13,11 +13,6 @@ from .methods import NAMES as METHOD_NAMES
 from .objectives.settings import OBJECTIVE_NAMES
 from .plan.shapes import SHIPPED as SHIPPED_SHAPES
 
-# How a child process runs the command line (`python -c SAFE_ENTRY ARGS`): `python -m` would put the
-# working folder first on the module path, and a file there named like a module tunesmith imports
-# (a cloned project's yaml.py) would run in the trainer.
-SAFE_ENTRY = "import sys; sys.path[:] = [p for p in sys.path if p]; from tunesmith.cli import main; sys.exit(main())"
-
 
 def cmd_train(args) -> int:
     if args.nproc > 1:  # the same command under torchrun, once the config is known to be valid

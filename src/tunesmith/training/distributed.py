@@ -175,7 +175,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     """`tunesmith train --nproc N ...`: the same command under torchrun with N processes."""
     from torch.distributed.run import main as torchrun
 
-    from ..cli import SAFE_ENTRY
+    from ..entry import SAFE_ENTRY
 
     # Not `-m tunesmith.cli`: each rank would import modules from the working folder first.
     args = ["--standalone", f"--nproc_per_node={nproc}", "--no-python", sys.executable, "-c", SAFE_ENTRY, *argv]

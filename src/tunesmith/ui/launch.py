@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .. import runlock
-from ..cli import SAFE_ENTRY
+from ..entry import SAFE_ENTRY
 from ..config import Config, dump, load_config
 from ..errors import UserError
 from .folders import LOG_FILE, RUN_NAME, inside, status, training_pid
