@@ -78,6 +78,8 @@ CASES = [
     ("json-not-list", lambda t, m, d: (config_text(m, write(t, "d.json", '{"prompt": 1}')), []), r"d.json.*(list|no usable)"),
     ("json-broken", lambda t, m, d: (config_text(m, write(t, "b.json", '[{"prompt": "a", ')), []), r"b.json:1.*broken JSON"),
     ("csv-wrong-columns", lambda t, m, d: (config_text(m, write(t, "d.csv", "colour,size\nred,3\n")), []), r"d.csv.*no usable training examples"),
+    ("data-deep-json", lambda t, m, d: (config_text(m, write(t, "deep.jsonl", "[" * 100_000 + "\n")), []), r"deep.jsonl: no usable training examples.*deep.jsonl:1: broken JSON"),
+    ("data-huge-integer", lambda t, m, d: (config_text(m, write(t, "int.jsonl", '{"prompt": ' + "9" * 5001 + "}\n")), []), r"int.jsonl: no usable training examples.*int.jsonl:1: broken JSON"),
     ("output-is-a-file", lambda t, m, d: (config_text(m, d, output={"dir": write(t, "taken", "x")}), []), r"taken: .*not a folder"),
 ]
 
@@ -251,3 +253,45 @@ def test_command_options_out_of_range_give_one_clear_line(args, expected, tmp_pa
     assert main([a.replace("{file}", taken) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and err.splitlines() == [f"error: {err.removeprefix('error: ')}"] and expected in err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["eval", "m", "--data", "d.jsonl", "--limit", "-1"], "argument --limit: -1: expected an integer of at least 1"),
+    (["pairs", "m", "--data", "d.jsonl", "--batch-size", "0"], "argument --batch-size: 0: expected an integer of at least 1"),
+    (["compare", "a", "b", "--data", "d.jsonl", "--kshot", "-1"], "argument --kshot: -1: expected an integer of at least 0"),
+    (["eval", "m", "--temperature", "nan"], "argument --temperature: nan: expected a number of at least 0.0"),
+    (["plan", "--seq", "-1"], "argument --seq: -1: expected an integer of at least 1"),
+    (["plan", "--label-share", "2"], "argument --label-share: 2 is not a share above 0 and at most 1"),
+    (["choose", "c.yaml", "--models", "a", "--retrieval-k", "-1"], "argument --retrieval-k: -1: expected an integer"),
+])
+def test_numbers_out_of_range_are_refused_before_anything_loads(args, expected, capsys):
+    """A negative --limit or --retrieval-k was a slice (all examples but one), a --batch-size of 0 failed
+    in sampling after the model loaded, a negative --seq planned negative memory."""
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and expected in err and "Traceback" not in err
+
+
+def test_a_damaged_run_folder_is_one_clear_line(tmp_path, tiny_model_dir, capsys):
+    """results.json holding a list, an adapter_config.json that is not JSON, a file where --out names a
+    folder, an unreadable file: one line each, never a traceback."""
+    import shutil
+
+    from tunesmith.errors import one_line
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model: {tiny_model_dir}\n")
+    (run / "results.json").write_text("[1, 2]")
+    (run / "metrics.jsonl").write_text('{"event": "train", "step": 1, "loss": 2.0}\n')
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, run / "adapter" / name)
+    (run / "adapter" / "adapter_config.json").write_text("{not json")
+    assert main(["report", str(run)]) == 0  # a foreign results.json is read as none
+    assert main(["generate", str(run), "hi"]) == 2
+    assert "adapter_config.json: not a JSON object" in capsys.readouterr().err
+    data = write(tmp_path, "d.jsonl", json.dumps(GOOD_ROW) + "\n")
+    assert main(["compare", str(tiny_model_dir), str(run), "--data", data, "--out", data]) == 2
+    assert "a file, not a folder for comparison.json" in capsys.readouterr().err
+    assert one_line(PermissionError(13, "Permission denied", "x.jsonl")) == "x.jsonl: Permission denied"

@@ -6,7 +6,8 @@ import json
 import sys
 from importlib import resources
 
-from .errors import Interrupted, UserError, plain_warnings
+from .errors import Interrupted, UserError, one_line, plain_warnings
+from .flags import COUNT, NUMBER, SIZE, at_least, share
 from .eval.decoding import LoopGuard
 from .eval.evidence import demo_lines
 from .methods import NAMES as METHOD_NAMES
@@ -163,10 +164,10 @@ def cmd_pairs(args) -> int:
 
 def _add_decoding_options(p, max_new_tokens: int) -> None:
     """How the commands that generate (eval, compare, chat, generate) decode answers."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0 samples")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1: tokens already said less likely")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat a token n-gram of this size in "
+    p.add_argument("--max-new-tokens", type=SIZE, default=max_new_tokens)
+    p.add_argument("--temperature", type=NUMBER, default=0.0, help="0 = greedy; above 0 samples")
+    p.add_argument("--repetition-penalty", type=NUMBER, default=1.0, help="above 1: tokens already said less likely")
+    p.add_argument("--no-repeat-ngram-size", type=COUNT, default=0, help="never repeat a token n-gram of this size in "
                                                                        "an answer (4 stops loops; 0 = off)")
 
 
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="e.g. train.lr=1e-4 adapter.r=8")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint (an unfinished run "
                                                          "is resumed anyway; with this flag, having none is an error)")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=SIZE, default=1,
                    help="processes on this machine (one per GPU, or CPU processes with gloo), launched with torchrun")
     p.set_defaults(func=cmd_train)
 
@@ -198,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "scored against its base, each difference with its 95%% interval")
     p.add_argument("--general-data", default=None, help="folder of probe files (default: the shipped probe)")
     p.add_argument("--general-sets", default=None, help="comma-separated probe sets (default: all)")
-    p.add_argument("--general-limit", type=int, default=None, help="first N items of each probe set")
-    p.add_argument("--general-margin", type=float, default=2.0, help="warn when a set drops by more points than this")
+    p.add_argument("--general-limit", type=SIZE, default=None, help="first N items of each probe set")
+    p.add_argument("--general-margin", type=NUMBER, default=2.0, help="warn when a set drops by more points than this")
     _add_scoring_options(p)
     p.set_defaults(func=cmd_eval)
 
@@ -207,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", help="baseline: model, run folder or 'default'")
     p.add_argument("b", help="candidate: run folder, adapter folder or model")
     p.add_argument("--data", required=True)
-    p.add_argument("--kshot", type=int, default=0, help="also score A with K training examples in its prompt")
-    p.add_argument("--retrieval-k", type=int, default=0,
+    p.add_argument("--kshot", type=COUNT, default=0, help="also score A with K training examples in its prompt")
+    p.add_argument("--retrieval-k", type=COUNT, default=0,
                    help="also score A and B with the K training examples most similar to each question (BM25)")
     p.add_argument("--kshot-data", default=None,
                    help="where the k-shot and retrieved examples come from (default: the run's training data)")
@@ -220,16 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      "pairs for DPO")
     p.add_argument("model", help="run folder, adapter folder, model folder, .gguf, hub id or 'default'")
     p.add_argument("--data", required=True, help="prompts: {prompt, reference} records, or SFT data (last answer = reference)")
-    p.add_argument("--samples", type=int, default=4, help="answers sampled per prompt (default 4)")
+    p.add_argument("--samples", type=at_least(2), default=4, help="answers sampled per prompt (default 4)")
     p.add_argument("--scorer", default=None, help="module:function (answer, reference) -> float; default: the "
                                                   "reference's metric (JSON fields right, else ROUGE-L)")
     p.add_argument("--out", default=None, help="pairs file (default: RUN/pairs.jsonl, or pairs.jsonl)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=16, help="answers generated together")
+    p.add_argument("--temperature", type=NUMBER, default=1.0)
+    p.add_argument("--max-new-tokens", type=SIZE, default=96)
+    p.add_argument("--batch-size", type=SIZE, default=16, help="answers generated together")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-margin", type=float, default=0.0, help="skip prompts whose best and worst score differ by no more")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--min-margin", type=NUMBER, default=0.0, help="skip prompts whose best and worst score differ by no more")
+    p.add_argument("--limit", type=SIZE, default=None, help="only the first N prompts")
     p.add_argument("--device", default="auto")
     p.add_argument("--chosen", choices=("best", "reference"), default="best",
                    help="best: the best sampled answer is chosen; reference: the prompt's reference answer, where it "
@@ -288,19 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="hub id, local folder, 'default' or a shipped shape: " + ", ".join(SHIPPED_SHAPES))
     p.add_argument("--method", choices=list(METHOD_NAMES), default=None)
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None)
-    p.add_argument("--seq", type=int, default=None, help="longest sequence (tokens)")
-    p.add_argument("--batch", type=int, default=None, help="micro-batch size")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (gradients held between)")
+    p.add_argument("--seq", type=SIZE, default=None, help="longest sequence (tokens)")
+    p.add_argument("--batch", type=SIZE, default=None, help="micro-batch size")
+    p.add_argument("--grad-accum", type=SIZE, default=None, help="micro-batches per optimizer step (gradients held between)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--r", type=int, default=None, help="LoRA rank")
+    p.add_argument("--r", type=SIZE, default=None, help="LoRA rank")
     p.add_argument("--targets", default=None, help="comma-separated LoRA targets (default: every linear layer)")
-    p.add_argument("--label-share", type=float, default=None, help="share of positions with a label (default 1)")
+    p.add_argument("--label-share", type=share, default=None, help="share of positions with a label (default 1)")
     p.add_argument("--device", default=None, help="check against one device: t4, l4, a10, rtx4090, a100-40gb, a100-80gb, h100, h200, this-machine")
-    p.add_argument("--memory", type=float, default=None, help="check against this much memory (GiB)")
-    p.add_argument("--tokens", type=int, default=None, help="training tokens per epoch (default: counted from the data)")
-    p.add_argument("--utilisation", type=float, default=None, help="share of the device's peak reached")
+    p.add_argument("--memory", type=at_least(1e-3, float), default=None, help="check against this much memory (GiB)")
+    p.add_argument("--tokens", type=SIZE, default=None, help="training tokens per epoch (default: counted from the data)")
+    p.add_argument("--utilisation", type=share, default=None, help="share of the device's peak reached")
     p.add_argument("--no-this-machine", action="store_true", help="skip this machine (no matmul benchmark)")
-    p.add_argument("--nproc", type=int, default=None, help="GPUs the run spreads over (as `train --nproc`): memory per device")
+    p.add_argument("--nproc", type=SIZE, default=None, help="GPUs the run spreads over (as `train --nproc`): memory per device")
     p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
                    help="with --nproc: FSDP2 shards weights, gradients and optimizer states (train.fsdp); else DDP replicas")
     p.set_defaults(func=cmd_plan)
@@ -310,12 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a run config: its data (validation examples are scored) and settings")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--models", required=True, help="comma-separated candidates: local folders, .gguf files, hub ids, default")
-    p.add_argument("--budget-tokens", type=int, default=None,
+    p.add_argument("--budget-tokens", type=SIZE, default=None,
                    help="also fine-tune each candidate for about this many training tokens and score it again")
     p.add_argument("--device", default=None, help="plan against this device (t4, a100-80gb, h100, this-machine, ...)")
-    p.add_argument("--memory", type=float, default=None, help="plan against this much memory (GiB)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N validation examples")
-    p.add_argument("--retrieval-k", type=int, default=3, help="retrieved training examples in the prompt (0 = none)")
+    p.add_argument("--memory", type=at_least(1e-3, float), default=None, help="plan against this much memory (GiB)")
+    p.add_argument("--limit", type=SIZE, default=None, help="score only the first N validation examples")
+    p.add_argument("--retrieval-k", type=COUNT, default=3, help="retrieved training examples in the prompt (0 = none)")
     p.add_argument("--rank-by", default="answer_loss_per_char",
                    help="metric to rank by (default: answer loss per character, comparable across tokenizers)")
     p.add_argument("--out", default="runs/choose", help="folder for choose.json, choose.png and the short fine-tunes")
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="same as --format hf: merged full-precision model "
                                                         "(QLoRA: into the dequantised base)")
     p.add_argument("--out", default=None, help="export folder (default: RUN/export)")
-    p.add_argument("--tolerance", type=float, default=None, help="largest fp32 logit difference accepted, per unit of logit scale (default 1e-4)")
+    p.add_argument("--tolerance", type=NUMBER, default=None, help="largest fp32 logit difference accepted, per unit of logit scale (default 1e-4)")
     p.add_argument("--force", action="store_true", help="GGUF: export even when the run's data is gone and only random "
                                                         "tokens can be checked (said in the check)")
     p.set_defaults(func=cmd_export)
@@ -361,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_scoring_options(p) -> None:
     _add_decoding_options(p, max_new_tokens=96)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, default=None, help="only the first N examples of the file")
+    p.add_argument("--batch-size", type=SIZE, default=16)
+    p.add_argument("--limit", type=SIZE, default=None, help="only the first N examples of the file")
     p.add_argument("--scorer", default=None, help="your own metric as module:function (prediction, reference) -> float")
     p.add_argument("--seed", type=int, default=0, help="of sampling (--temperature above 0)")
 
@@ -380,10 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     plain_warnings(args.debug)
     try:
         return args.func(args)
-    except UserError as err:
+    except (UserError, OSError) as err:  # OSError: a file unreadable, a folder where a file goes, a full disk
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except Interrupted as err:
         print(f"stopped by signal {err.signum}; checkpoint saved: {err.saved}; resume with the same command",

@@ -49,3 +49,10 @@ def plain_warnings(debug: bool = False) -> None:
 
     format_warning.plain = True
     warnings.formatwarning = format_warning
+
+
+def one_line(err: Exception) -> str:
+    """What the command line says of a UserError, or of an OSError (the file and the system's reason)."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    return str(err)

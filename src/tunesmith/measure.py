@@ -89,6 +89,8 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
 
     if not Path(data).exists():
         raise UserError(f"{data}: data file not found")
+    if out and Path(out).exists() and not Path(out).is_dir():  # said before the answers are generated
+        raise UserError(f"--out {out}: a file, not a folder for comparison.json")
     result = compare_models(a, b, data, kshot, kshot_data, max_new_tokens, batch_size, limit, temperature, seed,
                             load_scorer(scorer) if scorer else None, scorer_name(scorer),
                             names=_names(a, b), retrieval_k=retrieval_k, guard=guard)

@@ -42,6 +42,8 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     if not Path(data).exists():
         raise UserError(f"{data}: data file not found")
     target = Path(out) if out else (RunFolder(model).path / "pairs.jsonl" if RunFolder(model).is_run() else Path("pairs.jsonl"))
+    if target.is_dir():  # said before any sampling
+        raise UserError(f"--out {target}: a folder; name the pairs file (e.g. {target / 'pairs.jsonl'})")
     problems: list = []
     # A run is sampled as it was trained: with its system prompt (the pairs' prompts then carry it).
     prompts, references, origins, _ = read_prompts(data, DataConfig(train=data, system_prompt=system_prompt_of(model)),

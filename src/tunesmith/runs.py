@@ -100,7 +100,8 @@ class RunFolder:
         return load_conversations(spec, data.system_prompt, data.format, data.columns, data.hub_split)[0]
 
     def read_results(self) -> dict | None:
-        return read_json(self.results)
+        found = read_json(self.results)
+        return found if isinstance(found, dict) else None  # a broken or foreign file: as if none
 
     def records(self, event: str | None = None) -> list[dict]:
         """metrics.jsonl's records (of one event kind)."""
@@ -313,7 +314,11 @@ def load_trained(spec: str, dtype=None, device=None):
         dtype = dtype or compute_dtype(config.model.dtype, device)
     elif (path / "adapter_config.json").exists():
         trained = path
-        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        adapter = read_json(path / "adapter_config.json")
+        if not isinstance(adapter, dict) or "base_model_name_or_path" not in adapter:
+            raise UserError(f"{path / 'adapter_config.json'}: not an adapter config naming its base "
+                            "(base_model_name_or_path)")
+        base_name = adapter["base_model_name_or_path"]
         method = methods.get("lora")
     dtype = dtype or compute_dtype("auto", device)
     if trained is None:
@@ -321,6 +326,10 @@ def load_trained(spec: str, dtype=None, device=None):
     tokenizer = load_tokenizer(str(trained))
     if (trained / "adapter_config.json").exists():
         from peft import PeftModel
+
+        if not isinstance(read_json(trained / "adapter_config.json"), dict):
+            raise UserError(f"{trained / 'adapter_config.json'}: not a JSON object (the file is damaged); "
+                            "train the run again, or restore the folder")
 
         # A QLoRA adapter was trained on the 4-bit base: it is reloaded on that same base.
         model = PeftModel.from_pretrained(method.load_base(base_name, dtype, device), trained)

@@ -124,6 +124,9 @@ def _read_jsonl(path: Path) -> Records:
             except json.JSONDecodeError as err:
                 out.problems.append(Problem(str(path), number, f"broken JSON ({err.msg.removesuffix(' at')} at column {err.colno})"))
                 continue
+            except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting past the stack
+                out.problems.append(Problem(str(path), number, f"broken JSON ({type(err).__name__}: {str(err)[:80]})"))
+                continue
             record = as_messages(record)
             if not isinstance(record, dict):
                 out.problems.append(Problem(str(path), number, f"not a JSON object (got {type(record).__name__})"))
@@ -145,6 +148,8 @@ def _read_json(path: Path) -> Records:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: broken JSON ({err.msg})") from None
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{path}: unreadable JSON ({type(err).__name__}: {str(err)[:80]})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):

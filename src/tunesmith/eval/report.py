@@ -21,9 +21,11 @@ OBJECTIVE = "objective/"  # the prefix of an objective's statistics in the train
 def collect(run_dir: Path) -> dict:
     """Everything the report shows, from the files of the run folder."""
     run = RunFolder(run_dir).require()
+    run.read_config()  # a broken config.yaml is one clear error, naming its line
     records = run.records()
     results = run.read_results() or {}
-    comparison = read_json(run.comparison) or {}
+    comparison = read_json(run.comparison)
+    comparison = comparison if isinstance(comparison, dict) else {}
     examples = read_jsonl(run.comparison_rows)[:EXAMPLES_SHOWN]
     if not examples:
         base = {r["prompt"]: r for r in read_jsonl(run.predictions("base"))}
