@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from tunesmith.config import Config, field_docs, load_config, parse_overrides
@@ -127,3 +129,16 @@ def test_overrides_after_an_option_join_the_others_in_order_and_a_mistyped_optio
     with pytest.raises(SystemExit):
         main(["report", str(tmp_path), "train.lr=1"])  # a command that takes no overrides
     assert len(called) == 1
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lr=.inf", "train.lr: Input should be a finite number"),  # trained to a NaN loss
+    ("model.name=", "model.name: String should have at least 1 character"),  # loaded another model
+    ("output.dir=", "output.dir: String should have at least 1 character"),  # the working folder as the run
+    ("data.mix={a.jsonl: -1}", "data.mix.a.jsonl: Input should be greater than or equal to 0"),
+])
+def test_settings_that_passed_as_valid_and_misled_are_refused(override, expected):
+    from tunesmith.config import load_config
+
+    with pytest.raises(UserError, match=re.escape(expected)):
+        load_config(None, [override])

@@ -6,10 +6,10 @@ Unknown keys are errors that name the closest valid key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from .errors import UserError, closest
 from .methods import METHODS, NAMES as METHOD_NAMES
@@ -17,11 +17,12 @@ from .objectives.settings import ObjectiveSettings  # train.objective and its se
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: train.lr=.inf trained to a NaN loss, as valid as any number above 0
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
-    name: str = Field("default", description="'default' (built-in SmolLM2-135M-Instruct), a hub id, a local HF folder or a .gguf file.")
+    name: str = Field("default", min_length=1, description="'default' (built-in SmolLM2-135M-Instruct), a hub id, a local HF folder or a .gguf file.")
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
         "auto", description="Compute dtype of the frozen weights; 'auto' is bfloat16 where the hardware runs it fast, else float32.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub; off unless you trust the source.")
@@ -36,7 +37,7 @@ class DataConfig(_Section):
     system_prompt: str | None = Field(None, description="System message put in front of every example that has none.")
     demo_size: int = Field(1200, ge=10, description="Number of training tickets generated for the demo task.")
     seed: int = Field(0, description="Seed for splits and the demo data generator.")
-    mix: dict[str, float] = Field(default_factory=dict, description="More training sources mixed into `train`, {source: weight}: weight 2 repeats a source's examples twice, 0.5 keeps a seeded half (`train` has weight 1).")
+    mix: dict[Annotated[str, StringConstraints(min_length=1)], Annotated[float, Field(ge=0)]] = Field(default_factory=dict, description="More training sources mixed into `train`, {source: weight}: weight 2 repeats a source's examples twice, 0.5 keeps a seeded half (`train` has weight 1).")
     hub_split: str = Field("train", description="Split read from a hub data set id or a saved HF dataset folder.")
     format: Literal["auto", "messages", "sharegpt", "instruction", "prompt_completion", "question_answer", "text"] = Field(
         "auto", description="Record format; 'auto' detects it per record from its fields. 'text' = raw text for continued pre-training (chunked to max_seq_len, EOS between documents).")
@@ -155,7 +156,7 @@ class EvalConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = Field("runs/run", description="Run folder: metrics, adapter, tokenizer, results.")
+    dir: str = Field("runs/run", min_length=1, description="Run folder: metrics, adapter, tokenizer, results.")
     overwrite: bool = Field(False, description="Allow writing into a run folder that already holds a finished run.")
 
 
