@@ -136,6 +136,8 @@ def test_overrides_after_an_option_join_the_others_in_order_and_a_mistyped_optio
     ("model.name=", "model.name: String should have at least 1 character"),  # loaded another model
     ("output.dir=", "output.dir: String should have at least 1 character"),  # the working folder as the run
     ("data.mix={a.jsonl: -1}", "data.mix.a.jsonl: Input should be greater than or equal to 0"),
+    # the union's branch name ('list[str]') in the location blamed the config file's line
+    ("adapter.target_modules=q_proj", "command line: adapter.target_modules: Input should be a valid list"),
 ])
 def test_settings_that_passed_as_valid_and_misled_are_refused(override, expected):
     from tunesmith.config import load_config

@@ -5,6 +5,7 @@ Unknown keys are errors that name the closest valid key.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -273,7 +274,7 @@ def validate(raw: dict, source: str = "config", text: str = "", overrides: dict 
         return Config.model_validate(raw)
     except ValidationError as err:
         first = err.errors()[0]
-        loc = [str(p) for p in first["loc"]]
+        loc = [str(p) for p in first["loc"] if not TYPE_TAG.match(str(p))]
         key = ".".join(loc)
         line = _line_of(text, loc)
         where = "command line" if _given_in(overrides, loc) else f"{source}:{line}" if line else source
@@ -287,6 +288,11 @@ def validate(raw: dict, source: str = "config", text: str = "", overrides: dict 
         if not loc:  # a rule across settings (the model validators): its message says everything
             raise UserError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"{where}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+# Parts of a pydantic error's location that name a type, not a setting (the branch of a union that
+# failed): `adapter.target_modules.list[str]` named no line and blamed the config file.
+TYPE_TAG = re.compile(r"^(str|int|float|bool|none|\[key\]|(list|dict|tuple|literal|function-\w+|constrained-\w+)\[.*)$")
 
 
 def _given_in(overrides: dict | None, loc: list[str]) -> bool:
