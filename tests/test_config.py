@@ -80,6 +80,18 @@ def test_invalid_yaml_reports_line(tmp_path):
         load_config(path)
 
 
+def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path):
+    """YAML keeps the last of two equal keys silently; keys a `<<` merge brings in may still be overridden."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 0.1\n  max_steps: 1\neval: {every_steps: 2, every_steps: 3}\n")
+    with pytest.raises(UserError, match=r"twice.yaml:4: .*'every_steps' is given twice \(first on line 4\)"):
+        load_config(twice)
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("train:\n  <<: {lr: 0.1, max_steps: 5}\n  lr: 0.2\n")
+    cfg = load_config(merged)
+    assert cfg.train.lr == 0.2 and cfg.train.max_steps == 5
+
+
 def test_every_field_is_documented():
     docs = field_docs()
     assert len(docs) > 30

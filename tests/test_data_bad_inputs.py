@@ -18,6 +18,7 @@ EXPECTED = {
     "messages_not_a_list.jsonl": ":1: wrong type: 'messages' must be a list, got str",
     "empty_messages.jsonl": ":1: empty text: 'messages' is an empty list",
     "turn_without_content.jsonl": ":1: missing field: messages[0].content is missing",
+    "null_content.jsonl": ":1: empty text: messages[0].content is null",
     "sharegpt_empty_answer.jsonl": ":1: empty text: conversations[1].value is empty",
     "instruction_input_not_text.jsonl": ":1: wrong type: field 'input' must be text, got list",
     "unknown_format.jsonl": ":1: unknown format: no known fields (keys: title)",

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from .errors import UserError, closest
 from .methods import METHODS, NAMES as METHOD_NAMES
 from .objectives.settings import ObjectiveSettings  # train.objective and its settings (issue 23)
+from .yamlfile import read_yaml
 
 
 class _Section(BaseModel):
@@ -249,18 +250,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     source = "config"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UserError(f"{path}: config file not found") from None
-        except (UnicodeDecodeError, IsADirectoryError, PermissionError) as err:
-            raise UserError(f"{path}: cannot read config ({type(err).__name__})") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raw, text = read_yaml(path)
+        raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise UserError(f"{path}: a config is a mapping of sections (model, data, ...), got {type(raw).__name__}")
     if isinstance(overrides, list):

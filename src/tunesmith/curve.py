@@ -25,15 +25,23 @@ from .progress import say
 def parse_fractions(text: str) -> list[float]:
     """`--fractions 0.25,0.5,1` as numbers."""
     try:
-        return [float(f) for f in text.split(",") if f.strip()]
+        return check_fractions([float(f) for f in text.split(",") if f.strip()])
     except ValueError:
         raise UserError(f"--fractions {text}: expected numbers separated by commas, e.g. 0.25,0.5,1") from None
 
 
-def nested_fractions(n: int, fractions: list[float], seed: int) -> list[list[int]]:
-    """Indices of each fraction's examples (ascending fractions): prefixes of one seeded order."""
+def check_fractions(fractions: list[float]) -> list[float]:
+    """Shares in (0, 1], each once (two equal shares would train into one folder), before any data is read."""
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise UserError(f"curve: fractions must lie in (0, 1], got {fractions}")
+    if len(set(fractions)) < len(fractions):
+        raise UserError(f"curve: each fraction once, got {fractions}")
+    return fractions
+
+
+def nested_fractions(n: int, fractions: list[float], seed: int) -> list[list[int]]:
+    """Indices of each fraction's examples (ascending fractions): prefixes of one seeded order."""
+    check_fractions(fractions)
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return [sorted(order[:max(1, round(f * n))]) for f in sorted(fractions)]
@@ -92,6 +100,7 @@ def curve(config: str, fractions: list[float], overrides: list[str] | None = Non
 
     cfg = load_config(config, overrides)
     sft_only(cfg, "curve")
+    check_fractions(fractions)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     train, validation, test = _splits(cfg)

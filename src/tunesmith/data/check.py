@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import DataConfig, parse_overrides, validate
+from ..config import Config, DataConfig, parse_overrides, validate
+from ..errors import UserError
 from . import cache
 from .prepare import Prepared, prepare
 
@@ -30,6 +31,7 @@ def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/da
     """
     if isinstance(settings, list):
         settings = parse_overrides([s.removeprefix("data.") for s in settings])
+    _only_data_settings(settings or {})
     cfg = validate({"data": {**(settings or {}), "train": str(path)}}, "data check").data
     kind = data_kind(cfg, objective)
     prepared = prepare(cfg, model) if kind is None else prepare_objective_data(cfg, model, kind)
@@ -39,6 +41,17 @@ def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/da
     report["histogram"] = str(write_histogram(prepared, cfg, out / "lengths.png", report["cache_key"]))
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
+
+
+def _only_data_settings(settings: dict) -> None:
+    """The file is FILE and other sections have no say here: `train.lr=1` (or `train=other.jsonl`) was
+    overwritten by FILE without a word."""
+    for key, value in settings.items():
+        if key == "train" and not isinstance(value, dict):
+            raise UserError(f"data check: the data file is the FILE argument, not train={value}")
+        if key in Config.model_fields and key != "data":
+            raise UserError(f"data check: '{key}.*' is not a data setting; give data settings only, "
+                            "e.g. max_seq_len=1024 overlong=truncate")
 
 
 def data_kind(cfg: DataConfig, objective: str | None = None) -> str | None:

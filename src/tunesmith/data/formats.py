@@ -140,6 +140,8 @@ def to_messages(record: dict, system_prompt: str | None = None) -> list[dict]:
 
 
 def _text(record: dict, key: str) -> str:
+    if key in record and record[key] is None:  # JSON null: there, but empty (not missing)
+        raise FormatError("empty text", f"field '{key}' is null")
     return _checked_text(record.get(key), f"field '{key}'")
 
 

@@ -86,6 +86,8 @@ def checked_message(turn: dict, role: str, where: str, text_key: str, checked_te
         message["tool_calls"] = [_checked_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(calls)]
     elif role == "tool" and isinstance(turn.get(text_key), (dict, list)):
         message["content"] = json.dumps(turn[text_key], ensure_ascii=False)
+    elif text_key in turn and turn[text_key] is None:  # JSON null: there, but empty (not missing)
+        raise FormatError("empty text", f"{where}.{text_key} is null")
     else:
         message["content"] = checked_text(turn.get(text_key), f"{where}.{text_key}")
     if role == "assistant" and turn.get("reasoning_content") is not None:
