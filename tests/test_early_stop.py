@@ -95,6 +95,28 @@ def same_weights(loaded, snapshot):
     return all(torch.equal(loaded[n], snapshot[n]) for n in loaded)
 
 
+def test_an_older_checkpoint_resumed_past_a_damaged_one_still_has_its_best_weights(tiny_config, monkeypatch, capsys):
+    """Best at step 1, then at step 2; checkpoints at both; a crash in step 3. The step-2 checkpoint
+    does not read back, so the run resumes from step 1, whose best weights the step-2 checkpoint's
+    commit had deleted: they are kept while a checkpoint that needs them is, and the damaged
+    checkpoint is moved aside so that step 2 is saved again."""
+    first = scripted_eval(monkeypatch, [2.0, 1.0])  # a third evaluation (step 3) fails: the crash
+    tiny_config["train"].update(max_steps=4, checkpoint_every=1, keep_checkpoints=3)
+    tiny_config["eval"].update(every_steps=1, generate=False, report=False)
+    with pytest.raises(IndexError):
+        tunesmith.train(tiny_config)
+    run = Path(tiny_config["output"]["dir"])
+    blob = run / "checkpoints" / "step-00000002" / "trainable.safetensors"
+    blob.write_bytes(blob.read_bytes()[:100])
+    scripted_eval(monkeypatch, [2.5, 2.6, 2.7])  # steps 2-4 again: none beats step 1's 2.0
+    results = tunesmith.train(tiny_config)
+    assert "skipping damaged checkpoint step-00000002 (moved to damaged-step-00000002-" in capsys.readouterr().err
+    assert results["resumed_from"] == 1 and results["best_step"] == 1 and results["restored_best"]
+    assert same_weights(lora_weights(run), first[0])
+    assert [p.name for p in sorted((run / "checkpoints").glob("step-*"))] == [f"step-0000000{i}" for i in (2, 3, 4)]
+    assert len(list((run / "checkpoints").glob("damaged-step-00000002-*"))) == 1
+
+
 def test_early_stop_at_the_right_step_and_best_weights_restored(tiny_config, monkeypatch, capsys):
     seen = scripted_eval(monkeypatch, [3.0, 2.5, 2.0, 2.1, 2.05, 1.0, 1.0])
     tiny_config["train"]["max_steps"] = 10

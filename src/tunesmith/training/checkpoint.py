@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -225,6 +226,19 @@ def partial_checkpoints(folder: Path) -> list[Path]:
     return checkpoint_folders(folder, complete=False)
 
 
+def best_steps(folder: Path) -> set[int]:
+    """The best evaluation's step of each complete checkpoint (those unreadable or without one left out)."""
+    steps = set()
+    for path in complete_checkpoints(folder):
+        try:
+            step = json.loads((path / "state.json").read_text()).get("best_step")
+        except (OSError, ValueError):
+            continue
+        if isinstance(step, int):
+            steps.add(step)
+    return steps
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     """Restore weights, optimizer, scheduler and RNG onto the model's device; returns the saved TrainState."""
     device = next(model.parameters()).device
@@ -256,5 +270,9 @@ def newest_usable(folder: Path, say) -> Path | None:
             torch.load(candidate / "optim.pt", weights_only=True, map_location="cpu")
             return candidate
         except Exception as err:  # a damaged checkpoint of any kind is skipped, not fatal
-            say(f"skipping damaged checkpoint {candidate.name}: {type(err).__name__}: {str(err)[:120]}")
+            # moved aside (not deleted: it is the user's) so that the resumed run can save that step again
+            aside = candidate.with_name(f"damaged-{candidate.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            candidate.rename(aside)
+            say(f"skipping damaged checkpoint {candidate.name} (moved to {aside.name}): "
+                f"{type(err).__name__}: {str(err)[:120]}")
     return None

@@ -83,11 +83,14 @@ class BestWeights:
     def restore(self, model) -> None:
         load_trainable_state(model, self._memory if self.path is None else load_file(self.path))
 
-    def committed(self) -> None:
-        """A checkpoint now records the best step: the best weights kept from before are not needed."""
+    def committed(self, still_needed: set[int] = frozenset()) -> None:
+        """A checkpoint now records the best step: the best weights kept from before go, except those
+        of `still_needed` steps (the best of an older checkpoint still kept: if the newest one will
+        not read back, the resume falls back to it and needs its best weights)."""
         if self.path is not None:
             for old in self.path.parent.glob(self.path.stem + "-step-*" + self.path.suffix):
-                old.unlink(missing_ok=True)
+                if old.stem.rsplit("-", 1)[-1] not in {str(step) for step in still_needed}:
+                    old.unlink(missing_ok=True)
 
     @staticmethod
     def kept(path: Path, step: int) -> Path:

@@ -268,7 +268,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                              or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
                 saved = ckpt.save_checkpoint(ckpt_dir, state_owner, optimizer, scheduler, state,
                                              cfg.train.keep_checkpoints, settings, ranks)
-                best.committed()
+                best.committed(ckpt.best_steps(ckpt_dir))
                 if signalled:
                     raise Interrupted(caught[0] if caught else signal.SIGTERM, saved)
             elif signalled:
