@@ -226,6 +226,8 @@ def test_a_plan_that_does_not_fit_names_changes_that_do():
     assert not p.target.fits
     assert p.changes and all(changed.total <= 16 * GiB for _, changed in p.changes)
     assert "does not fit T4" in format_plan(p)
+    # --no-this-machine holds with a device named too: no row of (and no matmul benchmark on) this machine
+    assert [fit.device.name for fit in p.fits if fit.device.is_cpu] == []
 
 
 def test_a_gpu_just_too_small_is_offered_offloaded_activations_and_bf16_adapters(monkeypatch):

@@ -57,7 +57,7 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
          include_this_machine: bool = True) -> Plan:
     shape = model if isinstance(model, ModelShape) else model_shape(model)
     several = setup.devices > 1  # GPUs only: this machine's CPU processes would share its memory
-    devices = list(GPUS.values()) + ([this_machine()] if (include_this_machine or device) and not several else [])
+    devices = list(GPUS.values()) + ([this_machine()] if include_this_machine and not several else [])
     target_device = None
     if memory_gib is not None:
         target_device = Device(f"{memory_gib:g} GiB", memory_gib * GiB, None, 0.0)  # memory only: no time
