@@ -169,6 +169,7 @@ def test_all_formats_from_the_cli(runs, tmp_path, capsys):
     said = capsys.readouterr()
     printed = json.loads(said.out)  # the result alone on stdout; each stage on stderr as it ends
     assert set(printed) == {"merged", "peft", "gguf"} and printed["merged"]["max_abs_diff"] < 1e-4
+    assert printed["peft"]["max_abs_diff"] < 1e-6 and printed["peft"]["positions"] > 0  # the copy, reloaded by peft
     for line in ("merge: read back from disk, its logits within", "gguf: writing model-q8_0.gguf",
                  "gguf: model-q8_0.gguf checked: mean KL divergence"):
         assert line in said.err
@@ -195,6 +196,39 @@ def test_all_formats_from_the_cli(runs, tmp_path, capsys):
     assert f'SYSTEM """{SYSTEM_PROMPT}"""' in modelfile  # every demo example has this system prompt
     for folder, text in (("merged", "from_pretrained"), ("peft", "--enable-lora"), ("gguf", "ollama create")):
         assert text in (tmp_path / folder / "README.md").read_text()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncate", "does not load in peft"),
+    ("scale", "logits differ from the run's by"),
+])
+def test_a_peft_export_that_does_not_reload_as_the_run_is_refused_and_the_earlier_one_kept(
+        runs, tmp_path, monkeypatch, damage, expected):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tunesmith.errors import UserError
+    from tunesmith.export import export
+    from tunesmith.export import peft_folder
+
+    earlier = tmp_path / "peft"
+    earlier.mkdir()
+    (earlier / "adapter_model.safetensors").write_bytes(b"an earlier export")
+    real_copy = shutil.copytree
+
+    def damaged_copy(source, target, **options):
+        real_copy(source, target, **options)
+        weights = Path(target) / "adapter_model.safetensors"
+        if damage == "truncate":  # a copy cut short (disk full, interrupted)
+            weights.write_bytes(weights.read_bytes()[:200])
+        else:  # weights other than the run's
+            save_file({k: v * 3 for k, v in load_file(weights).items()}, weights)
+
+    monkeypatch.setattr(peft_folder.shutil, "copytree", damaged_copy)
+    with pytest.raises(UserError, match=expected):
+        export(runs["llama"], tmp_path, formats="peft")
+    assert (earlier / "adapter_model.safetensors").read_bytes() == b"an earlier export"
 
 
 def test_unsupported_architecture_and_format_get_a_clear_message(tmp_path, capsys):

@@ -57,7 +57,7 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
     if "peft" in wanted:
         if not (trained / "adapter_config.json").exists():
             raise UserError(f"{run}: a full fine-tune has no adapter; export it with --format hf or gguf")
-        results["peft"] = export_peft(trained, out / "peft", quantized)
+        results["peft"] = export_peft(run, trained, out / "peft", quantized, TOLERANCE if tolerance is None else tolerance)
         write_readme(out / "peft", "peft", run=run.name, **{**results["peft"], "warnings": "; ".join(
             results["peft"]["warnings"]) or "none"})
     if "gguf-lora" in wanted:

@@ -36,12 +36,38 @@ def serving_warnings(adapter_config: dict, quantized: bool) -> list[str]:
     return found
 
 
-def export_peft(trained: Path, out: Path, quantized: bool) -> dict:
-    """Copy the adapter weights, config and tokenizer files (with the training chat template)."""
+def export_peft(run: Path, trained: Path, out: Path, quantized: bool, tolerance: float) -> dict:
+    """Copy the adapter weights, config and tokenizer files (with the training chat template), then
+    load the copy with plain peft onto the base beside the run's adapter and compare their logits on
+    the run's sample conversations: a truncated or missing file, or a config peft reads otherwise,
+    shows there, before the folder takes the place of an earlier export."""
+    from ..config import load_config
+    from ..errors import UserError
+    from ..models import load_tokenizer
+    from .merge import adapter_model, logits_of, sample_batch
+
     config = json.loads((trained / "adapter_config.json").read_text())
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(trained, partial, ignore=shutil.ignore_patterns("*.partial", "README.md"))
+    batch = sample_batch(run, load_tokenizer(str(partial)))
+    model = adapter_model(load_config(run / "config.yaml").model.name, trained, quantized)
+    reference = logits_of(model, batch)
+    try:
+        model.load_adapter(str(partial), adapter_name="exported")
+        model.set_adapter("exported")
+        diff = float((logits_of(model, batch) - reference).abs().max())
+    except Exception as err:  # noqa: BLE001 (whatever peft makes of a bad folder)
+        raise UserError(f"{run}: the exported adapter folder does not load in peft ({type(err).__name__}: "
+                        f"{str(err)[:200]}); not exported (left in {partial})") from None
+    allowed = tolerance * max(1.0, float(reference.abs().max()))
+    if not diff <= allowed:
+        raise UserError(f"{run}: the exported adapter's logits differ from the run's by {diff:.3g} (allowed "
+                        f"{allowed:.3g}); not exported (left in {partial})")
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("*.partial", "README.md"))
+    partial.replace(out)
     found = serving_warnings(config, quantized)
     for text in found:
         warnings.warn(text, UserWarning, stacklevel=2)
-    return {"folder": str(out), "base_model": config.get("base_model_name_or_path"), "warnings": found}
+    return {"folder": str(out), "base_model": config.get("base_model_name_or_path"), "max_abs_diff": diff,
+            "positions": int(batch["attention_mask"].sum()), "warnings": found}
