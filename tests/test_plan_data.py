@@ -94,3 +94,26 @@ def test_the_measured_peak_leaves_out_what_the_base_scoring_freed():
     memory.start()
     assert memory.peak() < 48 * 2**20
     del last
+
+
+def test_the_epoch_time_counts_the_padding_that_padded_rows_compute(tiny_model_dir, tmp_path):
+    """Padded rows (plain transformers: train.fast_paths=off, or a family the fast paths do not know)
+    compute their padding: the planned epoch counts the tokens the run's own micro-batches compute."""
+    from tunesmith.config import load_config
+    from tunesmith.data.collate import PADDED, micro_batch
+    from tunesmith.objectives import prepare_data
+    from tunesmith.plan.run import first_steps
+
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=100, fast_paths="off")
+    cfg = load_config(config)
+    split = prepare_data(cfg, cfg.model.name).splits["train"]
+    drawn = [[split.encoded[i] for i in batch] for step in first_steps(split, cfg, PADDED, 100) for batch in step]
+    computed = sum(micro_batch(batch, PADDED, 0)["input_ids"].numel() for batch in drawn)
+    trained = sum(len(e.input_ids) for batch in drawn for e in batch)
+    assert computed > 1.02 * trained  # the questions differ in length: rows pad
+    found = plan_for(str(config), device="t4", include_this_machine=False)
+    assert found.padding == pytest.approx(computed / trained)
+    assert found.tokens == round(sum(len(e.input_ids) for e in split.encoded) * found.padding)
+    assert "of them padding the rows compute" in format_plan(found)
+    free = plan_for(str(config), ["train.fast_paths=auto"], device="t4", include_this_machine=False)
+    assert free.padding < found.padding and free.target.epoch_seconds < found.target.epoch_seconds

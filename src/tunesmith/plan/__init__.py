@@ -50,6 +50,7 @@ class Plan:
     flops_per_token: float = 0.0
     drawn: bool = False  # the micro-batches are the data's own, not batch x max_seq_len
     utilisation: float | None = None  # --utilisation, where given (else the defaults of plan/speed.py)
+    padding: float = 1.0  # tokens computed per token trained: padded rows compute their padding
 
 
 def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memory_gib: float | None = None,
@@ -199,7 +200,8 @@ def format_plan(p: Plan) -> str:
     lines.append(f"activations without / with gradient checkpointing: {gib(est.activations_no_ckpt)} / "
                  f"{gib(est.activations_ckpt)}")
     if p.tokens:
-        lines.append(f"time: {p.flops_per_token / 1e9:.2f} GFLOP per token x {p.tokens:,} tokens per epoch "
+        padded = f", {1 - 1 / p.padding:.0%} of them padding the rows compute" if p.padding > 1.005 else ""
+        lines.append(f"time: {p.flops_per_token / 1e9:.2f} GFLOP per token x {p.tokens:,} tokens per epoch{padded} "
                      + (f"(utilisation {p.utilisation:.0%} of each device's peak, as asked)" if p.utilisation else
                         f"(utilisation {GPU_UTILISATION:.0%} of the dense peak on GPUs, {CPU_UTILISATION:.0%} of the "
                         "measured matmul peak here)"))
@@ -237,6 +239,7 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     from ..data.packing import as_trained
     from ..errors import UserError
     from ..objectives import prepare_data
+    from ..training.loop import total_steps
 
     cfg = load_config(config, overrides)
     name = model or cfg.model.name
@@ -254,9 +257,13 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     drawn = split is not None and not {"seq", "batch", "grad_accum"} & changes.keys()
     cfg = with_flags(cfg, changes)
     setup = setup_from_config(cfg, share, devices=devices)
+    padding = 1.0
     if drawn:
         shape = model_shape(name, cfg.model.trust_remote_code)
-        setup, _ = with_drawn_micro_batches(cfg, as_trained(split, cfg.data), planned_layout(cfg, shape), setup)
+        trained, layout = as_trained(split, cfg.data), planned_layout(cfg, shape)
+        setup, _ = with_drawn_micro_batches(cfg, trained, layout, setup)
+        padding = padding_factor(trained, cfg, layout, total_steps(cfg, len(trained)))
+        tokens = round(tokens * padding)
     if "fsdp" in changes:  # said on the command line
         changes["fsdp"] = changes["fsdp"] and setup.devices > 1
     if "gradient_checkpointing" in changes:  # said on the command line: on or off for every block
@@ -266,7 +273,7 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     if refused:
         raise UserError(refused)
     return replace(plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine),
-                   drawn=drawn)
+                   drawn=drawn, padding=padding)
 
 
 # Flags that an objective scales go into the config before the objective reads it: --batch counts
@@ -295,4 +302,4 @@ def planned_layout(cfg, shape: ModelShape) -> str:
 
 from .objectives import label_share  # noqa: E402
 from .run import (TrainingMemory, estimated, fewest_within, first_steps, largest_micro_batch,  # noqa: E402
-                  run_estimate, run_setup, utilisation_of, with_drawn_micro_batches)
+                  padding_factor, run_estimate, run_setup, utilisation_of, with_drawn_micro_batches)

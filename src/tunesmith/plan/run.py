@@ -30,20 +30,35 @@ def largest_micro_batch(split, cfg, layout: str, steps: int) -> tuple[int, int, 
     return _largest_of(first_steps(split, cfg, layout, steps), split, cfg, layout)
 
 
-def _largest_of(drawn: list[list[list[int]]], split, cfg, layout: str) -> tuple[int, int, int]:
+def _batches(drawn: list[list[list[int]]], split, cfg, layout: str):
+    """(sequences' lengths, the row width, tokens computed) of each drawn micro-batch: rows are rounded
+    up (data/collate.py rounded_up), and padded rows compute their padding."""
     from ..data.collate import PADDING_FREE, rounded_up
 
-    examples = split.encoded
-    best = (1, 1, 0)
     for step in drawn:
         for batch in step:
-            sizes = [n for i in batch for n in trained_lengths(examples[i], cfg.train, cfg.data.max_seq_len)]
-            # rows are rounded up (data/collate.py rounded_up); padded rows compute their padding
+            sizes = [n for i in batch for n in trained_lengths(split.encoded[i], cfg.train, cfg.data.max_seq_len)]
             width = rounded_up(max(sizes))
-            tokens = rounded_up(sum(sizes)) if layout == PADDING_FREE else len(sizes) * width
-            if tokens > best[2]:
-                best = (len(sizes), max(sizes) if layout == PADDING_FREE else width, tokens)
+            yield sizes, width, rounded_up(sum(sizes)) if layout == PADDING_FREE else len(sizes) * width
+
+
+def _largest_of(drawn: list[list[list[int]]], split, cfg, layout: str) -> tuple[int, int, int]:
+    from ..data.collate import PADDING_FREE
+
+    best = (1, 1, 0)
+    for sizes, width, tokens in _batches(drawn, split, cfg, layout):
+        if tokens > best[2]:
+            best = (len(sizes), max(sizes) if layout == PADDING_FREE else width, tokens)
     return best
+
+
+def padding_factor(split, cfg, layout: str, steps: int) -> float:
+    """Tokens computed per token trained over the run's first steps (at most an epoch): above 1 where
+    padded rows compute their padding, which the epoch time has to count too."""
+    sizes_and_computed = [(sum(sizes), computed) for sizes, _, computed in
+                          _batches(first_steps(split, cfg, layout, steps), split, cfg, layout)]
+    trained = sum(n for n, _ in sizes_and_computed)
+    return sum(c for _, c in sizes_and_computed) / trained if trained else 1.0
 
 
 @dataclass
