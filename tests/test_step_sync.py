@@ -27,6 +27,22 @@ def test_host_floats_reads_numbers_and_device_scalars_in_their_order():
     assert host_floats(4) == [4.0]
 
 
+def test_a_rows_bounds_are_read_from_its_host_copy_not_from_the_device(tiny_tokenizer):
+    """The attention's per-sequence path (fp32 rows on CUDA, attention dropout) needs the row's bounds as
+    host ints, once per layer: read from the device, each was a host synchronisation. They are kept
+    from the copy to the device; a meta tensor, which cannot be read, stands for the device here."""
+    from tunesmith.accel.rows import bounds_list
+    from tunesmith.data.collate import flat_batch
+    from tunesmith.device import to_device
+
+    batch = flat_batch(demo_examples(tiny_tokenizer, 3))
+    moved = to_device(batch, torch.device("meta"))
+    assert moved["cu_seq_lens"].device.type == "meta"
+    assert bounds_list(moved["cu_seq_lens"]) == batch["cu_seq_lens"].tolist()
+    with pytest.raises(Exception):  # a tensor not copied by to_device is read from where it is
+        bounds_list(torch.empty(3, device="meta"))
+
+
 def _step_parts(folder, tokenizer, method: str, device: torch.device):
     model = trainable(methods.get(method).load_base(str(folder), torch.bfloat16, device),
                       AdapterConfig(method=method, r=4, alpha=8, gradient_checkpointing=True))

@@ -63,10 +63,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
     asynchronously (the copy overlaps the work already queued); host-side values stay as they are."""
     if device.type == "cpu":
         return batch
+    from .accel.rows import remember_bounds
+
     moved = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor) and value.device != device:
-            value = value.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else value.to(device)
+            host, value = value, value.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else value.to(device)
+            if key == "cu_seq_lens":  # the attention reads the bounds from the host copy
+                remember_bounds(value, host)
         moved[key] = value
     return moved
 

@@ -18,6 +18,26 @@ def bounds_only_mask(device: torch.device) -> torch.Tensor:
     return torch.empty((1, 1, 0, 0), dtype=torch.bool, device=device)
 
 
+# id -> (the device copy of a row's cu_seq_lens, its bounds as host ints), set as rows are copied
+# to the device (device.to_device), where the bounds are still on the host; the newest few (a KTO
+# step moves two rows). Holding each tensor keeps its id from going to another while it is here.
+_host_bounds: dict[int, tuple[torch.Tensor, list[int]]] = {}
+HELD_BOUNDS = 8
+
+
+def remember_bounds(on_device: torch.Tensor, on_host: torch.Tensor) -> None:
+    _host_bounds[id(on_device)] = (on_device, on_host.tolist())
+    while len(_host_bounds) > HELD_BOUNDS:
+        del _host_bounds[next(iter(_host_bounds))]
+
+
+def bounds_list(cumulative: torch.Tensor) -> list[int]:
+    """A row's cu_seq_lens as host ints, for a row copied to the device without reading the device
+    (once per layer and forward, on CUDA a host synchronisation each: fp32 rows, attention dropout)."""
+    held = _host_bounds.get(id(cumulative))
+    return held[1] if held is not None and held[0] is cumulative else cumulative.tolist()
+
+
 def per_sequence_sdpa(q, k, v, ends: list[int], scale: float, window: int | None, dropout: float = 0.0):
     """q [T, H, D], k, v [T, Hkv, D] -> [T, H, D]: SDPA, causal, on each sequence of the row alone
     (within `window` positions where given). The reference the kernels are tested against, and

@@ -20,7 +20,7 @@ import inspect
 
 import torch
 
-from ..rows import per_sequence_sdpa
+from ..rows import bounds_list, per_sequence_sdpa
 
 NAME = "tunesmith_varlen"
 LIBRARIES = ("transformers",)
@@ -74,7 +74,7 @@ def varlen(q, k, v, cumulative, longest: int, scale: float, window: int | None):
         else:
             extra["is_causal"] = True
         return function(q, k, v, cumulative, cumulative, longest, longest, scale=scale, **extra)
-    return per_sequence_sdpa(q, k, v, cumulative.tolist(), scale, window)
+    return per_sequence_sdpa(q, k, v, bounds_list(cumulative), scale, window)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -92,7 +92,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, heads, D]
     window = kwargs.get("sliding_window")
     if dropout or kwargs.get("softcap") is not None:  # the row has no mask to give SDPA: one sequence at a time
-        return per_sequence_sdpa(q, k, v, cumulative.tolist(), scale, window, dropout).unsqueeze(0), None
+        return per_sequence_sdpa(q, k, v, bounds_list(cumulative), scale, window, dropout).unsqueeze(0), None
     longest = kwargs.get("max_length_q") or int((cumulative[1:] - cumulative[:-1]).max())
     out = varlen(q, k, v, cumulative, int(longest), scale, window)
     return out.unsqueeze(0), None  # [1, T, H, D]: the layout the output projection reads
