@@ -399,6 +399,42 @@ def test_auto_checkpointing_takes_the_fewest_first_blocks_that_fit_each_device()
     assert not fixed.target.fits and f"first {blocks} of 32 blocks" in fixed.changes[0][0]
 
 
+@pytest.mark.parametrize("reported, expected", [
+    ("NVIDIA A100-SXM4-80GB", "A100 40 GB"),  # A100s of either size have the same peaks
+    ("NVIDIA A10", "A10 24 GB"),
+    ("NVIDIA L4", "L4 24 GB"),
+    ("NVIDIA L40S", None),  # not an L4
+    ("NVIDIA GeForce RTX 4090", "RTX 4090 24 GB"),
+    ("NVIDIA GeForce RTX 3090", None),  # not a 4090
+    ("NVIDIA H200", "H200 141 GB"),
+    ("Tesla T4", "T4 16 GB"),
+])
+def test_a_gpu_gets_the_peaks_of_its_own_model(monkeypatch, reported, expected):
+    """Matched by the first word, an A100 took the A10's bf16 peak (125 of 312 TFLOP/s) and an L40S the L4's."""
+    from types import SimpleNamespace
+
+    from tunesmith.plan.devices import GPUS, gpu_of
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(
+        name=reported, total_memory=80 * GiB))
+    found = gpu_of("cuda:0")
+    peaks = {d.name: d.bf16_tflops for d in GPUS.values()}
+    assert found.name == reported and found.memory == 80 * GiB
+    assert found.bf16_tflops == (peaks[expected] if expected else None)
+
+
+def test_device_cpu_plans_this_machines_processor_also_beside_a_gpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from tunesmith.plan.devices import find_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(
+        name="NVIDIA H200", total_memory=141 * GiB))
+    assert find_device("this-machine").name == "this machine: NVIDIA H200"
+    assert find_device("cpu").is_cpu
+
+
 def test_auto_dtype_plans_each_device_in_the_dtype_a_run_there_trains_in(monkeypatch):
     """model.dtype: auto (the default) without a device: an A100 row is planned in bf16 (what a run
     there trains in), a T4 row and this CPU (no fast bf16 here) in fp32; `--dtype` fixes one for all.
@@ -407,6 +443,7 @@ def test_auto_dtype_plans_each_device_in_the_dtype_a_run_there_trains_in(monkeyp
     from tunesmith.plan import plan_for
 
     monkeypatch.setattr(device_module, "bf16_is_fast", lambda device: False)  # this CPU: fp32, as here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine's row is its CPU, also on a GPU host
     found = plan_for(model="llama-3.1-8b", seq=512, batch=8)
     rows = {fit.device.name: fit for fit in found.fits}
     assert rows["A100 80 GB"].estimate.setup.dtype == "bfloat16" and rows["T4 16 GB"].estimate.setup.dtype == "float32"

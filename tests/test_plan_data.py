@@ -18,7 +18,10 @@ def this_machine(found):
     return next(fit for fit in found.fits if fit.device.is_cpu)
 
 
-def test_plan_of_a_config_predicts_what_train_predicts_at_its_start(tiny_model_dir, tmp_path):
+def test_plan_of_a_config_predicts_what_train_predicts_at_its_start(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU's estimate, also on a GPU host
     config = write_config(tmp_path, tiny_model_dir, "run", max_steps=2, checkpoint_every=0)
     settings = json.loads(config.read_text())
     settings["data"]["max_seq_len"] = 512  # a step's 8 short questions fill a fraction of 4 x 512 tokens

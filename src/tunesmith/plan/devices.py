@@ -6,6 +6,7 @@ the caching allocator's slack) is the device's overhead.
 """
 from __future__ import annotations
 
+import re
 import sys
 
 from dataclasses import dataclass, replace
@@ -134,12 +135,18 @@ def resident_scores(est) -> float:
 def this_machine() -> Device:
     """Where `train.device: auto` trains here: the first GPU where CUDA is available, else this CPU
     (its memory, and a matrix-multiply peak measured now)."""
-    import psutil
     import torch
 
     if torch.cuda.is_available():
         gpu = gpu_of(torch.device("cuda", 0))
         return replace(gpu, name=f"this machine: {gpu.name}")
+    return this_cpu()
+
+
+def this_cpu() -> Device:
+    """This machine's processor: its memory, and a matrix-multiply peak measured now."""
+    import psutil
+
     from .speed import matmul_peak
 
     return Device("this machine", float(psutil.virtual_memory().total), matmul_peak("bfloat16") / 1e12,
@@ -151,7 +158,9 @@ def gpu_of(device) -> Device:
     import torch
 
     props = torch.cuda.get_device_properties(device)
-    known = next((d for d in GPUS.values() if d.name.split()[0].lower() in props.name.lower()), None)
+    # Whole words of the model ("RTX 4090" of "RTX 4090 24 GB"): "A10" is in "A100", "L4" in "L40S".
+    words = set(re.split(r"[^a-z0-9]+", props.name.lower()))
+    known = next((d for d in GPUS.values() if {w.lower() for w in d.name.split()[:-2]} <= words), None)
     return Device(props.name, float(props.total_memory), known.bf16_tflops if known else None,
                   known.fp32_tflops if known else 0.0)
 
@@ -160,8 +169,10 @@ def find_device(name: str) -> Device:
     from ..errors import UserError
 
     key = name.lower().replace(" ", "").replace("_", "-")
-    if key in ("this", "this-machine", "cpu", "local"):
+    if key in ("this", "this-machine", "local"):
         return this_machine()
+    if key == "cpu":  # this machine's processor, also where it has a GPU
+        return this_cpu()
     if key in GPUS:
         return GPUS[key]
     for device in GPUS.values():
