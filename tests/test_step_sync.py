@@ -150,3 +150,17 @@ def test_on_cuda_a_dpo_step_synchronises_once_for_its_loss_and_statistics(tmp_pa
     objective.settle(values[1:])
     assert inside == [], "host synchronisations inside the step:\n" + "\n".join(inside)
     assert len(read) == 1 and values[0] == values[0] and "rewards/margin" in objective.last_metrics
+
+
+def test_a_statistic_of_some_examples_needs_no_size_from_the_device():
+    """KTO's rewards of its desirable and undesirable answers: a boolean index learns its size from the
+    device (on CUDA a host synchronisation per micro-batch); the masked sums do not. A meta tensor,
+    which has no values to learn a size from, stands for the device."""
+    from tunesmith.objectives.base import masked_stat, stat
+
+    values, mask = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([True, False, True])
+    assert masked_stat(values, mask).tolist() == stat(values[mask]).tolist() == [5.0, 2.0]
+    assert masked_stat(values, torch.zeros(3, dtype=torch.bool)).tolist() == [0.0, 0.0]
+    assert masked_stat(values.to("meta"), mask.to("meta")).shape == (2,)
+    with pytest.raises(Exception):
+        stat(values.to("meta")[mask.to("meta")])

@@ -33,6 +33,13 @@ def stat(values: torch.Tensor) -> torch.Tensor:
     return torch.stack([values.sum(), values.new_full((), float(values.numel()))])
 
 
+def masked_stat(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`stat` of the values where `mask` holds, without indexing by it: on CUDA a boolean index has
+    to learn its size from the device, a host synchronisation inside the micro-batch."""
+    values, mask = values.detach().float().reshape(-1), mask.reshape(-1)
+    return torch.stack([torch.where(mask, values, 0.0).sum(), mask.float().sum()])
+
+
 class Objective:
     """Subclasses set `name` and implement `batch` and `loss`; `train_step` and `evaluate` are shared."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Batch, stat
+from .base import Batch, masked_stat, stat
 from .logps import per_sequence, sequence_batch, token_logps
 from .pairwise import PairObjective
 
@@ -49,5 +49,6 @@ class KTO(PairObjective):
         losses = torch.where(good, cfg.kto_desirable_weight * (1 - torch.sigmoid(self.beta * (ratios - kl))),
                              cfg.kto_undesirable_weight * (1 - torch.sigmoid(self.beta * (kl - ratios))))
         rewards = self.beta * ratios.detach()
-        stats = {"kl": stat(kl), "rewards/desirable": stat(rewards[good]), "rewards/undesirable": stat(rewards[~good])}
+        stats = {"kl": stat(kl), "rewards/desirable": masked_stat(rewards, good),
+                 "rewards/undesirable": masked_stat(rewards, ~good)}
         return {"examples": losses.sum()}, stats
