@@ -1,10 +1,11 @@
 """The demo run exported to GGUF and read back: does it answer the demo test set as well?
 
 Exports RUN (default runs/demo, written by `make demo`) with `--format gguf,ollama --quant QUANT`
-(default q8_0; verified: top-1 agreement and template parity, see tunesmith.export.gguf), then scores the
-demo test set with tunesmith's own evaluation (tunesmith.api.evaluate: greedy generation through each
-model's own chat template, JSON field scores) for the run's model and for the GGUF as transformers
-reads it back, with the GGUF's embedded tokenizer and chat template. Both in the same dtype. With
+(default q8_0; verified: mean KL divergence and top-1 agreement against the merged model, and template
+parity, see tunesmith.export.gguf_check), then scores the demo test set with tunesmith's own evaluation
+(tunesmith.api.evaluate: greedy generation through each model's own chat template, JSON field scores)
+for the run's model and for the GGUF as transformers reads it back, with the GGUF's embedded tokenizer
+and chat template. Both in the same dtype. With
 llama-cpp-python installed (the llamacpp extra), the GGUF is also scored in llama.cpp itself (greedy,
 the training tokenizer's prompt tokens, stopped at the end-of-turn token).
 
