@@ -141,6 +141,25 @@ def test_empty_token_is_refused(tmp_path):
     assert done.returncode == 2 and "empty token" in done.stderr
 
 
+def test_a_token_from_the_environment_stays_out_of_the_command_line(tmp_path, monkeypatch):
+    """`--token` shows in `ps` to every user of the machine; TUNESMITH_UI_TOKEN does not. An empty one
+    is refused as `--token ""` is, and --token given still wins."""
+    monkeypatch.setenv("TUNESMITH_UI_TOKEN", "from-the-environment")
+    server = make_server(tmp_path / "runs", "127.0.0.1", 0)
+    try:
+        assert server.token == "from-the-environment"
+    finally:
+        server.server_close()
+    given = make_server(tmp_path / "runs", "127.0.0.1", 0, "given")
+    try:
+        assert given.token == "given"
+    finally:
+        given.server_close()
+    monkeypatch.setenv("TUNESMITH_UI_TOKEN", " ")
+    with pytest.raises(UserError, match="empty token"):
+        make_server(tmp_path / "runs", "127.0.0.1", 0)
+
+
 def test_files_are_streamed_not_read_whole(served, tmp_path):  # noqa: F811
     """A large file of a run goes out in pieces: the server never holds it in memory."""
     server = served()

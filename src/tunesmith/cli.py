@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="folder holding the run folders")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; every API request needs the token printed at start")
-    p.add_argument("--token", default=None, help="token to require (default: a random one per start; an empty one is refused)")
+    p.add_argument("--token", default=None, help="token to require (default: TUNESMITH_UI_TOKEN, which `ps` does not show, "
+                   "else a random one per start; an empty one is refused)")
     p.add_argument("--allow-code", action="store_true",
                    help="let runs started or resumed from the page set model.trust_remote_code, eval.scorer and "
                         "train.rewards (they run code)")
