@@ -342,6 +342,29 @@ def test_the_loop_guard_stops_a_loop(looping_model):
     assert str(LoopGuard(1.2, 4)) == "repetition penalty 1.2, no repeated 4-grams" and str(LoopGuard()) == "off"
 
 
+def test_the_models_own_generation_settings_stay_out_of_evaluation_and_rollouts(looping_model):
+    """generate() fills each option a call leaves unset from the model's generation_config (Qwen2.5
+    ships repetition_penalty 1.05, top_p 0.8, top_k 20): greedy answers walked down the ranking
+    instead of repeating its first word, and GRPO's samples came from a filtered distribution, not
+    the one its loss scores. Both are the model's own now; `chat` alone keeps the shipped settings."""
+    from tunesmith.eval.generate import generate_answers
+    from tunesmith.eval.metrics import repetition
+    from tunesmith.objectives.rollout import sample
+
+    model, tokenizer = looping_model
+    model.generation_config.update(repetition_penalty=100.0, top_k=2, top_p=0.5, do_sample=True, temperature=0.7)
+    conversations = [[{"role": "user", "content": f"Ticket {i}: screen broken"}, {"role": "assistant", "content": "x"}]
+                     for i in range(3)]
+    greedy, _ = generate_answers(model, tokenizer, conversations, 24, batch_size=3)
+    assert all(repetition(a) > 0.9 for a in greedy)  # the argmax at each step: the first word again
+    prompt = tokenizer("screen broken")["input_ids"]
+    assert sample(model, [prompt], 2, 6, None, tokenizer.pad_token_id, [])[0] == sample(
+        model, [prompt], 1, 6, None, tokenizer.pad_token_id, [])[0]  # greedy rollouts: the argmax too
+    assert len(set(sample(model, [prompt], 2, 6, None, tokenizer.pad_token_id, [])[0])) == 1
+    first = [answer[0] for answer in sample(model, [prompt], 64, 1, 20.0, tokenizer.pad_token_id, [], seed=3)]
+    assert len(set(first)) > 10  # at temperature 20, far more than the shipped top_k of 2 would let through
+
+
 def test_the_loop_guard_looks_at_the_answer_alone(looping_model):
     """The prompt (a question's own words, k-shot examples) neither bans n-grams from the answer nor is
     penalised in it: this model answers the same whatever its prompt, so every prompt gets the same answer."""

@@ -57,12 +57,31 @@ class AnswerOnly:
         return self.processor(input_ids[:, self.prompt_width:], scores)
 
 
+# generate() takes every option a call leaves unset from the model's own generation_config: Qwen2.5
+# Instruct ships repetition_penalty 1.05, top_p 0.8 and top_k 20, Gemma 3 top_k 64. Evaluation, GRPO's
+# rollouts and the probes set them all, so that greedy is the argmax and sampling draws from the
+# whole distribution whose log-probs GRPO trains on, whatever the model ships. (`chat` keeps them.)
+NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+           "min_length": 0, "min_new_tokens": None, "bad_words_ids": None, "suppress_tokens": None,
+           "begin_suppress_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+           "forced_bos_token_id": None, "forced_eos_token_id": None}
+WHOLE_DISTRIBUTION = {"top_k": None, "top_p": 1.0, "typical_p": 1.0, "min_p": None, "epsilon_cutoff": 0.0,
+                      "eta_cutoff": 0.0}  # sampling only (greedy reads none of them)
+
+
+def sampling(temperature: float | None) -> dict:
+    """generate's settings for greedy decoding (temperature None or 0) or sampling at `temperature`
+    from the whole distribution, the model's own filters and penalties off (not seeded here)."""
+    if not temperature or temperature <= 0:
+        return {**NEUTRAL, "do_sample": False}
+    return {**NEUTRAL, **WHOLE_DISTRIBUTION, "do_sample": True, "temperature": temperature}
+
+
 def decoding(temperature: float = 0.0, seed: int = 0) -> dict:
     """generate's settings: greedy at temperature 0, else seeded sampling from the whole
-    distribution (the loop guard is added per batch: LoopGuard.processors)."""
+    distribution (the loop guard is added per batch: LoopGuard.processors, whose settings win)."""
     import torch
 
-    if temperature <= 0:
-        return {"do_sample": False}
-    torch.manual_seed(seed)
-    return {"do_sample": True, "temperature": temperature, "top_k": 0}
+    if temperature > 0:
+        torch.manual_seed(seed)
+    return sampling(temperature)

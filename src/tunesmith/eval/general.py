@@ -25,6 +25,7 @@ from ..data.tokenize import stop_ids
 from ..errors import UserError
 from ..progress import Progress
 from .compare import paired_bootstrap, win_tie_loss
+from .decoding import NEUTRAL
 
 MULTIPLE_CHOICE = ("arc_easy", "arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc1")
 GENERATED = ("gsm8k",)
@@ -230,7 +231,7 @@ def gsm8k_rows(model, tokenizer, items: list[dict], batch_size: int = 16) -> lis
         for r, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
             ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[r, width - len(prompts[i]):] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **NEUTRAL, do_sample=False,
                              max_new_tokens=GSM8K_NEW_TOKENS, pad_token_id=pad, eos_token_id=stop_ids(tokenizer, model))
         for r, i in enumerate(chunk):
             text = tokenizer.decode(out[r, width:], skip_special_tokens=True)

@@ -99,7 +99,7 @@ def _generate(model, tokenizer, prompts: list[list[int]], references: list[tuple
                 ids, mask, cache = _score_references(model, [prompts[i] for i in chunk], [references[i] for i in chunk],
                                                      width, pad, device, chunk, losses)
             out = model.generate(input_ids=ids[:, :width], attention_mask=mask[:, :width], past_key_values=cache,
-                                 max_new_tokens=max_new_tokens, **sampling, **guard.processors(width),
+                                 max_new_tokens=max_new_tokens, **{**sampling, **guard.processors(width)},
                                  pad_token_id=pad, eos_token_id=stops)
             generated += _decode_rows(out, width, chunk, answers, tokenizer, stops)
             done += len(chunk)

@@ -16,6 +16,7 @@ import zlib
 import torch
 
 from ..data.tokenize import until_stop
+from ..eval.decoding import sampling
 
 
 def stream_seed(seed: int, key) -> int:
@@ -33,8 +34,8 @@ def sample(model, prompts: list[list[int]], copies: int, max_new_tokens: int, te
     model.eval()
     rows = [p for p in prompts for _ in range(copies)]
     answers: list[list[int]] = []
-    options = ({"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature
-               else {"do_sample": False})
+    # the model's own top-k, top-p and penalties off: samples of the distribution the loss scores
+    options = sampling(temperature)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
