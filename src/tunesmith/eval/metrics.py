@@ -97,17 +97,31 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+# A word: a run of letters and digits of any script, except that each Chinese character or kana
+# is a word of its own (those scripts put no spaces between words).
+WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+
+class Words:
+    """rouge-score's tokeniser for every script: its default keeps a-z and 0-9 only, so any two
+    Russian, Greek or Chinese texts, the same or not, scored 0. On ASCII text the words are the default's."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return WORD.findall(text.lower())
+
+
 @functools.lru_cache(maxsize=1)
 def _rouge():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=Words())
 
 
 def rouge_l(prediction: str, reference: str) -> float:
     """ROUGE-L F1 as the `rouge-score` package computes it (Google's reimplementation of
-    ROUGE-1.5.5, the one most papers and `evaluate` report): its default tokeniser (lower case,
-    every run of characters other than a-z and 0-9 splits words), no stemming, the longest common
+    ROUGE-1.5.5, the one most papers and `evaluate` report), with its default's words on ASCII text
+    (lower case, runs of a-z and 0-9) and `Words` on others, no stemming, the longest common
     subsequence over the whole text (rougeL, not rougeLsum)."""
     return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
 
