@@ -302,3 +302,16 @@ def test_eval_of_a_run_without_data_scores_its_own_test_data(project, elsewhere,
     assert {k: v for k, v in given.items() if k != speed} == {k: v for k, v in own.items() if k != speed}
     assert main(["eval", str(elsewhere / "test.jsonl")]) == 2
     assert "eval: give --data FILE, --general, or both" in capsys.readouterr().err
+
+
+def test_eval_reads_a_runs_files_as_the_run_read_its_data(project, elsewhere):
+    """`tunesmith eval RUN --data F` (or its own test data): F in the run's own columns (data.columns
+    ticket/team here) was refused as of an unknown format: eval read it with the default data settings."""
+    import tunesmith.measure as measure
+
+    with open(elsewhere / "held_out.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["ticket", "team"])
+        writer.writerows([[f"Ticket {i}: my screen is wrong", "tech"] for i in range(3)])
+    scored = measure.evaluate(str(project / "runs" / "mine"), str(elsewhere / "held_out.csv"), max_new_tokens=2)
+    assert scored["test_examples"] == 3 and scored["eval_loss"] > 0

@@ -32,8 +32,12 @@ def evaluate(model_or_run: str, data: str | None, max_new_tokens: int = 96, batc
     if system:
         say(f"eval: the examples are asked with the system prompt the run trained with: {system!r}")
     # The first `limit` examples of the file; the eval loss on those within max_seq_len, as in
-    # training; generation scores on every one.
-    data_cfg = DataConfig(train=data, system_prompt=system)
+    # training; generation scores on every one. A run's file is read as the run read its data (its
+    # format, columns, max_seq_len, reasoning, template settings).
+    run = RunFolder(model_or_run)
+    data_cfg = (run.read_config().data.model_copy(update={"train": data, "validation": None, "test": None, "mix": {},
+                                                          "system_prompt": system})
+                if run.is_run() else DataConfig(train=data, system_prompt=system))
     test = eval_file(data, tokenizer, data_cfg, limit)
     if is_raw_text(test.conversations):  # its loss in rows of max_seq_len, as training reads raw text
         with merged_adapter(model):
