@@ -177,3 +177,17 @@ def test_looping_answers_are_warned_about_with_each_rows_count():
     assert table["warnings"] == [warning] and format_baselines(table).endswith(warning)
     repeats = [d for d in table["differences"] if d["metric"] == "repetition"][0]
     assert repeats["loss"] > repeats["win"]  # more repetition is worse: lower is better
+
+
+def test_an_answer_is_scored_after_its_reasoning_and_so_is_the_reference():
+    """Qwen3's <think> is not a special token: a model trained on reasoning says it before the answer,
+    and scored whole an exact 'Paris' read as 0 exact match. References with a reasoning block count
+    their answer alone too; reasoning cut off unfinished is no answer."""
+    from tunesmith.eval.scoring import conversation_scores
+
+    question = {"role": "user", "content": "Capital of France?"}
+    plain = [question, {"role": "assistant", "content": "Paris"}]
+    reasoned = [question, {"role": "assistant", "content": "<think>It is Paris.</think>\n\nParis"}]
+    answers = ["<think>\nThe capital is Paris.\n</think>\n\nParis", "Paris", "<think>The capital is"]
+    rows = conversation_scores(answers, [plain, reasoned, plain])
+    assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0] and rows[2]["rouge_l"] == 0.0

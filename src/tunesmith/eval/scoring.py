@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..data.tokenize import THINK_BLOCK
 from ..data.tools import split_tools
 from .decoding import LoopGuard
 from .generate import generate_answers
@@ -41,8 +42,18 @@ def conversation_scores(answers: list[str], conversations: list[list[dict]], sco
                         name: str = "custom") -> list[dict[str, float]]:
     """Per example: JSON references get field-level scores, free text exact match, normalised exact
     match, token F1 and ROUGE-L, and an answer that should call tools its calls' scores."""
-    return example_scores(answers, [c[-1]["content"] for c in conversations], scorer, name,
-                          [c[-1].get("tool_calls") for c in conversations], [split_tools(c)[0] for c in conversations])
+    return example_scores([final_answer(a) for a in answers], [final_answer(c[-1]["content"]) for c in conversations],
+                          scorer, name, [c[-1].get("tool_calls") for c in conversations],
+                          [split_tools(c)[0] for c in conversations])
+
+
+def final_answer(text: str) -> str:
+    """The answer after its reasoning: a model trained on <think>...</think> (Qwen3's `reasoning_content`,
+    whose tags are not special tokens) says it before the answer, and a reference may hold it too;
+    scored whole, an exact answer read as wrong. Reasoning cut off unfinished leaves no answer."""
+    if THINK_BLOCK.match(text):
+        return THINK_BLOCK.sub("", text, count=1).strip()
+    return "" if text.lstrip().startswith(("<think>", "[THINK]")) else text
 
 
 def scorer_name(spec: str | None) -> str:
