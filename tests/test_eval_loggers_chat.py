@@ -77,6 +77,32 @@ def test_chat_streams_answers_and_keeps_the_history(tiny_model_dir):
     assert answer and answer in " ".join(text.split())  # what was streamed is what joined the history
 
 
+def test_chat_leaves_out_the_oldest_turns_beyond_the_models_context(tiny_model_dir, tmp_path):
+    """The whole history went to the model every turn: past its context a model with absolute positions
+    failed (the session lost) and one with rotary positions degraded without a word."""
+    import json
+    import shutil
+
+    from tunesmith.data.tokenize import prompt_ids
+    from tunesmith.eval.chat import chat
+    from tunesmith.models import load_tokenizer
+
+    small = tmp_path / "small"
+    shutil.copytree(tiny_model_dir, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 96}))
+    said = iter([f"Ticket {i}: my PixelPad froze again after the update" for i in range(6)]
+                + ["word " * 200, "/exit"])
+    out = io.StringIO()
+    messages = chat(str(small), system="Answer briefly.", max_new_tokens=8, read=lambda prompt: next(said), out=out)
+    tokenizer = load_tokenizer(str(small))
+    assert messages[0]["role"] == "system" and messages[-2]["content"].startswith("Ticket 5")
+    assert len(prompt_ids(tokenizer, messages[:-1])) + 8 <= 96  # the last prompt the model saw fitted
+    text = out.getvalue()
+    assert "messages left out: with them the conversation is longer than the model's 96 tokens" in text
+    assert "leaves no room in the model's 96 tokens" in text and text.count("model> ") == 6
+
+
 class Tracked:
     """An extra metric logger that records whether it was closed."""
 

@@ -96,7 +96,33 @@ def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256
         if not text:
             continue
         messages.append({"role": "user", "content": text})
+        messages = within_context(model, tokenizer, messages, len(start), max_new_tokens, out)
+        if messages[-1]["role"] != "user":  # the message alone leaves no room for an answer
+            continue
         print("model> ", end="", file=out, flush=True)
         messages.append({"role": "assistant",
                          "content": stream_reply(model, tokenizer, messages, max_new_tokens, temperature, out, guard)})
     return messages
+
+
+def within_context(model, tokenizer, messages: list[dict], head: int, max_new_tokens: int, out) -> list[dict]:
+    """The conversation with its oldest exchanges left out (the first `head` messages, the system
+    prompt, kept) until the prompt and an answer of max_new_tokens fit the model's context: past it a
+    model with absolute positions fails and one with rotary positions degrades without a word. A last
+    message too long on its own is left out, and said so."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context:
+        return messages
+    if len(prompt_ids(tokenizer, messages[:head] + messages[-1:])) + max_new_tokens > context:
+        print(f"(that message leaves no room in the model's {context} tokens for an answer of up to "
+              f"{max_new_tokens}: say it shorter)", file=out)
+        return messages[:-1]
+    kept, dropped = list(messages), 0
+    while len(prompt_ids(tokenizer, kept)) + max_new_tokens > context and len(kept) > head + 1:
+        cut = next((i for i in range(head + 1, len(kept)) if kept[i]["role"] == "user"), len(kept) - 1)
+        dropped += cut - head
+        kept = kept[:head] + kept[cut:]
+    if dropped:
+        print(f"(the oldest {dropped} messages left out: with them the conversation is longer than the model's "
+              f"{context} tokens)", file=out)
+    return kept
