@@ -94,3 +94,24 @@ def test_two_ranks_accumulate_to_the_definition(tiny_model_dir, step_data, tmp_p
     assert_same_gradients(expected, load_file(out), 1e-5)
     with safe_open(out, "pt") as saved:  # the ranks agree on the largest of their values (10 and 11)
         assert saved.metadata()["most"] == "11.0"
+
+
+def test_the_process_group_waits_hours_for_rank_0s_work_alone(monkeypatch):
+    """Rank 0 alone scores the base before training and the result after it, while the others wait in a
+    collective: under gloo's 30-minute default a large test set had the finished job killed."""
+    import torch.distributed as dist
+
+    from tunesmith.training import distributed
+
+    asked = {}
+
+    def record(backend, **options):
+        asked.update(options, backend=backend)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        distributed.setup("cpu")
+    assert asked["backend"] == "gloo" and asked["timeout"].total_seconds() >= 3600

@@ -1,6 +1,7 @@
 """Two processes on torch.distributed (gloo, CPU) give the weights one process gives with the same global batch."""
 import contextlib
 import json
+import re
 import os
 import signal
 import subprocess
@@ -23,17 +24,18 @@ def rows(n=40):
              "completion": f"{' '.join(words[(i + k) % 7] for k in range(1 + i % 6))} {i}"} for i in range(n)]
 
 
-def write_config(tmp_path: Path, model_dir: Path, run: str, method="lora", **train) -> Path:
+def write_config(tmp_path: Path, model_dir: Path, run: str, method="lora", evaluation: dict | None = None,
+                 dropout: float = 0.0, **train) -> Path:
     data = write_jsonl(tmp_path / "data.jsonl", rows())
     config = {
         "model": {"name": str(model_dir), "dtype": "float32"},
         "data": {"train": str(data), "max_seq_len": 128},
-        "adapter": {"method": method, "r": 4},
+        "adapter": {"method": method, "r": 4, "dropout": dropout},
         # On the CPU (gloo) wherever CUDA is visible too: two ranks on one GPU would ask for cuda:1, and the
         # one-process runs they are compared with must compute on the same device.
         "train": {"max_steps": STEPS, "batch_size": 4, "grad_accum": 2, "lr": 1e-2 if method != "full" else 1e-3,
                   "log_every": 1, "device": "cpu", **train},
-        "eval": {"generate": False, "report": False},
+        "eval": {"generate": False, "report": False, **(evaluation or {})},
         "output": {"dir": str(tmp_path / run)},
     }
     path = tmp_path / f"{run}.json"
@@ -123,13 +125,92 @@ def test_a_failing_rank_ends_the_job(tiny_model_dir, tmp_path):
     # A hang guard, not a speed check: the surviving rank would otherwise wait in a collective for
     # the process group's default 30-minute timeout; torchrun ends it as soon as rank 1 fails.
     try:
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(HERE / "dist_failing_rank.py"), str(config)],
-                              capture_output=True, text=True, timeout=120, env=env())
+        done = patched(config, "broken", timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("rank 0 was still waiting 120 s after rank 1 failed")
     assert done.returncode != 0
     assert "rank 1 broke on purpose" in done.stderr
+
+
+def patched(config: Path, mode: str, timeout: int = 300):
+    """`train config` on two ranks under torchrun, changed as tests/dist_patched.py's MODE says."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(HERE / "dist_patched.py"), str(config), mode],
+                          capture_output=True, text=True, timeout=timeout, env=env())
+
+
+def cut_back_to_before_its_last_step(run: Path, steps: int) -> None:
+    """A finished run as it was killed in its last step: that step's checkpoint, results and adapter gone."""
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / f"step-{steps:08d}")
+    shutil.rmtree(run / "adapter")
+    (run / "results.json").unlink()
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_with_their_best_weights_and_restore_them_as_one(tiny_model_dir, tmp_path):
+    """Only rank 0 reopened the best weights on a resume: at the end it restored them (through the
+    wrapper's collectives) while rank 1, knowing no best step, went on to the final evaluation, and
+    the two waited on each other for ever. The resumed run ends as the uninterrupted one did."""
+    opts = {"max_steps": 6, "checkpoint_every": 1, "evaluation": {"every_steps": 2}}
+    whole, cut = (write_config(tmp_path, tiny_model_dir, name, **opts) for name in ("whole", "cut"))
+    for config in (whole, cut):
+        done = patched(config, "worse-eval-from-3")  # base, step 2: as they are; steps 4 and 6: worse
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "restored the weights of step 2" in done.stderr
+    cut_back_to_before_its_last_step(tmp_path / "cut", 6)
+    try:
+        resumed = patched(cut, "worse-eval-from-2", timeout=180)  # base, then step 6: worse
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks of the resumed run waited on each other")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step 5" in resumed.stderr and "restored the weights of step 2" in resumed.stderr
+    assert max_diff(weights(tmp_path / "whole"), weights(tmp_path / "cut")) < 1e-6
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_with_dropout_resumes_to_the_uninterrupted_runs_weights(tiny_model_dir, tmp_path):
+    """Checkpoints kept rank 0's random state alone, and every rank resumed with it: rank 1's dropout
+    masks after the resume were not those it would have drawn (weights 1e-3 off the uninterrupted run's)."""
+    whole, cut = (write_config(tmp_path, tiny_model_dir, name, max_steps=6, checkpoint_every=1, dropout=0.1)
+                  for name in ("whole", "cut"))
+    for config in (whole, cut):
+        done = train(config, nproc=2)
+        assert done.returncode == 0, done.stderr[-3000:]
+    cut_back_to_before_its_last_step(tmp_path / "cut", 6)
+    resumed = train(cut, nproc=2)
+    assert resumed.returncode == 0 and "resuming from step 5" in resumed.stderr, resumed.stderr[-3000:]
+    assert max_diff(weights(tmp_path / "whole"), weights(tmp_path / "cut")) < 1e-6
+
+
+@pytest.mark.slow
+def test_fsdp2_keeps_and_restores_the_best_weights_of_its_shards(tiny_model_dir, tmp_path):
+    """FSDP2 with evaluations during training failed at the first one: the best weights were DTensors,
+    which safetensors cannot save. Each rank keeps its own shards; restored, they equal one process's."""
+    opts = {"max_steps": 6, "evaluation": {"every_steps": 2}}
+    one = write_config(tmp_path, tiny_model_dir, "one", **opts)
+    two = write_config(tmp_path, tiny_model_dir, "two", fsdp=True, **opts)
+    done = subprocess.run([sys.executable, str(HERE / "dist_patched.py"), str(one), "worse-eval-from-3"],
+                          capture_output=True, text=True, timeout=300, env=env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = patched(two, "worse-eval-from-3")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "restored the weights of step 2" in done.stderr and "restored the weights of step 2" in sharded.stderr
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+
+
+@pytest.mark.slow
+def test_an_out_of_memory_error_on_one_rank_ends_the_job_with_a_message(tiny_model_dir, tmp_path):
+    """train.auto_micro_batch halved the micro-batch on the rank that ran out of memory alone: its
+    collectives then paired with another step's on the other rank, and the job hung."""
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=6, auto_micro_batch=True)
+    try:
+        done = patched(config, "oom", timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ranks hung after one ran out of memory")
+    assert done.returncode != 0
+    assert re.search(r"out of memory at step \d", done.stderr) and "with several ranks nothing retries" in done.stderr
 
 
 def _killed_single_process_run(tiny_model_dir, tmp_path):

@@ -120,3 +120,14 @@ def test_the_epoch_time_counts_the_padding_that_padded_rows_compute(tiny_model_d
     assert "of them padding the rows compute" in format_plan(found)
     free = plan_for(str(config), ["train.fast_paths=auto"], device="t4", include_this_machine=False)
     assert free.padding < found.padding and free.target.epoch_seconds < found.target.epoch_seconds
+
+
+def test_the_mfu_of_several_ranks_is_each_devices_share_over_its_own_peak(monkeypatch):
+    """The progress records' tokens/s count every rank's tokens: over one device's peak, the MFU of N
+    GPUs read N times too high."""
+    import tunesmith.plan as plan_module
+    from tunesmith.api import _utilisation
+
+    monkeypatch.setattr(plan_module, "utilisation_of", lambda cfg, split, device: lambda speed: speed / 1000)
+    assert _utilisation(None, None, None)(500) == 0.5
+    assert _utilisation(None, None, None, world=2)(500) == 0.25

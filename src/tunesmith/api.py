@@ -149,7 +149,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if evidence is not None:
         evidence.score(model, tokenizer, "base")
 
-    utilisation = _utilisation(cfg, train_split, device)
+    utilisation = _utilisation(cfg, train_split, device, ranks.world)
     log.write(event="run", step=0, device=str(device), dtype=results["dtype"], fast_paths=applied,
               batch_layout=train_layout, planned_peak=predicted_peak, gradient_checkpointing=checkpointing.record())
     memory.start()
@@ -172,7 +172,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if ranks.main:
         save_trained(model, tokenizer, run.path / method.saves)
     if not ranks.main:
-        ranks.barrier()  # rank 0 scores, writes results and the report
+        ranks.barrier()  # rank 0 scores, writes results and the report (distributed.COLLECTIVE_TIMEOUT)
         return {"base": base, "fine_tuned": tuned, "run_dir": str(run.path), "rank": ranks.rank}
     if "eval_loss" in tuned:
         log.write(event="eval", step=result.steps, **eval_figures(tuned["eval_loss"], cfg.train.objective),
@@ -235,14 +235,16 @@ def _unsharded(state: dict, cfg: Config, method, device):
     return model
 
 
-def _utilisation(cfg: Config, train_split, device):
-    """tokens/s -> MFU for this run, or None where it cannot be worked out (an unknown shape or device)."""
+def _utilisation(cfg: Config, train_split, device, world: int = 1):
+    """tokens/s of the whole run -> MFU of its devices (each one's share of the tokens over its own
+    peak), or None where it cannot be worked out (an unknown shape or device)."""
     from .plan import utilisation_of
 
     try:
-        return utilisation_of(cfg, train_split, device)
+        per_device = utilisation_of(cfg, train_split, device)
     except Exception:  # noqa: BLE001 (a figure for the records; never a reason to stop a run)
         return None
+    return per_device if world == 1 or per_device is None else (lambda speed: per_device(speed / world))
 
 
 def plan_of_run(cfg: Config, train_split, train_layout: str, device, devices: int = 1):

@@ -47,7 +47,12 @@ class TrainState:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """The trained weights, copied (under FSDP2 this rank's shards: a DTensor's local part)."""
+    return {name: _local(p).detach().clone().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
@@ -57,7 +62,7 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
         raise UserError(f"checkpoint does not match the model: unknown weights {missing[:3]}")
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            _local(params[name]).copy_(value)
 
 
 def rng_state() -> dict:
@@ -152,6 +157,9 @@ def check_same_settings(path: Path, settings: dict, steps: int | None = None) ->
                         "or use a new output.dir (or output.overwrite=true) to start over")
 
 
+RANK_RNG = "rng-ranks.pt"  # every rank's random state, under several ranks
+
+
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, keep: int,
                     settings: dict | None = None, ranks=None) -> Path:
     """Write checkpoints/step-N atomically and keep only the newest `keep`.
@@ -172,6 +180,10 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
         tmp.mkdir()
     if ranks is not None:
         ranks.barrier()
+    device = next(model.parameters()).device
+    # Each rank's random state: ranks draw dropout masks for other examples, so theirs part ways
+    own_rng = {"rng": rng_state(), **devices.rng_states(device)}
+    every_rng = ranks.gather(own_rng) if ranks is not None else [own_rng]
     try:
         if sharded:
             _save_sharded(tmp / SHARDED, model, optimizer)
@@ -179,8 +191,9 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
             if not sharded:
                 save_file(trainable_state(model), tmp / "trainable.safetensors")
             extra = {} if sharded else {"optimizer": optimizer.state_dict()}
-            device = next(model.parameters()).device
             torch.save({**extra, "scheduler": scheduler.state_dict(), **devices.rng_states(device)}, tmp / "optim.pt")
+            if len(every_rng) > 1:
+                torch.save(every_rng, tmp / RANK_RNG)
             (tmp / "state.json").write_text(json.dumps({**asdict(state), "rng": rng_state(), "settings": settings or {},
                                                         "sharded": sharded}))
             _fsync_tree(tmp)
@@ -239,8 +252,9 @@ def best_steps(folder: Path) -> set[int]:
     return steps
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNG onto the model's device; returns the saved TrainState."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG (this rank's, where every rank's was saved) onto
+    the model's device; returns the saved TrainState."""
     device = next(model.parameters()).device
     meta = json.loads((path / "state.json").read_text())
     saved = torch.load(path / "optim.pt", weights_only=True, map_location=device)
@@ -251,6 +265,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(meta.pop("rng"), saved, device)
+    if rank and (path / RANK_RNG).is_file():
+        own = torch.load(path / RANK_RNG, weights_only=True, map_location="cpu")[rank]
+        set_rng_state(own["rng"], own, device)
     meta.pop("settings", None)
     return TrainState(**meta)
 

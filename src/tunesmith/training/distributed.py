@@ -15,6 +15,7 @@ Collectives run on the run's device (NCCL needs CUDA tensors; gloo takes CPU one
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import sys
 from dataclasses import dataclass
@@ -75,6 +76,14 @@ class Ranks:
         dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
 
+    def gather(self, value) -> list:
+        """Every rank's value (any picklable object), in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one (signals arrive per process)."""
         return bool(self.sum(float(flag))[0]) if self.active else flag
@@ -85,6 +94,7 @@ class Ranks:
 
 
 SINGLE = Ranks()
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
 def setup(device_spec: str = "auto") -> Ranks:
@@ -98,7 +108,10 @@ def setup(device_spec: str = "auto") -> Ranks:
         cuda = torch.cuda.is_available() and device_spec != "cpu"
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # Rank 0 alone scores the base before training and the result after it while the others wait
+        # in a collective: with a large test set or the general probe that passed gloo's 30-minute
+        # default (NCCL's is shorter) and the job was killed with its work done.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, device=device)

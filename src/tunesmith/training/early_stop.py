@@ -109,6 +109,25 @@ class BestWeights:
         return cls(path)
 
 
+def run_best_weights(run_dir: Path | None, state, ranks, device) -> BestWeights:
+    """The best weights of a run about to train. Rank 0 keeps them on disk, so a resumed run reopens
+    them; the other ranks hold their replica's in memory and are told the resumed best by rank 0
+    (a rank that did not know it skipped the restore at the end, and the ranks waited on each other's
+    collectives for ever). Under FSDP2 each rank holds its own shards in memory, so a resumed run
+    starts without the best weights of before."""
+    if run_dir is None or ranks.fsdp:
+        if ranks.fsdp and ranks.main and state.best_step is not None:
+            say(f"the best weights of step {state.best_step} stay behind (FSDP2 keeps them in memory): "
+                "the resumed run keeps its own best")
+        return BestWeights()
+    best = BestWeights.reopen(run_dir / "best.safetensors", state.best_step, state.best_eval) if ranks.main \
+        else BestWeights()
+    step, value = ranks.broadcast((best.step, best.value))
+    if not ranks.main and step is not None:
+        best = BestWeights(None, step, value, load_file(run_dir / "best.safetensors", device=str(device)))
+    return best
+
+
 def _saved_step(path: Path) -> str | None:
     from safetensors import safe_open
 

@@ -27,7 +27,7 @@ from ..errors import Interrupted, UserError
 from ..progress import Progress, say
 from . import checkpoint as ckpt
 from . import distributed
-from .early_stop import BestWeights, EarlyStopping, overfitting, return_best, shown_key
+from .early_stop import EarlyStopping, overfitting, return_best, run_best_weights, shown_key
 from .loggers import MetricLog
 from .loss import label_loss_sum
 from .memory import device_memory, is_out_of_memory, release_freed_memory
@@ -147,9 +147,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             stopper.restore(state.early_stopping)
     # Records of steps after the resumed one (or, starting afresh, every record) are about to be redone.
     log.truncate_after(state.step)
-    # Rank 0 keeps the best weights on disk; other ranks hold their (identical) replica's in memory.
-    best = (BestWeights.reopen(run_dir / "best.safetensors", state.best_step, state.best_eval)
-            if run_dir and ranks.main else BestWeights())
+    best = run_best_weights(run_dir, state, ranks, device)
     warned_overfitting = False
     stream = optimizer_steps(train, cfg, layout)
     consumed = 0
@@ -316,7 +314,7 @@ def _resume(ckpt_dir: Path, cfg: Config, settings: dict, owner, optimizer, sched
     found = Path(found)
     ckpt.check_same_settings(found, settings, steps)
     try:
-        loaded = ckpt.load_checkpoint(found, owner, optimizer, scheduler)
+        loaded = ckpt.load_checkpoint(found, owner, optimizer, scheduler, ranks.rank)
     except Exception as err:  # noqa: BLE001 (anything that keeps this rank from the chosen state)
         raise UserError(f"rank {ranks.rank}: cannot load checkpoint {found} chosen by rank 0 "
                         f"({type(err).__name__}: {err}); is the run folder on storage every node sees?") from None
@@ -340,11 +338,13 @@ def _step_with_retries(loss_module, train: Split, indices, pieces: int, pad_id: 
                 raise
             optimizer.zero_grad(set_to_none=True)
             biggest = max(len(i) for i in indices)
-            if not cfg.train.auto_micro_batch or math.ceil(biggest / pieces) <= 1:
+            # Under several ranks a retry on one alone would pair its collectives with another step's
+            if not cfg.train.auto_micro_batch or math.ceil(biggest / pieces) <= 1 or ranks.active:
                 raise UserError(
                     f"out of memory at step {step} with micro-batch {math.ceil(biggest / pieces)}: lower "
-                    "train.batch_size (raise train.grad_accum to keep the step size), data.max_seq_len, "
-                    "or set train.auto_micro_batch=true") from None
+                    "train.batch_size (raise train.grad_accum to keep the step size) or data.max_seq_len"
+                    + (" (with several ranks nothing retries: their steps must stay paired)" if ranks.active
+                       else ", or set train.auto_micro_batch=true")) from None
             pieces *= 2
             say(f"out of memory: micro-batch now {math.ceil(biggest / pieces)}, same samples per step")
 
