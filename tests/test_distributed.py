@@ -201,6 +201,28 @@ def test_fsdp2_keeps_and_restores_the_best_weights_of_its_shards(tiny_model_dir,
 
 
 @pytest.mark.slow
+def test_an_fsdp2_checkpoint_resumes_in_one_process_and_holds_no_frozen_base(tiny_model_dir, tmp_path):
+    """Sharded checkpoints were saved with the wrapper's keys, so one process could not resume them (a
+    checkpoint library traceback), and with the frozen base of an adapter run in each (a 70B base
+    in every checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+
+    opts = {"max_steps": 6, "checkpoint_every": 1, "fsdp": True}
+    whole, cut = (write_config(tmp_path, tiny_model_dir, name, **opts) for name in ("whole", "cut"))
+    for config in (whole, cut):
+        done = train(config, nproc=2)
+        assert done.returncode == 0, done.stderr[-3000:]
+    saved = dcp.FileSystemReader(str(tmp_path / "cut" / "checkpoints" / "step-00000006" / "sharded"))
+    keys = [k for k in saved.read_metadata().state_dict_metadata if k.startswith("model.")]
+    assert keys and all(k.startswith("model.base_model.model.") for k in keys)  # the model's own names
+    assert any("lora_A" in k for k in keys) and not any("base_layer" in k for k in keys)
+    cut_back_to_before_its_last_step(tmp_path / "cut", 6)
+    resumed = train(cut)  # one process, the config unchanged
+    assert resumed.returncode == 0 and "resuming from step 5" in resumed.stderr, resumed.stderr[-3000:]
+    assert max_diff(weights(tmp_path / "whole"), weights(tmp_path / "cut")) < 1e-6
+
+
+@pytest.mark.slow
 def test_an_out_of_memory_error_on_one_rank_ends_the_job_with_a_message(tiny_model_dir, tmp_path):
     """train.auto_micro_batch halved the micro-batch on the rank that ran out of memory alone: its
     collectives then paired with another step's on the other rank, and the job hung."""

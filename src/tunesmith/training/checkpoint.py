@@ -213,11 +213,20 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
     return final
 
 
+def _sharded_options():
+    """Keys of the model itself (not of a wrapper: a checkpoint resumes under any number of ranks, one
+    too), and the trained weights only: an adapter run's frozen base is the base model's, as loaded
+    (saved with it, a 70B base went into every checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
 def _save_sharded(path: Path, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_sharded_options())
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(path))
 
 
@@ -225,10 +234,12 @@ def _load_sharded(path: Path, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = _sharded_options()
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     wanted = {"model": model_state, "optimizer": optim_state}
     dcp.load(wanted, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=wanted["model"], optim_state_dict=wanted["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=wanted["model"], optim_state_dict=wanted["optimizer"],
+                   options=options)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:

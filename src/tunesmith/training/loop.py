@@ -124,7 +124,6 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     loss_fn = offloaded(loss_fn, cfg.adapter.offload_activations and device.type == "cuda")
     loss_module, grad_scale = distributed.wrap(model, loss_fn, ranks, cfg.train.fsdp,
                                                cfg.train.fsdp_offload)
-    state_owner = loss_module if ranks.fsdp else model  # what checkpoints save and restore
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused: one kernel per tensor instead of a dozen small ops each (a LoRA has hundreds of small
     # tensors, and on a busy CPU every op pays a thread wake-up). FSDP2's DTensors keep the default.
@@ -137,7 +136,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     state = ckpt.TrainState(config_hash=ckpt.config_hash(settings))
     stopper = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta) if cfg.eval.patience and validation else None
     result = FitResult(early_stopping=stopper)
-    resumed = _resume(ckpt_dir, cfg, settings, state_owner, optimizer, scheduler, ranks, steps) if ckpt_dir else None
+    resumed = _resume(ckpt_dir, cfg, settings, model, optimizer, scheduler, ranks, steps) if ckpt_dir else None
     if resumed is not None:
         state, found = resumed
         result.resumed_from = state.step
@@ -264,7 +263,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 record(step, step_loss, grad_norm, lr)
             if ckpt_dir and (signalled or stop or step == steps
                              or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
-                saved = ckpt.save_checkpoint(ckpt_dir, state_owner, optimizer, scheduler, state,
+                saved = ckpt.save_checkpoint(ckpt_dir, model, optimizer, scheduler, state,
                                              cfg.train.keep_checkpoints, settings, ranks)
                 best.committed(ckpt.best_steps(ckpt_dir))
                 if signalled:
