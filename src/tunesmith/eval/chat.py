@@ -7,7 +7,7 @@ import torch
 
 from ..data.tokenize import prompt_ids, stop_ids, token_ids, until_stop
 from .decoding import LoopGuard
-from .generate import merged_adapter
+from .generate import merged_adapter, merged_for_good
 
 HELP = "type a message; /reset starts over, /exit (or Ctrl-D) ends"
 
@@ -58,6 +58,7 @@ def generate_once(model_or_run: str, prompt: str, system: str | None = None, raw
     from ..runs import load_trained, trained_on_raw_text
 
     model, tokenizer, _ = load_trained(model_or_run)
+    model = merged_for_good(model)
     if raw is None and trained_on_raw_text(model_or_run):
         print("the run trained on raw text: its prompt is continued as written (--no-raw: as a chat turn)",
               file=sys.stderr)
@@ -75,6 +76,7 @@ def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256
     from ..runs import load_trained, trained_on_raw_text
 
     model, tokenizer, _ = load_trained(model_or_run)
+    model = merged_for_good(model)
     if trained_on_raw_text(model_or_run):
         print("the run trained on raw text, not on chat turns: `tunesmith generate RUN TEXT` continues a text",
               file=out)

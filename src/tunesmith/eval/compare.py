@@ -25,7 +25,7 @@ from ..progress import Progress
 from ..runs import RunFolder, write_text
 from ..training.loss import label_token_losses
 from .decoding import LoopGuard
-from .generate import answer_and_score, generate_answers, length_batches
+from .generate import answer_and_score, generate_answers, length_batches, merged_for_good
 from .metrics import Scorer, mean_scores, normalise
 from .scoring import conversation_scores
 
@@ -242,6 +242,7 @@ def score_model(spec: str, prompt_sets: dict[str, list[list[dict]]], settings: S
     from ..runs import load_trained
 
     model, tokenizer, _ = load_trained(spec)
+    model = merged_for_good(model)  # one model, several prompt sets: folded in once
     scored = [score_prompts(model, tokenizer, name, prompts, settings) for name, prompts in prompt_sets.items()]
     del model
     gc.collect()
