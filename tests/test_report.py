@@ -134,3 +134,20 @@ def test_a_run_that_kept_its_weights_by_a_generation_metric_plots_it(tmp_path):
     assert [r["validation_rouge_l"] for r in report["curves"]["eval"]] == [0.05, 0.1, 0.15, 0.2]
     assert set(figures(report)) == {"loss", "validation_rouge_l", "learning_rate", "tokens_per_second"}
     assert (15, "--", "best rouge_l, weights kept (step 15)") in loss_markers(report["events"])
+
+
+def test_without_a_comparison_each_answer_sits_beside_the_base_answer_of_its_own_line(tmp_path):
+    """Matched by prompt text, a prompt asked twice (two references) showed the base's last answer to it
+    beside both fine-tuned answers."""
+    from tunesmith.eval.report import collect
+
+    run = fake_run(tmp_path / "run")
+    (run / "comparison.json").unlink()
+    (run / "comparison.jsonl").unlink()
+    rows = [("Reset my password", "Use the link.", "first base", "first tuned"),
+            ("Reset my password", "Call support.", "second base", "second tuned"),
+            ("Refund?", "Yes.", "third base", "third tuned")]
+    write_jsonl(run / "predictions.jsonl", [{"prompt": p, "reference": r, "answer": t} for p, r, _, t in rows])
+    write_jsonl(run / "predictions_base.jsonl", [{"prompt": p, "reference": r, "answer": b} for p, r, b, _ in rows])
+    shown = [(e["base"]["answer"], e["fine-tuned"]["answer"]) for e in collect(run)["examples"]]
+    assert shown == [("first base", "first tuned"), ("second base", "second tuned"), ("third base", "third tuned")]

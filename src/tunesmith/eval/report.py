@@ -28,11 +28,15 @@ def collect(run_dir: Path) -> dict:
     comparison = comparison if isinstance(comparison, dict) else {}
     examples = read_jsonl(run.comparison_rows)[:EXAMPLES_SHOWN]
     if not examples:
-        base = {r["prompt"]: r for r in read_jsonl(run.predictions("base"))}
-        examples = [{"prompt": r["prompt"], "reference": r["reference"],
-                     **({"base": {"answer": base[r["prompt"]]["answer"]}} if r["prompt"] in base else {}),
-                     "fine-tuned": {"answer": r["answer"]}}
-                    for r in read_jsonl(run.predictions())[:EXAMPLES_SHOWN]]
+        tuned, base = read_jsonl(run.predictions())[:EXAMPLES_SHOWN], read_jsonl(run.predictions("base"))
+        by_prompt = {r["prompt"]: r for r in base}
+        for i, row in enumerate(tuned):
+            # line by line where both files answer the same prompt there (a test set may ask one prompt
+            # twice, with two references), else by prompt
+            other = base[i] if i < len(base) and base[i].get("prompt") == row["prompt"] else by_prompt.get(row["prompt"])
+            examples.append({"prompt": row["prompt"], "reference": row["reference"],
+                             **({"base": {"answer": other["answer"]}} if other else {}),
+                             "fine-tuned": {"answer": row["answer"]}})
     keep = ("step", "loss", "mean_loss", "lr", "tokens_per_second", "grad_norm")
     return {
         "run": str(run_dir),
