@@ -136,6 +136,34 @@ def test_compare_retrieves_from_the_runs_training_data_and_asks_both_models_with
     assert retrieved[-1]["content"] == "tech" and len(retrieved) == 5
 
 
+def test_compare_asks_the_runs_own_base_with_the_chat_template_the_run_trained_with(project, elsewhere,
+                                                                                   tiny_model_dir, monkeypatch):
+    """The base, named as A, was asked with its own template while training's own comparison asked it with
+    the run's (data.chat_template, or data.template_variables such as Qwen3's enable_thinking=false)."""
+    import shutil
+
+    from helpers import write_jsonl
+    from tunesmith.eval import baselines
+    from tunesmith.runs import RunFolder
+
+    run = elsewhere / "marked"
+    shutil.copytree(project / "runs" / "mine", run)
+    template = RunFolder(run).trained() / "chat_template.jinja"
+    template.write_text("{# trained like this #}" + template.read_text())
+    test = write_jsonl(elsewhere / "test.jsonl", [{"question": "Ticket 1: screen dead", "answer": "tech"}])
+    templates = {}
+    scored = baselines.score_prompts
+
+    def recording(model, tokenizer, name, prompts, settings, layout=baselines.PADDED):
+        templates[name] = tokenizer.chat_template
+        return scored(model, tokenizer, name, prompts, settings, layout)
+
+    monkeypatch.setattr("tunesmith.eval.compare.score_prompts", recording)
+    baselines.compare_models(str(tiny_model_dir), str(run), str(test), max_new_tokens=2, samples=20,
+                             names=("base", "tuned"))
+    assert "trained like this" in templates["base"] and "trained like this" in templates["tuned"]
+
+
 def test_chat_and_eval_ask_a_run_with_its_system_prompt_unless_told_otherwise(project, elsewhere, tiny_model_dir,
                                                                             monkeypatch):
     import io

@@ -22,7 +22,7 @@ from ..data.formats import is_raw_text, with_system_prompt
 from ..data.prepare import load_conversations
 from ..errors import UserError
 from ..progress import say
-from ..runs import system_prompt_of
+from ..runs import RunFolder, system_prompt_of
 from .compare import (LOSS, LOWER_IS_BETTER, TEXT_ROW, Scored, Scorer, Settings, compare_scored, pick_shots,
                       score_model, score_prompts, training_conversations, with_shots)
 from .decoding import LoopGuard
@@ -175,6 +175,22 @@ def asked_as_trained(conversations: list[list[dict]], a: str, b: str) -> tuple[l
             [with_system_prompt(c, system_b) for c in conversations])
 
 
+def template_of_run_based_on(run: str, model: str) -> str | None:
+    """The trained folder of `run` where `model` is the run's own base: its tokenizer carries the chat
+    template as training applied it (data.chat_template, data.template_variables such as Qwen3's
+    enable_thinking=false), which training's own comparison asked the base with too."""
+    folder = RunFolder(run)
+    if not folder.is_run() or not model:
+        return None
+    base = folder.read_config().model.name
+    same = base == model or (Path(base).expanduser().exists() and Path(model).expanduser().exists()
+                             and Path(base).expanduser().resolve() == Path(model).expanduser().resolve())
+    if not same:
+        return None
+    say(f"compare: {model} is the run's base: it is asked with the run's chat template, as in training's comparison")
+    return str(folder.trained())
+
+
 def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None,
                    max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
                    temperature: float = 0.0, seed: int = 0, scorer: Scorer | None = None,
@@ -200,7 +216,8 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
             raise UserError("--kshot and --retrieval-k need training examples: give --kshot-data FILE, "
                             "or a run folder (whose training data is still in place) as A or B")
     asked_a, asked_b = asked_as_trained(conversations, a, b)
-    scored = score_model(a, prompt_sets(name_a, asked_a, pool, kshot, retrieval_k, seed, zero_shot=True), settings)
+    scored = score_model(a, prompt_sets(name_a, asked_a, pool, kshot, retrieval_k, seed, zero_shot=True), settings,
+                         template_of_run_based_on(b, a))
     scored += score_model(b, prompt_sets(name_b, asked_b, pool, 0, retrieval_k, seed, zero_shot=True),
                           settings)[::-1]  # B with retrieval, then B itself last: the candidate
     table = baseline_table(scored, samples, seed, scorer_name, guard)

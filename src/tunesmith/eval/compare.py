@@ -237,11 +237,15 @@ def score_prompts(model, tokenizer, name: str, prompts: list[list[dict]], settin
     return Scored(name, answers, rows, counts, speed.get("tokens_per_second"), references)
 
 
-def score_model(spec: str, prompt_sets: dict[str, list[list[dict]]], settings: Settings) -> list[Scored]:
-    """Load a model or run once, score it on each named prompt set; the model is freed afterwards."""
+def score_model(spec: str, prompt_sets: dict[str, list[list[dict]]], settings: Settings,
+                tokenizer_from: str | None = None) -> list[Scored]:
+    """Load a model or run once, score it on each named prompt set (with the tokenizer and chat template
+    of `tokenizer_from` where given); the model is freed afterwards."""
+    from ..models import load_tokenizer
     from ..runs import load_trained
 
     model, tokenizer, _ = load_trained(spec)
+    tokenizer = load_tokenizer(tokenizer_from) if tokenizer_from else tokenizer
     model = merged_for_good(model)  # one model, several prompt sets: folded in once
     scored = [score_prompts(model, tokenizer, name, prompts, settings) for name, prompts in prompt_sets.items()]
     del model
