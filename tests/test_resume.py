@@ -179,6 +179,7 @@ def test_results_and_best_weights_are_written_durably(tmp_path, monkeypatch):
     assert synced[-2:] == [str(tmp_path / "best.safetensors.tmp"), str(tmp_path)]
 
 
+@pytest.mark.slow  # moved out of `make test` (10-minute budget; 53 s); runs in .ci/run's slow set
 def test_a_stopped_run_can_end_at_its_checkpoint_with_that_steps_weights(tiny_model_dir, tmp_path):
     """A run stopped before its end has no model yet: a command that needs one says how to go on or
     to end the run there; `train.max_steps=N` (N: the checkpoint's step) ends it without a step
