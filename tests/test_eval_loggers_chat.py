@@ -101,6 +101,10 @@ def test_chat_leaves_out_the_oldest_turns_beyond_the_models_context(tiny_model_d
     text = out.getvalue()
     assert "messages left out: with them the conversation is longer than the model's 96 tokens" in text
     assert "leaves no room in the model's 96 tokens" in text and text.count("model> ") == 6
+    # the first message, too long, with no system prompt: refused, and the session goes on
+    said = iter(["word " * 200, "Ticket 9: froze", "/exit"])
+    messages = chat(str(small), system="", max_new_tokens=8, read=lambda prompt: next(said), out=io.StringIO())
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Ticket 9: froze"
 
 
 def test_a_bf16_adapter_is_folded_in_once_and_its_weights_stay_as_they_were(tiny_model_dir, tmp_path, monkeypatch):

@@ -64,6 +64,8 @@ def test_rouge_l_reads_words_of_every_script():
     # Chinese and Japanese put no spaces between words: each character is one
     assert rouge_l("東京に行く", "京都に行く") == pytest.approx(0.8)  # LCS 京に行く: 4 of 5 characters
     assert rouge_l("Москва", "Париж") == 0.0
+    # combining marks belong to their word (Devanagari's vowel signs and virama)
+    assert rouge_l("नमस्ते दुनिया", "नमस्ते") == pytest.approx(2 * 0.5 * 1 / 1.5)
 
 
 def test_json_validity_and_per_field_accuracy():
@@ -188,6 +190,7 @@ def test_an_answer_is_scored_after_its_reasoning_and_so_is_the_reference():
     question = {"role": "user", "content": "Capital of France?"}
     plain = [question, {"role": "assistant", "content": "Paris"}]
     reasoned = [question, {"role": "assistant", "content": "<think>It is Paris.</think>\n\nParis"}]
-    answers = ["<think>\nThe capital is Paris.\n</think>\n\nParis", "Paris", "<think>The capital is"]
-    rows = conversation_scores(answers, [plain, reasoned, plain])
-    assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0] and rows[2]["rouge_l"] == 0.0
+    answers = ["<think>\nThe capital is Paris.\n</think>\n\nParis", "Paris", "<think>The capital is",
+               "The capital is Paris.\n</think>\n\nParis"]  # the template opened the reasoning (DeepSeek-R1)
+    rows = conversation_scores(answers, [plain, reasoned, plain, plain])
+    assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0, 1.0] and rows[2]["rouge_l"] == 0.0

@@ -402,6 +402,8 @@ def test_auto_checkpointing_takes_the_fewest_first_blocks_that_fit_each_device()
 @pytest.mark.parametrize("reported, expected", [
     ("NVIDIA A100-SXM4-80GB", "A100 40 GB"),  # A100s of either size have the same peaks
     ("NVIDIA A10", "A10 24 GB"),
+    ("NVIDIA A10G", "A10 24 GB"),  # AWS's, taken as the A10 as before
+    ("NVIDIA RTX A6000", None),  # not an RTX 4090 (the first-word match took it for one)
     ("NVIDIA L4", "L4 24 GB"),
     ("NVIDIA L40S", None),  # not an L4
     ("NVIDIA GeForce RTX 4090", "RTX 4090 24 GB"),

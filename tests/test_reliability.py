@@ -126,6 +126,36 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, monke
     assert ckpt.newest_usable(folder, print) == first
 
 
+def test_each_rank_resumes_its_own_random_state_and_a_rank_the_checkpoint_did_not_know_rank_0s(
+        tiny_model_dir, tmp_path):
+    """A checkpoint of 2 ranks resumed on 2 takes each rank's own state; resumed on 4 (the number of ranks
+    is no setting), ranks 2 and 3 failed on an index the file did not have."""
+    from helpers import trainable
+    from tunesmith import device as devices
+    from tunesmith.config import AdapterConfig
+    from tunesmith.models import load_model
+    from tunesmith.training import checkpoint as ckpt
+
+    model = trainable(load_model(str(tiny_model_dir)), AdapterConfig(r=4))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    torch.manual_seed(0)
+    saved = ckpt.save_checkpoint(tmp_path / "checkpoints", model, optimizer, scheduler, ckpt.TrainState(step=1), keep=2)
+    states = []
+    for seed in (10, 11):  # what two ranks would have written
+        torch.manual_seed(seed)
+        states.append({"rng": ckpt.rng_state(), **devices.rng_states(torch.device("cpu"))})
+    torch.save(states, saved / ckpt.RANK_RNG)
+    for rank, expected in ((1, states[1]), (3, None), (0, None)):
+        ckpt.load_checkpoint(saved, model, optimizer, scheduler, rank)
+        now = torch.get_rng_state()
+        if expected is not None:
+            assert torch.equal(now, expected["torch_rng"])
+        else:  # rank 0's state, as saved in optim.pt
+            torch.manual_seed(0)
+            assert torch.equal(now, torch.get_rng_state())
+
+
 def test_injected_nan_changes_no_weight(tiny_model_dir, tmp_path, monkeypatch):
     import tunesmith
     from tunesmith.training import loop

@@ -162,6 +162,10 @@ def test_compare_asks_the_runs_own_base_with_the_chat_template_the_run_trained_w
     baselines.compare_models(str(tiny_model_dir), str(run), str(test), max_new_tokens=2, samples=20,
                              names=("base", "tuned"))
     assert "trained like this" in templates["base"] and "trained like this" in templates["tuned"]
+    templates.clear()  # the other way round: the base as B
+    baselines.compare_models(str(run), str(tiny_model_dir), str(test), max_new_tokens=2, samples=20,
+                             names=("tuned", "base"))
+    assert "trained like this" in templates["base"]
 
 
 def test_chat_and_eval_ask_a_run_with_its_system_prompt_unless_told_otherwise(project, elsewhere, tiny_model_dir,

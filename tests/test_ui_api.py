@@ -310,6 +310,22 @@ def test_a_moved_run_goes_on_in_the_folder_it_is_in(tmp_path, monkeypatch):
     assert started[0][-1] == f"output.dir={moved.absolute()}" and str(folder) not in started[0][-1]
 
 
+def test_a_run_the_dashboard_starts_does_not_inherit_its_token(tmp_path, monkeypatch):
+    """The dashboard's token from TUNESMITH_UI_TOKEN went to every trainer it started, where a run's own
+    scorer or reward function could read it."""
+    import types
+
+    from tunesmith.ui import launch
+
+    monkeypatch.setenv("TUNESMITH_UI_TOKEN", "secret")
+    folder = fake_run(tmp_path / "runs", "old", checkpoint=True)
+    environments = []
+    monkeypatch.setattr(launch.subprocess, "Popen",
+                        lambda args, **kw: environments.append(kw["env"]) or types.SimpleNamespace(pid=os.getpid()))
+    launch.resume(folder)
+    assert "TUNESMITH_UI_TOKEN" not in environments[0] and environments[0]["PYTHONUNBUFFERED"] == "1"
+
+
 def test_overwrite_starts_a_finished_run_over_and_resumes_an_unfinished_one(tmp_path):
     """`tunesmith demo` (output.overwrite on) stopped with Ctrl-C and run again: it went back to step 0,
     its checkpoints deleted."""

@@ -36,8 +36,10 @@ def evaluate(model_or_run: str, data: str | None, max_new_tokens: int = 96, batc
     # training; generation scores on every one. A run's file is read as the run read its data (its
     # format, columns, max_seq_len, reasoning, template settings).
     run = RunFolder(model_or_run)
+    # (its chat template and template variables are those the trained tokenizer carries, as saved)
     data_cfg = (run.read_config().data.model_copy(update={"train": data, "validation": None, "test": None, "mix": {},
-                                                          "system_prompt": system})
+                                                          "system_prompt": system, "chat_template": None,
+                                                          "template_variables": {}})
                 if run.is_run() else DataConfig(train=data, system_prompt=system))
     test = eval_file(data, tokenizer, data_cfg, limit)
     if is_raw_text(test.conversations):  # its loss in rows of max_seq_len, as training reads raw text

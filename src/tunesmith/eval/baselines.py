@@ -219,7 +219,7 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
     scored = score_model(a, prompt_sets(name_a, asked_a, pool, kshot, retrieval_k, seed, zero_shot=True), settings,
                          template_of_run_based_on(b, a))
     scored += score_model(b, prompt_sets(name_b, asked_b, pool, 0, retrieval_k, seed, zero_shot=True),
-                          settings)[::-1]  # B with retrieval, then B itself last: the candidate
+                          settings, template_of_run_based_on(a, b))[::-1]  # B with retrieval, then B itself last
     table = baseline_table(scored, samples, seed, scorer_name, guard)
     examples = [{"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"],
                  **{s.name: {"answer": s.answers[i], "scores": s.rows[i]} for s in scored}}

@@ -99,7 +99,7 @@ def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256
             continue
         messages.append({"role": "user", "content": text})
         messages = within_context(model, tokenizer, messages, len(start), max_new_tokens, out)
-        if messages[-1]["role"] != "user":  # the message alone leaves no room for an answer
+        if not messages or messages[-1]["role"] != "user":  # the message alone leaves no room for an answer
             continue
         print("model> ", end="", file=out, flush=True)
         messages.append({"role": "assistant",

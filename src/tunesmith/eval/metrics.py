@@ -12,6 +12,7 @@ import math
 import re
 import string
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -97,18 +98,34 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-# A word: a run of letters and digits of any script, except that each Chinese character or kana
-# is a word of its own (those scripts put no spaces between words).
-WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
-
-
 class Words:
     """rouge-score's tokeniser for every script: its default keeps a-z and 0-9 only, so any two
-    Russian, Greek or Chinese texts, the same or not, scored 0. On ASCII text the words are the default's."""
+    Russian, Greek or Chinese texts, the same or not, scored 0. A word is a run of letters, digits and
+    combining marks (Devanagari's and Thai's vowel signs belong to their word), except that each
+    Chinese character or kana is a word of its own (those scripts put no spaces between words). On
+    ASCII text the words are the default's."""
 
     @staticmethod
     def tokenize(text: str) -> list[str]:
-        return WORD.findall(text.lower())
+        words, word = [], []
+        for char in text.lower():
+            kind = unicodedata.category(char)[0]
+            if kind in "LNM" and _one_per_character(char):
+                words += ["".join(word)] if word else []
+                words.append(char)
+                word = []
+            elif kind in "LNM" and (word or kind != "M"):
+                word.append(char)
+            elif word:
+                words.append("".join(word))
+                word = []
+        return words + (["".join(word)] if word else [])
+
+
+def _one_per_character(char: str) -> bool:
+    """Chinese characters (and their compatibility forms) and kana: a word each."""
+    code = ord(char)
+    return 0x3040 <= code <= 0x30FF or 0x3400 <= code <= 0x4DBF or 0x4E00 <= code <= 0x9FFF or 0xF900 <= code <= 0xFAFF
 
 
 @functools.lru_cache(maxsize=1)

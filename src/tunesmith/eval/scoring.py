@@ -53,7 +53,12 @@ def final_answer(text: str) -> str:
     scored whole, an exact answer read as wrong. Reasoning cut off unfinished leaves no answer."""
     if THINK_BLOCK.match(text):
         return THINK_BLOCK.sub("", text, count=1).strip()
-    return "" if text.lstrip().startswith(("<think>", "[THINK]")) else text
+    if text.lstrip().startswith(("<think>", "[THINK]")):
+        return ""
+    for close in ("</think>", "[/THINK]"):  # a template that opens the reasoning itself (DeepSeek-R1, Qwen3)
+        if close in text:
+            return text.split(close, 1)[1].strip()
+    return text
 
 
 def scorer_name(spec: str | None) -> str:

@@ -19,7 +19,7 @@ FORMATS = ("hf", "peft", "gguf", "ollama", "gguf-lora")
 
 def parse_formats(formats: str | list[str] | None, merge: bool) -> list[str]:
     if isinstance(formats, str):
-        formats = [f.strip() for f in formats.split(",") if f.strip()] or [formats]  # ',' names no format
+        formats = [f.strip() for f in formats.split(",") if f.strip()] or ([formats] if formats.strip() else [])
     wanted = list(formats or []) + (["hf"] if merge else [])
     unknown = sorted(set(wanted) - set(FORMATS))
     if unknown:

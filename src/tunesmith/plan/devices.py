@@ -153,6 +153,11 @@ def this_cpu() -> Device:
                   matmul_peak("float32") / 1e12, is_cpu=True)
 
 
+# Cards named otherwise that the plan takes as one in the table: AWS's A10G as the A10 (as before whole-word
+# matching; its own data-sheet peaks are lower and not in the table).
+SAME_PEAKS = {"a10g": "a10"}
+
+
 def gpu_of(device) -> Device:
     """The plan's Device for a CUDA device: its real memory, and the data-sheet peak where known."""
     import torch
@@ -160,6 +165,7 @@ def gpu_of(device) -> Device:
     props = torch.cuda.get_device_properties(device)
     # Whole words of the model ("RTX 4090" of "RTX 4090 24 GB"): "A10" is in "A100", "L4" in "L40S".
     words = set(re.split(r"[^a-z0-9]+", props.name.lower()))
+    words |= {SAME_PEAKS[w] for w in words if w in SAME_PEAKS}
     known = next((d for d in GPUS.values() if {w.lower() for w in d.name.split()[:-2]} <= words), None)
     return Device(props.name, float(props.total_memory), known.bf16_tflops if known else None,
                   known.fp32_tflops if known else 0.0)

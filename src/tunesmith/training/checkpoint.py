@@ -276,9 +276,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> T
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(meta.pop("rng"), saved, device)
-    if rank and (path / RANK_RNG).is_file():
-        own = torch.load(path / RANK_RNG, weights_only=True, map_location="cpu")[rank]
-        set_rng_state(own["rng"], own, device)
+    every = torch.load(path / RANK_RNG, weights_only=True, map_location="cpu") if (path / RANK_RNG).is_file() else []
+    if 0 < rank < len(every):  # a rank the checkpoint did not know (more ranks now) goes on from rank 0's
+        set_rng_state(every[rank]["rng"], every[rank], device)
     meta.pop("settings", None)
     return TrainState(**meta)
 
@@ -298,9 +298,19 @@ def newest_usable(folder: Path, say) -> Path | None:
             torch.load(candidate / "optim.pt", weights_only=True, map_location="cpu")
             return candidate
         except Exception as err:  # a damaged checkpoint of any kind is skipped, not fatal
-            # moved aside (not deleted: it is the user's) so that the resumed run can save that step again
-            aside = candidate.with_name(f"damaged-{candidate.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            candidate.rename(aside)
-            say(f"skipping damaged checkpoint {candidate.name} (moved to {aside.name}): "
+            say(f"skipping damaged checkpoint {candidate.name}{_set_aside(candidate, err)}: "
                 f"{type(err).__name__}: {str(err)[:120]}")
     return None
+
+
+def _set_aside(checkpoint: Path, err: Exception) -> str:
+    """Move a checkpoint whose content is damaged aside (not deleted: it is the user's), so that the
+    resumed run saves that step again; one that failed for want of memory or a storage hiccup stays."""
+    if isinstance(err, MemoryError) or (isinstance(err, OSError) and not isinstance(err, FileNotFoundError)):
+        return ""
+    aside = checkpoint.with_name(f"damaged-{checkpoint.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        checkpoint.rename(aside)
+    except OSError:
+        return ""
+    return f" (moved to {aside.name})"

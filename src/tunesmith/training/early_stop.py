@@ -155,6 +155,7 @@ def overfitting(train_losses: list[float], evals: list[tuple[int, float]], windo
 def return_best(model, best: BestWeights, validation, cfg, log, step: int, result,
                  evaluate, loss_module, select=None) -> None:
     """Put back the weights of the best evaluation when the last step's are worse."""
+    best.committed()  # training is over: the best weights older checkpoints knew are not needed
     result.best_step = best.step
     if not (validation and evaluate and cfg.eval.restore_best and best.step is not None and best.step != step):
         return

@@ -151,7 +151,9 @@ def launch(folder: Path, *overrides: str) -> subprocess.Popen:
              f"output.dir={folder.absolute()}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(lock,),
             # Its own session: a Ctrl-C in the dashboard's terminal does not stop the runs it started.
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", runlock.INHERITED: str(lock)})
+            # Not the dashboard's token (TUNESMITH_UI_TOKEN): a scorer or reward function of the run could read it.
+            start_new_session=True, env={**{k: v for k, v in os.environ.items() if k != "TUNESMITH_UI_TOKEN"},
+                                         "PYTHONUNBUFFERED": "1", runlock.INHERITED: str(lock)})
         runlock.record(lock, child.pid)
     return child
 
