@@ -143,6 +143,16 @@ def test_overrides_after_an_option_join_the_others_in_order_and_a_mistyped_optio
     assert len(called) == 1
 
 
+def test_fsdp_and_packing_with_another_objective_are_refused_with_the_config():
+    """`train --nproc N` checks the config before it starts the ranks: each rank refused these at its
+    start instead, after loading the model and data."""
+    with pytest.raises(UserError, match="train.fsdp applies to train.objective: sft only, not dpo yet; use DDP"):
+        load_config(None, ["train.objective=dpo", "train.fsdp=true"])
+    with pytest.raises(UserError, match="data.packing applies to train.objective: sft only, not kto"):
+        load_config(None, ["train.objective=kto", "data.packing=true"])
+    assert load_config(None, ["train.fsdp=true", "data.packing=true"]).train.fsdp
+
+
 @pytest.mark.parametrize("override, expected", [
     ("train.lr=.inf", "train.lr: Input should be a finite number"),  # trained to a NaN loss
     ("model.name=", "model.name: String should have at least 1 character"),  # loaded another model

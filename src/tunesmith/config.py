@@ -181,6 +181,11 @@ class Config(_Section):
         refused = fsdp_refusal(self.adapter.method, self.train.fsdp)
         if refused:
             raise ValueError(refused)
+        # Said before anything loads (`--nproc` checks the config first), not by every rank at its start
+        if self.train.objective != "sft" and (self.train.fsdp or self.data.packing):
+            setting = "train.fsdp" if self.train.fsdp else "data.packing"
+            raise ValueError(f"{setting} applies to train.objective: sft only, not {self.train.objective} "
+                             + ("yet; use DDP (train.fsdp: false)" if self.train.fsdp else ""))
         if self.eval.best_metric != "eval_loss" and self.train.objective != "sft":
             raise ValueError(f"eval.best_metric={self.eval.best_metric} scores answers to single-answer validation "
                              f"examples; with train.objective: {self.train.objective} use eval.best_metric: eval_loss")

@@ -84,13 +84,8 @@ def answered_conversations(spec: str, data_cfg, objective: str) -> list[list[dic
 
 def build(cfg, model, tokenizer, method, device, layout: str):
     """The objective of a run, its reference set up (the adapters disabled, or a frozen copy)."""
-    from ..errors import UserError
     from .logps import Reference
 
-    if cfg.data.packing:
-        raise UserError(f"data.packing applies to train.objective=sft only, not {cfg.train.objective}")
-    if cfg.train.fsdp:
-        raise UserError(f"train.fsdp is not supported with train.objective={cfg.train.objective} yet; use DDP")
     reference = None
     if needs_reference(cfg.train):
         copy = _reference_copy(cfg, method, device) if method.trains_all_weights else None
