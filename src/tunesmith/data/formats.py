@@ -10,7 +10,7 @@ assistant `tool_calls`, `tool` messages with results, and assistant `reasoning_c
 from __future__ import annotations
 
 from ..errors import UserError
-from .tools import FormatError, TOOLS_ROLE, checked_message, checked_tools, check_calls
+from .tools import FormatError, TOOLS_ROLE, checked_message, checked_tools, check_calls, refuse_null
 
 ROLES = {"system", "user", "assistant", "tool"}
 MESSAGE_ROLES = {role: role for role in ROLES}  # role / content turns name their roles as they are
@@ -140,8 +140,7 @@ def to_messages(record: dict, system_prompt: str | None = None) -> list[dict]:
 
 
 def _text(record: dict, key: str) -> str:
-    if key in record and record[key] is None:  # JSON null: there, but empty (not missing)
-        raise FormatError("empty text", f"field '{key}' is null")
+    refuse_null(record, key, f"field '{key}'")
     return _checked_text(record.get(key), f"field '{key}'")
 
 

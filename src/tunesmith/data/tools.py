@@ -64,6 +64,12 @@ def joined_parts(content, where: str):
     return "".join(texts)
 
 
+def refuse_null(mapping: dict, key: str, where: str) -> None:
+    """A text given as JSON null is there, but empty: refused as empty text, not as a missing field."""
+    if key in mapping and mapping[key] is None:
+        raise FormatError("empty text", f"{where} is null")
+
+
 def checked_message(turn: dict, role: str, where: str, text_key: str, checked_text) -> dict:
     """One message in the form templates read; tool calls normalised, arguments parsed, content parts
     joined; an assistant message's `weight: 0` (OpenAI's fine-tuning format) kept: no loss on it."""
@@ -86,9 +92,8 @@ def checked_message(turn: dict, role: str, where: str, text_key: str, checked_te
         message["tool_calls"] = [_checked_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(calls)]
     elif role == "tool" and isinstance(turn.get(text_key), (dict, list)):
         message["content"] = json.dumps(turn[text_key], ensure_ascii=False)
-    elif text_key in turn and turn[text_key] is None:  # JSON null: there, but empty (not missing)
-        raise FormatError("empty text", f"{where}.{text_key} is null")
     else:
+        refuse_null(turn, text_key, f"{where}.{text_key}")
         message["content"] = checked_text(turn.get(text_key), f"{where}.{text_key}")
     if role == "assistant" and turn.get("reasoning_content") is not None:
         reasoning = turn["reasoning_content"]

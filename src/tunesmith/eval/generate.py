@@ -18,8 +18,7 @@ def merged_adapter(model):
     Not into a quantised (QLoRA) base: merging rounds the update into 4 bits and unmerging cannot
     give the trained weights back, so such a model decodes with the adapter beside the base."""
     merge = getattr(model, "merge_adapter", None)
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    if merge is None or quantized:
+    if merge is None or _quantized(model):
         yield model
         return
     merge()
@@ -34,10 +33,13 @@ def merged_for_good(model):
     nothing trains it again); a quantised base keeps the adapter beside it, as in `merged_adapter`.
     Merged and unmerged at each call instead, a bf16 base drifted by a rounding each time: after 100
     chat turns its weights were 1.7e-3 (relative) off, its logits up to 0.008."""
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    if not hasattr(model, "merge_and_unload") or quantized:
+    if not hasattr(model, "merge_and_unload") or _quantized(model):
         return model
     return model.merge_and_unload()
+
+
+def _quantized(model) -> bool:
+    return getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
 
 
 @torch.no_grad()

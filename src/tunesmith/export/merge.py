@@ -73,6 +73,14 @@ def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out[batch["attention_mask"].to(device).bool()].float().cpu()
 
 
+def allowed_difference(reference: torch.Tensor, tolerance: float) -> tuple[float, float]:
+    """(logit scale, largest difference accepted) against the `reference` logits. fp32 rounding grows
+    with the logits: a real model's (|logit| ~ 20-30) differ by ~2e-4 after a correct merge, so the
+    tolerance is per unit of logit scale (at least 1)."""
+    scale = max(1.0, float(reference.abs().max()))
+    return scale, tolerance * scale
+
+
 def adapter_model(base_name: str, adapter: Path, quantized: bool):
     """The model as trained: the (4-bit for QLoRA) base with the adapter on top, fp32 compute."""
     from peft import PeftModel
@@ -117,10 +125,7 @@ def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float =
     del merged
     # Compare what was written, not what is in memory: a save that drops or unties a weight shows here.
     diff = float((logits_of(load_model(str(partial), torch.float32), batch) - reference).abs().max())
-    # fp32 rounding grows with the logits: a real model's (|logit| ~ 20-30) differ by ~2e-4 after a
-    # correct merge, so the tolerance is per unit of logit scale (at least 1).
-    scale = max(1.0, float(reference.abs().max()))
-    allowed = tolerance * scale
+    scale, allowed = allowed_difference(reference, tolerance)
     check = MergeCheck(out, diff, allowed, int(batch["attention_mask"].sum()))
     if not diff <= allowed:
         raise UserError(f"{run}: merged model's logits differ from the adapter model's by {diff:.3g} "

@@ -44,7 +44,7 @@ def export_peft(run: Path, trained: Path, out: Path, quantized: bool, tolerance:
     from ..config import load_config
     from ..errors import UserError
     from ..models import load_tokenizer
-    from .merge import adapter_model, logits_of, sample_batch
+    from .merge import adapter_model, allowed_difference, logits_of, sample_batch
 
     config = json.loads((trained / "adapter_config.json").read_text())
     partial = out.with_name(out.name + ".partial")
@@ -60,7 +60,7 @@ def export_peft(run: Path, trained: Path, out: Path, quantized: bool, tolerance:
     except Exception as err:  # noqa: BLE001 (whatever peft makes of a bad folder)
         raise UserError(f"{run}: the exported adapter folder does not load in peft ({type(err).__name__}: "
                         f"{str(err)[:200]}); not exported (left in {partial})") from None
-    allowed = tolerance * max(1.0, float(reference.abs().max()))
+    _, allowed = allowed_difference(reference, tolerance)
     if not diff <= allowed:
         raise UserError(f"{run}: the exported adapter's logits differ from the run's by {diff:.3g} (allowed "
                         f"{allowed:.3g}); not exported (left in {partial})")

@@ -88,8 +88,9 @@ class BestWeights:
         of `still_needed` steps (the best of an older checkpoint still kept: if the newest one will
         not read back, the resume falls back to it and needs its best weights)."""
         if self.path is not None:
+            keep = {self.kept(self.path, step) for step in still_needed}
             for old in self.path.parent.glob(self.path.stem + "-step-*" + self.path.suffix):
-                if old.stem.rsplit("-", 1)[-1] not in {str(step) for step in still_needed}:
+                if old not in keep:
                     old.unlink(missing_ok=True)
 
     @staticmethod

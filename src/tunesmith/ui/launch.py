@@ -136,6 +136,9 @@ def finish(folder: Path, allow_code: bool = False) -> subprocess.Popen:
     return launch(folder, f"train.max_steps={step}")
 
 
+TOKEN_VARIABLE = "TUNESMITH_UI_TOKEN"  # the dashboard's token from the environment, out of sight of `ps`
+
+
 # train.log, never through a link (runlock.handover has refused links in the folder already)
 APPEND_NEW = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
 
@@ -151,8 +154,8 @@ def launch(folder: Path, *overrides: str) -> subprocess.Popen:
              f"output.dir={folder.absolute()}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=(lock,),
             # Its own session: a Ctrl-C in the dashboard's terminal does not stop the runs it started.
-            # Not the dashboard's token (TUNESMITH_UI_TOKEN): a scorer or reward function of the run could read it.
-            start_new_session=True, env={**{k: v for k, v in os.environ.items() if k != "TUNESMITH_UI_TOKEN"},
+            # Not the dashboard's token: a scorer or reward function of the run could read it.
+            start_new_session=True, env={**{k: v for k, v in os.environ.items() if k != TOKEN_VARIABLE},
                                          "PYTHONUNBUFFERED": "1", runlock.INHERITED: str(lock)})
         runlock.record(lock, child.pid)
     return child

@@ -39,7 +39,6 @@ from . import folders, launch
 
 STATIC = {"": "index.html", "index.html": "index.html", "app.js": "app.js", "style.css": "style.css"}
 TOKEN_HEADER = "X-Tunesmith-Token"
-TOKEN_VARIABLE = "TUNESMITH_UI_TOKEN"  # the token from the environment, out of sight of `ps`
 MAX_BODY = 1 << 20
 CHUNK = 1 << 16  # files are sent in pieces of this size, never read whole
 SINGLE_HEADERS = ("Host", "Origin", "Content-Length", "Content-Type", TOKEN_HEADER, "Sec-Fetch-Site")
@@ -121,7 +120,7 @@ def make_server(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: in
     """A dashboard server (not yet serving). Every API request needs the token; a random one is made
     when none is given, and an empty one (which would turn authentication off) is refused."""
     if token is None:  # a token of one's own without --token, which every user of the machine sees in `ps`
-        token = os.environ.get(TOKEN_VARIABLE)
+        token = os.environ.get(launch.TOKEN_VARIABLE)
     if token is None:
         token = secrets.token_urlsafe(24)
     elif not token.strip():
