@@ -19,6 +19,8 @@ EXPECTED = {
     "empty_messages.jsonl": ":1: empty text: 'messages' is an empty list",
     "turn_without_content.jsonl": ":1: missing field: messages[0].content is missing",
     "null_content.jsonl": ":1: empty text: messages[0].content is null",
+    "pair_null_chosen.jsonl": ":1: empty text: field 'chosen' is null",
+    "kto_null_prompt.jsonl": ":1: empty text: field 'prompt' is null",
     "sharegpt_empty_answer.jsonl": ":1: empty text: conversations[1].value is empty",
     "instruction_input_not_text.jsonl": ":1: wrong type: field 'input' must be text, got list",
     "unknown_format.jsonl": ":1: unknown format: no known fields (keys: title)",

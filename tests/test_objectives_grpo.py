@@ -110,6 +110,16 @@ def test_rewards_weighted_scalars_and_the_reference_metric():
     assert each["reference_metric"] == [1.0] and totals == [2.0 + each["token_f1"][0]]
 
 
+def test_the_reference_metric_scores_the_answer_after_its_reasoning():
+    """A long <think> block outweighed the answer: the right answer after reasoning scored below a
+    wrong one without it, and JSON after reasoning was no JSON at all."""
+    thought = "<think>" + "let me weigh the options one by one " * 10 + "</think>\n\n"
+    assert reference_metric(thought + "the capital is Paris", "the capital is Paris") == 1.0
+    assert reference_metric(thought + "the capital is Paris", "the capital is Lyon") < 1.0
+    assert reference_metric(thought + '{"a": 1}', '{"a": 1}') == 1.0
+    assert reference_metric("The capital is Paris", "<think>easy</think>The capital is Paris") == 1.0
+
+
 def test_scorers_sharing_a_function_name_keep_their_own_weights(tmp_path, monkeypatch):
     """Two modules' `score` functions: each its own column and weight (one overwrote the other, and the
     first weight went to the survivor)."""

@@ -26,7 +26,7 @@ from .formats import _checked_text as text_of  # the SFT formats' check of one t
 from .prepare import Prepared, Split, length_policy, load_conversations
 from .sources import Problem, read_records
 from .tokenize import IGNORE, Encoded, TemplateError, encode_many, use_template
-from .tools import joined_parts
+from .tools import joined_parts, refuse_null
 
 PAIRS, UNPAIRED, PROMPTS = "pairs", "unpaired", "prompts"
 ROLES = ("system", "user", "assistant")
@@ -129,11 +129,18 @@ def answer_of(value, where: str) -> str:
     return text_of(value, where)
 
 
+def present(record: dict, needed: tuple[str, ...], kind: str, texts: tuple[str, ...]) -> None:
+    """Each needed field there, and no text given as JSON null (an empty text, not a missing field)."""
+    for key in needed:
+        if key not in record:
+            raise FormatError("missing field", f"'{key}' (the record looks like {kind})")
+    for key in texts:
+        refuse_null(record, key, f"field '{key}'")
+
+
 def parse_pair(record: dict, system_prompt: str | None = None) -> tuple[list[dict], str, str]:
     """(prompt messages, chosen, rejected) of a pair record."""
-    for key in ("chosen", "rejected"):
-        if key not in record:
-            raise FormatError("missing field", f"'{key}' (the record looks like a preference pair)")
+    present(record, ("chosen", "rejected"), "a preference pair", ("prompt", "chosen", "rejected"))
     if "prompt" in record:
         prompt = prompt_of(record["prompt"], system_prompt=system_prompt)
         chosen, rejected = answer_of(record["chosen"], "field 'chosen'"), answer_of(record["rejected"], "field 'rejected'")
@@ -154,9 +161,7 @@ def parse_pair(record: dict, system_prompt: str | None = None) -> tuple[list[dic
 
 def parse_unpaired(record: dict, system_prompt: str | None = None) -> tuple[list[dict], str, bool]:
     """(prompt messages, completion, desirable) of a KTO record."""
-    for key in ("prompt", "completion", "label"):
-        if key not in record:
-            raise FormatError("missing field", f"'{key}' (the record looks like KTO data)")
+    present(record, ("prompt", "completion", "label"), "KTO data", ("prompt", "completion"))
     if not isinstance(record["label"], bool):
         raise FormatError("wrong type", f"field 'label' must be true or false, got {record['label']!r}")
     return (prompt_of(record["prompt"], system_prompt=system_prompt), answer_of(record["completion"], "field 'completion'"),
@@ -288,7 +293,8 @@ def prepare_preference(cfg: DataConfig, tokenizer, kind: str) -> Prepared:
         prepared.splits[name] = _encode(read, kind, tokenizer, cfg, prepared, name)
     if not prepared.splits["train"]:
         first = f" First problem: {prepared.problems[0]}" if prepared.problems else ""
-        raise UserError(f"{cfg.train}: no usable {kind} examples ({len(prepared.problems)} problems).{first}")
+        count = len(prepared.problems)
+        raise UserError(f"{cfg.train}: no usable {kind} examples ({count} problem{'s' * (count != 1)}).{first}")
     if "validation" not in prepared.splits:
         prepared.splits["train"], prepared.splits["validation"] = hold_out(prepared.splits["train"], cfg)
     add_test_split(prepared, cfg, tokenizer)

@@ -4,7 +4,8 @@ like `eval.scorer` (eval/metrics.py load_scorer), weighted and summed.
 A scorer returns a number, or a dict of numbers: then its 'reward' or 'score' entry counts, else
 the mean of its entries (eval/metrics.py json_example_scores, for instance, gives JSON validity,
 all fields right and each field right). Without scorers the reference's own metric is the reward:
-the share of JSON fields right where the reference is a JSON object, else ROUGE-L.
+the share of JSON fields right where the reference is a JSON object, else ROUGE-L, both of the
+answer after its reasoning (as evaluation scores it); the user's scorers get the whole text.
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import math
 
 from ..errors import UserError
 from ..eval.metrics import json_example_scores, load_scorer, parse_json_object, rouge_l
+from ..eval.scoring import final_answer
 
 
 def reference_metric(prediction: str, reference: str) -> float:
-    """The share of the reference's JSON fields the prediction gets right, or ROUGE-L for text."""
+    """The share of the reference's JSON fields the prediction gets right, or ROUGE-L for text, of
+    the answers after their reasoning: a <think> block would otherwise weigh more than the answer."""
+    prediction, reference = final_answer(prediction), final_answer(reference)
     if parse_json_object(reference) is not None:
         row = json_example_scores(prediction, reference)
         fields = [v for k, v in row.items() if k.startswith("field/")]
