@@ -225,6 +225,8 @@ def test_start_and_stop_a_real_run(served, tmp_path, tiny_model_dir):
     assert code == 200, preview
     assert preview["plan"]["optimizer_steps"] == 400
     assert sum(preview["data_check"]["examples"].values()) == 24
+    # The plan of `tunesmith plan CONFIG`: the run's own micro-batches (and padding), not 2 x 256 tokens
+    assert "the data's largest micro-batch" in preview["plan_text"], preview["plan_text"]
 
     code, started = call(server, "/api/runs", form)
     assert code == 201, started

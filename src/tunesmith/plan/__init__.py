@@ -235,20 +235,30 @@ def plan_for(config: str | None = None, overrides: list[str] | None = None, mode
     training data, its token count, label share and mean length come from it, and so do the
     micro-batches: the largest the run draws, as the estimate `train` prints at its start (a
     --seq, --batch or --grad-accum flag plans its own worst case instead)."""
-    from ..config import fsdp_refusal, load_config
+    from ..config import load_config
+
+    return plan_of(load_config(config, overrides), config is not None, model, device, memory_gib, tokens, utilisation,
+                   include_this_machine, **changes)
+
+
+def plan_of(cfg, read_data: bool, model: str | None = None, device: str | None = None, memory_gib: float | None = None,
+            tokens: int | None = None, utilisation: float | None = None, include_this_machine: bool = True,
+            **changes) -> Plan:
+    """plan_for's plan of a loaded config; `read_data`: from its training data, as the run reads it
+    (the dashboard's preview plans a run this way too)."""
+    from ..config import fsdp_refusal
     from ..data.packing import as_trained
     from ..errors import UserError
     from ..objectives import prepare_data
     from ..training.loop import total_steps
 
-    cfg = load_config(config, overrides)
     name = model or cfg.model.name
     changes = {k: v for k, v in changes.items() if v is not None}
     if changes.get("devices", 1) < 1:
         raise UserError(f"--nproc {changes['devices']}: a run needs at least one device")
     devices = changes.pop("devices", 1)
     split, mean_seq = None, None
-    if tokens is None and config is not None:
+    if tokens is None and read_data:
         split = prepare_data(cfg, cfg.model.name).splits["train"]  # as the run reads it
         # What training puts through per epoch: a GRPO prompt as group_size sequences of prompt and answer
         lengths = [n for e in split.encoded for n in trained_lengths(e, cfg.train, cfg.data.max_seq_len)]

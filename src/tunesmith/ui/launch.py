@@ -85,18 +85,18 @@ def preview(form: dict, runs_dir: Path, allow_code: bool = False) -> dict:
     basic = {"optimizer_steps": steps, "examples_per_step": per_step, "epochs": round(steps * per_step / max(1, len(train)), 2),
              "tokens_to_train": int(steps * per_step * mean_tokens), "mean_tokens_per_example": round(mean_tokens, 1)}
     return {"name": name, "config": cfg.model_dump(mode="json"), "exists": (runs_dir / name).exists(),
-            "data_check": check, "plan": basic, "plan_text": memory_and_time(cfg, check, train.tokens, mean_tokens)}
+            "data_check": check, "plan": basic, "plan_text": memory_and_time(cfg)}
 
 
-def memory_and_time(cfg: Config, check: dict, tokens: int, mean_tokens: float) -> str | None:
-    """`tunesmith plan`'s memory and time estimate where that module is installed; the basic plan stands without."""
+def memory_and_time(cfg: Config) -> str | None:
+    """`tunesmith plan CONFIG`'s memory and time estimate (the run's own micro-batches and padding)
+    where that module is installed; the basic plan stands without."""
     try:
-        from ..plan import format_plan, plan, setup_from_config
+        from ..plan import format_plan, plan_of
     except ImportError:
         return None
     try:
-        setup = setup_from_config(cfg, check.get("label_share") or 1.0)
-        return format_plan(plan(cfg.model.name, setup, tokens=tokens, mean_seq=mean_tokens))
+        return format_plan(plan_of(cfg, read_data=True))
     except Exception as err:  # an estimate that fails must not block starting the run
         return f"no estimate: {type(err).__name__}: {err}"
 
