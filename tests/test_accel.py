@@ -192,6 +192,15 @@ def test_device_resolution():
             resolve("cuda")
 
 
+def test_one_named_gpu_for_every_rank_of_a_machine_is_refused(monkeypatch):
+    """train.device=cuda:0 under `torchrun --nproc 2` put both ranks on GPU 0 (NCCL refuses a GPU twice,
+    after the model loaded); said before anything loads, with or without CUDA here."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="every rank of this machine on one GPU"):
+        resolve("cuda:0", local_rank=1)
+    assert resolve("cpu") == torch.device("cpu")  # the CPU ranks share it (gloo)
+
+
 @needs_cuda
 def test_cuda_resolution_takes_the_local_rank():
     assert resolve("cuda", local_rank=0) == torch.device("cuda", 0)

@@ -23,6 +23,9 @@ def resolve(spec: str = "auto", local_rank: int | None = None) -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
+        if spec != "cuda" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise UserError(f"train.device={spec}: would put every rank of this machine on one GPU; use auto or "
+                            "cuda (each rank on cuda:LOCAL_RANK) and pick the GPUs with CUDA_VISIBLE_DEVICES")
         if not torch.cuda.is_available():
             raise UserError(f"train.device={spec}: this machine has no CUDA device (torch {torch.__version__}); "
                             "use train.device=cpu or auto")
