@@ -2,13 +2,14 @@
 - broken: rank 1 raises at its third training micro-batch while rank 0 waits for it in a collective;
 - oom: rank 1 runs out of memory there, once (train.auto_micro_batch would retry on that rank alone);
 - worse-eval-from-N: every evaluation from the N-th on (the base's is the first) reads 1 higher, so
-  the best weights of an earlier step come back at the end."""
+  the best weights of an earlier step come back at the end;
+- slow-save: every checkpoint takes 40 s longer to write (a large model's, on slow storage)."""
 import os
 import sys
 
 from tunesmith import api
 from tunesmith.cli import main
-from tunesmith.training import loop
+from tunesmith.training import checkpoint, loop
 
 mode = sys.argv[2]
 if mode in ("broken", "oom") and os.environ.get("RANK") == "1":
@@ -32,5 +33,16 @@ if mode.startswith("worse-eval-from-"):
         return real_eval(*args, **kwargs) + (1.0 if evaluations["n"] >= first else 0.0)
 
     api.eval_loss = worse
+
+if mode == "slow-save":
+    import time
+
+    real_save = checkpoint.save_checkpoint
+
+    def slow(*args, **kwargs):
+        time.sleep(40)
+        return real_save(*args, **kwargs)
+
+    checkpoint.save_checkpoint = slow
 
 sys.exit(main(["train", sys.argv[1]]))

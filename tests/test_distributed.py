@@ -132,6 +132,35 @@ def test_a_failing_rank_ends_the_job(tiny_model_dir, tmp_path):
     assert "rank 1 broke on purpose" in done.stderr
 
 
+@pytest.mark.slow
+def test_a_stopped_two_rank_run_has_time_to_write_a_slow_checkpoint(tiny_model_dir, tmp_path):
+    """SIGTERM to the launcher (a scheduler's stop; Ctrl-C reaches it too): the ranks finish their step
+    and write their checkpoint, here 40 s long. torchrun's own 30-second grace killed them while
+    they wrote it, and the stopped run had nothing to resume from."""
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=500)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(HERE / "dist_launch_patched.py"), str(config), "slow-save"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (
+                (run / "metrics.jsonl").exists() and any(json.loads(line).get("step", 0) >= 2
+                                                         for line in open(run / "metrics.jsonl") if line.endswith("\n"))):
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=240)[0]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    from tunesmith.training.checkpoint import complete_checkpoints
+
+    assert complete_checkpoints(run / "checkpoints"), output[-3000:]
+    assert output.count("checkpoint saved") == 1, output[-3000:]  # said once, by rank 0
+    assert "error" not in output.rpartition("checkpoint saved")[2] and proc.returncode == 128 + signal.SIGTERM
+
+
 def patched(config: Path, mode: str, timeout: int = 300):
     """`train config` on two ranks under torchrun, changed as tests/dist_patched.py's MODE says."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -388,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"stopped by signal {err.signum}; checkpoint saved: {err.saved}; resume with the same command",
-              file=sys.stderr)
+        err.tell()
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,4 +1,6 @@
 """Errors a user can fix. The CLI prints them as one line and exits with status 2."""
+import os
+import sys
 
 
 class UserError(Exception):
@@ -15,6 +17,12 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+    def tell(self) -> None:
+        """Where the checkpoint went, said once: by rank 0 alone under torchrun."""
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped by signal {self.signum}; checkpoint saved: {self.saved}; resume with the same command",
+                  file=sys.stderr)
 
 
 def closest(name: str, choices) -> str | None:

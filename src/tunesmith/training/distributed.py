@@ -184,18 +184,28 @@ def no_sync(module, last: bool):
             yield
 
 
+STOP_GRACE_SECONDS = 600
+
+
 def launch(nproc: int, argv: list[str]) -> int:
     """`tunesmith train --nproc N ...`: the same command under torchrun with N processes."""
     from torch.distributed.run import main as torchrun
 
     from ..entry import SAFE_ENTRY
 
+    # A stop (Ctrl-C, SIGTERM to torchrun) lets the ranks finish their step and write a checkpoint;
+    # torchrun kills them after 30 s unless told otherwise, too short for a large model's checkpoint.
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_SECONDS))
     # Not `-m tunesmith.cli`: each rank would import modules from the working folder first.
     args = ["--standalone", f"--nproc_per_node={nproc}", "--no-python", sys.executable, "-c", SAFE_ENTRY, *argv]
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
         torchrun(args)
     except SystemExit as done:
         return int(done.code or 0)
+    except SignalException as stop:  # the ranks were stopped with it and said where they checkpointed
+        return 128 + int(stop.sigval)
     except Exception as err:  # ChildFailedError: torchrun has already ended every rank
         print(f"error: distributed run failed: {str(err).strip().splitlines()[0] if str(err).strip() else err}",
               file=sys.stderr)
