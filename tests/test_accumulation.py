@@ -37,20 +37,28 @@ def step_data(tmp_path_factory):
         length = rng.randint(6, 70)
         prompt = rng.randint(1, min(length - 1, 40))
         rows.append({"ids": [rng.randint(3, 500) for _ in range(length)], "prompt": prompt})
+    rows[3]["prompt"] = 0  # raw text: its first token is labelled, with nothing before it to predict it from
     return write_jsonl(tmp_path_factory.mktemp("accumulation") / "step.jsonl", rows)
 
 
-def loop_grads(model_dir, data, tmp_path, indices, pieces: int = 1) -> dict:
-    """dist_grads.py in this process (one rank)."""
+def loop_grads(model_dir, data, tmp_path, indices, pieces: int = 1) -> tuple[dict, float]:
+    """dist_grads.py in this process (one rank): (gradients, the step's loss)."""
     import dist_grads
 
     out = tmp_path / f"grads-{len(indices)}-{pieces}.safetensors"
     dist_grads.main(str(model_dir), str(data), str(out), json.dumps(indices), str(pieces))
-    return load_file(out)
+    return saved(out)
 
 
-def definition_grads(model_dir, data) -> dict:
-    """sum over the step's label tokens of the cross-entropy / their count, in one padded batch."""
+def saved(out: Path) -> tuple[dict, float]:
+    with safe_open(out, "pt") as handle:
+        loss = float(handle.metadata()["loss"])
+    return load_file(out), loss
+
+
+def definition_grads(model_dir, data) -> tuple[dict, float]:
+    """sum over the step's label tokens of the cross-entropy / their count, in one padded batch:
+    (gradients, that loss)."""
     from tunesmith import methods
     from tunesmith.config import AdapterConfig
     from tunesmith.models import load_model
@@ -65,8 +73,9 @@ def definition_grads(model_dir, data) -> dict:
     examples = [Encoded(r["ids"], [IGNORE] * r["prompt"] + r["ids"][r["prompt"]:]) for r in rows]
     batch = collate(examples, 0)
     count = int((batch["labels"][:, 1:] != IGNORE).sum())
-    (full_logits_loss(model, batch) / count).backward()
-    return gradients(model)
+    loss = full_logits_loss(model, batch) / count
+    loss.backward()
+    return gradients(model), float(loss)
 
 
 @pytest.mark.parametrize("indices,pieces", [
@@ -75,14 +84,16 @@ def definition_grads(model_dir, data) -> dict:
     ([[7, 0], [6, 1], [5, 2], [4, 3]], 1),  # grad_accum 4, long and short examples together
 ])
 def test_one_process_accumulates_to_the_definition(tiny_model_dir, step_data, tmp_path, indices, pieces):
-    expected = definition_grads(tiny_model_dir, step_data)
-    assert_same_gradients(expected, loop_grads(tiny_model_dir, step_data, tmp_path, indices, pieces), 1e-5)
+    expected, expected_loss = definition_grads(tiny_model_dir, step_data)
+    grads, loss = loop_grads(tiny_model_dir, step_data, tmp_path, indices, pieces)
+    assert_same_gradients(expected, grads, 1e-5)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_two_ranks_accumulate_to_the_definition(tiny_model_dir, step_data, tmp_path):
     """Each rank takes every other example of each micro-batch; DDP averages the ranks'
     gradients, which the loop turns into the sum: the same raw gradients as one process."""
-    expected = definition_grads(tiny_model_dir, step_data)
+    expected, expected_loss = definition_grads(tiny_model_dir, step_data)
     out = tmp_path / "two-ranks.safetensors"
     path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -91,9 +102,11 @@ def test_two_ranks_accumulate_to_the_definition(tiny_model_dir, step_data, tmp_p
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_gradients(expected, load_file(out), 1e-5)
-    with safe_open(out, "pt") as saved:  # the ranks agree on the largest of their values (10 and 11)
-        assert saved.metadata()["most"] == "11.0"
+    grads, loss = saved(out)
+    assert_same_gradients(expected, grads, 1e-5)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)  # the logged loss: both ranks' shares summed
+    with safe_open(out, "pt") as handle:  # the ranks agree on the largest of their values (10 and 11)
+        assert handle.metadata()["most"] == "11.0"
 
 
 def test_the_process_group_waits_hours_for_rank_0s_work_alone(monkeypatch):
@@ -115,3 +128,21 @@ def test_the_process_group_waits_hours_for_rank_0s_work_alone(monkeypatch):
     with pytest.raises(RuntimeError, match="recorded"):
         distributed.setup("cpu")
     assert asked["backend"] == "gloo" and asked["timeout"].total_seconds() >= 3600
+
+
+@pytest.mark.parametrize("layout", ["padded", "padding-free"])
+def test_eval_loss_is_the_mean_over_every_label_token_of_the_split(tiny_model_dir, step_data, layout):
+    """Batches of 2 examples whose answers run from 1 to 60 tokens: the eval loss is the split's summed
+    loss over its label-token count, not a mean of the batches' means (which would weigh a one-token
+    answer's batch as much as a long one's)."""
+    from helpers import seeded_lora
+    from tunesmith.data.prepare import Split
+    from tunesmith.eval.loss import eval_loss
+
+    model = seeded_lora(tiny_model_dir, torch.float32, torch.device("cpu"), fast=layout == "padding-free")
+    rows = [json.loads(line) for line in open(step_data)]
+    examples = [Encoded(r["ids"], [IGNORE] * r["prompt"] + r["ids"][r["prompt"]:]) for r in rows]
+    batch = collate(examples, 0)
+    with torch.no_grad():
+        expected = float(full_logits_loss(model, batch)) / int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert eval_loss(model, Split("validation", [], examples), 2, 0, layout=layout) == pytest.approx(expected, rel=1e-5)
