@@ -61,6 +61,18 @@ def test_json_csv_parquet_and_saved_dataset_give_the_same_examples(tmp_path, tin
     assert all(s == [r["answer"] for r in sorted(rows, key=lambda r: r["answer"])] for s in seen)
 
 
+def test_a_json_lists_records_are_named_by_the_line_they_start_on(tmp_path):
+    """Pretty-printed lists, and one in a {"data": [...]} wrapper: each problem at its record's line."""
+    from tunesmith.data.sources import read_records
+
+    (tmp_path / "list.json").write_text('[\n {"question": "Q?",\n  "answer": "A."},\n\n 5,\n ["x"]\n]\n')
+    (tmp_path / "wrapped.json").write_text('{"version": 1,\n "data": [\n  {"question": "Q?", "answer": "A."},\n  7\n ]}')
+    found = read_records(tmp_path / "list.json")
+    assert [line for _, line, _ in found.rows] == [2]
+    assert [(p.line, p.reason.split(" (")[0]) for p in found.problems] == [(5, "not a JSON object"), (6, "not a JSON object")]
+    assert [p.line for p in read_records(tmp_path / "wrapped.json").problems] == [4]
+
+
 def test_folder_of_files_and_column_mapping(tmp_path, tiny_tokenizer):
     folder = tmp_path / "data"
     folder.mkdir()

@@ -19,6 +19,8 @@ def test_token_f1_by_hand():
     # SQuAD's normalisation drops the articles: prediction "cat sat" (2), reference "cat sat down" (3).
     assert token_f1("The cat sat", "the cat sat down") == pytest.approx(2 * 1.0 * (2 / 3) / (1 + 2 / 3))
     assert token_f1("x x y", "x y y") == pytest.approx(2 / 3)  # overlap counted with multiplicity: x, y
+    assert token_f1("a x x b", "x x c") == pytest.approx(2 / 3)  # both x count: a set overlap would give 1/2
+    assert token_f1("x x", "x") == pytest.approx(2 / 3)  # precision 1/2, recall 1 (a set: 1.0)
     assert token_f1("dog", "cat") == 0.0
     assert token_f1("", "") == 1.0 and token_f1("", "x") == 0.0
     assert token_f1("The", "a") == 1.0  # nothing but articles on both sides: both empty

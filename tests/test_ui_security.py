@@ -130,6 +130,27 @@ def test_negative_or_odd_content_length_is_refused_at_once(served):  # noqa: F81
     assert call(server, "/api/runs")[0] == 200  # still serving
 
 
+def test_a_header_a_decision_is_made_on_is_refused_twice_and_a_get_with_a_body(served):  # noqa: F811
+    """Two Origins (or tokens, Hosts...) let one check read one and another check the other; a GET's
+    body would be read as the next request. Each alone is refused; the same request without it passes."""
+    server = served()
+    port = server.server_address[1]
+    valid = {"Origin": f"http://127.0.0.1:{port}", "X-Tunesmith-Token": server.token, "Content-Type": "application/json",
+             "Sec-Fetch-Site": "same-origin", "Content-Length": "2"}
+    code, body = raw(server, "POST", "/api/preview", valid, b"{}")
+    assert code == 400 and "more than one" not in body["error"], body  # past the headers: the empty form refused
+    for name in ("Origin", "X-Tunesmith-Token", "Content-Type", "Sec-Fetch-Site", "Content-Length", "Host"):
+        value = valid.get(name, f"127.0.0.1:{port}")  # raw() writes a Host line of its own
+        once = {k: v for k, v in valid.items() if k != name} if name != "Host" else valid
+        twice = {**once, (f"{name}: {value}\r\n{name}" if name != "Host" else name): value}
+        code, body = raw(server, "POST", "/api/preview", twice, b"{}")
+        assert code == 400 and f"more than one {name} header" in body["error"], (name, code, body)
+    reading = {"X-Tunesmith-Token": server.token}
+    assert raw(server, "GET", "/api/runs", reading)[0] == 200
+    code, body = raw(server, "GET", "/api/runs", {**reading, "Content-Length": "2"}, b"{}")
+    assert code == 400 and "has no body" in body["error"], body
+
+
 def test_empty_token_is_refused(tmp_path):
     """`--token ""` turned authentication off, also on 0.0.0.0."""
     for host in ("0.0.0.0", "127.0.0.1"):
