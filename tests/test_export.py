@@ -130,6 +130,25 @@ def test_gguf_check_refuses_a_wrong_layout_and_says_by_how_much(runs, tmp_path, 
     assert not (tmp_path / "gguf" / "model-f16.gguf").exists()
 
 
+def test_gguf_check_refuses_a_file_missing_a_weight_or_with_another_chat_template(runs, tmp_path, monkeypatch):
+    """Two ways a file can be wrong that its logits on the merged model's inputs need not show at once: a
+    weight left out (transformers would fill it with random values) and a chat template that renders the
+    conversations into other tokens than training's."""
+    import gguf
+
+    real_tensors = gguf_export.gguf_tensors
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf_export, "gguf_tensors",
+                      lambda model, arch: ((n, d) for n, d in real_tensors(model, arch) if n != "blk.1.ffn_down.weight"))
+        with pytest.raises(UserError, match=r"1 weights are missing from the GGUF, for example model.layers.1.mlp.down_proj"):
+            export(runs["llama"], tmp_path, formats="gguf")
+    real_template = gguf.GGUFWriter.add_chat_template
+    monkeypatch.setattr(gguf.GGUFWriter, "add_chat_template", lambda writer, template: real_template(writer, "Hi. " + template))
+    with pytest.raises(UserError, match=r"tokenizer and chat template build different tokens than training's for 8 of 8"):
+        export(runs["llama"], tmp_path, formats="gguf")
+    assert not (tmp_path / "gguf" / "model-f16.gguf").exists()
+
+
 def test_q8_0_is_judged_by_kl_divergence_and_decided_positions_not_by_near_ties(tmp_path):
     """q8_0 moves every logit a little: where the merged model's two best tokens are nearly tied, the file may
     pick the other one. Such flips alone (a real run's q8_0 had 3% of them) pass; a file whose logits are off
@@ -154,6 +173,10 @@ def test_q8_0_is_judged_by_kl_divergence_and_decided_positions_not_by_near_ties(
     with pytest.raises(UserError, match=r"q8_0 GGUF \(transformers\) is off the merged model: mean KL divergence "
                                         r"[0-9.]+ over 400 answer positions"):
         refuse_if_off(tmp_path / "m.gguf", "q8_0", "transformers", off, 1.0, 400)
+    flattened = agreement(reference * 0.2, reference, answers)  # every best token kept, the distribution not
+    assert flattened["top1_decided"] == 1.0
+    with pytest.raises(UserError, match=r"mean KL divergence [0-9.]+ over 400 answer positions \(at most"):
+        refuse_if_off(tmp_path / "m.gguf", "q8_0", "transformers", flattened, 1.0, 400)
 
 
 def test_all_formats_from_the_cli(runs, tmp_path, capsys):

@@ -144,7 +144,7 @@ def test_inline_think_blocks_are_masked_where_the_template_keeps_them(family_dir
 
 
 @pytest.mark.parametrize("name,kind,reason", [
-    ("gemma3", "tool_chain", "template refused"),
+    ("gemma3", "tool_chain", "chat template refused the conversation (Conversation roles must alternate"),
     ("phi3", "tool_call", "does not render tool calls"),
     ("phi4", "tool_call", "does not render tool calls"),
     ("llama3", "reasoning_field", "does not render reasoning_content"),
@@ -155,7 +155,7 @@ def test_what_a_template_cannot_render_is_refused_with_the_reason(family_dirs, n
     tokenizer = tokenizer_of(family_dirs, name)
     result = encode_many(tokenizer, [to_example(probe(kind, random.Random(1), 1))[1]])[0]
     assert isinstance(result, TemplateError)
-    assert reason in str(result) or reason == "template refused"
+    assert reason in str(result)
 
 
 def test_data_with_tool_call_mistakes_is_reported_by_file_line_and_reason(family_dirs, tmp_path):

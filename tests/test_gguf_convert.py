@@ -25,9 +25,10 @@ def test_conversion_parses_the_gguf_once_and_gives_the_models_weights(tiny_model
     assert gguf.GGUFReader is counting_reader  # put back
 
     converted = load_file(tmp_path / "converted" / "model.safetensors")
-    for name, weight in model.state_dict().items():
-        if name in converted:  # a tied head is saved once
-            expected = weight.to(torch.float16).float()  # the file holds matrices in f16
-            assert torch.equal(converted[name], expected if weight.ndim > 1 else weight), name
+    assert model.config.tie_word_embeddings  # the head is the embedding, saved once
+    assert set(converted) == set(model.state_dict()) - {"lm_head.weight"}  # no weight left out
+    for name, weight in converted.items():
+        expected = model.state_dict()[name].to(torch.float16).float()  # the file holds matrices in f16
+        assert torch.equal(weight, expected if weight.ndim > 1 else model.state_dict()[name]), name
     text = "My PixelPad froze, order 12345"
     assert load_tokenizer(str(tmp_path / "converted"))(text)["input_ids"] == tokenizer(text)["input_ids"]

@@ -238,9 +238,13 @@ def test_generation_leaves_a_qlora_model_as_trained(arch_dirs, tiny_tokenizer):
     assert torch.equal(before, after)
 
 
-def test_merge_refuses_beyond_tolerance_and_says_by_how_much(arch_dirs, data_files, tmp_path, capsys):
-    """A merge whose output differs from the adapter model is not exported; the CLI says so in one line."""
+def test_merge_refuses_beyond_tolerance_and_says_by_how_much(arch_dirs, data_files, tmp_path, capsys, monkeypatch):
+    """A merge whose output differs from the adapter model is not exported; the CLI says so in one line.
+    The bar a user gets without --tolerance: a correct merge passes, one weight 0.05 off does not (the
+    allowed difference is per unit of the largest logit, at least 1)."""
     from tunesmith.cli import main
+    from tunesmith.errors import UserError
+    from tunesmith.export import merge
 
     results = tunesmith.train(run_config(arch_dirs["llama"], tmp_path / "run", {"method": "lora"}, data_files))
     capsys.readouterr()
@@ -251,6 +255,22 @@ def test_merge_refuses_beyond_tolerance_and_says_by_how_much(arch_dirs, data_fil
     assert not (Path(results["run_dir"]) / "export" / "merged").exists()
     assert main(["export", str(tmp_path / "missing"), "--merge"]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+    assert merge.allowed_difference(torch.tensor([[-30.0, 2.0]]), 1e-4) == pytest.approx((30.0, 3e-3))
+    assert merge.allowed_difference(torch.tensor([[0.2, -0.1]]), 1e-4) == pytest.approx((1.0, 1e-4))
+    assert merge.merge_run(results["run_dir"], tmp_path / "right").max_abs_diff <= merge.TOLERANCE
+    real = merge.merged_model
+
+    def one_weight_off(*args):
+        model = real(*args)
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[0, 0] += 0.05
+        return model
+
+    monkeypatch.setattr(merge, "merged_model", one_weight_off)
+    with pytest.raises(UserError, match="differ from the adapter model's"):
+        merge.merge_run(results["run_dir"], tmp_path / "off")
+    assert not (tmp_path / "off").exists()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_tokenizer):
