@@ -151,3 +151,27 @@ def test_without_a_comparison_each_answer_sits_beside_the_base_answer_of_its_own
     write_jsonl(run / "predictions_base.jsonl", [{"prompt": p, "reference": r, "answer": b} for p, r, b, _ in rows])
     shown = [(e["base"]["answer"], e["fine-tuned"]["answer"]) for e in collect(run)["examples"]]
     assert shown == [("first base", "first tuned"), ("second base", "second tuned"), ("third base", "third tuned")]
+
+
+def test_a_later_compare_is_shown_beside_the_runs_own_verdict_not_in_its_place(tmp_path):
+    """`compare --limit 8` after training replaced the run's 5-row table (its k-shot and retrieval
+    baselines) and its verdict in report.html and in the model card: both are shown now, the run's first."""
+    from tunesmith.export.card import comparison_sections
+
+    run = fake_run(tmp_path / "run")
+    results = json.loads((run / "results.json").read_text())
+    results["fine_tuned"]["test_examples"] = 16
+    results["baselines"] = {
+        "models": {"base": {"rouge_l": 0.10}, "base + retrieval": {"rouge_l": 0.30}, "fine-tuned": {"rouge_l": 0.31}},
+        "differences": [{"metric": "rouge_l", "baseline": "base + retrieval", "candidate": "fine-tuned",
+                         "difference": 0.006, "low": -0.026, "high": 0.042, "win": 5, "tie": 6, "loss": 5}],
+        "verdict": "base + retrieval is as good: consider it"}
+    (run / "results.json").write_text(json.dumps(results))
+    page = Path(write_report(run)[0]).read_text()
+    order = [page.index(text) for text in ("<h3>At the end of training</h3>", "base + retrieval is as good",
+                                           "<h3>tunesmith compare</h3>", "Scored on 2 examples from test.jsonl")]
+    assert order == sorted(order)
+    assert "[-0.0260, +0.0420]" in page and "[+0.0200, +0.1400]" in page  # both tables' intervals
+    card = "\n".join(comparison_sections(results, json.loads((run / "comparison.json").read_text())))
+    assert card.index("Verdict: base + retrieval is as good") < card.index("2 examples of `test.jsonl`")
+    assert "16 held-out test examples" in card and "### With `tunesmith compare`" in card

@@ -42,9 +42,11 @@ def evidence_lines(results: dict) -> list[str]:
 # The same evidence as table rows, for the model card (markdown) and the HTML report: one place decides
 # which table a run shows and what its rows hold, each caller only formats the cells.
 
-def shown_comparison(results: dict, comparison: dict) -> dict:
-    """`tunesmith compare`'s table where the run has one, else the run's own baselines table, else {}."""
-    return comparison if comparison.get("models") else results.get("baselines") or {}
+def shown_comparisons(results: dict, comparison: dict) -> list[dict]:
+    """The run's own baselines table (its test split, at training's end), then `tunesmith compare`'s
+    where it has one: a later compare on other data, or a few examples, is shown beside the run's own
+    verdict, never in its place."""
+    return [table for table in (results.get("baselines") or {}, comparison) if table.get("models")]
 
 
 def metric_rows(table: dict) -> tuple[list[str], list[list]]:

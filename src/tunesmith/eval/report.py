@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..runs import RunFolder, read_json, read_jsonl, write_text
-from .evidence import difference_rows, general_rows, metric_rows, shown_comparison
+from .evidence import difference_rows, general_rows, metric_rows, shown_comparisons
 
 EXAMPLES_SHOWN = 8
 OBJECTIVE = "objective/"  # the prefix of an objective's statistics in the training records (objectives/base.py)
@@ -183,21 +183,24 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def comparison_html(report: dict) -> str:
-    """`tunesmith compare`'s table where there is one, else the run's own baselines table (base,
-    k-shot, retrieval, fine-tuned), else base against fine-tuned; then the general-ability probe."""
+    """The run's own baselines table (base, k-shot, retrieval, fine-tuned) and `tunesmith compare`'s
+    where there are any, else base against fine-tuned; then the general-ability probe."""
     results = report["results"]
-    comparison = shown_comparison(results, report["comparison"])
+    tables = shown_comparisons(results, report["comparison"])
     parts = []
-    if comparison.get("verdict"):
-        parts.append(f"<p><b>Verdict:</b> {html.escape(comparison['verdict'])}</p>")
-    parts.append(_warnings(comparison.get("warnings", [])))
-    if comparison.get("models"):
+    for comparison in tables:
+        later = "examples_scored" in comparison
+        if len(tables) > 1:
+            parts.append(f"<h3>{'tunesmith compare' if later else 'At the end of training'}</h3>")
+        if comparison.get("verdict"):
+            parts.append(f"<p><b>Verdict:</b> {html.escape(comparison['verdict'])}</p>")
+        parts.append(_warnings(comparison.get("warnings", [])))
         parts.append(_table(*metric_rows(comparison)))
         parts.append(_table(*difference_rows(comparison)))
         where = (f"{comparison['examples_scored']} examples from {html.escape(str(comparison.get('data')))}"
-                 if "examples_scored" in comparison else "the test split")
+                 if later else "the test split")
         parts.append(f"<p>Scored on {where}; intervals from a paired bootstrap over examples.</p>")
-    elif results.get("fine_tuned"):
+    if not tables and results.get("fine_tuned"):
         base, tuned = results.get("base", {}), results["fine_tuned"]
         parts.append(_table(["metric", "base", "fine-tuned"], [[k, base.get(k, "-"), v] for k, v in tuned.items()]))
     parts.append(general_html(results.get("general")))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ..eval.evidence import difference_rows, general_rows, metric_rows, shown_comparison
+from ..eval.evidence import difference_rows, general_rows, metric_rows, shown_comparisons
 from ..runs import RunFolder, read_json
 
 # `model: default` is SmolLM2-135M-Instruct, dequantised from the Q4_1 GGUF that models/default.py converts.
@@ -97,18 +97,22 @@ def cell(value) -> str:
 
 
 def comparison_sections(results: dict, comparison: dict) -> list[str]:
-    """`tunesmith compare`'s table where the run has one, else the run's own baselines table, else
-    its eval losses (no interval), else a plain statement that there is no comparison."""
-    found = shown_comparison(results, comparison)
+    """The run's own baselines table and `tunesmith compare`'s where there are any, else its eval
+    losses (no interval), else a plain statement that there is no comparison."""
+    tables = shown_comparisons(results, comparison)
     parts = []
-    if found.get("models"):
+    for found in tables:
+        later = "examples_scored" in found
+        if len(tables) > 1:
+            parts.append(f"### {'With `tunesmith compare`' if later else 'At the end of training'}")
         parts.append(table(*metric_rows(found)))
         parts.append(table(*difference_rows(found)))
-        where = (f"{found['examples_scored']} examples of `{found.get('data')}`" if "examples_scored" in found
+        where = (f"{found['examples_scored']} examples of `{found.get('data')}`" if later
                  else f"{(results.get('fine_tuned') or {}).get('test_examples', 'the')} held-out test examples")
         parts.append(f"Scored on {where}; the intervals come from a paired bootstrap over the examples, and "
                      "wins / ties / losses count the examples where the fine-tuned model did better, "
                      "the same or worse." + (f"\n\nVerdict: {found['verdict']}" if found.get("verdict") else ""))
+    if tables:
         if eval_losses(results):
             parts.append(f"Validation loss (no interval): {eval_losses(results)}.")
     elif results.get("fine_tuned"):
