@@ -213,6 +213,22 @@ def test_offline_a_tuned_release_of_a_shipped_shape_is_planned_with_its_base_sha
     assert "error: Qwen/Qwen2.5-7B-Math: cannot read the model config" in captured.err
 
 
+def test_a_mistyped_run_folder_is_not_looked_up_on_the_hub(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`runs/nope` (a typo for runs/mine) has a hub id's shape: it was requested from the hub, retried for
+    half a minute where the hub's host resolves, and `compare` generated A's answers first."""
+    from helpers import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    data = write_jsonl(tmp_path / "test.jsonl", [{"question": "Screen broken?", "answer": "technical"}])
+    for args in (["compare", str(tiny_model_dir), "runs/nope", "--data", str(data)],
+                 ["eval", "runs/nope", "--data", str(data)], ["chat", "runs/nope"]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "error: runs/nope: model folder not found: runs/ has no nope" in err, (args, err)
+        assert "generate" not in err and "huggingface.co" not in err
+
+
 def test_a_folder_that_is_not_a_model_says_what_to_name_instead(tmp_path):
     from tunesmith.errors import UserError
     from tunesmith.models import resolve_model_path

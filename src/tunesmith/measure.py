@@ -91,11 +91,14 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
     from .eval.compare import format_table, write_comparison
     from .eval.metrics import load_scorer
     from .eval.scoring import scorer_name
+    from .runs import check_loadable
 
     if not Path(data).exists():
         raise UserError(f"{data}: data file not found")
     if out and Path(out).exists() and not Path(out).is_dir():  # said before the answers are generated
         raise UserError(f"--out {out}: a file, not a folder for comparison.json")
+    for spec in (a, b):  # a mistyped B is said before A's answers are generated, not after
+        check_loadable(spec)
     result = compare_models(a, b, data, kshot, kshot_data, max_new_tokens, batch_size, limit, temperature, seed,
                             load_scorer(scorer) if scorer else None, scorer_name(scorer),
                             names=_names(a, b), retrieval_k=retrieval_k, guard=guard)

@@ -295,6 +295,14 @@ def trained_folder(run: str | Path) -> Path:
     return RunFolder(run).trained()
 
 
+def check_loadable(spec: str) -> None:
+    """What load_trained would refuse by name alone (a model folder that is not there), said at once."""
+    from .models.load import resolve_model_path
+
+    if not is_run(Path(spec)) and not (Path(spec) / "adapter_config.json").exists():
+        resolve_model_path(spec)
+
+
 def load_trained(spec: str, dtype=None, device=None):
     """(model, tokenizer, base model name) for a run folder, an adapter folder or a plain model,
     on `device` (default: train.device's auto)."""

@@ -28,6 +28,10 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
         return str(path), None
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"{name}: model folder not found")
+    owner = name.split("/", 1)[0]
+    if "/" in name and Path(owner).is_dir():  # runs/mine mistyped: not the hub's (after 30 s of retries)
+        raise UserError(f"{name}: model folder not found: {owner}/ has no {name.split('/', 1)[1]} (a hub id whose "
+                        f"owner is also a folder here is read as that folder; run from another folder)")
     return name, None  # a hub id
 
 
