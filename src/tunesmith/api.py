@@ -290,6 +290,9 @@ def check_data_paths(cfg: Config) -> None:
 def comparison_table(base: dict, tuned: dict) -> str:
     """Train's closing table: every figure of the fine-tuned model, the base's beside it where it was
     scored ("-" with eval.compare_base off)."""
+    from .eval.evidence import model_figures
+
+    tuned = model_figures(tuned)
     keys = [k for k in tuned if isinstance(tuned[k], float)] or list(tuned)
     lines = [f"{'metric':<28}{'base':>12}{'fine-tuned':>12}"]
     for key in keys:

@@ -42,6 +42,15 @@ def evidence_lines(results: dict) -> list[str]:
 # The same evidence as table rows, for the model card (markdown) and the HTML report: one place decides
 # which table a run shows and what its rows hold, each caller only formats the cells.
 
+# A figure of the machine, not of the model: the same merged weights generate at 6 or 30 tokens/s with the
+# load beside them and the warm-up of the first batch. Kept in results.json, left out of base-vs-tuned tables.
+MACHINE_FIGURES = ("generated_tokens_per_second",)
+
+
+def model_figures(figures: dict) -> dict:
+    return {key: value for key, value in figures.items() if key not in MACHINE_FIGURES}
+
+
 def shown_comparisons(results: dict, comparison: dict) -> list[dict]:
     """The run's own baselines table (its test split, at training's end), then `tunesmith compare`'s
     where it has one: a later compare on other data, or a few examples, is shown beside the run's own

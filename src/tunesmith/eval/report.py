@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..runs import RunFolder, read_json, read_jsonl, write_text
-from .evidence import difference_rows, general_rows, metric_rows, shown_comparisons
+from .evidence import difference_rows, general_rows, metric_rows, model_figures, shown_comparisons
 
 EXAMPLES_SHOWN = 8
 OBJECTIVE = "objective/"  # the prefix of an objective's statistics in the training records (objectives/base.py)
@@ -201,7 +201,7 @@ def comparison_html(report: dict) -> str:
                  if later else "the test split")
         parts.append(f"<p>Scored on {where}; intervals from a paired bootstrap over examples.</p>")
     if not tables and results.get("fine_tuned"):
-        base, tuned = results.get("base", {}), results["fine_tuned"]
+        base, tuned = results.get("base", {}), model_figures(results["fine_tuned"])
         parts.append(_table(["metric", "base", "fine-tuned"], [[k, base.get(k, "-"), v] for k, v in tuned.items()]))
     parts.append(general_html(results.get("general")))
     return "".join(parts) or "<p>No comparison in this run folder (run <code>tunesmith compare</code>).</p>"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ..eval.evidence import difference_rows, general_rows, metric_rows, shown_comparisons
+from ..eval.evidence import difference_rows, general_rows, metric_rows, model_figures, shown_comparisons
 from ..runs import RunFolder, read_json
 
 # `model: default` is SmolLM2-135M-Instruct, dequantised from the Q4_1 GGUF that models/default.py converts.
@@ -123,7 +123,7 @@ def comparison_sections(results: dict, comparison: dict) -> list[str]:
                      if "test_examples" in tuned else
                      "No per-example comparison with intervals in this run (it scored no test split); its "
                      "losses on the validation split:")
-        parts.append(table(["metric", "base", "fine-tuned"], [[k, base.get(k), v] for k, v in tuned.items()]))
+        parts.append(table(["metric", "base", "fine-tuned"], [[k, base.get(k), v] for k, v in model_figures(tuned).items()]))
     else:
         parts.append("This run has no base-vs-fine-tuned comparison.")
     return parts + general_sections(results.get("general") or {})
