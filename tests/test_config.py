@@ -60,6 +60,29 @@ def test_an_override_replaces_a_mapping_keeps_the_model_named_and_a_hash(tmp_pat
         "prompt": "instruction", "completion": "output", "question": "Q"}
 
 
+@pytest.mark.parametrize("given,meant", [("train.learning_rate", "train.lr"), ("adapter.lora_r", "adapter.r"),
+                                         ("train.gradient_accumulation_steps", "train.grad_accum"),
+                                         ("data.max_seq_length", "data.max_seq_len"), ("output.output_dir", "output.dir")])
+def test_other_tools_names_for_a_setting_suggest_tunesmiths(given, meant):
+    """Names from transformers, peft, TRL or Axolotl got the list of every key of the section."""
+    with pytest.raises(UserError, match=f"unknown key '{given}'; did you mean '{meant}'"):
+        load_config(None, [f"{given}=1"])
+
+
+def test_config_check_refuses_what_train_would_refuse_before_loading(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """`config --check` said "valid" for a config whose data file was not there."""
+    from tunesmith.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    for body, said in ((f"model: {tiny_model_dir}\ndata:\n  train: train.jsonl\n", "c.yaml: valid"),
+                       (f"model: {tiny_model_dir}\ndata:\n  train: nothere.jsonl\n", "nothere.jsonl: data file not found"),
+                       ("model: ./no-model\ndata:\n  train: train.jsonl\n", "./no-model: model folder not found")):
+        (tmp_path / "c.yaml").write_text(body)
+        assert main(["config", "--check", "c.yaml"]) == (0 if said.endswith("valid") else 2)
+        assert said in capsys.readouterr()[0 if said.endswith("valid") else 1]
+
+
 def test_a_bad_override_is_blamed_on_the_command_line_not_the_files_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: default\ntrain:\n  lr: 0.01\n")

@@ -149,6 +149,19 @@ def test_gguf_check_refuses_a_file_missing_a_weight_or_with_another_chat_templat
     assert not (tmp_path / "gguf" / "model-f16.gguf").exists()
 
 
+def test_a_quantisation_this_machine_cannot_write_is_refused_before_the_merge(runs, tmp_path, monkeypatch):
+    """`--quant q4_k_m` without llama.cpp merged the model (12 s on the default model) before refusing."""
+    from tunesmith.export import llamacpp, merge
+
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    monkeypatch.setattr(merge, "merge_run", lambda *a, **k: pytest.fail("merged before the quantisation was checked"))
+    with pytest.raises(UserError, match="cannot write K-quants"):
+        export(runs["llama"], tmp_path, formats="gguf", quant="q4_k_m")
+    with pytest.raises(UserError, match="unknown --quant 'q3'"):
+        export(runs["llama"], tmp_path, formats="ollama", quant="q3")
+    assert not (tmp_path / "gguf").exists()
+
+
 def test_q8_0_is_judged_by_kl_divergence_and_decided_positions_not_by_near_ties(tmp_path):
     """q8_0 moves every logit a little: where the merged model's two best tokens are nearly tied, the file may
     pick the other one. Such flips alone (a real run's q8_0 had 3% of them) pass; a file whose logits are off

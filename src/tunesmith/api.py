@@ -287,6 +287,19 @@ def check_data_paths(cfg: Config) -> None:
         check_source(path, "data.mix")
 
 
+def check_config(path: str, overrides: list[str]) -> Config:
+    """`tunesmith config --check`: the settings, and what train refuses before loading anything (a data
+    file or local model folder that is not there; a run folder as the base is resolved by train)."""
+    from .models.load import resolve_model_path
+    from .runs import is_run
+
+    cfg = load_config(path, overrides)
+    check_data_paths(cfg)
+    if cfg.model.name != "default" and not is_run(Path(cfg.model.name)):
+        resolve_model_path(cfg.model.name)
+    return cfg
+
+
 def comparison_table(base: dict, tuned: dict) -> str:
     """Train's closing table: every figure of the fine-tuned model, the base's beside it where it was
     scored ("-" with eval.compare_base off)."""

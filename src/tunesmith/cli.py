@@ -85,10 +85,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import Config, dump, field_docs, load_config
+    from .api import check_config
+    from .config import Config, dump, field_docs
 
     if args.check:
-        load_config(args.check, args.overrides)
+        check_config(args.check, args.overrides)
         print(f"{args.check}: valid")
         return 0
     print(dump(Config()))

@@ -276,7 +276,8 @@ def validate(raw: dict, source: str = "config", text: str = "", overrides: dict 
         where = "command line" if _given_in(overrides, loc) else f"{source}:{line}" if line else source
         if first["type"] == "extra_forbidden":
             valid = _valid_keys(loc[:-1])
-            hint = closest(loc[-1], valid)
+            familiar = FAMILIAR_NAMES.get(loc[-1])
+            hint = familiar if familiar in valid else closest(loc[-1], valid)
             parent = ".".join(loc[:-1])
             prefix = f"{parent}." if parent else ""
             suggestion = f"; did you mean '{prefix}{hint}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
@@ -284,6 +285,16 @@ def validate(raw: dict, source: str = "config", text: str = "", overrides: dict 
         if not loc:  # a rule across settings (the model validators): its message says everything
             raise UserError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"{where}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+# Other tools' names (transformers' TrainingArguments, peft's LoraConfig, TRL, Axolotl) for settings
+# that tunesmith names otherwise: `train.learning_rate` got the list of every train key.
+FAMILIAR_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+                  "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs", "num_epochs": "epochs",
+                  "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                  "max_length": "max_seq_len", "max_seq_length": "max_seq_len", "sequence_len": "max_seq_len",
+                  "cutoff_len": "max_seq_len", "output_dir": "dir", "model_name_or_path": "name",
+                  "base_model": "name", "lr_scheduler_warmup_ratio": "warmup_ratio"}
 
 
 # Parts of a pydantic error's location that name a type, not a setting (the branch of a union that

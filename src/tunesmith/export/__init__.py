@@ -49,6 +49,10 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
     trained = runs.trained_folder(run)
     quantized = load_config(run / "config.yaml").adapter.method == "qlora"
     results: dict = {}
+    if {"gguf", "ollama"} & set(wanted):
+        from .gguf import check_quant
+
+        check_quant(quant)  # before any merging, as the architecture
     if {"gguf", "ollama", "gguf-lora"} & set(wanted):
         check_gguf_architecture(run)  # before any merging: an unsupported model fails at once
     if "hf" in wanted:

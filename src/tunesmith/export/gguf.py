@@ -144,13 +144,8 @@ def add_tensor(writer, name: str, data: np.ndarray, quant: str) -> None:
         writer.add_tensor(name, data.astype(np.float16))
 
 
-def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "model") -> Path:
-    """Write `model` (a transformers causal LM, fp32) and its tokenizer as one GGUF file.
-
-    K-quant mixes (q4_k_m, q5_k_m) are written as f16 and quantised by llama.cpp's own quantiser: the
-    `gguf` package has no K-quant encoder (gguf.quants.quantize raises NotImplementedError for them)."""
-    import gguf
-
+def check_quant(quant: str) -> None:
+    """A quantisation this machine can write, or a UserError (before anything is merged)."""
     if quant in LLAMA_CPP_QUANTS:
         from . import llamacpp
 
@@ -158,12 +153,25 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "mo
             raise UserError(f"GGUF {quant}: the gguf package cannot write K-quants (no encoder for them); install "
                             "the llamacpp extra (llama-cpp-python) to have llama.cpp's quantiser write it, or use "
                             f"one of {', '.join(QUANTS)}")
+    elif quant not in QUANTS:
+        raise UserError(f"GGUF export: unknown --quant '{quant}'; choose one of {', '.join(QUANTS + LLAMA_CPP_QUANTS)}")
+
+
+def write_gguf(model, tokenizer, path: Path, quant: str = "f16", name: str = "model") -> Path:
+    """Write `model` (a transformers causal LM, fp32) and its tokenizer as one GGUF file.
+
+    K-quant mixes (q4_k_m, q5_k_m) are written as f16 and quantised by llama.cpp's own quantiser: the
+    `gguf` package has no K-quant encoder (gguf.quants.quantize raises NotImplementedError for them)."""
+    import gguf
+
+    check_quant(quant)
+    if quant in LLAMA_CPP_QUANTS:
+        from . import llamacpp
+
         f16 = write_gguf(model, tokenizer, path.with_name(path.stem + ".f16.gguf"), "f16", name)
         llamacpp.quantize(f16, path, quant)
         f16.unlink()
         return path
-    if quant not in QUANTS:
-        raise UserError(f"GGUF export: unknown --quant '{quant}'; choose one of {', '.join(QUANTS + LLAMA_CPP_QUANTS)}")
     config = model.config
     arch = gguf_architecture(config)
     head_dim = head_size(config)
