@@ -152,7 +152,7 @@ def test_choose_keeps_the_candidates_scored_before_a_failure(tiny_model_dir, tmp
     assert [r["model"] for r in kept["ranking"]] == [str(tiny_model_dir)] and kept["scored"] == "1 of 2"
     err = capsys.readouterr().err
     assert f"candidate 1/2: {tiny_model_dir}: planned" in err and "candidate 2/2: default: planned" in err
-    assert "data: {'train': 16, 'validation': 8} examples" in err and "dropped: none" in err  # read once, said once
+    assert "data: examples train 16, validation 8;" in err and "dropped: none" in err  # read once, said once
 
 
 def spreadsheet_config(tmp_path, model, **train_settings) -> tuple[str, Path]:

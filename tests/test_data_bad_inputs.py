@@ -63,6 +63,21 @@ def test_unknown_columns_get_the_override_to_paste_and_it_works(tiny_model_dir, 
     assert "format: question_answer 2" in capsys.readouterr().out
 
 
+def test_every_example_too_long_gets_the_length_hint_in_its_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """max_seq_len=32 dropped every example: the error said so without the hint `data check` prints when
+    only some are lost, the one line that says what to set."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    rows = [{"question": f"Question {i}: " + "why is the sky blue and the sea green " * 3, "answer": "Light. " * 5}
+            for i in range(12)]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path),
+                 "data.max_seq_len=32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "every training example was dropped (longer than max_seq_len: 12)" in err
+    assert "; hint: 100% of the examples (12 of 12) are lost to max_seq_len 32; max_seq_len=" in err, err
+
+
 def test_duplicates_are_counted_and_the_rest_is_used(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     path = CORPUS / "duplicates_only_one_kept.jsonl"

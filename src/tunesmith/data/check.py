@@ -138,8 +138,10 @@ def data_lines(prepared: Prepared, cfg: DataConfig) -> list[str]:
     """What a command that prepares data says of it: counts, the first problems (the user's file
     and line), and the length hint (`train`, `choose` and `curve` print these)."""
     summary = prepared.summary()
-    lines = [f"data: {summary['examples']} examples, {summary['tokens']['train']} train tokens "
-             f"({summary['label_tokens']['train']} with a loss); dropped: {summary['dropped'] or 'none'}"]
+    counts = ", ".join(f"{split} {count}" for split, count in summary["examples"].items())
+    dropped = ", ".join(f"{kind} {count}" for kind, count in summary["dropped"].items()) or "none"
+    lines = [f"data: examples {counts}; {summary['tokens']['train']} train tokens "
+             f"({summary['label_tokens']['train']} with a loss); dropped: {dropped}"]
     lines += [f"  skipped {problem}" for problem in prepared.problems[:5]]
     hint = length_hint(prepared, cfg)
     return lines + ([hint_line(hint)] if hint else [])

@@ -217,8 +217,12 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
         masked = prepared.dropped.get("no answer tokens", 0)
         why = (f" ({masked} had no answer token left after masking: data.reasoning={cfg.reasoning}, "
                f"data.train_on_inputs={cfg.train_on_inputs}, chat template {prepared.template or 'as set'})" if masked else "")
+        from .check import hint_line, length_hint
+
+        hint = length_hint(prepared, cfg) if prepared.too_long else None
+        dropped = ", ".join(f"{kind}: {count}" for kind, count in prepared.dropped.items())
         raise UserError(f"{cfg.train}: no training example has an answer token to learn from; every training "
-                        f"example was dropped ({dict(prepared.dropped)}){why}")
+                        f"example was dropped ({dropped}){why}" + (f"; {hint_line(hint)}" if hint else ""))
     # Records that survived every check, counting those held out for validation. A raw-text document
     # is used whole, though a row names only the document it starts in.
     def used(name):
