@@ -78,6 +78,19 @@ def test_every_example_too_long_gets_the_length_hint_in_its_error(tiny_model_dir
     assert "; hint: 100% of the examples (12 of 12) are lost to max_seq_len 32; max_seq_len=" in err, err
 
 
+def test_a_column_mapping_with_a_misspelt_header_names_both(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """data.columns={answer: Answer} on a file whose header says Answr: the error said only "missing
+    field: 'answer'", not which mapped column is absent nor what the file has."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "faq.csv"
+    path.write_text("Q,Answr\nWhere is my order?,It left yesterday.\n")
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path),
+                 "data.columns={question: Q, answer: Answer}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: missing field: 'answer'" in err
+    assert "data.columns names answer: 'Answer', not a column of this record (it has: Q, Answr)" in err, err
+
+
 def test_duplicates_are_counted_and_the_rest_is_used(tiny_model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     path = CORPUS / "duplicates_only_one_kept.jsonl"

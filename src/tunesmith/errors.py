@@ -25,6 +25,11 @@ class Interrupted(Exception):
                   file=sys.stderr)
 
 
+def counted(count: int, noun: str) -> str:
+    """'1 problem', '2 problems'."""
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
 def closest(name: str, choices) -> str | None:
     """The valid name most like `name`, for 'did you mean' hints."""
     import difflib

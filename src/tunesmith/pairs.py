@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .config import DataConfig
-from .errors import UserError
+from .errors import UserError, counted
 from .runs import RunFolder
 
 
@@ -52,7 +52,7 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
         print(f"  skipped {problem}", file=sys.stderr)
     prompts, references = prompts[:limit], references[:limit]
     if not prompts:
-        raise UserError(f"{data}: no usable prompts ({len(problems)} problems)")
+        raise UserError(f"{data}: no usable prompts ({counted(len(problems), 'problem')})")
     unscored = [i for i, reference in enumerate(references) if reference is None]
     if unscored and not scorer:  # said before the model loads and before the output is touched
         raise UserError(f"{origins[unscored[0]][0]}:{origins[unscored[0]][1]}: this prompt has no reference answer "

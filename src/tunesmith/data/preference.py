@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import DataConfig
-from ..errors import UserError
+from ..errors import UserError, counted
 from .formats import FormatError, rename_columns
 from .formats import _checked_text as text_of  # the SFT formats' check of one text field
 from .prepare import Prepared, Split, length_policy, load_conversations
@@ -293,8 +293,7 @@ def prepare_preference(cfg: DataConfig, tokenizer, kind: str) -> Prepared:
         prepared.splits[name] = _encode(read, kind, tokenizer, cfg, prepared, name)
     if not prepared.splits["train"]:
         first = f" First problem: {prepared.problems[0]}" if prepared.problems else ""
-        count = len(prepared.problems)
-        raise UserError(f"{cfg.train}: no usable {kind} examples ({count} problem{'s' * (count != 1)}).{first}")
+        raise UserError(f"{cfg.train}: no usable {kind} examples ({counted(len(prepared.problems), 'problem')}).{first}")
     if "validation" not in prepared.splits:
         prepared.splits["train"], prepared.splits["validation"] = hold_out(prepared.splits["train"], cfg)
     add_test_split(prepared, cfg, tokenizer)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DataConfig
-from ..errors import UserError
+from ..errors import UserError, counted
 from . import cache
 from .formats import FormatError, rename_columns, to_example
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
@@ -90,12 +90,20 @@ def _read_source(path, system_prompt, fmt, columns, hub_split):
         try:
             kind, messages = to_example(rename_columns(record, columns), fmt, system_prompt)
         except FormatError as err:
-            problems.append(Problem(file, line, str(err), err.kind))
+            problems.append(Problem(file, line, str(err) + unmapped_columns(record, columns), err.kind))
             continue
         conversations.append(messages)
         origins.append((file, line))
         formats[kind] += 1
     return conversations, origins, formats, problems
+
+
+def unmapped_columns(record: dict, columns: dict) -> str:
+    """What to add to a record's problem where data.columns names a column the record does not have
+    (a misspelt header): the name asked for and the record's own."""
+    absent = [f"{field}: '{column}'" for field, column in columns.items() if column not in record and field not in record]
+    return (f"; data.columns names {', '.join(absent)}, not a column of this record (it has: "
+            f"{', '.join(map(str, record))})" if absent else "")
 
 
 def _read_kept(spec: str, cfg: DataConfig, seen: dict):
@@ -194,7 +202,7 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
         if not raw["train"][0]:
             if not problems:
                 raise UserError(f"{cfg.train}: no training records in it (an empty file?)")
-            raise UserError(f"{cfg.train}: no usable training examples ({len(problems)} problems). First problem: {problems[0]}")
+            raise UserError(f"{cfg.train}: no usable training examples ({counted(len(problems), 'problem')}). First problem: {problems[0]}")
         if "validation" not in raw:
             raw["train"], raw["validation"], weights = _hold_out(raw["train"], weights, cfg)
             held_out = True

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..config import DataConfig
-from ..errors import UserError
+from ..errors import UserError, counted
 from .formats import FormatError, rename_columns, to_example
 from .preference import PROMPTS, add_test_split, hold_out, prompt_of, record_kind, text_of
 from .prepare import Prepared, Split
@@ -125,6 +125,6 @@ def prepare_prompts(cfg: DataConfig, tokenizer, answer_tokens: int = 0) -> Prepa
         add_test_split(prepared, cfg, tokenizer)
     if not prepared.splits["train"]:
         first = f" First problem: {prepared.problems[0]}" if prepared.problems else ""
-        raise UserError(f"{cfg.train}: no usable prompts ({len(prepared.problems)} problems).{first}")
+        raise UserError(f"{cfg.train}: no usable prompts ({counted(len(prepared.problems), 'problem')}).{first}")
     prepared.dropped = Counter(p.kind for p in prepared.problems)
     return prepared
