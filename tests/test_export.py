@@ -162,6 +162,23 @@ def test_a_quantisation_this_machine_cannot_write_is_refused_before_the_merge(ru
     assert not (tmp_path / "gguf").exists()
 
 
+def test_weights_are_as_readable_as_the_files_beside_them(runs, tmp_path):
+    """safetensors writes 0600 whatever the umask: another user (a vLLM server) could read the adapter's
+    config but not its weights ("No adapter found"). The run's weights and the exported copies get the
+    mode their config has."""
+    import stat
+
+    def mode(path):
+        return stat.S_IMODE(path.stat().st_mode)
+
+    adapter = runs["llama"] / "adapter"
+    assert mode(adapter / "adapter_model.safetensors") == mode(adapter / "adapter_config.json")
+    export(runs["llama"], tmp_path, formats="hf,peft")
+    for folder, config in ((tmp_path / "merged", "config.json"), (tmp_path / "peft", "adapter_config.json")):
+        weights = list(folder.glob("*.safetensors"))
+        assert weights and all(mode(w) == mode(folder / config) for w in weights), folder
+
+
 def test_q8_0_is_judged_by_kl_divergence_and_decided_positions_not_by_near_ties(tmp_path):
     """q8_0 moves every logit a little: where the merged model's two best tokens are nearly tied, the file may
     pick the other one. Such flips alone (a real run's q8_0 had 3% of them) pass; a file whose logits are off

@@ -22,6 +22,7 @@ from ..data.tokenize import Encoded, encode, encode_documents
 from ..errors import UserError
 from ..models import load_base, load_model, load_tokenizer
 from ..models.quant import dequantize
+from ..permissions import as_umask_allows
 from ..progress import say
 
 TOLERANCE = 1e-4  # fp32 max abs logit difference, per unit of logit scale (max |logit|, at least 1)
@@ -122,6 +123,7 @@ def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float =
     merged = merged_model(cfg.model.name, trained, quantized)
     merged.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(partial)
+    as_umask_allows(partial)
     del merged
     # Compare what was written, not what is in memory: a save that drops or unties a weight shows here.
     diff = float((logits_of(load_model(str(partial), torch.float32), batch) - reference).abs().max())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import UserError
+from ..permissions import as_umask_allows
 
 if TYPE_CHECKING:
     from ..config import AdapterConfig
@@ -154,3 +155,4 @@ def save_trained(model, tokenizer, folder: Path) -> None:
         warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
         model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    as_umask_allows(folder)

