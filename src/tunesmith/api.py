@@ -191,7 +191,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     results.update({
         "trainable_parameters": trainable, "total_parameters": total,
         "steps": result.steps, "resumed_from": result.resumed_from, "train_tokens": result.train_tokens,
-        "train_seconds": round(result.seconds, 1), "tokens_per_second": speed and round(speed, 1),
+        "train_seconds": round(result.total_seconds, 1), "tokens_per_second": speed and round(speed, 1),
         "mfu": round(utilisation(speed), 4) if utilisation and speed else None,
         "first_loss": result.losses[0] if result.losses else None,
         "final_loss": result.losses[-1] if result.losses else None, "skipped_steps": result.skipped_steps,

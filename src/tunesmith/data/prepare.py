@@ -16,6 +16,7 @@ from ..config import DataConfig
 from ..errors import UserError, counted
 from . import cache
 from .formats import FormatError, rename_columns, to_example
+from .lengths import hint_line, length_hint
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
 from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, use_template
 from .validate import deduplicate, drop_report, overlap
@@ -225,8 +226,6 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
         masked = prepared.dropped.get("no answer tokens", 0)
         why = (f" ({masked} had no answer token left after masking: data.reasoning={cfg.reasoning}, "
                f"data.train_on_inputs={cfg.train_on_inputs}, chat template {prepared.template or 'as set'})" if masked else "")
-        from .check import hint_line, length_hint
-
         hint = length_hint(prepared, cfg) if prepared.too_long else None
         dropped = ", ".join(f"{kind}: {count}" for kind, count in prepared.dropped.items())
         raise UserError(f"{cfg.train}: no training example has an answer token to learn from; every training "

@@ -44,6 +44,7 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     early_stopping: dict = field(default_factory=dict)  # EarlyStopping's state (training/early_stop.py)
+    train_seconds: float = 0.0  # training time of the steps done, over every process that trained them
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

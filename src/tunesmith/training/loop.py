@@ -41,6 +41,7 @@ class FitResult:
     train_tokens: int = 0  # since the run began, resumed or not
     tokens_trained: int = 0  # by this process (after the checkpoint it resumed from): the speed's
     seconds: float = 0.0  # this process's training time, evaluations left out
+    total_seconds: float = 0.0  # with the training time of the steps before a resume
     losses: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
@@ -153,7 +154,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     while consumed < state.micro_batches:  # the same order as an uninterrupted run: skip what was consumed
         consumed += len(next(stream))
     pieces = 1  # micro-batches are cut into this many parts after an out-of-memory error
-    tokens_before = state.train_tokens  # those of the steps before the checkpoint: not this process's speed
+    tokens_before, seconds_before = state.train_tokens, state.train_seconds  # the steps before the checkpoint's
     progress = Progress(steps, quiet=not ranks.main, unit="step")
     model.train()
     window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
@@ -263,6 +264,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 record(step, step_loss, grad_norm, lr)
             if ckpt_dir and (signalled or stop or step == steps
                              or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)):
+                state.train_seconds = seconds_before + time.perf_counter() - start - sum(eval_times)
                 saved = ckpt.save_checkpoint(ckpt_dir, model, optimizer, scheduler, state,
                                              cfg.train.keep_checkpoints, settings, ranks)
                 best.committed(ckpt.best_steps(ckpt_dir))
@@ -279,16 +281,14 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
                 break
     progress.close()
     result.seconds = time.perf_counter() - start - sum(eval_times)
+    result.total_seconds = seconds_before + result.seconds
     return_best(model, best, validation, cfg, log, state.step, result, evaluate, loss_module, select)
     if ranks.fsdp:  # scored while sharded, through the wrapper; then gathered once, to rank 0
         if evaluate and result.final_eval is None:
             result.final_eval = evaluate(loss_module)
         result.gathered_state = distributed.gathered_state(loss_module, trainable_only=hasattr(model, "peft_config"))
-    result.steps = state.step
-    result.train_tokens = state.train_tokens
-    result.tokens_trained = state.train_tokens - tokens_before
-    result.losses = state.losses
-    result.skipped_steps = state.skipped_steps
+    result.steps, result.train_tokens, result.tokens_trained = state.step, state.train_tokens, state.train_tokens - tokens_before
+    result.losses, result.skipped_steps = state.losses, state.skipped_steps
     return result
 
 
