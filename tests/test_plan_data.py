@@ -122,6 +122,27 @@ def test_the_epoch_time_counts_the_padding_that_padded_rows_compute(tiny_model_d
     assert free.padding < found.padding and free.target.epoch_seconds < found.target.epoch_seconds
 
 
+def test_the_plan_of_a_config_times_the_run_it_asks_for_not_only_an_epoch(tiny_model_dir, tmp_path):
+    """`plan my.yaml` with train.max_steps 20 gave one epoch's time alone; the run is its steps' share of
+    an epoch (or train.epochs of them)."""
+    from tunesmith.config import load_config
+    from tunesmith.objectives import prepare_data
+
+    config = write_config(tmp_path, tiny_model_dir, "run", max_steps=3)  # batch 4 x accumulation 2
+    cfg = load_config(config)
+    examples = len(prepare_data(cfg, cfg.model.name).splits["train"])
+    found = plan_for(str(config), device="t4", include_this_machine=False)
+    assert found.run_epochs == pytest.approx(3 * 4 * 2 / examples)
+    text = format_plan(found)
+    assert f"the run: {found.run_epochs:.3g} epochs of its data" in text and "  epoch  run" in text
+    settings = json.loads(config.read_text())
+    settings["train"].pop("max_steps")
+    settings["train"]["epochs"] = 2.5
+    config.write_text(json.dumps(settings))
+    assert plan_for(str(config), device="t4", include_this_machine=False).run_epochs == pytest.approx(2.5, rel=0.05)
+    assert plan_for(model="llama-3.1-8b", seq=512, batch=8).run_epochs is None  # no config: no run to time
+
+
 def test_the_mfu_of_several_ranks_is_each_devices_share_over_its_own_peak(monkeypatch):
     """The progress records' tokens/s count every rank's tokens: over one device's peak, the MFU of N
     GPUs read N times too high."""

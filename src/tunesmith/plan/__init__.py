@@ -51,6 +51,7 @@ class Plan:
     drawn: bool = False  # the micro-batches are the data's own, not batch x max_seq_len
     utilisation: float | None = None  # --utilisation, where given (else the defaults of plan/speed.py)
     padding: float = 1.0  # tokens computed per token trained: padded rows compute their padding
+    run_epochs: float | None = None  # the config's own length (train.max_steps or train.epochs), in epochs
 
 
 def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memory_gib: float | None = None,
@@ -208,10 +209,15 @@ def format_plan(p: Plan) -> str:
     objective_line = describe_objective(shape, s)
     if objective_line:
         lines.append(objective_line)
+    if p.run_epochs is not None and p.tokens:
+        lines.append(f"the run: {p.run_epochs:.3g} epochs of its data (train.max_steps or train.epochs); its "
+                     "evaluations and the generation that scores the base and the result come on top")
+    run = p.run_epochs is not None and p.tokens
     lines.append(f"{'device':<20}{'memory':>10}{'needs':>12}  fits {'  dtype' if s.dtype_auto else ''}"
-                 f"{'  epoch' if p.tokens else ''}")
+                 f"{'  epoch' if p.tokens else ''}{'  run' if run else ''}")
     for fit in p.fits + ([p.target] if p.target and p.target.device.name not in [f.device.name for f in p.fits] else []):
         epoch = f"  {duration(fit.epoch_seconds)}" if fit.epoch_seconds else ""
+        epoch += f"  {duration(fit.epoch_seconds * p.run_epochs)}" if fit.epoch_seconds and run else ""
         blocks = checkpointed_layers(shape, fit.estimate.setup)
         chosen = f"  checkpointing {blocks} of {shape.layers} blocks" if s.checkpointing_auto and blocks else ""
         dtype = f"  {fit.estimate.setup.dtype}" if s.dtype_auto else ""
@@ -267,13 +273,15 @@ def plan_of(cfg, read_data: bool, model: str | None = None, device: str | None =
     drawn = split is not None and not {"seq", "batch", "grad_accum"} & changes.keys()
     cfg = with_flags(cfg, changes)
     setup = setup_from_config(cfg, share, devices=devices)
-    padding = 1.0
+    padding, run_epochs = 1.0, None
     if drawn:
         shape = model_shape(name, cfg.model.trust_remote_code)
         trained, layout = as_trained(split, cfg.data), planned_layout(cfg, shape)
         setup, _ = with_drawn_micro_batches(cfg, trained, layout, setup)
-        padding = padding_factor(trained, cfg, layout, total_steps(cfg, len(trained)))
+        steps = total_steps(cfg, len(trained))
+        padding = padding_factor(trained, cfg, layout, steps)
         tokens = round(tokens * padding)
+        run_epochs = steps * cfg.train.batch_size * cfg.train.grad_accum / max(1, len(trained))
     if "fsdp" in changes:  # said on the command line
         changes["fsdp"] = changes["fsdp"] and setup.devices > 1
     if "gradient_checkpointing" in changes:  # said on the command line: on or off for every block
@@ -283,7 +291,7 @@ def plan_of(cfg, read_data: bool, model: str | None = None, device: str | None =
     if refused:
         raise UserError(refused)
     return replace(plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine),
-                   drawn=drawn, padding=padding)
+                   drawn=drawn, padding=padding, run_epochs=run_epochs)
 
 
 # Flags that an objective scales go into the config before the objective reads it: --batch counts
