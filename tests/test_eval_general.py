@@ -165,6 +165,33 @@ def test_eval_general_scores_an_adapter_against_its_base(tiny_model_dir, tmp_pat
     assert main(["eval", str(tiny_model_dir)]) == 2  # neither --data nor --general
 
 
+def test_eval_general_of_a_run_is_kept_in_it_and_shown_by_its_report(tiny_model_dir, tmp_path, capsys):
+    """`eval RUN --general` printed its table and went nowhere: the run's report and model card, which
+    answer "did it keep its general ability?", never showed it."""
+    import yaml
+
+    from helpers import lora_model, write_jsonl
+    from test_report import fake_run
+    from tunesmith.cli import main
+    from tunesmith.models import load_tokenizer
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for name, items in load_probe(sets=["arc_easy"], limit=4).items():
+        write_jsonl(probe / f"{name}.jsonl", items)
+    run = fake_run(tmp_path / "run")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(tiny_model_dir)}}))
+    lora_model(load_model(str(tiny_model_dir)), fast_paths=False).save_pretrained(run / "adapter")
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(run / "adapter")
+    assert main(["eval", str(run), "--general", "--general-data", str(probe)]) == 0
+    printed = json.loads(capsys.readouterr().out)["general"]
+    assert json.loads((run / "general.json").read_text()) == printed
+    assert "General ability kept?" in (run / "report.html").read_text()
+    from tunesmith.runs import RunFolder
+
+    assert RunFolder(run).read_results()["general"] == printed  # what the card and the report read
+
+
 @pytest.mark.parametrize("name, starts", [("gemma3", True), ("llama3", True), ("qwen2.5", False)])
 def test_probe_texts_start_as_the_tokenizer_starts_a_text(family_dirs, name, starts):
     """Where the tokenizer puts BOS before every text (Gemma, Llama 3), the probes' contexts and

@@ -49,7 +49,7 @@ def cmd_eval(args) -> int:
     if args.general:
         sets = args.general_sets.split(",") if args.general_sets else None
         results["general"] = evaluate_general(args.model, args.general_data, sets, args.general_limit,
-                                              args.general_margin, args.seed, args.device)
+                                              args.general_margin, args.seed, args.device, keep=True)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -57,12 +57,15 @@ def evaluate(model_or_run: str, data: str | None, max_new_tokens: int = 96, batc
 
 
 def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[str] | None = None,
-                     limit: int | None = None, margin: float = 2.0, seed: int = 0, device: str = "auto") -> dict:
+                     limit: int | None = None, margin: float = 2.0, seed: int = 0, device: str = "auto",
+                     keep: bool = False) -> dict:
     """The general-ability probe on a model; for a fine-tuned run or adapter, on its base too (the
-    adapter switched off), with each difference and its paired 95% interval."""
+    adapter switched off), with each difference and its paired 95% interval. `keep`: a run folder's
+    goes to its general.json (its report and model card show it where training ran no probe)."""
     from .config import EvalConfig
     from .eval.general import GeneralAbility, means
-    from .runs import load_trained
+    from .eval.report import write_report
+    from .runs import load_trained, write_json
 
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
     probe = GeneralAbility(EvalConfig(general=True, general_data=folder, general_sets=sets, general_limit=limit,
@@ -77,7 +80,11 @@ def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[st
     say(probe.table())
     for line in probe.warnings():
         say(line)
-    return probe.results()
+    found, run = probe.results(), RunFolder(model_or_run)
+    if keep and run.is_run():
+        write_json(run.general, found)
+        say(f"general ability: {run.general}" + (f"; report: {write_report(run.path)[0]}" if run.results.is_file() else ""))
+    return found
 
 
 def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None, max_new_tokens: int = 96,

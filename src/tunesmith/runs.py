@@ -44,6 +44,7 @@ class RunFolder:
     data = property(lambda self: self.path / "data")
     results = property(lambda self: self.path / "results.json")
     comparison = property(lambda self: self.path / "comparison.json")
+    general = property(lambda self: self.path / "general.json")  # `eval RUN --general`, after training
     comparison_rows = property(lambda self: self.path / "comparison.jsonl")
     log = property(lambda self: self.path / "train.log")
 
@@ -100,8 +101,12 @@ class RunFolder:
         return load_conversations(spec, data.system_prompt, data.format, data.columns, data.hub_split)[0]
 
     def read_results(self) -> dict | None:
+        """results.json, with `eval RUN --general`'s probe where training ran none."""
         found = read_json(self.results)
-        return found if isinstance(found, dict) else None  # a broken or foreign file: as if none
+        if not isinstance(found, dict):
+            return None  # a broken or foreign file: as if none
+        later = read_json(self.general) if not found.get("general") else None
+        return {**found, "general": later} if isinstance(later, dict) else found
 
     def records(self, event: str | None = None) -> list[dict]:
         """metrics.jsonl's records (of one event kind)."""
@@ -155,7 +160,8 @@ class RunFolder:
             # The earlier run's model and exports too: a lora run retrained as a full fine-tune kept
             # serving its adapter/, and `model: RUN` its merge.
             for target in (self.checkpoints, self.metrics, self.results, self.best_weights, self.path / ADAPTER_DIR,
-                           self.path / MODEL_DIR, self.path / "export"):
+                           self.path / MODEL_DIR, self.path / "export", self.comparison, self.comparison_rows,
+                           self.general):  # the earlier model's scores too
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():
