@@ -1,6 +1,7 @@
 """`tunesmith choose` ranks base models of known quality and lists those that do not fit;
 `tunesmith curve` trains on nested, seeded fractions of the data."""
 import json
+import math
 import re
 from pathlib import Path
 
@@ -74,9 +75,14 @@ def test_choose_with_a_fine_tuning_budget(tiny_model_dir, tmp_path):
     assert row["settings"]["fine-tuned"]["answer_loss_per_char"] < row["settings"]["zero-shot"]["answer_loss_per_char"]
     from tunesmith.choose import folder_name
 
+    from tunesmith.config import load_config
+    from tunesmith.data.prepare import prepare
+    from tunesmith.models import load_tokenizer
+
     steps = json.loads((tmp_path / "choose" / f"01-{folder_name(str(tiny_model_dir))}" / "results.json").read_text())["steps"]
-    per_step = 4 * 600 / steps  # batch 4: about the budget's tokens in all
-    assert steps >= 1 and per_step > 0
+    train_split = prepare(load_config(config).data, load_tokenizer(str(tiny_model_dir))).splits["train"]
+    # batch 4 of the training examples' mean length: about the budget's 600 tokens in all
+    assert steps == math.ceil(600 / (4 * train_split.tokens / len(train_split))) > 1
     with pytest.raises(UserError, match="rank-by"):
         choose(config, [str(tiny_model_dir)], memory_gib=24, retrieval_k=0, rank_by="nope",
                out=str(tmp_path / "c2"), samples=50)
@@ -99,6 +105,81 @@ def test_curve_trains_nested_fractions_at_equal_steps_per_example(tiny_model_dir
     [change] = [d for d in second["change"] if d["metric"] == "answer_loss"]
     assert change["win"] + change["tie"] + change["loss"] == 8
     assert "change" in format_curve(result) and (tmp_path / "curve" / "curve.png").stat().st_size > 0
+
+
+def test_the_loss_per_character_is_the_answers_summed_loss_over_its_characters():
+    """answer_loss is per answer token; per character it is loss * tokens / characters of the reference,
+    which tokenizers of different vocabularies agree on: 2.0 * 3 / 6 = 1.0 and 1.5 * 4 / 3 = 2.0."""
+    from tunesmith.choose import add_loss_per_char
+    from tunesmith.eval.compare import PER_CHAR, Scored
+
+    row = Scored("m", ["", ""], [{"answer_loss": 2.0}, {"answer_loss": 1.5}], [3, 4], references=["abcdef", "abc"])
+    add_loss_per_char(row)
+    assert [r[PER_CHAR] for r in row.rows] == [1.0, 2.0]
+
+
+def test_candidates_rank_best_first_whichever_way_the_metric_points():
+    """A score ranks the highest first, a loss the lowest, each by the candidate's last setting
+    (retrieval here, not zero-shot)."""
+    from tunesmith.choose import rank, rank_key
+    from tunesmith.eval.compare import Scored
+
+    def candidate(name, rouge, loss):
+        rows = lambda r: [{"rouge_l": r + d, "answer_loss_per_char": loss + d} for d in (0.0, 0.01, 0.02)]  # noqa: E731
+        return {"model": name, "planned_memory": 1, "device_memory": 2, "fits": True, "epoch_seconds": None,
+                "device_name": "cpu", "scored": {"zero-shot": Scored(name, [""] * 3, rows(0.0)),
+                                                 "retrieval": Scored(name, [""] * 3, rows(rouge))}}
+
+    low, high = candidate("low", 0.2, 0.5), candidate("high", 0.6, 0.9)
+    assert rank_key(high, "rouge_l") == pytest.approx(-0.61)  # the mean of 0.6, 0.61, 0.62, negated
+    assert rank_key(high, "answer_loss_per_char") == pytest.approx(0.91)
+    by_score = rank([low, high], "rouge_l", samples=50, seed=0)["ranking"]
+    assert [r["model"] for r in by_score] == ["high", "low"]
+    assert by_score[0]["versus_next"]["difference"] == pytest.approx(0.4)  # high - low
+    by_loss = rank([low, high], "answer_loss_per_char", samples=50, seed=0)["ranking"]
+    assert [r["model"] for r in by_loss] == ["low", "high"]
+
+
+def test_a_fine_tuning_budget_is_cut_into_steps_of_the_configured_size(tiny_model_dir, tmp_path, monkeypatch):
+    """--budget-tokens: steps = ceil(budget / (batch_size * grad_accum * tokens per example)), at least 1;
+    batch 4 x accumulation 2 of 37.5-token examples is 300 tokens a step."""
+    import tunesmith.api as api
+    from tunesmith.choose import _short_fine_tune
+    from tunesmith.config import load_config
+
+    cfg = load_config(qa_config(tmp_path, tiny_model_dir, grad_accum=2))
+    asked = []
+    monkeypatch.setattr(api, "train", lambda raw: asked.append(raw))
+    for budget in (600, 601, 10):
+        _short_fine_tune(cfg, "some/model", budget, 37.5, tmp_path / "run")
+    assert [raw["train"]["max_steps"] for raw in asked] == [2, 3, 1]
+    assert asked[0]["model"]["name"] == "some/model" and asked[0]["output"]["dir"] == str(tmp_path / "run")
+
+
+def test_curve_scales_max_steps_with_each_fraction(tiny_model_dir, tmp_path, monkeypatch):
+    """Equal steps per example: train.max_steps 16 on 16 examples gives 8 steps to the half and 16 to
+    the whole (training and scoring are stand-ins here; the slow test above trains them)."""
+    import tunesmith.api as api
+    import tunesmith.curve as curves
+    from tunesmith.eval.compare import Scored
+
+    def conversation(i):
+        return [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+
+    monkeypatch.setattr(curves, "_splits", lambda cfg: ([conversation(i) for i in range(16)],
+                                                        [conversation(i) for i in range(16, 20)], None))
+    asked = []
+
+    def train(raw):
+        asked.append(raw["train"]["max_steps"])
+        return {"data": {"examples": {"train": 0}}, "steps": raw["train"]["max_steps"]}
+
+    monkeypatch.setattr(api, "train", train)
+    monkeypatch.setattr(curves, "_score", lambda run, held_out, cfg, generate: Scored(
+        run.name, [""] * 4, [{"answer_loss": 1.0 + 0.1 * i} for i in range(4)], [2] * 4))
+    monkeypatch.setattr(curves, "plot", lambda result, target: target)
+    result = curve(qa_config(tmp_path, tiny_model_dir), [0.5, 1.0], out=str(tmp_path / "curve"), seed=1, samples=50)
+    assert asked == [8, 16] and [p["steps"] for p in result["points"]] == [8, 16]
 
 
 def test_choose_plans_memory_and_time_on_a_named_device(tiny_model_dir, tmp_path):

@@ -50,6 +50,21 @@ def test_near_duplicates_counted_within_train_and_across(tmp_path):
     assert find(train, {"test": [t["messages"] for t in test]}, threshold=0.95)[1]["test"] == []
 
 
+def test_a_removed_near_duplicate_is_not_the_first_of_another():
+    """A chain: B is close to A, C close to B but not to A. B goes as A's near-duplicate; C stays, since
+    the only example it resembles is gone (an example is matched against kept ones only). Each text:
+    "Repeat the words" and 60 words, shifted by 4 from one to the next: 61 word 3-grams each, 55 of
+    67 shared for a shift of 4 (Jaccard 0.82), 51 of 71 for 8 (0.72); MinHash estimates 0.81 (A, B),
+    0.85 (B, C) and 0.70 (A, C) against the threshold 0.75."""
+    def words(start):
+        return [{"role": "user", "content": "Repeat the words"},
+                {"role": "assistant", "content": " ".join(f"w{i}" for i in range(start, start + 60))}]
+
+    chain = [words(0), words(4), words(8)]
+    inside, _ = find(chain, {}, threshold=0.75)
+    assert [(m.index, m.first) for m in inside] == [(1, 0)]
+
+
 def test_data_check_reports_and_dedup_near_removes(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", train_rows())
     test = write_jsonl(tmp_path / "test.jsonl", [qa("Who gets shingles?", "Anyone who had chickenpox can get "

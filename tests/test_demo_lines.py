@@ -41,3 +41,17 @@ def test_demo_ends_with_base_against_fine_tuned_then_the_run_folder():
                           "  valid JSON:        base 2.0% -> fine-tuned 100.0%",
                           "  eval loss:         base 1.236 -> fine-tuned 0.013"]
     assert lines[-1].startswith("  run folder: runs/demo")
+
+
+def test_the_general_table_holds_the_main_metric_rows_only():
+    """The evidence table of the general-ability probe shows each set's main figure (acc_norm for ARC,
+    acc for MMLU, the pooled 'all'), not the other metric computed beside it."""
+    from tunesmith.eval.evidence import general_rows
+
+    def row(metric, main):
+        return {"set": "arc_easy", "metric": metric, "main": main, "items": 50, "base": 40.0, "fine_tuned": 38.0,
+                "difference": -2.0, "low": -6.0, "high": 2.0, "win": 3, "tie": 40, "loss": 7}
+
+    header, rows = general_rows({"differences": [row("acc", False), row("acc_norm", True)]})
+    assert header == ["probe", "items", "base", "fine-tuned", "difference [95% interval]", "wins / ties / losses"]
+    assert rows == [["arc_easy acc_norm", 50, "40.0", "38.0", "-2.0 [-6.0, +2.0]", "3 / 40 / 7"]]

@@ -59,9 +59,11 @@ def test_bootstrap_weighted_mean_and_tiny_samples():
 
 
 def test_win_tie_loss_direction():
-    a, b = np.array([0.5, 0.5, 0.5, 0.2]), np.array([0.7, 0.5, 0.1, 0.2])
-    assert win_tie_loss(a, b, lower_is_better=False) == {"win": 1, "tie": 2, "loss": 1}
-    assert win_tie_loss(a, b, lower_is_better=True) == {"win": 1, "tie": 2, "loss": 1}
+    """B against A per example: higher B wins a score, lower B wins a loss. Two rises, one fall and a
+    tie, so the counts differ by direction (a symmetric set could not tell the direction apart)."""
+    a, b = np.array([0.5, 0.5, 0.5, 0.2]), np.array([0.7, 0.5, 0.1, 0.9])
+    assert win_tie_loss(a, b, lower_is_better=False) == {"win": 2, "tie": 1, "loss": 1}
+    assert win_tie_loss(a, b, lower_is_better=True) == {"win": 1, "tie": 1, "loss": 2}
     assert win_tie_loss(np.array([1.0]), np.array([0.5]), lower_is_better=True)["win"] == 1
 
 

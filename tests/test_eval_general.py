@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tunesmith.eval.general import (MULTIPLE_CHOICE, SETS, choice_prompt, choice_scores, compare_probe,
-                                    continuation_ids, format_probe, load_probe, loglikelihoods, number_in,
+                                    continuation_ids, format_probe, load_probe, loglikelihoods, main_metric, number_in,
                                     same_number, warnings)
 from tunesmith.errors import UserError
 from tunesmith.models import load_model
@@ -137,6 +137,22 @@ def test_differences_in_points_and_the_margin_warning():
     assert "arc_easy acc_norm" in lines[0] and "eval.general_margin=2" in lines[0]
     assert len(lines) == (2 if lost / 250 > 0.02 else 1)
     assert "arc_easy acc_norm" in format_probe(list(rows.values()))
+
+
+def test_each_sets_reported_figure_is_the_harness_main_metric():
+    """The figure per set (and the pooled 'all' row) is what lm-evaluation-harness reports for it
+    (docs/evaluation.md): acc_norm for ARC and HellaSwag, acc for MMLU and TruthfulQA MC1 (the
+    harness gives no acc_norm there), exact match for GSM8K. On items where the two disagree the
+    pooled row must count each set by its own."""
+    assert {name: main_metric(name) for name in SETS} == {
+        "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "mmlu": "acc",
+        "truthfulqa_mc1": "acc", "gsm8k": "exact_match"}
+    base = {name: [{"acc": 1.0, "acc_norm": 0.0}] * 4 for name in ("mmlu", "hellaswag", "truthfulqa_mc1")}
+    rows = compare_probe(base, base, samples=50)
+    assert {(r["set"], r["metric"]) for r in rows if r["main"]} == {
+        ("mmlu", "acc"), ("hellaswag", "acc_norm"), ("truthfulqa_mc1", "acc"), ("all", "main")}
+    pooled = next(r for r in rows if r["set"] == "all")
+    assert pooled["base"] == pytest.approx(100 * 8 / 12)  # acc 1 on mmlu and truthfulqa, acc_norm 0 on hellaswag
 
 
 def test_eval_general_scores_an_adapter_against_its_base(tiny_model_dir, tmp_path, capsys):

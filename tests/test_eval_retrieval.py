@@ -137,6 +137,33 @@ def test_verdict_for_a_loss_and_without_prompting_rows():
     assert predictions_name("fine-tuned + retrieval") == "predictions_fine-tuned_retrieval.jsonl"
 
 
+def test_verdict_wording_when_a_baseline_wins_and_retrieval_on_the_fine_tuned_model():
+    """Hand-built difference rows (fine-tuned - row). The strongest prompting row (base + retrieval)
+    beats fine-tuning: its lead is said as a positive number with its interval in order, low end
+    first; retrieval on top of the fine-tuned model is said to help only where its whole interval
+    favours it (for a score: fine-tuned - (fine-tuned + retrieval) below 0; for a loss: above 0)."""
+    def row(baseline, value, difference, low, high, metric="rouge_l"):
+        return {"metric": metric, "baseline": baseline, "candidate": "fine-tuned", "baseline_value": value,
+                "difference": difference, "low": low, "high": high}
+
+    rows = [row("base", 0.2, 0.3, 0.25, 0.35), row("base + retrieval", 0.6, -0.12, -0.2, -0.05)]
+    helps = row("fine-tuned + retrieval", 0.7, -0.22, -0.3, -0.1)
+    assert verdict(rows + [helps], "rouge_l", "fine-tuned") == (
+        "base + retrieval beats fine-tuning by +0.120 [+0.050, +0.200] rouge_l: consider it instead"
+        "; retrieval on top of the fine-tuned model helps further (+0.220)")
+    hurts = row("fine-tuned + retrieval", 0.4, 0.1, 0.05, 0.15)
+    unsure = row("fine-tuned + retrieval", 0.45, -0.05, -0.1, 0.02)
+    for own in (hurts, unsure):
+        assert verdict(rows + [own], "rouge_l", "fine-tuned") == \
+            "base + retrieval beats fine-tuning by +0.120 [+0.050, +0.200] rouge_l: consider it instead"
+    # A loss: the fine-tuned model's loss minus its loss with retrieval, +0.3 [+0.2, +0.4]: retrieval lowers it
+    losses = [row("base", 2.0, -0.5, -0.6, -0.4, "answer_loss"),
+              row("fine-tuned + retrieval", 1.2, 0.3, 0.2, 0.4, "answer_loss")]
+    assert verdict(losses, "answer_loss", "fine-tuned") == (
+        "fine-tuning beats base by +0.500 [+0.400, +0.600] answer_loss"
+        "; retrieval on top of the fine-tuned model helps further (+0.300)")
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_retrieval_k_larger_than_pool(k):
     assert len(Retriever(POOL[:2]).nearest("diabetes", k)) == min(k, 2)

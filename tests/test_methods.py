@@ -310,6 +310,24 @@ def test_freeze_embeddings_and_modules_to_save(tiny_model_dir):
     assert trained == expected_trainable("lora", peft_model.config, 0) + sum(c.weight.numel() for c in copies)
 
 
+def test_lora_dropout_and_alpha_reach_the_layers_and_the_saved_adapter(tiny_model_dir, tiny_tokenizer, tmp_path):
+    """adapter.dropout and adapter.alpha are the run's, not peft's defaults (dropout 0, alpha 8): every
+    adapted layer drops its input with p = 0.1 and scales by alpha / r = 16 / 4, and the saved
+    adapter_config.json says so (what a server loading the adapter applies)."""
+    from peft.tuners.lora import LoraLayer
+
+    from tunesmith.methods.common import save_trained
+
+    model = trainable(load_model(str(tiny_model_dir)), AdapterConfig(r=4, alpha=16, dropout=0.1))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(isinstance(m.lora_dropout["default"], torch.nn.Dropout) for m in layers)
+    assert {m.lora_dropout["default"].p for m in layers} == {0.1}
+    assert {m.scaling["default"] for m in layers} == {4.0}
+    save_trained(model, tiny_tokenizer, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["lora_dropout"]) == (4, 16, 0.1)
+
+
 def test_full_fine_tune_of_a_bf16_model_is_mixed_precision(tiny_model_dir, tiny_tokenizer):
     """fp32 master weights (small updates are not rounded away), bf16 matmuls."""
     from tunesmith.data.demo import make_splits

@@ -84,6 +84,17 @@ def test_bad_pairs_are_reported_with_file_line_and_reason(tiny_tokenizer, tmp_pa
     assert len(prepared.splits["train"]) == 1
 
 
+def test_a_repeated_pair_is_a_duplicate_unless_dedup_is_off(tiny_tokenizer, tmp_path):
+    """data.dedup applies to pairs as to SFT records: line 2 repeating line 1 is reported as a duplicate
+    (in train, and in the validation read of the same file) and trains once; with dedup off both train."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD[0], GOOD[0]])
+    prepared = prepare_preference(data_cfg(path), tiny_tokenizer, PAIRS)
+    assert [(p.line, p.kind) for p in prepared.problems] == [(2, "duplicate (exact)")] * 2
+    assert len(prepared.splits["train"]) == 1 and prepared.splits["train"].origins == [(str(path), 1)]
+    kept = prepare_preference(data_cfg(path, dedup=False), tiny_tokenizer, PAIRS)
+    assert kept.problems == [] and kept.splits["train"].origins == [(str(path), 1), (str(path), 2)]
+
+
 def test_over_long_pairs_follow_the_length_policy(tiny_tokenizer, tmp_path):
     rows = [GOOD[0], {"prompt": "Repeat: " + "alpha " * 200, "chosen": "alpha", "rejected": "beta"}]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)

@@ -4,6 +4,7 @@ computation of the formula from full-vocabulary logits and against TRL's GRPOTra
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -229,3 +230,60 @@ def test_a_grpo_micro_batch_holds_batch_size_prompts_in_either_layout():
     split.encoded = [Prompt(list(range(40 + i))) for i in range(16)]
     for layout in (PADDED, PADDING_FREE):
         assert [len(batch) for batch in next(optimizer_steps(split, cfg, layout))] == [2, 2, 2, 2]
+
+
+def test_the_clip_fraction_counts_the_ratios_the_clip_holds_back(monkeypatch):
+    """clip_fraction: the share of answer tokens whose ratio the clip holds back, i.e. below 1 - eps
+    with a negative advantage or above 1 + eps with a positive one (a ratio outside the range on the
+    other side keeps its gradient). The TRL comparison above checks only that some, not all, were
+    clipped. Ratios by hand: log-probs log(r) against old log-probs 0."""
+    from tunesmith.objectives import grpo as module
+
+    monkeypatch.setattr(module, "token_logps", lambda model, batch, temperature: batch["logps"])
+    objective = grpo(0.0, "dapo", PADDED, SimpleNamespace(pad_token_id=0), None)
+    ratios = [0.5, 1.5, 1.0, 0.5, 1.5, 0.5]  # eps 0.2: the range [0.8, 1.2]
+    tensors = {"logps": torch.log(torch.tensor(ratios)), "old_logps": torch.zeros(6),
+               "label_sequence": torch.tensor([0, 0, 0, 1, 1, 1]), "sequence_count": 2,
+               "sequence_labels": torch.tensor([3.0, 3.0]), "advantages": torch.tensor([1.0, -1.0])}
+    _, stats = objective.loss(None, tensors)
+    # advantage +1: 0.5 kept, 1.5 clipped, 1.0 inside; advantage -1: 0.5 clipped, 1.5 kept, 0.5 clipped
+    assert stats["clip_fraction"].tolist() == [3.0, 6.0]
+
+
+def test_grpo_evaluation_is_minus_the_mean_reward_of_greedy_answers(tmp_path, monkeypatch):
+    """The validation figure is minus the mean reward (lower is better, as for a loss, so early
+    stopping and best-checkpoint selection keep the highest reward). Sampling and decoding are
+    stand-ins: answers of 2 and 4 tokens, a scorer giving length / 4, so rewards 0.5 and 1.0."""
+    from tunesmith.data.prepare import Split
+    from tunesmith.data.prompts import Prompt
+    from tunesmith.objectives import grpo as module
+
+    (tmp_path / "quarter_length.py").write_text("def score(answer, reference):\n    return len(answer) / 4\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    asked = []
+
+    def sample(model, prompts, copies, max_new_tokens, temperature, pad_id, stops, batch_size):
+        asked.append((prompts, copies, temperature))
+        return [[7] * 2, [7] * 4]
+
+    monkeypatch.setattr(module, "sample", sample)
+    monkeypatch.setattr(module, "stop_ids", lambda tokenizer, model: [])
+    decoder = SimpleNamespace(decode=lambda ids, skip_special_tokens: "x" * len(ids))
+    cfg = validate({"train": {"objective": "grpo", "group_size": GROUP, "max_completion_tokens": MAX_ANSWER,
+                              "rewards": ["quarter_length:score"]}})
+    objective = GRPO(cfg, None, PADDED, 0, decoder)
+    split = Split("validation", encoded=[Prompt([1, 2], "a"), Prompt([3, 4], "b")])
+    assert objective.evaluate(None, split, batch_size=2) == pytest.approx(-(0.5 + 1.0) / 2)
+    assert asked == [([[1, 2], [3, 4]], 1, None)]  # one greedy answer per prompt
+
+
+def test_reward_std_is_the_mean_of_the_groups_spreads():
+    """reward/<name>/std is recorded as (sum of each group's Bessel-corrected std, number of groups):
+    groups [1, 0, 0.5] (std 0.5) and [0.2, 0.2, 0.9] (std 0.7 / sqrt(3)); the mean as (sum, count)."""
+    from tunesmith.objectives.grpo import _reward_stats
+
+    stats = _reward_stats(REWARDS, {"judge": [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]}, GROUP)
+    total, groups = stats["reward/total/std"]
+    assert groups == 2 and total == pytest.approx(0.5 + 0.7 / math.sqrt(3), rel=1e-6)
+    assert stats["reward/total/mean"] == pytest.approx((2.8, 6.0))
+    assert stats["reward/judge/std"] == pytest.approx((math.sqrt(1 / 3), 2.0))  # [0, 0, 1]: var 1/3; [1, 1, 1]: 0

@@ -9,6 +9,7 @@ those ids directly, so the test compares the objectives, not two tokenisations).
 """
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -176,6 +177,39 @@ def test_kto_equals_trl(unpaired, tiny_model_dir, tiny_tokenizer, tmp_path, fast
     assert stats["kl"][0] > 0.01
     expected = theirs(trainer, trainer.model, DataCollatorForUnpairedPreference(pad_token_id=tiny_tokenizer.pad_token_id)(rows))
     assert_same(ours(objective, mine, unpaired), expected)
+
+
+def test_kto_kl_estimate_below_zero_counts_as_zero(monkeypatch):
+    """z = max(0, mean KL estimate): a policy that puts less mass than the reference on the mismatched
+    answers gives a negative raw mean, which must not shift the desirable and undesirable terms (the
+    TRL comparison above uses a seed whose estimate is positive, so the clamp goes unchecked there).
+    Per-token log-probs are given by hand; the loss is the docstring's formula with z = 0."""
+    from tunesmith.objectives import kto
+
+    monkeypatch.setattr(kto, "token_logps", lambda model, batch: batch["logps"])
+    side = lambda logps, owner: {"logps": torch.tensor(logps), "label_sequence": torch.tensor(owner),  # noqa: E731
+                                 "sequence_count": 2}
+    tensors = {"answers": side([-1.0, -0.5, -2.0], [0, 0, 1]),  # per answer: -1.5, -2.0
+               "kl": side([-3.0, -1.0, -1.0], [0, 1, 1]),  # per mismatched sequence: -3.0, -2.0
+               "desirable": torch.tensor([True, False]),
+               "reference": torch.tensor([-2.0, -1.0, -1.0, -1.5])}  # answers, then KL sequences
+    objective = kto.KTO(config("kto", beta=0.5, kto_desirable_weight=1.3, kto_undesirable_weight=0.7), None)
+    terms, stats = objective.loss(None, tensors)
+    # raw KL mean: ((-3.0 + 1.0) + (-2.0 + 1.5)) / 2 = -1.25 -> z = 0; ratios: -1.5 + 2.0 = 0.5, -2.0 + 1.0 = -1.0
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = 1.3 * (1 - sigmoid(0.5 * (0.5 - 0))) + 0.7 * (1 - sigmoid(0.5 * (0 - -1.0)))
+    assert stats["kl"].tolist() == [0.0, 1.0]
+    assert float(terms["examples"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_pair_reward_accuracy_counts_strict_wins_only():
+    """rewards/accuracy is the share of pairs whose chosen reward is above the rejected one: a tie is
+    no win, and the direction matters (2 wins, 1 tie, 1 loss of 4 pairs)."""
+    from tunesmith.objectives.pairwise import reward_stats
+
+    stats = reward_stats(torch.tensor([1.0, 2.0, 3.0, 5.0]), torch.tensor([0.0, 2.0, 4.0, 1.0]))
+    assert stats["rewards/accuracy"].tolist() == [2.0, 4.0]
+    assert stats["rewards/margin"].tolist() == [1.0 + 0.0 - 1.0 + 4.0, 4.0]
 
 
 def padded_side(sequences: list[Encoded], pad_id: int, prefix: str) -> dict:

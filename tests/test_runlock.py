@@ -2,6 +2,7 @@
 live unrelated process, two Resume clicks at once, a run started from the terminal."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -44,9 +45,36 @@ def test_hold_is_exclusive_and_holder_reads_it(tmp_path):
     assert sorted(p.name for p in earlier.iterdir()) == ["metrics.jsonl", "results.json"]
 
 
-def test_a_waiting_writer_never_shares_the_lock(tmp_path):
+def test_a_holder_leaving_while_another_opened_the_file_leaves_one_holder(tmp_path, monkeypatch):
     """The holder removes the lock file as it leaves; a writer that opened it just before must not
-    end up holding the removed file while a third takes the new one."""
+    end up holding the removed file while a third takes the new one. The instant between the
+    writer's open and its flock is too short to hit from threads: the first holder leaves inside it
+    here, by a stand-in flock that lets the first holder go before the writer's first exclusive lock."""
+    folder = tmp_path / "run"
+    first = contextlib.ExitStack()
+    first.enter_context(runlock.hold(folder))
+    real, left = runlock.fcntl.flock, []
+
+    def flock(fd, operation):
+        if operation & runlock.fcntl.LOCK_EX and not left:
+            left.append(fd)  # the writer has the old file open now
+            first.close()  # the holder leaves: removes .lock (and its empty folder) and drops its lock
+        return real(fd, operation)
+
+    monkeypatch.setattr(runlock, "PROBE_GRACE_SECONDS", 0.1)
+    monkeypatch.setattr(runlock.fcntl, "flock", flock)
+    with runlock.hold(folder):
+        assert left  # the race happened: the writer's first lock was on the file removed since
+        assert runlock.holder(folder) == os.getpid()  # the folder's own .lock is the one held
+        with pytest.raises(UserError, match=f"pid {os.getpid()}"):
+            with runlock.hold(folder):  # so a third is refused
+                pass
+    assert runlock.holder(folder) is None
+
+
+def test_a_waiting_writer_takes_the_lock_once_the_holder_leaves(tmp_path):
+    """A second writer started while the first holds the folder retries for PROBE_GRACE_SECONDS and
+    takes it once the first leaves; a kill -9 of a holder frees the folder."""
     folder = tmp_path / "run"
     taken, done = [], threading.Event()
 

@@ -1,6 +1,7 @@
 """The real training path on a tiny model: the loss falls, the adapter reloads with the same logits."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -191,3 +192,74 @@ def test_each_train_record_gives_its_logging_intervals_mean_loss(tiny_config, tm
         interval = [step_loss[s] for s in range(record["step"] - 3, record["step"] + 1)]
         assert record["loss"] == step_loss[record["step"]]
         assert record["mean_loss"] == pytest.approx(sum(interval) / 4, rel=1e-6)
+
+
+def test_cosine_schedule_decays_to_the_floor_not_to_zero():
+    """warmup_cosine(total 10, warm-up 0, floor 0.1): factor 0.1 + 0.9 * (1 + cos(pi * step / 10)) / 2,
+    so 1.0 at step 0, 0.55 halfway, the floor 0.1 from step 10 on (not 0: train.min_lr_ratio); with
+    4 warm-up steps, (step + 1) / 5 before the decay starts at step 4."""
+    from tunesmith.training.schedule import warmup_cosine
+
+    def rates(warmup: int, steps: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = warmup_cosine(optimizer, 10, warmup, 0.1)
+        seen = []
+        for _ in range(steps):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    plain = rates(0, 13)
+    assert plain[0] == pytest.approx(1.0) and plain[5] == pytest.approx(0.55)
+    assert plain[10] == pytest.approx(0.1) and plain[12] == pytest.approx(0.1)
+    assert plain[2] == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 0.2)) / 2)
+    warm = rates(4, 8)
+    assert warm[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and warm[7] == pytest.approx(0.55)
+
+
+def test_gradients_are_clipped_to_the_max_norm_and_the_norm_before_is_returned():
+    """train.max_grad_norm: gradients of total norm 20 (four entries of 10 over two tensors) are scaled
+    to norm 1 (each entry 0.5); the step's logged grad_norm is the norm before clipping."""
+    from tunesmith.training.loop import _clip
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))]
+    for p in params:
+        p.grad = torch.full_like(p, 10.0)
+    norm = _clip(params, 1.0)
+    assert float(norm) == pytest.approx(20.0)
+    after = torch.cat([p.grad for p in params])
+    assert float(after.norm()) == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(after, torch.full((4,), 0.5), rtol=1e-5)
+    for p in params:
+        p.grad = torch.full_like(p, 10.0)
+    assert float(_clip(params, None)) == pytest.approx(20.0)  # no max_grad_norm: measured, left as they are
+    assert torch.equal(torch.cat([p.grad for p in params]), torch.full((4,), 10.0))
+
+
+def test_a_step_retried_after_running_out_of_memory_starts_from_zero_gradients():
+    """train.auto_micro_batch: an attempt that ran backward on some micro-batches before running out of
+    memory left gradients behind; the retry with halved micro-batches must not add to them, so the
+    step's gradients are one clean pass's (d/dw sum(w * x) = x), not twice that."""
+    from tunesmith.config import validate
+    from tunesmith.training import distributed
+    from tunesmith.training.loop import _step_with_retries
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    x = torch.tensor([1.0, 2.0, 3.0])
+    tried = []
+
+    class Objective:
+        def train_step(self, loss_module, train, indices, pad_id, ranks, grad_scale, layout, pieces, step):
+            tried.append(pieces)
+            (weight * x).sum().backward()
+            if len(tried) == 1:  # the first attempt's backward ran, then a later micro-batch did not fit
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return torch.tensor(1.0), 8
+
+    cfg = validate({"train": {"auto_micro_batch": True}})
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    loss, tokens, pieces = _step_with_retries(None, None, [[0, 1, 2, 3]], 1, 0, distributed.SINGLE, 1.0, "padded",
+                                              cfg, 0, optimizer, objective=Objective())
+    assert tried == [1, 2] and pieces == 2 and tokens == 8
+    assert torch.equal(weight.grad, x)
