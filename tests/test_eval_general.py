@@ -137,6 +137,11 @@ def test_differences_in_points_and_the_margin_warning():
     assert "arc_easy acc_norm" in lines[0] and "eval.general_margin=2" in lines[0]
     assert len(lines) == (2 if lost / 250 > 0.02 else 1)
     assert "arc_easy acc_norm" in format_probe(list(rows.values()))
+    few = compare_probe({"arc_easy": base["arc_easy"][:10]}, {"arc_easy": base["arc_easy"][:10]}, samples=100)
+    assert [(r["difference"], r["low"], r["high"]) for r in few if r["main"]] == [(0.0, 0.0, 0.0)]  # no item changed
+    said = warnings(few, 2.0)
+    assert said == ["note: arc_easy has 10 items; one item is 10 points or more there, and an interval over so few "
+                    "items speaks of those items only (raise eval.general_limit or --general-limit)"]
 
 
 def test_each_sets_reported_figure_is_the_harness_main_metric():

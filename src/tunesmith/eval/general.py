@@ -337,10 +337,20 @@ def format_probe(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SMALL_SET = 20  # fewer items than this: one item moves the set by more than 5 points (the demo has 20)
+
+
 def warnings(rows: list[dict], margin: float) -> list[str]:
-    return [f"warning: the fine-tuned model lost {-r['difference']:.1f} points of {r['set']} {r['metric']} "
-            f"(more than eval.general_margin={margin:g}; 95% interval {r['low']:+.1f} to {r['high']:+.1f})"
-            for r in rows if r["lost"]]
+    lines = [f"warning: the fine-tuned model lost {-r['difference']:.1f} points of {r['set']} {r['metric']} "
+             f"(more than eval.general_margin={margin:g}; 95% interval {r['low']:+.1f} to {r['high']:+.1f})"
+             for r in rows if r["lost"]]
+    # "+0.0 [+0.0, +0.0]" on 10 items says no item changed, not that nothing did: said beside it
+    small = [r for r in rows if r["main"] and r["set"] != "all" and r["items"] < SMALL_SET]
+    if small:
+        lines.append("note: " + ", ".join(f"{r['set']} has {r['items']} items" for r in small)
+                     + f"; one item is {100 / min(r['items'] for r in small):.0f} points or more there, and an interval "
+                     "over so few items speaks of those items only (raise eval.general_limit or --general-limit)")
+    return lines
 
 
 class GeneralAbility:
