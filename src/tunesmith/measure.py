@@ -64,7 +64,6 @@ def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[st
     goes to its general.json (its report and model card show it where training ran no probe)."""
     from .config import EvalConfig
     from .eval.general import GeneralAbility, means
-    from .eval.report import write_report
     from .runs import load_trained, write_json
 
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
@@ -82,6 +81,8 @@ def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[st
         say(line)
     found, run = probe.results(), RunFolder(model_or_run)
     if keep and run.is_run():
+        from .eval.report import write_report
+
         write_json(run.general, found)
         say(f"general ability: {run.general}" + (f"; report: {write_report(run.path)[0]}" if run.results.is_file() else ""))
     return found

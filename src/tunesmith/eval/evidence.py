@@ -58,6 +58,11 @@ def shown_comparisons(results: dict, comparison: dict) -> list[dict]:
     return [table for table in (results.get("baselines") or {}, comparison) if table.get("models")]
 
 
+def from_compare(table: dict) -> bool:
+    """A `tunesmith compare` table (scored later, on a named file), not the run's own."""
+    return "examples_scored" in table
+
+
 def metric_rows(table: dict) -> tuple[list[str], list[list]]:
     """(header, rows): each metric's mean for every model of the table."""
     names = list(table["models"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..runs import RunFolder, read_json, read_jsonl, write_text
-from .evidence import difference_rows, general_rows, metric_rows, model_figures, shown_comparisons
+from .evidence import difference_rows, from_compare, general_rows, metric_rows, model_figures, shown_comparisons
 
 EXAMPLES_SHOWN = 8
 OBJECTIVE = "objective/"  # the prefix of an objective's statistics in the training records (objectives/base.py)
@@ -189,7 +189,7 @@ def comparison_html(report: dict) -> str:
     tables = shown_comparisons(results, report["comparison"])
     parts = []
     for comparison in tables:
-        later = "examples_scored" in comparison
+        later = from_compare(comparison)
         if len(tables) > 1:
             parts.append(f"<h3>{'tunesmith compare' if later else 'At the end of training'}</h3>")
         if comparison.get("verdict"):

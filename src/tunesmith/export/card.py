@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ..eval.evidence import difference_rows, general_rows, metric_rows, model_figures, shown_comparisons
+from ..eval.evidence import difference_rows, from_compare, general_rows, metric_rows, model_figures, shown_comparisons
 from ..runs import RunFolder, read_json
 
 # `model: default` is SmolLM2-135M-Instruct, dequantised from the Q4_1 GGUF that models/default.py converts.
@@ -102,7 +102,7 @@ def comparison_sections(results: dict, comparison: dict) -> list[str]:
     tables = shown_comparisons(results, comparison)
     parts = []
     for found in tables:
-        later = "examples_scored" in found
+        later = from_compare(found)
         if len(tables) > 1:
             parts.append(f"### {'With `tunesmith compare`' if later else 'At the end of training'}")
         parts.append(table(*metric_rows(found)))

@@ -209,10 +209,10 @@ def format_plan(p: Plan) -> str:
     objective_line = describe_objective(shape, s)
     if objective_line:
         lines.append(objective_line)
-    if p.run_epochs is not None and p.tokens:
+    run = p.run_epochs is not None and p.tokens
+    if run:
         lines.append(f"the run: {p.run_epochs:.3g} epochs of its data (train.max_steps or train.epochs); its "
                      "evaluations and the generation that scores the base and the result come on top")
-    run = p.run_epochs is not None and p.tokens
     lines.append(f"{'device':<20}{'memory':>10}{'needs':>12}  fits {'  dtype' if s.dtype_auto else ''}"
                  f"{'  epoch' if p.tokens else ''}{'  run' if run else ''}")
     for fit in p.fits + ([p.target] if p.target and p.target.device.name not in [f.device.name for f in p.fits] else []):

@@ -189,6 +189,7 @@ STOP_GRACE_SECONDS = 600
 
 def launch(nproc: int, argv: list[str]) -> int:
     """`tunesmith train --nproc N ...`: the same command under torchrun with N processes."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun
 
     from ..entry import SAFE_ENTRY
@@ -198,8 +199,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_SECONDS))
     # Not `-m tunesmith.cli`: each rank would import modules from the working folder first.
     args = ["--standalone", f"--nproc_per_node={nproc}", "--no-python", sys.executable, "-c", SAFE_ENTRY, *argv]
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-
     try:
         torchrun(args)
     except SystemExit as done:
