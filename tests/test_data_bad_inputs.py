@@ -184,3 +184,21 @@ def test_a_spreadsheet_is_refused_with_how_to_save_it(tiny_model_dir, tmp_path, 
     path.write_bytes(b"PK\x03\x04")  # a zip, as .xlsx files are
     assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 2
     assert 'save a spreadsheet as "CSV UTF-8"' in capsys.readouterr().err
+
+
+def test_a_misspelt_field_suggests_the_column_to_map(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A file whose header says 'anwser' was refused with "missing field: 'answer'" and no word on the
+    column that was meant; only a file with no known field got an override to paste."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "faq.jsonl"
+    path.write_text('{"question": "Where is my order?", "anwser": "It left yesterday.", "id": 7}\n')
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{path}:1: missing field: 'answer' (the record looks like format question_answer); did you mean "
+            "column 'anwser'? map it with data.columns={answer: anwser}") in err, err
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path),
+                 "data.columns={answer: anwser}"]) == 0
+    capsys.readouterr()
+    path.write_text('{"question": "Where is my order?", "reply": "It left yesterday."}\n')
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 2
+    assert "did you mean" not in capsys.readouterr().err  # no column near 'answer': no guess

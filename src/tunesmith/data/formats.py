@@ -9,6 +9,8 @@ assistant `tool_calls`, `tool` messages with results, and assistant `reasoning_c
 """
 from __future__ import annotations
 
+import difflib
+
 from ..errors import UserError
 from .tools import FormatError, TOOLS_ROLE, checked_message, checked_tools, check_calls, refuse_null
 
@@ -74,12 +76,24 @@ def detect_format(record: dict) -> str:
     for kind, keys in REQUIRED.items():  # half a format: name the field that is missing
         if any(k in record for k in keys):
             missing = next(k for k in keys if k not in record)
-            raise FormatError("missing field", f"'{missing}' (the record looks like format {kind})")
+            raise FormatError("missing field", f"'{missing}' (the record looks like format {kind})"
+                              f"{_spelling_hint(record, missing)}")
     named = [key for key in record if isinstance(key, str)]
     # The user's own column names in the override they can paste (the first two, in the file's order)
     example = f" (e.g. data.columns={{question: {named[0]}, answer: {named[1]}}})" if len(named) >= 2 else ""
     raise FormatError("unknown format", f"no known fields (keys: {', '.join(sorted(map(str, record))) or 'none'}); "
                       f"map your columns with data.columns{example}, or set data.format")
+
+
+def _spelling_hint(record: dict, missing: str) -> str:
+    """The override to paste where one of the record's own columns looks like the missing field
+    misspelt ("anwser"): such a file is otherwise refused with no word on which column was meant."""
+    own = [key for key in record if isinstance(key, str) and key.strip().lower() not in SPELLED]
+    close = difflib.get_close_matches(missing, [key.strip().lower() for key in own], n=1, cutoff=0.75)
+    if not close:
+        return ""
+    column = next(key for key in own if key.strip().lower() == close[0])
+    return f"; did you mean column '{column}'? map it with data.columns={{{missing}: {column}}}"
 
 
 def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None) -> tuple[str, list[dict]]:
@@ -90,7 +104,7 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
     kind = detect_format(record) if fmt == "auto" else fmt
     missing = [k for k in REQUIRED[kind] if k not in record]
     if missing:
-        raise FormatError("missing field", f"'{missing[0]}' (format {kind})")
+        raise FormatError("missing field", f"'{missing[0]}' (format {kind}){_spelling_hint(record, missing[0])}")
     if kind == "text":
         return kind, [{"role": "text", "content": _text(record, "text")}]
     if kind == "messages":
