@@ -3,7 +3,8 @@
 - oom: rank 1 runs out of memory there, once (train.auto_micro_batch would retry on that rank alone);
 - worse-eval-from-N: every evaluation from the N-th on (the base's is the first) reads 1 higher, so
   the best weights of an earlier step come back at the end;
-- slow-save: every checkpoint takes 40 s longer to write (a large model's, on slow storage)."""
+- slow-save: every checkpoint takes 40 s longer to write (a large model's, on slow storage);
+- no-room: rank 0's device has 1 KiB free at the end of an FSDP2 run (a base too large for one device)."""
 import os
 import sys
 
@@ -44,5 +45,10 @@ if mode == "slow-save":
         return real_save(*args, **kwargs)
 
     checkpoint.save_checkpoint = slow
+
+if mode == "no-room":
+    from tunesmith.training import sharded_end
+
+    sharded_end.free_bytes = lambda device: 1024
 
 sys.exit(main(["train", sys.argv[1]]))

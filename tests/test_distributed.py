@@ -299,3 +299,32 @@ def test_a_rank_that_cannot_load_the_chosen_checkpoint_fails_the_job_with_a_mess
     done = _resume_on_two_ranks(_killed_single_process_run(tiny_model_dir, tmp_path), "unreadable")
     assert done.returncode != 0
     assert "rank 1: cannot load checkpoint" in done.stderr and "chosen by rank 0" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_sharded_run_saves_its_weights_and_scores_as_one_process_or_says_it_cannot(tiny_model_dir, tmp_path):
+    """After FSDP2, rank 0 loaded the whole base again before saving anything: a base sharded because it
+    does not fit on one device would have lost the trained adapter there. The weights are written first;
+    the model is scored as one process scores it where it fits, and not scored, said, where it does not."""
+    test = write_jsonl(tmp_path / "test.jsonl", rows(46)[40:])
+    evaluation = {"generate": True, "max_new_tokens": 8, "report": True}
+    configs = {}
+    for run in ("one", "two", "full"):
+        configs[run] = write_config(tmp_path, tiny_model_dir, run, evaluation=evaluation,
+                                    **({} if run == "one" else {"fsdp": True}))
+        config = json.loads(configs[run].read_text())
+        config["data"]["test"] = str(test)
+        configs[run].write_text(json.dumps(config))
+    one, two = train(configs["one"]), train(configs["two"], nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    results = {run: json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two")}
+    scored = [{k: v for k, v in results[run]["fine_tuned"].items() if k != "generated_tokens_per_second"}
+              for run in ("one", "two")]
+    assert "answer_loss" in scored[0] and "test_examples" in scored[0], scored
+    assert scored[1] == pytest.approx(scored[0], abs=1e-4)
+    no_room = patched(configs["full"], "no-room")  # rank 0's device with 1 KiB free at the end
+    assert no_room.returncode == 0, no_room.stderr[-3000:]
+    assert "the fine-tuned model is not scored here: whole, it takes" in no_room.stderr
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "full")) < 1e-5  # saved all the same
+    fine_tuned = json.loads((tmp_path / "full" / "results.json").read_text())["fine_tuned"]
+    assert "answer_loss" not in fine_tuned and (tmp_path / "full" / "report.html").exists()

@@ -263,3 +263,33 @@ def test_a_step_retried_after_running_out_of_memory_starts_from_zero_gradients()
                                               cfg, 0, optimizer, objective=Objective())
     assert tried == [1, 2] and pieces == 2 and tokens == 8
     assert torch.equal(weight.grad, x)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_end_of_a_sharded_run_writes_the_weights_without_the_base(method, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """After FSDP2, rank 0 writes the gathered weights through a skeleton of the model (no base weights):
+    the same files as saving the whole trained model, and the whole model back only where it fits."""
+    from tunesmith import methods
+    from tunesmith.config import Config
+    from tunesmith.methods.common import save_trained
+    from tunesmith.training import sharded_end
+
+    cfg = Config.model_validate({"model": {"name": str(tiny_model_dir), "dtype": "float32"}, "data": {"train": "demo"},
+                                 "adapter": {"method": method, "r": 4}})
+    kind = methods.get(method)
+    model = kind.make_trainable(kind.load_base(str(tiny_model_dir), torch.float32, torch.device("cpu")), cfg.adapter)
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained weights unlike the base's, LoRA's B no longer zero
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.01) if param.requires_grad else None
+    gathered = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or method == "full"}
+    save_trained(model, tiny_tokenizer, tmp_path / "whole")
+    cpu = torch.device("cpu")
+    assert sharded_end.finish(gathered, cfg, kind, torch.float32, cpu, tiny_tokenizer, tmp_path / "none", free=1) is None
+    back = sharded_end.finish(gathered, cfg, kind, torch.float32, cpu, tiny_tokenizer, tmp_path / "back", free=2**40)
+    for folder in ("none", "back"):
+        files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+        assert files == sorted(p.name for p in (tmp_path / folder).iterdir())
+        assert all((tmp_path / "whole" / f).read_bytes() == (tmp_path / folder / f).read_bytes() for f in files), folder
+    assert all(torch.equal(p, gathered[n]) for n, p in back.named_parameters() if n in gathered)
+    assert next(back.parameters()).device.type == "cpu"

@@ -30,7 +30,7 @@ from .plan import TrainingMemory
 from .progress import say
 from .runs import RunFolder, write_json
 from .start import anchored, resolve_start
-from .training import distributed, recompute
+from .training import distributed, recompute, sharded_end
 from .training.loggers import open_loggers
 from .training.loop import eval_figures, fit
 
@@ -167,9 +167,15 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         known = dict(result.selected).get(result.best_step if result.restored_best else result.steps)
         tuned[f"validation_{select.metric}"] = (select.value(known) if known is not None
                                                else select("generate (validation, fine-tuned)"))
-    if ranks.fsdp:
-        model = _unsharded(result.gathered_state, cfg, method, device) if ranks.main else None
-    if ranks.main:
+    if ranks.fsdp:  # the trained weights written first; the whole model back only where it fits
+        state, result.gathered_state, model = result.gathered_state, None, None
+        model = sharded_end.finish(state, cfg, method, dtype, device, tokenizer,
+                                   run.path / method.saves) if ranks.main else None
+        if model is not None:  # scored through the fast paths, as the base was
+            accel.apply(model, device, cfg.train.fast_paths)
+        elif ranks.main:
+            evidence = None  # no fine-tuned half: the probe's base half is left out of the results too
+    elif ranks.main:
         save_trained(model, tokenizer, run.path / method.saves)
     if not ranks.main:
         ranks.barrier()  # rank 0 scores, writes results and the report (distributed.COLLECTIVE_TIMEOUT)
@@ -177,14 +183,14 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if "eval_loss" in tuned:
         log.write(event="eval", step=result.steps, **eval_figures(tuned["eval_loss"], cfg.train.objective),
                   **{k: v for k, v in tuned.items() if k.startswith("validation_")})
-    if test and cfg.eval.generate:
+    if test and cfg.eval.generate and model is not None:  # None: a sharded model too large for one device
         scored += score_tuned_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
                                    eval_layout, cfg.data.max_seq_len)
         tuned.update(row_summary(scored[-1]))
         if len(scored) > 1:
             results["baselines"] = baseline_table(scored, seed=cfg.eval.seed, scorer_name=scorer_name(cfg.eval.scorer),
                                                   guard=LoopGuard.of(cfg.eval))
-    if evidence is not None:
+    if evidence is not None and model is not None:
         evidence.score(model, tokenizer, "fine-tuned")
         results["general"] = evidence.results()
     stopper, speed = result.early_stopping, result.tokens_per_second
@@ -221,18 +227,6 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
 def train_split_of(data) -> list[list[dict]]:
     """The training conversations: the pool of k-shot and retrieved examples."""
     return data.splits["train"].conversations
-
-
-def _unsharded(state: dict, cfg: Config, method, device):
-    """Rank 0's model for saving and scoring after FSDP2: the base again, made trainable as in
-    training, with the gathered trained weights."""
-    from .training.checkpoint import load_trainable_state
-
-    model = method.load_base(cfg.model.name, compute_dtype(cfg.model.dtype, device), device,
-                             cfg.model.trust_remote_code)
-    model = method.make_trainable(model, cfg.adapter)
-    load_trainable_state(model, state)
-    return model
 
 
 def _utilisation(cfg: Config, train_split, device, world: int = 1):

@@ -105,3 +105,20 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
             delattr(model.config, "quantization_config")
     model.eval()
     return model
+
+
+def load_skeleton(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """The causal LM's modules without weights (on the meta device): what the trained weights of a
+    sharded run are written through, without holding the base."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where, gguf = resolve_model_path(spec)
+    try:
+        config = AutoConfig.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code,
+                                            **hub_options(where))
+    except OSError as err:
+        raise UserError(f"{spec}: cannot load model config ({str(err).splitlines()[0]})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
