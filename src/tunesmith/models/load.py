@@ -121,4 +121,3 @@ def load_skeleton(spec: str, dtype: torch.dtype = torch.float32, trust_remote_co
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     return model.eval()
-

@@ -2,7 +2,8 @@
 state on a skeleton of the model (its modules without weights, on the meta device), so that they
 are saved however large the base is; the whole model is then loaded for scoring only where it fits
 on rank 0's device. A base sharded because it does not fit on one device (a 70B LoRA over 8 GPUs)
-used to be loaded whole again before anything was saved, and the trained weights were lost with it."""
+was loaded whole again before anything was saved: by reading, the trained weights would have been
+lost with it there (not run on GPUs)."""
 from __future__ import annotations
 
 import gc
