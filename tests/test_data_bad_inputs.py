@@ -202,3 +202,33 @@ def test_a_misspelt_field_suggests_the_column_to_map(tiny_model_dir, tmp_path, c
     path.write_text('{"question": "Where is my order?", "reply": "It left yesterday."}\n')
     assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 2
     assert "did you mean" not in capsys.readouterr().err  # no column near 'answer': no guess
+
+
+def test_each_kind_of_dropped_record_shows_its_first_reason(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`data check` printed 'unknown role: 2 (first: ...)' and 'broken JSON: 1' without the reason:
+    not which role was misspelt, nor that line 1 was a comment; each kind now shows its first one whole."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    rows = [json.dumps({"messages": [turn("user", f"Question {i}?"), turn("assistant", f"Answer {i}.")]}) for i in range(6)]
+    rows += [json.dumps({"messages": [turn("user", "Hi?"), turn("asistant", "Hello.")]})]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("# exported 2026-12-01\n" + "\n".join(rows) + "\n\n")
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"  unknown role: 1 (first: {path}:8)\n    e.g. {path}:8: unknown role: 'asistant' in messages[1]" in out, out
+    assert f"    e.g. {path}:1: broken JSON" in out and "dropped:\n" in out
+
+
+def test_every_record_dropped_names_the_first_reason(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Tool calls with a template that drops them: the error said 'template refused: 2' and not why."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {}}}
+    rows = [{"tools": tools, "messages": [{"role": "user", "content": f"Time {i}?"},
+                                          {"role": "assistant", "content": "", "tool_calls": [call]}]} for i in range(2)]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "(template refused: 2)" in err
+    assert f"; first: {path}:1: template: the chat template does not render tool calls" in err, err

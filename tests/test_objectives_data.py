@@ -151,7 +151,8 @@ def test_data_check_reports_preference_data_like_sft_data(tiny_model_dir, tmp_pa
     path = write_jsonl(tmp_path / "pairs.jsonl", GOOD + BAD)
     report = check_data(str(path), str(tiny_model_dir), tmp_path / "check")
     assert report["formats"] == {"pairs (text)": 1, "pairs (chat)": 2}
-    assert report["dropped"]["chosen equals rejected"] == {"count": 1, "first": [f"{path}:6"]}
+    assert report["dropped"]["chosen equals rejected"] == {"count": 1, "first": [f"{path}:6"],
+                                                           "example": f"{path}:6: chosen equals rejected: nothing to prefer"}
     assert report["dropped"]["prompts differ"]["first"] == [f"{path}:8"]
     assert sum(report["examples"].values()) == 3 and report["label_tokens"] > 0
     assert json.loads((tmp_path / "check" / "report.json").read_text())["records"] == 10
@@ -209,3 +210,36 @@ def test_every_objective_says_what_its_eval_loss_is():
     from tunesmith.objectives import EVAL_LOSS, NAMES
 
     assert set(EVAL_LOSS) == set(NAMES) - {"sft"}
+
+
+def test_a_dpo_eval_loss_with_its_sft_term_is_not_called_0_693_at_no_preference():
+    """With sft_weight the eval loss holds the chosen NLL too (3.14 on a fresh DPO run): the note said
+    '0.693 = no preference', which made the run look broken."""
+    from tunesmith.config import TrainConfig
+    from tunesmith.objectives import EVAL_LOSS, eval_loss_note
+
+    assert eval_loss_note(TrainConfig(objective="dpo")) == EVAL_LOSS["dpo"]
+    assert "plus sft_weight 1 x the chosen answers' mean NLL" in eval_loss_note(TrainConfig(objective="dpo", sft_weight=1.0))
+
+
+def test_sft_records_read_as_pairs_name_what_they_hold(tiny_model_dir, tmp_path):
+    """train.objective: dpo on a messages file: 'missing field: chosen (the record looks like a preference
+    pair)' said the opposite of the mistake; a pair without 'rejected' said nothing of what it had."""
+    from tunesmith.errors import UserError
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"},
+                                                               {"role": "assistant", "content": "Hello"}]}])
+    with pytest.raises(UserError, match=r"'chosen' \(a preference pair needs chosen, rejected; the record has messages\)"):
+        check_data(str(chat), str(tiny_model_dir), tmp_path / "check", objective="dpo")
+    half = write_jsonl(tmp_path / "half.jsonl", [{"prompt": "Hi", "chosen": "Hello"}])
+    with pytest.raises(UserError, match=r"'rejected' \(a preference pair needs chosen, rejected; the record has prompt, chosen\)"):
+        check_data(str(half), str(tiny_model_dir), tmp_path / "check", objective="dpo")
+
+
+def test_grpo_prompts_read_as_sft_data_point_at_the_objective(tiny_model_dir, tmp_path):
+    from tunesmith.errors import UserError
+
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Repeat: a", "reference": "a"}])
+    with pytest.raises(UserError, match=r"missing field: 'completion' .*GRPO prompts: train.objective: grpo, "
+                                        r"data check --objective grpo"):
+        check_data(str(path), str(tiny_model_dir), tmp_path / "check")

@@ -214,7 +214,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     ranks.barrier()
     say(comparison_table(base, tuned))
     if cfg.train.objective != "sft" and "eval_loss" in tuned:
-        say(f"eval_loss: {objectives.EVAL_LOSS[cfg.train.objective]}")
+        say(f"eval_loss: {objectives.eval_loss_note(cfg.train)}")
     if "baselines" in results:
         say(format_baselines(results["baselines"]))
     if evidence is not None:

@@ -190,9 +190,11 @@ def format_report(report: dict) -> str:
     lines.append(f"tokens: {report['tokens']}, with a loss: {report['label_tokens']} ({report['label_share']:.1%})")
     for title, key in (("dropped", "dropped"), ("duplicates removed", "duplicates")):
         groups = report[key]
-        lines.append(f"{title}: " + ("none" if not groups else ""))
+        lines.append(f"{title}:" + (" none" if not groups else ""))
         for kind, info in groups.items():
             lines.append(f"  {kind}: {info['count']} (first: {', '.join(info['first'])})")
+            if info.get("example"):  # report.json of before 2026-12-07 has none
+                lines.append(f"    e.g. {info['example']}")
     if report["truncated"]:
         lines.append(f"truncated: {report['truncated']}")
     if report.get("length_hint"):

@@ -76,7 +76,9 @@ def detect_format(record: dict) -> str:
     for kind, keys in REQUIRED.items():  # half a format: name the field that is missing
         if any(k in record for k in keys):
             missing = next(k for k in keys if k not in record)
-            raise FormatError("missing field", f"'{missing}' (the record looks like format {kind})"
+            grpo = ("; {prompt, reference} records are GRPO prompts: train.objective: grpo, "
+                    "data check --objective grpo") if kind == "prompt_completion" and "reference" in record else ""
+            raise FormatError("missing field", f"'{missing}' (the record looks like format {kind}{grpo})"
                               f"{_spelling_hint(record, missing)}")
     named = [key for key in record if isinstance(key, str)]
     # The user's own column names in the override they can paste (the first two, in the file's order)

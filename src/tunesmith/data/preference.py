@@ -133,7 +133,9 @@ def present(record: dict, needed: tuple[str, ...], kind: str, texts: tuple[str, 
     """Each needed field there, and no text given as JSON null (an empty text, not a missing field)."""
     for key in needed:
         if key not in record:
-            raise FormatError("missing field", f"'{key}' (the record looks like {kind})")
+            # Name what the record holds: a chat record read for DPO is not "like a preference pair"
+            raise FormatError("missing field", f"'{key}' ({kind} needs {', '.join(needed)}; the record has "
+                              f"{', '.join(map(str, record)) or 'no fields'})")
     for key in texts:
         refuse_null(record, key, f"field '{key}'")
 

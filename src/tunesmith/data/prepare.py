@@ -228,8 +228,10 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
                f"data.train_on_inputs={cfg.train_on_inputs}, chat template {prepared.template or 'as set'})" if masked else "")
         hint = length_hint(prepared, cfg) if prepared.too_long else None
         dropped = ", ".join(f"{kind}: {count}" for kind, count in prepared.dropped.items())
+        first = min(prepared.problems, key=lambda p: (p.file, p.line), default=None)
         raise UserError(f"{cfg.train}: no training example has an answer token to learn from; every training "
-                        f"example was dropped ({dropped}){why}" + (f"; {hint_line(hint)}" if hint else ""))
+                        f"example was dropped ({dropped}){why}" + (f"; {hint_line(hint)}" if hint else "")
+                        + (f"; first: {first}" if first else ""))
     # Records that survived every check, counting those held out for validation. A raw-text document
     # is used whole, though a row names only the document it starts in.
     def used(name):

@@ -57,9 +57,16 @@ def overlap(train: list[list[dict]], other: list[list[dict]], origins: list[tupl
 
 
 def drop_report(problems: list[Problem], first: int = 3) -> dict[str, dict]:
-    """{kind: {count, first: ['file:line', ...]}}, most frequent first."""
+    """{kind: {count, first: ['file:line', ...], example: 'file:line: reason'}}, most frequent first;
+    each kind's places in file order, its example the first of them with its whole reason (the kind
+    alone does not say which role was misspelt, or which field is missing)."""
     grouped: dict[str, list[Problem]] = defaultdict(list)
     for problem in problems:
         grouped[problem.kind].append(problem)
     ordered = sorted(grouped.items(), key=lambda item: -len(item[1]))
-    return {kind: {"count": len(items), "first": [f"{p.file}:{p.line}" for p in items[:first]]} for kind, items in ordered}
+    report = {}
+    for kind, items in ordered:
+        items = sorted(items, key=lambda p: (p.file, p.line))
+        report[kind] = {"count": len(items), "first": [f"{p.file}:{p.line}" for p in items[:first]],
+                        "example": str(items[0])}
+    return report

@@ -35,6 +35,15 @@ EVAL_LOSS = {
 }
 
 
+def eval_loss_note(train_cfg) -> str:
+    """What a run's eval_loss is; DPO's holds its SFT term too (`sft_weight`), so it does not start at 0.693."""
+    note = EVAL_LOSS[train_cfg.objective]
+    if train_cfg.objective == "dpo" and train_cfg.sft_weight:
+        note = (f"the DPO loss on the validation pairs plus sft_weight {train_cfg.sft_weight:g} x the chosen "
+                "answers' mean NLL (the DPO part alone: 0.693 = no preference)")
+    return note
+
+
 def needs_reference(train_cfg) -> bool:
     """Whether the objective compares with a reference policy (GRPO only with a KL term, beta > 0)."""
     objective = train_cfg.objective
