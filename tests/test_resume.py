@@ -298,3 +298,20 @@ def test_the_training_data_check_names_the_change_and_accepts_older_checkpoints(
         ckpt.check_same_settings(tmp_path, {"train.lr": 0.1, ckpt.DATA_KEY: ckpt.trained_examples(relabelled)})
     (tmp_path / "state.json").write_text(json.dumps({"step": 3, "settings": {"train.lr": 0.1}}))  # before the check
     ckpt.check_same_settings(tmp_path, {"train.lr": 0.1, ckpt.DATA_KEY: ckpt.trained_examples(relabelled)})
+
+
+def test_a_refused_resume_leaves_the_run_folders_config_as_it_trained(tiny_model_dir, tmp_path):
+    """`train CONFIG train.lr=...` over a stopped run was refused only after the model loaded, and
+    config.yaml already held the refused lr: the folder described settings it never trained with
+    (the dashboard's Resume reads it)."""
+    import tunesmith
+    from tunesmith.errors import UserError
+
+    config = json.loads(write_config(tmp_path, tiny_model_dir, "run").read_text())
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000002" / "state.json").write_text(json.dumps({"step": 2, "settings": {"train.lr": 0.5}}))
+    (run / "config.yaml").write_text("as trained\n")
+    with pytest.raises(UserError, match=r"the config changed since this checkpoint, in .*train.lr \(0.5 -> 0.01\)"):
+        tunesmith.train(config)
+    assert (run / "config.yaml").read_text() == "as trained\n" and not (run / "metrics.jsonl").exists()

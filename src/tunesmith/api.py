@@ -65,6 +65,7 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
         tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
         data = objectives.prepare_data(cfg, tokenizer)
         # Only now, with config and data known good, is the run folder written: a mistake loses nothing.
+        _refuse_changed_resume(run, cfg, data, must_resume)
         if ranks.main:
             run.prepare(cfg.output.overwrite, must_resume, cfg.train.resume)
             run.config.write_text(dump(cfg), encoding="utf-8")
@@ -76,6 +77,25 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
             return _train_model(cfg, run, data, tokenizer, method, device, ranks, log)
         finally:  # closed however the run ends
             log.close()
+
+
+def _refuse_changed_resume(run: RunFolder, cfg: Config, data, must_resume: bool) -> None:
+    """A resume its checkpoint refuses (another lr, other data) is refused before config.yaml is
+    rewritten: the refused settings replaced the ones the checkpoint trained with (and the model loaded
+    first). The loop checks again against the checkpoint it picks."""
+    from .config import result_keys
+    from .training import checkpoint as ckpt
+    from .training.loop import total_steps
+
+    done = run.checkpoint_folders()
+    if not cfg.train.resume or not done or (cfg.output.overwrite and not must_resume and run.results.exists()):
+        return
+    train = as_trained(data.splits["train"], cfg.data)
+    settings = {**result_keys(cfg), ckpt.DATA_KEY: ckpt.trained_examples(train)}
+    try:
+        ckpt.check_same_settings(done[-1], settings, total_steps(cfg, len(train)))
+    except (OSError, ValueError, KeyError):
+        pass  # a damaged checkpoint: the loop skips it and says so
 
 
 def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, ranks, log) -> dict:
