@@ -177,6 +177,13 @@ def test_data_check_reads_prompts_alone_as_grpo_data_only_when_asked(tiny_model_
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Repeat: alpha"}, {"prompt": "Repeat: beta"}])
     report = check_data(str(path), str(tiny_model_dir), tmp_path / "check", objective="grpo")
     assert report["formats"] == {"prompts (text)": 2}
+    # a prompt has no label: "N train tokens (0 with a loss)" read as data that trains nothing
+    cfg = validate({"data": {"train": str(path)}, "train": {"objective": "grpo"}})
+    from tunesmith.data.check import data_lines
+    from tunesmith.models import load_tokenizer
+
+    line = data_lines(prepare_prompts(cfg.data, load_tokenizer(str(tiny_model_dir))), cfg.data)[0]
+    assert "prompt tokens (the answers are sampled in training); dropped: none" in line and "with a loss" not in line
     with pytest.raises(UserError, match=r"prompts.jsonl:1: missing field: 'completion'"):
         check_data(str(path), str(tiny_model_dir), tmp_path / "check")  # SFT data missing its answers
 

@@ -15,6 +15,7 @@ from ..errors import UserError
 from . import cache
 from .lengths import hint_line, length_hint
 from .prepare import Prepared, prepare
+from .prompts import Prompt
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -109,8 +110,12 @@ def data_lines(prepared: Prepared, cfg: DataConfig) -> list[str]:
     summary = prepared.summary()
     counts = ", ".join(f"{split} {count}" for split, count in summary["examples"].items())
     dropped = ", ".join(f"{kind} {count}" for kind, count in summary["dropped"].items()) or "none"
-    lines = [f"data: examples {counts}; {summary['tokens']['train']} train tokens "
-             f"({summary['label_tokens']['train']} with a loss); dropped: {dropped}"]
+    train = prepared.splits.get("train")
+    if train and train.encoded and all(isinstance(e, Prompt) for e in train.encoded):
+        tokens = f"{summary['tokens']['train']} prompt tokens (the answers are sampled in training)"
+    else:
+        tokens = f"{summary['tokens']['train']} train tokens ({summary['label_tokens']['train']} with a loss)"
+    lines = [f"data: examples {counts}; {tokens}; dropped: {dropped}"]
     lines += [f"  skipped {problem}" for problem in prepared.problems[:5]]
     hint = length_hint(prepared, cfg)
     return lines + ([hint_line(hint)] if hint else [])
