@@ -287,3 +287,29 @@ def test_reward_std_is_the_mean_of_the_groups_spreads():
     assert groups == 2 and total == pytest.approx(0.5 + 0.7 / math.sqrt(3), rel=1e-6)
     assert stats["reward/total/mean"] == pytest.approx((2.8, 6.0))
     assert stats["reward/judge/std"] == pytest.approx((math.sqrt(1 / 3), 2.0))  # [0, 0, 1]: var 1/3; [1, 1, 1]: 0
+
+
+def test_answers_cut_at_max_completion_tokens_are_counted_and_warned_of_once(tmp_path, monkeypatch, capsys):
+    """Answers that ran to max_completion_tokens without a stop token had their cut text rewarded with
+    no word of it (a walk-through's run: 22.5 tokens of 24 on average). Stand-ins: the stop token is 9;
+    answers of MAX_ANSWER tokens without it are cut, one ending with it or shorter is not."""
+    from tunesmith.data.prompts import Prompt
+    from tunesmith.objectives import grpo as module
+
+    (tmp_path / "one.py").write_text("def score(answer, reference):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    batches = iter([[[7] * MAX_ANSWER, [7] * (MAX_ANSWER - 1) + [9], [7] * 2] * 2,  # 2 of 6 cut: no warning
+                    [[7] * MAX_ANSWER, [7] * MAX_ANSWER, [7] * 2] * 2,  # 4 of 6: warned
+                    [[7] * MAX_ANSWER] * 6])  # 6 of 6: counted, not warned again
+    monkeypatch.setattr(module, "sample", lambda *args: next(batches))
+    monkeypatch.setattr(module, "stop_ids", lambda tokenizer, model: [9])
+    decoder = SimpleNamespace(decode=lambda ids, skip_special_tokens: "x" * len(ids))
+    cfg = validate({"train": {"objective": "grpo", "group_size": GROUP, "max_completion_tokens": MAX_ANSWER,
+                              "rewards": ["one:score"]}})
+    objective = GRPO(cfg, None, PADDED, 0, decoder)
+    prompts = [Prompt([1, 2], "a"), Prompt([3, 4], "b")]
+    cuts = [objective.batch(prompts).stats["completion_cut"] for _ in range(3)]
+    assert cuts == [(2.0, 6.0), (4.0, 6.0), (6.0, 6.0)]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert f"warning: 4 of 6 sampled answers reached train.max_completion_tokens ({MAX_ANSWER}) without ending" in err

@@ -14,15 +14,19 @@ gradient becomes the unbiased gradient of the reverse KL)
 summed over the step's answer tokens and divided by (`train.grpo_loss`) their number (dapo), by
 answers x max_completion_tokens (dr_grpo), or per answer by its length, then by the number of
 answers (grpo). Recorded per step: each scorer's reward mean and within-group std, the total
-reward's, the KL, the answers' length and the share of clipped ratios.
+reward's, the KL, the answers' length, the share cut at max_completion_tokens (warned of once
+where half a batch's are) and the share of clipped ratios.
 
 `train.batch_size` counts prompts here: a micro-batch holds batch_size x G answers.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..data.tokenize import IGNORE, Encoded, stop_ids
+from ..progress import say
 from .base import Batch, Objective, stat
 from .logps import per_sequence, sequence_batch, token_logps
 from .rewards import Rewards
@@ -50,6 +54,7 @@ class GRPO(Objective):
         self.tokenizer = tokenizer
         self.rewards = Rewards(cfg.train.rewards, cfg.train.reward_weights)
         self.model = None  # the model to sample from; set by `prepare`
+        self.warned_of_cut = False
 
     def prepare(self, model, splits: list) -> None:
         self.model = model
@@ -57,14 +62,28 @@ class GRPO(Objective):
     def batch(self, examples: list, key=None) -> Batch:
         cfg = self.train_cfg
         group = cfg.group_size
+        stops = stop_ids(self.tokenizer, self.model)
         answers = sample(self.model, [e.input_ids for e in examples], group, cfg.max_completion_tokens,
-                         cfg.temperature, self.pad_id, stop_ids(self.tokenizer, self.model), stream_seed(cfg.seed, key))
+                         cfg.temperature, self.pad_id, stops, stream_seed(cfg.seed, key))
         texts = [self.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
         references = [e.reference for e in examples for _ in range(group)]
         totals, each = self.rewards.score(texts, references)
         advantages, _ = group_advantages(torch.tensor(totals, dtype=torch.float32), group, cfg.scale_rewards)
+        cut = sum(len(a) >= cfg.max_completion_tokens and a[-1] not in stops for a in answers)
+        self._warn_of_cut_answers(cut, len(answers))
         return self.rollout_batch([e.input_ids for e in examples for _ in range(group)], answers, advantages,
-                                  _reward_stats(totals, each, group))
+                                  {**_reward_stats(totals, each, group), "completion_cut": (float(cut), float(len(answers)))})
+
+    def _warn_of_cut_answers(self, cut: int, answers: int) -> None:
+        """Once a run, where half or more of a batch's answers ran to max_completion_tokens without
+        ending: the rewards then judge cut answers (the run still trains; the records keep the share)."""
+        if self.warned_of_cut or 2 * cut < answers:
+            return
+        self.warned_of_cut = True
+        if os.environ.get("RANK", "0") == "0":
+            say(f"warning: {cut} of {answers} sampled answers reached train.max_completion_tokens "
+                f"({self.train_cfg.max_completion_tokens}) without ending: the rewards judge cut answers "
+                "(raise train.max_completion_tokens; metrics.jsonl: objective/completion_cut)")
 
     def rollout_batch(self, prompts: list[list[int]], answers: list[list[int]], advantages: torch.Tensor,
                       stats: dict | None = None, old_logps: torch.Tensor | None = None) -> Batch:
