@@ -37,6 +37,7 @@ def test_budget_cut_fills_few_micro_batches():
     assert all(sum(lengths[i] for i in b) <= 1024 for b in batches)
     assert len(batches) == 3  # 2410 tokens need at least 3 micro-batches of 1024
     assert budget_cut([0, 1], [2000, 10], 1024) == [[0], [1]]  # a longer example goes alone
+    assert budget_cut([0, 1, 2], [512, 512, 300], 1024) == [[0, 1], [2]]  # an exact fit fills a micro-batch
 
 
 def test_rows_are_rounded_up_with_a_padding_segment_that_carries_no_label():
@@ -55,3 +56,14 @@ def test_rows_are_rounded_up_with_a_padding_segment_that_carries_no_label():
     padded = collate(examples, pad_id=0)
     assert padded["input_ids"].shape == (2, 16) and padded["attention_mask"].sum() == 5
     assert collate([Encoded([1] * 32, [1] * 32)], 0, flat=True)["cu_seq_lens"].tolist() == [0, 32]  # no empty segment
+
+
+def test_every_epoch_is_shuffled_anew():
+    """Each epoch covers every example once, in an order of its own: steps that held the same examples
+    in every epoch would repeat the same updates."""
+    from tunesmith.data.collate import step_batches
+
+    stream = step_batches([10] * 12, batch_size=2, grad_accum=2, seed=3)
+    epochs = [[frozenset(i for batch in next(stream) for i in batch) for _ in range(3)] for _ in range(2)]
+    assert all(sorted(i for step in epoch for i in step) == list(range(12)) for epoch in epochs)
+    assert set(epochs[0]) != set(epochs[1])

@@ -377,3 +377,40 @@ def test_a_csv_record_is_reported_at_its_first_line(tmp_path, tiny_tokenizer):
     prepared = prepare(DataConfig(train=str(path), validation=str(path), cache=False), tiny_tokenizer)
     assert sorted({(p.line, p.reason[:5]) for p in prepared.problems}) == [(6, "empty"), (8, "malfo")]
     assert sorted({c[1]["content"] for c in all_examples(prepared)}) == ["Because.", "one\ntwo\nthree"]
+
+
+def test_tools_declared_as_bare_function_objects_are_read_and_calls_checked_against_them():
+    """A record's `tools` may list bare function objects ({name, parameters}) as well as
+    {"type": "function", "function": {...}}: both reach the template in the second form."""
+    from tunesmith.data.formats import to_example
+    from tunesmith.data.tools import FormatError
+
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}
+    wrapped = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
+
+    def record(arguments):
+        return {"tools": [weather, wrapped], "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather",
+                                                                              "arguments": arguments}}]}]}
+
+    _, messages = to_example(record('{"city": "Oslo"}'))
+    assert messages[0]["tools"] == [{"type": "function", "function": weather}, wrapped]
+    assert messages[-1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    with pytest.raises(FormatError, match="without 'city'"):
+        to_example(record("{}"))
+
+
+def test_answers_that_differ_only_in_their_reasoning_are_not_duplicates():
+    """Two records with the same question and answer but other reasoning_content teach different
+    reasoning: both stay; the same record twice is one."""
+    from tunesmith.data.validate import deduplicate
+
+    def record(reasoning):
+        return [{"role": "user", "content": "Is 91 prime?"},
+                {"role": "assistant", "content": "No.", "reasoning_content": reasoning}]
+
+    conversations = [record("91 = 7 x 13."), record("It is odd, but 7 divides it."), record("91 = 7 x 13.")]
+    keep, problems, counts = deduplicate(conversations, [("d.jsonl", n) for n in (1, 2, 3)])
+    assert keep == [0, 1] and counts == {"duplicate (exact)": 1} and problems[0].line == 3

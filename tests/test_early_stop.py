@@ -20,6 +20,13 @@ def test_early_stopping_counts_evaluations_without_enough_improvement():
     assert (stop.best, stop.best_step, stop.stopped_at) == (2.5, 2, 4)
     again = EarlyStopping(patience=2)
     assert [again(s, v) for s, v in [(1, 2.0), (2, 2.1), (3, 1.9), (4, 2.0), (5, 1.95)]] == [False, False, False, False, True]
+    # A run resumed from a checkpoint (its state, as state.json keeps it) stops where the uninterrupted one does:
+    # the evaluations without improvement before the checkpoint count.
+    before = EarlyStopping(patience=3)
+    assert [before(s, v) for s, v in [(1, 2.0), (2, 2.1), (3, 2.2)]] == [False, False, False]
+    resumed = EarlyStopping(patience=3)
+    resumed.restore(json.loads(json.dumps(before.state())))
+    assert resumed(4, 2.3) and (resumed.best, resumed.best_step, resumed.stopped_at) == (2.0, 1, 4)
 
 
 def test_overfitting_needs_rising_eval_and_falling_train_loss():
@@ -29,6 +36,9 @@ def test_overfitting_needs_rising_eval_and_falling_train_loss():
     assert not overfitting(falling, [(10, 1.0), (20, 1.1), (30, 1.05)])  # eval not rising every time
     assert not overfitting(list(reversed(falling)), rising_eval)  # training loss rising too: not overfitting
     assert not overfitting(falling, rising_eval[:2])
+    # between evaluations at steps 2, 4 and 6 the training losses are steps 3-4's and 5-6's (losses[i] is step
+    # i + 1's): means 2.0 then 5.0, rising; steps 4-5's and 6's (5.5, then 1.0) would have read as falling
+    assert not overfitting([0, 0, 2, 2, 9, 1], [(2, 1.0), (4, 1.1), (6, 1.2)])
 
 
 def test_best_weights_round_trip_on_disk_and_in_memory(tmp_path):
@@ -240,3 +250,24 @@ def test_scoring_answers_during_training_leaves_the_training_as_it_was(tiny_conf
     assert len(losses["eval_loss"]) == 8 and losses["eval_loss"] == losses["all_fields"]
     scored = [r["validation_all_fields"] for r in runs["all_fields"] if r["event"] == "eval"]
     assert len(scored) == 2 and all(0.0 <= s <= 1.0 for s in scored)
+
+
+def test_scoring_validation_answers_leaves_the_random_state_as_it_was(tiny_model_dir, tiny_tokenizer):
+    """eval.best_metric's answers, sampled at temperature 0.7, seed and draw from torch's RNG: Selection puts
+    it back, so the dropout masks of the steps after an evaluation are those of a run without it (with the
+    default dropout 0 no step reads the RNG, so training's own losses cannot show this)."""
+    from types import SimpleNamespace
+
+    from tunesmith.config import EvalConfig
+    from tunesmith.data.demo import make_splits
+    from tunesmith.eval.selection import Selection
+    from tunesmith.models import load_model
+
+    model = load_model(str(tiny_model_dir)).train()
+    validation = SimpleNamespace(conversations=[r["messages"] for r in make_splits(2, seed=1, validation_size=0,
+                                                                                   test_size=0)["train"]])
+    cfg = EvalConfig(best_metric="all_fields", best_metric_examples=1, max_new_tokens=4, temperature=0.7)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert 0.0 <= Selection(model, tiny_tokenizer, validation, cfg)("validation") <= 1.0
+    assert torch.equal(torch.get_rng_state(), before) and model.training

@@ -192,7 +192,7 @@ def test_an_answer_is_scored_after_its_reasoning_and_so_is_the_reference():
     question = {"role": "user", "content": "Capital of France?"}
     plain = [question, {"role": "assistant", "content": "Paris"}]
     reasoned = [question, {"role": "assistant", "content": "<think>It is Paris.</think>\n\nParis"}]
-    answers = ["<think>\nThe capital is Paris.\n</think>\n\nParis", "Paris", "<think>The capital is",
+    answers = ["<think>\nThe capital is Paris.\n</think>\n\nParis", "Paris", "<think>The capital is Paris, or",
                "The capital is Paris.\n</think>\n\nParis"]  # the template opened the reasoning (DeepSeek-R1)
     rows = conversation_scores(answers, [plain, reasoned, plain, plain])
-    assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0, 1.0] and rows[2]["rouge_l"] == 0.0
+    assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0, 1.0] and rows[2]["rouge_l"] == rows[2]["token_f1"] == 0.0

@@ -317,6 +317,8 @@ def test_serving_warnings_name_what_vllm_and_tgi_reject():
                                          "target_modules": ["q_proj", "embed_tokens"]}, True))
     for text in ("vLLM rejects", "DoRA", "--max-lora-rank 128", "['embed_tokens']", "QLoRA"):
         assert text in found
+    # a rank of rank_pattern above r counts: vLLM's --max-lora-rank bounds every module's rank
+    assert "--max-lora-rank 64" in " ".join(serving_warnings({"r": 8, "rank_pattern": {"v_proj": 64}}, False))
 
 
 def test_gguf_is_not_called_verified_when_no_sample_conversation_was_found(runs, tmp_path):
@@ -467,3 +469,14 @@ def test_a_card_cell_stays_one_cell_of_text():
     assert cell("a|b\n| injected | row |") == "a\\|b \\| injected \\| row \\|"
     assert cell("<img src=x onerror=alert(1)>") == "&lt;img src=x onerror=alert(1)&gt;"
     assert (cell(0.123456), cell(None), cell("rouge_l")) == ("0.1235", "-", "rouge_l")
+
+
+def test_the_go_template_interpreter_reads_trimming_eq_and_range_else_as_go_does():
+    """The Ollama check renders the Go templates with gotemplate.py: it must read the subset it claims as
+    Go does, or a template that passes the check would prompt otherwise in Ollama."""
+    from tunesmith.export.gotemplate import render
+
+    data = {"Messages": [{"Role": "tool"}, {"Role": "user"}], "Empty": []}
+    assert render("a  {{- 1 -}}  \n b", data) == "a1b"  # both trim markers take the white space beside them
+    assert render('{{ range .Messages }}{{ if eq .Role "user" "tool" }}y{{ end }}{{ end }}', data) == "yy"  # eq: any
+    assert render("{{ range .Empty }}x{{ else }}none{{ end }}{{ range .Messages }}m{{ else }}none{{ end }}", data) == "nonemm"

@@ -313,3 +313,23 @@ def test_answers_cut_at_max_completion_tokens_are_counted_and_warned_of_once(tmp
     err = capsys.readouterr().err
     assert err.count("warning:") == 1
     assert f"warning: 4 of 6 sampled answers reached train.max_completion_tokens ({MAX_ANSWER}) without ending" in err
+
+
+def test_sampled_answers_keep_their_end_of_turn_and_drop_what_follows():
+    """A rollout ends at its first stop token and keeps it (it carries a label, so the policy learns to
+    stop, as in SFT); the padding generate writes after it is no part of the answer."""
+    from tunesmith.objectives.rollout import sample
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, **kwargs):  # answers: stopped, stopped at the other stop id, cut
+            tails = [[7, 8, 2, 0, 0], [9, 3, 0, 0, 0], [7, 7, 7, 7, 7]]
+            return torch.cat([input_ids, torch.tensor(tails[:len(input_ids)])], 1)
+
+    model = Model().train()
+    answers = sample(model, [[4, 5], [6]], copies=1, max_new_tokens=5, temperature=None, pad_id=0, stops=[2, 3])
+    assert answers == [[7, 8, 2], [9, 3]] and model.training
+    assert sample(Model(), [[4]] * 3, 1, 5, None, 0, [2, 3])[2] == [7, 7, 7, 7, 7]  # no stop: cut at max_new_tokens

@@ -156,6 +156,8 @@ def test_refuses_paths_outside_the_runs_folder(served, tmp_path):
     assert [r["name"] for r in call(server, "/api/runs")[1]["runs"]] == ["clean"]
     with pytest.raises(UserError, match="outside"):
         inside(runs, "../outside/secret.txt")
+    with pytest.raises(UserError, match="outside"):  # a sibling whose name starts with the runs folder's
+        inside(runs, "../runs-private/secret.txt")
     with pytest.raises(UserError, match="not a path inside"):
         inside(runs, str(outside / "secret.txt"))
     with pytest.raises(UserError, match="outside"):
