@@ -192,6 +192,40 @@ def test_full_fine_tuning_keeps_a_frozen_reference_copy(tiny_model_dir, tmp_path
     losses = [r["loss"] for r in records(tmp_path / "full", "train")]
     assert losses[0] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy == reference copy at the start
     assert losses[-1] < losses[0]  # the reference stayed where it was while the policy moved
+    results = json.loads((tmp_path / "full" / "results.json").read_text())
+    accuracy = [results[model]["validation_pair_accuracy"] for model in ("base", "fine_tuned")]
+    assert all(0 <= a <= 1 for a in accuracy) and "validation_pair_accuracy" in done.stderr
+
+
+def test_pair_accuracy_is_the_share_of_pairs_whose_chosen_answer_is_likelier_per_token(tiny_model_dir, tiny_tokenizer,
+                                                                                        tmp_path):
+    """validation_pair_accuracy, by hand: each answer's mean log-probability per label token from the
+    model's own logits; a pair counts 1 where the chosen answer's is higher, 1/2 where they are equal."""
+    from tunesmith.data.collate import PADDED
+    from tunesmith.data.preference import PAIRS, prepare_preference
+    from tunesmith.models import load_model
+    from tunesmith.objectives.dpo import DPO
+    from tunesmith.objectives.logps import Reference
+
+    rows = pair_rows(7)
+    rows[3]["rejected"] = rows[3]["chosen"] + " "  # the same answer tokens either way: a tie
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    settings = validate({"data": {"train": str(path), "validation": str(path)}, "train": {"objective": "dpo"}})
+    split = prepare_preference(settings.data, tiny_tokenizer, PAIRS).splits["validation"]
+    model = lora_model(load_model(str(tiny_model_dir)), seed=1, fast_paths=False)
+
+    def mean_logp(encoded) -> float:
+        ids, labels = torch.tensor([encoded.input_ids]), torch.tensor(encoded.labels[1:])
+        with torch.no_grad():
+            logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        kept = labels != -100
+        return float(logps[kept].gather(1, labels[kept, None]).mean())
+
+    scores = [(mean_logp(p.chosen), mean_logp(p.rejected)) for p in split.encoded]
+    expected = sum(1.0 if c > r + 1e-6 else 0.5 if abs(c - r) <= 1e-6 else 0.0 for c, r in scores) / len(scores)
+    objective = DPO(settings, Reference(model), PADDED, tiny_tokenizer.pad_token_id)
+    assert objective.held_out_figures(model, split, batch_size=3) == {"validation_pair_accuracy": expected}
+    assert 0 < expected < 1 and model.training  # both outcomes among the pairs; the model left as it was
 
 
 def test_ci_installs_trl_before_the_tests():

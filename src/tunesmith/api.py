@@ -151,6 +151,8 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     began = time.perf_counter()  # an evaluation during training takes as long: training's ETA counts them
     if validation:
         base["eval_loss"] = evaluate(label="eval loss (base)")
+        if objective is not None:  # the pair objectives' pair accuracy, base and fine-tuned
+            base.update(objective.held_out_figures(model, validation, cfg.eval.batch_size, ranks))
     select = selection(model, tokenizer, validation, cfg.eval)  # eval.best_metric other than the eval loss
     if select:  # the base's figure, and a wrong metric name found before any training
         base[f"validation_{select.metric}"] = select("generate (validation, base)")
@@ -183,6 +185,8 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if validation:  # ranks evaluate together (fit has scored sharded FSDP2 weights already)
         tuned["eval_loss"] = (result.final_eval if result.final_eval is not None
                               else evaluate(label="eval loss (fine-tuned)"))
+        if objective is not None:
+            tuned.update(objective.held_out_figures(model, validation, cfg.eval.batch_size, ranks))
     if select:  # the returned weights' figure, beside the base's: scored by fit where it evaluated them
         known = dict(result.selected).get(result.best_step if result.restored_best else result.steps)
         tuned[f"validation_{select.metric}"] = (select.value(known) if known is not None

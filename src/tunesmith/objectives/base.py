@@ -129,6 +129,11 @@ class Objective:
         """The last step's statistics, for the training records (metrics.jsonl)."""
         return {f"objective/{key}": round(value, 6) for key, value in self.last_metrics.items()}
 
+    def held_out_figures(self, model, split, batch_size: int, ranks: distributed.Ranks = distributed.SINGLE) -> dict:
+        """Figures of a model on the validation split beside its eval loss, for the base and the
+        fine-tuned model alike (the pair objectives': pair accuracy); none by default."""
+        return {}
+
     @torch.no_grad()
     def evaluate(self, model, split, batch_size: int, ranks: distributed.Ranks = distributed.SINGLE) -> float:
         """The objective's loss over a split (each term divided by its count over the whole split)."""

@@ -31,6 +31,10 @@ class KTO(PairObjective):
             tensors["reference"] = torch.tensor([e.reference[0] for e in examples] + [e.reference[1] for e in examples])
         return Batch(tensors, {"examples": len(examples)}, sum(len(s.input_ids) for s in sequences))
 
+    def held_out_figures(self, model, split, batch_size: int, ranks=None) -> dict:
+        """Unpaired answers: no pair to compare (the eval loss only)."""
+        return {}
+
     def reference_logps(self, model, tensors: dict) -> torch.Tensor:
         """The reference's log-probs of the answers, then of the KL sequences."""
         if "reference" in tensors:
