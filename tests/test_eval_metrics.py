@@ -98,7 +98,8 @@ def test_user_scorer_from_module_and_file(tmp_path, monkeypatch):
     (tmp_path / "my_metrics.py").write_text(
         "def length_ratio(prediction, reference):\n    return len(prediction) / len(reference)\n"
         "def two(prediction, reference):\n    return {'starts_same': float(prediction[:1] == reference[:1]), 'one': 1}\n"
-        "def broken(prediction, reference):\n    return 'high'\n")
+        "def broken(prediction, reference):\n    return 'high'\n"
+        "def crashes(prediction, reference):\n    return len(prediction) / len(reference)\n")
     monkeypatch.chdir(tmp_path)
     rows = example_scores(["ab", "abcd"], ["abcd", "abcd"], load_scorer("my_metrics:length_ratio"), "length_ratio")
     assert [r["length_ratio"] for r in rows] == [0.5, 1.0]
@@ -106,6 +107,12 @@ def test_user_scorer_from_module_and_file(tmp_path, monkeypatch):
     assert [r["starts_same"] for r in rows] == [0.0, 1.0] and rows[0]["one"] == 1.0
     with pytest.raises(UserError, match="expected a finite number"):
         example_scores(["a"], ["a"], load_scorer("my_metrics:broken"), "broken")
+    # A scorer that raises: one line naming it, where it failed and on what (a traceback through
+    # tunesmith's frames before)
+    with pytest.raises(UserError) as raised:
+        example_scores(["ab", "abc"], ["ab", ""], load_scorer("my_metrics:crashes"), "crashes")
+    assert str(raised.value) == ("scorer 'my_metrics:crashes' failed: ZeroDivisionError: division by zero "
+                                 "(my_metrics.py:8 in crashes) on the answer 'abc' with the reference ''")
     for spec, message in [("my_metrics", "expected 'module:function'"), ("no_such_module_xyz:f", "cannot import"),
                           ("my_metrics:missing", "has no function 'missing'")]:
         with pytest.raises(UserError, match=message):

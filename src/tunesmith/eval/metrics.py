@@ -12,6 +12,7 @@ import math
 import re
 import string
 import sys
+import traceback
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
@@ -269,4 +270,19 @@ def load_scorer(spec: str) -> Scorer:
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(f"scorer '{spec}': module '{module_name}' has no function '{function_name}'")
-    return function
+
+    @functools.wraps(function)
+    def guarded(prediction: str, reference: str):
+        try:
+            return function(prediction, reference)
+        except Exception as err:  # noqa: BLE001 (the user's code: one line with where it failed and on what)
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            raise UserError(f"scorer '{spec}' failed: {type(err).__name__}: {err} ({Path(where.filename).name}:"
+                            f"{where.lineno} in {where.name}) on the answer {_clip(prediction)!r} with the "
+                            f"reference {_clip(reference)!r}") from None
+
+    return guarded
+
+
+def _clip(text, width: int = 60):
+    return text[:width] + "..." if isinstance(text, str) and len(text) > width else text
