@@ -232,3 +232,21 @@ def test_every_record_dropped_names_the_first_reason(tiny_model_dir, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "(template refused: 2)" in err
     assert f"; first: {path}:1: template: the chat template does not render tool calls" in err, err
+
+
+def test_a_conversation_ending_after_its_last_answer_is_refused_and_role_case_is_read(tiny_model_dir, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A chat record ending with a user turn trained silently (a cut-off conversation), and as a test
+    record was scored against that user turn as the reference; 'Assistant' was an unknown role though
+    column names are read in any case."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    turn = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    rows = [{"messages": [turn("User", f"Question {i}?"), turn("Assistant", f"Answer {i}.")]} for i in range(4)]
+    rows.append({"messages": [turn("user", "Hi?"), turn("assistant", "Hello."), turn("user", "And then?")]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "records: 5" in out and "unknown role" not in out
+    assert (f"e.g. {path}:5: unanswered last turn: the conversation ends with a user turn after its last answer "
+            "(remove that turn, or add its answer)") in out, out

@@ -137,6 +137,11 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
                     {"role": "assistant", "content": _text(record, answer)}]
     if not any(m["role"] == "assistant" for m in messages):
         raise FormatError("no assistant turn", "nothing to learn from")
+    if messages[-1]["role"] in ("user", "tool"):
+        # Trained, its earlier answers would hide a cut-off conversation; as a test record it was
+        # scored against that last message as if it were the answer.
+        raise FormatError("unanswered last turn", f"the conversation ends with a {messages[-1]['role']} turn after "
+                                                  "its last answer (remove that turn, or add its answer)")
     if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
         raise FormatError("no assistant turn", "every assistant turn has weight 0: nothing to learn from")
     return kind, with_system_prompt(messages, system_prompt)
@@ -180,6 +185,7 @@ def _checked_turns(turns, field: str, role_key: str, text_key: str, role_map: di
         if not isinstance(turn, dict):
             raise FormatError("wrong type", f"{field}[{index}] is not an object")
         role = turn.get(role_key)
+        role = role.strip().lower() if isinstance(role, str) and role.strip().lower() in role_map else role
         if role not in role_map:
             raise FormatError("unknown role", f"{role!r} in {field}[{index}] (known: {', '.join(sorted(role_map))})")
         out.append(checked_message(turn, role_map[role], f"{field}[{index}]", text_key, _checked_text))
