@@ -326,5 +326,10 @@ def test_a_sharded_run_saves_its_weights_and_scores_as_one_process_or_says_it_ca
     assert no_room.returncode == 0, no_room.stderr[-3000:]
     assert "the fine-tuned model is not scored here: whole, it takes" in no_room.stderr
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "full")) < 1e-5  # saved all the same
-    fine_tuned = json.loads((tmp_path / "full" / "results.json").read_text())["fine_tuned"]
-    assert "answer_loss" not in fine_tuned and (tmp_path / "full" / "report.html").exists()
+    results = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert "answer_loss" not in results["fine_tuned"] and (tmp_path / "full" / "report.html").exists()
+    assert results["not_scored"].endswith("GiB free on cpu") and "not_scored" not in results_of_two(tmp_path)
+
+
+def results_of_two(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "two" / "results.json").read_text())

@@ -99,7 +99,8 @@ def test_user_scorer_from_module_and_file(tmp_path, monkeypatch):
         "def length_ratio(prediction, reference):\n    return len(prediction) / len(reference)\n"
         "def two(prediction, reference):\n    return {'starts_same': float(prediction[:1] == reference[:1]), 'one': 1}\n"
         "def broken(prediction, reference):\n    return 'high'\n"
-        "def crashes(prediction, reference):\n    return len(prediction) / len(reference)\n")
+        "def crashes(prediction, reference):\n    return len(prediction) / len(reference)\n"
+        "import json\ndef parses(prediction, reference):\n    return json.loads(prediction)['score']\n")
     monkeypatch.chdir(tmp_path)
     rows = example_scores(["ab", "abcd"], ["abcd", "abcd"], load_scorer("my_metrics:length_ratio"), "length_ratio")
     assert [r["length_ratio"] for r in rows] == [0.5, 1.0]
@@ -113,6 +114,8 @@ def test_user_scorer_from_module_and_file(tmp_path, monkeypatch):
         example_scores(["ab", "abc"], ["ab", ""], load_scorer("my_metrics:crashes"), "crashes")
     assert str(raised.value) == ("scorer 'my_metrics:crashes' failed: ZeroDivisionError: division by zero "
                                  "(my_metrics.py:8 in crashes) on the answer 'abc' with the reference ''")
+    with pytest.raises(UserError, match=r"JSONDecodeError: .* \(my_metrics\.py:11 in parses\) on the answer 'x'"):
+        example_scores(["x"], ["y"], load_scorer("my_metrics:parses"), "parses")  # its own line, not json's
     for spec, message in [("my_metrics", "expected 'module:function'"), ("no_such_module_xyz:f", "cannot import"),
                           ("my_metrics:missing", "has no function 'missing'")]:
         with pytest.raises(UserError, match=message):

@@ -250,3 +250,15 @@ def test_grpo_prompts_read_as_sft_data_point_at_the_objective(tiny_model_dir, tm
     with pytest.raises(UserError, match=r"missing field: 'completion' .*GRPO prompts: train.objective: grpo, "
                                         r"data check --objective grpo"):
         check_data(str(path), str(tiny_model_dir), tmp_path / "check")
+
+
+def test_preference_roles_are_read_in_any_case_as_sft_roles_are(tiny_tokenizer, tmp_path):
+    """'User' / 'Assistant' were accepted in SFT chat records but refused as unknown roles in pairs."""
+    upper = [{"chosen": [{"role": "User", "content": "Repeat: delta"}, {"role": "ASSISTANT", "content": "delta"}],
+              "rejected": [{"role": "user", "content": "Repeat: delta"}, {"role": " Assistant", "content": "omega"}]}]
+    lower = [{"chosen": [{"role": "user", "content": "Repeat: delta"}, {"role": "assistant", "content": "delta"}],
+              "rejected": [{"role": "user", "content": "Repeat: delta"}, {"role": "assistant", "content": "omega"}]}]
+    splits = [prepare_preference(data_cfg(write_jsonl(tmp_path / f"{name}.jsonl", rows)), tiny_tokenizer, PAIRS)
+              .splits["train"] for name, rows in (("upper", upper), ("lower", lower))]
+    assert [e.chosen.input_ids for e in splits[0].encoded] == [e.chosen.input_ids for e in splits[1].encoded] != []
+    assert [e.rejected.labels for e in splits[0].encoded] == [e.rejected.labels for e in splits[1].encoded]

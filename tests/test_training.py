@@ -266,18 +266,29 @@ def test_a_step_retried_after_running_out_of_memory_starts_from_zero_gradients()
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_the_end_of_a_sharded_run_writes_the_weights_without_the_base(method, tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_the_end_of_a_sharded_run_writes_the_weights_without_the_base(method, tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                      monkeypatch):
     """After FSDP2, rank 0 writes the gathered weights through a skeleton of the model (no base weights):
-    the same files as saving the whole trained model, and the whole model back only where it fits."""
+    the same files as saving the whole trained model (the base's own generation_config.json too), the
+    whole model back only where it fits, and the weights kept where no model folder can be written."""
+    import shutil
+
+    from safetensors.torch import load_file
+
     from tunesmith import methods
     from tunesmith.config import Config
+    from tunesmith.errors import UserError
     from tunesmith.methods.common import save_trained
     from tunesmith.training import sharded_end
 
-    cfg = Config.model_validate({"model": {"name": str(tiny_model_dir), "dtype": "float32"}, "data": {"train": "demo"},
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    settings = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**settings, "eos_token_id": [2, 5], "top_k": 20}))
+    cfg = Config.model_validate({"model": {"name": str(base), "dtype": "float32"}, "data": {"train": "demo"},
                                  "adapter": {"method": method, "r": 4}})
     kind = methods.get(method)
-    model = kind.make_trainable(kind.load_base(str(tiny_model_dir), torch.float32, torch.device("cpu")), cfg.adapter)
+    model = kind.make_trainable(kind.load_base(str(base), torch.float32, torch.device("cpu")), cfg.adapter)
     torch.manual_seed(0)
     with torch.no_grad():  # trained weights unlike the base's, LoRA's B no longer zero
         for param in model.parameters():
@@ -285,11 +296,22 @@ def test_the_end_of_a_sharded_run_writes_the_weights_without_the_base(method, ti
     gathered = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or method == "full"}
     save_trained(model, tiny_tokenizer, tmp_path / "whole")
     cpu = torch.device("cpu")
-    assert sharded_end.finish(gathered, cfg, kind, torch.float32, cpu, tiny_tokenizer, tmp_path / "none", free=1) is None
-    back = sharded_end.finish(gathered, cfg, kind, torch.float32, cpu, tiny_tokenizer, tmp_path / "back", free=2**40)
+    none, why = sharded_end.finish(gathered, cfg, kind, torch.float32, cpu, tiny_tokenizer, tmp_path / "none", free=1)
+    assert none is None and why.endswith("GiB free on cpu")
+    back, why = sharded_end.finish(gathered, cfg, kind, torch.float32, cpu, tiny_tokenizer, tmp_path / "back",
+                                   free=2**40)
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert ("generation_config.json" in files) == (method == "full")
     for folder in ("none", "back"):
-        files = sorted(p.name for p in (tmp_path / "whole").iterdir())
         assert files == sorted(p.name for p in (tmp_path / folder).iterdir())
         assert all((tmp_path / "whole" / f).read_bytes() == (tmp_path / folder / f).read_bytes() for f in files), folder
-    assert all(torch.equal(p, gathered[n]) for n, p in back.named_parameters() if n in gathered)
-    assert next(back.parameters()).device.type == "cpu"
+    assert why is None and all(torch.equal(p, gathered[n]) for n, p in back.named_parameters() if n in gathered)
+
+    def fails(*args):
+        raise RuntimeError("a persistent buffer left on the meta device")
+
+    monkeypatch.setattr(sharded_end, "save_trained", fails)
+    with pytest.raises(UserError, match="could not be written as a model folder .*they are kept"):
+        sharded_end.finish(gathered, cfg, kind, torch.float32, cpu, tiny_tokenizer, tmp_path / "kept")
+    kept = load_file(tmp_path / "kept" / sharded_end.KEPT)
+    assert kept.keys() == gathered.keys() and all(torch.equal(kept[n], gathered[n]) for n in kept)

@@ -193,8 +193,10 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
                                                else select("generate (validation, fine-tuned)"))
     if ranks.fsdp:  # the trained weights written first; the whole model back only where it fits
         state, result.gathered_state, model = result.gathered_state, None, None
-        model = sharded_end.finish(state, cfg, method, dtype, device, tokenizer,
-                                   run.path / method.saves) if ranks.main else None
+        if ranks.main:
+            model, not_scored = sharded_end.finish(state, cfg, method, dtype, device, tokenizer, run.path / method.saves)
+            results.update({"not_scored": not_scored} if not_scored else {})
+        del state
         if model is not None:  # scored through the fast paths, as the base was
             accel.apply(model, device, cfg.train.fast_paths)
         elif ranks.main:

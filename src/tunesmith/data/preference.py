@@ -101,10 +101,12 @@ def messages_of(value, where: str) -> list[dict]:
     for index, message in enumerate(value):
         if not isinstance(message, dict):
             raise FormatError("wrong type", f"{where}[{index}] is not an object")
-        if message.get("role") not in ROLES:
-            raise FormatError("unknown role", f"{message.get('role')!r} in {where}[{index}]")
+        role = message.get("role")
+        role = role.strip().lower() if isinstance(role, str) and role.strip().lower() in ROLES else role
+        if role not in ROLES:
+            raise FormatError("unknown role", f"{role!r} in {where}[{index}]")
         content = joined_parts(message.get("content"), f"{where}[{index}].content")
-        out.append({"role": message["role"], "content": text_of(content, f"{where}[{index}].content")})
+        out.append({"role": role, "content": text_of(content, f"{where}[{index}].content")})
     return out
 
 

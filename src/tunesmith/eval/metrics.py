@@ -271,17 +271,29 @@ def load_scorer(spec: str) -> Scorer:
     if not callable(function):
         raise UserError(f"scorer '{spec}': module '{module_name}' has no function '{function_name}'")
 
+    source = getattr(getattr(function, "__code__", None), "co_filename", None)
+
     @functools.wraps(function)
     def guarded(prediction: str, reference: str):
         try:
             return function(prediction, reference)
+        except (MemoryError, RuntimeError) as err:
+            if isinstance(err, MemoryError) or "out of memory" in str(err):  # a reward model's: retried smaller
+                raise
+            raise UserError(_failed(spec, err, source, prediction, reference)) from err
         except Exception as err:  # noqa: BLE001 (the user's code: one line with where it failed and on what)
-            where = traceback.extract_tb(err.__traceback__)[-1]
-            raise UserError(f"scorer '{spec}' failed: {type(err).__name__}: {err} ({Path(where.filename).name}:"
-                            f"{where.lineno} in {where.name}) on the answer {_clip(prediction)!r} with the "
-                            f"reference {_clip(reference)!r}") from None
+            raise UserError(_failed(spec, err, source, prediction, reference)) from err
 
     return guarded
+
+
+def _failed(spec: str, err: Exception, source: str | None, prediction, reference) -> str:
+    """A scorer's error in one line, at the last line of the scorer's own file it passed through
+    (not inside json or another library it called)."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = next((f for f in reversed(frames) if f.filename == source), frames[-1])
+    return (f"scorer '{spec}' failed: {type(err).__name__}: {err} ({Path(where.filename).name}:{where.lineno} in "
+            f"{where.name}) on the answer {_clip(prediction)!r} with the reference {_clip(reference)!r}")
 
 
 def _clip(text, width: int = 60):

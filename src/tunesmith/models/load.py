@@ -120,4 +120,10 @@ def load_skeleton(spec: str, dtype: torch.dtype = torch.float32, trust_remote_co
         raise UserError(f"{spec}: cannot load model config ({str(err).splitlines()[0]})") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:  # from_config derives one from config.json: the base's own EOS ids and sampling defaults are its file's
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(where, **hub_options(where))
+    except (OSError, ValueError):
+        pass  # none beside the weights (a .gguf file): as from_pretrained, the one config.json gives
     return model.eval()

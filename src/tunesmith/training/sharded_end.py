@@ -1,9 +1,9 @@
 """The end of an FSDP2 run on rank 0: the trained weights are written first, from the gathered
 state on a skeleton of the model (its modules without weights, on the meta device), so that they
 are saved however large the base is; the whole model is then loaded for scoring only where it fits
-on rank 0's device. A base sharded because it does not fit on one device (a 70B LoRA over 8 GPUs)
-was loaded whole again before anything was saved: by reading, the trained weights would have been
-lost with it there (not run on GPUs)."""
+on rank 0's device, beside the other ranks' shards. The base was loaded whole again before anything
+was saved: by reading, a device without room for it beside the shards would have lost the trained
+weights (not run on GPUs)."""
 from __future__ import annotations
 
 import gc
@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from safetensors.torch import save_file
+
+from ..errors import UserError
 from ..methods.common import model_bytes, save_trained
 from ..progress import say
 from .checkpoint import load_trainable_state
@@ -18,28 +21,36 @@ from .checkpoint import load_trainable_state
 # Of the device's free memory, what the whole model may take: generation's cache and activations
 # need the rest.
 SCORING_SHARE = 0.8
+KEPT = "gathered_state.safetensors"  # where the weights go if no model folder could be written
 
 
 def finish(state: dict, cfg, method, dtype: torch.dtype, device: torch.device, tokenizer, folder: Path,
            free: int | None = None):
-    """Writes the trained weights to `folder`; returns the whole trained model on `device` for
-    scoring, or None where it would not fit there (said, with how to score it elsewhere).
+    """Writes the trained weights to `folder`; returns (the whole trained model on `device` for
+    scoring, None) or, where it would not fit there, (None, why: said, with how to score it elsewhere).
     `free`: the device's free bytes (measured where not given)."""
-    skeleton = _skeleton(cfg, method, dtype)
-    _assign(skeleton, state)
-    save_trained(skeleton, tokenizer, folder)
+    try:
+        skeleton = _skeleton(cfg, method, dtype)
+        _assign(skeleton, state)
+        save_trained(skeleton, tokenizer, folder)
+    except Exception as err:  # noqa: BLE001 (whatever the model's shape did: the trained weights are kept)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({name: value.contiguous() for name, value in state.items()}, folder / KEPT)
+        raise UserError(f"the trained weights could not be written as a model folder ({type(err).__name__}: {err}); "
+                        f"they are kept, under their parameter names, in {folder / KEPT}") from err
     need = model_bytes(skeleton)
     del skeleton
     free = free_bytes(device) if free is None else free
     if need > SCORING_SHARE * free:
-        say(f"the fine-tuned model is not scored here: whole, it takes {need / 2**30:.1f} GiB, more than "
-            f"{SCORING_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {device}; its trained weights are in "
-            f"{folder} (score it with `tunesmith eval` on a device where it fits)")
-        return None
+        why = (f"whole, it takes {need / 2**30:.1f} GiB, more than {SCORING_SHARE:.0%} of the {free / 2**30:.1f} GiB "
+               f"free on {device}")
+        say(f"the fine-tuned model is not scored here: {why}; its trained weights are in {folder} (score it with "
+            "`tunesmith eval` on a device where it fits)")
+        return None, why
     model = method.load_base(cfg.model.name, dtype, device, cfg.model.trust_remote_code)
     model = method.make_trainable(model, cfg.adapter)
     load_trainable_state(model, state)
-    return model
+    return model, None
 
 
 def free_bytes(device: torch.device) -> int:
