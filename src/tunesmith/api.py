@@ -83,7 +83,6 @@ def _refuse_changed_resume(run: RunFolder, cfg: Config, data, must_resume: bool)
     """A resume its checkpoint refuses (another lr, other data) is refused before config.yaml is
     rewritten: the refused settings replaced the ones the checkpoint trained with (and the model loaded
     first). The loop checks again against the checkpoint it picks."""
-    from .config import result_keys
     from .training import checkpoint as ckpt
     from .training.loop import total_steps
 
@@ -91,9 +90,8 @@ def _refuse_changed_resume(run: RunFolder, cfg: Config, data, must_resume: bool)
     if not cfg.train.resume or not done or (cfg.output.overwrite and not must_resume and run.results.exists()):
         return
     train = as_trained(data.splits["train"], cfg.data)
-    settings = {**result_keys(cfg), ckpt.DATA_KEY: ckpt.trained_examples(train)}
     try:
-        ckpt.check_same_settings(done[-1], settings, total_steps(cfg, len(train)))
+        ckpt.check_same_settings(done[-1], ckpt.resume_settings(cfg, train), total_steps(cfg, len(train)))
     except (OSError, ValueError, KeyError):
         pass  # a damaged checkpoint: the loop skips it and says so
 

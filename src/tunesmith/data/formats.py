@@ -184,12 +184,16 @@ def _checked_turns(turns, field: str, role_key: str, text_key: str, role_map: di
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise FormatError("wrong type", f"{field}[{index}] is not an object")
-        role = turn.get(role_key)
-        role = role.strip().lower() if isinstance(role, str) and role.strip().lower() in role_map else role
+        role = known_role(turn.get(role_key), role_map)
         if role not in role_map:
             raise FormatError("unknown role", f"{role!r} in {field}[{index}] (known: {', '.join(sorted(role_map))})")
         out.append(checked_message(turn, role_map[role], f"{field}[{index}]", text_key, _checked_text))
     return out
+
+
+def known_role(role, roles) -> object:
+    """A role as `roles` spell it where it is one in another case or with spaces ('Assistant'), else as given."""
+    return role.strip().lower() if isinstance(role, str) and role.strip().lower() in roles else role
 
 
 def is_raw_text(conversations: list[list[dict]]) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..config import DataConfig
 from ..errors import UserError, counted
-from .formats import FormatError, rename_columns
+from .formats import FormatError, known_role, rename_columns
 from .formats import _checked_text as text_of  # the SFT formats' check of one text field
 from .prepare import Prepared, Split, length_policy, load_conversations
 from .sources import Problem, read_records
@@ -101,8 +101,7 @@ def messages_of(value, where: str) -> list[dict]:
     for index, message in enumerate(value):
         if not isinstance(message, dict):
             raise FormatError("wrong type", f"{where}[{index}] is not an object")
-        role = message.get("role")
-        role = role.strip().lower() if isinstance(role, str) and role.strip().lower() in ROLES else role
+        role = known_role(message.get("role"), ROLES)
         if role not in ROLES:
             raise FormatError("unknown role", f"{role!r} in {where}[{index}]")
         content = joined_parts(message.get("content"), f"{where}[{index}].content")

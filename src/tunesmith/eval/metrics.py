@@ -277,11 +277,11 @@ def load_scorer(spec: str) -> Scorer:
     def guarded(prediction: str, reference: str):
         try:
             return function(prediction, reference)
-        except (MemoryError, RuntimeError) as err:
-            if isinstance(err, MemoryError) or "out of memory" in str(err):  # a reward model's: retried smaller
-                raise
-            raise UserError(_failed(spec, err, source, prediction, reference)) from err
         except Exception as err:  # noqa: BLE001 (the user's code: one line with where it failed and on what)
+            from ..training.memory import is_out_of_memory
+
+            if isinstance(err, MemoryError) or is_out_of_memory(err):  # a reward model's: the step retries smaller
+                raise
             raise UserError(_failed(spec, err, source, prediction, reference)) from err
 
     return guarded

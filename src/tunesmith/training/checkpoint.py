@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import device as devices
-from ..config import PATH_SETTINGS
+from ..config import PATH_SETTINGS, result_keys
 from ..errors import UserError
 from ..runs import CHECKPOINT_PREFIX as PREFIX
 from ..runs import PARTIAL, checkpoint_folders, fsync_folder
@@ -132,6 +132,12 @@ def trained_examples(split) -> str:
         digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
         digest.update(repr(getattr(example, "desirable", None)).encode())
     return f"{len(split.encoded)} examples, {digest.hexdigest()[:12]}"
+
+
+def resume_settings(cfg, train) -> dict:
+    """What a checkpoint must have been trained with to be resumed: the settings that change the
+    result, and the examples trained on (`check_same_settings` compares them)."""
+    return {**result_keys(cfg), DATA_KEY: trained_examples(train)}
 
 
 def check_same_settings(path: Path, settings: dict, steps: int | None = None) -> None:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..config import Config, result_keys
+from ..config import Config
 from ..data.collate import PADDED, PADDING_FREE, micro_batch, step_batches
 from ..data.prepare import Split
 from ..data.tokenize import IGNORE
@@ -133,7 +133,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     steps = total_steps(cfg, len(train))
     scheduler = warmup_cosine(optimizer, steps, int(steps * cfg.train.warmup_ratio), cfg.train.min_lr_ratio)
     ckpt_dir = run_dir / "checkpoints" if run_dir else None
-    settings = {**result_keys(cfg), ckpt.DATA_KEY: ckpt.trained_examples(train)}
+    settings = ckpt.resume_settings(cfg, train)
     state = ckpt.TrainState(config_hash=ckpt.config_hash(settings))
     stopper = EarlyStopping(cfg.eval.patience, cfg.eval.min_delta) if cfg.eval.patience and validation else None
     result = FitResult(early_stopping=stopper)
