@@ -215,6 +215,9 @@ def wait_for(predicate, timeout=180.0, every=0.2):
     raise AssertionError("timed out waiting")
 
 
+# In the slow set (.ci/run runs it): 48 s of `make test`, whose runs read 553-640 s on 2 cores on 2026-12-07;
+# tests/test_ui_browser.py starts a real run from the dashboard in `make test`.
+@pytest.mark.slow
 def test_start_and_stop_a_real_run(served, tmp_path, tiny_model_dir):
     """A run started through the API trains in a child process; stopping it writes a checkpoint first."""
     from tunesmith.data.demo import make_splits
