@@ -4,7 +4,9 @@
 - worse-eval-from-N: every evaluation from the N-th on (the base's is the first) reads 1 higher, so
   the best weights of an earlier step come back at the end;
 - slow-save: every checkpoint takes 40 s longer to write (a large model's, on slow storage);
-- no-room: rank 0's device has 1 KiB free at the end of an FSDP2 run (a base too large for one device)."""
+- no-room: rank 0's device has 1 KiB free at the end of an FSDP2 run (a base too large for one device);
+- loads-no-room-at-start: each whole load of the base is recorded (its rank, in loads.txt beside the
+  config), and rank 0's device has 1 KiB free for the whole model at the start of an FSDP2 run."""
 import os
 import sys
 
@@ -50,5 +52,21 @@ if mode == "no-room":
     from tunesmith.training import sharded_end
 
     sharded_end.free_bytes = lambda device: 1024
+
+if mode == "loads-no-room-at-start":
+    from pathlib import Path
+
+    import tunesmith.models
+    from tunesmith.training import sharded_start
+
+    real_load, record = tunesmith.models.load_base, Path(sys.argv[1]).parent / "loads.txt"
+
+    def recorded(*args, **kwargs):
+        with open(record, "a") as handle:
+            handle.write(os.environ["RANK"] + "\n")
+        return real_load(*args, **kwargs)
+
+    tunesmith.models.load_base = recorded
+    sharded_start.free_bytes = lambda device: 1024
 
 sys.exit(main(["train", sys.argv[1]]))

@@ -318,10 +318,14 @@ def test_a_sharded_run_saves_its_weights_and_scores_as_one_process_or_says_it_ca
     one, two = train(configs["one"]), train(configs["two"], nproc=2)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
     results = {run: json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "two")}
-    scored = [{k: v for k, v in results[run]["fine_tuned"].items() if k != "generated_tokens_per_second"}
-              for run in ("one", "two")]
+    scored, base = ([{k: v for k, v in results[run][model].items() if k != "generated_tokens_per_second"}
+                     for run in ("one", "two")] for model in ("fine_tuned", "base"))
     assert "answer_loss" in scored[0] and "test_examples" in scored[0], scored
     assert scored[1] == pytest.approx(scored[0], abs=1e-4)
+    # the base scored by rank 0's whole model, the eval loss by the shards: as one process scores them
+    assert base[1] == pytest.approx(base[0], abs=1e-4) and "answer_loss" in base[0]
+    assert (results["two"]["fast_paths"], results["two"]["batch_layout"]) == (results["one"]["fast_paths"],
+                                                                              results["one"]["batch_layout"])
     no_room = patched(configs["full"], "no-room")  # rank 0's device with 1 KiB free at the end
     assert no_room.returncode == 0, no_room.stderr[-3000:]
     assert "the fine-tuned model is not scored here: whole, it takes" in no_room.stderr
@@ -333,3 +337,25 @@ def test_a_sharded_run_saves_its_weights_and_scores_as_one_process_or_says_it_ca
 
 def results_of_two(tmp_path: Path) -> dict:
     return json.loads((tmp_path / "two" / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_an_fsdp2_run_loads_the_whole_base_on_rank_0_alone(tiny_model_dir, tmp_path):
+    """Every rank loaded the whole model onto its device before sharding it, so a base larger than one
+    device could not start. The ranks now shard a weightless skeleton, rank 0 reads the base into host
+    memory and sends each rank its shard; the base is scored on test answers only where it fits."""
+    test = write_jsonl(tmp_path / "test.jsonl", rows(46)[40:])
+    configs = {run: write_config(tmp_path, tiny_model_dir, run, evaluation={"generate": True, "max_new_tokens": 8},
+                                 **({"fsdp": True} if run == "two" else {})) for run in ("one", "two")}
+    for config in configs.values():
+        settings = json.loads(config.read_text())
+        settings["data"]["test"] = str(test)
+        config.write_text(json.dumps(settings))
+    one, two = train(configs["one"]), patched(configs["two"], "loads-no-room-at-start")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    assert (tmp_path / "loads.txt").read_text().split() == ["0"]  # once, at the start, and by rank 0 alone
+    assert "the base is not scored on test answers or the general probe here: whole, it takes" in two.stderr
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+    results = results_of_two(tmp_path)
+    assert results["not_scored"].startswith("whole, it takes") and "answer_loss" not in results["fine_tuned"]
+    assert "answer_loss" not in results["base"] and results["base"]["eval_loss"] > results["fine_tuned"]["eval_loss"]

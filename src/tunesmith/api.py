@@ -30,7 +30,7 @@ from .plan import TrainingMemory
 from .progress import say
 from .runs import RunFolder, write_json
 from .start import anchored, resolve_start
-from .training import distributed, recompute, sharded_end
+from .training import distributed, recompute, sharded_end, sharded_start
 from .training.loggers import open_loggers
 from .training.loop import eval_figures, fit
 
@@ -109,11 +109,15 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if method.quantized_base:  # a library, not training memory: imported before the baseline
         require_bitsandbytes()
     memory = TrainingMemory(device)
-    model = method.load_base(cfg.model.name, dtype, device, cfg.model.trust_remote_code)
-    torch.manual_seed(cfg.train.seed)
-    # The method's trainable parts start as the identity (LoRA's B = 0), so the model scores as
-    # the base until it trains: the base is evaluated through the same fast paths as training.
-    model = method.make_trainable(model, cfg.adapter)
+    sharded = ranks.active and cfg.train.fsdp  # FSDP2: weightless here, rank 0's weights sent into the shards below
+    if sharded:
+        model = sharded_start.skeleton(cfg, method, dtype)
+    else:
+        model = method.load_base(cfg.model.name, dtype, device, cfg.model.trust_remote_code)
+        torch.manual_seed(cfg.train.seed)
+        # The method's trainable parts start as the identity (LoRA's B = 0), so the model scores as
+        # the base until it trains: the base is evaluated through the same fast paths as training.
+        model = method.make_trainable(model, cfg.adapter)
     applied = accel.apply(model, device, cfg.train.fast_paths)
     say(accel.describe(applied, cfg.train.fast_paths, device))
     if cfg.adapter.offload_activations:
@@ -139,11 +143,12 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         f"({100 * trainable / total:.2f}%), {results['model_bytes'] / 2**20:.0f} MiB as loaded; method {method.name}")
     pad_id = tokenizer.pad_token_id
     test, validation = data.splits.get("test"), data.splits.get("validation")
+    root, whole = sharded_start.load_weights(model, cfg, method, dtype, device, ranks) if sharded else (None, None)
 
     def evaluate(loss_module=None, label: str = "eval loss") -> float:
         if objective is not None:  # the objective's loss on the validation split (grpo: minus its mean reward)
             return objective.evaluate(model, validation, cfg.eval.batch_size, ranks)
-        return eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks, loss_module, eval_layout, label)
+        return eval_loss(model, validation, cfg.eval.batch_size, pad_id, ranks, loss_module or root, eval_layout, label)
 
     base: dict = {}
     began = time.perf_counter()  # an evaluation during training takes as long: training's ETA counts them
@@ -160,14 +165,22 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     # The baselines' rows on the test split, and the general-ability probe (read first: a wrong
     # eval.general_data stops the run before anything slow).
     evidence = GeneralAbility(cfg.eval) if cfg.eval.general and ranks.main else None
-    scored = None
-    if test and cfg.eval.generate and ranks.main:
-        scored = score_base_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
+    scored, scorer = None, model  # scorer: the whole model, one process's (a sharded one: rank 0's, where it fits)
+    if sharded:
+        wanted = whole is not None and (bool(test and cfg.eval.generate) or evidence is not None)
+        scorer, why = sharded_start.for_scoring(whole, device, cfg.train.fast_paths) if wanted else (None, None)
+        whole = None
+        if scorer is None:
+            evidence = None
+            results.update({"not_scored": why} if why else {})
+    if test and cfg.eval.generate and ranks.main and scorer is not None:
+        scored = score_base_rows(scorer, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
                                  eval_layout, cfg.data.max_seq_len)
         if cfg.eval.compare_base:
             base.update(row_summary(scored[0]))
     if evidence is not None:
-        evidence.score(model, tokenizer, "base")
+        evidence.score(scorer, tokenizer, "base")
+    scorer = None  # a sharded run's whole model is freed before training
 
     utilisation = _utilisation(cfg, train_split, device, ranks.world)
     log.write(event="run", step=0, device=str(device), dtype=results["dtype"], fast_paths=applied,
@@ -192,7 +205,8 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if ranks.fsdp:  # the trained weights written first; the whole model back only where it fits
         state, result.gathered_state, model = result.gathered_state, None, None
         if ranks.main:
-            model, not_scored = sharded_end.finish(state, cfg, method, dtype, device, tokenizer, run.path / method.saves)
+            model, not_scored = sharded_end.finish(state, cfg, method, dtype, device, tokenizer, run.path / method.saves,
+                                                   wanted=scored is not None or evidence is not None)
             results.update({"not_scored": not_scored} if not_scored else {})
         del state
         if model is not None:  # scored through the fast paths, as the base was
@@ -207,7 +221,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     if "eval_loss" in tuned:
         log.write(event="eval", step=result.steps, **eval_figures(tuned["eval_loss"], cfg.train.objective),
                   **{k: v for k, v in tuned.items() if k.startswith("validation_")})
-    if test and cfg.eval.generate and model is not None:  # None: a sharded model too large for one device
+    if scored is not None and model is not None:  # None: a sharded model too large for one device
         scored += score_tuned_rows(model, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
                                    eval_layout, cfg.data.max_seq_len)
         tuned.update(row_summary(scored[-1]))

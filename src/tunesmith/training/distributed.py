@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +138,13 @@ class StepLoss(torch.nn.Module):
 def wrap(model, loss_fn, ranks: Ranks, fsdp: bool, offload: bool = False):
     """(module computing the loss, gradient scale): DDP averages gradients over ranks, so each rank's
     loss is scaled by the world size to make the average a sum; FSDP2 reduce-scatters likewise."""
+    root = _SHARDED_AT_LOAD.get(model)
+    if root is not None:  # sharded before its weights were loaded (training/sharded_start.py)
+        root.loss_fn = loss_fn
+        # The base's evaluation left the root's weights gathered, registered in place of its shards:
+        # sharded again, so that the optimizer is built on the shards.
+        root.reshard()
+        return root, float(ranks.world)
     module = StepLoss(model, loss_fn)
     if not ranks.active:
         return module, 1.0
@@ -150,6 +158,21 @@ def wrap(model, loss_fn, ranks: Ranks, fsdp: bool, offload: bool = False):
     device_ids = [device.index] if device.type == "cuda" else None
     # gradients as views of DDP's buckets: reduced in place, not copied (one gradients' worth less per device)
     return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True), float(ranks.world)
+
+
+# model -> its FSDP2 root, for models sharded on the meta device before their weights were loaded
+_SHARDED_AT_LOAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shard_at_load(model, ranks: Ranks, device: torch.device, offload: bool) -> StepLoss:
+    """The root module of `model` sharded now (its weights still to be loaded); `wrap` returns it."""
+    from .loss import label_loss_sum
+
+    root = StepLoss(model, label_loss_sum)  # the base's evaluation; training sets the run's loss
+    ranks.fsdp = True
+    shard(model, root, ranks, device, offload)
+    _SHARDED_AT_LOAD[model] = root
+    return root
 
 
 def shard(model, module, ranks: Ranks, device: torch.device, offload: bool) -> None:

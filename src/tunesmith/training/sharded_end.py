@@ -25,10 +25,10 @@ KEPT = "gathered_state.safetensors"  # where the weights go if no model folder c
 
 
 def finish(state: dict, cfg, method, dtype: torch.dtype, device: torch.device, tokenizer, folder: Path,
-           free: int | None = None):
+           free: int | None = None, wanted: bool = True):
     """Writes the trained weights to `folder`; returns (the whole trained model on `device` for
     scoring, None) or, where it would not fit there, (None, why: said, with how to score it elsewhere).
-    `free`: the device's free bytes (measured where not given)."""
+    `free`: the device's free bytes (measured where not given); not `wanted`: nothing to score, (None, None)."""
     try:
         skeleton = _skeleton(cfg, method, dtype)
         _assign(skeleton, state)
@@ -40,6 +40,8 @@ def finish(state: dict, cfg, method, dtype: torch.dtype, device: torch.device, t
                         f"they are kept, under their parameter names, in {folder / KEPT}") from err
     need = model_bytes(skeleton)
     del skeleton
+    if not wanted:
+        return None, None
     free = free_bytes(device) if free is None else free
     if need > SCORING_SHARE * free:
         why = (f"whole, it takes {need / 2**30:.1f} GiB, more than {SCORING_SHARE:.0%} of the {free / 2**30:.1f} GiB "

@@ -270,7 +270,8 @@ def install(model) -> int:
     from transformers.masking_utils import sdpa_mask
 
     config = model.config
-    if getattr(config, "_attn_implementation", None) != "sdpa" or next(model.parameters()).device.type != "cpu":
+    # meta: a sharded run's skeleton, its weights loaded onto the CPU later (training/sharded_start.py)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or next(model.parameters()).device.type not in ("cpu", "meta"):
         return 0
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
