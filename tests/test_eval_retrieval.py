@@ -128,7 +128,7 @@ def test_verdict_follows_the_interval():
 def test_verdict_for_a_loss_and_without_prompting_rows():
     rows = [{"metric": "answer_loss", "baseline": "base", "candidate": "fine-tuned", "baseline_value": 2.0,
              "difference": -0.5, "low": -0.6, "high": -0.4}]
-    assert verdict(rows, "answer_loss", "fine-tuned") == "fine-tuning beats base by +0.500 [+0.400, +0.600] answer_loss"
+    assert verdict(rows, "answer_loss", "fine-tuned") == "fine-tuning beats base by +0.500 [+0.400, +0.600] lower answer_loss"
     assert primary_metric({"answer_loss": 1.0}) == "answer_loss"
     assert primary_metric({"all_fields": 0.5, "rouge_l": 0.1}) == "all_fields"
     assert predictions_name("fine-tuned") == "predictions.jsonl"
@@ -156,11 +156,14 @@ def test_verdict_wording_when_a_baseline_wins_and_retrieval_on_the_fine_tuned_mo
     for own in (hurts, unsure):
         assert verdict(rows + [own], "rouge_l", "fine-tuned") == \
             "base + retrieval beats fine-tuning by +0.120 [+0.050, +0.200] rouge_l: consider it instead"
+    # A loss: the lead said as how much lower (the table's difference is -0.5); flipped alike where a row wins
+    assert verdict([row("base", 1.0, 0.5, 0.4, 0.6, "answer_loss")], "answer_loss", "fine-tuned") == \
+        "base beats fine-tuning by +0.500 [+0.400, +0.600] lower answer_loss: consider it instead"
     # A loss: the fine-tuned model's loss minus its loss with retrieval, +0.3 [+0.2, +0.4]: retrieval lowers it
     losses = [row("base", 2.0, -0.5, -0.6, -0.4, "answer_loss"),
               row("fine-tuned + retrieval", 1.2, 0.3, 0.2, 0.4, "answer_loss")]
     assert verdict(losses, "answer_loss", "fine-tuned") == (
-        "fine-tuning beats base by +0.500 [+0.400, +0.600] answer_loss"
+        "fine-tuning beats base by +0.500 [+0.400, +0.600] lower answer_loss"
         "; retrieval on top of the fine-tuned model helps further (+0.300)")
 
 

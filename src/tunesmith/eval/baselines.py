@@ -82,7 +82,8 @@ def verdict(differences: list[dict], metric: str, candidate: str) -> str:
     strongest = pick(prompting, key=lambda d: d["baseline_value"])
     gain = -1 if lower else 1  # the sign of a difference that favours the candidate
     low, high = sorted((gain * strongest["low"], gain * strongest["high"]))
-    change = f"{gain * strongest['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {metric}"
+    # The lead in the direction that is better: "+0.5 lower answer_loss", never "+0.5 answer_loss" for a loss that fell.
+    change = f"{gain * strongest['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {'lower ' if lower else ''}{metric}"
     baseline = strongest["baseline"]
     if low > 0:
         line = f"fine-tuning beats {baseline} by {change}"
@@ -99,7 +100,7 @@ def verdict(differences: list[dict], metric: str, candidate: str) -> str:
 def _flip(change: str) -> str:
     """'-0.120 [-0.200, -0.050] m' -> '+0.120 [+0.050, +0.200] m'."""
     numbers = [float(x) for x in re.findall(r"[+-]\d+\.\d+", change)]
-    metric = change.rsplit(" ", 1)[1]
+    metric = change.partition("] ")[2]
     return f"{-numbers[0]:+.3f} [{-numbers[2]:+.3f}, {-numbers[1]:+.3f}] {metric}"
 
 
