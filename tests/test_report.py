@@ -175,3 +175,15 @@ def test_a_later_compare_is_shown_beside_the_runs_own_verdict_not_in_its_place(t
     card = "\n".join(comparison_sections(results, json.loads((run / "comparison.json").read_text())))
     assert card.index("Verdict: base + retrieval is as good") < card.index("2 examples of `test.jsonl`")
     assert "16 held-out test examples" in card and "### With `tunesmith compare`" in card
+
+
+def test_a_sharded_run_that_could_not_score_its_model_says_so_in_the_report(tmp_path):
+    """An FSDP2 run whose whole model did not fit on rank 0's device recorded why (results.json
+    not_scored) but its report showed the eval-loss table alone, as if nothing were missing."""
+    run = fake_run(tmp_path / "run")
+    results = json.loads((run / "results.json").read_text())
+    results["not_scored"] = "whole, it takes 130.5 GiB, more than 80% of the 60.2 GiB free on cuda:0"
+    (run / "results.json").write_text(json.dumps(results))
+    page = Path(write_report(run)[0]).read_text()
+    assert ("Test answers and the general probe not scored: whole, it takes 130.5 GiB, more than 80% of the "
+            "60.2 GiB free on cuda:0") in page and page.index("not scored") < page.index("Scored on")
