@@ -333,3 +333,16 @@ def test_sampled_answers_keep_their_end_of_turn_and_drop_what_follows():
     answers = sample(model, [[4, 5], [6]], copies=1, max_new_tokens=5, temperature=None, pad_id=0, stops=[2, 3])
     assert answers == [[7, 8, 2], [9, 3]] and model.training
     assert sample(Model(), [[4]] * 3, 1, 5, None, 0, [2, 3])[2] == [7, 7, 7, 7, 7]  # no stop: cut at max_new_tokens
+
+
+def test_the_progress_line_shows_the_mean_reward_of_the_last_step(tmp_path, monkeypatch):
+    """GRPO's progress line gave its policy loss alone, which says little of whether answers improve."""
+    (tmp_path / "one.py").write_text("def score(answer, reference):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = validate({"train": {"objective": "grpo", "group_size": GROUP, "rewards": ["one:score"]}})
+    objective = GRPO(cfg, None, PADDED, 0, SimpleNamespace())
+    assert objective.shown() == {}  # before any step
+    # a step's statistics as fit reads them: the rewards' (sum, count) known on the host, kl's read from the device
+    objective._unread = (["kl"], None, {"reward/total/mean": (3.0, 4.0)})
+    objective.settle([0.2, 4.0])
+    assert objective.shown() == {"reward": 0.75}

@@ -5,6 +5,7 @@ reference copy, and the objectives' statistics reach metrics.jsonl and the repor
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import pytest
@@ -92,6 +93,9 @@ def test_grpo_statistics_reach_the_metrics_and_the_report(tiny_model_dir, tmp_pa
                 "clip_fraction"):
         assert all(f"objective/{key}" in r for r in train), key
     assert 0 < train[0]["objective/completion_length"] <= 8
+    # the progress line gives the mean reward beside the loss (a policy loss alone says little of progress)
+    shown = re.search(r"train 2/2 \| loss \S+ \| lr \S+ \| tok/s \d+ \| reward (\S+) \|", done.stderr)
+    assert shown and float(shown.group(1)) == pytest.approx(train[-1]["objective/reward/total/mean"], abs=1e-3), done.stderr
     evals = records(run, "eval")
     assert evals and evals[-1]["eval_loss"] <= 0  # minus the mean reward of greedy answers
     assert not any("perplexity" in r for r in evals)  # exp(-reward) would mean nothing

@@ -45,6 +45,7 @@ class Objective:
 
     name = "objective"
     terms: tuple[str, ...] = ()  # the names of the loss sums `loss` returns, each with its count in Batch.counts
+    SHOWN: dict[str, str] = {}  # statistic -> its label on the progress line (the loss alone says little here)
 
     def __init__(self, cfg, reference=None, layout: str = "padded", pad_id: int = 0):
         self.cfg, self.train_cfg = cfg, cfg.train
@@ -124,6 +125,10 @@ class Objective:
         if self._unread:
             self.settle(host_floats(*self.unread()))
         return self._metrics
+
+    def shown(self) -> dict[str, float]:
+        """The last step's figures the progress line shows beside the loss (`SHOWN`: statistic -> label)."""
+        return {label: self.last_metrics[key] for key, label in self.SHOWN.items() if key in self.last_metrics}
 
     def step_metrics(self) -> dict[str, float]:
         """The last step's statistics, for the training records (metrics.jsonl)."""

@@ -47,6 +47,7 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
 
 class GRPO(Objective):
     name = "grpo"
+    SHOWN = {"reward/total/mean": "reward"}
 
     def __init__(self, cfg, reference, layout, pad_id, tokenizer):
         super().__init__(cfg, reference, layout, pad_id)

@@ -20,6 +20,7 @@ from .pairwise import PairObjective
 class KTO(PairObjective):
     name = "kto"
     terms = ("examples",)
+    SHOWN = {"rewards/desirable": "desirable", "rewards/undesirable": "undesirable"}
     uses_reference = True
 
     def batch(self, examples: list, key=None) -> Batch:

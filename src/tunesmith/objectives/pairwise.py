@@ -12,6 +12,7 @@ from .logps import per_sequence, sequence_batch, token_logps
 
 class PairObjective(Objective):
     terms = ("pairs",)
+    SHOWN = {"rewards/accuracy": "acc", "rewards/margin": "margin"}
     uses_reference = False
 
     def batch(self, examples: list, key=None) -> Batch:

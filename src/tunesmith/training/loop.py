@@ -186,7 +186,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
         if evaluate:
             each = sum(eval_times) / len(eval_times) if eval_times else eval_seconds
             progress.expect(evaluations_ahead(step, steps, cfg.eval.every_steps, each), "evaluating")
-        progress.update(step, loss=mean_loss, lr=lr, **{"tok/s": int(speed)})
+        progress.update(step, loss=mean_loss, lr=lr, **{"tok/s": int(speed)}, **(objective.shown() if objective else {}))
         window_tokens, window_steps, window_start, window_from = 0, 0, now, len(state.losses)
 
     with deferred_signals() as caught:
