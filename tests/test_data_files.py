@@ -414,3 +414,25 @@ def test_answers_that_differ_only_in_their_reasoning_are_not_duplicates():
     conversations = [record("91 = 7 x 13."), record("It is odd, but 7 divides it."), record("91 = 7 x 13.")]
     keep, problems, counts = deduplicate(conversations, [("d.jsonl", n) for n in (1, 2, 3)])
     assert keep == [0, 1] and counts == {"duplicate (exact)": 1} and problems[0].line == 3
+
+
+def test_a_validation_split_emptied_by_the_drops_is_said(tmp_path, tiny_tokenizer):
+    """The validation share is held out before the length and template checks: where they dropped it
+    all, the run trained without an eval loss, early stopping or best weights, and said only
+    'validation 0' among the counts."""
+    from tunesmith.data.check import data_lines
+    from tunesmith.data.prepare import _hold_out
+
+    cfg = DataConfig(train=str(tmp_path / "train.jsonl"), max_seq_len=64, validation_share=0.2)
+    n = 5
+    held = _hold_out((list(range(n)), list(range(n))), [1.0] * n, cfg)[1][0]  # the record(s) the seed holds out
+    rows = [{"prompt": f"Question {i}?", "completion": ("word " * 200 if i in held else f"Answer {i}.")} for i in range(n)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    prepared = prepare(cfg, tiny_tokenizer)
+    assert len(prepared.splits["train"]) == n - len(held) and not prepared.splits["validation"]
+    lines = data_lines(prepared, cfg)
+    assert ("warning: no validation example is left in the held-out share of train (data.validation_share) after "
+            "the drops above: this run has no eval loss") in "\n".join(lines)
+    rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(n)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    assert not any("warning" in line for line in data_lines(prepare(cfg, tiny_tokenizer), cfg))

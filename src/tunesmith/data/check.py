@@ -117,6 +117,13 @@ def data_lines(prepared: Prepared, cfg: DataConfig) -> list[str]:
         tokens = f"{summary['tokens']['train']} train tokens ({summary['label_tokens']['train']} with a loss)"
     lines = [f"data: examples {counts}; {tokens}; dropped: {dropped}"]
     lines += [f"  skipped {problem}" for problem in prepared.problems[:5]]
+    validation = prepared.splits.get("validation")
+    if validation is not None and not validation and train:
+        # Held out of train before the checks: the drops can take all of it, and the run then goes blind.
+        source = (f"data.validation ({cfg.validation})" if cfg.validation else
+                  "the held-out share of train (data.validation_share)" + (" after the drops above" if prepared.problems else ""))
+        lines.append(f"warning: no validation example is left in {source}: this run has no eval loss, early stopping "
+                     "or best-weight selection; give data.validation a file of usable records")
     hint = length_hint(prepared, cfg)
     return lines + ([hint_line(hint)] if hint else [])
 
