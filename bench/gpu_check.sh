@@ -39,7 +39,8 @@ if [ "${1:-}" = "prepare" ]; then
     for pkg in transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 \
                pydantic==2.12.5 pydantic-core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2 \
                gguf==0.19.0 multiprocess==0.70.18 dill==0.4.0 bm25s==0.3.16 datasketch==2.0.0 \
-               nltk==3.10.4 defusedxml==0.7.1; do
+               nltk==3.10.4 defusedxml==0.7.1 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
+               referencing==0.37.0 rpds-py==2026.9.1; do
         $PY -m pip download -q --no-deps --only-binary=:all: --python-version "${WHEEL_PYTHON:-3.12}" \
             --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
             --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \

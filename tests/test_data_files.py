@@ -436,3 +436,32 @@ def test_a_validation_split_emptied_by_the_drops_is_said(tmp_path, tiny_tokenize
     rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(n)]
     write_jsonl(tmp_path / "train.jsonl", rows)
     assert not any("warning" in line for line in data_lines(prepare(cfg, tiny_tokenizer), cfg))
+
+
+def test_tool_call_arguments_are_checked_against_their_schema_types_and_enums():
+    """Only the function's name and its required arguments were checked: a call passing a number as
+    text, or a value outside the schema's enum, trained the model to make calls its tools reject."""
+    from tunesmith.data.formats import to_example
+    from tunesmith.data.tools import FormatError
+
+    weather = {"name": "get_weather", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["city"],
+        "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                       "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}
+
+    def record(arguments, tool=weather):
+        return {"tools": [tool], "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather",
+                                                                              "arguments": arguments}}]}]}
+
+    assert to_example(record({"city": "Oslo", "days": 3, "unit": "celsius"}))
+    for arguments, reason in [({"city": "Oslo", "days": "3"}, r"arguments\['days'\]: '3' is not of type 'integer'"),
+                              ({"city": "Oslo", "unit": "kelvin"}, r"arguments\['unit'\]: 'kelvin' is not one of"),
+                              ({"city": "Oslo", "country": "NO"}, r"arguments: Additional properties .*'country'")]:
+        with pytest.raises(FormatError, match=reason) as caught:
+            to_example(record(arguments))
+        assert caught.value.kind == "tool call: arguments unlike the schema"
+    # A schema that is not JSON Schema ("int", as some data sets write) is not held against the call.
+    sloppy = {"name": "get_weather", "parameters": {"type": "object", "properties": {"days": {"type": "int"}}}}
+    assert to_example(record({"days": "3"}, sloppy))

@@ -157,6 +157,13 @@ def test_tool_call_metrics_read_each_familys_wrapping():
     mixed = example_scores(["4", answers[0]], ["4", ""], expected_calls=[None, expected], tools=[None, tools])
     assert mixed[0]["exact_match"] == 1 and mixed[1]["tool_arguments_exact"] == 1
     assert json.dumps(rows[0])
+    # A call the tool would reject for a type or an enum is not valid, though its name is right.
+    tools[0]["function"]["parameters"]["properties"]["unit"] = {"type": "string", "enum": ["celsius", "fahrenheit"]}
+    calls = ['{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}',
+             '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "kelvin"}}',
+             '{"name": "get_weather", "arguments": {"city": 47}}']
+    rows = example_scores(calls, [""] * 3, expected_calls=[expected] * 3, tools=[tools] * 3)
+    assert [(r["tool_call_valid"], r["tool_name_accuracy"]) for r in rows] == [(1, 1), (0, 1), (0, 1)]
 
 
 def test_repetition_counts_the_word_4grams_an_answer_repeats():

@@ -23,8 +23,9 @@ from pathlib import Path
 # raw text test documents whole; 7: duplicates across data.mix sources removed, every training
 # example near an eval one removed, a weight-0 answer's conversation cut right, hidden files skipped;
 # 8: a CSV record's origin is the line it starts on; 9: a null text is dropped as empty, not missing;
-# 10: a conversation ending after its last answer is refused, roles read in any case.
-FORMAT_VERSION = 10
+# 10: a conversation ending after its last answer is refused, roles read in any case;
+# 11: tool-call arguments checked against their JSON schema (types, enums).
+FORMAT_VERSION = 11
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 EXTRA_TEMPLATES = "additional_chat_templates"  # transformers' folder of further named templates

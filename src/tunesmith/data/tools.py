@@ -5,7 +5,8 @@ A record may declare `tools` (OpenAI / transformers style: `{"type": "function",
 `tool_calls` (`{"id", "type": "function", "function": {"name", "arguments"}}`, arguments an object or a
 JSON string) and `reasoning_content`; `tool` messages carry a call's result. Each tool call is checked
 against the declared schemas: an unknown function, a missing required argument or arguments that are
-not a JSON object make the record a FormatError (reported with file, line and reason, and left out).
+not a JSON object, or arguments unlike the schema (a type, an enum: checked with jsonschema) make the
+record a FormatError (reported with file, line and reason, and left out).
 
 The declared tools travel with the conversation as a first pseudo-message of role `tools`, so a
 conversation stays a list of messages everywhere (cache, splits, evaluation); `split_tools` takes it
@@ -144,6 +145,29 @@ def check_calls(messages: list[dict], tools: list[dict] | None) -> None:
             if missing:
                 raise FormatError("tool call: missing required argument",
                                   f"{where} calls '{name}' without {', '.join(repr(k) for k in missing)}")
+            problem = argument_problem(arguments, declared[name].get("parameters"))
+            if problem:
+                raise FormatError("tool call: arguments unlike the schema", f"{where} calls '{name}' with {problem}")
+
+
+def argument_problem(arguments, parameters: dict | None) -> str | None:
+    """Why a call's arguments do not fit its function's JSON schema (a type, an enum, an argument the
+    schema does not allow, a required one missing), or None; a schema that is not valid JSON Schema
+    (`"type": "int"`, as some data sets write) is not held against the call."""
+    from jsonschema import Draft202012Validator, SchemaError
+    from jsonschema.exceptions import best_match
+
+    if not parameters:
+        return None
+    try:
+        Draft202012Validator.check_schema(parameters)
+    except SchemaError:
+        return None
+    error = best_match(Draft202012Validator(parameters).iter_errors(arguments))
+    if error is None:
+        return None
+    path = "".join(f"[{part!r}]" for part in error.absolute_path)
+    return f"arguments{path}: {error.message}"
 
 
 def call_text(call: dict) -> str:

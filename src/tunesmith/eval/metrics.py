@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from ..data.tools import argument_problem
 from ..errors import UserError
 
 
@@ -186,8 +187,9 @@ def parse_tool_calls(text: str) -> list[dict]:
 
 
 def tool_call_scores(prediction: str, expected: list[dict], tools: list[dict] | None) -> dict[str, float]:
-    """For an answer that should call tools: its calls are valid (known functions, required arguments
-    present, arguments a JSON object), the function names are right, and the arguments match exactly."""
+    """For an answer that should call tools: its calls are valid (known functions, arguments a JSON
+    object that fits the function's schema: required ones present, types and enums), the function names
+    are right, and the arguments match exactly."""
     got = parse_tool_calls(prediction)
     want = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in expected]
     declared = {t["function"]["name"]: t["function"] for t in tools or []}
@@ -195,7 +197,8 @@ def tool_call_scores(prediction: str, expected: list[dict], tools: list[dict] | 
     def valid(call: dict) -> bool:
         schema = declared.get(call["name"])
         required = ((schema or {}).get("parameters") or {}).get("required") or []
-        return schema is not None and isinstance(call["arguments"], dict) and all(k in call["arguments"] for k in required)
+        return (schema is not None and isinstance(call["arguments"], dict) and all(k in call["arguments"] for k in required)
+                and argument_problem(call["arguments"], schema.get("parameters")) is None)
 
     return {"tool_call_valid": float(bool(got) and all(valid(c) for c in got)),
             "tool_name_accuracy": float([c["name"] for c in got] == [c["name"] for c in want]),
