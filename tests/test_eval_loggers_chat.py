@@ -236,3 +236,52 @@ def test_a_failing_dashboard_is_left_out_and_a_refused_mlflow_run_is_ended(tmp_p
     assert "ConnectionError: wandb.ai unreachable" in capsys.readouterr().err
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert ("mlflow", 1) in calls and ("mlflow", 2) in calls and calls.count("wandb-finish") == 1
+
+
+def test_chat_and_generate_take_tools_say_the_calls_and_take_their_results(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A model trained on tool calls could not be tried with its tools: chat and generate had no way to
+    declare them, nor to see the calls an answer made or give a call its result."""
+    import shutil
+
+    from helpers import CHATML
+    from tunesmith.data.tokenize import render
+    from tunesmith.eval import chat as module
+    from tunesmith.models import load_tokenizer
+
+    tools = [{"name": "get_weather", "parameters": {"type": "object", "required": ["city"], "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}]
+    (tmp_path / "tools.json").write_text(json.dumps(tools))
+    renders = tmp_path / "renders"
+    shutil.copytree(tiny_model_dir, renders)
+    (renders / "chat_template.jinja").write_text(
+        "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}" + CHATML)
+    answers = iter(['<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "kelvin"}}</tool_call>',
+                    "It is 4 degrees in Oslo.", '{"name": "get_weather", "arguments": {"city": "Bergen"}}'])
+    prompts = []
+
+    def reply(model, tokenizer, messages, *args):
+        prompts.append(render(tokenizer, messages, add_generation_prompt=True))
+        return next(answers)
+
+    monkeypatch.setattr(module, "stream_reply", reply)
+    said, out = iter(["/tool 4 degrees", "Weather in Oslo?", "/tool 4 degrees", "/exit"]), io.StringIO()
+    messages = module.chat(str(renders), system="", max_new_tokens=16, read=lambda prompt: next(said), out=out,
+                           tools=str(tmp_path / "tools.json"))
+    text = out.getvalue()
+    assert "(no tool call to answer yet)" in text and "/tool TEXT gives the result" in text
+    assert ("(tool call: get_weather {\"city\": \"Oslo\", \"unit\": \"kelvin\"} - arguments unlike the schema: calls "
+            "'get_weather' with arguments['unit']: 'kelvin' is not one of ['celsius', 'fahrenheit'])") in text
+    assert [m["role"] for m in messages] == ["tools", "user", "assistant", "tool", "assistant"]
+    assert messages[3]["content"] == "4 degrees" and "<tools>" in prompts[0] and "4 degrees" in prompts[1]
+    assert "does not render tools" not in text
+    # generate: the call said (valid) on stderr; a template without tools is said to leave them out
+    monkeypatch.setattr(module, "stream_reply", reply)
+    module.generate_once(str(tiny_model_dir), "Weather in Bergen?", system="", tools=str(tmp_path / "tools.json"))
+    assert "<tools>" not in prompts[-1]
+    err = capsys.readouterr().err
+    assert "the chat template does not render tools" in err and '(tool call: get_weather {"city": "Bergen"} - valid)' in err
+    (tmp_path / "broken.json").write_text('[{"name": "get_weather",\n "parameters": }]')
+    with pytest.raises(UserError, match=r"broken.json: line 2: not valid JSON"):
+        module.read_tools(str(tmp_path / "broken.json"))
+    assert load_tokenizer(str(renders))  # the copied folder is a model folder still

@@ -7,7 +7,7 @@ import sys
 from importlib import resources
 
 from .errors import Interrupted, UserError, one_line, plain_warnings
-from .flags import COUNT, NUMBER, SIZE, at_least, share
+from .flags import COUNT, NUMBER, SIZE, add_decoding_options, add_prompt_options, at_least, share
 from .eval.decoding import LoopGuard
 from .eval.evidence import demo_lines
 from .methods import NAMES as METHOD_NAMES
@@ -65,7 +65,7 @@ def cmd_compare(args) -> int:
 def cmd_chat(args) -> int:
     from .eval.chat import chat
 
-    chat(args.model, args.system, args.max_new_tokens, args.temperature, guard=LoopGuard.of(args))
+    chat(args.model, args.system, args.max_new_tokens, args.temperature, guard=LoopGuard.of(args), tools=args.tools)
     return 0
 
 
@@ -80,7 +80,7 @@ def cmd_generate(args) -> int:
     from .eval.chat import generate_once
 
     generate_once(args.model, args.prompt, args.system, args.raw, args.max_new_tokens, args.temperature,
-                  LoopGuard.of(args))
+                  LoopGuard.of(args), args.tools)
     return 0
 
 
@@ -163,15 +163,6 @@ def cmd_pairs(args) -> int:
     return 0
 
 
-def _add_decoding_options(p, max_new_tokens: int) -> None:
-    """How the commands that generate (eval, compare, chat, generate) decode answers."""
-    p.add_argument("--max-new-tokens", type=SIZE, default=max_new_tokens)
-    p.add_argument("--temperature", type=NUMBER, default=0.0, help="0 = greedy; above 0 samples")
-    p.add_argument("--repetition-penalty", type=NUMBER, default=1.0, help="above 1: tokens already said less likely")
-    p.add_argument("--no-repeat-ngram-size", type=COUNT, default=0, help="never repeat a token n-gram of this size in "
-                                                                       "an answer (4 stops loops; 0 = off)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pre-trained language models on your data.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -240,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="talk to a model or fine-tuned run in the terminal, answers streamed")
     p.add_argument("model")
-    p.add_argument("--system", default=None, help="system prompt (default: the one a run trained with; '' for none)")
-    _add_decoding_options(p, max_new_tokens=256)
+    add_prompt_options(p)
+    add_decoding_options(p, max_new_tokens=256)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("report", help="write report.html (self-contained) and report.json of a run folder")
@@ -251,10 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="answer one prompt, streamed")
     p.add_argument("model")
     p.add_argument("prompt")
-    p.add_argument("--system", default=None, help="system prompt (default: the one a run trained with; '' for none)")
+    add_prompt_options(p)
     p.add_argument("--raw", action=argparse.BooleanOptionalAction, default=None,
                    help="continue the prompt as written, no chat template (default: so for a run trained on raw text)")
-    _add_decoding_options(p, max_new_tokens=128)
+    add_decoding_options(p, max_new_tokens=128)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("config", help="print the default config with every field documented, or --check a file")
@@ -363,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_scoring_options(p) -> None:
-    _add_decoding_options(p, max_new_tokens=96)
+    add_decoding_options(p, max_new_tokens=96)
     p.add_argument("--batch-size", type=SIZE, default=16)
     p.add_argument("--limit", type=SIZE, default=None, help="only the first N examples of the file")
     p.add_argument("--scorer", default=None, help="your own metric as module:function (prediction, reference) -> float")

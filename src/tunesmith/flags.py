@@ -31,3 +31,19 @@ def share(text: str) -> float:
 
 COUNT, SIZE = at_least(0), at_least(1)  # 0 allowed (off, none) / a size of at least one
 NUMBER = at_least(0.0, float)
+
+
+def add_decoding_options(p, max_new_tokens: int) -> None:
+    """How the commands that generate (eval, compare, chat, generate) decode answers."""
+    p.add_argument("--max-new-tokens", type=SIZE, default=max_new_tokens)
+    p.add_argument("--temperature", type=NUMBER, default=0.0, help="0 = greedy; above 0 samples")
+    p.add_argument("--repetition-penalty", type=NUMBER, default=1.0, help="above 1: tokens already said less likely")
+    p.add_argument("--no-repeat-ngram-size", type=COUNT, default=0, help="never repeat a token n-gram of this size in "
+                                                                       "an answer (4 stops loops; 0 = off)")
+
+
+def add_prompt_options(p) -> None:
+    """What chat and generate put before the user's words."""
+    p.add_argument("--system", default=None, help="system prompt (default: the one a run trained with; '' for none)")
+    p.add_argument("--tools", default=None, help="JSON file of tools (function schemas, as a record's `tools`) the "
+                                                 "chat template renders; the answers' tool calls are said and checked")

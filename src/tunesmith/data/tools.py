@@ -131,23 +131,28 @@ def _checked_call(call, where: str) -> dict:
 
 
 def check_calls(messages: list[dict], tools: list[dict] | None) -> None:
-    """Every tool call names a declared function and gives its required arguments."""
-    declared = {t["function"]["name"]: t["function"] for t in tools or []}
+    """Every tool call names a declared function, with arguments that fit its schema."""
     for index, message in enumerate(messages):
         for number, call in enumerate(message.get("tool_calls") or []):
-            name, arguments = call["function"]["name"], call["function"]["arguments"]
-            where = f"messages[{index}].tool_calls[{number}]"
-            if name not in declared:
-                known = ", ".join(sorted(declared)) or "none declared in the record's 'tools'"
-                raise FormatError("tool call: unknown function", f"{where} calls '{name}' (known: {known})")
-            required = (declared[name].get("parameters") or {}).get("required") or []
-            missing = [key for key in required if key not in arguments]
-            if missing:
-                raise FormatError("tool call: missing required argument",
-                                  f"{where} calls '{name}' without {', '.join(repr(k) for k in missing)}")
-            problem = argument_problem(arguments, declared[name].get("parameters"))
-            if problem:
-                raise FormatError("tool call: arguments unlike the schema", f"{where} calls '{name}' with {problem}")
+            found = call_problem(call["function"]["name"], call["function"]["arguments"], tools)
+            if found:
+                raise FormatError(found[0], f"messages[{index}].tool_calls[{number}] {found[1]}")
+
+
+def call_problem(name: str, arguments, tools: list[dict] | None) -> tuple[str, str] | None:
+    """(kind, detail) of what is wrong with a call of `name` against the declared tools, or None."""
+    declared = {t["function"]["name"]: t["function"] for t in tools or []}
+    if name not in declared:
+        known = ", ".join(sorted(declared)) or "none declared in the record's 'tools'"
+        return "tool call: unknown function", f"calls '{name}' (known: {known})"
+    if not isinstance(arguments, dict):
+        return "tool call: arguments not valid JSON", f"calls '{name}' with arguments that are not a JSON object"
+    parameters = declared[name].get("parameters") or {}
+    missing = [key for key in parameters.get("required") or [] if key not in arguments]
+    if missing:
+        return "tool call: missing required argument", f"calls '{name}' without {', '.join(repr(k) for k in missing)}"
+    problem = argument_problem(arguments, parameters)
+    return ("tool call: arguments unlike the schema", f"calls '{name}' with {problem}") if problem else None
 
 
 def argument_problem(arguments, parameters: dict | None) -> str | None:

@@ -1,15 +1,21 @@
 """Talk to a model or fine-tuned run in the terminal, answers streamed as they are generated."""
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import torch
 
-from ..data.tokenize import prompt_ids, stop_ids, token_ids, until_stop
+from ..data.tokenize import prompt_ids, render, stop_ids, token_ids, until_stop
+from ..data.tools import TOOLS_ROLE, FormatError, call_problem, checked_tools
+from ..errors import UserError
 from .decoding import LoopGuard
 from .generate import merged_adapter, merged_for_good
+from .metrics import parse_tool_calls
 
 HELP = "type a message; /reset starts over, /exit (or Ctrl-D) ends"
+TOOL_HELP = "; /tool TEXT gives the result of the model's last tool call and lets it answer"
 
 
 def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0,
@@ -40,23 +46,59 @@ def stream_continuation(model, tokenizer, prompt: list[int], max_new_tokens: int
                             skip_special_tokens=True).strip()
 
 
-def opening(model_or_run: str, system: str | None, out=sys.stderr) -> list[dict]:
-    """A conversation's first messages: the system prompt given ("" for none), else the one the run trained with."""
+def opening(model_or_run: str, system: str | None, out=None, tools: list[dict] | None = None,
+            tokenizer=None) -> list[dict]:
+    """A conversation's first messages: the declared tools, then the system prompt given ("" for
+    none), else the one the run trained with."""
     from ..runs import system_prompt_of
 
+    out = out or sys.stderr
     if system is None:
         system = system_prompt_of(model_or_run)
         if system:
             print(f"system prompt (the one the run trained with; --system '' for none): {system}", file=out)
-    return [{"role": "system", "content": system}] if system else []
+    start = [{"role": "system", "content": system}] if system else []
+    if not tools:
+        return start
+    probe = start + [{"role": "user", "content": "?"}]
+    if tokenizer is not None and render(tokenizer, probe) == render(tokenizer, [{"role": TOOLS_ROLE, "content": "", "tools": tools}] + probe):
+        print("(the chat template does not render tools: the model is not shown them; data.chat_template sets one "
+              "that does)", file=out)
+    return [{"role": TOOLS_ROLE, "content": "", "tools": tools}] + start
+
+
+def read_tools(path: str | None) -> list[dict] | None:
+    """--tools FILE: a JSON list of tools (function schemas, as a record's `tools`), or {"tools": [...]}."""
+    if not path:
+        return None
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+        return checked_tools(value.get("tools") if isinstance(value, dict) and "tools" in value else value)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the tools ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    except FormatError as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+def say_tool_calls(answer: str, tools: list[dict] | None, out) -> None:
+    """Each tool call in an answer, on a line of its own, with what is wrong with it against the tools."""
+    for call in parse_tool_calls(answer) if tools else []:
+        found = call_problem(call["name"], call["arguments"], tools)
+        wrong = f" - {found[0].removeprefix('tool call: ')}: {found[1]}" if found else " - valid"
+        print(f"(tool call: {call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}{wrong})", file=out)
 
 
 def generate_once(model_or_run: str, prompt: str, system: str | None = None, raw: bool | None = None,
-                  max_new_tokens: int = 128, temperature: float = 0.0, guard: LoopGuard = LoopGuard()) -> str:
+                  max_new_tokens: int = 128, temperature: float = 0.0, guard: LoopGuard = LoopGuard(),
+                  tools: str | None = None) -> str:
     """One answer to the prompt, streamed; `raw`: the text continued as written, with no chat
-    template (None: so for a run trained on raw text, which is how it read its data)."""
+    template (None: so for a run trained on raw text, which is how it read its data); `tools`: a
+    JSON file of tools the template renders, the answer's calls said and checked against them."""
     from ..runs import load_trained, trained_on_raw_text
 
+    declared = read_tools(tools)  # a mistake in the file is said before the model loads
     model, tokenizer, _ = load_trained(model_or_run)
     model = merged_for_good(model)
     if raw is None and trained_on_raw_text(model_or_run):
@@ -66,23 +108,27 @@ def generate_once(model_or_run: str, prompt: str, system: str | None = None, raw
     if raw:
         return stream_continuation(model, tokenizer, token_ids(tokenizer, [prompt])[0], max_new_tokens, temperature,
                                    guard=guard)
-    messages = opening(model_or_run, system) + [{"role": "user", "content": prompt}]
-    return stream_reply(model, tokenizer, messages, max_new_tokens, temperature, None, guard)
+    messages = opening(model_or_run, system, tools=declared, tokenizer=tokenizer) + [{"role": "user", "content": prompt}]
+    answer = stream_reply(model, tokenizer, messages, max_new_tokens, temperature, None, guard)
+    say_tool_calls(answer, declared, sys.stderr)
+    return answer
 
 
 def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0,
-         read=input, out=sys.stdout, guard: LoopGuard = LoopGuard()) -> list[dict]:
-    """A conversation loop; each answer joins the history. Returns the conversation."""
+         read=input, out=sys.stdout, guard: LoopGuard = LoopGuard(), tools: str | None = None) -> list[dict]:
+    """A conversation loop; each answer joins the history. Returns the conversation. `tools`: a JSON
+    file of tools the template renders; the answers' calls are said, and `/tool TEXT` answers one."""
     from ..runs import load_trained, trained_on_raw_text
 
+    declared = read_tools(tools)
     model, tokenizer, _ = load_trained(model_or_run)
     model = merged_for_good(model)
     if trained_on_raw_text(model_or_run):
         print("the run trained on raw text, not on chat turns: `tunesmith generate RUN TEXT` continues a text",
               file=out)
-    start = opening(model_or_run, system, out)
+    start = opening(model_or_run, system, out, declared, tokenizer)
     messages = list(start)
-    print(HELP, file=out)
+    print(HELP + (TOOL_HELP if declared else ""), file=out)
     while True:
         try:
             line = read("you> ")
@@ -97,13 +143,20 @@ def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256
             continue
         if not text:
             continue
-        messages.append({"role": "user", "content": text})
+        if declared and text.startswith("/tool"):  # a tool's result, the model's turn again
+            if not messages or messages[-1]["role"] not in ("assistant", "tool"):
+                print("(no tool call to answer yet)", file=out)
+                continue
+            messages.append({"role": "tool", "content": text.removeprefix("/tool").strip()})
+        else:
+            messages.append({"role": "user", "content": text})
         messages = within_context(model, tokenizer, messages, len(start), max_new_tokens, out)
-        if not messages or messages[-1]["role"] != "user":  # the message alone leaves no room for an answer
+        if not messages or messages[-1]["role"] not in ("user", "tool"):  # the message alone leaves no room for an answer
             continue
         print("model> ", end="", file=out, flush=True)
         messages.append({"role": "assistant",
                          "content": stream_reply(model, tokenizer, messages, max_new_tokens, temperature, out, guard)})
+        say_tool_calls(messages[-1]["content"], declared, out)
     return messages
 
 

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from ..data.tools import argument_problem
+from ..data.tools import call_problem
 from ..errors import UserError
 
 
@@ -192,15 +192,8 @@ def tool_call_scores(prediction: str, expected: list[dict], tools: list[dict] | 
     are right, and the arguments match exactly."""
     got = parse_tool_calls(prediction)
     want = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in expected]
-    declared = {t["function"]["name"]: t["function"] for t in tools or []}
-
-    def valid(call: dict) -> bool:
-        schema = declared.get(call["name"])
-        required = ((schema or {}).get("parameters") or {}).get("required") or []
-        return (schema is not None and isinstance(call["arguments"], dict) and all(k in call["arguments"] for k in required)
-                and argument_problem(call["arguments"], schema.get("parameters")) is None)
-
-    return {"tool_call_valid": float(bool(got) and all(valid(c) for c in got)),
+    valid = [call_problem(call["name"], call["arguments"], tools) is None for call in got]
+    return {"tool_call_valid": float(bool(got) and all(valid)),
             "tool_name_accuracy": float([c["name"] for c in got] == [c["name"] for c in want]),
             "tool_arguments_exact": float(same_value(got, want))}
 
