@@ -465,3 +465,17 @@ def test_tool_call_arguments_are_checked_against_their_schema_types_and_enums():
     # A schema that is not JSON Schema ("int", as some data sets write) is not held against the call.
     sloppy = {"name": "get_weather", "parameters": {"type": "object", "properties": {"days": {"type": "int"}}}}
     assert to_example(record({"days": "3"}, sloppy))
+
+
+def test_a_tool_schema_referring_elsewhere_is_not_fetched_nor_a_crash():
+    """A `$ref` the schema does not hold (OpenAPI-derived tools) crashed data preparation with a
+    referencing error, and one to a URL was fetched, without a timeout, for every call."""
+    from unittest import mock
+
+    from tunesmith.data.tools import argument_problem
+
+    for ref in ("#/components/schemas/Unit", "http://127.0.0.1:9/unit.json"):
+        schema = {"type": "object", "properties": {"unit": {"$ref": ref}, "days": {"type": "integer"}}}
+        with mock.patch("urllib.request.urlopen", side_effect=AssertionError("fetched")):
+            assert argument_problem({"unit": "kelvin"}, schema) is None
+            assert argument_problem({"days": "3"}, schema) == "arguments['days']: '3' is not of type 'integer'"

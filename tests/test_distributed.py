@@ -214,12 +214,15 @@ def test_a_two_rank_run_with_dropout_resumes_to_the_uninterrupted_runs_weights(t
 
 
 @pytest.mark.slow
-def test_fsdp2_keeps_and_restores_the_best_weights_of_its_shards(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp2_keeps_and_restores_the_best_weights_of_its_shards(method, tiny_model_dir, tmp_path):
     """FSDP2 with evaluations during training failed at the first one: the best weights were DTensors,
-    which safetensors cannot save. Each rank keeps its own shards; restored, they equal one process's."""
+    which safetensors cannot save. Each rank keeps its own shards; restored, they equal one process's.
+    full: an evaluation left the root's weights (embeddings, final norm) gathered, and the restore
+    wrote the best ones into that copy, which was dropped: the saved model mixed the steps."""
     opts = {"max_steps": 6, "evaluation": {"every_steps": 2}}
-    one = write_config(tmp_path, tiny_model_dir, "one", **opts)
-    two = write_config(tmp_path, tiny_model_dir, "two", fsdp=True, **opts)
+    one = write_config(tmp_path, tiny_model_dir, "one", method, **opts)
+    two = write_config(tmp_path, tiny_model_dir, "two", method, fsdp=True, **opts)
     done = subprocess.run([sys.executable, str(HERE / "dist_patched.py"), str(one), "worse-eval-from-3"],
                           capture_output=True, text=True, timeout=300, env=env())
     assert done.returncode == 0, done.stderr[-3000:]

@@ -257,7 +257,8 @@ def test_chat_and_generate_take_tools_say_the_calls_and_take_their_results(tiny_
     (renders / "chat_template.jinja").write_text(
         "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}" + CHATML)
     answers = iter(['<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "kelvin"}}</tool_call>',
-                    "It is 4 degrees in Oslo.", '{"name": "get_weather", "arguments": {"city": "Bergen"}}'])
+                    "It is 4 degrees in Oslo.", "A toolbox holds tools.",
+                    '{"name": "get_weather", "arguments": {"city": "Bergen"}}'])
     prompts = []
 
     def reply(model, tokenizer, messages, *args):
@@ -265,14 +266,16 @@ def test_chat_and_generate_take_tools_say_the_calls_and_take_their_results(tiny_
         return next(answers)
 
     monkeypatch.setattr(module, "stream_reply", reply)
-    said, out = iter(["/tool 4 degrees", "Weather in Oslo?", "/tool 4 degrees", "/exit"]), io.StringIO()
+    said = iter(["/tool 4 degrees", "Weather in Oslo?", "/tool 4 degrees", "/toolbox is a word", "/tool again", "/exit"])
+    out = io.StringIO()
     messages = module.chat(str(renders), system="", max_new_tokens=16, read=lambda prompt: next(said), out=out,
                            tools=str(tmp_path / "tools.json"))
     text = out.getvalue()
-    assert "(no tool call to answer yet)" in text and "/tool TEXT gives the result" in text
+    # /tool before any call, and after an answer that made none, is refused; "/toolbox" is a user message
+    assert text.count("(no tool call to answer: the last answer made none)") == 2 and "/tool TEXT gives the result" in text
     assert ("(tool call: get_weather {\"city\": \"Oslo\", \"unit\": \"kelvin\"} - arguments unlike the schema: calls "
             "'get_weather' with arguments['unit']: 'kelvin' is not one of ['celsius', 'fahrenheit'])") in text
-    assert [m["role"] for m in messages] == ["tools", "user", "assistant", "tool", "assistant"]
+    assert [m["role"] for m in messages] == ["tools", "user", "assistant", "tool", "assistant", "user", "assistant"]
     assert messages[3]["content"] == "4 degrees" and "<tools>" in prompts[0] and "4 degrees" in prompts[1]
     assert "does not render tools" not in text
     # generate: the call said (valid) on stderr; a template without tools is said to leave them out
@@ -281,6 +284,17 @@ def test_chat_and_generate_take_tools_say_the_calls_and_take_their_results(tiny_
     assert "<tools>" not in prompts[-1]
     err = capsys.readouterr().err
     assert "the chat template does not render tools" in err and '(tool call: get_weather {"city": "Bergen"} - valid)' in err
+    # A template that refuses the tool message (Mistral's wants call ids): said, the message left out, the chat goes on
+    (renders / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('tool results need a tool_call_id') }}"
+        "{% endif %}{% endfor %}" + CHATML)
+    answers = iter(['{"name": "get_weather", "arguments": {"city": "Oslo"}}', "Hello."])
+    said, out = iter(["Weather in Oslo?", "/tool 4 degrees", "Hi", "/exit"]), io.StringIO()
+    messages = module.chat(str(renders), system="", max_new_tokens=16, read=lambda prompt: next(said), out=out,
+                           tools=str(tmp_path / "tools.json"))
+    assert "(chat template refused the conversation (tool results need a tool_call_id): that message is left out)" \
+        in out.getvalue()
+    assert [m["role"] for m in messages] == ["tools", "user", "assistant", "user", "assistant"]
     (tmp_path / "broken.json").write_text('[{"name": "get_weather",\n "parameters": }]')
     with pytest.raises(UserError, match=r"broken.json: line 2: not valid JSON"):
         module.read_tools(str(tmp_path / "broken.json"))

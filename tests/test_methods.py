@@ -347,6 +347,27 @@ def test_full_fine_tune_of_a_bf16_model_is_mixed_precision(tiny_model_dir, tiny_
     assert changed > 0.9 * sum(b.numel() for b in before)  # in bf16 most of these updates would round away
 
 
+def test_a_full_fine_tune_in_bf16_builds_without_weights_and_casts_where_its_inputs_are(tiny_model_dir, tiny_tokenizer):
+    """Autocast was fixed to the device the weights were on when the method applied: FSDP2 builds the
+    model on the meta device (autocast refused 'meta': every bf16 full fine-tune with train.fsdp failed
+    at its start) and rank 0 makes its copy trainable on the CPU before it may move to its GPU."""
+    from tunesmith.config import validate
+    from tunesmith.data.demo import make_splits
+    from tunesmith import methods
+    from tunesmith.training import sharded_start
+
+    cfg = validate({"model": {"name": str(tiny_model_dir), "dtype": "bfloat16"}, "adapter": {"method": "full"}})
+    skeleton = sharded_start.skeleton(cfg, methods.get("full"), torch.bfloat16)
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    assert {p.dtype for p in skeleton.parameters()} == {torch.float32}
+    model = trainable(load_model(str(tiny_model_dir), torch.bfloat16), AdapterConfig(method="full"), fast_paths=False)
+    rows = make_splits(2, seed=6, validation_size=0, test_size=0)["train"]
+    seen = []
+    model.get_decoder().layers[0].mlp.register_forward_hook(lambda m, i, out: seen.append(torch.is_autocast_enabled("cpu")))
+    label_loss_sum(model, collate([encode(tiny_tokenizer, r["messages"]) for r in rows], tiny_tokenizer.pad_token_id))
+    assert seen == [True] and not torch.is_autocast_enabled("cpu")  # on inside the forward only
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
 def test_bf16_adapters_keep_weights_gradients_and_adam_states_in_bf16(method, arch_dirs, data_files, tmp_path):
     """adapter.dtype=bfloat16 (TRL's QLoRA set-up): the adapters, their gradients and AdamW's

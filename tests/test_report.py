@@ -185,5 +185,6 @@ def test_a_sharded_run_that_could_not_score_its_model_says_so_in_the_report(tmp_
     results["not_scored"] = "whole, it takes 130.5 GiB, more than 80% of the 60.2 GiB free on cuda:0"
     (run / "results.json").write_text(json.dumps(results))
     page = Path(write_report(run)[0]).read_text()
-    assert ("Test answers and the general probe not scored: whole, it takes 130.5 GiB, more than 80% of the "
-            "60.2 GiB free on cuda:0") in page and page.index("not scored") < page.index("Scored on")
+    assert ("Generated answers not scored here (the model whole did not fit on rank 0's device): whole, it takes "
+            "130.5 GiB, more than 80% of the 60.2 GiB free on cuda:0") in page
+    assert page.index("not scored here") < page.index("Scored on")

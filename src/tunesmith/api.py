@@ -180,7 +180,9 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
             base.update(row_summary(scored[0]))
     if evidence is not None:
         evidence.score(scorer, tokenizer, "base")
-    scorer = None  # a sharded run's whole model is freed before training
+    if sharded:  # rank 0's whole copy freed before training (on its GPU it may take most of the memory)
+        scorer = None
+        sharded_end.collect_garbage(device)
 
     utilisation = _utilisation(cfg, train_split, device, ranks.world)
     log.write(event="run", step=0, device=str(device), dtype=results["dtype"], fast_paths=applied,

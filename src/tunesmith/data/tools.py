@@ -14,6 +14,7 @@ off before a template renders the messages with `tools=`.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 TOOLS_ROLE = "tools"
@@ -158,21 +159,37 @@ def call_problem(name: str, arguments, tools: list[dict] | None) -> tuple[str, s
 def argument_problem(arguments, parameters: dict | None) -> str | None:
     """Why a call's arguments do not fit its function's JSON schema (a type, an enum, an argument the
     schema does not allow, a required one missing), or None; a schema that is not valid JSON Schema
-    (`"type": "int"`, as some data sets write) is not held against the call."""
-    from jsonschema import Draft202012Validator, SchemaError
+    (`"type": "int"`, as some data sets write) or that refers to what it does not hold (`$ref` to
+    another document: never fetched) is not held against the call."""
     from jsonschema.exceptions import best_match
+    from referencing.exceptions import Unresolvable
 
-    if not parameters:
+    validator = _validator(json.dumps(parameters, sort_keys=True)) if parameters else None
+    if validator is None:
         return None
     try:
-        Draft202012Validator.check_schema(parameters)
-    except SchemaError:
+        error = best_match(validator.iter_errors(arguments))
+    except Unresolvable:
         return None
-    error = best_match(Draft202012Validator(parameters).iter_errors(arguments))
     if error is None:
         return None
     path = "".join(f"[{part!r}]" for part in error.absolute_path)
     return f"arguments{path}: {error.message}"
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema: str):
+    """One validator per schema (a data set repeats its tools on every record), or None for a schema
+    that is not JSON Schema. Its registry is empty: a `$ref` to a URL is not fetched."""
+    from jsonschema import Draft202012Validator, SchemaError
+    from referencing import Registry
+
+    parameters = json.loads(schema)
+    try:
+        Draft202012Validator.check_schema(parameters)
+    except SchemaError:
+        return None
+    return Draft202012Validator(parameters, registry=Registry())
 
 
 def call_text(call: dict) -> str:

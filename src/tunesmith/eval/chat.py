@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.tokenize import prompt_ids, render, stop_ids, token_ids, until_stop
+from ..data.tokenize import TemplateError, prompt_ids, render, stop_ids, token_ids, until_stop
 from ..data.tools import TOOLS_ROLE, FormatError, call_problem, checked_tools
 from ..errors import UserError
 from .decoding import LoopGuard
@@ -141,23 +141,36 @@ def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256
         if text == "/reset":
             messages = list(start)
             continue
-        if not text:
+        message = said_message(text, messages, declared, out)
+        if message is None:
             continue
-        if declared and text.startswith("/tool"):  # a tool's result, the model's turn again
-            if not messages or messages[-1]["role"] not in ("assistant", "tool"):
-                print("(no tool call to answer yet)", file=out)
+        try:
+            kept = within_context(model, tokenizer, messages + [message], len(start), max_new_tokens, out)
+            if not kept or kept[-1] is not message:  # the message alone leaves no room for an answer
                 continue
-            messages.append({"role": "tool", "content": text.removeprefix("/tool").strip()})
-        else:
-            messages.append({"role": "user", "content": text})
-        messages = within_context(model, tokenizer, messages, len(start), max_new_tokens, out)
-        if not messages or messages[-1]["role"] not in ("user", "tool"):  # the message alone leaves no room for an answer
+            print("model> ", end="", file=out, flush=True)
+            answer = stream_reply(model, tokenizer, kept, max_new_tokens, temperature, out, guard)
+        except TemplateError as err:  # e.g. a tool result for a template that wants call ids
+            print(f"({err}: that message is left out)", file=out)
             continue
-        print("model> ", end="", file=out, flush=True)
-        messages.append({"role": "assistant",
-                         "content": stream_reply(model, tokenizer, messages, max_new_tokens, temperature, out, guard)})
-        say_tool_calls(messages[-1]["content"], declared, out)
+        messages = kept + [{"role": "assistant", "content": answer}]
+        say_tool_calls(answer, declared, out)
     return messages
+
+
+def said_message(text: str, messages: list[dict], tools: list[dict] | None, out) -> dict | None:
+    """The message a line of chat adds: the user's, or with tools `/tool RESULT`, the result of the
+    last answer's tool call (None, said, where there is no call to answer; None for an empty line)."""
+    if not text:
+        return None
+    command, _, rest = text.partition(" ")
+    if not (tools and command == "/tool"):
+        return {"role": "user", "content": text}
+    last = messages[-1] if messages else {}
+    if not (last.get("role") == "tool" or last.get("role") == "assistant" and parse_tool_calls(last["content"])):
+        print("(no tool call to answer: the last answer made none)", file=out)
+        return None
+    return {"role": "tool", "content": rest.strip()}
 
 
 def within_context(model, tokenizer, messages: list[dict], head: int, max_new_tokens: int, out) -> list[dict]:

@@ -21,7 +21,7 @@ def eval_loss(model, split, batch_size: int, pad_id: int, ranks: distributed.Ran
     `loss_module` (batch -> (sum, count)) is the distributed wrapper during training: sharded
     weights are gathered around its forward."""
     compute = loss_module or (lambda batch: label_loss_sum(model, batch))
-    device = next(model.parameters()).device
+    device = distributed.compute_device(model)
     was_training = model.training
     model.eval()
     order = sorted(range(len(split)), key=lambda i: len(split.encoded[i].input_ids))
@@ -45,5 +45,7 @@ def eval_loss(model, split, batch_size: int, pad_id: int, ranks: distributed.Ran
         if (turn + 1) % every == 0 or turn + 1 == turns:
             progress.update(turn + 1)
     model.train(was_training)
+    if loss_module is not None:
+        distributed.reshard(loss_module)
     total, count = ranks.sum(float(total), count)
     return total / max(1, count)

@@ -189,8 +189,9 @@ def comparison_html(report: dict) -> str:
     tables = shown_comparisons(results, report["comparison"])
     parts = []
     if results.get("not_scored"):  # a sharded (FSDP2) run whose whole model did not fit on rank 0's device
-        parts.append(f"<p><b>Test answers and the general probe not scored: {html.escape(results['not_scored'])}. "
-                     "Score the trained weights with <code>tunesmith eval</code> where the whole model fits.</b></p>")
+        parts.append(f"<p><b>Generated answers not scored here (the model whole did not fit on rank 0's device): "
+                     f"{html.escape(results['not_scored'])}. Score the trained weights with <code>tunesmith eval</code> "
+                     "where it fits.</b></p>")
     for comparison in tables:
         later = from_compare(comparison)
         if len(tables) > 1:

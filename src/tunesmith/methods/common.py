@@ -104,11 +104,9 @@ def make_fully_trainable(model, cfg: "AdapterConfig"):
     if low in (torch.bfloat16, torch.float16):
         # Mixed precision: AdamW updates of a few 1e-5 vanish when added to bf16 weights (8-bit
         # mantissa), so the weights become fp32 and the matmuls stay in the low dtype (autocast).
-        # The model is on the run's device already (loaded there before the method applies).
         model.float()
-        device = next(model.parameters()).device.type
         for module in (model.get_decoder(), model.get_output_embeddings()):
-            module.forward = torch.autocast(device, dtype=low)(module.forward)
+            module.forward = _autocast_forward(module.forward, low)
     for param in model.parameters():
         param.requires_grad_(True)
     if cfg.freeze_embeddings:
@@ -117,6 +115,19 @@ def make_fully_trainable(model, cfg: "AdapterConfig"):
     if cfg.gradient_checkpointing is True:  # 'auto': training/checkpointing.py, once the data is known
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _autocast_forward(forward, dtype):
+    """`forward` under autocast to `dtype` on the device its inputs are on, known only at the call: a
+    sharded run builds the model on the meta device, and rank 0 makes its copy trainable on the CPU."""
+    import torch
+
+    def run(*args, **kwargs):
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    return run
 
 
 def parameter_count(param) -> int:

@@ -138,12 +138,9 @@ class StepLoss(torch.nn.Module):
 def wrap(model, loss_fn, ranks: Ranks, fsdp: bool, offload: bool = False):
     """(module computing the loss, gradient scale): DDP averages gradients over ranks, so each rank's
     loss is scaled by the world size to make the average a sum; FSDP2 reduce-scatters likewise."""
-    root = _SHARDED_AT_LOAD.get(model)
+    root = _SHARDED_AT_LOAD.pop(model, None)  # popped: the root holds the model, which would never be freed
     if root is not None:  # sharded before its weights were loaded (training/sharded_start.py)
         root.loss_fn = loss_fn
-        # The base's evaluation left the root's weights gathered, registered in place of its shards:
-        # sharded again, so that the optimizer is built on the shards.
-        root.reshard()
         return root, float(ranks.world)
     module = StepLoss(model, loss_fn)
     if not ranks.active:
@@ -172,7 +169,22 @@ def shard_at_load(model, ranks: Ranks, device: torch.device, offload: bool) -> S
     ranks.fsdp = True
     shard(model, root, ranks, device, offload)
     _SHARDED_AT_LOAD[model] = root
+    model._tunesmith_device = root._tunesmith_device = device  # offloaded shards are on the host: see compute_device
     return root
+
+
+def compute_device(module) -> torch.device:
+    """Where a model (or its loss module) computes: its parameters' device, but for FSDP2 shards
+    offloaded to host memory (train.fsdp_offload) the run's device, recorded when it was sharded."""
+    return getattr(module, "_tunesmith_device", None) or next(module.parameters()).device
+
+
+def reshard(module) -> None:
+    """FSDP2 leaves the root's weights gathered after a forward without a backward, registered in
+    place of its shards: sharded again, so that what reads or writes the parameters next (the
+    optimizer as it is built, the best weights kept or restored) sees the shards."""
+    if hasattr(module, "reshard"):
+        module.reshard()
 
 
 def shard(model, module, ranks: Ranks, device: torch.device, offload: bool) -> None:

@@ -91,7 +91,9 @@ def half_precision_adapters(model, dtype: torch.dtype):
         return contextlib.nullcontext()
     from peft.helpers import disable_input_dtype_casting
 
-    device = next(model.parameters()).device.type
+    from .distributed import compute_device
+
+    device = compute_device(model).type
     stack = contextlib.ExitStack()
     stack.enter_context(disable_input_dtype_casting(model))
     stack.enter_context(torch.autocast(device, dtype=dtype))

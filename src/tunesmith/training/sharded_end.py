@@ -55,12 +55,19 @@ def finish(state: dict, cfg, method, dtype: torch.dtype, device: torch.device, t
     return model, None
 
 
-def free_bytes(device: torch.device) -> int:
-    """Memory free for the whole model on `device`: on a GPU what the driver reports free, with what
-    torch holds cached but unused; on the CPU the machine's available memory."""
+def collect_garbage(device: torch.device) -> None:
+    """Free what dropped models left: they hold reference cycles, so their weights outlive `del`
+    until a collection; on a GPU the freed blocks go back to the driver too."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for the whole model on `device`: on a GPU what the driver reports free, with what
+    torch holds cached but unused; on the CPU the machine's available memory."""
+    collect_garbage(device)
+    if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     import psutil
 

@@ -40,13 +40,15 @@ def load_weights(model, cfg, method, dtype: torch.dtype, device: torch.device, r
     root = distributed.shard_at_load(model, ranks, device, cfg.train.fsdp_offload)
     # Offloaded shards live in host memory between uses (FSDP2's CPUOffloadPolicy expects them there).
     root.to_empty(device="cpu" if cfg.train.fsdp_offload else device)
-    # Buffers are not sharded and non-persistent ones (rotary frequencies) are in no state dict: sent whole.
+    state = {f"model.{name}": value for name, value in whole.state_dict().items()} if whole is not None else {}
+    set_model_state_dict(root, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Buffers are not sharded and non-persistent ones (rotary frequencies) are in no state dict: sent
+    # whole, after the weights (on the run's device beside offloaded shards, torch's loading would
+    # find two devices in the model).
     buffers = ranks.broadcast(dict(whole.named_buffers()) if whole is not None else None)
     for name, value in buffers.items():
         owner, _, leaf = name.rpartition(".")
         model.get_submodule(owner)._buffers[leaf] = value.to(device)
-    state = {f"model.{name}": value for name, value in whole.state_dict().items()} if whole is not None else {}
-    set_model_state_dict(root, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return root, whole
 
 
