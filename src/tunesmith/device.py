@@ -13,6 +13,12 @@ import torch
 from .errors import UserError
 
 
+def compute_device(module) -> torch.device:
+    """Where a model (or its loss module) computes: its parameters' device, but for FSDP2 shards
+    offloaded to host memory (train.fsdp_offload) the run's device, recorded when it was sharded."""
+    return getattr(module, "_tunesmith_device", None) or next(module.parameters()).device
+
+
 def resolve(spec: str = "auto", local_rank: int | None = None) -> torch.device:
     """torch.device for 'auto', 'cpu', 'cuda' (cuda:LOCAL_RANK) or 'cuda:N'; a device that is not
     there is a UserError."""

@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..data.collate import PADDED, micro_batch
-from ..device import to_device
+from ..device import compute_device, to_device
 from ..progress import Progress
 from ..training import distributed
 from ..training.loss import label_loss_sum
@@ -21,7 +21,7 @@ def eval_loss(model, split, batch_size: int, pad_id: int, ranks: distributed.Ran
     `loss_module` (batch -> (sum, count)) is the distributed wrapper during training: sharded
     weights are gathered around its forward."""
     compute = loss_module or (lambda batch: label_loss_sum(model, batch))
-    device = distributed.compute_device(model)
+    device = compute_device(model)
     was_training = model.training
     model.eval()
     order = sorted(range(len(split)), key=lambda i: len(split.encoded[i].input_ids))

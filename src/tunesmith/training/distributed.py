@@ -161,22 +161,16 @@ def wrap(model, loss_fn, ranks: Ranks, fsdp: bool, offload: bool = False):
 _SHARDED_AT_LOAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def shard_at_load(model, ranks: Ranks, device: torch.device, offload: bool) -> StepLoss:
-    """The root module of `model` sharded now (its weights still to be loaded); `wrap` returns it."""
-    from .loss import label_loss_sum
-
-    root = StepLoss(model, label_loss_sum)  # the base's evaluation; training sets the run's loss
+def shard_at_load(model, loss_fn, ranks: Ranks, device: torch.device, offload: bool) -> StepLoss:
+    """The root module of `model` sharded now (its weights still to be loaded), computing `loss_fn`
+    until `wrap` returns it with the run's."""
+    root = StepLoss(model, loss_fn)
     ranks.fsdp = True
     shard(model, root, ranks, device, offload)
     _SHARDED_AT_LOAD[model] = root
-    model._tunesmith_device = root._tunesmith_device = device  # offloaded shards are on the host: see compute_device
+    # offloaded shards wait in host memory: where they compute is recorded (device.compute_device)
+    model._tunesmith_device = root._tunesmith_device = device
     return root
-
-
-def compute_device(module) -> torch.device:
-    """Where a model (or its loss module) computes: its parameters' device, but for FSDP2 shards
-    offloaded to host memory (train.fsdp_offload) the run's device, recorded when it was sharded."""
-    return getattr(module, "_tunesmith_device", None) or next(module.parameters()).device
 
 
 def reshard(module) -> None:

@@ -22,7 +22,7 @@ from ..config import Config
 from ..data.collate import PADDED, PADDING_FREE, micro_batch, step_batches
 from ..data.prepare import Split
 from ..data.tokenize import IGNORE
-from ..device import host_floats, to_device
+from ..device import compute_device, host_floats, to_device
 from ..errors import Interrupted, UserError
 from ..progress import Progress, say
 from . import checkpoint as ckpt
@@ -118,7 +118,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
     evaluation, that the best weights and early stopping follow instead of the eval loss.
     `eval_seconds`: how long one evaluation took before training (the base's), for the ETA."""
     torch.manual_seed(cfg.train.seed)
-    device = distributed.compute_device(model)
+    device = compute_device(model)
     # Looked up at call time, so a test can wrap label_loss_sum; wrapped before the optimizer is
     # built, as FSDP2 replaces the parameters with sharded ones.
     loss_fn = objective.loss if objective else (lambda m, b: label_loss_sum(m, b))  # objectives: issue 23
@@ -362,7 +362,7 @@ def train_step(loss_module, train: Split, indices: list[list[int]], pad_id: int,
     over ranks by a collective on device tensors), the token count is the data's, so the host
     queues micro-batch after micro-batch and `fit` reads the loss with the gradient norm, once.
     """
-    device = distributed.compute_device(loss_module)
+    device = compute_device(loss_module)
     parts = [piece for batch in indices for piece in _cut(batch, pieces)]
     step_labels = sum(_shifted_labels(train.encoded[i]) for part in parts for i in part)
     total = torch.zeros((), dtype=torch.float32, device=device)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..accel.compile import compiled
 from ..accel.rows import bounds_only_mask
+from ..device import compute_device
 
 CHUNK_ELEMENTS = 2**24  # logits per chunk on the CPU: 341 label positions of a 49k vocabulary, 64 MiB in fp32
 # On a GPU a chunk is one kernel launch per matmul: larger chunks (256 MiB of fp32 logits) keep it busy.
@@ -90,8 +91,6 @@ def half_precision_adapters(model, dtype: torch.dtype):
     if dtype not in (torch.bfloat16, torch.float16) or not hasattr(model, "peft_config"):
         return contextlib.nullcontext()
     from peft.helpers import disable_input_dtype_casting
-
-    from .distributed import compute_device
 
     device = compute_device(model).type
     stack = contextlib.ExitStack()

@@ -16,6 +16,7 @@ import torch
 from ..methods.common import model_bytes
 from ..progress import say
 from . import distributed
+from .loss import label_loss_sum
 from .sharded_end import SCORING_SHARE, free_bytes
 
 
@@ -37,7 +38,8 @@ def load_weights(model, cfg, method, dtype: torch.dtype, device: torch.device, r
         whole = method.load_base(cfg.model.name, dtype, torch.device("cpu"), cfg.model.trust_remote_code)
         torch.manual_seed(cfg.train.seed)
         whole = method.make_trainable(whole, cfg.adapter)
-    root = distributed.shard_at_load(model, ranks, device, cfg.train.fsdp_offload)
+    # the base's evaluation computes the label loss; training sets the run's
+    root = distributed.shard_at_load(model, label_loss_sum, ranks, device, cfg.train.fsdp_offload)
     # Offloaded shards live in host memory between uses (FSDP2's CPUOffloadPolicy expects them there).
     root.to_empty(device="cpu" if cfg.train.fsdp_offload else device)
     state = {f"model.{name}": value for name, value in whole.state_dict().items()} if whole is not None else {}
