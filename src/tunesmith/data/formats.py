@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 
 from ..errors import UserError
-from .tools import FormatError, TOOLS_ROLE, checked_message, checked_tools, check_calls, refuse_null
+from .tools import FormatError, TOOLS_ROLE, checked_message, checked_tools, check_calls, refuse_null, tools_message
 
 ROLES = {"system", "user", "assistant", "tool"}
 MESSAGE_ROLES = {role: role for role in ROLES}  # role / content turns name their roles as they are
@@ -114,7 +114,7 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
         if record.get("tools") is not None:
             tools = checked_tools(record["tools"])
             check_calls(messages, tools)
-            messages.insert(0, {"role": TOOLS_ROLE, "content": "", "tools": tools})
+            messages.insert(0, tools_message(tools))
         else:
             check_calls(messages, None)
     elif kind == "sharegpt":

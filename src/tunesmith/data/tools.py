@@ -28,6 +28,11 @@ class FormatError(ValueError):
         self.kind = kind
 
 
+def tools_message(tools: list[dict]) -> dict:
+    """The pseudo-message that carries a conversation's declared tools, first (`split_tools` takes it off)."""
+    return {"role": TOOLS_ROLE, "content": "", "tools": tools}
+
+
 def split_tools(messages: list[dict]) -> tuple[list[dict] | None, list[dict]]:
     """(declared tools or None, the messages a template renders)."""
     if messages and messages[0]["role"] == TOOLS_ROLE:

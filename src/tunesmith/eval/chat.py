@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..data.tokenize import TemplateError, prompt_ids, render, stop_ids, token_ids, until_stop
-from ..data.tools import TOOLS_ROLE, FormatError, call_problem, checked_tools
+from ..data.tools import FormatError, call_problem, checked_tools, tools_message
 from ..errors import UserError
 from .decoding import LoopGuard
 from .generate import merged_adapter, merged_for_good
@@ -61,10 +61,10 @@ def opening(model_or_run: str, system: str | None, out=None, tools: list[dict] |
     if not tools:
         return start
     probe = start + [{"role": "user", "content": "?"}]
-    if tokenizer is not None and render(tokenizer, probe) == render(tokenizer, [{"role": TOOLS_ROLE, "content": "", "tools": tools}] + probe):
+    if tokenizer is not None and render(tokenizer, probe) == render(tokenizer, [tools_message(tools)] + probe):
         print("(the chat template does not render tools: the model is not shown them; data.chat_template sets one "
               "that does)", file=out)
-    return [{"role": TOOLS_ROLE, "content": "", "tools": tools}] + start
+    return [tools_message(tools)] + start
 
 
 def read_tools(path: str | None) -> list[dict] | None:

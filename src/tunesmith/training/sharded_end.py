@@ -42,10 +42,8 @@ def finish(state: dict, cfg, method, dtype: torch.dtype, device: torch.device, t
     del skeleton
     if not wanted:
         return None, None
-    free = free_bytes(device) if free is None else free
-    if need > SCORING_SHARE * free:
-        why = (f"whole, it takes {need / 2**30:.1f} GiB, more than {SCORING_SHARE:.0%} of the {free / 2**30:.1f} GiB "
-               f"free on {device}")
+    why = no_room(need, free_bytes(device) if free is None else free, device)
+    if why:
         say(f"the fine-tuned model is not scored here: {why}; its trained weights are in {folder} (score it with "
             "`tunesmith eval` on a device where it fits)")
         return None, why
@@ -53,6 +51,15 @@ def finish(state: dict, cfg, method, dtype: torch.dtype, device: torch.device, t
     model = method.make_trainable(model, cfg.adapter)
     load_trainable_state(model, state)
     return model, None
+
+
+def no_room(need: int, free: int, device: torch.device) -> str | None:
+    """Why a whole model of `need` bytes is not loaded for scoring where `free` bytes are free, or None:
+    generation's cache and activations need the rest."""
+    if need <= SCORING_SHARE * free:
+        return None
+    return (f"whole, it takes {need / 2**30:.1f} GiB, more than {SCORING_SHARE:.0%} of the {free / 2**30:.1f} GiB "
+            f"free on {device}")
 
 
 def collect_garbage(device: torch.device) -> None:

@@ -17,7 +17,7 @@ from ..methods.common import model_bytes
 from ..progress import say
 from . import distributed
 from .loss import label_loss_sum
-from .sharded_end import SCORING_SHARE, free_bytes
+from .sharded_end import free_bytes, no_room
 
 
 def skeleton(cfg, method, dtype: torch.dtype):
@@ -59,10 +59,8 @@ def for_scoring(whole, device: torch.device, fast_paths: str):
     more than its share of the memory free beside the shard."""
     from .. import accel
 
-    need, free = model_bytes(whole), free_bytes(device)
-    if need > SCORING_SHARE * free:
-        why = (f"whole, it takes {need / 2**30:.1f} GiB, more than {SCORING_SHARE:.0%} of the {free / 2**30:.1f} GiB "
-               f"free on {device}")
+    why = no_room(model_bytes(whole), free_bytes(device), device)
+    if why:
         say(f"the base is not scored on test answers or the general probe here: {why}")
         return None, why
     whole = whole.to(device)
