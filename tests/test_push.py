@@ -143,7 +143,7 @@ def closed_port() -> int:
 @pytest.mark.parametrize("case, message", [
     ("refused token", "refused the token (401 Unauthorized)"),
     ("forbidden", "the token may not write to me/tiny (403 Forbidden)"),
-    ("no token", "no Hugging Face token; pass --token, set HF_TOKEN"),
+    ("no token", "no Hugging Face token; set HF_TOKEN"),
     ("unknown run", "not a run folder (no config.yaml)"),
     ("unfinished run", "not a finished run (pending)"),
     ("run without weights", "no trained model in this run folder"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -185,6 +186,16 @@ def test_token_required_on_every_api_request(served, host):
     local = served()
     # Bound to localhost: only local Host names (no DNS rebinding), only JSON POSTs (no CSRF forms).
     assert call(local, "/api/runs", headers={"Host": "attacker.example:80"})[0] == 403
+    for host in ("192.168.1.5:80", "[::1].attacker.example", "127.0.0.1:80:80"):
+        assert call(local, "/api/runs", headers={"Host": host})[0] == 403, host
+    assert call(local, "/api/runs", headers={"Host": "[::1]:8765"})[0] == 200
+    # Bound to every address: IP addresses and the machine's own names, never a name someone else chose.
+    shared = served(host="0.0.0.0")
+    for host in ("attacker.example", "attacker.example:8765", "localhost.attacker.example", "[::1].evil"):
+        assert call(shared, "/api/runs", headers={"Host": host})[0] == 403, host
+        assert call(shared, "/", headers={"Host": host}, token=False)[0] == 403, host
+    for host in ("192.168.1.5:8765", "[fe80::1]:8765", "localhost:8765", f"{socket.gethostname()}:8765"):
+        assert call(shared, "/api/runs", headers={"Host": host})[0] == 200, host
     assert call(local, "/api/preview", b"name=x", {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
 
 

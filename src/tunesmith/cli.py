@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the adapter of an adapter method (LoRA, DoRA, QLoRA), the model of a full fine-tune")
     p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
     p.add_argument("--revision", default="main", help="branch to commit to (created from main if missing)")
-    p.add_argument("--token", default=None, help="hub token (default: HF_TOKEN, then the stored `hf auth login`)")
+    p.add_argument("--token", default=None, help="hub token (default: HF_TOKEN, then the stored `hf auth login`); a token given here "
+                   "is seen by every user of the machine in `ps`, so prefer those two")
     p.add_argument("--endpoint", default=None, help="hub address (default: HF_ENDPOINT, then https://huggingface.co)")
     p.set_defaults(func=cmd_push)
     return parser

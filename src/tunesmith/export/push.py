@@ -30,7 +30,8 @@ def push(run: str | Path, repo_id: str, what: str | None = None, private: bool =
     what = choose_what(run, what)
     token = token or get_token()  # HF_TOKEN, then the stored login
     if not token:
-        raise UserError("push: no Hugging Face token; pass --token, set HF_TOKEN or log in with `hf auth login`")
+        raise UserError("push: no Hugging Face token; set HF_TOKEN or log in with `hf auth login` "
+                        "(--token works too, but others on the machine see it in `ps`)")
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     api = hub_api(token, endpoint)
     url = open_repo(api, repo_id, private, revision)  # a refused token or an unreachable hub fails before any staging

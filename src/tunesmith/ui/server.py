@@ -25,6 +25,7 @@ import mimetypes
 import os
 import re
 import secrets
+import socket
 import sys
 import threading
 import traceback
@@ -68,6 +69,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def own_names(host: str) -> set[str]:
+    """The Host names a server bound to `host` answers to besides IP addresses: a name no one
+    outside chose, so a page whose domain an attacker re-points at this machine (DNS rebinding) is refused."""
+    names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+    return names | ({host.lower()} if host and not is_address(host) else set())
+
+
 def media_type(value: str | None) -> str:
     """The MIME type of a Content-Type value, parameters left off: 'text/plain; x=application/json' -> 'text/plain'."""
     return (value or "").split(";", 1)[0].strip().lower()
@@ -93,6 +109,7 @@ class Dashboard(ThreadingHTTPServer):
         self.token = token
         self.allow_code = allow_code
         self.loopback = is_loopback(host)
+        self.names = {"localhost"} if self.loopback else own_names(host)
         self.children: list = []  # runs started here, reaped so none lingers as a zombie
         self.lock = threading.Lock()
 
@@ -233,7 +250,8 @@ class Handler(BaseHTTPRequestHandler):
     def _checked_headers(self, method: str) -> int:
         """The body's length, after the framing headers are checked exactly (http.server leaves
         them to us): one Content-Length of digits, no Transfer-Encoding, no repeated header that
-        a decision is made on, Host a local name when serving on localhost (no DNS rebinding)."""
+        a decision is made on, Host a local name when serving on localhost, an address or the machine's
+        own name otherwise (no DNS rebinding)."""
         for name in SINGLE_HEADERS:
             if len(self.headers.get_all(name) or []) > 1:
                 raise Refused(HTTPStatus.BAD_REQUEST, f"more than one {name} header")
@@ -247,15 +265,21 @@ class Handler(BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
         if length and method != "POST":
             raise Refused(HTTPStatus.BAD_REQUEST, f"a {method} request has no body")
-        if self.server.loopback and not is_loopback(self._host_name()):
-            raise Refused(HTTPStatus.FORBIDDEN, "unexpected Host header")
+        if not self._host_ok(self._host_name()):
+            raise Refused(HTTPStatus.FORBIDDEN, "unexpected Host header: open the dashboard by this machine's "
+                                                "IP address or its own name")
         return length
 
+    def _host_ok(self, name: str) -> bool:
+        if self.server.loopback:
+            return is_loopback(name)
+        return is_address(name) or name in self.server.names
+
     def _host_name(self) -> str:
+        """The name of the Host header without its port; '' where it is not `name[:port]` or `[v6][:port]`."""
         host = (self.headers.get("Host") or "").strip().lower()
-        if host.startswith("["):
-            return host[1:].split("]", 1)[0]
-        return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        found = re.fullmatch(r"\[([0-9a-f:.]+)\](?::[0-9]{1,5})?|([^:\[\]]+)(?::[0-9]{1,5})?", host)
+        return (found.group(1) or found.group(2)) if found else ""
 
     def _refuse_other_sites(self) -> None:
         """A browser says which page asked: only this server's own page (or the user, typing an
