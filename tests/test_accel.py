@@ -240,6 +240,26 @@ def test_checkpoint_loads_onto_the_models_device_and_restores_rng(tiny_model_dir
         assert torch.equal(a, b), name
 
 
+def test_checkpoint_rng_follows_where_offloaded_shards_compute(tiny_model_dir, tmp_path, monkeypatch):
+    """FSDP2 shards offloaded to host memory (train.fsdp_offload) have CPU parameters but draw their
+    dropout on the run's device: that device's RNG is the one saved and restored."""
+    from tunesmith import device as devices
+    from tunesmith.training import checkpoint as ckpt
+    from tunesmith.training.schedule import warmup_cosine
+
+    model = trainable(load_model(str(tiny_model_dir)), AdapterConfig(r=4))
+    model._tunesmith_device = torch.device("cuda", 3)  # as training.distributed records it at shard time
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = warmup_cosine(optimizer, 10, 1, 0.1)
+    seen = []
+    monkeypatch.setattr(devices, "rng_states", lambda device: seen.append(("saved", device)) or {"torch_rng": torch.get_rng_state()})
+    monkeypatch.setattr(devices, "set_rng_states", lambda states, device: seen.append(("restored", device)))
+    saved = ckpt.save_checkpoint(tmp_path, model, optimizer, scheduler, ckpt.TrainState(step=1), keep=2)
+    ckpt.load_checkpoint(saved, model, optimizer, scheduler)
+    assert seen and all(device == torch.device("cuda", 3) for _, device in seen), seen
+    assert {what for what, _ in seen} == {"saved", "restored"}
+
+
 def test_train_eval_and_generation_keep_every_tensor_on_the_models_device(tiny_config, monkeypatch):
     """Base evaluation, training, eval loss and generation: no module ever receives a tensor
     (positional or keyword) on another device than its own weights. On CUDA this catches batches,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..device import host_floats, to_device
+from ..device import compute_device, host_floats, to_device
 from ..training import distributed
 
 
@@ -74,7 +74,7 @@ class Objective:
         the step's number); returns (loss as a device scalar, tokens). The step's statistics stay on
         the device until read: `fit` reads them with the loss and gradient norm (`unread`, `settle`);
         `last_metrics` reads them itself otherwise."""
-        device = next(loss_module.parameters()).device
+        device = compute_device(loss_module)
         parts = [piece for batch in indices for piece in _cut(batch, pieces)]
         built = []
         for part in parts:  # all batches first: GRPO samples its answers here, and the counts must be known
@@ -142,7 +142,7 @@ class Objective:
     @torch.no_grad()
     def evaluate(self, model, split, batch_size: int, ranks: distributed.Ranks = distributed.SINGLE) -> float:
         """The objective's loss over a split (each term divided by its count over the whole split)."""
-        device = next(model.parameters()).device
+        device = compute_device(model)
         was_training = model.training
         model.eval()
         sums = dict.fromkeys(self.terms, 0.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..device import compute_device
 from .base import Batch, Objective, on_device, stat
 from .logps import per_sequence, sequence_batch, token_logps
 
@@ -37,7 +38,7 @@ class PairObjective(Objective):
         """train.precompute_ref: every example's reference log-probs, once, before training."""
         if not (self.uses_reference and self.train_cfg.precompute_ref):
             return
-        device = next(model.parameters()).device  # the run's: the batches are built on the host
+        device = compute_device(model)  # the run's: the batches are built on the host
         for split in splits:
             examples = split.encoded
             for start in range(0, len(examples), self.train_cfg.batch_size):
@@ -58,7 +59,7 @@ class PairObjective(Objective):
         from ..training import distributed
 
         ranks = ranks or distributed.SINGLE
-        device = next(model.parameters()).device
+        device = compute_device(model)
         was_training = model.training
         model.eval()
         wins, pairs = 0.0, 0

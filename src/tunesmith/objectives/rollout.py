@@ -16,6 +16,7 @@ import zlib
 import torch
 
 from ..data.tokenize import until_stop
+from ..device import compute_device
 from ..eval.decoding import sampling
 
 
@@ -29,7 +30,7 @@ def sample(model, prompts: list[list[int]], copies: int, max_new_tokens: int, te
            pad_id: int, stops: list[int], seed: int = 0, batch_size: int = 64) -> list[list[int]]:
     """`copies` answers (token ids) for each prompt, the copies of a prompt next to each other;
     temperature None decodes greedily; `stops`: the ids that end an answer (data.tokenize.stop_ids)."""
-    device = next(model.parameters()).device
+    device = compute_device(model)
     was_training = model.training
     model.eval()
     rows = [p for p in prompts for _ in range(copies)]

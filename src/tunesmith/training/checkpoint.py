@@ -187,9 +187,10 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
         tmp.mkdir()
     if ranks is not None:
         ranks.barrier()
-    device = next(model.parameters()).device
-    # Each rank's random state: ranks draw dropout masks for other examples, so theirs part ways
-    own_rng = {"rng": rng_state(), **devices.rng_states(device)}
+    # Each rank's random state: ranks draw dropout masks for other examples, so theirs part ways.
+    # The device's is where it computes (shards offloaded to host memory draw on the run's device).
+    device_rng = devices.rng_states(devices.compute_device(model))
+    own_rng = {"rng": rng_state(), **device_rng}
     every_rng = ranks.gather(own_rng) if ranks is not None else [own_rng]
     try:
         if sharded:
@@ -198,7 +199,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState
             if not sharded:
                 save_file(trainable_state(model), tmp / "trainable.safetensors")
             extra = {} if sharded else {"optimizer": optimizer.state_dict()}
-            torch.save({**extra, "scheduler": scheduler.state_dict(), **devices.rng_states(device)}, tmp / "optim.pt")
+            torch.save({**extra, "scheduler": scheduler.state_dict(), **device_rng}, tmp / "optim.pt")
             if len(every_rng) > 1:
                 torch.save(every_rng, tmp / RANK_RNG)
             (tmp / "state.json").write_text(json.dumps({**asdict(state), "rng": rng_state(), "settings": settings or {},
@@ -282,10 +283,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> T
         load_trainable_state(model, load_file(path / "trainable.safetensors", device=str(device)))
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(meta.pop("rng"), saved, device)
+    computes = devices.compute_device(model)
+    set_rng_state(meta.pop("rng"), saved, computes)
     every = torch.load(path / RANK_RNG, weights_only=True, map_location="cpu") if (path / RANK_RNG).is_file() else []
     if 0 < rank < len(every):  # a rank the checkpoint did not know (more ranks now) goes on from rank 0's
-        set_rng_state(every[rank]["rng"], every[rank], device)
+        set_rng_state(every[rank]["rng"], every[rank], computes)
     meta.pop("settings", None)
     return TrainState(**meta)
 
