@@ -115,6 +115,39 @@ def test_a_key_given_twice_is_refused_where_yaml_would_keep_the_last(tmp_path):
     assert cfg.train.lr == 0.2 and cfg.train.max_steps == 5
 
 
+def nested_aliases(levels: int) -> str:
+    """A few hundred bytes of YAML whose aliases expand to 9**levels strings ("billion laughs")."""
+    parts = ['&x0 ["aaaaaaaaaa", "aaaaaaaaaa", "aaaaaaaaaa"]']
+    parts += [f"&x{i} [" + ", ".join([f"*x{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "[" + ", ".join(parts) + "]"
+
+
+def test_yaml_whose_aliases_expand_without_end_is_refused_before_it_takes_the_memory(tmp_path):
+    """A run folder or a settings line from someone else: 9**8 strings would take tens of GB."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"model:\n  name: {nested_aliases(8)}\n")
+    assert bomb.stat().st_size < 1000
+    with pytest.raises(UserError, match=r"bomb.yaml:\d+: not valid YAML \(more than 100,000 values once its aliases"):
+        load_config(bomb)
+    with pytest.raises(UserError, match=r"override 'model.name': more than 100,000 values"):
+        parse_overrides([f"model.name={nested_aliases(8)}"])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(UserError, match="deep.yaml: not valid YAML \\(nested too deeply"):
+        load_config(deep)
+    # Aliases that expand to a config's size stay allowed, merge keys among them.
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("x-common: &common {lr: 0.1, max_steps: 5}\ntrain:\n  <<: *common\n  lr: 0.2\n")
+    with pytest.raises(UserError, match="unknown key 'x-common'"):  # read, then validated as usual
+        load_config(shared)
+
+
+def test_an_error_quoting_a_huge_value_is_cut_short():
+    with pytest.raises(UserError) as caught:
+        load_config(None, ["train.lr=[" + ", ".join(["1"] * 10_000) + "]"])
+    assert len(str(caught.value)) < 1000 and "characters)" in str(caught.value)
+
+
 def test_every_field_is_documented():
     docs = field_docs()
     assert len(docs) > 30

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from .errors import UserError, closest
 from .methods import METHODS, NAMES as METHOD_NAMES
 from .objectives.settings import ObjectiveSettings  # train.objective and its settings (issue 23)
-from .yamlfile import read_yaml
+from .yamlfile import parse_yaml, read_yaml, shortened
 
 
 class _Section(BaseModel):
@@ -213,7 +213,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UserError(f"override '{pair}': expected section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = parse_yaml(raw) if raw else ""
+        except yaml.constructor.ConstructorError as err:  # a key twice, aliases expanding without end
+            raise UserError(f"override '{key}': {err.problem}") from None
         except yaml.YAMLError:
             value = raw
         if "#" in raw and not isinstance(value, (dict, list)):
@@ -284,7 +286,7 @@ def validate(raw: dict, source: str = "config", text: str = "", overrides: dict 
             raise UserError(f"{where}: unknown key '{key}'{suggestion}") from None
         if not loc:  # a rule across settings (the model validators): its message says everything
             raise UserError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
-        raise UserError(f"{where}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+        raise UserError(f"{where}: {key}: {first['msg']} (got {shortened(first.get('input'))})") from None
 
 
 # Other tools' names (transformers' TrainingArguments, peft's LoraConfig, TRL, Axolotl) for settings

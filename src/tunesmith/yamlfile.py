@@ -8,9 +8,22 @@ import yaml
 from .errors import UserError
 
 
+# Nodes a document may hold once its aliases are expanded: a config is a few hundred; a few hundred
+# bytes of nested aliases ("billion laughs") expand to billions and take every byte of memory.
+MAX_EXPANDED_NODES = 100_000
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """A safe loader that refuses a key given twice in one mapping: YAML keeps the last silently, so
-    `lr: 1e-4` near the top and `lr: 1e-3` further down trained with 1e-3 and nothing said so."""
+    `lr: 1e-4` near the top and `lr: 1e-3` further down trained with 1e-3 and nothing said so;
+    and a document whose aliases expand past MAX_EXPANDED_NODES."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None and expanded_size(node, {}) > MAX_EXPANDED_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"more than {MAX_EXPANDED_NODES:,} values once its aliases are expanded", node.start_mark)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -23,6 +36,37 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"'{key}' is given twice (first on line {seen[key]})", key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
+
+
+def expanded_size(node, sizes: dict) -> int:
+    """Values in a composed node once every alias is expanded (an alias is the same node object;
+    each is counted once per use, computed once)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a node inside itself (a recursive alias) counts as one until known
+        children = node.value if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else []
+        flat = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+        total = 1
+        for child in flat:
+            total += expanded_size(child, sizes)
+            if total > MAX_EXPANDED_NODES:
+                break
+        sizes[id(node)] = total
+    return sizes[id(node)]
+
+
+def shortened(value, limit: int = 200) -> str:
+    """repr of a value for an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def parse_yaml(text: str):
+    """A YAML document from text with read_yaml's checks; raises yaml.YAMLError (RecursionError
+    for nesting deeper than Python's stack, turned into one)."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 def read_yaml(path: str | Path, what: str = "config") -> tuple[object, str]:
@@ -40,7 +84,7 @@ def read_yaml(path: str | Path, what: str = "config") -> tuple[object, str]:
         line = data[:err.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save the {what} as UTF-8") from None
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader), text
+        return parse_yaml(text), text
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..runs import RunFolder, read_json, read_jsonl, write_text
+from ..yamlfile import read_yaml
 from .evidence import difference_rows, from_compare, general_rows, metric_rows, model_figures, shown_comparisons
 
 EXAMPLES_SHOWN = 8
@@ -40,7 +41,7 @@ def collect(run_dir: Path) -> dict:
     keep = ("step", "loss", "mean_loss", "lr", "tokens_per_second", "grad_norm")
     return {
         "run": str(run_dir),
-        "config": yaml.safe_load(run.config.read_text(encoding="utf-8")),
+        "config": read_yaml(run.config)[0],
         "data": results.get("data", {}),
         "curves": {
             "train": [{k: v for k, v in r.items() if k in keep or k.startswith(OBJECTIVE)}  # OBJECTIVE: issue 23

@@ -8,6 +8,7 @@ import yaml
 
 from ..eval.evidence import difference_rows, from_compare, general_rows, metric_rows, model_figures, shown_comparisons
 from ..runs import RunFolder, read_json
+from ..yamlfile import parse_yaml
 
 # `model: default` is SmolLM2-135M-Instruct, dequantised from the Q4_1 GGUF that models/default.py converts.
 DEFAULT_BASE = ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
@@ -36,7 +37,7 @@ def card_license(readme: Path) -> str | None:
     if not text.startswith("---"):
         return None
     try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+        meta = parse_yaml(text.split("---", 2)[1]) or {}
     except (yaml.YAMLError, IndexError):
         return None
     found = meta.get("license") if isinstance(meta, dict) else None
