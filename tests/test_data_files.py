@@ -479,3 +479,22 @@ def test_a_tool_schema_referring_elsewhere_is_not_fetched_nor_a_crash():
         with mock.patch("urllib.request.urlopen", side_effect=AssertionError("fetched")):
             assert argument_problem({"unit": "kelvin"}, schema) is None
             assert argument_problem({"days": "3"}, schema) == "arguments['days']: '3' is not of type 'integer'"
+
+
+def test_a_tool_schema_cannot_hang_or_crash_the_check():
+    """A data file's schema is someone else's: `^(a+)+$` against 40 characters took hours (and the
+    dashboard's preview held every request meanwhile); `{"$ref": "#"}` recursed into a traceback."""
+    import time
+
+    from tunesmith.data.tools import argument_problem
+
+    evil = "a" * 40 + "!"
+    patterned = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a+)+$"},
+                                                  "n": {"type": "integer"}},
+                 "propertyNames": {"pattern": "^(a+)+$"}}
+    keyed = {"type": "object", "patternProperties": {"^(a+)+$": {"type": "string"}}, "additionalProperties": False}
+    assert argument_problem({"a": evil}, patterned) is None  # (was: hours, exponential in the length)
+    assert argument_problem({"a": evil, "n": "1"}, patterned) == "arguments['n']: '1' is not of type 'integer'"
+    assert argument_problem({evil: "x"}, keyed) is None
+    for looping in ({"$ref": "#"}, {"$defs": {"x": {"$ref": "#/$defs/x"}}, "$ref": "#/$defs/x"}):
+        assert argument_problem({"a": 1}, looping) is None

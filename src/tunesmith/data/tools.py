@@ -169,12 +169,10 @@ def argument_problem(arguments, parameters: dict | None) -> str | None:
     from jsonschema.exceptions import best_match
     from referencing.exceptions import Unresolvable
 
-    validator = _validator(json.dumps(parameters, sort_keys=True)) if parameters else None
-    if validator is None:
-        return None
     try:
-        error = best_match(validator.iter_errors(arguments))
-    except Unresolvable:
+        validator = _validator(json.dumps(parameters, sort_keys=True)) if parameters else None
+        error = best_match(validator.iter_errors(arguments)) if validator else None
+    except (Unresolvable, RecursionError):  # `$ref` to nowhere, or to itself without end (`{"$ref": "#"}`)
         return None
     if error is None:
         return None
@@ -185,16 +183,27 @@ def argument_problem(arguments, parameters: dict | None) -> str | None:
 @functools.lru_cache(maxsize=256)
 def _validator(schema: str):
     """One validator per schema (a data set repeats its tools on every record), or None for a schema
-    that is not JSON Schema. Its registry is empty: a `$ref` to a URL is not fetched."""
-    from jsonschema import Draft202012Validator, SchemaError
+    that is not JSON Schema. Its registry is empty: a `$ref` to a URL is not fetched. Regular
+    expressions are not matched (`pattern`, `patternProperties`, and the properties these would
+    leave out of `additionalProperties`): one written like `^(a+)+$` takes hours on a 40-character
+    argument, and Python's `re` cannot be stopped."""
+    from jsonschema import Draft202012Validator, SchemaError, validators
     from referencing import Registry
 
     parameters = json.loads(schema)
     try:
         Draft202012Validator.check_schema(parameters)
-    except SchemaError:
+    except (SchemaError, RecursionError):
         return None
-    return Draft202012Validator(parameters, registry=Registry())
+    unchecked = ["pattern", "patternProperties"]
+    if '"patternProperties"' in schema:  # they would decide which properties these two cover
+        unchecked += ["additionalProperties", "unevaluatedProperties"]
+    without_patterns = validators.extend(Draft202012Validator, dict.fromkeys(unchecked, _not_checked))
+    return without_patterns(parameters, registry=Registry())
+
+
+def _not_checked(validator, value, instance, schema):
+    return iter(())
 
 
 def call_text(call: dict) -> str:
