@@ -5,6 +5,7 @@ failures are one-line messages."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -148,6 +149,7 @@ def closed_port() -> int:
     ("unfinished run", "not a finished run (pending)"),
     ("run without weights", "no trained model in this run folder"),
     ("unreachable", "could not reach http://127.0.0.1:"),
+    ("linked file", "a symbolic link in a run folder; push uploads only the run's own files"),
 ])
 def test_failures_are_one_line_messages(case, message, runs, capsys, monkeypatch, tmp_path):
     import huggingface_hub.constants
@@ -165,6 +167,12 @@ def test_failures_are_one_line_messages(case, message, runs, capsys, monkeypatch
         Path(run).mkdir()
         for name in keep:
             (Path(run) / name).write_bytes((runs["lora"] / name).read_bytes())
+    if case == "linked file":  # a run folder from someone else: model/notes.txt -> the user's stored token
+        run = str(tmp_path / "copy")
+        shutil.copytree(runs["full"], run)
+        secret = tmp_path / "hub-token"
+        secret.write_text("hf_secret")
+        (Path(run) / "model" / "notes.txt").symlink_to(secret)
     with StandInHub("another-token" if case == "refused token" else TOKEN,
                     refuse=403 if case == "forbidden" else None) as hub:
         endpoint = f"http://127.0.0.1:{closed_port()}" if case == "unreachable" else hub.url

@@ -117,15 +117,15 @@ def _take(folder: Path) -> int:
         os.close(fd)  # locked a file its last holder removed as it left: open the folder's own
 
 
-def refuse_links(folder: Path) -> None:
-    """A run folder tunesmith is about to write holds no symbolic link: a shared or downloaded run
-    folder could otherwise point its .lock, train.log or metrics.jsonl at any file of the user's,
-    which training would then overwrite or append to."""
+def refuse_links(folder: Path, why: str = "tunesmith writes only its own files there, never through links") -> None:
+    """A run folder tunesmith is about to write (or upload) holds no symbolic link: a shared or
+    downloaded run folder could otherwise point its .lock, train.log or metrics.jsonl at any file of
+    the user's, which training would then overwrite or append to (or push upload)."""
     for root, folders, files in os.walk(folder):
         for name in folders + files:
             if os.path.islink(os.path.join(root, name)):
-                raise UserError(f"{os.path.join(root, name)}: a symbolic link in a run folder; tunesmith writes only "
-                                "its own files there, never through links. Remove it (or copy what it points to) first")
+                raise UserError(f"{os.path.join(root, name)}: a symbolic link in a run folder; {why}. "
+                                "Remove it (or copy what it points to) first")
 
 
 def _is_the_folders(fd: int, folder: Path) -> bool:

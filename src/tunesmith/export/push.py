@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..progress import say
+from ..runlock import refuse_links
 from ..runs import RunFolder
 from .card import base_model_facts, model_card
 
@@ -27,6 +28,7 @@ def push(run: str | Path, repo_id: str, what: str | None = None, private: bool =
     from huggingface_hub import constants, get_token
 
     run = finished_run(run)
+    refuse_links(run.path, "push uploads only the run's own files, never what a link points to")
     what = choose_what(run, what)
     token = token or get_token()  # HF_TOKEN, then the stored login
     if not token:
