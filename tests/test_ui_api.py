@@ -123,6 +123,33 @@ def test_lists_and_details_runs_from_their_folders(served, tmp_path):
     assert metrics["records"][-1]["loss"] is None  # NaN -> null: browsers cannot parse NaN
 
 
+def test_a_foreign_run_folder_cannot_break_the_run_list(served, tmp_path, monkeypatch):
+    """Run folders copied from elsewhere: one file of an unexpected shape made /api/runs fail for
+    every run (a 500, or a 404 named after a missing key)."""
+    server = served()
+    runs = tmp_path / "runs"
+    fake_run(runs, "good", finished=True)
+    (fake_run(runs, "deep") / "results.json").write_text("[" * 100_000 + "]" * 100_000)
+    (fake_run(runs, "odd-results") / "results.json").write_text(json.dumps({"fine_tuned": "x", "data": [1]}))
+    write_jsonl(fake_run(runs, "odd-metrics") / "metrics.jsonl", [{"event": "train"}, {"event": "train", "step": "2"}])
+    code, listing = call(server, "/api/runs")
+    assert code == 200, listing
+    rows = {r["name"]: r for r in listing["runs"]}
+    assert set(rows) == {"good", "deep", "odd-results", "odd-metrics"}
+    assert rows["good"]["best_eval"] == 2.2 and rows["odd-metrics"]["step"] == 0
+    for name in ("deep", "odd-results", "odd-metrics"):
+        code, detail = call(server, f"/api/runs/{name}")
+        assert code == 200 and detail["name"] == name, (name, detail)
+    # Whatever else a folder may hold that its reader does not expect: that run is listed as unreadable.
+    from tunesmith.ui import folders
+
+    real = folders.summary
+    monkeypatch.setattr(folders, "summary", lambda f: real(f) if f.name != "deep" else {}["surprise"])
+    rows = {r["name"]: r for r in call(server, "/api/runs")[1]["runs"]}
+    assert rows["deep"]["status"] == "unreadable" and "surprise" in rows["deep"]["error"]
+    assert rows["good"]["status"] == "finished"
+
+
 def test_report_files_are_served_when_present(served, tmp_path):
     server = served()
     folder = fake_run(tmp_path / "runs", "done", finished=True)

@@ -190,7 +190,7 @@ def read_json(path: Path):
     """A JSON file's value, or None when it is missing or not (yet) valid JSON."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nesting past Python's stack
         return None
 
 

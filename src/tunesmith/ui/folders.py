@@ -86,9 +86,15 @@ def status(folder: Path) -> str:
     return RunFolder(folder).status()
 
 
+def section(mapping, key: str) -> dict:
+    """mapping[key] where both are mappings, else {}: a run folder from elsewhere may hold anything."""
+    value = mapping.get(key) if isinstance(mapping, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
 def best_eval(records: list[dict], results: dict | None) -> float | None:
     values = [r["eval_loss"] for r in records if r.get("event") == "eval" and isinstance(r.get("eval_loss"), (int, float))]
-    tuned = (results or {}).get("fine_tuned", {}).get("eval_loss")
+    tuned = section(results, "fine_tuned").get("eval_loss")
     if isinstance(tuned, (int, float)):
         values.append(tuned)
     return min(values) if values else None
@@ -99,7 +105,7 @@ def summary(folder: Path) -> dict:
     config = read_config(folder)
     records = read_metrics(folder)
     results = RunFolder(folder).read_results()
-    train_records = [r for r in records if r.get("event") == "train"]
+    train_records = [r for r in records if r.get("event") == "train" and isinstance(r.get("step"), int)]
     times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
     started = (folder / "config.yaml").stat().st_mtime
     model = str(config.get("model", {}).get("name", "?"))
@@ -128,9 +134,19 @@ def list_runs(runs_dir: Path) -> list[dict]:
         return []
     root = runs_dir.resolve()
     # A symlink leading out of the runs folder is not a run here (run_folder refuses it too).
-    runs = [summary(child) for child in runs_dir.iterdir()
+    runs = [listed(child) for child in runs_dir.iterdir()
             if child.is_dir() and child.resolve().parent == root and is_run(child)]
     return sorted(runs, key=lambda run: run["started"], reverse=True)
+
+
+def listed(folder: Path) -> dict:
+    """A run's row; one whose files cannot be read is listed as such, never hiding the others."""
+    try:
+        return summary(folder)
+    except Exception as err:  # anything a damaged or foreign folder holds
+        error = f"{type(err).__name__}: {str(err)[:200]}"
+        return {"name": folder.name, "status": "unreadable", "error": error, "model": "?", "method": "?",
+                "data": error, "step": 0, "started": 0.0}
 
 
 def predictions(folder: Path, limit: int = 20) -> list[dict]:
@@ -166,7 +182,7 @@ def detail(folder: Path) -> dict:
         "config": read_config(folder),
         "config_text": (folder / "config.yaml").read_text(encoding="utf-8", errors="replace"),
         "results": results,
-        "data_check": (results or {}).get("data"),
+        "data_check": section(results, "data") or None,
         "predictions": predictions(folder),
         "checkpoints": checkpoints(folder),
         "reports": [name for name in REPORT_FILES if (folder / name).is_file()],
