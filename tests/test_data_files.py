@@ -61,6 +61,26 @@ def test_json_csv_parquet_and_saved_dataset_give_the_same_examples(tmp_path, tin
     assert all(s == [r["answer"] for r in sorted(rows, key=lambda r: r["answer"])] for s in seen)
 
 
+def test_a_saved_data_set_from_elsewhere_opens_no_media_and_a_damaged_one_is_one_line(tmp_path, tiny_tokenizer):
+    """Decoding an image column opened whatever path (or address) a row named; a damaged
+    dataset_info.json was a KeyError traceback."""
+    import datasets
+
+    rows = {"question": ["Q1?", "Q2?"], "answer": ["A1.", "A2."],
+            "picture": [{"path": str(tmp_path / "elsewhere.png"), "bytes": None}] * 2}
+    features = datasets.Features({"question": datasets.Value("string"), "answer": datasets.Value("string"),
+                                  "picture": datasets.Image()})
+    (tmp_path / "elsewhere.png").write_text("not the data set's to open")
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "elsewhere.png").unlink()  # opening it now would fail
+    prepared = prepare(DataConfig(train=str(tmp_path / "saved"), cache=False), tiny_tokenizer)
+    assert sorted(c[1]["content"] for c in all_examples(prepared)) == ["A1.", "A2."]
+    (tmp_path / "saved" / "dataset_info.json").write_text("{not json")
+    (tmp_path / "saved" / "state.json").write_text("{}")
+    with pytest.raises(UserError, match="saved: not a readable saved data set"):
+        prepare(DataConfig(train=str(tmp_path / "saved"), cache=False), tiny_tokenizer)
+
+
 def test_a_json_lists_records_are_named_by_the_line_they_start_on(tmp_path):
     """Pretty-printed lists, and one in a {"data": [...]} wrapper: each problem at its record's line."""
     from tunesmith.data.sources import read_records

@@ -230,13 +230,21 @@ def _read_parquet(path: Path) -> Records:
 
 
 def _dataset_rows(dataset, name: str) -> Records:
+    # Media columns stay undecoded: training reads text, and decoding an image or audio column would
+    # open whatever path or address a row names (a saved data set from elsewhere can name any).
+    for column, feature in dataset.features.items():
+        if getattr(feature, "decode", None) is True:
+            dataset = dataset.cast_column(column, type(feature)(decode=False))
     return Records(rows=[(name, index, dict(row)) for index, row in enumerate(dataset, 1)])
 
 
 def _read_saved_dataset(path: Path, split: str) -> Records:
     from datasets import DatasetDict, load_from_disk
 
-    dataset = load_from_disk(str(path))
+    try:
+        dataset = load_from_disk(str(path))
+    except Exception as err:  # a damaged dataset_info.json, dataset_dict.json or arrow file: several types
+        raise UserError(f"{path}: not a readable saved data set ({type(err).__name__}: {str(err)[:160]})") from None
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
             raise UserError(f"{path}: saved dataset has no split '{split}' (has {', '.join(dataset)}); set data.hub_split")
