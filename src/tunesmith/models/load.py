@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import functools
+import pickle
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import UserError
 
@@ -21,6 +23,7 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"{name}: GGUF file not found")
+        readable_gguf(path)
         return str(path.parent), path.name
     if path.exists():
         if not (path / "config.json").exists():
@@ -33,6 +36,18 @@ def resolve_model_path(name: str) -> tuple[str, str | None]:
         raise UserError(f"{name}: model folder not found: {owner}/ has no {name.split('/', 1)[1]} (a hub id whose "
                         f"owner is also a folder here is read as that folder; run from another folder)")
     return name, None  # a hub id
+
+
+@functools.lru_cache(maxsize=8)
+def readable_gguf(path: Path) -> None:
+    """A cut or damaged GGUF is one line here, not a struct.error from inside transformers' reader."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(str(path))  # reads the header, metadata and tensor table; the weights stay mapped, unread
+    except Exception as err:  # struct.error, ValueError, IndexError...: the reader checks nothing for us
+        raise UserError(f"{path}: not a readable GGUF file ({type(err).__name__}: {str(err)[:120]}); "
+                        "was it downloaded whole?") from None
 
 
 def hub_options(where: str) -> dict:
@@ -99,6 +114,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
             where, gguf_file=gguf, dtype=dtype, trust_remote_code=trust_remote_code, **placement, **hub_options(where))
     except OSError as err:
         raise UserError(f"{spec}: cannot load model ({str(err).splitlines()[0]})") from None
+    except (pickle.UnpicklingError, SafetensorError) as err:  # weights cut short, or a pickle that runs code
+        raise UserError(f"{spec}: cannot read the model's weights ({type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0][:200]})") from None
     if gguf:  # dequantised already; the GGUF quantiser transformers leaves on it refuses save_pretrained
         model.hf_quantizer, model.is_quantized = None, False
         if hasattr(model.config, "quantization_config"):
