@@ -241,6 +241,46 @@ def test_slow_clients_do_not_hold_the_server(served):  # noqa: F811
     assert results == [200]
 
 
+def test_a_trickling_client_is_dropped_and_idle_connections_cannot_take_every_thread(served, monkeypatch):  # noqa: F811
+    """Slowloris: one header line every few seconds kept a connection (and its thread) for ever,
+    since the timeout was per read; a thousand idle connections took every file handle."""
+    import select
+    import time
+
+    from tunesmith.ui import server as dashboard
+
+    monkeypatch.setattr(dashboard, "REQUEST_SECONDS", 2)
+    monkeypatch.setattr(dashboard, "MAX_CONNECTIONS", 3)
+    server = served()
+    port = server.server_address[1]
+    trickling = socket.create_connection(("127.0.0.1", port), timeout=30)
+    trickling.sendall(b"GET /api/runs HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    dropped_after = None
+    began = time.monotonic()
+    for _ in range(20):  # a header line a second, the request never finished
+        time.sleep(1)
+        try:
+            trickling.sendall(b"X-Slow: 1\r\n")
+            closed = select.select([trickling], [], [], 0)[0] and trickling.recv(1) == b""
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+        if closed:
+            dropped_after = time.monotonic() - began
+            break
+    trickling.close()
+    assert dropped_after is not None, "the trickling connection was never dropped"
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
+    time.sleep(0.5)
+    extra = socket.create_connection(("127.0.0.1", port), timeout=30)
+    extra.sendall(b"GET /api/runs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert extra.recv(100) == b""  # past the cap: closed unanswered
+    extra.close()
+    time.sleep(3)  # the idle ones pass their deadline and free their threads
+    assert call(server, "/api/runs")[0] == 200
+    for sock in idle:
+        sock.close()
+
+
 def test_grpo_rewards_run_code_and_need_allow_code_too(served, form, tmp_path):  # noqa: F811
     """train.rewards imports `module:function` (or a file) like eval.scorer: it was let through."""
     server = served()

@@ -42,6 +42,12 @@ STATIC = {"": "index.html", "index.html": "index.html", "app.js": "app.js", "sty
 TOKEN_HEADER = "X-Tunesmith-Token"
 MAX_BODY = 1 << 20
 CHUNK = 1 << 16  # files are sent in pieces of this size, never read whole
+# One thread serves each connection: past this many at once a new one is closed unanswered, so idle or
+# trickling connections (from anyone, with --host 0.0.0.0) cannot take every thread and file handle.
+MAX_CONNECTIONS = 64
+# A request's line, headers and body must all arrive within this (a read timeout alone let a client
+# that sends one header line a minute hold its connection for ever); also a kept-alive connection's idle limit.
+REQUEST_SECONDS = 30
 SINGLE_HEADERS = ("Host", "Origin", "Content-Length", "Content-Type", TOKEN_HEADER, "Sec-Fetch-Site")
 SAME_SITE_FETCHES = ("same-origin", "none")  # "none": the user typed or bookmarked the address
 # The page, and every response: nothing is framed by another site, no address (with its token) leaves in a Referer.
@@ -89,6 +95,16 @@ def media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
+def json_object(body: bytes) -> dict:
+    try:
+        value = json.loads(body or b"{}")
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"request body: not valid JSON ({str(err)[:120] or type(err).__name__})") from None
+    if not isinstance(value, dict):
+        raise UserError("request body: expected a JSON object")
+    return value
+
+
 def finite(value):
     """NaN and infinity (a skipped step's loss) become null: browsers' JSON.parse rejects them."""
     if isinstance(value, float):
@@ -112,6 +128,23 @@ class Dashboard(ThreadingHTTPServer):
         self.names = {"localhost"} if self.loopback else own_names(host)
         self.children: list = []  # runs started here, reaped so none lingers as a zombie
         self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     @property
     def url(self) -> str:
@@ -177,6 +210,25 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 60  # seconds a client may leave a request half sent before its connection is dropped
 
+    def handle_one_request(self):
+        self._deadline = threading.Timer(REQUEST_SECONDS, self._drop)
+        self._deadline.daemon = True
+        self._deadline.start()
+        try:
+            super().handle_one_request()
+        except OSError:  # the client left, or was dropped: nothing to answer
+            self.close_connection = True
+        finally:
+            self._deadline.cancel()
+
+    def _drop(self) -> None:
+        """The request did not arrive in time: end the connection (its blocked read returns)."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def log_message(self, format, *args):  # quiet: the page polls every second, and nothing with a token is logged
         pass
 
@@ -189,7 +241,6 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.split("/")[1:]]
-        self._unread = 0
         try:
             length = self._checked_headers(method)
             if method == "GET" and (len(parts) == 1 or parts[:1] == ["static"]) and parts[-1] in STATIC:
@@ -201,8 +252,11 @@ class Handler(BaseHTTPRequestHandler):
                 raise Refused(HTTPStatus.UNAUTHORIZED, "missing or wrong token: open the address `tunesmith ui` printed")
             if method == "POST" and media_type(self.headers.get("Content-Type")) != "application/json":
                 raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "POST bodies must be application/json")
-            self._unread = length
-            self._route(method, parts[1:], length)
+            body = self.rfile.read(length) if length else b""  # whole, before anything is done: the next
+            self._deadline.cancel()  # request starts after it, and the deadline covers the reading only
+            if len(body) < length:
+                raise Refused(HTTPStatus.BAD_REQUEST, "request body cut short")
+            self._route(method, parts[1:], body)
         except Refused as err:
             self.close_connection = True  # a body left unread must not be taken for the next request
             self._send_json({"error": str(err)}, err.code)
@@ -214,19 +268,17 @@ class Handler(BaseHTTPRequestHandler):
             traceback.print_exc(file=sys.stderr)
             self.close_connection = True
             self._send_json({"error": f"{type(err).__name__}: {err}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
-        if self._unread and not self.close_connection:  # a body the route left (stop's `{}`, a refused
-            self.rfile.read(self._unread)  # resume's) must not be taken for the next request
 
-    def _route(self, method: str, parts: list[str], length: int) -> None:
+    def _route(self, method: str, parts: list[str], body: bytes) -> None:
         runs_dir, allow_code = self.server.runs_dir, self.server.allow_code
         if parts == ["runs"] and method == "GET":
             return self._send_json({"runs": folders.list_runs(runs_dir)})
         if parts == ["runs"] and method == "POST":
-            name, child = launch.start(self._body(length), runs_dir, allow_code)
+            name, child = launch.start(json_object(body), runs_dir, allow_code)
             self.server.adopt(child)
             return self._send_json({"name": name, "pid": child.pid}, HTTPStatus.CREATED)
         if parts == ["preview"] and method == "POST":
-            return self._send_json(launch.preview(self._body(length), runs_dir, allow_code))
+            return self._send_json(launch.preview(json_object(body), runs_dir, allow_code))
         if len(parts) < 2 or parts[0] != "runs":
             raise LookupError("no such API path")
         folder = folders.run_folder(runs_dir, parts[1])
@@ -302,17 +354,8 @@ class Handler(BaseHTTPRequestHandler):
         given = parse_qs(query).get("sig", [""])[0]
         return hmac.compare_digest(given.encode(), self.server.signature(parts[2], "/".join(parts[4:])).encode())
 
-    def _body(self, length: int) -> dict:
-        self._unread = 0
-        try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError as err:
-            raise UserError(f"request body: not valid JSON ({err})") from None
-        if not isinstance(body, dict):
-            raise UserError("request body: expected a JSON object")
-        return body
-
     def _start(self, content_type: str, length: int, code=HTTPStatus.OK, extra: dict | None = None) -> None:
+        self._deadline.cancel()  # answering: however long a file takes to send, the request arrived
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(length))
