@@ -365,6 +365,12 @@ def test_ollama_refuses_a_system_prompt_a_modelfile_cannot_quote(runs, tmp_path)
     tokenizer = load_tokenizer(str(trained_folder(runs["qwen2"])))
     text = write_modelfile(tmp_path, "m.gguf", tokenizer, 'Say "yes" or ""').read_text()
     assert 'SYSTEM """Say "yes" or """""\n' in text
+    # A tokenizer from elsewhere whose end-of-turn token would add commands of its own to the Modelfile.
+    from unittest import mock
+
+    with mock.patch("tunesmith.export.ollama.end_of_turn_strings", return_value=['<|im_end|>"\nADAPTER /x']):
+        with pytest.raises(UserError, match="end-of-turn token .* holds a quote or a line break"):
+            write_modelfile(tmp_path, "m.gguf", tokenizer, None)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -163,6 +163,15 @@ def quoted(value: str, what: str) -> str:
     return f'"""{value}"""'
 
 
+def stop_value(stop: str) -> str:
+    """A stop string for a one-line `PARAMETER stop "..."`: a quote or a line break in a tokenizer's
+    end-of-turn token would end the value there and the rest be read as Modelfile commands."""
+    if '"' in stop or "\n" in stop or "\r" in stop:
+        raise UserError(f"ollama export: the end-of-turn token {stop!r} holds a quote or a line break, which a "
+                        "Modelfile's stop parameter cannot hold; export gguf and write the Modelfile yourself")
+    return stop
+
+
 def write_modelfile(folder: Path, gguf_name: str, tokenizer, system_prompt: str | None, add_bos: bool = False,
                     chosen: tuple[str, str] | None = None) -> Path:
     """Modelfile with FROM, TEMPLATE, stop tokens and the fixed system prompt (if any); `chosen`: the
@@ -170,7 +179,7 @@ def write_modelfile(folder: Path, gguf_name: str, tokenizer, system_prompt: str 
     family, template = chosen or choose_template(tokenizer, add_bos)
     system = system_prompt or default_system(family, tokenizer)
     lines = [f"FROM ./{gguf_name}", f"TEMPLATE {quoted(template, 'the template')}"]
-    lines += [f'PARAMETER stop "{stop}"' for stop in end_of_turn_strings(tokenizer)]
+    lines += [f'PARAMETER stop "{stop_value(stop)}"' for stop in end_of_turn_strings(tokenizer)]
     if system:
         lines.append(f"SYSTEM {quoted(system, 'the system prompt')}")
     path = folder / "Modelfile"
