@@ -222,3 +222,14 @@ def test_settings_that_passed_as_valid_and_misled_are_refused(override, expected
 
     with pytest.raises(UserError, match=re.escape(expected)):
         load_config(None, [override])
+
+
+def test_fast_paths_off_as_the_docs_write_it(tmp_path):
+    """YAML reads a bare `off` as false: `train.fast_paths=off` and `fast_paths: off` were refused."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  fast_paths: off\n")
+    assert load_config(path).train.fast_paths == "off"
+    assert load_config(None, ["train.fast_paths=off"]).train.fast_paths == "off"
+    assert load_config(None, ["train.fast_paths=auto"]).train.fast_paths == "auto"
+    with pytest.raises(UserError, match="fast_paths"):
+        load_config(None, ["train.fast_paths=fast"])

@@ -126,6 +126,12 @@ class TrainConfig(_Section, ObjectiveSettings):  # objective settings: objective
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="Where the run computes: 'auto' (cuda:LOCAL_RANK where CUDA is available, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
     fast_paths: Literal["auto", "off"] = Field("auto", description="'auto': the device's fast paths (tunesmith/accel: padding-free attention, compiled norms/MLP/rotary, fused LoRA layers) where they know the architecture; 'off': plain transformers + peft.")
 
+    @field_validator("fast_paths", mode="before")
+    @classmethod
+    def _off_as_yaml_reads_it(cls, value):
+        """YAML 1.1 reads a bare `off` as false (and `on` as true)."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
 
 class EvalConfig(_Section):
     every_steps: int = Field(0, ge=0, description="Optimizer steps between validation-loss evaluations; 0 = at the end only.")
