@@ -150,6 +150,7 @@ def closed_port() -> int:
     ("run without weights", "no trained model in this run folder"),
     ("unreachable", "could not reach http://127.0.0.1:"),
     ("linked file", "a symbolic link in a run folder; push uploads only the run's own files"),
+    ("damaged weights", "adapter_model.safetensors: damaged weights (Error while deserializing header"),
 ])
 def test_failures_are_one_line_messages(case, message, runs, capsys, monkeypatch, tmp_path):
     import huggingface_hub.constants
@@ -167,6 +168,16 @@ def test_failures_are_one_line_messages(case, message, runs, capsys, monkeypatch
         Path(run).mkdir()
         for name in keep:
             (Path(run) / name).write_bytes((runs["lora"] / name).read_bytes())
+    if case == "damaged weights":  # cut short by a full disk: no hub repo is made for it, and no traceback
+        run = str(tmp_path / "copy")
+        shutil.copytree(runs["lora"], run)
+        weights = Path(run) / "adapter" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        from tunesmith.errors import UserError
+        from tunesmith.runs import load_trained
+
+        with pytest.raises(UserError, match="damaged weights"):
+            load_trained(run)
     if case == "linked file":  # a run folder from someone else: model/notes.txt -> the user's stored token
         run = str(tmp_path / "copy")
         shutil.copytree(runs["full"], run)

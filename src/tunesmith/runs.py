@@ -53,9 +53,10 @@ class RunFolder:
         return self.path / ("predictions.jsonl" if which == "fine_tuned" else f"predictions_{which}.jsonl")
 
     def trained(self) -> Path:
-        """The folder of the trained weights (adapter/ or model/)."""
+        """The folder of the trained weights (adapter/ or model/), its weight files readable."""
         for name in (ADAPTER_DIR, MODEL_DIR):
             if (self.path / name).is_dir():
+                readable_weights(self.path / name)
                 return self.path / name
         step = self.stopped_at()
         if step is not None:  # stopped before the end: it can go on, or end where it is
@@ -297,6 +298,21 @@ def own_test_data(spec: str) -> str:
     return test
 
 
+def readable_weights(folder: Path) -> None:
+    """Each safetensors file of a folder reads whole (its header, and data to the end its header
+    names): a file cut short (a full disk, a copy interrupted) is said here, before anything loads
+    it or, for `push`, before a hub repo is made for it."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{path}: damaged weights ({str(err).splitlines()[0][:160]}); train the run again, or "
+                            "restore the file") from None
+
+
 def trained_folder(run: str | Path) -> Path:
     return RunFolder(run).trained()
 
@@ -337,6 +353,7 @@ def load_trained(spec: str, dtype=None, device=None):
     dtype = dtype or compute_dtype("auto", device)
     if trained is None:
         return load_model(spec, dtype, device=device), load_tokenizer(spec), spec
+    readable_weights(trained)
     tokenizer = load_tokenizer(str(trained))
     if (trained / "adapter_config.json").exists():
         from peft import PeftModel
