@@ -151,6 +151,7 @@ def closed_port() -> int:
     ("unreachable", "could not reach http://127.0.0.1:"),
     ("linked file", "a symbolic link in a run folder; push uploads only the run's own files"),
     ("damaged weights", "adapter_model.safetensors: damaged weights (Error while deserializing header"),
+    ("damaged results", "results.json: damaged (not a readable JSON object)"),
 ])
 def test_failures_are_one_line_messages(case, message, runs, capsys, monkeypatch, tmp_path):
     import huggingface_hub.constants
@@ -178,6 +179,17 @@ def test_failures_are_one_line_messages(case, message, runs, capsys, monkeypatch
 
         with pytest.raises(UserError, match="damaged weights"):
             load_trained(run)
+    if case == "damaged results":  # the card (and report) would leave the run's figures out without a word
+        run = str(tmp_path / "copy")
+        shutil.copytree(runs["lora"], run)
+        (Path(run) / "results.json").write_text('{"steps": 6, ')
+        (Path(run) / "report.html").write_text("the report written at the end of training")
+        from tunesmith.errors import UserError
+        from tunesmith.eval.report import write_report
+
+        with pytest.raises(UserError, match="results.json: damaged"):
+            write_report(run)
+        assert (Path(run) / "report.html").read_text() == "the report written at the end of training"
     if case == "linked file":  # a run folder from someone else: model/notes.txt -> the user's stored token
         run = str(tmp_path / "copy")
         shutil.copytree(runs["full"], run)

@@ -109,6 +109,15 @@ class RunFolder:
         later = read_json(self.general) if not found.get("general") else None
         return {**found, "general": later} if isinstance(later, dict) else found
 
+    def intact_results(self) -> dict | None:
+        """read_results, where a results.json that is there but does not read is an error: the report
+        and push would otherwise leave the run's own figures out without a word."""
+        found = self.read_results()
+        if found is None and self.results.exists():
+            raise UserError(f"{self.results}: damaged (not a readable JSON object); restore it from a copy, or "
+                            f"train the run again; nothing was written")
+        return found
+
     def records(self, event: str | None = None) -> list[dict]:
         """metrics.jsonl's records (of one event kind)."""
         return [r for r in read_jsonl(self.metrics) if event is None or r.get("event") == event]

@@ -24,7 +24,7 @@ def collect(run_dir: Path) -> dict:
     run = RunFolder(run_dir).require()
     run.read_config()  # a broken config.yaml is one clear error, naming its line
     records = run.records()
-    results = run.read_results() or {}
+    results = run.intact_results() or {}
     comparison = read_json(run.comparison)
     comparison = comparison if isinstance(comparison, dict) else {}
     examples = read_jsonl(run.comparison_rows)[:EXAMPLES_SHOWN]

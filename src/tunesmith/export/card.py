@@ -47,7 +47,7 @@ def card_license(readme: Path) -> str | None:
 def model_card(run: RunFolder, what: str, repo_id: str) -> str:
     """README.md for the uploaded `what` ('adapter' or 'merged') of a finished run."""
     config = run.read_config()
-    results = run.read_results() or {}
+    results = run.intact_results() or {}
     hub_id, license_name = base_model_facts(config.model.name)
     meta = {"base_model": hub_id, "library_name": "peft" if what == "adapter" else "transformers",
             "license": license_name, "tags": ["tunesmith"]}

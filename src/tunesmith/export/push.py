@@ -58,6 +58,7 @@ def finished_run(path: str | Path) -> RunFolder:
     if status != "finished":
         raise UserError(f"{run.path}: not a finished run ({status}); push uploads what a finished training left")
     run.trained()  # a run folder without its weights says so here, before a token is asked for
+    run.intact_results()  # as does one whose results are damaged (the card shows them)
     return run
 
 
