@@ -303,6 +303,23 @@ def test_compare_end_to_end_on_tiny_models(tiny_model_dir, tmp_path):
     assert "examples" not in json.loads((tmp_path / "out" / "comparison.json").read_text())
 
 
+def test_eval_and_compare_say_which_lines_they_left_out(tiny_model_dir, tmp_path, capsys):
+    """A broken line, or a record without an answer, was skipped without a word: the scores (and the
+    verdict) were of fewer examples than the file holds, and nothing said so."""
+    from tunesmith.measure import evaluate
+
+    data = tmp_path / "test.jsonl"
+    data.write_text('{"question": "a?", "answer": "b"}\n{"question": "c?" "answer": "d"}\n'
+                    '{"question": "e?", "answer": ""}\n{"question": "f?", "answer": "g"}\n')
+    compare_models(str(tiny_model_dir), str(tiny_model_dir), str(data), max_new_tokens=2, batch_size=4, samples=50)
+    said = capsys.readouterr().err
+    assert "skipped 2 records that cannot be scored:" in said, said
+    assert f"e.g. {data}:2: broken JSON" in said and f"{data}:3" in said
+    evaluate(str(tiny_model_dir), str(data), max_new_tokens=2, batch_size=4)
+    said = capsys.readouterr().err
+    assert "skipped 2 records that cannot be scored:" in said and f"{data}:2: broken JSON" in said, said
+
+
 def test_compare_command_writes_into_the_run_and_refreshes_its_report(tiny_model_dir, tmp_path, capsys):
     from tunesmith.cli import main
     from test_report import fake_run

@@ -14,12 +14,13 @@ from pathlib import Path
 
 from ..config import DataConfig
 from ..errors import UserError, counted
+from ..progress import say
 from . import cache
 from .formats import FormatError, rename_columns, to_example
 from .lengths import hint_line, length_hint
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
 from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, use_template
-from .validate import deduplicate, drop_report, overlap
+from .validate import deduplicate, drop_report, overlap, skipped_lines
 
 SPLITS = ("train", "validation", "test")
 
@@ -158,6 +159,8 @@ def eval_file(spec: str, tokenizer, cfg: DataConfig, limit: int | None = None) -
     if not split.encoded:
         first = f"; first problem: {prepared.problems[0]}" if prepared.problems else " (an empty file?)"
         raise UserError(f"{spec}: no example to evaluate{first}")
+    for line in skipped_lines(prepared.problems):
+        say(line)
     return split
 
 

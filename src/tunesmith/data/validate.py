@@ -56,6 +56,17 @@ def overlap(train: list[list[dict]], other: list[list[dict]], origins: list[tupl
     return [f"{f}:{l}" for m, (f, l) in zip(other, origins) if normalised_key(m) in known]
 
 
+def skipped_lines(problems: list[Problem]) -> list[str]:
+    """What `eval` and `compare` say of the records they leave out: each kind with its count, its
+    first places and the first one whole, as `data check` says it."""
+    if not problems:
+        return []
+    lines = [f"skipped {len(problems)} record{'s' * (len(problems) != 1)} that cannot be scored:"]
+    for kind, info in drop_report(problems).items():
+        lines += [f"  {kind}: {info['count']} (first: {', '.join(info['first'])})", f"    e.g. {info['example']}"]
+    return lines
+
+
 def drop_report(problems: list[Problem], first: int = 3) -> dict[str, dict]:
     """{kind: {count, first: ['file:line', ...], example: 'file:line: reason'}}, most frequent first;
     each kind's places in file order, its example the first of them with its whole reason (the kind

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..data.collate import PADDED
 from ..data.formats import is_raw_text, with_system_prompt
 from ..data.prepare import load_conversations
+from ..data.validate import skipped_lines
 from ..errors import UserError
 from ..progress import say
 from ..runs import RunFolder, system_prompt_of
@@ -203,6 +204,8 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
     if not conversations:
         first = f" First problem: {problems[0]}" if problems else ""
         raise UserError(f"{data}: no usable examples to compare on.{first}")
+    for line in skipped_lines(problems):
+        say(line)
     conversations = conversations[:limit] if limit else conversations
     if (kshot or retrieval_k) and is_raw_text(conversations):
         raise UserError(f"{data}: raw text has no prompts to put examples in: --kshot and --retrieval-k do not "
