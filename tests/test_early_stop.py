@@ -170,6 +170,7 @@ def test_last_weights_kept_when_they_are_best(tiny_config, monkeypatch):
     tiny_config["eval"].update(every_steps=1, generate=False, report=False)
     results = tunesmith.train(tiny_config)
     assert results["restored_best"] is False and results["fine_tuned"]["eval_loss"] == 1.4
+    assert results["best_step"] == 3  # the last evaluation's (was 2: the best of those before it)
     assert same_weights(lora_weights(results["run_dir"]), seen[2])
 
 

@@ -168,6 +168,8 @@ def return_best(model, best: BestWeights, validation, cfg, log, step: int, resul
         final_loss = evaluate(loss_module)
         final = select.key(select("generate (validation, last step)")) if select else final_loss
     result.final_eval = final_loss
+    if final <= best.value:  # the last evaluation is the best (it is never offered to `best`): its step
+        result.best_step = step
     if best.value < final:
         best.restore(model)
         # the kept weights' eval loss where this process measured it (a resumed run measures it again)
