@@ -233,3 +233,10 @@ def test_fast_paths_off_as_the_docs_write_it(tmp_path):
     assert load_config(None, ["train.fast_paths=auto"]).train.fast_paths == "auto"
     with pytest.raises(UserError, match="fast_paths"):
         load_config(None, ["train.fast_paths=fast"])
+
+
+def test_patience_without_evaluations_during_training_is_refused():
+    """eval.patience with eval.every_steps 0 (the default) was valid and did nothing."""
+    with pytest.raises(UserError, match="eval.patience=2 counts evaluations during training.*eval.every_steps"):
+        load_config(None, ["eval.patience=2"])
+    assert load_config(None, ["eval.patience=2", "eval.every_steps=10"]).eval.patience == 2

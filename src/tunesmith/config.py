@@ -192,6 +192,9 @@ class Config(_Section):
             setting = "train.fsdp" if self.train.fsdp else "data.packing"
             raise ValueError(f"{setting} applies to train.objective: sft only, not {self.train.objective} "
                              + ("yet; use DDP (train.fsdp: false)" if self.train.fsdp else ""))
+        if self.eval.patience and not self.eval.every_steps:
+            raise ValueError(f"eval.patience={self.eval.patience} counts evaluations during training, and there are "
+                             "none: set eval.every_steps (e.g. eval.every_steps=50)")
         if self.eval.best_metric != "eval_loss" and self.train.objective != "sft":
             raise ValueError(f"eval.best_metric={self.eval.best_metric} scores answers to single-answer validation "
                              f"examples; with train.objective: {self.train.objective} use eval.best_metric: eval_loss")
