@@ -81,6 +81,15 @@ def test_changed_config_is_refused_on_resume(tiny_model_dir, tmp_path):
     assert done.returncode == 2
     assert "adapter.r (4 -> 8)" in done.stderr and "train.lr" in done.stderr
     assert "Traceback" not in done.stderr
+    # --resume where no checkpoint reads back: refused (it started over from step 0 and exited 0).
+    saved = sorted((run / "checkpoints").glob("step-*"))
+    assert saved
+    for checkpoint in saved:
+        blob = checkpoint / "trainable.safetensors"
+        blob.write_bytes(blob.read_bytes()[:100])
+    done = run_cli(config, "--resume")
+    assert done.returncode == 2 and "--resume given, but no checkpoint reads back" in done.stderr, done.stderr
+    assert sorted((run / "checkpoints").glob("step-*")) == saved  # nothing moved or written
 
 
 @pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set

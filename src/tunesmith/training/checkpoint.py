@@ -297,19 +297,27 @@ def newest_usable(folder: Path, say) -> Path | None:
     for partial in partial_checkpoints(folder):
         say(f"ignoring partial checkpoint {partial} (the run stopped while writing it)")
     for candidate in reversed(complete_checkpoints(folder)):
-        try:
-            meta = json.loads((candidate / "state.json").read_text())
-            if meta.get("sharded"):
-                if not (candidate / SHARDED / ".metadata").exists():
-                    raise FileNotFoundError(f"{SHARDED}/.metadata missing")
-            else:
-                load_file(candidate / "trainable.safetensors")
-            torch.load(candidate / "optim.pt", weights_only=True, map_location="cpu")
+        err = damage(candidate)
+        if err is None:
             return candidate
-        except Exception as err:  # a damaged checkpoint of any kind is skipped, not fatal
-            say(f"skipping damaged checkpoint {candidate.name}{_set_aside(candidate, err)}: "
-                f"{type(err).__name__}: {str(err)[:120]}")
+        say(f"skipping damaged checkpoint {candidate.name}{_set_aside(candidate, err)}: "
+            f"{type(err).__name__}: {str(err)[:120]}")
     return None
+
+
+def damage(checkpoint: Path) -> Exception | None:
+    """Why a complete checkpoint does not read back (None: it does)."""
+    try:
+        meta = json.loads((checkpoint / "state.json").read_text())
+        if meta.get("sharded"):
+            if not (checkpoint / SHARDED / ".metadata").exists():
+                raise FileNotFoundError(f"{SHARDED}/.metadata missing")
+        else:
+            load_file(checkpoint / "trainable.safetensors")
+        torch.load(checkpoint / "optim.pt", weights_only=True, map_location="cpu")
+        return None
+    except Exception as err:  # a damaged checkpoint of any kind is skipped, not fatal
+        return err
 
 
 def _set_aside(checkpoint: Path, err: Exception) -> str:
