@@ -415,6 +415,22 @@ def test_a_failed_export_leaves_no_files_that_look_finished(runs, tmp_path, monk
     with pytest.raises(UserError):
         export(runs["llama"], tmp_path, formats="hf", tolerance=0.0)
     assert asked == [0.0]
+    monkeypatch.undo()
+    # Ctrl-C while the merged model is written or read back: no merged.partial (gigabytes) left behind.
+    real_load = merge.load_model
+
+    def interrupted(*args, **kwargs):
+        assert (tmp_path / "interrupted" / "merged.partial" / "config.json").exists()  # written, then...
+        raise KeyboardInterrupt
+    monkeypatch.setattr(merge, "load_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(runs["llama"], tmp_path / "interrupted", formats="hf")
+    assert not (tmp_path / "interrupted" / "merged.partial").exists()
+    monkeypatch.setattr(merge, "load_model", real_load)
+    # --out naming a file: refused before the merge (was "merged.partial: Not a directory" after it).
+    (tmp_path / "my.yaml").write_text("x: 1\n")
+    with pytest.raises(UserError, match="--out .*my.yaml: a file; exports are folders"):
+        export(runs["llama"], tmp_path / "my.yaml", formats="hf")
 
 
 def test_the_checks_run_on_the_runs_samples_cut_as_training_cuts_them(runs, tmp_path):

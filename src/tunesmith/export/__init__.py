@@ -46,6 +46,8 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
         raise UserError(f"{run}: not a run folder (no config.yaml)")
     refuse_links(run)  # its export/ is written: never through a link of a run folder from elsewhere
     out = Path(out) if out else run / "export"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file; exports are folders (each format in one of its own under it)")
     trained = runs.trained_folder(run)
     quantized = load_config(run / "config.yaml").adapter.method == "qlora"
     results: dict = {}

@@ -120,13 +120,17 @@ def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float =
     shutil.rmtree(partial, ignore_errors=True)
     started = time.perf_counter()
     say(f"merge: the adapter into its base{' (dequantised from NF4)' if quantized else ''}, fp32 -> {out}")
-    merged = merged_model(cfg.model.name, trained, quantized)
-    merged.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(partial)
-    as_umask_allows(partial)
-    del merged
-    # Compare what was written, not what is in memory: a save that drops or unties a weight shows here.
-    diff = float((logits_of(load_model(str(partial), torch.float32), batch) - reference).abs().max())
+    try:
+        merged = merged_model(cfg.model.name, trained, quantized)
+        merged.save_pretrained(partial, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(partial)
+        as_umask_allows(partial)
+        del merged
+        # Compare what was written, not what is in memory: a save that drops or unties a weight shows here.
+        diff = float((logits_of(load_model(str(partial), torch.float32), batch) - reference).abs().max())
+    except BaseException:  # Ctrl-C, a full disk: no half-written model (gigabytes) left behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     scale, allowed = allowed_difference(reference, tolerance)
     check = MergeCheck(out, diff, allowed, int(batch["attention_mask"].sum()))
     if not diff <= allowed:
