@@ -184,6 +184,11 @@ def test_eval_general_scores_an_adapter_against_its_base(tiny_model_dir, tmp_pat
     plain = json.loads(capsys.readouterr().out)["general"]
     assert set(plain["model"]) == {"arc_easy/acc", "arc_easy/acc_norm", "hellaswag/acc", "hellaswag/acc_norm"}
     assert main(["eval", str(tiny_model_dir)]) == 2  # neither --data nor --general
+    # A misspelt probe set is refused before the test answers are generated (it came after them).
+    data = write_jsonl(tmp_path / "test.jsonl", [{"question": "q?", "answer": "a"}])
+    assert main(["eval", str(tiny_model_dir), "--data", str(data), "--general", "--general-sets", "arc_easyy"]) == 2
+    said = capsys.readouterr().err
+    assert "unknown probe set(s) ['arc_easyy']" in said and "generate" not in said, said
 
 
 def test_eval_general_of_a_run_is_kept_in_it_and_shown_by_its_report(tiny_model_dir, tmp_path, capsys):

@@ -42,12 +42,14 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     from .measure import evaluate, evaluate_general
 
-    results = {}
+    results, sets = {}, args.general_sets.split(",") if args.general_sets else None
+    if args.general:  # its set names and files checked before any answer is generated
+        from .eval.general import load_probe
+        load_probe(args.general_data, sets, args.general_limit)
     if args.data or not args.general:  # without either: a run's own test data
         results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit, args.scorer,
                            args.temperature, args.seed, args.device, LoopGuard.of(args))
     if args.general:
-        sets = args.general_sets.split(",") if args.general_sets else None
         results["general"] = evaluate_general(args.model, args.general_data, sets, args.general_limit,
                                               args.general_margin, args.seed, args.device, keep=True)
     print(json.dumps(results, indent=2))
