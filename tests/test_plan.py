@@ -228,6 +228,16 @@ def test_a_plan_that_does_not_fit_names_changes_that_do():
     assert "does not fit T4" in format_plan(p)
     # --no-this-machine holds with a device named too: no row of (and no matmul benchmark on) this machine
     assert [fit.device.name for fit in p.fits if fit.device.is_cpu] == []
+    # A T4 has no fast bf16 (the plan trains it in float32 there): bf16 is not among its changes; an A10's has it.
+    t4 = plan("llama-3.1-8b", Setup(method="qlora", batch=4, seq=2048, dtype_auto=True), device="t4",
+              include_this_machine=False)
+    assert t4.setup.dtype == "float32" and t4.changes
+    assert not any("bfloat16" in label for label, _ in t4.changes), t4.changes
+    from tunesmith.plan import candidate_changes
+
+    fp32 = Setup(method="lora", dtype="float32", batch=8, seq=2048)
+    assert any("model.dtype=bfloat16" in label for label, _ in candidate_changes(fp32))
+    assert not any("model.dtype=bfloat16" in label for label, _ in candidate_changes(fp32, bf16=False))
 
 
 def test_a_gpu_just_too_small_is_offered_offloaded_activations_and_bf16_adapters(monkeypatch):

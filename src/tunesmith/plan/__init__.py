@@ -105,7 +105,8 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
                             "(adapter.gradient_checkpointing=auto chooses so)",
                             fit_on(target_device, replace(setup, gradient_checkpointing=True,
                                                           checkpoint_layers=fewest)).estimate))
-        for label, candidate in candidate_changes(replace(setup, checkpointing_auto=False)):
+        bf16 = target_device.auto_dtype("bfloat16") == "bfloat16"  # a T4 or V100 has no fast bf16: not advised there
+        for label, candidate in candidate_changes(replace(setup, checkpointing_auto=False), bf16):
             fitted = fit_on(target_device, candidate)
             if fitted.fits:
                 changes.append((label, fitted.estimate))
@@ -113,8 +114,8 @@ def plan(model: str | ModelShape, setup: Setup, device: str | None = None, memor
                 flops_per_token(shape, setup, mean_seq), utilisation=utilisation)
 
 
-def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
-    """Changes to try, least disruptive first."""
+def candidate_changes(setup: Setup, bf16: bool = True) -> list[tuple[str, Setup]]:
+    """Changes to try, least disruptive first; `bf16`: whether the device computes in bfloat16 fast."""
     found = []
 
     def add(label, **changes):
@@ -134,7 +135,7 @@ def candidate_changes(setup: Setup) -> list[tuple[str, Setup]]:
     if setup.method != "full" and setup.adapter_dtype == "float32":
         add("bf16 adapters and optimizer states (adapter.dtype=bfloat16) with gradient checkpointing",
             adapter_dtype="bfloat16", **ckpt)
-    if setup.dtype == "float32":
+    if setup.dtype == "float32" and bf16:
         add("bfloat16 (model.dtype=bfloat16) with gradient checkpointing", dtype="bfloat16", **ckpt)
     if setup.method == "full":
         add("LoRA instead of full fine-tuning (adapter.method=lora) with gradient checkpointing", method="lora", **ckpt)
