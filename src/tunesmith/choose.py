@@ -22,6 +22,7 @@ from .config import Config, load_config
 from .errors import UserError
 from .eval.compare import LOSS, LOWER_IS_BETTER, PER_CHAR, Scored, Settings, compare_scored
 from .plan import duration
+from .plan.shapes import ALIASES
 from .progress import say
 
 SETTINGS = ("zero-shot", "retrieval", "fine-tuned")
@@ -40,6 +41,10 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     # Every candidate planned before any is loaded: a wrong name fails now, not after minutes of scoring.
+    for spec in models:
+        if spec.lower() in ALIASES:
+            raise UserError(f"choose: {spec} is a shape `plan` ships, not a model to score; name the model itself "
+                            f"({ALIASES[spec.lower()]}, or a local folder of it)")
     candidates = [{"model": spec, **_plan(cfg, spec, device, memory_gib)} for spec in models]
     target = device or (f"{memory_gib:g} GiB" if memory_gib else "this machine")
     for number, entry in enumerate(candidates, 1):
