@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 import tunesmith
-from tunesmith.config import load_config, result_keys
+from tunesmith.config import load_config
+from tunesmith.setting_keys import result_keys
 from tunesmith.start import anchored
 
 SYSTEM = "Triage the ticket in one word."
@@ -69,7 +70,7 @@ def test_the_runs_config_names_its_files_absolutely_and_a_resume_still_matches(p
 
 
 def test_every_local_path_is_anchored_for_the_run_and_named_only_by_its_last_part_on_a_card(tmp_path, monkeypatch):
-    """The settings that name local files (config.PATH_SETTINGS): the run's config holds them absolute,
+    """The settings that name local files (setting_keys.PATH_SETTINGS): the run's config holds them absolute,
     hub ids and the built-in names stay as they are, and a model card shows none of the folders."""
     from tunesmith.config import Config
     from tunesmith.export.card import shown_config

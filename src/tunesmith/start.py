@@ -64,7 +64,8 @@ def anchored(cfg):
     The run's config.yaml is read again later, from wherever the user is (export's checks on the run's
     own conversations, compare's k-shot pool, eval and chat of the run, a resume from the dashboard);
     paths relative to the directory training started in would name other files or none there."""
-    from .config import Config, with_paths
+    from .config import Config
+    from .setting_keys import with_paths
     from .data.sources import is_hub_id
 
     def absolute(key: str, spec: str) -> str:

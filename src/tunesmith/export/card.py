@@ -76,7 +76,7 @@ def local_name(spec: str) -> str:
 
 def shown_config(config) -> str:
     """The run's config as YAML, local paths by their names (the run's config.yaml holds them absolute)."""
-    from ..config import with_paths
+    from ..setting_keys import with_paths
 
     shown = with_paths(config.model_dump(mode="json"), lambda key, spec: local_name(spec))
     return yaml.safe_dump(shown, sort_keys=False)

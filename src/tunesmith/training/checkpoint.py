@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import device as devices
-from ..config import PATH_SETTINGS, result_keys
+from ..setting_keys import PATH_SETTINGS, result_keys
 from ..errors import UserError
 from ..runs import CHECKPOINT_PREFIX as PREFIX
 from ..runs import PARTIAL, checkpoint_folders, fsync_folder
