@@ -502,3 +502,14 @@ def test_the_go_template_interpreter_reads_trimming_eq_and_range_else_as_go_does
     assert render("a  {{- 1 -}}  \n b", data) == "a1b"  # both trim markers take the white space beside them
     assert render('{{ range .Messages }}{{ if eq .Role "user" "tool" }}y{{ end }}{{ end }}', data) == "yy"  # eq: any
     assert render("{{ range .Empty }}x{{ else }}none{{ end }}{{ range .Messages }}m{{ else }}none{{ end }}", data) == "nonemm"
+
+
+def test_a_quantised_file_far_from_the_merged_model_is_said_so():
+    """A q4_0 file of the default model at mean KL 0.23 and 78% top-1 agreement was reported as checked."""
+    from tunesmith.export.gguf_check import far_from_merged
+
+    far = {"kl_divergence": 0.23, "top1_decided": 0.78}
+    assert "q4_0 is far from the merged model: mean KL divergence 0.230" in far_from_merged("q4_0", far)
+    assert "78%" in far_from_merged("q4_0", far)
+    assert far_from_merged("q4_0", {"kl_divergence": 0.03, "top1_decided": 0.95}) is None
+    assert far_from_merged("q8_0", far) is None  # q8_0 and f16 are refused past their bars instead

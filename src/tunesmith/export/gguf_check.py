@@ -25,6 +25,9 @@ F16_TOLERANCE = 1e-2  # max abs logit difference, relative to the largest refere
 # broken layout or a lost tensor well above 0.1), and to top-1 agreement where the merged model has decided.
 Q8_KLD = 0.01  # the most mean KL(merged || file) at answer positions
 Q8_TOP1 = 0.99  # share of decided answer positions whose top-1 token must agree
+# A 4- or 5-bit file is not refused, but said to be far from the merged model past these (the
+# walk-through's q4_0 of the default model: KL 0.23, 78% top-1 agreement, and nothing said).
+FAR_KLD, FAR_TOP1 = 0.1, 0.9
 
 
 @dataclass
@@ -42,6 +45,7 @@ class GGUFCheck:
     prompts_checked: int
     prompts_equal: int
     llama_cpp: dict | None = None  # the same comparison in llama.cpp itself, where llama-cpp-python is installed
+    warning: str | None = None  # a 4- or 5-bit file far from the merged model (far_from_merged)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -180,6 +184,11 @@ def verify_gguf(path: Path, quant: str, reference_logits: torch.Tensor, batch: d
     for reader, found in (("transformers", asdict(check)), ("llama.cpp", check.llama_cpp)):
         if found:
             refuse_if_off(path, quant, reader, found, scale, check.positions)
+    check.warning = far_from_merged(quant, asdict(check))
+    if check.warning:
+        from ..progress import say
+
+        say(f"warning: {path.name}: {check.warning}")
     if equal != checked:
         raise UserError(f"{path}: the GGUF's tokenizer and chat template build different tokens than training's "
                         f"for {checked - equal} of {checked} sample conversations")
@@ -204,6 +213,16 @@ def llama_cpp_tokens_parity(path: Path, trained_tokenizer, conversations: list[l
                      else trained_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False))
     theirs = llamacpp.tokenize(path, texts)
     return len(texts), sum(ours == found for ours, found in zip(token_ids(trained_tokenizer, texts), theirs))
+
+
+def far_from_merged(quant: str, check: dict) -> str | None:
+    """What to say of a quantised file (not f16 or q8_0, which are held to bars) whose answers moved far
+    from the merged model's, or None."""
+    if quant in ("f16", "q8_0") or (check["kl_divergence"] <= FAR_KLD and check["top1_decided"] >= FAR_TOP1):
+        return None
+    return (f"{quant} is far from the merged model: mean KL divergence {check['kl_divergence']:.3f} (q8_0 is held to "
+            f"{Q8_KLD}), top-1 token agreement {check['top1_decided']:.0%} where the merged model has decided; "
+            "its answers will differ often. q8_0 keeps them; or compare this file's answers before serving it")
 
 
 def refuse_if_off(path: Path, quant: str, reader: str, check: dict, scale: float, positions: int) -> None:
