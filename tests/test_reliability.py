@@ -240,3 +240,28 @@ def test_out_of_memory_halves_the_micro_batch(tiny_model_dir, tmp_path, monkeypa
     first = sizes.index(1)
     assert results["steps"] == 2 and sizes[0] >= 4 and sizes[1] == math.ceil(sizes[0] / 2)
     assert sizes[:first] == sorted(set(sizes[:first]), reverse=True) and set(sizes[first:]) == {1}
+
+
+def test_sigterm_while_loading_or_scoring_says_so(tiny_model_dir, tmp_path):
+    """The dashboard's Stop during the base model's scoring ended the process without a word (SIGTERM's
+    default); outside training's steps it is said, with the signal's exit status."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = ("import os, signal, sys\n"
+              "from tunesmith import cli\n"
+              "def loading(args):\n"
+              "    print('loading', flush=True)\n"
+              "    import time; time.sleep(60)\n"
+              "cli.cmd_plan = loading\n"
+              "sys.exit(cli.main(['plan', '--model', 'default']))\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.stdout.readline().strip() == "loading"
+    time.sleep(0.5)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143 and "stopped by signal 15, outside training's steps" in err, err
+    assert "Traceback" not in err

@@ -6,7 +6,7 @@ import json
 import sys
 from importlib import resources
 
-from .errors import Interrupted, UserError, one_line, plain_warnings
+from .errors import Interrupted, Terminated, UserError, one_line, plain_warnings, stop_on_sigterm
 from .flags import COUNT, NUMBER, SIZE, add_decoding_options, add_prompt_options, at_least, share
 from .eval.decoding import LoopGuard
 from .eval.evidence import demo_lines
@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     plain_warnings(args.debug)
+    stop_on_sigterm()
     try:
         return args.func(args)
     except (UserError, OSError) as err:  # OSError: a file unreadable, a folder where a file goes, a full disk
@@ -385,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         err.tell()
         return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as err:  # outside training's steps (loading, scoring, exporting)
+        print("interrupted" if isinstance(err, KeyboardInterrupt) else f"{err}, outside training's steps", file=sys.stderr)
+        return 130 if isinstance(err, KeyboardInterrupt) else 128 + err.signum
 
 
 if __name__ == "__main__":

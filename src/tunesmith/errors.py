@@ -25,6 +25,29 @@ class Interrupted(Exception):
                   file=sys.stderr)
 
 
+class Terminated(BaseException):
+    """SIGTERM outside training's steps (loading, scoring). A BaseException, as KeyboardInterrupt is:
+    no `except Exception` on the way (a checkpoint's damage check, a scorer's retry) may take it for
+    a failure of its own."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (the dashboard's Stop, a scheduler's) raises Terminated, so a command stopped while it
+    loads or scores says so instead of vanishing; training's loop defers it to a step's end."""
+    import signal
+
+    def stop(signum, frame):
+        raise Terminated(signum)
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: signals stay as they are
+        pass
+
+
 def counted(count: int, noun: str) -> str:
     """'1 problem', '2 problems'."""
     return f"{count} {noun}{'s' * (count != 1)}"
