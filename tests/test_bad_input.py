@@ -313,7 +313,9 @@ def test_a_damaged_run_folder_is_one_clear_line(tmp_path, tiny_model_dir, capsys
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, run / "adapter" / name)
     (run / "adapter" / "adapter_config.json").write_text("{not json")
-    assert main(["report", str(run)]) == 0  # a foreign results.json is read as none
+    # A foreign or damaged results.json: the report is not rewritten without the run's results.
+    assert main(["report", str(run)]) == 2
+    assert "results.json: damaged (not a readable JSON object)" in capsys.readouterr().err
     assert main(["generate", str(run), "hi"]) == 2
     assert "adapter_config.json: not a JSON object" in capsys.readouterr().err
     data = write(tmp_path, "d.jsonl", json.dumps(GOOD_ROW) + "\n")

@@ -41,11 +41,11 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     # Every candidate planned before any is loaded: a wrong name fails now, not after minutes of scoring.
-    for spec in models:
-        if spec.lower() in ALIASES:
-            raise UserError(f"choose: {spec} is a shape `plan` ships, not a model to score; name the model itself "
-                            f"({ALIASES[spec.lower()]}, or a local folder of it)")
     candidates = [{"model": spec, **_plan(cfg, spec, device, memory_gib)} for spec in models]
+    for entry in candidates:  # a shape alone is planned (and listed where it does not fit), never scored
+        if entry["fits"] and entry["model"].lower() in ALIASES:
+            raise UserError(f"choose: {entry['model']} is a shape `plan` ships, not a model to score; name the model "
+                            f"itself ({ALIASES[entry['model'].lower()]}, or a local folder of it)")
     target = device or (f"{memory_gib:g} GiB" if memory_gib else "this machine")
     for number, entry in enumerate(candidates, 1):
         fits = ("tight (over the 90% of memory a run keeps to), scored" if entry["tight"]

@@ -81,10 +81,8 @@ def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[st
         say(line)
     found, run = probe.results(), RunFolder(model_or_run)
     if keep and run.is_run():
-        from .eval.report import write_report
-
         write_json(run.general, found)
-        say(f"general ability: {run.general}" + (f"; report: {write_report(run.path)[0]}" if run.results.is_file() else ""))
+        say(f"general ability: {run.general}" + (f"; {refreshed_report(run.path)}" if run.results.is_file() else ""))
     return found
 
 
@@ -114,11 +112,20 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
     if folder is not None:
         say(f"comparison: {write_comparison(result, folder)}")
         if RunFolder(folder).is_run():
-            from .eval.report import write_report
-
-            say(f"report: {write_report(folder)[0]}")
+            say(refreshed_report(folder))
     say(format_table(result))
     return result
+
+
+def refreshed_report(folder) -> str:
+    """The line saying where the run's report was rewritten, or why it was not (the new figures are
+    kept whatever the report's fate: a damaged results.json must not lose them)."""
+    from .eval.report import write_report
+
+    try:
+        return f"report: {write_report(folder)[0]}"
+    except UserError as err:
+        return f"report not refreshed: {err}"
 
 
 def _names(a: str, b: str) -> tuple[str, str]:
