@@ -127,7 +127,7 @@ def test_yaml_whose_aliases_expand_without_end_is_refused_before_it_takes_the_me
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(f"model:\n  name: {nested_aliases(8)}\n")
     assert bomb.stat().st_size < 1000
-    with pytest.raises(UserError, match=r"bomb.yaml:\d+: not valid YAML \(more than 100,000 values once its aliases"):
+    with pytest.raises(UserError, match=r"bomb.yaml:\d+: not valid YAML \(more than 100,000 values \(its aliases expanded"):
         load_config(bomb)
     with pytest.raises(UserError, match=r"override 'model.name': more than 100,000 values"):
         parse_overrides([f"model.name={nested_aliases(8)}"])
@@ -235,8 +235,21 @@ def test_fast_paths_off_as_the_docs_write_it(tmp_path):
         load_config(None, ["train.fast_paths=fast"])
 
 
-def test_patience_without_evaluations_during_training_is_refused():
+def test_patience_without_evaluations_during_training_is_refused(tmp_path):
     """eval.patience with eval.every_steps 0 (the default) was valid and did nothing."""
+    from tunesmith.api import check_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {train: demo}\n")
     with pytest.raises(UserError, match="eval.patience=2 counts evaluations during training.*eval.every_steps"):
-        load_config(None, ["eval.patience=2"])
-    assert load_config(None, ["eval.patience=2", "eval.every_steps=10"]).eval.patience == 2
+        check_config(str(config), ["eval.patience=2"])
+    assert check_config(str(config), ["eval.patience=2", "eval.every_steps=10"]).eval.patience == 2
+    assert load_config(None, ["eval.patience=2"]).eval.patience == 2  # a run folder of before the rule still reads
+
+
+def test_an_override_starting_with_a_yaml_tag_stays_text():
+    """Only tunesmith's own refusals (a key twice, aliases without end) stop an override's value; other
+    YAML trouble keeps the text as written, as before (`!important be brief`)."""
+    assert parse_overrides(["data.system_prompt=!important be brief"]) == {"data": {"system_prompt": "!important be brief"}}
+    with pytest.raises(UserError, match="override 'data.mix': 'a' is given twice"):
+        parse_overrides(["data.mix={a: 1, a: 2}"])

@@ -227,3 +227,14 @@ def test_base_model_hub_id_and_license_for_the_front_matter(tmp_path):
     assert base_model_facts("someone/some-model") == ("someone/some-model", None)  # nothing cached, no network
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# a local model\n")
     assert base_model_facts(str(tmp_path)) == (None, "mit")
+
+
+def test_a_model_cards_license_is_read_from_front_matter_as_the_hub_writes_it(tmp_path):
+    """Others' README front matter: a key given twice keeps the last (as YAML does), never losing the license."""
+    from tunesmith.export.card import card_license
+
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nlicense: other\ntags: [a]\nlicense: apache-2.0\n---\n# a model\n")
+    assert card_license(readme) == "apache-2.0"
+    readme.write_text("---\nlicense: " + "[" * 50_000 + "]" * 50_000 + "\n---\n")
+    assert card_license(readme) is None  # nested past the stack: no license, no traceback

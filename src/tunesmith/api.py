@@ -314,8 +314,13 @@ def plan_at_start(planned, checkpointed: int) -> float | None:
 
 
 def check_data_paths(cfg: Config) -> None:
-    """Fail before anything slow is loaded when a data file is missing."""
+    """Fail before anything slow is loaded when a data file is missing (or a setting would do nothing:
+    said to a new run only, as a run folder of before the rule still reads)."""
     from .data.sources import check_source
+
+    if cfg.eval.patience and not cfg.eval.every_steps:
+        raise UserError(f"eval.patience={cfg.eval.patience} counts evaluations during training, and there are "
+                        "none: set eval.every_steps (e.g. eval.every_steps=50)")
 
     for name in ("train", "validation", "test"):
         path = getattr(cfg.data, name)

@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         err.tell()
         return err.exit_code
     except (KeyboardInterrupt, Terminated) as err:  # outside training's steps (loading, scoring, exporting)
-        print("interrupted" if isinstance(err, KeyboardInterrupt) else f"{err}, outside training's steps", file=sys.stderr)
+        print("interrupted" if isinstance(err, KeyboardInterrupt) else str(err), file=sys.stderr)
         return 130 if isinstance(err, KeyboardInterrupt) else 128 + err.signum
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from .errors import UserError, closest
 from .methods import METHODS, NAMES as METHOD_NAMES
 from .objectives.settings import ObjectiveSettings  # train.objective and its settings (issue 23)
-from .yamlfile import parse_yaml, read_yaml, shortened
+from .yamlfile import Refused, parse_yaml, read_yaml, shortened
 
 
 class _Section(BaseModel):
@@ -192,9 +192,6 @@ class Config(_Section):
             setting = "train.fsdp" if self.train.fsdp else "data.packing"
             raise ValueError(f"{setting} applies to train.objective: sft only, not {self.train.objective} "
                              + ("yet; use DDP (train.fsdp: false)" if self.train.fsdp else ""))
-        if self.eval.patience and not self.eval.every_steps:
-            raise ValueError(f"eval.patience={self.eval.patience} counts evaluations during training, and there are "
-                             "none: set eval.every_steps (e.g. eval.every_steps=50)")
         if self.eval.best_metric != "eval_loss" and self.train.objective != "sft":
             raise ValueError(f"eval.best_metric={self.eval.best_metric} scores answers to single-answer validation "
                              f"examples; with train.objective: {self.train.objective} use eval.best_metric: eval_loss")
@@ -223,7 +220,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise UserError(f"override '{pair}': expected section.key=value")
         try:
             value = parse_yaml(raw) if raw else ""
-        except yaml.constructor.ConstructorError as err:  # a key twice, aliases expanding without end
+        except Refused as err:  # a key twice, aliases expanding without end
             raise UserError(f"override '{key}': {err.problem}") from None
         except yaml.YAMLError:
             value = raw

@@ -37,8 +37,13 @@ class Terminated(BaseException):
 
 def stop_on_sigterm() -> None:
     """SIGTERM (the dashboard's Stop, a scheduler's) raises Terminated, so a command stopped while it
-    loads or scores says so instead of vanishing; training's loop defers it to a step's end."""
+    loads or scores says so instead of vanishing; training's loop defers it to a step's end. Not in
+    torchrun's ranks: one waiting in a collective (C code) would not see a Python handler, and
+    torchrun's SIGTERM would then wait out its grace period instead of ending it."""
     import signal
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
 
     def stop(signum, frame):
         raise Terminated(signum)

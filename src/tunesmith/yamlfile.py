@@ -13,17 +13,23 @@ from .errors import UserError
 MAX_EXPANDED_NODES = 100_000
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses a key given twice in one mapping: YAML keeps the last silently, so
-    `lr: 1e-4` near the top and `lr: 1e-3` further down trained with 1e-3 and nothing said so;
-    and a document whose aliases expand past MAX_EXPANDED_NODES."""
+class Refused(yaml.constructor.ConstructorError):
+    """A document YAML itself would load that tunesmith refuses (a key twice, aliases without end)."""
+
+
+class GuardedLoader(yaml.SafeLoader):
+    """A safe loader that refuses a document whose aliases expand past MAX_EXPANDED_NODES."""
 
     def get_single_node(self):
         node = super().get_single_node()
         if node is not None and expanded_size(node, {}) > MAX_EXPANDED_NODES:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"more than {MAX_EXPANDED_NODES:,} values once its aliases are expanded", node.start_mark)
+            raise Refused(None, None, f"more than {MAX_EXPANDED_NODES:,} values (its aliases expanded)", node.start_mark)
         return node
+
+
+class UniqueKeyLoader(GuardedLoader):
+    """...and a key given twice in one mapping: YAML keeps the last silently, so `lr: 1e-4` near the
+    top and `lr: 1e-3` further down trained with 1e-3 and nothing said so."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
@@ -32,8 +38,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 continue  # keys merged from `<<: *base` may be overridden; that is what merging is for
             key = self.construct_object(key_node)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"'{key}' is given twice (first on line {seen[key]})", key_node.start_mark)
+                raise Refused(None, None, f"'{key}' is given twice (first on line {seen[key]})", key_node.start_mark)
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
@@ -60,11 +65,12 @@ def shortened(value, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
-def parse_yaml(text: str):
-    """A YAML document from text with read_yaml's checks; raises yaml.YAMLError (RecursionError
-    for nesting deeper than Python's stack, turned into one)."""
+def parse_yaml(text: str, unique_keys: bool = True):
+    """A YAML document from text with read_yaml's checks (`unique_keys=False`: a key twice keeps the
+    last, as in others' files); raises yaml.YAMLError (RecursionError for nesting deeper than Python's
+    stack, turned into one)."""
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)
+        return yaml.load(text, Loader=UniqueKeyLoader if unique_keys else GuardedLoader)
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
 

@@ -37,7 +37,7 @@ def card_license(readme: Path) -> str | None:
     if not text.startswith("---"):
         return None
     try:
-        meta = parse_yaml(text.split("---", 2)[1]) or {}
+        meta = parse_yaml(text.split("---", 2)[1], unique_keys=False) or {}
     except (yaml.YAMLError, IndexError):
         return None
     found = meta.get("license") if isinstance(meta, dict) else None
