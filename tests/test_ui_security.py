@@ -251,6 +251,7 @@ def test_a_trickling_client_is_dropped_and_idle_connections_cannot_take_every_th
 
     monkeypatch.setattr(dashboard, "REQUEST_SECONDS", 2)
     monkeypatch.setattr(dashboard, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(dashboard.Handler, "timeout", 2)  # IDLE_SECONDS
     server = served()
     port = server.server_address[1]
     trickling = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -269,6 +270,10 @@ def test_a_trickling_client_is_dropped_and_idle_connections_cannot_take_every_th
             break
     trickling.close()
     assert dropped_after is not None, "the trickling connection was never dropped"
+    for _ in range(50):  # its thread gone (it gives its slot back as it ends)
+        if call(server, "/api/runs")[0] == 200:
+            break
+        time.sleep(0.2)
     idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
     time.sleep(0.5)
     extra = socket.create_connection(("127.0.0.1", port), timeout=30)

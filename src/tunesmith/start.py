@@ -26,11 +26,10 @@ def starting_model(spec: str) -> str:
     if not is_run_start(spec):
         return spec
     run = RunFolder(spec)
-    try:
-        trained = run.trained()
-    except UserError:
+    if not any((run.path / name).is_dir() for name in (ADAPTER_DIR, MODEL_DIR)):
         raise UserError(f"{spec}: folder has no config.json (not a model folder) and no {ADAPTER_DIR}/ or "
-                        f"{MODEL_DIR}/ (not a finished run)") from None
+                        f"{MODEL_DIR}/ (not a finished run)")
+    trained = run.trained()  # its weights damaged: said as such
     if not (trained / "adapter_config.json").exists():
         return str(trained)  # a full fine-tune: a complete model folder
     merged = run.path / "export" / "merged"

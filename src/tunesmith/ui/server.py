@@ -43,11 +43,12 @@ TOKEN_HEADER = "X-Tunesmith-Token"
 MAX_BODY = 1 << 20
 CHUNK = 1 << 16  # files are sent in pieces of this size, never read whole
 # One thread serves each connection: past this many at once a new one is closed unanswered, so idle or
-# trickling connections (from anyone, with --host 0.0.0.0) cannot take every thread and file handle.
-MAX_CONNECTIONS = 64
-# A request's line, headers and body must all arrive within this (a read timeout alone let a client
-# that sends one header line a minute hold its connection for ever); also a kept-alive connection's idle limit.
+# trickling connections cannot take every thread and file handle of the process (1024 on many systems).
+MAX_CONNECTIONS = 512
+# A request's line, headers and body must all arrive within this from its first byte (a read timeout
+# alone let a client that sends one header line a minute hold its connection for ever).
 REQUEST_SECONDS = 30
+IDLE_SECONDS = 15  # a connection waiting for its (next) request, or for any one read, is closed after this
 SINGLE_HEADERS = ("Host", "Origin", "Content-Length", "Content-Type", TOKEN_HEADER, "Sec-Fetch-Site")
 SAME_SITE_FETCHES = ("same-origin", "none")  # "none": the user typed or bookmarked the address
 # The page, and every response: nothing is framed by another site, no address (with its token) leaves in a Referer.
@@ -208,9 +209,17 @@ def serve(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: int = 87
 class Handler(BaseHTTPRequestHandler):
     server: Dashboard
     protocol_version = "HTTP/1.1"
-    timeout = 60  # seconds a client may leave a request half sent before its connection is dropped
+    timeout = IDLE_SECONDS
 
     def handle_one_request(self):
+        self._dropped = False
+        try:
+            if not self.rfile.peek(1):  # the (next) request's first byte; the deadline runs from it
+                self.close_connection = True
+                return
+        except OSError:  # idle past IDLE_SECONDS, or gone
+            self.close_connection = True
+            return
         self._deadline = threading.Timer(REQUEST_SECONDS, self._drop)
         self._deadline.daemon = True
         self._deadline.start()
@@ -222,7 +231,9 @@ class Handler(BaseHTTPRequestHandler):
             self._deadline.cancel()
 
     def _drop(self) -> None:
-        """The request did not arrive in time: end the connection (its blocked read returns)."""
+        """The request did not arrive in time: end the connection (its blocked read returns, and what
+        was read of the request is never acted on: _dispatch checks `_dropped`)."""
+        self._dropped = True
         self.close_connection = True
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -241,6 +252,8 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         parts = [unquote(p) for p in url.path.split("/")[1:]]
+        if self._dropped:  # the headers' reading was cut by the deadline: not a request to answer
+            return
         try:
             length = self._checked_headers(method)
             if method == "GET" and (len(parts) == 1 or parts[:1] == ["static"]) and parts[-1] in STATIC:
@@ -254,6 +267,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "POST bodies must be application/json")
             body = self.rfile.read(length) if length else b""  # whole, before anything is done: the next
             self._deadline.cancel()  # request starts after it, and the deadline covers the reading only
+            if self._dropped:  # the deadline fired as the body arrived: nothing is done on a dead connection
+                return
             if len(body) < length:
                 raise Refused(HTTPStatus.BAD_REQUEST, "request body cut short")
             self._route(method, parts[1:], body)
@@ -264,6 +279,8 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json({"error": str(err)}, HTTPStatus.BAD_REQUEST)
         except LookupError as err:
             self._send_json({"error": str(err.args[0] if err.args else err)}, HTTPStatus.NOT_FOUND)
+        except (BrokenPipeError, ConnectionResetError):  # the client left while answered: no one to tell
+            self.close_connection = True
         except Exception as err:
             traceback.print_exc(file=sys.stderr)
             self.close_connection = True
