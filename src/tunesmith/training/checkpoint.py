@@ -305,17 +305,26 @@ def newest_usable(folder: Path, say) -> Path | None:
     return None
 
 
-def damage(checkpoint: Path) -> Exception | None:
-    """Why a complete checkpoint does not read back (None: it does)."""
+def damage(checkpoint: Path, thorough: bool = True) -> Exception | None:
+    """Why a complete checkpoint does not read back (None: it does). `thorough=False`: its files'
+    structure only (headers, the zip's directory), memory-mapped, not read into memory: a cheap
+    look for every rank before anything loads; want of memory or a storage hiccup is no damage then."""
+    from safetensors import safe_open
+
     try:
         meta = json.loads((checkpoint / "state.json").read_text())
         if meta.get("sharded"):
             if not (checkpoint / SHARDED / ".metadata").exists():
                 raise FileNotFoundError(f"{SHARDED}/.metadata missing")
-        else:
+        elif thorough:
             load_file(checkpoint / "trainable.safetensors")
-        torch.load(checkpoint / "optim.pt", weights_only=True, map_location="cpu")
+        else:
+            with safe_open(str(checkpoint / "trainable.safetensors"), "pt"):
+                pass
+        torch.load(checkpoint / "optim.pt", weights_only=True, map_location="cpu", mmap=not thorough)
         return None
+    except (MemoryError, OSError) as err:
+        return err if thorough or isinstance(err, FileNotFoundError) else None
     except Exception as err:  # a damaged checkpoint of any kind is skipped, not fatal
         return err
 
