@@ -514,5 +514,11 @@ def test_a_tool_schema_cannot_hang_or_crash_the_check():
     assert argument_problem({"a": evil}, patterned) is None  # (was: hours, exponential in the length)
     assert argument_problem({"a": evil, "n": "1"}, patterned) == "arguments['n']: '1' is not of type 'integer'"
     assert argument_problem({evil: "x"}, keyed) is None
+    # patternProperties in one nested object leaves additionalProperties: false checked everywhere else.
+    nested = {"type": "object", "additionalProperties": False,
+              "properties": {"unit": {"type": "string"},
+                             "tags": {"type": "object", "patternProperties": {"^(a+)+$": {"type": "string"}}}}}
+    assert "Additional properties" in argument_problem({"unit": "c", "bogus": 1}, nested)
+    assert argument_problem({"unit": "c", "tags": {evil: "x"}}, nested) is None
     for looping in ({"$ref": "#"}, {"$defs": {"x": {"$ref": "#/$defs/x"}}, "$ref": "#/$defs/x"}):
         assert argument_problem({"a": 1}, looping) is None

@@ -195,15 +195,24 @@ def _validator(schema: str):
         Draft202012Validator.check_schema(parameters)
     except (SchemaError, RecursionError):
         return None
-    unchecked = ["pattern", "patternProperties"]
-    if '"patternProperties"' in schema:  # they would decide which properties these two cover
-        unchecked += ["additionalProperties", "unevaluatedProperties"]
-    without_patterns = validators.extend(Draft202012Validator, dict.fromkeys(unchecked, _not_checked))
-    return without_patterns(parameters, registry=Registry())
+    keywords = {"pattern": _not_checked, "patternProperties": _not_checked,
+                "additionalProperties": _additional_unless_patterned}
+    if '"patternProperties"' in schema:  # anywhere: unevaluatedProperties looks through $ref and allOf
+        keywords["unevaluatedProperties"] = _not_checked
+    return validators.extend(Draft202012Validator, keywords)(parameters, registry=Registry())
 
 
 def _not_checked(validator, value, instance, schema):
     return iter(())
+
+
+def _additional_unless_patterned(validator, value, instance, schema):
+    """additionalProperties as JSON Schema says, but not beside patternProperties (which would decide
+    which properties it covers, by matching their names)."""
+    from jsonschema import Draft202012Validator
+
+    if "patternProperties" not in schema:
+        yield from Draft202012Validator.VALIDATORS["additionalProperties"](validator, value, instance, schema)
 
 
 def call_text(call: dict) -> str:
