@@ -66,10 +66,12 @@ def test_a_saved_data_set_from_elsewhere_opens_no_media_and_a_damaged_one_is_one
     dataset_info.json was a KeyError traceback."""
     import datasets
 
-    rows = {"question": ["Q1?", "Q2?"], "answer": ["A1.", "A2."],
-            "picture": [{"path": str(tmp_path / "elsewhere.png"), "bytes": None}] * 2}
+    picture = {"path": str(tmp_path / "elsewhere.png"), "bytes": None}
+    rows = {"question": ["Q1?", "Q2?"], "answer": ["A1.", "A2."], "picture": [picture] * 2,
+            "album": [[picture]] * 2, "meta": [{"cover": picture}] * 2}
     features = datasets.Features({"question": datasets.Value("string"), "answer": datasets.Value("string"),
-                                  "picture": datasets.Image()})
+                                  "picture": datasets.Image(), "album": datasets.List(datasets.Image()),
+                                  "meta": {"cover": datasets.Image()}})
     (tmp_path / "elsewhere.png").write_text("not the data set's to open")
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
     (tmp_path / "elsewhere.png").unlink()  # opening it now would fail

@@ -230,12 +230,31 @@ def _read_parquet(path: Path) -> Records:
 
 
 def _dataset_rows(dataset, name: str) -> Records:
-    # Media columns stay undecoded: training reads text, and decoding an image or audio column would
-    # open whatever path or address a row names (a saved data set from elsewhere can name any).
-    for column, feature in dataset.features.items():
-        if getattr(feature, "decode", None) is True:
-            dataset = dataset.cast_column(column, type(feature)(decode=False))
+    # Media stays undecoded, in lists and nested records too: training reads text, and decoding an
+    # image or audio value would open whatever path or address a row names (a saved data set from
+    # elsewhere can name any).
+    from datasets import Features
+
+    features = undecoded(dict(dataset.features))
+    if features != dict(dataset.features):
+        dataset = dataset.cast(Features(features))
     return Records(rows=[(name, index, dict(row)) for index, row in enumerate(dataset, 1)])
+
+
+def undecoded(feature):
+    """A data set feature (a column's type) with every decodable part (Image, Audio, Video...) set not to decode."""
+    import dataclasses
+
+    if isinstance(feature, dict):
+        return {key: undecoded(value) for key, value in feature.items()}
+    if isinstance(feature, (list, tuple)):
+        return type(feature)(undecoded(value) for value in feature)
+    if not dataclasses.is_dataclass(feature):
+        return feature
+    if getattr(feature, "decode", None) is True:
+        return dataclasses.replace(feature, decode=False)
+    inner = getattr(feature, "feature", None)  # List, LargeList, Sequence: their items' type
+    return dataclasses.replace(feature, feature=undecoded(inner)) if inner is not None else feature
 
 
 def _read_saved_dataset(path: Path, split: str) -> Records:
