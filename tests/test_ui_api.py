@@ -223,6 +223,14 @@ def test_token_required_on_every_api_request(served, host):
         assert call(shared, "/", headers={"Host": host}, token=False)[0] == 403, host
     for host in ("192.168.1.5:8765", "[fe80::1]:8765", "localhost:8765", f"{socket.gethostname()}:8765"):
         assert call(shared, "/api/runs", headers={"Host": host})[0] == 200, host
+    aliased = make_server(shared.runs_dir, "0.0.0.0", 0, allow_hosts=["GPU01.lab.example"])  # --allow-host NAME
+    threading.Thread(target=aliased.serve_forever, daemon=True).start()
+    try:
+        assert call(aliased, "/api/runs", headers={"Host": "gpu01.lab.example:8765"})[0] == 200
+        assert call(aliased, "/api/runs", headers={"Host": "attacker.example:8765"})[0] == 403
+    finally:
+        aliased.shutdown()
+        aliased.server_close()
     assert call(local, "/api/preview", b"name=x", {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
 
 

@@ -110,7 +110,7 @@ def cmd_data_check(args) -> int:
 def cmd_ui(args) -> int:
     from .ui import serve
 
-    serve(args.runs, args.host, args.port, args.token, args.allow_code)
+    serve(args.runs, args.host, args.port, args.token, args.allow_code, args.allow_host)
     return 0
 
 
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; every API request needs the token printed at start")
     p.add_argument("--token", default=None, help="token to require (default: TUNESMITH_UI_TOKEN, which `ps` does not show, "
                    "else a random one per start; an empty one is refused)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME", help="with --host 0.0.0.0: a name the "
+                   "dashboard is opened by besides IP addresses and this machine's own (a DNS alias, a proxy's)")
     p.add_argument("--allow-code", action="store_true",
                    help="let runs started or resumed from the page set model.trust_remote_code, eval.scorer and "
                         "train.rewards (they run code)")

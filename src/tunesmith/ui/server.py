@@ -120,13 +120,14 @@ def finite(value):
 class Dashboard(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, runs_dir: Path, host: str, port: int, token: str, allow_code: bool = False):
+    def __init__(self, runs_dir: Path, host: str, port: int, token: str, allow_code: bool = False,
+                 allow_hosts: list[str] | None = None):
         super().__init__((host, port), Handler)
         self.runs_dir = Path(runs_dir).absolute()
         self.token = token
         self.allow_code = allow_code
         self.loopback = is_loopback(host)
-        self.names = {"localhost"} if self.loopback else own_names(host)
+        self.names = {"localhost"} if self.loopback else own_names(host) | {n.lower() for n in allow_hosts or []}
         self.children: list = []  # runs started here, reaped so none lingers as a zombie
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -167,7 +168,7 @@ class Dashboard(ThreadingHTTPServer):
 
 
 def make_server(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: int = 8765,
-                token: str | None = None, allow_code: bool = False) -> Dashboard:
+                token: str | None = None, allow_code: bool = False, allow_hosts: list[str] | None = None) -> Dashboard:
     """A dashboard server (not yet serving). Every API request needs the token; a random one is made
     when none is given, and an empty one (which would turn authentication off) is refused."""
     if token is None:  # a token of one's own without --token, which every user of the machine sees in `ps`
@@ -184,15 +185,15 @@ def make_server(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: in
     except OSError as err:
         raise UserError(f"--runs {runs_dir}: cannot be the runs folder ({err.strerror})") from None
     try:
-        return Dashboard(Path(runs_dir), host, port, token, allow_code)
+        return Dashboard(Path(runs_dir), host, port, token, allow_code, allow_hosts)
     except OSError as err:
         raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port or --host") from None
 
 
 def serve(runs_dir: str | Path = "runs", host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          allow_code: bool = False) -> None:
+          allow_code: bool = False, allow_hosts: list[str] | None = None) -> None:
     """Serve the dashboard until interrupted; prints the address to open (it carries the token)."""
-    server = make_server(runs_dir, host, port, token, allow_code)
+    server = make_server(runs_dir, host, port, token, allow_code, allow_hosts)
     print(f"tunesmith dashboard on {server.url}  (runs folder: {server.runs_dir})", flush=True)
     print(f"token: {server.token}  (required on every API request, as the {TOKEN_HEADER} header; "
           "the address above hands it to the page)", flush=True)
@@ -336,7 +337,7 @@ class Handler(BaseHTTPRequestHandler):
             raise Refused(HTTPStatus.BAD_REQUEST, f"a {method} request has no body")
         if not self._host_ok(self._host_name()):
             raise Refused(HTTPStatus.FORBIDDEN, "unexpected Host header: open the dashboard by this machine's "
-                                                "IP address or its own name")
+                                                "IP address or its own name (or start it with --allow-host NAME)")
         return length
 
     def _host_ok(self, name: str) -> bool:
