@@ -316,6 +316,9 @@ def test_a_damaged_run_folder_is_one_clear_line(tmp_path, tiny_model_dir, capsys
     # A foreign or damaged results.json: the report is not rewritten without the run's results.
     assert main(["report", str(run)]) == 2
     assert "results.json: damaged (not a readable JSON object)" in capsys.readouterr().err
+    from tunesmith.measure import refreshed_report  # compare and eval --general keep their figures and say so
+
+    assert refreshed_report(run).startswith("report not refreshed: ") and "results.json: damaged" in refreshed_report(run)
     assert main(["generate", str(run), "hi"]) == 2
     assert "adapter_config.json: not a JSON object" in capsys.readouterr().err
     data = write(tmp_path, "d.jsonl", json.dumps(GOOD_ROW) + "\n")
