@@ -89,10 +89,10 @@ def _refuse_changed_resume(run: RunFolder, cfg: Config, data, must_resume: bool)
     done = run.checkpoint_folders()
     if not cfg.train.resume or not done or (cfg.output.overwrite and not must_resume and run.results.exists()):
         return
-    if must_resume and all(ckpt.damage(path, thorough=False) for path in reversed(done)):  # until one reads back
-        err = ckpt.damage(done[-1], thorough=False)
+    newest = ckpt.damage(done[-1], thorough=False) if must_resume else None
+    if newest and all(ckpt.damage(path, thorough=False) for path in reversed(done[:-1])):  # until one reads back
         raise UserError(f"{run.path}: --resume given, but no checkpoint reads back (the newest, {done[-1].name}: "
-                        f"{type(err).__name__}: {str(err)[:120]}); without --resume the run starts over")
+                        f"{type(newest).__name__}: {str(newest)[:120]}); without --resume the run starts over")
     train = as_trained(data.splits["train"], cfg.data)
     try:
         ckpt.check_same_settings(done[-1], ckpt.resume_settings(cfg, train), total_steps(cfg, len(train)))

@@ -353,6 +353,7 @@ def load_trained(spec: str, dtype=None, device=None):
         dtype = dtype or compute_dtype(config.model.dtype, device)
     elif (path / "adapter_config.json").exists():
         trained = path
+        readable_weights(trained)  # a run's are checked by run.trained()
         adapter = read_json(path / "adapter_config.json")
         if not isinstance(adapter, dict) or "base_model_name_or_path" not in adapter:
             raise UserError(f"{path / 'adapter_config.json'}: not an adapter config naming its base "
@@ -362,7 +363,6 @@ def load_trained(spec: str, dtype=None, device=None):
     dtype = dtype or compute_dtype("auto", device)
     if trained is None:
         return load_model(spec, dtype, device=device), load_tokenizer(spec), spec
-    readable_weights(trained)
     tokenizer = load_tokenizer(str(trained))
     if (trained / "adapter_config.json").exists():
         from peft import PeftModel

@@ -16,6 +16,7 @@ from . import cache
 from .lengths import hint_line, length_hint
 from .prepare import Prepared, prepare
 from .prompts import Prompt
+from .validate import drop_lines
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -203,10 +204,7 @@ def format_report(report: dict) -> str:
     for title, key in (("dropped", "dropped"), ("duplicates removed", "duplicates")):
         groups = report[key]
         lines.append(f"{title}:" + (" none" if not groups else ""))
-        for kind, info in groups.items():
-            lines.append(f"  {kind}: {info['count']} (first: {', '.join(info['first'])})")
-            if info.get("example"):  # report.json of before 2026-12-07 has none
-                lines.append(f"    e.g. {info['example']}")
+        lines += drop_lines(groups)
     if report["truncated"]:
         lines.append(f"truncated: {report['truncated']}")
     if report.get("length_hint"):

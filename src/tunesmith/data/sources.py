@@ -235,9 +235,10 @@ def _dataset_rows(dataset, name: str) -> Records:
     # elsewhere can name any).
     from datasets import Features
 
-    features = undecoded(dict(dataset.features))
-    if features != dict(dataset.features):
-        dataset = dataset.cast(Features(features))
+    features = dict(dataset.features)
+    wanted = undecoded(features)
+    if wanted != features:
+        dataset = dataset.cast(Features(wanted))
     return Records(rows=[(name, index, dict(row)) for index, row in enumerate(dataset, 1)])
 
 

@@ -5,6 +5,7 @@ import json
 import re
 from collections import Counter, defaultdict
 
+from ..errors import counted
 from .sources import Problem
 from .tools import call_text
 
@@ -57,13 +58,19 @@ def overlap(train: list[list[dict]], other: list[list[dict]], origins: list[tupl
 
 
 def skipped_lines(problems: list[Problem]) -> list[str]:
-    """What `eval` and `compare` say of the records they leave out: each kind with its count, its
-    first places and the first one whole, as `data check` says it."""
+    """What `eval` and `compare` say of the records they leave out, as `data check` says it."""
     if not problems:
         return []
-    lines = [f"skipped {len(problems)} record{'s' * (len(problems) != 1)} that cannot be scored:"]
-    for kind, info in drop_report(problems).items():
-        lines += [f"  {kind}: {info['count']} (first: {', '.join(info['first'])})", f"    e.g. {info['example']}"]
+    return [f"skipped {counted(len(problems), 'record')} that cannot be scored:"] + drop_lines(drop_report(problems))
+
+
+def drop_lines(groups: dict[str, dict]) -> list[str]:
+    """A drop_report as lines: each kind with its count, its first places and the first one whole."""
+    lines = []
+    for kind, info in groups.items():
+        lines.append(f"  {kind}: {info['count']} (first: {', '.join(info['first'])})")
+        if info.get("example"):  # a data check's report.json of before 2026-12-07 has none
+            lines.append(f"    e.g. {info['example']}")
     return lines
 
 

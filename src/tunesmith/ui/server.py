@@ -76,7 +76,8 @@ class Dashboard(ThreadingHTTPServer):
         self.token = token
         self.allow_code = allow_code
         self.loopback = is_loopback(host)
-        self.names = {"localhost"} if self.loopback else own_names(host) | {n.lower() for n in allow_hosts or []}
+        # names answered besides IP addresses (bound to loopback: loopback names only, see _host_ok)
+        self.names = set() if self.loopback else own_names(host) | {n.lower() for n in allow_hosts or []}
         self.children: list = []  # runs started here, reaped so none lingers as a zombie
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
