@@ -10,7 +10,8 @@
 4. ROUGE-L of every row's predictions recomputed with rouge-score, to show they are the same.
 
     .venv/bin/python bench/medquad_evidence.py [--out runs/medquad-evidence] [--steps 300] [--batch-size 8]
-        [--train 2400] [--test 120] [--max-new-tokens 96] [--skip-check]
+        [--train 2400] [--test 120] [--max-new-tokens 96] [--no-repeat-ngram-size N]
+        [--dtype auto|float32] [--skip-check]
 
 It prints the tables as markdown, with the time each part took.
 """
@@ -100,6 +101,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--general-limit", type=int, default=None)
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="eval.no_repeat_ngram_size: the loop guard")
+    parser.add_argument("--dtype", default="auto", help="model.dtype: float32 repeats the runs made on hosts without fast bf16")
     parser.add_argument("--skip-check", action="store_true")
     args = parser.parse_args()
 
@@ -113,12 +116,13 @@ def main() -> None:
         print(f"## data check of all MedQuAD ({time.perf_counter() - start:.0f} s)\n\n```\n{format_report(report)}\n```\n")
     files = write_split(out / "data", args.train, args.validation, args.test, seed=0)
     config = {
-        "model": "default",
+        "model": {"name": "default", "dtype": args.dtype},
         "data": {**files, "max_seq_len": 384},
         "adapter": {"method": "lora", "r": 16, "alpha": 32},
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": 1e-3, "log_every": 10},
         "eval": {"every_steps": max(1, args.steps // 4), "batch_size": 16, "max_new_tokens": args.max_new_tokens,
-                 "kshot": 3, "retrieval_k": 3, "general": True, "general_limit": args.general_limit},
+                 "kshot": 3, "retrieval_k": 3, "general": True, "general_limit": args.general_limit,
+                 "no_repeat_ngram_size": args.no_repeat_ngram_size},
         "output": {"dir": str(out / "run"), "overwrite": True},
     }
     start = time.perf_counter()

@@ -17,7 +17,9 @@ from .device import compute_dtype, describe, resolve
 from .errors import UserError
 from .eval.baselines import baseline_table, cut_answers_warning, format_baselines, score_base_rows, score_tuned_rows
 from .eval.baselines import summary as row_summary
-from .eval.general import GeneralAbility
+from .eval import base_cache
+from .eval.base_cache import BaseScores
+from .eval.general import GeneralAbility, score_probe
 from .data.formats import is_raw_text
 from .eval.decoding import LoopGuard
 from .eval.loss import eval_loss
@@ -177,13 +179,17 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
         if scorer is None:
             evidence = None
             results.update({"not_scored": why} if why else {})
+    kept = BaseScores(run.base_scores)  # a resumed run's base scores, as its first start scored them
     if test and cfg.eval.generate and ranks.main and scorer is not None:
-        scored = score_base_rows(scorer, tokenizer, test.conversations, train_split_of(data), cfg.eval, run.path,
-                                 eval_layout, cfg.data.max_seq_len)
+        pool = train_split_of(data)
+        scored = kept.rows(base_cache.rows_key(cfg, dtype, device, test.conversations, pool, eval_layout),
+                           lambda: score_base_rows(scorer, tokenizer, test.conversations, pool, cfg.eval, run.path,
+                                                   eval_layout, cfg.data.max_seq_len))
         if cfg.eval.compare_base:
             base.update(row_summary(scored[0]))
     if evidence is not None:
-        evidence.score(scorer, tokenizer, "base")
+        evidence.scores["base"] = kept.probe(base_cache.probe_key(cfg, dtype, device, evidence.probe),
+                                             lambda: score_probe(scorer, tokenizer, evidence.probe, "base"))
     if sharded:  # rank 0's whole copy freed before training (on its GPU it may take most of the memory)
         scorer = None
         sharded_end.collect_garbage(device)

@@ -46,6 +46,7 @@ class RunFolder:
     comparison = property(lambda self: self.path / "comparison.json")
     general = property(lambda self: self.path / "general.json")  # `eval RUN --general`, after training
     comparison_rows = property(lambda self: self.path / "comparison.jsonl")
+    base_scores = property(lambda self: self.path / "base_scores.json")  # eval/base_cache.py
     log = property(lambda self: self.path / "train.log")
 
     def predictions(self, which: str = "fine_tuned") -> Path:
@@ -171,7 +172,7 @@ class RunFolder:
             # serving its adapter/, and `model: RUN` its merge.
             for target in (self.checkpoints, self.metrics, self.results, self.best_weights, self.path / ADAPTER_DIR,
                            self.path / MODEL_DIR, self.path / "export", self.comparison, self.comparison_rows,
-                           self.general):  # the earlier model's scores too
+                           self.general, self.base_scores):  # the earlier model's scores too
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():
