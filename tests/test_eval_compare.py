@@ -318,6 +318,13 @@ def test_eval_and_compare_say_which_lines_they_left_out(tiny_model_dir, tmp_path
     evaluate(str(tiny_model_dir), str(data), max_new_tokens=2, batch_size=4)
     said = capsys.readouterr().err
     assert "skipped 2 records that cannot be scored:" in said and f"{data}:2: broken JSON" in said, said
+    # --limit 1: only line 1 is scored, lines 2 and 3 never reached, so not said; --limit 2 reaches line 4
+    for limit, skipped in ((1, None), (2, "skipped 2 records")):
+        compare_models(str(tiny_model_dir), str(tiny_model_dir), str(data), max_new_tokens=2, batch_size=4, samples=50,
+                       limit=limit)
+        evaluate(str(tiny_model_dir), str(data), max_new_tokens=2, batch_size=4, limit=limit)
+        said = capsys.readouterr().err
+        assert (said.count(skipped) == 2) if skipped else "skipped" not in said, said
 
 
 def test_compare_command_writes_into_the_run_and_refreshes_its_report(tiny_model_dir, tmp_path, capsys):

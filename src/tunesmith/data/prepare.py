@@ -20,7 +20,7 @@ from .formats import FormatError, rename_columns, to_example
 from .lengths import hint_line, length_hint
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
 from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, use_template
-from .validate import deduplicate, drop_report, overlap, skipped_lines
+from .validate import deduplicate, drop_report, overlap, problems_before, skipped_lines
 
 SPLITS = ("train", "validation", "test")
 
@@ -154,7 +154,7 @@ def eval_file(spec: str, tokenizer, cfg: DataConfig, limit: int | None = None) -
     use_template(tokenizer, cfg.chat_template, cfg.template_variables)
     conversations, origins, _, problems = _read_kept(spec, cfg, {})
     cut = slice(None, limit)
-    prepared = Prepared({}, problems, Counter(), Counter())
+    prepared = Prepared({}, problems_before(problems, origins, limit), Counter(), Counter())
     split = _encode_split("test", conversations[cut], origins[cut], tokenizer, cfg, prepared)
     if not split.encoded:
         first = f"; first problem: {prepared.problems[0]}" if prepared.problems else " (an empty file?)"

@@ -64,6 +64,15 @@ def skipped_lines(problems: list[Problem]) -> list[str]:
     return [f"skipped {counted(len(problems), 'record')} that cannot be scored:"] + drop_lines(drop_report(problems))
 
 
+def problems_before(problems: list[Problem], origins: list[tuple[str, int]], limit: int | None) -> list[Problem]:
+    """The problems among the records read up to the `limit`-th usable one (eval and compare's
+    --limit): the records past it are never scored, so what is wrong with them is not said."""
+    if not limit or len(origins) <= limit:
+        return problems
+    last = tuple(origins[limit - 1])
+    return [p for p in problems if (p.file, p.line) <= last]  # files are read in sorted order
+
+
 def drop_lines(groups: dict[str, dict]) -> list[str]:
     """A drop_report as lines: each kind with its count, its first places and the first one whole."""
     lines = []

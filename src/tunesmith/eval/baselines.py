@@ -20,7 +20,7 @@ from pathlib import Path
 from ..data.collate import PADDED
 from ..data.formats import is_raw_text, with_system_prompt
 from ..data.prepare import load_conversations
-from ..data.validate import skipped_lines
+from ..data.validate import problems_before, skipped_lines
 from ..errors import UserError
 from ..progress import say
 from ..runs import RunFolder, system_prompt_of
@@ -200,11 +200,11 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
                    retrieval_k: int = 0, guard: LoopGuard = LoopGuard()) -> dict:
     """Score A (and A k-shot, A with retrieval), B with retrieval and B on the data file; each row
     against B. Returns the table data, a one-line verdict and the per-example outputs."""
-    conversations, problems = load_conversations(data, None)
+    conversations, origins, problems = load_conversations(data, None, origins=True)
     if not conversations:
         first = f" First problem: {problems[0]}" if problems else ""
         raise UserError(f"{data}: no usable examples to compare on.{first}")
-    for line in skipped_lines(problems):
+    for line in skipped_lines(problems_before(problems, origins, limit)):
         say(line)
     conversations = conversations[:limit] if limit else conversations
     if (kshot or retrieval_k) and is_raw_text(conversations):
