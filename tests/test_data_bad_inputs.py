@@ -11,7 +11,7 @@ EXPECTED = {
     "broken_json.jsonl": ":1: broken JSON",
     "not_an_object.jsonl": ":1: not a JSON object",
     "missing_completion.jsonl": ":1: missing field: 'completion'",
-    "prompt_not_text.jsonl": ":1: wrong type: field 'prompt' must be text, got int",
+    "prompt_not_text.jsonl": ":1: wrong type: field 'prompt' must be text, got dict",
     "empty_prompt.jsonl": ":1: empty text: field 'prompt' is empty",
     "unknown_role.jsonl": ":1: unknown role: 'wizard'",
     "no_assistant_turn.jsonl": ":1: no assistant turn",

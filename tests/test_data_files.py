@@ -240,7 +240,7 @@ def test_bad_lines_are_reported_and_skipped(tmp_path, tiny_tokenizer):
 
 
 def test_no_valid_example_is_a_clear_error(tmp_path, tiny_tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", ['{"oops"', {"prompt": 3, "completion": "x"}])
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"oops"', {"prompt": ["x"], "completion": "x"}])
     with pytest.raises(UserError, match="no usable training examples"):
         prepare(DataConfig(train=str(path)), tiny_tokenizer)
 

@@ -30,7 +30,7 @@ BAD = [
     {"prompt": "Repeat: z", "chosen": "", "rejected": "q"},  # empty side
     {"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "a"}],
      "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "b"}]},  # prompts differ
-    {"prompt": "Repeat: w", "chosen": 3, "rejected": "w"},  # wrong type
+    {"prompt": "Repeat: w", "chosen": {"text": "w"}, "rejected": "w"},  # wrong type
     {"prompt": "Repeat: v", "chosen": [{"role": "assistant", "content": "v"}, {"role": "assistant", "content": "v"}],
      "rejected": "u"},  # not one answer
 ]

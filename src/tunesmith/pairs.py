@@ -63,7 +63,7 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     ids = encode_prompts(tokenizer, prompts)
     refused = [i for i, encoded in enumerate(ids) if isinstance(encoded, TemplateError)]
     for i in refused[:5]:
-        print(f"  skipped {origins[i][0]}:{origins[i][1]}: template: {ids[i]}", file=sys.stderr)
+        print(f"  skipped {origins[i][0]}:{origins[i][1]}: {ids[i].reason()}", file=sys.stderr)
     kept = [i for i, encoded in enumerate(ids) if not isinstance(encoded, TemplateError)]
     prompts, references, ids = ([v[i] for i in kept] for v in (prompts, references, ids))
     if not prompts:

@@ -34,7 +34,13 @@ def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/da
     _only_data_settings(settings or {})
     cfg = validate({"data": {**(settings or {}), "train": str(path)}}, "data check").data
     kind = data_kind(cfg, objective)
-    prepared = prepare(cfg, model) if kind is None else prepare_objective_data(cfg, model, kind)
+    try:
+        prepared = prepare(cfg, model) if kind is None else prepare_objective_data(cfg, model, kind)
+    except UserError as err:
+        if kind is None or objective is not None:
+            raise
+        raise UserError(f"{err} (read as {kind} data from the first record's fields; SFT data with such a "
+                        "column: data check --objective sft)") from None
     report = build_report(prepared, cfg, str(path), model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +124,12 @@ def data_lines(prepared: Prepared, cfg: DataConfig) -> list[str]:
         tokens = f"{summary['tokens']['train']} train tokens ({summary['label_tokens']['train']} with a loss)"
     lines = [f"data: examples {counts}; {tokens}; dropped: {dropped}"]
     lines += [f"  skipped {problem}" for problem in prepared.problems[:5]]
+    for name, places in prepared.overlap.items():  # leakage: the held-out figures would flatter the model
+        if places:
+            held = len(prepared.splits[name]) if name in prepared.splits else 0
+            lines.append(f"warning: {len(places)} of {held} {name} examples are also in train (first: "
+                         f"{', '.join(places[:3])}): their {name} figures measure memory, not what was learned; "
+                         "hold them out of data.train (data check lists them)")
     validation = prepared.splits.get("validation")
     if validation is not None and not validation and train:
         # Held out of train before the checks: the drops can take all of it, and the run then goes blind.

@@ -10,13 +10,18 @@ assistant `tool_calls`, `tool` messages with results, and assistant `reasoning_c
 from __future__ import annotations
 
 import difflib
+import math
 
 from ..errors import UserError
 from .tools import FormatError, TOOLS_ROLE, checked_message, checked_tools, check_calls, refuse_null, tools_message
 
 ROLES = {"system", "user", "assistant", "tool"}
-MESSAGE_ROLES = {role: role for role in ROLES}  # role / content turns name their roles as they are
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# Roles as the common sources spell them: OpenAI's `developer` (its system), Gemini's `model`,
+# ShareGPT's `human` / `gpt` (and the chatgpt / bing / bard of its crawls), `bot`.
+ALIASES = {"developer": "system", "human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
+MESSAGE_ROLES = {**{role: role for role in ROLES}, **ALIASES}
+SHAREGPT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", **ALIASES,
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 FORMATS = ("messages", "sharegpt", "instruction", "prompt_completion", "question_answer", "text")
 # The keys each format needs: detection tries them in this order.
 REQUIRED = {
@@ -168,10 +173,26 @@ def _text(record: dict, key: str) -> str:
 def _checked_text(value, where: str) -> str:
     if value is None:
         raise FormatError("missing field", f"{where} is missing")
+    if isinstance(value, float) and math.isnan(value):  # a spreadsheet's empty cell, as pandas reads it
+        raise FormatError("empty text", f"{where} is empty (NaN)")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # a numeric column (pandas' to_json, a parquet int): the number as text
     if not isinstance(value, str):
         raise FormatError("wrong type", f"{where} must be text, got {type(value).__name__}")
     if not value.strip():
         raise FormatError("empty text", f"{where} is empty")
+    return whole_characters(value, where)
+
+
+def whole_characters(value: str, where: str) -> str:
+    """The text, refused where it holds half a character: a lone UTF-16 surrogate (JSON's "\\ud83d"),
+    left where scraped text was cut inside an emoji; no tokenizer takes it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise FormatError("broken character", f"{where} holds half of a character ({value[err.start]!r}, a lone "
+                                              f"UTF-16 surrogate, at character {err.start + 1}): the text was cut "
+                                              "inside an emoji or other character; remove or repair it") from None
     return value
 
 
@@ -184,6 +205,10 @@ def _checked_turns(turns, field: str, role_key: str, text_key: str, role_map: di
     for index, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise FormatError("wrong type", f"{field}[{index}] is not an object")
+        if role_key not in turn or text_key not in turn:  # "Role" / "Content", as some exports spell them
+            turn = {key.strip().lower() if isinstance(key, str) else key: value for key, value in turn.items()}
+        if role_key not in turn:
+            raise FormatError("missing field", f"{field}[{index}] has no '{role_key}'")
         role = known_role(turn.get(role_key), role_map)
         if role not in role_map:
             raise FormatError("unknown role", f"{role!r} in {field}[{index}] (known: {', '.join(sorted(role_map))})")

@@ -139,14 +139,17 @@ def report(train: list[list[dict]], train_origins: list, others: dict[str, tuple
     # share that history: not near-duplicates. Rows of one raw-text document are, and are named so.
     inside = [m for m in inside if train_origins[m.index] != train_origins[m.first] or train[m.index][0]["role"] == "text"]
 
-    def pair(origins, m):
+    def pair(origins, m, within):
         one, other = (f"{file}:{line}" for file, line in (origins[m.index], train_origins[m.first]))
-        return f"{one} ~ {other}" if one != other else f"{one} (two rows of one raw-text document)"
+        if one != other:
+            return f"{one} ~ {other}"
+        # the same place in another split: one file given as train and as test
+        return f"{one} (two rows of one raw-text document)" if within else f"{one} (the same record: one file in both)"
 
-    def firsts(origins, matches):  # distinct locations: a document's rows may repeat one
-        return list(dict.fromkeys(pair(origins, m) for m in matches))[:first]
+    def firsts(origins, matches, within=False):  # distinct locations: a document's rows may repeat one
+        return list(dict.fromkeys(pair(origins, m, within) for m in matches))[:first]
 
-    out = {"threshold": threshold, "within_train": {"count": len(inside), "first": firsts(train_origins, inside)}}
+    out = {"threshold": threshold, "within_train": {"count": len(inside), "first": firsts(train_origins, inside, True)}}
     for name, matches in leaks.items():
         out[f"{name}_in_train"] = {"count": len(matches), "first": firsts(others[name][1], matches)}
     return out

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..config import DataConfig
 from ..errors import UserError, counted
-from .formats import FormatError, known_role, rename_columns
+from .formats import FormatError, detect_format, known_role, rename_columns
 from .formats import _checked_text as text_of  # the SFT formats' check of one text field
 from .prepare import Prepared, Split, length_policy, load_conversations
 from .sources import Problem, read_records
@@ -82,14 +82,24 @@ class Unpaired(Sequences):
 
 
 def record_kind(record: dict) -> str | None:
-    """pairs, unpaired (KTO) or prompts (GRPO) from a record's fields; None for anything else (SFT data)."""
-    if "chosen" in record or "rejected" in record:
+    """pairs, unpaired (KTO) or prompts (GRPO) from a record's fields; None for anything else (SFT data).
+    An SFT record with a column named like a preference field (a `Rejected` status, a `label` of
+    text) stays SFT: only `chosen`, or `rejected` where no SFT format fits, makes a pair, and only a
+    true / false `label` a KTO record."""
+    if "chosen" in record or ("rejected" in record and not _sft_format(record)):
         return PAIRS
-    if "label" in record and "completion" in record:
+    if isinstance(record.get("label"), bool) and "completion" in record:
         return UNPAIRED
     if "prompt" in record and not {"completion", "response", "output"} & set(record):
         return PROMPTS
     return None
+
+
+def _sft_format(record: dict) -> bool:
+    try:
+        return detect_format(record) != "text"
+    except FormatError:
+        return False
 
 
 def messages_of(value, where: str) -> list[dict]:
@@ -253,7 +263,7 @@ def _encode(read: _Read, kind: str, tokenizer, cfg: DataConfig, prepared: Prepar
         parts = encoded[index * sides:(index + 1) * sides]
         refused = next((p for p in parts if isinstance(p, TemplateError)), None)
         if refused is not None:
-            prepared.problems.append(Problem(*origin, f"template: {refused}", "template refused"))
+            prepared.problems.append(Problem(*origin, refused.reason(), refused.kind))
             continue
         kept = []
         for part in parts:  # the first side that is too long (or has no answer left) is the record's one problem
@@ -324,7 +334,7 @@ def add_test_split(prepared: Prepared, cfg: DataConfig, tokenizer) -> None:
     split = prepared.splits["test"] = Split("test")
     for messages, origin, encoded in zip(conversations, origins, encode_many(tokenizer, conversations)):
         if isinstance(encoded, TemplateError):
-            prepared.problems.append(Problem(*origin, f"template: {encoded}", "template refused"))
+            prepared.problems.append(Problem(*origin, encoded.reason(), encoded.kind))
             continue
         split.conversations.append(messages)
         split.encoded.append(encoded[-1])  # the example ending at the reference answer

@@ -20,7 +20,7 @@ from .formats import FormatError, rename_columns, to_example
 from .lengths import hint_line, length_hint
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
 from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, use_template
-from .validate import deduplicate, drop_report, overlap, problems_before, skipped_lines
+from .validate import deduplicate, drop_report, overlap, problems_before, refuse_mixed_test, skipped_lines
 
 SPLITS = ("train", "validation", "test")
 
@@ -153,6 +153,7 @@ def eval_file(spec: str, tokenizer, cfg: DataConfig, limit: int | None = None) -
     duplicates within it dropped); `limit`: its first N examples only, the rest never encoded."""
     use_template(tokenizer, cfg.chat_template, cfg.template_variables)
     conversations, origins, _, problems = _read_kept(spec, cfg, {})
+    refuse_mixed_test(conversations[:limit], origins[:limit], spec)
     cut = slice(None, limit)
     prepared = Prepared({}, problems_before(problems, origins, limit), Counter(), Counter())
     split = _encode_split("test", conversations[cut], origins[cut], tokenizer, cfg, prepared)
@@ -203,6 +204,8 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
             problems += near
             raw["train"] = ([raw["train"][0][i] for i in keep], [raw["train"][1][i] for i in keep])
             weights = [weights[i] for i in keep]
+        if "test" in raw:
+            refuse_mixed_test(*raw["test"], cfg.test)
         if not raw["train"][0]:
             if not problems:
                 raise UserError(f"{cfg.train}: no training records in it (an empty file?)")
@@ -281,7 +284,7 @@ def _encode_split(name, conversations, origins, tokenizer, cfg: DataConfig, prep
     for index, result in zip(chats, results):
         file, line = origins[index]
         if isinstance(result, TemplateError):
-            prepared.problems.append(Problem(file, line, f"template: {result}", "template refused"))
+            prepared.problems.append(Problem(file, line, result.reason(), result.kind))
             continue
         # Several examples where the template renders each answer's history its own way (see turn_examples).
         answers = [i + 1 for i, m in enumerate(conversations[index]) if m["role"] == "assistant"]

@@ -79,7 +79,7 @@ def prompt_split(name: str, prompts, references, origins, tokenizer, longest: in
     split = Split(name)
     for messages, reference, origin, ids in zip(prompts, references, origins, encode_prompts(tokenizer, prompts)):
         if isinstance(ids, TemplateError):
-            problems.append(Problem(*origin, f"template: {ids}", "template refused"))
+            problems.append(Problem(*origin, ids.reason(), ids.kind))
         elif len(ids) > longest:
             problems.append(Problem(*origin, f"prompt too long ({len(ids)} tokens; at most {longest} leave room "
                                              "for the answer within data.max_seq_len)", "longer than max_seq_len"))

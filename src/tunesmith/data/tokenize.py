@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .refusals import SpecialTokenText, TemplateError, special_pattern, special_text
 from .tools import TOOLS_ROLE, split_tools
 
 IGNORE = -100
@@ -60,10 +61,6 @@ class Encoded:
         (packing, padding-free batches): there its first token would be predicted from the previous
         example's last one; alone in a padded row it is never predicted at all."""
         return [IGNORE] + list(self.labels[1:]) if self.labels else []
-
-
-class TemplateError(ValueError):
-    """The chat template cannot render a conversation (e.g. roles that must alternate)."""
 
 
 def use_template(tokenizer, setting: str | None, variables: dict | None = None) -> str:
@@ -139,14 +136,30 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
 
 
 def render_many(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list:
-    """Rendered texts, or the TemplateError of each conversation the template refuses."""
+    """Rendered texts, or the TemplateError of each conversation the template refuses (or that holds
+    a special token as text: special_text.py)."""
     out: list = []
+    specials = special_pattern(tokenizer, _structure(tokenizer), end_of_turn_strings(tokenizer))
     for messages in conversations:
         try:
+            why = special_text(specials, messages)
+            if why:
+                raise SpecialTokenText(why)
             out.append(render(tokenizer, messages, add_generation_prompt))
         except TemplateError as err:
             out.append(err)
     return out
+
+
+def _structure(tokenizer) -> str:
+    """The template's render of a plain conversation: the special tokens in it are its structure."""
+    turns = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    for probe in ([{"role": "system", "content": "s"}] + turns, turns):  # Gemma 2's template refuses a system turn
+        try:
+            return render(tokenizer, probe)
+        except TemplateError:
+            pass
+    return ""
 
 
 def _answer_spans(tokenizer, conversations: list[list[dict]], train_on_inputs: bool, reasoning: str) -> list:

@@ -56,6 +56,9 @@ def checked_tools(tools) -> list[dict]:
     return out
 
 
+TEXT_PARTS = ("text", "input_text", "output_text")  # Chat Completions' type, then the Responses API's
+
+
 def joined_parts(content, where: str):
     """OpenAI-style content parts ([{"type": "text", "text": ...}, ...]) as one text, the parts end to end
     as chat templates that read parts render them; anything else as it is. A part that is not text
@@ -64,7 +67,7 @@ def joined_parts(content, where: str):
         return content
     texts = []
     for index, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise FormatError("not text", f"{where}[{index}] is {kind!r}, not a text part; training is text only")
         texts.append(part["text"])
@@ -84,7 +87,7 @@ def checked_message(turn: dict, role: str, where: str, text_key: str, checked_te
         turn = {**turn, text_key: joined_parts(turn[text_key], f"{where}.{text_key}")}
     calls = turn.get("tool_calls") if role == "assistant" else None
     message = {"role": role}
-    if role == "assistant" and "weight" in turn:
+    if role == "assistant" and turn.get("weight") is not None:  # null: a column Arrow filled for other rows
         if turn["weight"] not in (0, 1) or isinstance(turn["weight"], bool):
             raise FormatError("wrong type", f"{where}.weight must be 0 or 1, got {turn['weight']!r}")
         if turn["weight"] == 0:
@@ -106,7 +109,8 @@ def checked_message(turn: dict, role: str, where: str, text_key: str, checked_te
         reasoning = turn["reasoning_content"]
         if not isinstance(reasoning, str):
             raise FormatError("wrong type", f"{where}.reasoning_content must be text, got {type(reasoning).__name__}")
-        message["reasoning_content"] = reasoning
+        message["reasoning_content"] = checked_text(reasoning, f"{where}.reasoning_content") if reasoning.strip() \
+            else reasoning
     if role == "tool":
         for key in ("tool_call_id", "name"):
             if isinstance(turn.get(key), str):

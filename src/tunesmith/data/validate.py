@@ -5,7 +5,7 @@ import json
 import re
 from collections import Counter, defaultdict
 
-from ..errors import counted
+from ..errors import UserError, counted
 from .sources import Problem
 from .tools import call_text
 
@@ -97,3 +97,14 @@ def drop_report(problems: list[Problem], first: int = 3) -> dict[str, dict]:
         report[kind] = {"count": len(items), "first": [f"{p.file}:{p.line}" for p in items[:first]],
                         "example": str(items[0])}
     return report
+
+
+def refuse_mixed_test(conversations: list[list[dict]], origins: list[tuple[str, int]], spec: str) -> None:
+    """Test data is scored one way: by generated answers, or raw text by its loss; a file of both
+    was refused only after the run folder was made, naming no record."""
+    text = next((o for c, o in zip(conversations, origins) if c and c[0]["role"] == "text"), None)
+    chat = next((o for c, o in zip(conversations, origins) if c and c[0]["role"] != "text"), None)
+    if text and chat:
+        raise UserError(f"{spec}: test data mixes raw text records (first: {text[0]}:{text[1]}) with conversations "
+                        f"(first: {chat[0]}:{chat[1]}); they are scored apart (answers generated, or the loss on the "
+                        "text): give them as two files")
