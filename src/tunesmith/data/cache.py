@@ -24,8 +24,11 @@ from pathlib import Path
 # example near an eval one removed, a weight-0 answer's conversation cut right, hidden files skipped;
 # 8: a CSV record's origin is the line it starts on; 9: a null text is dropped as empty, not missing;
 # 10: a conversation ending after its last answer is refused, roles read in any case;
-# 11: tool-call arguments checked against their JSON schema (types, enums).
-FORMAT_VERSION = 11
+# 11: tool-call arguments checked against their JSON schema (types, enums); 12: files read as they are
+# meant (CSV quoting strict, a .tsv's quotes as text, Excel's blank rows and repeated headers skipped,
+# a {"data": [...]} record's line past an earlier "data" key, a JSON list saved as .jsonl; records
+# holding half a character or a turn's special token as text dropped, numbers read as text, role aliases).
+FORMAT_VERSION = 12
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 EXTRA_TEMPLATES = "additional_chat_templates"  # transformers' folder of further named templates

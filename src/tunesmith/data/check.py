@@ -16,6 +16,7 @@ from . import cache
 from .lengths import hint_line, length_hint
 from .prepare import Prepared, prepare
 from .prompts import Prompt
+from .sources import check_source
 from .validate import drop_lines
 
 PERCENTILES = (50, 90, 95, 99)
@@ -33,6 +34,7 @@ def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/da
         settings = parse_overrides([s.removeprefix("data.") for s in settings])
     _only_data_settings(settings or {})
     cfg = validate({"data": {**(settings or {}), "train": str(path)}}, "data check").data
+    check_source(cfg.train, "data.train")  # a missing file, or a training folder holding test/validation splits
     kind = data_kind(cfg, objective)
     try:
         prepared = prepare(cfg, model) if kind is None else prepare_objective_data(cfg, model, kind)

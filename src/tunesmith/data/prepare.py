@@ -18,7 +18,7 @@ from ..progress import say
 from . import cache
 from .formats import FormatError, rename_columns, to_example
 from .lengths import hint_line, length_hint
-from .sources import Problem, check_source, is_hub_id, read_records, source_files
+from .sources import Problem, check_source, is_hub_id, read_records, refuse_held_out, source_files
 from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, use_template
 from .validate import deduplicate, drop_report, overlap, problems_before, refuse_mixed_test, skipped_lines
 
@@ -185,6 +185,8 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
         read = 0  # every training record read, usable or not (not those of validation and test)
         for name, spec in [("train", cfg.train), *[(f"mix:{s}", s) for s in cfg.mix],
                            *[(n, getattr(cfg, n)) for n in ("validation", "test") if getattr(cfg, n)]]:
+            if name == "train" or name.startswith("mix:"):  # a folder holding test files would train on them
+                refuse_held_out(Path(spec).expanduser(), "data.train" if name == "train" else "data.mix")
             # Duplicates are found within the training sources, and within each eval source.
             conversations, origins, found_formats, found = _read_kept(
                 spec, cfg, seen if name == "train" or name.startswith("mix:") else {})

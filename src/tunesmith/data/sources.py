@@ -1,19 +1,28 @@
 """Read training records from files, keeping the file and line of each for error messages.
 
-Sources: .jsonl, .json, .csv, .parquet, a folder of such files, a Hugging Face dataset folder
-saved with `save_to_disk`, or a hub data set id (`datasets.load_dataset`).
+Sources: .jsonl (.ndjson), .json, .csv, .tsv (these also gzip-compressed), .parquet, a folder of such
+files, a Hugging Face dataset folder saved with `save_to_disk`, or a hub data set id (hfdata.py).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from .csvfile import csv_rows
+from .hfdata import read_hub, read_saved
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")  # also read gzip-compressed (.jsonl.gz)
+SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
 HUB_ID = re.compile(r"^(hf:)?[\w.-]+/[\w.-]+$")
+# A file or folder named as a held-out split (test.jsonl, validation-00000-of-00001.parquet, dev/), not testimonials.
+HELD_OUT = re.compile(r"(test|validation|valid|val|dev|eval|evaluation)(set|data|split)?(?![a-z])", re.IGNORECASE)
+SPACE = re.compile(r"[ \t\n\r]*")  # JSON's white space
+FIRST_LINE = re.compile(r"\s*([^\n]*)")
 
 
 @dataclass
@@ -38,39 +47,87 @@ class Records:
     problems: list[Problem] = field(default_factory=list)
 
 
+def data_suffix(path: Path) -> str:
+    """The type a file's name says: '.jsonl' for train.jsonl and train.jsonl.gz."""
+    name = path.name.lower()
+    inner = Path(name.removesuffix(".gz")).suffix
+    return inner if name.endswith(".gz") and inner in TEXT_SUFFIXES else Path(name).suffix
+
+
 def is_hub_id(spec: str) -> bool:
-    return not Path(spec).expanduser().exists() and bool(HUB_ID.match(spec)) and Path(spec).suffix not in SUFFIXES
+    return not Path(spec).expanduser().exists() and bool(HUB_ID.match(spec)) and data_suffix(Path(spec)) not in SUFFIXES
+
+
+def _saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _visible(folder: Path) -> list[Path]:
+    """A folder's files in its subfolders too, sorted; hidden ones (macOS's ._train.jsonl, an editor's
+    .swp, a download's .cache/) are not data."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The data files read from a folder (not a saved data set's), as source_files and read_records see them."""
+    return [p for p in _visible(folder) if data_suffix(p) in SUFFIXES]
 
 
 def source_files(spec: str) -> list[Path]:
-    """The local files behind a source (for fingerprints); empty for a hub id."""
+    """The local files behind a source (for fingerprints): the files read_records reads; empty for a hub id."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return _visible(path) if _saved_dataset(path) else data_files(path)
     return [path] if path.exists() else []
 
 
+def not_found(spec: str, what: str = "") -> str:
+    relative = "" if Path(spec).expanduser().is_absolute() else \
+        f"a relative path is read from the current folder, {Path.cwd()}"
+    detail = "; ".join(part for part in (what, relative) if part)
+    return f"{spec}: data file not found" + (f" ({detail})" if detail else "")
+
+
 def check_source(spec: str, what: str = "data") -> None:
-    """Fail early, before anything slow is loaded, when a source does not exist."""
+    """Fail early, before anything slow is loaded, when a source does not exist (or is a training
+    folder holding held-out splits)."""
     path = Path(spec).expanduser()
     if not is_hub_id(spec) and not path.exists():
-        where = "" if path.is_absolute() else f"; a relative path is read from the current folder, {Path.cwd()}"
-        raise UserError(f"{spec}: data file not found ({what}{where})")
+        raise UserError(not_found(spec, what))
+    if what == "data.train" or what.startswith("data.mix"):
+        refuse_held_out(path, what)
 
 
-def read_records(spec: str | Path, hub_split: str = "train") -> Records:
-    """Records of a data source; unreadable lines become Problems, not crashes."""
+def refuse_held_out(path: Path, what: str = "data.train") -> None:
+    """A training folder holding files named as test or validation splits (a hub snapshot's
+    data/test-00000.parquet) would train on them without a word."""
+    if not path.is_dir() or _saved_dataset(path):
+        return
+    named = [p.relative_to(path).as_posix() for p in data_files(path)
+             if any(HELD_OUT.match(part) for part in p.relative_to(path).parts)]
+    if named:
+        more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+        raise UserError(f"{path}: this folder of training data ({what}) holds files named as held-out splits: "
+                        f"{', '.join(named[:5])}{more}; name them in data.test / data.validation, and give "
+                        f"data.train the training file(s) or a folder of training files only")
+
+
+def read_records(spec: str | Path, hub_split: str = "train", training: bool = False) -> Records:
+    """Records of a data source; unreadable lines become Problems, not crashes. `training`: the source
+    is training data (data.train, data.mix), where held-out splits are refused."""
     spec = str(spec)
     path = Path(spec).expanduser()
     if is_hub_id(spec):
-        return _read_hub(spec.removeprefix("hf:"), hub_split)
+        return Records(rows=read_hub(spec, hub_split))
     if not path.exists():
-        raise UserError(f"{path}: data file not found")
+        raise UserError(not_found(spec))
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return _read_saved_dataset(path, hub_split)
-        # Hidden files (macOS's ._train.jsonl, an editor's .swp) are not data, as source_files says too.
-        files = [p for p in sorted(path.iterdir()) if p.suffix.lower() in SUFFIXES and not p.name.startswith(".")]
+        if _saved_dataset(path):
+            return Records(rows=read_saved(path, hub_split))
+        if training:
+            refuse_held_out(path)
+        files = data_files(path)
         if not files:
             raise UserError(f"{path}: folder holds no data files ({', '.join(SUFFIXES)}) and no saved dataset")
         out = Records()
@@ -79,26 +136,49 @@ def read_records(spec: str | Path, hub_split: str = "train") -> Records:
             out.rows += part.rows
             out.problems += part.problems
         return out
-    suffix = path.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
+    suffix = data_suffix(path)
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+               ".tsv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
         spreadsheet = "; save a spreadsheet as \"CSV UTF-8\"" if suffix in (".xlsx", ".xls", ".ods", ".numbers") else ""
-        raise UserError(f"{path}: unsupported data file type '{suffix}' (use {', '.join(SUFFIXES)}, "
-                        f"a folder of them, a saved dataset folder or a hub data set id{spreadsheet})")
+        raise UserError(f"{path}: unsupported data file type '{suffix}' (use {', '.join(SUFFIXES)}, the text ones "
+                        f"also gzip-compressed (.jsonl.gz), a folder of them, a saved dataset folder or a hub data "
+                        f"set id{spreadsheet})")
     try:
         return readers[suffix](path)
     except UnicodeDecodeError:
         raise UserError(not_utf8(path)) from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # a .gz cut short or damaged
+        raise UserError(f"{path}: not a readable gzip file ({err})") from None
+
+
+def open_text(path: Path, newline: str | None = None):
+    """A text data file, decompressed where its name ends .gz; -sig: a leading byte-order mark (Windows
+    editors, Excel) is not data."""
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline=newline)
+    return open(path, encoding="utf-8-sig", newline=newline)
 
 
 def not_utf8(path: Path) -> str:
-    """Where a file stops being UTF-8, and how to convert it (the decoder's own offset is within the
-    chunk it read, not the file)."""
-    with open(path, "rb") as handle:
-        head = handle.read(2)
-        if head in (b"\xff\xfe", b"\xfe\xff"):
+    """What a file that is not UTF-8 text is, or where it stops being UTF-8 and how to convert it (the
+    decoder's own offset is within the chunk it read, not the file)."""
+    gz = path.name.lower().endswith(".gz")
+    with (gzip.open if gz else open)(path, "rb") as handle:
+        head = handle.read(4)
+        if head[:2] == b"\x1f\x8b":
+            return (f"{path}: gzip-compressed, not text; decompress it (gunzip -c {path.name} > unzipped-{path.name}), "
+                    f"or name it {path.name}.gz to have it read as it is")
+        if head == b"PAR1":
+            return f"{path}: a parquet file, not text: name it {Path(path.name).stem}.parquet"
+        if head == b"PK\x03\x04":
+            return (f"{path}: a zip archive, not text (an Excel workbook is one: save it as \"CSV UTF-8\"); "
+                    "unzip it and give the file inside")
+        convert = f"zcat {path.name} | iconv -f {{}} -t utf-8" if gz else f"iconv -f {{}} -t utf-8 {path.name}"
+        convert += f" > utf8-{path.name.removesuffix('.gz') if gz else path.name}"
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
             return (f"{path}: not UTF-8 text: it starts with a UTF-16 byte-order mark; save it as UTF-8 "
-                    f"(iconv -f utf-16 -t utf-8 {path.name} > utf8-{path.name})")
+                    f"({convert.format('utf-16')})")
         handle.seek(0)
         offset = 0
         for number, line in enumerate(handle, 1):  # a multi-byte character never spans a newline
@@ -106,56 +186,86 @@ def not_utf8(path: Path) -> str:
                 line.decode("utf-8")
             except UnicodeDecodeError as err:
                 bad = line[err.start]
-                return (f"{path}:{number}: not UTF-8 text (byte {offset + err.start} of the file is 0x{bad:02x}); "
-                        f"save it as UTF-8, e.g. from Latin-1 / Windows-1252: "
-                        f"iconv -f cp1252 -t utf-8 {path.name} > utf8-{path.name}")
+                return (f"{path}:{number}: not UTF-8 text (byte {offset + err.start} of the file"
+                        f"{' decompressed' if gz else ''} is 0x{bad:02x}); save it as UTF-8, e.g. from Latin-1 / "
+                        f"Windows-1252: {convert.format('cp1252')}")
             offset += len(line)
     return f"{path}: not UTF-8 text"
 
 
 def _read_jsonl(path: Path) -> Records:
+    with open_text(path) as handle:
+        text = handle.read()
+    return _json_document(path, text) or _json_lines(path, text)
+
+
+def _json_lines(path: Path, text: str) -> Records:
     out = Records()
-    with open(path, encoding="utf-8-sig") as lines:  # -sig: a leading byte-order mark (Windows editors, Excel) is not data
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                out.problems.append(Problem(str(path), number, f"broken JSON ({err.msg.removesuffix(' at')} at column {err.colno})"))
-                continue
-            except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting past the stack
-                out.problems.append(Problem(str(path), number, f"broken JSON ({type(err).__name__}: {str(err)[:80]})"))
-                continue
-            record = as_messages(record)
-            if not isinstance(record, dict):
-                out.problems.append(Problem(str(path), number, f"not a JSON object (got {type(record).__name__})"))
-                continue
-            out.rows.append((str(path), number, record))
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removeprefix("\ufeff")  # files joined with cat keep each one's byte-order mark
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            out.problems.append(Problem(str(path), number, f"broken JSON ({err.msg.removesuffix(' at')} at column {err.colno})"))
+            continue
+        except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting past the stack
+            out.problems.append(Problem(str(path), number, f"broken JSON ({type(err).__name__}: {str(err)[:80]})"))
+            continue
+        record = as_messages(record)
+        if not isinstance(record, dict):
+            out.problems.append(Problem(str(path), number, f"not a JSON object (got {type(record).__name__})"))
+            continue
+        out.rows.append((str(path), number, record))
     return out
 
 
-def as_messages(record):
-    """A bare list of chat messages (a line `[{"role": ..., "content": ...}, ...]`) as a `messages` record."""
-    if isinstance(record, list) and record and all(isinstance(m, dict) and "role" in m for m in record):
-        return {"messages": record}
-    return record
-
-
-def _read_json(path: Path) -> Records:
-    text = path.read_text(encoding="utf-8-sig")
+def _json_document(path: Path, text: str) -> Records | None:
+    """A .jsonl that is one JSON document (pandas' to_json(orient="records"), a pretty-printed list),
+    read as a .json; None where it is JSON Lines. A first line that is a lone bracket is never JSON Lines."""
+    first = FIRST_LINE.match(text).group(1).strip()
+    if not first.startswith("[") and first != "{":
+        return None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
+        if first not in ("[", "{"):
+            return None  # lines that are bare lists of chat messages
+        several = "; several JSON documents one after another: write one record per line (jq -c . " \
+                  f"{path.name} > lines-{path.name})" if err.msg == "Extra data" else ""
+        raise UserError(f"{path}:{err.lineno}: not JSON Lines (one record per line), and broken JSON as one "
+                        f"document ({err.msg}){several}") from None
+    except (ValueError, RecursionError):
+        return None  # each line is reported as it is read
+    if isinstance(data, list) and as_messages(data) is not data:
+        return None  # one line, a bare list of chat messages: one conversation
+    return _json_records(path, text, data)
+
+
+def _read_json(path: Path) -> Records:
+    with open_text(path) as handle:
+        text = handle.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and "\n" not in text[:err.pos].strip() and text.lstrip()[:1] in "[{":
+            return _json_lines(path, text)  # JSON Lines saved as .json: a whole value on line 1, more after
         raise UserError(f"{path}:{err.lineno}: broken JSON ({err.msg})") from None
     except (ValueError, RecursionError) as err:
         raise UserError(f"{path}: unreadable JSON ({type(err).__name__}: {str(err)[:80]})") from None
+    return _json_records(path, text, data)
+
+
+def _json_records(path: Path, text: str, data) -> Records:
+    """The records of a parsed JSON document: a list of them, or {"data": [...]}."""
+    start = 0
     if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
+        data, start = data["data"], _key_value(text, "data")
     if not isinstance(data, list):
         raise UserError(f"{path}:1: expected a JSON list of records (or {{\"data\": [...]}})")
     out = Records()
-    lines = _record_lines(text, len(data))
+    lines = _record_lines(text, start, len(data))
     for index, record in enumerate(data):
         line = lines[index] if index < len(lines) else index + 1
         record = as_messages(record)
@@ -166,55 +276,54 @@ def _read_json(path: Path) -> Records:
     return out
 
 
-def _record_lines(text: str, count: int) -> list[int]:
-    """Best-effort line number of each top-level record of a JSON list, for messages."""
+def _key_value(text: str, key: str) -> int:
+    """Where the value of a top-level key of a JSON object starts (its last, as json.loads keeps);
+    the same name nested in an earlier value is not it."""
+    decoder, found = json.JSONDecoder(), 0
+    at = SPACE.match(text, text.index("{") + 1).end()
+    while text[at] == '"':
+        name, at = decoder.raw_decode(text, at)
+        at = SPACE.match(text, SPACE.match(text, at).end() + 1).end()  # past the ':'
+        if name == key:
+            found = at
+        at = SPACE.match(text, decoder.raw_decode(text, at)[1]).end()
+        at = SPACE.match(text, at + 1).end() if text[at] == "," else at
+    return found
+
+
+def as_messages(record):
+    """A bare list of chat messages (a line `[{"role": ..., "content": ...}, ...]`) as a `messages` record."""
+    if isinstance(record, list) and record and all(isinstance(m, dict) and "role" in m for m in record):
+        return {"messages": record}
+    return record
+
+
+def _record_lines(text: str, start: int, count: int) -> list[int]:
+    """Line number of each record of the JSON list at `start`, for messages."""
     decoder = json.JSONDecoder()
-    start = text.find("[", text.find('"data"') if text.lstrip().startswith("{") else 0)
-    lines, position = [], start + 1
+    position = text.index("[", start) + 1
+    lines, line, counted = [], 1, 0
     while len(lines) < count:
-        while position < len(text) and text[position] in " \t\r\n,":
-            position += 1
-        if position >= len(text) or text[position] == "]":
+        position = SPACE.match(text, position).end()
+        if text[position] == ",":
+            position = SPACE.match(text, position + 1).end()
+        if text[position] == "]":
             break
-        lines.append(text.count("\n", 0, position) + 1)
+        line, counted = line + text.count("\n", counted, position), position
+        lines.append(line)
         position = decoder.raw_decode(text, position)[1]
     return lines
 
 
 def _read_csv(path: Path) -> Records:
-    import csv
-
     out = Records()
-    csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document (the default limit is 128 KiB)
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter=_delimiter(path, handle.readline()))
-        handle.seek(0)
-        try:
-            header = next(reader, None) or []
-            while True:
-                first = reader.line_num + 1  # a record's own line: a quoted cell may run over several
-                cells = next(reader, None)
-                if cells is None:
-                    break
-                if not cells:  # a blank line
-                    continue
-                if len(cells) > len(header):
-                    out.problems.append(Problem(str(path), first, "malformed CSV row (more cells than columns)"))
-                    continue
-                out.rows.append((str(path), first, dict(zip(header, cells + [None] * (len(header) - len(cells))))))
-        except csv.Error as err:
-            raise UserError(f"{path}:{reader.line_num + 1}: unreadable CSV ({err})") from None
+    with open_text(path, newline="") as handle:
+        for line, row in csv_rows(handle, path, data_suffix(path) == ".tsv"):
+            if isinstance(row, str):
+                out.problems.append(Problem(str(path), line, row))
+            else:
+                out.rows.append((str(path), line, row))
     return out
-
-
-def _delimiter(path: Path, header: str) -> str:
-    """Tab for .tsv; for .csv a comma, unless the header has none and semicolons or tabs (spreadsheets
-    set to a locale with decimal commas write semicolons)."""
-    if path.suffix.lower() == ".tsv":
-        return "\t"
-    if "," in header:
-        return ","
-    return max(";\t", key=header.count) if any(c in header for c in ";\t") else ","
 
 
 def _read_parquet(path: Path) -> Records:
@@ -227,59 +336,3 @@ def _read_parquet(path: Path) -> Records:
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
     return Records(rows=[(str(path), index, row) for index, row in enumerate(rows, 1)])
-
-
-def _dataset_rows(dataset, name: str) -> Records:
-    # Media stays undecoded, in lists and nested records too: training reads text, and decoding an
-    # image or audio value would open whatever path or address a row names (a saved data set from
-    # elsewhere can name any).
-    from datasets import Features
-
-    features = dict(dataset.features)
-    wanted = undecoded(features)
-    if wanted != features:
-        dataset = dataset.cast(Features(wanted))
-    return Records(rows=[(name, index, dict(row)) for index, row in enumerate(dataset, 1)])
-
-
-def undecoded(feature):
-    """A data set feature (a column's type) with every decodable part (Image, Audio, Video...) set not to decode."""
-    import dataclasses
-
-    if isinstance(feature, dict):
-        return {key: undecoded(value) for key, value in feature.items()}
-    if isinstance(feature, (list, tuple)):
-        return type(feature)(undecoded(value) for value in feature)
-    if not dataclasses.is_dataclass(feature):
-        return feature
-    if getattr(feature, "decode", None) is True:
-        return dataclasses.replace(feature, decode=False)
-    inner = getattr(feature, "feature", None)  # List, LargeList, Sequence: their items' type
-    return dataclasses.replace(feature, feature=undecoded(inner)) if inner is not None else feature
-
-
-def _read_saved_dataset(path: Path, split: str) -> Records:
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        dataset = load_from_disk(str(path))
-    except Exception as err:  # a damaged dataset_info.json, dataset_dict.json or arrow file: several types
-        raise UserError(f"{path}: not a readable saved data set ({type(err).__name__}: {str(err)[:160]})") from None
-    if isinstance(dataset, DatasetDict):
-        if split not in dataset:
-            raise UserError(f"{path}: saved dataset has no split '{split}' (has {', '.join(dataset)}); set data.hub_split")
-        dataset = dataset[split]
-    return _dataset_rows(dataset, str(path))
-
-
-def _read_hub(name: str, split: str) -> Records:
-    """A data set from the Hugging Face hub (or its local cache)."""
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise UserError(f"{name}: hub data sets need the 'datasets' package (pip install 'tunesmith[data]')") from None
-    try:
-        dataset = load_dataset(name, split=split)
-    except Exception as err:  # network, missing data set or split: all end as one user-facing line
-        raise UserError(f"{name}: cannot load hub data set ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    return _dataset_rows(dataset, name)
