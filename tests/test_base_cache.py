@@ -112,12 +112,38 @@ def test_kept_rows_read_back_as_scored_and_a_foreign_file_is_ignored(tmp_path):
 
 
 def test_an_edited_scorer_changes_the_fingerprint_and_an_unfound_one_keeps_nothing(tmp_path, monkeypatch):
+    """Found as load_scorer finds it (next to the data: the current folder, which the `tunesmith`
+    script does not put on sys.path; a .py file; a package's module), and never run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     module = tmp_path / "my_scorer_for_cache.py"
     module.write_text("def score(answer, reference):\n    return {'m': 1.0}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    package = tmp_path / "my_scorers_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise SystemExit('a package was run')\n")
+    (package / "metric.py").write_text("def score(answer, reference):\n    return {'m': 2.0}\n")
     before = scorer_source("my_scorer_for_cache:score")
+    assert before not in ("", None) and scorer_source("my_scorer_for_cache.py:score") == before
     module.write_text("def score(answer, reference):\n    return {'m': 0.0}\n")
     assert scorer_source("my_scorer_for_cache:score") not in (before, "", None)
-    assert "my_scorer_for_cache" not in sys.modules  # found, not run
+    assert scorer_source("my_scorers_pkg.metric:score") not in ("", None)
+    assert "my_scorer_for_cache" not in sys.modules and "my_scorers_pkg" not in sys.modules  # found, not run
     assert scorer_source("no_such_module_here:score") == "" and scorer_source(None) is None
     assert fingerprint([1, {"b": 2, "a": 1}]) == fingerprint([1, {"a": 1, "b": 2}]) != fingerprint([1, {"a": 2}])
+
+
+def test_an_edited_template_file_changes_the_fingerprint(tiny_model_dir, tmp_path):
+    import torch
+
+    from tunesmith.config import Config
+    from tunesmith.data.tokenize import NAMED_TEMPLATES
+    from tunesmith.eval.base_cache import rows_key
+
+    jinja = tmp_path / "chat.jinja"
+    jinja.write_text(NAMED_TEMPLATES["chatml"])
+    raw = json.loads(scored_config(tmp_path, tiny_model_dir, "run").read_text())
+    raw["data"]["chat_template"] = str(jinja)
+    config = Config(**raw)
+    first = rows_key(config, torch.float32, torch.device("cpu"), [], [], "padded")
+    jinja.write_text(NAMED_TEMPLATES["chatml"] + "{# edited #}")
+    assert rows_key(config, torch.float32, torch.device("cpu"), [], [], "padded") != first

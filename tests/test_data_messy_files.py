@@ -46,7 +46,7 @@ def test_an_unclosed_quote_is_refused_at_the_line_it_opens(tmp_path):
         read_records(path)
 
 
-def test_quotes_inside_cells_are_text_and_a_malformed_quoted_cell_is_one_problem(tmp_path):
+def test_quotes_inside_cells_are_text_and_a_malformed_quoted_cell_is_one_problem(tmp_path, capsys):
     (tmp_path / "d.csv").write_text('question,answer\nHe said "hi" today?,"Yes, ""hi"""\n'
                                     '"Hello," he said.,broken\n"Two\nlines?",fine\n')
     rows, problems = rows_of(tmp_path / "d.csv")
@@ -55,6 +55,8 @@ def test_quotes_inside_cells_are_text_and_a_malformed_quoted_cell_is_one_problem
     # Tab-separated files from most tools do not quote: a quote there is text, wherever it is.
     (tmp_path / "d.tsv").write_text('question\tanswer\n"Hello," he said.\tHe said "hi".\nQ2\t"A2\n')
     assert rows_of(tmp_path / "d.tsv") == ([(2, qa('"Hello," he said.', 'He said "hi".')), (3, qa("Q2", '"A2'))], [])
+    assert f"{tmp_path / 'd.tsv'}:2: a quote here is not CSV quoting, so every quote in this .tsv is read as text" \
+        in capsys.readouterr().err
     # ...and where the whole file is quoted as CSV is (pandas, spreadsheets), the quoting is undone.
     with open(tmp_path / "pandas.tsv", "w", newline="") as out:
         csv.writer(out, delimiter="\t").writerows([["question", "answer"], ['"Hi," she said?', "one\ntwo"], ["Q", "A"]])
@@ -116,55 +118,62 @@ def test_a_data_wrapper_s_records_are_found_past_an_earlier_data_key(tmp_path):
 
 # Folders
 
-def test_a_folder_is_read_with_its_subfolders_as_the_cache_key_sees_it(tmp_path):
+def test_a_folder_is_read_as_the_cache_key_sees_it_and_its_subfolders_are_not_data(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder = tmp_path / "data"
-    (folder / "sub").mkdir(parents=True)
+    (folder / "raw").mkdir(parents=True)
     (folder / ".cache").mkdir()
     write_jsonl(folder / "a.jsonl", [qa("qa", "aa")])
-    write_jsonl(folder / "sub" / "c.jsonl", [qa("qc", "ac")])
+    write_jsonl(folder / "b.jsonl", [qa("qb", "ab")])
+    (folder / "raw" / "stats.json").write_text('{"source": "scrape"}')  # a dump beside the data: not read
     write_jsonl(folder / ".cache" / "old.jsonl", [qa("hidden", "h")])
     (folder / "README.md").write_text("# not data")
-    assert [r["question"] for _, _, r in read_records(folder).rows] == ["qa", "qc"]
-    assert source_files(str(folder)) == [folder / "a.jsonl", folder / "sub" / "c.jsonl"]
-    # A Hugging Face snapshot: the card at the top, the parquet files under data/.
+    assert [r["question"] for _, _, r in read_records(folder).rows] == ["qa", "qb"]
+    assert source_files(str(folder)) == [folder / "a.jsonl", folder / "b.jsonl"]  # the cache key's files: the same
+    # A Hugging Face snapshot: the card at the top, the parquet files under data/: said where they are.
     snapshot = tmp_path / "snapshot"
     (snapshot / "data").mkdir(parents=True)
     (snapshot / "README.md").write_text("---\nlicense: mit\n---\n")
     pq.write_table(pa.Table.from_pylist([qa("q", "a")]), snapshot / "data" / "train-00000-of-00001.parquet")
-    assert [r for _, _, r in read_records(snapshot).rows] == [qa("q", "a")]
+    with pytest.raises(UserError, match=r"no data files .*its subfolders do \(data/train-00000-of-00001.parquet\)"):
+        read_records(snapshot)
+    assert [r for _, _, r in read_records(snapshot / "data").rows] == [qa("q", "a")]
 
 
 def test_a_training_folder_holding_held_out_splits_is_refused(tmp_path, tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "snapshot"
-    (folder / "data").mkdir(parents=True)
-    write_jsonl(folder / "data" / "train.jsonl", [qa(f"q{i}", f"a{i}") for i in range(8)])
-    write_jsonl(folder / "data" / "validation-00000-of-00001.jsonl", [qa("v", "v")])
+    folder = tmp_path / "download"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [qa(f"q{i}", f"a{i}") for i in range(8)])
+    write_jsonl(folder / "validation-00000-of-00001.jsonl", [qa("v", "v")])
     write_jsonl(folder / "test.jsonl", [qa("t", "t")])
-    named = r"holds files named as held-out splits: data/validation-00000-of-00001.jsonl, test.jsonl; .*data.test"
+    named = r"holds files named as held-out splits: test.jsonl, validation-00000-of-00001.jsonl; .*data.test"
     with pytest.raises(UserError, match=named):
         read_records(folder, training=True)
     with pytest.raises(UserError, match=named):
         check_source(str(folder), "data.train")
-    with pytest.raises(UserError, match=named):
-        prepare(DataConfig(train=str(folder)), tiny_tokenizer)
+    for cache in (True, False):
+        with pytest.raises(UserError, match=named):
+            prepare(DataConfig(train=str(folder), cache=cache), tiny_tokenizer)
     assert len(read_records(folder).rows) == 10  # not training data: read as it is
-    # A folder given as data.test may well hold test files; testimonials are not a test split.
+    # A folder given as data.test may well hold test files.
     tests = tmp_path / "tests"
     tests.mkdir()
     write_jsonl(tests / "test-00000.jsonl", [qa("t1", "t1")])
     write_jsonl(tests / "test-00001.jsonl", [qa("t2", "t2")])
     check_source(str(tests), "data.test")
-    prepared = prepare(DataConfig(train=str(folder / "data" / "train.jsonl"), test=str(tests)), tiny_tokenizer)
+    prepared = prepare(DataConfig(train=str(folder / "train.jsonl"), test=str(tests)), tiny_tokenizer)
     assert len(prepared.splits["test"]) == 2
+    # Names that merely start with such a word are training data.
     words = tmp_path / "words"
     words.mkdir()
-    for name in ("testimonials", "devices", "values", "evaluations_of_x"):
+    names = ("testimonials", "devices", "values", "evaluations_of_x", "valid_json_outputs", "dev_docs",
+             "test-driven-development", "evaluation-rubrics", "test_cases")
+    for name in names:
         write_jsonl(words / f"{name}.jsonl", [qa(name, "a")])
-    assert len(read_records(words, training=True).rows) == 4
+    assert len(read_records(words, training=True).rows) == len(names)
 
 
 # Hub ids that are mistyped paths
@@ -246,3 +255,41 @@ def test_compressed_files_are_read_and_a_gzip_under_a_plain_name_is_said(tmp_pat
     folder.mkdir()
     (folder / "d.jsonl.gz").write_bytes(gzip.compress(text.encode()))
     assert len(read_records(folder).rows) == 3 and source_files(str(folder)) == [folder / "d.jsonl.gz"]
+
+
+def test_a_jsonl_file_is_streamed_not_read_whole(tmp_path, monkeypatch):
+    """A corpus of gigabytes was read into one string (2-4 times its size in memory); only a file whose
+    first line may open one JSON document is."""
+    from tunesmith.data import sources
+
+    class LinesOnly:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def __iter__(self):
+            return iter(self.handle)
+
+        def seek(self, at):
+            return self.handle.seek(at)
+
+        def read(self, *size):
+            pytest.fail("the file was read whole")
+
+    path = write_jsonl(tmp_path / "d.jsonl", [qa(f"q{i}", f"a{i}") for i in range(3)])
+    opened = sources.open_text
+    monkeypatch.setattr(sources, "open_text", lambda *args, **kwargs: LinesOnly(opened(*args, **kwargs)))
+    assert [n for n, _ in rows_of(path)[0]] == [1, 2, 3]
+
+
+def test_data_check_of_the_demo_task(tiny_model_dir, tmp_path, monkeypatch):
+    from tunesmith.data.check import check_data
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    report = check_data("demo", str(tiny_model_dir), tmp_path / "out", {"demo_size": 24})
+    assert (tmp_path / "out" / "report.json").is_file() and report["data"] == "demo"

@@ -91,16 +91,17 @@ def test_exports_spelling_of_turns_roles_weights_parts_and_numbers_are_read(tmp_
                       {"role": "assistant", "content": [{"type": "output_text", "text": "j"}]}]},
         {"question": "What is 2 + 2?", "answer": 4},  # a numeric column
         {"question": "Pi?", "answer": 3.14},
+        {"question": "An int column with a gap", "answer": 7.0},  # pandas' float for it
         {"question": "Empty cell", "answer": float("nan")},
         {"messages": [{"content": "k"}, {"role": "assistant", "content": "l"}]},
     ]
     path, prepared = prepared_of(tmp_path, tiny_tokenizer, rows)
     found = problems(prepared)
-    assert set(found) == {8, 9}, found
-    assert found[8] == ("empty text", "empty text: field 'answer' is empty (NaN)")
-    assert found[9] == ("missing field", "missing field: messages[0] has no 'role'")
+    assert set(found) == {9, 10}, found
+    assert found[9] == ("empty text", "empty text: field 'answer' is empty (NaN)")
+    assert found[10] == ("missing field", "missing field: messages[0] has no 'role'")
     train = prepared.splits["train"]
-    assert [c[-1]["content"] for c in train.conversations] == ["b", "d", "f", "h", "j", "4", "3.14"]
+    assert [c[-1]["content"] for c in train.conversations] == ["b", "d", "f", "h", "j", "4", "3.14", "7"]
     assert [m["role"] for m in train.conversations[1]] == ["system", "user", "assistant"]
     assert all(any(t != IGNORE for t in e.labels) for e in train.encoded)  # every answer, weight null too, taught
 
@@ -115,6 +116,7 @@ def test_a_qa_file_with_a_preference_like_column_is_sft_data(tmp_path):
     assert kind([{"Question": "q", "Answer": "a", "Rejected": "no"}]) is None
     assert kind([{"prompt": "p", "completion": "c", "label": "sentiment"}]) is None
     assert kind([{"prompt": "p", "completion": "c", "label": True}]) == UNPAIRED
+    assert kind([{"prompt": "p", "completion": "c", "label": 1}]) == UNPAIRED  # then refused: true or false
     assert kind([{"prompt": "p", "chosen": "a", "rejected": "b"}]) == PAIRS
     assert kind([{"prompt": "p", "rejected": "b"}]) == PAIRS  # half a pair: refused as one, with its missing field
 
@@ -157,3 +159,13 @@ def test_one_file_as_train_and_test_is_not_called_one_document(tmp_path):
     origins = [("d.jsonl", i + 1) for i in range(3)]
     found = report(train, origins, {"test": (train, origins)}, 0.8)
     assert found["test_in_train"]["first"][0] == "d.jsonl:1 (the same record: one file in both)"
+
+
+def test_one_conversation_scored_or_exported_is_tokenised_as_written(tiny_tokenizer):
+    """`compare` on a file, and the merge check's sample of the run's data, encode one conversation at a
+    time: a special token's text there stopped them with a traceback (training had dropped the record)."""
+    from tunesmith.data.tokenize import encode
+
+    encoded = encode(tiny_tokenizer, [{"role": "user", "content": "How does ChatML end a turn?"},
+                                      {"role": "assistant", "content": "With the <|im_end|> token."}])
+    assert tiny_tokenizer.decode(encoded.input_ids).count("<|im_end|>") == 3

@@ -34,7 +34,8 @@ def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/da
         settings = parse_overrides([s.removeprefix("data.") for s in settings])
     _only_data_settings(settings or {})
     cfg = validate({"data": {**(settings or {}), "train": str(path)}}, "data check").data
-    check_source(cfg.train, "data.train")  # a missing file, or a training folder holding test/validation splits
+    if cfg.train != "demo":  # a missing file, or a training folder holding test/validation splits
+        check_source(cfg.train, "data.train")
     kind = data_kind(cfg, objective)
     try:
         prepared = prepare(cfg, model) if kind is None else prepare_objective_data(cfg, model, kind)

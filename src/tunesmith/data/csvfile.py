@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import UserError
+from ..progress import say
 
 SEP_LINE = re.compile(r'"?sep=(.)"?[,;\t]*\s*')  # Excel's first line naming the delimiter
 
@@ -38,6 +39,9 @@ def csv_rows(handle, path: Path, tsv: bool) -> list[tuple[int, dict | str]]:
             raise UserError(f"{path}:{bad.first + _opening_line(record, bad.delimiter)}: unclosed quote: the quoted "
                             "cell that starts on this line never ends, so the rest of the file would be one cell; "
                             "close it with a quote, or write a quote inside a cell as two (\"\")") from None
+        # Said: a file quoted as CSV but for one stray quote would have its quoted cells split otherwise unseen.
+        say(f"{path}:{bad.first}: a quote here is not CSV quoting, so every quote in this .tsv is read as text "
+            "(a quoted cell holding a tab or a line break would be split: quote as CSV throughout, or not at all)")
     handle.seek(0)
     return list(_rows(handle, path, tsv, csv.QUOTE_NONE))
 

@@ -175,6 +175,8 @@ def _checked_text(value, where: str) -> str:
         raise FormatError("missing field", f"{where} is missing")
     if isinstance(value, float) and math.isnan(value):  # a spreadsheet's empty cell, as pandas reads it
         raise FormatError("empty text", f"{where} is empty (NaN)")
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)  # an int column with a gap, as pandas and parquet store it: 4.0 was written 4
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # a numeric column (pandas' to_json, a parquet int): the number as text
     if not isinstance(value, str):

@@ -85,10 +85,10 @@ def record_kind(record: dict) -> str | None:
     """pairs, unpaired (KTO) or prompts (GRPO) from a record's fields; None for anything else (SFT data).
     An SFT record with a column named like a preference field (a `Rejected` status, a `label` of
     text) stays SFT: only `chosen`, or `rejected` where no SFT format fits, makes a pair, and only a
-    true / false `label` a KTO record."""
+    true / false (or 1 / 0) `label` a KTO record."""
     if "chosen" in record or ("rejected" in record and not _sft_format(record)):
         return PAIRS
-    if isinstance(record.get("label"), bool) and "completion" in record:
+    if record.get("label") in (True, False) and "completion" in record:  # 1 and 0 too: refused by KTO's check
         return UNPAIRED
     if "prompt" in record and not {"completion", "response", "output"} & set(record):
         return PROMPTS

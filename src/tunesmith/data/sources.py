@@ -19,8 +19,9 @@ from .hfdata import read_hub, read_saved
 TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")  # also read gzip-compressed (.jsonl.gz)
 SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
 HUB_ID = re.compile(r"^(hf:)?[\w.-]+/[\w.-]+$")
-# A file or folder named as a held-out split (test.jsonl, validation-00000-of-00001.parquet, dev/), not testimonials.
-HELD_OUT = re.compile(r"(test|validation|valid|val|dev|eval|evaluation)(set|data|split)?(?![a-z])", re.IGNORECASE)
+# A file named as a held-out split, its whole name but a shard number (test.jsonl, validation-00000-of-00001.parquet,
+# dev.csv), not test-driven-development.jsonl or valid_json_outputs.jsonl.
+HELD_OUT = re.compile(r"(test|validation|valid|val|dev|eval|evaluation)([-_.]?\d[\w.-]*)?", re.IGNORECASE)
 SPACE = re.compile(r"[ \t\n\r]*")  # JSON's white space
 FIRST_LINE = re.compile(r"\s*([^\n]*)")
 
@@ -70,8 +71,10 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def data_files(folder: Path) -> list[Path]:
-    """The data files read from a folder (not a saved data set's), as source_files and read_records see them."""
-    return [p for p in _visible(folder) if data_suffix(p) in SUFFIXES]
+    """The data files read from a folder (not a saved data set's), as source_files and read_records see
+    them: its own, not its subfolders' (backups and raw dumps there are not training data)."""
+    return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
+            and data_suffix(p) in SUFFIXES]
 
 
 def source_files(spec: str) -> list[Path]:
@@ -99,13 +102,18 @@ def check_source(spec: str, what: str = "data") -> None:
         refuse_held_out(path, what)
 
 
+def _stem(path: Path) -> str:
+    """A data file's name without its type: 'test-00000' of test-00000.jsonl.gz."""
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    return name[:len(name) - len(Path(name).suffix)]
+
+
 def refuse_held_out(path: Path, what: str = "data.train") -> None:
-    """A training folder holding files named as test or validation splits (a hub snapshot's
-    data/test-00000.parquet) would train on them without a word."""
+    """A training folder holding files named as test or validation splits (test.jsonl beside
+    train.jsonl, a download's validation-00000-of-00001.parquet) would train on them without a word."""
     if not path.is_dir() or _saved_dataset(path):
         return
-    named = [p.relative_to(path).as_posix() for p in data_files(path)
-             if any(HELD_OUT.match(part) for part in p.relative_to(path).parts)]
+    named = [p.name for p in data_files(path) if HELD_OUT.fullmatch(_stem(p))]
     if named:
         more = f" and {len(named) - 5} more" if len(named) > 5 else ""
         raise UserError(f"{path}: this folder of training data ({what}) holds files named as held-out splits: "
@@ -129,7 +137,9 @@ def read_records(spec: str | Path, hub_split: str = "train", training: bool = Fa
             refuse_held_out(path)
         files = data_files(path)
         if not files:
-            raise UserError(f"{path}: folder holds no data files ({', '.join(SUFFIXES)}) and no saved dataset")
+            deeper = [p.relative_to(path).as_posix() for p in _visible(path) if data_suffix(p) in SUFFIXES]
+            where = f"; its subfolders do ({', '.join(deeper[:3])}): name that folder or those files" if deeper else ""
+            raise UserError(f"{path}: folder holds no data files ({', '.join(SUFFIXES)}) and no saved dataset{where}")
         out = Records()
         for file in files:
             part = read_records(file)
@@ -194,14 +204,20 @@ def not_utf8(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> Records:
+    """Streamed line by line (a corpus of gigabytes is not held whole), unless its first line says it
+    may be one JSON document (a lone bracket, or a list)."""
     with open_text(path) as handle:
-        text = handle.read()
-    return _json_document(path, text) or _json_lines(path, text)
+        first = next((line for line in handle if line.strip()), "").removeprefix("\ufeff").strip()
+        handle.seek(0)
+        if first.startswith("[") or first == "{":
+            text = handle.read()
+            return _json_document(path, text) or _json_lines(path, text.split("\n"))
+        return _json_lines(path, handle)
 
 
-def _json_lines(path: Path, text: str) -> Records:
+def _json_lines(path: Path, lines) -> Records:
     out = Records()
-    for number, line in enumerate(text.split("\n"), 1):
+    for number, line in enumerate(lines, 1):
         line = line.removeprefix("\ufeff")  # files joined with cat keep each one's byte-order mark
         if not line.strip():
             continue
@@ -250,7 +266,7 @@ def _read_json(path: Path) -> Records:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and "\n" not in text[:err.pos].strip() and text.lstrip()[:1] in "[{":
-            return _json_lines(path, text)  # JSON Lines saved as .json: a whole value on line 1, more after
+            return _json_lines(path, text.split("\n"))  # JSON Lines saved as .json: a whole value on line 1, more after
         raise UserError(f"{path}:{err.lineno}: broken JSON ({err.msg})") from None
     except (ValueError, RecursionError) as err:
         raise UserError(f"{path}: unreadable JSON ({type(err).__name__}: {str(err)[:80]})") from None

@@ -135,11 +135,14 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     return rendered[0]
 
 
-def render_many(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list:
-    """Rendered texts, or the TemplateError of each conversation the template refuses (or that holds
-    a special token as text: special_text.py)."""
+def render_many(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False,
+                check_special: bool = True) -> list:
+    """Rendered texts, or the TemplateError of each conversation the template refuses (or, with
+    `check_special`, that holds a special token as text: refusals.py; data preparation checks, where
+    such a record is dropped by its line; one conversation scored or sampled is tokenised as written)."""
     out: list = []
-    specials = special_pattern(tokenizer, _structure(tokenizer), end_of_turn_strings(tokenizer))
+    specials = special_pattern(tokenizer, _structure(tokenizer), end_of_turn_strings(tokenizer)) \
+        if check_special else None
     for messages in conversations:
         try:
             why = special_text(specials, messages)
@@ -162,11 +165,12 @@ def _structure(tokenizer) -> str:
     return ""
 
 
-def _answer_spans(tokenizer, conversations: list[list[dict]], train_on_inputs: bool, reasoning: str) -> list:
+def _answer_spans(tokenizer, conversations: list[list[dict]], train_on_inputs: bool, reasoning: str,
+                  check_special: bool = True) -> list:
     """Per conversation: a list of (text, labelled character spans), one per example, or a TemplateError."""
     if reasoning == "drop":
         conversations = [drop_reasoning(c) for c in conversations]
-    texts = render_many(tokenizer, conversations)
+    texts = render_many(tokenizer, conversations, check_special=check_special)
     if train_on_inputs:
         return [t if isinstance(t, TemplateError) else [(t, [(0, len(t))], None)] for t in texts]
     stops = end_of_turn_strings(tokenizer)
@@ -296,7 +300,7 @@ def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def encode_many(tokenizer, conversations: list[list[dict]], train_on_inputs: bool = False,
-                reasoning: str = "train") -> list[list[Encoded] | TemplateError]:
+                reasoning: str = "train", check_special: bool = True) -> list[list[Encoded] | TemplateError]:
     """Per conversation its encoded examples (usually one), or the TemplateError of a refused one.
 
     Each example's whole text is tokenised at once (all of a data set in one batch call), exactly as
@@ -305,7 +309,7 @@ def encode_many(tokenizer, conversations: list[list[dict]], train_on_inputs: boo
     a word-start marker at the start of every piece.)"""
     texts: list[str] = []
     plans: list = []  # per conversation: [(text index, spans) per example], or its error
-    for result in _answer_spans(tokenizer, conversations, train_on_inputs, reasoning):
+    for result in _answer_spans(tokenizer, conversations, train_on_inputs, reasoning, check_special):
         if isinstance(result, TemplateError):
             plans.append(result)
             continue
@@ -348,7 +352,7 @@ def token_ids_and_starts(tokenizer, texts: list[str]) -> list[tuple[list[int], l
 
 def encode(tokenizer, messages: list[dict], train_on_inputs: bool = False, reasoning: str = "train") -> Encoded:
     """The conversation's last example (the whole conversation, its last answer labelled at least)."""
-    result = encode_many(tokenizer, [messages], train_on_inputs, reasoning)[0]
+    result = encode_many(tokenizer, [messages], train_on_inputs, reasoning, check_special=False)[0]
     if isinstance(result, TemplateError):
         raise result
     return result[-1]

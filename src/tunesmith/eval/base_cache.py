@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
+import sys
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 from ..progress import say
 from ..runs import read_json, write_json
 from .compare import Scored
+
 
 def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -25,25 +27,49 @@ def fingerprint(*parts) -> str:
 
 def model_files(name: str) -> list | str:
     """A local model's files by name, size and modification time (weights replaced in place count
-    as another model); a hub id or `default` by its name."""
+    as another model); a hub id by the snapshot of it in the hub cache (a newer download is another
+    model); `default` by its name."""
     folder = Path(name).expanduser()
     if not folder.exists():
-        return name
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, "config.json")
+        except Exception:  # not a hub id (`default`), or no hub library: the name alone
+            found = None
+        return str(Path(found).parent) if isinstance(found, str) else name  # .../snapshots/<commit>
     files = sorted(folder.rglob("*")) if folder.is_dir() else [folder]
     return [(str(p.relative_to(folder)) if folder.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns)
             for p in files if p.is_file()]
 
 
+def template(setting: str | None) -> str | None:
+    """data.chat_template's text (a .jinja file edited between the first start and a resume renders
+    other prompts), as the data cache keys it."""
+    from ..data.tokenize import template_text
+
+    try:
+        return template_text(setting) if setting else None
+    except Exception:  # a file gone: the setting as written (training itself says what is wrong)
+        return setting
+
+
 def scorer_source(spec: str | None) -> str | None:
-    """The scorer module's source, hashed (an edited scorer scores differently); "" where it cannot
-    be found without running it: then nothing is kept."""
+    """The scorer module's source, hashed (an edited scorer scores differently), found as load_scorer
+    finds it (a .py file, or a module on the path or next to the data) without importing anything;
+    "" where it is not found so: then nothing is kept."""
     if not spec:
         return None
-    try:
-        found = importlib.util.find_spec(spec.partition(":")[0])
-    except (ImportError, ValueError):
-        return ""
-    origin = getattr(found, "origin", None)
+    name = spec.partition(":")[0]
+    if name.endswith(".py"):
+        origin = name
+    else:
+        found, where = None, [*sys.path, ""]  # load_scorer adds "" (the current folder) last
+        parts = name.split(".")
+        for depth in range(len(parts)):  # a package's folder, then its module: found, never run
+            found = PathFinder.find_spec(".".join(parts[:depth + 1]), where) if where is not None else None
+            where = found.submodule_search_locations if found is not None else None
+        origin = getattr(found, "origin", None)
     if not origin or not Path(origin).is_file():
         return ""
     return hashlib.sha256(Path(origin).read_bytes()).hexdigest()
@@ -62,6 +88,7 @@ def rows_key(cfg, dtype, device, prompts, pool, layout: str) -> str | None:
         return None
     prompted = cfg.eval.kshot or cfg.eval.retrieval_k  # the training pool matters only to those rows
     return fingerprint(model_key(cfg, dtype, device), cfg.data.model_dump(mode="json"),
+                       template(cfg.data.chat_template),
                        cfg.eval.model_dump(mode="json"), source, layout, prompts, pool if prompted else None)
 
 
