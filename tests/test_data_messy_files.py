@@ -151,7 +151,7 @@ def test_a_training_folder_holding_held_out_splits_is_refused(tmp_path, tiny_tok
     write_jsonl(folder / "test.jsonl", [qa("t", "t")])
     named = r"holds files named as held-out splits: test.jsonl, validation-00000-of-00001.jsonl; .*data.test"
     with pytest.raises(UserError, match=named):
-        read_records(folder, training=True)
+        read_records(folder, training="data.train")
     with pytest.raises(UserError, match=named):
         check_source(str(folder), "data.train")
     for cache in (True, False):
@@ -173,7 +173,7 @@ def test_a_training_folder_holding_held_out_splits_is_refused(tmp_path, tiny_tok
              "test-driven-development", "evaluation-rubrics", "test_cases")
     for name in names:
         write_jsonl(words / f"{name}.jsonl", [qa(name, "a")])
-    assert len(read_records(words, training=True).rows) == len(names)
+    assert len(read_records(words, training="data.train").rows) == len(names)
 
 
 # Hub ids that are mistyped paths

@@ -18,7 +18,7 @@ from ..progress import say
 from . import cache
 from .formats import FormatError, rename_columns, to_example
 from .lengths import hint_line, length_hint
-from .sources import Problem, check_source, is_hub_id, read_records, refuse_held_out, source_files
+from .sources import Problem, check_source, is_hub_id, read_records, source_files
 from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, use_template
 from .validate import deduplicate, drop_report, overlap, problems_before, refuse_mixed_test, skipped_lines
 
@@ -85,8 +85,8 @@ def load_conversations(path: str, system_prompt: str | None, fmt: str = "auto", 
     return (conversations, where, problems) if origins else (conversations, problems)
 
 
-def _read_source(path, system_prompt, fmt, columns, hub_split):
-    records = read_records(path, hub_split)
+def _read_source(path, system_prompt, fmt, columns, hub_split, training: str | None = None):
+    records = read_records(path, hub_split, training)
     conversations, origins, formats, problems = [], [], Counter(), list(records.problems)
     for file, line, record in records.rows:
         try:
@@ -108,11 +108,11 @@ def unmapped_columns(record: dict, columns: dict) -> str:
             f"{', '.join(map(str, record))})" if absent else "")
 
 
-def _read_kept(spec: str, cfg: DataConfig, seen: dict):
+def _read_kept(spec: str, cfg: DataConfig, seen: dict, training: str | None = None):
     """_read_source, less the duplicates of records read before (in `seen`) where data.dedup says so;
-    each duplicate is a Problem."""
+    each duplicate is a Problem. `training`: the setting naming a training source (read_records)."""
     conversations, origins, formats, problems = _read_source(spec, cfg.system_prompt, cfg.format, cfg.columns,
-                                                             cfg.hub_split)
+                                                             cfg.hub_split, training)
     if cfg.dedup:
         keep, duplicates, _ = deduplicate(conversations, origins, seen)
         problems += duplicates
@@ -185,11 +185,9 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
         read = 0  # every training record read, usable or not (not those of validation and test)
         for name, spec in [("train", cfg.train), *[(f"mix:{s}", s) for s in cfg.mix],
                            *[(n, getattr(cfg, n)) for n in ("validation", "test") if getattr(cfg, n)]]:
-            if name == "train" or name.startswith("mix:"):  # a folder holding test files would train on them
-                refuse_held_out(Path(spec).expanduser(), "data.train" if name == "train" else "data.mix")
             # Duplicates are found within the training sources, and within each eval source.
-            conversations, origins, found_formats, found = _read_kept(
-                spec, cfg, seen if name == "train" or name.startswith("mix:") else {})
+            training = "data.train" if name == "train" else "data.mix" if name.startswith("mix:") else None
+            conversations, origins, found_formats, found = _read_kept(spec, cfg, seen if training else {}, training)
             problems += found
             formats += found_formats
             target = "train" if name.startswith("mix:") else name

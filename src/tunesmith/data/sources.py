@@ -121,9 +121,9 @@ def refuse_held_out(path: Path, what: str = "data.train") -> None:
                         f"data.train the training file(s) or a folder of training files only")
 
 
-def read_records(spec: str | Path, hub_split: str = "train", training: bool = False) -> Records:
-    """Records of a data source; unreadable lines become Problems, not crashes. `training`: the source
-    is training data (data.train, data.mix), where held-out splits are refused."""
+def read_records(spec: str | Path, hub_split: str = "train", training: str | None = None) -> Records:
+    """Records of a data source; unreadable lines become Problems, not crashes. `training`: the setting
+    naming the source where it is training data (data.train, data.mix): held-out splits are refused."""
     spec = str(spec)
     path = Path(spec).expanduser()
     if is_hub_id(spec):
@@ -134,7 +134,7 @@ def read_records(spec: str | Path, hub_split: str = "train", training: bool = Fa
         if _saved_dataset(path):
             return Records(rows=read_saved(path, hub_split))
         if training:
-            refuse_held_out(path)
+            refuse_held_out(path, training)
         files = data_files(path)
         if not files:
             deeper = [p.relative_to(path).as_posix() for p in _visible(path) if data_suffix(p) in SUFFIXES]
