@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+THINK_TAG = re.compile(r"</?think>|\[/?THINK\]")  # reasoning tags: content, though some tokenizers make them special
 
 
 class TemplateError(ValueError):
@@ -36,9 +37,6 @@ def special_pattern(tokenizer, structure: str, ends: list[str]) -> re.Pattern | 
     strings = {token.content for token in decoder.values() if token.special and token.content.strip()
                and (token.content in structure or token.content in ends) and not THINK_TAG.fullmatch(token.content)}
     return _compiled(tuple(sorted(strings, key=lambda s: (-len(s), s)))) if strings else None
-
-
-THINK_TAG = re.compile(r"</?think>|\[/?THINK\]")
 
 
 @lru_cache(maxsize=16)
