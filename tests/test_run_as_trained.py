@@ -348,3 +348,31 @@ def test_eval_reads_a_runs_files_as_the_run_read_its_data(project, elsewhere):
         writer.writerows([[f"Ticket {i}: my screen is wrong", "tech"] for i in range(3)])
     scored = measure.evaluate(str(project / "runs" / "mine"), str(elsewhere / "held_out.csv"), max_new_tokens=2)
     assert scored["test_examples"] == 3 and scored["eval_loss"] > 0
+
+
+def test_eval_of_a_run_repeats_the_figures_its_training_recorded(project, elsewhere, capsys):
+    """`tunesmith eval RUN` scored the whole test split at 96 tokens in batches of 16, whatever the run's
+    eval section said: its figures were not the run's (30 of 200 demo tickets at 40 tokens in training,
+    all_fields 0.533 vs 0.500). Now the options not given are the run's; given ones win."""
+    from helpers import write_jsonl
+    from tunesmith.cli import main
+
+    test = write_jsonl(elsewhere / "test.jsonl", [{"question": f"Ticket {i}: my {w} is wrong", "answer": a}
+                                                  for i, (w, a) in enumerate([("screen", "tech"), ("bill", "billing")] * 3)])
+    config = yaml.safe_load((project / "my.yaml").read_text())
+    config["data"].update(train=str(project / "tickets.csv"), test=str(test))
+    config["eval"] = {"generate": True, "compare_base": False, "test_limit": 4, "max_new_tokens": 3, "batch_size": 3,
+                      "no_repeat_ngram_size": 2}
+    config["output"]["dir"] = str(elsewhere / "scored")
+    tunesmith.train(config)
+    recorded = json.loads((elsewhere / "scored" / "results.json").read_text())["fine_tuned"]
+    capsys.readouterr()
+    assert main(["eval", str(elsewhere / "scored")]) == 0
+    captured = capsys.readouterr()
+    assert "max_new_tokens 3, batch_size 3" in captured.err and "test_limit 4" in captured.err
+    again = json.loads(captured.out)
+    generated = {k for k in recorded if k not in ("eval_loss", "answer_loss", "generated_tokens_per_second")}
+    assert again["test_examples"] == 4 and {k: again[k] for k in generated} == {k: recorded[k] for k in generated}
+    assert main(["eval", str(elsewhere / "scored"), "--limit", "6", "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["test_examples"] == 6 and "test_limit" not in captured.err

@@ -7,7 +7,7 @@ import sys
 from importlib import resources
 
 from .errors import Interrupted, Terminated, UserError, one_line, plain_warnings, stop_on_sigterm
-from .flags import COUNT, NUMBER, SIZE, add_decoding_options, add_prompt_options, at_least, share
+from .flags import COUNT, NUMBER, SCORED_AS_RUN, SIZE, add_decoding_options, add_prompt_options, at_least, share
 from .eval.decoding import LoopGuard
 from .eval.evidence import demo_lines
 from .methods import NAMES as METHOD_NAMES
@@ -48,7 +48,8 @@ def cmd_eval(args) -> int:
         load_probe(args.general_data, sets, args.general_limit)
     if args.data or not args.general:  # without either: a run's own test data
         results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit, args.scorer,
-                           args.temperature, args.seed, args.device, LoopGuard.of(args))
+                           args.temperature, args.seed, args.device,
+                           LoopGuard(args.repetition_penalty, args.no_repeat_ngram_size))
     if args.general:
         results["general"] = evaluate_general(args.model, args.general_data, sets, args.general_limit,
                                               args.general_margin, args.seed, args.device, keep=True)
@@ -186,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="eval loss and generation scores of a model or run on a data file; general ability")
     p.add_argument("model", help="run folder, adapter folder, model folder, .gguf, hub id or 'default'")
-    p.add_argument("--data", default=None, help="data file: eval loss and generation scores (a run: its own test data)")
+    p.add_argument("--data", default=None, help="data file: eval loss and generation scores (a run: its own test data, "
+                                                "scored as its training did unless options say otherwise)")
     p.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda or cuda:N")
     p.add_argument("--general", action="store_true",
                    help="general-ability probes (MMLU, ARC, HellaSwag, TruthfulQA, GSM8K); a run or adapter is "
@@ -196,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--general-limit", type=SIZE, default=None, help="first N items of each probe set")
     p.add_argument("--general-margin", type=NUMBER, default=2.0, help="warn when a set drops by more points than this")
     _add_scoring_options(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, **dict.fromkeys(SCORED_AS_RUN))  # unset: a run's own (measure.scored_as)
 
     p = sub.add_parser("compare", help="A vs B (e.g. base vs fine-tuned) with bootstrap 95%% intervals and answers side by side")
     p.add_argument("a", help="baseline: model, run folder or 'default'")

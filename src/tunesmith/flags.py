@@ -29,6 +29,8 @@ def share(text: str) -> float:
     return value
 
 
+# eval's decoding options a run folder supplies when not given (measure.scored_as)
+SCORED_AS_RUN = ("max_new_tokens", "batch_size", "temperature", "seed", "repetition_penalty", "no_repeat_ngram_size")
 COUNT, SIZE = at_least(0), at_least(1)  # 0 allowed (off, none) / a size of at least one
 NUMBER = at_least(0.0, float)
 

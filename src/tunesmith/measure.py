@@ -17,15 +17,21 @@ from .progress import say
 from .runs import RunFolder
 
 
-def evaluate(model_or_run: str, data: str | None, max_new_tokens: int = 96, batch_size: int = 16, limit: int | None = None,
-             scorer: str | None = None, temperature: float = 0.0, seed: int = 0, device: str = "auto",
-             guard: LoopGuard = LoopGuard()) -> dict:
-    """Eval loss and generation scores of a model or run on a data file (None: the run's own test data)."""
-    from .config import DataConfig, EvalConfig
+def evaluate(model_or_run: str, data: str | None, max_new_tokens: int | None = None, batch_size: int | None = None,
+             limit: int | None = None, scorer: str | None = None, temperature: float | None = None,
+             seed: int | None = None, device: str = "auto", guard: LoopGuard | None = None) -> dict:
+    """Eval loss and generation scores of a model or run on a data file (None: the run's own test data).
+    Decoding options left None are the run's own (`scored_as`), else eval's defaults."""
+    from .config import DataConfig
     from .data.sources import check_source
     from .runs import load_trained, own_test_data, system_prompt_of
 
+    own = data is None
     data = data or own_test_data(model_or_run)
+    eval_cfg, limit = scored_as(model_or_run, own, limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                temperature=temperature, seed=seed, scorer=scorer,
+                                repetition_penalty=guard and guard.repetition_penalty,
+                                no_repeat_ngram_size=guard and guard.no_repeat_ngram_size)
     check_source(data, "--data")  # before the model loads
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
     model = merged_for_good(model)  # its loss and its answers: LoRA folded in once, a third faster on a CPU
@@ -47,13 +53,30 @@ def evaluate(model_or_run: str, data: str | None, max_new_tokens: int = 96, batc
         say("eval: raw text is scored by its loss alone (nothing to generate)")
         return {"eval_loss": sum(x * n for x, n in zip(losses, tokens)) / sum(tokens), "test_examples": len(losses)}
     validation = test.select([i for i, e in enumerate(test.encoded) if len(e.input_ids) <= data_cfg.max_seq_len])
-    eval_cfg = EvalConfig(max_new_tokens=max_new_tokens, batch_size=batch_size, scorer=scorer,
-                          temperature=temperature, seed=seed, repetition_penalty=guard.repetition_penalty,
-                          no_repeat_ngram_size=guard.no_repeat_ngram_size)
-    results = {"eval_loss": eval_loss(model, validation, batch_size, tokenizer.pad_token_id)} if validation.encoded \
+    results = {"eval_loss": eval_loss(model, validation, eval_cfg.batch_size, tokenizer.pad_token_id)} \
+        if validation.encoded \
         else say(f"eval: no eval loss: none of the examples fits in {data_cfg.max_seq_len} tokens") or {}
     results.update(score_generation(model, tokenizer, test.conversations, eval_cfg, label="eval"))
     return results
+
+
+def scored_as(model_or_run: str, own_data: bool, limit: int | None, **given) -> tuple:
+    """The EvalConfig and limit eval scores with: the options given, the others as a run folder's training
+    scored its test split (its max_new_tokens, batch size, decoding, and test_limit on its own test data),
+    so `eval RUN` repeats the figures training recorded: at 96 tokens on the whole split it scored others.
+    Not the run's scorer: code named by a folder is imported only when --scorer names it."""
+    from .config import EvalConfig
+
+    run = RunFolder(model_or_run)
+    recorded = run.read_config().eval if run.is_run() else EvalConfig()
+    taken = {k: getattr(recorded, k) for k, v in given.items() if v is None and k != "scorer"}
+    if own_data and limit is None and recorded.test_limit:
+        limit = taken["test_limit"] = recorded.test_limit
+    if run.is_run() and taken:
+        say("eval: scored as the run's training scored its test split: " + ", ".join(
+            f"{k} {v}" for k, v in taken.items()) + " (options change it)")
+    taken.pop("test_limit", None)
+    return EvalConfig(**{**given, **taken}), limit
 
 
 def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[str] | None = None,
