@@ -38,7 +38,9 @@ def write_run_config(tmp_path, model_dir, run, objective, **train):
         train = {"rewards": [f"{tmp_path / 'scorer.py'}:reward"], "group_size": 3, "max_completion_tokens": 8,
                  "batch_size": 2, "grad_accum": 1, "beta": 0.04, **train}
     else:
-        rows = pair_rows()
+        rows = pair_rows() if objective != "kto" else [
+            {"prompt": r["prompt"], "completion": r["chosen"] if i % 3 else r["rejected"], "label": bool(i % 3)}
+            for i, r in enumerate(pair_rows())]
         train = {"batch_size": 4, "grad_accum": 2, **train}
     data = write_jsonl(tmp_path / f"{objective}.jsonl", rows)
     config = {
@@ -132,6 +134,84 @@ def test_dpo_gradients_do_not_depend_on_accumulation(tiny_model_dir, tiny_tokeni
     assert_same_gradients(results[0][1], results[1][1], 1e-5)
     assert results[0][2]["rewards/margin"] == pytest.approx(results[1][2]["rewards/margin"], rel=1e-5, abs=1e-7)
     assert ("nll" in results[0][2]) == bool(sft_weight)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_kto_gradients_and_eval_loss_do_not_depend_on_how_the_step_is_cut(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                           precompute):
+    """KTO's reference point z (the mean log-ratio of the mismatched answers) over the whole step: it
+    was estimated per micro-batch, so 6 x 1 and 1 x 6 gave gradients 115% apart (a reviewer's
+    reproduction). The eval loss likewise over the split, whatever its batch size."""
+    from tunesmith.data.collate import PADDING_FREE
+    from tunesmith.data.preference import UNPAIRED, prepare_preference
+    from tunesmith.models import load_model
+    from tunesmith.objectives.kto import KTO
+    from tunesmith.objectives.logps import Reference
+    from tunesmith.training.distributed import StepLoss
+
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"] if i % 3 else r["rejected"] * (1 + i % 4),
+             "label": bool(i % 3)} for i, r in enumerate(pair_rows(6))]
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    cfg = validate({"data": {"train": str(path), "validation": str(path)},
+                    "train": {"objective": "kto", "beta": 0.5, "precompute_ref": precompute}})
+    results = []
+    for cut in ([list(range(6))], [[i] for i in range(6)], [[0, 1, 2], [3, 4, 5]]):
+        split = prepare_preference(cfg.data, tiny_tokenizer, UNPAIRED).splits["train"]
+        model = lora_model(load_model(str(tiny_model_dir)), seed=5)
+        objective = KTO(cfg, Reference(model), PADDING_FREE, tiny_tokenizer.pad_token_id)
+        objective.prepare(model, [split])
+        evaluated = objective.evaluate(model, split, batch_size=len(cut[0]))
+        loss, _ = objective.train_step(StepLoss(model, objective.loss), split, cut, tiny_tokenizer.pad_token_id)
+        results.append((float(loss), gradients(model), objective.last_metrics["kl"], evaluated))
+    assert results[0][2] > 0.01  # z not clamped to 0: its scope matters
+    for other in results[1:]:
+        assert other[0] == pytest.approx(results[0][0], rel=1e-5)
+        assert_same_gradients(results[0][1], other[1], 1e-4)
+        assert other[2] == pytest.approx(results[0][2], rel=1e-5)
+        assert other[3] == pytest.approx(results[0][3], rel=1e-5)
+
+
+def test_the_logged_nll_is_the_one_in_the_loss_and_ipo_rewards_are_per_token(tiny_model_dir, tiny_tokenizer, tmp_path,
+                                                                             capsys):
+    """objective/nll of ORPO and of DPO with sft_weight: the loss's NLL term, per chosen token of the
+    step (it was a mean of per-pair means: 6.3306 logged against 6.2935 in the loss). IPO's rewards
+    from its per-token log-ratios, as its loss and TRL take them. LoRA dropout beside a reference is
+    warned of (TRL turns it off)."""
+    from tunesmith import methods
+    from tunesmith.data.collate import PADDED
+    from tunesmith.data.preference import PAIRS, prepare_preference
+    from tunesmith.models import load_model
+    from tunesmith.objectives import build
+    from tunesmith.objectives.logps import per_sequence, token_logps
+
+    rows = [dict(r, chosen=r["chosen"] * (1 + 5 * (i % 2))) for i, r in enumerate(pair_rows(4))]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    model = lora_model(load_model(str(tiny_model_dir)), seed=3)
+    for objective, extra, weight in (("orpo", {}, 1.0), ("dpo", {"sft_weight": 0.5}, 0.5),
+                                     ("dpo", {"dpo_loss": "ipo", "dropout": 0.1}, 0.0)):
+        dropout = extra.pop("dropout", 0.0)
+        cfg = validate({"data": {"train": str(path), "validation": str(path)}, "adapter": {"dropout": dropout},
+                        "train": {"objective": objective, "beta": 0.2, **extra}})
+        split = prepare_preference(cfg.data, tiny_tokenizer, PAIRS).splits["train"]
+        assert len({pair.chosen.label_count for pair in split.encoded}) > 1  # per-pair means would differ
+        built = build(cfg, model, tiny_tokenizer, methods.get("lora"), torch.device("cpu"), PADDED)
+        assert ("adapter.dropout 0.1 with train.objective dpo" in capsys.readouterr().err) == bool(dropout)
+        tensors = built.batch(split.encoded).tensors
+        model.eval()  # no dropout: the hand computation below sees the same log-probs
+        terms, stats = built.loss(model, tensors)
+        n = len(split.encoded)
+        logps = per_sequence(token_logps(model, tensors), tensors).detach()
+        tokens = tensors["sequence_labels"].float()
+        if weight:
+            nll = -logps[:n].sum() / tokens[:n].sum()
+            assert float(stats["nll"][0] / stats["nll"][1]) == pytest.approx(float(nll), rel=1e-5)
+            assert float(terms["chosen_tokens"]) / tokens[:n].sum() == pytest.approx(float(weight * nll), rel=1e-5)
+        else:
+            with model.disable_adapter():
+                reference = per_sequence(token_logps(model, tensors), tensors)
+            per_token = (logps - reference) / tokens
+            assert float(stats["rewards/chosen"][0]) / n == pytest.approx(float(0.2 * per_token[:n].mean()), rel=1e-4)
+        model.train()
 
 
 def test_precomputed_reference_log_probs_on_the_models_device(tiny_model_dir, tiny_tokenizer, tmp_path):
@@ -241,15 +321,18 @@ def test_ci_installs_trl_before_the_tests():
 
 
 @pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
-def test_dpo_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("objective,shared", [("dpo", "rewards/margin"), ("kto", "kl")])
+def test_preferences_on_two_ranks_equal_one_process(tiny_model_dir, tmp_path, objective, shared):
     """DDP over two gloo processes gives the weights of one process with the same global batch (each
-    pair's loss divided by the step's pairs over both ranks)."""
+    pair's loss divided by the step's pairs over both ranks; KTO's reference point over both ranks'
+    mismatched answers)."""
     from test_distributed import max_diff, train, weights
 
     paths = []
     # On the CPU (gloo), as in tests/test_distributed.py: two ranks on one GPU would ask for cuda:1.
     for run in ("one", "two"):
-        path = write_run_config(tmp_path, tiny_model_dir, run, "dpo", max_steps=3, checkpoint_every=0, device="cpu")
+        path = write_run_config(tmp_path, tiny_model_dir, run, objective, max_steps=3, checkpoint_every=0,
+                                device="cpu")
         config = json.loads(path.read_text())
         config["adapter"]["dropout"] = 0.0  # each rank draws its own dropout masks
         path.write_text(json.dumps(config))
@@ -258,5 +341,5 @@ def test_dpo_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
     done = train(paths[1], nproc=2, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
-    margins = [[r["objective/rewards/margin"] for r in records(tmp_path / run, "train")] for run in ("one", "two")]
-    assert margins[0] == pytest.approx(margins[1], abs=1e-5)  # the statistics are over both ranks' pairs
+    figures = [[r[f"objective/{shared}"] for r in records(tmp_path / run, "train")] for run in ("one", "two")]
+    assert figures[0] == pytest.approx(figures[1], abs=1e-5)  # the statistics are over both ranks' examples

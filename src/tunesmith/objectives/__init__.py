@@ -99,6 +99,12 @@ def build(cfg, model, tokenizer, method, device, layout: str):
     if needs_reference(cfg.train):
         copy = _reference_copy(cfg, method, device) if method.trains_all_weights else None
         reference = Reference(model, copy)
+        if cfg.adapter.dropout and not method.trains_all_weights:
+            from ..progress import say
+
+            say(f"warning: adapter.dropout {cfg.adapter.dropout:g} with train.objective {cfg.train.objective}: the "
+                "log-ratios to the reference (run without dropout) carry the dropout's noise; TRL turns dropout "
+                "off for DPO and KTO (adapter.dropout: 0)")
     pad_id = tokenizer.pad_token_id
     name = cfg.train.objective
     if name == "grpo":

@@ -4,8 +4,9 @@ An objective turns a micro-batch's examples into a `Batch` (tensors, plus counts
 host: pairs, answer tokens, ...) and a batch into loss *sums* per count (`terms`) and statistics.
 The step divides each term by its count over the whole optimizer step (all micro-batches, all
 ranks), as SFT divides by the step's label tokens (training/loop.py train_step): batch 8 x
-accumulation 1 and batch 1 x accumulation 8 give the same gradients, except where an objective
-estimates something per micro-batch (KTO's KL term, GRPO's groups, which never span two).
+accumulation 1 and batch 1 x accumulation 8 give the same gradients, except for GRPO, whose groups
+never span two micro-batches. What every micro-batch's loss shares (KTO's KL estimate) is computed
+over the whole step first (`step_values`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ def stat(values: torch.Tensor) -> torch.Tensor:
     values = values.detach().float().reshape(-1)
     # new_full writes the count on the device; torch.tensor(..., device=) would copy it there and wait
     return torch.stack([values.sum(), values.new_full((), float(values.numel()))])
+
+
+def token_stat(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(sum, count) of a statistic per token: per-sequence sums over their token counts, so the step's
+    figure is the mean over its tokens (a loss's token-weighted term), not a mean of sequence means."""
+    return torch.stack([sums.detach().float().sum(), counts.detach().float().sum()])
 
 
 def masked_stat(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -66,6 +73,13 @@ class Objective:
     def prepare(self, model, splits: list) -> None:
         """Work done once before training (precomputed reference log-probs); nothing by default."""
 
+    def step_values(self, forward, batches: list[tuple[dict, bool]], ranks: distributed.Ranks, device) -> dict:
+        """Tensors every batch's loss receives beside its own: values estimated over a whole step (every
+        micro-batch, every rank) or evaluated split, by a pass without gradients over its batches first.
+        `batches`: (tensors, counted: whether this rank's examples) - every rank runs every forward, as
+        the step does. `forward(tensors)` computes the loss as the step does. None by default."""
+        return {}
+
     # Shared
     def train_step(self, loss_module, train, indices: list[list[int]], pad_id: int,
                    ranks: distributed.Ranks = distributed.SINGLE, grad_scale: float = 1.0, layout: str = "padded",
@@ -82,13 +96,14 @@ class Objective:
             examples = mine or part[:1]
             built.append((self.batch([train.encoded[i] for i in examples], key=(step, tuple(examples))), bool(mine)))
         totals = dict(zip(self.terms, ranks.sum(*[sum(b.counts[k] for b, mine in built if mine) for k in self.terms])))
+        shared = self.step_values(loss_module, [(b.tensors, mine) for b, mine in built], ranks, device)
         loss_total = torch.zeros((), dtype=torch.float32, device=device)
         device_stats: dict[str, torch.Tensor] = {}  # the loss's statistics, (sum, count) on the device
         host_stats: dict[str, list[float]] = {}  # (sum, count) of those known on the host (GRPO's rewards)
         tokens = 0
         for number, (batch, mine) in enumerate(built):
             with distributed.no_sync(loss_module, last=number == len(built) - 1):
-                terms, stats = loss_module(on_device(batch.tensors, device))
+                terms, stats = loss_module(on_device({**batch.tensors, **shared}, device))
                 loss = sum(value / max(1.0, totals[key]) for key, value in terms.items())
                 (loss * (grad_scale if mine else 0.0)).backward()
             if mine:
@@ -147,9 +162,12 @@ class Objective:
         model.eval()
         sums = dict.fromkeys(self.terms, 0.0)
         counts = dict.fromkeys(self.terms, 0.0)
-        for start in range(ranks.rank * batch_size, len(split), batch_size * ranks.world):
-            batch = self.batch(split.encoded[start:start + batch_size])
-            terms, _ = self.loss(model, on_device(batch.tensors, device))
+        batches = [self.batch(split.encoded[start:start + batch_size])
+                   for start in range(ranks.rank * batch_size, len(split), batch_size * ranks.world)]
+        shared = self.step_values(lambda tensors: self.loss(model, tensors), [(b.tensors, True) for b in batches],
+                                  ranks, device)
+        for batch in batches:
+            terms, _ = self.loss(model, on_device({**batch.tensors, **shared}, device))
             for key in self.terms:
                 sums[key] += float(terms[key])
                 counts[key] += batch.counts[key]

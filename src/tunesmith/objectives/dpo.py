@@ -12,7 +12,7 @@ fine-tuning; `train.precompute_ref` computes its log-probabilities once.
 """
 from __future__ import annotations
 
-from .base import stat
+from .base import token_stat
 from .pairwise import PairObjective, halves, preference_loss, reward_stats
 
 
@@ -30,14 +30,15 @@ class DPO(PairObjective):
         logps, lengths = self.policy(model, tensors)
         ratios = logps - reference
         chosen, rejected = halves(ratios)
-        if self.train_cfg.dpo_loss == "ipo":
+        if self.train_cfg.dpo_loss == "ipo":  # its ratios (and so its rewards, as TRL's) per answer token
             chosen_len, rejected_len = halves(lengths)
-            losses = (chosen / chosen_len - rejected / rejected_len - 1 / (2 * self.beta)) ** 2
+            chosen, rejected = chosen / chosen_len, rejected / rejected_len
+            losses = (chosen - rejected - 1 / (2 * self.beta)) ** 2
         else:
             losses = preference_loss(self.beta * (chosen - rejected), self.train_cfg.label_smoothing)
         terms, stats = {"pairs": losses.sum()}, reward_stats(self.beta * chosen, self.beta * rejected)
         if self.sft_weight:
             chosen_sum, _ = halves(logps)
             terms["chosen_tokens"] = -self.sft_weight * chosen_sum.sum()
-            stats["nll"] = stat(-chosen_sum / halves(lengths)[0])
+            stats["nll"] = token_stat(-chosen_sum, halves(lengths)[0])  # the NLL in the loss, per chosen token
         return terms, stats

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import stat
+from .base import stat, token_stat
 from .pairwise import PairObjective, halves, reward_stats
 
 
@@ -32,5 +32,5 @@ class ORPO(PairObjective):
         log_odds = (chosen - rejected) - (log1m_exp(chosen) - log1m_exp(rejected))
         ratio = F.logsigmoid(log_odds)
         stats = {**reward_stats(self.beta * chosen, self.beta * rejected), "log_odds": stat(log_odds),
-                 "nll": stat(-chosen)}
+                 "nll": token_stat(-chosen_sum, halves(lengths)[0])}  # the NLL in the loss, per chosen token
         return {"pairs": -(self.beta * ratio).sum(), "chosen_tokens": -chosen_sum.sum()}, stats
