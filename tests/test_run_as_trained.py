@@ -350,7 +350,7 @@ def test_eval_reads_a_runs_files_as_the_run_read_its_data(project, elsewhere):
     assert scored["test_examples"] == 3 and scored["eval_loss"] > 0
 
 
-def test_eval_of_a_run_repeats_the_figures_its_training_recorded(project, elsewhere, capsys):
+def test_eval_of_a_run_repeats_the_figures_its_training_recorded(project, elsewhere, tiny_model_dir, capsys):
     """`tunesmith eval RUN` scored the whole test split at 96 tokens in batches of 16, whatever the run's
     eval section said: its figures were not the run's (30 of 200 demo tickets at 40 tokens in training,
     all_fields 0.533 vs 0.500). Now the options not given are the run's; given ones win."""
@@ -376,3 +376,11 @@ def test_eval_of_a_run_repeats_the_figures_its_training_recorded(project, elsewh
     assert main(["eval", str(elsewhere / "scored"), "--limit", "6", "--max-new-tokens", "2"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["test_examples"] == 6 and "test_limit" not in captured.err
+    # compare: B's decoding settings too (96 tokens before), on the whole file given
+    assert main(["compare", str(tiny_model_dir), str(elsewhere / "scored"), "--data", str(test)]) == 0
+    told = capsys.readouterr().err
+    assert "compare: scored as" in told and "max_new_tokens 3, batch_size 3" in told and "test_limit" not in told
+    assert main(["compare", str(tiny_model_dir), str(elsewhere / "scored"), "--data", str(test), "--temperature", "0",
+                 "--max-new-tokens", "2", "--batch-size", "2", "--seed", "0", "--repetition-penalty", "1",
+                 "--no-repeat-ngram-size", "0"]) == 0
+    assert "scored as" not in capsys.readouterr().err  # every option given: nothing taken from the run

@@ -48,8 +48,7 @@ def cmd_eval(args) -> int:
         load_probe(args.general_data, sets, args.general_limit)
     if args.data or not args.general:  # without either: a run's own test data
         results = evaluate(args.model, args.data, args.max_new_tokens, args.batch_size, args.limit, args.scorer,
-                           args.temperature, args.seed, args.device,
-                           LoopGuard(args.repetition_penalty, args.no_repeat_ngram_size))
+                           args.temperature, args.seed, args.device, LoopGuard.of(args))
     if args.general:
         results["general"] = evaluate_general(args.model, args.general_data, sets, args.general_limit,
                                               args.general_margin, args.seed, args.device, keep=True)
@@ -211,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the k-shot and retrieved examples come from (default: the run's training data)")
     p.add_argument("--out", default=None, help="folder for comparison.json/.jsonl (default: B when it is a run folder)")
     _add_scoring_options(p)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, **dict.fromkeys(SCORED_AS_RUN))  # unset: B's run's own (measure.scored_as)
 
     p = sub.add_parser("pairs", help="sample N answers per prompt, score them with your scorer, write chosen/rejected "
                                      "pairs for DPO")

@@ -60,7 +60,7 @@ def evaluate(model_or_run: str, data: str | None, max_new_tokens: int | None = N
     return results
 
 
-def scored_as(model_or_run: str, own_data: bool, limit: int | None, **given) -> tuple:
+def scored_as(model_or_run: str, own_data: bool, limit: int | None, command: str = "eval", **given) -> tuple:
     """The EvalConfig and limit eval scores with: the options given, the others as a run folder's training
     scored its test split (its max_new_tokens, batch size, decoding, and test_limit on its own test data),
     so `eval RUN` repeats the figures training recorded: at 96 tokens on the whole split it scored others.
@@ -73,7 +73,7 @@ def scored_as(model_or_run: str, own_data: bool, limit: int | None, **given) -> 
     if own_data and limit is None and recorded.test_limit:
         limit = taken["test_limit"] = recorded.test_limit
     if run.is_run() and taken:
-        say("eval: scored as the run's training scored its test split: " + ", ".join(
+        say(f"{command}: scored as {model_or_run}'s training scored its test split: " + ", ".join(
             f"{k} {v}" for k, v in taken.items()) + " (options change it)")
     taken.pop("test_limit", None)
     return EvalConfig(**{**given, **taken}), limit
@@ -109,11 +109,13 @@ def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[st
     return found
 
 
-def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None, max_new_tokens: int = 96,
-            batch_size: int = 16, limit: int | None = None, scorer: str | None = None, temperature: float = 0.0,
-            seed: int = 0, out: str | None = None, retrieval_k: int = 0, guard: LoopGuard = LoopGuard()) -> dict:
+def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = None, max_new_tokens: int | None = None,
+            batch_size: int | None = None, limit: int | None = None, scorer: str | None = None,
+            temperature: float | None = None, seed: int | None = None, out: str | None = None, retrieval_k: int = 0,
+            guard: LoopGuard | None = None) -> dict:
     """A against B (e.g. base model vs fine-tuned run) with bootstrap intervals; optionally A k-shot,
-    A and B with k retrieved training examples too.
+    A and B with k retrieved training examples too. Decoding options left None are B's run's own
+    (A's where only A is a run; `scored_as`), else eval's defaults.
 
     Written to `out` (default: B's run folder, whose report then shows the comparison)."""
     from .eval.baselines import compare_models
@@ -128,6 +130,12 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
         raise UserError(f"--out {out}: a file, not a folder for comparison.json")
     for spec in (a, b):  # a mistyped B is said before A's answers are generated, not after
         check_loadable(spec)
+    settings, _ = scored_as(b if RunFolder(b).is_run() else a, False, limit, "compare", max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, temperature=temperature, seed=seed, scorer=scorer,
+                            repetition_penalty=guard and guard.repetition_penalty,
+                            no_repeat_ngram_size=guard and guard.no_repeat_ngram_size)
+    max_new_tokens, batch_size, temperature, seed, guard = (settings.max_new_tokens, settings.batch_size,
+                                                            settings.temperature, settings.seed, LoopGuard.of(settings))
     result = compare_models(a, b, data, kshot, kshot_data, max_new_tokens, batch_size, limit, temperature, seed,
                             load_scorer(scorer) if scorer else None, scorer_name(scorer),
                             names=_names(a, b), retrieval_k=retrieval_k, guard=guard)
