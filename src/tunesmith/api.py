@@ -327,6 +327,10 @@ def check_data_paths(cfg: Config) -> None:
     if cfg.eval.patience and not cfg.eval.every_steps:
         raise UserError(f"eval.patience={cfg.eval.patience} counts evaluations during training, and there are "
                         "none: set eval.every_steps (e.g. eval.every_steps=50)")
+    refused = cfg.train.objective_refusal()
+    run = RunFolder(cfg.output.dir)  # one started before the rule goes on from its checkpoints as it trained
+    if refused and not (cfg.train.resume and run.checkpoint_folders() and not run.results.exists()):
+        raise UserError(refused)
 
     for name in ("train", "validation", "test"):
         path = getattr(cfg.data, name)

@@ -279,6 +279,10 @@ def validate(raw: dict, source: str = "config", text: str = "", overrides: dict 
     except ValidationError as err:
         first = err.errors()[0]
         loc = [str(p) for p in first["loc"] if not TYPE_TAG.match(str(p))]
+        rule = not loc or first["type"] == "value_error" and len(loc) == 1  # across settings: model validators
+        if rule:  # where the first setting its message names was given, not the section's whole dict
+            named = [name.split(".") for name in SETTING.findall(first["msg"])]
+            loc = next((n for n in named if _given_in(overrides, n)), named[0] if named else loc)
         key = ".".join(loc)
         line = _line_of(text, loc)
         where = "command line" if _given_in(overrides, loc) else f"{source}:{line}" if line else source
@@ -290,7 +294,7 @@ def validate(raw: dict, source: str = "config", text: str = "", overrides: dict 
             prefix = f"{parent}." if parent else ""
             suggestion = f"; did you mean '{prefix}{hint}'?" if hint else f"; valid keys: {', '.join(sorted(valid))}"
             raise UserError(f"{where}: unknown key '{key}'{suggestion}") from None
-        if not loc:  # a rule across settings (the model validators): its message says everything
+        if rule:  # its message says everything
             raise UserError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"{where}: {key}: {first['msg']} (got {shortened(first.get('input'))})") from None
 
@@ -304,6 +308,9 @@ FAMILIAR_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_s
                   "cutoff_len": "max_seq_len", "output_dir": "dir", "model_name_or_path": "name",
                   "base_model": "name", "lr_scheduler_warmup_ratio": "warmup_ratio"}
 
+
+# A setting named in a message ("train.rewards")
+SETTING = re.compile(r"\b(?:model|data|adapter|train|eval|output)\.\w+")
 
 # Parts of a pydantic error's location that name a type, not a setting (the branch of a union that
 # failed): `adapter.target_modules.list[str]` named no line and blamed the config file.

@@ -12,6 +12,22 @@ from pydantic import BaseModel, Field, model_validator
 OBJECTIVE_NAMES = ("sft", "dpo", "orpo", "kto", "simpo", "grpo")
 # beta's meaning and default differ by objective (see the field's description).
 DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0, "grpo": 0.04}
+# The objectives that read each setting below (their code in this folder; sft reads none of them).
+READ_BY = {
+    "beta": ("dpo", "orpo", "kto", "simpo", "grpo"),
+    "label_smoothing": ("dpo", "simpo"),
+    "dpo_loss": ("dpo",),
+    "sft_weight": ("dpo",),  # ORPO's NLL term has weight 1, beta weighs its odds-ratio term
+    "simpo_gamma": ("simpo",),
+    "kto_desirable_weight": ("kto",),
+    "kto_undesirable_weight": ("kto",),
+    "precompute_ref": ("dpo", "kto"),  # GRPO's reference scores answers sampled in the step
+    **dict.fromkeys(("rewards", "reward_weights", "group_size", "max_completion_tokens", "temperature",
+                     "clip_epsilon", "scale_rewards", "grpo_loss"), ("grpo",)),
+}
+# beta 0 leaves these losses constant (log sigmoid(0); KTO's 1 - sigmoid(0); SimPO's -gamma): nothing trains.
+# ORPO's is then its NLL term alone, SFT on the chosen answers; GRPO's the policy term without the KL.
+CONSTANT_AT_BETA_0 = ("dpo", "kto", "simpo")
 
 
 class ObjectiveSettings(BaseModel):
@@ -59,9 +75,26 @@ class ObjectiveSettings(BaseModel):
     @model_validator(mode="after")
     def _weights_match_rewards(self):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(f"train.reward_weights has {len(self.reward_weights)} weights for "
-                             f"{len(self.rewards)} scorers in train.rewards")
+            scorers = f"{len(self.rewards)} scorer" + ("s" if len(self.rewards) != 1 else "")
+            raise ValueError(f"train.reward_weights has {len(self.reward_weights)} weights for the {scorers} of "
+                             "train.rewards: give one weight per scorer")
         return self
+
+    def objective_refusal(self) -> str | None:
+        """Why a new run refuses these settings, or None: one its objective does not read, set to other than
+        its default (it would be ignored without a word), or a beta that leaves the loss constant. Not a
+        validator: a run folder written before these rules still loads (api.check_data_paths). Compared
+        with the default, not model_fields_set: a run's config.yaml holds every setting."""
+        for name, readers in READ_BY.items():
+            default = type(self).model_fields[name].get_default(call_default_factory=True)
+            if self.objective not in readers and getattr(self, name) != default:
+                return f"train.{name} applies to train.objective: {', '.join(readers)} only, not {self.objective}"
+        if self.beta == 0 and self.objective in CONSTANT_AT_BETA_0:
+            return (f"train.beta: 0 leaves the {self.objective} loss constant, so nothing would train; give beta "
+                    f"above 0 (null: the default, {DEFAULT_BETA[self.objective]})")
+        if self.objective == "dpo" and self.dpo_loss == "ipo" and self.label_smoothing:
+            return "train.label_smoothing applies to train.dpo_loss: sigmoid only, not ipo"
+        return None
 
     def objective_beta(self) -> float:
         """beta, or the objective's default."""
