@@ -321,18 +321,20 @@ def test_ci_installs_trl_before_the_tests():
 
 
 @pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
-@pytest.mark.parametrize("objective,shared", [("dpo", "rewards/margin"), ("kto", "kl")])
-def test_preferences_on_two_ranks_equal_one_process(tiny_model_dir, tmp_path, objective, shared):
+@pytest.mark.parametrize("objective,shared,batch", [("dpo", "rewards/margin", 4), ("kto", "kl", 4),
+                                                   ("dpo", "rewards/margin", 1)])
+def test_preferences_on_two_ranks_equal_one_process(tiny_model_dir, tmp_path, objective, shared, batch):
     """DDP over two gloo processes gives the weights of one process with the same global batch (each
     pair's loss divided by the step's pairs over both ranks; KTO's reference point over both ranks'
-    mismatched answers)."""
+    mismatched answers). Batch 1: one rank has no pair in any micro-batch (its statistics' sums had
+    another size than the other rank's: gloo refused them)."""
     from test_distributed import max_diff, train, weights
 
     paths = []
     # On the CPU (gloo), as in tests/test_distributed.py: two ranks on one GPU would ask for cuda:1.
     for run in ("one", "two"):
         path = write_run_config(tmp_path, tiny_model_dir, run, objective, max_steps=3, checkpoint_every=0,
-                                device="cpu")
+                                device="cpu", batch_size=batch)
         config = json.loads(path.read_text())
         config["adapter"]["dropout"] = 0.0  # each rank draws its own dropout masks
         path.write_text(json.dumps(config))
@@ -343,3 +345,17 @@ def test_preferences_on_two_ranks_equal_one_process(tiny_model_dir, tmp_path, ob
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
     figures = [[r[f"objective/{shared}"] for r in records(tmp_path / run, "train")] for run in ("one", "two")]
     assert figures[0] == pytest.approx(figures[1], abs=1e-5)  # the statistics are over both ranks' examples
+
+
+@pytest.mark.slow
+def test_grpo_on_two_ranks_with_one_prompt_per_micro_batch_finishes(tiny_model_dir, tmp_path):
+    """train.batch_size 1 on two ranks: one rank samples no prompt of its own; it hung in the step's
+    sums (the other rank's held its rewards' statistics). Its samples differ from one process's, as
+    each rank samples its own prompts, so only the finish and the records are checked."""
+    from test_distributed import train
+
+    path = write_run_config(tmp_path, tiny_model_dir, "two", "grpo", max_steps=2, checkpoint_every=0, device="cpu",
+                            batch_size=1)
+    done = train(path, nproc=2, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(records(tmp_path / "two", "train")) == 2

@@ -109,10 +109,13 @@ class Objective:
             if mine:
                 loss_total += loss.detach().float()
                 tokens += batch.tokens
-                for key, value in stats.items():
-                    device_stats[key] = device_stats.get(key, 0) + value.detach().float()
-                for key, pair in batch.stats.items():
-                    host_stats[key] = [a + b for a, b in zip(host_stats.get(key, (0.0, 0.0)), pair)]
+            # A rank without examples (batch_size 1 on 2 ranks) still names every statistic, counted 0
+            # times: the sums below are collectives whose sizes must agree (DPO failed, GRPO hung).
+            share = 1.0 if mine else 0.0
+            for key, value in stats.items():
+                device_stats[key] = device_stats.get(key, 0) + value.detach().float() * share
+            for key, pair in batch.stats.items():
+                host_stats[key] = [a + b * share for a, b in zip(host_stats.get(key, (0.0, 0.0)), pair)]
         keys = sorted(device_stats)
         summed = ranks.sum_tensor(torch.cat([loss_total.reshape(1)] + [device_stats[key].reshape(2) for key in keys]))
         host_keys = sorted(host_stats)
