@@ -338,6 +338,11 @@ def check_data_paths(cfg: Config) -> None:
             check_source(path, f"data.{name}")  # a hub data set id passes; a missing local file does not
     for path in cfg.data.mix:
         check_source(path, "data.mix")
+    if cfg.train.objective == "grpo":  # the scorers import now, not once every rank has loaded the model
+        from .eval.metrics import load_scorer
+
+        for spec in cfg.train.rewards:
+            load_scorer(spec)
 
 
 def check_config(path: str, overrides: list[str]) -> Config:

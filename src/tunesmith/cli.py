@@ -16,11 +16,11 @@ from .plan.shapes import SHIPPED as SHIPPED_SHAPES
 
 
 def cmd_train(args) -> int:
-    if args.nproc > 1:  # the same command under torchrun, once the config is known to be valid
-        from .config import load_config
+    if args.nproc > 1:  # the same command under torchrun, once the config (data files, scorers) is known good
+        from .api import check_config
         from .training.distributed import launch
 
-        load_config(args.config, args.overrides)
+        check_config(args.config, args.overrides)
         return launch(args.nproc, ["train", args.config, *args.overrides] + (["--resume"] if args.resume else []))
     from .api import train
 
@@ -384,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, OSError) as err:  # OSError: a file unreadable, a folder where a file goes, a full disk
         if args.debug:
             raise
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        ranks = sys.modules.get("tunesmith.training.distributed")  # loaded in a rank of `train --nproc`
+        if not (ranks and ranks.tell_launcher(f"error: {one_line(err)}")):  # which says it once
+            print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except Interrupted as err:
         err.tell()

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
+import signal
 import sys
+import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -217,8 +221,14 @@ STOP_GRACE_SECONDS = 600
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """`tunesmith train --nproc N ...`: the same command under torchrun with N processes."""
+    """`tunesmith train --nproc N ...`: the same command under torchrun with N processes. Rank 0 speaks
+    on the terminal; the other ranks, which would say the same lines again, into log files, read
+    back where one of them fails."""
+    import logging
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     from ..entry import SAFE_ENTRY
@@ -226,19 +236,67 @@ def launch(nproc: int, argv: list[str]) -> int:
     # A stop (Ctrl-C, SIGTERM to torchrun) lets the ranks finish their step and write a checkpoint;
     # torchrun kills them after 30 s unless told otherwise, too short for a large model's checkpoint.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_SECONDS))
-    # Not `-m tunesmith.cli`: each rank would import modules from the working folder first.
-    args = ["--standalone", f"--nproc_per_node={nproc}", "--no-python", sys.executable, "-c", SAFE_ENTRY, *argv]
-    try:
-        torchrun(args)
-    except SystemExit as done:
-        return int(done.code or 0)
-    except SignalException as stop:  # the ranks were stopped with it and said where they checkpointed
-        return 128 + int(stop.sigval)
-    except Exception as err:  # ChildFailedError: torchrun has already ended every rank
-        print(f"error: distributed run failed: {str(err).strip().splitlines()[0] if str(err).strip() else err}",
-              file=sys.stderr)
-        return 1
+    # torchrun's own default, 1 thread per rank (said in a banner), leaves a CPU run's other cores idle
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+    os.environ[LAUNCHED] = "1"  # the ranks hand a user's mistake to failure_status (tell_launcher)
+    with tempfile.TemporaryDirectory(prefix="tunesmith-ranks-") as logs:
+        quiet = ",".join(f"{rank}:3" for rank in range(1, nproc))  # 3: stdout and stderr
+        # Not `-m tunesmith.cli`: each rank would import modules from the working folder first.
+        args = ["--standalone", f"--nproc_per_node={nproc}", f"--log-dir={logs}", f"--redirects={quiet}",
+                "--no-python", sys.executable, "-c", SAFE_ENTRY, *argv]
+        logging.disable(logging.ERROR)  # torchrun's log lines of a failure: said once, below
+        try:
+            torchrun(args)
+        except SystemExit as done:
+            return int(done.code or 0)
+        except SignalException as stop:  # the ranks were stopped with it and said where they checkpointed
+            return 128 + int(stop.sigval)
+        except ChildFailedError as failed:  # torchrun has already ended every rank
+            return failure_status(failed.failures, Path(logs))
+        except Exception as err:  # noqa: BLE001 (the launch itself: a port taken, a rendezvous that failed)
+            print(f"error: distributed run failed: {type(err).__name__}: {' '.join(str(err).split())}", file=sys.stderr)
+            return 1
+        finally:
+            logging.disable(logging.NOTSET)
     return 0
+
+
+LAUNCHED = "TUNESMITH_LAUNCHER"
+
+
+def tell_launcher(message: str) -> bool:
+    """A rank of `train --nproc` writes its error line into torchrun's error file for failure_status to
+    say once (every rank said it, their lines glued into one); False elsewhere: the caller says it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or not os.environ.get(LAUNCHED):
+        return False
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump({"message": message, "timestamp": int(time.time())}, out)
+    return True
+
+
+def failure_status(failures: dict, logs: Path) -> int:
+    """The exit status of a run some ranks failed, said once: 2 where each exited with a user's mistake
+    (its `error: ...` line, status 2, as one process), else 1 with the rank and how it ended."""
+    ended_by_torchrun = {rank for rank, failure in failures.items() if failure.exitcode == -signal.SIGTERM}
+    causes = {rank: f for rank, f in failures.items() if rank not in ended_by_torchrun} or failures
+    said = {f.message for f in causes.values() if isinstance(f.message, str) and f.message.startswith("error: ")}
+    if said and all(failure.exitcode == 2 for failure in causes.values()):
+        print("\n".join(sorted(said)), file=sys.stderr)  # the same mistake found by every rank: one line
+        return 2
+    rank, failure = min(causes.items(), key=lambda item: (item[1].exitcode == 2, item[1].timestamp, item[0]))
+    if rank != 0:  # what it said before it ended (a traceback); rank 0's is on the terminal
+        print("\n".join(rank_output(logs, rank)[-20:]), file=sys.stderr)
+    ended = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited with {failure.exitcode}"
+    print(f"error: distributed run failed: rank {rank} {ended}", file=sys.stderr)
+    return 1
+
+
+def rank_output(logs: Path, rank: int) -> list[str]:
+    """The lines a rank other than 0 wrote to stderr (torchrun's <logs>/<run>/attempt_<n>/<rank>/)."""
+    found = sorted(logs.glob(f"*/attempt_*/{rank}/stderr.log"))
+    return found[-1].read_text(errors="replace").splitlines() if found else []
 
 
 class SilentLog:
