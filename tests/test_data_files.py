@@ -178,7 +178,7 @@ def test_sharegpt_with_role_and_content_turns(tmp_path, tiny_tokenizer):
 
 def test_a_response_does_not_replace_an_answer_field():
     from tunesmith.data.formats import canonical_fields
-    from tunesmith.data.preference import UNPAIRED, record_kind
+    from tunesmith.data.formats import UNPAIRED, record_kind
 
     assert canonical_fields({"prompt": "p", "completion": "c", "response": "r"}) == \
         {"prompt": "p", "completion": "c", "response": "r"}

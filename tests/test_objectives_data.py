@@ -252,6 +252,25 @@ def test_grpo_prompts_read_as_sft_data_point_at_the_objective(tiny_model_dir, tm
         check_data(str(path), str(tiny_model_dir), tmp_path / "check")
 
 
+def test_kto_and_pair_files_read_as_sft_or_grpo_data_point_at_their_objective(tiny_tokenizer, tmp_path):
+    """A KTO file trained with the objective left at sft was read as prompt/completion data: its
+    false-labelled answers imitated like the others, without a word (GRPO took them as references).
+    A pair file got "missing field: 'completion'". Both now name the objective; data.format reads
+    a KTO file as SFT data on purpose."""
+    from tunesmith.data.prepare import prepare
+
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": f"Repeat: {w}", "completion": w, "label": i % 2 == 0}
+                                               for i, w in enumerate(["a", "b", "c", "d"])])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", GOOD[:1] * 2)
+    for path, said in ((kto, r"kto.jsonl:1: KTO record: .*train.objective: kto"),
+                       (pairs, r"pairs.jsonl:1: preference pair: .*train.objective: dpo")):
+        with pytest.raises(UserError, match=said):
+            prepare(data_cfg(path), tiny_tokenizer)
+        with pytest.raises(UserError, match=said):
+            prepare_prompts(data_cfg(path), tiny_tokenizer)
+    assert len(prepare(data_cfg(kto, format="prompt_completion"), tiny_tokenizer).splits["train"].encoded) == 4
+
+
 def test_preference_roles_are_read_in_any_case_as_sft_roles_are(tiny_tokenizer, tmp_path):
     """'User' / 'Assistant' were accepted in SFT chat records but refused as unknown roles in pairs."""
     upper = [{"chosen": [{"role": "User", "content": "Repeat: delta"}, {"role": "ASSISTANT", "content": "delta"}],

@@ -69,8 +69,7 @@ def data_kind(cfg: DataConfig, objective: str | None = None) -> str | None:
     Given no objective, from the first readable record; prompts without answers count as GRPO data
     only when the objective says so (for SFT they are records missing their answers)."""
     from ..objectives import DATA_KIND
-    from .formats import rename_columns
-    from .preference import PROMPTS, record_kind
+    from .formats import PROMPTS, record_kind, rename_columns
     from .sources import is_hub_id, read_records
 
     if objective is not None:
@@ -85,7 +84,8 @@ def data_kind(cfg: DataConfig, objective: str | None = None) -> str | None:
 def prepare_objective_data(cfg: DataConfig, model: str, kind: str) -> Prepared:
     """Preference or prompt data prepared as training with that objective would (not cached)."""
     from ..models import load_tokenizer
-    from .preference import PROMPTS, prepare_preference
+    from .formats import PROMPTS
+    from .preference import prepare_preference
     from .prompts import prepare_prompts
 
     tokenizer = load_tokenizer(model)

@@ -38,6 +38,7 @@ REQUIRED = {
 FIELDS = frozenset({"messages", "conversations", "instruction", "input", "output", "prompt", "completion",
                     "question", "answer", "text", "tools", "chosen", "rejected", "label", "reference"})
 SPELLED = FIELDS | {"response", "context", "conversation"}  # read in any case, with spaces around
+PAIRS, UNPAIRED, PROMPTS = "pairs", "unpaired", "prompts"  # the data kinds of the other objectives
 
 
 def rename_columns(record: dict, columns: dict[str, str]) -> dict:
@@ -92,6 +93,40 @@ def detect_format(record: dict) -> str:
                       f"map your columns with data.columns{example}, or set data.format")
 
 
+def record_kind(record: dict) -> str | None:
+    """pairs, unpaired (KTO) or prompts (GRPO) from a record's fields; None for anything else (SFT data).
+    An SFT record with a column named like a preference field (a `Rejected` status, a `label` of
+    text) stays SFT: only `chosen`, or `rejected` where no SFT format fits, makes a pair, and only a
+    true / false (or 1 / 0) `label` a KTO record."""
+    if "chosen" in record or ("rejected" in record and not _sft_format(record)):
+        return PAIRS
+    if record.get("label") in (True, False) and "completion" in record:  # 1 and 0 too: refused by KTO's check
+        return UNPAIRED
+    if "prompt" in record and not {"completion", "response", "output"} & set(record):
+        return PROMPTS
+    return None
+
+
+def _sft_format(record: dict) -> bool:
+    try:
+        return detect_format(record) != "text"
+    except FormatError:
+        return False
+
+
+def _refuse_preference(record: dict) -> None:
+    """A pair or KTO record read as SFT data (train.objective left at sft, or grpo): a KTO file was
+    trained on whole, its thumbs-down answers imitated like the others, without a word."""
+    kind = record_kind(record)
+    if kind == PAIRS:
+        raise FormatError("preference pair", "chosen / rejected answers are pair data: train.objective: dpo (or orpo, "
+                                             "simpo); data check --objective dpo")
+    if kind == UNPAIRED:
+        raise FormatError("KTO record", "a completion with a true / false label is KTO data: train.objective: kto "
+                                        "(as SFT data its false-labelled answers would be imitated; data.format: "
+                                        "prompt_completion reads them so all the same)")
+
+
 def _spelling_hint(record: dict, missing: str) -> str:
     """The override to paste where one of the record's own columns looks like the missing field
     misspelt ("anwser"): such a file is otherwise refused with no word on which column was meant."""
@@ -108,6 +143,8 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
 
     A raw-text record becomes one pseudo-message with role 'text'.
     """
+    if fmt == "auto":
+        _refuse_preference(record)
     kind = detect_format(record) if fmt == "auto" else fmt
     missing = [k for k in REQUIRED[kind] if k not in record]
     if missing:

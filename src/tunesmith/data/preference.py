@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 
 from ..config import DataConfig
 from ..errors import UserError, counted
-from .formats import FormatError, detect_format, known_role, rename_columns
+from .formats import PAIRS, UNPAIRED, FormatError, known_role, rename_columns
 from .formats import _checked_text as text_of  # the SFT formats' check of one text field
 from .prepare import Prepared, Split, length_policy, load_conversations
 from .sources import Problem, read_records
 from .tokenize import IGNORE, Encoded, TemplateError, encode_many, use_template
 from .tools import joined_parts, refuse_null
 
-PAIRS, UNPAIRED, PROMPTS = "pairs", "unpaired", "prompts"
 ROLES = ("system", "user", "assistant")
 
 
@@ -79,27 +78,6 @@ class Unpaired(Sequences):
     @property
     def sequences(self) -> list[Encoded]:
         return [self.completion] + ([self.kl] if self.kl is not None else [])
-
-
-def record_kind(record: dict) -> str | None:
-    """pairs, unpaired (KTO) or prompts (GRPO) from a record's fields; None for anything else (SFT data).
-    An SFT record with a column named like a preference field (a `Rejected` status, a `label` of
-    text) stays SFT: only `chosen`, or `rejected` where no SFT format fits, makes a pair, and only a
-    true / false (or 1 / 0) `label` a KTO record."""
-    if "chosen" in record or ("rejected" in record and not _sft_format(record)):
-        return PAIRS
-    if record.get("label") in (True, False) and "completion" in record:  # 1 and 0 too: refused by KTO's check
-        return UNPAIRED
-    if "prompt" in record and not {"completion", "response", "output"} & set(record):
-        return PROMPTS
-    return None
-
-
-def _sft_format(record: dict) -> bool:
-    try:
-        return detect_format(record) != "text"
-    except FormatError:
-        return False
 
 
 def messages_of(value, where: str) -> list[dict]:

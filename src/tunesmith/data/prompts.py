@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from ..config import DataConfig
 from ..errors import UserError, counted
-from .formats import FormatError, rename_columns, to_example
-from .preference import PROMPTS, add_test_split, hold_out, prompt_of, record_kind, text_of
+from .formats import PROMPTS, FormatError, record_kind, rename_columns, to_example
+from .preference import add_test_split, hold_out, prompt_of, text_of
 from .prepare import Prepared, Split
 from .sources import Problem, read_records
 from .tokenize import IGNORE, TemplateError, render_many, token_ids, use_template
