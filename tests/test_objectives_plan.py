@@ -129,7 +129,7 @@ def test_pairs_skip_what_training_could_not_read(tiny_model_dir, tmp_path, monke
 
 
 def test_pairs_without_references_or_scorer_are_refused_before_the_output_is_touched(tiny_model_dir, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, capsys):
     """Prompts without a reference need a scorer: said at once, naming the first such prompt and the
     --scorer flag; an earlier pairs file is kept whole, also when sampling fails half-way."""
     import tunesmith.objectives.rollout as rollout
@@ -146,6 +146,15 @@ def test_pairs_without_references_or_scorer_are_refused_before_the_output_is_tou
     with pytest.raises(KeyboardInterrupt):
         make_pairs(str(tiny_model_dir), str(prompts), samples=2, out=str(out), scorer=f"{tmp_path / 'by_length.py'}:score")
     assert out.read_text() == '{"earlier": true}\n'
+    assert not (tmp_path / "pairs.jsonl.partial").exists()  # it was left behind
+    # every answer scored alike: refused, the earlier file kept (an empty one was written, exit 0)
+    (tmp_path / "flat.py").write_text("def score(answer, reference):\n    return 1.0\n")
+    monkeypatch.undo()
+    with pytest.raises(UserError, match=r"no pair from 2 prompts: every prompt's answers scored alike"):
+        make_pairs(str(tiny_model_dir), str(prompts), samples=2, out=str(out), scorer=f"{tmp_path / 'flat.py'}:score",
+                   max_new_tokens=4, chosen="reference")
+    assert out.read_text() == '{"earlier": true}\n' and not (tmp_path / "pairs.jsonl.partial").exists()
+    assert "--chosen reference: 1 of 2 prompts have no reference answer" in capsys.readouterr().err
 
 
 def test_the_estimate_at_start_counts_the_sequences_each_objective_trains():

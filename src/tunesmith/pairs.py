@@ -58,6 +58,9 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
         raise UserError(f"{origins[unscored[0]][0]}:{origins[unscored[0]][1]}: this prompt has no reference answer "
                         f"({len(unscored)} of {len(prompts)} have none), so only a scorer can grade its answers: "
                         "pass --scorer module:function")
+    if unscored and chosen == "reference":
+        print(f"pairs: --chosen reference: {len(unscored)} of {len(prompts)} prompts have no reference answer; "
+              "their best sample is chosen", file=sys.stderr)
     rewards = Rewards([scorer] if scorer else [])
     loaded, tokenizer, _ = load_trained(model, device=resolve(device))
     ids = encode_prompts(tokenizer, prompts)
@@ -76,41 +79,49 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")  # an earlier file stays whole until this one is
     partial.unlink(missing_ok=True)  # a link left there is removed, not written through
-    with open(partial, "w", encoding="utf-8") as handle:
-        for start in range(0, len(prompts), per_call):
-            chunk = range(start, min(start + per_call, len(prompts)))
-            answers = sample(loaded, [ids[i] for i in chunk], samples, max_new_tokens, temperature,
-                             tokenizer.pad_token_id, stop_ids(tokenizer, loaded), stream_seed(seed, start), batch_size)
-            texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
-            scores, _ = rewards.score(texts, [references[i] for i in chunk for _ in range(samples)])
-            all_scores += scores
-            # --chosen reference: each reference scored against itself, once per chunk like the samples
-            known = [references[i] for i in chunk if references[i] is not None] if chosen == "reference" else []
-            own = dict(zip(known, rewards.score(known, known)[0]))
-            for number, i in enumerate(chunk):
-                group = list(zip(scores[number * samples:(number + 1) * samples], texts[number * samples:(number + 1) * samples]))
-                empty += sum(not text for _, text in group)
-                group = [g for g in group if g[1]]  # an answer ended at once: no text training could read
-                if not group:
-                    ties += 1
-                    continue
-                best, worst = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
-                if references[i] in own and own[references[i]] > best[0]:
-                    best = (own[references[i]], references[i])
-                if best[0] - worst[0] <= min_margin or best[1] == worst[1]:
-                    ties += 1
-                    continue
-                row = {"prompt": prompts[i], "chosen": [{"role": "assistant", "content": best[1]}],
-                       "rejected": [{"role": "assistant", "content": worst[1]}],
-                       "score_chosen": best[0], "score_rejected": worst[0]}
-                if references[i] is not None:
-                    row["reference"] = references[i]
-                handle.write(json.dumps(row) + "\n")
-                written += 1
-                from_reference += best[1] == references[i] and chosen == "reference"
-                chosen_scores.append(best[0])
-                rejected_scores.append(worst[0])
-            progress.update(chunk[-1] + 1)
+    try:  # a scorer's error or Ctrl-C leaves no .partial behind
+        with open(partial, "w", encoding="utf-8") as handle:
+            for start in range(0, len(prompts), per_call):
+                chunk = range(start, min(start + per_call, len(prompts)))
+                answers = sample(loaded, [ids[i] for i in chunk], samples, max_new_tokens, temperature,
+                                 tokenizer.pad_token_id, stop_ids(tokenizer, loaded), stream_seed(seed, start), batch_size)
+                texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+                scores, _ = rewards.score(texts, [references[i] for i in chunk for _ in range(samples)])
+                all_scores += scores
+                # --chosen reference: each reference scored against itself, once per chunk like the samples
+                known = [references[i] for i in chunk if references[i] is not None] if chosen == "reference" else []
+                own = dict(zip(known, rewards.score(known, known)[0]))
+                for number, i in enumerate(chunk):
+                    group = list(zip(scores[number * samples:(number + 1) * samples], texts[number * samples:(number + 1) * samples]))
+                    empty += sum(not text for _, text in group)
+                    group = [g for g in group if g[1]]  # an answer ended at once: no text training could read
+                    if not group:
+                        ties += 1
+                        continue
+                    best, worst = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
+                    if references[i] in own and own[references[i]] > best[0]:
+                        best = (own[references[i]], references[i])
+                    if best[0] - worst[0] <= min_margin or best[1] == worst[1]:
+                        ties += 1
+                        continue
+                    row = {"prompt": prompts[i], "chosen": [{"role": "assistant", "content": best[1]}],
+                           "rejected": [{"role": "assistant", "content": worst[1]}],
+                           "score_chosen": best[0], "score_rejected": worst[0]}
+                    if references[i] is not None:
+                        row["reference"] = references[i]
+                    handle.write(json.dumps(row) + "\n")
+                    written += 1
+                    from_reference += best[1] == references[i] and chosen == "reference"
+                    chosen_scores.append(best[0])
+                    rejected_scores.append(worst[0])
+                progress.update(chunk[-1] + 1)
+        if not written:  # said, and an earlier file kept: an empty file would fail only when DPO reads it
+            raise UserError(f"pairs: no pair from {len(prompts)} prompts: every prompt's answers scored alike (within "
+                            f"--min-margin {min_margin:g}) or were empty; sample more (--samples), more diversely "
+                            "(--temperature), or score finer (--scorer)")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, target)
     mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
     return {"pairs": written, "prompts": len(prompts), "samples": samples, "ties_skipped": ties,
