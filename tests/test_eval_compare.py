@@ -115,6 +115,8 @@ def test_closing_table_lists_the_tuned_figures_without_a_scored_base():
         ["eval_loss", "1.200", "0.150"], ["all_fields", "-", "0.105"], ["json_valid", "-", "1.000"]]
     both = comparison_table({"eval_loss": 1.2, "all_fields": 0.0, "json_valid": 0.5}, tuned).splitlines()
     assert both[2].split() == ["all_fields", "0.000", "0.105"]
+    grpo = comparison_table({"eval_loss": -0.0001}, {"eval_loss": -0.0004}).splitlines()  # minus a mean reward
+    assert grpo[1].split() == ["eval_loss", "0.000", "0.000"]  # not "-0.000"
 
 
 def test_with_shots_keeps_system_first():

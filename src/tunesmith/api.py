@@ -145,7 +145,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     results: dict = {"config": cfg.model_dump(mode="json"), "data": data.summary(), "dtype": str(dtype).replace("torch.", ""),
                      "device": str(device), "fast_paths": applied, "batch_layout": train_layout,
                      "model_bytes": model_bytes(model), "gradient_checkpointing": checkpointing.record()}
-    say(f"model: {cfg.model.name} ({dtype}), {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
+    say(f"model: {cfg.model.name} ({dtype}), {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
         f"({100 * trainable / total:.2f}%), {results['model_bytes'] / 2**20:.0f} MiB as loaded; method {method.name}")
     pad_id = tokenizer.pad_token_id
     test, validation = data.splits.get("test"), data.splits.get("validation")
@@ -368,7 +368,8 @@ def comparison_table(base: dict, tuned: dict) -> str:
     lines = [f"{'metric':<28}{'base':>12}{'fine-tuned':>12}"]
     for key in keys:
         b, t = base.get(key), tuned.get(key)
-        fmt = (lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        # round(v, 3) + 0.0: a GRPO eval loss of -0.0001 showed as "-0.000"
+        fmt = (lambda v: "-" if v is None else f"{round(v, 3) + 0.0:.3f}" if isinstance(v, float) else str(v))
         lines.append(f"{key:<28}{fmt(b):>12}{fmt(t):>12}")
     return "\n".join(lines)
 
