@@ -116,6 +116,17 @@ def test_settings_that_run_code_need_allow_code(served, form, tmp_path, line):  
     assert code == 200, body  # asked for on purpose: `tunesmith ui --allow-code`
 
 
+def test_the_dashboard_process_never_imports_a_scorer_even_when_allowed(served, form, tmp_path):  # noqa: F811
+    """With --allow-code a run may import the user's scorer, in its own training process; the preview
+    checks the config without importing it into the long-lived server (a module run at import)."""
+    (tmp_path / "marked.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n"
+                                        "def score(answer, reference):\n    return 1.0\n")
+    attempt = {**form, "extra": form["extra"] + f"\ntrain.objective=grpo\ntrain.rewards=[{tmp_path / 'marked.py'}:score]"}
+    code, body = call(served(allow_code=True), "/api/preview", attempt)
+    assert code == 200, body
+    assert not (tmp_path / "marked.ran").exists()
+
+
 def test_negative_or_odd_content_length_is_refused_at_once(served):  # noqa: F811
     """`Content-Length: -1` made the handler read until the client hung up: a blocked thread per request."""
     server = served()

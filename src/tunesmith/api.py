@@ -338,11 +338,6 @@ def check_data_paths(cfg: Config) -> None:
             check_source(path, f"data.{name}")  # a hub data set id passes; a missing local file does not
     for path in cfg.data.mix:
         check_source(path, "data.mix")
-    if cfg.train.objective == "grpo":  # the scorers import now, not once every rank has loaded the model
-        from .eval.metrics import load_scorer
-
-        for spec in cfg.train.rewards:
-            load_scorer(spec)
 
 
 def check_config(path: str, overrides: list[str]) -> Config:
@@ -355,6 +350,11 @@ def check_config(path: str, overrides: list[str]) -> Config:
     check_data_paths(cfg)
     if cfg.model.name != "default" and not is_run(Path(cfg.model.name)):
         resolve_model_path(cfg.model.name)
+    if cfg.train.objective == "grpo":  # imported now (the command line's own config), not once each rank
+        from .eval.metrics import load_scorer  # has loaded the model; never in the dashboard's process
+
+        for spec in cfg.train.rewards:
+            load_scorer(spec)
     return cfg
 
 
