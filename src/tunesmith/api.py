@@ -31,7 +31,7 @@ from .models.quant import require_bitsandbytes
 from .plan import TrainingMemory
 from .progress import say
 from .runs import RunFolder, write_json
-from .start import anchored, resolve_start
+from .start import anchored, record_start, resolve_start
 from .training import distributed, recompute, sharded_end, sharded_start
 from .training.loggers import open_loggers
 from .training.loop import eval_figures, fit
@@ -71,6 +71,7 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
         if ranks.main:
             run.prepare(cfg.output.overwrite, must_resume, cfg.train.resume)
             run.config.write_text(dump(cfg), encoding="utf-8")
+            record_start(run, cfg.model.name)  # an earlier run's model: later loads check it is unchanged
             if cfg.data.train == "demo":
                 write_demo_files({name: split.conversations for name, split in data.splits.items()}, run.path)
         ranks.barrier()

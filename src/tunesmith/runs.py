@@ -7,6 +7,7 @@ A run folder holds what `tunesmith train` writes:
     checkpoints/step-N/    resumable states (step-N.partial while being written)
     best.safetensors       trainable weights of the lowest eval loss so far
     adapter/ or model/     the trained weights with tokenizer (Method.saves)
+    started_from.json      the earlier run's model a run started from (`model: RUN`; lineage.py)
     data/                  the demo task's data files
     predictions*.jsonl     generated answers on the test split (fine-tuned, base, baselines)
     results.json           the run's results, written last (a finished run)
@@ -23,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .lineage import check_base
 from .methods import ADAPTER_DIR, MODEL_DIR
 
 CHECKPOINT_PREFIX = "step-"
@@ -54,10 +56,12 @@ class RunFolder:
         return self.path / ("predictions.jsonl" if which == "fine_tuned" else f"predictions_{which}.jsonl")
 
     def trained(self) -> Path:
-        """The folder of the trained weights (adapter/ or model/), its weight files readable."""
+        """The folder of the trained weights (adapter/ or model/), its weight files readable and the model
+        it trained on (an earlier run's: lineage.py) still as it was."""
         for name in (ADAPTER_DIR, MODEL_DIR):
             if (self.path / name).is_dir():
                 readable_weights(self.path / name)
+                check_base(self.path)
                 return self.path / name
         step = self.stopped_at()
         if step is not None:  # stopped before the end: it can go on, or end where it is
@@ -161,6 +165,9 @@ class RunFolder:
         if not overwrite and not resume and self.checkpoint_folders():
             raise UserError(f"{self.path}: holds the checkpoints of an unfinished run, and train.resume=false starts "
                             "over: set output.overwrite=true to delete them, or choose another output.dir")
+        wiped = overwrite and not must_resume and (self.results.exists() or not resume)  # as prepare does
+        if self.checkpoint_folders() and not wiped:  # a resume goes on on the model it started on
+            check_base(self.path)
 
     def prepare(self, overwrite: bool, must_resume: bool = False, resume: bool = True) -> None:
         """A fresh or resumable run folder. Overwrite starts a finished run over (an unfinished one too

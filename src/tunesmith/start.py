@@ -3,7 +3,8 @@
 The earlier run's adapter is merged into its base once (export/merge.py: the verified merge,
 written to RUN/export/merged and reused afterwards); a full fine-tune's model folder is used as it
 is. The new run then trains a fresh adapter on that model, so the objectives' reference (the
-adapters disabled) is exactly where the new run starts.
+adapters disabled) is exactly where the new run starts. It keeps a record of that model (lineage.py):
+loaded after the earlier run was trained again, it is refused rather than put on the new model.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .lineage import RECORD, weights_fingerprint
 from .methods import ADAPTER_DIR, MODEL_DIR
-from .runs import RunFolder
+from .runs import RunFolder, write_json
 
 
 def is_run_start(spec: str) -> bool:
@@ -44,6 +46,42 @@ def starting_model(spec: str) -> str:
         refuse_links(run.path)  # export/merged is written there
         merge_run(run.path, merged)
     return str(merged)
+
+
+def unmerged(spec: str) -> tuple[str, str]:
+    """(model, tokenizer) standing for `model.name` where nothing trains (plan, data check): a run folder's
+    base (a merge changes no shape) or full fine-tune, and the tokenizer it trained with, kept beside its
+    weights. Nothing is merged or written into the run folder; anything else stands for itself."""
+    if not is_run_start(spec):
+        return spec, spec
+    run = RunFolder(spec)
+    trained = run.trained()
+    if (trained / "adapter_config.json").exists():
+        return run.read_config().model.name, str(trained)
+    return str(trained), str(trained)
+
+
+def source_run(model: str) -> Path | None:
+    """The run folder whose model a model folder is (RUN/model, or RUN/export/merged: its adapter merged), or None."""
+    path = Path(model)
+    if path.name == MODEL_DIR:
+        run = path.parent
+    elif path.name == "merged" and path.parent.name == "export":
+        run = path.parent.parent
+    else:
+        return None
+    return run if RunFolder(run).is_run() else None
+
+
+def record_start(run: RunFolder, model: str) -> None:
+    """Written with a new run's config.yaml: what it trains on where that is an earlier run's model (`model:
+    RUN`, or that run's folder named itself), checked by every later load and resume (lineage.py)."""
+    source = source_run(model)
+    if source is None:  # an earlier run's record in this folder would refuse this one for nothing
+        (run.path / RECORD).unlink(missing_ok=True)
+        return
+    write_json(run.path / RECORD, {"run": str(source.resolve()), "model": str(Path(model).resolve()),
+                                   "weights": weights_fingerprint(source)})
 
 
 def resolve_start(cfg, ranks):

@@ -30,6 +30,8 @@ def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/da
     `objective` (sft, dpo, kto, grpo, ...) reads the data as that objective's training would; without
     it pairs and KTO records are recognised by their fields, and anything else is read as SFT data.
     """
+    from ..start import unmerged
+
     if isinstance(settings, list):
         settings = parse_overrides([s.removeprefix("data.") for s in settings])
     _only_data_settings(settings or {})
@@ -37,8 +39,9 @@ def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/da
     if cfg.train != "demo":  # a missing file, or a training folder holding test/validation splits
         check_source(cfg.train, "data.train")
     kind = data_kind(cfg, objective)
+    tokenizer = unmerged(model)[1]  # a run folder (`model: RUN`): the tokenizer it trained with
     try:
-        prepared = prepare(cfg, model) if kind is None else prepare_objective_data(cfg, model, kind)
+        prepared = prepare(cfg, tokenizer) if kind is None else prepare_objective_data(cfg, tokenizer, kind)
     except UserError as err:
         if kind is None or objective is not None:
             raise

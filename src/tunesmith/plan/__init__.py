@@ -257,6 +257,7 @@ def plan_of(cfg, read_data: bool, model: str | None = None, device: str | None =
     from ..data.packing import as_trained
     from ..errors import UserError
     from ..objectives import prepare_data
+    from ..start import unmerged
     from ..training.loop import total_steps
 
     name = model or cfg.model.name
@@ -266,7 +267,7 @@ def plan_of(cfg, read_data: bool, model: str | None = None, device: str | None =
     devices = changes.pop("devices", 1)
     split, mean_seq = None, None
     if tokens is None and read_data:
-        split = prepare_data(cfg, cfg.model.name).splits["train"]  # as the run reads it
+        split = prepare_data(cfg, unmerged(cfg.model.name)[1]).splits["train"]  # as the run reads it
         # What training puts through per epoch: a GRPO prompt as group_size sequences of prompt and answer
         lengths = [n for e in split.encoded for n in trained_lengths(e, cfg.train, cfg.data.max_seq_len)]
         tokens, mean_seq = sum(lengths), sum(lengths) / max(1, len(lengths))
@@ -276,7 +277,7 @@ def plan_of(cfg, read_data: bool, model: str | None = None, device: str | None =
     setup = setup_from_config(cfg, share, devices=devices)
     padding, run_epochs = 1.0, None
     if drawn:
-        shape = model_shape(name, cfg.model.trust_remote_code)
+        shape = shape_of(name, cfg.model.trust_remote_code)
         trained, layout = as_trained(split, cfg.data), planned_layout(cfg, shape)
         setup, _ = with_drawn_micro_batches(cfg, trained, layout, setup)
         steps = total_steps(cfg, len(trained))
@@ -291,8 +292,19 @@ def plan_of(cfg, read_data: bool, model: str | None = None, device: str | None =
     refused = fsdp_refusal(setup.method, setup.fsdp)
     if refused:
         raise UserError(refused)
-    return replace(plan(name, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine),
+    shape = shape if drawn else shape_of(name, cfg.model.trust_remote_code)
+    return replace(plan(shape, setup, device, memory_gib, tokens, mean_seq, utilisation, include_this_machine),
                    drawn=drawn, padding=padding, run_epochs=run_epochs)
+
+
+def shape_of(spec: str, trust_remote_code: bool = False) -> ModelShape:
+    """model_shape, where a run folder (`model: RUN`) has its base's shape (the merge a run makes of it
+    changes none) under its own name: planned without merging."""
+    from ..start import is_run_start, unmerged
+
+    if not is_run_start(spec):
+        return model_shape(spec, trust_remote_code)
+    return replace(model_shape(unmerged(spec)[0], trust_remote_code), name=spec)
 
 
 # Flags that an objective scales go into the config before the objective reads it: --batch counts
