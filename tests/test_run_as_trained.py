@@ -206,8 +206,9 @@ def test_pairs_sample_a_run_with_its_system_prompt(project, elsewhere, monkeypat
                         encode(tokenizer, prompts))
     prompts = write_jsonl(elsewhere / "prompts.jsonl", [{"prompt": f"Ticket {i}: screen dead", "reference": "tech"}
                                                         for i in range(2)])
+    (elsewhere / "exact.py").write_text("def score(answer, reference):\n    return float(answer == reference)\n")
     make_pairs(str(project / "runs" / "mine"), str(prompts), samples=2, out=str(elsewhere / "pairs.jsonl"),
-               max_new_tokens=2)
+               max_new_tokens=2, scorer=f"{elsewhere / 'exact.py'}:score", chosen="reference")  # a pair whatever is sampled
     assert len(asked) == 2 and all(p[0] == {"role": "system", "content": SYSTEM} for p in asked)
 
 

@@ -80,7 +80,7 @@ def scored_as(model_or_run: str, own_data: bool, limit: int | None, command: str
 
 
 def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[str] | None = None,
-                     limit: int | None = None, margin: float = 2.0, seed: int = 0, device: str = "auto",
+                     limit: int | None = None, margin: float = 2.0, seed: int | None = 0, device: str = "auto",
                      keep: bool = False) -> dict:
     """The general-ability probe on a model; for a fine-tuned run or adapter, on its base too (the
     adapter switched off), with each difference and its paired 95% interval. `keep`: a run folder's
@@ -91,7 +91,7 @@ def evaluate_general(model_or_run: str, folder: str | None = None, sets: list[st
 
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
     probe = GeneralAbility(EvalConfig(general=True, general_data=folder, general_sets=sets, general_limit=limit,
-                                      general_margin=margin, seed=seed))
+                                      general_margin=margin, seed=seed or 0))  # None: eval's unset --seed
     if not hasattr(model, "disable_adapter"):  # a plain model: its own scores only
         probe.score(model, tokenizer, "model")
         return {"items": {n: len(i) for n, i in probe.probe.items()}, "model": means(probe.scores["model"])}
