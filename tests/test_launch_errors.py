@@ -91,3 +91,22 @@ def test_the_mistake_a_rank_hands_over_is_read_back_by_torchrun_and_said_once(tm
         failures[rank] = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=2, error_file=str(error_file))
     assert failure_status(failures, tmp_path) == 2
     assert capsys.readouterr().err == "error: bad data\n"
+
+
+def test_config_check_imports_the_runs_scorers_before_anything_loads(tiny_model_dir, tmp_path):
+    """eval.scorer was imported only after training (each rank's, under --nproc); GRPO's rewards too
+    before any rank loaded the model: both are said by `config --check` and before torchrun starts."""
+    import pytest
+
+    from tunesmith.api import check_config
+    from tunesmith.errors import UserError
+
+    path = config(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "a", "completion": "b"}]))
+    with pytest.raises(UserError, match="scorer 'nosuchmod:f': cannot import module 'nosuchmod'"):
+        check_config(path, ["eval.scorer=nosuchmod:f"])
+    (tmp_path / "mine.py").write_text("def f(prediction, reference):\n    return 1.0\n")
+    assert check_config(path, [f"eval.scorer={tmp_path / 'mine.py'}:f"]).eval.scorer.endswith("mine.py:f")
+    import tunesmith  # one process: said before the model loads (it was said after training, scoring the answers)
+    with pytest.raises(UserError, match="scorer 'nosuchmod:f'"):
+        tunesmith.train(path, ["eval.scorer=nosuchmod:f", "eval.compare_base=false", "eval.generate=true"])
+    assert not (tmp_path / "run").exists()

@@ -52,6 +52,10 @@ def train(config: Config | str | Path | dict, overrides: list[str] | None = None
 
 def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     check_data_paths(cfg)
+    if cfg.eval.scorer:  # imported now, not first when the trained model's answers are scored
+        from .eval.metrics import load_scorer
+
+        load_scorer(cfg.eval.scorer)
     if cfg.eval.best_metric != "eval_loss" and ranks.world > 1:
         raise UserError(f"eval.best_metric={cfg.eval.best_metric} generates answers during training in one process "
                         "only; under torchrun use eval.best_metric=eval_loss")
@@ -351,10 +355,10 @@ def check_config(path: str, overrides: list[str]) -> Config:
     check_data_paths(cfg)
     if cfg.model.name != "default" and not is_run(Path(cfg.model.name)):
         resolve_model_path(cfg.model.name)
-    if cfg.train.objective == "grpo":  # imported now (the command line's own config), not once each rank
-        from .eval.metrics import load_scorer  # has loaded the model; never in the dashboard's process
-
-        for spec in cfg.train.rewards:
+    from .eval.metrics import load_scorer  # now (the command line's own config), not once each rank has
+    # loaded the model or, for eval.scorer, trained; never in the dashboard's process
+    for spec in (cfg.train.rewards if cfg.train.objective == "grpo" else []) + [cfg.eval.scorer or ""]:
+        if spec:
             load_scorer(spec)
     return cfg
 
