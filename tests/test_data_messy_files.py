@@ -71,6 +71,17 @@ def test_excel_sep_line_blank_lines_and_empty_rows(tmp_path):
     assert rows_of(tmp_path / "blank.csv") == ([(4, qa("q1", "a1")), (8, qa("q2", "a2"))], [])
 
 
+def test_a_short_row_is_said_as_missing_its_cells_not_as_null(tmp_path, tiny_tokenizer):
+    """A row with fewer cells than the header had its last cells read as JSON nulls: "field 'answer'
+    is null", a word for something the file never holds."""
+    (tmp_path / "short.csv").write_text("question,answer\nq1,a1\nq2 alone\n")
+    assert rows_of(tmp_path / "short.csv") == ([(2, qa("q1", "a1")), (3, {"question": "q2 alone"})], [])
+    found = prepare(DataConfig(train=str(tmp_path / "short.csv"), validation=str(tmp_path / "short.csv")),
+                    tiny_tokenizer)
+    assert [str(p) for p in found.problems][0].endswith("short.csv:3: missing field: 'answer' (the record looks like "
+                                                        "format question_answer)")
+
+
 def test_files_joined_with_cat_keep_no_second_header_nor_byte_order_mark(tmp_path):
     first = "question,answer\nq1,a1\n".encode("utf-8-sig")
     (tmp_path / "joined.csv").write_bytes(first + "question,answer\nq2,a2\n".encode("utf-8-sig"))

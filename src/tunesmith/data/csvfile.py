@@ -71,7 +71,7 @@ def _rows(handle, path: Path, tsv: bool, quoting: int) -> Iterator[tuple[int, di
         if len(cells) > len(header):
             yield first, "malformed CSV row (more cells than columns)"
             continue
-        yield first, dict(zip(header, cells + [None] * (len(header) - len(cells))))
+        yield first, dict(zip(header, cells))  # a short row lacks its last cells: said as missing fields, not nulls
 
 
 def _next(reader, tsv: bool, first: int, delimiter: str) -> list[str] | None:
