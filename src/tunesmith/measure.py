@@ -28,10 +28,8 @@ def evaluate(model_or_run: str, data: str | None, max_new_tokens: int | None = N
 
     own = data is None
     data = data or own_test_data(model_or_run)
-    eval_cfg, limit = scored_as(model_or_run, own, limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                temperature=temperature, seed=seed, scorer=scorer,
-                                repetition_penalty=guard and guard.repetition_penalty,
-                                no_repeat_ngram_size=guard and guard.no_repeat_ngram_size)
+    eval_cfg, limit = scored_as(model_or_run, own, limit, "eval", guard, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, temperature=temperature, seed=seed, scorer=scorer)
     check_source(data, "--data")  # before the model loads
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
     model = merged_for_good(model)  # its loss and its answers: LoRA folded in once, a third faster on a CPU
@@ -60,13 +58,16 @@ def evaluate(model_or_run: str, data: str | None, max_new_tokens: int | None = N
     return results
 
 
-def scored_as(model_or_run: str, own_data: bool, limit: int | None, command: str = "eval", **given) -> tuple:
+def scored_as(model_or_run: str, own_data: bool, limit: int | None, command: str, guard: LoopGuard | None,
+              **given) -> tuple:
     """The EvalConfig and limit eval scores with: the options given, the others as a run folder's training
     scored its test split (its max_new_tokens, batch size, decoding, and test_limit on its own test data),
     so `eval RUN` repeats the figures training recorded: at 96 tokens on the whole split it scored others.
     Not the run's scorer: code named by a folder is imported only when --scorer names it."""
     from .config import EvalConfig
 
+    given.update(repetition_penalty=guard and guard.repetition_penalty,  # a LoopGuard's fields may be None too
+                 no_repeat_ngram_size=guard and guard.no_repeat_ngram_size)
     run = RunFolder(model_or_run)
     recorded = run.read_config().eval if run.is_run() else EvalConfig()
     taken = {k: getattr(recorded, k) for k, v in given.items() if v is None and k != "scorer"}
@@ -130,10 +131,9 @@ def compare(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | None = 
         raise UserError(f"--out {out}: a file, not a folder for comparison.json")
     for spec in (a, b):  # a mistyped B is said before A's answers are generated, not after
         check_loadable(spec)
-    settings, _ = scored_as(b if RunFolder(b).is_run() else a, False, limit, "compare", max_new_tokens=max_new_tokens,
-                            batch_size=batch_size, temperature=temperature, seed=seed, scorer=scorer,
-                            repetition_penalty=guard and guard.repetition_penalty,
-                            no_repeat_ngram_size=guard and guard.no_repeat_ngram_size)
+    settings, _ = scored_as(b if RunFolder(b).is_run() else a, False, limit, "compare", guard,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature, seed=seed,
+                            scorer=scorer)
     max_new_tokens, batch_size, temperature, seed, guard = (settings.max_new_tokens, settings.batch_size,
                                                             settings.temperature, settings.seed, LoopGuard.of(settings))
     result = compare_models(a, b, data, kshot, kshot_data, max_new_tokens, batch_size, limit, temperature, seed,
