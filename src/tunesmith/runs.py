@@ -165,16 +165,20 @@ class RunFolder:
         if not overwrite and not resume and self.checkpoint_folders():
             raise UserError(f"{self.path}: holds the checkpoints of an unfinished run, and train.resume=false starts "
                             "over: set output.overwrite=true to delete them, or choose another output.dir")
-        wiped = overwrite and not must_resume and (self.results.exists() or not resume)  # as prepare does
-        if self.checkpoint_folders() and not wiped:  # a resume goes on on the model it started on
-            check_base(self.path)
+        if self.checkpoint_folders() and not self.starts_over(overwrite, must_resume, resume):
+            check_base(self.path)  # a resume goes on on the model it started on
+
+    def starts_over(self, overwrite: bool, must_resume: bool, resume: bool) -> bool:
+        """Whether `prepare` deletes the earlier run's state: overwrite of a finished run, or of an
+        unfinished one with train.resume off."""
+        return overwrite and not must_resume and (self.results.exists() or not resume)
 
     def prepare(self, overwrite: bool, must_resume: bool = False, resume: bool = True) -> None:
         """A fresh or resumable run folder. Overwrite starts a finished run over (an unfinished one too
         with train.resume off); an unfinished run is resumed by the loop: `tunesmith demo` (overwrite on)
         stopped with Ctrl-C and run again goes on from its checkpoint."""
         self.check_usable(overwrite, must_resume, resume)
-        if overwrite and not must_resume and (self.results.exists() or not resume):
+        if self.starts_over(overwrite, must_resume, resume):
             # The earlier run's model and exports too: a lora run retrained as a full fine-tune kept
             # serving its adapter/, and `model: RUN` its merge.
             for target in (self.checkpoints, self.metrics, self.results, self.best_weights, self.path / ADAPTER_DIR,
