@@ -82,6 +82,24 @@ def test_a_short_row_is_said_as_missing_its_cells_not_as_null(tmp_path, tiny_tok
                                                         "format question_answer)")
 
 
+def test_a_stray_quote_closed_lines_later_is_one_malformed_row_naming_its_lines(tmp_path):
+    """A stray quote opening a cell and another closing it at a line's end made lines 2-4 one cell: the
+    record was said as "2: missing field: 'answer'", hiding the two records it swallowed."""
+    (tmp_path / "stray.csv").write_text('question,answer\n"What is a cold,A virus\nWhat is flu,Influenza\n'
+                                        'What is 2+2,4 quoted"\nWhat is x,y\n')
+    rows, problems = rows_of(tmp_path / "stray.csv")
+    assert rows == [(5, qa("What is x", "y"))]
+    assert len(problems) == 1 and problems[0][0] == 2
+    assert problems[0][1].startswith("malformed CSV row (lines 2-4 read as one row of 1 cell, the header has 2: "
+                                     "a quoted cell runs over line breaks; a stray quote?")
+    # A quoted cell over several lines in a row of the header's width is a multi-line cell, as before.
+    (tmp_path / "multi.csv").write_text('question,answer\n"Steps?","one,\ntwo"\nq,"a\nb",c\n')
+    rows, problems = rows_of(tmp_path / "multi.csv")
+    assert rows == [(2, qa("Steps?", "one,\ntwo"))]
+    assert problems == [(4, "malformed CSV row (lines 4-5 read as one row of 3 cells, the header has 2: "
+                            "a quoted cell runs over line breaks; a stray quote?)")]
+
+
 def test_files_joined_with_cat_keep_no_second_header_nor_byte_order_mark(tmp_path):
     first = "question,answer\nq1,a1\n".encode("utf-8-sig")
     (tmp_path / "joined.csv").write_bytes(first + "question,answer\nq2,a2\n".encode("utf-8-sig"))

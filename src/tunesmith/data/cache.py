@@ -28,7 +28,7 @@ from pathlib import Path
 # meant (CSV quoting strict, a .tsv's quotes as text, Excel's blank rows and repeated headers skipped,
 # a {"data": [...]} record's line past an earlier "data" key, a JSON list saved as .jsonl; records
 # holding half a character or a turn's special token as text dropped, numbers read as text, role aliases).
-FORMAT_VERSION = 13
+FORMAT_VERSION = 14
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 EXTRA_TEMPLATES = "additional_chat_templates"  # transformers' folder of further named templates

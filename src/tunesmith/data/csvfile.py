@@ -68,6 +68,12 @@ def _rows(handle, path: Path, tsv: bool, quoting: int) -> Iterator[tuple[int, di
             return
         if not "".join(cells).strip() or cells == header:
             continue  # a blank line, a row of delimiters only (Excel's), a header repeated (files joined)
+        last = skipped + reader.line_num
+        if last > first and len(cells) != len(header):  # a stray quote would otherwise hide the rows it swallowed
+            yield first, (f"malformed CSV row (lines {first}-{last} read as one row of {len(cells)} "
+                          f"cell{'s' * (len(cells) > 1)}, the header has {len(header)}: a quoted cell runs over "
+                          "line breaks; a stray quote?)")
+            continue
         if len(cells) > len(header):
             yield first, "malformed CSV row (more cells than columns)"
             continue
