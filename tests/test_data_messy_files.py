@@ -100,6 +100,22 @@ def test_a_stray_quote_closed_lines_later_is_one_malformed_row_naming_its_lines(
                             "a quoted cell runs over line breaks; a stray quote?)")]
 
 
+def test_a_pretty_printed_record_among_json_lines_is_one_problem_naming_its_lines(tmp_path):
+    """A record written over lines 2-5 was four 'broken JSON' problems, one per line, none saying why."""
+    (tmp_path / "p.jsonl").write_text('{"question": "q1", "answer": "a1"}\n{\n  "question": "q2",\n'
+                                      '  "answer": "a2"\n}\n{"question": "q3", "answer": "a3"}\n')
+    rows, problems = rows_of(tmp_path / "p.jsonl")
+    assert rows == [(1, qa("q1", "a1")), (6, qa("q3", "a3"))]
+    assert problems == [(2, "pretty-printed record (lines 2-5 are one record; JSON Lines holds one record per "
+                            "line: jq -c . p.jsonl > lines-p.jsonl)")]
+    # A broken line that opens a brace and is never closed is broken JSON line by line, as before.
+    (tmp_path / "b.jsonl").write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2",\n'
+                                      '{"question": "q3", "answer": "a3"}\n')
+    rows, problems = rows_of(tmp_path / "b.jsonl")
+    assert [line for line, _ in rows] == [1, 3] and [line for line, _ in problems] == [2]
+    assert problems[0][1].startswith("broken JSON")
+
+
 def test_files_joined_with_cat_keep_no_second_header_nor_byte_order_mark(tmp_path):
     first = "question,answer\nq1,a1\n".encode("utf-8-sig")
     (tmp_path / "joined.csv").write_bytes(first + "question,answer\nq2,a2\n".encode("utf-8-sig"))

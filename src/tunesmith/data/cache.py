@@ -27,8 +27,10 @@ from pathlib import Path
 # 11: tool-call arguments checked against their JSON schema (types, enums); 12: files read as they are
 # meant (CSV quoting strict, a .tsv's quotes as text, Excel's blank rows and repeated headers skipped,
 # a {"data": [...]} record's line past an earlier "data" key, a JSON list saved as .jsonl; records
-# holding half a character or a turn's special token as text dropped, numbers read as text, role aliases).
-FORMAT_VERSION = 14
+# holding half a character or a turn's special token as text dropped, numbers read as text, role aliases);
+# 13: a short CSV row lacks fields; 14: a stray quote's multi-line row is malformed; 15: a pretty-printed
+# record among JSON lines is one problem.
+FORMAT_VERSION = 15
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 EXTRA_TEMPLATES = "additional_chat_templates"  # transformers' folder of further named templates

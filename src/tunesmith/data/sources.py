@@ -24,6 +24,7 @@ HUB_ID = re.compile(r"^(hf:)?[\w.-]+/[\w.-]+$")
 HELD_OUT = re.compile(r"(test|validation|valid|val|dev|eval|evaluation)([-_.]?\d[\w.-]*)?", re.IGNORECASE)
 SPACE = re.compile(r"[ \t\n\r]*")  # JSON's white space
 FIRST_LINE = re.compile(r"\s*([^\n]*)")
+MAX_RECORD_LINES = 1000  # a pretty-printed record is looked for over at most this many lines
 
 
 @dataclass
@@ -216,25 +217,51 @@ def _read_jsonl(path: Path) -> Records:
 
 
 def _json_lines(path: Path, lines) -> Records:
-    out = Records()
+    out, opened = Records(), []  # opened: (number, line) of a record that may run over several lines
     for number, line in enumerate(lines, 1):
         line = line.removeprefix("\ufeff")  # files joined with cat keep each one's byte-order mark
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            out.problems.append(Problem(str(path), number, f"broken JSON ({err.msg.removesuffix(' at')} at column {err.colno})"))
+        record, reason = _json_line(line)
+        if opened and reason:
+            opened.append((number, line))
+            if _json_line("\n".join(text for _, text in opened))[0] is not None:
+                out.problems.append(Problem(str(path), opened[0][0], (
+                    f"pretty-printed record (lines {opened[0][0]}-{number} are one record; JSON Lines holds one record "
+                    f"per line: jq -c . {path.name} > lines-{path.name})")))
+                opened = []
+            elif len(opened) > MAX_RECORD_LINES:
+                _broken_lines(path, opened, out)
+                opened = []
             continue
-        except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting past the stack
-            out.problems.append(Problem(str(path), number, f"broken JSON ({type(err).__name__}: {str(err)[:80]})"))
-            continue
-        record = as_messages(record)
-        if not isinstance(record, dict):
-            out.problems.append(Problem(str(path), number, f"not a JSON object (got {type(record).__name__})"))
-            continue
-        out.rows.append((str(path), number, record))
+        _broken_lines(path, opened, out)
+        opened = []
+        if reason and line.lstrip().startswith("{"):
+            opened = [(number, line)]
+        elif reason:
+            out.problems.append(Problem(str(path), number, reason))
+        else:
+            out.rows.append((str(path), number, record))
+    _broken_lines(path, opened, out)
     return out
+
+
+def _json_line(line: str) -> tuple[dict | None, str | None]:
+    """A line's record, or why it is none."""
+    try:
+        record = as_messages(json.loads(line))
+    except json.JSONDecodeError as err:
+        return None, f"broken JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
+    except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting past the stack
+        return None, f"broken JSON ({type(err).__name__}: {str(err)[:80]})"
+    if not isinstance(record, dict):
+        return None, f"not a JSON object (got {type(record).__name__})"
+    return record, None
+
+
+def _broken_lines(path: Path, lines: list[tuple[int, str]], out: Records) -> None:
+    """Lines that opened a record no later line closed: each broken on its own."""
+    out.problems.extend(Problem(str(path), number, _json_line(line)[1]) for number, line in lines)
 
 
 def _json_document(path: Path, text: str) -> Records | None:
