@@ -89,11 +89,14 @@ def test_a_run_started_from_a_run_is_refused_once_that_run_is_trained_again(sft_
     with pytest.raises(UserError, match=r"dep: trained on the model of run .*sft .*was trained again since"):
         load_trained(str(tmp_path / "dep"))
 
-    # A resume (the run stopped before its end) is refused too, before it trains on the new base.
+    # A resume (the run stopped before its end) is refused too, before it trains on the new base, and
+    # before it merges that base (it merged the retrained adapter, then refused).
     (tmp_path / "dep" / "results.json").unlink()
     shutil.rmtree(tmp_path / "dep" / "adapter")
+    shutil.rmtree(sft_run / "export")
     with pytest.raises(UserError, match="was trained again since"):
         tunesmith.train(config)
+    assert not (sft_run / "export").exists()
 
 
 def test_a_started_runs_base_gone_is_said_and_a_run_without_a_record_loads_as_before(sft_run, tmp_path):

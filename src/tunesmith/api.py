@@ -59,13 +59,14 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     if cfg.eval.best_metric != "eval_loss" and ranks.world > 1:
         raise UserError(f"eval.best_metric={cfg.eval.best_metric} generates answers during training in one process "
                         "only; under torchrun use eval.best_metric=eval_loss")
-    cfg = anchored(resolve_start(cfg, ranks))  # model: an earlier run folder -> its (merged) model
-    run = RunFolder(cfg.output.dir)
+    run = RunFolder(anchored(cfg).output.dir)
     run.check_folder()
     # One writer per run folder, held for the process's whole run (the dashboard reads it as "running").
     # Taken before the folder is judged: a second writer hears of the first, not of its half-written state.
     with runlock.hold(run.path) if ranks.main else contextlib.nullcontext():
+        # Judged before `model: RUN` is merged: a resume its start refuses, or a finished run, merged it for nothing.
         run.check_usable(cfg.output.overwrite, must_resume, cfg.train.resume)
+        cfg = anchored(resolve_start(cfg, ranks))  # model: an earlier run folder -> its (merged) model
         device = resolve(cfg.train.device, ranks.local_rank)
         method = methods.get(cfg.adapter.method)
         tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
