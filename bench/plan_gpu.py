@@ -57,7 +57,7 @@ def training(case: dict, folder: Path, device):
     from tunesmith.data.prepare import Split
     from tunesmith.data.tokenize import IGNORE, Encoded
     from tunesmith.training.distributed import StepLoss
-    from tunesmith.training.loop import train_step
+    from tunesmith.training.step import train_step
     from tunesmith.training.loss import label_loss_sum
     from tunesmith.training import recompute
     from tunesmith.training.offload import offloaded

@@ -44,7 +44,7 @@ def main() -> None:
     from tunesmith.device import compute_dtype
     from tunesmith.models import load_tokenizer
     from tunesmith.training.distributed import StepLoss
-    from tunesmith.training.loop import optimizer_steps, train_step
+    from tunesmith.training.step import optimizer_steps, train_step
     from tunesmith.training.memory import release_freed_memory
     from tunesmith.training.loss import label_loss_sum
 

@@ -15,7 +15,7 @@ from tunesmith.data.prepare import Split
 from tunesmith.data.tokenize import IGNORE, Encoded
 from tunesmith.models import load_model
 from tunesmith.training import distributed
-from tunesmith.training.loop import train_step
+from tunesmith.training.step import train_step
 from tunesmith.training.loss import label_loss_sum
 
 

@@ -222,7 +222,7 @@ def test_a_grpo_micro_batch_holds_batch_size_prompts_in_either_layout():
     micro-batch of 32 answers)."""
     from tunesmith.data.prepare import Split
     from tunesmith.data.prompts import Prompt
-    from tunesmith.training.loop import optimizer_steps
+    from tunesmith.training.step import optimizer_steps
 
     cfg = validate({"train": {"objective": "grpo", "batch_size": 2, "grad_accum": 4, "group_size": 4,
                               "max_completion_tokens": 64}, "data": {"max_seq_len": 512}})

@@ -15,7 +15,7 @@ from tunesmith.models import load_model
 from tunesmith.plan import Setup, estimate, model_shape
 from tunesmith.plan.sharding import IN_FLIGHT, per_device
 from tunesmith.training import distributed
-from tunesmith.training.loop import train_step
+from tunesmith.training.step import train_step
 from tunesmith.training.loss import label_loss_sum
 
 WORLD = 2

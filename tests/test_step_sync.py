@@ -18,8 +18,9 @@ from tunesmith.data.collate import PADDED, PADDING_FREE
 from tunesmith.data.prepare import Split
 from tunesmith.training.distributed import StepLoss
 from tunesmith.device import host_floats
-from tunesmith.training.loop import _clip, train_step
+from tunesmith.training.loop import _clip
 from tunesmith.training.loss import label_loss_sum
+from tunesmith.training.step import train_step
 
 
 def test_host_floats_reads_numbers_and_device_scalars_in_their_order():

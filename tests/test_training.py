@@ -11,7 +11,7 @@ from tunesmith.config import Config
 from tunesmith.data.collate import collate
 from tunesmith.data.tokenize import encode
 from tunesmith.models import load_model
-from tunesmith.training.loop import total_steps
+from tunesmith.training.step import total_steps
 from tunesmith.training.loss import label_loss_sum
 
 

@@ -258,7 +258,7 @@ def plan_of(cfg, read_data: bool, model: str | None = None, device: str | None =
     from ..errors import UserError
     from ..objectives import prepare_data
     from ..start import unmerged
-    from ..training.loop import total_steps
+    from ..training.step import total_steps
 
     name = model or cfg.model.name
     changes = {k: v for k, v in changes.items() if v is not None}

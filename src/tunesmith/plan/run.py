@@ -16,7 +16,7 @@ from .speed import flops_per_token
 def first_steps(split, cfg, layout: str, steps: int) -> list[list[list[int]]]:
     """The micro-batches of the run's first `steps` optimizer steps (at most an epoch's): the same
     stream training draws from."""
-    from ..training.loop import optimizer_steps
+    from ..training.step import optimizer_steps
 
     stream = optimizer_steps(split, cfg, layout)
     per_epoch = max(1, -(-len(split.encoded) // (cfg.train.batch_size * cfg.train.grad_accum)))
@@ -86,7 +86,7 @@ def with_drawn_micro_batches(cfg, train_split, layout: str, setup: Setup) -> tup
     """(`setup` with the largest micro-batch of the run's steps, as training draws them in place of
     the config's worst case of every sequence at max_seq_len, that micro-batch's tokens)."""
     from ..data.collate import PACKED, PADDING_FREE
-    from ..training.loop import total_steps
+    from ..training.step import total_steps
 
     drawn = first_steps(train_split, cfg, layout, total_steps(cfg, len(train_split)))
     sequences, longest, tokens = _largest_of(drawn, train_split, cfg, layout)

@@ -72,7 +72,7 @@ def preview(form: dict, runs_dir: Path, allow_code: bool = False) -> dict:
     from ..api import check_data_paths
     from ..data.check import build_report
     from ..data.prepare import prepare
-    from ..training.loop import total_steps
+    from ..training.step import total_steps
 
     name, cfg = form_config(form, runs_dir, allow_code)
     check_data_paths(cfg)
