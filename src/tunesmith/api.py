@@ -92,7 +92,7 @@ def _refuse_changed_resume(run: RunFolder, cfg: Config, data, must_resume: bool)
     rewritten: the refused settings replaced the ones the checkpoint trained with (and the model loaded
     first). The loop checks again against the checkpoint it picks."""
     from .training import checkpoint as ckpt
-    from .training.loop import total_steps
+    from .training.step import total_steps
 
     done = run.checkpoint_folders()
     if not cfg.train.resume or not done or (cfg.output.overwrite and not must_resume and run.results.exists()):
