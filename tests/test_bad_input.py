@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from tunesmith.cli import main
 
@@ -313,6 +314,9 @@ def test_a_damaged_run_folder_is_one_clear_line(tmp_path, tiny_model_dir, capsys
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, run / "adapter" / name)
     (run / "adapter" / "adapter_config.json").write_text("{not json")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(run / "adapter" / "adapter_model.safetensors"))
     # A foreign or damaged results.json: the report is not rewritten without the run's results.
     assert main(["report", str(run)]) == 2
     assert "results.json: damaged (not a readable JSON object)" in capsys.readouterr().err
@@ -325,3 +329,32 @@ def test_a_damaged_run_folder_is_one_clear_line(tmp_path, tiny_model_dir, capsys
     assert main(["compare", str(tiny_model_dir), str(run), "--data", data, "--out", data]) == 2
     assert "a file, not a folder for comparison.json" in capsys.readouterr().err
     assert one_line(PermissionError(13, "Permission denied", "x.jsonl")) == "x.jsonl: Permission denied"
+
+
+def test_a_run_folder_without_its_weights_is_one_clear_line(tmp_path, tiny_model_dir, capsys):
+    """An adapter/ without adapter_model.safetensors (a copy that left it out) went to peft, which failed
+    with a traceback (HFValidationError: 'Repo id must be a string') in eval, generate and export."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model: {tiny_model_dir}\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, run / "adapter" / name)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model_dir),
+                                                                     "peft_type": "LORA", "r": 4}))
+    for args in (["generate", str(run), "hi"], ["export", str(run), "--format", "hf"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'adapter'}: no weights (no .safetensors file); train the run again" in err
+        assert "Traceback" not in err
+    # A full fine-tune's sharded model with a shard gone: named.
+    shutil.rmtree(run / "adapter")
+    (run / "model").mkdir()
+    save_file({"x": torch.zeros(1)}, str(run / "model" / "model-00001-of-00002.safetensors"))
+    (run / "model" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert main(["generate", str(run), "hi"]) == 2
+    assert "model: weights missing (model-00002-of-00002.safetensors); train the run again" in capsys.readouterr().err

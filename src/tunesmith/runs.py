@@ -325,7 +325,14 @@ def readable_weights(folder: Path) -> None:
     it or, for `push`, before a hub repo is made for it."""
     from safetensors import SafetensorError, safe_open
 
-    for path in sorted(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    index = read_json(folder / "model.safetensors.index.json")  # a sharded model: each shard it names
+    named = {str(name) for name in index.get("weight_map", {}).values()} if isinstance(index, dict) else set()
+    missing = sorted(named - {path.name for path in files})
+    if missing or not files:
+        what = f"weights missing ({', '.join(missing[:3])})" if missing else "no weights (no .safetensors file)"
+        raise UserError(f"{folder}: {what}; train the run again, or restore the file")
+    for path in files:
         try:
             with safe_open(str(path), "pt"):
                 pass
