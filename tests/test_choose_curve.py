@@ -197,9 +197,10 @@ def test_choose_plans_memory_and_time_on_a_named_device(tiny_model_dir, tmp_path
     assert tight["tight"] and tight["fits"] and 0.9 < tight["planned_memory"] / tight["device_memory"] < 1
 
 
-def test_choose_refuses_a_run_folder_before_scoring_anything(tiny_model_dir, tmp_path, monkeypatch):
-    """A run folder is not a base model: the error names the merged model to use instead, and comes
-    before the first candidate is loaded (a run named third failed after minutes of scoring)."""
+def test_choose_refuses_a_damaged_run_folder_before_scoring_anything(tiny_model_dir, tmp_path, monkeypatch):
+    """A run folder is a candidate as `model: RUN` is (tests/test_run_start.py), but one without its
+    weights is refused before the first candidate is loaded (a run named third failed after minutes of
+    scoring)."""
     import tunesmith.choose as chooser
 
     config = qa_config(tmp_path, tiny_model_dir)
@@ -208,7 +209,7 @@ def test_choose_refuses_a_run_folder_before_scoring_anything(tiny_model_dir, tmp
     (run / "config.yaml").write_text("model: {name: default}\n")
     (run / "adapter" / "adapter_config.json").write_text("{}")
     monkeypatch.setattr(chooser, "_score_candidate", lambda *a, **k: pytest.fail("scored before the names were checked"))
-    with pytest.raises(UserError, match=r"run folder with a LoRA adapter.*export .* --format hf.*export/merged"):
+    with pytest.raises(UserError, match=r"run/adapter: no weights"):
         choose(config, [str(tiny_model_dir), str(run)], memory_gib=24, out=str(tmp_path / "choose"))
     # A shape `plan` ships that fits is no model to score either (it failed with "cannot load tokenizer" after
     # the others); one that does not fit is only listed so.

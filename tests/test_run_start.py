@@ -72,6 +72,25 @@ def test_data_check_takes_a_run_folder_as_the_model_with_the_tokenizer_it_traine
     assert not (kept_sft_run / "export").exists()
 
 
+def test_choose_and_curve_take_a_run_folder_as_the_model_as_train_does(sft_run, tiny_model_dir, tmp_path):
+    """Both refused it ('a run folder with a LoRA adapter, not a whole model; export it'), though a run
+    started from it merges it and goes on. choose scores the merged model (the start such a run has)."""
+    from tunesmith.choose import choose
+    from tunesmith.curve import _splits
+    from tunesmith.config import load_config
+
+    data = write_jsonl(tmp_path / "more.jsonl", qa_rows(24))
+    config = run_config(sft_run, tmp_path / "next", data)
+    (tmp_path / "next.json").write_text(json.dumps(config))
+    found = choose(str(tmp_path / "next.json"), [str(sft_run), str(tiny_model_dir)], memory_gib=24, limit=3,
+                   retrieval_k=0, out=str(tmp_path / "choose"), samples=50)
+    scores = {row["model"]: row["settings"]["zero-shot"]["answer_loss"] for row in found["ranking"]}
+    assert set(scores) == {str(sft_run), str(tiny_model_dir)} and scores[str(sft_run)] != scores[str(tiny_model_dir)]
+    assert (sft_run / "export" / "merged" / "config.json").is_file()  # what a run started from it trains on
+    base = load_config(str(tmp_path / "next.json"), [f"model.name={tiny_model_dir}"])
+    assert _splits(load_config(str(tmp_path / "next.json"))) == _splits(base)  # read with the tokenizer it kept
+
+
 def test_a_run_started_from_a_run_is_refused_once_that_run_is_trained_again(sft_run, tiny_model_dir, tmp_path):
     """The new run's adapter names RUN/export/merged as its base; RUN trained again and merged again
     gave it another base, and eval scored that without a word (5.990 before, 6.043 after)."""

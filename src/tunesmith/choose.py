@@ -84,9 +84,9 @@ def write_ranking(candidates: list[dict], folder: Path, rank_by: str, samples: i
 def _plan(cfg: Config, spec: str, device: str | None, memory_gib: float | None, tokens: int | None = None) -> dict:
     """Will the configured run fit this candidate on the device, and how long would an epoch of
     `tokens` training tokens take there (None on a memory size alone)?"""
-    from .plan import plan, setup_from_config
+    from .plan import plan, setup_from_config, shape_of
 
-    found = plan(spec, setup_from_config(cfg), device or (None if memory_gib else "this-machine"), memory_gib, tokens)
+    found = plan(shape_of(spec, cfg.model.trust_remote_code), setup_from_config(cfg), device or (None if memory_gib else "this-machine"), memory_gib, tokens)
     target = found.target
     # A tight candidate is scored: loading it for scoring needs less than its planned training peak.
     return {"fits": target.fits or target.tight, "tight": target.tight, "planned_memory": target.estimate.total,
@@ -107,8 +107,9 @@ def _read_data(cfg: Config, spec: str, limit: int | None) -> dict:
     from .data.check import data_lines
     from .data.prepare import prepare
     from .models import load_tokenizer
+    from .start import unmerged
 
-    data = prepare(cfg.data, load_tokenizer(spec, cfg.model.trust_remote_code))
+    data = prepare(cfg.data, load_tokenizer(unmerged(spec)[1], cfg.model.trust_remote_code))
     for line in data_lines(data, cfg.data):
         say(line)
     validation = data.splits.get("validation") or data.splits["train"]
@@ -146,11 +147,13 @@ def _score_candidate(cfg: Config, spec: str, shared: dict, budget_tokens: int | 
     from .device import compute_dtype, resolve
     from .eval.baselines import prompt_sets, score_rows
     from .models import load_model, load_tokenizer
+    from .start import starting_model
 
     device = resolve(cfg.train.device)
-    tokenizer = load_tokenizer(spec, cfg.model.trust_remote_code)
+    folder = starting_model(spec)  # a run folder: its adapter merged, as a run started from it trains on
+    tokenizer = load_tokenizer(folder, cfg.model.trust_remote_code)
     settings = Settings.of(cfg.eval, cfg.data.max_seq_len)
-    model = load_model(spec, compute_dtype(cfg.model.dtype, device), cfg.model.trust_remote_code, device)
+    model = load_model(folder, compute_dtype(cfg.model.dtype, device), cfg.model.trust_remote_code, device)
     sets = prompt_sets("zero-shot", shared["validation"], shared["train"], 0, retrieval_k, cfg.eval.seed)
     rows = score_rows(model, tokenizer, dict(zip(SETTINGS, sets.values())), settings)
     del model

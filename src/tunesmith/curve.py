@@ -58,8 +58,9 @@ def _splits(cfg) -> tuple[list, list, list | None]:
     from .data.check import data_lines
     from .data.prepare import prepare
     from .models import load_tokenizer
+    from .start import unmerged
 
-    data = prepare(cfg.data, load_tokenizer(cfg.model.name, cfg.model.trust_remote_code))
+    data = prepare(cfg.data, load_tokenizer(unmerged(cfg.model.name)[1], cfg.model.trust_remote_code))
     for line in data_lines(data, cfg.data):
         say(line)
     if any(c[0]["role"] == "text" for c in data.splits["train"].conversations):
