@@ -76,7 +76,7 @@ def measure(case: dict) -> dict:
 
 def predict(case: dict) -> float:
     from tunesmith.plan import estimate_for_machine
-    from tunesmith.plan.memory import Setup
+    from tunesmith.plan.setup import Setup
     from tunesmith.plan.shapes import model_shape
 
     setup = Setup(method=case["method"], dtype=case["dtype"], batch=case["batch"], seq=case["seq"],

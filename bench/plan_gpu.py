@@ -108,7 +108,7 @@ def predict(case: dict, folder: Path) -> float:
     import torch
 
     from tunesmith.plan import estimate, estimate_for_machine
-    from tunesmith.plan.memory import Setup
+    from tunesmith.plan.setup import Setup
     from tunesmith.plan.shapes import model_shape
     from tunesmith.training.loss import head_chunk
 

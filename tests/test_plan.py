@@ -388,7 +388,7 @@ def test_auto_checkpointing_takes_the_fewest_first_blocks_that_fit_each_device()
     to on or off, a card it does not fit is offered the same fewest blocks first."""
     from dataclasses import replace
 
-    from tunesmith.plan.memory import checkpointed_layers
+    from tunesmith.plan.setup import checkpointed_layers
 
     cfg = validate({"model": {"name": "llama-3.1-8b", "dtype": "bfloat16"}, "data": {"max_seq_len": 2048},
                     "train": {"batch_size": 2}})

@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .devices import GPUS, HEADROOM, Device, GiB, find_device, gib, this_machine
-from .memory import Estimate, Setup, checkpointed_layers, estimate
+from .memory import Estimate, estimate
 from .objectives import describe as describe_objective
 from .objectives import trained_lengths
 from .sharding import per_device
+from .setup import Setup, checkpointed_layers
 from .setups import estimate_for_machine, estimate_on, fewest_checkpointed, setup_from_config
 from .shapes import LINEARS, ModelShape, model_shape
 from .speed import CPU_UTILISATION, GPU_UTILISATION, epoch_seconds, flops_per_token

@@ -100,7 +100,8 @@ def cpu_overhead(est) -> float:
       moves by 5-10% from step to step and run to run (a cold torch.compile cache adds some).
     - Freed attention-score buffers of a padding-free row kept in glibc's heap (resident_scores).
     """
-    from .memory import _method, dtypes
+    from .memory import dtypes
+    from .setup import _method
 
     setup = est.setup
     allocated = est.activations_no_ckpt + est.weight_copies

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .memory import BYTES, Setup
+from .setup import BYTES, Setup
 from .shapes import ModelShape
 
 SEQUENCES_PER_EXAMPLE = {"dpo": 2, "orpo": 2, "simpo": 2}

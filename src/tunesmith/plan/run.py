@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .devices import CUDA_CONTEXT, Device, gib, gpu_of, resident
-from .memory import Estimate, Setup
+from .memory import Estimate
 from .objectives import counted_setup, label_share, trained_lengths
+from .setup import Setup
 from .setups import estimate_for_machine, estimate_on, fewest_checkpointed, setup_from_config
 from .shapes import ModelShape, model_shape
 from .speed import flops_per_token

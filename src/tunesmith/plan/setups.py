@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .devices import Device, cpu_overhead
-from .memory import Estimate, Setup, estimate
+from .memory import Estimate, estimate
 from .objectives import objective_setup
+from .setup import Setup
 from .sharding import per_device
 from .shapes import LINEARS, ModelShape
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .memory import BYTES, Estimate, _method, adapter_params, dtypes, weight_bytes
+from .memory import Estimate, adapter_params, dtypes, weight_bytes
+from .setup import BYTES, _method
 
 IN_FLIGHT = 2  # blocks gathered (or whose gradients wait for their reduce-scatter) at once
 SHARDED = ("weights", "adapter weights", "gradients", "optimizer states")

@@ -16,7 +16,7 @@ import math
 import os
 import time
 
-from .memory import Setup
+from .setup import Setup
 from .shapes import ModelShape
 
 GPU_UTILISATION = 0.4  # share of the dense peak a fine-tuning step typically reaches
@@ -34,7 +34,7 @@ def flops_per_token(shape: ModelShape, setup: Setup, mean_seq: float | None = No
     blocks = 2 * shape.layers * shape.block_linear_params
     attention = 2 * shape.layers * shape.q_width * seq  # QK^T and AV, 2 FLOPs each, causal half
     head = 2 * shape.vocab * shape.hidden * setup.label_share
-    from .memory import _method, checkpointed_layers
+    from .setup import _method, checkpointed_layers
 
     full = _method(setup).trains_all_weights
     backward_weights = 3 if full else 2  # input grads (+ weight grads for full fine-tuning)
