@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "short fine-tune, ranked with intervals")
     p.add_argument("config", help="a run config: its data (validation examples are scored) and settings")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--models", required=True, help="comma-separated candidates: local folders, .gguf files, hub ids, default")
+    p.add_argument("--models", required=True, help="comma-separated candidates: local folders, .gguf files, hub ids, default, run folders (their merged model)")
     p.add_argument("--budget-tokens", type=SIZE, default=None,
                    help="also fine-tune each candidate for about this many training tokens and score it again")
     p.add_argument("--device", default=None, help="plan against this device (t4, a100-80gb, h100, this-machine, ...)")
