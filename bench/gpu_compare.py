@@ -159,7 +159,7 @@ def train_tunesmith(args) -> dict:
 
 def profile_last_step(args, config: dict) -> list | None:
     """Where the time of one more step goes, for --profile's methods: the run gets a step after the
-    timed ones, and its forward and backward passes (training/loop.py train_step) run under
+    timed ones, and its forward and backward passes (training/step.py train_step) run under
     torch.profiler. Returns the list that holds the profile's text once the run has ended."""
     if args.method not in args.profile.split(","):
         return None

@@ -6,7 +6,7 @@ with and without gradient checkpointing. The 8B model is reused from bench/gpu_c
 
 Each case runs in a fresh process: a random model of the shape (weights do not change memory),
 the method made trainable and the fast paths applied as `tunesmith train` does, then three
-optimizer steps of random tokens through training/loop.py's train_step, of `accum` micro-batches
+optimizer steps of random tokens through training/step.py's train_step, of `accum` micro-batches
 each (the 8B rows as the comparison runs them, the full fine-tune's with its gradients held across
 two); measured is
 torch.cuda.max_memory_allocated after the first step (so the optimizer states exist), predicted

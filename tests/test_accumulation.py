@@ -1,6 +1,6 @@
 """Token-normalised gradient accumulation, checked on the raw gradients of the loop's own code.
 
-One optimizer step over 8 examples of mixed lengths: the .grad left by training/loop.py
+One optimizer step over 8 examples of mixed lengths: the .grad left by training/step.py
 `train_step` (behind the distributed wrapper, as `fit` runs it) equals the definition (the loss
 summed over every label token of the step, divided once by their count), whether the step is 1,
 2 or 4 micro-batches, cut by grad_accum or by the out-of-memory halving, and on 1 or 2 ranks.

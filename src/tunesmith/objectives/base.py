@@ -3,7 +3,7 @@
 An objective turns a micro-batch's examples into a `Batch` (tensors, plus counts known on the
 host: pairs, answer tokens, ...) and a batch into loss *sums* per count (`terms`) and statistics.
 The step divides each term by its count over the whole optimizer step (all micro-batches, all
-ranks), as SFT divides by the step's label tokens (training/loop.py train_step): batch 8 x
+ranks), as SFT divides by the step's label tokens (training/step.py train_step): batch 8 x
 accumulation 1 and batch 1 x accumulation 8 give the same gradients, except for GRPO, whose groups
 never span two micro-batches. What every micro-batch's loss shares (KTO's KL estimate) is computed
 over the whole step first (`step_values`).
@@ -84,7 +84,7 @@ class Objective:
     def train_step(self, loss_module, train, indices: list[list[int]], pad_id: int,
                    ranks: distributed.Ranks = distributed.SINGLE, grad_scale: float = 1.0, layout: str = "padded",
                    pieces: int = 1, step: int = 0) -> tuple[torch.Tensor, int]:
-        """Forward and backward over one optimizer step (training/loop.py train_step's signature, and
+        """Forward and backward over one optimizer step (training/step.py train_step's signature, and
         the step's number); returns (loss as a device scalar, tokens). The step's statistics stay on
         the device until read: `fit` reads them with the loss and gradient norm (`unread`, `settle`);
         `last_metrics` reads them itself otherwise."""
