@@ -79,6 +79,7 @@ def test_adapter_arrives_byte_for_byte_with_a_card_of_the_runs_evidence(runs, hu
     assert [path for method, path, _ in hub.requests if method == "POST"][-1] == "/api/models/me/tiny-adapter/commit/main"
     assert not list(run.glob(".push-*")), "the staging folder is removed"
     assert "adapter_model.safetensors" in err and f"push: done, {hub.url}/me/tiny-adapter" in err
+    assert "is a local folder, not on the Hub: others can load the adapter only onto a copy of it; --what merged" in err
 
     card = arrived["README.md"].decode()
     assert front_matter(card) == {"library_name": "peft", "tags": ["tunesmith"]}  # a local base: no hub id
@@ -238,3 +239,17 @@ def test_a_model_cards_license_is_read_from_front_matter_as_the_hub_writes_it(tm
     assert card_license(readme) == "apache-2.0"
     readme.write_text("---\nlicense: " + "[" * 50_000 + "]" * 50_000 + "\n---\n")
     assert card_license(readme) is None  # nested past the stack: no license, no traceback
+
+
+def test_the_card_of_a_run_started_from_another_run_names_that_run_and_what_it_trained_from(runs, tmp_path):
+    """Its base is the earlier run's merged model, which the card called 'a local model folder (`merged`)'."""
+    from tunesmith.export.card import model_card
+    from tunesmith.runs import RunFolder
+
+    earlier = RunFolder(runs["lora"]).read_config()
+    data = {"train": Path(earlier.data.train), "validation": Path(earlier.data.validation)}
+    config = run_config(runs["lora"], tmp_path / "second", {"method": "lora"}, data)
+    config["train"]["max_steps"] = 1
+    card = model_card(RunFolder(tunesmith.train(config)["run_dir"]), "adapter", "me/second")
+    assert (f"Adapter fine-tuned with tunesmith from the model of an earlier tunesmith run (`run-lora`, trained "
+            f"from a local model folder (`{Path(earlier.model.name).name}`)), not on the Hub: method `lora`") in card

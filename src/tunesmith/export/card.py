@@ -52,9 +52,7 @@ def model_card(run: RunFolder, what: str, repo_id: str) -> str:
     meta = {"base_model": hub_id, "library_name": "peft" if what == "adapter" else "transformers",
             "license": license_name, "tags": ["tunesmith"]}
     front = yaml.safe_dump({k: v for k, v in meta.items() if v}, sort_keys=False)
-    base = f"`{hub_id}`" if hub_id else f"a local model folder (`{local_name(config.model.name)}`), not on the Hub"
-    if config.model.name in ("", "default"):
-        base += " (tunesmith's built-in default: its Q4_1 GGUF, dequantised)"
+    base = base_text(config.model.name)
     sections = [
         f"# {repo_id.split('/')[-1]}",
         f"{'Adapter' if what == 'adapter' else 'Merged model'} fine-tuned with tunesmith from {base}: method "
@@ -67,6 +65,27 @@ def model_card(run: RunFolder, what: str, repo_id: str) -> str:
         "## Use", usage(what, repo_id, hub_id),
     ]
     return f"---\n{front}---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
+
+
+def base_text(name: str) -> str:
+    """The base a run trained on, as the card says it: a hub id, the built-in default, a local folder, or
+    an earlier run's model (`model: RUN`), named with what that run started from in turn."""
+    return origin(name) if base_model_facts(name)[0] else f"{origin(name)}, not on the Hub"
+
+
+def origin(name: str) -> str:
+    from ..start import source_run
+
+    if name in ("", "default"):
+        return f"`{DEFAULT_BASE[0]}` (tunesmith's built-in default: its Q4_1 GGUF, dequantised)"
+    hub_id, _ = base_model_facts(name)
+    if hub_id:
+        return f"`{hub_id}`"
+    earlier = source_run(name)
+    if earlier is None:
+        return f"a local model folder (`{local_name(name)}`)"
+    started = RunFolder(earlier).read_config().model.name
+    return f"the model of an earlier tunesmith run (`{earlier.name}`, trained from {origin(started)})"
 
 
 def local_name(spec: str) -> str:

@@ -39,6 +39,9 @@ def push(run: str | Path, repo_id: str, what: str | None = None, private: bool =
     url = open_repo(api, repo_id, private, revision)  # a refused token or an unreachable hub fails before any staging
     with tempfile.TemporaryDirectory(prefix=".push-", dir=run.path) as scratch:
         folder = stage(run, what, Path(scratch))
+        if what == "adapter" and not base_model_facts(run.read_config().model.name)[0]:
+            say(f"push: the adapter's base, {run.read_config().model.name}, is a local folder, not on the Hub: "
+                "others can load the adapter only onto a copy of it; --what merged uploads a model that loads alone")
         (folder / "README.md").write_text(model_card(run, what, repo_id), encoding="utf-8")
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         say(f"push: {what} of {run.path} to {repo_id} (revision {revision}) at {endpoint}: {len(files)} files, "
