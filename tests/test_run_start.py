@@ -72,6 +72,20 @@ def test_data_check_takes_a_run_folder_as_the_model_with_the_tokenizer_it_traine
     assert not (kept_sft_run / "export").exists()
 
 
+def test_the_dashboards_preview_takes_a_run_folder_as_the_model(kept_sft_run, tiny_model_dir, tmp_path):
+    """The preview refused it ('a run folder with a LoRA adapter, not a whole model'); Start then trained it."""
+    from tunesmith.ui.launch import preview
+
+    data = write_jsonl(tmp_path / "more.jsonl", qa_rows(12))
+    form = {"name": "next", "model": str(kept_sft_run), "train": str(data), "max_steps": "2", "max_seq_len": "96",
+            "extra": "model.dtype=float32"}
+    shown = preview(form, tmp_path / "runs")
+    same = preview({**form, "model": str(tiny_model_dir)}, tmp_path / "runs")  # the tokenizer the run kept
+    assert shown["data_check"]["examples"] == same["data_check"]["examples"] and shown["plan"] == same["plan"]
+    assert "no estimate" not in shown["plan_text"] and "peak" in shown["plan_text"]
+    assert not (kept_sft_run / "export").exists()  # nothing merged to show a preview
+
+
 def test_choose_and_curve_take_a_run_folder_as_the_model_as_train_does(sft_run, tiny_model_dir, tmp_path):
     """Both refused it ('a run folder with a LoRA adapter, not a whole model; export it'), though a run
     started from it merges it and goes on. choose scores the merged model (the start such a run has)."""

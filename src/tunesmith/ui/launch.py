@@ -72,11 +72,13 @@ def preview(form: dict, runs_dir: Path, allow_code: bool = False) -> dict:
     from ..api import check_data_paths
     from ..data.check import build_report
     from ..data.prepare import prepare
+    from ..start import unmerged
     from ..training.step import total_steps
 
     name, cfg = form_config(form, runs_dir, allow_code)
     check_data_paths(cfg)
-    data = prepare(cfg.data, cfg.model.name)  # the model spec lets a cached tokenisation skip the tokenizer
+    # The spec (a run folder's: the tokenizer it kept) lets a cached tokenisation skip loading the tokenizer.
+    data = prepare(cfg.data, unmerged(cfg.model.name)[1])
     check = build_report(data, cfg.data, cfg.data.train, cfg.model.name)
     train = data.splits["train"]
     steps = total_steps(cfg, len(train))
