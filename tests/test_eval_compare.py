@@ -58,6 +58,49 @@ def test_bootstrap_weighted_mean_and_tiny_samples():
         paired_bootstrap(np.array([]), np.array([]))
 
 
+def _right_or_wrong(both: int, b_only: int, a_only: int, neither: int) -> tuple[Scored, Scored]:
+    """A's and B's exact-match rows over the four kinds of example of a paired 2x2 table."""
+    a = [1.0] * both + [0.0] * b_only + [1.0] * a_only + [0.0] * neither
+    b = [1.0] * both + [1.0] * b_only + [0.0] * a_only + [0.0] * neither
+    return (Scored("a", [""] * len(a), [{"exact_match": x} for x in a]),
+            Scored("b", [""] * len(b), [{"exact_match": x} for x in b]))
+
+
+def test_right_or_wrong_scores_get_newcombes_paired_interval():
+    """Exact match, every field right, a probe item: each example is right or wrong, and the percentile
+    bootstrap of such pairs is too narrow where few examples change ([0, 0] where none does). Their
+    interval is Newcombe's (1998, method 10) for paired proportions, here against the published figures
+    of R's contingencytables (Cavo et al. 2012: 59 both, 6 B only, 16 A only, 80 neither)."""
+    a, b = _right_or_wrong(59, 6, 16, 80)
+    row = compare_scored(a, b, samples=300)[0]
+    assert row["difference"] == pytest.approx(-10 / 161)
+    assert (round(row["low"], 4), round(row["high"], 4)) == (-0.1186, -0.0046)
+    a, b = _right_or_wrong(5, 0, 0, 25)  # no example changed: not "[+0.000, +0.000]"
+    row = compare_scored(a, b, samples=300)[0]
+    assert row["difference"] == 0 and row["low"] < -0.05 and row["high"] > 0.05
+    # one model's share right (choose, curve): Wilson's interval (Newcombe 1998's table: 81/263 -> 0.2553 to 0.3662)
+    found = _right_or_wrong(81, 0, 0, 182)[0].interval("exact_match")
+    assert (round(found["low"], 4), round(found["mean"], 4), round(found["high"], 4)) == (0.2553, 0.308, 0.3662)
+
+
+def test_right_or_wrong_intervals_cover_the_true_difference():
+    """1,000 simulated comparisons of 30 right/wrong pairs, A right on 40%, B gaining 5% of examples and
+    losing 2% (true difference +3 points): a 95% interval must cover +0.03 at least 93% of the time. The
+    percentile bootstrap covered 75% (on a fifth of the data sets no example changed: [0, 0])."""
+    rng = np.random.default_rng(0)
+    covered = 0
+    for trial in range(1000):
+        a = (rng.random(30) < 0.4).astype(float)
+        u = rng.random(30)
+        b = a.copy()
+        b[(a == 0) & (u < 0.05 / 0.6)] = 1.0
+        b[(a == 1) & (u < 0.02 / 0.4)] = 0.0
+        row = compare_scored(Scored("a", [""] * 30, [{"exact_match": x} for x in a]),
+                             Scored("b", [""] * 30, [{"exact_match": x} for x in b]), samples=200, seed=trial)[0]
+        covered += row["low"] <= 0.03 <= row["high"]
+    assert covered / 1000 >= 0.93
+
+
 def test_win_tie_loss_direction():
     """B against A per example: higher B wins a score, lower B wins a loss. Two rises, one fall and a
     tie, so the counts differ by direction (a symmetric set could not tell the direction apart)."""

@@ -138,10 +138,43 @@ def test_differences_in_points_and_the_margin_warning():
     assert len(lines) == (2 if lost / 250 > 0.02 else 1)
     assert "arc_easy acc_norm" in format_probe(list(rows.values()))
     few = compare_probe({"arc_easy": base["arc_easy"][:10]}, {"arc_easy": base["arc_easy"][:10]}, samples=100)
-    assert [(r["difference"], r["low"], r["high"]) for r in few if r["main"]] == [(0.0, 0.0, 0.0)]  # no item changed
+    # no item changed, yet ten items cannot tell a change of 10 points from none: Newcombe's interval, not [0, 0]
+    (same,) = [r for r in few if r["main"]]
+    assert same["difference"] == 0 and same["low"] < -10 and same["high"] > 10
     said = warnings(few, 2.0)
     assert said == ["note: arc_easy has 10 items; one item is 10 points or more there, and an interval over so few "
                     "items speaks of those items only (raise eval.general_limit or --general-limit)"]
+
+
+def test_a_loss_past_the_margin_within_noise_is_said_so():
+    """One item of 20 newly wrong is 5 points, past the default margin of 2, but its interval holds 0: the
+    warning says the loss may be noise, where a loss the interval confirms is said as a loss."""
+    base = {"arc_easy": [{"acc": 1.0, "acc_norm": 1.0}] * 10 + [{"acc": 0.0, "acc_norm": 0.0}] * 10}
+    tuned = {"arc_easy": [{"acc": 1.0, "acc_norm": 0.0}] + base["arc_easy"][1:]}
+    rows = compare_probe(base, tuned, margin=2.0)
+    main = next(r for r in rows if r["main"])
+    assert main["difference"] == pytest.approx(-5.0) and main["lost"] and main["low"] < 0 < main["high"]
+    said = warnings(rows, 2.0)[0]
+    assert "lost 5.0 points of arc_easy acc_norm" in said and "includes 0: it may be noise" in said
+    clear = {"arc_easy": [{"acc": 1.0, "acc_norm": 0.0}] * 10 + base["arc_easy"][10:]}
+    confirmed = warnings(compare_probe(base, clear, margin=2.0), 2.0)[0]
+    assert "lost 50.0 points" in confirmed and "noise" not in confirmed
+
+
+def test_hellaswag_context_is_capitalised_as_the_harness_writes_it():
+    """The harness's HellaSwag query is activity_label + ': ' + ctx_a + ' ' + ctx_b.capitalize(); the
+    probe's text keeps the data set's lower-case ctx_b ('... on a roof. he'), as the shared copy does."""
+    item = {"question": "Roof shingle removal: A man is sitting on a roof. he", "choices": ["a", "b"], "answer": 0}
+    assert choice_prompt("hellaswag", item)[0] == "Roof shingle removal: A man is sitting on a roof. He"
+    empty_ctx_a = {**item, "question": "Surfing: the man"}
+    assert choice_prompt("hellaswag", empty_ctx_a)[0] == "Surfing: The man"
+    for whole in ("Personal Care and Style: Know what you desire. What you want is the first thing.",  # WikiHow
+                  "Finance: You can adopt a child born in the u.s. or one born in a different country.",
+                  "Roof shingle removal: A man is sitting on a roof. He"):  # already the harness's text
+        assert choice_prompt("hellaswag", {**item, "question": whole})[0] == whole
+    shipped = load_probe(sets=["hellaswag"])["hellaswag"]
+    changed = [i for i in shipped if choice_prompt("hellaswag", i)[0] != i["question"]]
+    assert len(changed) == 63  # the ActivityNet items whose ctx_b the data set keeps in lower case
 
 
 def test_each_sets_reported_figure_is_the_harness_main_metric():

@@ -24,7 +24,7 @@ import torch
 from ..data.tokenize import stop_ids
 from ..errors import UserError
 from ..progress import Progress
-from .compare import paired_bootstrap, win_tie_loss
+from .compare import paired_interval, win_tie_loss
 from .decoding import NEUTRAL
 
 MULTIPLE_CHOICE = ("arc_easy", "arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc1")
@@ -59,7 +59,7 @@ def choice_prompt(set_name: str, item: dict) -> tuple[str, list[str]]:
     if set_name in ("arc_easy", "arc_challenge"):
         return f"Question: {question}\nAnswer:", list(item["choices"])
     if set_name == "hellaswag":
-        return question, list(item["choices"])
+        return harness_hellaswag(question), list(item["choices"])
     if set_name == "mmlu":
         subject = item.get("subject", "").replace("_", " ")
         options = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"]))
@@ -68,6 +68,19 @@ def choice_prompt(set_name: str, item: dict) -> tuple[str, list[str]]:
     if set_name == "truthfulqa_mc1":
         return f"{TRUTHFULQA_PRIMER}\n\nQ: {question}\nA:", list(item["choices"])
     raise ValueError(f"{set_name}: not a multiple-choice probe set")
+
+
+# HellaSwag's ctx_b: the lower-case start of a sentence that the endings finish, after the last sentence
+# end of the context (or right after the activity label where ctx_a is empty), with no sentence end of its own.
+CTX_B = re.compile(r"(?:^[^:]*:|[.!?])\s+([a-z][^.!?]*)$")
+
+
+def harness_hellaswag(query: str) -> str:
+    """The query as the harness writes it, activity_label + ': ' + ctx_a + ' ' + ctx_b.capitalize(): the
+    data set (and the shipped probe, and the shared copy it was drawn from) keeps ctx_b in lower case
+    ('... sitting on a roof. he'). WikiHow items, whose context ends a sentence, stay as they are."""
+    found = CTX_B.search(query)
+    return query[:found.start(1)] + found.group(1).capitalize() if found else query
 
 
 def text_start(tokenizer) -> list[int]:
@@ -313,8 +326,10 @@ def compare_probe(base: dict[str, list[dict]], tuned: dict[str, list[dict]], sam
 
 def _row(name: str, metric: str, a: list[float], b: list[float], main: bool, samples: int, seed: int,
          margin: float | None) -> dict:
+    # right/wrong per item: Newcombe's paired interval (a bootstrap is [0, 0] where no item changed)
+    interval = {k: 100 * v for k, v in paired_interval(np.array(a, float), np.array(b, float), samples=samples,
+                                                       seed=seed).items()}
     a, b = np.array(a) * 100, np.array(b) * 100
-    interval = paired_bootstrap(a, b, samples=samples, seed=seed)
     return {"set": name, "metric": metric, "items": len(a), "base": float(a.mean()), "fine_tuned": float(b.mean()),
             **interval, **win_tie_loss(a, b, lower_is_better=False), "main": main,
             "lost": bool(margin is not None and main and interval["difference"] < -margin)}
@@ -342,7 +357,8 @@ SMALL_SET = 20  # fewer items than this: one item moves the set by more than 5 p
 
 def warnings(rows: list[dict], margin: float) -> list[str]:
     lines = [f"warning: the fine-tuned model lost {-r['difference']:.1f} points of {r['set']} {r['metric']} "
-             f"(more than eval.general_margin={margin:g}; 95% interval {r['low']:+.1f} to {r['high']:+.1f})"
+             f"(more than eval.general_margin={margin:g}; 95% interval {r['low']:+.1f} to {r['high']:+.1f}"
+             + (", which includes 0: it may be noise, more items would tell)" if r["high"] >= 0 else ")")
              for r in rows if r["lost"]]
     # "+0.0 [+0.0, +0.0]" on 10 items says no item changed, not that nothing did: said beside it
     small = [r for r in rows if r["main"] and r["set"] != "all" and r["items"] < SMALL_SET]

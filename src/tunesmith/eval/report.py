@@ -204,7 +204,8 @@ def comparison_html(report: dict) -> str:
         parts.append(_table(*difference_rows(comparison)))
         where = (f"{comparison['examples_scored']} examples from {html.escape(str(comparison.get('data')))}"
                  if later else "the test split")
-        parts.append(f"<p>Scored on {where}; intervals from a paired bootstrap over examples.</p>")
+        parts.append(f"<p>Scored on {where}; paired 95% intervals over examples (Newcombe's for right/wrong "
+                     "scores, else a bootstrap).</p>")
     if not tables and results.get("fine_tuned"):
         base, tuned = results.get("base", {}), model_figures(results["fine_tuned"])
         parts.append(_table(["metric", "base", "fine-tuned"], [[k, base.get(k, "-"), v] for k, v in tuned.items()]))
