@@ -10,7 +10,9 @@ Adapters and small models are replicated with DistributedDataParallel; `train.fs
 weights with FSDP2 (`fully_shard`): a full fine-tune's weights, gradients and optimizer state, or
 an adapter run's frozen base (so a base too large for one device trains LoRA on several), in
 bf16 on CUDA with gradients reduced in fp32, optionally offloaded to the CPU (`train.fsdp_offload`).
-Collectives run on the run's device (NCCL needs CUDA tensors; gloo takes CPU ones).
+On CUDA the process group has two backends: NCCL for device tensors (gradients, a step's sums), gloo
+for host ones (`Ranks`' sums of host numbers, objects, barriers, and FSDP2's gradient norm of shards
+offloaded to host memory, which NCCL refuses). Host numbers so never wait for the device's queue.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ class Ranks:
     world: int = 1
     local_rank: int = 0
     fsdp: bool = False
-    device: torch.device = torch.device("cpu")  # where collectives put their tensors
+    device: torch.device = torch.device("cpu")  # where the collectives of device tensors put them (sum_tensor)
+    host: torch.device = torch.device("cpu")  # where those of host numbers and objects do: the group's CPU backend
 
     @property
     def main(self) -> bool:
@@ -50,10 +53,11 @@ class Ranks:
         return examples[self.rank::self.world] if self.active else examples
 
     def sum(self, *values: float) -> list[float]:
-        """Sums over all ranks (the values themselves in one process)."""
+        """Sums over all ranks (the values themselves in one process). Host numbers, summed on the host:
+        through CUDA each was a copy to the device and a read back, waiting for all work queued there."""
         if not self.active:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.host)
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -69,7 +73,7 @@ class Ranks:
         """The largest of the ranks' values (the value itself in one process)."""
         if not self.active:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.host)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor.item()
 
@@ -78,7 +82,7 @@ class Ranks:
         if not self.active:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0, device=self.device)
+        dist.broadcast_object_list(box, src=0, device=self.host)
         return box[0]
 
     def gather(self, value) -> list:
@@ -102,24 +106,34 @@ SINGLE = Ranks()
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 
+# On CUDA: NCCL for CUDA tensors and gloo beside it for CPU ones, as torch's own default group on a
+# GPU machine (init_process_group without a backend). NCCL alone refused the CPU tensors of FSDP2's
+# offloaded shards (train.fsdp_offload): their gradient norm ended the first step with "No backend
+# type associated with device type cpu" (pytorch/pytorch#148532).
+CUDA_BACKENDS = "cpu:gloo,cuda:nccl"
+
+
 def setup(device_spec: str = "auto") -> Ranks:
-    """The process group of a torchrun launch (nccl where the run computes on CUDA, else gloo);
-    a single process otherwise."""
+    """The process group of a torchrun launch (NCCL with gloo beside it where the run computes on
+    CUDA, else gloo); a single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         cuda = torch.cuda.is_available() and device_spec != "cpu"
-        if cuda:
-            torch.cuda.set_device(local_rank)
+        if cuda:  # the device the run computes on (device.resolve): NCCL's and every CUDA collective's
+            from ..device import resolve
+
+            torch.cuda.set_device(resolve(device_spec, local_rank))
         # Rank 0 alone scores the base before training and the result after it while the others wait
         # in a collective: with a large test set or the general probe that passed gloo's 30-minute
         # default (NCCL's is shorter) and the job was killed with its work done.
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, device=device)
+        dist.init_process_group(CUDA_BACKENDS if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    backend = str(dist.get_backend())
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    host = torch.device("cpu") if backend == "gloo" or "cpu:" in backend else device
+    return Ranks(dist.get_rank(), dist.get_world_size(), local_rank, device=device, host=host)
 
 
 def teardown(ranks: Ranks) -> None:
@@ -153,6 +167,8 @@ def wrap(model, loss_fn, ranks: Ranks, fsdp: bool, offload: bool = False):
     if fsdp:
         ranks.fsdp = True
         shard(model, module, ranks, device, offload)
+        # offloaded shards wait in host memory: where they compute is recorded (device.compute_device)
+        model._tunesmith_device = module._tunesmith_device = device
         return module, float(ranks.world)
     from torch.nn.parallel import DistributedDataParallel
 

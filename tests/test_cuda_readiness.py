@@ -1,0 +1,90 @@
+"""What would fail or wait on CUDA and NCCL, checked on the CPU: the process group a CUDA run asks for,
+and which collectives carry host numbers (on the host, through gloo) or device tensors (on the
+device, through NCCL). A meta tensor, which cannot be read, stands for the device."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tunesmith.training import distributed
+
+
+def test_on_cuda_the_process_group_has_gloo_beside_nccl_for_host_tensors(monkeypatch):
+    """FSDP2's offloaded shards (train.fsdp_offload) keep their gradients in host memory, and their norm
+    all-reduces CPU tensors: NCCL alone ends the first step ('No backend type associated with device type
+    cpu'). Each rank computes on cuda:LOCAL_RANK."""
+    asked, devices = {}, []
+
+    def record(backend, **options):
+        asked.update(options, backend=backend)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        distributed.setup("auto")
+    pairs = dict(pair.split(":") for pair in asked["backend"].split(","))
+    assert pairs == {"cuda": "nccl", "cpu": "gloo"}
+    assert asked["timeout"].total_seconds() >= 3600 and devices == [torch.device("cuda", 1)]
+
+
+@pytest.fixture
+def collectives(monkeypatch):
+    """Every collective's tensors' devices (all_reduce) or device (object broadcast), recorded, not run."""
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, op=None, **_: seen.append(("all_reduce", tensor.device.type)))
+
+    def broadcast(box, src=0, device=None, **_):
+        seen.append(("broadcast_object_list", torch.device(device or "cpu").type))
+
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    return seen
+
+
+def test_host_numbers_are_summed_on_the_host_and_device_tensors_on_the_device(collectives):
+    """Under NCCL, Ranks.sum put its host numbers on the GPU and read them back: two waits for the
+    device's whole queue, in every step of every run on several GPUs (the stop signal's `any`), and two
+    more in each preference or reward objective's step (its counts, its host statistics)."""
+    ranks = distributed.Ranks(0, 2, 0, device=torch.device("meta"))
+    assert ranks.sum(1.0, 2.0) == [1.0, 2.0]  # not reduced here: the collective is only recorded
+    assert ranks.most(3.0) == 3.0
+    assert ranks.any(True) is True
+    assert ranks.broadcast("newest") == "newest"
+    assert ranks.sum_tensor(torch.ones(2, device="meta")).device.type == "meta"
+    assert collectives == [("all_reduce", "cpu"), ("all_reduce", "cpu"), ("all_reduce", "cpu"),
+                           ("broadcast_object_list", "cpu"), ("all_reduce", "meta")]
+
+
+def test_an_objective_steps_counts_and_host_statistics_never_go_to_the_device(collectives, monkeypatch, tmp_path,
+                                                                               tiny_model_dir, tiny_tokenizer):
+    """A DPO step as rank 0 of two (the other rank's numbers recorded, not received): its counts and
+    host statistics are summed on the host; the one collective on the device is the step's sum of its
+    losses and statistics, read by fit with the gradient norm."""
+    from test_objectives_training import pair_rows
+
+    from helpers import lora_model, write_jsonl
+    from tunesmith.config import validate
+    from tunesmith.data.collate import PADDED
+    from tunesmith.data.preference import PAIRS, prepare_preference
+    from tunesmith.models import load_model
+    from tunesmith.objectives.dpo import DPO
+    from tunesmith.objectives.logps import Reference
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
+    cfg = validate({"data": {"train": str(path)}, "train": {"objective": "dpo"}})
+    split = prepare_preference(cfg.data, tiny_tokenizer, PAIRS).splits["train"]
+    model = lora_model(load_model(str(tiny_model_dir)), seed=1, fast_paths=False)
+    objective = DPO(cfg, Reference(model), PADDED, tiny_tokenizer.pad_token_id)
+    on_device = []
+    monkeypatch.setattr(distributed.Ranks, "sum_tensor", lambda self, tensor: on_device.append(tensor) or tensor)
+    ranks = distributed.Ranks(0, 2, 0, device=torch.device("meta"))
+    objective.train_step(distributed.StepLoss(model, objective.loss), split, [[0, 1], [2, 3]],
+                         tiny_tokenizer.pad_token_id, ranks, layout=PADDED)
+    assert len(on_device) == 1 and collectives and all(kind == "cpu" for _, kind in collectives)
