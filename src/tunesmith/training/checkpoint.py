@@ -48,8 +48,12 @@ class TrainState:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The trained weights, copied (under FSDP2 this rank's shards: a DTensor's local part)."""
-    return {name: _local(p).detach().clone().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """The trained weights, copied to host memory (under FSDP2 this rank's shards: a DTensor's local
+    part). Not cloned on the device: on a GPU a full fine-tune's copy, which no plan counts, came on
+    top of the training peak at each checkpoint, and stayed there where another rank keeps the best
+    weights in memory; safetensors copies them to the host to write them anyway."""
+    return {name: _local(p).detach().to("cpu", copy=True).contiguous()
+            for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
