@@ -92,9 +92,13 @@ def rows_key(cfg, dtype, device, prompts, pool, layout: str) -> str | None:
                        cfg.eval.model_dump(mode="json"), source, layout, prompts, pool if prompted else None)
 
 
+# How the probe's items become prompts, where the items themselves stay: 2, HellaSwag's ctx_b capitalised.
+PROBE_PROMPTS = 2
+
+
 def probe_key(cfg, dtype, device, probe: dict) -> str:
-    """The fingerprint of the general-ability probe's base half: the model and the items."""
-    return fingerprint(model_key(cfg, dtype, device), cfg.eval.seed, probe)
+    """The fingerprint of the general-ability probe's base half: the model, the items and their prompts."""
+    return fingerprint(model_key(cfg, dtype, device), cfg.eval.seed, probe, PROBE_PROMPTS)
 
 
 class BaseScores:
