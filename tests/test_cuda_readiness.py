@@ -88,3 +88,51 @@ def test_an_objective_steps_counts_and_host_statistics_never_go_to_the_device(co
     objective.train_step(distributed.StepLoss(model, objective.loss), split, [[0, 1], [2, 3]],
                          tiny_tokenizer.pad_token_id, ranks, layout=PADDED)
     assert len(on_device) == 1 and collectives and all(kind == "cpu" for _, kind in collectives)
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+
+class _Model(torch.nn.Module):
+    """What shard() reads of a causal LM: get_decoder().layers, and weights outside them (the root's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder, self.head = _Decoder(), torch.nn.Linear(4, 1)
+
+    def get_decoder(self):
+        return self.decoder
+
+
+def test_under_fsdp2s_mixed_precision_the_batchs_float_values_reach_the_loss_in_fp32(monkeypatch):
+    """On CUDA FSDP2 gathers bf16 weights and, by default, casts every floating-point input of a sharded
+    module to bf16: the root's input is the batch, so a reference log-probability of -300.3 reached the
+    loss as -300 (bf16 keeps 8 bits), more than a DPO margin at the start. CUDA's policy runs on one gloo
+    rank here."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    cuda = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    monkeypatch.setattr(distributed, "mixed_precision", lambda device: cuda)
+    seen = {}
+
+    def loss(model, batch):
+        seen["reference"] = batch["reference"]
+        hidden = model.decoder.layers[0](batch["inputs"])
+        seen["hidden"] = hidden.dtype  # the weights' bf16 still makes the activations bf16
+        return model.head(hidden).float().sum() + batch["reference"].sum()
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = _Model()
+        root = distributed.StepLoss(model, loss)
+        distributed.shard(model, root, distributed.Ranks(0, 1, 0), torch.device("cpu"), offload=False)
+        reference = torch.tensor([-300.3, -41.7])
+        root({"inputs": torch.randn(2, 4), "reference": reference}).backward()
+    finally:
+        dist.destroy_process_group()
+    assert seen["reference"].dtype == torch.float32 and torch.equal(seen["reference"], reference)
+    assert seen["hidden"] == torch.bfloat16

@@ -205,19 +205,34 @@ def shard(model, module, ranks: Ranks, device: torch.device, offload: bool) -> N
     """FSDP2 over the decoder layers, the wrapper as the root (embeddings, final norm and LM head
     are gathered around its forward). On CUDA parameters are gathered in bf16 and gradients
     reduced in fp32; frozen base weights (adapter methods) are sharded like the rest."""
+    from dataclasses import replace
+
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (ranks.world,))
     options = {"mesh": mesh}
-    if device.type == "cuda":
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = mixed_precision(device)
+    if policy is not None:
+        options["mp_policy"] = policy
     if offload:  # pinned host memory needs an accelerator; on CPU ranks the shards stay where they are
         options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.get_decoder().layers:
         fully_shard(layer, **options)
-    fully_shard(module, **options)
+    # The root's input is the batch, whose floating-point values (reference log-probabilities, advantages,
+    # sequence lengths) FSDP2 would cast to bf16 (-300.3 becomes -300); its weights make bf16 activations.
+    fully_shard(module, **{**options, **({"mp_policy": replace(policy, cast_forward_inputs=False)} if policy else {})})
+
+
+def mixed_precision(device: torch.device):
+    """FSDP2's mixed precision on `device`: on CUDA bf16 weights in the forward and backward, gradients
+    reduced in fp32; None elsewhere (the weights' own dtype)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type != "cuda":
+        return None
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 @contextlib.contextmanager
