@@ -3,11 +3,18 @@ and which collectives carry host numbers (on the host, through gloo) or device t
 device, through NCCL). A meta tensor, which cannot be read, stands for the device."""
 from __future__ import annotations
 
+import contextlib
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from tunesmith.training import distributed
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it on one)")
+# One process on the device (a single GPU runs no NCCL group of two): the group a run of that device has.
+ON = [pytest.param("cpu", id="cpu-gloo"), pytest.param("cuda", id="cuda-nccl-gloo", marks=needs_cuda)]
 
 
 def test_on_cuda_the_process_group_has_gloo_beside_nccl_for_host_tensors(monkeypatch):
@@ -136,3 +143,62 @@ def test_under_fsdp2s_mixed_precision_the_batchs_float_values_reach_the_loss_in_
         dist.destroy_process_group()
     assert seen["reference"].dtype == torch.float32 and torch.equal(seen["reference"], reference)
     assert seen["hidden"] == torch.bfloat16
+
+
+@contextlib.contextmanager
+def one_rank_group(device_type: str):
+    """The process group setup() makes for a run on `device_type`, as its only rank; the rank's device."""
+    dist.init_process_group(distributed.CUDA_BACKENDS if device_type == "cuda" else "gloo", store=dist.HashStore(),
+                            rank=0, world_size=1)
+    try:
+        yield torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def _sum_of_head(model, batch):
+    return model.head(model.decoder.layers[0](batch)).float().sum()
+
+
+@pytest.mark.parametrize("device_type", ON)
+def test_fsdp2_offloaded_shards_clip_their_gradients_in_the_group_a_run_has(device_type):
+    """train.fsdp_offload: the gradients wait in host memory and their norm all-reduces CPU tensors
+    (under NCCL alone: 'No backend type associated with device type cpu', pytorch/pytorch#148532)."""
+    from tunesmith.device import host_floats
+    from tunesmith.training.loop import _clip
+
+    with one_rank_group(device_type) as device:
+        torch.manual_seed(0)
+        model = _Model().to(device)
+        root = distributed.StepLoss(model, _sum_of_head)
+        distributed.shard(model, root, distributed.Ranks(0, 1, 0, device=device), device, offload=True)
+        root(torch.randn(3, 4, device=device)).backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.grad.device.type == "cpu" for p in params)  # offloaded (on the CPU they were there already)
+        (norm,) = host_floats(_clip(params, 1e-3))
+    assert norm > 0 and math.isfinite(norm)
+
+
+@pytest.mark.parametrize("device_type", ON)
+def test_ddp_and_the_host_collectives_run_in_the_group_a_run_has(device_type):
+    """DDP's gradients on the device, Ranks' host numbers, objects and barriers on the host, in one group."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    with one_rank_group(device_type) as device:
+        ranks = distributed.Ranks(0, 1, 0, device=device, host=torch.device("cpu"))
+        ranks.world = 2  # takes the collectives' paths; the group itself has this one rank
+        torch.manual_seed(0)
+        model = _Model().to(device)
+        module = DistributedDataParallel(distributed.StepLoss(model, _sum_of_head), gradient_as_bucket_view=True,
+                                         device_ids=[device.index] if device.type == "cuda" else None)
+        with distributed.no_sync(module, last=False):
+            module(torch.randn(3, 4, device=device)).backward()
+        with torch.no_grad():  # a forward without a backward (an evaluation, KTO's reference point)
+            module(torch.randn(3, 4, device=device))
+        module(torch.randn(3, 4, device=device)).backward()
+        assert ranks.sum(1.5, 2) == [1.5, 2.0] and ranks.most(3.0) == 3.0 and ranks.any(True)
+        assert ranks.broadcast({"step": 3}) == {"step": 3} and ranks.gather("rng")[0] == "rng"
+        summed = ranks.sum_tensor(torch.ones(2, device=device))
+        ranks.barrier()
+        assert summed.device == device and summed.tolist() == [1.0, 1.0]
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
