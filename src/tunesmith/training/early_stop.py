@@ -110,7 +110,7 @@ class BestWeights:
         return cls(path)
 
 
-def run_best_weights(run_dir: Path | None, state, ranks, device) -> BestWeights:
+def run_best_weights(run_dir: Path | None, state, ranks) -> BestWeights:
     """The best weights of a run about to train. Rank 0 keeps them on disk, so a resumed run reopens
     them; the other ranks hold their replica's in memory and are told the resumed best by rank 0
     (a rank that did not know it skipped the restore at the end, and the ranks waited on each other's
@@ -125,7 +125,8 @@ def run_best_weights(run_dir: Path | None, state, ranks, device) -> BestWeights:
         else BestWeights()
     step, value = ranks.broadcast((best.step, best.value))
     if not ranks.main and step is not None:
-        best = BestWeights(None, step, value, load_file(run_dir / "best.safetensors", device=str(device)))
+        # Held in host memory, as trainable_state keeps them: a copy on the GPU is memory no plan counts.
+        best = BestWeights(None, step, value, load_file(run_dir / "best.safetensors", device="cpu"))
     return best
 
 

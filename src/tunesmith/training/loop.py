@@ -127,7 +127,7 @@ def fit(model, train: Split, validation: Split | None, cfg: Config, pad_id: int,
             stopper.restore(state.early_stopping)
     # Records of steps after the resumed one (or, starting afresh, every record) are about to be redone.
     log.truncate_after(state.step)
-    best = run_best_weights(run_dir, state, ranks, device)
+    best = run_best_weights(run_dir, state, ranks)
     warned_overfitting = False
     stream = optimizer_steps(train, cfg, layout)
     consumed = 0
