@@ -285,6 +285,7 @@ def test_a_peft_export_that_does_not_reload_as_the_run_is_refused_and_the_earlie
 
 
 def test_unsupported_architecture_and_format_get_a_clear_message(tmp_path, capsys):
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, GPT2Config
 
     folder = tmp_path / "gpt2"
@@ -297,6 +298,7 @@ def test_unsupported_architecture_and_format_get_a_clear_message(tmp_path, capsy
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, str(run / "adapter" / "adapter_model.safetensors"))  # refused before it loads
     (run / "config.yaml").write_text(json.dumps({"model": {"name": str(folder)}, "data": {"train": "demo"}}))
     assert main(["export", str(run), "--format", "gguf"]) == 2
     assert "this model is 'gpt2'" in capsys.readouterr().err
