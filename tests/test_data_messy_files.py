@@ -108,6 +108,22 @@ def test_a_pretty_printed_record_among_json_lines_is_one_problem_naming_its_line
     assert rows == [(1, qa("q1", "a1")), (6, qa("q3", "a3"))]
     assert problems == [(2, "pretty-printed record (lines 2-5 are one record; JSON Lines holds one record per "
                             "line: jq -c . p.jsonl > lines-p.jsonl)")]
+    # A chat record pretty-printed, its message objects one per line (the last parses alone), and gzipped.
+    chat = ('{"question": "q1", "answer": "a1"}\n{\n  "messages": [\n    {"role": "user", "content": "hi"},\n'
+            '    {"role": "assistant", "content": "yo"}\n  ]\n}\n{"question": "q3", "answer": "a3"}\n')
+    with gzip.open(tmp_path / "chat.jsonl.gz", "wt") as handle:
+        handle.write(chat)
+    rows, problems = rows_of(tmp_path / "chat.jsonl.gz")
+    assert rows == [(1, qa("q1", "a1")), (8, qa("q3", "a3"))]
+    assert problems == [(2, "pretty-printed record (lines 2-7 are one record; JSON Lines holds one record per "
+                            "line: zcat chat.jsonl.gz | jq -c . > lines-chat.jsonl)")]
+    # One that never comes whole is one problem naming where it breaks.
+    (tmp_path / "cut.jsonl").write_text('{"question": "q1", "answer": "a1"}\n{\n  "question": "q2",\n  "answer": \n}\n'
+                                        '{"question": "q3", "answer": "a3"}\n')
+    rows, problems = rows_of(tmp_path / "cut.jsonl")
+    assert rows == [(1, qa("q1", "a1")), (6, qa("q3", "a3"))]
+    assert problems == [(2, "broken JSON (lines 2-5 read as one pretty-printed record: Expecting value at line 5 "
+                            "column 1)")]
     # A broken line that opens a brace and is never closed is broken JSON line by line, as before.
     (tmp_path / "b.jsonl").write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2",\n'
                                       '{"question": "q3", "answer": "a3"}\n')

@@ -223,26 +223,31 @@ def _json_lines(path: Path, lines) -> Records:
         if not line.strip():
             continue
         record, reason = _json_line(line)
-        if opened and reason:
+        # Inside an open record: an indented line (a message object of a pretty-printed chat record parses
+        # alone), or one that is no JSON value by itself.
+        if opened and (line[:1].isspace() or (reason and reason.startswith("broken JSON"))):
             opened.append((number, line))
-            if _json_line("\n".join(text for _, text in opened))[0] is not None:
+            text = "\n".join(part.rstrip("\r\n") for _, part in opened)
+            if _json_line(text)[0] is not None:
+                jq = f"zcat {path.name} | jq -c . > lines-{path.name[:-3]}" if path.name.lower().endswith(".gz") \
+                    else f"jq -c . {path.name} > lines-{path.name}"
                 out.problems.append(Problem(str(path), opened[0][0], (
                     f"pretty-printed record (lines {opened[0][0]}-{number} are one record; JSON Lines holds one record "
-                    f"per line: jq -c . {path.name} > lines-{path.name})")))
+                    f"per line: {jq})")))
                 opened = []
-            elif len(opened) > MAX_RECORD_LINES:
-                _broken_lines(path, opened, out)
+            elif not _unfinished(text) or len(opened) > MAX_RECORD_LINES:
+                _broken_record(path, opened, out)
                 opened = []
             continue
-        _broken_lines(path, opened, out)
+        _broken_record(path, opened, out)
         opened = []
-        if reason and line.lstrip().startswith("{"):
+        if reason and line.lstrip().startswith("{") and _unfinished(line):
             opened = [(number, line)]
         elif reason:
             out.problems.append(Problem(str(path), number, reason))
         else:
             out.rows.append((str(path), number, record))
-    _broken_lines(path, opened, out)
+    _broken_record(path, opened, out)
     return out
 
 
@@ -259,9 +264,32 @@ def _json_line(line: str) -> tuple[dict | None, str | None]:
     return record, None
 
 
-def _broken_lines(path: Path, lines: list[tuple[int, str]], out: Records) -> None:
-    """Lines that opened a record no later line closed: each broken on its own."""
-    out.problems.extend(Problem(str(path), number, _json_line(line)[1]) for number, line in lines)
+def _unfinished(text: str) -> bool:
+    """JSON that breaks only where the text ends: the start of a record that later lines may finish."""
+    text = text.rstrip()  # a line's own end: a string left open there is broken (strings hold no line breaks)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        return err.pos >= len(text)
+    except (ValueError, RecursionError):
+        return False
+    return False
+
+
+def _broken_record(path: Path, lines: list[tuple[int, str]], out: Records) -> None:
+    """Lines read as the start of a record that did not come whole: one problem at its first line."""
+    if len(lines) == 1:
+        out.problems.append(Problem(str(path), lines[0][0], _json_line(lines[0][1])[1]))
+    elif lines:
+        try:
+            json.loads("\n".join(part.rstrip("\r\n") for _, part in lines))
+            where = "not one JSON object"
+        except json.JSONDecodeError as err:
+            where = f"{err.msg.removesuffix(' at')} at line {lines[err.lineno - 1][0]} column {err.colno}"
+        except (ValueError, RecursionError) as err:
+            where = type(err).__name__
+        out.problems.append(Problem(str(path), lines[0][0], f"broken JSON (lines {lines[0][0]}-{lines[-1][0]} read as "
+                                                             f"one pretty-printed record: {where})"))
 
 
 def _json_document(path: Path, text: str) -> Records | None:
