@@ -151,3 +151,16 @@ def test_a_started_runs_base_gone_is_said_and_a_run_without_a_record_loads_as_be
         load_trained(str(tmp_path / "dep"))
     (tmp_path / "dep" / "started_from.json").unlink()  # a run folder written before the record existed
     load_trained(str(tmp_path / "dep"))
+
+
+def test_a_resume_merges_again_an_unchanged_earlier_run_whose_merge_was_removed(sft_run, tmp_path):
+    """Judged before the merge, a resume was refused as 'trained on ... export/merged, which is no longer
+    there', though the adapter it was merged from is unchanged and the start merges it again."""
+    data = write_jsonl(tmp_path / "more.jsonl", qa_rows(12))
+    config = run_config(sft_run, tmp_path / "dep", data, checkpoint_every=1)
+    tunesmith.train(config)
+    (tmp_path / "dep" / "results.json").unlink()  # stopped before its end
+    shutil.rmtree(tmp_path / "dep" / "adapter")
+    shutil.rmtree(sft_run / "export")
+    assert tunesmith.train(config)["resumed_from"] is not None
+    load_trained(str(tmp_path / "dep"))  # on the same base, merged again

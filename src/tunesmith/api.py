@@ -65,8 +65,9 @@ def _train(cfg: Config, must_resume: bool, ranks: distributed.Ranks) -> dict:
     # Taken before the folder is judged: a second writer hears of the first, not of its half-written state.
     with runlock.hold(run.path) if ranks.main else contextlib.nullcontext():
         # Judged before `model: RUN` is merged: a resume its start refuses, or a finished run, merged it for nothing.
-        run.check_usable(cfg.output.overwrite, must_resume, cfg.train.resume)
+        run.check_usable(cfg.output.overwrite, must_resume, cfg.train.resume, merged=False)
         cfg = anchored(resolve_start(cfg, ranks))  # model: an earlier run folder -> its (merged) model
+        run.check_usable(cfg.output.overwrite, must_resume, cfg.train.resume)  # and the merge it trained on
         device = resolve(cfg.train.device, ranks.local_rank)
         method = methods.get(cfg.adapter.method)
         tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)

@@ -43,9 +43,10 @@ def file_fingerprint(path: Path) -> list:
     return [stat.st_size, stat.st_mtime_ns, hashlib.sha256(header).hexdigest()[:16]]
 
 
-def check_base(run: Path) -> None:
+def check_base(run: Path, merged: bool = True) -> None:
     """Refuse a run whose starting run's model is no longer what it trained on (a run without RECORD,
-    started from a model or written before the record existed, passes as before)."""
+    started from a model or written before the record existed, passes as before). `merged` False:
+    the merge itself may be gone (a resume merges the unchanged adapter again before it trains)."""
     try:
         record = json.loads((run / RECORD).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -62,6 +63,6 @@ def check_base(run: Path) -> None:
         raise UserError(f"{run}: trained on the model of run {source} ({model}), which {what}; train {run} again "
                         f"(model: {source}, output.overwrite=true), or restore {source} as it was (with its files' "
                         "times: cp -a)")
-    if not (model / "config.json").is_file():  # its merge removed; the adapter it was made from is unchanged
+    if merged and not (model / "config.json").is_file():  # its merge removed; the adapter it was made from is unchanged
         raise UserError(f"{run}: trained on {model} (run {source}'s adapter merged into its base), which is no "
                         f"longer there; `tunesmith export {source} --format hf` writes it again")

@@ -154,8 +154,9 @@ class RunFolder:
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{self.path}: output.dir exists and is not a folder")
 
-    def check_usable(self, overwrite: bool, must_resume: bool = False, resume: bool = True) -> None:
-        """Refuse an unusable run folder before anything is loaded or written."""
+    def check_usable(self, overwrite: bool, must_resume: bool = False, resume: bool = True, merged: bool = True) -> None:
+        """Refuse an unusable run folder before anything is loaded or written (`merged` False: before
+        `model: RUN` is merged again, so a removed merge is no reason)."""
         self.check_folder()
         if must_resume and not self.checkpoint_folders():
             raise UserError(f"{self.path}: --resume given, but there is no checkpoint to resume from")
@@ -166,7 +167,7 @@ class RunFolder:
             raise UserError(f"{self.path}: holds the checkpoints of an unfinished run, and train.resume=false starts "
                             "over: set output.overwrite=true to delete them, or choose another output.dir")
         if self.checkpoint_folders() and not self.starts_over(overwrite, must_resume, resume):
-            check_base(self.path)  # a resume goes on on the model it started on
+            check_base(self.path, merged)  # a resume goes on on the model it started on
 
     def starts_over(self, overwrite: bool, must_resume: bool, resume: bool) -> bool:
         """Whether `prepare` deletes the earlier run's state: overwrite of a finished run, or of an
