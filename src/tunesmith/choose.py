@@ -4,7 +4,7 @@ For each candidate (a local folder, a .gguf file, a hub id, 'default'): the plan
 time for the configured run on the chosen device; where it fits, the answer loss and generation
 metrics on the validation examples zero-shot and with retrieved training examples; with a token
 budget, a short fine-tune of that many training tokens each and the same metrics after it. The
-candidates are ranked, each against the next with a paired bootstrap interval, in one table
+candidates are ranked, each against the next with a paired interval, in one table
 (choose.json) and one plot (choose.png). Candidates that do not fit are listed as such, not loaded.
 
 The answer loss is compared per character of the reference answer (nats per character), not per
@@ -249,7 +249,7 @@ def format_choice(result: dict) -> str:
 
 
 def plot(result: dict, target: Path) -> Path:
-    """Each candidate's ranking metric per setting, with a 95% bootstrap interval of the mean."""
+    """Each candidate's ranking metric per setting, with a 95% interval of the mean (Wilson's for a share right, else a bootstrap)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring_options(p)
     p.set_defaults(func=cmd_eval, **dict.fromkeys(SCORED_AS_RUN))  # unset: a run's own (measure.scored_as)
 
-    p = sub.add_parser("compare", help="A vs B (e.g. base vs fine-tuned) with bootstrap 95%% intervals and answers side by side")
+    p = sub.add_parser("compare", help="A vs B (e.g. base vs fine-tuned) with paired 95%% intervals and answers side by side")
     p.add_argument("a", help="baseline: model, run folder or 'default'")
     p.add_argument("b", help="candidate: run folder, adapter folder or model")
     p.add_argument("--data", required=True)

@@ -328,9 +328,11 @@ def readable_weights(folder: Path) -> None:
 
     files = sorted(folder.glob("*.safetensors"))
     index = read_json(folder / "model.safetensors.index.json")  # a sharded model: each shard it names
-    named = {str(name) for name in index.get("weight_map", {}).values()} if isinstance(index, dict) else set()
+    shards = index.get("weight_map") if isinstance(index, dict) else None
+    named = {str(name) for name in shards.values()} if isinstance(shards, dict) else set()
     missing = sorted(named - {path.name for path in files})
-    if missing or not files:
+    # An adapter folder saved by older peft (or safe_serialization=False) holds adapter_model.bin
+    if missing or not (files or any(folder.glob("*.bin"))):
         what = f"weights missing ({', '.join(missing[:3])})" if missing else "no weights (no .safetensors file)"
         raise UserError(f"{folder}: {what}; train the run again, or restore the file")
     for path in files:

@@ -57,7 +57,7 @@ class Scored:
         return np.array([r.get(metric, np.nan) for r in self.rows], dtype=float)
 
     def interval(self, metric: str, samples: int = 2000, seed: int = 0) -> dict[str, float]:
-        """The mean as `means` gives it (per token for the answer loss) with its bootstrap interval."""
+        """The mean as `means` gives it (per token for the answer loss) with its 95% interval (mean_interval)."""
         values = self.values(metric)
         present = ~np.isnan(values)
         weights = np.array(self.tokens, float)[present] if metric == LOSS else None

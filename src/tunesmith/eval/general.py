@@ -360,7 +360,7 @@ def warnings(rows: list[dict], margin: float) -> list[str]:
              f"(more than eval.general_margin={margin:g}; 95% interval {r['low']:+.1f} to {r['high']:+.1f}"
              + (", which includes 0: it may be noise, more items would tell)" if r["high"] >= 0 else ")")
              for r in rows if r["lost"]]
-    # "+0.0 [+0.0, +0.0]" on 10 items says no item changed, not that nothing did: said beside it
+    # On a set of few items one item moves the score by many points, and the interval is wide: said beside it
     small = [r for r in rows if r["main"] and r["set"] != "all" and r["items"] < SMALL_SET]
     if small:
         lines.append("note: " + ", ".join(f"{r['set']} has {r['items']} items" for r in small)

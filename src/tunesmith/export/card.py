@@ -73,7 +73,7 @@ def base_text(name: str) -> str:
     return origin(name) if base_model_facts(name)[0] else f"{origin(name)}, not on the Hub"
 
 
-def origin(name: str) -> str:
+def origin(name: str, seen: frozenset = frozenset()) -> str:
     from ..start import source_run
 
     if name in ("", "default"):
@@ -82,10 +82,11 @@ def origin(name: str) -> str:
     if hub_id:
         return f"`{hub_id}`"
     earlier = source_run(name)
-    if earlier is None:
+    if earlier is None or earlier.resolve() in seen:  # runs retrained from each other name each other's merge
         return f"a local model folder (`{local_name(name)}`)"
     started = RunFolder(earlier).read_config().model.name
-    return f"the model of an earlier tunesmith run (`{earlier.name}`, trained from {origin(started)})"
+    return (f"the model of an earlier tunesmith run (`{earlier.name}`, trained from "
+            f"{origin(started, seen | {earlier.resolve()})})")
 
 
 def local_name(spec: str) -> str:
@@ -129,7 +130,8 @@ def comparison_sections(results: dict, comparison: dict) -> list[str]:
         parts.append(table(*difference_rows(found)))
         where = (f"{found['examples_scored']} examples of `{found.get('data')}`" if later
                  else f"{(results.get('fine_tuned') or {}).get('test_examples', 'the')} held-out test examples")
-        parts.append(f"Scored on {where}; the intervals come from a paired bootstrap over the examples, and "
+        parts.append(f"Scored on {where}; the intervals are paired over the examples (Newcombe's for right/wrong "
+                     "scores, else a bootstrap), and "
                      "wins / ties / losses count the examples where the fine-tuned model did better, "
                      "the same or worse." + (f"\n\nVerdict: {found['verdict']}" if found.get("verdict") else ""))
     if tables:
