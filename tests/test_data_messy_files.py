@@ -96,6 +96,9 @@ def test_a_stray_quote_closed_lines_later_is_one_malformed_row_naming_its_lines(
     (tmp_path / "multi.csv").write_text('question,answer\n"Steps?","one,\ntwo"\nq,"a\nb",c\n')
     rows, problems = rows_of(tmp_path / "multi.csv")
     assert rows == [(2, qa("Steps?", "one,\ntwo"))]
+    # ... and so is one in a row that leaves out its last, optional cell.
+    (tmp_path / "short.csv").write_text('question,answer,system\nq1,"line one\nline two"\n')
+    assert rows_of(tmp_path / "short.csv") == ([(2, qa("q1", "line one\nline two"))], [])
     assert problems == [(4, "malformed CSV row (lines 4-5 read as one row of 3 cells, the header has 2: "
                             "a quoted cell runs over line breaks; a stray quote?)")]
 

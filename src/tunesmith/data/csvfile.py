@@ -69,7 +69,7 @@ def _rows(handle, path: Path, tsv: bool, quoting: int) -> Iterator[tuple[int, di
         if not "".join(cells).strip() or cells == header:
             continue  # a blank line, a row of delimiters only (Excel's), a header repeated (files joined)
         last = skipped + reader.line_num
-        if last > first and len(cells) != len(header):  # a stray quote would otherwise hide the rows it swallowed
+        if last > first and _swallowed(cells, header, delimiter):  # a stray quote would hide the rows it swallowed
             yield first, (f"malformed CSV row (lines {first}-{last} read as one row of {len(cells)} "
                           f"cell{'s' * (len(cells) > 1)}, the header has {len(header)}: a quoted cell runs over "
                           "line breaks; a stray quote?)")
@@ -78,6 +78,16 @@ def _rows(handle, path: Path, tsv: bool, quoting: int) -> Iterator[tuple[int, di
             yield first, "malformed CSV row (more cells than columns)"
             continue
         yield first, dict(zip(header, cells))  # a short row lacks its last cells: said as missing fields, not nulls
+
+
+def _swallowed(cells: list[str], header: list[str], delimiter: str) -> bool:
+    """Whether a record over several lines is rows run together by a stray quote: more cells than the
+    header, or fewer with a line inside a cell that is a whole row itself (a multi-line cell in a row
+    that leaves out its last, optional cells is read as it is)."""
+    if len(cells) > len(header):
+        return True
+    return len(cells) < len(header) and any(line.count(delimiter) >= len(header) - 1
+                                            for cell in cells for line in cell.splitlines()[1:])
 
 
 def _next(reader, tsv: bool, first: int, delimiter: str) -> list[str] | None:
