@@ -360,7 +360,7 @@ def test_a_run_folder_without_its_weights_is_one_clear_line(tmp_path, tiny_model
     assert "model: weights missing (model-00002-of-00002.safetensors); train the run again" in capsys.readouterr().err
     # An index whose weight_map is no mapping names no shard (was an AttributeError); an adapter folder
     # saved as adapter_model.bin (older peft, safe_serialization=False) has its weights.
-    from tunesmith.runs import readable_weights
+    from tunesmith.weightfiles import readable_weights
 
     (run / "model" / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
     readable_weights(run / "model")

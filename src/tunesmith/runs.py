@@ -26,6 +26,7 @@ from pathlib import Path
 from .errors import UserError
 from .lineage import check_base
 from .methods import ADAPTER_DIR, MODEL_DIR
+from .weightfiles import readable_weights
 
 CHECKPOINT_PREFIX = "step-"
 PARTIAL = ".partial"
@@ -318,30 +319,6 @@ def own_test_data(spec: str) -> str:
     say(f"eval: the run's own test data, {test}" + (f"; it was scored with eval.scorer {config.eval.scorer}: "
                                                     f"add --scorer {config.eval.scorer}" if config.eval.scorer else ""))
     return test
-
-
-def readable_weights(folder: Path) -> None:
-    """Each safetensors file of a folder reads whole (its header, and data to the end its header
-    names): a file cut short (a full disk, a copy interrupted) is said here, before anything loads
-    it or, for `push`, before a hub repo is made for it."""
-    from safetensors import SafetensorError, safe_open
-
-    files = sorted(folder.glob("*.safetensors"))
-    index = read_json(folder / "model.safetensors.index.json")  # a sharded model: each shard it names
-    shards = index.get("weight_map") if isinstance(index, dict) else None
-    named = {str(name) for name in shards.values()} if isinstance(shards, dict) else set()
-    missing = sorted(named - {path.name for path in files})
-    # An adapter folder saved by older peft (or safe_serialization=False) holds adapter_model.bin
-    if missing or not (files or any(folder.glob("*.bin"))):
-        what = f"weights missing ({', '.join(missing[:3])})" if missing else "no weights (no .safetensors file)"
-        raise UserError(f"{folder}: {what}; train the run again, or restore the file")
-    for path in files:
-        try:
-            with safe_open(str(path), "pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"{path}: damaged weights ({str(err).splitlines()[0][:160]}); train the run again, or "
-                            "restore the file") from None
 
 
 def trained_folder(run: str | Path) -> Path:
