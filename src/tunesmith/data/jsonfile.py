@@ -40,11 +40,9 @@ def _json_lines(path: Path, lines) -> Records:
             opened.append((number, line))
             text = "\n".join(part.rstrip("\r\n") for _, part in opened)
             if _json_line(text)[0] is not None:
-                jq = f"zcat {path.name} | jq -c . > lines-{path.name[:-3]}" if path.name.lower().endswith(".gz") \
-                    else f"jq -c . {path.name} > lines-{path.name}"
                 out.problems.append(Problem(str(path), opened[0][0], (
                     f"pretty-printed record (lines {opened[0][0]}-{number} are one record; JSON Lines holds one record "
-                    f"per line: {jq})")))
+                    f"per line: {_one_per_line(path)})")))
                 opened = []
             elif not _unfinished(text) or len(opened) > MAX_RECORD_LINES:
                 _broken_record(path, opened, out)
@@ -60,6 +58,13 @@ def _json_lines(path: Path, lines) -> Records:
             out.rows.append((str(path), number, record))
     _broken_record(path, opened, out)
     return out
+
+
+def _one_per_line(path: Path) -> str:
+    """The jq command that writes a file's JSON records one per line (a .gz decompressed first)."""
+    if path.name.lower().endswith(".gz"):
+        return f"zcat {path.name} | jq -c . > lines-{path.name[:-3]}"
+    return f"jq -c . {path.name} > lines-{path.name}"
 
 
 def _json_line(line: str) -> tuple[dict | None, str | None]:
@@ -114,8 +119,8 @@ def _json_document(path: Path, text: str) -> Records | None:
     except json.JSONDecodeError as err:
         if first not in ("[", "{"):
             return None  # lines that are bare lists of chat messages
-        several = "; several JSON documents one after another: write one record per line (jq -c . " \
-                  f"{path.name} > lines-{path.name})" if err.msg == "Extra data" else ""
+        several = ("; several JSON documents one after another: write one record per line "
+                   f"({_one_per_line(path)})") if err.msg == "Extra data" else ""
         raise UserError(f"{path}:{err.lineno}: not JSON Lines (one record per line), and broken JSON as one "
                         f"document ({err.msg}){several}") from None
     except (ValueError, RecursionError):
