@@ -13,7 +13,7 @@ import urllib.parse
 
 import pytest
 
-from test_ui_api import call, fake_run, served  # noqa: F401 (served: a fixture)
+from test_ui_api import call, fake_run, served, wait_for  # noqa: F401 (served: a fixture)
 from tunesmith.errors import UserError
 from tunesmith.ui import make_server
 
@@ -252,6 +252,11 @@ def test_slow_clients_do_not_hold_the_server(served):  # noqa: F811
     assert results == [200]
 
 
+def free_slots(server) -> int:
+    """Connections the server would take now; read, not taken, so its own accepts never race this."""
+    return server.slots._value
+
+
 def test_a_trickling_client_is_dropped_and_idle_connections_cannot_take_every_thread(served, monkeypatch):  # noqa: F811
     """Slowloris: one header line every few seconds kept a connection (and its thread) for ever,
     since the timeout was per read; a thousand idle connections took every file handle."""
@@ -285,13 +290,16 @@ def test_a_trickling_client_is_dropped_and_idle_connections_cannot_take_every_th
         if call(server, "/api/runs")[0] == 200:
             break
         time.sleep(0.2)
+    # a loaded machine may not have ended the answering thread yet: wait for every slot, then
+    # for the three idle connections to hold them all (as the CI run of 2026-12-07 showed)
+    wait_for(lambda: free_slots(server) == 3, timeout=10)
     idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(3)]
-    time.sleep(0.5)
+    wait_for(lambda: free_slots(server) == 0, timeout=10)
     extra = socket.create_connection(("127.0.0.1", port), timeout=30)
     extra.sendall(b"GET /api/runs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert extra.recv(100) == b""  # past the cap: closed unanswered
     extra.close()
-    time.sleep(3)  # the idle ones pass their deadline and free their threads
+    wait_for(lambda: free_slots(server) == 3, timeout=15)  # the idle ones pass their deadline, free their threads
     assert call(server, "/api/runs")[0] == 200
     for sock in idle:
         sock.close()
