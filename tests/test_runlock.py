@@ -72,15 +72,26 @@ def test_a_holder_leaving_while_another_opened_the_file_leaves_one_holder(tmp_pa
     assert runlock.holder(folder) is None
 
 
-def test_a_waiting_writer_takes_the_lock_once_the_holder_leaves(tmp_path):
+def test_a_waiting_writer_takes_the_lock_once_the_holder_leaves(tmp_path, monkeypatch):
     """A second writer started while the first holds the folder retries for PROBE_GRACE_SECONDS and
     takes it once the first leaves; a kill -9 of a holder frees the folder."""
     folder = tmp_path / "run"
-    taken, done = [], threading.Event()
+    taken, done, refused = [], threading.Event(), threading.Event()
+    real_read_pid = runlock._read_pid
+
+    def read_pid(fd):  # _take reads the holder's pid each time its lock is refused
+        refused.set()
+        return real_read_pid(fd)
+
+    # The first leaves once the second has been refused (not after a fixed sleep, which a busy machine
+    # outlasts before the second even tries); the grace outlasts however late the first is in leaving.
+    monkeypatch.setattr(runlock, "_read_pid", read_pid)
+    monkeypatch.setattr(runlock, "PROBE_GRACE_SECONDS", 120.0)
 
     def second():
         with runlock.hold(folder):  # waits (PROBE_GRACE_SECONDS) for the first to leave
             taken.append(runlock.holder(folder))
+            monkeypatch.setattr(runlock, "PROBE_GRACE_SECONDS", 0.1)  # the third's refusal comes quickly
             with pytest.raises(UserError):
                 with runlock.hold(folder):  # a third is refused: the second holds the folder's file
                     pass
@@ -89,8 +100,8 @@ def test_a_waiting_writer_takes_the_lock_once_the_holder_leaves(tmp_path):
     with runlock.hold(folder):
         thread = threading.Thread(target=second)
         thread.start()
-        time.sleep(0.3)
-    wait_for(lambda: taken, 10)
+        assert refused.wait(120), "the second writer never tried"
+    wait_for(lambda: taken, 120)
     assert taken == [os.getpid()] and (folder / runlock.LOCK_FILE).exists()
     done.set()
     thread.join(30)
