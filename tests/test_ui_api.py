@@ -290,6 +290,9 @@ def test_start_and_stop_a_real_run(served, tmp_path, tiny_model_dir):
     assert code == 200 and body["stopped"] == started["pid"]
     wait_for(lambda: metrics()["status"] != "running")
     assert status(folder) == "stopped"
+    # The lock goes with training's last step; the trainer says why it stopped after that, as it exits.
+    [trainer] = [child for child in server.children if child.pid == started["pid"]]
+    trainer.wait(timeout=240)
     checkpoint_steps = [int(p.name.split("-")[1]) for p in (folder / "checkpoints").iterdir()]
     last_logged = max(r["step"] for r in metrics()["records"] if r["event"] == "train")
     assert max(checkpoint_steps) >= last_logged
