@@ -90,11 +90,15 @@ def curve_points(driver, series: str = "train loss") -> int:
 
 
 @pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
-def test_dashboard_end_to_end(dashboard, browser, tmp_path, tiny_model_dir, tiny_tokenizer, tiny_config):
+def test_dashboard_end_to_end(dashboard, browser, tmp_path, tiny_model_dir, tiny_tokenizer, tiny_config, monkeypatch):
     """One flow, as a user would: each step builds on the run the previous one made."""
     from tunesmith.config import DataConfig
     from tunesmith.data.demo import make_splits
     from tunesmith.data.prepare import prepare
+    from tunesmith.ui import launch
+
+    sent, real_stop = [], launch.stop  # the pids the dashboard's Stop has signalled
+    monkeypatch.setattr(launch, "stop", lambda folder: sent.append(real_stop(folder)) or sent[-1])
 
     splits = make_splits(40, seed=4, validation_size=6, test_size=4)
     files = {name: write_jsonl(tmp_path / f"{name}.jsonl", rows) for name, rows in splits.items()}
@@ -140,9 +144,14 @@ def test_dashboard_end_to_end(dashboard, browser, tmp_path, tiny_model_dir, tiny
     browser.save_screenshot(str(ARTIFACTS / "2-run-training.png"))
 
     browser.find_element(By.ID, "stop").click()
-    time.sleep(0.5)  # the SIGTERM is pending in the frozen trainer; it acts on it when thawed
+    # Thawed once the dashboard has sent the SIGTERM (pending in the frozen trainer, acted on when thawed):
+    # thawed before, on a busy machine, it trained on to its end.
+    wait_for(lambda: sent == [pid], 60, what="the Stop's SIGTERM")
     os.kill(pid, signal.SIGCONT)
     wait_for(lambda: text_of(browser, "#run-status") == "stopped", 60, what="stopped")
+    # The lock goes with training's last step; the trainer says why it stopped after that, as it exits.
+    [trainer] = [child for child in dashboard.children if child.pid == pid]
+    trainer.wait(timeout=240)
     checkpoints = sorted(int(p.name.split("-")[1]) for p in (folder / "checkpoints").iterdir())
     assert checkpoints and checkpoints[-1] < 30 and checkpoints[-1] >= logged_steps(folder)[-1]
     assert "stopped by signal 15; checkpoint saved" in (folder / "train.log").read_text()
