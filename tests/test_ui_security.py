@@ -305,6 +305,33 @@ def test_a_trickling_client_is_dropped_and_idle_connections_cannot_take_every_th
         sock.close()
 
 
+def test_sigterm_while_a_connections_thread_starts_stops_the_server(served):  # noqa: F811
+    """SIGTERM raises Terminated wherever the main thread is; in Thread.start, after the connection's
+    thread began (and here ended), its slot was given back twice: the ValueError took the Terminated's
+    place, socketserver logged it and served on, and `tunesmith ui` outlived its SIGTERM (make test of
+    2026-12-07: terminate() then 30 s without an exit)."""
+    from tunesmith.errors import Terminated
+
+    server = served()
+    free = free_slots(server)
+    start = threading.Thread.start
+
+    def start_then_signal(thread):
+        start(thread)
+        thread.join(30)  # the connection served (it is closed), its slot given back
+        raise Terminated(15)
+
+    mine, theirs = socket.socketpair()
+    theirs.close()
+    threading.Thread.start = start_then_signal
+    try:
+        with pytest.raises(Terminated):
+            server.process_request(mine, ("127.0.0.1", 1))
+    finally:
+        threading.Thread.start = start
+    assert free_slots(server) == free
+
+
 def test_grpo_rewards_run_code_and_need_allow_code_too(served, form, tmp_path):  # noqa: F811
     """train.rewards imports `module:function` (or a file) like eval.scorer: it was let through."""
     server = served()

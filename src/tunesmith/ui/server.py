@@ -81,22 +81,34 @@ class Dashboard(ThreadingHTTPServer):
         self.children: list = []  # runs started here, reaped so none lingers as a zombie
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.holding: set = set()  # the connections holding a slot
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
+        with self.lock:
+            self.holding.add(request)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            # SIGTERM (Terminated) may come while Thread.start waits for a thread already running: the
+            # slot is given back once, here or by that thread (released twice, the ValueError hid the
+            # Terminated from serve_forever, and the server ran on)
+            self.give_back(request)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self.give_back(request)
+
+    def give_back(self, request) -> None:
+        with self.lock:
+            if request in self.holding:
+                self.holding.remove(request)
+                self.slots.release()
 
     @property
     def url(self) -> str:
