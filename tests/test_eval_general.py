@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tunesmith.eval.general import (MULTIPLE_CHOICE, SETS, choice_prompt, choice_scores, compare_probe,
-                                    continuation_ids, format_probe, load_probe, loglikelihoods, main_metric, number_in,
-                                    same_number, warnings)
+from tunesmith.eval.general import (MULTIPLE_CHOICE, SETS, choice_prompt, choice_scores, compare_probe, format_probe,
+                                    load_probe, main_metric, number_in, same_number, warnings)
+from tunesmith.eval.likelihood import continuation_ids, loglikelihoods
 from tunesmith.errors import UserError
 from tunesmith.models import load_model
 

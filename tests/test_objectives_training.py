@@ -217,7 +217,7 @@ def test_the_logged_nll_is_the_one_in_the_loss_and_ipo_rewards_are_per_token(tin
 def test_precomputed_reference_log_probs_on_the_models_device(tiny_model_dir, tiny_tokenizer, tmp_path):
     """train.precompute_ref, before training, with the model where a run puts it (train.device auto: a
     GPU where there is one): the host-built batches reach the model's device, and each pair gets the
-    log-probs the reference gives it during training."""
+    log-probs the reference gives it during training; over ranks, each computes its share only."""
     from tunesmith.data.collate import PADDED
     from tunesmith.data.preference import PAIRS, prepare_preference
     from tunesmith.device import resolve
@@ -225,6 +225,7 @@ def test_precomputed_reference_log_probs_on_the_models_device(tiny_model_dir, ti
     from tunesmith.objectives.base import on_device
     from tunesmith.objectives.dpo import DPO
     from tunesmith.objectives.logps import Reference
+    from tunesmith.training import distributed
 
     path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(5))
     settings = {"data": {"train": str(path), "validation": str(path)},
@@ -242,6 +243,28 @@ def test_precomputed_reference_log_probs_on_the_models_device(tiny_model_dir, ti
     expected = live.reference_logps(model, on_device(live.batch(split.encoded).tensors, device)).tolist()
     assert [v for reference in stored for v in reference] == pytest.approx(  # expected: all chosen, then all rejected
         [v for both in zip(expected[:5], expected[5:]) for v in both], rel=1e-5)
+
+    # Two ranks (here one after the other): each computes every second batch of 2 pairs and receives the
+    # other's through Ranks.gather; every rank computed all 5 before.
+    class Rank(distributed.Ranks):
+        def gather(self, value):
+            parts[self.rank] = value
+            return parts
+
+    class Counted(DPO):
+        def batch(self, examples, key=None):
+            asked[-1].append(len(examples))  # the pairs this rank computes
+            return super().batch(examples, key)
+
+    parts, asked = [{}, {}], []
+    settings["train"]["precompute_ref"] = True
+    for rank in (0, 1):
+        own = prepare_preference(validate(settings).data, tiny_tokenizer, PAIRS).splits["train"]
+        asked.append([])
+        Counted(validate(settings), Reference(model), PADDED, tiny_tokenizer.pad_token_id).prepare(model, [own],
+                                                                                                 Rank(rank, 2, rank))
+    assert asked == [[2, 1], [2]]  # pairs 0-1 and 4 on rank 0, 2-3 on rank 1
+    assert [pair.reference for pair in own.encoded] == stored  # rank 1 got rank 0's: the same batches, the same figures
 
 
 @pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
@@ -321,20 +344,22 @@ def test_ci_installs_trl_before_the_tests():
 
 
 @pytest.mark.slow  # moved out of `make test` (10-minute budget); runs in .ci/run's slow set
-@pytest.mark.parametrize("objective,shared,batch", [("dpo", "rewards/margin", 4), ("kto", "kl", 4),
-                                                   ("dpo", "rewards/margin", 1)])
-def test_preferences_on_two_ranks_equal_one_process(tiny_model_dir, tmp_path, objective, shared, batch):
+@pytest.mark.parametrize("objective,shared,batch,precompute", [
+    ("dpo", "rewards/margin", 4, False), ("kto", "kl", 4, False), ("dpo", "rewards/margin", 1, False),
+    ("dpo", "rewards/margin", 4, True)])
+def test_preferences_on_two_ranks_equal_one_process(tiny_model_dir, tmp_path, objective, shared, batch, precompute):
     """DDP over two gloo processes gives the weights of one process with the same global batch (each
     pair's loss divided by the step's pairs over both ranks; KTO's reference point over both ranks'
     mismatched answers). Batch 1: one rank has no pair in any micro-batch (its statistics' sums had
-    another size than the other rank's: gloo refused them)."""
+    another size than the other rank's: gloo refused them). train.precompute_ref: each rank computes
+    half the reference log-probs and receives the other half."""
     from test_distributed import max_diff, train, weights
 
     paths = []
     # On the CPU (gloo), as in tests/test_distributed.py: two ranks on one GPU would ask for cuda:1.
     for run in ("one", "two"):
         path = write_run_config(tmp_path, tiny_model_dir, run, objective, max_steps=3, checkpoint_every=0,
-                                device="cpu", batch_size=batch)
+                                device="cpu", batch_size=batch, precompute_ref=precompute)
         config = json.loads(path.read_text())
         config["adapter"]["dropout"] = 0.0  # each rank draws its own dropout masks
         path.write_text(json.dumps(config))

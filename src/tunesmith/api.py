@@ -142,7 +142,7 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
     objective = None
     if cfg.train.objective != "sft":  # preference and reward objectives (objectives/, issue 23)
         objective = objectives.build(cfg, model, tokenizer, method, device, train_layout)
-        objective.prepare(model, [s for s in (train_split, data.splits.get("validation")) if s])
+        objective.prepare(model, [s for s in (train_split, data.splits.get("validation")) if s], ranks)
     planned = plan_of_run(cfg, train_split, train_layout, device, ranks.world)  # the run's first steps, drawn once
     checkpointing = recompute.choose(cfg, model, planned, device, memory.baseline, ranks)
     if checkpointing.line:

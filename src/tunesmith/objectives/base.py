@@ -172,10 +172,10 @@ class Objective:
         for batch in batches:
             terms, _ = self.loss(model, on_device({**batch.tensors, **shared}, device))
             for key in self.terms:
-                sums[key] += float(terms[key])
+                sums[key] = sums[key] + terms[key].float()  # read once below: a read per batch waited for the GPU
                 counts[key] += batch.counts[key]
         model.train(was_training)
-        flat = ranks.sum(*sums.values(), *counts.values())
+        flat = ranks.sum(*host_floats(*sums.values()), *counts.values())
         return sum(flat[i] / max(1.0, flat[len(self.terms) + i]) for i in range(len(self.terms)))
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..device import compute_device
+from ..training import distributed
 from .base import Batch, Objective, on_device, stat
 from .logps import per_sequence, sequence_batch, token_logps
 
@@ -34,21 +35,25 @@ class PairObjective(Objective):
             return tensors["reference"].float()
         return per_sequence(self.reference.token_logps(tensors, model), tensors)
 
-    def prepare(self, model, splits: list) -> None:
-        """train.precompute_ref: every example's reference log-probs, once, before training."""
+    def prepare(self, model, splits: list, ranks: distributed.Ranks = distributed.SINGLE) -> None:
+        """train.precompute_ref: every example's reference log-probs, once, before training; each rank
+        computes every world-th batch and all ranks receive all of them (each computed all before)."""
         if not (self.uses_reference and self.train_cfg.precompute_ref):
             return
         device = compute_device(model)  # the run's: the batches are built on the host
+        size = self.train_cfg.batch_size
         for split in splits:
-            examples = split.encoded
-            for start in range(0, len(examples), self.train_cfg.batch_size):
-                chunk = examples[start:start + self.train_cfg.batch_size]
+            examples, mine = split.encoded, {}
+            for start in range(ranks.rank * size, len(examples), size * ranks.world):
+                chunk = examples[start:start + size]
                 for example in chunk:
                     example.reference = None
                 tensors = on_device(self.batch(chunk).tensors, device)
                 values = self.reference_logps(model, tensors).tolist()
-                for example, row in zip(chunk, self.by_example(values, len(chunk))):
-                    example.reference = row
+                mine.update(zip(range(start, start + len(chunk)), self.by_example(values, len(chunk))))
+            for part in ranks.gather(mine):  # the model is not wrapped yet: no collective in its forwards
+                for index, row in part.items():
+                    examples[index].reference = row
 
     @torch.no_grad()
     def held_out_figures(self, model, split, batch_size: int, ranks=None) -> dict:
@@ -56,8 +61,6 @@ class PairObjective(Objective):
         itself finds likelier than the rejected one, by mean log-probability per answer token (ties
         count half). The loss alone says little of that (DPO's 0.693 is any model's before training);
         the base's figure beside the fine-tuned model's says whether the preference was learned."""
-        from ..training import distributed
-
         ranks = ranks or distributed.SINGLE
         device = compute_device(model)
         was_training = model.training
