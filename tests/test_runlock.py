@@ -232,3 +232,18 @@ def test_the_lock_is_released_when_training_fails(tiny_config, monkeypatch):
         tunesmith.train(tiny_config)
     assert seen == [os.getpid()]
     assert runlock.holder(Path(tiny_config["output"]["dir"])) is None
+
+
+def test_a_pid_is_replaced_in_one_write_so_a_reader_never_sees_none(tmp_path, monkeypatch):
+    """The holder's pid was written as a truncation then a write: holder() reading between the two (the
+    dashboard, as a handed-over lock is adopted) found no pid."""
+    fd = os.open(tmp_path / runlock.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    runlock._write_pid(fd, 1234567)  # a longer pid first: none of it may be left after the shorter one
+    seen = []
+    for name in ("ftruncate", "pwrite"):
+        real = getattr(os, name)
+        monkeypatch.setattr(runlock.os, name, lambda *args, real=real: seen.append(runlock._read_pid(fd)) or real(*args))
+    runlock._write_pid(fd, 42)
+    seen.append(runlock._read_pid(fd))
+    os.close(fd)
+    assert set(seen) <= {1234567, 42} and seen[-1] == 42, seen

@@ -152,9 +152,12 @@ def _adopt(folder: Path) -> int | None:
     return fd
 
 
+PID_WIDTH = 20  # every pid written padded to this width: one write replaces the last whole
+
+
 def _write_pid(fd: int, pid: int) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(pid).encode(), 0)
+    # one write, no truncation first: a reader between the two (holder(), the dashboard) read no pid
+    os.pwrite(fd, str(pid).ljust(PID_WIDTH).encode(), 0)
 
 
 def _read_pid(fd: int) -> int:
