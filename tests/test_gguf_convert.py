@@ -99,3 +99,33 @@ def test_weights_cut_short_or_a_pickle_that_runs_code_are_one_line(tiny_model_di
     with pytest.raises(UserError, match="planted: cannot"):
         load_model(str(planted))
     assert not (tmp_path / "ran").exists()  # torch.load(weights_only=True) refused it
+
+
+def test_processes_starting_at_once_on_an_empty_cache_convert_the_default_model_once(tmp_path, monkeypatch):
+    """They shared one .partial folder, each removing the other's (a FileNotFoundError traceback in
+    the slower one), and each spent the conversion's minute and a half."""
+    import threading
+    import time
+
+    from tunesmith.models import default
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    monkeypatch.setattr(default, "find_gguf", lambda: tmp_path / "model.gguf")
+    conversions = []
+
+    def convert(gguf_path, folder):
+        conversions.append(folder)
+        time.sleep(1)  # the others arrive while this one converts
+        folder.mkdir(parents=True)
+        for name in ("model.safetensors", "tokenizer.json"):
+            (folder / name).write_text("{}")
+
+    monkeypatch.setattr(default, "convert_gguf", convert)
+    # flock excludes separate opens of the file within one process too: threads stand for processes
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(default.default_model_dir())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(conversions) == 1 and found == [tmp_path / "models" / default.MODEL_DIR_NAME] * 3

@@ -30,14 +30,25 @@ def cache_dir() -> Path:
 
 
 def default_model_dir() -> Path:
-    """The converted default model folder, created on first use."""
+    """The converted default model folder, created on first use: by one process, where several start
+    at once on an empty cache (they shared one .partial folder, and each removed the other's)."""
+    import fcntl
+
     folder = cache_dir() / "models" / MODEL_DIR_NAME
-    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
+    if _converted(folder):
         return folder
-    gguf = find_gguf()
-    print(f"Converting the default model from {gguf} into {folder} (once)...", file=sys.stderr)
-    convert_gguf(gguf, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes, or its process ends
+        if not _converted(folder):  # else another process converted it while this one waited
+            gguf = find_gguf()
+            print(f"Converting the default model from {gguf} into {folder} (once)...", file=sys.stderr)
+            convert_gguf(gguf, folder)
     return folder
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
 
 
 def find_gguf() -> Path:
