@@ -70,7 +70,7 @@ class Objective:
         """(loss sum per count name, statistics as stat() pairs)."""
         raise NotImplementedError
 
-    def prepare(self, model, splits: list) -> None:
+    def prepare(self, model, splits: list, ranks: distributed.Ranks = distributed.SINGLE) -> None:
         """Work done once before training (precomputed reference log-probs); nothing by default."""
 
     def step_values(self, forward, batches: list[tuple[dict, bool]], ranks: distributed.Ranks, device) -> dict:

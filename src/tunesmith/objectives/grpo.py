@@ -57,7 +57,7 @@ class GRPO(Objective):
         self.model = None  # the model to sample from; set by `prepare`
         self.warned_of_cut = False
 
-    def prepare(self, model, splits: list) -> None:
+    def prepare(self, model, splits: list, ranks=None) -> None:
         self.model = model
 
     def batch(self, examples: list, key=None) -> Batch:
