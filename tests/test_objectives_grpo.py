@@ -346,3 +346,15 @@ def test_the_progress_line_shows_the_mean_reward_of_the_last_step(tmp_path, monk
     objective._unread = (["kl"], None, {"reward/total/mean": (3.0, 4.0)})
     objective.settle([0.2, 4.0])
     assert objective.shown() == {"reward": 0.75}
+
+
+def test_every_objective_takes_the_ranks_where_a_run_prepares_it():
+    """api._train calls objective.prepare(model, splits, ranks) whatever the objective (GRPO's took no
+    ranks: every GRPO run failed at its start, and only the slow set runs one)."""
+    import inspect
+
+    from tunesmith.objectives import dpo, kto, orpo, simpo
+    from tunesmith.training import distributed
+
+    for objective in (dpo.DPO, kto.KTO, orpo.ORPO, simpo.SimPO, GRPO):
+        inspect.signature(objective.prepare).bind(object(), object(), [], distributed.SINGLE)  # TypeError if not
