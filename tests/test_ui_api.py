@@ -393,5 +393,11 @@ def test_overwrite_starts_a_finished_run_over_and_resumes_an_unfinished_one(tmp_
     RunFolder(unfinished).prepare(overwrite=True, resume=False)
     assert not (unfinished / "checkpoints").exists()
     finished = fake_run(tmp_path, "finished", finished=True, checkpoint=True)
+    # the earlier model's answers and report went into the new run's report as its own
+    earlier = ("predictions.jsonl", "predictions_base.jsonl", "predictions_rag.jsonl", "report.html", "report.json")
+    for name in earlier + ("pairs.jsonl",):
+        (finished / name).write_text("{}\n")
     RunFolder(finished).prepare(overwrite=True)
     assert not (finished / "checkpoints").exists() and not (finished / "results.json").exists()
+    assert not [name for name in earlier if (finished / name).exists()]
+    assert (finished / "pairs.jsonl").exists()  # `tunesmith pairs` output: data a later DPO run may read

@@ -190,8 +190,11 @@ class RunFolder:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-            for kept in self.path.glob("best-step-*.safetensors"):  # early_stop.BestWeights.kept
-                kept.unlink()
+            # early_stop.BestWeights.kept; the earlier model's answers and report (the new report showed
+            # them as its own); pairs.jsonl stays: `tunesmith pairs` data a later run may train on
+            for earlier in [*self.path.glob("best-step-*.safetensors"), *self.path.glob("predictions*.jsonl"),
+                            self.path / "report.html", self.path / "report.json"]:
+                earlier.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
 
 
