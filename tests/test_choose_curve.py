@@ -158,7 +158,8 @@ def test_a_fine_tuning_budget_is_cut_into_steps_of_the_configured_size(tiny_mode
 
 def test_curve_scales_max_steps_with_each_fraction(tiny_model_dir, tmp_path, monkeypatch):
     """Equal steps per example: train.max_steps 16 on 16 examples gives 8 steps to the half and 16 to
-    the whole (training and scoring are stand-ins here; the slow test above trains them)."""
+    the whole (training and scoring are stand-ins here; the slow test above trains them); each is
+    scored on eval.test_limit test examples (all 10 were scored)."""
     import tunesmith.api as api
     import tunesmith.curve as curves
     from tunesmith.eval.compare import Scored
@@ -167,19 +168,22 @@ def test_curve_scales_max_steps_with_each_fraction(tiny_model_dir, tmp_path, mon
         return [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
 
     monkeypatch.setattr(curves, "_splits", lambda cfg: ([conversation(i) for i in range(16)],
-                                                        [conversation(i) for i in range(16, 20)], None))
-    asked = []
+                                                        [conversation(i) for i in range(16, 20)],
+                                                        [conversation(i) for i in range(20, 30)]))
+    asked, scored = [], []
 
     def train(raw):
         asked.append(raw["train"]["max_steps"])
         return {"data": {"examples": {"train": 0}}, "steps": raw["train"]["max_steps"]}
 
     monkeypatch.setattr(api, "train", train)
-    monkeypatch.setattr(curves, "_score", lambda run, held_out, cfg, generate: Scored(
-        run.name, [""] * 4, [{"answer_loss": 1.0 + 0.1 * i} for i in range(4)], [2] * 4))
+    monkeypatch.setattr(curves, "_score", lambda run, held_out, cfg, generate: scored.append(len(held_out)) or Scored(
+        run.name, [""] * 3, [{"answer_loss": 1.0 + 0.1 * i} for i in range(3)], [2] * 3))
     monkeypatch.setattr(curves, "plot", lambda result, target: target)
-    result = curve(qa_config(tmp_path, tiny_model_dir), [0.5, 1.0], out=str(tmp_path / "curve"), seed=1, samples=50)
+    result = curve(qa_config(tmp_path, tiny_model_dir), [0.5, 1.0], ["eval.test_limit=3"], out=str(tmp_path / "curve"),
+                   seed=1, samples=50)
     assert asked == [8, 16] and [p["steps"] for p in result["points"]] == [8, 16]
+    assert scored == [3, 3] and result["held_out_examples"] == 3  # eval.test_limit, as train and eval take it
 
 
 def test_choose_plans_memory_and_time_on_a_named_device(tiny_model_dir, tmp_path):

@@ -105,7 +105,7 @@ def curve(config: str, fractions: list[float], overrides: list[str] | None = Non
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     train, validation, test = _splits(cfg)
-    held_out = test or validation
+    held_out = test[:cfg.eval.test_limit] if test and cfg.eval.test_limit else test or validation
     subsets = nested_fractions(len(train), fractions, seed)
     files = {"validation": _write(folder / "validation.jsonl", validation)}
     if test:
