@@ -367,3 +367,22 @@ def test_a_run_folder_without_its_weights_is_one_clear_line(tmp_path, tiny_model
     (tmp_path / "bin").mkdir()
     torch.save({"x": torch.zeros(1)}, tmp_path / "bin" / "adapter_model.bin")
     readable_weights(tmp_path / "bin")
+
+
+def test_output_into_a_reader_that_stopped_ends_quietly_and_other_broken_pipes_are_errors(monkeypatch, capsys):
+    """`tunesmith config | head -1` printed "error: [Errno 32] Broken pipe" and exited 2."""
+    import os
+    import subprocess
+    import sys
+
+    from tunesmith import cli
+
+    read, write = os.pipe()
+    os.close(read)  # the reader gone before the first line
+    done = subprocess.run([sys.executable, "-m", "tunesmith.cli", "config"], stdout=write, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    os.close(write)
+    assert done.returncode == 141 and done.stderr == ""
+    # a pipe to something else (a converter's input) breaking is an error, said as one
+    monkeypatch.setattr(cli, "cmd_config", lambda args: (_ for _ in ()).throw(BrokenPipeError(32, "Broken pipe")))
+    assert main(["config"]) == 2 and "error: [Errno 32] Broken pipe" in capsys.readouterr().err

@@ -3,6 +3,8 @@ which calls one function of the Python API."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from .commands import (cmd_chat, cmd_choose, cmd_compare, cmd_config, cmd_curve, cmd_data_check, cmd_demo, cmd_eval,
@@ -231,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UserError, OSError) as err:  # OSError: a file unreadable, a folder where a file goes, a full disk
+        if isinstance(err, BrokenPipeError) and output_closed():
+            # `tunesmith config | head`: the reader has what it wanted; ended quietly, as a shell's tools end
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return 128 + signal.SIGPIPE
         if args.debug:
             raise
         ranks = sys.modules.get("tunesmith.training.distributed")  # loaded in a rank of `train --nproc`
@@ -243,6 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated) as err:  # outside training's steps (loading, scoring, exporting)
         print("interrupted" if isinstance(err, KeyboardInterrupt) else str(err), file=sys.stderr)
         return 130 if isinstance(err, KeyboardInterrupt) else 128 + err.signum
+
+
+def output_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error on its end)."""
+    import select
+
+    try:
+        poller = select.poll()  # not on Windows: there the pipe's error is reported as any other
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":
