@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--r", type=SIZE, default=None, help="LoRA rank")
     p.add_argument("--targets", default=None, help="comma-separated LoRA targets (default: every linear layer)")
     p.add_argument("--label-share", type=share, default=None, help="share of positions with a label (default 1)")
-    p.add_argument("--device", default=None, help="check against one device: t4, l4, a10, rtx4090, a100-40gb, a100-80gb, h100, h200, this-machine")
+    p.add_argument("--device", default=None, help="the device to plan for (t4, l4, a10, rtx4090, a100-40gb, a100-80gb, "
+                   "h100, h200, this-machine): the table's last row, its dtype for the breakdown, and the changes "
+                   "that make it fit")
     p.add_argument("--memory", type=at_least(1e-3, float), default=None, help="check against this much memory (GiB)")
     p.add_argument("--tokens", type=SIZE, default=None, help="training tokens per epoch (default: counted from the data)")
     p.add_argument("--utilisation", type=share, default=None, help="share of the device's peak reached")
