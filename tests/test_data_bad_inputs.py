@@ -250,3 +250,18 @@ def test_a_conversation_ending_after_its_last_answer_is_refused_and_role_case_is
     assert "records: 5" in out and "unknown role" not in out
     assert (f"e.g. {path}:5: unanswered last turn: the conversation ends with a user turn after its last answer "
             "(remove that turn, or add its answer)") in out, out
+
+
+def test_a_file_with_no_usable_record_names_its_commonest_problems_first(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A chat file given as pairs said 'First problem: chat.jsonl:3: broken JSON' (reading problems came
+    first); the four lines without a chosen answer, the reason, went unsaid."""
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": f"A{i}."}]})
+            for i in range(4)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(rows[:2] + ['{"messages": [oops'] + rows[2:]) + "\n")
+    assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--objective", "dpo",
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"no usable pairs examples (5 problems): {path}:1: " in err and "(4 like it); " in err, err
+    assert err.index("(4 like it)") < err.index(f"{path}:3: broken JSON"), err

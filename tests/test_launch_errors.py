@@ -46,9 +46,9 @@ def test_a_mistake_every_rank_finds_is_said_once_with_status_2(tiny_model_dir, t
     unusable = write_jsonl(tmp_path / "unusable.jsonl", [{"foo": 1}, {"foo": 2}])
     done = train_on_two_ranks(config(tmp_path, tiny_model_dir, unusable))
     assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines() == [f"error: {unusable}: no usable training examples (2 problems). First problem: "
+    assert done.stderr.splitlines() == [f"error: {unusable}: no usable training examples (2 problems): "
                                         f"{unusable}:1: unknown format: no known fields (keys: foo); map your columns "
-                                        "with data.columns, or set data.format"]
+                                        "with data.columns, or set data.format (2 like it)"]
 
 
 def failure(exitcode: int, message: str = "", timestamp: int = 0):

@@ -24,6 +24,7 @@ from ..errors import UserError, counted
 from .formats import PAIRS, UNPAIRED, FormatError, known_role, rename_columns
 from .formats import _checked_text as text_of  # the SFT formats' check of one text field
 from .prepare import Prepared, Split, length_policy, load_conversations
+from .records import commonest
 from .sources import Problem, read_records
 from .tokenize import IGNORE, Encoded, TemplateError, encode_many, use_template
 from .tools import joined_parts, refuse_null
@@ -283,8 +284,8 @@ def prepare_preference(cfg: DataConfig, tokenizer, kind: str) -> Prepared:
     for name, read in sources.items():
         prepared.splits[name] = _encode(read, kind, tokenizer, cfg, prepared, name)
     if not prepared.splits["train"]:
-        first = f" First problem: {prepared.problems[0]}" if prepared.problems else ""
-        raise UserError(f"{cfg.train}: no usable {kind} examples ({counted(len(prepared.problems), 'problem')}).{first}")
+        why = f": {commonest(prepared.problems)}" if prepared.problems else ""
+        raise UserError(f"{cfg.train}: no usable {kind} examples ({counted(len(prepared.problems), 'problem')}){why}")
     if "validation" not in prepared.splits:
         prepared.splits["train"], prepared.splits["validation"] = hold_out(prepared.splits["train"], cfg)
     add_test_split(prepared, cfg, tokenizer)

@@ -14,6 +14,7 @@ from ..errors import UserError, counted
 from .formats import PROMPTS, FormatError, record_kind, rename_columns, to_example
 from .preference import add_test_split, hold_out, prompt_of, text_of
 from .prepare import Prepared, Split
+from .records import commonest
 from .sources import Problem, read_records
 from .tokenize import IGNORE, TemplateError, render_many, token_ids, use_template
 
@@ -124,7 +125,7 @@ def prepare_prompts(cfg: DataConfig, tokenizer, answer_tokens: int = 0) -> Prepa
             prepared.splits["train"], prepared.splits["validation"] = hold_out(prepared.splits["train"], cfg)
         add_test_split(prepared, cfg, tokenizer)
     if not prepared.splits["train"]:
-        first = f" First problem: {prepared.problems[0]}" if prepared.problems else ""
-        raise UserError(f"{cfg.train}: no usable prompts ({counted(len(prepared.problems), 'problem')}).{first}")
+        why = f": {commonest(prepared.problems)}" if prepared.problems else ""
+        raise UserError(f"{cfg.train}: no usable prompts ({counted(len(prepared.problems), 'problem')}){why}")
     prepared.dropped = Counter(p.kind for p in prepared.problems)
     return prepared
