@@ -90,6 +90,7 @@ def test_a_repeated_pair_is_a_duplicate_unless_dedup_is_off(tiny_tokenizer, tmp_
     path = write_jsonl(tmp_path / "pairs.jsonl", [GOOD[0], GOOD[0]])
     prepared = prepare_preference(data_cfg(path), tiny_tokenizer, PAIRS)
     assert [(p.line, p.kind) for p in prepared.problems] == [(2, "duplicate (exact)")] * 2
+    assert prepared.problems[0].reason == f"duplicate (exact) of {path}:1"  # named, as SFT records' are
     assert len(prepared.splits["train"]) == 1 and prepared.splits["train"].origins == [(str(path), 1)]
     kept = prepare_preference(data_cfg(path, dedup=False), tiny_tokenizer, PAIRS)
     assert kept.problems == [] and kept.splits["train"].origins == [(str(path), 1), (str(path), 2)]

@@ -193,7 +193,8 @@ class _Read:
     formats: Counter = field(default_factory=Counter)
 
 
-def _read(spec: str, kind: str, cfg: DataConfig, problems: list[Problem], seen: set) -> _Read:
+def _read(spec: str, kind: str, cfg: DataConfig, problems: list[Problem], seen: dict) -> _Read:
+    """A source's valid records; `seen`: (file, line) of each record read so far, by content (dedup)."""
     records = read_records(spec, cfg.hub_split)
     problems += records.problems
     out = _Read()
@@ -211,9 +212,9 @@ def _read(spec: str, kind: str, cfg: DataConfig, problems: list[Problem], seen: 
             continue
         key = json.dumps([prompt, answers, desirable])
         if cfg.dedup and key in seen:
-            problems.append(Problem(file, line, "duplicate (exact)", "duplicate (exact)"))
+            problems.append(Problem(file, line, f"duplicate (exact) of {seen[key][0]}:{seen[key][1]}", "duplicate (exact)"))
             continue
-        seen.add(key)
+        seen[key] = (file, line)
         chat = isinstance(record.get("prompt", record.get("chosen")), list)
         out.formats[f"{'pairs' if kind == PAIRS else 'kto'} ({'chat' if chat else 'text'})"] += 1
         for name, value in (("prompts", prompt), ("answers", answers), ("desirable", desirable),
@@ -225,7 +226,7 @@ def _read(spec: str, kind: str, cfg: DataConfig, problems: list[Problem], seen: 
 def good_answers(spec: str, kind: str, cfg: DataConfig, problems: list[Problem]) -> tuple[list, list]:
     """(prompts, each one's good answer or None) of a source's valid records: a pair's chosen answer,
     a KTO answer where marked desirable."""
-    read = _read(spec, kind, cfg, problems, set())
+    read = _read(spec, kind, cfg, problems, {})
     return read.prompts, [None if desirable is False else answers[0]
                           for answers, desirable in zip(read.answers, read.desirable)]
 
@@ -270,7 +271,7 @@ def prepare_preference(cfg: DataConfig, tokenizer, kind: str) -> Prepared:
         raise UserError("data.train: the demo task has no preference data; make pairs from a model with "
                         "`tunesmith pairs RUN --data prompts.jsonl --scorer module:function`")
     prepared = Prepared({}, [], Counter(), template=use_template(tokenizer, cfg.chat_template, cfg.template_variables))
-    seen: set = set()
+    seen: dict = {}
     sources = {"train": _read(cfg.train, kind, cfg, prepared.problems, seen)}
     prepared.records = len(sources["train"].origins) + len(prepared.problems)
     for spec in cfg.mix:  # mixed sources count as training data (weights apply to SFT data only)
@@ -278,7 +279,7 @@ def prepare_preference(cfg: DataConfig, tokenizer, kind: str) -> Prepared:
         for name in ("prompts", "answers", "desirable", "origins"):
             getattr(sources["train"], name).extend(getattr(extra, name))
     if cfg.validation:
-        sources["validation"] = _read(cfg.validation, kind, cfg, prepared.problems, set())
+        sources["validation"] = _read(cfg.validation, kind, cfg, prepared.problems, {})
     for read in sources.values():
         prepared.formats += read.formats
     for name, read in sources.items():
