@@ -339,7 +339,7 @@ def test_cli_prints_the_token_and_the_server_requires_it(tmp_path, host):
         child.wait(timeout=30)
 
 
-def test_a_runs_objective_is_shown_beside_its_method(tmp_path):
+def test_a_runs_objective_is_shown_beside_its_method_and_an_earlier_run_as_its_base(tmp_path):
     from tunesmith.ui.folders import summary
 
     for objective, shown in (("dpo", "lora, dpo"), ("sft", "lora")):
@@ -348,6 +348,12 @@ def test_a_runs_objective_is_shown_beside_its_method(tmp_path):
         (folder / "config.yaml").write_text(yaml.safe_dump({"adapter": {"method": "lora"},
                                                             "train": {"objective": objective}}))
         assert summary(folder)["method"] == shown
+    # a run started from an earlier run: its config names that run's merge, which read as "merged"
+    earlier = fake_run(tmp_path / "runs", "sft", finished=True)
+    for model, shown in ((earlier / "export" / "merged", "run sft"), (earlier / "model", "run sft"),
+                         (tmp_path / "models" / "base", "base")):
+        (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"name": str(model)}}))
+        assert summary(folder)["model"] == shown, model
 
 
 def test_a_moved_run_goes_on_in_the_folder_it_is_in(tmp_path, monkeypatch):

@@ -100,6 +100,17 @@ def best_eval(records: list[dict], results: dict | None) -> float | None:
     return min(values) if values else None
 
 
+def model_label(model: str) -> str:
+    """A run's base as the list shows it: a folder by its name, an earlier run's model as that run
+    (its config names RUN/export/merged or RUN/model: it read as 'merged')."""
+    from ..start import source_run
+
+    if os.sep not in model:
+        return model  # a hub id
+    source = source_run(model)
+    return f"run {source.name}" if source else Path(model).name
+
+
 def summary(folder: Path) -> dict:
     """One row of the run list."""
     config = read_config(folder)
@@ -115,7 +126,7 @@ def summary(folder: Path) -> dict:
     return {
         "name": folder.name,
         "status": status(folder),
-        "model": Path(model).name if os.sep in model else model,
+        "model": model_label(model),
         "method": method if objective == "sft" else f"{method}, {objective}",  # a DPO run's LoRA: "lora, dpo"
         "data": Path(data).name if os.sep in data else data,
         "best_eval": best_eval(records, results),
