@@ -20,11 +20,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import DataConfig
-from ..errors import UserError, counted
+from ..errors import UserError
 from .formats import PAIRS, UNPAIRED, FormatError, known_role, rename_columns
 from .formats import _checked_text as text_of  # the SFT formats' check of one text field
 from .prepare import Prepared, Split, length_policy, load_conversations
-from .records import commonest
+from .validate import unusable
 from .sources import Problem, read_records
 from .tokenize import IGNORE, Encoded, TemplateError, encode_many, use_template
 from .tools import joined_parts, refuse_null
@@ -285,8 +285,7 @@ def prepare_preference(cfg: DataConfig, tokenizer, kind: str) -> Prepared:
     for name, read in sources.items():
         prepared.splits[name] = _encode(read, kind, tokenizer, cfg, prepared, name)
     if not prepared.splits["train"]:
-        why = f": {commonest(prepared.problems)}" if prepared.problems else ""
-        raise UserError(f"{cfg.train}: no usable {kind} examples ({counted(len(prepared.problems), 'problem')}){why}")
+        raise UserError(f"{cfg.train}: no usable {kind} examples {unusable(prepared.problems)}")
     if "validation" not in prepared.splits:
         prepared.splits["train"], prepared.splits["validation"] = hold_out(prepared.splits["train"], cfg)
     add_test_split(prepared, cfg, tokenizer)

@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import DataConfig
-from ..errors import UserError, counted
+from ..errors import UserError
 from ..progress import say
 from . import cache
 from .formats import FormatError, rename_columns, to_example
 from .lengths import hint_line, length_hint
-from .records import commonest
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
 from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, use_template
-from .validate import deduplicate, drop_report, overlap, problems_before, refuse_mixed_test, skipped_lines
+from .validate import deduplicate, drop_report, overlap, problems_before, refuse_mixed_test, skipped_lines, unusable
 
 SPLITS = ("train", "validation", "test")
 
@@ -210,8 +209,7 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
         if not raw["train"][0]:
             if not problems:
                 raise UserError(f"{cfg.train}: no training records in it (an empty file?)")
-            raise UserError(f"{cfg.train}: no usable training examples ({counted(len(problems), 'problem')}): "
-                            f"{commonest(problems)}")
+            raise UserError(f"{cfg.train}: no usable training examples {unusable(problems)}")
         if "validation" not in raw:
             raw["train"], raw["validation"], weights = _hold_out(raw["train"], weights, cfg)
             held_out = True

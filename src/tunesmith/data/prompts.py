@@ -10,13 +10,13 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..config import DataConfig
-from ..errors import UserError, counted
+from ..errors import UserError
 from .formats import PROMPTS, FormatError, record_kind, rename_columns, to_example
 from .preference import add_test_split, hold_out, prompt_of, text_of
 from .prepare import Prepared, Split
-from .records import commonest
 from .sources import Problem, read_records
 from .tokenize import IGNORE, TemplateError, render_many, token_ids, use_template
+from .validate import unusable
 
 
 @dataclass
@@ -125,7 +125,6 @@ def prepare_prompts(cfg: DataConfig, tokenizer, answer_tokens: int = 0) -> Prepa
             prepared.splits["train"], prepared.splits["validation"] = hold_out(prepared.splits["train"], cfg)
         add_test_split(prepared, cfg, tokenizer)
     if not prepared.splits["train"]:
-        why = f": {commonest(prepared.problems)}" if prepared.problems else ""
-        raise UserError(f"{cfg.train}: no usable prompts ({counted(len(prepared.problems), 'problem')}){why}")
+        raise UserError(f"{cfg.train}: no usable prompts {unusable(prepared.problems)}")
     prepared.dropped = Counter(p.kind for p in prepared.problems)
     return prepared

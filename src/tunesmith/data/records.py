@@ -3,7 +3,6 @@ and how they open a text file (gzip-compressed or not, a byte-order mark dropped
 from __future__ import annotations
 
 import gzip
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,18 +21,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: {self.reason}"
-
-
-def commonest(problems: list[Problem], kinds: int = 3) -> str:
-    """Why no record was usable: the first problem of each of the commonest kinds, with its count. The
-    first problem alone could be one broken line where 39 others lacked a field."""
-    counts = Counter(p.kind for p in problems)
-    first: dict[str, Problem] = {}
-    for problem in problems:
-        first.setdefault(problem.kind, problem)
-    shown = [f"{first[kind]}" + (f" ({n} like it)" if n > 1 else "") for kind, n in counts.most_common(kinds)]
-    others = len(counts) - kinds
-    return "; ".join(shown) + (f"; {others} other kinds" if others > 0 else "")
 
 
 @dataclass

@@ -99,6 +99,16 @@ def drop_report(problems: list[Problem], first: int = 3) -> dict[str, dict]:
     return report
 
 
+def unusable(problems: list[Problem], kinds: int = 3) -> str:
+    """Why no record was usable, for that error: the count, then the first problem of each of the
+    commonest kinds (drop_report's) with how many there are of it. The first problem alone could be
+    one broken line where 39 others lacked a field."""
+    report = list(drop_report(problems, first=0).values())
+    shown = [r["example"] + (f" ({r['count']} like it)" if r["count"] > 1 else "") for r in report[:kinds]]
+    others = f"; {len(report) - kinds} other kinds" if len(report) > kinds else ""
+    return f"({counted(len(problems), 'problem')})" + (": " + "; ".join(shown) + others if shown else "")
+
+
 def refuse_mixed_test(conversations: list[list[dict]], origins: list[tuple[str, int]], spec: str) -> None:
     """Test data is scored one way: by generated answers, or raw text by its loss; a file of both
     was refused only after the run folder was made, naming no record."""

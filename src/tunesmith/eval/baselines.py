@@ -20,9 +20,8 @@ from pathlib import Path
 from ..data.collate import PADDED
 from ..data.formats import is_raw_text, with_system_prompt
 from ..data.prepare import load_conversations
-from ..data.records import commonest
-from ..data.validate import problems_before, skipped_lines
-from ..errors import UserError, counted
+from ..data.validate import problems_before, skipped_lines, unusable
+from ..errors import UserError
 from ..progress import say
 from ..runs import RunFolder, system_prompt_of
 from .compare import (LOSS, LOWER_IS_BETTER, TEXT_ROW, Scored, Scorer, Settings, compare_scored, pick_shots,
@@ -203,8 +202,7 @@ def compare_models(a: str, b: str, data: str, kshot: int = 0, kshot_data: str | 
     against B. Returns the table data, a one-line verdict and the per-example outputs."""
     conversations, origins, problems = load_conversations(data, None, origins=True)
     if not conversations:
-        why = f" ({counted(len(problems), 'problem')}): {commonest(problems)}" if problems else ""
-        raise UserError(f"{data}: no usable examples to compare on{why}")
+        raise UserError(f"{data}: no usable examples to compare on" + (f" {unusable(problems)}" if problems else ""))
     for line in skipped_lines(problems_before(problems, origins, limit)):
         say(line)
     conversations = conversations[:limit] if limit else conversations
