@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import UserError
 from .lineage import check_base
 from .methods import ADAPTER_DIR, MODEL_DIR
-from .weightfiles import readable_weights
+from .weightfiles import read_json, readable_weights
 
 CHECKPOINT_PREFIX = "step-"
 PARTIAL = ".partial"
@@ -211,14 +211,6 @@ def checkpoint_step(name: str) -> int:
     """The step of a checkpoint folder name ('step-00000012' or 'step-00000012.partial')."""
     digits = name.removeprefix(CHECKPOINT_PREFIX).removesuffix(PARTIAL)
     return int(digits) if digits.isdigit() else -1
-
-
-def read_json(path: Path):
-    """A JSON file's value, or None when it is missing or not (yet) valid JSON."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # RecursionError: nesting past Python's stack
-        return None
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:

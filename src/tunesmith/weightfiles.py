@@ -15,7 +15,7 @@ def readable_weights(folder: Path) -> None:
     from safetensors import SafetensorError, safe_open
 
     files = sorted(folder.glob("*.safetensors"))
-    index = _read_json(folder / "model.safetensors.index.json")  # a sharded model: each shard it names
+    index = read_json(folder / "model.safetensors.index.json")  # a sharded model: each shard it names
     shards = index.get("weight_map") if isinstance(index, dict) else None
     named = {str(name) for name in shards.values()} if isinstance(shards, dict) else set()
     missing = sorted(named - {path.name for path in files})
@@ -32,8 +32,10 @@ def readable_weights(folder: Path) -> None:
                             "restore the file") from None
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """A JSON file's value, or None when it is missing or not (yet) valid JSON (here, below runs.py,
+    which reads run files with it: the index of a sharded model is one)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # RecursionError: nesting past Python's stack
         return None
