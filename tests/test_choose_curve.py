@@ -343,3 +343,19 @@ def test_curve_keeps_declared_tools_and_curve_and_choose_take_sft_configs_only(t
                                                     out=str(tmp_path / "c")))):
         with pytest.raises(UserError, match=f"{command}: takes SFT runs .*train.objective=dpo"):
             call()
+
+
+def test_curve_warns_of_leakage_once_naming_the_users_files(tiny_model_dir, tmp_path, capsys):
+    """A test example that is also in train is reported against the user's test file and line; the
+    fractions' runs read curve's copies of the files, and named those (runs/curve/test.jsonl:1) again."""
+    config, mine = spreadsheet_config(tmp_path, tiny_model_dir, max_steps=1)
+    raw = json.loads(Path(config).read_text())
+    leaked = json.loads(Path(mine).read_text().splitlines()[0])
+    test = write_jsonl(tmp_path / "mine_test.jsonl", [{"Q": "Repeat the word zeta", "A": "zeta zeta"}, leaked])
+    raw["data"]["test"] = str(test)
+    Path(config).write_text(json.dumps(raw))
+    curve(config, [1.0], out=str(tmp_path / "curve"), seed=1, samples=50)
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "also in train" in line]
+    assert len(warnings) == 1 and f"{test}:2" in warnings[0], warnings
+    assert err.count("data: examples train") == 2  # the user's files, then the fraction's run

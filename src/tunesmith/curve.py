@@ -96,8 +96,8 @@ def curve(config: str, fractions: list[float], overrides: list[str] | None = Non
           seed: int = 0, samples: int = 2000) -> dict:
     """Train on each fraction, score each on the held-out examples; writes curve.json and curve.png."""
     from .api import train as train_run
-
     from .choose import sft_only
+    from .data.check import said_already
 
     cfg = load_config(config, overrides)
     sft_only(cfg, "curve")
@@ -123,7 +123,8 @@ def curve(config: str, fractions: list[float], overrides: list[str] | None = Non
         raw["train"]["resume"] = False
         raw["eval"].update(kshot=0, retrieval_k=0, general=False, report=False, generate=False)
         raw["output"].update(dir=str(run), overwrite=True)
-        results = train_run(raw)
+        with said_already():  # the user's files' problems were said by _splits, with their lines
+            results = train_run(raw)
         scored = _score(run, held_out, cfg, generate=bool(test) and cfg.eval.generate)
         # trained: those left after the data policy's drops (overlong, empty), which the x axis shows
         point = {"fraction": fraction, "examples": len(subset), "trained": results["data"]["examples"]["train"],

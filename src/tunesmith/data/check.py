@@ -7,6 +7,8 @@ training run after it) starts at once; on a cache hit neither torch nor the toke
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 from pathlib import Path
 
@@ -20,6 +22,20 @@ from .sources import check_source
 from .validate import drop_lines
 
 PERCENTILES = (50, 90, 95, 99)
+
+# Set while `curve` trains its fractions on files it wrote from the user's: their problems, leakage
+# and length hint were said against the user's files and lines, and would name curve's own the second time.
+_SAID = contextvars.ContextVar("data_said", default=False)
+
+
+@contextlib.contextmanager
+def said_already():
+    """Within it, `data_lines` gives the counts alone."""
+    token = _SAID.set(True)
+    try:
+        yield
+    finally:
+        _SAID.reset(token)
 
 
 def check_data(path: str, model: str = "default", out_dir: str | Path = "runs/data-check",
@@ -129,6 +145,8 @@ def data_lines(prepared: Prepared, cfg: DataConfig) -> list[str]:
     else:
         tokens = f"{summary['tokens']['train']} train tokens ({summary['label_tokens']['train']} with a loss)"
     lines = [f"data: examples {counts}; {tokens}; dropped: {dropped}"]
+    if _SAID.get():
+        return lines
     lines += [f"  skipped {problem}" for problem in prepared.problems[:5]]
     for name, places in prepared.overlap.items():  # leakage: the held-out figures would flatter the model
         if places:
