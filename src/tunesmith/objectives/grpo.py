@@ -25,6 +25,7 @@ import os
 
 import torch
 
+from ..training import distributed
 from ..data.tokenize import IGNORE, Encoded, stop_ids
 from ..progress import say
 from .base import Batch, Objective, stat
@@ -57,8 +58,8 @@ class GRPO(Objective):
         self.model = None  # the model to sample from; set by `prepare`
         self.warned_of_cut = False
 
-    def prepare(self, model, splits: list, ranks=None) -> None:
-        self.model = model
+    def prepare(self, model, splits: list, ranks: distributed.Ranks = distributed.SINGLE) -> None:
+        self.model = model  # sampled from online: nothing to precompute, on any rank
 
     def batch(self, examples: list, key=None) -> Batch:
         cfg = self.train_cfg
