@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from families import EXPORTED, FAMILIES, build_aligned_family_model, build_family_tokenizer, probes  # noqa: E402
 from tunesmith.data.collate import collate  # noqa: E402
 from tunesmith.data.formats import to_example  # noqa: E402
-from tunesmith.data.tokenize import encode_many, use_template  # noqa: E402
+from tunesmith.data.templates import use_template  # noqa: E402
+from tunesmith.data.tokenize import encode_many  # noqa: E402
 from tunesmith.export import gguf as gguf_export, gguf_check, llamacpp  # noqa: E402
 from tunesmith.export.merge import logits_of  # noqa: E402
 from tunesmith.models import load_tokenizer  # noqa: E402

@@ -136,7 +136,7 @@ def test_an_edited_template_file_changes_the_fingerprint(tiny_model_dir, tmp_pat
     import torch
 
     from tunesmith.config import Config
-    from tunesmith.data.tokenize import NAMED_TEMPLATES
+    from tunesmith.data.templates import NAMED_TEMPLATES
     from tunesmith.eval.base_cache import rows_key
 
     jinja = tmp_path / "chat.jinja"

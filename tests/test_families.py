@@ -17,7 +17,8 @@ from families import FAMILIES, build_family_model, probe, probes
 from tunesmith.config import DataConfig
 from tunesmith.data.formats import to_example
 from tunesmith.data.prepare import prepare
-from tunesmith.data.tokenize import IGNORE, TemplateError, encode_many, use_template
+from tunesmith.data.templates import use_template
+from tunesmith.data.tokenize import IGNORE, TemplateError, encode_many
 from tunesmith.data.tools import split_tools
 from tunesmith.errors import UserError
 

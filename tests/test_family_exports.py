@@ -12,7 +12,8 @@ import torch
 from families import EXPORTED, FAMILIES, build_aligned_family_model, probes
 from tunesmith.data.collate import collate
 from tunesmith.data.formats import to_example
-from tunesmith.data.tokenize import encode_many, use_template
+from tunesmith.data.templates import use_template
+from tunesmith.data.tokenize import encode_many
 from tunesmith.errors import UserError
 from tunesmith.export import gguf as gguf_export, gguf_check
 from tunesmith.export.merge import logits_of

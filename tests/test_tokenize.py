@@ -80,7 +80,8 @@ import pytest  # noqa: E402
 
 from tunesmith.config import DataConfig  # noqa: E402
 from tunesmith.data.prepare import prepare  # noqa: E402
-from tunesmith.data.tokenize import FALLBACK_TEMPLATE, TemplateError, use_template  # noqa: E402
+from tunesmith.data.templates import FALLBACK_TEMPLATE, use_template  # noqa: E402
+from tunesmith.data.tokenize import TemplateError  # noqa: E402
 from tunesmith.errors import UserError  # noqa: E402
 
 from helpers import write_jsonl  # noqa: E402

@@ -169,7 +169,7 @@ def template_for_key(setting: str | None, tokenizer, folder: str | None) -> dict
     """What decides the rendered text: a configured template's text (a .jinja file's contents, not
     its path), or the tokenizer's own one, whose text is in the tokenizer's files (hashed into the
     key) unless it was changed in memory since loading, or the tokenizer comes from no folder."""
-    from .tokenize import FALLBACK_TEMPLATE, template_text
+    from .templates import FALLBACK_TEMPLATE, template_text
 
     if setting is not None:
         return {"text": template_text(setting)}

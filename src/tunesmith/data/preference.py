@@ -26,7 +26,8 @@ from .formats import _checked_text as text_of  # the SFT formats' check of one t
 from .prepare import Prepared, Split, length_policy, load_conversations
 from .validate import unusable
 from .sources import Problem, read_records
-from .tokenize import IGNORE, Encoded, TemplateError, encode_many, use_template
+from .templates import use_template
+from .tokenize import IGNORE, Encoded, TemplateError, encode_many
 from .tools import joined_parts, refuse_null
 
 ROLES = ("system", "user", "assistant")

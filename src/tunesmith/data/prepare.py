@@ -19,7 +19,8 @@ from . import cache
 from .formats import FormatError, rename_columns, to_example
 from .lengths import hint_line, length_hint
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
-from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text, use_template
+from .templates import use_template
+from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text
 from .validate import deduplicate, drop_report, overlap, problems_before, refuse_mixed_test, skipped_lines, unusable
 
 SPLITS = ("train", "validation", "test")

@@ -15,7 +15,8 @@ from .formats import PROMPTS, FormatError, record_kind, rename_columns, to_examp
 from .preference import add_test_split, hold_out, prompt_of, text_of
 from .prepare import Prepared, Split
 from .sources import Problem, read_records
-from .tokenize import IGNORE, TemplateError, render_many, token_ids, use_template
+from .templates import use_template
+from .tokenize import IGNORE, TemplateError, render_many, token_ids
 from .validate import unusable
 
 

@@ -10,33 +10,15 @@ All pieces of a data set are tokenised in one batch call of the fast tokenizer.
 from __future__ import annotations
 
 import bisect
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..errors import UserError
 from .refusals import SpecialTokenText, TemplateError, special_pattern, special_text
+from .templates import FALLBACK_TEMPLATE
 from .tools import TOOLS_ROLE, split_tools
 
 IGNORE = -100
 
-# For base models that ship no chat template. Plain-text headers (no special tokens the
-# vocabulary may lack); each answer ends with the EOS token, so the model learns to stop.
-FALLBACK_TEMPLATE = (
-    "{%- if bos_token %}{{ bos_token }}{% endif %}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{%- elif message['role'] == 'user' %}{{ '### User:\n' + message['content'] + '\n\n' }}"
-    "{%- else %}{{ '### Assistant:\n' + message['content'] + eos_token + '\n\n' }}"
-    "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '### Assistant:\n' }}{%- endif %}"
-)
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-NAMED_TEMPLATES = {"fallback": FALLBACK_TEMPLATE, "chatml": CHATML_TEMPLATE}
 # End-of-turn tokens of today's families (besides EOS): ChatML, Llama 3 (end of turn, end of message
 # after a tool call), Gemma, Phi-3/4.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
@@ -61,58 +43,6 @@ class Encoded:
         (packing, padding-free batches): there its first token would be predicted from the previous
         example's last one; alone in a padded row it is never predicted at all."""
         return [IGNORE] + list(self.labels[1:]) if self.labels else []
-
-
-def use_template(tokenizer, setting: str | None, variables: dict | None = None) -> str:
-    """Set the tokenizer's chat template from the config and say where it came from.
-
-    It is set on the tokenizer object so that the tokenizer saved with the trained model
-    carries exactly the template the training data was rendered with; `variables` (e.g.
-    {enable_thinking: false}) are set at the template's top, so serving renders as training did.
-    """
-    source = _choose_template(tokenizer, setting)
-    if variables:
-        header = "".join(f"{{%- set {name} = {_jinja_literal(value)} -%}}" for name, value in variables.items())
-        if not tokenizer.chat_template.startswith(header):
-            tokenizer.chat_template = header + tokenizer.chat_template
-        source += " with " + ", ".join(f"{k}={v}" for k, v in variables.items())
-    return source
-
-
-def _jinja_literal(value) -> str:
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "none"}[value]
-    return json.dumps(value)
-
-
-def _choose_template(tokenizer, setting: str | None) -> str:
-    if setting is None:
-        if getattr(tokenizer, "chat_template", None):
-            return "tokenizer"
-        tokenizer.chat_template = FALLBACK_TEMPLATE
-        return "fallback (the tokenizer has none)"
-    tokenizer.chat_template = template_text(setting)
-    if setting in NAMED_TEMPLATES:
-        return setting
-    return "config (inline)" if _inline(setting) else str(Path(setting).expanduser())
-
-
-def _inline(setting: str) -> bool:
-    return "{{" in setting or "{%" in setting
-
-
-def template_text(setting: str) -> str:
-    """The text of a configured data.chat_template: a named template's, an inline one, or a .jinja
-    file's contents as they are now (the data cache keys on this text, not on the file's path)."""
-    if setting in NAMED_TEMPLATES:
-        return NAMED_TEMPLATES[setting]
-    if _inline(setting):
-        return setting
-    path = Path(setting).expanduser()
-    if not path.is_file():
-        raise UserError(f"data.chat_template: '{setting}' is neither a template name "
-                        f"({', '.join(NAMED_TEMPLATES)}), a Jinja template, nor a file")
-    return path.read_text(encoding="utf-8")
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -46,7 +46,7 @@ def model_files(name: str) -> list | str:
 def template(setting: str | None) -> str | None:
     """data.chat_template's text (a .jinja file edited between the first start and a resume renders
     other prompts), as the data cache keys it."""
-    from ..data.tokenize import template_text
+    from ..data.templates import template_text
 
     try:
         return template_text(setting) if setting else None
