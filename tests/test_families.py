@@ -18,7 +18,7 @@ from tunesmith.config import DataConfig
 from tunesmith.data.formats import to_example
 from tunesmith.data.prepare import prepare
 from tunesmith.data.templates import use_template
-from tunesmith.data.tokenize import IGNORE, TemplateError, encode_many
+from tunesmith.data.tokenize import END_OF_TURN, IGNORE, TemplateError, encode_many
 from tunesmith.data.tools import split_tools
 from tunesmith.errors import UserError
 
@@ -114,6 +114,24 @@ def reasoning_conversation():
         {"role": "assistant", "content": "No: 91 = 7 x 13.", "reasoning_content": "Try 7: 7 x 13 = 91."},
         {"role": "user", "content": "And 97?"},
         {"role": "assistant", "content": "Yes, 97 is prime.", "reasoning_content": "No divisor up to 9."}]})[1]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_conversation_opening_with_the_assistant_learns_its_answers_and_no_preamble(family_dirs, name):
+    """Chat logs that start with the bot's greeting: the loss is on the greeting and the later answer, each
+    with its end of turn, never on the template's header or default system prompt (it was: the answer
+    then started at the render's first character, SmolLM2's "You are a helpful AI assistant ...")."""
+    tokenizer = tokenizer_of(family_dirs, name)
+    greeting = [{"role": "assistant", "content": "Hi, I am the Acme bot."}, {"role": "user", "content": "Reset it"},
+                {"role": "assistant", "content": "Click Forgot password."}]
+    [encoded] = encode_many(tokenizer, [greeting])
+    if isinstance(encoded, TemplateError):  # Gemma's and Mistral's templates take a user turn first
+        assert "alternate" in str(encoded)
+        return
+    learned = [tokenizer.decode(example.input_ids[a:b]) for example in encoded for a, b in label_runs(example)]
+    answers = [text.replace("<think>\n\n</think>\n\n", "") for text in learned]  # Qwen3's empty reasoning
+    ends = [next((e for e in END_OF_TURN + (tokenizer.eos_token,) if text.endswith(e)), None) for text in answers]
+    assert [a[:-len(e)].strip() if e else a for a, e in zip(answers, ends)] == [m["content"] for m in greeting[::2]]
 
 
 def test_qwen3_reasoning_trained_masked_or_dropped_and_earlier_reasoning_as_served(family_dirs):

@@ -125,8 +125,8 @@ def turn_examples(tokenizer, messages: list[dict], text: str, stops: list[str], 
     head = 1 if messages and messages[0]["role"] == TOOLS_ROLE else 0
     examples, consistent, done = [], True, 0
     for i in [i for i, m in enumerate(messages) if m["role"] == "assistant"]:
-        prompt = render(tokenizer, messages[:i], True) if i > head else ""
         turn = text if i == len(messages) - 1 else render(tokenizer, messages[:i + 1])
+        prompt = render(tokenizer, messages[:i], True) if i > head else opening_prompt(turn, messages[i])
         start = answer_start(tokenizer, turn, prompt)
         answer = turn[start:answer_end(turn, start, stops)]
         spans = [(len(prompt) + a, len(prompt) + b) for a, b in answer_pieces(messages[i], answer, reasoning)
@@ -137,6 +137,19 @@ def turn_examples(tokenizer, messages: list[dict], text: str, stops: list[str], 
     if consistent:
         return [(text, [span for _, spans, _ in examples for span in spans], None)]
     return [example for example in examples if example[1]]  # (messages[:ends_at]: a weight-0 answer has none)
+
+
+def opening_prompt(turn: str, message: dict) -> str:
+    """What the template renders before a conversation's opening answer (chat logs that start with the
+    bot's greeting): most templates refuse the generation prompt of an empty history, and some render
+    another preamble for it than before a first turn (SmolLM2 leaves out its default system prompt), so
+    the answer starts where its text does in the render of the conversation up to it."""
+    content = message.get("content") or ""
+    at = turn.rfind(content) if content.strip() else -1
+    if at < 0:
+        raise TemplateError("the conversation opens with an assistant turn whose text the chat template does not "
+                            "render as written; start it with a user turn")
+    return turn[:at]
 
 
 def answer_start(tokenizer, turn: str, prompt: str) -> int:
