@@ -131,7 +131,7 @@ def test_pairs_skip_what_training_could_not_read(tiny_model_dir, tmp_path, monke
 def test_pairs_without_references_or_scorer_are_refused_before_the_output_is_touched(tiny_model_dir, tmp_path,
                                                                                       monkeypatch, capsys):
     """Prompts without a reference need a scorer: said at once, naming the first such prompt and the
-    --scorer flag; an earlier pairs file is kept whole, also when sampling fails half-way."""
+    --scorer flag; an earlier pairs file is kept whole (--overwrite given), also when sampling fails half-way."""
     import tunesmith.objectives.rollout as rollout
     from tunesmith.pairs import make_pairs
 
@@ -140,11 +140,12 @@ def test_pairs_without_references_or_scorer_are_refused_before_the_output_is_tou
     out = tmp_path / "pairs.jsonl"
     out.write_text('{"earlier": true}\n')
     with pytest.raises(UserError, match=r"prompts.jsonl:2: this prompt has no reference answer \(1 of 2.*--scorer"):
-        make_pairs(str(tiny_model_dir), str(prompts), samples=2, out=str(out))
+        make_pairs(str(tiny_model_dir), str(prompts), samples=2, out=str(out), overwrite=True)
     monkeypatch.setattr(rollout, "sample", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     (tmp_path / "by_length.py").write_text("def score(answer, reference):\n    return float(len(answer))\n")
     with pytest.raises(KeyboardInterrupt):
-        make_pairs(str(tiny_model_dir), str(prompts), samples=2, out=str(out), scorer=f"{tmp_path / 'by_length.py'}:score")
+        make_pairs(str(tiny_model_dir), str(prompts), samples=2, out=str(out), scorer=f"{tmp_path / 'by_length.py'}:score",
+                   overwrite=True)
     assert out.read_text() == '{"earlier": true}\n'
     assert not (tmp_path / "pairs.jsonl.partial").exists()  # it was left behind
     # every answer scored alike: refused, the earlier file kept (an empty one was written, exit 0)
@@ -152,7 +153,7 @@ def test_pairs_without_references_or_scorer_are_refused_before_the_output_is_tou
     monkeypatch.undo()
     with pytest.raises(UserError, match=r"no pair from 2 prompts: every prompt's answers scored alike"):
         make_pairs(str(tiny_model_dir), str(prompts), samples=2, out=str(out), scorer=f"{tmp_path / 'flat.py'}:score",
-                   max_new_tokens=4, chosen="reference")
+                   max_new_tokens=4, chosen="reference", overwrite=True)
     assert out.read_text() == '{"earlier": true}\n' and not (tmp_path / "pairs.jsonl.partial").exists()
     assert "--chosen reference: 1 of 2 prompts have no reference answer" in capsys.readouterr().err
 

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=at_least(2), default=4, help="answers sampled per prompt (default 4)")
     p.add_argument("--scorer", default=None, help="module:function (answer, reference) -> float; default: the "
                                                   "reference's metric (JSON fields right, else ROUGE-L)")
-    p.add_argument("--out", default=None, help="pairs file (default: RUN/pairs.jsonl, or pairs.jsonl)")
+    p.add_argument("--out", default=None, help="pairs file (default: RUN/pairs.jsonl, or pairs.jsonl); an existing "
+                                               "file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pairs file (never the --data file)")
     p.add_argument("--temperature", type=NUMBER, default=1.0)
     p.add_argument("--max-new-tokens", type=SIZE, default=96)
     p.add_argument("--batch-size", type=SIZE, default=16, help="answers generated together")

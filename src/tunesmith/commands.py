@@ -157,5 +157,5 @@ def cmd_pairs(args) -> int:
 
     print(json.dumps(make_pairs(args.model, args.data, args.samples, args.scorer, args.out, args.temperature,
                                 args.max_new_tokens, args.batch_size, args.seed, args.min_margin, args.limit,
-                                args.device, args.chosen), indent=2))
+                                args.device, args.chosen, args.overwrite), indent=2))
     return 0

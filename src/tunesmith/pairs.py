@@ -25,8 +25,11 @@ from .runs import RunFolder
 
 def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = None, out: str | None = None,
                temperature: float = 1.0, max_new_tokens: int = 96, batch_size: int = 16, seed: int = 0,
-               min_margin: float = 0.0, limit: int | None = None, device: str = "auto", chosen: str = "best") -> dict:
-    """Write chosen/rejected pairs (JSONL, TRL's conversational form plus scores); returns a summary."""
+               min_margin: float = 0.0, limit: int | None = None, device: str = "auto", chosen: str = "best",
+               overwrite: bool = False) -> dict:
+    """Write chosen/rejected pairs (JSONL, TRL's conversational form plus scores); returns a summary.
+    An existing file at the target (`out`, else RUN/pairs.jsonl or ./pairs.jsonl) is replaced only with
+    `overwrite`, as a finished run folder only with output.overwrite; the prompts file never is."""
     from .data.prompts import encode_prompts, read_prompts
     from .data.tokenize import TemplateError, stop_ids
     from .device import resolve
@@ -44,6 +47,11 @@ def make_pairs(model: str, data: str, samples: int = 4, scorer: str | None = Non
     target = Path(out) if out else (RunFolder(model).path / "pairs.jsonl" if RunFolder(model).is_run() else Path("pairs.jsonl"))
     if target.is_dir():  # said before any sampling
         raise UserError(f"--out {target}: a folder; name the pairs file (e.g. {target / 'pairs.jsonl'})")
+    if target.exists() and os.path.samefile(target, data):  # the prompts were replaced by the pairs
+        raise UserError(f"--out {target}: the prompts file itself (--data {data}); name another file for the pairs")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target}: exists (earlier pairs or a file of yours); choose another --out, or pass "
+                        "--overwrite to replace it")
     problems: list = []
     # A run is sampled as it was trained: with its system prompt (the pairs' prompts then carry it).
     prompts, references, origins, _ = read_prompts(data, DataConfig(train=data, system_prompt=system_prompt_of(model)),
