@@ -114,9 +114,11 @@ def test_a_qa_file_with_a_preference_like_column_is_sft_data(tmp_path):
         return data_kind(DataConfig(train=str(write_jsonl(tmp_path / "d.jsonl", rows))))
 
     assert kind([{"Question": "q", "Answer": "a", "Rejected": "no"}]) is None
-    assert kind([{"prompt": "p", "completion": "c", "label": "sentiment"}]) is None
+    # any label: a CSV's "true", a null or an unreadable one are KTO's to read or refuse, never SFT answers
+    assert kind([{"prompt": "p", "completion": "c", "label": "sentiment"}]) == UNPAIRED
     assert kind([{"prompt": "p", "completion": "c", "label": True}]) == UNPAIRED
-    assert kind([{"prompt": "p", "completion": "c", "label": 1}]) == UNPAIRED  # then refused: true or false
+    assert kind([{"prompt": "p", "completion": "c", "label": 1}]) == UNPAIRED
+    assert kind([{"prompt": "p", "completion": "c", "label": None}]) == UNPAIRED
     assert kind([{"prompt": "p", "chosen": "a", "rejected": "b"}]) == PAIRS
     assert kind([{"prompt": "p", "rejected": "b"}]) == PAIRS  # half a pair: refused as one, with its missing field
 

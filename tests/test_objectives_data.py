@@ -107,7 +107,7 @@ def test_over_long_pairs_follow_the_length_policy(tiny_tokenizer, tmp_path):
 
 def test_kto_records_and_their_mismatched_kl_sequences(tiny_tokenizer, tmp_path):
     rows = [{"prompt": f"Repeat: {w}", "completion": w, "label": i % 2 == 0} for i, w in enumerate(["alpha", "beta", "gamma"])]
-    rows.append({"prompt": "Repeat: x", "completion": "x", "label": "yes"})
+    rows.append({"prompt": "Repeat: x", "completion": "x", "label": "maybe"})
     path = write_jsonl(tmp_path / "kto.jsonl", rows)
     prepared = prepare_preference(data_cfg(path), tiny_tokenizer, UNPAIRED)
     assert [(p.line, p.kind) for p in prepared.problems][:1] == [(4, "wrong type")]

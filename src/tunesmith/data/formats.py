@@ -95,12 +95,13 @@ def detect_format(record: dict) -> str:
 
 def record_kind(record: dict) -> str | None:
     """pairs, unpaired (KTO) or prompts (GRPO) from a record's fields; None for anything else (SFT data).
-    An SFT record with a column named like a preference field (a `Rejected` status, a `label` of
-    text) stays SFT: only `chosen`, or `rejected` where no SFT format fits, makes a pair, and only a
-    true / false (or 1 / 0) `label` a KTO record."""
+    An SFT record with a column named like a preference field (a `Rejected` status) stays SFT: only
+    `chosen`, or `rejected` where no SFT format fits, makes a pair. A `completion` with a `label` is
+    KTO data whatever the label holds: a CSV's labels are text ("true", "0"), and one that is null or
+    unreadable is a problem for KTO to name, not a reason to imitate the answer as SFT data."""
     if "chosen" in record or ("rejected" in record and not _sft_format(record)):
         return PAIRS
-    if record.get("label") in (True, False) and "completion" in record:  # 1 and 0 too: refused by KTO's check
+    if "label" in record and "completion" in record:
         return UNPAIRED
     if "prompt" in record and not {"completion", "response", "output"} & set(record):
         return PROMPTS
@@ -122,9 +123,9 @@ def _refuse_preference(record: dict) -> None:
         raise FormatError("preference pair", "chosen / rejected answers are pair data: train.objective: dpo (or orpo, "
                                              "simpo); data check --objective dpo")
     if kind == UNPAIRED:
-        raise FormatError("KTO record", "a completion with a true / false label is KTO data: train.objective: kto "
-                                        "(as SFT data its false-labelled answers would be imitated; data.format: "
-                                        "prompt_completion reads them so all the same)")
+        raise FormatError("KTO record", "a completion with a label is KTO data: train.objective: kto (as SFT "
+                                        "data its false-labelled answers would be imitated; data.format: "
+                                        "prompt_completion reads them so all the same, the label ignored)")
 
 
 def _spelling_hint(record: dict, missing: str) -> str:

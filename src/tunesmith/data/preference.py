@@ -15,6 +15,7 @@ record left out is a Problem with file, line and reason, counted as `data check`
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -155,10 +156,25 @@ def parse_pair(record: dict, system_prompt: str | None = None) -> tuple[list[dic
 def parse_unpaired(record: dict, system_prompt: str | None = None) -> tuple[list[dict], str, bool]:
     """(prompt messages, completion, desirable) of a KTO record."""
     present(record, ("prompt", "completion", "label"), "KTO data", ("prompt", "completion"))
-    if not isinstance(record["label"], bool):
-        raise FormatError("wrong type", f"field 'label' must be true or false, got {record['label']!r}")
     return (prompt_of(record["prompt"], system_prompt=system_prompt), answer_of(record["completion"], "field 'completion'"),
-            record["label"])
+            label_of(record["label"]))
+
+
+LABELS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def label_of(value) -> bool:
+    """A KTO label: true / false, or as a CSV cell or spreadsheet holds it: the text true / false,
+    yes / no or 1 / 0 in any case, the number 1 / 0 (a parquet int column, pandas' 1.0)."""
+    if isinstance(value, bool):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
+        raise FormatError("no label", "field 'label' is empty: a KTO record needs true (a desirable answer) or false")
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABELS:
+        return LABELS[value.strip().lower()]
+    raise FormatError("wrong type", f"field 'label' must be true or false (or yes / no, 1 / 0), got {value!r}")
 
 
 def final_answer_only(encoded: Encoded) -> Encoded:

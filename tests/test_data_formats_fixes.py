@@ -1,0 +1,64 @@
+"""Records the formats misread (testers' walk-throughs 2 and 3): KTO labels as a CSV writes them,
+numbers in an instruction's input, swapped columns, a `text` column beside other text, and a
+record's own system prompt. Each is read as meant or refused with its line and reason."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import write_jsonl
+from tunesmith.config import DataConfig
+from tunesmith.data.prepare import prepare
+from tunesmith.errors import UserError
+
+
+def problems(prepared) -> dict[int, tuple[str, str]]:
+    return {p.line: (p.kind, p.reason) for p in prepared.problems}
+
+
+KTO_CSV = """prompt,completion,label
+Where is my order?,It left yesterday.,true
+Where is my order?,Dunno.,false
+Hours?,9 to 5,True
+Hours?,Whenever,FALSE
+Refund?,Yes,1
+Refund?,No,0
+Size?,Large,yes
+Size?,Whatever,No
+"""
+
+
+def test_kto_labels_as_text_are_kto_data_and_refused_as_sft(tmp_path, tiny_tokenizer):
+    """A KTO file in CSV (labels the text `true`, `0`, ...) was read as prompt/completion SFT data,
+    its thumbs-down answers imitated; read for KTO it was refused ("must be true or false, got
+    'true'"). In JSON Lines a label "true" or null made the record SFT data too."""
+    from tunesmith.data.check import data_kind
+    from tunesmith.data.preference import UNPAIRED, prepare_preference
+
+    csv = tmp_path / "kto.csv"
+    csv.write_text(KTO_CSV)
+    assert data_kind(DataConfig(train=str(csv))) == UNPAIRED
+    kto = prepare_preference(DataConfig(train=str(csv), validation=str(csv)), tiny_tokenizer, UNPAIRED)
+    assert kto.problems == []
+    assert [e.desirable for e in kto.splits["train"].encoded] == [True, False] * 4
+    with pytest.raises(UserError, match=r"kto.csv:2: KTO record: .*train.objective: kto"):
+        prepare(DataConfig(train=str(csv), cache=False), tiny_tokenizer)
+
+    rows = [{"question": f"What is item {i}?", "answer": f"It is thing {i}."} for i in range(4)] + [
+        {"prompt": "Hours?", "completion": "9 to 5", "label": "true"},
+        {"prompt": "Hours?", "completion": "Whenever", "label": None},
+        {"prompt": "Hours?", "completion": "Never", "label": "maybe"},
+        {"prompt": "Hours?", "completion": "At noon", "label": 1},
+        {"prompt": "Hours?", "completion": "Sometimes", "label": 0.0},
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    sft = prepare(DataConfig(train=str(path), validation=str(path), cache=False), tiny_tokenizer)
+    assert {line: kind for line, (kind, _) in problems(sft).items()} == {line: "KTO record" for line in (5, 6, 7, 8, 9)}
+    assert len(sft.splits["train"]) == 4
+
+    kto = prepare_preference(DataConfig(train=str(path), validation=str(path)), tiny_tokenizer, UNPAIRED)
+    found = problems(kto)
+    assert found[6] == ("no label", "no label: field 'label' is empty: a KTO record needs true (a desirable answer) "
+                                    "or false")
+    assert found[7] == ("wrong type", "wrong type: field 'label' must be true or false (or yes / no, 1 / 0), got 'maybe'")
+    assert [(e.desirable, c[-1]["content"]) for e, c in zip(kto.splits["train"].encoded, kto.splits["train"].conversations)] \
+        == [(True, "9 to 5"), (True, "At noon"), (False, "Sometimes")]
