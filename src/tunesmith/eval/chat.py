@@ -78,8 +78,44 @@ def read_tools(path: str | None) -> list[dict] | None:
         raise UserError(f"{path}: cannot read the tools ({err.strerror or err})") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 (byte 0x{err.object[err.start]:02x} at offset {err.start}); convert it, "
+                        f"e.g. iconv -f latin1 -t utf-8 {path}") from None
     except FormatError as err:
         raise UserError(f"{path}: {err}") from None
+
+
+def not_utf8(text: str | None, what: str) -> str | None:
+    """What is wrong with text that came from outside (a terminal, argv) and is not UTF-8: Python hands
+    such bytes on as lone surrogates (Latin-1 'cafe' with an acute accent as 'caf' + U+DCE9), which
+    the tokenizer refuses with a TypeError."""
+    try:
+        (text or "").encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        found = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        return f"{what} is not UTF-8: {found} " + (f"after {text[:err.start][-20:]!r}" if err.start else "at its start")
+
+
+def checked_utf8(text: str | None, what: str) -> str | None:
+    """The text, or a UserError saying where it is not UTF-8."""
+    problem = not_utf8(text, what)
+    if problem:
+        raise UserError(f"{problem}; set the terminal to UTF-8, or convert the text (iconv -f latin1 -t utf-8)")
+    return text
+
+
+def lenient_stdin() -> None:
+    """Bytes on standard input that are not UTF-8 reach `input()` as lone surrogates, as argv's do, to
+    be said line by line: with a strict decoder (a UTF-8 locale) one such byte raised from `input()`,
+    its whole read-ahead lost. Done before the first read (the decoder cannot change after one)."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="surrogateescape")
+        except (OSError, ValueError):  # e.g. a closed stream: input() says so itself
+            pass
 
 
 def say_tool_calls(answer: str, tools: list[dict] | None, out) -> None:
@@ -98,7 +134,9 @@ def generate_once(model_or_run: str, prompt: str, system: str | None = None, raw
     JSON file of tools the template renders, the answer's calls said and checked against them."""
     from ..runs import load_trained, trained_on_raw_text
 
-    declared = read_tools(tools)  # a mistake in the file is said before the model loads
+    checked_utf8(prompt, "the prompt")  # said before the model loads, as a mistake in the tools file
+    checked_utf8(system, "--system")
+    declared = read_tools(tools)
     model, tokenizer, _ = load_trained(model_or_run)
     model = merged_for_good(model)
     if raw is None and trained_on_raw_text(model_or_run):
@@ -120,7 +158,10 @@ def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256
     file of tools the template renders; the answers' calls are said, and `/tool TEXT` answers one."""
     from ..runs import load_trained, trained_on_raw_text
 
+    checked_utf8(system, "--system")
     declared = read_tools(tools)
+    if read is input:
+        lenient_stdin()
     model, tokenizer, _ = load_trained(model_or_run)
     model = merged_for_good(model)
     if trained_on_raw_text(model_or_run):
@@ -135,9 +176,16 @@ def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256
         except (EOFError, KeyboardInterrupt):
             print(file=out)
             break
+        except UnicodeDecodeError:  # a stdin that could not be made lenient; its read-ahead is lost
+            print("(input is not UTF-8: that message is left out; set the terminal to UTF-8)", file=out)
+            continue
         text = line.strip()
         if text in ("/exit", "/quit"):
             break
+        if not_utf8(text, "input"):  # the turn is left out, the conversation goes on
+            print(f"({not_utf8(text, 'input')}; that message is left out: set the terminal to UTF-8 and say it "
+                  "again)", file=out)
+            continue
         if text == "/reset":
             messages = list(start)
             continue
