@@ -62,3 +62,17 @@ def test_kto_labels_as_text_are_kto_data_and_refused_as_sft(tmp_path, tiny_token
     assert found[7] == ("wrong type", "wrong type: field 'label' must be true or false (or yes / no, 1 / 0), got 'maybe'")
     assert [(e.desirable, c[-1]["content"]) for e, c in zip(kto.splits["train"].encoded, kto.splits["train"].conversations)] \
         == [(True, "9 to 5"), (True, "At noon"), (False, "Sometimes")]
+
+
+def test_an_instruction_input_that_is_a_number_is_its_text_and_nan_is_none(tmp_path, tiny_tokenizer):
+    """An Alpaca `input` of 21 or 3.5 was refused ("must be text, got int"), an `input` of 0 vanished
+    from the prompt (the record taught "Double the number" -> "0"), and NaN (pandas' empty cell)
+    refused its record; every other field reads a number as its text and NaN as empty."""
+    rows = [{"instruction": "Double the number", "input": value, "output": "twice that"}
+            for value in (0, 21, 3.5, 4.0, float("nan"), "", None, " 7 ", [1])]
+    path = write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    prepared = prepare(DataConfig(train=str(path), validation=str(path), cache=False, dedup=False), tiny_tokenizer)
+    assert problems(prepared) == {9: ("wrong type", "wrong type: field 'input' must be text, got list")}
+    prompts = [c[0]["content"] for c in prepared.splits["train"].conversations]
+    assert prompts == [f"Double the number\n\n{text}" for text in ("0", "21", "3.5", "4")] \
+        + ["Double the number"] * 3 + ["Double the number\n\n 7 "]

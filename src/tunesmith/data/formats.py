@@ -169,10 +169,8 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
         messages = _checked_turns(turns, "conversations", *keys)
     elif kind == "instruction":
         prompt = _text(record, "instruction")
-        extra = record.get("input") or ""
-        if not isinstance(extra, str):
-            raise FormatError("wrong type", f"field 'input' must be text, got {type(extra).__name__}")
-        messages = [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt},
+        extra = _optional_text(record, "input")
+        messages = [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra else prompt},
                     {"role": "assistant", "content": _text(record, "output")}]
     else:
         question, answer = REQUIRED[kind]
@@ -206,6 +204,15 @@ def to_messages(record: dict, system_prompt: str | None = None) -> list[dict]:
 def _text(record: dict, key: str) -> str:
     refuse_null(record, key, f"field '{key}'")
     return _checked_text(record.get(key), f"field '{key}'")
+
+
+def _optional_text(record: dict, key: str) -> str:
+    """An optional field's text: "" where it is absent, null, NaN (an empty cell) or blank; a number
+    (`"input": 0`, a parquet int column) as its text, as in every other field."""
+    value = record.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
+        return ""
+    return _checked_text(value, f"field '{key}'")
 
 
 def _checked_text(value, where: str) -> str:
