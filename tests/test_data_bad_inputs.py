@@ -9,7 +9,7 @@ from tunesmith.cli import main
 CORPUS = Path(__file__).parent / "bad_data"
 EXPECTED = {
     "broken_json.jsonl": ":1: broken JSON",
-    "not_an_object.jsonl": ":1: not a JSON object",
+    "not_an_object.jsonl": ":1:2: not a JSON object",
     "missing_completion.jsonl": ":1: missing field: 'completion'",
     "prompt_not_text.jsonl": ":1: wrong type: field 'prompt' must be text, got dict",
     "empty_prompt.jsonl": ":1: empty text: field 'prompt' is empty",

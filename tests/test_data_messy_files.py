@@ -10,7 +10,9 @@ import pytest
 
 from tunesmith.config import DataConfig
 from tunesmith.data.prepare import prepare
+from tunesmith.data.near_dup import report
 from tunesmith.data.sources import check_source, read_records, source_files
+from tunesmith.data.validate import drop_report
 from tunesmith.errors import UserError
 
 from helpers import write_jsonl
@@ -151,7 +153,8 @@ def test_a_json_list_saved_as_jsonl_and_json_lines_saved_as_json_are_read(tmp_pa
     (tmp_path / "pretty.jsonl").write_text(json.dumps(records, indent=1))  # [ / { / "question".. / "answer".. / }, ...
     assert rows_of(tmp_path / "pretty.jsonl") == ([(2, records[0]), (6, records[1]), (10, records[2])], [])
     (tmp_path / "pandas.jsonl").write_text(json.dumps(records))  # to_json(orient="records"): one line
-    assert rows_of(tmp_path / "pandas.jsonl") == ([(1, r) for r in records], [])
+    columns = [json.dumps(records).index(json.dumps(r)) + 1 for r in records]  # 2, 38, 74
+    assert rows_of(tmp_path / "pandas.jsonl") == ([(f"1:{c}", r) for c, r in zip(columns, records)], [])
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in records) + "\n\n{broken\n")
     rows, problems = rows_of(tmp_path / "lines.json")
     assert rows == [(1, records[0]), (2, records[1]), (3, records[2])] and [p[0] for p in problems] == [5]
@@ -159,6 +162,38 @@ def test_a_json_list_saved_as_jsonl_and_json_lines_saved_as_json_are_read(tmp_pa
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     (tmp_path / "chat.jsonl").write_text(json.dumps(chat) + "\n")
     assert rows_of(tmp_path / "chat.jsonl") == ([(1, {"messages": chat})], [])
+
+
+def test_records_sharing_a_line_are_told_apart_by_their_column(tmp_path, tiny_tokenizer):
+    """pandas' one-line list: every record was at line 1, and a record's place is its identity, so two
+    near-duplicates there were one record's examples (never reported), data.min_valid_share counted
+    the file as one usable record and then failed with an IndexError, and the problems were in no order."""
+    answer = ("Hold the reset button on the back of the router for ten seconds until all the lights blink, then wait two "
+              "minutes for it to restart and reconnect with the default password printed on the label underneath.")
+    records = [{"question": "How do I reset my router to factory settings?", "answer": answer},
+               {"question": "How can I reset my router to factory settings?", "answer": answer + " "},
+               *[qa(f"Question {i} on topic {7 * i}", f"Answer {i} differs {13 * i}.") for i in range(6)],
+               {"question": "no answer"}, {"question": "also none"}]
+    (tmp_path / "pandas.jsonl").write_text(json.dumps(records))
+    write_jsonl(tmp_path / "held.jsonl", [qa("A held-out question", "Its answer")])
+    cfg = DataConfig(train=str(tmp_path / "pandas.jsonl"), validation=str(tmp_path / "held.jsonl"), min_valid_share=0.75,
+                     cache=False)
+    prepared = prepare(cfg, tiny_tokenizer)
+    train = prepared.splits["train"]
+    assert len(train) == 8 and len(set(train.origins)) == 8
+    [near] = report(train.conversations, train.origins, {}, cfg.near_dup_threshold)["within_train"]["first"]
+    assert re.fullmatch(r".*pandas.jsonl:1:\d+ ~ .*pandas.jsonl:1:2", near)
+    columns = [int(p.line.split(":")[1]) for p in prepared.problems]
+    assert len(columns) == 2 and columns == sorted(columns)
+    first = drop_report(prepared.problems)["missing field"]["first"]
+    assert [int(f.rsplit(":", 1)[1]) for f in first] == columns
+
+
+def test_a_json_line_cut_short_is_broken_where_it_ends(tmp_path):
+    line = '{"question": "Where is my order?", "answer": "It shipped yesterday."'
+    (tmp_path / "cut.jsonl").write_text(json.dumps(qa("q", "a")) + "\n" + line + "\n")
+    [problem] = read_records(tmp_path / "cut.jsonl").problems
+    assert problem.line == 2 and f"at column {len(line) + 1}" in problem.reason  # was 'column 1'
 
 
 def test_json_over_several_lines_in_a_jsonl_file_that_cannot_be_read_is_one_line(tmp_path):

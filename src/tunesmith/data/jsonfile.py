@@ -95,7 +95,8 @@ def _unfinished(text: str) -> bool:
 def _broken_record(path: Path, lines: list[tuple[int, str]], out: Records) -> None:
     """Lines read as the start of a record that did not come whole: one problem at its first line."""
     if len(lines) == 1:
-        out.problems.append(Problem(str(path), lines[0][0], _json_line(lines[0][1])[1]))
+        # without its line break: where the text breaks off is its end, not 'column 1' of a next line
+        out.problems.append(Problem(str(path), lines[0][0], _json_line(lines[0][1].rstrip("\r\n"))[1]))
     elif lines:
         try:
             json.loads("\n".join(part.rstrip("\r\n") for _, part in lines))
@@ -185,18 +186,21 @@ def as_messages(record):
     return record
 
 
-def _record_lines(text: str, start: int, count: int) -> list[int]:
-    """Line number of each record of the JSON list at `start`, for messages."""
+def _record_lines(text: str, start: int, count: int) -> list[int | str]:
+    """Where each record of the JSON list at `start` starts: its line, or 'line:column' where records
+    share a line (pandas' to_json(orient="records") writes them all on line 1). A record's place is
+    also its identity: several examples of one place are one record's (near-duplicate search, curve)."""
     decoder = json.JSONDecoder()
     position = text.index("[", start) + 1
-    lines, line, counted = [], 1, 0
-    while len(lines) < count:
+    places, line, counted = [], 1, 0
+    while len(places) < count:
         position = SPACE.match(text, position).end()
         if text[position] == ",":
             position = SPACE.match(text, position + 1).end()
         if text[position] == "]":
             break
         line, counted = line + text.count("\n", counted, position), position
-        lines.append(line)
+        places.append((line, position - text.rfind("\n", 0, position)))
         position = decoder.raw_decode(text, position)[1]
-    return lines
+    shared = {line for line, _ in places if sum(other == line for other, _ in places) > 1}
+    return [f"{line}:{column}" if line in shared else line for line, column in places]

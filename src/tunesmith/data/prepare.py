@@ -18,6 +18,7 @@ from ..progress import say
 from . import cache
 from .formats import FormatError, rename_columns, to_example
 from .lengths import hint_line, length_hint
+from .records import place
 from .sources import Problem, check_source, is_hub_id, read_records, source_files
 from .templates import use_template
 from .tokenize import IGNORE, Encoded, TemplateError, encode_documents, encode_many, encode_text
@@ -235,7 +236,7 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
                f"data.train_on_inputs={cfg.train_on_inputs}, chat template {prepared.template or 'as set'})" if masked else "")
         hint = length_hint(prepared, cfg) if prepared.too_long else None
         dropped = ", ".join(f"{kind}: {count}" for kind, count in prepared.dropped.items())
-        first = min(prepared.problems, key=lambda p: (p.file, p.line), default=None)
+        first = min(prepared.problems, key=lambda p: place(p.file, p.line), default=None)
         raise UserError(f"{cfg.train}: no training example has an answer token to learn from; every training "
                         f"example was dropped ({dropped}){why}" + (f"; {hint_line(hint)}" if hint else "")
                         + (f"; first: {first}" if first else ""))
@@ -249,7 +250,7 @@ def _prepare(cfg: DataConfig, tokenizer, out_dir: Path | None) -> Prepared:
     usable = used("train") + (used("validation") if held_out else 0)
     if cfg.min_valid_share and usable < cfg.min_valid_share * max(1, prepared.records):
         raise UserError(f"{cfg.train}: only {usable} of {prepared.records} training records are usable, fewer than "
-                        f"data.min_valid_share={cfg.min_valid_share}; first problem: {prepared.problems[0]}")
+                        f"data.min_valid_share={cfg.min_valid_share}" + "".join(f"; first problem: {p}" for p in prepared.problems[:1]))
     return prepared
 
 

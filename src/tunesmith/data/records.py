@@ -7,12 +7,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def place(file: str, line: int | str) -> tuple[str, int, int]:
+    """A record's place in file order: its line, then its column where records share a line ('1:217')."""
+    if isinstance(line, str):
+        number, column = line.split(":")
+        return file, int(number), int(column)
+    return file, line, 0
+
+
 @dataclass
 class Problem:
     """One record that could not be used, and why; `kind` groups reasons for the counts."""
 
     file: str
-    line: int
+    line: int | str  # 'line:column' where records share a line
     reason: str
     kind: str = ""
 

@@ -6,6 +6,7 @@ import re
 from collections import Counter, defaultdict
 
 from ..errors import UserError, counted
+from .records import place
 from .sources import Problem
 from .tools import call_text
 
@@ -69,8 +70,8 @@ def problems_before(problems: list[Problem], origins: list[tuple[str, int]], lim
     --limit): the records past it are never scored, so what is wrong with them is not said."""
     if not limit or len(origins) <= limit:
         return problems
-    last = tuple(origins[limit - 1])
-    return [p for p in problems if (p.file, p.line) <= last]  # files are read in sorted order
+    last = place(*origins[limit - 1])
+    return [p for p in problems if place(p.file, p.line) <= last]  # files are read in sorted order
 
 
 def drop_lines(groups: dict[str, dict]) -> list[str]:
@@ -93,7 +94,7 @@ def drop_report(problems: list[Problem], first: int = 3) -> dict[str, dict]:
     ordered = sorted(grouped.items(), key=lambda item: -len(item[1]))
     report = {}
     for kind, items in ordered:
-        items = sorted(items, key=lambda p: (p.file, p.line))
+        items = sorted(items, key=lambda p: place(p.file, p.line))
         report[kind] = {"count": len(items), "first": [f"{p.file}:{p.line}" for p in items[:first]],
                         "example": str(items[0])}
     return report
