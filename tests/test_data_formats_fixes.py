@@ -76,3 +76,21 @@ def test_an_instruction_input_that_is_a_number_is_its_text_and_nan_is_none(tmp_p
     prompts = [c[0]["content"] for c in prepared.splits["train"].conversations]
     assert prompts == [f"Double the number\n\n{text}" for text in ("0", "21", "3.5", "4")] \
         + ["Double the number"] * 3 + ["Double the number\n\n 7 "]
+
+
+def test_data_columns_can_swap_two_known_columns(tmp_path, tiny_tokenizer):
+    """`columns={question: answer, answer: question}` on a sheet written the wrong way round refused
+    every record ("missing field: 'question'"): the renames ran one after another on one record,
+    the second taking the value the first had just put there."""
+    path = tmp_path / "reversed.csv"
+    path.write_text("question,answer,note\nParis.,What is the capital of France?,geo\n"
+                    "Four.,How many legs has a dog?,zoo\n")
+    columns = {"question": "answer", "answer": "question"}
+    prepared = prepare(DataConfig(train=str(path), validation=str(path), cache=False, columns=columns), tiny_tokenizer)
+    assert prepared.problems == []
+    assert [[m["content"] for m in c] for c in prepared.splits["train"].conversations] == [
+        ["What is the capital of France?", "Paris."], ["How many legs has a dog?", "Four."]]
+    from tunesmith.data.formats import rename_columns
+
+    assert rename_columns({"q": "Q?", "answer": "old", "a": "A."}, {"question": "q", "answer": "a"}) \
+        == {"question": "Q?", "answer": "A."}  # a mapped column replaces a field of that name, as before

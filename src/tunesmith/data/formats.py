@@ -43,12 +43,12 @@ PAIRS, UNPAIRED, PROMPTS = "pairs", "unpaired", "prompts"  # the data kinds of t
 
 def rename_columns(record: dict, columns: dict[str, str]) -> dict:
     """The record with the user's column names mapped to the format's field names ({field: column}),
-    then the common spellings of the fields (canonical_fields)."""
+    then the common spellings of the fields (canonical_fields). Every column is taken from the record
+    as it was, so two columns can swap names ({question: answer, answer: question})."""
     if columns:
-        record = dict(record)
-        for field, column in columns.items():
-            if column in record:
-                record[field] = record.pop(column)
+        moved = {field: record[column] for field, column in columns.items() if column in record}
+        kept = {key: value for key, value in record.items() if key not in columns.values()}
+        record = {**kept, **moved}
     return canonical_fields(record)
 
 
