@@ -524,3 +524,14 @@ def test_a_tool_schema_cannot_hang_or_crash_the_check():
     assert argument_problem({"unit": "c", "tags": {evil: "x"}}, nested) is None
     for looping in ({"$ref": "#"}, {"$defs": {"x": {"$ref": "#/$defs/x"}}, "$ref": "#/$defs/x"}):
         assert argument_problem({"a": 1}, looping) is None
+
+
+def test_the_lines_a_run_prints_say_how_many_skipped_records_they_leave_out(tmp_path, tiny_tokenizer):
+    """Five skipped records are named; a sixth was counted in 'dropped' but never named or mentioned."""
+    from tunesmith.data.check import data_lines
+
+    cfg = DataConfig(train=str(write_jsonl(tmp_path / "d.jsonl", good() + ['{"broken'] * 6 + [{"prompt": "q"}])),
+                     cache=False)
+    lines = data_lines(prepare(cfg, tiny_tokenizer), cfg)
+    assert sum(line.startswith("  skipped ") for line in lines) == 5
+    assert "  and 2 more (tunesmith data check lists them by kind)" in lines

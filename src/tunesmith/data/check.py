@@ -148,6 +148,8 @@ def data_lines(prepared: Prepared, cfg: DataConfig) -> list[str]:
     if _SAID.get():
         return lines
     lines += [f"  skipped {problem}" for problem in prepared.problems[:5]]
+    if len(prepared.problems) > 5:
+        lines.append(f"  and {len(prepared.problems) - 5} more (tunesmith data check lists them by kind)")
     for name, places in prepared.overlap.items():  # leakage: the held-out figures would flatter the model
         if places:
             held = len(prepared.splits[name]) if name in prepared.splits else 0
