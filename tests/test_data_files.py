@@ -535,3 +535,11 @@ def test_the_lines_a_run_prints_say_how_many_skipped_records_they_leave_out(tmp_
     lines = data_lines(prepare(cfg, tiny_tokenizer), cfg)
     assert sum(line.startswith("  skipped ") for line in lines) == 5
     assert "  and 2 more (tunesmith data check lists them by kind)" in lines
+
+
+def test_a_run_on_the_built_in_demo_data_says_so(tiny_tokenizer):
+    """An empty config trains on the demo (data.train's default) for minutes: its first line says whose data it is."""
+    from tunesmith.data.check import data_lines
+
+    cfg = DataConfig(demo_size=24, cache=False)
+    assert data_lines(prepare(cfg, tiny_tokenizer), cfg)[0].endswith("(the built-in demo task; data.train names your own file)")

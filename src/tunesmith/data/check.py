@@ -145,6 +145,8 @@ def data_lines(prepared: Prepared, cfg: DataConfig) -> list[str]:
     else:
         tokens = f"{summary['tokens']['train']} train tokens ({summary['label_tokens']['train']} with a loss)"
     lines = [f"data: examples {counts}; {tokens}; dropped: {dropped}"]
+    if cfg.train == "demo":  # the default: a config that names no data trains on the demo for minutes
+        lines[0] += " (the built-in demo task; data.train names your own file)"
     if _SAID.get():
         return lines
     lines += [f"  skipped {problem}" for problem in prepared.problems[:5]]
