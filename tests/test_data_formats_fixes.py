@@ -94,3 +94,33 @@ def test_data_columns_can_swap_two_known_columns(tmp_path, tiny_tokenizer):
 
     assert rename_columns({"q": "Q?", "answer": "old", "a": "A."}, {"question": "q", "answer": "a"}) \
         == {"question": "Q?", "answer": "A."}  # a mapped column replaces a field of that name, as before
+
+
+def test_a_text_column_beside_other_text_is_refused_with_the_override(tmp_path, tiny_tokenizer):
+    """A `text,summary` sheet was read as raw pre-training text: the summaries were never read, the
+    articles trained on joined with EOS, and `data check` said only `format: text`."""
+    from tunesmith.data.formats import FormatError, detect_format
+
+    sheet = tmp_path / "summaries.csv"
+    sheet.write_text("text,summary\nThe meeting moved to Friday because the room was booked.,Meeting moved.\n"
+                     "Sales rose 5% in March after the spring campaign.,Sales up 5%.\n")
+    with pytest.raises(UserError, match=r"summaries.csv:2: text beside other columns: .* other text in 'summary'; "
+                                        r"map the columns, e.g. data.columns=\{question: text, answer: summary\}, "
+                                        r"or set data.format: text"):
+        prepare(DataConfig(train=str(sheet), cache=False), tiny_tokenizer)
+    mapped = prepare(DataConfig(train=str(sheet), validation=str(sheet), cache=False,
+                                columns={"question": "text", "answer": "summary"}), tiny_tokenizer)
+    assert [c[-1]["content"] for c in mapped.splits["train"].conversations] == ["Meeting moved.", "Sales up 5%."]
+    assert prepare(DataConfig(train=str(sheet), format="text", cache=False), tiny_tokenizer).formats == {"text": 2}
+    with pytest.raises(FormatError, match=r"data.columns=\{question: question, answer: text\}"):
+        detect_format({"text": "Paris.", "question": "What is the capital of France?"})
+
+    # raw documents with their metadata, numbers and empty cells stay raw text
+    docs = [{"text": f"Document {i} about the PixelPad screen and its billing.", "id": f"doc-{i}",
+             "url": f"https://example.com/{i}", "Title": "A page title", "meta": {"lang": "en"},
+             "token_count": 12, "score": "0.93", "notes": " "} for i in range(6)]
+    prepared = prepare(DataConfig(train=str(write_jsonl(tmp_path / "docs.jsonl", docs)), cache=False), tiny_tokenizer)
+    assert prepared.problems == [] and prepared.formats == {"text": 6}
+    table = tmp_path / "docs.csv"
+    table.write_text("id,text,score,source\n" + "".join(f"{i},Document {i} about billing.,0.5,crawl\n" for i in range(6)))
+    assert prepare(DataConfig(train=str(table), cache=False), tiny_tokenizer).formats == {"text": 6}

@@ -39,6 +39,10 @@ FIELDS = frozenset({"messages", "conversations", "instruction", "input", "output
                     "question", "answer", "text", "tools", "chosen", "rejected", "label", "reference"})
 SPELLED = FIELDS | {"response", "context", "conversation"}  # read in any case, with spaces around
 PAIRS, UNPAIRED, PROMPTS = "pairs", "unpaired", "prompts"  # the data kinds of the other objectives
+# Columns beside a raw `text` that are metadata, not text to learn (FineWeb's id, url, dump, date,
+# file_path, language; Wikipedia's title; RedPajama's and the Pile's meta; Dolma's source, added, created)
+TEXT_METADATA = frozenset({"id", "url", "title", "source", "meta", "metadata", "date", "timestamp", "created",
+                           "added", "language", "lang", "dump", "file_path", "domain", "license"})
 
 
 def rename_columns(record: dict, columns: dict[str, str]) -> dict:
@@ -78,6 +82,8 @@ def canonical_fields(record: dict) -> dict:
 def detect_format(record: dict) -> str:
     for kind, keys in REQUIRED.items():
         if all(k in record for k in keys):
+            if kind == "text":
+                _refuse_other_text(record)
             return kind
     for kind, keys in REQUIRED.items():  # half a format: name the field that is missing
         if any(k in record for k in keys):
@@ -91,6 +97,28 @@ def detect_format(record: dict) -> str:
     example = f" (e.g. data.columns={{question: {named[0]}, answer: {named[1]}}})" if len(named) >= 2 else ""
     raise FormatError("unknown format", f"no known fields (keys: {', '.join(sorted(map(str, record))) or 'none'}); "
                       f"map your columns with data.columns{example}, or set data.format")
+
+
+def _refuse_other_text(record: dict) -> None:
+    """A raw `text` record with another column of text (`text,summary`, `text,label`: a summarisation
+    or classification sheet) is refused: read as raw text, that column was dropped without a word.
+    Numbers, empty cells, non-text values and the metadata of pre-training corpora go with raw text."""
+    others = [key for key, value in record.items() if key != "text" and isinstance(value, str) and value.strip()
+              and not _number(value) and str(key).strip().lower() not in TEXT_METADATA]
+    if others:
+        asked = others[0].strip().lower() in ("question", "prompt", "instruction", "input")
+        pair = f"question: {others[0]}, answer: text" if asked else f"question: text, answer: {others[0]}"
+        raise FormatError("text beside other columns", f"field 'text' (raw text: only 'text' would be read) beside "
+                          f"other text in {', '.join(map(repr, others))}; map the columns, e.g. data.columns={{{pair}}}, "
+                          "or set data.format: text to train on 'text' alone")
+
+
+def _number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def record_kind(record: dict) -> str | None:
