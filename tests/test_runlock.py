@@ -247,3 +247,25 @@ def test_a_pid_is_replaced_in_one_write_so_a_reader_never_sees_none(tmp_path, mo
     seen.append(runlock._read_pid(fd))
     os.close(fd)
     assert set(seen) <= {1234567, 42} and seen[-1] == 42, seen
+
+
+def test_a_run_that_is_still_training_is_said_to_be_so_by_what_needs_its_model(tmp_path):
+    """export, chat, eval on a run in training said 'no trained model in this run folder', or, once it had
+    a checkpoint, 'training stopped at step N' with the command that goes on: a second trainer."""
+    from tunesmith.runs import trained_folder
+
+    (tmp_path / "config.yaml").write_text("model: default\n")
+    (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)
+    trainer = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert trainer.stdout.readline() == "held\n"
+        with pytest.raises(UserError, match=rf"still training \(process {trainer.pid}\)"):
+            trained_folder(tmp_path)
+    finally:
+        trainer.kill()
+        trainer.wait()
+    with pytest.raises(UserError, match="no trained model|stopped at step"):
+        trained_folder(tmp_path)
+    with runlock.hold(tmp_path):  # the trainer itself, at its end
+        with pytest.raises(UserError, match="no trained model|stopped at step"):
+            trained_folder(tmp_path)

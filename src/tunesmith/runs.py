@@ -23,6 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
+from . import runlock
 from .errors import UserError
 from .lineage import check_base
 from .methods import ADAPTER_DIR, MODEL_DIR
@@ -64,6 +65,10 @@ class RunFolder:
                 readable_weights(self.path / name)
                 check_base(self.path)
                 return self.path / name
+        pid = runlock.holder(self.path)
+        if pid is not None and pid != os.getpid():  # the trainer itself reads its model at the end
+            raise UserError(f"{self.path}: still training (process {pid or 'starting'}); its model is written when it "
+                            "ends: wait for it, or stop it (Ctrl-C there, or kill it) to keep its last checkpoint")
         step = self.stopped_at()
         if step is not None:  # stopped before the end: it can go on, or end where it is
             raise UserError(f"{self.path}: training stopped at step {step} ({self.checkpoint_folders()[-1]}) before "
