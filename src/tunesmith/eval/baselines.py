@@ -24,8 +24,9 @@ from ..data.validate import problems_before, skipped_lines, unusable
 from ..errors import UserError
 from ..progress import say
 from ..runs import RunFolder, system_prompt_of
-from .compare import (LOSS, LOWER_IS_BETTER, TEXT_ROW, Scored, Scorer, Settings, compare_scored, pick_shots,
-                      score_model, score_prompts, training_conversations, with_shots)
+from .compare import (FEW_EXAMPLES, LOSS, LOWER_IS_BETTER, TEXT_ROW, Scored, Scorer, Settings, compare_scored,
+                      few_examples_note, pick_shots, score_model, score_prompts, shown_interval,
+                      training_conversations, with_shots)
 from .decoding import LoopGuard
 
 PROMPTED = ("-shot", "+ retrieval")  # row names of the prompting baselines end so
@@ -59,13 +60,14 @@ def primary_metric(means: dict, scorer_name: str = "custom") -> str:
 def baseline_table(scored: list[Scored], samples: int = 2000, seed: int = 0, scorer_name: str = "custom",
                    guard: LoopGuard = LoopGuard()) -> dict:
     """Every row against the last one (the candidate): means, differences with intervals, verdict,
-    and a warning where the candidate's answers loop."""
+    a warning where the candidate's answers loop, and a note where the examples are too few for the
+    intervals (one example: no verdict)."""
     candidate = scored[-1]
     differences = [row for baseline in scored[:-1] for row in compare_scored(baseline, candidate, samples, seed)]
     primary = primary_metric(candidate.means(), scorer_name)
-    looping = looping_warning(scored, guard)
+    notes = [looping_warning(scored, guard), few_examples_note(len(candidate.rows))]
     return {"models": {s.name: s.means() for s in scored}, "differences": differences, "primary_metric": primary,
-            "verdict": verdict(differences, primary, candidate.name), "warnings": [looping] if looping else []}
+            "verdict": verdict(differences, primary, candidate.name), "warnings": [n for n in notes if n]}
 
 
 def verdict(differences: list[dict], metric: str, candidate: str) -> str:
@@ -81,6 +83,9 @@ def verdict(differences: list[dict], metric: str, candidate: str) -> str:
         return ""
     pick = min if lower else max
     strongest = pick(prompting, key=lambda d: d["baseline_value"])
+    examples = strongest.get("examples", FEW_EXAMPLES)  # a row made by hand may not say
+    if examples < 2:  # no interval to judge by (few_examples_note says so)
+        return ""
     gain = -1 if lower else 1  # the sign of a difference that favours the candidate
     low, high = sorted((gain * strongest["low"], gain * strongest["high"]))
     # The lead in the direction that is better: "+0.5 lower answer_loss", never "+0.5 answer_loss" for a loss that fell.
@@ -95,6 +100,8 @@ def verdict(differences: list[dict], metric: str, candidate: str) -> str:
     for d in own:
         if max(gain * d["low"], gain * d["high"]) < 0:
             line += f"; retrieval on top of the fine-tuned model helps further ({-gain * d['difference']:+.3f})"
+    if examples < FEW_EXAMPLES:
+        line += f" (over {examples} examples only: see the note)"
     return line
 
 
@@ -153,7 +160,7 @@ def format_baselines(table: dict) -> str:
         for metric in metrics:
             value = table["models"][name].get(metric)
             d = by_pair.get((name, metric))
-            versus = f"{d['difference']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else ""
+            versus = f"{d['difference']:+.3f} {shown_interval(d, 3)}" if d else ""
             wtl = f"{d['win']}/{d['tie']}/{d['loss']}" if d else ""
             cells.append(f"{'-' if value is None else f'{value:.3f}':>14}{versus:>{len(header) + 4}}{wtl:>12}")
         lines.append(f"{name:<{width}}" + "".join(cells))

@@ -32,6 +32,9 @@ from .scoring import conversation_scores
 LOSS = "answer_loss"
 PER_CHAR = "answer_loss_per_char"  # nats per character of the reference (choose.py: comparable across tokenizers)
 LOWER_IS_BETTER = {LOSS, PER_CHAR, "repetition"}
+# Fewer examples than this: the intervals' coverage is unknown (docs/evaluation.md simulated it from 20 on), and
+# one example moves a mean by a twentieth or more; the general-ability probe notes sets under 20 items likewise
+FEW_EXAMPLES = 20
 
 
 @dataclass
@@ -171,6 +174,25 @@ def compare_scored(baseline: Scored, candidate: Scored, samples: int = 2000, see
                      "baseline_value": weighted_mean(a, weights[0]), "candidate_value": weighted_mean(b, weights[1]),
                      **interval, **win_tie_loss(a, b, metric in LOWER_IS_BETTER), "examples": int(both.sum())})
     return rows
+
+
+def few_examples_note(examples: int) -> str | None:
+    """The note a comparison over fewer than FEW_EXAMPLES examples carries; None from there on."""
+    if examples >= FEW_EXAMPLES:
+        return None
+    if examples < 2:
+        return (f"note: {examples} example: no interval and no verdict (a difference over one example says nothing "
+                f"of the next, and a bootstrap over it has no width); compare on {FEW_EXAMPLES} or more")
+    return (f"note: only {examples} examples: intervals over fewer than {FEW_EXAMPLES} are unreliable (their coverage "
+            f"was checked from {FEW_EXAMPLES} on) and one example moves a mean by 1/{examples} of its range; read the "
+            f"verdict as a hint and compare on {FEW_EXAMPLES} or more")
+
+
+def shown_interval(row: dict, digits: int = 4) -> str:
+    """A difference row's '[low, high]', or why it has none (one example)."""
+    if row.get("examples", FEW_EXAMPLES) < 2:
+        return "[no interval: 1 example]"
+    return f"[{row['low']:+.{digits}f}, {row['high']:+.{digits}f}]"
 
 
 def with_shots(conversation: list[dict], shots: list[list[dict]]) -> list[dict]:
@@ -332,7 +354,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{metric:<24}" + "".join(f"{'-' if v is None else f'{v:.4f}':>{width}}" for v in cells))
     for row in result["differences"]:
         lines.append(f"{row['candidate']} - {row['baseline']}  {row['metric']:<22} {row['difference']:+.4f} "
-                     f"[{row['low']:+.4f}, {row['high']:+.4f}]  win/tie/loss {row['win']}/{row['tie']}/{row['loss']}")
+                     f"{shown_interval(row)}  win/tie/loss {row['win']}/{row['tie']}/{row['loss']}")
     if result.get("verdict"):
         lines.append(f"verdict: {result['verdict']}")
     return "\n".join(lines + result.get("warnings", []))
