@@ -124,3 +124,32 @@ def test_a_text_column_beside_other_text_is_refused_with_the_override(tmp_path, 
     table = tmp_path / "docs.csv"
     table.write_text("id,text,score,source\n" + "".join(f"{i},Document {i} about billing.,0.5,crawl\n" for i in range(6)))
     assert prepare(DataConfig(train=str(table), cache=False), tiny_tokenizer).formats == {"text": 6}
+
+
+def test_a_records_own_system_prompt_is_its_system_turn(tmp_path, tiny_tokenizer):
+    """A record-level `system` (LLaMA-Factory's sharegpt and alpaca) or `system_prompt` (OpenOrca,
+    SlimOrca) was dropped without a word: "answer in German" trained as if never said, and the
+    template's default system prompt used instead."""
+    chat = [{"from": "human", "value": "Where is my parcel?"}, {"from": "gpt", "value": "It left this morning."}]
+    rows = [
+        {"conversations": chat, "system": "You are Acme's support bot."},
+        {"instruction": "Translate to French", "input": "cat", "output": "chat", "System": "You translate."},
+        {"system_prompt": "Answer in German.", "question": "What is 1+1?", "answer": "Zwei."},
+        {"question": "What is 2+2?", "answer": "Four.", "system": "", "system_prompt": None},  # empty: none
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}], "system": "Be brief."},  # the same: one turn
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                      {"role": "assistant", "content": "Hello!"}], "system": "Be long."},
+        {"question": "What is 3+3?", "answer": "Six.", "system": "One.", "system_prompt": "Two."},
+    ]
+    path = write_jsonl(tmp_path / "system.jsonl", rows)
+    prepared = prepare(DataConfig(train=str(path), validation=str(path), cache=False,
+                                  system_prompt="The config's prompt."), tiny_tokenizer)
+    assert problems(prepared) == {
+        6: ("two system prompts", "two system prompts: field 'system' and a system turn in the conversation differ; "
+                                  "keep one"),
+        7: ("two system prompts", "two system prompts: fields 'system' and 'system_prompt' differ; keep one")}
+    assert [[(m["role"], m["content"]) for m in c if m["role"] == "system"]
+            for c in prepared.splits["train"].conversations] == [
+        [("system", "You are Acme's support bot.")], [("system", "You translate.")], [("system", "Answer in German.")],
+        [("system", "The config's prompt.")], [("system", "Be brief.")]]

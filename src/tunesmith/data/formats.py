@@ -36,7 +36,8 @@ REQUIRED = {
 
 # Every top-level field a reader looks for (SFT formats, tool calls, preference and prompt records).
 FIELDS = frozenset({"messages", "conversations", "instruction", "input", "output", "prompt", "completion",
-                    "question", "answer", "text", "tools", "chosen", "rejected", "label", "reference"})
+                    "question", "answer", "text", "tools", "chosen", "rejected", "label", "reference",
+                    "system", "system_prompt"})
 SPELLED = FIELDS | {"response", "context", "conversation"}  # read in any case, with spaces around
 PAIRS, UNPAIRED, PROMPTS = "pairs", "unpaired", "prompts"  # the data kinds of the other objectives
 # Columns beside a raw `text` that are metadata, not text to learn (FineWeb's id, url, dump, date,
@@ -213,7 +214,26 @@ def to_example(record: dict, fmt: str = "auto", system_prompt: str | None = None
                                                   "its last answer (remove that turn, or add its answer)")
     if all(m.get("weight", 1) == 0 for m in messages if m["role"] == "assistant"):
         raise FormatError("no assistant turn", "every assistant turn has weight 0: nothing to learn from")
-    return kind, with_system_prompt(messages, system_prompt)
+    return kind, with_system_prompt(with_own_system(record, messages), system_prompt)
+
+
+def with_own_system(record: dict, messages: list[dict]) -> list[dict]:
+    """The messages with the record's own system prompt first (after declared tools): a `system`
+    field (LLaMA-Factory's sharegpt and alpaca) or `system_prompt` (OpenOrca, SlimOrca); empty is
+    none. One that differs from the conversation's own system turn, or from the other field, is refused."""
+    given = {key: _optional_text(record, key) for key in ("system", "system_prompt") if key in record}
+    texts = {text for text in given.values() if text}
+    if not texts:
+        return messages
+    if len(texts) > 1:
+        raise FormatError("two system prompts", "fields 'system' and 'system_prompt' differ; keep one")
+    text, field = texts.pop(), next(key for key, value in given.items() if value)
+    turns = {str(m["content"]).strip() for m in messages if m["role"] == "system"}
+    if turns - {text.strip()}:
+        raise FormatError("two system prompts", f"field '{field}' and a system turn in the conversation differ; "
+                                                "keep one")
+    head = 1 if messages[0]["role"] == TOOLS_ROLE else 0
+    return messages if turns else messages[:head] + [{"role": "system", "content": text}] + messages[head:]
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
