@@ -254,7 +254,7 @@ def test_merge_refuses_beyond_tolerance_and_says_by_how_much(arch_dirs, data_fil
     assert "Traceback" not in error
     assert not (Path(results["run_dir"]) / "export" / "merged").exists()
     assert main(["export", str(tmp_path / "missing"), "--merge"]) == 2
-    assert "not a run folder" in capsys.readouterr().err
+    assert "missing: no such run folder" in capsys.readouterr().err
 
     assert merge.allowed_difference(torch.tensor([[-30.0, 2.0]]), 1e-4) == pytest.approx((30.0, 3e-3))
     assert merge.allowed_difference(torch.tensor([[0.2, -0.1]]), 1e-4) == pytest.approx((1.0, 1e-4))

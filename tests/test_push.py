@@ -146,7 +146,7 @@ def closed_port() -> int:
     ("refused token", "refused the token (401 Unauthorized)"),
     ("forbidden", "the token may not write to me/tiny (403 Forbidden)"),
     ("no token", "no Hugging Face token; set HF_TOKEN"),
-    ("unknown run", "not a run folder (no config.yaml)"),
+    ("unknown run", "no-such-run: no such run folder"),
     ("unfinished run", "not a finished run (pending)"),
     ("run without weights", "no trained model in this run folder"),
     ("unreachable", "could not reach http://127.0.0.1:"),

@@ -61,8 +61,10 @@ def test_report_json_holds_the_figures(tmp_path):
 def test_report_of_a_folder_that_is_not_a_run(tmp_path):
     from tunesmith.errors import UserError
 
-    with pytest.raises(UserError, match="not a run folder"):
+    with pytest.raises(UserError, match=r"not a run folder \(no config.yaml\)"):
         write_report(tmp_path)
+    with pytest.raises(UserError, match="missing: no such run folder"):  # said 'not a run folder (no config.yaml)'
+        write_report(tmp_path / "missing")
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

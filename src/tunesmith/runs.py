@@ -83,7 +83,8 @@ class RunFolder:
 
     def require(self) -> "RunFolder":
         if not self.is_run():
-            raise UserError(f"{self.path}: not a run folder (no config.yaml)")
+            raise UserError(f"{self.path}: not a run folder (no config.yaml)" if self.path.is_dir() else
+                            f"{self.path}: no such run folder")
         return self
 
     def read_config(self):

@@ -41,9 +41,7 @@ def export(run: str | Path, out: str | Path | None = None, merge: bool = False, 
     from .readme import write_readme
 
     wanted = parse_formats(formats, merge)
-    run = Path(run)
-    if not runs.is_run(run):
-        raise UserError(f"{run}: not a run folder (no config.yaml)")
+    run = runs.RunFolder(run).require().path
     refuse_links(run)  # its export/ is written: never through a link of a run folder from elsewhere
     out = Path(out) if out else run / "export"
     if out.exists() and not out.is_dir():

@@ -103,9 +103,7 @@ def merge_run(run: str | Path, out: str | Path | None = None, tolerance: float =
     """Write the run's merged model (safetensors, fp32, with tokenizer, chat template and generation
     config; files of at most `max_shard_size`) to `out`, checked against the adapter model after a
     reload from disk."""
-    run = Path(run)
-    if not runs.is_run(run):
-        raise UserError(f"{run}: not a run folder (no config.yaml)")
+    run = runs.RunFolder(run).require().path
     trained = runs.trained_folder(run)
     out = Path(out) if out else run / "export" / "merged"
     if not (trained / "adapter_config.json").exists():
