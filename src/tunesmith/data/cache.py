@@ -32,8 +32,10 @@ from pathlib import Path
 # record among JSON lines is one problem; 16: so is a pretty-printed chat record (its lines indented);
 # 17: a short CSV row with a multi-line cell is read unless a line in it is a whole row;
 # 18: a conversation opening with an assistant turn learns that turn, not the template's preamble;
-# 19: records of a JSON list that share a line are told apart by their column ('1:217').
-FORMAT_VERSION = 19
+# 19: records of a JSON list that share a line are told apart by their column ('1:217');
+# 20: KTO labels as text (a CSV's), numeric Alpaca input, swapped columns, `text` beside other text
+# refused, a record's own `system` / `system_prompt` field as its system turn.
+FORMAT_VERSION = 20
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 EXTRA_TEMPLATES = "additional_chat_templates"  # transformers' folder of further named templates
