@@ -359,3 +359,9 @@ def test_curve_warns_of_leakage_once_naming_the_users_files(tiny_model_dir, tmp_
     warnings = [line for line in err.splitlines() if "also in train" in line]
     assert len(warnings) == 1 and f"{test}:2" in warnings[0], warnings
     assert err.count("data: examples train") == 2  # the user's files, then the fraction's run
+
+
+def test_choose_refuses_a_candidate_named_twice_before_reading_anything(tmp_path):
+    with pytest.raises(UserError, match="default is named twice in --models"):
+        choose(str(tmp_path / "no-such-config.yaml"), ["default", "x/y", "default"], out=str(tmp_path / "choose"))
+    assert not (tmp_path / "choose").exists()

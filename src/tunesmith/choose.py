@@ -36,6 +36,9 @@ def choose(config: str | None, models: list[str], overrides: list[str] | None = 
         raise UserError("choose: name the candidates with --models A,B,...")
     if limit is not None and limit < 1:
         raise UserError(f"choose: --limit {limit}: score at least one validation example")
+    repeated = sorted({spec for spec in models if models.count(spec) > 1})
+    if repeated:  # scored twice, the same figures ranked against themselves
+        raise UserError(f"choose: each candidate once; {', '.join(repeated)} is named twice in --models")
     cfg = load_config(config, overrides)
     sft_only(cfg, "choose")
     folder = Path(out)
