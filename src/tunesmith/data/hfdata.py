@@ -1,5 +1,6 @@
 """Sources read through the Hugging Face `datasets` library: a folder written by `save_to_disk`, and a
-hub data set id. Each gives (name, row number, record) rows."""
+hub data set id. Each gives (name, row number, record) rows. And what every Arrow source (these, and
+parquet files) needs undone in its rows: `arrow_record`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,7 +68,43 @@ def _dataset_rows(dataset, name: str) -> list[tuple[str, int, dict]]:
     wanted = undecoded(features)
     if wanted != features:
         dataset = dataset.cast(Features(wanted))
-    return [(name, index, dict(row)) for index, row in enumerate(dataset, 1)]
+    return [(name, index, arrow_record(dict(row))) for index, row in enumerate(dataset, 1)]
+
+
+FREE_FORM = ("tools", "tool_calls")  # values whose keys are the user's own: JSON Schemas, a call's arguments
+
+
+def arrow_record(record: dict) -> dict:
+    """A row read from Arrow (parquet, a saved or hub data set) without the nulls Arrow invented in its
+    tools and tool calls. Arrow gives a column of objects one struct type, the union of every row's
+    keys, and fills a key a row lacks with null: a record declaring get_weather(city) then read
+    `"properties": {"city": ..., "query": null}` (another record's parameter, not valid JSON Schema, so
+    the argument check was skipped) and its calls `{"city": "Rome", "query": null}`, which was trained.
+    Inside `tools` and `tool_calls` (a message's, at any depth) a null-valued key is dropped: Arrow cannot
+    tell it from an absent one, and there it is almost always one. Elsewhere a null stays (a null
+    `weight` or `content` is read as before); JSON Lines files are not read through Arrow and keep theirs."""
+    return {key: _free_form(value) if _is_free_form(key) else _within(value) for key, value in record.items()}
+
+
+def _is_free_form(key) -> bool:
+    return isinstance(key, str) and key.strip().lower() in FREE_FORM
+
+
+def _within(value):
+    """Looks for tools / tool_calls in lists and objects (messages, chosen / rejected sides)."""
+    if isinstance(value, dict):
+        return arrow_record(value)
+    if isinstance(value, list):
+        return [_within(item) for item in value]
+    return value
+
+
+def _free_form(value):
+    if isinstance(value, dict):
+        return {key: _free_form(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_free_form(item) for item in value]
+    return value
 
 
 def undecoded(feature):

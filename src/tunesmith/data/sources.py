@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .csvfile import csv_rows
-from .hfdata import read_hub, read_saved
+from .hfdata import arrow_record, read_hub, read_saved
 from .jsonfile import read_json, read_jsonl
 from .records import Problem, Records, open_text
 
@@ -191,4 +191,4 @@ def _read_parquet(path: Path) -> Records:
         rows = pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise UserError(f"{path}: not a readable parquet file ({str(err).splitlines()[0]})") from None
-    return Records(rows=[(str(path), index, row) for index, row in enumerate(rows, 1)])
+    return Records(rows=[(str(path), index, arrow_record(row)) for index, row in enumerate(rows, 1)])
