@@ -315,3 +315,12 @@ def test_the_end_of_a_sharded_run_writes_the_weights_without_the_base(method, ti
         sharded_end.finish(gathered, cfg, kind, torch.float32, cpu, tiny_tokenizer, tmp_path / "kept")
     kept = load_file(tmp_path / "kept" / sharded_end.KEPT)
     assert kept.keys() == gathered.keys() and all(torch.equal(kept[n], gathered[n]) for n in kept)
+
+
+def test_a_max_seq_len_past_the_models_positions_is_warned_of(tiny_config, capsys):
+    """The tiny model has 512 positions; 600 went by without a word (rotary positions run on untrained there)."""
+    tiny_config["data"].update(max_seq_len=600, demo_size=16)
+    tiny_config["train"]["max_steps"] = 1
+    tiny_config["eval"].update(generate=False, general=False, report=False)
+    tunesmith.train(tiny_config)
+    assert "warning: data.max_seq_len=600 is more than the 512 positions" in capsys.readouterr().err

@@ -154,6 +154,10 @@ def _train_model(cfg: Config, run: RunFolder, data, tokenizer, method, device, r
                      "model_bytes": model_bytes(model), "gradient_checkpointing": checkpointing.record()}
     say(f"model: {cfg.model.name} ({dtype}), {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
         f"({100 * trainable / total:.2f}%), {results['model_bytes'] / 2**20:.0f} MiB as loaded; method {method.name}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and cfg.data.max_seq_len > positions:  # rotary ones run on untrained past it, learned ones fail
+        say(f"warning: data.max_seq_len={cfg.data.max_seq_len} is more than the {positions} positions {cfg.model.name} "
+            "was trained on; longer examples go past them")
     pad_id = tokenizer.pad_token_id
     test, validation = data.splits.get("test"), data.splits.get("validation")
     root, whole = sharded_start.load_weights(model, cfg, method, dtype, device, ranks) if sharded else (None, None)
