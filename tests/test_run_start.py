@@ -121,6 +121,16 @@ def test_a_run_started_from_a_run_is_refused_once_that_run_is_trained_again(sft_
     starting_model(str(sft_run))  # merged again, as any run started from it does
     with pytest.raises(UserError, match=r"dep: trained on the model of run .*sft .*was trained again since"):
         load_trained(str(tmp_path / "dep"))
+    import tunesmith.eval.baselines as baselines
+    from tunesmith.measure import compare
+
+    def scored(*args, **kwargs):  # compare generated all of A's answers, then refused B
+        raise AssertionError("A scored before B was refused")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(baselines, "compare_models", scored)
+        with pytest.raises(UserError, match="was trained again since"):
+            compare(str(tiny_model_dir), str(tmp_path / "dep"), str(data))
 
     # A resume (the run stopped before its end) is refused too, before it trains on the new base, and
     # before it merges that base (it merged the retrained adapter, then refused).

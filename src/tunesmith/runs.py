@@ -327,10 +327,13 @@ def trained_folder(run: str | Path) -> Path:
 
 
 def check_loadable(spec: str) -> None:
-    """What load_trained would refuse by name alone (a model folder that is not there), said at once."""
+    """What load_trained would refuse before loading weights (a model folder that is not there; a run
+    still training, without its model, or whose base run changed since), said at once."""
     from .models.load import resolve_model_path
 
-    if not is_run(Path(spec)) and not (Path(spec) / "adapter_config.json").exists():
+    if is_run(Path(spec)):
+        RunFolder(spec).trained()
+    elif not (Path(spec) / "adapter_config.json").exists():
         resolve_model_path(spec)
 
 
