@@ -392,3 +392,17 @@ def test_data_check_of_the_demo_task(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     report = check_data("demo", str(tiny_model_dir), tmp_path / "out", {"demo_size": 24})
     assert (tmp_path / "out" / "report.json").is_file() and report["data"] == "demo"
+
+
+def test_data_check_warns_when_the_drops_leave_no_validation_example(tiny_model_dir, tmp_path, monkeypatch):
+    """`train` warned of it; `data check` printed 'validation 0' and nothing more."""
+    from tunesmith.data.check import check_data, format_report
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    train = write_jsonl(tmp_path / "train.jsonl", [qa(f"q{i}", f"a{i}") for i in range(4)])
+    held = write_jsonl(tmp_path / "held.jsonl", [qa("long " * 80, "a")])
+    printed = format_report(check_data(str(train), str(tiny_model_dir), tmp_path / "out",
+                                       {"validation": str(held), "max_seq_len": 32}))
+    assert "examples: train 4, validation 0" in printed and "warning: no validation example is left" in printed
+    printed = format_report(check_data(str(train), str(tiny_model_dir), tmp_path / "out", {"max_seq_len": 32}))
+    assert "warning" not in printed

@@ -237,6 +237,9 @@ def format_report(report: dict) -> str:
     lines = [f"data: {report['data']}   tokenizer: {report['model']}   chat template: {report['template']}",
              "format: " + ", ".join(f"{k} {v}" for k, v in report["formats"].items()),
              f"records: {report['records']}   examples: " + ", ".join(f"{k} {v}" for k, v in report["examples"].items())]
+    if report["examples"].get("validation") == 0 and report["examples"].get("train"):  # as `train` warns of it
+        lines.append("warning: no validation example is left after the drops below: a run would have no eval loss, "
+                     "early stopping or best-weight selection")
     lengths = report["token_lengths"]
     lines.append("token lengths: " + ", ".join(f"{k} {lengths[k]}" for k in ("min", "p50", "p90", "p95", "p99", "max"))
                  + f" (max_seq_len {lengths['max_seq_len']})")
