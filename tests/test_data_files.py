@@ -543,3 +543,18 @@ def test_a_run_on_the_built_in_demo_data_says_so(tiny_tokenizer):
 
     cfg = DataConfig(demo_size=24, cache=False)
     assert data_lines(prepare(cfg, tiny_tokenizer), cfg)[0].endswith("(the built-in demo task; data.train names your own file)")
+
+
+def test_data_check_of_a_run_config_reads_its_data_as_the_run_does(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`data check my.yaml` was 'unsupported data file type .yaml': its data settings had to be typed again."""
+    from tunesmith.cli import main
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    train = write_jsonl(tmp_path / "mine.jsonl", [{"Q": f"question {i}", "A": f"answer {i}"} for i in range(6)])
+    config = tmp_path / "my.yaml"
+    config.write_text(f"model: {tiny_model_dir}\ndata:\n  train: {train}\n  columns: {{question: Q, answer: A}}\n"
+                      "  max_seq_len: 48\n")
+    assert main(["data", "check", str(config), "max_seq_len=40", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert f"data: {train}   tokenizer: {tiny_model_dir}" in printed and "question_answer 6" in printed
+    assert "(max_seq_len 40)" in printed  # the command line's setting on top of the config's

@@ -112,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="look at a data set before training")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="formats, counts, token lengths, drops by reason, duplicates, loss share")
-    p.add_argument("file", help="data file, folder of data files, saved HF dataset folder or hub data set id")
-    p.add_argument("--model", default="default", help="whose tokenizer and chat template to use")
+    p.add_argument("file", help="data file, folder of data files, saved HF dataset folder or hub data set id; or a "
+                                "run's config (.yaml): its data.train as the run reads it (its model, data settings, objective)")
+    p.add_argument("--model", default=None, help="whose tokenizer and chat template to use (default: the config's "
+                                                 "model, else the default model)")
     p.add_argument("--out", default="runs/data-check", help="folder for report.json and lengths.png")
     p.add_argument("--objective", default=None, choices=OBJECTIVE_NAMES,
                    help="read the data as this objective's training would (default: pairs and KTO records by "

@@ -97,9 +97,18 @@ def cmd_config(args) -> int:
 
 
 def cmd_data_check(args) -> int:
+    from pathlib import Path
+
     from .data.check import check_data, format_report
 
-    print(format_report(check_data(args.file, args.model, args.out, args.overrides, args.objective)))
+    path, model, settings, objective = args.file, args.model, args.overrides, args.objective
+    if Path(path).suffix.lower() in (".yaml", ".yml"):  # a run's config: its training data as that run reads it
+        from .config import load_config
+
+        cfg = load_config(path, [s if s.startswith("data.") else f"data.{s}" for s in settings])
+        path, settings = cfg.data.train, cfg.data.model_dump(mode="json", exclude={"train"})
+        model, objective = model or cfg.model.name, objective or cfg.train.objective
+    print(format_report(check_data(path, model or "default", args.out, settings, objective)))
     return 0
 
 
