@@ -153,3 +153,18 @@ def test_a_records_own_system_prompt_is_its_system_turn(tmp_path, tiny_tokenizer
             for c in prepared.splits["train"].conversations] == [
         [("system", "You are Acme's support bot.")], [("system", "You translate.")], [("system", "Answer in German.")],
         [("system", "The config's prompt.")], [("system", "Be brief.")]]
+
+
+def test_a_mapped_column_is_found_in_another_case_or_with_spaces_around(tmp_path, tiny_tokenizer):
+    """A header 'Q ,A' with columns={question: Q, answer: A} was refused (missing field 'question'),
+    while the known fields are found so; two columns that both match loosely are not guessed between."""
+    from tunesmith.data.formats import rename_columns
+
+    path = tmp_path / "sheet.csv"
+    path.write_text("Q ,a\nWhat is two and two?,Four.\nName a colour.,Blue.\n")
+    prepared = prepare(DataConfig(train=str(path), validation=str(path), cache=False,
+                                  columns={"question": "Q", "answer": "A"}), tiny_tokenizer)
+    assert prepared.problems == [] and prepared.splits["train"].conversations[0][1]["content"] == "Four."
+    assert rename_columns({"q": "x", "Q ": "y", "A": "z"}, {"question": "q", "answer": "a"}) == {"question": "x",
+                                                                                                  "Q ": "y", "answer": "z"}
+    assert "question" not in rename_columns({"Q": "x", "q ": "y"}, {"question": "q"})  # which one?

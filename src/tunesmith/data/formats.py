@@ -49,12 +49,21 @@ TEXT_METADATA = frozenset({"id", "url", "title", "source", "meta", "metadata", "
 def rename_columns(record: dict, columns: dict[str, str]) -> dict:
     """The record with the user's column names mapped to the format's field names ({field: column}),
     then the common spellings of the fields (canonical_fields). Every column is taken from the record
-    as it was, so two columns can swap names ({question: answer, answer: question})."""
+    as it was, so two columns can swap names ({question: answer, answer: question}). A column named
+    in another case or with spaces around (a header 'Q ,A') is found too, where only one matches."""
     if columns:
-        moved = {field: record[column] for field, column in columns.items() if column in record}
-        kept = {key: value for key, value in record.items() if key not in columns.values()}
+        found = {field: _column(record, column) for field, column in columns.items()}
+        moved = {field: record[key] for field, key in found.items() if key is not None}
+        kept = {key: value for key, value in record.items() if key not in found.values()}
         record = {**kept, **moved}
     return canonical_fields(record)
+
+
+def _column(record: dict, column: str):
+    if column in record:
+        return column
+    loose = [key for key in record if isinstance(key, str) and key.strip().lower() == column.strip().lower()]
+    return loose[0] if len(loose) == 1 else None
 
 
 def canonical_fields(record: dict) -> dict:
