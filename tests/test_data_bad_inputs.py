@@ -53,7 +53,8 @@ def test_unknown_columns_get_the_override_to_paste_and_it_works(tiny_model_dir, 
     """A spreadsheet's own headers: the error names the override with them, and that override reads the file."""
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "faq.csv"
-    path.write_text("Q,A,source\nWhere is my order?,It left yesterday.,web\nCan I pay later?,Yes.,mail\n")
+    # an id column first: the override named it as the question ({question: id, answer: Q})
+    path.write_text("id,Q,A,source\n1,Where is my order?,It left yesterday.,web\n2,Can I pay later?,Yes.,mail\n")
     args = ["data", "check", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path)]
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -103,7 +103,9 @@ def detect_format(record: dict) -> str:
             raise FormatError("missing field", f"'{missing}' (the record looks like format {kind}{grpo})"
                               f"{_spelling_hint(record, missing)}")
     named = [key for key in record if isinstance(key, str)]
-    # The user's own column names in the override they can paste (the first two, in the file's order)
+    named = [key for key in named if key.strip().lower() not in TEXT_METADATA] if len(named) > 2 else named
+    # The user's own column names in the override they can paste (the first two, in the file's order,
+    # an id or url column passed over)
     example = f" (e.g. data.columns={{question: {named[0]}, answer: {named[1]}}})" if len(named) >= 2 else ""
     raise FormatError("unknown format", f"no known fields (keys: {', '.join(sorted(map(str, record))) or 'none'}); "
                       f"map your columns with data.columns{example}, or set data.format")
