@@ -168,3 +168,15 @@ def test_a_mapped_column_is_found_in_another_case_or_with_spaces_around(tmp_path
     assert rename_columns({"q": "x", "Q ": "y", "A": "z"}, {"question": "q", "answer": "a"}) == {"question": "x",
                                                                                                   "Q ": "y", "answer": "z"}
     assert "question" not in rename_columns({"Q": "x", "q ": "y"}, {"question": "q"})  # which one?
+
+
+def test_an_empty_system_turn_is_no_system_prompt(tmp_path, tiny_tokenizer):
+    """ShareGPT exports often open with {"from": "system", "value": ""}: the whole record was dropped as 'empty text'."""
+    turns = [{"from": "system", "value": ""}, {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    path = write_jsonl(tmp_path / "chats.jsonl", [{"conversations": turns},
+                                                  {"conversations": [{"from": "system", "value": None}, *turns[1:]]}])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"question": "Bye?", "answer": "Bye."}])
+    prepared = prepare(DataConfig(train=str(path), validation=str(held), dedup=False, cache=False), tiny_tokenizer)
+    assert prepared.problems == []
+    assert prepared.splits["train"].conversations == [[{"role": "user", "content": "Hi?"},
+                                                        {"role": "assistant", "content": "Hello."}]] * 2

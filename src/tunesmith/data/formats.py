@@ -318,6 +318,9 @@ def _checked_turns(turns, field: str, role_key: str, text_key: str, role_map: di
         role = known_role(turn.get(role_key), role_map)
         if role not in role_map:
             raise FormatError("unknown role", f"{role!r} in {field}[{index}] (known: {', '.join(sorted(role_map))})")
+        if role_map[role] == "system" and isinstance(turn.get(text_key, ""), (str, type(None))) \
+                and not (turn.get(text_key) or "").strip():
+            continue  # an empty system turn (ShareGPT exports write one): no system prompt, as an empty `system` field
         out.append(checked_message(turn, role_map[role], f"{field}[{index}]", text_key, _checked_text))
     return out
 
