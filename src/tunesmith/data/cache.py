@@ -35,8 +35,9 @@ from pathlib import Path
 # 19: records of a JSON list that share a line are told apart by their column ('1:217');
 # 20: KTO labels as text (a CSV's), numeric Alpaca input, swapped columns, `text` beside other text
 # refused, a record's own `system` / `system_prompt` field as its system turn; 21: Arrow's invented
-# nulls dropped inside tools and tool calls (parquet, saved and hub data sets).
-FORMAT_VERSION = 21
+# nulls dropped inside tools and tool calls (parquet, saved and hub data sets); 22: a mapped column
+# found in another case or with spaces around, an empty system turn read as none.
+FORMAT_VERSION = 22
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
 EXTRA_TEMPLATES = "additional_chat_templates"  # transformers' folder of further named templates
