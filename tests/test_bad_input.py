@@ -62,6 +62,7 @@ CASES = [
     ("config-latin1", lambda t, m, d: (f"model:\n  name: {m}\ndata:\n  system_prompt: Réponds\n".encode("latin-1"), []), r"config.yaml:4: not UTF-8 text \(byte 0xe9\)"),
     ("yaml-duplicate-key", lambda t, m, d: (f"model:\n  name: {m}\ntrain:\n  lr: 0.1\n  max_steps: 1\n  lr: 0.2\n", []), r"config.yaml:6: .*'lr' is given twice \(first on line 4\)"),
     ("config-missing", lambda t, m, d: (None, ["/no/such/config.yaml"]), r"config file not found"),
+    ("config-is-a-folder", lambda t, m, d: (None, [empty_folder(t)]), r"nothing: a folder, not a config file$"),
     ("override-no-equals", lambda t, m, d: (config_text(m, d), ["train.lr"]), r"expected section.key=value"),
     ("override-unknown", lambda t, m, d: (config_text(m, d), ["train.learning_rate=1"]), r"unknown key 'train.learning_rate'"),
     ("model-missing", lambda t, m, d: (config_text("/no/such/model-folder", d), []), r"model folder not found"),
@@ -125,6 +126,14 @@ def test_bad_input_gives_one_clear_line(name, build, expected, tmp_path, tiny_mo
     assert len(lines) == 1, err
     assert re.search(expected, lines[0]), lines[0]
     assert fingerprint(finished_run) == before, "an earlier run's output was changed"
+
+
+def test_a_run_folder_given_as_the_config_is_told_where_its_config_and_model_are(finished_run, capsys):
+    """`plan runs/sft` said 'cannot read config (IsADirectoryError)'."""
+    assert main(["plan", str(finished_run)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {finished_run}: a folder, not a config file; the run's own config is {finished_run}/config.yaml, and "
+        f"a new run starts from its model with `model: {finished_run}` (plan: --model {finished_run})")
 
 
 def test_finished_run_is_not_overwritten_without_asking(tmp_path, tiny_model_dir, finished_run, capsys):

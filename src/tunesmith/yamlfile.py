@@ -82,6 +82,11 @@ def read_yaml(path: str | Path, what: str = "config") -> tuple[object, str]:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        run = (Path(path) / "config.yaml").is_file()  # a run folder: its config, or its model for a new run
+        raise UserError(f"{path}: a folder, not a {what} file" + (
+            f"; the run's own config is {Path(path) / 'config.yaml'}, and a new run starts from its model with "
+            f"`model: {path}` (plan: --model {path})" if run else "")) from None
     except OSError as err:
         raise UserError(f"{path}: cannot read {what} ({type(err).__name__})") from None
     try:
