@@ -299,3 +299,14 @@ def test_chat_and_generate_take_tools_say_the_calls_and_take_their_results(tiny_
     with pytest.raises(UserError, match=r"broken.json: line 2: not valid JSON"):
         module.read_tools(str(tmp_path / "broken.json"))
     assert load_tokenizer(str(renders))  # the copied folder is a model folder still
+
+
+def test_a_tool_result_without_declared_tools_is_said_not_sent():
+    """`/tool 21` in a chat without --tools was sent to the model as the user's words."""
+    import io
+
+    from tunesmith.eval.chat import said_message
+
+    out = io.StringIO()
+    assert said_message("/tool 21", [], None, out) is None and "start chat with --tools FILE" in out.getvalue()
+    assert said_message("/tools are great", [], None, out) == {"role": "user", "content": "/tools are great"}

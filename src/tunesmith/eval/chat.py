@@ -212,7 +212,10 @@ def said_message(text: str, messages: list[dict], tools: list[dict] | None, out)
     if not text:
         return None
     command, _, rest = text.partition(" ")
-    if not (tools and command == "/tool"):
+    if command == "/tool" and not tools:  # sent on, the model was asked the words '/tool ...'
+        print("(no tools declared: /tool answers a tool call; start chat with --tools FILE)", file=out)
+        return None
+    if command != "/tool":
         return {"role": "user", "content": text}
     last = messages[-1] if messages else {}
     if not (last.get("role") == "tool" or last.get("role") == "assistant" and parse_tool_calls(last["content"])):
