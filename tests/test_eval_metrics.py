@@ -116,7 +116,7 @@ def test_user_scorer_from_module_and_file(tmp_path, monkeypatch):
                                  "(my_metrics.py:8 in crashes) on the answer 'abc' with the reference ''")
     with pytest.raises(UserError, match=r"JSONDecodeError: .* \(my_metrics\.py:11 in parses\) on the answer 'x'"):
         example_scores(["x"], ["y"], load_scorer("my_metrics:parses"), "parses")  # its own line, not json's
-    for spec, message in [("my_metrics", "expected 'module:function'"), ("no_such_module_xyz:f", "cannot import"),
+    for spec, message in [("my_metrics", "expected 'module:function'"), ("no_such_module_xyz:f", "no module 'no_such_module_xyz' on the path"),
                           ("my_metrics:missing", "has no function 'missing'")]:
         with pytest.raises(UserError, match=message):
             load_scorer(spec)
@@ -213,3 +213,32 @@ def test_an_answer_is_scored_after_its_reasoning_and_so_is_the_reference():
                "The capital is Paris.\n</think>\n\nParis"]  # the template opened the reasoning (DeepSeek-R1)
     rows = conversation_scores(answers, [plain, reasoned, plain, plain])
     assert [r["exact_match"] for r in rows] == [1.0, 1.0, 0.0, 1.0] and rows[2]["rouge_l"] == rows[2]["token_f1"] == 0.0
+
+
+def test_a_scorer_cannot_replace_tunesmiths_own_figures_nor_fail_to_import_with_a_traceback(tmp_path, monkeypatch):
+    """A scorer returning {'eval_loss': 0.0} replaced the real eval loss (8.44 -> 0.0), and a module with
+    a syntax error, or one failing as it loads, ended in a traceback (walk-through 4)."""
+    (tmp_path / "sneaky.py").write_text("def score(prediction, reference):\n    return {'rouge_l': 1.0, 'mine': 0.5}\n")
+    (tmp_path / "typo.py").write_text("def score(prediction, reference)\n    return 1\n")
+    (tmp_path / "raises.py").write_text("import os\nx = 1 / 0\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="returned 'rouge_l', the name of one of tunesmith's own figures"):
+        example_scores(["a"], ["a"], load_scorer("sneaky:score"), "sneaky")
+    with pytest.raises(UserError, match=r"module 'typo' failed as it was imported: SyntaxError: .* \(typo.py:1\)"):
+        load_scorer("typo:score")
+    with pytest.raises(UserError, match=r"failed as it was imported: ZeroDivisionError: division by zero \(raises.py:2\)"):
+        load_scorer("raises:score")
+
+
+def test_config_check_finds_the_code_a_config_names_without_running_it(tmp_path, monkeypatch, capsys):
+    """`config --check` imported (ran) the modules of train.rewards and eval.scorer: checking a config
+    from elsewhere ran its code."""
+    from tunesmith.cli import main
+
+    (tmp_path / "payload.py").write_text("open('ran', 'w').close()\ndef score(p, r):\n    return 1.0\n")
+    (tmp_path / "c.yaml").write_text("eval:\n  scorer: payload:score\ntrain:\n  objective: grpo\n  rewards: [payload:score]\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "--check", "c.yaml"]) == 0 and not (tmp_path / "ran").exists()
+    (tmp_path / "c.yaml").write_text("eval:\n  scorer: payloda:score\n")
+    assert main(["config", "--check", "c.yaml"]) == 2
+    assert "no module 'payloda' on the path" in capsys.readouterr().err

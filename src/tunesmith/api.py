@@ -351,7 +351,7 @@ def check_data_paths(cfg: Config) -> None:
         check_source(path, "data.mix")
 
 
-def check_config(path: str, overrides: list[str]) -> Config:
+def check_config(path: str, overrides: list[str], import_code: bool = False) -> Config:
     """`tunesmith config --check`: the settings, and what train refuses before loading anything (a data
     file or local model folder that is not there; a run folder as the base is resolved by train)."""
     from .models.load import resolve_model_path
@@ -361,11 +361,12 @@ def check_config(path: str, overrides: list[str]) -> Config:
     check_data_paths(cfg)
     if cfg.model.name != "default" and not is_run(Path(cfg.model.name)):
         resolve_model_path(cfg.model.name)
-    from .eval.metrics import load_scorer  # now (the command line's own config), not once each rank has
-    # loaded the model or, for eval.scorer, trained; never in the dashboard's process
+    from .eval.metrics import find_scorer, load_scorer
+    # Imported now by a run about to start (the command line's own config), not once each rank has loaded
+    # the model; found, never run, by `config --check`, and never in the dashboard's process.
     for spec in (cfg.train.rewards if cfg.train.objective == "grpo" else []) + [cfg.eval.scorer or ""]:
         if spec:
-            load_scorer(spec)
+            (load_scorer if import_code else find_scorer)(spec)
     return cfg
 
 

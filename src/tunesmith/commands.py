@@ -16,7 +16,7 @@ def cmd_train(args) -> int:
         from .api import check_config
         from .training.distributed import launch
 
-        check_config(args.config, args.overrides)
+        check_config(args.config, args.overrides, import_code=True)
         return launch(args.nproc, ["train", args.config, *args.overrides] + (["--resume"] if args.resume else []))
     from .api import train
 

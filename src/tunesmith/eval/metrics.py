@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import json
 import math
 import re
@@ -230,6 +231,14 @@ def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(row[k] for row in rows if k in row) / max(1, sum(k in row for row in rows)) for k in keys}
 
 
+# tunesmith's own figures: a scorer's key of one of these names replaced it (an eval_loss of 0.0, a
+# compare verdict on the user's rouge_l), so it is refused
+OWN_FIGURES = frozenset({"exact_match", "normalised_exact_match", "token_f1", "rouge_l", "repetition", "json_valid",
+                         "all_fields", "tool_call_valid", "tool_name_accuracy", "tool_arguments_exact", "answer_loss",
+                         "answer_loss_per_char", "eval_loss", "perplexity", "test_examples",
+                         "generated_tokens_per_second"})
+
+
 def _scorer_row(scorer: Scorer, name: str, prediction: str, reference: str) -> dict[str, float]:
     value = scorer(prediction, reference)
     if isinstance(value, dict):
@@ -240,29 +249,52 @@ def _scorer_row(scorer: Scorer, name: str, prediction: str, reference: str) -> d
     for key, number in items:
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
             raise UserError(f"scorer {name}: returned {number!r} for '{key}'; expected a finite number")
+        if str(key) in OWN_FIGURES or str(key).startswith("field/"):
+            raise UserError(f"scorer {name}: returned '{key}', the name of one of tunesmith's own figures, which it "
+                            "would replace; give it another name")
         row[str(key)] = float(number)
     return row
 
 
-def load_scorer(spec: str) -> Scorer:
-    """A user's metric given as 'module:function' (a module on the path or a .py file)."""
+def find_scorer(spec: str) -> tuple[str, str]:
+    """(module, function) of a 'module:function' spec whose module is there, found without running any
+    of its code (`config --check` validates a config; only a run imports what it names)."""
     module_name, sep, function_name = spec.partition(":")
     if not sep or not module_name or not function_name:
         raise UserError(f"scorer '{spec}': expected 'module:function' (e.g. my_metrics:score)")
+    if module_name.endswith(".py"):
+        if not Path(module_name).exists():
+            raise UserError(f"scorer '{spec}': file {module_name} not found")
+    else:
+        if "" not in sys.path:  # modules next to the user's data; last, so they shadow no installed one
+            sys.path.append("")
+        try:  # the top-level name alone: finding a submodule would run its package's __init__
+            found = importlib.util.find_spec(module_name.partition(".")[0])
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise UserError(f"scorer '{spec}': no module '{module_name}' on the path")
+    return module_name, function_name
+
+
+def load_scorer(spec: str) -> Scorer:
+    """A user's metric given as 'module:function' (a module on the path or a .py file)."""
+    module_name, function_name = find_scorer(spec)
     try:
         if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.exists():
-                raise UserError(f"scorer '{spec}': file {path} not found")
-            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            loader_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)
         else:
-            if "" not in sys.path:  # modules next to the user's data; last, so they shadow no installed one
-                sys.path.append("")
             module = importlib.import_module(module_name)
     except ImportError as err:
         raise UserError(f"scorer '{spec}': cannot import module '{module_name}' ({err})") from None
+    except Exception as err:  # noqa: BLE001 (a syntax error in the user's module, or its code failing as it loads)
+        where = next((f for f in reversed(traceback.extract_tb(err.__traceback__))), None)
+        line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else (where.lineno if where else None)
+        place = f"{getattr(err, 'filename', None) or (where.filename if where else module_name)}:{line}"
+        raise UserError(f"scorer '{spec}': module '{module_name}' failed as it was imported: {type(err).__name__}: "
+                        f"{getattr(err, 'msg', None) or err} ({Path(place).name})") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise UserError(f"scorer '{spec}': module '{module_name}' has no function '{function_name}'")
