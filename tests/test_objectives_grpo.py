@@ -358,3 +358,26 @@ def test_every_objective_takes_the_ranks_where_a_run_prepares_it():
 
     for objective in (dpo.DPO, kto.KTO, orpo.ORPO, simpo.SimPO, GRPO):
         inspect.signature(objective.prepare).bind(object(), object(), [], distributed.SINGLE)  # TypeError if not
+
+
+def test_a_reward_dict_holding_none_or_text_is_one_line():
+    """{'correct': None} ended the run in a TypeError traceback (sum of the values)."""
+    for value in ({"correct": None}, {"a": 1.0, "b": "high"}):
+        with pytest.raises(UserError, match=r"reward s: returned .*; expected a finite number"):
+            scalar(value, "s")
+
+
+def test_grpo_without_rewards_refuses_a_prompt_without_a_reference_before_the_model_loads(tiny_tokenizer, tmp_path):
+    """The built-in reward scores against references: a prompt without one stopped the run at the step
+    that first sampled it (step 2, after a step had trained), or never, by its place in the order."""
+    from helpers import write_jsonl
+    from tunesmith.objectives import prepare_data
+
+    rows = [{"prompt": f"Say {i}", "reference": str(i)} for i in range(6)] + [{"prompt": "Say nothing"}]
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    cfg = validate({"data": {"train": str(path), "cache": False}, "train": {"objective": "grpo"}})
+    with pytest.raises(UserError, match=r"prompts.jsonl:7: a prompt without a reference \(1 in (train|validation)\)"):
+        prepare_data(cfg, tiny_tokenizer)
+    cfg = validate({"data": {"train": str(path), "cache": False},
+                    "train": {"objective": "grpo", "rewards": ["tunesmith.eval.metrics:token_f1"]}})
+    assert len(prepare_data(cfg, tiny_tokenizer).splits["train"]) >= 5

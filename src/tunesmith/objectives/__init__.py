@@ -13,6 +13,7 @@ plan read the names from here.
 """
 from __future__ import annotations
 
+from ..errors import UserError
 from .settings import DEFAULT_BETA, OBJECTIVE_NAMES
 
 NAMES = OBJECTIVE_NAMES
@@ -66,7 +67,16 @@ def prepare_data(cfg, tokenizer):
     if kind == "prompts":
         from ..data.prompts import prepare_prompts
 
-        return prepare_prompts(cfg.data, tokenizer, cfg.train.max_completion_tokens)
+        prepared = prepare_prompts(cfg.data, tokenizer, cfg.train.max_completion_tokens)
+        if not cfg.train.rewards:  # the built-in reward scores against the reference: said now, not at the step
+            for split in prepared.splits.values():  # that first samples such a prompt, mid-run
+                unreferenced = [o for p, o in zip(split.encoded, split.origins) if p.reference is None]
+                if unreferenced:
+                    file, line = unreferenced[0]
+                    raise UserError(f"{file}:{line}: a prompt without a reference ({len(unreferenced)} in "
+                                    f"{split.name}), and no train.rewards to score its answers: give each prompt a "
+                                    "reference, or set train.rewards")
+        return prepared
     from ..data.preference import prepare_preference
 
     return prepare_preference(cfg.data, tokenizer, kind)

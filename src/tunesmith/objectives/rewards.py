@@ -31,7 +31,10 @@ def scalar(value, name: str) -> float:
     """A scorer's result as one number."""
     if isinstance(value, dict):
         picked = value.get("reward", value.get("score"))
-        value = picked if picked is not None else (sum(value.values()) / len(value) if value else None)
+        numbers = [v for v in value.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if picked is None and value and len(numbers) == len(value):
+            picked = sum(numbers) / len(numbers)
+        value = value if picked is None else picked  # a None or text among them: said below
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f"reward {name}: returned {value!r}; expected a finite number (or a dict of them)")
     return float(value)
