@@ -242,3 +242,18 @@ def test_config_check_finds_the_code_a_config_names_without_running_it(tmp_path,
     (tmp_path / "c.yaml").write_text("eval:\n  scorer: payloda:score\n")
     assert main(["config", "--check", "c.yaml"]) == 2
     assert "no module 'payloda' on the path" in capsys.readouterr().err
+
+
+def test_eval_says_a_mistyped_scorer_before_it_loads_the_model(tmp_path, monkeypatch):
+    """`eval --scorer typo:score` loaded the model and generated every answer before it said so."""
+    import tunesmith.runs as runs
+    from tunesmith.measure import evaluate
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded first")
+
+    monkeypatch.setattr(runs, "load_trained", loaded)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(UserError, match="no module 'typo_xyz' on the path"):
+        evaluate("default", str(data), scorer="typo_xyz:score")

@@ -31,6 +31,10 @@ def evaluate(model_or_run: str, data: str | None, max_new_tokens: int | None = N
     eval_cfg, limit = scored_as(model_or_run, own, limit, "eval", guard, max_new_tokens=max_new_tokens,
                                 batch_size=batch_size, temperature=temperature, seed=seed, scorer=scorer)
     check_source(data, "--data")  # before the model loads
+    if scorer:  # a mistyped --scorer cost a whole pass of generation before it was said
+        from .eval.metrics import load_scorer
+
+        load_scorer(scorer)
     model, tokenizer, _ = load_trained(model_or_run, device=resolve(device))
     model = merged_for_good(model)  # its loss and its answers: LoRA folded in once, a third faster on a CPU
     system = system_prompt_of(model_or_run)
