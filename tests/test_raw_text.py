@@ -153,6 +153,15 @@ def test_a_run_on_raw_text_scores_held_out_text_base_against_fine_tuned(tiny_mod
                               pad_token_id=tiny_tokenizer.pad_token_id)[0, ids.shape[1]:]
     continued = generate_once(str(run), prompt, max_new_tokens=6)
     assert continued == tiny_tokenizer.decode(expected, skip_special_tokens=True).strip()
+    # For Ollama the text goes in as it is: no chat template, no system prompt (it got ChatML with the
+    # tokenizer's default system prompt, and '8/8 prompts as trained', comparing chat turns of role 'text').
+    from tunesmith.cli import main
+
+    assert main(["export", str(run), "--format", "ollama", "--out", str(tmp_path / "out")]) == 0
+    modelfile = (tmp_path / "out" / "gguf" / "Modelfile").read_text()
+    assert 'TEMPLATE """{{ .Prompt }}"""' in modelfile and "SYSTEM" not in modelfile
+    [check] = (tmp_path / "out" / "gguf").glob("check-*.json")
+    assert json.loads(check.read_text())["modelfile_prompts_equal"] == "raw text: the prompt as it is"
 
 
 def test_choose_ranks_base_models_by_their_loss_per_character_on_the_corpus(tiny_model_dir, tiny_tokenizer, tmp_path,

@@ -95,7 +95,8 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     from .gguf_check import verify_gguf
     from .gguf_vocab import adds_bos
     from .merge import TOLERANCE, logits_of, merge_run, sample_batch, sample_conversations
-    from .ollama import choose_template, prompts_served_alike, quoted, write_modelfile
+    from ..data.formats import is_raw_text
+    from .ollama import RAW, choose_template, prompts_served_alike, quoted, write_modelfile
     from .readme import write_readme
 
     trained = runs.trained_folder(run)
@@ -103,8 +104,9 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     tokenizer = load_tokenizer(str(trained))  # carries the chat template training used
     # Before anything is written: a run no Ollama template serves is refused at once.
     bos = adds_bos(tokenizer)
-    chosen = choose_template(tokenizer, bos) if modelfile else None
-    system = runs.system_prompt_of(str(run)) if modelfile else None
+    raw = bool(conversations) and is_raw_text(conversations)  # trained on documents: no chat to template
+    chosen = (RAW if raw else choose_template(tokenizer, bos)) if modelfile else None
+    system = runs.system_prompt_of(str(run)) if modelfile and not raw else None
     if system:
         quoted(system, "the system prompt")
     if not conversations and not force:
@@ -140,8 +142,8 @@ def export_gguf(run: Path, folder: Path, quant: str, merged: Path | None, modelf
     check["file"] = str(folder / name)
     if modelfile:
         check["modelfile"] = str(write_modelfile(folder, name, tokenizer, system, bos, chosen))
-        alike = prompts_served_alike(tokenizer, *chosen, conversations, system, bos)
-        check["modelfile_prompts_equal"] = f"{alike}/{len(conversations)}"
+        alike = len(conversations) if raw else prompts_served_alike(tokenizer, *chosen, conversations, system, bos)
+        check["modelfile_prompts_equal"] = "raw text: the prompt as it is" if raw else f"{alike}/{len(conversations)}"
         if alike < len(conversations):
             say(f"ollama: warning: the Modelfile's template prompts {len(conversations) - alike} of "
                 f"{len(conversations)} sample conversations differently from training (tool calls and results, or "

@@ -49,8 +49,10 @@ SMOLLM3_THINKING_INSTRUCTIONS = (
     "previous steps. In the Solution section, based on various attempts, explorations, and reflections from the "
     "Thought section, systematically present the final solution that you deem correct. The Solution section should "
     "be logical, accurate, and concise and detail necessary steps needed to reach the conclusion.")
-# Templates that hold their own default system text: the Modelfile gets no SYSTEM of the template's.
-OWN_DEFAULT_SYSTEM = {"smollm3", "smollm3-no-think"}
+# A raw-text run (continued pre-training) is served its prompt as it is: no chat turns, no system prompt.
+RAW = ("raw text", "{{ .Prompt }}")
+# Templates that hold their own default system text (or none): the Modelfile gets no SYSTEM of the template's.
+OWN_DEFAULT_SYSTEM = {"smollm3", "smollm3-no-think", RAW[0]}
 
 GO_TEMPLATES = {
     "chatml": CHATML_GO,
