@@ -265,13 +265,16 @@ def _text(record: dict, key: str) -> str:
     return _checked_text(record.get(key), f"field '{key}'")
 
 
+def blank(value) -> bool:
+    """An empty cell however a file holds one: absent (None), NaN (pandas' empty cell) or white space."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip())
+
+
 def _optional_text(record: dict, key: str) -> str:
-    """An optional field's text: "" where it is absent, null, NaN (an empty cell) or blank; a number
-    (`"input": 0`, a parquet int column) as its text, as in every other field."""
+    """An optional field's text: "" where it is blank; a number (`"input": 0`, a parquet int column)
+    as its text, as in every other field."""
     value = record.get(key)
-    if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
-        return ""
-    return _checked_text(value, f"field '{key}'")
+    return "" if blank(value) else _checked_text(value, f"field '{key}'")
 
 
 def _checked_text(value, where: str) -> str:

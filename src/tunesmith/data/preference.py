@@ -15,14 +15,13 @@ record left out is a Problem with file, line and reason, counted as `data check`
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 
 from ..config import DataConfig
 from ..errors import UserError
-from .formats import PAIRS, UNPAIRED, FormatError, known_role, rename_columns
+from .formats import PAIRS, UNPAIRED, FormatError, blank, known_role, rename_columns
 from .formats import _checked_text as text_of  # the SFT formats' check of one text field
 from .prepare import Prepared, Split, length_policy, load_conversations
 from .validate import unusable
@@ -168,7 +167,7 @@ def label_of(value) -> bool:
     yes / no or 1 / 0 in any case, the number 1 / 0 (a parquet int column, pandas' 1.0)."""
     if isinstance(value, bool):
         return value
-    if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
+    if blank(value):
         raise FormatError("no label", "field 'label' is empty: a KTO record needs true (a desirable answer) or false")
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)

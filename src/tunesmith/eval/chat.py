@@ -182,9 +182,9 @@ def chat(model_or_run: str, system: str | None = None, max_new_tokens: int = 256
         text = line.strip()
         if text in ("/exit", "/quit"):
             break
-        if not_utf8(text, "input"):  # the turn is left out, the conversation goes on
-            print(f"({not_utf8(text, 'input')}; that message is left out: set the terminal to UTF-8 and say it "
-                  "again)", file=out)
+        problem = not_utf8(text, "input")
+        if problem:  # the turn is left out, the conversation goes on
+            print(f"({problem}; that message is left out: set the terminal to UTF-8 and say it again)", file=out)
             continue
         if text == "/reset":
             messages = list(start)

@@ -290,7 +290,8 @@ def load_scorer(spec: str) -> Scorer:
     except ImportError as err:
         raise UserError(f"scorer '{spec}': cannot import module '{module_name}' ({err})") from None
     except Exception as err:  # noqa: BLE001 (a syntax error in the user's module, or its code failing as it loads)
-        where = next((f for f in reversed(traceback.extract_tb(err.__traceback__))), None)
+        frames = traceback.extract_tb(err.__traceback__)
+        where = frames[-1] if frames else None
         line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else (where.lineno if where else None)
         place = f"{getattr(err, 'filename', None) or (where.filename if where else module_name)}:{line}"
         raise UserError(f"scorer '{spec}': module '{module_name}' failed as it was imported: {type(err).__name__}: "
